@@ -1,0 +1,279 @@
+//! Sealing and opening key packets: the happy path, and every kind of bad
+//! packet refused with an error that says what is wrong.
+
+use xdr_wipe::packet::{
+    CipherParams, DataKeySize, KeyPacket, Mechanism, PacketSecret, PacketVersion, Recovery,
+    VolumeFormat, VolumeId, generate_data_key, generate_passphrase,
+};
+use xdr_wipe::seal::{HostId, HostSealingKey, OpenError, SealError, SealedPacket, open, seal};
+use xdr_wipe::{ErrorKind, SecretOpaque, XdrString};
+
+fn host(name: &str) -> HostId {
+    XdrString::new(name).unwrap()
+}
+
+fn volume(n: u8) -> VolumeId {
+    VolumeId(uuid::Uuid::from_bytes([n; 16]))
+}
+
+fn passphrase_packet(vol: VolumeId, generation: u64) -> KeyPacket {
+    KeyPacket {
+        version: PacketVersion::V1,
+        volume_id: vol,
+        generation,
+        mechanism: Mechanism::QemuLuksPassphrase,
+        params: CipherParams::aes_xts(VolumeFormat::Qcow2),
+        secret: generate_passphrase().unwrap(),
+        recovery: Recovery::None,
+    }
+}
+
+struct Fixture {
+    key: HostSealingKey,
+    host: HostId,
+    packet: KeyPacket,
+    bytes: Vec<u8>,
+}
+
+fn fixture() -> Fixture {
+    let key = HostSealingKey::generate();
+    let host = host("kvm-01.example");
+    let packet = passphrase_packet(volume(1), 7);
+    let bytes = seal(&packet, &host, &key.public_key()).unwrap().to_bytes();
+    Fixture {
+        key,
+        host,
+        packet,
+        bytes,
+    }
+}
+
+#[test]
+fn generated_passphrase_is_43_base64url_characters() {
+    let a = generate_passphrase().unwrap();
+    let b = generate_passphrase().unwrap();
+    assert_eq!(a.len(), 43);
+    assert!(
+        a.expose_secret()
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_')
+    );
+    assert!(!a.ct_eq(b.expose_secret()), "two passphrases are equal");
+}
+
+#[test]
+fn seal_then_open_every_mechanism_and_recovery() {
+    let key = HostSealingKey::generate();
+    let h = host("kvm-02");
+    let cases: Vec<(Mechanism, PacketSecret, Recovery)> = vec![
+        (
+            Mechanism::QemuLuksPassphrase,
+            generate_passphrase().unwrap(),
+            Recovery::None,
+        ),
+        (
+            Mechanism::QemuLuksPassphrase,
+            generate_passphrase().unwrap(),
+            Recovery::DataKey(generate_data_key(DataKeySize::Bits512).unwrap()),
+        ),
+        (
+            Mechanism::LuksVolumeKey,
+            SecretOpaque::copy_from_secret_slice(&[9u8; 64]).unwrap(),
+            Recovery::HeaderBackup(
+                SecretOpaque::copy_from_secret_slice(&vec![3u8; 1 << 20]).unwrap(),
+            ),
+        ),
+    ];
+    for (i, (mechanism, secret, recovery)) in cases.into_iter().enumerate() {
+        let expected_secret = secret.expose_secret().to_vec();
+        let packet = KeyPacket {
+            version: PacketVersion::V1,
+            volume_id: volume(i as u8),
+            generation: i as u64,
+            mechanism,
+            params: CipherParams::aes_xts(VolumeFormat::Raw),
+            secret,
+            recovery,
+        };
+        let bytes = seal(&packet, &h, &key.public_key()).unwrap().to_bytes();
+        let opened = open(&bytes, &key, &h, volume(i as u8), i as u64).unwrap();
+        assert!(opened.secret.ct_eq(&expected_secret));
+        assert_eq!(opened.mechanism, mechanism);
+        assert_eq!(opened.params, packet.params);
+        assert_eq!(opened.recovery.discriminant(), packet.recovery.discriminant());
+    }
+}
+
+#[test]
+fn every_truncation_is_refused_as_malformed() {
+    let f = fixture();
+    for len in 0..f.bytes.len() {
+        match open(&f.bytes[..len], &f.key, &f.host, volume(1), 7) {
+            Err(OpenError::Malformed(e)) => {
+                assert!(
+                    matches!(e.kind(), ErrorKind::Truncated { .. }),
+                    "len {len}: {e}"
+                );
+                assert!(e.offset() <= len, "len {len}: {e}");
+            }
+            other => panic!("truncated to {len}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn trailing_bytes_are_refused() {
+    let f = fixture();
+    let mut bytes = f.bytes.clone();
+    bytes.extend_from_slice(&[0, 0, 0, 0]);
+    let err = open(&bytes, &f.key, &f.host, volume(1), 7).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("at byte {}: 4 trailing bytes", f.bytes.len())),
+        "{err}"
+    );
+}
+
+#[test]
+fn oversized_ciphertext_length_is_refused_by_name() {
+    let f = fixture();
+    let sealed = SealedPacket::from_bytes(&f.bytes).unwrap();
+    // The ciphertext length word sits right before the ciphertext.
+    let ct_len = sealed.ciphertext.len();
+    let at = f.bytes.len() - ct_len - 4;
+    let mut bytes = f.bytes.clone();
+    bytes[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+    let err = open(&bytes, &f.key, &f.host, volume(1), 7).unwrap_err();
+    let OpenError::Malformed(e) = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(e.field(), "ciphertext");
+    assert_eq!(e.offset(), at);
+    assert!(matches!(e.kind(), ErrorKind::TooLong { .. }), "{err}");
+}
+
+#[test]
+fn any_flipped_bit_in_enc_or_ciphertext_fails_authentication() {
+    let f = fixture();
+    let sealed = SealedPacket::from_bytes(&f.bytes).unwrap();
+    let body = f.bytes.len() - sealed.ciphertext.len() - 4 - 32;
+    for i in (body..f.bytes.len()).filter(|i| !(body + 32..body + 36).contains(i)) {
+        let mut bytes = f.bytes.clone();
+        bytes[i] ^= 0x01;
+        match open(&bytes, &f.key, &f.host, volume(1), 7) {
+            Err(OpenError::Decrypt) => {}
+            other => panic!("byte {i} flipped: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn replay_to_another_host_is_refused() {
+    let f = fixture();
+    let other_key = HostSealingKey::generate();
+    let other = host("kvm-99.example");
+    let err = open(&f.bytes, &other_key, &other, volume(1), 7).unwrap_err();
+    assert!(matches!(err, OpenError::WrongHost { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "packet is sealed for host \"kvm-01.example\", not for this host (\"kvm-99.example\")"
+    );
+
+    // Rewriting the header to name the other host does not help: the header
+    // is bound to the ciphertext, and the key is another host's.
+    let mut sealed = SealedPacket::from_bytes(&f.bytes).unwrap();
+    sealed.header.host = other.clone();
+    let err = open(&sealed.to_bytes(), &other_key, &other, volume(1), 7).unwrap_err();
+    assert!(matches!(err, OpenError::Decrypt), "{err:?}");
+
+    // Nor does it with the right key: the header was bound as AEAD data.
+    let err = open(&sealed.to_bytes(), &f.key, &other, volume(1), 7).unwrap_err();
+    assert!(matches!(err, OpenError::Decrypt), "{err:?}");
+}
+
+#[test]
+fn replay_for_another_volume_or_generation_is_refused() {
+    let f = fixture();
+    let err = open(&f.bytes, &f.key, &f.host, volume(2), 7).unwrap_err();
+    assert!(matches!(err, OpenError::WrongVolume { .. }), "{err:?}");
+    assert!(err.to_string().contains(&volume(2).to_string()));
+    let err = open(&f.bytes, &f.key, &f.host, volume(1), 8).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "packet holds key generation 7 of volume {}, but the command expects generation 8",
+            volume(1)
+        )
+    );
+
+    // A header edited to claim another volume or generation does not decrypt.
+    for edit in [
+        |s: &mut SealedPacket| s.header.volume_id = volume(2),
+        |s: &mut SealedPacket| s.header.generation = 8,
+    ] {
+        let mut sealed = SealedPacket::from_bytes(&f.bytes).unwrap();
+        edit(&mut sealed);
+        let h = sealed.header.clone();
+        let err = open(&sealed.to_bytes(), &f.key, &f.host, h.volume_id, h.generation).unwrap_err();
+        assert!(matches!(err, OpenError::Decrypt), "{err:?}");
+    }
+}
+
+#[test]
+fn a_packet_sealed_to_an_old_key_of_the_same_host_is_refused() {
+    let f = fixture();
+    let new_key = HostSealingKey::generate();
+    let err = open(&f.bytes, &new_key, &f.host, volume(1), 7).unwrap_err();
+    assert!(matches!(err, OpenError::Decrypt));
+    assert!(err.to_string().contains("re-enrolled"), "{err}");
+}
+
+#[test]
+fn invalid_packets_are_not_sealed() {
+    let key = HostSealingKey::generate();
+    let mut p = passphrase_packet(volume(1), 1);
+    p.mechanism = Mechanism::LuksVolumeKey; // a 43-byte "volume key"
+    let err = seal(&p, &host("h"), &key.public_key()).unwrap_err();
+    assert!(
+        matches!(err, SealError::InvalidPacket { field: "secret", .. }),
+        "{err:?}"
+    );
+    let mut p = passphrase_packet(volume(1), 1);
+    p.secret = SecretOpaque::copy_from_secret_slice(&[0xff, 0xfe]).unwrap();
+    let err = seal(&p, &host("h"), &key.public_key()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "key packet field `secret` is invalid: passphrase must be UTF-8 text"
+    );
+}
+
+#[test]
+fn no_secret_in_debug_or_error_output() {
+    let f = fixture();
+    let secret = String::from_utf8(f.packet.secret.expose_secret().to_vec()).unwrap();
+    let opened = open(&f.bytes, &f.key, &f.host, volume(1), 7).unwrap();
+    let mut texts = vec![
+        format!("{:?}", f.packet),
+        format!("{opened:?}"),
+        format!("{:?}", f.key),
+        format!("{:?}", SealedPacket::from_bytes(&f.bytes).unwrap()),
+    ];
+    for (v, g) in [(volume(2), 7), (volume(1), 8)] {
+        let err = open(&f.bytes, &f.key, &f.host, v, g).unwrap_err();
+        texts.push(err.to_string());
+        texts.push(format!("{err:?}"));
+    }
+    for t in &texts {
+        assert!(!t.contains(&secret), "secret printed in {t}");
+    }
+    assert!(texts[0].contains("[REDACTED]"), "{}", texts[0]);
+}
+
+#[test]
+fn sealing_keys_survive_storage_as_bytes() {
+    let key = HostSealingKey::generate();
+    let restored = HostSealingKey::from_secret_bytes(&*key.expose_secret_bytes()).unwrap();
+    assert_eq!(restored.public_key(), key.public_key());
+    assert!(HostSealingKey::from_secret_bytes(&[1u8; 31]).is_err());
+    assert!(xdr_wipe::seal::HostPublicKey::from_bytes(&[1u8; 33]).is_err());
+}
