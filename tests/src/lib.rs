@@ -1,1 +1,144 @@
-//! placeholder
+//! Shared harness for guestkey's end-to-end tests.
+//!
+//! The tests drive the real stack on this machine (libvirtd with KVM guests,
+//! qemu-img; later cryptsetup, swtpm, PostgreSQL), set up by `scripts/setup`.
+//! They observe it the way an operator would, through `virsh` and
+//! `qemu-img`, so that what they check is what a libvirt user sees.
+//!
+//! Every object a test creates carries a unique `gk-test-` name and is
+//! removed when its [`Cleanup`] guard drops, also when the test fails.
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The libvirt URI the tests use.
+pub const LIBVIRT_URI: &str = "qemu:///system";
+
+/// Output of a command that failed: what ran and what it said.
+#[derive(Debug)]
+pub struct CommandFailed(pub String);
+
+impl std::fmt::Display for CommandFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Runs a program; returns its stdout, or what it printed on failure.
+pub fn run(program: &str, args: &[&str]) -> Result<String, CommandFailed> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| CommandFailed(format!("cannot run {program}: {e} (run scripts/setup)")))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(CommandFailed(format!(
+            "{program} {} failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim(),
+        )))
+    }
+}
+
+/// Runs `virsh -c qemu:///system ARGS`.
+pub fn virsh(args: &[&str]) -> Result<String, CommandFailed> {
+    let mut all = vec!["-c", LIBVIRT_URI];
+    all.extend_from_slice(args);
+    run("virsh", &all)
+}
+
+/// Fails with an actionable message unless libvirtd answers and offers KVM.
+pub fn require_libvirt() {
+    let caps = virsh(&["capabilities"]).unwrap_or_else(|e| {
+        panic!(
+            "libvirtd is not reachable at {LIBVIRT_URI}: {e}\nRun scripts/setup (as root) first."
+        )
+    });
+    assert!(
+        caps.contains("<domain type='kvm'"),
+        "libvirt offers no KVM domains: check /dev/kvm and run scripts/setup"
+    );
+}
+
+/// A unique name for a test object: `gk-test-<pid>-<n>-<what>`.
+pub fn unique_name(what: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "gk-test-{}-{}-{what}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Undoes what a test created, in reverse order, when dropped.
+#[derive(Default)]
+pub struct Cleanup {
+    steps: Vec<Box<dyn FnOnce()>>,
+}
+
+impl Cleanup {
+    /// Registers an undo step.
+    pub fn push(&mut self, step: impl FnOnce() + 'static) {
+        self.steps.push(Box::new(step));
+    }
+
+    /// Registers `virsh ARGS` as an undo step (its failure is ignored: the
+    /// object may already be gone).
+    pub fn virsh(&mut self, args: &[&str]) {
+        let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        self.push(move || {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let _ = virsh(&refs);
+        });
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        while let Some(step) = self.steps.pop() {
+            step();
+        }
+    }
+}
+
+/// A scratch directory for images, removed by the [`Cleanup`] it is
+/// registered with.
+pub fn scratch_dir(cleanup: &mut Cleanup, name: &str) -> PathBuf {
+    let dir = Path::new("/var/lib/guestkey-tests").join(name);
+    std::fs::create_dir_all(&dir).expect("create /var/lib/guestkey-tests (run the tests as root)");
+    let d = dir.clone();
+    cleanup.push(move || {
+        let _ = std::fs::remove_dir_all(&d);
+    });
+    dir
+}
+
+/// Domain XML of a minimal KVM guest (64 MiB, no OS: it waits in the
+/// firmware) with one virtio disk; `encryption` is the disk's
+/// `<encryption>` element, or empty.
+pub fn minimal_domain_xml(name: &str, disk_path: &Path, format: &str, encryption: &str) -> String {
+    format!(
+        "<domain type='kvm'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='{format}'/>
+      <source file='{}'/>
+      <target dev='vda' bus='virtio'/>
+      {encryption}
+    </disk>
+    <graphics type='vnc' listen='127.0.0.1' autoport='yes'/>
+  </devices>
+</domain>",
+        disk_path.display()
+    )
+}

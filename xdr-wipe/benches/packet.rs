@@ -50,7 +50,11 @@ fn main() {
     let size = sealed.len();
 
     let seal_time = measure(rounds, iters, || {
-        black_box(seal(black_box(&packet), &host, &public).expect("seal").to_bytes());
+        black_box(
+            seal(black_box(&packet), &host, &public)
+                .expect("seal")
+                .to_bytes(),
+        );
     });
     let open_time = measure(rounds, iters, || {
         black_box(open(black_box(&sealed), &key, &host, volume, 1).expect("open"));

@@ -2,6 +2,8 @@
 //! allocated": a counting allocator records the largest allocation made
 //! while decoding hostile length prefixes.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -52,31 +54,45 @@ fn hostile_lengths_allocate_nothing_large() {
     // (name, input, decoder): each input claims a huge length and stops.
     type Decoder = fn(&[u8]) -> Option<xdr_wipe::Error>;
     let cases: [(&str, Vec<u8>, Decoder); 5] = [
-        ("opaque within max, input short", vec![0x01, 0, 0, 0, 1, 2], |b| {
-            decode::<Opaque<{ u32::MAX }>>(b).err()
-        }),
+        (
+            "opaque within max, input short",
+            vec![0x01, 0, 0, 0, 1, 2],
+            |b| decode::<Opaque<{ u32::MAX }>>(b).err(),
+        ),
         ("secret over max", vec![0xff, 0xff, 0xff, 0xff], |b| {
             decode::<SecretOpaque<1024>>(b).err()
         }),
-        ("array of a million hypers", vec![0x00, 0x0f, 0x42, 0x40, 0, 0, 0, 0], |b| {
-            decode::<BoundedVec<u64, 2_000_000>>(b).err()
-        }),
-        ("sealed packet, 32 MiB ciphertext claimed", sealed_with_ct_len(32 << 20), |b| {
-            decode::<SealedPacket>(b).err()
-        }),
-        ("key packet, header backup of 32 MiB claimed", key_packet_with_backup_len(32 << 20), |b| {
-            decode::<KeyPacket>(b).err()
-        }),
+        (
+            "array of a million hypers",
+            vec![0x00, 0x0f, 0x42, 0x40, 0, 0, 0, 0],
+            |b| decode::<BoundedVec<u64, 2_000_000>>(b).err(),
+        ),
+        (
+            "sealed packet, 32 MiB ciphertext claimed",
+            sealed_with_ct_len(32 << 20),
+            |b| decode::<SealedPacket>(b).err(),
+        ),
+        (
+            "key packet, header backup of 32 MiB claimed",
+            key_packet_with_backup_len(32 << 20),
+            |b| decode::<KeyPacket>(b).err(),
+        ),
     ];
     for (name, input, decoder) in cases {
         let mut err = None;
         let largest = largest_allocation(|| err = decoder(&input));
         let err = err.unwrap_or_else(|| panic!("{name}: decoded"));
         assert!(
-            matches!(err.kind(), ErrorKind::TooLong { .. } | ErrorKind::Truncated { .. }),
+            matches!(
+                err.kind(),
+                ErrorKind::TooLong { .. } | ErrorKind::Truncated { .. }
+            ),
             "{name}: {err}"
         );
-        assert!(largest < 1024, "{name}: allocated {largest} bytes before refusing ({err})");
+        assert!(
+            largest < 1024,
+            "{name}: allocated {largest} bytes before refusing ({err})"
+        );
     }
 }
 
@@ -94,16 +110,15 @@ fn key_packet_with_backup_len(len: u32) -> Vec<u8> {
     b.extend_from_slice(&[0u8; 16 + 8]);
     b.extend_from_slice(&[0, 0, 0, 1]); // QEMU LUKS passphrase
     b.extend_from_slice(&[0, 0, 0, 2, 0, 0, 0, 1]); // qcow2, LUKS1
-    for s in [&b"aes"[..]] {
-        b.extend_from_slice(&(s.len() as u32).to_be_bytes());
-        b.extend_from_slice(s);
-        b.push(0);
-    }
-    b.extend_from_slice(&256u32.to_be_bytes());
-    for s in [&b"xts"[..], b"plain64", b"sha256"] {
+    let string = |b: &mut Vec<u8>, s: &[u8]| {
         b.extend_from_slice(&(s.len() as u32).to_be_bytes());
         b.extend_from_slice(s);
         b.resize(b.len().next_multiple_of(4), 0);
+    };
+    string(&mut b, b"aes");
+    b.extend_from_slice(&256u32.to_be_bytes());
+    for s in [&b"xts"[..], b"plain64", b"sha256"] {
+        string(&mut b, s);
     }
     b.extend_from_slice(&1000u32.to_be_bytes());
     b.extend_from_slice(&[0, 0, 0, 4, b'p', b'a', b's', b's']);

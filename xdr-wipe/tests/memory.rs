@@ -10,6 +10,8 @@
 //! No other test in this file allocates secrets (the second one runs the
 //! first in a child process with a planted leak, to show it can fail).
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
@@ -35,7 +37,11 @@ fn needles(what: &str, secret: &[u8]) -> Vec<Needle> {
     let masked: Vec<u8> = secret.iter().map(|b| b ^ MASK).collect();
     let mid = secret.len() / 2 - FRAGMENT / 2;
     let mut out = vec![];
-    for (part, start) in [("start", 0), ("middle", mid), ("end", secret.len() - FRAGMENT)] {
+    for (part, start) in [
+        ("start", 0),
+        ("middle", mid),
+        ("end", secret.len() - FRAGMENT),
+    ] {
         out.push(Needle {
             what: format!("{what} ({part} fragment)"),
             masked: masked[start..start + FRAGMENT].to_vec(),
@@ -51,7 +57,8 @@ fn needles(what: &str, secret: &[u8]) -> Vec<Needle> {
 /// Counts where each needle occurs in this process's readable memory.
 fn scan(needles: &[Needle]) -> Vec<Vec<String>> {
     let maps = std::fs::read_to_string("/proc/self/maps").expect("read /proc/self/maps");
-    let mem = File::open("/proc/self/mem").expect("open /proc/self/mem (needs root or ptrace rights)");
+    let mem =
+        File::open("/proc/self/mem").expect("open /proc/self/mem (needs root or ptrace rights)");
     // first (unmasked) byte -> needles starting with it
     let mut by_first: Vec<Vec<usize>> = vec![vec![]; 256];
     for (i, n) in needles.iter().enumerate() {
@@ -83,11 +90,20 @@ fn scan(needles: &[Needle]) -> Vec<Vec<String>> {
                 break;
             }
             let data = &buf[..got];
-            let limit = if got == want && addr + (got as u64) < end { got.min(CHUNK) } else { got };
+            let limit = if got == want && addr + (got as u64) < end {
+                got.min(CHUNK)
+            } else {
+                got
+            };
             for i in 0..limit {
                 for &n in &by_first[usize::from(data[i])] {
                     let m = &needles[n].masked;
-                    if i + m.len() <= got && data[i..i + m.len()].iter().zip(m).all(|(a, b)| a ^ MASK == *b) {
+                    if i + m.len() <= got
+                        && data[i..i + m.len()]
+                            .iter()
+                            .zip(m)
+                            .all(|(a, b)| a ^ MASK == *b)
+                    {
                         hits[n].push(format!("{:#x} in {perms} {name}", addr + i as u64));
                     }
                 }
@@ -144,7 +160,11 @@ fn no_secret_survives_in_process_memory_after_drop() {
     let opened_backup = open(&sealed_backup, &key, &host, volume, 2).unwrap();
     let alive = scan(&list);
     for (n, h) in list.iter().zip(&alive) {
-        assert!(!h.is_empty(), "control scan did not find the live {}: the scanner is broken", n.what);
+        assert!(
+            !h.is_empty(),
+            "control scan did not find the live {}: the scanner is broken",
+            n.what
+        );
     }
 
     if std::env::var_os("GUESTKEY_TEST_PLANT_LEAK").is_some() {
@@ -163,7 +183,11 @@ fn no_secret_survives_in_process_memory_after_drop() {
         .filter(|(_, h)| !h.is_empty())
         .map(|(n, h)| format!("{}: {} copies, at {}", n.what, h.len(), h.join(", ")))
         .collect();
-    assert!(leaks.is_empty(), "secrets left in memory after drop:\n{}", leaks.join("\n"));
+    assert!(
+        leaks.is_empty(),
+        "secrets left in memory after drop:\n{}",
+        leaks.join("\n")
+    );
 }
 
 /// The test above can fail: run it in a child process with a planted,
@@ -171,11 +195,21 @@ fn no_secret_survives_in_process_memory_after_drop() {
 #[test]
 fn the_memory_scan_reports_a_planted_leak() {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "no_secret_survives_in_process_memory_after_drop", "--test-threads=1"])
+        .args([
+            "--exact",
+            "no_secret_survives_in_process_memory_after_drop",
+            "--test-threads=1",
+        ])
         .env("GUESTKEY_TEST_PLANT_LEAK", "1")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "planted leak went unnoticed:\n{stdout}");
-    assert!(stdout.contains("secrets left in memory after drop") && stdout.contains("passphrase"), "{stdout}");
+    assert!(
+        !out.status.success(),
+        "planted leak went unnoticed:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("secrets left in memory after drop") && stdout.contains("passphrase"),
+        "{stdout}"
+    );
 }

@@ -1,6 +1,8 @@
 //! Sealing and opening key packets: the happy path, and every kind of bad
 //! packet refused with an error that says what is wrong.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
 use xdr_wipe::packet::{
     CipherParams, DataKeySize, KeyPacket, Mechanism, PacketSecret, PacketVersion, Recovery,
     VolumeFormat, VolumeId, generate_data_key, generate_passphrase,
@@ -100,7 +102,10 @@ fn seal_then_open_every_mechanism_and_recovery() {
         assert!(opened.secret.ct_eq(&expected_secret));
         assert_eq!(opened.mechanism, mechanism);
         assert_eq!(opened.params, packet.params);
-        assert_eq!(opened.recovery.discriminant(), packet.recovery.discriminant());
+        assert_eq!(
+            opened.recovery.discriminant(),
+            packet.recovery.discriminant()
+        );
     }
 }
 
@@ -214,7 +219,14 @@ fn replay_for_another_volume_or_generation_is_refused() {
         let mut sealed = SealedPacket::from_bytes(&f.bytes).unwrap();
         edit(&mut sealed);
         let h = sealed.header.clone();
-        let err = open(&sealed.to_bytes(), &f.key, &f.host, h.volume_id, h.generation).unwrap_err();
+        let err = open(
+            &sealed.to_bytes(),
+            &f.key,
+            &f.host,
+            h.volume_id,
+            h.generation,
+        )
+        .unwrap_err();
         assert!(matches!(err, OpenError::Decrypt), "{err:?}");
     }
 }
@@ -235,7 +247,13 @@ fn invalid_packets_are_not_sealed() {
     p.mechanism = Mechanism::LuksVolumeKey; // a 43-byte "volume key"
     let err = seal(&p, &host("h"), &key.public_key()).unwrap_err();
     assert!(
-        matches!(err, SealError::InvalidPacket { field: "secret", .. }),
+        matches!(
+            err,
+            SealError::InvalidPacket {
+                field: "secret",
+                ..
+            }
+        ),
         "{err:?}"
     );
     let mut p = passphrase_packet(volume(1), 1);
