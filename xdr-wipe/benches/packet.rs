@@ -8,10 +8,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use xdr_wipe::packet::{
-    CipherParams, KeyPacket, Mechanism, PacketVersion, Recovery, VolumeFormat, VolumeId,
-    generate_passphrase,
-};
+use xdr_wipe::packet::{CipherParams, KeyPacket, VolumeFormat, VolumeId, generate_passphrase};
 use xdr_wipe::seal::{HostSealingKey, open, seal};
 
 /// Median of `rounds` timings of `iters` calls of `f`.
@@ -37,15 +34,12 @@ fn main() {
     let public = key.public_key();
     let host = xdr_wipe::XdrString::new("kvm-bench.example").expect("short host name");
     let volume = VolumeId(uuid::Uuid::new_v4());
-    let packet = KeyPacket {
-        version: PacketVersion::V1,
-        volume_id: volume,
-        generation: 1,
-        mechanism: Mechanism::QemuLuksPassphrase,
-        params: CipherParams::aes_xts(VolumeFormat::Qcow2),
-        secret: generate_passphrase().expect("OS RNG"),
-        recovery: Recovery::None,
-    };
+    let packet = KeyPacket::passphrase(
+        volume,
+        1,
+        CipherParams::aes_xts(VolumeFormat::Qcow2),
+        generate_passphrase().expect("OS RNG"),
+    );
     let sealed = seal(&packet, &host, &public).expect("seal").to_bytes();
     let size = sealed.len();
 

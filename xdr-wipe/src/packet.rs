@@ -226,6 +226,25 @@ impl fmt::Debug for KeyPacket {
 }
 
 impl KeyPacket {
+    /// A version 1 packet carrying a QEMU LUKS passphrase and no recovery
+    /// material.
+    pub fn passphrase(
+        volume_id: VolumeId,
+        generation: u64,
+        params: CipherParams,
+        secret: PacketSecret,
+    ) -> Self {
+        Self {
+            version: PacketVersion::V1,
+            volume_id,
+            generation,
+            mechanism: Mechanism::QemuLuksPassphrase,
+            params,
+            secret,
+            recovery: Recovery::None,
+        }
+    }
+
     /// Checks the rules XDR alone cannot express. Returns the name of the
     /// offending field and what is wrong.
     pub fn check(&self) -> Result<(), (&'static str, &'static str)> {

@@ -19,15 +19,12 @@ fn volume(n: u8) -> VolumeId {
 }
 
 fn passphrase_packet(vol: VolumeId, generation: u64) -> KeyPacket {
-    KeyPacket {
-        version: PacketVersion::V1,
-        volume_id: vol,
+    KeyPacket::passphrase(
+        vol,
         generation,
-        mechanism: Mechanism::QemuLuksPassphrase,
-        params: CipherParams::aes_xts(VolumeFormat::Qcow2),
-        secret: generate_passphrase().unwrap(),
-        recovery: Recovery::None,
-    }
+        CipherParams::aes_xts(VolumeFormat::Qcow2),
+        generate_passphrase().unwrap(),
+    )
 }
 
 struct Fixture {

@@ -1,0 +1,12 @@
+//! Generates the gRPC code from proto/*.proto (needs `protoc`, installed by
+//! scripts/setup), and a descriptor set for the schema tests.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("descriptor.bin"))
+        .compile_protos(
+            &["proto/admin.proto", "proto/host.proto", "proto/agent.proto"],
+            &["proto"],
+        )?;
+    Ok(())
+}
