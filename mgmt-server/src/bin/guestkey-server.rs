@@ -1,0 +1,145 @@
+//! `guestkey-server`: the guestkey management server.
+
+#![allow(clippy::print_stderr)] // a command-line program reports errors on stderr
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mgmt_server::config::{Config, DEFAULT_LISTEN, Overrides};
+use mgmt_server::init::{InitOptions, init};
+use mgmt_server::masterkey::MasterKeySource;
+
+/// guestkey management server: keeps one key per guest volume, enrolls
+/// hosts, and pushes sealed keys to their host daemons over mutual TLS.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new data directory: SQLite database, master key, CA,
+    /// server certificate, and the admin credential in DATA_DIR/admin/.
+    /// Refuses to touch an existing, non-empty directory.
+    Init {
+        /// The data directory to create.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// A DNS name or IP address of this server for its TLS certificate
+        /// (repeat for several). Default: localhost and 127.0.0.1.
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
+        /// Where the master key comes from: file:PATH (made if missing),
+        /// env:VARIABLE, or prompt. Default: a new random key in
+        /// DATA_DIR/master.key (mode 0600).
+        #[arg(long, value_name = "SOURCE")]
+        master_key_source: Option<MasterKeySource>,
+        /// The address the server will listen on, for the URL written to the
+        /// admin credential.
+        #[arg(long, value_name = "IP:PORT", default_value = DEFAULT_LISTEN)]
+        listen: String,
+    },
+    /// Serve the admin and host APIs (gRPC over mutual TLS) and push keys
+    /// to host daemons, until SIGINT or SIGTERM.
+    Run {
+        /// The data directory made by `init` (or data_dir in --config).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Listen address [default: 127.0.0.1:7443, or listen in --config].
+        #[arg(long, value_name = "IP:PORT")]
+        listen: Option<String>,
+        /// A TOML configuration file (listen, data_dir, master_key_source,
+        /// [limits], [retry]); flags override it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Master key source (file:PATH, env:VARIABLE, prompt)
+        /// [default: file:DATA_DIR/master.key].
+        #[arg(long, value_name = "SOURCE")]
+        master_key_source: Option<MasterKeySource>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match real_main(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole chain, once, at the top.
+            eprintln!(
+                "guestkey-server: {}",
+                mgmt_server::tls::error_chain(e.as_ref())
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::Init {
+            data_dir,
+            sans,
+            master_key_source,
+            listen,
+        } => {
+            let sans = if sans.is_empty() {
+                vec!["localhost".to_owned(), "127.0.0.1".to_owned()]
+            } else {
+                sans
+            };
+            let port = listen
+                .rsplit_once(':')
+                .map_or("7443", |(_, p)| p)
+                .to_owned();
+            let url = format!("https://{}:{port}", sans[0]);
+            let report = init(&InitOptions {
+                data_dir: data_dir.clone(),
+                sans,
+                master_key_source,
+                server_url: url.clone(),
+            })?;
+            println!("initialised {}", data_dir.display());
+            println!(
+                "  master key: {} (id {})",
+                report.master_key_source, report.master_key_id
+            );
+            println!(
+                "  admin credential: {} (for guestkeyctl --admin-dir)",
+                report.admin_dir.display()
+            );
+            println!("  server URL: {url}");
+            println!(
+                "next: guestkey-server run --data-dir {}",
+                data_dir.display()
+            );
+            Ok(())
+        }
+        Command::Run {
+            data_dir,
+            listen,
+            config,
+            master_key_source,
+        } => {
+            let config = Config::load(
+                config.as_deref(),
+                Overrides {
+                    listen,
+                    data_dir,
+                    master_key_source,
+                },
+            )?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(mgmt_server::server::run(config))?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,557 @@
+//! `guestkeyctl`: the admin command line of guestkey.
+
+#![allow(clippy::print_stderr)] // a command-line program reports errors on stderr
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use guestkey_proto::admin::{self as pb, admin_client::AdminClient};
+use mgmt_server::names::parse_size;
+use serde_json::json;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// guestkeyctl: administer a guestkey management server (hosts, volumes,
+/// audit log) over mutual TLS with the admin credential.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Server URL, e.g. https://localhost:7443 [default: the `server` file
+    /// in the admin directory].
+    #[arg(long, env = "GUESTKEY_SERVER", global = true, value_name = "URL")]
+    server: Option<String>,
+    /// The admin credential directory made by `guestkey-server init`
+    /// (DATA_DIR/admin): ca.pem, admin.pem, admin.key.
+    #[arg(long, env = "GUESTKEY_ADMIN_DIR", global = true, value_name = "DIR")]
+    admin_dir: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Hosts: register, list, show, revoke.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// Encrypted volumes: create, list, show, delete (crypto-shredding).
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Show the audit log; --verify checks its hash chain.
+    Audit(AuditArgs),
+    /// Print the CA certificate (PEM) that signs server, admin and host
+    /// certificates.
+    CaCert,
+}
+
+#[derive(Subcommand)]
+enum HostCmd {
+    /// Register a host and print its one-time enrollment token.
+    Add {
+        /// Host name (A-Z a-z 0-9 . _ -).
+        name: String,
+        /// HOST:PORT of the host daemon's host-agent API.
+        #[arg(long, value_name = "HOST:PORT")]
+        address: String,
+    },
+    /// List hosts.
+    List,
+    /// Show one host.
+    Show {
+        /// Host name.
+        name: String,
+    },
+    /// Revoke a host: its certificate stops working and no key goes to it.
+    Revoke {
+        /// Host name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// "Encrypt this volume": make a key and have the host create the
+    /// volume, LUKS-encrypted, in a libvirt storage pool.
+    Create {
+        /// Host that gets the volume.
+        #[arg(long)]
+        host: String,
+        /// libvirt storage pool on that host.
+        #[arg(long)]
+        pool: String,
+        /// Volume name (unique per server).
+        #[arg(long)]
+        name: String,
+        /// Size: bytes, or with K, M, G, T, P (powers of 1024), e.g. 10G.
+        #[arg(long)]
+        size: String,
+        /// qcow2 (LUKS inside qcow2) or raw (LUKS).
+        #[arg(long, default_value = "qcow2")]
+        format: String,
+    },
+    /// List volumes.
+    List {
+        /// Only this host's volumes.
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Show a volume, by name or UUID.
+    Show {
+        /// Name or UUID.
+        volume: String,
+    },
+    /// Delete a volume: its key is destroyed on the server and on the host
+    /// (crypto-shredding), and the volume is deleted on the host.
+    Delete {
+        /// Name or UUID.
+        volume: String,
+    },
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    /// Verify the hash chain instead of listing.
+    #[arg(long)]
+    verify: bool,
+    /// Only records after this sequence number.
+    #[arg(long, default_value_t = 0)]
+    after: u64,
+    /// At most this many records.
+    #[arg(long, default_value_t = 1000)]
+    limit: u32,
+}
+
+/// An error for the user: one line saying what to do.
+struct Failure(String);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("guestkeyctl: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(msg)) => {
+            eprintln!("guestkeyctl: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read(dir: &Path, file: &str) -> Result<String, Failure> {
+    let path = dir.join(file);
+    std::fs::read_to_string(&path).map_err(|e| {
+        Failure(format!(
+            "cannot read {}: {e} (--admin-dir must be the admin directory made by `guestkey-server init`)",
+            path.display()
+        ))
+    })
+}
+
+async fn connect(cli: &Cli) -> Result<AdminClient<Channel>, Failure> {
+    let dir = cli.admin_dir.clone().ok_or_else(|| {
+        Failure("no admin credential: pass --admin-dir DIR or set GUESTKEY_ADMIN_DIR (DATA_DIR/admin of the server)".into())
+    })?;
+    let url = match &cli.server {
+        Some(u) => u.clone(),
+        None => read(&dir, "server")?.trim().to_owned(),
+    };
+    let host = url
+        .strip_prefix("https://")
+        .ok_or_else(|| Failure(format!("server URL {url:?} must start with https://")))?
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let domain = host
+        .rsplit_once(':')
+        .map_or(host, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let key = zeroize::Zeroizing::new(read(&dir, "admin.key")?);
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&dir, "ca.pem")?))
+        .identity(Identity::from_pem(read(&dir, "admin.pem")?, key.as_bytes()))
+        .domain_name(domain);
+    let channel = Endpoint::from_shared(url.clone())
+        .map_err(|e| Failure(format!("bad server URL {url:?}: {e}")))?
+        .tls_config(tls)?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(60))
+        .connect()
+        .await
+        .map_err(|e| Failure(transport_hint(&url, &mgmt_server::tls::error_chain(&e))))?;
+    Ok(AdminClient::new(channel))
+}
+
+/// Turns TLS and connection failures into advice.
+fn transport_hint(url: &str, detail: &str) -> String {
+    let d = detail.to_ascii_lowercase();
+    let advice = if d.contains("unknownissuer")
+        || d.contains("unknown issuer")
+        || d.contains("invalid peer certificate")
+    {
+        "the server's certificate is not signed by the CA in --admin-dir: is this the admin credential of this server?"
+    } else if d.contains("connection refused") {
+        "nothing listens there: is guestkey-server running, and is --server right?"
+    } else if d.contains("certificate")
+        || d.contains("handshake")
+        || d.contains("alert")
+        || d.contains("closed")
+    {
+        "the server refused our client certificate: --admin-dir must hold the admin credential of this server (another CA's, an expired or a revoked certificate is refused)"
+    } else {
+        "check --server and that guestkey-server is running"
+    };
+    format!("cannot reach guestkey-server at {url}: {advice} ({detail})")
+}
+
+fn rpc_error(s: tonic::Status) -> Failure {
+    let msg = s.message();
+    if s.code() == tonic::Code::Unavailable
+        || s.code() == tonic::Code::Unknown && msg.contains("transport")
+    {
+        return Failure(transport_hint("the server", msg));
+    }
+    if msg.is_empty() {
+        Failure(format!("{:?}", s.code()))
+    } else {
+        Failure(msg.to_owned())
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let json = cli.json;
+    let mut c = connect(&cli).await?;
+    match cli.command {
+        Command::Host(HostCmd::Add { name, address }) => {
+            let r = c
+                .add_host(pb::AddHostRequest { name, address })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let h = r.host.unwrap_or_default();
+            if json {
+                print_json(
+                    &json!({"host": host_json(&h), "enrollment_token": r.enrollment_token, "token_expires_unix": r.token_expires_unix}),
+                );
+            } else {
+                println!("host {} registered ({})", h.name, h.address);
+                println!(
+                    "enrollment token (one use, expires {}):",
+                    fmt_time(r.token_expires_unix)
+                );
+                println!("{}", r.enrollment_token);
+                println!(
+                    "on the host: guestkeyd enroll --server URL --token TOKEN --ca-file CA.pem --state-dir DIR"
+                );
+            }
+        }
+        Command::Host(HostCmd::List) => {
+            let hosts = c
+                .list_hosts(pb::ListHostsRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .hosts;
+            if json {
+                print_json(&json!(hosts.iter().map(host_json).collect::<Vec<_>>()));
+            } else {
+                table(
+                    &["NAME", "ADDRESS", "STATE", "VOLUMES", "ENROLLED"],
+                    hosts
+                        .iter()
+                        .map(|h| {
+                            vec![
+                                h.name.clone(),
+                                h.address.clone(),
+                                h.state.clone(),
+                                h.volume_count.to_string(),
+                                fmt_time(h.enrolled_unix),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Command::Host(HostCmd::Show { name }) => {
+            let h = c
+                .get_host(pb::HostRef { name })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            show_host(&h, json);
+        }
+        Command::Host(HostCmd::Revoke { name }) => {
+            let h = c
+                .revoke_host(pb::HostRef { name })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            show_host(&h, json);
+        }
+        Command::Volume(VolumeCmd::Create {
+            host,
+            pool,
+            name,
+            size,
+            format,
+        }) => {
+            let capacity_bytes = parse_size(&size)?;
+            let v = c
+                .create_volume(pb::CreateVolumeRequest {
+                    host,
+                    pool,
+                    name,
+                    capacity_bytes,
+                    format,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            show_volume(&v, json);
+        }
+        Command::Volume(VolumeCmd::List { host }) => {
+            let vols = c
+                .list_volumes(pb::ListVolumesRequest {
+                    host: host.unwrap_or_default(),
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .volumes;
+            if json {
+                print_json(&json!(vols.iter().map(volume_json).collect::<Vec<_>>()));
+            } else {
+                table(
+                    &[
+                        "NAME", "HOST", "POOL", "FORMAT", "SIZE", "GEN", "STATE", "ID",
+                    ],
+                    vols.iter()
+                        .map(|v| {
+                            vec![
+                                v.name.clone(),
+                                v.host.clone(),
+                                v.pool.clone(),
+                                v.format.clone(),
+                                fmt_size(v.capacity_bytes),
+                                v.key_generation.to_string(),
+                                v.state.clone(),
+                                v.id.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Command::Volume(VolumeCmd::Show { volume }) => {
+            let v = c
+                .get_volume(pb::VolumeRef { name_or_id: volume })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            show_volume(&v, json);
+        }
+        Command::Volume(VolumeCmd::Delete { volume }) => {
+            let v = c
+                .delete_volume(pb::VolumeRef { name_or_id: volume })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            show_volume(&v, json);
+        }
+        Command::Audit(a) if a.verify => {
+            let v = c
+                .verify_audit(pb::VerifyAuditRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            if json {
+                print_json(
+                    &json!({"ok": v.ok, "records": v.records, "first_bad_seq": v.first_bad_seq, "problem": v.problem}),
+                );
+            } else if v.ok {
+                println!(
+                    "audit log intact: {} records, hash chain verified",
+                    v.records
+                );
+            } else {
+                println!(
+                    "AUDIT LOG DAMAGED at record {}: {}",
+                    v.first_bad_seq, v.problem
+                );
+            }
+            if !v.ok {
+                return Err(Failure("the audit log does not verify".into()));
+            }
+        }
+        Command::Audit(a) => {
+            let recs = c
+                .list_audit(pb::ListAuditRequest {
+                    after_seq: a.after,
+                    limit: a.limit,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .records;
+            if json {
+                print_json(&json!(recs.iter().map(|r| json!({"seq": r.seq, "time_unix_ms": r.time_unix_ms, "actor": r.actor, "action": r.action, "subject": r.subject, "detail": r.detail, "hash": r.hash})).collect::<Vec<_>>()));
+            } else {
+                table(
+                    &["SEQ", "TIME", "ACTOR", "ACTION", "SUBJECT", "DETAIL"],
+                    recs.iter()
+                        .map(|r| {
+                            vec![
+                                r.seq.to_string(),
+                                fmt_time(r.time_unix_ms / 1000),
+                                r.actor.clone(),
+                                r.action.clone(),
+                                r.subject.clone(),
+                                r.detail.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Command::CaCert => {
+            let pem = c
+                .get_ca_certificate(pb::GetCaCertificateRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .pem;
+            if json {
+                print_json(&json!({"pem": pem}));
+            } else {
+                print!("{pem}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn host_json(h: &pb::Host) -> serde_json::Value {
+    json!({"name": h.name, "address": h.address, "state": h.state, "created_unix": h.created_unix,
+           "enrolled_unix": h.enrolled_unix, "certificate_sha256": h.certificate_sha256, "volume_count": h.volume_count})
+}
+
+fn volume_json(v: &pb::Volume) -> serde_json::Value {
+    json!({"id": v.id, "name": v.name, "host": v.host, "pool": v.pool, "format": v.format,
+           "capacity_bytes": v.capacity_bytes, "key_generation": v.key_generation, "state": v.state,
+           "last_error": v.last_error, "attempts": v.attempts, "secret_uuid": v.secret_uuid, "created_unix": v.created_unix})
+}
+
+fn show_host(h: &pb::Host, json: bool) {
+    if json {
+        return print_json(&host_json(h));
+    }
+    let rows = [
+        ("name", h.name.clone()),
+        ("address", h.address.clone()),
+        ("state", h.state.clone()),
+        ("volumes", h.volume_count.to_string()),
+        ("registered", fmt_time(h.created_unix)),
+        ("enrolled", fmt_time(h.enrolled_unix)),
+        ("certificate sha256", h.certificate_sha256.clone()),
+    ];
+    for (k, v) in rows {
+        println!("{k:<19} {v}");
+    }
+}
+
+fn show_volume(v: &pb::Volume, json: bool) {
+    if json {
+        return print_json(&volume_json(v));
+    }
+    let rows = [
+        ("name", v.name.clone()),
+        ("id", v.id.clone()),
+        ("host", v.host.clone()),
+        ("pool", v.pool.clone()),
+        ("format", format!("{} (LUKS)", v.format)),
+        ("size", fmt_size(v.capacity_bytes)),
+        ("key generation", v.key_generation.to_string()),
+        ("state", v.state.clone()),
+        ("libvirt secret", v.secret_uuid.clone()),
+        ("attempts", v.attempts.to_string()),
+        ("last error", v.last_error.clone()),
+    ];
+    for (k, val) in rows {
+        if !val.is_empty() {
+            println!("{k:<15} {val}");
+        }
+    }
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| (*h).to_owned()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn fmt_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "K", "M", "G", "T", "P"];
+    let mut i = 0;
+    while i + 1 < UNITS.len()
+        && bytes >= 1 << (10 * (i + 1))
+        && bytes.is_multiple_of(1 << (10 * (i + 1)))
+    {
+        i += 1;
+    }
+    format!("{}{}", bytes >> (10 * i), UNITS[i])
+}
+
+fn fmt_time(unix: i64) -> String {
+    if unix <= 0 {
+        return "-".into();
+    }
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .map(|t| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
+                t.year(),
+                t.month() as u8,
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        })
+        .unwrap_or_else(|_| unix.to_string())
+}

@@ -1,0 +1,248 @@
+//! Server configuration: a TOML file (`--config FILE`), overridden by flags.
+//!
+//! ```toml
+//! listen = "127.0.0.1:7443"          # where the admin and host APIs listen
+//! data_dir = "/var/lib/guestkey"     # the data directory made by `init`
+//! master_key_source = "file:/var/lib/guestkey/master.key"  # or env:VAR, prompt
+//!
+//! [limits]
+//! max_volumes_per_host = 10000       # volumes one host may be assigned
+//! key_releases_per_minute = 1000     # key packets released to one host per minute
+//!
+//! [retry]                            # pushes to unreachable hosts
+//! initial_delay_ms = 500
+//! max_delay_ms = 60000
+//! ```
+//! Unknown keys are errors, so a typo does not silently keep a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::masterkey::MasterKeySource;
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+
+/// Limits applied per host.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Volumes one host may be assigned.
+    pub max_volumes_per_host: u32,
+    /// Key packets released to one host per minute.
+    pub key_releases_per_minute: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_volumes_per_host: 10_000,
+            key_releases_per_minute: 1000,
+        }
+    }
+}
+
+/// Retry policy for pushes to host daemons.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retry {
+    /// First delay after a failed push.
+    pub initial_delay_ms: u64,
+    /// Longest delay (the delay doubles up to this).
+    pub max_delay_ms: u64,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            initial_delay_ms: 500,
+            max_delay_ms: 60_000,
+        }
+    }
+}
+
+/// The file's contents; every field optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    master_key_source: Option<String>,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    retry: Retry,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Master key source.
+    pub master_key_source: MasterKeySource,
+    /// Per-host limits.
+    pub limits: Limits,
+    /// Push retry policy.
+    pub retry: Retry,
+}
+
+/// Configuration errors name the file and the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// What toml said (names the key and line).
+        message: String,
+    },
+    /// A value is invalid.
+    #[error("{setting}: {message}")]
+    Invalid {
+        /// Which setting (flag or key).
+        setting: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Flag values that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen`
+    pub listen: Option<String>,
+    /// `--data-dir`
+    pub data_dir: Option<PathBuf>,
+    /// `--master-key-source`
+    pub master_key_source: Option<MasterKeySource>,
+}
+
+impl Config {
+    /// Reads `file` (if given) and applies `flags`.
+    pub fn load(file: Option<&Path>, flags: Overrides) -> Result<Self, ConfigError> {
+        let fc = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.to_string().trim().to_owned(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let listen_text = flags
+            .listen
+            .or(fc.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen = listen_text.parse().map_err(|_| ConfigError::Invalid {
+            setting: "listen",
+            message: format!("`{listen_text}` is not an IP:PORT address, e.g. 127.0.0.1:7443"),
+        })?;
+        let data_dir = flags.data_dir.or(fc.data_dir).ok_or(ConfigError::Invalid {
+            setting: "data_dir",
+            message: "no data directory: pass --data-dir DIR or set data_dir in the config file"
+                .into(),
+        })?;
+        let master_key_source = match (flags.master_key_source, fc.master_key_source) {
+            (Some(s), _) => s,
+            (None, Some(text)) => text.parse().map_err(|message| ConfigError::Invalid {
+                setting: "master_key_source",
+                message,
+            })?,
+            (None, None) => MasterKeySource::File(data_dir.join("master.key")),
+        };
+        if fc.limits.key_releases_per_minute == 0 || fc.limits.max_volumes_per_host == 0 {
+            return Err(ConfigError::Invalid {
+                setting: "limits",
+                message: "limits must be at least 1".into(),
+            });
+        }
+        if fc.retry.initial_delay_ms == 0 || fc.retry.max_delay_ms < fc.retry.initial_delay_ms {
+            return Err(ConfigError::Invalid {
+                setting: "retry",
+                message: "need 0 < initial_delay_ms <= max_delay_ms".into(),
+            });
+        }
+        Ok(Self {
+            listen,
+            data_dir,
+            master_key_source,
+            limits: fc.limits,
+            retry: fc.retry,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> PathBuf {
+        let p =
+            std::env::temp_dir().join(format!("gk-cfg-{}-{}.toml", std::process::id(), text.len()));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let p = file(
+            "listen = \"127.0.0.1:9000\"\ndata_dir = \"/d\"\n[limits]\nkey_releases_per_minute = 5\n",
+        );
+        let c = Config::load(Some(&p), Overrides::default()).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.limits.key_releases_per_minute, 5);
+        assert_eq!(c.limits.max_volumes_per_host, 10_000);
+        assert_eq!(
+            c.master_key_source,
+            MasterKeySource::File("/d/master.key".into())
+        );
+        let c = Config::load(
+            Some(&p),
+            Overrides {
+                listen: Some("127.0.0.1:9001".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9001);
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let p = file("data_dir = \"/d\"\nlisten_addr = \"x\"\n");
+        let e = Config::load(Some(&p), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen_addr"), "{e}");
+        let p = file("data_dir = \"/d\"\nlisten = \"nowhere\"\n");
+        let e = Config::load(Some(&p), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("listen: `nowhere`"), "{e}");
+        let e = Config::load(None, Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--data-dir"), "{e}");
+        let p = file("data_dir = \"/d\"\n[retry]\ninitial_delay_ms = 0\n");
+        assert!(Config::load(Some(&p), Overrides::default()).is_err());
+    }
+}

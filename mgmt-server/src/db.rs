@@ -1,0 +1,173 @@
+//! The SQLite database: schema, migrations, and the connection.
+//!
+//! Volume keys are stored only wrapped (see [`crate::masterkey`]).
+//! The audit table is append-only: triggers refuse UPDATE and DELETE, and
+//! its rows form a hash chain (see [`crate::audit`]).
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how
+/// many ran. Never edit a released migration: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema
+    "
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE admins (
+        cert_sha256 TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        created     INTEGER NOT NULL
+    );
+    CREATE TABLE hosts (
+        name               TEXT PRIMARY KEY,
+        address            TEXT NOT NULL,
+        state              TEXT NOT NULL CHECK (state IN ('pending-enrollment', 'enrolled', 'revoked')),
+        token_hash         BLOB,
+        token_expires      INTEGER,
+        created            INTEGER NOT NULL,
+        enrolled           INTEGER,
+        cert_sha256        TEXT UNIQUE,
+        sealing_public_key BLOB
+    );
+    CREATE TABLE volumes (
+        id           TEXT PRIMARY KEY,
+        name         TEXT NOT NULL,
+        host         TEXT NOT NULL REFERENCES hosts(name),
+        pool         TEXT NOT NULL,
+        format       TEXT NOT NULL CHECK (format IN ('qcow2', 'raw')),
+        capacity     INTEGER NOT NULL CHECK (capacity > 0),
+        secret_uuid  TEXT NOT NULL UNIQUE,
+        generation   INTEGER NOT NULL,
+        state        TEXT NOT NULL,
+        last_error   TEXT NOT NULL DEFAULT '',
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        next_attempt INTEGER NOT NULL DEFAULT 0,
+        created      INTEGER NOT NULL
+    );
+    -- a deleted volume's name may be used again
+    CREATE UNIQUE INDEX volumes_live_name ON volumes(name) WHERE state != 'deleted';
+    CREATE INDEX volumes_host ON volumes(host);
+    CREATE INDEX volumes_pending ON volumes(state, next_attempt);
+    CREATE TABLE volume_keys (
+        volume_id     TEXT NOT NULL REFERENCES volumes(id),
+        generation    INTEGER NOT NULL,
+        master_key_id TEXT NOT NULL,
+        wrapped       BLOB NOT NULL,
+        created       INTEGER NOT NULL,
+        PRIMARY KEY (volume_id, generation)
+    );
+    CREATE TABLE audit (
+        seq       INTEGER PRIMARY KEY,
+        time_ms   INTEGER NOT NULL,
+        actor     TEXT NOT NULL,
+        action    TEXT NOT NULL,
+        subject   TEXT NOT NULL,
+        detail    TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash      TEXT NOT NULL
+    );
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    ",
+];
+
+/// Database errors.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// SQLite failed.
+    #[error("database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// The database is newer than this program.
+    #[error(
+        "the database has schema version {found}, newer than this guestkey-server ({known}): upgrade guestkey-server"
+    )]
+    TooNew {
+        /// Version in the file.
+        found: usize,
+        /// Newest this build knows.
+        known: usize,
+    },
+}
+
+/// Opens (creating if needed) the database and applies pending migrations.
+pub fn open(path: &Path) -> Result<Connection, DbError> {
+    let mut conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), DbError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    if version > MIGRATIONS.len() {
+        return Err(DbError::TooNew {
+            found: version,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// Reads a `meta` value.
+pub fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>, rusqlite::Error> {
+    use rusqlite::OptionalExtension;
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+}
+
+/// Sets a `meta` value.
+pub fn meta_set(conn: &Connection, key: &str, value: &str) -> Result<(), rusqlite::Error> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [key, value],
+    )?;
+    Ok(())
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_apply_once_and_refuse_newer() {
+        let dir = std::env::temp_dir().join(format!("gk-db-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.db");
+        let _ = std::fs::remove_file(&path);
+        drop(open(&path).unwrap());
+        let conn = open(&path).unwrap();
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v as usize, MIGRATIONS.len());
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = open(&path).unwrap_err();
+        assert!(err.to_string().contains("upgrade guestkey-server"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,166 @@
+//! `guestkey-server init`: creates a data directory.
+//!
+//! Everything is built in a temporary directory beside the target and
+//! renamed into place at the end, so a failed init leaves nothing behind.
+//! An existing, non-empty data directory is never touched.
+
+use std::path::{Path, PathBuf};
+
+use crate::audit;
+use crate::ca::{Ca, LEAF_VALIDITY_DAYS};
+use crate::core::CoreError;
+use crate::datadir::{DataDir, create_private_dir, write_private_file, write_public_file};
+use crate::db;
+use crate::masterkey::{MasterKey, MasterKeySource};
+
+/// What `init` needs.
+pub struct InitOptions {
+    /// The data directory to create.
+    pub data_dir: PathBuf,
+    /// Names and addresses in the server certificate.
+    pub sans: Vec<String>,
+    /// Where the master key comes from; `None` makes a new one in
+    /// `DATA_DIR/master.key`.
+    pub master_key_source: Option<MasterKeySource>,
+    /// The URL guestkeyctl should use, written to `admin/server`.
+    pub server_url: String,
+}
+
+/// What `init` made.
+pub struct InitReport {
+    /// The admin credential directory.
+    pub admin_dir: PathBuf,
+    /// Master key id (public).
+    pub master_key_id: String,
+    /// Where the master key is.
+    pub master_key_source: MasterKeySource,
+}
+
+fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> CoreError {
+    let msg = format!("cannot {what} {}", path.display());
+    move |e| CoreError::Internal(format!("{msg}: {e}"))
+}
+
+/// Creates the data directory.
+pub fn init(opts: &InitOptions) -> Result<InitReport, CoreError> {
+    let target = &opts.data_dir;
+    if target.exists() {
+        let empty = std::fs::read_dir(target)
+            .map_err(io("read", target))?
+            .next()
+            .is_none();
+        if !empty || !target.is_dir() {
+            return Err(CoreError::AlreadyExists(format!(
+                "{} already exists and is not empty: guestkey-server init never touches an existing data directory (use `run`, or pick a new directory)",
+                target.display()
+            )));
+        }
+    }
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    create_private_dir(parent).map_err(io("create", parent))?;
+    let tmp = parent.join(format!(
+        ".{}.init-{}",
+        target
+            .file_name()
+            .map_or("guestkey".into(), |n| n.to_string_lossy()),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = build(&tmp, opts).and_then(|report| {
+        if target.exists() {
+            std::fs::remove_dir(target).map_err(io("replace the empty directory", target))?;
+        }
+        std::fs::rename(&tmp, target).map_err(io("move the new data directory to", target))?;
+        Ok(report)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result.map(|mut r| {
+        r.admin_dir = DataDir::new(target).admin_dir();
+        if let MasterKeySource::File(p) = &r.master_key_source {
+            if p.starts_with(&tmp) {
+                r.master_key_source =
+                    MasterKeySource::File(target.join(p.strip_prefix(&tmp).unwrap_or(p)));
+            }
+        }
+        r
+    })
+}
+
+fn build(tmp: &Path, opts: &InitOptions) -> Result<InitReport, CoreError> {
+    let dir = DataDir::new(tmp);
+    for sub in ["ca", "tls", "admin"] {
+        create_private_dir(&tmp.join(sub)).map_err(io("create", &tmp.join(sub)))?;
+    }
+    // Master key: made here unless the operator supplies one.
+    let (master, source) = match &opts.master_key_source {
+        None => {
+            let mk = MasterKey::generate()?;
+            mk.write_new_file(&dir.master_key())?;
+            (mk, MasterKeySource::File(dir.master_key()))
+        }
+        Some(MasterKeySource::File(p)) if !p.exists() => {
+            let mk = MasterKey::generate()?;
+            mk.write_new_file(p)?;
+            (mk, MasterKeySource::File(p.clone()))
+        }
+        Some(s) => (MasterKey::load(s)?, s.clone()),
+    };
+
+    let (ca, ca_key) = Ca::generate(
+        &opts
+            .sans
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "localhost".into()),
+    )?;
+    write_public_file(&dir.ca_cert(), ca.cert_pem().as_bytes())
+        .map_err(io("write", &dir.ca_cert()))?;
+    write_private_file(&dir.ca_key(), ca_key.as_bytes()).map_err(io("write", &dir.ca_key()))?;
+    let server = ca.issue("guestkey-server", opts.sans.clone(), LEAF_VALIDITY_DAYS)?;
+    write_public_file(&dir.server_cert(), server.cert.as_bytes())
+        .map_err(io("write", &dir.server_cert()))?;
+    let server_key = server.key.as_ref().map_or("", |k| k.as_str());
+    write_private_file(&dir.server_key(), server_key.as_bytes())
+        .map_err(io("write", &dir.server_key()))?;
+    let admin = ca.issue("guestkey-admin", vec![], LEAF_VALIDITY_DAYS)?;
+    let admin_dir = dir.admin_dir();
+    write_public_file(&admin_dir.join("ca.pem"), ca.cert_pem().as_bytes())
+        .map_err(io("write", &admin_dir))?;
+    write_public_file(&admin_dir.join("admin.pem"), admin.cert.as_bytes())
+        .map_err(io("write", &admin_dir))?;
+    let admin_key = admin.key.as_ref().map_or("", |k| k.as_str());
+    write_private_file(&admin_dir.join("admin.key"), admin_key.as_bytes())
+        .map_err(io("write", &admin_dir))?;
+    write_public_file(
+        &admin_dir.join("server"),
+        format!("{}\n", opts.server_url).as_bytes(),
+    )
+    .map_err(io("write", &admin_dir))?;
+
+    write_private_file(&dir.db(), b"").map_err(io("create", &dir.db()))?;
+    let mut conn = db::open(&dir.db())?;
+    let tx = conn.transaction()?;
+    db::meta_set(&tx, "master_key_id", master.id())?;
+    tx.execute(
+        "INSERT INTO admins (cert_sha256, name, created) VALUES (?1, 'admin', ?2)",
+        rusqlite::params![admin.sha256, db::now_unix()],
+    )?;
+    audit::append(
+        &tx,
+        "server",
+        "server.initialised",
+        "",
+        &format!("master key {}", master.id()),
+    )?;
+    tx.commit()?;
+    Ok(InitReport {
+        admin_dir,
+        master_key_id: master.id().to_owned(),
+        master_key_source: source,
+    })
+}

@@ -1,0 +1,75 @@
+//! Conversions between domain types and protobuf messages, and from domain
+//! errors to gRPC statuses. Nothing else touches prost types.
+
+use guestkey_proto::admin as pb;
+use tonic::{Code, Status};
+
+use crate::audit::{AuditRecord, Verification};
+use crate::core::{CoreError, HostInfo};
+use crate::volumes::VolumeInfo;
+
+pub(crate) fn host(h: HostInfo) -> pb::Host {
+    pb::Host {
+        name: h.name,
+        address: h.address,
+        state: h.state,
+        created_unix: h.created_unix,
+        enrolled_unix: h.enrolled_unix,
+        certificate_sha256: h.certificate_sha256,
+        volume_count: h.volume_count,
+    }
+}
+
+pub(crate) fn volume(v: VolumeInfo) -> pb::Volume {
+    pb::Volume {
+        id: v.id,
+        name: v.name,
+        host: v.host,
+        pool: v.pool,
+        format: v.format,
+        capacity_bytes: v.capacity_bytes,
+        key_generation: v.key_generation,
+        state: v.state,
+        last_error: v.last_error,
+        attempts: v.attempts,
+        secret_uuid: v.secret_uuid,
+        created_unix: v.created_unix,
+    }
+}
+
+pub(crate) fn audit_record(r: AuditRecord) -> pb::AuditRecord {
+    pb::AuditRecord {
+        seq: r.seq,
+        time_unix_ms: r.time_ms,
+        actor: r.actor,
+        action: r.action,
+        subject: r.subject,
+        detail: r.detail,
+        hash: r.hash,
+    }
+}
+
+pub(crate) fn verification(v: Verification) -> pb::VerifyAuditResponse {
+    pb::VerifyAuditResponse {
+        ok: v.ok,
+        records: v.records,
+        first_bad_seq: v.first_bad_seq,
+        problem: v.problem,
+    }
+}
+
+pub(crate) fn status(e: CoreError) -> Status {
+    let code = match &e {
+        CoreError::Invalid(_) => Code::InvalidArgument,
+        CoreError::NotFound(_) => Code::NotFound,
+        CoreError::AlreadyExists(_) => Code::AlreadyExists,
+        CoreError::FailedPrecondition(_) => Code::FailedPrecondition,
+        CoreError::Denied(_) => Code::PermissionDenied,
+        CoreError::Exhausted(_) => Code::ResourceExhausted,
+        CoreError::Db(_) | CoreError::Ca(_) | CoreError::MasterKey(_) | CoreError::Internal(_) => {
+            tracing::error!(error = %e, "internal error");
+            Code::Internal
+        }
+    };
+    Status::new(code, e.to_string())
+}

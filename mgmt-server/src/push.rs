@@ -1,0 +1,149 @@
+//! The pusher: delivers pending volume operations to host daemons over
+//! mutual TLS, retrying unreachable hosts with exponential backoff.
+//!
+//! The server is a client of each host's host-agent API. It presents its
+//! own certificate and accepts only a host certificate signed by its CA for
+//! the host's address. Operation ids make a repeated push harmless.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use guestkey_proto::agent::{self, host_agent_client::HostAgentClient};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::core::{Core, EnrolledHost};
+use crate::volumes::{PushOp, VolumeInfo};
+
+/// How long one push may take.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const IDLE_POLL: Duration = Duration::from_millis(250);
+
+/// Runs until `shutdown` fires.
+pub async fn run(core: Arc<Core>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut channels: HashMap<String, Channel> = HashMap::new();
+    loop {
+        match core.due_volumes(64) {
+            Ok(due) => {
+                for v in due {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                    let outcome = push_one(&core, &mut channels, &v).await;
+                    let recorded = match outcome {
+                        Ok(()) => core.push_succeeded(&v),
+                        Err(e) => {
+                            tracing::warn!(volume = %v.id, host = %v.host, error = %e, "push failed; will retry");
+                            channels.remove(&v.host);
+                            core.push_failed(&v, &e)
+                        }
+                    };
+                    if let Err(e) = recorded {
+                        tracing::error!(volume = %v.id, error = %e, "cannot record push outcome");
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read pending operations"),
+        }
+        tokio::select! {
+            _ = core.push_wake.notified() => {}
+            _ = tokio::time::sleep(IDLE_POLL) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn push_one(
+    core: &Core,
+    channels: &mut HashMap<String, Channel>,
+    v: &VolumeInfo,
+) -> Result<(), String> {
+    let op = core.prepare_push(v).map_err(|e| e.to_string())?;
+    let host = match &op {
+        PushOp::Create { host, .. } | PushOp::Delete { host, .. } => host.clone(),
+    };
+    let channel = match channels.get(&host.name) {
+        Some(c) => c.clone(),
+        None => {
+            let c = connect(core, &host).await?;
+            channels.insert(host.name.clone(), c.clone());
+            c
+        }
+    };
+    let mut client = HostAgentClient::new(channel);
+    let result = match op {
+        PushOp::Create { volume, sealed, .. } => {
+            let req = agent::CreateVolumeRequest {
+                op_id: format!("{}:create:{}", volume.id, volume.key_generation),
+                volume_id: volume.id.clone(),
+                pool: volume.pool.clone(),
+                name: volume.name.clone(),
+                capacity_bytes: volume.capacity_bytes,
+                format: match volume.format.as_str() {
+                    "raw" => agent::VolumeFormat::Raw,
+                    _ => agent::VolumeFormat::Qcow2,
+                } as i32,
+                secret_uuid: volume.secret_uuid.clone(),
+                key: Some(agent::SealedKey {
+                    volume_id: volume.id.clone(),
+                    generation: volume.key_generation,
+                    sealed_packet: sealed,
+                }),
+            };
+            client.create_volume(req).await.map(|_| ())
+        }
+        PushOp::Delete { volume, .. } => {
+            let req = agent::DeleteVolumeRequest {
+                op_id: format!("{}:delete", volume.id),
+                volume_id: volume.id.clone(),
+                pool: volume.pool.clone(),
+                name: volume.name.clone(),
+            };
+            client.delete_volume(req).await.map(|_| ())
+        }
+    };
+    result.map_err(|s| describe_status(&host, &s))
+}
+
+/// A host's answer, in words an operator can act on.
+fn describe_status(host: &EnrolledHost, s: &tonic::Status) -> String {
+    match s.code() {
+        tonic::Code::Unavailable => format!(
+            "host {} at {} is unreachable: {}",
+            host.name,
+            host.address,
+            s.message()
+        ),
+        _ => format!("host {} refused: {}", host.name, s.message()),
+    }
+}
+
+async fn connect(core: &Core, host: &EnrolledHost) -> Result<Channel, String> {
+    let domain = host
+        .address
+        .rsplit_once(':')
+        .map_or(host.address.as_str(), |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let (cert, key) = core.server_identity();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(core.ca_cert_pem()))
+        .identity(Identity::from_pem(cert, key.as_bytes()))
+        .domain_name(domain);
+    let endpoint = Endpoint::from_shared(format!("https://{}", host.address))
+        .map_err(|e| format!("bad address of host {}: {e}", host.name))?
+        .tls_config(tls)
+        .map_err(|e| format!("TLS setup for host {}: {e}", host.name))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(PUSH_TIMEOUT);
+    endpoint.connect().await.map_err(|e| {
+        format!(
+            "host {} at {} is unreachable: {}",
+            host.name,
+            host.address,
+            crate::tls::error_chain(&e)
+        )
+    })
+}

@@ -1,0 +1,380 @@
+//! Volumes and their keys: "encrypt this volume", look-ups, crypto-shredding,
+//! and the key release that precedes every push.
+
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+use xdr_wipe::packet::{CipherParams, KeyPacket, VolumeFormat, VolumeId, generate_passphrase};
+use xdr_wipe::seal::seal;
+
+use crate::audit;
+use crate::core::{Caller, Core, CoreError, EnrolledHost};
+use crate::db::now_unix;
+use crate::names::{InvalidInput, MAX_CAPACITY, Name};
+
+/// A volume as the admin sees it. Holds no key.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// UUID.
+    pub id: String,
+    /// Name, unique among live volumes.
+    pub name: String,
+    /// Host it lives on.
+    pub host: String,
+    /// libvirt storage pool on that host.
+    pub pool: String,
+    /// `qcow2` or `raw`.
+    pub format: String,
+    /// Size in bytes.
+    pub capacity_bytes: u64,
+    /// Current key generation.
+    pub key_generation: u64,
+    /// `pending-create`, `ready`, `pending-delete`, `deleted`, `failed`.
+    pub state: String,
+    /// Last error of a pending operation.
+    pub last_error: String,
+    /// Push attempts of the pending operation.
+    pub attempts: u32,
+    /// libvirt secret UUID for this volume's key on the host.
+    pub secret_uuid: String,
+    /// Created at (Unix seconds).
+    pub created_unix: i64,
+}
+
+const VOLUME_SELECT: &str =
+    "SELECT id, name, host, pool, format, capacity, generation, state, last_error,
+    attempts, secret_uuid, created FROM volumes";
+
+fn volume_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeInfo> {
+    Ok(VolumeInfo {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        host: r.get(2)?,
+        pool: r.get(3)?,
+        format: r.get(4)?,
+        capacity_bytes: r.get::<_, i64>(5)? as u64,
+        key_generation: r.get::<_, i64>(6)? as u64,
+        state: r.get(7)?,
+        last_error: r.get(8)?,
+        attempts: r.get(9)?,
+        secret_uuid: r.get(10)?,
+        created_unix: r.get(11)?,
+    })
+}
+
+/// A volume's container format.
+pub fn parse_format(value: &str) -> Result<VolumeFormat, InvalidInput> {
+    match value {
+        "qcow2" | "" => Ok(VolumeFormat::Qcow2),
+        "raw" => Ok(VolumeFormat::Raw),
+        _ => Err(InvalidInput {
+            what: "format",
+            value: value.to_owned(),
+            why: "use qcow2 or raw",
+        }),
+    }
+}
+
+fn format_name(f: VolumeFormat) -> &'static str {
+    match f {
+        VolumeFormat::Qcow2 => "qcow2",
+        VolumeFormat::Raw => "raw",
+    }
+}
+
+/// What the pusher must deliver for one pending volume.
+pub enum PushOp {
+    /// Create the volume with this sealed key packet.
+    Create {
+        /// The volume.
+        volume: VolumeInfo,
+        /// Where.
+        host: EnrolledHost,
+        /// xdr-wipe SealedPacket bytes (sealed to the host; no clear key).
+        sealed: Vec<u8>,
+    },
+    /// Delete the volume and the host's copy of its key.
+    Delete {
+        /// The volume.
+        volume: VolumeInfo,
+        /// Where.
+        host: EnrolledHost,
+    },
+}
+
+impl Core {
+    /// "Encrypt this volume": makes its key and queues its creation on the host.
+    pub fn create_volume(
+        &self,
+        caller: &Caller,
+        host: &str,
+        pool: &str,
+        name: &str,
+        capacity_bytes: u64,
+        format: &str,
+    ) -> Result<VolumeInfo, CoreError> {
+        let host = Name::parse("host name", host)?;
+        let pool = Name::parse("pool name", pool)?;
+        let name = Name::parse("volume name", name)?;
+        let format = parse_format(format)?;
+        if capacity_bytes == 0 || capacity_bytes > MAX_CAPACITY {
+            return Err(InvalidInput {
+                what: "size",
+                value: capacity_bytes.to_string(),
+                why: "a volume holds from 1 byte to 1P",
+            }
+            .into());
+        }
+        self.enrolled_host(host.as_str())?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let secret_uuid = uuid::Uuid::new_v4().to_string();
+        let key = generate_passphrase()
+            .map_err(|_| CoreError::Internal("the OS random number generator failed".into()))?;
+        let wrapped = self.master.wrap(&id, 1, &key);
+        drop(key);
+
+        let mut conn = self.db();
+        let tx = conn.transaction()?;
+        let taken: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM volumes WHERE name = ?1 AND state != 'deleted'",
+            [name.as_str()],
+            |r| r.get(0),
+        )?;
+        if taken > 0 {
+            return Err(CoreError::AlreadyExists(format!(
+                "a volume named {name} already exists: volume names are unique per server"
+            )));
+        }
+        let count: u32 = tx.query_row(
+            "SELECT COUNT(*) FROM volumes WHERE host = ?1 AND state != 'deleted'",
+            [host.as_str()],
+            |r| r.get(0),
+        )?;
+        if count >= self.config.limits.max_volumes_per_host {
+            return Err(CoreError::Exhausted(format!(
+                "host {host} has {count} volumes, the limit (limits.max_volumes_per_host) is {}",
+                self.config.limits.max_volumes_per_host
+            )));
+        }
+        let now = now_unix();
+        tx.execute(
+            "INSERT INTO volumes (id, name, host, pool, format, capacity, secret_uuid, generation, state, created)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, 'pending-create', ?8)",
+            params![id, name.as_str(), host.as_str(), pool.as_str(), format_name(format), capacity_bytes as i64, secret_uuid, now],
+        )?;
+        tx.execute(
+            "INSERT INTO volume_keys (volume_id, generation, master_key_id, wrapped, created) VALUES (?1, 1, ?2, ?3, ?4)",
+            params![id, self.master.id(), wrapped, now],
+        )?;
+        audit::append(
+            &tx,
+            &caller.actor(),
+            "key.created",
+            &id,
+            &format!("volume {name} generation 1"),
+        )?;
+        audit::append(
+            &tx,
+            &caller.actor(),
+            "volume.create-requested",
+            &id,
+            &format!("volume {name} on host {host} pool {pool}"),
+        )?;
+        tx.commit()?;
+        drop(conn);
+        self.push_wake.notify_one();
+        self.get_volume(&id)
+    }
+
+    /// Volumes, optionally of one host, by name; deleted ones are left out.
+    pub fn list_volumes(&self, host: Option<&str>) -> Result<Vec<VolumeInfo>, CoreError> {
+        let conn = self.db();
+        let mut stmt = conn.prepare(&format!(
+            "{VOLUME_SELECT} WHERE state != 'deleted' AND (?1 IS NULL OR host = ?1) ORDER BY name"
+        ))?;
+        let rows = stmt.query_map([host], volume_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A volume by name (live volumes) or UUID (any).
+    pub fn get_volume(&self, name_or_id: &str) -> Result<VolumeInfo, CoreError> {
+        let conn = self.db();
+        conn.query_row(
+            &format!("{VOLUME_SELECT} WHERE id = ?1 OR (name = ?1 AND state != 'deleted') ORDER BY state = 'deleted' LIMIT 1"),
+            [name_or_id],
+            volume_row,
+        )
+        .optional()?
+        .ok_or_else(|| CoreError::NotFound(format!("no volume named or with id {name_or_id:?}: see `guestkeyctl volume list`")))
+    }
+
+    /// Crypto-shredding: queues deletion on the host; the server's key is
+    /// destroyed once the host confirms.
+    pub fn delete_volume(
+        &self,
+        caller: &Caller,
+        name_or_id: &str,
+    ) -> Result<VolumeInfo, CoreError> {
+        let v = self.get_volume(name_or_id)?;
+        if v.state == "deleted" || v.state == "pending-delete" {
+            return Err(CoreError::FailedPrecondition(format!(
+                "volume {} is already {}",
+                v.name, v.state
+            )));
+        }
+        let mut conn = self.db();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE volumes SET state = 'pending-delete', attempts = 0, next_attempt = 0, last_error = '' WHERE id = ?1",
+            [&v.id],
+        )?;
+        audit::append(
+            &tx,
+            &caller.actor(),
+            "volume.delete-requested",
+            &v.id,
+            &format!("volume {}", v.name),
+        )?;
+        tx.commit()?;
+        drop(conn);
+        self.push_wake.notify_one();
+        self.get_volume(&v.id)
+    }
+
+    /// Volumes whose pending operation is due.
+    pub fn due_volumes(&self, limit: u32) -> Result<Vec<VolumeInfo>, CoreError> {
+        let conn = self.db();
+        let mut stmt = conn.prepare(&format!(
+            "{VOLUME_SELECT} WHERE state IN ('pending-create', 'pending-delete') AND next_attempt <= ?1
+             ORDER BY next_attempt LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![now_unix_ms(), limit], volume_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Prepares the push of a pending volume. For a creation this releases
+    /// the key: the audit record is written first, and if it cannot be,
+    /// no key is unwrapped (fail closed).
+    pub fn prepare_push(&self, volume: &VolumeInfo) -> Result<PushOp, CoreError> {
+        let host = self.enrolled_host(&volume.host)?;
+        if volume.state == "pending-delete" {
+            return Ok(PushOp::Delete {
+                volume: volume.clone(),
+                host,
+            });
+        }
+        self.take_release_slot(&host.name)?;
+        let mut conn = self.db();
+        let tx = conn.transaction()?;
+        let (mk_id, wrapped): (String, Vec<u8>) = tx.query_row(
+            "SELECT master_key_id, wrapped FROM volume_keys WHERE volume_id = ?1 AND generation = ?2",
+            params![volume.id, volume.key_generation as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        audit::append(
+            &tx,
+            "server",
+            "key.released",
+            &volume.id,
+            &format!(
+                "generation {} sealed to host {}",
+                volume.key_generation, host.name
+            ),
+        )?;
+        let key = self
+            .master
+            .unwrap_key(&volume.id, volume.key_generation, &mk_id, &wrapped)
+            .map_err(|e| CoreError::Internal(e.to_string()))?;
+        let uuid =
+            uuid::Uuid::parse_str(&volume.id).map_err(|e| CoreError::Internal(e.to_string()))?;
+        let format = parse_format(&volume.format)?;
+        let packet = KeyPacket::passphrase(
+            VolumeId(uuid),
+            volume.key_generation,
+            CipherParams::aes_xts(format),
+            key,
+        );
+        let host_id = xdr_wipe::XdrString::new(host.name.clone())
+            .map_err(|e| CoreError::Internal(e.to_string()))?;
+        let sealed = seal(&packet, &host_id, &host.sealing_key)
+            .map_err(|e| CoreError::Internal(e.to_string()))?
+            .to_bytes();
+        drop(packet);
+        tx.commit()?;
+        Ok(PushOp::Create {
+            volume: volume.clone(),
+            host,
+            sealed,
+        })
+    }
+
+    fn take_release_slot(&self, host: &str) -> Result<(), CoreError> {
+        let now = now_unix();
+        let mut map = self.releases.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = map.entry(host.to_owned()).or_insert((now, 0));
+        if now - slot.0 >= 60 {
+            *slot = (now, 0);
+        }
+        if slot.1 >= self.config.limits.key_releases_per_minute {
+            return Err(CoreError::Exhausted(format!(
+                "key release rate limit for host {host} reached ({} per minute, limits.key_releases_per_minute)",
+                self.config.limits.key_releases_per_minute
+            )));
+        }
+        slot.1 += 1;
+        Ok(())
+    }
+
+    /// Records a confirmed push.
+    pub fn push_succeeded(&self, volume: &VolumeInfo) -> Result<(), CoreError> {
+        let mut conn = self.db();
+        let tx = conn.transaction()?;
+        if volume.state == "pending-delete" {
+            tx.execute("DELETE FROM volume_keys WHERE volume_id = ?1", [&volume.id])?;
+            tx.execute(
+                "UPDATE volumes SET state = 'deleted', last_error = '' WHERE id = ?1",
+                [&volume.id],
+            )?;
+            audit::append(
+                &tx,
+                "server",
+                "key.destroyed",
+                &volume.id,
+                &format!("volume {} deleted on host {}", volume.name, volume.host),
+            )?;
+        } else {
+            tx.execute(
+                "UPDATE volumes SET state = 'ready', last_error = '' WHERE id = ?1",
+                [&volume.id],
+            )?;
+            audit::append(
+                &tx,
+                "server",
+                "key.pushed",
+                &volume.id,
+                &format!("volume {} created on host {}", volume.name, volume.host),
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a failed push and when to retry (exponential backoff).
+    pub fn push_failed(&self, volume: &VolumeInfo, error: &str) -> Result<(), CoreError> {
+        let r = &self.config.retry;
+        let delay = r
+            .initial_delay_ms
+            .saturating_mul(1u64 << volume.attempts.min(20))
+            .min(r.max_delay_ms);
+        self.db().execute(
+            "UPDATE volumes SET attempts = attempts + 1, last_error = ?1, next_attempt = ?2 WHERE id = ?3",
+            params![error, now_unix_ms() + delay as i64, volume.id],
+        )?;
+        Ok(())
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
