@@ -85,7 +85,7 @@ enum VolumeCmd {
         #[arg(long)]
         name: String,
         /// Size: bytes, or with K, M, G, T, P (powers of 1024), e.g. 10G.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         size: String,
         /// qcow2 (LUKS inside qcow2) or raw (LUKS).
         #[arg(long, default_value = "qcow2")]
@@ -183,6 +183,7 @@ async fn connect(cli: &Cli) -> Result<AdminClient<Channel>, Failure> {
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_owned();
+    check_admin_certificate(&dir, &read(&dir, "admin.pem")?)?;
     let key = zeroize::Zeroizing::new(read(&dir, "admin.key")?);
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(&dir, "ca.pem")?))
@@ -197,6 +198,37 @@ async fn connect(cli: &Cli) -> Result<AdminClient<Channel>, Failure> {
         .await
         .map_err(|e| Failure(transport_hint(&url, &mgmt_server::tls::error_chain(&e))))?;
     Ok(AdminClient::new(channel))
+}
+
+/// Says plainly when our own certificate is expired or not yet valid: the
+/// server can only close the connection, which explains nothing.
+fn check_admin_certificate(dir: &Path, pem: &str) -> Result<(), Failure> {
+    let path = dir.join("admin.pem");
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|_| Failure(format!("{} is not a PEM certificate", path.display())))?;
+    let cert = parsed.parse_x509().map_err(|_| {
+        Failure(format!(
+            "{} is not a valid X.509 certificate",
+            path.display()
+        ))
+    })?;
+    let v = cert.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if now > v.not_after {
+        return Err(Failure(format!(
+            "the admin certificate {} expired on {}: the server refuses it; issue a new admin credential",
+            path.display(),
+            v.not_after
+        )));
+    }
+    if now < v.not_before {
+        return Err(Failure(format!(
+            "the admin certificate {} is not valid before {}",
+            path.display(),
+            v.not_before
+        )));
+    }
+    Ok(())
 }
 
 /// Turns TLS and connection failures into advice.

@@ -1,0 +1,503 @@
+//! Harness for the server's integration tests: the real `guestkey-server`
+//! and `guestkeyctl` binaries on 127.0.0.1 with real mutual TLS.
+//!
+//! `TestAgent` is a small test implementation of the host-agent gRPC
+//! service, standing in for `guestkeyd` until the host daemon exists (the
+//! host daemon issue moves these flows to the real daemon). It enrolls like
+//! a host, serves over mutual TLS with its enrolled certificate, opens every
+//! sealed key packet it receives with its own sealing key, and records what
+//! it got.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::print_stderr)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use guestkey_proto::agent::{
+    self,
+    host_agent_server::{HostAgent, HostAgentServer},
+};
+use guestkey_proto::host::{EnrollRequest, host_api_client::HostApiClient};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+use xdr_wipe::packet::VolumeId;
+use xdr_wipe::seal::HostSealingKey;
+
+pub const SERVER: &str = env!("CARGO_BIN_EXE_guestkey-server");
+pub const CTL: &str = env!("CARGO_BIN_EXE_guestkeyctl");
+
+/// A running guestkey-server with its own data directory.
+pub struct TestServer {
+    pub dir: PathBuf,
+    pub url: String,
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    pub log: Arc<Mutex<String>>,
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).unwrap();
+    let d = std::env::temp_dir().join(format!(
+        "gk-{tag}-{}-{}",
+        std::process::id(),
+        hex::encode(b)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+impl TestServer {
+    /// `init` then `run` with `config` (TOML) if given.
+    pub fn start(config: Option<&str>) -> Self {
+        let dir = temp_dir("server").join("data");
+        let out = Command::new(SERVER)
+            .args(["init", "--data-dir"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut s = Self {
+            dir,
+            url: String::new(),
+            addr: "127.0.0.1:0".parse().unwrap(),
+            child: None,
+            log: Default::default(),
+        };
+        if let Some(c) = config {
+            std::fs::write(s.dir.join("../server.toml"), c).unwrap();
+        }
+        s.run(config.is_some());
+        s
+    }
+
+    fn run(&mut self, with_config: bool) {
+        let mut cmd = Command::new(SERVER);
+        cmd.args(["run", "--data-dir"])
+            .arg(&self.dir)
+            .args(["--listen", &format!("127.0.0.1:{}", self.addr.port())]);
+        if with_config {
+            cmd.arg("--config").arg(self.dir.join("../server.toml"));
+        }
+        let mut child = cmd
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on https://")
+            .unwrap_or_else(|| panic!("server said {line:?}"));
+        self.addr = addr.parse().unwrap();
+        self.url = format!("https://{addr}");
+        let stderr = child.stderr.take().unwrap();
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log.lock().unwrap().push_str(&(l + "\n"));
+            }
+        });
+        self.child = Some(child);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run(self.dir.join("../server.toml").exists());
+    }
+
+    pub fn admin_dir(&self) -> PathBuf {
+        self.dir.join("admin")
+    }
+
+    /// Runs guestkeyctl against this server.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(CTL)
+            .args(args)
+            .env("GUESTKEY_SERVER", &self.url)
+            .env("GUESTKEY_ADMIN_DIR", self.admin_dir())
+            .output()
+            .unwrap()
+    }
+
+    /// guestkeyctl that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(
+            o.status.success(),
+            "guestkeyctl {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    /// guestkeyctl that must fail; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(
+            !o.status.success(),
+            "guestkeyctl {args:?} succeeded: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8(o.stderr).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    /// A read-only look at the database (WAL lets it read while the server runs).
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open_with_flags(
+            self.dir.join("guestkey.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap()
+    }
+
+    /// Every row of the tables that hold state (not the audit log), as text.
+    pub fn state_snapshot(&self) -> String {
+        let db = self.db();
+        let mut out = String::new();
+        for (table, order) in [
+            ("hosts", "name"),
+            ("volumes", "id"),
+            ("volume_keys", "volume_id, generation"),
+            ("admins", "cert_sha256"),
+        ] {
+            let mut stmt = db
+                .prepare(&format!("SELECT * FROM {table} ORDER BY {order}"))
+                .unwrap();
+            let n = stmt.column_count();
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((0..n)
+                        .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+                        .collect::<Vec<_>>()
+                        .join("|"))
+                })
+                .unwrap();
+            for row in rows {
+                out.push_str(&format!("{table}: {}\n", row.unwrap()));
+            }
+        }
+        out
+    }
+
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.join("ca/ca.pem")).unwrap()
+    }
+
+    /// Polls `f` for up to `secs` seconds (bounded).
+    pub fn wait_for(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "timed out waiting for {what}\nserver log:\n{}",
+            self.log.lock().unwrap()
+        );
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir_all(parent);
+        }
+    }
+}
+
+/// What a test agent received.
+#[derive(Debug, Clone)]
+pub enum Received {
+    Create {
+        volume_id: String,
+        name: String,
+        pool: String,
+        generation: u64,
+        passphrase: String,
+    },
+    Delete {
+        volume_id: String,
+    },
+}
+
+/// An enrolled host whose host-agent API is a test implementation.
+pub struct TestAgent {
+    pub name: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+    pub sealing: Arc<HostSealingKey>,
+    pub received: Arc<Mutex<Vec<Received>>>,
+    pub port: u16,
+    rt: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Registers `name` and returns its enrollment token.
+pub fn add_host(server: &TestServer, name: &str, port: u16) -> String {
+    let v = server.json(&[
+        "host",
+        "add",
+        name,
+        "--address",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    v["enrollment_token"].as_str().unwrap().to_owned()
+}
+
+/// Calls Enroll without a client certificate, as a new host does.
+pub fn enroll(
+    server: &TestServer,
+    token: &str,
+    csr_der: Vec<u8>,
+    sealing_public: Vec<u8>,
+) -> Result<(String, String), Status> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(server.ca_pem()))
+            .domain_name("localhost");
+        let ch = Endpoint::from_shared(server.url.clone())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let r = HostApiClient::new(ch)
+            .enroll(EnrollRequest {
+                token: token.to_owned(),
+                csr_der,
+                sealing_public_key: sealing_public,
+            })
+            .await?
+            .into_inner();
+        Ok((r.host_name, r.certificate_pem))
+    })
+}
+
+pub fn csr() -> (Vec<u8>, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(vec!["ignored.example".to_owned()])
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap();
+    (csr.der().to_vec(), key.serialize_pem())
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl TestAgent {
+    /// Registers and enrolls host `name` (not yet serving).
+    pub fn enroll(server: &TestServer, name: &str) -> Self {
+        let port = free_port();
+        let token = add_host(server, name, port);
+        let sealing = HostSealingKey::generate();
+        let (csr_der, key_pem) = csr();
+        let (host_name, cert_pem) = enroll(
+            server,
+            &token,
+            csr_der,
+            sealing.public_key().as_bytes().to_vec(),
+        )
+        .unwrap();
+        assert_eq!(host_name, name);
+        Self {
+            name: name.to_owned(),
+            cert_pem,
+            key_pem,
+            ca_pem: server.ca_pem(),
+            sealing: Arc::new(sealing),
+            received: Default::default(),
+            port,
+            rt: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap(),
+            stop: None,
+        }
+    }
+
+    /// Starts serving the host-agent API on 127.0.0.1:port.
+    pub fn serve(&mut self) {
+        let svc = AgentImpl {
+            name: self.name.clone(),
+            sealing: self.sealing.clone(),
+            received: self.received.clone(),
+        };
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .client_ca_root(Certificate::from_pem(&self.ca_pem));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+        let listener = self
+            .rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .unwrap();
+        self.rt.spawn(async move {
+            Server::builder()
+                .tls_config(tls)
+                .unwrap()
+                .add_service(HostAgentServer::new(svc))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = rx.await;
+                    },
+                )
+                .await
+                .unwrap();
+        });
+        self.stop = Some(tx);
+    }
+
+    pub fn creates(&self) -> Vec<Received> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| matches!(r, Received::Create { .. }))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+struct AgentImpl {
+    name: String,
+    sealing: Arc<HostSealingKey>,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl HostAgent for AgentImpl {
+    async fn create_volume(
+        &self,
+        req: Request<agent::CreateVolumeRequest>,
+    ) -> R<agent::VolumeResult> {
+        let r = req.into_inner();
+        let key = r.key.ok_or_else(|| Status::invalid_argument("no key"))?;
+        let vid = VolumeId(
+            uuid::Uuid::parse_str(&r.volume_id)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+        );
+        let host = xdr_wipe::XdrString::new(self.name.clone()).unwrap();
+        let packet = xdr_wipe::seal::open(
+            &key.sealed_packet,
+            &self.sealing,
+            &host,
+            vid,
+            key.generation,
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let passphrase = String::from_utf8(packet.secret.expose_secret().to_vec()).unwrap();
+        self.received.lock().unwrap().push(Received::Create {
+            volume_id: r.volume_id.clone(),
+            name: r.name,
+            pool: r.pool,
+            generation: key.generation,
+            passphrase,
+        });
+        Ok(Response::new(agent::VolumeResult {
+            op_id: r.op_id,
+            volume_id: r.volume_id,
+            path: String::new(),
+        }))
+    }
+    async fn delete_volume(
+        &self,
+        req: Request<agent::DeleteVolumeRequest>,
+    ) -> R<agent::VolumeResult> {
+        let r = req.into_inner();
+        self.received.lock().unwrap().push(Received::Delete {
+            volume_id: r.volume_id.clone(),
+        });
+        Ok(Response::new(agent::VolumeResult {
+            op_id: r.op_id,
+            volume_id: r.volume_id,
+            path: String::new(),
+        }))
+    }
+    async fn define_guest(&self, _: Request<agent::DefineGuestRequest>) -> R<agent::GuestResult> {
+        Err(Status::unimplemented("test agent"))
+    }
+    async fn undefine_guest(&self, _: Request<agent::GuestRequest>) -> R<agent::GuestResult> {
+        Err(Status::unimplemented("test agent"))
+    }
+    async fn start_guest(&self, _: Request<agent::GuestRequest>) -> R<agent::GuestResult> {
+        Err(Status::unimplemented("test agent"))
+    }
+    async fn stop_guest(&self, _: Request<agent::GuestRequest>) -> R<agent::GuestResult> {
+        Err(Status::unimplemented("test agent"))
+    }
+    async fn prepare_migration(
+        &self,
+        _: Request<agent::DefineGuestRequest>,
+    ) -> R<agent::GuestResult> {
+        Err(Status::unimplemented("test agent"))
+    }
+    async fn rekey(&self, _: Request<agent::RekeyRequest>) -> R<agent::RekeyResult> {
+        Err(Status::unimplemented("test agent"))
+    }
+    async fn forget_key(&self, _: Request<agent::ForgetKeyRequest>) -> R<agent::VolumeResult> {
+        Err(Status::unimplemented("test agent"))
+    }
+    async fn get_inventory(
+        &self,
+        _: Request<agent::InventoryRequest>,
+    ) -> R<agent::InventoryResult> {
+        Ok(Response::new(agent::InventoryResult::default()))
+    }
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
