@@ -6,7 +6,7 @@
 //! audit record: it happens completely, with its record, or not at all.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use base64::Engine as _;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -118,7 +118,7 @@ impl Caller {
 /// The management server's state.
 pub struct Core {
     db: Mutex<Connection>,
-    pub(crate) master: MasterKey,
+    master: RwLock<MasterKey>,
     pub(crate) ca: Ca,
     pub(crate) config: Config,
     pub(crate) releases: Mutex<HashMap<String, (i64, u32)>>,
@@ -144,15 +144,8 @@ impl Core {
             )));
         }
         let conn = db::open(&dir.db())?;
-        let master = MasterKey::load(&config.master_key_source)?;
         let expected = db::meta_get(&conn, "master_key_id")?.unwrap_or_default();
-        if expected != master.id() {
-            return Err(CoreError::Denied(format!(
-                "the master key from {} (id {}) is not this data directory's master key (id {expected}): check --master-key-source",
-                config.master_key_source,
-                master.id()
-            )));
-        }
+        let master = crate::rotate::load_matching(&config.master_key_source, &expected)?;
         let read = |p: std::path::PathBuf| {
             std::fs::read_to_string(&p)
                 .map(zeroize::Zeroizing::new)
@@ -165,7 +158,7 @@ impl Core {
             server_cert,
             server_key,
             db: Mutex::new(conn),
-            master,
+            master: RwLock::new(master),
             ca,
             config,
             releases: Mutex::new(HashMap::new()),
@@ -184,6 +177,36 @@ impl Core {
     /// client of the host daemons.
     pub fn server_identity(&self) -> (&str, &zeroize::Zeroizing<String>) {
         (&self.server_cert, &self.server_key)
+    }
+
+    /// The master key matching the database's current key id, as seen by
+    /// `conn` (call inside the transaction that uses the key). After a
+    /// rotation by `guestkey-server rotate-master-key`, reloads the key
+    /// from its source.
+    pub(crate) fn master_for(
+        &self,
+        conn: &Connection,
+    ) -> Result<RwLockReadGuard<'_, MasterKey>, CoreError> {
+        let expected = db::meta_get(conn, "master_key_id")?.unwrap_or_default();
+        {
+            let held = self.master.read().unwrap_or_else(|p| p.into_inner());
+            if held.id() == expected {
+                return Ok(held);
+            }
+        }
+        let fresh = match &self.config.master_key_source {
+            crate::masterkey::MasterKeySource::File(_) => {
+                crate::rotate::load_matching(&self.config.master_key_source, &expected)?
+            }
+            other => {
+                return Err(CoreError::FailedPrecondition(format!(
+                    "the master key was rotated (now id {expected}) and this server reads it from {other}: restart guestkey-server with the new key"
+                )));
+            }
+        };
+        tracing::info!(id = %fresh.id(), "master key reloaded after a rotation");
+        *self.master.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(self.master.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The CA certificate in PEM.

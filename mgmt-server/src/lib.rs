@@ -23,6 +23,7 @@ pub mod masterkey;
 pub mod names;
 mod pb;
 pub mod push;
+pub mod rotate;
 pub mod server;
 pub mod service;
 pub mod tls;

@@ -129,11 +129,13 @@ impl Core {
         let secret_uuid = uuid::Uuid::new_v4().to_string();
         let key = generate_passphrase()
             .map_err(|_| CoreError::Internal("the OS random number generator failed".into()))?;
-        let wrapped = self.master.wrap(&id, 1, &key);
-        drop(key);
 
         let mut conn = self.db();
-        let tx = conn.transaction()?;
+        // IMMEDIATE: the master key id read below cannot change before commit.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let master = self.master_for(&tx)?;
+        let wrapped = master.wrap(&id, 1, &key);
+        drop(key);
         let taken: i64 = tx.query_row(
             "SELECT COUNT(*) FROM volumes WHERE name = ?1 AND state != 'deleted'",
             [name.as_str()],
@@ -163,8 +165,9 @@ impl Core {
         )?;
         tx.execute(
             "INSERT INTO volume_keys (volume_id, generation, master_key_id, wrapped, created) VALUES (?1, 1, ?2, ?3, ?4)",
-            params![id, self.master.id(), wrapped, now],
+            params![id, master.id(), wrapped, now],
         )?;
+        drop(master);
         audit::append(
             &tx,
             &caller.actor(),
@@ -264,7 +267,7 @@ impl Core {
         }
         self.take_release_slot(&host.name)?;
         let mut conn = self.db();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let (mk_id, wrapped): (String, Vec<u8>) = tx.query_row(
             "SELECT master_key_id, wrapped FROM volume_keys WHERE volume_id = ?1 AND generation = ?2",
             params![volume.id, volume.key_generation as i64],
@@ -281,7 +284,7 @@ impl Core {
             ),
         )?;
         let key = self
-            .master
+            .master_for(&tx)?
             .unwrap_key(&volume.id, volume.key_generation, &mk_id, &wrapped)
             .map_err(|e| CoreError::Internal(e.to_string()))?;
         let uuid =

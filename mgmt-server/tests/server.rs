@@ -519,3 +519,111 @@ fn the_server_refuses_a_wrong_master_key() {
     );
     s.restart();
 }
+
+#[test]
+fn the_master_key_rotates_while_the_server_runs() {
+    let mut s = TestServer::start(None);
+    let mut a = TestAgent::enroll(&s, "kvm-rot");
+    a.serve();
+    s.ok(&[
+        "volume", "create", "--host", "kvm-rot", "--pool", "p", "--name", "before", "--size", "1M",
+    ]);
+    s.wait_for(20, "ready", || {
+        s.json(&["volume", "show", "before"])["state"] == "ready"
+    });
+    let old_file = std::fs::read_to_string(s.dir.join("master.key")).unwrap();
+    let wrapped_before: Vec<u8> = s
+        .db()
+        .query_row("SELECT wrapped FROM volume_keys", [], |r| r.get(0))
+        .unwrap();
+
+    let out = Command::new(SERVER)
+        .args(["rotate-master-key", "--data-dir"])
+        .arg(&s.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 volume keys re-wrapped"));
+    assert_ne!(
+        std::fs::read_to_string(s.dir.join("master.key")).unwrap(),
+        old_file
+    );
+    assert!(!s.dir.join("master.key.next").exists());
+    let wrapped_after: Vec<u8> = s
+        .db()
+        .query_row("SELECT wrapped FROM volume_keys", [], |r| r.get(0))
+        .unwrap();
+    assert_ne!(wrapped_before, wrapped_after);
+
+    // The running server picks the new key up by itself.
+    s.ok(&[
+        "volume", "create", "--host", "kvm-rot", "--pool", "p", "--name", "after", "--size", "1M",
+    ]);
+    s.wait_for(20, "ready after rotation", || {
+        s.json(&["volume", "show", "after"])["state"] == "ready"
+    });
+    s.wait_for(10, "the reload log line", || {
+        s.log.lock().unwrap().contains("master key reloaded")
+    });
+
+    // A restart works with the rotated key, and the old key no longer opens
+    // this data directory.
+    s.restart();
+    assert!(s.ok(&["audit", "--verify"]).contains("verified"));
+    s.stop();
+    let out = Command::new(SERVER)
+        .args(["run", "--data-dir"])
+        .arg(&s.dir)
+        .args(["--master-key-source", "env:GK_OLD"])
+        .env("GK_OLD", old_file.trim())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not this data directory's master key")
+    );
+    s.restart();
+}
+
+#[test]
+fn an_interrupted_rotation_is_finished_at_start() {
+    let mut s = TestServer::start(None);
+    s.stop();
+    // Simulate a crash after the database committed, before the rename:
+    // rotate to a new file, then put the old key back as master.key and the
+    // new one as master.key.next.
+    let old = std::fs::read_to_string(s.dir.join("master.key")).unwrap();
+    let new_file = s.dir.join("new.key");
+    let out = Command::new(SERVER)
+        .args(["rotate-master-key", "--data-dir"])
+        .arg(&s.dir)
+        .arg("--new-master-key-source")
+        .arg(format!("file:{}", new_file.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(s.dir.join("master.key")).unwrap(),
+        old
+    );
+    std::fs::rename(&new_file, s.dir.join("master.key.next")).unwrap();
+    s.restart();
+    s.wait_for(10, "the log line of the finished rotation", || {
+        s.log
+            .lock()
+            .unwrap()
+            .contains("finished an interrupted master key rotation")
+    });
+    assert!(!s.dir.join("master.key.next").exists());
+    assert_ne!(
+        std::fs::read_to_string(s.dir.join("master.key")).unwrap(),
+        old
+    );
+}

@@ -60,6 +60,22 @@ enum Command {
         #[arg(long, value_name = "SOURCE")]
         master_key_source: Option<MasterKeySource>,
     },
+    /// Re-wrap every volume key under a new master key. Safe while the
+    /// server runs: it reloads the key from its file at its next key
+    /// operation (with env: or prompt sources, restart it with the new key).
+    RotateMasterKey {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Where the current master key is [default: file:DATA_DIR/master.key].
+        #[arg(long, value_name = "SOURCE")]
+        master_key_source: Option<MasterKeySource>,
+        /// Where the new key comes from: file:PATH (made if missing),
+        /// env:VARIABLE or prompt [default: a new random key replacing the
+        /// current key file].
+        #[arg(long, value_name = "SOURCE")]
+        new_master_key_source: Option<MasterKeySource>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -139,6 +155,22 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             )?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(mgmt_server::server::run(config))?;
+            Ok(())
+        }
+        Command::RotateMasterKey {
+            data_dir,
+            master_key_source,
+            new_master_key_source,
+        } => {
+            let dir = mgmt_server::datadir::DataDir::new(&data_dir);
+            let source =
+                master_key_source.unwrap_or_else(|| MasterKeySource::File(dir.master_key()));
+            let r =
+                mgmt_server::rotate::rotate(&dir.db(), &source, new_master_key_source.as_ref())?;
+            println!(
+                "master key rotated: {} -> {}; {} volume keys re-wrapped",
+                r.old_id, r.new_id, r.rewrapped
+            );
             Ok(())
         }
     }
