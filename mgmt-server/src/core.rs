@@ -31,6 +31,9 @@ pub enum CoreError {
     /// Bad input from the caller.
     #[error(transparent)]
     Invalid(#[from] InvalidInput),
+    /// The domain XML was refused.
+    #[error("{0}")]
+    Xml(String),
     /// Something named does not exist.
     #[error("{0}")]
     NotFound(String),

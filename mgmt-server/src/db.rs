@@ -75,6 +75,30 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     ",
+    // 2: guests, and where each volume lives on its host
+    "
+    ALTER TABLE volumes ADD COLUMN path TEXT NOT NULL DEFAULT '';
+    CREATE TABLE guests (
+        uuid         TEXT PRIMARY KEY,
+        name         TEXT NOT NULL,
+        host         TEXT NOT NULL REFERENCES hosts(name),
+        xml          TEXT NOT NULL,
+        state        TEXT NOT NULL,
+        pending      TEXT NOT NULL DEFAULT '' CHECK (pending IN ('', 'define', 'undefine', 'start', 'stop')),
+        last_error   TEXT NOT NULL DEFAULT '',
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        next_attempt INTEGER NOT NULL DEFAULT 0,
+        created      INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX guests_live_name ON guests(host, name) WHERE state != 'undefined';
+    CREATE INDEX guests_pending ON guests(pending, next_attempt);
+    CREATE TABLE guest_disks (
+        guest_uuid TEXT NOT NULL REFERENCES guests(uuid),
+        volume_id  TEXT NOT NULL REFERENCES volumes(id),
+        target     TEXT NOT NULL,
+        PRIMARY KEY (guest_uuid, volume_id)
+    );
+    ",
 ];
 
 /// Database errors.

@@ -18,6 +18,8 @@ pub mod config;
 pub mod core;
 pub mod datadir;
 pub mod db;
+pub mod domxml;
+pub mod guests;
 pub mod init;
 pub mod masterkey;
 pub mod names;

@@ -12,7 +12,7 @@ pub struct InvalidInput {
     /// The value given (names are not secret).
     pub value: String,
     /// What is wrong and what is allowed.
-    pub why: &'static str,
+    pub why: String,
 }
 
 const NAME_RULE: &str =
@@ -26,10 +26,10 @@ pub struct Name(String);
 impl Name {
     /// Validates `value` as a name of kind `what` (used in the error).
     pub fn parse(what: &'static str, value: &str) -> Result<Self, InvalidInput> {
-        let bad = |why| InvalidInput {
+        let bad = |why: &str| InvalidInput {
             what,
             value: value.to_owned(),
-            why,
+            why: why.to_owned(),
         };
         if value.is_empty() {
             return Err(bad("it is empty"));
@@ -66,10 +66,10 @@ pub const MAX_CAPACITY: u64 = 1 << 50;
 /// Parses a size: a whole number of bytes, optionally with a binary suffix
 /// K, M, G, T or P (also KiB, MiB...). `10G` is 10 GiB.
 pub fn parse_size(value: &str) -> Result<u64, InvalidInput> {
-    let bad = |why| InvalidInput {
+    let bad = |why: &str| InvalidInput {
         what: "size",
         value: value.to_owned(),
-        why,
+        why: why.to_owned(),
     };
     let v = value.trim();
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
@@ -101,10 +101,10 @@ pub fn parse_size(value: &str) -> Result<u64, InvalidInput> {
 
 /// A `HOST:PORT` address of a host daemon.
 pub fn parse_address(value: &str) -> Result<String, InvalidInput> {
-    let bad = |why| InvalidInput {
+    let bad = |why: &str| InvalidInput {
         what: "address",
         value: value.to_owned(),
-        why,
+        why: why.to_owned(),
     };
     let (host, port) = value
         .rsplit_once(':')

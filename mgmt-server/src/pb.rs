@@ -60,7 +60,7 @@ pub(crate) fn verification(v: Verification) -> pb::VerifyAuditResponse {
 
 pub(crate) fn status(e: CoreError) -> Status {
     let code = match &e {
-        CoreError::Invalid(_) => Code::InvalidArgument,
+        CoreError::Invalid(_) | CoreError::Xml(_) => Code::InvalidArgument,
         CoreError::NotFound(_) => Code::NotFound,
         CoreError::AlreadyExists(_) => Code::AlreadyExists,
         CoreError::FailedPrecondition(_) => Code::FailedPrecondition,
@@ -72,4 +72,18 @@ pub(crate) fn status(e: CoreError) -> Status {
         }
     };
     Status::new(code, e.to_string())
+}
+
+pub(crate) fn guest(g: crate::guests::GuestInfo) -> pb::Guest {
+    pb::Guest {
+        uuid: g.uuid,
+        name: g.name,
+        host: g.host,
+        state: g.state,
+        pending: g.pending,
+        last_error: g.last_error,
+        attempts: g.attempts,
+        volumes: g.volumes,
+        domain_xml: g.domain_xml,
+    }
 }

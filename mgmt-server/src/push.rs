@@ -1,5 +1,6 @@
-//! The pusher: delivers pending volume operations to host daemons over
-//! mutual TLS, retrying unreachable hosts with exponential backoff.
+//! The pusher: delivers pending volume and guest operations to host
+//! daemons over mutual TLS, retrying unreachable hosts with exponential
+//! backoff.
 //!
 //! The server is a client of each host's host-agent API. It presents its
 //! own certificate and accepts only a host certificate signed by its CA for
@@ -13,6 +14,7 @@ use guestkey_proto::agent::{self, host_agent_client::HostAgentClient};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::core::{Core, EnrolledHost};
+use crate::guests::{GuestInfo, GuestOp};
 use crate::volumes::{PushOp, VolumeInfo};
 
 /// How long one push may take.
@@ -20,9 +22,12 @@ const PUSH_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IDLE_POLL: Duration = Duration::from_millis(250);
 
+/// Open channels, one per host.
+type Channels = HashMap<String, Channel>;
+
 /// Runs until `shutdown` fires.
 pub async fn run(core: Arc<Core>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-    let mut channels: HashMap<String, Channel> = HashMap::new();
+    let mut channels = Channels::new();
     loop {
         match core.due_volumes(64) {
             Ok(due) => {
@@ -30,9 +35,9 @@ pub async fn run(core: Arc<Core>, mut shutdown: tokio::sync::watch::Receiver<boo
                     if *shutdown.borrow() {
                         return;
                     }
-                    let outcome = push_one(&core, &mut channels, &v).await;
+                    let outcome = push_volume(&core, &mut channels, &v).await;
                     let recorded = match outcome {
-                        Ok(()) => core.push_succeeded(&v),
+                        Ok(path) => core.push_succeeded(&v, &path),
                         Err(e) => {
                             tracing::warn!(volume = %v.id, host = %v.host, error = %e, "push failed; will retry");
                             channels.remove(&v.host);
@@ -44,7 +49,28 @@ pub async fn run(core: Arc<Core>, mut shutdown: tokio::sync::watch::Receiver<boo
                     }
                 }
             }
-            Err(e) => tracing::error!(error = %e, "cannot read pending operations"),
+            Err(e) => tracing::error!(error = %e, "cannot read pending volume operations"),
+        }
+        match core.due_guests(64) {
+            Ok(due) => {
+                for g in due {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                    let recorded = match push_guest(&core, &mut channels, &g).await {
+                        Ok(state) => core.guest_push_succeeded(&g, &state),
+                        Err(e) => {
+                            tracing::warn!(guest = %g.uuid, host = %g.host, error = %e, "push failed; will retry");
+                            channels.remove(&g.host);
+                            core.guest_push_failed(&g, &e)
+                        }
+                    };
+                    if let Err(e) = recorded {
+                        tracing::error!(guest = %g.uuid, error = %e, "cannot record push outcome");
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read pending guest operations"),
         }
         tokio::select! {
             _ = core.push_wake.notified() => {}
@@ -54,24 +80,41 @@ pub async fn run(core: Arc<Core>, mut shutdown: tokio::sync::watch::Receiver<boo
     }
 }
 
-async fn push_one(
+async fn client(
     core: &Core,
-    channels: &mut HashMap<String, Channel>,
-    v: &VolumeInfo,
-) -> Result<(), String> {
-    let op = core.prepare_push(v).map_err(|e| e.to_string())?;
-    let host = match &op {
-        PushOp::Create { host, .. } | PushOp::Delete { host, .. } => host.clone(),
-    };
+    channels: &mut Channels,
+    host: &EnrolledHost,
+) -> Result<HostAgentClient<Channel>, String> {
     let channel = match channels.get(&host.name) {
         Some(c) => c.clone(),
         None => {
-            let c = connect(core, &host).await?;
+            let c = connect(core, host).await?;
             channels.insert(host.name.clone(), c.clone());
             c
         }
     };
-    let mut client = HostAgentClient::new(channel);
+    Ok(HostAgentClient::new(channel))
+}
+
+fn sealed_key(volume_id: &str, generation: u64, sealed: Vec<u8>) -> agent::SealedKey {
+    agent::SealedKey {
+        volume_id: volume_id.to_owned(),
+        generation,
+        sealed_packet: sealed,
+    }
+}
+
+/// Returns the volume's path on the host.
+async fn push_volume(
+    core: &Core,
+    channels: &mut Channels,
+    v: &VolumeInfo,
+) -> Result<String, String> {
+    let op = core.prepare_push(v).map_err(|e| e.to_string())?;
+    let host = match &op {
+        PushOp::Create { host, .. } | PushOp::Delete { host, .. } => host.clone(),
+    };
+    let mut c = client(core, channels, &host).await?;
     let result = match op {
         PushOp::Create { volume, sealed, .. } => {
             let req = agent::CreateVolumeRequest {
@@ -85,13 +128,9 @@ async fn push_one(
                     _ => agent::VolumeFormat::Qcow2,
                 } as i32,
                 secret_uuid: volume.secret_uuid.clone(),
-                key: Some(agent::SealedKey {
-                    volume_id: volume.id.clone(),
-                    generation: volume.key_generation,
-                    sealed_packet: sealed,
-                }),
+                key: Some(sealed_key(&volume.id, volume.key_generation, sealed)),
             };
-            client.create_volume(req).await.map(|_| ())
+            c.create_volume(req).await
         }
         PushOp::Delete { volume, .. } => {
             let req = agent::DeleteVolumeRequest {
@@ -100,10 +139,48 @@ async fn push_one(
                 pool: volume.pool.clone(),
                 name: volume.name.clone(),
             };
-            client.delete_volume(req).await.map(|_| ())
+            c.delete_volume(req).await
         }
     };
-    result.map_err(|s| describe_status(&host, &s))
+    result
+        .map(|r| r.into_inner().path)
+        .map_err(|s| describe_status(&host, &s))
+}
+
+/// Returns the guest's state on the host.
+async fn push_guest(core: &Core, channels: &mut Channels, g: &GuestInfo) -> Result<String, String> {
+    let op = core.prepare_guest_push(g).map_err(|e| e.to_string())?;
+    let host = match &op {
+        GuestOp::Define { host, .. } | GuestOp::Simple { host, .. } => host.clone(),
+    };
+    let mut c = client(core, channels, &host).await?;
+    let result = match op {
+        GuestOp::Define { guest, keys, .. } => {
+            let req = agent::DefineGuestRequest {
+                op_id: format!("{}:define", guest.uuid),
+                domain_xml: guest.domain_xml.clone(),
+                keys: keys
+                    .into_iter()
+                    .map(|k| sealed_key(&k.volume_id, k.generation, k.sealed))
+                    .collect(),
+            };
+            c.define_guest(req).await
+        }
+        GuestOp::Simple { guest, .. } => {
+            let req = agent::GuestRequest {
+                op_id: format!("{}:{}:{}", guest.uuid, guest.pending, guest.attempts),
+                guest_uuid: guest.uuid.clone(),
+            };
+            match guest.pending.as_str() {
+                "undefine" => c.undefine_guest(req).await,
+                "start" => c.start_guest(req).await,
+                _ => c.stop_guest(req).await,
+            }
+        }
+    };
+    result
+        .map(|r| r.into_inner().state)
+        .map_err(|s| describe_status(&host, &s))
 }
 
 /// A host's answer, in words an operator can act on.

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit;
 use crate::core::{Caller, Core};
-use crate::pb::{audit_record, host, status, verification, volume};
+use crate::pb::{audit_record, guest, host, status, verification, volume};
 use crate::tls::peer_fingerprint;
 
 /// Admin API.
@@ -137,6 +137,47 @@ impl Admin for AdminService {
         )))
     }
 
+    async fn define_guest(&self, req: Request<pb::DefineGuestRequest>) -> R<pb::Guest> {
+        let c = caller(&self.0, &req, true)?;
+        let r = req.into_inner();
+        Ok(Response::new(guest(
+            self.0
+                .define_guest(&c, &r.host, &r.domain_xml)
+                .map_err(status)?,
+        )))
+    }
+
+    async fn list_guests(&self, req: Request<pb::ListGuestsRequest>) -> R<pb::ListGuestsResponse> {
+        caller(&self.0, &req, true)?;
+        let r = req.into_inner();
+        let host = (!r.host.is_empty()).then_some(r.host.as_str());
+        let guests = self.0.list_guests(host).map_err(status)?;
+        Ok(Response::new(pb::ListGuestsResponse {
+            guests: guests.into_iter().map(guest).collect(),
+        }))
+    }
+
+    async fn get_guest(&self, req: Request<pb::GuestRef>) -> R<pb::Guest> {
+        caller(&self.0, &req, true)?;
+        Ok(Response::new(guest(
+            self.0
+                .get_guest(&req.into_inner().name_or_uuid)
+                .map_err(status)?,
+        )))
+    }
+
+    async fn undefine_guest(&self, req: Request<pb::GuestRef>) -> R<pb::Guest> {
+        self.guest_action(req, "undefine")
+    }
+
+    async fn start_guest(&self, req: Request<pb::GuestRef>) -> R<pb::Guest> {
+        self.guest_action(req, "start")
+    }
+
+    async fn stop_guest(&self, req: Request<pb::GuestRef>) -> R<pb::Guest> {
+        self.guest_action(req, "stop")
+    }
+
     async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> R<pb::ListAuditResponse> {
         caller(&self.0, &req, true)?;
         let r = req.into_inner();
@@ -169,6 +210,17 @@ impl Admin for AdminService {
         Ok(Response::new(pb::CaCertificate {
             pem: self.0.ca_cert_pem().to_owned(),
         }))
+    }
+}
+
+impl AdminService {
+    fn guest_action(&self, req: Request<pb::GuestRef>, action: &'static str) -> R<pb::Guest> {
+        let c = caller(&self.0, &req, true)?;
+        let g = self
+            .0
+            .guest_action(&c, &req.into_inner().name_or_uuid, action)
+            .map_err(status)?;
+        Ok(Response::new(guest(g)))
     }
 }
 

@@ -69,7 +69,7 @@ pub fn parse_format(value: &str) -> Result<VolumeFormat, InvalidInput> {
         _ => Err(InvalidInput {
             what: "format",
             value: value.to_owned(),
-            why: "use qcow2 or raw",
+            why: "use qcow2 or raw".into(),
         }),
     }
 }
@@ -120,7 +120,7 @@ impl Core {
             return Err(InvalidInput {
                 what: "size",
                 value: capacity_bytes.to_string(),
-                why: "a volume holds from 1 byte to 1P",
+                why: "a volume holds from 1 byte to 1P".into(),
             }
             .into());
         }
@@ -310,7 +310,7 @@ impl Core {
         })
     }
 
-    fn take_release_slot(&self, host: &str) -> Result<(), CoreError> {
+    pub(crate) fn take_release_slot(&self, host: &str) -> Result<(), CoreError> {
         let now = now_unix();
         let mut map = self.releases.lock().unwrap_or_else(|p| p.into_inner());
         let slot = map.entry(host.to_owned()).or_insert((now, 0));
@@ -327,8 +327,8 @@ impl Core {
         Ok(())
     }
 
-    /// Records a confirmed push.
-    pub fn push_succeeded(&self, volume: &VolumeInfo) -> Result<(), CoreError> {
+    /// Records a confirmed push; `path` is where the host keeps the volume.
+    pub fn push_succeeded(&self, volume: &VolumeInfo, path: &str) -> Result<(), CoreError> {
         let mut conn = self.db();
         let tx = conn.transaction()?;
         if volume.state == "pending-delete" {
@@ -346,8 +346,8 @@ impl Core {
             )?;
         } else {
             tx.execute(
-                "UPDATE volumes SET state = 'ready', last_error = '' WHERE id = ?1",
-                [&volume.id],
+                "UPDATE volumes SET state = 'ready', last_error = '', path = ?1 WHERE id = ?2",
+                params![path, volume.id],
             )?;
             audit::append(
                 &tx,
@@ -359,6 +359,15 @@ impl Core {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Delay before the next attempt after `attempts` failures: doubling
+    /// from `retry.initial_delay_ms` up to `retry.max_delay_ms`.
+    pub(crate) fn retry_delay_ms(&self, attempts: u32) -> u64 {
+        let r = &self.config.retry;
+        r.initial_delay_ms
+            .saturating_mul(1u64 << attempts.min(20))
+            .min(r.max_delay_ms)
     }
 
     /// Records a failed push and when to retry (exponential backoff).
@@ -376,7 +385,7 @@ impl Core {
     }
 }
 
-fn now_unix_ms() -> i64 {
+pub(crate) fn now_unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

@@ -39,6 +39,10 @@ enum Command {
     /// Encrypted volumes: create, list, show, delete (crypto-shredding).
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Guests: define from libvirt domain XML, list, show, start, stop,
+    /// undefine.
+    #[command(subcommand)]
+    Guest(GuestCmd),
     /// Show the audit log; --verify checks its hash chain.
     Audit(AuditArgs),
     /// Print the CA certificate (PEM) that signs server, admin and host
@@ -107,6 +111,51 @@ enum VolumeCmd {
     Delete {
         /// Name or UUID.
         volume: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum GuestCmd {
+    /// Define a guest on a host from libvirt domain XML. Disks whose source
+    /// is a guestkey volume (type='volume' pool/volume, or type='file' with
+    /// its path) get the matching <encryption> element, and the keys of
+    /// exactly those volumes go to the host.
+    Define {
+        /// Host to define the guest on.
+        #[arg(long)]
+        host: String,
+        /// The domain XML file (at most 1 MiB).
+        #[arg(long, value_name = "FILE")]
+        xml: PathBuf,
+    },
+    /// List guests.
+    List {
+        /// Only this host's guests.
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Show a guest, by name or UUID.
+    Show {
+        /// Name or UUID.
+        guest: String,
+        /// Print the domain XML as sent to the host.
+        #[arg(long)]
+        xml: bool,
+    },
+    /// Undefine a guest; its host erases the guest's keys.
+    Undefine {
+        /// Name or UUID.
+        guest: String,
+    },
+    /// Start a guest on its host.
+    Start {
+        /// Name or UUID.
+        guest: String,
+    },
+    /// Stop (destroy) a guest on its host.
+    Stop {
+        /// Name or UUID.
+        guest: String,
     },
 }
 
@@ -407,6 +456,85 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .into_inner();
             show_volume(&v, json);
         }
+        Command::Guest(GuestCmd::Define { host, xml }) => {
+            let domain_xml = read_domain_xml(&xml)?;
+            let g = c
+                .define_guest(pb::DefineGuestRequest { host, domain_xml })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            show_guest(&g, json, false);
+        }
+        Command::Guest(GuestCmd::List { host }) => {
+            let guests = c
+                .list_guests(pb::ListGuestsRequest {
+                    host: host.unwrap_or_default(),
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .guests;
+            if json {
+                print_json(&json!(guests.iter().map(guest_json).collect::<Vec<_>>()));
+            } else {
+                table(
+                    &["NAME", "HOST", "STATE", "PENDING", "VOLUMES", "UUID"],
+                    guests
+                        .iter()
+                        .map(|g| {
+                            vec![
+                                g.name.clone(),
+                                g.host.clone(),
+                                g.state.clone(),
+                                g.pending.clone(),
+                                g.volumes.join(","),
+                                g.uuid.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Command::Guest(GuestCmd::Show { guest, xml }) => {
+            let g = c
+                .get_guest(pb::GuestRef {
+                    name_or_uuid: guest,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            show_guest(&g, json, xml);
+        }
+        Command::Guest(GuestCmd::Undefine { guest }) => {
+            let g = c
+                .undefine_guest(pb::GuestRef {
+                    name_or_uuid: guest,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            show_guest(&g, json, false);
+        }
+        Command::Guest(GuestCmd::Start { guest }) => {
+            let g = c
+                .start_guest(pb::GuestRef {
+                    name_or_uuid: guest,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            show_guest(&g, json, false);
+        }
+        Command::Guest(GuestCmd::Stop { guest }) => {
+            let g = c
+                .stop_guest(pb::GuestRef {
+                    name_or_uuid: guest,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            show_guest(&g, json, false);
+        }
         Command::Audit(a) if a.verify => {
             let v = c
                 .verify_audit(pb::VerifyAuditRequest {})
@@ -492,6 +620,59 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
     json!({"id": v.id, "name": v.name, "host": v.host, "pool": v.pool, "format": v.format,
            "capacity_bytes": v.capacity_bytes, "key_generation": v.key_generation, "state": v.state,
            "last_error": v.last_error, "attempts": v.attempts, "secret_uuid": v.secret_uuid, "created_unix": v.created_unix})
+}
+
+fn read_domain_xml(path: &Path) -> Result<String, Failure> {
+    const MAX: u64 = 1 << 20;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Failure(format!("cannot read {}: {e}", path.display())))?;
+    if meta.len() > MAX {
+        return Err(Failure(format!(
+            "{} is {} bytes; domain XML is limited to 1 MiB",
+            path.display(),
+            meta.len()
+        )));
+    }
+    let bytes =
+        std::fs::read(path).map_err(|e| Failure(format!("cannot read {}: {e}", path.display())))?;
+    String::from_utf8(bytes).map_err(|_| Failure(format!("{} is not UTF-8 text", path.display())))
+}
+
+fn guest_json(g: &pb::Guest) -> serde_json::Value {
+    json!({"uuid": g.uuid, "name": g.name, "host": g.host, "state": g.state, "pending": g.pending,
+           "last_error": g.last_error, "attempts": g.attempts, "volumes": g.volumes, "domain_xml": g.domain_xml})
+}
+
+fn show_guest(g: &pb::Guest, json: bool, xml: bool) {
+    if json {
+        return print_json(&guest_json(g));
+    }
+    if xml {
+        print!("{}", g.domain_xml);
+        return;
+    }
+    let rows = [
+        ("name", g.name.clone()),
+        ("uuid", g.uuid.clone()),
+        ("host", g.host.clone()),
+        ("state", g.state.clone()),
+        ("pending", g.pending.clone()),
+        ("encrypted disks", g.volumes.join(", ")),
+        (
+            "attempts",
+            if g.pending.is_empty() {
+                String::new()
+            } else {
+                g.attempts.to_string()
+            },
+        ),
+        ("last error", g.last_error.clone()),
+    ];
+    for (k, v) in rows {
+        if !v.is_empty() {
+            println!("{k:<16} {v}");
+        }
+    }
 }
 
 fn show_host(h: &pb::Host, json: bool) {

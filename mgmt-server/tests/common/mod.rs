@@ -247,6 +247,14 @@ pub enum Received {
     Delete {
         volume_id: String,
     },
+    Define {
+        xml: String,
+        keys: Vec<(String, u64)>,
+    },
+    Guest {
+        action: &'static str,
+        uuid: String,
+    },
 }
 
 /// An enrolled host whose host-agent API is a test implementation.
@@ -417,6 +425,25 @@ struct AgentImpl {
 
 type R<T> = Result<Response<T>, Status>;
 
+impl AgentImpl {
+    fn guest(
+        &self,
+        action: &'static str,
+        r: agent::GuestRequest,
+        state: &str,
+    ) -> R<agent::GuestResult> {
+        self.received.lock().unwrap().push(Received::Guest {
+            action,
+            uuid: r.guest_uuid.clone(),
+        });
+        Ok(Response::new(agent::GuestResult {
+            op_id: r.op_id,
+            guest_uuid: r.guest_uuid,
+            state: state.into(),
+        }))
+    }
+}
+
 #[tonic::async_trait]
 impl HostAgent for AgentImpl {
     async fn create_volume(
@@ -439,6 +466,7 @@ impl HostAgent for AgentImpl {
         )
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let passphrase = String::from_utf8(packet.secret.expose_secret().to_vec()).unwrap();
+        let pool_of_create = r.pool.clone();
         self.received.lock().unwrap().push(Received::Create {
             volume_id: r.volume_id.clone(),
             name: r.name,
@@ -446,10 +474,11 @@ impl HostAgent for AgentImpl {
             generation: key.generation,
             passphrase,
         });
+        let path = format!("/srv/test-agent/{}/{}", pool_of_create, r.volume_id);
         Ok(Response::new(agent::VolumeResult {
             op_id: r.op_id,
             volume_id: r.volume_id,
-            path: String::new(),
+            path,
         }))
     }
     async fn delete_volume(
@@ -466,17 +495,37 @@ impl HostAgent for AgentImpl {
             path: String::new(),
         }))
     }
-    async fn define_guest(&self, _: Request<agent::DefineGuestRequest>) -> R<agent::GuestResult> {
-        Err(Status::unimplemented("test agent"))
+    async fn define_guest(&self, req: Request<agent::DefineGuestRequest>) -> R<agent::GuestResult> {
+        let r = req.into_inner();
+        let host = xdr_wipe::XdrString::new(self.name.clone()).unwrap();
+        let mut keys = vec![];
+        for k in &r.keys {
+            let vid = VolumeId(
+                uuid::Uuid::parse_str(&k.volume_id)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            );
+            xdr_wipe::seal::open(&k.sealed_packet, &self.sealing, &host, vid, k.generation)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            keys.push((k.volume_id.clone(), k.generation));
+        }
+        self.received.lock().unwrap().push(Received::Define {
+            xml: r.domain_xml,
+            keys,
+        });
+        Ok(Response::new(agent::GuestResult {
+            op_id: r.op_id,
+            guest_uuid: String::new(),
+            state: "shut off".into(),
+        }))
     }
-    async fn undefine_guest(&self, _: Request<agent::GuestRequest>) -> R<agent::GuestResult> {
-        Err(Status::unimplemented("test agent"))
+    async fn undefine_guest(&self, req: Request<agent::GuestRequest>) -> R<agent::GuestResult> {
+        self.guest("undefine", req.into_inner(), "")
     }
-    async fn start_guest(&self, _: Request<agent::GuestRequest>) -> R<agent::GuestResult> {
-        Err(Status::unimplemented("test agent"))
+    async fn start_guest(&self, req: Request<agent::GuestRequest>) -> R<agent::GuestResult> {
+        self.guest("start", req.into_inner(), "running")
     }
-    async fn stop_guest(&self, _: Request<agent::GuestRequest>) -> R<agent::GuestResult> {
-        Err(Status::unimplemented("test agent"))
+    async fn stop_guest(&self, req: Request<agent::GuestRequest>) -> R<agent::GuestResult> {
+        self.guest("stop", req.into_inner(), "shut off")
     }
     async fn prepare_migration(
         &self,
