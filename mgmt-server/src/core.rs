@@ -421,7 +421,15 @@ impl Core {
 
     /// An enrolled host's details for pushing, or why keys may not go to it.
     pub fn enrolled_host(&self, name: &str) -> Result<EnrolledHost, CoreError> {
-        let conn = self.db();
+        self.enrolled_host_in(&self.db(), name)
+    }
+
+    /// [`Core::enrolled_host`] inside a caller's transaction.
+    pub(crate) fn enrolled_host_in(
+        &self,
+        conn: &Connection,
+        name: &str,
+    ) -> Result<EnrolledHost, CoreError> {
         let row: Option<(String, String, Option<Vec<u8>>)> = conn
             .query_row(
                 "SELECT address, state, sealing_public_key FROM hosts WHERE name = ?1",

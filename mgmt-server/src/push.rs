@@ -21,6 +21,8 @@ use crate::volumes::{PushOp, VolumeInfo};
 const PUSH_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IDLE_POLL: Duration = Duration::from_millis(250);
+/// Volume operations released and pushed together.
+const BATCH: u32 = 64;
 
 /// Open channels, one per host.
 type Channels = HashMap<String, Channel>;
@@ -29,27 +31,15 @@ type Channels = HashMap<String, Channel>;
 pub async fn run(core: Arc<Core>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut channels = Channels::new();
     loop {
-        match core.due_volumes(64) {
-            Ok(due) => {
-                for v in due {
-                    if *shutdown.borrow() {
-                        return;
-                    }
-                    let outcome = push_volume(&core, &mut channels, &v).await;
-                    let recorded = match outcome {
-                        Ok(path) => core.push_succeeded(&v, &path),
-                        Err(e) => {
-                            tracing::warn!(volume = %v.id, host = %v.host, error = %e, "push failed; will retry");
-                            channels.remove(&v.host);
-                            core.push_failed(&v, &e)
-                        }
-                    };
-                    if let Err(e) = recorded {
-                        tracing::error!(volume = %v.id, error = %e, "cannot record push outcome");
-                    }
-                }
+        let busy = match push_volumes(&core, &mut channels).await {
+            Ok(n) => n > 0,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot process pending volume operations");
+                false
             }
-            Err(e) => tracing::error!(error = %e, "cannot read pending volume operations"),
+        };
+        if *shutdown.borrow() {
+            return;
         }
         match core.due_guests(64) {
             Ok(due) => {
@@ -71,6 +61,10 @@ pub async fn run(core: Arc<Core>, mut shutdown: tokio::sync::watch::Receiver<boo
                 }
             }
             Err(e) => tracing::error!(error = %e, "cannot read pending guest operations"),
+        }
+        if busy {
+            // More may be due right away: no idle wait between full batches.
+            continue;
         }
         tokio::select! {
             _ = core.push_wake.notified() => {}
@@ -104,17 +98,66 @@ fn sealed_key(volume_id: &str, generation: u64, sealed: Vec<u8>) -> agent::Seale
     }
 }
 
-/// Returns the volume's path on the host.
-async fn push_volume(
+/// Delivers due volume operations in batches: one transaction releases a
+/// batch, the pushes run concurrently (HTTP/2 multiplexes them over one
+/// connection per host), and one transaction records the outcomes.
+async fn push_volumes(
     core: &Core,
     channels: &mut Channels,
-    v: &VolumeInfo,
-) -> Result<String, String> {
-    let op = core.prepare_push(v).map_err(|e| e.to_string())?;
-    let host = match &op {
-        PushOp::Create { host, .. } | PushOp::Delete { host, .. } => host.clone(),
-    };
-    let mut c = client(core, channels, &host).await?;
+) -> Result<usize, crate::core::CoreError> {
+    let due = core.due_volumes(BATCH)?;
+    if due.is_empty() {
+        return Ok(0);
+    }
+    let prepared = core.prepare_pushes(&due)?;
+    let mut outcomes: Vec<(VolumeInfo, Result<String, String>)> = Vec::with_capacity(due.len());
+    let mut running = tokio::task::JoinSet::new();
+    for (v, op) in due.into_iter().zip(prepared) {
+        let op = match op {
+            Ok(op) => op,
+            Err(e) => {
+                outcomes.push((v, Err(e)));
+                continue;
+            }
+        };
+        let host = match &op {
+            PushOp::Create { host, .. } | PushOp::Delete { host, .. } => host.clone(),
+        };
+        let c = match client(core, channels, &host).await {
+            Ok(c) => c,
+            Err(e) => {
+                outcomes.push((v, Err(e)));
+                continue;
+            }
+        };
+        running.spawn(async move {
+            let r = send_volume_op(c, op)
+                .await
+                .map_err(|s| describe_status(&host, &s));
+            (v, r)
+        });
+    }
+    while let Some(done) = running.join_next().await {
+        match done {
+            Ok(o) => outcomes.push(o),
+            Err(e) => tracing::error!(error = %e, "a push task failed"),
+        }
+    }
+    for (v, r) in &outcomes {
+        if let Err(e) = r {
+            tracing::warn!(volume = %v.id, host = %v.host, error = %e, "push failed; will retry");
+            channels.remove(&v.host);
+        }
+    }
+    core.record_pushes(&outcomes)?;
+    Ok(outcomes.len())
+}
+
+/// Pushes one volume operation; returns the volume's path on the host.
+async fn send_volume_op(
+    mut c: HostAgentClient<Channel>,
+    op: PushOp,
+) -> Result<String, tonic::Status> {
     let result = match op {
         PushOp::Create { volume, sealed, .. } => {
             let req = agent::CreateVolumeRequest {
@@ -142,9 +185,7 @@ async fn push_volume(
             c.delete_volume(req).await
         }
     };
-    result
-        .map(|r| r.into_inner().path)
-        .map_err(|s| describe_status(&host, &s))
+    result.map(|r| r.into_inner().path)
 }
 
 /// Returns the guest's state on the host.

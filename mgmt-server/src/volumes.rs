@@ -254,11 +254,30 @@ impl Core {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Prepares the push of a pending volume. For a creation this releases
-    /// the key: the audit record is written first, and if it cannot be,
-    /// no key is unwrapped (fail closed).
-    pub fn prepare_push(&self, volume: &VolumeInfo) -> Result<PushOp, CoreError> {
-        let host = self.enrolled_host(&volume.host)?;
+    /// Prepares the pushes of pending volumes, in one transaction. For a
+    /// creation this releases the key: its audit record is written first in
+    /// the transaction, and if the transaction cannot commit no sealed key
+    /// leaves this function (fail closed). Each volume gets its own outcome.
+    pub fn prepare_pushes(
+        &self,
+        volumes: &[VolumeInfo],
+    ) -> Result<Vec<Result<PushOp, String>>, CoreError> {
+        let mut out = Vec::with_capacity(volumes.len());
+        let mut conn = self.db();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for volume in volumes {
+            out.push(self.prepare_one(&tx, volume).map_err(|e| e.to_string()));
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn prepare_one(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        volume: &VolumeInfo,
+    ) -> Result<PushOp, CoreError> {
+        let host = self.enrolled_host_in(tx, &volume.host)?;
         if volume.state == "pending-delete" {
             return Ok(PushOp::Delete {
                 volume: volume.clone(),
@@ -266,15 +285,13 @@ impl Core {
             });
         }
         self.take_release_slot(&host.name)?;
-        let mut conn = self.db();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let (mk_id, wrapped): (String, Vec<u8>) = tx.query_row(
             "SELECT master_key_id, wrapped FROM volume_keys WHERE volume_id = ?1 AND generation = ?2",
             params![volume.id, volume.key_generation as i64],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         audit::append(
-            &tx,
+            tx,
             "server",
             "key.released",
             &volume.id,
@@ -284,7 +301,7 @@ impl Core {
             ),
         )?;
         let key = self
-            .master_for(&tx)?
+            .master_for(tx)?
             .unwrap_key(&volume.id, volume.key_generation, &mk_id, &wrapped)
             .map_err(|e| CoreError::Internal(e.to_string()))?;
         let uuid =
@@ -301,8 +318,6 @@ impl Core {
         let sealed = seal(&packet, &host_id, &host.sealing_key)
             .map_err(|e| CoreError::Internal(e.to_string()))?
             .to_bytes();
-        drop(packet);
-        tx.commit()?;
         Ok(PushOp::Create {
             volume: volume.clone(),
             host,
@@ -327,35 +342,52 @@ impl Core {
         Ok(())
     }
 
-    /// Records a confirmed push; `path` is where the host keeps the volume.
-    pub fn push_succeeded(&self, volume: &VolumeInfo, path: &str) -> Result<(), CoreError> {
+    /// Records the outcomes of pushes, in one transaction: on success the
+    /// path where the host keeps the volume, on failure the error (retried
+    /// with exponential backoff).
+    pub fn record_pushes(
+        &self,
+        outcomes: &[(VolumeInfo, Result<String, String>)],
+    ) -> Result<(), CoreError> {
         let mut conn = self.db();
         let tx = conn.transaction()?;
-        if volume.state == "pending-delete" {
-            tx.execute("DELETE FROM volume_keys WHERE volume_id = ?1", [&volume.id])?;
-            tx.execute(
-                "UPDATE volumes SET state = 'deleted', last_error = '' WHERE id = ?1",
-                [&volume.id],
-            )?;
-            audit::append(
-                &tx,
-                "server",
-                "key.destroyed",
-                &volume.id,
-                &format!("volume {} deleted on host {}", volume.name, volume.host),
-            )?;
-        } else {
-            tx.execute(
-                "UPDATE volumes SET state = 'ready', last_error = '', path = ?1 WHERE id = ?2",
-                params![path, volume.id],
-            )?;
-            audit::append(
-                &tx,
-                "server",
-                "key.pushed",
-                &volume.id,
-                &format!("volume {} created on host {}", volume.name, volume.host),
-            )?;
+        for (volume, outcome) in outcomes {
+            match outcome {
+                Ok(_) if volume.state == "pending-delete" => {
+                    tx.execute("DELETE FROM volume_keys WHERE volume_id = ?1", [&volume.id])?;
+                    tx.execute(
+                        "UPDATE volumes SET state = 'deleted', last_error = '' WHERE id = ?1",
+                        [&volume.id],
+                    )?;
+                    audit::append(
+                        &tx,
+                        "server",
+                        "key.destroyed",
+                        &volume.id,
+                        &format!("volume {} deleted on host {}", volume.name, volume.host),
+                    )?;
+                }
+                Ok(path) => {
+                    tx.execute(
+                        "UPDATE volumes SET state = 'ready', last_error = '', path = ?1 WHERE id = ?2",
+                        params![path, volume.id],
+                    )?;
+                    audit::append(
+                        &tx,
+                        "server",
+                        "key.pushed",
+                        &volume.id,
+                        &format!("volume {} created on host {}", volume.name, volume.host),
+                    )?;
+                }
+                Err(error) => {
+                    let delay = self.retry_delay_ms(volume.attempts);
+                    tx.execute(
+                        "UPDATE volumes SET attempts = attempts + 1, last_error = ?1, next_attempt = ?2 WHERE id = ?3",
+                        params![error, now_unix_ms() + delay as i64, volume.id],
+                    )?;
+                }
+            }
         }
         tx.commit()?;
         Ok(())
@@ -368,20 +400,6 @@ impl Core {
         r.initial_delay_ms
             .saturating_mul(1u64 << attempts.min(20))
             .min(r.max_delay_ms)
-    }
-
-    /// Records a failed push and when to retry (exponential backoff).
-    pub fn push_failed(&self, volume: &VolumeInfo, error: &str) -> Result<(), CoreError> {
-        let r = &self.config.retry;
-        let delay = r
-            .initial_delay_ms
-            .saturating_mul(1u64 << volume.attempts.min(20))
-            .min(r.max_delay_ms);
-        self.db().execute(
-            "UPDATE volumes SET attempts = attempts + 1, last_error = ?1, next_attempt = ?2 WHERE id = ?3",
-            params![error, now_unix_ms() + delay as i64, volume.id],
-        )?;
-        Ok(())
     }
 }
 

@@ -348,11 +348,23 @@ impl TestAgent {
         )
         .unwrap();
         assert_eq!(host_name, name);
+        Self::from_parts(name, cert_pem, key_pem, server.ca_pem(), sealing, port)
+    }
+
+    /// An agent from an enrollment done elsewhere.
+    pub fn from_parts(
+        name: &str,
+        cert_pem: String,
+        key_pem: String,
+        ca_pem: String,
+        sealing: HostSealingKey,
+        port: u16,
+    ) -> Self {
         Self {
             name: name.to_owned(),
             cert_pem,
             key_pem,
-            ca_pem: server.ca_pem(),
+            ca_pem,
             sealing: Arc::new(sealing),
             received: Default::default(),
             port,

@@ -1,0 +1,219 @@
+//! Benchmarks of the management server, as ratios measured in one run:
+//!
+//! 1. key pushes per second to a local host-agent peer (release + audit +
+//!    unwrap + seal + mutual-TLS gRPC + record), divided by a bare unary
+//!    gRPC call over the same mutual-TLS channel (goal >= 0.5);
+//! 2. admin look-ups (`volume show` by name and by UUID) with 100,000
+//!    volumes in the database: p50 and p99.
+//!
+//! The host-agent peer is the test implementation from tests/common (it
+//! opens every sealed packet, as a host would). All traffic is on
+//! 127.0.0.1; every loop is bounded.
+//!
+//! `cargo bench -p mgmt-server --bench server` (`-- --quick` for a smoke run).
+
+#![allow(clippy::unwrap_used, clippy::print_stderr, missing_docs)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guestkey_proto::agent::{InventoryRequest, host_agent_client::HostAgentClient};
+use mgmt_server::config::{Config, Limits, Retry};
+use mgmt_server::core::{Caller, Core};
+use mgmt_server::init::{InitOptions, init};
+use mgmt_server::masterkey::MasterKeySource;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (pushes, lookups_n, volumes_n) = if quick {
+        (50, 200, 5_000)
+    } else {
+        (1000, 2000, 100_000)
+    };
+
+    let dir = common::temp_dir("bench");
+    let data = dir.join("data");
+    init(&InitOptions {
+        data_dir: data.clone(),
+        sans: vec!["localhost".into(), "127.0.0.1".into()],
+        master_key_source: None,
+        server_url: "https://127.0.0.1:7443".into(),
+    })
+    .unwrap();
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data.clone(),
+        master_key_source: MasterKeySource::File(data.join("master.key")),
+        limits: Limits {
+            max_volumes_per_host: 1_000_000,
+            key_releases_per_minute: 1_000_000,
+        },
+        retry: Retry {
+            initial_delay_ms: 10,
+            max_delay_ms: 100,
+        },
+    };
+    let core = Arc::new(Core::open(config).unwrap());
+    let admin = Caller::Admin("bench".into());
+
+    // Enroll a host in-process and serve its host-agent API.
+    let port = common::free_port();
+    let (_, token, _) = core
+        .add_host(&admin, "kvm-bench", &format!("127.0.0.1:{port}"))
+        .unwrap();
+    let sealing = xdr_wipe::seal::HostSealingKey::generate();
+    let (csr_der, key_pem) = common::csr();
+    let (_, cert_pem) = core
+        .enroll(&token, &csr_der, sealing.public_key().as_bytes())
+        .unwrap();
+    let mut agent = common::TestAgent::from_parts(
+        "kvm-bench",
+        cert_pem,
+        key_pem,
+        core.ca_cert_pem().to_owned(),
+        sealing,
+        port,
+    );
+    agent.serve();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // Baseline: bare unary calls over the same kind of mTLS channel.
+    let echo_time = rt.block_on(async {
+        let (cert, key) = core.server_identity();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(core.ca_cert_pem()))
+            .identity(Identity::from_pem(cert, key.as_bytes()))
+            .domain_name("127.0.0.1");
+        let ch = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = HostAgentClient::new(ch);
+        for _ in 0..20 {
+            c.get_inventory(InventoryRequest {}).await.unwrap();
+        }
+        let start = Instant::now();
+        for _ in 0..pushes {
+            c.get_inventory(InventoryRequest {}).await.unwrap();
+        }
+        start.elapsed()
+    });
+
+    // Key pushes: queue volumes, then time the pusher delivering all of them.
+    for i in 0..pushes {
+        core.create_volume(
+            &admin,
+            "kvm-bench",
+            "default",
+            &format!("bench-{i}"),
+            1 << 20,
+            "qcow2",
+        )
+        .unwrap();
+    }
+    let push_time = rt.block_on(async {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let start = Instant::now();
+        let pusher = tokio::spawn(mgmt_server::push::run(core.clone(), stop_rx));
+        let deadline = start + Duration::from_secs(600);
+        loop {
+            let pending =
+                core.due_volumes(1).unwrap().len() + usize::from(agent.creates().len() < pushes);
+            if pending == 0 || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let t = start.elapsed();
+        let _ = stop_tx.send(true);
+        let _ = pusher.await;
+        t
+    });
+    assert_eq!(agent.creates().len(), pushes, "every push arrived");
+
+    let push_rate = pushes as f64 / push_time.as_secs_f64();
+    let echo_rate = pushes as f64 / echo_time.as_secs_f64();
+    println!(
+        "key pushes:   {push_rate:>8.0} /s  ({pushes} pushes, release+audit+seal+mTLS gRPC+record)"
+    );
+    println!("bare echo:    {echo_rate:>8.0} /s  (unary gRPC over the same mTLS)");
+    println!(
+        "ratio pushes/echo: {:.2} (goal >= 0.5)",
+        push_rate / echo_rate
+    );
+
+    // Admin look-ups with many volumes: rows inserted directly, in one transaction.
+    {
+        let mut db = rusqlite::Connection::open(data.join("guestkey.db")).unwrap();
+        let tx = db.transaction().unwrap();
+        {
+            let mut stmt = tx
+                .prepare("INSERT INTO volumes (id, name, host, pool, format, capacity, secret_uuid, generation, state, created) VALUES (?1, ?2, 'kvm-bench', 'default', 'qcow2', 1048576, ?3, 1, 'ready', 0)")
+                .unwrap();
+            for i in 0..volumes_n {
+                stmt.execute(rusqlite::params![
+                    uuid::Uuid::new_v4().to_string(),
+                    format!("vol-{i}"),
+                    uuid::Uuid::new_v4().to_string()
+                ])
+                .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    let ids: Vec<String> = {
+        let db = rusqlite::Connection::open(data.join("guestkey.db")).unwrap();
+        let mut stmt = db
+            .prepare("SELECT id FROM volumes ORDER BY random() LIMIT ?1")
+            .unwrap();
+        stmt.query_map([lookups_n as i64], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let mut by_name = Vec::with_capacity(lookups_n);
+    let mut by_id = Vec::with_capacity(lookups_n);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for id in &ids {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let name = format!("vol-{}", x % volumes_n as u64);
+        let t = Instant::now();
+        core.get_volume(&name).unwrap();
+        by_name.push(t.elapsed());
+        let t = Instant::now();
+        core.get_volume(id).unwrap();
+        by_id.push(t.elapsed());
+    }
+    let total = core.list_volumes(None).unwrap().len();
+    let pct = |v: &mut Vec<Duration>, p: f64| {
+        v.sort();
+        v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+    };
+    println!("look-ups with {total} volumes ({lookups_n} each):");
+    println!(
+        "  by name: p50 {:?}  p99 {:?}",
+        pct(&mut by_name, 0.50),
+        pct(&mut by_name, 0.99)
+    );
+    println!(
+        "  by UUID: p50 {:?}  p99 {:?}",
+        pct(&mut by_id, 0.50),
+        pct(&mut by_id, 0.99)
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(dir);
+}
