@@ -159,7 +159,16 @@ async fn send_volume_op(
     op: PushOp,
 ) -> Result<String, tonic::Status> {
     let result = match op {
-        PushOp::Create { volume, sealed, .. } => {
+        PushOp::Create {
+            volume,
+            packet,
+            host,
+        } => {
+            // Sealing (X25519) runs here, in parallel across pushes, after
+            // the release was committed.
+            let sealed =
+                crate::volumes::seal_for(&packet, &host).map_err(tonic::Status::internal)?;
+            drop(packet);
             let req = agent::CreateVolumeRequest {
                 op_id: format!("{}:create:{}", volume.id, volume.key_generation),
                 volume_id: volume.id.clone(),

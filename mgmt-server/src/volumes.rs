@@ -83,14 +83,15 @@ fn format_name(f: VolumeFormat) -> &'static str {
 
 /// What the pusher must deliver for one pending volume.
 pub enum PushOp {
-    /// Create the volume with this sealed key packet.
+    /// Create the volume with this key, released (and audited) for the
+    /// host; [`PushOp::seal`] seals it to the host for the wire.
     Create {
         /// The volume.
         volume: VolumeInfo,
         /// Where.
         host: EnrolledHost,
-        /// xdr-wipe SealedPacket bytes (sealed to the host; no clear key).
-        sealed: Vec<u8>,
+        /// The key packet (wiped on drop).
+        packet: KeyPacket,
     },
     /// Delete the volume and the host's copy of its key.
     Delete {
@@ -99,6 +100,14 @@ pub enum PushOp {
         /// Where.
         host: EnrolledHost,
     },
+}
+
+/// Seals `packet` to `host` (xdr-wipe SealedPacket bytes: no clear key).
+pub(crate) fn seal_for(packet: &KeyPacket, host: &EnrolledHost) -> Result<Vec<u8>, String> {
+    let host_id = xdr_wipe::XdrString::new(host.name.clone()).map_err(|e| e.to_string())?;
+    Ok(seal(packet, &host_id, &host.sealing_key)
+        .map_err(|e| e.to_string())?
+        .to_bytes())
 }
 
 impl Core {
@@ -313,15 +322,10 @@ impl Core {
             CipherParams::aes_xts(format),
             key,
         );
-        let host_id = xdr_wipe::XdrString::new(host.name.clone())
-            .map_err(|e| CoreError::Internal(e.to_string()))?;
-        let sealed = seal(&packet, &host_id, &host.sealing_key)
-            .map_err(|e| CoreError::Internal(e.to_string()))?
-            .to_bytes();
         Ok(PushOp::Create {
             volume: volume.clone(),
             host,
-            sealed,
+            packet,
         })
     }
 

@@ -13,7 +13,7 @@ use mgmt_server::masterkey::MasterKeySource;
 /// guestkey management server: keeps one key per guest volume, enrolls
 /// hosts, and pushes sealed keys to their host daemons over mutual TLS.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -14,7 +14,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 /// guestkeyctl: administer a guestkey management server (hosts, volumes,
 /// audit log) over mutual TLS with the admin credential.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Cli {
     /// Server URL, e.g. https://localhost:7443 [default: the `server` file
     /// in the admin directory].
