@@ -25,7 +25,6 @@ use mgmt_server::config::{Config, Limits, Retry};
 use mgmt_server::core::{Caller, Core};
 use mgmt_server::init::{InitOptions, init};
 use mgmt_server::masterkey::MasterKeySource;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -89,17 +88,14 @@ fn main() {
     // Baseline: bare unary calls over the same kind of mTLS channel.
     let echo_time = rt.block_on(async {
         let (cert, key) = core.server_identity();
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(core.ca_cert_pem()))
-            .identity(Identity::from_pem(cert, key.as_bytes()))
-            .domain_name("127.0.0.1");
-        let ch = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let ch = common::channel(
+            format!("https://127.0.0.1:{port}"),
+            core.ca_cert_pem(),
+            "127.0.0.1",
+            Some((cert, key.as_str())),
+        )
+        .await
+        .unwrap();
         let mut c = HostAgentClient::new(ch);
         for _ in 0..20 {
             c.get_inventory(InventoryRequest {}).await.unwrap();

@@ -66,14 +66,7 @@ fn the_admin_api_refuses_missing_foreign_and_expired_certificates_clearly() {
         .build()
         .unwrap();
     let status = rt.block_on(async {
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(s.ca_pem()))
-            .domain_name("localhost");
-        let ch = tonic::transport::Endpoint::from_shared(s.url.clone())
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
+        let ch = common::channel(s.url.clone(), &s.ca_pem(), "localhost", None)
             .await
             .unwrap();
         guestkey_proto::admin::admin_client::AdminClient::new(ch)
@@ -118,16 +111,13 @@ fn the_admin_api_refuses_missing_foreign_and_expired_certificates_clearly() {
     let other_key = std::fs::read_to_string(other.admin_dir().join("admin.key")).unwrap();
     for (cert_pem, key_pem) in [(cert.pem(), key.serialize_pem()), (other_cert, other_key)] {
         let result = rt.block_on(async {
-            let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(s.ca_pem()))
-                .identity(tonic::transport::Identity::from_pem(&cert_pem, &key_pem))
-                .domain_name("localhost");
-            let ch = tonic::transport::Endpoint::from_shared(s.url.clone())
-                .unwrap()
-                .tls_config(tls)
-                .unwrap()
-                .connect()
-                .await?;
+            let ch = common::channel(
+                s.url.clone(),
+                &s.ca_pem(),
+                "localhost",
+                Some((&cert_pem, &key_pem)),
+            )
+            .await?;
             guestkey_proto::admin::admin_client::AdminClient::new(ch)
                 .list_hosts(guestkey_proto::admin::ListHostsRequest {})
                 .await
@@ -456,20 +446,14 @@ fn a_revoked_host_loses_the_host_api_and_gets_no_keys() {
         .build()
         .unwrap();
     let status = rt.block_on(async {
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(s.ca_pem()))
-            .identity(tonic::transport::Identity::from_pem(
-                &a.cert_pem,
-                &a.key_pem,
-            ))
-            .domain_name("localhost");
-        let ch = tonic::transport::Endpoint::from_shared(s.url.clone())
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let ch = common::channel(
+            s.url.clone(),
+            &s.ca_pem(),
+            "localhost",
+            Some((&a.cert_pem, &a.key_pem)),
+        )
+        .await
+        .unwrap();
         guestkey_proto::host::host_api_client::HostApiClient::new(ch)
             .report_inventory(guestkey_proto::host::Inventory { held: vec![] })
             .await

@@ -294,14 +294,7 @@ pub fn enroll(
         .build()
         .unwrap();
     rt.block_on(async {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(server.ca_pem()))
-            .domain_name("localhost");
-        let ch = Endpoint::from_shared(server.url.clone())
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
+        let ch = channel(server.url.clone(), &server.ca_pem(), "localhost", None)
             .await
             .unwrap();
         let r = HostApiClient::new(ch)
@@ -314,6 +307,23 @@ pub fn enroll(
             .into_inner();
         Ok((r.host_name, r.certificate_pem))
     })
+}
+
+/// A TLS channel to `url` trusting `ca_pem`, with a client certificate
+/// when `identity` (certificate, key in PEM) is given.
+pub async fn channel(
+    url: String,
+    ca_pem: &str,
+    domain: &str,
+    identity: Option<(&str, &str)>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(domain);
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Endpoint::from_shared(url)?.tls_config(tls)?.connect().await
 }
 
 pub fn csr() -> (Vec<u8>, String) {
