@@ -22,7 +22,7 @@ const PUSH_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IDLE_POLL: Duration = Duration::from_millis(250);
 /// Volume operations released and pushed together.
-const BATCH: u32 = 64;
+const BATCH: u32 = 256;
 
 /// Open channels, one per host.
 type Channels = HashMap<String, Channel>;
