@@ -1,5 +1,17 @@
-//! guestkey host daemon (`guestkeyd`): sealed key store, libvirt secrets,
-//! volumes and guests, re-encryption, lifecycle events.
+//! guestkey host daemon (`guestkeyd`).
 //!
-//! Not built yet (issue "Host daemon and libvirt plugin"): this crate holds no
-//! code, and no binary is shipped, so nothing here claims to work.
+//! Serves the host-agent API to the management server over mutual TLS
+//! ([`agent`]), keeps each guest's domain XML and sealed key packets in the
+//! [`store`], talks to libvirt through the [`hypervisor::Hypervisor`] trait,
+//! and answers the libvirt hook (`guestkey-hook`) on a root-only Unix
+//! socket ([`hook_server`]): keys become ephemeral, private libvirt secrets
+//! only while QEMU opens the disks.
+
+pub mod agent;
+pub mod enroll;
+pub mod hardening;
+pub mod hook_server;
+pub mod hypervisor;
+pub mod keys;
+pub mod state;
+pub mod store;

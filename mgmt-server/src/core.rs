@@ -212,6 +212,14 @@ impl Core {
         Ok(self.master.read().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// SHA-256 (hex) of the server's certificate, which host daemons pin.
+    pub fn server_cert_sha256(&self) -> String {
+        let der = x509_parser::pem::parse_x509_pem(self.server_cert.as_bytes())
+            .map(|(_, pem)| pem.contents)
+            .unwrap_or_default();
+        crate::ca::cert_sha256(&der)
+    }
+
     /// The CA certificate in PEM.
     pub fn ca_cert_pem(&self) -> &str {
         self.ca.cert_pem()

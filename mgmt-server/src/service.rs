@@ -237,6 +237,7 @@ impl HostApi for HostService {
             host_name: name,
             certificate_pem: cert,
             ca_certificate_pem: self.0.ca_cert_pem().to_owned(),
+            server_certificate_sha256: self.0.server_cert_sha256(),
         }))
     }
 

@@ -1,0 +1,371 @@
+//! The daemon's logic ([`Daemon`]) and the host-agent gRPC service, a thin
+//! adapter over it that only the management server's certificate may call.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use guestkey_proto::agent::{self as pb, host_agent_server::HostAgent};
+use tonic::{Request, Response, Status};
+use xdr_wipe::packet::VolumeId;
+use xdr_wipe::{BoundedVec, Opaque, XdrString};
+
+use crate::hypervisor::{Format, Hypervisor};
+use crate::keys::HostKeys;
+use crate::store::{GuestRecord, Store, StoredKey, VolumeEntry};
+
+/// The host daemon's state.
+pub struct Daemon {
+    /// libvirt.
+    pub hv: Box<dyn Hypervisor>,
+    /// Sealed guest store and volume registry.
+    pub store: Store,
+    /// Host name and sealing key.
+    pub keys: HostKeys,
+    /// Outcomes of operations already done, by operation id.
+    done: Mutex<HashMap<String, String>>,
+    /// Serialises changes to the store and the registry.
+    changes: Mutex<()>,
+}
+
+fn valid_name(what: &str, s: &str) -> Result<(), Status> {
+    let ok = !s.is_empty()
+        && s.len() <= 255
+        && !s.contains('/')
+        && !s.contains("..")
+        && !s.starts_with('.')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok { Ok(()) } else { Err(Status::invalid_argument(format!("invalid {what} {s:?}"))) }
+}
+
+fn volume_id(s: &str) -> Result<VolumeId, Status> {
+    uuid::Uuid::parse_str(s)
+        .map(VolumeId)
+        .map_err(|_| Status::invalid_argument(format!("{s:?} is not a volume UUID")))
+}
+
+/// Name and UUID from domain XML (the server already validated the rest).
+fn domain_identity(xml: &str) -> Result<(String, String), Status> {
+    use quick_xml::events::Event;
+    let mut r = quick_xml::Reader::from_str(xml);
+    let (mut depth, mut current, mut name, mut uuid) = (0usize, String::new(), String::new(), String::new());
+    loop {
+        match r.read_event() {
+            Ok(Event::Start(e)) => {
+                depth += 1;
+                current = if depth == 2 { e.name().0.to_owned() } else { String::new() };
+            }
+            Ok(Event::End(_)) => {
+                depth = depth.saturating_sub(1);
+                current.clear();
+            }
+            Ok(Event::Text(t)) if depth == 2 => match current.as_str() {
+                "name" => name = t.xml10_content().trim().to_owned(),
+                "uuid" => uuid = t.xml10_content().trim().to_ascii_lowercase(),
+                _ => {}
+            },
+            Ok(Event::Eof) => break,
+            Ok(_) => {}
+            Err(e) => return Err(Status::invalid_argument(format!("domain XML: {e}"))),
+        }
+    }
+    if name.is_empty() || uuid::Uuid::parse_str(&uuid).is_err() {
+        return Err(Status::invalid_argument("domain XML needs <name> and <uuid>"));
+    }
+    Ok((name, uuid))
+}
+
+impl Daemon {
+    /// A daemon over these parts.
+    pub fn new(hv: Box<dyn Hypervisor>, store: Store, keys: HostKeys) -> Self {
+        Self { hv, store, keys, done: Mutex::new(HashMap::new()), changes: Mutex::new(()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.changes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember(&self, op_id: &str, outcome: &str) {
+        self.done.lock().unwrap_or_else(|p| p.into_inner()).insert(op_id.to_owned(), outcome.to_owned());
+    }
+
+    fn recall(&self, op_id: &str) -> Option<String> {
+        self.done.lock().unwrap_or_else(|p| p.into_inner()).get(op_id).cloned()
+    }
+
+    /// Creates a volume from a pushed key; keeps no key afterwards.
+    pub fn create_volume(&self, r: pb::CreateVolumeRequest) -> Result<String, Status> {
+        if let Some(path) = self.recall(&r.op_id) {
+            return Ok(path);
+        }
+        valid_name("pool name", &r.pool)?;
+        valid_name("volume name", &r.name)?;
+        uuid::Uuid::parse_str(&r.secret_uuid).map_err(|_| Status::invalid_argument("secret_uuid is not a UUID"))?;
+        let key = r.key.ok_or_else(|| Status::invalid_argument("no key packet"))?;
+        let vid = volume_id(&r.volume_id)?;
+        if key.volume_id != r.volume_id {
+            return Err(Status::invalid_argument("the key packet is for another volume"));
+        }
+        let _guard = self.lock();
+        let mut vols = self.store.volumes().map_err(internal)?;
+        if let Some(v) = vols.get(&r.volume_id) {
+            if self.hv.volume_path(&v.pool, &v.name).map_err(internal)?.is_some() {
+                return Ok(v.path.clone());
+            }
+        }
+        let packet = self
+            .keys
+            .open(&key.sealed_packet, vid, key.generation)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let format = match pb::VolumeFormat::try_from(r.format) {
+            Ok(pb::VolumeFormat::Raw) => Format::Raw,
+            _ => Format::Qcow2,
+        };
+        let path = self
+            .hv
+            .create_volume(&r.pool, &r.name, r.capacity_bytes, format, packet.secret.expose_secret())
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        drop(packet);
+        vols.insert(
+            r.volume_id.clone(),
+            VolumeEntry { volume_id: r.volume_id.clone(), name: r.name, pool: r.pool, path: path.clone(), secret_uuid: r.secret_uuid.to_ascii_lowercase() },
+        );
+        self.store.save_volumes(&vols).map_err(internal)?;
+        self.remember(&r.op_id, &path);
+        tracing::info!(volume = %r.volume_id, %path, "volume created");
+        Ok(path)
+    }
+
+    /// Deletes a volume.
+    pub fn delete_volume(&self, r: pb::DeleteVolumeRequest) -> Result<(), Status> {
+        valid_name("pool name", &r.pool)?;
+        valid_name("volume name", &r.name)?;
+        let _guard = self.lock();
+        self.hv.delete_volume(&r.pool, &r.name).map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let mut vols = self.store.volumes().map_err(internal)?;
+        vols.remove(&r.volume_id);
+        self.store.save_volumes(&vols).map_err(internal)?;
+        Ok(())
+    }
+
+    /// Stores a guest's sealed keys and defines it in libvirt.
+    pub fn define_guest(&self, r: pb::DefineGuestRequest) -> Result<String, Status> {
+        let (name, uuid) = domain_identity(&r.domain_xml)?;
+        let _guard = self.lock();
+        let vols = self.store.volumes().map_err(internal)?;
+        let mut keys = Vec::with_capacity(r.keys.len());
+        for k in r.keys {
+            let vid = volume_id(&k.volume_id)?;
+            let v = vols.get(&k.volume_id).ok_or_else(|| {
+                Status::failed_precondition(format!("volume {} was not created on this host", k.volume_id))
+            })?;
+            // Refuse now what could not be opened at start time.
+            drop(self.keys.open(&k.sealed_packet, vid, k.generation).map_err(|e| Status::invalid_argument(e.to_string()))?);
+            keys.push(StoredKey {
+                volume_id: vid,
+                generation: k.generation,
+                secret_uuid: XdrString::new(v.secret_uuid.clone()).map_err(internal)?,
+                path: XdrString::new(v.path.clone()).map_err(internal)?,
+                sealed: Opaque::new(k.sealed_packet).map_err(internal)?,
+            });
+        }
+        let record = GuestRecord {
+            uuid: XdrString::new(uuid.clone()).map_err(internal)?,
+            name: XdrString::new(name).map_err(|_| Status::invalid_argument("domain name too long"))?,
+            domain_xml: XdrString::new(r.domain_xml.clone()).map_err(|_| Status::invalid_argument("domain XML over 1 MiB"))?,
+            keys: BoundedVec::new(keys).map_err(|_| Status::invalid_argument("more than 256 encrypted disks"))?,
+        };
+        self.store.save(&record).map_err(internal)?;
+        if let Err(e) = self.hv.define_domain(&r.domain_xml) {
+            // No half-defined guest: the record goes with the failure.
+            let _ = self.store.erase(&uuid);
+            return Err(Status::failed_precondition(e.to_string()));
+        }
+        tracing::info!(guest = %uuid, "guest defined");
+        Ok(uuid)
+    }
+
+    /// Undefines a guest and erases its keys.
+    pub fn undefine_guest(&self, uuid: &str) -> Result<(), Status> {
+        let _guard = self.lock();
+        self.hv.undefine_domain(uuid).map_err(|e| Status::failed_precondition(e.to_string()))?;
+        self.forget_guest(uuid);
+        Ok(())
+    }
+
+    /// Erases a guest's keys (sealed record and any libvirt secret).
+    pub fn forget_guest(&self, uuid: &str) {
+        if let Ok(Some(rec)) = self.store.load(uuid) {
+            for k in rec.keys.iter() {
+                let _ = self.hv.remove_secret(k.secret_uuid.as_str());
+            }
+        }
+        match self.store.erase(uuid) {
+            Ok(true) => tracing::info!(guest = %uuid, "guest keys erased"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(guest = %uuid, error = %e, "cannot erase guest keys"),
+        }
+    }
+
+    /// For the hook's `prepare`: defines the guest's volume secrets.
+    pub fn prepare_secrets(&self, domain: &str, wanted: &BTreeSet<String>) -> Result<(), String> {
+        let rec = self.store.load(domain).map_err(|e| e.to_string())?;
+        let vols = self.store.volumes().map_err(|e| e.to_string())?;
+        let held: BTreeSet<String> = rec.as_ref().map(|r| r.keys.iter().map(|k| k.secret_uuid.to_string()).collect()).unwrap_or_default();
+        // A disk naming one of our volumes whose key this guest does not hold.
+        for s in wanted.difference(&held) {
+            if let Some(v) = vols.values().find(|v| &v.secret_uuid == s) {
+                return Err(format!(
+                    "this host holds no key of volume {} ({}) for domain {domain}: define the guest with `guestkeyctl guest define`",
+                    v.name, v.path
+                ));
+            }
+        }
+        let Some(rec) = rec else { return Ok(()) };
+        for k in rec.keys.iter() {
+            let packet = self.keys.open_stored(k).map_err(|e| format!("key of volume {}: {e}", k.volume_id))?;
+            self.hv
+                .set_secret(k.secret_uuid.as_str(), k.path.as_str(), packet.secret.expose_secret())
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// For the hook's `release`: removes the guest's volume secrets.
+    pub fn release_secrets(&self, domain: &str, wanted: &BTreeSet<String>) -> Result<(), String> {
+        let mut all: BTreeSet<String> = wanted.clone();
+        if let Ok(Some(rec)) = self.store.load(domain) {
+            all.extend(rec.keys.iter().map(|k| k.secret_uuid.to_string()));
+        }
+        let ours: BTreeSet<String> = self.store.volumes().map_err(|e| e.to_string())?.values().map(|v| v.secret_uuid.clone()).collect();
+        for s in all.intersection(&ours) {
+            self.hv.remove_secret(s).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// What this host holds keys for.
+    pub fn inventory(&self) -> Result<Vec<pb::HeldKeyInfo>, Status> {
+        let mut out = vec![];
+        for uuid in self.store.guests().map_err(internal)? {
+            if let Some(rec) = self.store.load(&uuid).map_err(internal)? {
+                for k in rec.keys.iter() {
+                    out.push(pb::HeldKeyInfo { volume_id: k.volume_id.to_string(), generation: k.generation, guest_uuid: uuid.clone() });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// The host-agent service; only the pinned server certificate may call.
+pub struct AgentService {
+    /// The daemon.
+    pub daemon: Arc<Daemon>,
+    /// SHA-256 (hex) of the management server's certificate.
+    pub server_sha256: String,
+}
+
+impl AgentService {
+    fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let fp = req
+            .peer_certs()
+            .and_then(|c| c.first().map(|c| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(c.as_ref()))));
+        match fp {
+            Some(f) if f == self.server_sha256 => Ok(()),
+            _ => Err(Status::permission_denied("only this host's management server may call the host-agent API")),
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Daemon) -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+        let d = self.daemon.clone();
+        tokio::task::spawn_blocking(move || f(&d)).await.map_err(internal)?
+    }
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+fn guest_result(op_id: String, guest_uuid: String, state: String) -> R<pb::GuestResult> {
+    Ok(Response::new(pb::GuestResult { op_id, guest_uuid, state }))
+}
+
+#[tonic::async_trait]
+impl HostAgent for AgentService {
+    async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> R<pb::VolumeResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let (op_id, volume_id) = (r.op_id.clone(), r.volume_id.clone());
+        let path = self.blocking(move |d| d.create_volume(r)).await?;
+        Ok(Response::new(pb::VolumeResult { op_id, volume_id, path }))
+    }
+
+    async fn delete_volume(&self, req: Request<pb::DeleteVolumeRequest>) -> R<pb::VolumeResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let (op_id, volume_id) = (r.op_id.clone(), r.volume_id.clone());
+        self.blocking(move |d| d.delete_volume(r)).await?;
+        Ok(Response::new(pb::VolumeResult { op_id, volume_id, path: String::new() }))
+    }
+
+    async fn define_guest(&self, req: Request<pb::DefineGuestRequest>) -> R<pb::GuestResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let op_id = r.op_id.clone();
+        let (uuid, state) = self
+            .blocking(move |d| {
+                let uuid = d.define_guest(r)?;
+                let state = d.hv.domain_state(&uuid).map_err(internal)?.unwrap_or_default();
+                Ok((uuid, state))
+            })
+            .await?;
+        guest_result(op_id, uuid, state)
+    }
+
+    async fn undefine_guest(&self, req: Request<pb::GuestRequest>) -> R<pb::GuestResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let uuid = r.guest_uuid.clone();
+        self.blocking(move |d| d.undefine_guest(&uuid)).await?;
+        guest_result(r.op_id, r.guest_uuid, "undefined".into())
+    }
+
+    async fn start_guest(&self, req: Request<pb::GuestRequest>) -> R<pb::GuestResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let uuid = r.guest_uuid.clone();
+        let state = self.blocking(move |d| d.hv.start_domain(&uuid).map_err(|e| Status::failed_precondition(e.to_string()))).await?;
+        guest_result(r.op_id, r.guest_uuid, state)
+    }
+
+    async fn stop_guest(&self, req: Request<pb::GuestRequest>) -> R<pb::GuestResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let uuid = r.guest_uuid.clone();
+        let state = self.blocking(move |d| d.hv.stop_domain(&uuid).map_err(|e| Status::failed_precondition(e.to_string()))).await?;
+        guest_result(r.op_id, r.guest_uuid, state)
+    }
+
+    async fn prepare_migration(&self, req: Request<pb::DefineGuestRequest>) -> R<pb::GuestResult> {
+        self.check(&req)?;
+        Err(Status::unimplemented("migration is not built yet (re-encryption and migration issue)"))
+    }
+
+    async fn rekey(&self, req: Request<pb::RekeyRequest>) -> R<pb::RekeyResult> {
+        self.check(&req)?;
+        Err(Status::unimplemented("re-encryption is not built yet (re-encryption and migration issue)"))
+    }
+
+    async fn forget_key(&self, req: Request<pb::ForgetKeyRequest>) -> R<pb::VolumeResult> {
+        self.check(&req)?;
+        Err(Status::unimplemented("key generations are not built yet (re-encryption and migration issue)"))
+    }
+
+    async fn get_inventory(&self, req: Request<pb::InventoryRequest>) -> R<pb::InventoryResult> {
+        self.check(&req)?;
+        let held = self.blocking(|d| d.inventory()).await?;
+        Ok(Response::new(pb::InventoryResult { held, host_uuid: String::new() }))
+    }
+}

@@ -1,0 +1,139 @@
+//! `guestkeyd`: the guestkey host daemon.
+
+#![allow(clippy::print_stderr)] // a command-line program reports errors on stderr
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use guestkey_proto::agent::host_agent_server::HostAgentServer;
+use host_daemon::agent::{AgentService, Daemon};
+use host_daemon::hypervisor::Libvirt;
+use host_daemon::keys::HostKeys;
+use host_daemon::state::StateDir;
+use host_daemon::store::Store;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+/// guestkey host daemon: keeps this host's guest keys sealed, creates
+/// encrypted volumes through libvirt, and gives libvirt a key only while
+/// QEMU opens a disk.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make this host's key pairs and enroll with the management server
+    /// using a one-time token from `guestkeyctl host add`.
+    Enroll {
+        /// Management server URL, e.g. https://kms.example:7443.
+        #[arg(long, value_name = "URL")]
+        server: String,
+        /// The one-time enrollment token.
+        #[arg(long, value_name = "TOKEN")]
+        token: String,
+        /// The server's CA certificate (`guestkeyctl ca-cert` prints it).
+        #[arg(long, value_name = "CA.pem")]
+        ca_file: PathBuf,
+        /// Where this host keeps its keys and sealed store.
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/guestkeyd")]
+        state_dir: PathBuf,
+    },
+    /// Serve the host-agent API (mutual TLS, management server only) and
+    /// the libvirt hook socket.
+    Run {
+        /// The state directory made by `enroll`.
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/guestkeyd")]
+        state_dir: PathBuf,
+        /// Address of the host-agent API.
+        #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:7444")]
+        listen: std::net::SocketAddr,
+        /// libvirt connection URI.
+        #[arg(long, value_name = "URI", default_value = "qemu:///system")]
+        libvirt_uri: String,
+        /// The root-only socket the libvirt hook talks to.
+        #[arg(long, value_name = "PATH", default_value = "/run/guestkey/hook.sock")]
+        hook_socket: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("guestkeyd: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(real_main(Cli::parse())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("guestkeyd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::Enroll { server, token, ca_file, state_dir } => {
+            let name = host_daemon::enroll::enroll(&server, &token, &ca_file, &StateDir::new(&state_dir)).await?;
+            println!("enrolled as host {name}; keys in {}", state_dir.display());
+            println!("next: guestkeyd run --state-dir {}", state_dir.display());
+            Ok(())
+        }
+        Command::Run { state_dir, listen, libvirt_uri, hook_socket } => {
+            host_daemon::hardening::no_dumps()?;
+            if let Err(e) = host_daemon::hardening::lock_memory() {
+                tracing::warn!(error = %e, "cannot lock memory: keys could reach swap");
+            }
+            let dir = StateDir::new(&state_dir);
+            let keys = HostKeys::load(&dir)?;
+            let read = |f: &str| std::fs::read_to_string(dir.file(f)).map_err(|e| format!("cannot read {}: {e}", dir.file(f).display()));
+            let cert = read("tls.pem")?;
+            let key = zeroize::Zeroizing::new(read("tls.key")?);
+            let ca = read("ca.pem")?;
+            let server_sha256 = read("server.sha256")?.trim().to_owned();
+            let store = Store::open(&dir)?;
+            let daemon = Arc::new(Daemon::new(Box::new(Libvirt::new(&libvirt_uri)), store, keys));
+
+            let hook_daemon = daemon.clone();
+            let socket = hook_socket.clone();
+            tokio::spawn(async move {
+                if let Err(e) = host_daemon::hook_server::serve(&socket, hook_daemon).await {
+                    tracing::error!(error = %e, socket = %socket.display(), "hook socket failed");
+                }
+            });
+            let tls = ServerTlsConfig::new()
+                .identity(Identity::from_pem(&cert, key.as_bytes()))
+                .client_ca_root(Certificate::from_pem(&ca));
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+            println!("listening on https://{}", listener.local_addr()?);
+            tracing::info!(%listen, hook = %hook_socket.display(), "guestkeyd running");
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            Server::builder()
+                .tls_config(tls)?
+                .add_service(HostAgentServer::new(AgentService { daemon, server_sha256 }))
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                })
+                .await?;
+            let _ = std::fs::remove_file(&hook_socket);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The local socket the libvirt hook talks to.
+//!
+//! Root only (checked with SO_PEERCRED), one request per connection, one
+//! line each way:
+//!
+//! ```text
+//! prepare DOMAIN-UUID [SECRET-UUID...]   ->  ok | error MESSAGE
+//! release DOMAIN-UUID [SECRET-UUID...]   ->  ok | error MESSAGE
+//! ```
+//!
+//! `prepare` defines the guest's volume secrets in libvirt (ephemeral,
+//! private) with their values; `release` undefines them. There is no request
+//! that returns a key. Every step has a time limit, so a stuck libvirt
+//! cannot hang the hook (and libvirtd, which waits for the hook) forever.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::agent::Daemon;
+
+/// Longest a request may take before the hook is told to give up.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Requests served at once; more wait (bounded by the hook's own timeout).
+const MAX_CONCURRENT: usize = 16;
+
+/// Serves the socket at `path` until the process ends.
+pub async fn serve(path: &Path, daemon: Arc<Daemon>) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let daemon = daemon.clone();
+        let slots = slots.clone();
+        tokio::spawn(async move {
+            let _permit = slots.acquire().await;
+            if let Err(e) = handle(stream, daemon).await {
+                tracing::warn!(error = %e, "hook connection failed");
+            }
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let (read, mut write) = stream.into_split();
+    if cred.uid() != 0 {
+        tracing::warn!(uid = cred.uid(), "hook socket: refused a non-root peer");
+        write.write_all(b"error only root may use the guestkey hook socket\n").await?;
+        return Ok(());
+    }
+    let mut line = String::new();
+    let mut reader = BufReader::new(read).take(64 * 1024);
+    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within 5 s"))??;
+    let reply = match parse(&line) {
+        Ok((op, domain, secrets)) => {
+            let d = daemon.clone();
+            let work = tokio::task::spawn_blocking(move || match op {
+                Op::Prepare => d.prepare_secrets(&domain, &secrets),
+                Op::Release => d.release_secrets(&domain, &secrets),
+            });
+            match tokio::time::timeout(REQUEST_TIMEOUT, work).await {
+                Ok(Ok(Ok(()))) => "ok\n".to_owned(),
+                Ok(Ok(Err(msg))) => format!("error {}\n", msg.replace('\n', " ")),
+                Ok(Err(e)) => format!("error guestkeyd failed: {e}\n"),
+                Err(_) => format!("error guestkeyd did not finish within {} s\n", REQUEST_TIMEOUT.as_secs()),
+            }
+        }
+        Err(msg) => format!("error {msg}\n"),
+    };
+    write.write_all(reply.as_bytes()).await
+}
+
+enum Op {
+    Prepare,
+    Release,
+}
+
+fn parse(line: &str) -> Result<(Op, String, BTreeSet<String>), String> {
+    let mut words = line.split_whitespace();
+    let op = match words.next() {
+        Some("prepare") => Op::Prepare,
+        Some("release") => Op::Release,
+        _ => return Err("unknown request: the hook socket takes only `prepare` and `release`".into()),
+    };
+    let domain = words.next().ok_or("no domain UUID in the request")?;
+    let is_uuid = |s: &str| uuid::Uuid::parse_str(s).is_ok();
+    if !is_uuid(domain) {
+        return Err(format!("{domain:?} is not a domain UUID"));
+    }
+    let secrets: BTreeSet<String> = words.map(str::to_ascii_lowercase).collect();
+    if let Some(bad) = secrets.iter().find(|s| !is_uuid(s)) {
+        return Err(format!("{bad:?} is not a secret UUID"));
+    }
+    Ok((op, domain.to_ascii_lowercase(), secrets))
+}
+
+use tokio::io::AsyncReadExt as _;
