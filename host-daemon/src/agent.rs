@@ -33,8 +33,13 @@ fn valid_name(what: &str, s: &str) -> Result<(), Status> {
         && !s.contains('/')
         && !s.contains("..")
         && !s.starts_with('.')
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok { Ok(()) } else { Err(Status::invalid_argument(format!("invalid {what} {s:?}"))) }
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!("invalid {what} {s:?}")))
+    }
 }
 
 fn volume_id(s: &str) -> Result<VolumeId, Status> {
@@ -47,12 +52,17 @@ fn volume_id(s: &str) -> Result<VolumeId, Status> {
 fn domain_identity(xml: &str) -> Result<(String, String), Status> {
     use quick_xml::events::Event;
     let mut r = quick_xml::Reader::from_str(xml);
-    let (mut depth, mut current, mut name, mut uuid) = (0usize, String::new(), String::new(), String::new());
+    let (mut depth, mut current, mut name, mut uuid) =
+        (0usize, String::new(), String::new(), String::new());
     loop {
         match r.read_event() {
             Ok(Event::Start(e)) => {
                 depth += 1;
-                current = if depth == 2 { e.name().0.to_owned() } else { String::new() };
+                current = if depth == 2 {
+                    e.name().0.to_owned()
+                } else {
+                    String::new()
+                };
             }
             Ok(Event::End(_)) => {
                 depth = depth.saturating_sub(1);
@@ -69,7 +79,9 @@ fn domain_identity(xml: &str) -> Result<(String, String), Status> {
         }
     }
     if name.is_empty() || uuid::Uuid::parse_str(&uuid).is_err() {
-        return Err(Status::invalid_argument("domain XML needs <name> and <uuid>"));
+        return Err(Status::invalid_argument(
+            "domain XML needs <name> and <uuid>",
+        ));
     }
     Ok((name, uuid))
 }
@@ -77,7 +89,13 @@ fn domain_identity(xml: &str) -> Result<(String, String), Status> {
 impl Daemon {
     /// A daemon over these parts.
     pub fn new(hv: Box<dyn Hypervisor>, store: Store, keys: HostKeys) -> Self {
-        Self { hv, store, keys, done: Mutex::new(HashMap::new()), changes: Mutex::new(()) }
+        Self {
+            hv,
+            store,
+            keys,
+            done: Mutex::new(HashMap::new()),
+            changes: Mutex::new(()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -85,11 +103,18 @@ impl Daemon {
     }
 
     fn remember(&self, op_id: &str, outcome: &str) {
-        self.done.lock().unwrap_or_else(|p| p.into_inner()).insert(op_id.to_owned(), outcome.to_owned());
+        self.done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(op_id.to_owned(), outcome.to_owned());
     }
 
     fn recall(&self, op_id: &str) -> Option<String> {
-        self.done.lock().unwrap_or_else(|p| p.into_inner()).get(op_id).cloned()
+        self.done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(op_id)
+            .cloned()
     }
 
     /// Creates a volume from a pushed key; keeps no key afterwards.
@@ -99,16 +124,26 @@ impl Daemon {
         }
         valid_name("pool name", &r.pool)?;
         valid_name("volume name", &r.name)?;
-        uuid::Uuid::parse_str(&r.secret_uuid).map_err(|_| Status::invalid_argument("secret_uuid is not a UUID"))?;
-        let key = r.key.ok_or_else(|| Status::invalid_argument("no key packet"))?;
+        uuid::Uuid::parse_str(&r.secret_uuid)
+            .map_err(|_| Status::invalid_argument("secret_uuid is not a UUID"))?;
+        let key = r
+            .key
+            .ok_or_else(|| Status::invalid_argument("no key packet"))?;
         let vid = volume_id(&r.volume_id)?;
         if key.volume_id != r.volume_id {
-            return Err(Status::invalid_argument("the key packet is for another volume"));
+            return Err(Status::invalid_argument(
+                "the key packet is for another volume",
+            ));
         }
         let _guard = self.lock();
         let mut vols = self.store.volumes().map_err(internal)?;
         if let Some(v) = vols.get(&r.volume_id) {
-            if self.hv.volume_path(&v.pool, &v.name).map_err(internal)?.is_some() {
+            if self
+                .hv
+                .volume_path(&v.pool, &v.name)
+                .map_err(internal)?
+                .is_some()
+            {
                 return Ok(v.path.clone());
             }
         }
@@ -122,12 +157,24 @@ impl Daemon {
         };
         let path = self
             .hv
-            .create_volume(&r.pool, &r.name, r.capacity_bytes, format, packet.secret.expose_secret())
+            .create_volume(
+                &r.pool,
+                &r.name,
+                r.capacity_bytes,
+                format,
+                packet.secret.expose_secret(),
+            )
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         drop(packet);
         vols.insert(
             r.volume_id.clone(),
-            VolumeEntry { volume_id: r.volume_id.clone(), name: r.name, pool: r.pool, path: path.clone(), secret_uuid: r.secret_uuid.to_ascii_lowercase() },
+            VolumeEntry {
+                volume_id: r.volume_id.clone(),
+                name: r.name,
+                pool: r.pool,
+                path: path.clone(),
+                secret_uuid: r.secret_uuid.to_ascii_lowercase(),
+            },
         );
         self.store.save_volumes(&vols).map_err(internal)?;
         self.remember(&r.op_id, &path);
@@ -140,7 +187,9 @@ impl Daemon {
         valid_name("pool name", &r.pool)?;
         valid_name("volume name", &r.name)?;
         let _guard = self.lock();
-        self.hv.delete_volume(&r.pool, &r.name).map_err(|e| Status::failed_precondition(e.to_string()))?;
+        self.hv
+            .delete_volume(&r.pool, &r.name)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         let mut vols = self.store.volumes().map_err(internal)?;
         vols.remove(&r.volume_id);
         self.store.save_volumes(&vols).map_err(internal)?;
@@ -156,10 +205,17 @@ impl Daemon {
         for k in r.keys {
             let vid = volume_id(&k.volume_id)?;
             let v = vols.get(&k.volume_id).ok_or_else(|| {
-                Status::failed_precondition(format!("volume {} was not created on this host", k.volume_id))
+                Status::failed_precondition(format!(
+                    "volume {} was not created on this host",
+                    k.volume_id
+                ))
             })?;
             // Refuse now what could not be opened at start time.
-            drop(self.keys.open(&k.sealed_packet, vid, k.generation).map_err(|e| Status::invalid_argument(e.to_string()))?);
+            drop(
+                self.keys
+                    .open(&k.sealed_packet, vid, k.generation)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            );
             keys.push(StoredKey {
                 volume_id: vid,
                 generation: k.generation,
@@ -170,9 +226,12 @@ impl Daemon {
         }
         let record = GuestRecord {
             uuid: XdrString::new(uuid.clone()).map_err(internal)?,
-            name: XdrString::new(name).map_err(|_| Status::invalid_argument("domain name too long"))?,
-            domain_xml: XdrString::new(r.domain_xml.clone()).map_err(|_| Status::invalid_argument("domain XML over 1 MiB"))?,
-            keys: BoundedVec::new(keys).map_err(|_| Status::invalid_argument("more than 256 encrypted disks"))?,
+            name: XdrString::new(name)
+                .map_err(|_| Status::invalid_argument("domain name too long"))?,
+            domain_xml: XdrString::new(r.domain_xml.clone())
+                .map_err(|_| Status::invalid_argument("domain XML over 1 MiB"))?,
+            keys: BoundedVec::new(keys)
+                .map_err(|_| Status::invalid_argument("more than 256 encrypted disks"))?,
         };
         self.store.save(&record).map_err(internal)?;
         if let Err(e) = self.hv.define_domain(&r.domain_xml) {
@@ -187,7 +246,9 @@ impl Daemon {
     /// Undefines a guest and erases its keys.
     pub fn undefine_guest(&self, uuid: &str) -> Result<(), Status> {
         let _guard = self.lock();
-        self.hv.undefine_domain(uuid).map_err(|e| Status::failed_precondition(e.to_string()))?;
+        self.hv
+            .undefine_domain(uuid)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         self.forget_guest(uuid);
         Ok(())
     }
@@ -210,7 +271,10 @@ impl Daemon {
     pub fn prepare_secrets(&self, domain: &str, wanted: &BTreeSet<String>) -> Result<(), String> {
         let rec = self.store.load(domain).map_err(|e| e.to_string())?;
         let vols = self.store.volumes().map_err(|e| e.to_string())?;
-        let held: BTreeSet<String> = rec.as_ref().map(|r| r.keys.iter().map(|k| k.secret_uuid.to_string()).collect()).unwrap_or_default();
+        let held: BTreeSet<String> = rec
+            .as_ref()
+            .map(|r| r.keys.iter().map(|k| k.secret_uuid.to_string()).collect())
+            .unwrap_or_default();
         // A disk naming one of our volumes whose key this guest does not hold.
         for s in wanted.difference(&held) {
             if let Some(v) = vols.values().find(|v| &v.secret_uuid == s) {
@@ -222,9 +286,16 @@ impl Daemon {
         }
         let Some(rec) = rec else { return Ok(()) };
         for k in rec.keys.iter() {
-            let packet = self.keys.open_stored(k).map_err(|e| format!("key of volume {}: {e}", k.volume_id))?;
+            let packet = self
+                .keys
+                .open_stored(k)
+                .map_err(|e| format!("key of volume {}: {e}", k.volume_id))?;
             self.hv
-                .set_secret(k.secret_uuid.as_str(), k.path.as_str(), packet.secret.expose_secret())
+                .set_secret(
+                    k.secret_uuid.as_str(),
+                    k.path.as_str(),
+                    packet.secret.expose_secret(),
+                )
                 .map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -236,7 +307,13 @@ impl Daemon {
         if let Ok(Some(rec)) = self.store.load(domain) {
             all.extend(rec.keys.iter().map(|k| k.secret_uuid.to_string()));
         }
-        let ours: BTreeSet<String> = self.store.volumes().map_err(|e| e.to_string())?.values().map(|v| v.secret_uuid.clone()).collect();
+        let ours: BTreeSet<String> = self
+            .store
+            .volumes()
+            .map_err(|e| e.to_string())?
+            .values()
+            .map(|v| v.secret_uuid.clone())
+            .collect();
         for s in all.intersection(&ours) {
             self.hv.remove_secret(s).map_err(|e| e.to_string())?;
         }
@@ -249,7 +326,11 @@ impl Daemon {
         for uuid in self.store.guests().map_err(internal)? {
             if let Some(rec) = self.store.load(&uuid).map_err(internal)? {
                 for k in rec.keys.iter() {
-                    out.push(pb::HeldKeyInfo { volume_id: k.volume_id.to_string(), generation: k.generation, guest_uuid: uuid.clone() });
+                    out.push(pb::HeldKeyInfo {
+                        volume_id: k.volume_id.to_string(),
+                        generation: k.generation,
+                        guest_uuid: uuid.clone(),
+                    });
                 }
             }
         }
@@ -271,25 +352,37 @@ pub struct AgentService {
 
 impl AgentService {
     fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let fp = req
-            .peer_certs()
-            .and_then(|c| c.first().map(|c| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(c.as_ref()))));
+        let fp = req.peer_certs().and_then(|c| {
+            c.first()
+                .map(|c| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(c.as_ref())))
+        });
         match fp {
             Some(f) if f == self.server_sha256 => Ok(()),
-            _ => Err(Status::permission_denied("only this host's management server may call the host-agent API")),
+            _ => Err(Status::permission_denied(
+                "only this host's management server may call the host-agent API",
+            )),
         }
     }
 
-    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Daemon) -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Daemon) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
         let d = self.daemon.clone();
-        tokio::task::spawn_blocking(move || f(&d)).await.map_err(internal)?
+        tokio::task::spawn_blocking(move || f(&d))
+            .await
+            .map_err(internal)?
     }
 }
 
 type R<T> = Result<Response<T>, Status>;
 
 fn guest_result(op_id: String, guest_uuid: String, state: String) -> R<pb::GuestResult> {
-    Ok(Response::new(pb::GuestResult { op_id, guest_uuid, state }))
+    Ok(Response::new(pb::GuestResult {
+        op_id,
+        guest_uuid,
+        state,
+    }))
 }
 
 #[tonic::async_trait]
@@ -299,7 +392,11 @@ impl HostAgent for AgentService {
         let r = req.into_inner();
         let (op_id, volume_id) = (r.op_id.clone(), r.volume_id.clone());
         let path = self.blocking(move |d| d.create_volume(r)).await?;
-        Ok(Response::new(pb::VolumeResult { op_id, volume_id, path }))
+        Ok(Response::new(pb::VolumeResult {
+            op_id,
+            volume_id,
+            path,
+        }))
     }
 
     async fn delete_volume(&self, req: Request<pb::DeleteVolumeRequest>) -> R<pb::VolumeResult> {
@@ -307,7 +404,11 @@ impl HostAgent for AgentService {
         let r = req.into_inner();
         let (op_id, volume_id) = (r.op_id.clone(), r.volume_id.clone());
         self.blocking(move |d| d.delete_volume(r)).await?;
-        Ok(Response::new(pb::VolumeResult { op_id, volume_id, path: String::new() }))
+        Ok(Response::new(pb::VolumeResult {
+            op_id,
+            volume_id,
+            path: String::new(),
+        }))
     }
 
     async fn define_guest(&self, req: Request<pb::DefineGuestRequest>) -> R<pb::GuestResult> {
@@ -317,7 +418,10 @@ impl HostAgent for AgentService {
         let (uuid, state) = self
             .blocking(move |d| {
                 let uuid = d.define_guest(r)?;
-                let state = d.hv.domain_state(&uuid).map_err(internal)?.unwrap_or_default();
+                let state =
+                    d.hv.domain_state(&uuid)
+                        .map_err(internal)?
+                        .unwrap_or_default();
                 Ok((uuid, state))
             })
             .await?;
@@ -336,7 +440,12 @@ impl HostAgent for AgentService {
         self.check(&req)?;
         let r = req.into_inner();
         let uuid = r.guest_uuid.clone();
-        let state = self.blocking(move |d| d.hv.start_domain(&uuid).map_err(|e| Status::failed_precondition(e.to_string()))).await?;
+        let state = self
+            .blocking(move |d| {
+                d.hv.start_domain(&uuid)
+                    .map_err(|e| Status::failed_precondition(e.to_string()))
+            })
+            .await?;
         guest_result(r.op_id, r.guest_uuid, state)
     }
 
@@ -344,28 +453,42 @@ impl HostAgent for AgentService {
         self.check(&req)?;
         let r = req.into_inner();
         let uuid = r.guest_uuid.clone();
-        let state = self.blocking(move |d| d.hv.stop_domain(&uuid).map_err(|e| Status::failed_precondition(e.to_string()))).await?;
+        let state = self
+            .blocking(move |d| {
+                d.hv.stop_domain(&uuid)
+                    .map_err(|e| Status::failed_precondition(e.to_string()))
+            })
+            .await?;
         guest_result(r.op_id, r.guest_uuid, state)
     }
 
     async fn prepare_migration(&self, req: Request<pb::DefineGuestRequest>) -> R<pb::GuestResult> {
         self.check(&req)?;
-        Err(Status::unimplemented("migration is not built yet (re-encryption and migration issue)"))
+        Err(Status::unimplemented(
+            "migration is not built yet (re-encryption and migration issue)",
+        ))
     }
 
     async fn rekey(&self, req: Request<pb::RekeyRequest>) -> R<pb::RekeyResult> {
         self.check(&req)?;
-        Err(Status::unimplemented("re-encryption is not built yet (re-encryption and migration issue)"))
+        Err(Status::unimplemented(
+            "re-encryption is not built yet (re-encryption and migration issue)",
+        ))
     }
 
     async fn forget_key(&self, req: Request<pb::ForgetKeyRequest>) -> R<pb::VolumeResult> {
         self.check(&req)?;
-        Err(Status::unimplemented("key generations are not built yet (re-encryption and migration issue)"))
+        Err(Status::unimplemented(
+            "key generations are not built yet (re-encryption and migration issue)",
+        ))
     }
 
     async fn get_inventory(&self, req: Request<pb::InventoryRequest>) -> R<pb::InventoryResult> {
         self.check(&req)?;
         let held = self.blocking(|d| d.inventory()).await?;
-        Ok(Response::new(pb::InventoryResult { held, host_uuid: String::new() }))
+        Ok(Response::new(pb::InventoryResult {
+            held,
+            host_uuid: String::new(),
+        }))
     }
 }

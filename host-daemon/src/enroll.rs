@@ -16,30 +16,47 @@ use crate::state::{StateDir, private_dir, write_atomic};
 pub struct EnrollError(pub String);
 
 /// Enrolls this host. Refuses a state directory that is already enrolled.
-pub async fn enroll(server: &str, token: &str, ca_file: &Path, dir: &StateDir) -> Result<String, EnrollError> {
+pub async fn enroll(
+    server: &str,
+    token: &str,
+    ca_file: &Path,
+    dir: &StateDir,
+) -> Result<String, EnrollError> {
     if dir.file("tls.pem").exists() {
         return Err(EnrollError(format!(
             "{} is already enrolled (tls.pem exists): use another --state-dir, or remove it to enroll again",
             dir.root().display()
         )));
     }
-    let ca = std::fs::read_to_string(ca_file)
-        .map_err(|e| EnrollError(format!("cannot read the CA file {}: {e} (`guestkeyctl ca-cert` prints it)", ca_file.display())))?;
+    let ca = std::fs::read_to_string(ca_file).map_err(|e| {
+        EnrollError(format!(
+            "cannot read the CA file {}: {e} (`guestkeyctl ca-cert` prints it)",
+            ca_file.display()
+        ))
+    })?;
     let host = server
         .strip_prefix("https://")
         .ok_or_else(|| EnrollError(format!("server URL {server:?} must start with https://")))?
         .split('/')
         .next()
         .unwrap_or_default();
-    let domain = host.rsplit_once(':').map_or(host, |(h, _)| h).trim_start_matches('[').trim_end_matches(']').to_owned();
+    let domain = host
+        .rsplit_once(':')
+        .map_or(host, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
 
-    let tls_key = rcgen::KeyPair::generate().map_err(|e| EnrollError(format!("key generation: {e}")))?;
+    let tls_key =
+        rcgen::KeyPair::generate().map_err(|e| EnrollError(format!("key generation: {e}")))?;
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())
         .and_then(|p| p.serialize_request(&tls_key))
         .map_err(|e| EnrollError(format!("certificate request: {e}")))?;
     let sealing = HostSealingKey::generate();
 
-    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca)).domain_name(domain);
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca))
+        .domain_name(domain);
     let channel = Endpoint::from_shared(server.to_owned())
         .map_err(|e| EnrollError(format!("bad server URL {server:?}: {e}")))?
         .tls_config(tls)
@@ -48,7 +65,11 @@ pub async fn enroll(server: &str, token: &str, ca_file: &Path, dir: &StateDir) -
         .timeout(std::time::Duration::from_secs(30))
         .connect()
         .await
-        .map_err(|e| EnrollError(format!("cannot reach guestkey-server at {server}: {e} (check --server and --ca-file)")))?;
+        .map_err(|e| {
+            EnrollError(format!(
+                "cannot reach guestkey-server at {server}: {e} (check --server and --ca-file)"
+            ))
+        })?;
     let r = HostApiClient::new(channel)
         .enroll(EnrollRequest {
             token: token.trim().to_owned(),
@@ -56,7 +77,12 @@ pub async fn enroll(server: &str, token: &str, ca_file: &Path, dir: &StateDir) -
             sealing_public_key: sealing.public_key().as_bytes().to_vec(),
         })
         .await
-        .map_err(|s| EnrollError(format!("the server refused the enrollment: {}", s.message())))?
+        .map_err(|s| {
+            EnrollError(format!(
+                "the server refused the enrollment: {}",
+                s.message()
+            ))
+        })?
         .into_inner();
 
     let io = |p: &Path| {
@@ -65,12 +91,22 @@ pub async fn enroll(server: &str, token: &str, ca_file: &Path, dir: &StateDir) -
     };
     private_dir(dir.root()).map_err(io(dir.root()))?;
     write_atomic(&dir.file("host"), r.host_name.as_bytes()).map_err(io(&dir.file("host")))?;
-    write_atomic(&dir.file("ca.pem"), r.ca_certificate_pem.as_bytes()).map_err(io(&dir.file("ca.pem")))?;
-    write_atomic(&dir.file("server.sha256"), r.server_certificate_sha256.as_bytes()).map_err(io(&dir.file("server.sha256")))?;
-    write_atomic(&dir.file("sealing.key"), sealing.expose_secret_bytes().as_ref()).map_err(io(&dir.file("sealing.key")))?;
+    write_atomic(&dir.file("ca.pem"), r.ca_certificate_pem.as_bytes())
+        .map_err(io(&dir.file("ca.pem")))?;
+    write_atomic(
+        &dir.file("server.sha256"),
+        r.server_certificate_sha256.as_bytes(),
+    )
+    .map_err(io(&dir.file("server.sha256")))?;
+    write_atomic(
+        &dir.file("sealing.key"),
+        sealing.expose_secret_bytes().as_ref(),
+    )
+    .map_err(io(&dir.file("sealing.key")))?;
     let key_pem = zeroize::Zeroizing::new(tls_key.serialize_pem());
     write_atomic(&dir.file("tls.key"), key_pem.as_bytes()).map_err(io(&dir.file("tls.key")))?;
     // Last: its presence means "enrolled".
-    write_atomic(&dir.file("tls.pem"), r.certificate_pem.as_bytes()).map_err(io(&dir.file("tls.pem")))?;
+    write_atomic(&dir.file("tls.pem"), r.certificate_pem.as_bytes())
+        .map_err(io(&dir.file("tls.pem")))?;
     Ok(r.host_name)
 }

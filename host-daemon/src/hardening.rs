@@ -28,19 +28,25 @@ fn check(what: &'static str, rc: libc::c_int) -> Result<(), HardeningError> {
 /// Makes the process non-dumpable and sets its core size limit to zero.
 pub fn no_dumps() -> Result<(), HardeningError> {
     // SAFETY: prctl(PR_SET_DUMPABLE, 0) takes no pointers.
-    check("prctl(PR_SET_DUMPABLE, 0)", unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) })?;
+    check("prctl(PR_SET_DUMPABLE, 0)", unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0)
+    })?;
     let zero = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: `zero` is a valid rlimit that outlives the call.
-    check("setrlimit(RLIMIT_CORE, 0)", unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) })
+    check("setrlimit(RLIMIT_CORE, 0)", unsafe {
+        libc::setrlimit(libc::RLIMIT_CORE, &zero)
+    })
 }
 
 /// Locks all current and future pages in memory.
 pub fn lock_memory() -> Result<(), HardeningError> {
     // SAFETY: mlockall takes flags only.
-    check("mlockall", unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) })
+    check("mlockall", unsafe {
+        libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE)
+    })
 }
 
 /// Whether the process is currently dumpable (for tests and status).

@@ -58,14 +58,18 @@ async fn handle(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<()> 
     let (read, mut write) = stream.into_split();
     if cred.uid() != 0 {
         tracing::warn!(uid = cred.uid(), "hook socket: refused a non-root peer");
-        write.write_all(b"error only root may use the guestkey hook socket\n").await?;
+        write
+            .write_all(b"error only root may use the guestkey hook socket\n")
+            .await?;
         return Ok(());
     }
     let mut line = String::new();
     let mut reader = BufReader::new(read).take(64 * 1024);
     tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within 5 s"))??;
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within 5 s")
+        })??;
     let reply = match parse(&line) {
         Ok((op, domain, secrets)) => {
             let d = daemon.clone();
@@ -77,7 +81,10 @@ async fn handle(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<()> 
                 Ok(Ok(Ok(()))) => "ok\n".to_owned(),
                 Ok(Ok(Err(msg))) => format!("error {}\n", msg.replace('\n', " ")),
                 Ok(Err(e)) => format!("error guestkeyd failed: {e}\n"),
-                Err(_) => format!("error guestkeyd did not finish within {} s\n", REQUEST_TIMEOUT.as_secs()),
+                Err(_) => format!(
+                    "error guestkeyd did not finish within {} s\n",
+                    REQUEST_TIMEOUT.as_secs()
+                ),
             }
         }
         Err(msg) => format!("error {msg}\n"),
@@ -95,7 +102,11 @@ fn parse(line: &str) -> Result<(Op, String, BTreeSet<String>), String> {
     let op = match words.next() {
         Some("prepare") => Op::Prepare,
         Some("release") => Op::Release,
-        _ => return Err("unknown request: the hook socket takes only `prepare` and `release`".into()),
+        _ => {
+            return Err(
+                "unknown request: the hook socket takes only `prepare` and `release`".into(),
+            );
+        }
     };
     let domain = words.next().ok_or("no domain UUID in the request")?;
     let is_uuid = |s: &str| uuid::Uuid::parse_str(s).is_ok();

@@ -29,7 +29,14 @@ pub enum Format {
 /// What the daemon needs from the hypervisor.
 pub trait Hypervisor: Send + Sync {
     /// Creates an encrypted volume in a pool; returns its path.
-    fn create_volume(&self, pool: &str, name: &str, capacity: u64, format: Format, passphrase: &[u8]) -> Result<String, HvError>;
+    fn create_volume(
+        &self,
+        pool: &str,
+        name: &str,
+        capacity: u64,
+        format: Format,
+        passphrase: &[u8],
+    ) -> Result<String, HvError>;
     /// The path of an existing volume, if it exists.
     fn volume_path(&self, pool: &str, name: &str) -> Result<Option<String>, HvError>;
     /// Deletes a volume (a missing one is not an error).
@@ -61,7 +68,9 @@ fn err(what: impl std::fmt::Display) -> impl FnOnce(virt::error::Error) -> HvErr
 }
 
 fn state_name(s: virt::enumutil::Enum<DomainState, u32>) -> &'static str {
-    let virt::enumutil::Enum::Known(s) = s else { return "no state" };
+    let virt::enumutil::Enum::Known(s) = s else {
+        return "no state";
+    };
     match s {
         DomainState::Running => "running",
         DomainState::Blocked => "idle",
@@ -79,21 +88,30 @@ impl Libvirt {
     pub fn new(uri: &str) -> Self {
         // Errors come back as Results; do not also print them to stderr.
         virt::error::clear_error_callback();
-        Self { uri: uri.to_owned() }
+        Self {
+            uri: uri.to_owned(),
+        }
     }
 
     fn conn(&self) -> Result<Connect, HvError> {
-        Connect::open(Some(&self.uri)).map_err(err(format!("cannot connect to libvirt at {}", self.uri)))
+        Connect::open(Some(&self.uri))
+            .map_err(err(format!("cannot connect to libvirt at {}", self.uri)))
     }
 
     fn pool(&self, conn: &Connect, pool: &str) -> Result<StoragePool, HvError> {
-        conn.lookup_storage_pool_by_name(pool).map_err(err(format!("storage pool {pool}")))
+        conn.lookup_storage_pool_by_name(pool)
+            .map_err(err(format!("storage pool {pool}")))
     }
 
     fn pool_dir(&self, p: &StoragePool, pool: &str) -> Result<PathBuf, HvError> {
         let xml = p.xml_desc(0).map_err(err(format!("storage pool {pool}")))?;
-        if !(xml.starts_with("<pool type='dir'") || xml.starts_with("<pool type='fs'") || xml.starts_with("<pool type='netfs'")) {
-            return Err(HvError(format!("storage pool {pool} is not a directory pool (dir, fs, netfs): guestkey creates volumes only in those so far")));
+        if !(xml.starts_with("<pool type='dir'")
+            || xml.starts_with("<pool type='fs'")
+            || xml.starts_with("<pool type='netfs'"))
+        {
+            return Err(HvError(format!(
+                "storage pool {pool} is not a directory pool (dir, fs, netfs): guestkey creates volumes only in those so far"
+            )));
         }
         let start = xml.find("<path>").map(|i| i + 6);
         let end = xml.find("</path>");
@@ -106,42 +124,79 @@ impl Libvirt {
     fn domain(&self, conn: &Connect, uuid: &str) -> Result<Option<Domain>, HvError> {
         match conn.lookup_domain_by_uuid_string(uuid) {
             Ok(d) => Ok(Some(d)),
-            Err(e) if matches!(e.code(), virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain)) => Ok(None),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain)
+                ) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(HvError(format!("domain {uuid}: {}", e.message()))),
         }
     }
 }
 
 impl Hypervisor for Libvirt {
-    fn create_volume(&self, pool: &str, name: &str, capacity: u64, format: Format, passphrase: &[u8]) -> Result<String, HvError> {
+    fn create_volume(
+        &self,
+        pool: &str,
+        name: &str,
+        capacity: u64,
+        format: Format,
+        passphrase: &[u8],
+    ) -> Result<String, HvError> {
         let conn = self.conn()?;
         let p = self.pool(&conn, pool)?;
         let dir = self.pool_dir(&p, pool)?;
         let path = dir.join(name);
         if path.exists() {
-            return Err(HvError(format!("volume {name} already exists in pool {pool} ({})", path.display())));
+            return Err(HvError(format!(
+                "volume {name} already exists in pool {pool} ({})",
+                path.display()
+            )));
         }
         // qemu-img, not libvirt's vol-create: it lets us choose the LUKS
         // iteration count (the key is random; stretching only slows every
         // guest start). The passphrase goes through a pipe on stdin, never
         // through argv or a file.
         let (fmt, opts) = match format {
-            Format::Qcow2 => ("qcow2", "encrypt.format=luks,encrypt.key-secret=gk0,encrypt.iter-time=10"),
+            Format::Qcow2 => (
+                "qcow2",
+                "encrypt.format=luks,encrypt.key-secret=gk0,encrypt.iter-time=10",
+            ),
             Format::Raw => ("luks", "key-secret=gk0,iter-time=10"),
         };
         let mut child = Command::new("qemu-img")
-            .args(["create", "-q", "-f", fmt, "--object", "secret,id=gk0,file=/dev/stdin,format=raw", "-o", opts])
+            .args([
+                "create",
+                "-q",
+                "-f",
+                fmt,
+                "--object",
+                "secret,id=gk0,file=/dev/stdin,format=raw",
+                "-o",
+                opts,
+            ])
             .arg(&path)
             .arg(capacity.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| HvError(format!("cannot run qemu-img: {e} (is qemu-utils installed?)")))?;
+            .map_err(|e| {
+                HvError(format!(
+                    "cannot run qemu-img: {e} (is qemu-utils installed?)"
+                ))
+            })?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(passphrase).map_err(|e| HvError(format!("qemu-img: {e}")))?;
+            stdin
+                .write_all(passphrase)
+                .map_err(|e| HvError(format!("qemu-img: {e}")))?;
         }
-        let out = child.wait_with_output().map_err(|e| HvError(format!("qemu-img: {e}")))?;
+        let out = child
+            .wait_with_output()
+            .map_err(|e| HvError(format!("qemu-img: {e}")))?;
         if !out.status.success() {
             let _ = std::fs::remove_file(&path);
             return Err(HvError(format!(
@@ -150,7 +205,8 @@ impl Hypervisor for Libvirt {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        p.refresh(0).map_err(err(format!("refresh of pool {pool}")))?;
+        p.refresh(0)
+            .map_err(err(format!("refresh of pool {pool}")))?;
         Ok(path.to_string_lossy().into_owned())
     }
 
@@ -169,28 +225,37 @@ impl Hypervisor for Libvirt {
         let p = self.pool(&conn, pool)?;
         let _ = p.refresh(0);
         match p.lookup_storage_vol_by_name(name) {
-            Ok(v) => v.delete(0).map_err(err(format!("delete of volume {name} in pool {pool}"))),
+            Ok(v) => v
+                .delete(0)
+                .map_err(err(format!("delete of volume {name} in pool {pool}"))),
             Err(_) => Ok(()),
         }
     }
 
     fn define_domain(&self, xml: &str) -> Result<(), HvError> {
         let conn = self.conn()?;
-        conn.define_domain_xml(xml).map(|_| ()).map_err(err("libvirt refused the domain XML"))
+        conn.define_domain_xml(xml)
+            .map(|_| ())
+            .map_err(err("libvirt refused the domain XML"))
     }
 
     fn undefine_domain(&self, uuid: &str) -> Result<(), HvError> {
         let conn = self.conn()?;
-        let Some(d) = self.domain(&conn, uuid)? else { return Ok(()) };
+        let Some(d) = self.domain(&conn, uuid)? else {
+            return Ok(());
+        };
         if d.is_active().unwrap_or(false) {
             d.destroy().map_err(err(format!("stop of domain {uuid}")))?;
         }
-        d.undefine().map_err(err(format!("undefine of domain {uuid}")))
+        d.undefine()
+            .map_err(err(format!("undefine of domain {uuid}")))
     }
 
     fn start_domain(&self, uuid: &str) -> Result<String, HvError> {
         let conn = self.conn()?;
-        let d = self.domain(&conn, uuid)?.ok_or_else(|| HvError(format!("domain {uuid} is not defined on this host")))?;
+        let d = self
+            .domain(&conn, uuid)?
+            .ok_or_else(|| HvError(format!("domain {uuid} is not defined on this host")))?;
         if !d.is_active().unwrap_or(false) {
             d.create().map_err(err(format!("start of domain {uuid}")))?;
         }
@@ -199,7 +264,9 @@ impl Hypervisor for Libvirt {
 
     fn stop_domain(&self, uuid: &str) -> Result<String, HvError> {
         let conn = self.conn()?;
-        let d = self.domain(&conn, uuid)?.ok_or_else(|| HvError(format!("domain {uuid} is not defined on this host")))?;
+        let d = self
+            .domain(&conn, uuid)?
+            .ok_or_else(|| HvError(format!("domain {uuid} is not defined on this host")))?;
         if d.is_active().unwrap_or(false) {
             d.destroy().map_err(err(format!("stop of domain {uuid}")))?;
         }
@@ -208,7 +275,9 @@ impl Hypervisor for Libvirt {
 
     fn domain_state(&self, uuid: &str) -> Result<Option<String>, HvError> {
         let conn = self.conn()?;
-        let Some(d) = self.domain(&conn, uuid)? else { return Ok(None) };
+        let Some(d) = self.domain(&conn, uuid)? else {
+            return Ok(None);
+        };
         let (state, _) = d.state().map_err(err(format!("state of domain {uuid}")))?;
         Ok(Some(state_name(state).to_owned()))
     }
@@ -221,19 +290,27 @@ impl Hypervisor for Libvirt {
             "<secret ephemeral='yes' private='yes'><uuid>{uuid}</uuid><usage type='volume'><volume>{}</volume></usage></secret>",
             xml_escape(volume_path)
         );
-        let s = conn.define_secret_xml(&xml, 0).map_err(err(format!("define of libvirt secret {uuid}")))?;
-        s.set_value(value, 0).map_err(err(format!("value of libvirt secret {uuid}")))
+        let s = conn
+            .define_secret_xml(&xml, 0)
+            .map_err(err(format!("define of libvirt secret {uuid}")))?;
+        s.set_value(value, 0)
+            .map_err(err(format!("value of libvirt secret {uuid}")))
     }
 
     fn remove_secret(&self, uuid: &str) -> Result<(), HvError> {
         let conn = self.conn()?;
         match conn.lookup_secret_by_uuid_string(uuid) {
-            Ok(s) => s.undefine().map_err(err(format!("undefine of libvirt secret {uuid}"))),
+            Ok(s) => s
+                .undefine()
+                .map_err(err(format!("undefine of libvirt secret {uuid}"))),
             Err(_) => Ok(()),
         }
     }
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
 }

@@ -41,7 +41,10 @@ impl StateDir {
 
 /// Creates a directory with mode 0700.
 pub fn private_dir(path: &Path) -> std::io::Result<()> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
 }
 
 /// Writes `data` to `path` atomically (temp file, fsync, rename, fsync of

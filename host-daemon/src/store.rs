@@ -83,7 +83,9 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// A sealed record does not open.
-    #[error("sealed record of guest {0} does not authenticate: it was altered, or store.key changed")]
+    #[error(
+        "sealed record of guest {0} does not authenticate: it was altered, or store.key changed"
+    )]
     Corrupt(String),
     /// A record does not decode.
     #[error("sealed record of guest {uuid} is malformed: {error}")]
@@ -128,7 +130,10 @@ impl Store {
             return Err(StoreError::BadKey(key_path));
         }
         secrecy::ExposeSecretMut::expose_secret_mut(&mut key).copy_from_slice(&bytes);
-        Ok(Self { dir: dir.clone(), key })
+        Ok(Self {
+            dir: dir.clone(),
+            key,
+        })
     }
 
     fn path(&self, uuid: &str) -> PathBuf {
@@ -161,7 +166,11 @@ impl Store {
         out.extend_from_slice(&body);
         out.extend_from_slice(&tag);
         let path = self.path(uuid);
-        write_atomic(&path, &out).map_err(|source| StoreError::Io { what: "write", path, source })
+        write_atomic(&path, &out).map_err(|source| StoreError::Io {
+            what: "write",
+            path,
+            source,
+        })
     }
 
     /// Reads and opens a guest record, if there is one.
@@ -170,7 +179,13 @@ impl Store {
         let data = match std::fs::read(&path) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StoreError::Io { what: "read", path, source }),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    what: "read",
+                    path,
+                    source,
+                });
+            }
         };
         if data.len() < 24 + 16 {
             return Err(StoreError::Corrupt(uuid.to_owned()));
@@ -183,7 +198,10 @@ impl Store {
             .map_err(|_| StoreError::Corrupt(uuid.to_owned()))?;
         xdr_wipe::decode(&body)
             .map(Some)
-            .map_err(|error| StoreError::Malformed { uuid: uuid.to_owned(), error })
+            .map_err(|error| StoreError::Malformed {
+                uuid: uuid.to_owned(),
+                error,
+            })
     }
 
     /// Erases a guest's record.
@@ -192,17 +210,30 @@ impl Store {
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(source) => Err(StoreError::Io { what: "remove", path, source }),
+            Err(source) => Err(StoreError::Io {
+                what: "remove",
+                path,
+                source,
+            }),
         }
     }
 
     /// UUIDs of all stored guests.
     pub fn guests(&self) -> Result<Vec<String>, StoreError> {
         let dir = self.dir.guests();
-        let rd = std::fs::read_dir(&dir).map_err(|source| StoreError::Io { what: "list", path: dir.clone(), source })?;
+        let rd = std::fs::read_dir(&dir).map_err(|source| StoreError::Io {
+            what: "list",
+            path: dir.clone(),
+            source,
+        })?;
         Ok(rd
             .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".sealed")).map(str::to_owned))
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".sealed"))
+                    .map(str::to_owned)
+            })
             .collect())
     }
 
@@ -216,7 +247,11 @@ impl Store {
                 source: std::io::Error::other(e.to_string()),
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-            Err(source) => Err(StoreError::Io { what: "read", path, source }),
+            Err(source) => Err(StoreError::Io {
+                what: "read",
+                path,
+                source,
+            }),
         }
     }
 
@@ -224,6 +259,10 @@ impl Store {
     pub fn save_volumes(&self, v: &BTreeMap<String, VolumeEntry>) -> Result<(), StoreError> {
         let path = self.dir.file("volumes.json");
         let data = serde_json::to_vec_pretty(v).unwrap_or_default();
-        write_atomic(&path, &data).map_err(|source| StoreError::Io { what: "write", path, source })
+        write_atomic(&path, &data).map_err(|source| StoreError::Io {
+            what: "write",
+            path,
+            source,
+        })
     }
 }

@@ -63,7 +63,9 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -85,26 +87,45 @@ fn main() -> ExitCode {
 
 async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
-        Command::Enroll { server, token, ca_file, state_dir } => {
-            let name = host_daemon::enroll::enroll(&server, &token, &ca_file, &StateDir::new(&state_dir)).await?;
+        Command::Enroll {
+            server,
+            token,
+            ca_file,
+            state_dir,
+        } => {
+            let name =
+                host_daemon::enroll::enroll(&server, &token, &ca_file, &StateDir::new(&state_dir))
+                    .await?;
             println!("enrolled as host {name}; keys in {}", state_dir.display());
             println!("next: guestkeyd run --state-dir {}", state_dir.display());
             Ok(())
         }
-        Command::Run { state_dir, listen, libvirt_uri, hook_socket } => {
+        Command::Run {
+            state_dir,
+            listen,
+            libvirt_uri,
+            hook_socket,
+        } => {
             host_daemon::hardening::no_dumps()?;
             if let Err(e) = host_daemon::hardening::lock_memory() {
                 tracing::warn!(error = %e, "cannot lock memory: keys could reach swap");
             }
             let dir = StateDir::new(&state_dir);
             let keys = HostKeys::load(&dir)?;
-            let read = |f: &str| std::fs::read_to_string(dir.file(f)).map_err(|e| format!("cannot read {}: {e}", dir.file(f).display()));
+            let read = |f: &str| {
+                std::fs::read_to_string(dir.file(f))
+                    .map_err(|e| format!("cannot read {}: {e}", dir.file(f).display()))
+            };
             let cert = read("tls.pem")?;
             let key = zeroize::Zeroizing::new(read("tls.key")?);
             let ca = read("ca.pem")?;
             let server_sha256 = read("server.sha256")?.trim().to_owned();
             let store = Store::open(&dir)?;
-            let daemon = Arc::new(Daemon::new(Box::new(Libvirt::new(&libvirt_uri)), store, keys));
+            let daemon = Arc::new(Daemon::new(
+                Box::new(Libvirt::new(&libvirt_uri)),
+                store,
+                keys,
+            ));
 
             let hook_daemon = daemon.clone();
             let socket = hook_socket.clone();
@@ -121,16 +142,23 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
             println!("listening on https://{}", listener.local_addr()?);
             tracing::info!(%listen, hook = %hook_socket.display(), "guestkeyd running");
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             Server::builder()
                 .tls_config(tls)?
-                .add_service(HostAgentServer::new(AgentService { daemon, server_sha256 }))
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
-                    }
-                })
+                .add_service(HostAgentServer::new(AgentService {
+                    daemon,
+                    server_sha256,
+                }))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move {
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = term.recv() => {}
+                        }
+                    },
+                )
                 .await?;
             let _ = std::fs::remove_file(&hook_socket);
             Ok(())

@@ -1,0 +1,32 @@
+//! `guestkey-hook`: libvirt qemu hook. libvirt runs it as
+//! `guestkey-hook DOMAIN OPERATION SUB-OPERATION EXTRA` with the domain XML
+//! on stdin. A non-zero exit on `prepare` stops the start, and libvirt shows
+//! our stderr to the virsh user.
+
+#![allow(clippy::print_stderr)] // libvirt shows the hook's stderr to the user
+
+use std::io::Read;
+use std::path::PathBuf;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (domain, op) = match (args.get(1), args.get(2)) {
+        (Some(d), Some(o)) => (d.clone(), o.clone()),
+        _ => {
+            eprintln!(
+                "usage: guestkey-hook DOMAIN OPERATION SUB-OPERATION EXTRA (run by libvirt, domain XML on stdin)"
+            );
+            std::process::exit(2);
+        }
+    };
+    let socket = std::env::var_os("GUESTKEY_HOOK_SOCKET")
+        .map_or_else(|| PathBuf::from(virt_plugin::DEFAULT_SOCKET), PathBuf::from);
+    let mut xml = String::new();
+    // libvirt sends at most the domain XML; refuse to read without bound.
+    let _ = std::io::stdin().take(16 << 20).read_to_string(&mut xml);
+    let (code, msg) = virt_plugin::run(&domain, &op, &xml, &socket);
+    if let Some(m) = msg {
+        eprintln!("{m}");
+    }
+    std::process::exit(code);
+}
