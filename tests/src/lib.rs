@@ -10,6 +10,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod stack;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};

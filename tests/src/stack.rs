@@ -1,0 +1,301 @@
+//! The whole guestkey stack on this machine: the real `guestkey-server`
+//! (embedded SQLite) and a real `guestkeyd` enrolled with it, the
+//! `guestkey-hook` installed where libvirt's hook wrapper (installed by
+//! scripts/setup) runs it, and a directory storage pool.
+//!
+//! Only one guestkeyd can own the hook socket, so tests that use a
+//! [`Stack`] hold [`Stack::lock`] for their whole run.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::{Cleanup, scratch_dir, unique_name, virsh};
+
+static ONE_STACK: Mutex<()> = Mutex::new(());
+
+/// A built binary of the workspace (scripts/test builds them first).
+pub fn bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let p = target.join("debug").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+/// A running process, killed on drop.
+pub struct Proc {
+    child: Child,
+    /// The first line it printed on stdout.
+    pub first_line: String,
+    /// Its stderr so far.
+    pub log: std::sync::Arc<Mutex<String>>,
+}
+
+impl Proc {
+    /// Starts `cmd`; waits for a first stdout line starting with `ready`.
+    pub fn start(mut cmd: Command, ready: &str) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        BufReader::new(stdout).read_line(&mut line).expect("read");
+        let log = std::sync::Arc::new(Mutex::new(String::new()));
+        let l = log.clone();
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                l.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_str(&(line + "\n"));
+            }
+        });
+        assert!(
+            line.starts_with(ready),
+            "expected {ready:?}, got {line:?}: {}",
+            log.lock().unwrap_or_else(|p| p.into_inner())
+        );
+        Self {
+            child,
+            first_line: line.trim().to_owned(),
+            log,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops it (SIGTERM, then waits).
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// Server, enrolled host daemon, hook and pool.
+pub struct Stack {
+    _lock: MutexGuard<'static, ()>,
+    /// Scratch directory (server data, host state, pool).
+    pub dir: PathBuf,
+    /// The server.
+    pub server: Option<Proc>,
+    /// The host daemon.
+    pub daemon: Option<Proc>,
+    /// Host name.
+    pub host: String,
+    /// Storage pool name.
+    pub pool: String,
+    server_url: String,
+    daemon_addr: String,
+    /// Undo steps (pool, domains).
+    pub cleanup: Cleanup,
+}
+
+impl Stack {
+    /// Starts everything.
+    pub fn start() -> Self {
+        let lock = ONE_STACK.lock().unwrap_or_else(|p| p.into_inner());
+        crate::require_libvirt();
+        let mut cleanup = Cleanup::default();
+        let name = unique_name("stack");
+        let dir = scratch_dir(&mut cleanup, &name);
+        // The hook binary where the wrapper from scripts/setup runs it.
+        std::fs::create_dir_all("/usr/local/lib/guestkey").expect("create /usr/local/lib/guestkey");
+        let hook = Path::new("/usr/local/lib/guestkey/guestkey-hook");
+        let tmp = hook.with_extension("new");
+        std::fs::copy(bin("guestkey-hook"), &tmp).expect("install guestkey-hook");
+        std::fs::rename(&tmp, hook).expect("install guestkey-hook");
+        assert!(
+            Path::new("/etc/libvirt/hooks/qemu.d/guestkey").exists(),
+            "the libvirt hook wrapper is missing: run scripts/setup"
+        );
+
+        let data = dir.join("server");
+        let out = Command::new(bin("guestkey-server"))
+            .args(["init", "--data-dir"])
+            .arg(&data)
+            .output()
+            .expect("init");
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut cmd = Command::new(bin("guestkey-server"));
+        cmd.args(["run", "--data-dir"])
+            .arg(&data)
+            .args(["--listen", "127.0.0.1:0"]);
+        let server = Proc::start(cmd, "listening on https://");
+        let server_url = server
+            .first_line
+            .trim_start_matches("listening on ")
+            .to_owned();
+        let mut s = Self {
+            _lock: lock,
+            dir,
+            server: Some(server),
+            daemon: None,
+            host: unique_name("host"),
+            pool: unique_name("pool"),
+            server_url,
+            daemon_addr: String::new(),
+            cleanup,
+        };
+        s.enroll_and_run();
+        let pool_dir = s.dir.join("pool");
+        std::fs::create_dir_all(&pool_dir).expect("pool dir");
+        virsh(&[
+            "pool-create-as",
+            &s.pool,
+            "dir",
+            "--target",
+            pool_dir.to_str().expect("utf-8"),
+        ])
+        .expect("pool");
+        s.cleanup.virsh(&["pool-destroy", &s.pool]);
+        s
+    }
+
+    /// guestkeyctl against this stack's server.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("guestkeyctl"))
+            .args(args)
+            .env("GUESTKEY_SERVER", &self.server_url)
+            .env("GUESTKEY_ADMIN_DIR", self.dir.join("server/admin"))
+            .output()
+            .expect("guestkeyctl")
+    }
+
+    /// guestkeyctl --json that must succeed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let o = self.ctl(&a);
+        assert!(
+            o.status.success(),
+            "guestkeyctl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).expect("json")
+    }
+
+    /// The host daemon's state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("host")
+    }
+
+    fn enroll_and_run(&mut self) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        self.daemon_addr = format!("127.0.0.1:{port}");
+        let v = self.json(&[
+            "host",
+            "add",
+            &self.host.clone(),
+            "--address",
+            &self.daemon_addr.clone(),
+        ]);
+        let token = v["enrollment_token"].as_str().expect("token").to_owned();
+        let ca = self.dir.join("ca.pem");
+        std::fs::copy(self.dir.join("server/admin/ca.pem"), &ca).expect("ca");
+        let out = Command::new(bin("guestkeyd"))
+            .args([
+                "enroll",
+                "--server",
+                &self.server_url,
+                "--token",
+                &token,
+                "--ca-file",
+            ])
+            .arg(&ca)
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .output()
+            .expect("enroll");
+        assert!(
+            out.status.success(),
+            "enroll: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.run_daemon();
+    }
+
+    /// (Re)starts guestkeyd.
+    pub fn run_daemon(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.stop();
+        }
+        let mut cmd = Command::new(bin("guestkeyd"));
+        cmd.args(["run", "--state-dir"])
+            .arg(self.state_dir())
+            .args(["--listen", &self.daemon_addr]);
+        self.daemon = Some(Proc::start(cmd, "listening on https://"));
+    }
+
+    /// Polls `f` for at most `secs` seconds.
+    pub fn wait_for(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let log = |p: &Option<Proc>| {
+            p.as_ref()
+                .map(|p| p.log.lock().unwrap_or_else(|e| e.into_inner()).clone())
+                .unwrap_or_default()
+        };
+        panic!(
+            "timed out waiting for {what}\nserver:\n{}\nguestkeyd:\n{}",
+            log(&self.server),
+            log(&self.daemon)
+        );
+    }
+
+    /// Creates a volume and waits until the host made it; returns its JSON.
+    pub fn volume(&self, name: &str, size: &str) -> serde_json::Value {
+        self.json(&[
+            "volume", "create", "--host", &self.host, "--pool", &self.pool, "--name", name,
+            "--size", size,
+        ]);
+        self.wait_for(60, "volume ready", || {
+            self.json(&["volume", "show", name])["state"] == "ready"
+        });
+        self.json(&["volume", "show", name])
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.daemon.take();
+        self.server.take();
+    }
+}

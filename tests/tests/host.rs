@@ -1,0 +1,125 @@
+//! The host daemon and the libvirt hook end to end, against the real
+//! libvirtd + KVM, with the real server, daemon and hook binaries.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::path::Path;
+
+use guestkey_tests::stack::Stack;
+use guestkey_tests::{run, virsh};
+
+fn domain_xml(name: &str, pool: &str, volume: &str) -> String {
+    format!(
+        "<domain type='kvm'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <disk type='volume' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source pool='{pool}' volume='{volume}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <graphics type='vnc' listen='127.0.0.1' autoport='yes'/>
+  </devices>
+</domain>
+"
+    )
+}
+
+fn secret_list_is_empty() -> bool {
+    virsh(&["secret-list"])
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("-"))
+        .count()
+        <= 1
+}
+
+#[test]
+fn virsh_start_of_a_managed_guest_needs_no_secret_step_and_refuses_without_a_key() {
+    let mut s = Stack::start();
+    s.volume("e2e-disk", "64M");
+    let vol_path = s.dir.join("pool/e2e-disk");
+    let info = run("qemu-img", &["info", vol_path.to_str().unwrap()]).unwrap();
+    assert!(
+        info.contains("encrypted: yes") && info.contains("format: luks"),
+        "{info}"
+    );
+
+    // Define through guestkey; start with plain virsh.
+    let guest = format!("gk-test-{}-guest", std::process::id());
+    let xml = s.dir.join("guest.xml");
+    std::fs::write(&xml, domain_xml(&guest, &s.pool, "e2e-disk")).unwrap();
+    s.json(&[
+        "guest",
+        "define",
+        "--host",
+        &s.host.clone(),
+        "--xml",
+        xml.to_str().unwrap(),
+    ]);
+    s.wait_for(60, "guest defined", || {
+        s.json(&["guest", "show", &guest])["pending"] == ""
+    });
+    let uuid = s.json(&["guest", "show", &guest])["uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    s.cleanup.virsh(&["undefine", &guest]);
+    s.cleanup.virsh(&["destroy", &guest]);
+    let sealed = s.state_dir().join(format!("guests/{uuid}.sealed"));
+    assert!(sealed.exists(), "the guest's keys are in the sealed store");
+
+    virsh(&["start", &guest]).unwrap();
+    assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
+    assert!(
+        secret_list_is_empty(),
+        "a libvirt secret stayed defined: {}",
+        virsh(&["secret-list"]).unwrap()
+    );
+    virsh(&["destroy", &guest]).unwrap();
+
+    // The management server is not needed to start it again, also after a
+    // restart of guestkeyd.
+    s.server.take().unwrap().stop();
+    s.run_daemon();
+    virsh(&["start", &guest]).unwrap();
+    assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
+    assert!(secret_list_is_empty());
+    virsh(&["destroy", &guest]).unwrap();
+
+    // A guest that guestkey did not define, using the same volume: refused,
+    // and the message names the volume.
+    let rogue = format!("gk-test-{}-rogue", std::process::id());
+    let rogue_xml = s.dir.join("rogue.xml");
+    let dumped = virsh(&["dumpxml", &guest]).unwrap();
+    let without_uuid: String = dumped
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("<uuid>"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(
+        &rogue_xml,
+        without_uuid.replace(
+            &format!("<name>{guest}</name>"),
+            &format!("<name>{rogue}</name>"),
+        ),
+    )
+    .unwrap();
+    virsh(&["define", rogue_xml.to_str().unwrap()]).unwrap();
+    s.cleanup.virsh(&["undefine", &rogue]);
+    let err = virsh(&["start", &rogue]).unwrap_err().0;
+    assert!(err.contains("holds no key of volume e2e-disk"), "{err}");
+    assert_eq!(virsh(&["domstate", &rogue]).unwrap().trim(), "shut off");
+
+    // Without guestkeyd, an encrypted guest is refused with a clear reason.
+    s.daemon.take().unwrap().stop();
+    let err = virsh(&["start", &guest]).unwrap_err().0;
+    assert!(
+        err.contains("guestkeyd does not answer") && err.contains("start guestkeyd"),
+        "{err}"
+    );
+    assert!(Path::new(&sealed).exists());
+}
