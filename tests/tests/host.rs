@@ -123,3 +123,71 @@ fn virsh_start_of_a_managed_guest_needs_no_secret_step_and_refuses_without_a_key
     );
     assert!(Path::new(&sealed).exists());
 }
+
+#[test]
+fn several_guests_start_at_once_and_undefine_erases_their_keys() {
+    let s = Stack::start();
+    let pid = std::process::id();
+    let mut guests = vec![];
+    for i in 0..3 {
+        let vol = format!("multi-{i}");
+        s.volume(&vol, "16M");
+        let guest = format!("gk-test-{pid}-multi-{i}");
+        let xml = s.dir.join(format!("{guest}.xml"));
+        std::fs::write(&xml, domain_xml(&guest, &s.pool, &vol)).unwrap();
+        s.json(&[
+            "guest",
+            "define",
+            "--host",
+            &s.host,
+            "--xml",
+            xml.to_str().unwrap(),
+        ]);
+        guests.push(guest);
+    }
+    for g in &guests {
+        s.wait_for(60, "guest defined", || {
+            s.json(&["guest", "show", g])["pending"] == ""
+        });
+    }
+    let mut cleanup = guestkey_tests::Cleanup::default();
+    for g in &guests {
+        cleanup.virsh(&["undefine", g]);
+        cleanup.virsh(&["destroy", g]);
+    }
+    // Start all three at once: every hook call gets its answer (bounded
+    // waits on both sides), none blocks another.
+    let started: Vec<_> = guests
+        .iter()
+        .map(|g| {
+            let g = g.clone();
+            std::thread::spawn(move || virsh(&["start", &g]).map_err(|e| e.0))
+        })
+        .collect();
+    for t in started {
+        t.join().unwrap().unwrap();
+    }
+    for g in &guests {
+        assert_eq!(virsh(&["domstate", g]).unwrap().trim(), "running");
+    }
+    assert!(
+        secret_list_is_empty(),
+        "{}",
+        virsh(&["secret-list"]).unwrap()
+    );
+
+    // Undefine through guestkey: the domain goes, and so does its sealed record.
+    let g = &guests[0];
+    let uuid = s.json(&["guest", "show", g])["uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let sealed = s.state_dir().join(format!("guests/{uuid}.sealed"));
+    assert!(sealed.exists());
+    s.json(&["guest", "undefine", g]);
+    s.wait_for(60, "guest undefined", || {
+        s.json(&["guest", "show", &uuid])["state"] == "undefined"
+    });
+    assert!(!sealed.exists(), "the sealed record is erased");
+    assert!(virsh(&["domstate", g]).is_err(), "the domain is gone");
+}
