@@ -25,6 +25,8 @@ pub struct Daemon {
     done: Mutex<HashMap<String, String>>,
     /// Serialises changes to the store and the registry.
     changes: Mutex<()>,
+    /// Where the list of managed secret UUIDs goes (for the hook).
+    managed_list: std::path::PathBuf,
 }
 
 fn valid_name(what: &str, s: &str) -> Result<(), Status> {
@@ -88,14 +90,35 @@ fn domain_identity(xml: &str) -> Result<(String, String), Status> {
 
 impl Daemon {
     /// A daemon over these parts.
-    pub fn new(hv: Box<dyn Hypervisor>, store: Store, keys: HostKeys) -> Self {
+    pub fn new(
+        hv: Box<dyn Hypervisor>,
+        store: Store,
+        keys: HostKeys,
+        managed_list: std::path::PathBuf,
+    ) -> Self {
         Self {
             hv,
             store,
             keys,
             done: Mutex::new(HashMap::new()),
             changes: Mutex::new(()),
+            managed_list,
         }
+    }
+
+    /// Rewrites the list of secret UUIDs of volumes created here, which the
+    /// hook reads when guestkeyd does not answer (no keys in it).
+    pub fn write_managed_list(&self) -> Result<(), String> {
+        let vols = self.store.volumes().map_err(|e| e.to_string())?;
+        let text: String = vols
+            .values()
+            .map(|v| format!("{}\n", v.secret_uuid))
+            .collect();
+        if let Some(dir) = self.managed_list.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        crate::state::write_atomic(&self.managed_list, text.as_bytes())
+            .map_err(|e| format!("{}: {e}", self.managed_list.display()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -177,6 +200,7 @@ impl Daemon {
             },
         );
         self.store.save_volumes(&vols).map_err(internal)?;
+        self.write_managed_list().map_err(internal)?;
         self.remember(&r.op_id, &path);
         tracing::info!(volume = %r.volume_id, %path, "volume created");
         Ok(path)
@@ -193,6 +217,7 @@ impl Daemon {
         let mut vols = self.store.volumes().map_err(internal)?;
         vols.remove(&r.volume_id);
         self.store.save_volumes(&vols).map_err(internal)?;
+        self.write_managed_list().map_err(internal)?;
         Ok(())
     }
 

@@ -13,6 +13,10 @@ use std::time::Duration;
 
 /// Where guestkeyd listens.
 pub const DEFAULT_SOCKET: &str = "/run/guestkey/hook.sock";
+/// Secret UUIDs that guestkeyd manages, one per line, kept by guestkeyd so
+/// that the hook can tell, when guestkeyd does not answer, whether a domain
+/// needs it.
+pub const DEFAULT_MANAGED_LIST: &str = "/var/lib/guestkey/managed-secrets";
 /// Longest wait for guestkeyd's answer (it bounds its own work at 30 s).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(45);
 
@@ -82,7 +86,13 @@ pub fn ask(socket: &Path, request: &str) -> Result<String, std::io::Error> {
 }
 
 /// The hook's decision for one invocation: exit status and message.
-pub fn run(domain_name: &str, operation: &str, xml: &str, socket: &Path) -> (i32, Option<String>) {
+pub fn run(
+    domain_name: &str,
+    operation: &str,
+    xml: &str,
+    socket: &Path,
+    managed_list: &Path,
+) -> (i32, Option<String>) {
     let op = match operation {
         "prepare" => "prepare",
         // QEMU holds what it needs once it started; on release the start
@@ -111,15 +121,26 @@ pub fn run(domain_name: &str, operation: &str, xml: &str, socket: &Path) -> (i32
                 Some(format!("guestkey: domain {domain_name}: {msg}")),
             )
         }
-        Err(e) if op == "prepare" && !info.secrets.is_empty() => (
+        Err(e) if op == "prepare" && uses_managed_secret(&info, managed_list) => (
             1,
             Some(format!(
-                "guestkey: domain {domain_name} has encrypted disks, but guestkeyd does not answer on {} ({e}): start guestkeyd",
+                "guestkey: domain {domain_name} has disks encrypted by guestkey, but guestkeyd does not answer on {} ({e}): start guestkeyd",
                 socket.display()
             )),
         ),
+        // Not guestkey's guest (or not a start): libvirt carries on.
         Err(_) => (0, None),
     }
+}
+
+/// Whether any of the domain's disk secrets is one guestkeyd manages.
+fn uses_managed_secret(info: &DomainInfo, managed_list: &Path) -> bool {
+    let Ok(list) = std::fs::read_to_string(managed_list) else {
+        return false;
+    };
+    list.lines()
+        .map(str::trim)
+        .any(|l| info.secrets.iter().any(|s| s == l))
 }
 
 #[cfg(test)]
@@ -147,16 +168,27 @@ mod tests {
     }
 
     #[test]
-    fn without_guestkeyd_only_encrypted_guests_are_refused() {
+    fn without_guestkeyd_only_guests_with_managed_disks_are_refused() {
         let missing = Path::new("/nonexistent/guestkey.sock");
+        let list = std::env::temp_dir().join(format!("gk-managed-{}", std::process::id()));
+        std::fs::write(&list, "aaaaaaaa-0000-0000-0000-000000000001\n").unwrap();
         let plain =
             "<domain><name>p</name><uuid>1b4e28ba-2fa1-11d2-883f-0016d3cca427</uuid></domain>";
-        assert_eq!(run("p", "prepare", plain, missing), (0, None));
-        let enc = "<domain><name>e</name><uuid>1b4e28ba-2fa1-11d2-883f-0016d3cca427</uuid><devices><disk><encryption><secret uuid='aaaaaaaa-0000-0000-0000-000000000001'/></encryption></disk></devices></domain>";
-        let (code, msg) = run("e", "prepare", enc, missing);
+        assert_eq!(run("p", "prepare", plain, missing, &list), (0, None));
+        let enc = |secret: &str| {
+            format!(
+                "<domain><name>e</name><uuid>1b4e28ba-2fa1-11d2-883f-0016d3cca427</uuid><devices><disk><encryption><secret uuid='{secret}'/></encryption></disk></devices></domain>"
+            )
+        };
+        let managed = enc("aaaaaaaa-0000-0000-0000-000000000001");
+        let (code, msg) = run("e", "prepare", &managed, missing, &list);
         assert_eq!(code, 1);
         assert!(msg.unwrap().contains("guestkeyd does not answer"));
-        assert_eq!(run("e", "started", enc, missing), (0, None));
-        assert_eq!(run("e", "stopped", enc, missing), (0, None));
+        assert_eq!(run("e", "started", &managed, missing, &list), (0, None));
+        assert_eq!(run("e", "stopped", &managed, missing, &list), (0, None));
+        // An encrypted disk whose secret the operator manages: not ours.
+        let own = enc("cccccccc-0000-0000-0000-000000000009");
+        assert_eq!(run("o", "prepare", &own, missing, &list), (0, None));
+        std::fs::remove_file(list).unwrap();
     }
 }

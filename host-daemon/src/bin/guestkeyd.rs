@@ -58,6 +58,14 @@ enum Command {
         /// The root-only socket the libvirt hook talks to.
         #[arg(long, value_name = "PATH", default_value = "/run/guestkey/hook.sock")]
         hook_socket: PathBuf,
+        /// The list of secret UUIDs guestkeyd manages, which the hook reads
+        /// when guestkeyd does not answer (no keys in it).
+        #[arg(
+            long,
+            value_name = "PATH",
+            default_value = "/var/lib/guestkey/managed-secrets"
+        )]
+        managed_list: PathBuf,
     },
 }
 
@@ -105,6 +113,7 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             listen,
             libvirt_uri,
             hook_socket,
+            managed_list,
         } => {
             host_daemon::hardening::no_dumps()?;
             if let Err(e) = host_daemon::hardening::lock_memory() {
@@ -125,7 +134,9 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 Box::new(Libvirt::new(&libvirt_uri)),
                 store,
                 keys,
+                managed_list,
             ));
+            daemon.write_managed_list()?;
 
             let hook_daemon = daemon.clone();
             let socket = hook_socket.clone();

@@ -24,7 +24,8 @@ fn main() {
     let mut xml = String::new();
     // libvirt sends at most the domain XML; refuse to read without bound.
     let _ = std::io::stdin().take(16 << 20).read_to_string(&mut xml);
-    let (code, msg) = virt_plugin::run(&domain, &op, &xml, &socket);
+    let managed = PathBuf::from(virt_plugin::DEFAULT_MANAGED_LIST);
+    let (code, msg) = virt_plugin::run(&domain, &op, &xml, &socket, &managed);
     if let Some(m) = msg {
         eprintln!("{m}");
     }
