@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod memscan;
 pub mod stack;
 
 use std::path::{Path, PathBuf};

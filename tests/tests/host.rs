@@ -191,3 +191,99 @@ fn several_guests_start_at_once_and_undefine_erases_their_keys() {
     assert!(!sealed.exists(), "the sealed record is erased");
     assert!(virsh(&["domstate", g]).is_err(), "the domain is gone");
 }
+
+/// The volume key as the server stores it: unwrapped here with the
+/// server's master key file (the test owns the data directory).
+fn server_key(s: &Stack, volume_id: &str) -> xdr_wipe::packet::PacketSecret {
+    let data = s.dir.join("server");
+    let db = rusqlite::Connection::open(data.join("guestkey.db")).unwrap();
+    let (generation, mk_id, wrapped): (i64, String, Vec<u8>) = db
+        .query_row(
+            "SELECT generation, master_key_id, wrapped FROM volume_keys WHERE volume_id = ?1",
+            [volume_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    let source = mgmt_server::masterkey::MasterKeySource::File(data.join("master.key"));
+    let mk = mgmt_server::masterkey::MasterKey::load(&source).unwrap();
+    mk.unwrap_key(volume_id, generation as u64, &mk_id, &wrapped)
+        .unwrap()
+}
+
+#[test]
+fn guestkeyd_keeps_no_copy_of_a_key_after_use_and_undefine() {
+    let s = Stack::start();
+    let v = s.volume("mem-disk", "16M");
+    let volume_id = v["id"].as_str().unwrap().to_owned();
+    let guest = format!("gk-test-{}-mem", std::process::id());
+    let xml = s.dir.join("mem.xml");
+    std::fs::write(&xml, domain_xml(&guest, &s.pool, "mem-disk")).unwrap();
+    s.json(&[
+        "guest",
+        "define",
+        "--host",
+        &s.host,
+        "--xml",
+        xml.to_str().unwrap(),
+    ]);
+    s.wait_for(60, "guest defined", || {
+        s.json(&["guest", "show", &guest])["pending"] == ""
+    });
+    let mut cleanup = guestkey_tests::Cleanup::default();
+    cleanup.virsh(&["undefine", &guest]);
+    cleanup.virsh(&["destroy", &guest]);
+    // Use the key a few times: each start opens it in guestkeyd.
+    for _ in 0..2 {
+        virsh(&["start", &guest]).unwrap();
+        virsh(&["destroy", &guest]).unwrap();
+    }
+    let key = server_key(&s, &volume_id);
+    let needles = guestkey_tests::memscan::Needles::of(key.expose_secret());
+
+    // Control: the scanner finds the key in a process that holds it.
+    let mut holder = std::process::Command::new("python3")
+        .args(["-c", "import sys,time; k=sys.stdin.buffer.read(); print('ready', flush=True); time.sleep(60)"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::{BufRead, Write};
+        let mut stdin = holder.stdin.take().unwrap();
+        stdin.write_all(key.expose_secret()).unwrap();
+        drop(stdin);
+        let mut line = String::new();
+        std::io::BufReader::new(holder.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+    }
+    drop(key);
+    let control = needles.find_in(holder.id());
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(
+        control.iter().any(|h| h.starts_with("whole key")),
+        "control scan found nothing: the scanner is broken"
+    );
+
+    let pid = s.daemon.as_ref().unwrap().pid();
+    let after_use = needles.find_in(pid);
+    assert!(
+        after_use.is_empty(),
+        "guestkeyd kept the key after the starts: {after_use:?}"
+    );
+
+    let uuid = s.json(&["guest", "show", &guest])["uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    s.json(&["guest", "undefine", &guest]);
+    s.wait_for(60, "guest undefined", || {
+        s.json(&["guest", "show", &uuid])["state"] == "undefined"
+    });
+    let after_undefine = needles.find_in(pid);
+    assert!(
+        after_undefine.is_empty(),
+        "guestkeyd kept the key after undefine: {after_undefine:?}"
+    );
+}
