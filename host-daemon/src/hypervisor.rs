@@ -163,9 +163,9 @@ impl Hypervisor for Libvirt {
         let (fmt, opts) = match format {
             Format::Qcow2 => (
                 "qcow2",
-                "encrypt.format=luks,encrypt.key-secret=gk0,encrypt.iter-time=10",
+                "encrypt.format=luks,encrypt.key-secret=gk0,encrypt.iter-time=1",
             ),
-            Format::Raw => ("luks", "key-secret=gk0,iter-time=10"),
+            Format::Raw => ("luks", "key-secret=gk0,iter-time=1"),
         };
         let mut child = Command::new("qemu-img")
             .args([
