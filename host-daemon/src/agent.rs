@@ -345,6 +345,35 @@ impl Daemon {
         Ok(())
     }
 
+    /// At start-up, once libvirt answers: starts the stored guests that
+    /// libvirt marks for autostart but that do not run, because libvirt's own
+    /// autostart came before guestkeyd (see docs/host-daemon.md, "Boot").
+    /// Needs no management server. Returns the guests started.
+    pub fn catch_up_autostart(&self) -> Vec<String> {
+        let mut started = vec![];
+        let Ok(guests) = self.store.guests() else {
+            return started;
+        };
+        for uuid in guests {
+            match (self.hv.domain_autostart(&uuid), self.hv.domain_state(&uuid)) {
+                (Ok(Some(true)), Ok(Some(state))) if state != "running" && state != "paused" => {
+                    match self.hv.start_domain(&uuid) {
+                        Ok(_) => {
+                            tracing::info!(guest = %uuid, "autostarted");
+                            started.push(uuid);
+                        }
+                        Err(e) => tracing::error!(guest = %uuid, error = %e, "autostart failed"),
+                    }
+                }
+                (Ok(None), _) => {
+                    tracing::warn!(guest = %uuid, "sealed keys of a guest libvirt does not know")
+                }
+                _ => {}
+            }
+        }
+        started
+    }
+
     /// What this host holds keys for.
     pub fn inventory(&self) -> Result<Vec<pb::HeldKeyInfo>, Status> {
         let mut out = vec![];

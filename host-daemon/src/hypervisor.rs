@@ -51,6 +51,10 @@ pub trait Hypervisor: Send + Sync {
     fn stop_domain(&self, uuid: &str) -> Result<String, HvError>;
     /// A domain's state in virsh's words, or None if it is not defined.
     fn domain_state(&self, uuid: &str) -> Result<Option<String>, HvError>;
+    /// Whether libvirt marks the domain to start at boot (None: not defined).
+    fn domain_autostart(&self, uuid: &str) -> Result<Option<bool>, HvError>;
+    /// Whether libvirt answers at all.
+    fn ping(&self) -> bool;
     /// Defines an ephemeral, private volume secret and sets its value.
     fn set_secret(&self, uuid: &str, volume_path: &str, value: &[u8]) -> Result<(), HvError>;
     /// Undefines a secret (a missing one is not an error).
@@ -280,6 +284,20 @@ impl Hypervisor for Libvirt {
         };
         let (state, _) = d.state().map_err(err(format!("state of domain {uuid}")))?;
         Ok(Some(state_name(state).to_owned()))
+    }
+
+    fn domain_autostart(&self, uuid: &str) -> Result<Option<bool>, HvError> {
+        let conn = self.conn()?;
+        let Some(d) = self.domain(&conn, uuid)? else {
+            return Ok(None);
+        };
+        d.autostart()
+            .map(Some)
+            .map_err(err(format!("autostart flag of domain {uuid}")))
+    }
+
+    fn ping(&self) -> bool {
+        self.conn().is_ok()
     }
 
     fn set_secret(&self, uuid: &str, volume_path: &str, value: &[u8]) -> Result<(), HvError> {

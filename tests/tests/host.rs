@@ -287,3 +287,40 @@ fn guestkeyd_keeps_no_copy_of_a_key_after_use_and_undefine() {
         "guestkeyd kept the key after undefine: {after_undefine:?}"
     );
 }
+
+#[test]
+fn autostart_guests_start_when_guestkeyd_starts_with_the_server_down() {
+    let mut s = Stack::start();
+    s.volume("boot-disk", "16M");
+    let guest = format!("gk-test-{}-boot", std::process::id());
+    let xml = s.dir.join("boot.xml");
+    std::fs::write(&xml, domain_xml(&guest, &s.pool, "boot-disk")).unwrap();
+    s.json(&[
+        "guest",
+        "define",
+        "--host",
+        &s.host,
+        "--xml",
+        xml.to_str().unwrap(),
+    ]);
+    s.wait_for(60, "guest defined", || {
+        s.json(&["guest", "show", &guest])["pending"] == ""
+    });
+    let mut cleanup = guestkey_tests::Cleanup::default();
+    cleanup.virsh(&["undefine", &guest]);
+    cleanup.virsh(&["destroy", &guest]);
+    virsh(&["autostart", &guest]).unwrap();
+
+    // "Boot": the server is unreachable, guestkeyd starts after libvirtd
+    // (whose own autostart of this guest failed in the hook, as guestkeyd
+    // was not there yet), and the guest is not running.
+    s.server.take().unwrap().stop();
+    s.daemon.take().unwrap().stop();
+    let err = virsh(&["start", &guest]).unwrap_err().0;
+    assert!(err.contains("start guestkeyd"), "{err}");
+    s.run_daemon();
+    s.wait_for(60, "guest autostarted by guestkeyd", || {
+        virsh(&["domstate", &guest]).unwrap().trim() == "running"
+    });
+    assert!(secret_list_is_empty());
+}

@@ -138,6 +138,22 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             ));
             daemon.write_managed_list()?;
 
+            // Boot: libvirt autostarts guests while it initialises, possibly
+            // before guestkeyd runs; their hooks then fail. Once libvirt
+            // answers, start those guests here (bounded wait).
+            let boot = daemon.clone();
+            tokio::task::spawn_blocking(move || {
+                for _ in 0..120 {
+                    if boot.hv.ping() {
+                        let n = boot.catch_up_autostart().len();
+                        tracing::info!(started = n, "autostart catch-up done");
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+                tracing::error!("libvirt did not answer within 60 s: autostart catch-up skipped");
+            });
+
             let hook_daemon = daemon.clone();
             let socket = hook_socket.clone();
             tokio::spawn(async move {
