@@ -345,7 +345,8 @@ impl Daemon {
         Ok(())
     }
 
-    /// At start-up, once libvirt answers: starts the stored guests that
+    /// At start-up, once libvirt answers: erases the keys of stored guests
+    /// that libvirt no longer knows, and starts the stored guests that
     /// libvirt marks for autostart but that do not run, because libvirt's own
     /// autostart came before guestkeyd (see docs/host-daemon.md, "Boot").
     /// Needs no management server. Returns the guests started.
@@ -366,7 +367,9 @@ impl Daemon {
                     }
                 }
                 (Ok(None), _) => {
-                    tracing::warn!(guest = %uuid, "sealed keys of a guest libvirt does not know")
+                    // Undefined while guestkeyd was not running: its keys go.
+                    tracing::info!(guest = %uuid, "guest no longer defined in libvirt");
+                    self.forget_guest(&uuid);
                 }
                 _ => {}
             }

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod enroll;
+pub mod events;
 pub mod hardening;
 pub mod hook_server;
 pub mod hypervisor;

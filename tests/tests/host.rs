@@ -324,3 +324,54 @@ fn autostart_guests_start_when_guestkeyd_starts_with_the_server_down() {
     });
     assert!(secret_list_is_empty());
 }
+
+#[test]
+fn keys_go_when_libvirt_undefines_a_guest_even_while_guestkeyd_is_down() {
+    let mut s = Stack::start();
+    s.volume("ev-disk", "16M");
+    let pid = std::process::id();
+    let mut sealed = vec![];
+    let mut names = vec![];
+    for n in ["ev1", "ev2"] {
+        let guest = format!("gk-test-{pid}-{n}");
+        let xml = s.dir.join(format!("{n}.xml"));
+        std::fs::write(&xml, domain_xml(&guest, &s.pool, "ev-disk")).unwrap();
+        s.json(&[
+            "guest",
+            "define",
+            "--host",
+            &s.host,
+            "--xml",
+            xml.to_str().unwrap(),
+        ]);
+        s.wait_for(60, "guest defined", || {
+            s.json(&["guest", "show", &guest])["pending"] == ""
+        });
+        let uuid = s.json(&["guest", "show", &guest])["uuid"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        sealed.push(s.state_dir().join(format!("guests/{uuid}.sealed")));
+        names.push(guest);
+    }
+    let mut cleanup = guestkey_tests::Cleanup::default();
+    for n in &names {
+        cleanup.virsh(&["undefine", n]);
+    }
+    assert!(sealed.iter().all(|p| p.exists()));
+
+    // `virsh undefine` behind guestkey's back: the event erases the keys.
+    virsh(&["undefine", &names[0]]).unwrap();
+    s.wait_for(20, "keys erased after the undefine event", || {
+        !sealed[0].exists()
+    });
+
+    // Undefined while guestkeyd is down: erased when it starts again.
+    s.daemon.take().unwrap().stop();
+    virsh(&["undefine", &names[1]]).unwrap();
+    assert!(sealed[1].exists());
+    s.run_daemon();
+    s.wait_for(60, "keys erased by the start-up reconciliation", || {
+        !sealed[1].exists()
+    });
+}

@@ -130,6 +130,8 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let ca = read("ca.pem")?;
             let server_sha256 = read("server.sha256")?.trim().to_owned();
             let store = Store::open(&dir)?;
+            // Before the first libvirt connection.
+            host_daemon::events::init()?;
             let daemon = Arc::new(Daemon::new(
                 Box::new(Libvirt::new(&libvirt_uri)),
                 store,
@@ -152,6 +154,31 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     std::thread::sleep(std::time::Duration::from_millis(500));
                 }
                 tracing::error!("libvirt did not answer within 60 s: autostart catch-up skipped");
+            });
+
+            // Lifecycle events: keys go when libvirt undefines a guest or
+            // it migrates away.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let uri = libvirt_uri.clone();
+            std::thread::spawn(move || {
+                // libvirtd may not be up yet at boot: retry, slowly.
+                loop {
+                    if let Err(e) = host_daemon::events::watch(&uri, tx.clone()) {
+                        tracing::warn!(error = %e, "libvirt events unavailable; retrying in 2 s");
+                    }
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                }
+            });
+            let events_daemon = daemon.clone();
+            std::thread::spawn(move || {
+                for ev in rx {
+                    match ev {
+                        host_daemon::events::Lifecycle::Undefined(uuid)
+                        | host_daemon::events::Lifecycle::MigratedAway(uuid) => {
+                            events_daemon.forget_guest(&uuid);
+                        }
+                    }
+                }
             });
 
             let hook_daemon = daemon.clone();
