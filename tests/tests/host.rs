@@ -81,6 +81,16 @@ fn virsh_start_of_a_managed_guest_needs_no_secret_step_and_refuses_without_a_key
     );
     virsh(&["destroy", &guest]).unwrap();
 
+    // `virsh save` + `virsh restore`: restore runs the hook too.
+    virsh(&["start", &guest]).unwrap();
+    let saved = s.dir.join("guest.save");
+    virsh(&["save", &guest, saved.to_str().unwrap()]).unwrap();
+    assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "shut off");
+    virsh(&["restore", saved.to_str().unwrap()]).unwrap();
+    assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
+    assert!(secret_list_is_empty());
+    virsh(&["destroy", &guest]).unwrap();
+
     // The management server is not needed to start it again, also after a
     // restart of guestkeyd.
     s.server.take().unwrap().stop();
