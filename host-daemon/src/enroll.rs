@@ -91,6 +91,8 @@ pub async fn enroll(
     };
     private_dir(dir.root()).map_err(io(dir.root()))?;
     write_atomic(&dir.file("host"), r.host_name.as_bytes()).map_err(io(&dir.file("host")))?;
+    write_atomic(&dir.file("server.url"), server.as_bytes())
+        .map_err(io(&dir.file("server.url")))?;
     write_atomic(&dir.file("ca.pem"), r.ca_certificate_pem.as_bytes())
         .map_err(io(&dir.file("ca.pem")))?;
     write_atomic(

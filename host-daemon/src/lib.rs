@@ -14,5 +14,6 @@ pub mod hardening;
 pub mod hook_server;
 pub mod hypervisor;
 pub mod keys;
+pub mod report;
 pub mod state;
 pub mod store;

@@ -86,6 +86,10 @@ pub struct HostInfo {
     pub certificate_sha256: String,
     /// Volumes assigned to it.
     pub volume_count: u32,
+    /// Keys it last reported holding.
+    pub held_keys: u32,
+    /// When it last reported (0: never).
+    pub inventory_reported_unix: i64,
 }
 
 /// A host allowed to receive keys.
@@ -427,6 +431,30 @@ impl Core {
         Ok((name, issued.cert))
     }
 
+    /// Records what a host reports holding: volume ids, generations and
+    /// guest UUIDs (never keys). Replaces its previous report.
+    pub fn record_inventory(
+        &self,
+        host: &str,
+        held: &[(String, u64, String)],
+    ) -> Result<(), CoreError> {
+        let mut conn = self.db();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM host_inventory WHERE host = ?1", [host])?;
+        for (volume, generation, guest) in held {
+            tx.execute(
+                "INSERT OR IGNORE INTO host_inventory (host, volume_id, generation, guest_uuid) VALUES (?1, ?2, ?3, ?4)",
+                params![host, volume, *generation as i64, guest],
+            )?;
+        }
+        tx.execute(
+            "UPDATE hosts SET inventory_reported = ?1 WHERE name = ?2",
+            params![now_unix(), host],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// An enrolled host's details for pushing, or why keys may not go to it.
     pub fn enrolled_host(&self, name: &str) -> Result<EnrolledHost, CoreError> {
         self.enrolled_host_in(&self.db(), name)
@@ -469,7 +497,8 @@ impl Core {
 
 const HOST_SELECT: &str = "SELECT h.name, h.address, h.state, h.created, COALESCE(h.enrolled, 0),
         COALESCE(h.cert_sha256, ''),
-        (SELECT COUNT(*) FROM volumes v WHERE v.host = h.name AND v.state != 'deleted')
+        (SELECT COUNT(*) FROM volumes v WHERE v.host = h.name AND v.state != 'deleted'),
+        (SELECT COUNT(*) FROM host_inventory i WHERE i.host = h.name), h.inventory_reported
     FROM hosts h";
 
 fn host_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostInfo> {
@@ -481,5 +510,7 @@ fn host_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostInfo> {
         enrolled_unix: r.get(4)?,
         certificate_sha256: r.get(5)?,
         volume_count: r.get(6)?,
+        held_keys: r.get(7)?,
+        inventory_reported_unix: r.get(8)?,
     })
 }

@@ -99,6 +99,17 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (guest_uuid, volume_id)
     );
     ",
+    // 3: what each host last reported holding (ids only, never keys)
+    "
+    CREATE TABLE host_inventory (
+        host       TEXT NOT NULL REFERENCES hosts(name),
+        volume_id  TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        guest_uuid TEXT NOT NULL,
+        PRIMARY KEY (host, volume_id, generation, guest_uuid)
+    );
+    ALTER TABLE hosts ADD COLUMN inventory_reported INTEGER NOT NULL DEFAULT 0;
+    ",
 ];
 
 /// Database errors.

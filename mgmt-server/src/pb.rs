@@ -17,6 +17,8 @@ pub(crate) fn host(h: HostInfo) -> pb::Host {
         enrolled_unix: h.enrolled_unix,
         certificate_sha256: h.certificate_sha256,
         volume_count: h.volume_count,
+        held_keys: h.held_keys,
+        inventory_reported_unix: h.inventory_reported_unix,
     }
 }
 

@@ -246,8 +246,17 @@ impl HostApi for HostService {
         req: Request<hpb::Inventory>,
     ) -> R<hpb::ReportInventoryResponse> {
         let c = caller(&self.0, &req, false)?;
-        let held = req.into_inner().held.len();
-        tracing::info!(host = %c.actor(), held, "inventory reported");
+        let Caller::Host(host) = &c else {
+            return Err(Status::permission_denied("only hosts report inventories"));
+        };
+        let held: Vec<(String, u64, String)> = req
+            .into_inner()
+            .held
+            .into_iter()
+            .map(|k| (k.volume_id, k.generation, k.guest_uuid))
+            .collect();
+        self.0.record_inventory(host, &held).map_err(status)?;
+        tracing::info!(%host, held = held.len(), "inventory reported");
         Ok(Response::new(hpb::ReportInventoryResponse {}))
     }
 }

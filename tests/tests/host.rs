@@ -165,6 +165,10 @@ fn several_guests_start_at_once_and_undefine_erases_their_keys() {
         cleanup.virsh(&["undefine", g]);
         cleanup.virsh(&["destroy", g]);
     }
+    // guestkeyd reports what it holds: ids, never keys.
+    s.wait_for(30, "inventory report of 3 held keys", || {
+        s.json(&["host", "show", &s.host])["held_keys"] == 3
+    });
     // Start all three at once: every hook call gets its answer (bounded
     // waits on both sides), none blocks another.
     let started: Vec<_> = guests

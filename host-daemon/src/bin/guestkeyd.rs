@@ -181,6 +181,8 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 }
             });
 
+            tokio::spawn(host_daemon::report::run(dir.clone(), daemon.clone()));
+
             let hook_daemon = daemon.clone();
             let socket = hook_socket.clone();
             tokio::spawn(async move {

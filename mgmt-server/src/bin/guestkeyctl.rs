@@ -613,7 +613,8 @@ fn print_json(v: &serde_json::Value) {
 
 fn host_json(h: &pb::Host) -> serde_json::Value {
     json!({"name": h.name, "address": h.address, "state": h.state, "created_unix": h.created_unix,
-           "enrolled_unix": h.enrolled_unix, "certificate_sha256": h.certificate_sha256, "volume_count": h.volume_count})
+           "enrolled_unix": h.enrolled_unix, "certificate_sha256": h.certificate_sha256, "volume_count": h.volume_count,
+           "held_keys": h.held_keys, "inventory_reported_unix": h.inventory_reported_unix})
 }
 
 fn volume_json(v: &pb::Volume) -> serde_json::Value {
@@ -687,6 +688,8 @@ fn show_host(h: &pb::Host, json: bool) {
         ("registered", fmt_time(h.created_unix)),
         ("enrolled", fmt_time(h.enrolled_unix)),
         ("certificate sha256", h.certificate_sha256.clone()),
+        ("keys held", h.held_keys.to_string()),
+        ("last report", fmt_time(h.inventory_reported_unix)),
     ];
     for (k, v) in rows {
         println!("{k:<19} {v}");
