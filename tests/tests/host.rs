@@ -389,3 +389,74 @@ fn keys_go_when_libvirt_undefines_a_guest_even_while_guestkeyd_is_down() {
         !sealed[1].exists()
     });
 }
+
+#[test]
+fn a_volume_that_the_delivered_key_does_not_open_fails_with_qemus_words() {
+    let s = Stack::start();
+    s.volume("wrong-disk", "16M");
+    let guest = format!("gk-test-{}-wrong", std::process::id());
+    let xml = s.dir.join("wrong.xml");
+    std::fs::write(&xml, domain_xml(&guest, &s.pool, "wrong-disk")).unwrap();
+    s.json(&[
+        "guest",
+        "define",
+        "--host",
+        &s.host,
+        "--xml",
+        xml.to_str().unwrap(),
+    ]);
+    s.wait_for(60, "guest defined", || {
+        s.json(&["guest", "show", &guest])["pending"] == ""
+    });
+    let mut cleanup = guestkey_tests::Cleanup::default();
+    cleanup.virsh(&["undefine", &guest]);
+    cleanup.virsh(&["destroy", &guest]);
+
+    // Replace the image by one encrypted with another passphrase.
+    let path = s.dir.join("pool/wrong-disk");
+    std::fs::remove_file(&path).unwrap();
+    let other = s.dir.join("other-pass");
+    std::fs::write(&other, "not-the-key-guestkey-delivers-0123456789").unwrap();
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            &format!("secret,id=s0,file={}", other.display()),
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=1",
+            path.to_str().unwrap(),
+            "16M",
+        ],
+    )
+    .unwrap();
+    let err = virsh(&["start", &guest]).unwrap_err().0;
+    assert!(err.contains("Invalid password"), "{err}");
+    assert!(
+        secret_list_is_empty(),
+        "the failed start left a secret: {}",
+        virsh(&["secret-list"]).unwrap()
+    );
+}
+
+#[test]
+fn guestkeyd_runs_locked_and_without_core_dumps() {
+    let s = Stack::start();
+    let pid = s.daemon.as_ref().unwrap().pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let locked_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(locked_kb > 0, "no locked memory: {status}");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert!(core.split_whitespace().nth(4) == Some("0"), "{core}");
+}
