@@ -1,6 +1,9 @@
 //! Process hardening for a process that holds keys: not dumpable (no core
-//! dumps, no ptrace by non-root), core size 0, and all memory locked so
-//! that no key page is ever written to swap.
+//! dumps, no ptrace by non-root), core size 0, no mapping in a dump
+//! (`coredump_filter` 0), and all memory locked so that no key page is ever
+//! written to swap. This covers every buffer a key passes through, including
+//! libvirt's client library, which per-buffer `mlock`/`MADV_DONTDUMP` would
+//! not.
 
 #![allow(unsafe_code)] // libc calls, each with a SAFETY comment
 
@@ -38,6 +41,12 @@ pub fn no_dumps() -> Result<(), HardeningError> {
     // SAFETY: `zero` is a valid rlimit that outlives the call.
     check("setrlimit(RLIMIT_CORE, 0)", unsafe {
         libc::setrlimit(libc::RLIMIT_CORE, &zero)
+    })?;
+    // No mapping of any kind in a dump, even one taken despite the above
+    // (the process-wide equivalent of MADV_DONTDUMP on every key page).
+    std::fs::write("/proc/self/coredump_filter", "0").map_err(|source| HardeningError {
+        what: "write /proc/self/coredump_filter",
+        source,
     })
 }
 

@@ -459,4 +459,10 @@ fn guestkeyd_runs_locked_and_without_core_dumps() {
         .find(|l| l.starts_with("Max core file size"))
         .unwrap();
     assert!(core.split_whitespace().nth(4) == Some("0"), "{core}");
+    let filter = std::fs::read_to_string(format!("/proc/{pid}/coredump_filter")).unwrap();
+    assert_eq!(
+        u32::from_str_radix(filter.trim(), 16).unwrap(),
+        0,
+        "coredump_filter {filter}"
+    );
 }
