@@ -68,13 +68,23 @@ pub fn watch(uri: &str, tx: Sender<Lifecycle>) -> Result<(), HvError> {
         drop(unsafe { Box::from_raw(opaque as *mut Sender<Lifecycle>) });
         return Err(HvError("cannot subscribe to libvirt domain events".into()));
     }
-    loop {
+    // A periodic no-op timer wakes the loop, so that a connection lost
+    // (libvirtd restarted) is noticed within seconds and the caller can
+    // subscribe again.
+    let timer = virt::event::event_add_timeout(5000, |_, _| {}, std::ptr::null_mut())
+        .map_err(|e| HvError(format!("libvirt event timer: {}", e.message())))?;
+    let result = loop {
         if let Err(e) = virt::event::event_run_default_impl() {
-            return Err(HvError(format!("libvirt event loop: {}", e.message())));
+            break Err(HvError(format!("libvirt event loop: {}", e.message())));
         }
-        // `conn` stays alive for as long as the loop runs.
-        let _ = &conn;
-    }
+        if !conn.is_alive().unwrap_or(false) {
+            break Err(HvError(
+                "the libvirt connection for events closed (libvirtd restarted?)".into(),
+            ));
+        }
+    };
+    let _ = timer.event_remove_timeout();
+    result
 }
 
 unsafe extern "C" fn on_lifecycle(
