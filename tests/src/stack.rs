@@ -259,6 +259,51 @@ impl Stack {
         self.daemon = Some(Proc::start(cmd, "listening on https://"));
     }
 
+    /// Enrolls and runs a second host daemon on this machine (own state
+    /// directory, hook socket and managed list, which libvirt does not use:
+    /// it stands for another host). Returns its name, state directory and
+    /// process.
+    pub fn second_host(&self) -> (String, PathBuf, Proc) {
+        let name = unique_name("host2");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let v = self.json(&["host", "add", &name, "--address", &addr]);
+        let token = v["enrollment_token"].as_str().expect("token").to_owned();
+        let state = self.dir.join("host2");
+        let out = Command::new(bin("guestkeyd"))
+            .args([
+                "enroll",
+                "--server",
+                &self.server_url,
+                "--token",
+                &token,
+                "--ca-file",
+            ])
+            .arg(self.dir.join("ca.pem"))
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .expect("enroll");
+        assert!(
+            out.status.success(),
+            "enroll: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut cmd = Command::new(bin("guestkeyd"));
+        cmd.args(["run", "--state-dir"])
+            .arg(&state)
+            .args(["--listen", &addr, "--hook-socket"])
+            .arg(self.dir.join("host2.sock"))
+            .arg("--managed-list")
+            .arg(self.dir.join("host2-managed"));
+        let p = Proc::start(cmd, "listening on https://");
+        (name, state, p)
+    }
+
     /// Polls `f` for at most `secs` seconds.
     pub fn wait_for(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
         let end = Instant::now() + Duration::from_secs(secs);

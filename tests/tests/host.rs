@@ -466,3 +466,78 @@ fn guestkeyd_runs_locked_and_without_core_dumps() {
         "coredump_filter {filter}"
     );
 }
+
+#[test]
+fn a_second_host_never_receives_the_first_hosts_keys() {
+    let s = Stack::start();
+    let (host2, state2, _daemon2) = s.second_host();
+    // Each host gets a volume; a guest on host 1 uses host 1's.
+    s.volume("first-disk", "16M");
+    s.json(&[
+        "volume",
+        "create",
+        "--host",
+        &host2,
+        "--pool",
+        &s.pool,
+        "--name",
+        "second-disk",
+        "--size",
+        "16M",
+    ]);
+    s.wait_for(60, "second volume ready", || {
+        s.json(&["volume", "show", "second-disk"])["state"] == "ready"
+    });
+    let guest = format!("gk-test-{}-first", std::process::id());
+    let xml = s.dir.join("first.xml");
+    std::fs::write(&xml, domain_xml(&guest, &s.pool, "first-disk")).unwrap();
+    s.json(&[
+        "guest",
+        "define",
+        "--host",
+        &s.host,
+        "--xml",
+        xml.to_str().unwrap(),
+    ]);
+    s.wait_for(60, "guest defined", || {
+        s.json(&["guest", "show", &guest])["pending"] == ""
+    });
+    let mut cleanup = guestkey_tests::Cleanup::default();
+    cleanup.virsh(&["undefine", &guest]);
+
+    // The same guest on host 2 is refused by the server: the volume is host 1's.
+    let xml2 = s.dir.join("first-on-2.xml");
+    std::fs::write(
+        &xml2,
+        domain_xml("gk-test-elsewhere", &s.pool, "first-disk"),
+    )
+    .unwrap();
+    let out = s.ctl(&[
+        "guest",
+        "define",
+        "--host",
+        &host2,
+        "--xml",
+        xml2.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("its volume is on host {}", s.host))
+    );
+
+    // Host 2 holds nothing of host 1: no guest record, only its own volume.
+    let first_id = s.json(&["volume", "show", "first-disk"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(std::fs::read_dir(state2.join("guests")).unwrap().count(), 0);
+    let vols = std::fs::read_to_string(state2.join("volumes.json")).unwrap();
+    assert!(
+        !vols.contains(&first_id) && vols.contains("second-disk"),
+        "{vols}"
+    );
+    s.wait_for(30, "host 2 reported", || {
+        s.json(&["host", "show", &host2])["inventory_reported_unix"] != 0
+    });
+    assert_eq!(s.json(&["host", "show", &host2])["held_keys"], 0);
+}
