@@ -304,10 +304,7 @@ impl Hypervisor for Libvirt {
         let conn = self.conn()?;
         // A leftover secret with this UUID (from a crash) is replaced.
         let _ = self.remove_secret(uuid);
-        let xml = format!(
-            "<secret ephemeral='yes' private='yes'><uuid>{uuid}</uuid><usage type='volume'><volume>{}</volume></usage></secret>",
-            xml_escape(volume_path)
-        );
+        let xml = secret_xml(uuid, volume_path);
         let s = conn
             .define_secret_xml(&xml, 0)
             .map_err(err(format!("define of libvirt secret {uuid}")))?;
@@ -326,9 +323,34 @@ impl Hypervisor for Libvirt {
     }
 }
 
+/// The only secret definition guestkeyd makes: ephemeral (never written to
+/// disk by libvirt) and private (its value cannot be read back).
+pub fn secret_xml(uuid: &str, volume_path: &str) -> String {
+    format!(
+        "<secret ephemeral='yes' private='yes'><uuid>{uuid}</uuid><usage type='volume'><volume>{}</volume></usage></secret>",
+        xml_escape(volume_path)
+    )
+}
+
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('\'', "&apos;")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn secrets_are_ephemeral_and_private() {
+        let x = super::secret_xml("0f0e0d0c-0000-0000-0000-000000000001", "/p/a'b<c>&d");
+        assert!(
+            x.starts_with("<secret ephemeral='yes' private='yes'>"),
+            "{x}"
+        );
+        assert!(
+            x.contains("<usage type='volume'><volume>/p/a&apos;b&lt;c&gt;&amp;d</volume></usage>"),
+            "{x}"
+        );
+    }
 }

@@ -266,3 +266,53 @@ impl Store {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(uuid: &str) -> GuestRecord {
+        GuestRecord {
+            uuid: XdrString::new(uuid.to_owned()).unwrap(),
+            name: XdrString::new("g").unwrap(),
+            domain_xml: XdrString::new("<domain/>").unwrap(),
+            keys: BoundedVec::new(vec![StoredKey {
+                volume_id: VolumeId(uuid::Uuid::nil()),
+                generation: 3,
+                secret_uuid: XdrString::new(uuid::Uuid::nil().to_string()).unwrap(),
+                path: XdrString::new("/p").unwrap(),
+                sealed: Opaque::new(vec![1, 2, 3]).unwrap(),
+            }])
+            .unwrap(),
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_tampering_is_detected() {
+        let dir = std::env::temp_dir().join(format!("gk-store-{}", std::process::id()));
+        let state = StateDir::new(&dir);
+        private_dir(&dir).unwrap();
+        let store = Store::open(&state).unwrap();
+        let uuid = "6f1c2b1e-0000-0000-0000-0000000000aa";
+        store.save(&record(uuid)).unwrap();
+        assert_eq!(store.guests().unwrap(), vec![uuid.to_owned()]);
+        let back = store.load(uuid).unwrap().unwrap();
+        assert_eq!(back.keys[0].generation, 3);
+        assert_eq!(&*back.keys[0].sealed, &[1, 2, 3]);
+        // The clear XML is not in the file.
+        let file = dir.join(format!("guests/{uuid}.sealed"));
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(!bytes.windows(9).any(|w| w == b"<domain/>"));
+        // A flipped bit, or the record moved to another UUID: refused.
+        let mut bad = bytes.clone();
+        bad[30] ^= 1;
+        std::fs::write(&file, &bad).unwrap();
+        assert!(matches!(store.load(uuid), Err(StoreError::Corrupt(_))));
+        let other = "6f1c2b1e-0000-0000-0000-0000000000bb";
+        std::fs::write(dir.join(format!("guests/{other}.sealed")), &bytes).unwrap();
+        assert!(matches!(store.load(other), Err(StoreError::Corrupt(_))));
+        assert!(store.erase(uuid).unwrap());
+        assert!(store.load(uuid).unwrap().is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -9,6 +9,10 @@ use guestkey_tests::stack::Stack;
 use guestkey_tests::{run, virsh};
 
 fn domain_xml(name: &str, pool: &str, volume: &str) -> String {
+    domain_xml_typed(name, pool, volume, "qcow2")
+}
+
+fn domain_xml_typed(name: &str, pool: &str, volume: &str, driver: &str) -> String {
     format!(
         "<domain type='kvm'>
   <name>{name}</name>
@@ -17,7 +21,7 @@ fn domain_xml(name: &str, pool: &str, volume: &str) -> String {
   <os><type arch='x86_64'>hvm</type></os>
   <devices>
     <disk type='volume' device='disk'>
-      <driver name='qemu' type='qcow2'/>
+      <driver name='qemu' type='{driver}'/>
       <source pool='{pool}' volume='{volume}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
@@ -540,4 +544,42 @@ fn a_second_host_never_receives_the_first_hosts_keys() {
         s.json(&["host", "show", &host2])["inventory_reported_unix"] != 0
     });
     assert_eq!(s.json(&["host", "show", &host2])["held_keys"], 0);
+}
+
+#[test]
+fn a_raw_luks_volume_works_like_a_qcow2_one() {
+    let s = Stack::start();
+    s.json(&[
+        "volume", "create", "--host", &s.host, "--pool", &s.pool, "--name", "raw-disk", "--size",
+        "16M", "--format", "raw",
+    ]);
+    s.wait_for(60, "raw volume ready", || {
+        s.json(&["volume", "show", "raw-disk"])["state"] == "ready"
+    });
+    let info = run(
+        "qemu-img",
+        &["info", s.dir.join("pool/raw-disk").to_str().unwrap()],
+    )
+    .unwrap();
+    assert!(info.contains("file format: luks"), "{info}");
+    let guest = format!("gk-test-{}-raw", std::process::id());
+    let xml = s.dir.join("raw.xml");
+    std::fs::write(&xml, domain_xml_typed(&guest, &s.pool, "raw-disk", "raw")).unwrap();
+    s.json(&[
+        "guest",
+        "define",
+        "--host",
+        &s.host,
+        "--xml",
+        xml.to_str().unwrap(),
+    ]);
+    s.wait_for(60, "guest defined", || {
+        s.json(&["guest", "show", &guest])["pending"] == ""
+    });
+    let mut cleanup = guestkey_tests::Cleanup::default();
+    cleanup.virsh(&["undefine", &guest]);
+    cleanup.virsh(&["destroy", &guest]);
+    virsh(&["start", &guest]).unwrap();
+    assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
+    assert!(secret_list_is_empty());
 }
