@@ -325,6 +325,31 @@ impl Stack {
         );
     }
 
+    /// Defines `name` from `xml` through guestkey on this stack's host,
+    /// waits until the host has it, and registers its removal with
+    /// `cleanup`. Returns its UUID.
+    pub fn define_guest(&self, cleanup: &mut Cleanup, name: &str, xml: &str) -> String {
+        let file = self.dir.join(format!("{name}.xml"));
+        std::fs::write(&file, xml).expect("write domain XML");
+        self.json(&[
+            "guest",
+            "define",
+            "--host",
+            &self.host,
+            "--xml",
+            file.to_str().expect("utf-8"),
+        ]);
+        self.wait_for(60, "guest defined", || {
+            self.json(&["guest", "show", name])["pending"] == ""
+        });
+        cleanup.virsh(&["undefine", name]);
+        cleanup.virsh(&["destroy", name]);
+        self.json(&["guest", "show", name])["uuid"]
+            .as_str()
+            .expect("uuid")
+            .to_owned()
+    }
+
     /// Creates a volume and waits until the host made it; returns its JSON.
     pub fn volume(&self, name: &str, size: &str) -> serde_json::Value {
         self.json(&[

@@ -234,22 +234,12 @@ fn guestkeyd_keeps_no_copy_of_a_key_after_use_and_undefine() {
     let v = s.volume("mem-disk", "16M");
     let volume_id = v["id"].as_str().unwrap().to_owned();
     let guest = format!("gk-test-{}-mem", std::process::id());
-    let xml = s.dir.join("mem.xml");
-    std::fs::write(&xml, domain_xml(&guest, &s.pool, "mem-disk")).unwrap();
-    s.json(&[
-        "guest",
-        "define",
-        "--host",
-        &s.host,
-        "--xml",
-        xml.to_str().unwrap(),
-    ]);
-    s.wait_for(60, "guest defined", || {
-        s.json(&["guest", "show", &guest])["pending"] == ""
-    });
     let mut cleanup = guestkey_tests::Cleanup::default();
-    cleanup.virsh(&["undefine", &guest]);
-    cleanup.virsh(&["destroy", &guest]);
+    s.define_guest(
+        &mut cleanup,
+        &guest,
+        &domain_xml(&guest, &s.pool, "mem-disk"),
+    );
     // Use the key a few times: each start opens it in guestkeyd.
     for _ in 0..2 {
         virsh(&["start", &guest]).unwrap();
@@ -311,22 +301,12 @@ fn autostart_guests_start_when_guestkeyd_starts_with_the_server_down() {
     let mut s = Stack::start();
     s.volume("boot-disk", "16M");
     let guest = format!("gk-test-{}-boot", std::process::id());
-    let xml = s.dir.join("boot.xml");
-    std::fs::write(&xml, domain_xml(&guest, &s.pool, "boot-disk")).unwrap();
-    s.json(&[
-        "guest",
-        "define",
-        "--host",
-        &s.host,
-        "--xml",
-        xml.to_str().unwrap(),
-    ]);
-    s.wait_for(60, "guest defined", || {
-        s.json(&["guest", "show", &guest])["pending"] == ""
-    });
     let mut cleanup = guestkey_tests::Cleanup::default();
-    cleanup.virsh(&["undefine", &guest]);
-    cleanup.virsh(&["destroy", &guest]);
+    s.define_guest(
+        &mut cleanup,
+        &guest,
+        &domain_xml(&guest, &s.pool, "boot-disk"),
+    );
     virsh(&["autostart", &guest]).unwrap();
 
     // "Boot": the server is unreachable, guestkeyd starts after libvirtd
@@ -399,22 +379,12 @@ fn a_volume_that_the_delivered_key_does_not_open_fails_with_qemus_words() {
     let s = Stack::start();
     s.volume("wrong-disk", "16M");
     let guest = format!("gk-test-{}-wrong", std::process::id());
-    let xml = s.dir.join("wrong.xml");
-    std::fs::write(&xml, domain_xml(&guest, &s.pool, "wrong-disk")).unwrap();
-    s.json(&[
-        "guest",
-        "define",
-        "--host",
-        &s.host,
-        "--xml",
-        xml.to_str().unwrap(),
-    ]);
-    s.wait_for(60, "guest defined", || {
-        s.json(&["guest", "show", &guest])["pending"] == ""
-    });
     let mut cleanup = guestkey_tests::Cleanup::default();
-    cleanup.virsh(&["undefine", &guest]);
-    cleanup.virsh(&["destroy", &guest]);
+    s.define_guest(
+        &mut cleanup,
+        &guest,
+        &domain_xml(&guest, &s.pool, "wrong-disk"),
+    );
 
     // Replace the image by one encrypted with another passphrase.
     let path = s.dir.join("pool/wrong-disk");
@@ -493,21 +463,12 @@ fn a_second_host_never_receives_the_first_hosts_keys() {
         s.json(&["volume", "show", "second-disk"])["state"] == "ready"
     });
     let guest = format!("gk-test-{}-first", std::process::id());
-    let xml = s.dir.join("first.xml");
-    std::fs::write(&xml, domain_xml(&guest, &s.pool, "first-disk")).unwrap();
-    s.json(&[
-        "guest",
-        "define",
-        "--host",
-        &s.host,
-        "--xml",
-        xml.to_str().unwrap(),
-    ]);
-    s.wait_for(60, "guest defined", || {
-        s.json(&["guest", "show", &guest])["pending"] == ""
-    });
     let mut cleanup = guestkey_tests::Cleanup::default();
-    cleanup.virsh(&["undefine", &guest]);
+    s.define_guest(
+        &mut cleanup,
+        &guest,
+        &domain_xml(&guest, &s.pool, "first-disk"),
+    );
 
     // The same guest on host 2 is refused by the server: the volume is host 1's.
     let xml2 = s.dir.join("first-on-2.xml");
@@ -563,22 +524,12 @@ fn a_raw_luks_volume_works_like_a_qcow2_one() {
     .unwrap();
     assert!(info.contains("file format: luks"), "{info}");
     let guest = format!("gk-test-{}-raw", std::process::id());
-    let xml = s.dir.join("raw.xml");
-    std::fs::write(&xml, domain_xml_typed(&guest, &s.pool, "raw-disk", "raw")).unwrap();
-    s.json(&[
-        "guest",
-        "define",
-        "--host",
-        &s.host,
-        "--xml",
-        xml.to_str().unwrap(),
-    ]);
-    s.wait_for(60, "guest defined", || {
-        s.json(&["guest", "show", &guest])["pending"] == ""
-    });
     let mut cleanup = guestkey_tests::Cleanup::default();
-    cleanup.virsh(&["undefine", &guest]);
-    cleanup.virsh(&["destroy", &guest]);
+    s.define_guest(
+        &mut cleanup,
+        &guest,
+        &domain_xml_typed(&guest, &s.pool, "raw-disk", "raw"),
+    );
     virsh(&["start", &guest]).unwrap();
     assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
     assert!(secret_list_is_empty());
