@@ -377,6 +377,102 @@ impl Daemon {
         started
     }
 
+    /// Shallow rekey of a volume: new passphrase in a new keyslot, old
+    /// keyslots erased, guests' sealed records moved to the new generation.
+    /// Safe to repeat after a crash at any point: the server keeps both
+    /// generations until this returns, and a volume that the new key
+    /// already opens (and the old one no longer does) only gets its records
+    /// updated. Returns the generation now active.
+    pub fn rekey(&self, r: pb::RekeyRequest) -> Result<u64, Status> {
+        if r.kind != pb::RekeyKind::Shallow as i32 {
+            return Err(Status::unimplemented("deep rekey is not built yet"));
+        }
+        let vid = volume_id(&r.volume_id)?;
+        let old_key = r
+            .old_key
+            .ok_or_else(|| Status::invalid_argument("no old key packet"))?;
+        let new_key = r
+            .new_key
+            .ok_or_else(|| Status::invalid_argument("no new key packet"))?;
+        if old_key.generation != r.from_generation || new_key.generation != r.from_generation + 1 {
+            return Err(Status::invalid_argument(
+                "key generations do not match the rekey",
+            ));
+        }
+        let old = self
+            .keys
+            .open(&old_key.sealed_packet, vid, old_key.generation)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let new = self
+            .keys
+            .open(&new_key.sealed_packet, vid, new_key.generation)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let format = match new.params.format {
+            xdr_wipe::packet::VolumeFormat::Raw => Format::Raw,
+            xdr_wipe::packet::VolumeFormat::Qcow2 => Format::Qcow2,
+        };
+        let _guard = self.lock();
+        let vols = self.store.volumes().map_err(internal)?;
+        let v = vols.get(&r.volume_id).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "volume {} was not created on this host",
+                r.volume_id
+            ))
+        })?;
+        // Guests using it, and whether one runs (online rekey: not yet).
+        let mut users = vec![];
+        for uuid in self.store.guests().map_err(internal)? {
+            if let Some(rec) = self.store.load(&uuid).map_err(internal)? {
+                if rec.keys.iter().any(|k| k.volume_id == vid) {
+                    if let Ok(Some(state)) = self.hv.domain_state(&uuid) {
+                        if state == "running" || state == "paused" {
+                            return Err(Status::failed_precondition(format!(
+                                "guest {} runs on volume {}: online rekey is not built yet; stop the guest",
+                                rec.name, v.name
+                            )));
+                        }
+                    }
+                    users.push(rec);
+                }
+            }
+        }
+        let new_opens = crate::luks::opens_with(&v.path, format, new.secret.expose_secret())
+            .map_err(internal)?;
+        let old_opens = crate::luks::opens_with(&v.path, format, old.secret.expose_secret())
+            .map_err(internal)?;
+        // Already done (a repeat after a crash) when only the new key opens.
+        let done = new_opens && !old_opens;
+        if !done {
+            if !old_opens && !new_opens {
+                return Err(Status::failed_precondition(format!(
+                    "neither the current nor the new key opens volume {} ({})",
+                    v.name, v.path
+                )));
+            }
+            crate::luks::replace_passphrase(
+                &v.path,
+                format,
+                old.secret.expose_secret(),
+                new.secret.expose_secret(),
+            )
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        }
+        drop((old, new));
+        for mut rec in users {
+            let mut keys =
+                std::mem::replace(&mut rec.keys, BoundedVec::new(vec![]).map_err(internal)?)
+                    .into_inner();
+            for k in keys.iter_mut().filter(|k| k.volume_id == vid) {
+                k.generation = new_key.generation;
+                k.sealed = Opaque::new(new_key.sealed_packet.clone()).map_err(internal)?;
+            }
+            rec.keys = BoundedVec::new(keys).map_err(internal)?;
+            self.store.save(&rec).map_err(internal)?;
+        }
+        tracing::info!(volume = %r.volume_id, generation = new_key.generation, "volume rekeyed (shallow)");
+        Ok(new_key.generation)
+    }
+
     /// What this host holds keys for.
     pub fn inventory(&self) -> Result<Vec<pb::HeldKeyInfo>, Status> {
         let mut out = vec![];
@@ -528,9 +624,15 @@ impl HostAgent for AgentService {
 
     async fn rekey(&self, req: Request<pb::RekeyRequest>) -> R<pb::RekeyResult> {
         self.check(&req)?;
-        Err(Status::unimplemented(
-            "re-encryption is not built yet (re-encryption and migration issue)",
-        ))
+        let r = req.into_inner();
+        let (op_id, volume_id) = (r.op_id.clone(), r.volume_id.clone());
+        let active_generation = self.blocking(move |d| d.rekey(r)).await?;
+        Ok(Response::new(pb::RekeyResult {
+            op_id,
+            volume_id,
+            active_generation,
+            state: "done".into(),
+        }))
     }
 
     async fn forget_key(&self, req: Request<pb::ForgetKeyRequest>) -> R<pb::VolumeResult> {

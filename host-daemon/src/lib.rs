@@ -14,6 +14,7 @@ pub mod hardening;
 pub mod hook_server;
 pub mod hypervisor;
 pub mod keys;
+pub mod luks;
 pub mod report;
 pub mod state;
 pub mod store;

@@ -121,7 +121,9 @@ async fn push_volumes(
             }
         };
         let host = match &op {
-            PushOp::Create { host, .. } | PushOp::Delete { host, .. } => host.clone(),
+            PushOp::Create { host, .. }
+            | PushOp::Delete { host, .. }
+            | PushOp::Rekey { host, .. } => host.clone(),
         };
         let c = match client(core, channels, &host).await {
             Ok(c) => c,
@@ -183,6 +185,32 @@ async fn send_volume_op(
                 key: Some(sealed_key(&volume.id, volume.key_generation, sealed)),
             };
             c.create_volume(req).await
+        }
+        PushOp::Rekey {
+            volume,
+            host,
+            old,
+            new,
+        } => {
+            let old_sealed =
+                crate::volumes::seal_for(&old, &host).map_err(tonic::Status::internal)?;
+            let new_sealed =
+                crate::volumes::seal_for(&new, &host).map_err(tonic::Status::internal)?;
+            drop((old, new));
+            let req = agent::RekeyRequest {
+                op_id: format!("{}:rekey:{}", volume.id, volume.key_generation + 1),
+                volume_id: volume.id.clone(),
+                from_generation: volume.key_generation,
+                kind: agent::RekeyKind::Shallow as i32,
+                new_key: Some(sealed_key(
+                    &volume.id,
+                    volume.key_generation + 1,
+                    new_sealed,
+                )),
+                new_secret_uuid: volume.secret_uuid.clone(),
+                old_key: Some(sealed_key(&volume.id, volume.key_generation, old_sealed)),
+            };
+            return c.rekey(req).await.map(|_| String::new());
         }
         PushOp::Delete { volume, .. } => {
             let req = agent::DeleteVolumeRequest {

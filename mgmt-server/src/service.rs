@@ -137,6 +137,16 @@ impl Admin for AdminService {
         )))
     }
 
+    async fn rekey_volume(&self, req: Request<pb::RekeyVolumeRequest>) -> R<pb::Volume> {
+        let c = caller(&self.0, &req, true)?;
+        let r = req.into_inner();
+        Ok(Response::new(volume(
+            self.0
+                .request_rekey(&c, &r.name_or_id, r.deep)
+                .map_err(status)?,
+        )))
+    }
+
     async fn define_guest(&self, req: Request<pb::DefineGuestRequest>) -> R<pb::Guest> {
         let c = caller(&self.0, &req, true)?;
         let r = req.into_inner();

@@ -93,6 +93,17 @@ pub enum PushOp {
         /// The key packet (wiped on drop).
         packet: KeyPacket,
     },
+    /// Replace the volume's key (shallow: new keyslot, old one erased).
+    Rekey {
+        /// The volume.
+        volume: VolumeInfo,
+        /// Where.
+        host: EnrolledHost,
+        /// The current key (the host may not hold it).
+        old: KeyPacket,
+        /// The next generation.
+        new: KeyPacket,
+    },
     /// Delete the volume and the host's copy of its key.
     Delete {
         /// The volume.
@@ -256,7 +267,7 @@ impl Core {
     pub fn due_volumes(&self, limit: u32) -> Result<Vec<VolumeInfo>, CoreError> {
         let conn = self.db();
         let mut stmt = conn.prepare(&format!(
-            "{VOLUME_SELECT} WHERE state IN ('pending-create', 'pending-delete') AND next_attempt <= ?1
+            "{VOLUME_SELECT} WHERE state IN ('pending-create', 'pending-delete', 'rekeying') AND next_attempt <= ?1
              ORDER BY next_attempt LIMIT ?2"
         ))?;
         let rows = stmt.query_map(params![now_unix_ms(), limit], volume_row)?;
@@ -293,6 +304,18 @@ impl Core {
                 host,
             });
         }
+        if volume.state == "rekeying" {
+            self.take_release_slot(&host.name)?;
+            self.take_release_slot(&host.name)?;
+            let old = self.release_packet(tx, volume, volume.key_generation, &host)?;
+            let new = self.release_packet(tx, volume, volume.key_generation + 1, &host)?;
+            return Ok(PushOp::Rekey {
+                volume: volume.clone(),
+                host,
+                old,
+                new,
+            });
+        }
         self.take_release_slot(&host.name)?;
         let (mk_id, wrapped): (String, Vec<u8>) = tx.query_row(
             "SELECT master_key_id, wrapped FROM volume_keys WHERE volume_id = ?1 AND generation = ?2",
@@ -327,6 +350,106 @@ impl Core {
             host,
             packet,
         })
+    }
+
+    /// Releases one generation of a volume's key for `host`: audit record
+    /// first, in the caller's transaction, then unwrap.
+    fn release_packet(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        volume: &VolumeInfo,
+        generation: u64,
+        host: &EnrolledHost,
+    ) -> Result<KeyPacket, CoreError> {
+        let (mk_id, wrapped): (String, Vec<u8>) = tx.query_row(
+            "SELECT master_key_id, wrapped FROM volume_keys WHERE volume_id = ?1 AND generation = ?2",
+            params![volume.id, generation as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        audit::append(
+            tx,
+            "server",
+            "key.released",
+            &volume.id,
+            &format!(
+                "generation {generation} sealed to host {} for a rekey",
+                host.name
+            ),
+        )?;
+        let key = self
+            .master_for(tx)?
+            .unwrap_key(&volume.id, generation, &mk_id, &wrapped)
+            .map_err(|e| CoreError::Internal(e.to_string()))?;
+        let uuid =
+            uuid::Uuid::parse_str(&volume.id).map_err(|e| CoreError::Internal(e.to_string()))?;
+        Ok(KeyPacket::passphrase(
+            VolumeId(uuid),
+            generation,
+            CipherParams::aes_xts(parse_format(&volume.format)?),
+            key,
+        ))
+    }
+
+    /// Starts a rotation of a volume's key: makes the next generation (the
+    /// server then holds two, old and new) and queues the rekey on the host.
+    /// The old generation is destroyed only after the host confirms that the
+    /// new one opens the volume.
+    pub fn request_rekey(
+        &self,
+        caller: &Caller,
+        name_or_id: &str,
+        deep: bool,
+    ) -> Result<VolumeInfo, CoreError> {
+        if deep {
+            return Err(CoreError::FailedPrecondition(
+                "deep rekey (new data key, data rewritten) is not built yet: use --shallow".into(),
+            ));
+        }
+        let v = self.get_volume(name_or_id)?;
+        if v.state != "ready" {
+            return Err(CoreError::FailedPrecondition(format!(
+                "volume {} is {}: a rekey needs it ready",
+                v.name, v.state
+            )));
+        }
+        let key = generate_passphrase()
+            .map_err(|_| CoreError::Internal("the OS random number generator failed".into()))?;
+        let next = v.key_generation + 1;
+        let mut conn = self.db();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let master = self.master_for(&tx)?;
+        let wrapped = master.wrap(&v.id, next, &key);
+        drop(key);
+        tx.execute(
+            "INSERT INTO volume_keys (volume_id, generation, master_key_id, wrapped, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![v.id, next as i64, master.id(), wrapped, now_unix()],
+        )?;
+        drop(master);
+        tx.execute(
+            "UPDATE volumes SET state = 'rekeying', attempts = 0, next_attempt = 0, last_error = '' WHERE id = ?1",
+            [&v.id],
+        )?;
+        audit::append(
+            &tx,
+            &caller.actor(),
+            "key.created",
+            &v.id,
+            &format!("volume {} generation {next}", v.name),
+        )?;
+        audit::append(
+            &tx,
+            &caller.actor(),
+            "volume.rekey-requested",
+            &v.id,
+            &format!(
+                "volume {} shallow, generation {} -> {next}",
+                v.name, v.key_generation
+            ),
+        )?;
+        tx.commit()?;
+        drop(conn);
+        self.push_wake.notify_one();
+        self.get_volume(&v.id)
     }
 
     pub(crate) fn take_release_slot(&self, host: &str) -> Result<(), CoreError> {
@@ -369,6 +492,31 @@ impl Core {
                         "key.destroyed",
                         &volume.id,
                         &format!("volume {} deleted on host {}", volume.name, volume.host),
+                    )?;
+                }
+                Ok(_) if volume.state == "rekeying" => {
+                    let old = volume.key_generation;
+                    tx.execute(
+                        "UPDATE volumes SET state = 'ready', last_error = '', generation = ?1 WHERE id = ?2",
+                        params![(old + 1) as i64, volume.id],
+                    )?;
+                    tx.execute(
+                        "DELETE FROM volume_keys WHERE volume_id = ?1 AND generation = ?2",
+                        params![volume.id, old as i64],
+                    )?;
+                    audit::append(
+                        &tx,
+                        "server",
+                        "key.rotated",
+                        &volume.id,
+                        &format!("volume {} generation {old} -> {}", volume.name, old + 1),
+                    )?;
+                    audit::append(
+                        &tx,
+                        "server",
+                        "key.destroyed",
+                        &volume.id,
+                        &format!("volume {} generation {old}", volume.name),
                     )?;
                 }
                 Ok(path) => {

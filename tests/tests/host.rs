@@ -534,3 +534,87 @@ fn a_raw_luks_volume_works_like_a_qcow2_one() {
     assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
     assert!(secret_list_is_empty());
 }
+
+/// Whether `key` opens the LUKS image at `path` (a real read with qemu-io).
+fn opens_with(dir: &Path, path: &Path, format: &str, key: &[u8]) -> bool {
+    let f = dir.join("probe.key");
+    std::fs::write(&f, key).unwrap();
+    let opts = match format {
+        "raw" => format!("driver=luks,file.filename={},key-secret=k", path.display()),
+        _ => format!(
+            "driver=qcow2,file.filename={},encrypt.key-secret=k",
+            path.display()
+        ),
+    };
+    let ok = run(
+        "qemu-io",
+        &[
+            "-r",
+            "-U",
+            "--object",
+            &format!("secret,id=k,file={}", f.display()),
+            "--image-opts",
+            &opts,
+            "-c",
+            "read 0 512",
+        ],
+    )
+    .is_ok();
+    std::fs::remove_file(f).unwrap();
+    ok
+}
+
+#[test]
+fn a_shallow_rekey_replaces_the_passphrase_and_the_guest_still_starts() {
+    let s = Stack::start();
+    let v = s.volume("rk-disk", "16M");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let guest = format!("gk-test-{}-rekey", std::process::id());
+    let mut cleanup = guestkey_tests::Cleanup::default();
+    s.define_guest(
+        &mut cleanup,
+        &guest,
+        &domain_xml(&guest, &s.pool, "rk-disk"),
+    );
+    virsh(&["start", &guest]).unwrap();
+    virsh(&["destroy", &guest]).unwrap();
+    let path = s.dir.join("pool/rk-disk");
+    let old = server_key(&s, &id);
+    assert!(opens_with(&s.dir, &path, "qcow2", old.expose_secret()));
+
+    let r = s.json(&["volume", "rekey", "rk-disk", "--shallow"]);
+    assert_eq!(r["state"], "rekeying");
+    s.wait_for(60, "rekey done", || {
+        let v = s.json(&["volume", "show", "rk-disk"]);
+        v["state"] == "ready" && v["key_generation"] == 2
+    });
+    // The server holds only the new generation now; the image opens with
+    // it and no longer with the old one.
+    let db = rusqlite::Connection::open(s.dir.join("server/guestkey.db")).unwrap();
+    let gens: Vec<i64> = db
+        .prepare("SELECT generation FROM volume_keys WHERE volume_id = ?1")
+        .unwrap()
+        .query_map([&id], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(gens, vec![2]);
+    let new = server_key(&s, &id);
+    assert!(opens_with(&s.dir, &path, "qcow2", new.expose_secret()));
+    assert!(!opens_with(&s.dir, &path, "qcow2", old.expose_secret()));
+    let actions: Vec<String> = s
+        .json(&["audit"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        actions.iter().any(|a| a == "key.rotated") && actions.iter().any(|a| a == "key.destroyed")
+    );
+
+    // The guest starts with the new key from the updated sealed record.
+    virsh(&["start", &guest]).unwrap();
+    assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
+    assert!(secret_list_is_empty());
+}

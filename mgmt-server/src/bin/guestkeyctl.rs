@@ -112,6 +112,19 @@ enum VolumeCmd {
         /// Name or UUID.
         volume: String,
     },
+    /// Rotate a volume's key. --shallow: a new passphrase in a new keyslot,
+    /// the old keyslot erased (offline: the guest must not run). The old key
+    /// is destroyed once the host confirms the new one opens the volume.
+    Rekey {
+        /// Name or UUID.
+        volume: String,
+        /// New passphrase, same data key.
+        #[arg(long, conflicts_with = "deep", required_unless_present = "deep")]
+        shallow: bool,
+        /// New data key, data rewritten (not built yet).
+        #[arg(long)]
+        deep: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -451,6 +464,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Volume(VolumeCmd::Delete { volume }) => {
             let v = c
                 .delete_volume(pb::VolumeRef { name_or_id: volume })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            show_volume(&v, json);
+        }
+        Command::Volume(VolumeCmd::Rekey { volume, deep, .. }) => {
+            let v = c
+                .rekey_volume(pb::RekeyVolumeRequest {
+                    name_or_id: volume,
+                    deep,
+                })
                 .await
                 .map_err(rpc_error)?
                 .into_inner();
