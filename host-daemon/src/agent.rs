@@ -377,16 +377,24 @@ impl Daemon {
         started
     }
 
-    /// Shallow rekey of a volume: new passphrase in a new keyslot, old
-    /// keyslots erased, guests' sealed records moved to the new generation.
+    /// Rekey of a stopped volume: shallow (new passphrase in a new keyslot,
+    /// old keyslots erased) or deep (data copied under a new data key, see
+    /// [`crate::luks::deep_rekey`]); guests' sealed records move to the new
+    /// generation.
     /// Safe to repeat after a crash at any point: the server keeps both
     /// generations until this returns, and a volume that the new key
     /// already opens (and the old one no longer does) only gets its records
     /// updated. Returns the generation now active.
     pub fn rekey(&self, r: pb::RekeyRequest) -> Result<u64, Status> {
-        if r.kind != pb::RekeyKind::Shallow as i32 {
-            return Err(Status::unimplemented("deep rekey is not built yet"));
-        }
+        let deep = match pb::RekeyKind::try_from(r.kind) {
+            Ok(pb::RekeyKind::Shallow) => false,
+            Ok(pb::RekeyKind::Deep) => true,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "rekey kind must be shallow or deep",
+                ));
+            }
+        };
         let vid = volume_id(&r.volume_id)?;
         let old_key = r
             .old_key
@@ -449,13 +457,13 @@ impl Daemon {
                     v.name, v.path
                 )));
             }
-            crate::luks::replace_passphrase(
-                &v.path,
-                format,
-                old.secret.expose_secret(),
-                new.secret.expose_secret(),
-            )
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            let (o, n) = (old.secret.expose_secret(), new.secret.expose_secret());
+            let result = if deep {
+                crate::luks::deep_rekey(&v.path, format, o, n)
+            } else {
+                crate::luks::replace_passphrase(&v.path, format, o, n)
+            };
+            result.map_err(|e| Status::failed_precondition(e.to_string()))?;
         }
         drop((old, new));
         for mut rec in users {
@@ -469,7 +477,7 @@ impl Daemon {
             rec.keys = BoundedVec::new(keys).map_err(internal)?;
             self.store.save(&rec).map_err(internal)?;
         }
-        tracing::info!(volume = %r.volume_id, generation = new_key.generation, "volume rekeyed (shallow)");
+        tracing::info!(volume = %r.volume_id, generation = new_key.generation, deep, "volume rekeyed");
         Ok(new_key.generation)
     }
 

@@ -155,3 +155,90 @@ pub fn replace_passphrase(
     }
     Ok(())
 }
+
+/// Deep rekey, offline: copies the data into a new image under the new key
+/// (so a new data key), proves the copy identical by reading both images
+/// with their keys, swaps it in with a rename, then overwrites the old
+/// image's blocks (its LUKS header held the old data key) before letting
+/// them go. A leftover copy from a crash before the swap is discarded and
+/// made again; the old image stays intact until the swap.
+pub fn deep_rekey(path: &str, format: Format, old: &[u8], new: &[u8]) -> Result<(), HvError> {
+    let tmp = format!("{path}.gk-rekey");
+    let _ = std::fs::remove_file(&tmp);
+    let (out_fmt, out_opts) = match format {
+        Format::Qcow2 => (
+            "qcow2",
+            "encrypt.format=luks,encrypt.key-secret=k1,encrypt.iter-time=1",
+        ),
+        Format::Raw => ("luks", "key-secret=k1,iter-time=1"),
+    };
+    let mut args = vec!["convert".to_owned()];
+    args.extend(secrets_args());
+    args.extend([
+        "--image-opts".into(),
+        image_opts(format, path, "k0"),
+        "-O".into(),
+        out_fmt.into(),
+        "-o".into(),
+        out_opts.into(),
+        tmp.clone(),
+    ]);
+    let out = run_with_secrets("qemu-img", &args, &[old, new])?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(HvError(format!(
+            "qemu-img convert of {path}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let mut args = vec!["compare".to_owned()];
+    args.extend(secrets_args());
+    args.extend([
+        "--image-opts".into(),
+        image_opts(format, path, "k0"),
+        image_opts(format, &tmp, "k1"),
+    ]);
+    let out = run_with_secrets("qemu-img", &args, &[old, new])?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(HvError(format!(
+            "the re-encrypted copy of {path} differs: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        )));
+    }
+    let old_file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| HvError(format!("{path}: {e}")))?;
+    let len = old_file
+        .metadata()
+        .map_err(|e| HvError(format!("{path}: {e}")))?
+        .len();
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| HvError(format!("{tmp}: {e}")))?;
+    std::fs::rename(&tmp, path).map_err(|e| HvError(format!("cannot swap in {tmp}: {e}")))?;
+    if let Some(dir) = std::path::Path::new(path).parent() {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    wipe(&old_file, len).map_err(|e| HvError(format!("wipe of the old image of {path}: {e}")))?;
+    if !opens_with(path, format, new)? {
+        return Err(HvError(format!(
+            "the re-encrypted {path} does not open with the new key"
+        )));
+    }
+    Ok(())
+}
+
+/// Overwrites `len` bytes of an (unlinked) file with zeros and syncs.
+fn wipe(f: &std::fs::File, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < len {
+        let n = zeros.len().min((len - at) as usize);
+        f.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    f.sync_all()
+}

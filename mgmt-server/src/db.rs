@@ -110,6 +110,10 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE hosts ADD COLUMN inventory_reported INTEGER NOT NULL DEFAULT 0;
     ",
+    // 4: the kind of a pending rekey
+    "
+    ALTER TABLE volumes ADD COLUMN rekey_kind TEXT NOT NULL DEFAULT '' CHECK (rekey_kind IN ('', 'shallow', 'deep'));
+    ",
 ];
 
 /// Database errors.

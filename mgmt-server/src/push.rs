@@ -191,6 +191,7 @@ async fn send_volume_op(
             host,
             old,
             new,
+            deep,
         } => {
             let old_sealed =
                 crate::volumes::seal_for(&old, &host).map_err(tonic::Status::internal)?;
@@ -201,7 +202,11 @@ async fn send_volume_op(
                 op_id: format!("{}:rekey:{}", volume.id, volume.key_generation + 1),
                 volume_id: volume.id.clone(),
                 from_generation: volume.key_generation,
-                kind: agent::RekeyKind::Shallow as i32,
+                kind: if deep {
+                    agent::RekeyKind::Deep
+                } else {
+                    agent::RekeyKind::Shallow
+                } as i32,
                 new_key: Some(sealed_key(
                     &volume.id,
                     volume.key_generation + 1,

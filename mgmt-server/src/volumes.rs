@@ -103,6 +103,8 @@ pub enum PushOp {
         old: KeyPacket,
         /// The next generation.
         new: KeyPacket,
+        /// Deep (new data key) rather than shallow (new keyslot).
+        deep: bool,
     },
     /// Delete the volume and the host's copy of its key.
     Delete {
@@ -309,11 +311,17 @@ impl Core {
             self.take_release_slot(&host.name)?;
             let old = self.release_packet(tx, volume, volume.key_generation, &host)?;
             let new = self.release_packet(tx, volume, volume.key_generation + 1, &host)?;
+            let kind: String = tx.query_row(
+                "SELECT rekey_kind FROM volumes WHERE id = ?1",
+                [&volume.id],
+                |r| r.get(0),
+            )?;
             return Ok(PushOp::Rekey {
                 volume: volume.clone(),
                 host,
                 old,
                 new,
+                deep: kind == "deep",
             });
         }
         self.take_release_slot(&host.name)?;
@@ -400,11 +408,6 @@ impl Core {
         name_or_id: &str,
         deep: bool,
     ) -> Result<VolumeInfo, CoreError> {
-        if deep {
-            return Err(CoreError::FailedPrecondition(
-                "deep rekey (new data key, data rewritten) is not built yet: use --shallow".into(),
-            ));
-        }
         let v = self.get_volume(name_or_id)?;
         if v.state != "ready" {
             return Err(CoreError::FailedPrecondition(format!(
@@ -426,8 +429,8 @@ impl Core {
         )?;
         drop(master);
         tx.execute(
-            "UPDATE volumes SET state = 'rekeying', attempts = 0, next_attempt = 0, last_error = '' WHERE id = ?1",
-            [&v.id],
+            "UPDATE volumes SET state = 'rekeying', rekey_kind = ?1, attempts = 0, next_attempt = 0, last_error = '' WHERE id = ?2",
+            params![if deep { "deep" } else { "shallow" }, v.id],
         )?;
         audit::append(
             &tx,

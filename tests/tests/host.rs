@@ -618,3 +618,78 @@ fn a_shallow_rekey_replaces_the_passphrase_and_the_guest_still_starts() {
     assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
     assert!(secret_list_is_empty());
 }
+
+/// Runs `qemu-io -c CMD` on the image with `key`; returns its output.
+fn qemu_io(dir: &Path, path: &Path, key: &[u8], cmd: &str) -> Result<String, String> {
+    let f = dir.join("io.key");
+    std::fs::write(&f, key).unwrap();
+    let opts = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=k",
+        path.display()
+    );
+    let r = run(
+        "qemu-io",
+        &[
+            "--object",
+            &format!("secret,id=k,file={}", f.display()),
+            "--image-opts",
+            &opts,
+            "-c",
+            cmd,
+        ],
+    );
+    std::fs::remove_file(f).unwrap();
+    r.map_err(|e| e.0)
+}
+
+fn luks_uuid(path: &Path) -> String {
+    let info = run("qemu-img", &["info", path.to_str().unwrap()]).unwrap();
+    info.lines()
+        .find(|l| l.trim_start().starts_with("uuid:"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn a_deep_rekey_rewrites_the_data_under_a_new_key_and_keeps_it() {
+    let s = Stack::start();
+    let v = s.volume("deep-disk", "16M");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let guest = format!("gk-test-{}-deep", std::process::id());
+    let mut cleanup = guestkey_tests::Cleanup::default();
+    s.define_guest(
+        &mut cleanup,
+        &guest,
+        &domain_xml(&guest, &s.pool, "deep-disk"),
+    );
+    let path = s.dir.join("pool/deep-disk");
+    let old = server_key(&s, &id);
+    qemu_io(&s.dir, &path, old.expose_secret(), "write -P 0xab 0 1M").unwrap();
+    let uuid_before = luks_uuid(&path);
+
+    s.json(&["volume", "rekey", "deep-disk", "--deep"]);
+    s.wait_for(120, "deep rekey done", || {
+        let v = s.json(&["volume", "show", "deep-disk"]);
+        v["state"] == "ready" && v["key_generation"] == 2
+    });
+    let new = server_key(&s, &id);
+    // Same data, read with the new key; a new LUKS header (new data key);
+    // the old key opens nothing; no leftover copy.
+    let out = qemu_io(&s.dir, &path, new.expose_secret(), "read -P 0xab 0 1M").unwrap();
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert_ne!(
+        luks_uuid(&path),
+        uuid_before,
+        "the LUKS header (data key) is new"
+    );
+    assert!(
+        qemu_io(&s.dir, &path, old.expose_secret(), "read 0 512")
+            .unwrap_err()
+            .contains("Invalid password")
+    );
+    assert!(!s.dir.join("pool/deep-disk.gk-rekey").exists());
+    virsh(&["start", &guest]).unwrap();
+    assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
+    assert!(secret_list_is_empty());
+}

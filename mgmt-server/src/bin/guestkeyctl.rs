@@ -113,15 +113,17 @@ enum VolumeCmd {
         volume: String,
     },
     /// Rotate a volume's key. --shallow: a new passphrase in a new keyslot,
-    /// the old keyslot erased (offline: the guest must not run). The old key
-    /// is destroyed once the host confirms the new one opens the volume.
+    /// the old keyslot erased. --deep: a new data key, all data rewritten.
+    /// Offline for now: the guest must not run. The old key is destroyed
+    /// once the host confirms the new one opens the volume.
     Rekey {
         /// Name or UUID.
         volume: String,
         /// New passphrase, same data key.
         #[arg(long, conflicts_with = "deep", required_unless_present = "deep")]
         shallow: bool,
-        /// New data key, data rewritten (not built yet).
+        /// New data key: the data is copied into a new image under the new
+        /// key, checked, swapped in, and the old image wiped.
         #[arg(long)]
         deep: bool,
     },
