@@ -110,6 +110,8 @@ pub enum Caller {
     Admin(String),
     /// An enrolled, non-revoked host.
     Host(String),
+    /// The server's own rotation scheduler.
+    Scheduler,
 }
 
 impl Caller {
@@ -118,6 +120,7 @@ impl Caller {
         match self {
             Self::Admin(n) => format!("admin:{n}"),
             Self::Host(n) => format!("host:{n}"),
+            Self::Scheduler => "server:scheduler".to_owned(),
         }
     }
 }

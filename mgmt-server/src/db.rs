@@ -114,6 +114,17 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE volumes ADD COLUMN rekey_kind TEXT NOT NULL DEFAULT '' CHECK (rekey_kind IN ('', 'shallow', 'deep'));
     ",
+    // 5: key rotation policies, per pool name or per volume
+    "
+    CREATE TABLE policies (
+        scope                TEXT NOT NULL CHECK (scope IN ('pool', 'volume')),
+        target               TEXT NOT NULL,
+        max_key_age_secs     INTEGER NOT NULL CHECK (max_key_age_secs > 0),
+        mode                 TEXT NOT NULL CHECK (mode IN ('shallow', 'deep')),
+        after_migration_secs INTEGER,
+        PRIMARY KEY (scope, target)
+    );
+    ",
 ];
 
 /// Database errors.

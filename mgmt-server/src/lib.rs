@@ -24,6 +24,7 @@ pub mod init;
 pub mod masterkey;
 pub mod names;
 mod pb;
+pub mod policy;
 pub mod push;
 pub mod rotate;
 pub mod server;

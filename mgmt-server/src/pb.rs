@@ -89,3 +89,23 @@ pub(crate) fn guest(g: crate::guests::GuestInfo) -> pb::Guest {
         domain_xml: g.domain_xml,
     }
 }
+
+pub(crate) fn policy(p: crate::policy::Policy) -> pb::Policy {
+    pb::Policy {
+        scope: p.scope,
+        target: p.target,
+        max_key_age_secs: p.max_key_age_secs,
+        mode: p.mode,
+        after_migration_secs: p.after_migration_secs,
+    }
+}
+
+pub(crate) fn policy_from(p: pb::Policy) -> crate::policy::Policy {
+    crate::policy::Policy {
+        scope: p.scope,
+        target: p.target,
+        max_key_age_secs: p.max_key_age_secs,
+        mode: p.mode,
+        after_migration_secs: p.after_migration_secs,
+    }
+}

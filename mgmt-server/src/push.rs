@@ -21,6 +21,8 @@ use crate::volumes::{PushOp, VolumeInfo};
 const PUSH_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IDLE_POLL: Duration = Duration::from_millis(250);
+/// How often the rotation scheduler looks for keys past their policy's age.
+const POLICY_ROUND: Duration = Duration::from_secs(1);
 /// Volume operations released and pushed together.
 const BATCH: u32 = 256;
 
@@ -30,7 +32,18 @@ type Channels = HashMap<String, Channel>;
 /// Runs until `shutdown` fires.
 pub async fn run(core: Arc<Core>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut channels = Channels::new();
+    let mut last_policy_round = std::time::Instant::now() - POLICY_ROUND;
     loop {
+        if last_policy_round.elapsed() >= POLICY_ROUND {
+            last_policy_round = std::time::Instant::now();
+            match core.apply_policies() {
+                Ok(v) if !v.is_empty() => {
+                    tracing::info!(volumes = v.len(), "scheduled rekeys started")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "rotation policies not applied"),
+            }
+        }
         let busy = match push_volumes(&core, &mut channels).await {
             Ok(n) => n > 0,
             Err(e) => {

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit;
 use crate::core::{Caller, Core};
-use crate::pb::{audit_record, guest, host, status, verification, volume};
+use crate::pb::{audit_record, guest, host, policy, policy_from, status, verification, volume};
 use crate::tls::peer_fingerprint;
 
 /// Admin API.
@@ -145,6 +145,36 @@ impl Admin for AdminService {
                 .request_rekey(&c, &r.name_or_id, r.deep)
                 .map_err(status)?,
         )))
+    }
+
+    async fn set_policy(&self, req: Request<pb::Policy>) -> R<pb::Policy> {
+        let c = caller(&self.0, &req, true)?;
+        let p = self
+            .0
+            .set_policy(&c, &policy_from(req.into_inner()))
+            .map_err(status)?;
+        Ok(Response::new(policy(p)))
+    }
+
+    async fn list_policies(
+        &self,
+        req: Request<pb::ListPoliciesRequest>,
+    ) -> R<pb::ListPoliciesResponse> {
+        caller(&self.0, &req, true)?;
+        let ps = self.0.list_policies().map_err(status)?;
+        Ok(Response::new(pb::ListPoliciesResponse {
+            policies: ps.into_iter().map(policy).collect(),
+        }))
+    }
+
+    async fn remove_policy(&self, req: Request<pb::Policy>) -> R<pb::Policy> {
+        let c = caller(&self.0, &req, true)?;
+        let r = req.into_inner();
+        let p = self
+            .0
+            .remove_policy(&c, &r.scope, &r.target)
+            .map_err(status)?;
+        Ok(Response::new(policy(p)))
     }
 
     async fn define_guest(&self, req: Request<pb::DefineGuestRequest>) -> R<pb::Guest> {

@@ -693,3 +693,61 @@ fn a_deep_rekey_rewrites_the_data_under_a_new_key_and_keeps_it() {
     assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
     assert!(secret_list_is_empty());
 }
+
+#[test]
+fn a_rotation_policy_rekeys_old_keys_by_itself() {
+    let s = Stack::start();
+    s.volume("pol-disk", "16M");
+    let bad = s.ctl(&[
+        "policy",
+        "set",
+        "--volume",
+        "pol-disk",
+        "--max-key-age",
+        "5y",
+        "--mode",
+        "shallow",
+    ]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid duration \"5y\""));
+    let bad = s.ctl(&[
+        "policy",
+        "set",
+        "--volume",
+        "pol-disk",
+        "--max-key-age",
+        "3s",
+        "--mode",
+        "medium",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&bad.stderr)
+            .contains("invalid mode \"medium\": use shallow or deep")
+    );
+    assert!(s.json(&["policy", "list"]).as_array().unwrap().is_empty());
+
+    s.json(&[
+        "policy",
+        "set",
+        "--volume",
+        "pol-disk",
+        "--max-key-age",
+        "3s",
+        "--mode",
+        "shallow",
+    ]);
+    assert_eq!(s.json(&["policy", "list"]).as_array().unwrap().len(), 1);
+    s.wait_for(90, "the scheduler rotated the key", || {
+        let v = s.json(&["volume", "show", "pol-disk"]);
+        v["key_generation"].as_u64().unwrap() >= 2 && v["state"] == "ready"
+    });
+    let audit = s.json(&["audit"]);
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["actor"] == "server:scheduler" && r["action"] == "volume.rekey-requested"),
+        "{audit}"
+    );
+    s.json(&["policy", "remove", "--volume", "pol-disk"]);
+}

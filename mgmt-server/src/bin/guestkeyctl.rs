@@ -43,6 +43,9 @@ enum Command {
     /// undefine.
     #[command(subcommand)]
     Guest(GuestCmd),
+    /// Key rotation policies: set, list, remove.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// Show the audit log; --verify checks its hash chain.
     Audit(AuditArgs),
     /// Print the CA certificate (PEM) that signs server, admin and host
@@ -120,12 +123,15 @@ enum VolumeCmd {
         /// Name or UUID.
         volume: String,
         /// New passphrase, same data key.
-        #[arg(long, conflicts_with = "deep", required_unless_present = "deep")]
+        #[arg(long, conflicts_with = "deep", required_unless_present_any = ["deep", "now"])]
         shallow: bool,
         /// New data key: the data is copied into a new image under the new
         /// key, checked, swapped in, and the old image wiped.
         #[arg(long)]
         deep: bool,
+        /// Suspected compromise: an immediate deep rekey (same as --deep).
+        #[arg(long, conflicts_with = "shallow")]
+        now: bool,
     },
 }
 
@@ -171,6 +177,53 @@ enum GuestCmd {
     Stop {
         /// Name or UUID.
         guest: String,
+    },
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct PolicyTarget {
+    /// Every pool of this name, on any host.
+    #[arg(long)]
+    pool: Option<String>,
+    /// One volume (name or UUID); wins over its pool's policy.
+    #[arg(long)]
+    volume: Option<String>,
+}
+
+impl PolicyTarget {
+    fn split(self) -> (String, String) {
+        match (self.pool, self.volume) {
+            (Some(p), _) => ("pool".into(), p),
+            (_, Some(v)) => ("volume".into(), v),
+            _ => unreachable!("clap requires one of --pool and --volume"),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Rotate keys older than --max-key-age: the server's scheduler rekeys
+    /// them (shallow or deep).
+    Set {
+        #[command(flatten)]
+        target: PolicyTarget,
+        /// Maximum key age: a number with s, m, h or d, e.g. 90d.
+        #[arg(long, value_name = "DURATION")]
+        max_key_age: String,
+        /// shallow (new keyslot) or deep (new data key, data rewritten).
+        #[arg(long, value_name = "MODE")]
+        mode: String,
+        /// Deep rekey this long after a migration (migration is not built yet).
+        #[arg(long, value_name = "DURATION")]
+        after_migration: Option<String>,
+    },
+    /// List policies.
+    List,
+    /// Remove a policy.
+    Remove {
+        #[command(flatten)]
+        target: PolicyTarget,
     },
 }
 
@@ -561,6 +614,49 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .into_inner();
             show_guest(&g, json, false);
         }
+        Command::Policy(PolicyCmd::Set {
+            target,
+            max_key_age,
+            mode,
+            after_migration,
+        }) => {
+            let (scope, target) = target.split();
+            let p = pb::Policy {
+                scope,
+                target,
+                max_key_age_secs: mgmt_server::policy::parse_duration(&max_key_age)?,
+                mode,
+                after_migration_secs: after_migration
+                    .as_deref()
+                    .map(mgmt_server::policy::parse_duration)
+                    .transpose()?
+                    .unwrap_or(0),
+            };
+            let p = c.set_policy(p).await.map_err(rpc_error)?.into_inner();
+            show_policies(&[p], json);
+        }
+        Command::Policy(PolicyCmd::List) => {
+            let ps = c
+                .list_policies(pb::ListPoliciesRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .policies;
+            show_policies(&ps, json);
+        }
+        Command::Policy(PolicyCmd::Remove { target }) => {
+            let (scope, target) = target.split();
+            let p = c
+                .remove_policy(pb::Policy {
+                    scope,
+                    target,
+                    ..Default::default()
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            show_policies(&[p], json);
+        }
         Command::Audit(a) if a.verify => {
             let v = c
                 .verify_audit(pb::VerifyAuditRequest {})
@@ -700,6 +796,34 @@ fn show_guest(g: &pb::Guest, json: bool, xml: bool) {
             println!("{k:<16} {v}");
         }
     }
+}
+
+fn show_policies(ps: &[pb::Policy], json: bool) {
+    if json {
+        return print_json(&json!(ps
+            .iter()
+            .map(|p| json!({"scope": p.scope, "target": p.target, "max_key_age_secs": p.max_key_age_secs,
+                             "mode": p.mode, "after_migration_secs": p.after_migration_secs}))
+            .collect::<Vec<_>>()));
+    }
+    table(
+        &["SCOPE", "TARGET", "MAX KEY AGE", "MODE", "AFTER MIGRATION"],
+        ps.iter()
+            .map(|p| {
+                vec![
+                    p.scope.clone(),
+                    p.target.clone(),
+                    format!("{}s", p.max_key_age_secs),
+                    p.mode.clone(),
+                    if p.after_migration_secs == 0 {
+                        "-".into()
+                    } else {
+                        format!("{}s", p.after_migration_secs)
+                    },
+                ]
+            })
+            .collect(),
+    );
 }
 
 fn show_host(h: &pb::Host, json: bool) {
