@@ -55,6 +55,17 @@ pub trait Hypervisor: Send + Sync {
     fn domain_autostart(&self, uuid: &str) -> Result<Option<bool>, HvError>;
     /// Whether libvirt answers at all.
     fn ping(&self) -> bool;
+    /// Copies the disk of running domain `uuid` whose source is `source`
+    /// (path, pool, volume name: a file disk or a volume disk) into the existing LUKS image `dest_path` (opened with
+    /// libvirt secret `dest_secret`), then pivots the guest onto it.
+    fn copy_running_disk(
+        &self,
+        uuid: &str,
+        source: (&str, &str, &str),
+        dest_path: &str,
+        format: Format,
+        dest_secret: &str,
+    ) -> Result<(), HvError>;
     /// Defines an ephemeral, private volume secret and sets its value.
     fn set_secret(&self, uuid: &str, volume_path: &str, value: &[u8]) -> Result<(), HvError>;
     /// Undefines a secret (a missing one is not an error).
@@ -300,6 +311,48 @@ impl Hypervisor for Libvirt {
         self.conn().is_ok()
     }
 
+    fn copy_running_disk(
+        &self,
+        uuid: &str,
+        source: (&str, &str, &str),
+        dest_path: &str,
+        format: Format,
+        dest_secret: &str,
+    ) -> Result<(), HvError> {
+        let (source_path, pool, volume) = source;
+        let conn = self.conn()?;
+        let d = self
+            .domain(&conn, uuid)?
+            .ok_or_else(|| HvError(format!("domain {uuid} is not defined on this host")))?;
+        let live = d
+            .xml_desc(0)
+            .map_err(err(format!("XML of domain {uuid}")))?;
+        // After an earlier online rekey the running guest's disk still
+        // carries the copy's name (same file, renamed).
+        let disk = target_of(&live, source_path, pool, volume)
+            .or_else(|| target_of(&live, &format!("{source_path}.gk-rekey"), pool, volume))
+            .ok_or_else(|| HvError(format!("domain {uuid} has no disk on {source_path}")))?;
+        let driver = match format {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        };
+        let dest = format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='{driver}'/><source file='{}'><encryption format='luks'><secret type='passphrase' uuid='{dest_secret}'/></encryption></source></disk>",
+            xml_escape(dest_path)
+        );
+        // libvirt records the copy (its path and temporary secret) in the
+        // persistent definition at the pivot; guestkey renames the copy to
+        // the volume's own path and its key goes into the volume's own
+        // secret, so the definition from before the copy is the right one.
+        let inactive = d
+            .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+            .map_err(err(format!("persistent XML of domain {uuid}")))?;
+        crate::blockjob::copy_and_pivot(&d, &disk, &dest, std::time::Duration::from_secs(3600))?;
+        conn.define_domain_xml(&inactive)
+            .map(|_| ())
+            .map_err(err(format!("restoring the definition of domain {uuid}")))
+    }
+
     fn set_secret(&self, uuid: &str, volume_path: &str, value: &[u8]) -> Result<(), HvError> {
         let conn = self.conn()?;
         // A leftover secret with this UUID (from a crash) is replaced.
@@ -319,6 +372,42 @@ impl Hypervisor for Libvirt {
                 .undefine()
                 .map_err(err(format!("undefine of libvirt secret {uuid}"))),
             Err(_) => Ok(()),
+        }
+    }
+}
+
+/// The target dev (e.g. `vda`) of the disk whose source is file `path` or
+/// volume `volume` of pool `pool`.
+fn target_of(xml: &str, path: &str, pool: &str, volume: &str) -> Option<String> {
+    use quick_xml::events::Event;
+    let mut r = quick_xml::Reader::from_str(xml);
+    let (mut in_disk, mut matched, mut target) = (false, false, None);
+    loop {
+        match r.read_event().ok()? {
+            Event::Start(e) | Event::Empty(e) => match e.name().0 {
+                "disk" => (in_disk, matched, target) = (true, false, None),
+                "source" if in_disk => {
+                    let attrs: Vec<_> = e.attributes().flatten().collect();
+                    let has = |k: &str, v: &str| attrs.iter().any(|a| a.key.0 == k && a.value == v);
+                    matched |= has("file", path) || (has("pool", pool) && has("volume", volume));
+                }
+                "target" if in_disk => {
+                    target = e
+                        .attributes()
+                        .flatten()
+                        .find(|a| a.key.0 == "dev")
+                        .map(|a| a.value.into_owned());
+                }
+                _ => {}
+            },
+            Event::End(e) if e.name().0 == "disk" => {
+                if matched {
+                    return target;
+                }
+                in_disk = false;
+            }
+            Event::Eof => return None,
+            _ => {}
         }
     }
 }

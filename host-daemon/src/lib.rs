@@ -8,6 +8,7 @@
 //! only while QEMU opens the disks.
 
 pub mod agent;
+pub mod blockjob;
 pub mod enroll;
 pub mod events;
 pub mod hardening;

@@ -206,22 +206,7 @@ pub fn deep_rekey(path: &str, format: Format, old: &[u8], new: &[u8]) -> Result<
             String::from_utf8_lossy(&out.stdout).trim()
         )));
     }
-    let old_file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| HvError(format!("{path}: {e}")))?;
-    let len = old_file
-        .metadata()
-        .map_err(|e| HvError(format!("{path}: {e}")))?
-        .len();
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| HvError(format!("{tmp}: {e}")))?;
-    std::fs::rename(&tmp, path).map_err(|e| HvError(format!("cannot swap in {tmp}: {e}")))?;
-    if let Some(dir) = std::path::Path::new(path).parent() {
-        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
-    }
-    wipe(&old_file, len).map_err(|e| HvError(format!("wipe of the old image of {path}: {e}")))?;
+    swap_and_wipe(&tmp, path)?;
     if !opens_with(path, format, new)? {
         return Err(HvError(format!(
             "the re-encrypted {path} does not open with the new key"
@@ -241,4 +226,84 @@ fn wipe(f: &std::fs::File, len: u64) -> std::io::Result<()> {
         at += n as u64;
     }
     f.sync_all()
+}
+
+/// The virtual size of an image (no key needed).
+pub fn virtual_size(path: &str) -> Result<u64, HvError> {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json", path])
+        .output()
+        .map_err(|e| HvError(format!("cannot run qemu-img: {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("\"virtual-size\":")
+        .nth(1)
+        .and_then(|rest| {
+            rest.trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+        })
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| {
+            HvError(format!(
+                "cannot read the size of {path}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        })
+}
+
+/// Creates an empty LUKS image of `size` bytes under `key` (1 ms of key
+/// stretching: the key is random).
+pub fn create_image(path: &str, format: Format, size: u64, key: &[u8]) -> Result<(), HvError> {
+    let (fmt, opts) = match format {
+        Format::Qcow2 => (
+            "qcow2",
+            "encrypt.format=luks,encrypt.key-secret=k0,encrypt.iter-time=1",
+        ),
+        Format::Raw => ("luks", "key-secret=k0,iter-time=1"),
+    };
+    let args: Vec<String> = [
+        "create",
+        "-q",
+        "-f",
+        fmt,
+        "--object",
+        "secret,id=k0,file=/dev/fd/3,format=raw",
+        "-o",
+        opts,
+        path,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .chain(std::iter::once(size.to_string()))
+    .collect();
+    let out = run_with_secrets("qemu-img", &args, &[key])?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let _ = std::fs::remove_file(path);
+        Err(HvError(format!(
+            "qemu-img could not create {path}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Renames `new` over `path`, then overwrites the old image's blocks.
+pub fn swap_and_wipe(new: &str, path: &str) -> Result<(), HvError> {
+    let old_file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| HvError(format!("{path}: {e}")))?;
+    let len = old_file
+        .metadata()
+        .map_err(|e| HvError(format!("{path}: {e}")))?
+        .len();
+    std::fs::File::open(new)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| HvError(format!("{new}: {e}")))?;
+    std::fs::rename(new, path).map_err(|e| HvError(format!("cannot swap in {new}: {e}")))?;
+    if let Some(dir) = std::path::Path::new(path).parent() {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    wipe(&old_file, len).map_err(|e| HvError(format!("wipe of the old image of {path}: {e}")))
 }

@@ -751,3 +751,60 @@ fn a_rotation_policy_rekeys_old_keys_by_itself() {
     );
     s.json(&["policy", "remove", "--volume", "pol-disk"]);
 }
+
+fn qemu_pid(guest: &str) -> String {
+    std::fs::read_to_string(format!("/run/libvirt/qemu/{guest}.pid"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn a_running_guest_is_rekeyed_online_and_keeps_running() {
+    let s = Stack::start();
+    let v = s.volume("online-disk", "16M");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let guest = format!("gk-test-{}-online", std::process::id());
+    let mut cleanup = guestkey_tests::Cleanup::default();
+    s.define_guest(
+        &mut cleanup,
+        &guest,
+        &domain_xml(&guest, &s.pool, "online-disk"),
+    );
+    let path = s.dir.join("pool/online-disk");
+    let old = server_key(&s, &id);
+    qemu_io(&s.dir, &path, old.expose_secret(), "write -P 0xcd 0 2M").unwrap();
+    virsh(&["start", &guest]).unwrap();
+    let pid = qemu_pid(&guest);
+
+    // Asked for shallow: a running guest gets an online deep rekey.
+    s.json(&["volume", "rekey", "online-disk", "--shallow"]);
+    s.wait_for(120, "online rekey done", || {
+        let v = s.json(&["volume", "show", "online-disk"]);
+        v["state"] == "ready" && v["key_generation"] == 2
+    });
+    assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
+    assert_eq!(
+        qemu_pid(&guest),
+        pid,
+        "the same QEMU process runs the guest"
+    );
+    assert!(
+        secret_list_is_empty(),
+        "{}",
+        virsh(&["secret-list"]).unwrap()
+    );
+    virsh(&["destroy", &guest]).unwrap();
+
+    let new = server_key(&s, &id);
+    let out = qemu_io(&s.dir, &path, new.expose_secret(), "read -P 0xcd 0 2M").unwrap();
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(
+        qemu_io(&s.dir, &path, old.expose_secret(), "read 0 512")
+            .unwrap_err()
+            .contains("Invalid password")
+    );
+    assert!(!s.dir.join("pool/online-disk.gk-rekey").exists());
+    virsh(&["start", &guest]).unwrap();
+    assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
+}
