@@ -484,7 +484,7 @@ impl Daemon {
     }
 
     /// Online deep rekey of the disk on `path` of the running `guest`:
-    /// a new image under `new`, a temporary ephemeral libvirt secret for it,
+    /// a new image under `new`, the volume's ephemeral libvirt secret for it,
     /// block copy and pivot (the guest keeps running), then the new image
     /// takes the old one's name and the old one is wiped.
     fn online_rekey(
@@ -499,12 +499,15 @@ impl Daemon {
         let _ = std::fs::remove_file(&tmp);
         let size = crate::luks::virtual_size(path)?;
         crate::luks::create_image(&tmp, format, size, new)?;
-        let secret = uuid::Uuid::new_v4().to_string();
-        let copied = self.hv.set_secret(&secret, &tmp, new).and_then(|()| {
+        // The copy is opened through the volume's own libvirt secret (not in
+        // use: QEMU opened the running disk long ago), so the definition
+        // libvirt records at the pivot already names the right secret.
+        let secret = v.secret_uuid.as_str();
+        let copied = self.hv.set_secret(secret, &tmp, new).and_then(|()| {
             self.hv
-                .copy_running_disk(guest, (path, &v.pool, &v.name), &tmp, format, &secret)
+                .copy_running_disk(guest, (path, &v.pool, &v.name), &tmp, format, secret)
         });
-        let _ = self.hv.remove_secret(&secret);
+        let _ = self.hv.remove_secret(secret);
         if let Err(e) = copied {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);

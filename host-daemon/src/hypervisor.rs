@@ -340,17 +340,24 @@ impl Hypervisor for Libvirt {
             "<disk type='file' device='disk'><driver name='qemu' type='{driver}'/><source file='{}'><encryption format='luks'><secret type='passphrase' uuid='{dest_secret}'/></encryption></source></disk>",
             xml_escape(dest_path)
         );
-        // libvirt records the copy (its path and temporary secret) in the
-        // persistent definition at the pivot; guestkey renames the copy to
-        // the volume's own path and its key goes into the volume's own
-        // secret, so the definition from before the copy is the right one.
+        // A copy left running by a crash of guestkeyd: start afresh.
+        if matches!(crate::blockjob::progress(&d, &disk), Ok(Some(_))) {
+            crate::blockjob::cancel(&d, &disk);
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+        crate::blockjob::copy_and_pivot(&d, &disk, &dest, std::time::Duration::from_secs(3600))?;
+        // At the pivot libvirt writes the copy's path into the persistent
+        // definition; guestkey renames the copy to the volume's own path, so
+        // put that back (also after a crash at any point before).
         let inactive = d
             .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
             .map_err(err(format!("persistent XML of domain {uuid}")))?;
-        crate::blockjob::copy_and_pivot(&d, &disk, &dest, std::time::Duration::from_secs(3600))?;
-        conn.define_domain_xml(&inactive)
-            .map(|_| ())
-            .map_err(err(format!("restoring the definition of domain {uuid}")))
+        let fixed = inactive.replace(&xml_escape(dest_path), &xml_escape(source_path));
+        if fixed != inactive {
+            conn.define_domain_xml(&fixed)
+                .map_err(err(format!("restoring the definition of domain {uuid}")))?;
+        }
+        Ok(())
     }
 
     fn set_secret(&self, uuid: &str, volume_path: &str, value: &[u8]) -> Result<(), HvError> {
