@@ -82,6 +82,12 @@ impl Proc {
         self.terminate();
     }
 
+    /// Kills it at once (SIGKILL), as a crash would.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     fn terminate(&mut self) {
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
@@ -145,15 +151,14 @@ impl Stack {
             "init: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut cmd = Command::new(bin("guestkey-server"));
-        cmd.args(["run", "--data-dir"])
-            .arg(&data)
-            .args(["--listen", "127.0.0.1:0"]);
-        let server = Proc::start(cmd, "listening on https://");
-        let server_url = server
-            .first_line
-            .trim_start_matches("listening on ")
-            .to_owned();
+        // A fixed port, so that a restarted server is found again.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let server_url = format!("https://127.0.0.1:{port}");
+        let server = Self::server_proc(&data, port);
         let mut s = Self {
             _lock: lock,
             dir,
@@ -178,6 +183,28 @@ impl Stack {
         .expect("pool");
         s.cleanup.virsh(&["pool-destroy", &s.pool]);
         s
+    }
+
+    fn server_proc(data: &Path, port: u16) -> Proc {
+        let mut cmd = Command::new(bin("guestkey-server"));
+        cmd.args(["run", "--data-dir"])
+            .arg(data)
+            .args(["--listen", &format!("127.0.0.1:{port}")]);
+        Proc::start(cmd, "listening on https://")
+    }
+
+    /// (Re)starts the server on its data directory and port.
+    pub fn run_server(&mut self) {
+        if let Some(p) = self.server.take() {
+            p.stop();
+        }
+        let port: u16 = self
+            .server_url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        self.server = Some(Self::server_proc(&self.dir.join("server"), port));
     }
 
     /// guestkeyctl against this stack's server.

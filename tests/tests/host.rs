@@ -808,3 +808,117 @@ fn a_running_guest_is_rekeyed_online_and_keeps_running() {
     virsh(&["start", &guest]).unwrap();
     assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
 }
+
+/// Reads the pattern back (read-only, shared: the guest may run).
+fn pattern_intact(dir: &Path, path: &Path, key: &[u8], byte: u8, len: &str) -> Result<(), String> {
+    let f = dir.join("verify.key");
+    std::fs::write(&f, key).unwrap();
+    let opts = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=k",
+        path.display()
+    );
+    let r = run(
+        "qemu-io",
+        &[
+            "-r",
+            "-U",
+            "--object",
+            &format!("secret,id=k,file={}", f.display()),
+            "--image-opts",
+            &opts,
+            "-c",
+            &format!("read -P {byte:#x} 0 {len}"),
+        ],
+    );
+    std::fs::remove_file(f).unwrap();
+    match r {
+        Ok(out) if !out.contains("Pattern verification failed") => Ok(()),
+        Ok(out) => Err(out),
+        Err(e) => Err(e.0),
+    }
+}
+
+/// Kill -9 of guestkeyd, of the server or of QEMU at a random instant of a
+/// rekey (shallow or deep, offline or online): afterwards the rekey
+/// completes, the server holds a key that opens the volume, and the data is
+/// intact. `GUESTKEY_FAULT_TRIALS` sets the number of trials (default 6 in
+/// the test command; the full variant is 50, see docs/benchmarks.md).
+#[test]
+fn a_crash_at_any_instant_of_a_rekey_loses_no_volume() {
+    let trials: u32 = std::env::var("GUESTKEY_FAULT_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    let mut s = Stack::start();
+    let v = s.volume("fault-disk", "16M");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let guest = format!("gk-test-{}-fault", std::process::id());
+    let mut cleanup = guestkey_tests::Cleanup::default();
+    s.define_guest(
+        &mut cleanup,
+        &guest,
+        &domain_xml(&guest, &s.pool, "fault-disk"),
+    );
+    let path = s.dir.join("pool/fault-disk");
+    qemu_io(
+        &s.dir,
+        &path,
+        server_key(&s, &id).expose_secret(),
+        "write -P 0xef 0 1M",
+    )
+    .unwrap();
+
+    let mut x: u64 = u64::from(std::process::id()) * 0x9e37_79b9 + 1;
+    let mut rand = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    for t in 0..trials {
+        let running = virsh(&["domstate", &guest]).unwrap().trim() == "running";
+        if t % 2 == 1 && !running {
+            virsh(&["start", &guest]).unwrap();
+        } else if t % 2 == 0 && running {
+            virsh(&["destroy", &guest]).unwrap();
+        }
+        let running = t % 2 == 1;
+        let mode = if rand(2) == 0 { "--shallow" } else { "--deep" };
+        let gen_before = s.json(&["volume", "show", "fault-disk"])["key_generation"]
+            .as_u64()
+            .unwrap();
+        s.json(&["volume", "rekey", "fault-disk", mode]);
+        std::thread::sleep(std::time::Duration::from_millis(rand(2500)));
+        let victim = rand(if running { 3 } else { 2 });
+        match victim {
+            0 => {
+                s.daemon.take().unwrap().kill9();
+                s.run_daemon();
+            }
+            1 => {
+                s.server.take().unwrap().kill9();
+                s.run_server();
+            }
+            _ => {
+                let pid = std::fs::read_to_string(format!("/run/libvirt/qemu/{guest}.pid"))
+                    .unwrap_or_default();
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", pid.trim()])
+                    .status();
+            }
+        }
+        s.wait_for(240, "the rekey completes after the crash", || {
+            let v = s.json(&["volume", "show", "fault-disk"]);
+            v["state"] == "ready" && v["key_generation"].as_u64().unwrap() == gen_before + 1
+        });
+        let key = server_key(&s, &id);
+        if let Err(e) = pattern_intact(&s.dir, &path, key.expose_secret(), 0xef, "1M") {
+            panic!(
+                "trial {t} ({mode}, running {running}, victim {victim}): the server's key does not read the data: {e}"
+            );
+        }
+    }
+    let _ = virsh(&["destroy", &guest]);
+    virsh(&["start", &guest]).unwrap();
+    assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
+}
