@@ -468,6 +468,14 @@ impl Daemon {
             result.map_err(|e| Status::failed_precondition(e.to_string()))?;
         }
         drop((old, new));
+        // Whatever a crash interrupted (even a pivot whose QEMU died), a
+        // guest's definition must name the volume's own path again.
+        let tmp = format!("{}.gk-rekey", v.path);
+        for rec in &users {
+            self.hv
+                .fix_definition(rec.uuid.as_str(), &tmp, &v.path)
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        }
         for mut rec in users {
             let mut keys =
                 std::mem::replace(&mut rec.keys, BoundedVec::new(vec![]).map_err(internal)?)

@@ -55,6 +55,9 @@ pub trait Hypervisor: Send + Sync {
     fn domain_autostart(&self, uuid: &str) -> Result<Option<bool>, HvError>;
     /// Whether libvirt answers at all.
     fn ping(&self) -> bool;
+    /// Replaces `from` by `to` in the persistent definition of `uuid` if it
+    /// names `from` (a copy's path libvirt recorded at a pivot).
+    fn fix_definition(&self, uuid: &str, from: &str, to: &str) -> Result<(), HvError>;
     /// Copies the disk of running domain `uuid` whose source is `source`
     /// (path, pool, volume name: a file disk or a volume disk) into the existing LUKS image `dest_path` (opened with
     /// libvirt secret `dest_secret`), then pivots the guest onto it.
@@ -348,11 +351,19 @@ impl Hypervisor for Libvirt {
         crate::blockjob::copy_and_pivot(&d, &disk, &dest, std::time::Duration::from_secs(3600))?;
         // At the pivot libvirt writes the copy's path into the persistent
         // definition; guestkey renames the copy to the volume's own path, so
-        // put that back (also after a crash at any point before).
+        // put that back.
+        self.fix_definition(uuid, dest_path, source_path)
+    }
+
+    fn fix_definition(&self, uuid: &str, from: &str, to: &str) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        let Some(d) = self.domain(&conn, uuid)? else {
+            return Ok(());
+        };
         let inactive = d
             .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
             .map_err(err(format!("persistent XML of domain {uuid}")))?;
-        let fixed = inactive.replace(&xml_escape(dest_path), &xml_escape(source_path));
+        let fixed = inactive.replace(&xml_escape(from), &xml_escape(to));
         if fixed != inactive {
             conn.define_domain_xml(&fixed)
                 .map_err(err(format!("restoring the definition of domain {uuid}")))?;

@@ -91,6 +91,7 @@ impl Proc {
     fn terminate(&mut self) {
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
+            .stderr(Stdio::null())
             .status();
         let _ = self.child.wait();
     }

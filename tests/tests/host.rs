@@ -917,6 +917,15 @@ fn a_crash_at_any_instant_of_a_rekey_loses_no_volume() {
                 "trial {t} ({mode}, running {running}, victim {victim}): the server's key does not read the data: {e}"
             );
         }
+        // And the guest still starts from its definition (whatever crashed).
+        if virsh(&["domstate", &guest]).unwrap().trim() != "running" {
+            if let Err(e) = virsh(&["start", &guest]) {
+                panic!(
+                    "trial {t} ({mode}, running {running}, victim {victim}): the guest does not start: {e}"
+                );
+            }
+            virsh(&["destroy", &guest]).unwrap();
+        }
     }
     let _ = virsh(&["destroy", &guest]);
     virsh(&["start", &guest]).unwrap();
