@@ -4,9 +4,7 @@
 //! opens its own connection, so calls from the hook socket and from the
 //! host-agent API never wait on each other.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
@@ -176,53 +174,9 @@ impl Hypervisor for Libvirt {
         }
         // qemu-img, not libvirt's vol-create: it lets us choose the LUKS
         // iteration count (the key is random; stretching only slows every
-        // guest start). The passphrase goes through a pipe on stdin, never
-        // through argv or a file.
-        let (fmt, opts) = match format {
-            Format::Qcow2 => (
-                "qcow2",
-                "encrypt.format=luks,encrypt.key-secret=gk0,encrypt.iter-time=1",
-            ),
-            Format::Raw => ("luks", "key-secret=gk0,iter-time=1"),
-        };
-        let mut child = Command::new("qemu-img")
-            .args([
-                "create",
-                "-q",
-                "-f",
-                fmt,
-                "--object",
-                "secret,id=gk0,file=/dev/stdin,format=raw",
-                "-o",
-                opts,
-            ])
-            .arg(&path)
-            .arg(capacity.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| {
-                HvError(format!(
-                    "cannot run qemu-img: {e} (is qemu-utils installed?)"
-                ))
-            })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(passphrase)
-                .map_err(|e| HvError(format!("qemu-img: {e}")))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| HvError(format!("qemu-img: {e}")))?;
-        if !out.status.success() {
-            let _ = std::fs::remove_file(&path);
-            return Err(HvError(format!(
-                "qemu-img could not create {}: {}",
-                path.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
+        // guest start). The passphrase goes through a pipe, never through
+        // argv or a file.
+        crate::luks::create_image(&path.to_string_lossy(), format, capacity, passphrase)?;
         p.refresh(0)
             .map_err(err(format!("refresh of pool {pool}")))?;
         Ok(path.to_string_lossy().into_owned())

@@ -54,6 +54,24 @@ fn run_with_secrets(
     Ok(out)
 }
 
+/// qemu-img with `secrets`, once more (up to three tries) when its PBKDF
+/// calibration fails on a busy machine ("Unable to get accurate CPU
+/// usage"): that failure changes nothing on disk.
+fn qemu_img(args: &[String], secrets: &[&[u8]]) -> Result<std::process::Output, HvError> {
+    let mut tries = 0;
+    loop {
+        let out = run_with_secrets("qemu-img", args, secrets)?;
+        tries += 1;
+        if out.status.success()
+            || tries == 3
+            || !String::from_utf8_lossy(&out.stderr).contains("Unable to get accurate CPU usage")
+        {
+            return Ok(out);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 fn image_opts(format: Format, path: &str, secret_id: &str) -> String {
     let path = path.replace(',', ",,");
     match format {
@@ -131,7 +149,7 @@ pub fn replace_passphrase(
             "-o".to_owned(),
             options,
         ]);
-        let out = run_with_secrets("qemu-img", &args, &[old, new])?;
+        let out = qemu_img(&args, &[old, new])?;
         if out.status.success() {
             Ok(())
         } else {
@@ -183,7 +201,7 @@ pub fn deep_rekey(path: &str, format: Format, old: &[u8], new: &[u8]) -> Result<
         out_opts.into(),
         tmp.clone(),
     ]);
-    let out = run_with_secrets("qemu-img", &args, &[old, new])?;
+    let out = qemu_img(&args, &[old, new])?;
     if !out.status.success() {
         let _ = std::fs::remove_file(&tmp);
         return Err(HvError(format!(
@@ -276,7 +294,7 @@ pub fn create_image(path: &str, format: Format, size: u64, key: &[u8]) -> Result
     .map(|s| (*s).to_owned())
     .chain(std::iter::once(size.to_string()))
     .collect();
-    let out = run_with_secrets("qemu-img", &args, &[key])?;
+    let out = qemu_img(&args, &[key])?;
     if out.status.success() {
         Ok(())
     } else {
