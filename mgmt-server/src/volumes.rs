@@ -309,8 +309,10 @@ impl Core {
         if volume.state == "rekeying" {
             self.take_release_slot(&host.name)?;
             self.take_release_slot(&host.name)?;
-            let old = self.release_packet(tx, volume, volume.key_generation, &host)?;
-            let new = self.release_packet(tx, volume, volume.key_generation + 1, &host)?;
+            let old =
+                self.release_packet(tx, volume, volume.key_generation, &host, " for a rekey")?;
+            let new =
+                self.release_packet(tx, volume, volume.key_generation + 1, &host, " for a rekey")?;
             let kind: String = tx.query_row(
                 "SELECT rekey_kind FROM volumes WHERE id = ?1",
                 [&volume.id],
@@ -325,34 +327,7 @@ impl Core {
             });
         }
         self.take_release_slot(&host.name)?;
-        let (mk_id, wrapped): (String, Vec<u8>) = tx.query_row(
-            "SELECT master_key_id, wrapped FROM volume_keys WHERE volume_id = ?1 AND generation = ?2",
-            params![volume.id, volume.key_generation as i64],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        audit::append(
-            tx,
-            "server",
-            "key.released",
-            &volume.id,
-            &format!(
-                "generation {} sealed to host {}",
-                volume.key_generation, host.name
-            ),
-        )?;
-        let key = self
-            .master_for(tx)?
-            .unwrap_key(&volume.id, volume.key_generation, &mk_id, &wrapped)
-            .map_err(|e| CoreError::Internal(e.to_string()))?;
-        let uuid =
-            uuid::Uuid::parse_str(&volume.id).map_err(|e| CoreError::Internal(e.to_string()))?;
-        let format = parse_format(&volume.format)?;
-        let packet = KeyPacket::passphrase(
-            VolumeId(uuid),
-            volume.key_generation,
-            CipherParams::aes_xts(format),
-            key,
-        );
+        let packet = self.release_packet(tx, volume, volume.key_generation, &host, "")?;
         Ok(PushOp::Create {
             volume: volume.clone(),
             host,
@@ -368,6 +343,7 @@ impl Core {
         volume: &VolumeInfo,
         generation: u64,
         host: &EnrolledHost,
+        why: &str,
     ) -> Result<KeyPacket, CoreError> {
         let (mk_id, wrapped): (String, Vec<u8>) = tx.query_row(
             "SELECT master_key_id, wrapped FROM volume_keys WHERE volume_id = ?1 AND generation = ?2",
@@ -379,10 +355,7 @@ impl Core {
             "server",
             "key.released",
             &volume.id,
-            &format!(
-                "generation {generation} sealed to host {} for a rekey",
-                host.name
-            ),
+            &format!("generation {generation} sealed to host {}{why}", host.name),
         )?;
         let key = self
             .master_for(tx)?
