@@ -34,18 +34,8 @@ pub async fn enroll(
             ca_file.display()
         ))
     })?;
-    let host = server
-        .strip_prefix("https://")
-        .ok_or_else(|| EnrollError(format!("server URL {server:?} must start with https://")))?
-        .split('/')
-        .next()
-        .unwrap_or_default();
-    let domain = host
-        .rsplit_once(':')
-        .map_or(host, |(h, _)| h)
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
+    let domain = tls_name(server)
+        .ok_or_else(|| EnrollError(format!("server URL {server:?} must start with https://")))?;
 
     let tls_key =
         rcgen::KeyPair::generate().map_err(|e| EnrollError(format!("key generation: {e}")))?;
@@ -111,4 +101,21 @@ pub async fn enroll(
     write_atomic(&dir.file("tls.pem"), r.certificate_pem.as_bytes())
         .map_err(io(&dir.file("tls.pem")))?;
     Ok(r.host_name)
+}
+
+/// The name TLS checks for `HOST:PORT` or `https://HOST:PORT/...`: the host
+/// part, without IPv6 brackets. None for a URL that is not https.
+pub fn tls_name(url_or_address: &str) -> Option<String> {
+    let rest = if url_or_address.contains("://") {
+        url_or_address.strip_prefix("https://")?
+    } else {
+        url_or_address
+    };
+    let hostport = rest.split('/').next().unwrap_or_default();
+    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
+    Some(
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+    )
 }

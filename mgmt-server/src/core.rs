@@ -392,10 +392,8 @@ impl Core {
                 "enrollment refused: the token of host {name} has expired: ask the admin for a new one"
             )));
         }
-        let host_part = address
-            .rsplit_once(':')
-            .map_or(address.as_str(), |(h, _)| h);
-        let host_part = host_part.trim_start_matches('[').trim_end_matches(']');
+        let host_part = crate::tls::tls_name(&address).unwrap_or_default();
+        let host_part = host_part.as_str();
         let issued = self
             .ca
             .sign_csr(csr_der, &name, vec![host_part.to_owned(), name.clone()])

@@ -293,13 +293,7 @@ fn describe_status(host: &EnrolledHost, s: &tonic::Status) -> String {
 }
 
 async fn connect(core: &Core, host: &EnrolledHost) -> Result<Channel, String> {
-    let domain = host
-        .address
-        .rsplit_once(':')
-        .map_or(host.address.as_str(), |(h, _)| h)
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
+    let domain = crate::tls::tls_name(&host.address).unwrap_or_default();
     let (cert, key) = core.server_identity();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(core.ca_cert_pem()))

@@ -288,18 +288,8 @@ async fn connect(cli: &Cli) -> Result<AdminClient<Channel>, Failure> {
         Some(u) => u.clone(),
         None => read(&dir, "server")?.trim().to_owned(),
     };
-    let host = url
-        .strip_prefix("https://")
-        .ok_or_else(|| Failure(format!("server URL {url:?} must start with https://")))?
-        .split('/')
-        .next()
-        .unwrap_or_default();
-    let domain = host
-        .rsplit_once(':')
-        .map_or(host, |(h, _)| h)
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
+    let domain = mgmt_server::tls::tls_name(&url)
+        .ok_or_else(|| Failure(format!("server URL {url:?} must start with https://")))?;
     check_admin_certificate(&dir, &read(&dir, "admin.pem")?)?;
     let key = zeroize::Zeroizing::new(read(&dir, "admin.key")?);
     let tls = ClientTlsConfig::new()
