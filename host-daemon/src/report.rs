@@ -31,34 +31,30 @@ pub async fn run(dir: StateDir, daemon: Arc<Daemon>) {
     };
     let key = zeroize::Zeroizing::new(key);
     let url = url.trim().to_owned();
-    let domain = url
-        .trim_start_matches("https://")
-        .split('/')
-        .next()
-        .and_then(|h| h.rsplit_once(':').map(|(h, _)| h.to_owned()))
-        .unwrap_or_default()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let mut last: Option<(Vec<HeldKey>, Instant)> = None;
+    let domain = crate::enroll::tls_name(&url).unwrap_or_default();
+    // (store change count, when sent) of the last report that got through.
+    let mut last: Option<(u64, Instant)> = None;
     loop {
-        let d = daemon.clone();
-        let held: Vec<HeldKey> = match tokio::task::spawn_blocking(move || d.inventory()).await {
-            Ok(Ok(h)) => h
-                .into_iter()
-                .map(|k| HeldKey {
-                    volume_id: k.volume_id,
-                    generation: k.generation,
-                    guest_uuid: k.guest_uuid,
-                })
-                .collect(),
-            _ => vec![],
-        };
-        let due = match &last {
-            Some((prev, at)) => *prev != held || at.elapsed() >= REFRESH,
+        let seen = daemon.store.changes();
+        let due = match last {
+            Some((changes, at)) => changes != seen || at.elapsed() >= REFRESH,
             None => true,
         };
         if due {
+            // Unsealing every record is work: only when something changed.
+            let d = daemon.clone();
+            let held: Vec<HeldKey> = match tokio::task::spawn_blocking(move || d.inventory()).await
+            {
+                Ok(Ok(h)) => h
+                    .into_iter()
+                    .map(|k| HeldKey {
+                        volume_id: k.volume_id,
+                        generation: k.generation,
+                        guest_uuid: k.guest_uuid,
+                    })
+                    .collect(),
+                _ => vec![],
+            };
             let tls = ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(&ca))
                 .identity(Identity::from_pem(&cert, key.as_bytes()))
@@ -77,7 +73,7 @@ pub async fn run(dir: StateDir, daemon: Arc<Daemon>) {
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
             };
             match sent.await {
-                Ok(()) => last = Some((held, Instant::now())),
+                Ok(()) => last = Some((seen, Instant::now())),
                 Err(e) => tracing::debug!(error = %e, "inventory report failed; will retry"),
             }
         }

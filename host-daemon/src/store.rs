@@ -104,6 +104,8 @@ pub enum StoreError {
 pub struct Store {
     dir: StateDir,
     key: SecretBox<[u8; 32]>,
+    /// Bumped by every change, so readers can tell when to look again.
+    changes: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -133,6 +135,7 @@ impl Store {
         Ok(Self {
             dir: dir.clone(),
             key,
+            changes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -146,6 +149,16 @@ impl Store {
 
     fn aad(uuid: &str) -> Vec<u8> {
         format!("guestkey guest record v1:{uuid}").into_bytes()
+    }
+
+    /// How many changes the store has seen (records saved or erased).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn changed(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Seals and writes a guest record.
@@ -170,7 +183,9 @@ impl Store {
             what: "write",
             path,
             source,
-        })
+        })?;
+        self.changed();
+        Ok(())
     }
 
     /// Reads and opens a guest record, if there is one.
@@ -208,7 +223,10 @@ impl Store {
     pub fn erase(&self, uuid: &str) -> Result<bool, StoreError> {
         let path = self.path(uuid);
         match std::fs::remove_file(&path) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.changed();
+                Ok(true)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(source) => Err(StoreError::Io {
                 what: "remove",
