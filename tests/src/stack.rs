@@ -16,6 +16,16 @@ use crate::{Cleanup, scratch_dir, unique_name, virsh};
 
 static ONE_STACK: Mutex<()> = Mutex::new(());
 
+/// `127.0.0.1:PORT` with a port free right now.
+fn free_address() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 /// A built binary of the workspace (scripts/test builds them first).
 pub fn bin(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -153,12 +163,13 @@ impl Stack {
             String::from_utf8_lossy(&out.stderr)
         );
         // A fixed port, so that a restarted server is found again.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("port")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let server_url = format!("https://127.0.0.1:{port}");
+        let addr = free_address();
+        let port: u16 = addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        let server_url = format!("https://{addr}");
         let server = Self::server_proc(&data, port);
         let mut s = Self {
             _lock: lock,
@@ -237,22 +248,25 @@ impl Stack {
     }
 
     fn enroll_and_run(&mut self) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("port")
-            .local_addr()
-            .expect("addr")
-            .port();
-        self.daemon_addr = format!("127.0.0.1:{port}");
-        let v = self.json(&[
-            "host",
-            "add",
+        self.daemon_addr = free_address();
+        std::fs::copy(
+            self.dir.join("server/admin/ca.pem"),
+            self.dir.join("ca.pem"),
+        )
+        .expect("ca");
+        self.enroll(
             &self.host.clone(),
-            "--address",
             &self.daemon_addr.clone(),
-        ]);
+            &self.state_dir(),
+        );
+        self.run_daemon();
+    }
+
+    /// Registers host `name` at `addr` and enrolls a guestkeyd state
+    /// directory `state` with its token.
+    fn enroll(&self, name: &str, addr: &str, state: &Path) {
+        let v = self.json(&["host", "add", name, "--address", addr]);
         let token = v["enrollment_token"].as_str().expect("token").to_owned();
-        let ca = self.dir.join("ca.pem");
-        std::fs::copy(self.dir.join("server/admin/ca.pem"), &ca).expect("ca");
         let out = Command::new(bin("guestkeyd"))
             .args([
                 "enroll",
@@ -262,9 +276,9 @@ impl Stack {
                 &token,
                 "--ca-file",
             ])
-            .arg(&ca)
+            .arg(self.dir.join("ca.pem"))
             .arg("--state-dir")
-            .arg(self.state_dir())
+            .arg(state)
             .output()
             .expect("enroll");
         assert!(
@@ -272,7 +286,6 @@ impl Stack {
             "enroll: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        self.run_daemon();
     }
 
     /// (Re)starts guestkeyd.
@@ -293,34 +306,9 @@ impl Stack {
     /// process.
     pub fn second_host(&self) -> (String, PathBuf, Proc) {
         let name = unique_name("host2");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("port")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let v = self.json(&["host", "add", &name, "--address", &addr]);
-        let token = v["enrollment_token"].as_str().expect("token").to_owned();
+        let addr = free_address();
         let state = self.dir.join("host2");
-        let out = Command::new(bin("guestkeyd"))
-            .args([
-                "enroll",
-                "--server",
-                &self.server_url,
-                "--token",
-                &token,
-                "--ca-file",
-            ])
-            .arg(self.dir.join("ca.pem"))
-            .arg("--state-dir")
-            .arg(&state)
-            .output()
-            .expect("enroll");
-        assert!(
-            out.status.success(),
-            "enroll: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.enroll(&name, &addr, &state);
         let mut cmd = Command::new(bin("guestkeyd"));
         cmd.args(["run", "--state-dir"])
             .arg(&state)

@@ -536,50 +536,12 @@ fn a_raw_luks_volume_works_like_a_qcow2_one() {
     assert!(secret_list_is_empty());
 }
 
-/// Whether `key` opens the LUKS image at `path` (a real read with qemu-io).
-fn opens_with(dir: &Path, path: &Path, format: &str, key: &[u8]) -> bool {
-    let f = dir.join("probe.key");
-    std::fs::write(&f, key).unwrap();
-    let opts = match format {
-        "raw" => format!("driver=luks,file.filename={},key-secret=k", path.display()),
-        _ => format!(
-            "driver=qcow2,file.filename={},encrypt.key-secret=k",
-            path.display()
-        ),
-    };
-    let ok = run(
-        "qemu-io",
-        &[
-            "-r",
-            "-U",
-            "--object",
-            &format!("secret,id=k,file={}", f.display()),
-            "--image-opts",
-            &opts,
-            "-c",
-            "read 0 512",
-        ],
-    )
-    .is_ok();
-    std::fs::remove_file(f).unwrap();
-    ok
-}
-
 #[test]
 fn a_shallow_rekey_replaces_the_passphrase_and_the_guest_still_starts() {
     let s = Stack::start();
-    let v = s.volume("rk-disk", "16M");
-    let id = v["id"].as_str().unwrap().to_owned();
-    let guest = format!("gk-test-{}-rekey", std::process::id());
-    let mut cleanup = guestkey_tests::Cleanup::default();
-    s.define_guest(
-        &mut cleanup,
-        &guest,
-        &domain_xml(&guest, &s.pool, "rk-disk"),
-    );
+    let (id, guest, path, _cleanup) = guest_on_volume(&s, "rk-disk", "rekey");
     virsh(&["start", &guest]).unwrap();
     virsh(&["destroy", &guest]).unwrap();
-    let path = s.dir.join("pool/rk-disk");
     let old = server_key(&s, &id);
     assert!(opens_with(&s.dir, &path, "qcow2", old.expose_secret()));
 
@@ -620,29 +582,6 @@ fn a_shallow_rekey_replaces_the_passphrase_and_the_guest_still_starts() {
     assert!(secret_list_is_empty());
 }
 
-/// Runs `qemu-io -c CMD` on the image with `key`; returns its output.
-fn qemu_io(dir: &Path, path: &Path, key: &[u8], cmd: &str) -> Result<String, String> {
-    let f = dir.join("io.key");
-    std::fs::write(&f, key).unwrap();
-    let opts = format!(
-        "driver=qcow2,file.filename={},encrypt.key-secret=k",
-        path.display()
-    );
-    let r = run(
-        "qemu-io",
-        &[
-            "--object",
-            &format!("secret,id=k,file={}", f.display()),
-            "--image-opts",
-            &opts,
-            "-c",
-            cmd,
-        ],
-    );
-    std::fs::remove_file(f).unwrap();
-    r.map_err(|e| e.0)
-}
-
 fn luks_uuid(path: &Path) -> String {
     let info = run("qemu-img", &["info", path.to_str().unwrap()]).unwrap();
     info.lines()
@@ -655,16 +594,7 @@ fn luks_uuid(path: &Path) -> String {
 #[test]
 fn a_deep_rekey_rewrites_the_data_under_a_new_key_and_keeps_it() {
     let s = Stack::start();
-    let v = s.volume("deep-disk", "16M");
-    let id = v["id"].as_str().unwrap().to_owned();
-    let guest = format!("gk-test-{}-deep", std::process::id());
-    let mut cleanup = guestkey_tests::Cleanup::default();
-    s.define_guest(
-        &mut cleanup,
-        &guest,
-        &domain_xml(&guest, &s.pool, "deep-disk"),
-    );
-    let path = s.dir.join("pool/deep-disk");
+    let (id, guest, path, _cleanup) = guest_on_volume(&s, "deep-disk", "deep");
     let old = server_key(&s, &id);
     qemu_io(&s.dir, &path, old.expose_secret(), "write -P 0xab 0 1M").unwrap();
     let uuid_before = luks_uuid(&path);
@@ -763,16 +693,7 @@ fn qemu_pid(guest: &str) -> String {
 #[test]
 fn a_running_guest_is_rekeyed_online_and_keeps_running() {
     let s = Stack::start();
-    let v = s.volume("online-disk", "16M");
-    let id = v["id"].as_str().unwrap().to_owned();
-    let guest = format!("gk-test-{}-online", std::process::id());
-    let mut cleanup = guestkey_tests::Cleanup::default();
-    s.define_guest(
-        &mut cleanup,
-        &guest,
-        &domain_xml(&guest, &s.pool, "online-disk"),
-    );
-    let path = s.dir.join("pool/online-disk");
+    let (id, guest, path, _cleanup) = guest_on_volume(&s, "online-disk", "online");
     let old = server_key(&s, &id);
     qemu_io(&s.dir, &path, old.expose_secret(), "write -P 0xcd 0 2M").unwrap();
     virsh(&["start", &guest]).unwrap();
@@ -810,35 +731,6 @@ fn a_running_guest_is_rekeyed_online_and_keeps_running() {
     assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
 }
 
-/// Reads the pattern back (read-only, shared: the guest may run).
-fn pattern_intact(dir: &Path, path: &Path, key: &[u8], byte: u8, len: &str) -> Result<(), String> {
-    let f = dir.join("verify.key");
-    std::fs::write(&f, key).unwrap();
-    let opts = format!(
-        "driver=qcow2,file.filename={},encrypt.key-secret=k",
-        path.display()
-    );
-    let r = run(
-        "qemu-io",
-        &[
-            "-r",
-            "-U",
-            "--object",
-            &format!("secret,id=k,file={}", f.display()),
-            "--image-opts",
-            &opts,
-            "-c",
-            &format!("read -P {byte:#x} 0 {len}"),
-        ],
-    );
-    std::fs::remove_file(f).unwrap();
-    match r {
-        Ok(out) if !out.contains("Pattern verification failed") => Ok(()),
-        Ok(out) => Err(out),
-        Err(e) => Err(e.0),
-    }
-}
-
 /// Kill -9 of guestkeyd, of the server or of QEMU at a random instant of a
 /// rekey (shallow or deep, offline or online): afterwards the rekey
 /// completes, the server holds a key that opens the volume, and the data is
@@ -851,16 +743,7 @@ fn a_crash_at_any_instant_of_a_rekey_loses_no_volume() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(6);
     let mut s = Stack::start();
-    let v = s.volume("fault-disk", "16M");
-    let id = v["id"].as_str().unwrap().to_owned();
-    let guest = format!("gk-test-{}-fault", std::process::id());
-    let mut cleanup = guestkey_tests::Cleanup::default();
-    s.define_guest(
-        &mut cleanup,
-        &guest,
-        &domain_xml(&guest, &s.pool, "fault-disk"),
-    );
-    let path = s.dir.join("pool/fault-disk");
+    let (id, guest, path, _cleanup) = guest_on_volume(&s, "fault-disk", "fault");
     qemu_io(
         &s.dir,
         &path,
@@ -931,4 +814,69 @@ fn a_crash_at_any_instant_of_a_rekey_loses_no_volume() {
     let _ = virsh(&["destroy", &guest]);
     virsh(&["start", &guest]).unwrap();
     assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
+}
+
+/// Runs `qemu-io -c CMD` on the LUKS image at `path` (`format` qcow2 or raw)
+/// with `key`; read commands open it read-only and shared, as the guest may
+/// run. Returns its output.
+fn qemu_io_fmt(
+    dir: &Path,
+    path: &Path,
+    format: &str,
+    key: &[u8],
+    cmd: &str,
+) -> Result<String, String> {
+    let f = dir.join("qemu-io.key");
+    std::fs::write(&f, key).unwrap();
+    let opts = match format {
+        "raw" => format!("driver=luks,file.filename={},key-secret=k", path.display()),
+        _ => format!(
+            "driver=qcow2,file.filename={},encrypt.key-secret=k",
+            path.display()
+        ),
+    };
+    let secret = format!("secret,id=k,file={}", f.display());
+    let mut args = vec!["--object", &secret, "--image-opts", &opts, "-c", cmd];
+    if cmd.starts_with("read") {
+        // Read-only and shared: the guest may be running.
+        args.splice(0..0, ["-r", "-U"]);
+    }
+    let r = run("qemu-io", &args);
+    std::fs::remove_file(f).unwrap();
+    r.map_err(|e| e.0)
+}
+
+/// `qemu_io_fmt` on a qcow2 image.
+fn qemu_io(dir: &Path, path: &Path, key: &[u8], cmd: &str) -> Result<String, String> {
+    qemu_io_fmt(dir, path, "qcow2", key, cmd)
+}
+
+/// Whether `key` opens the LUKS image at `path` (a real read with qemu-io).
+fn opens_with(dir: &Path, path: &Path, format: &str, key: &[u8]) -> bool {
+    qemu_io_fmt(dir, path, format, key, "read 0 512").is_ok()
+}
+
+/// Reads the pattern `byte` back over `len` bytes.
+fn pattern_intact(dir: &Path, path: &Path, key: &[u8], byte: u8, len: &str) -> Result<(), String> {
+    let out = qemu_io(dir, path, key, &format!("read -P {byte:#x} 0 {len}"))?;
+    if out.contains("Pattern verification failed") {
+        Err(out)
+    } else {
+        Ok(())
+    }
+}
+
+/// A 16 MiB volume and a guest on it, defined through guestkey. Returns the
+/// volume id, the guest's name, the image's path, and the guest's cleanup.
+fn guest_on_volume(
+    s: &Stack,
+    volume: &str,
+    tag: &str,
+) -> (String, String, std::path::PathBuf, guestkey_tests::Cleanup) {
+    let v = s.volume(volume, "16M");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let guest = format!("gk-test-{}-{tag}", std::process::id());
+    let mut cleanup = guestkey_tests::Cleanup::default();
+    s.define_guest(&mut cleanup, &guest, &domain_xml(&guest, &s.pool, volume));
+    (id, guest, s.dir.join("pool").join(volume), cleanup)
 }
