@@ -27,6 +27,8 @@ pub struct Daemon {
     changes: Mutex<()>,
     /// Where the list of managed secret UUIDs goes (for the hook).
     managed_list: std::path::PathBuf,
+    /// The user libvirtd and so the hook run as (0 for the system daemon).
+    hook_uid: u32,
 }
 
 fn valid_name(what: &str, s: &str) -> Result<(), Status> {
@@ -95,6 +97,7 @@ impl Daemon {
         store: Store,
         keys: HostKeys,
         managed_list: std::path::PathBuf,
+        hook_uid: u32,
     ) -> Self {
         Self {
             hv,
@@ -103,6 +106,7 @@ impl Daemon {
             done: Mutex::new(HashMap::new()),
             changes: Mutex::new(()),
             managed_list,
+            hook_uid,
         }
     }
 
@@ -118,6 +122,10 @@ impl Daemon {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
         crate::state::write_atomic(&self.managed_list, text.as_bytes())
+            .and_then(|()| match self.hook_uid {
+                0 => Ok(()),
+                uid => std::os::unix::fs::chown(&self.managed_list, Some(uid), None),
+            })
             .map_err(|e| format!("{}: {e}", self.managed_list.display()))
     }
 
@@ -507,6 +515,11 @@ impl Daemon {
         let _ = std::fs::remove_file(&tmp);
         let size = crate::luks::virtual_size(path)?;
         crate::luks::create_image(&tmp, format, size, new)?;
+        // QEMU (whichever user it runs as) opens the copy like the original.
+        if let Err(e) = crate::luks::copy_ownership(path, &tmp) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         // The copy is opened through the volume's own libvirt secret (not in
         // use: QEMU opened the running disk long ago), so the definition
         // libvirt records at the pivot already names the right secret.
@@ -521,6 +534,171 @@ impl Daemon {
             return Err(e);
         }
         crate::luks::swap_and_wipe(&tmp, path)
+    }
+
+    /// Destination of a migration: the guest's volumes must be visible here
+    /// (shared storage, same pool and path); they join this host's registry
+    /// and the guest's sealed keys are stored, so that the hook can hand
+    /// them to the incoming QEMU. Nothing is defined in libvirt (the
+    /// migration does that). Repeatable.
+    pub fn prepare_migration(&self, r: pb::PrepareMigrationRequest) -> Result<String, Status> {
+        let (_, uuid) = domain_identity(&r.domain_xml)?;
+        let mut entries = Vec::with_capacity(r.volumes.len());
+        for v in &r.volumes {
+            volume_id(&v.volume_id)?;
+            valid_name("pool name", &v.pool)?;
+            valid_name("volume name", &v.name)?;
+            uuid::Uuid::parse_str(&v.secret_uuid)
+                .map_err(|_| Status::invalid_argument("secret_uuid is not a UUID"))?;
+            match self.hv.volume_path(&v.pool, &v.name) {
+                Ok(Some(p)) if p == v.path => {}
+                Ok(Some(p)) => {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {} of pool {} is at {p} on this host, not at {} as on the source: the guest's storage must be shared at the same path",
+                        v.name, v.pool, v.path
+                    )));
+                }
+                Ok(None) => {
+                    return Err(Status::failed_precondition(format!(
+                        "this host sees no volume {} in pool {} ({}): define the shared storage pool {} here first",
+                        v.name, v.pool, v.path, v.pool
+                    )));
+                }
+                Err(e) => {
+                    return Err(Status::failed_precondition(format!(
+                        "this host sees no volume {} ({}): {e}; define the shared storage pool {} here first",
+                        v.name, v.path, v.pool
+                    )));
+                }
+            }
+            entries.push(VolumeEntry {
+                volume_id: v.volume_id.clone(),
+                name: v.name.clone(),
+                pool: v.pool.clone(),
+                path: v.path.clone(),
+                secret_uuid: v.secret_uuid.to_ascii_lowercase(),
+            });
+        }
+        let _guard = self.lock();
+        let mut keys = Vec::with_capacity(r.keys.len());
+        for k in r.keys {
+            let vid = volume_id(&k.volume_id)?;
+            let v = entries
+                .iter()
+                .find(|e| e.volume_id == k.volume_id)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "key for volume {} without its volume",
+                        k.volume_id
+                    ))
+                })?;
+            drop(
+                self.keys
+                    .open(&k.sealed_packet, vid, k.generation)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            );
+            keys.push(StoredKey {
+                volume_id: vid,
+                generation: k.generation,
+                secret_uuid: XdrString::new(v.secret_uuid.clone()).map_err(internal)?,
+                path: XdrString::new(v.path.clone()).map_err(internal)?,
+                sealed: Opaque::new(k.sealed_packet).map_err(internal)?,
+            });
+        }
+        let (name, _) = domain_identity(&r.domain_xml)?;
+        let record = GuestRecord {
+            uuid: XdrString::new(uuid.clone()).map_err(internal)?,
+            name: XdrString::new(name)
+                .map_err(|_| Status::invalid_argument("domain name too long"))?,
+            domain_xml: XdrString::new(r.domain_xml)
+                .map_err(|_| Status::invalid_argument("domain XML over 1 MiB"))?,
+            keys: BoundedVec::new(keys)
+                .map_err(|_| Status::invalid_argument("more than 256 encrypted disks"))?,
+        };
+        let mut vols = self.store.volumes().map_err(internal)?;
+        for e in entries {
+            vols.insert(e.volume_id.clone(), e);
+        }
+        self.store.save_volumes(&vols).map_err(internal)?;
+        self.write_managed_list().map_err(internal)?;
+        self.store.save(&record).map_err(internal)?;
+        tracing::info!(guest = %uuid, "incoming migration prepared");
+        Ok(uuid)
+    }
+
+    /// Destination, after a failed migration: erases the prepared keys and
+    /// volume entries, unless libvirt has the guest here after all.
+    pub fn abort_migration(&self, uuid: &str) -> Result<String, Status> {
+        if let Some(state) = self.hv.domain_state(uuid).map_err(internal)? {
+            return Ok(state);
+        }
+        let _guard = self.lock();
+        let rec = self.store.load(uuid).map_err(internal)?;
+        self.forget_guest(uuid);
+        if let Some(rec) = rec {
+            self.drop_unused_volumes(&rec)?;
+        }
+        tracing::info!(guest = %uuid, "incoming migration abandoned; its keys are erased");
+        Ok(String::new())
+    }
+
+    /// Source: libvirt migrates the guest to `destination_libvirt_uri`;
+    /// then its keys and volume entries are erased here. Repeatable: a
+    /// guest already gone from here but present at the destination counts
+    /// as migrated. Returns its state at the destination.
+    pub fn migrate_guest(&self, r: pb::MigrateGuestRequest) -> Result<String, Status> {
+        let uuid = r.guest_uuid.to_ascii_lowercase();
+        uuid::Uuid::parse_str(&uuid)
+            .map_err(|_| Status::invalid_argument("guest_uuid is not a UUID"))?;
+        if r.destination_libvirt_uri.is_empty() {
+            return Err(Status::invalid_argument("no destination libvirt URI"));
+        }
+        let dest = r.destination_libvirt_uri.as_str();
+        // Read before libvirt migrates: its undefine event erases the record.
+        let rec = self.store.load(&uuid).map_err(internal)?;
+        let here = self.hv.domain_state(&uuid).map_err(internal)?;
+        if here.is_some() {
+            let migration_uri = (!r.migration_uri.is_empty()).then_some(r.migration_uri.as_str());
+            self.hv
+                .migrate_domain(&uuid, dest, migration_uri, r.live, r.r#unsafe)
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        }
+        let there = self
+            .hv
+            .remote_domain_state(dest, &uuid)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let Some(state) = there else {
+            return Err(Status::failed_precondition(format!(
+                "domain {uuid} is neither on this host nor at {dest}"
+            )));
+        };
+        let _guard = self.lock();
+        self.forget_guest(&uuid);
+        if let Some(rec) = rec {
+            self.drop_unused_volumes(&rec)?;
+        }
+        tracing::info!(guest = %uuid, %dest, "guest migrated; its keys are erased here");
+        Ok(state)
+    }
+
+    /// Removes from the registry the volumes of `gone` that no remaining
+    /// guest record uses (they now belong to another host).
+    fn drop_unused_volumes(&self, gone: &GuestRecord) -> Result<(), Status> {
+        let mut used = BTreeSet::new();
+        for uuid in self.store.guests().map_err(internal)? {
+            if let Some(rec) = self.store.load(&uuid).map_err(internal)? {
+                used.extend(rec.keys.iter().map(|k| k.volume_id.to_string()));
+            }
+        }
+        let mut vols = self.store.volumes().map_err(internal)?;
+        for k in gone.keys.iter() {
+            let id = k.volume_id.to_string();
+            if !used.contains(&id) {
+                vols.remove(&id);
+            }
+        }
+        self.store.save_volumes(&vols).map_err(internal)?;
+        self.write_managed_list().map_err(internal)
     }
 
     /// What this host holds keys for.
@@ -665,11 +843,31 @@ impl HostAgent for AgentService {
         guest_result(r.op_id, r.guest_uuid, state)
     }
 
-    async fn prepare_migration(&self, req: Request<pb::DefineGuestRequest>) -> R<pb::GuestResult> {
+    async fn prepare_migration(
+        &self,
+        req: Request<pb::PrepareMigrationRequest>,
+    ) -> R<pb::GuestResult> {
         self.check(&req)?;
-        Err(Status::unimplemented(
-            "migration is not built yet (re-encryption and migration issue)",
-        ))
+        let r = req.into_inner();
+        let op_id = r.op_id.clone();
+        let uuid = self.blocking(move |d| d.prepare_migration(r)).await?;
+        guest_result(op_id, uuid, "prepared".into())
+    }
+
+    async fn abort_migration(&self, req: Request<pb::GuestRequest>) -> R<pb::GuestResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let uuid = r.guest_uuid.clone();
+        let state = self.blocking(move |d| d.abort_migration(&uuid)).await?;
+        guest_result(r.op_id, r.guest_uuid, state)
+    }
+
+    async fn migrate_guest(&self, req: Request<pb::MigrateGuestRequest>) -> R<pb::GuestResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let (op_id, uuid) = (r.op_id.clone(), r.guest_uuid.clone());
+        let state = self.blocking(move |d| d.migrate_guest(r)).await?;
+        guest_result(op_id, uuid, state)
     }
 
     async fn rekey(&self, req: Request<pb::RekeyRequest>) -> R<pb::RekeyResult> {
@@ -683,13 +881,6 @@ impl HostAgent for AgentService {
             active_generation,
             state: "done".into(),
         }))
-    }
-
-    async fn forget_key(&self, req: Request<pb::ForgetKeyRequest>) -> R<pb::VolumeResult> {
-        self.check(&req)?;
-        Err(Status::unimplemented(
-            "key generations are not built yet (re-encryption and migration issue)",
-        ))
     }
 
     async fn get_inventory(&self, req: Request<pb::InventoryRequest>) -> R<pb::InventoryResult> {

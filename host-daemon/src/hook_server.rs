@@ -1,7 +1,7 @@
 //! The local socket the libvirt hook talks to.
 //!
-//! Root only (checked with SO_PEERCRED), one request per connection, one
-//! line each way:
+//! Root only (checked with SO_PEERCRED), or the one user a session libvirtd
+//! runs as (`--hook-uid`), one request per connection, one line each way:
 //!
 //! ```text
 //! prepare DOMAIN-UUID [SECRET-UUID...]   ->  ok | error MESSAGE
@@ -29,7 +29,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_CONCURRENT: usize = 16;
 
 /// Serves the socket at `path` until the process ends.
-pub async fn serve(path: &Path, daemon: Arc<Daemon>) -> std::io::Result<()> {
+/// `hook_uid` is the user libvirtd (and so the hook) runs as: 0 for the
+/// system daemon; a session daemon's user may connect too.
+pub async fn serve(path: &Path, daemon: Arc<Daemon>, hook_uid: u32) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -38,6 +40,9 @@ pub async fn serve(path: &Path, daemon: Arc<Daemon>) -> std::io::Result<()> {
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        if hook_uid != 0 {
+            std::os::unix::fs::chown(path, Some(hook_uid), None)?;
+        }
     }
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
     loop {
@@ -46,20 +51,23 @@ pub async fn serve(path: &Path, daemon: Arc<Daemon>) -> std::io::Result<()> {
         let slots = slots.clone();
         tokio::spawn(async move {
             let _permit = slots.acquire().await;
-            if let Err(e) = handle(stream, daemon).await {
+            if let Err(e) = handle(stream, daemon, hook_uid).await {
                 tracing::warn!(error = %e, "hook connection failed");
             }
         });
     }
 }
 
-async fn handle(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<()> {
+async fn handle(stream: UnixStream, daemon: Arc<Daemon>, hook_uid: u32) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
     let (read, mut write) = stream.into_split();
-    if cred.uid() != 0 {
-        tracing::warn!(uid = cred.uid(), "hook socket: refused a non-root peer");
+    if cred.uid() != 0 && cred.uid() != hook_uid {
+        tracing::warn!(
+            uid = cred.uid(),
+            "hook socket: refused a peer that is neither root nor libvirtd's user"
+        );
         write
-            .write_all(b"error only root may use the guestkey hook socket\n")
+            .write_all(b"error only root (or libvirtd's user) may use the guestkey hook socket\n")
             .await?;
         return Ok(());
     }

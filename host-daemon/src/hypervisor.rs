@@ -67,6 +67,19 @@ pub trait Hypervisor: Send + Sync {
         format: Format,
         dest_secret: &str,
     ) -> Result<(), HvError>;
+    /// Migrates domain `uuid` to the libvirt at `dest_uri` (QEMU's stream
+    /// over `migration_uri`, or libvirt's default), persistently there and
+    /// undefined here. A stopped domain moves its definition only.
+    fn migrate_domain(
+        &self,
+        uuid: &str,
+        dest_uri: &str,
+        migration_uri: Option<&str>,
+        live: bool,
+        unsafe_: bool,
+    ) -> Result<(), HvError>;
+    /// The state of domain `uuid` at the libvirt at `uri` (None: not there).
+    fn remote_domain_state(&self, uri: &str, uuid: &str) -> Result<Option<String>, HvError>;
     /// Defines an ephemeral, private volume secret and sets its value.
     fn set_secret(&self, uuid: &str, volume_path: &str, value: &[u8]) -> Result<(), HvError>;
     /// Undefines a secret (a missing one is not an error).
@@ -177,6 +190,10 @@ impl Hypervisor for Libvirt {
         // guest start). The passphrase goes through a pipe, never through
         // argv or a file.
         crate::luks::create_image(&path.to_string_lossy(), format, capacity, passphrase)?;
+        if let Err(e) = crate::luks::adopt_directory_ownership(&dir, &path.to_string_lossy()) {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         p.refresh(0)
             .map_err(err(format!("refresh of pool {pool}")))?;
         Ok(path.to_string_lossy().into_owned())
@@ -323,6 +340,56 @@ impl Hypervisor for Libvirt {
                 .map_err(err(format!("restoring the definition of domain {uuid}")))?;
         }
         Ok(())
+    }
+
+    fn migrate_domain(
+        &self,
+        uuid: &str,
+        dest_uri: &str,
+        migration_uri: Option<&str>,
+        live: bool,
+        unsafe_: bool,
+    ) -> Result<(), HvError> {
+        use virt::sys;
+        let conn = self.conn()?;
+        let d = self
+            .domain(&conn, uuid)?
+            .ok_or_else(|| HvError(format!("domain {uuid} is not defined on this host")))?;
+        let dest = Connect::open(Some(dest_uri)).map_err(err(format!(
+            "cannot connect to the destination's libvirt at {dest_uri}"
+        )))?;
+        let mut flags = sys::VIR_MIGRATE_PERSIST_DEST | sys::VIR_MIGRATE_UNDEFINE_SOURCE;
+        if d.is_active().unwrap_or(false) {
+            if live {
+                flags |= sys::VIR_MIGRATE_LIVE;
+            }
+        } else {
+            flags |= sys::VIR_MIGRATE_OFFLINE;
+        }
+        if unsafe_ {
+            flags |= sys::VIR_MIGRATE_UNSAFE;
+        }
+        let result = d
+            .migrate(&dest, flags, None, migration_uri, 0)
+            .map(|_| ())
+            .map_err(err(format!(
+                "libvirt's migration of domain {uuid} to {dest_uri}"
+            )));
+        drop(d);
+        drop(dest);
+        result
+    }
+
+    fn remote_domain_state(&self, uri: &str, uuid: &str) -> Result<Option<String>, HvError> {
+        let conn =
+            Connect::open(Some(uri)).map_err(err(format!("cannot connect to libvirt at {uri}")))?;
+        let state = match self.domain(&conn, uuid)? {
+            Some(d) => Some(
+                state_name(d.state().map_err(err(format!("state of domain {uuid}")))?.0).to_owned(),
+            ),
+            None => None,
+        };
+        Ok(state)
     }
 
     fn set_secret(&self, uuid: &str, volume_path: &str, value: &[u8]) -> Result<(), HvError> {

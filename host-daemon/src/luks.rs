@@ -306,6 +306,31 @@ pub fn create_image(path: &str, format: Format, size: u64, key: &[u8]) -> Result
     }
 }
 
+/// Gives `to` the owner, group and mode of `from`: a re-encrypted image must
+/// be usable by whoever QEMU runs as, exactly like the image it replaces.
+pub fn copy_ownership(from: &str, to: &str) -> Result<(), HvError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(from).map_err(|e| HvError(format!("{from}: {e}")))?;
+    set_ownership(to, m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
+/// Gives a new volume `path` the owner and group of its pool directory
+/// `dir`, and mode 0660 if the directory is group-writable (storage shared
+/// by several users, e.g. between hosts), 0600 otherwise.
+pub fn adopt_directory_ownership(dir: &std::path::Path, path: &str) -> Result<(), HvError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir).map_err(|e| HvError(format!("{}: {e}", dir.display())))?;
+    let mode = if m.mode() & 0o020 != 0 { 0o660 } else { 0o600 };
+    set_ownership(path, m.uid(), m.gid(), mode)
+}
+
+fn set_ownership(path: &str, uid: u32, gid: u32, mode: u32) -> Result<(), HvError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)))
+        .map_err(|e| HvError(format!("cannot set the owner and mode of {path}: {e}")))
+}
+
 /// Renames `new` over `path`, then overwrites the old image's blocks.
 pub fn swap_and_wipe(new: &str, path: &str) -> Result<(), HvError> {
     let old_file = std::fs::OpenOptions::new()
@@ -316,6 +341,7 @@ pub fn swap_and_wipe(new: &str, path: &str) -> Result<(), HvError> {
         .metadata()
         .map_err(|e| HvError(format!("{path}: {e}")))?
         .len();
+    copy_ownership(path, new)?;
     std::fs::File::open(new)
         .and_then(|f| f.sync_all())
         .map_err(|e| HvError(format!("{new}: {e}")))?;

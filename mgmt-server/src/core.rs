@@ -90,6 +90,10 @@ pub struct HostInfo {
     pub held_keys: u32,
     /// When it last reported (0: never).
     pub inventory_reported_unix: i64,
+    /// libvirt URI for migrations to it ("" for the default).
+    pub libvirt_uri: String,
+    /// QEMU migration URI for guests coming to it ("": libvirt's choice).
+    pub migration_uri: String,
 }
 
 /// A host allowed to receive keys.
@@ -499,7 +503,8 @@ impl Core {
 const HOST_SELECT: &str = "SELECT h.name, h.address, h.state, h.created, COALESCE(h.enrolled, 0),
         COALESCE(h.cert_sha256, ''),
         (SELECT COUNT(*) FROM volumes v WHERE v.host = h.name AND v.state != 'deleted'),
-        (SELECT COUNT(*) FROM host_inventory i WHERE i.host = h.name), h.inventory_reported
+        (SELECT COUNT(*) FROM host_inventory i WHERE i.host = h.name), h.inventory_reported,
+        h.libvirt_uri, h.migration_uri
     FROM hosts h";
 
 fn host_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostInfo> {
@@ -513,5 +518,7 @@ fn host_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostInfo> {
         volume_count: r.get(6)?,
         held_keys: r.get(7)?,
         inventory_reported_unix: r.get(8)?,
+        libvirt_uri: r.get(9)?,
+        migration_uri: r.get(10)?,
     })
 }

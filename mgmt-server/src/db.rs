@@ -125,6 +125,17 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (scope, target)
     );
     ",
+    "
+    ALTER TABLE hosts ADD COLUMN libvirt_uri TEXT NOT NULL DEFAULT '';
+    ALTER TABLE hosts ADD COLUMN migration_uri TEXT NOT NULL DEFAULT '';
+    ALTER TABLE volumes ADD COLUMN rekey_due INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE guest_migrations (
+        guest_uuid TEXT PRIMARY KEY REFERENCES guests(uuid),
+        from_host  TEXT NOT NULL REFERENCES hosts(name),
+        to_host    TEXT NOT NULL REFERENCES hosts(name),
+        started    INTEGER NOT NULL
+    );
+    ",
 ];
 
 /// Database errors.

@@ -34,6 +34,8 @@ pub struct GuestInfo {
     pub volumes: Vec<String>,
     /// Domain XML as sent to the host.
     pub domain_xml: String,
+    /// Host it is migrating to, while it does.
+    pub migrating_to: String,
 }
 
 /// A sealed key for a guest's disk.
@@ -68,7 +70,8 @@ pub enum GuestOp {
 
 const GUEST_SELECT: &str = "SELECT g.uuid, g.name, g.host, g.state, g.pending, g.last_error, g.attempts, g.xml,
     COALESCE((SELECT group_concat(v.name, ',') FROM guest_disks d JOIN volumes v ON v.id = d.volume_id
-              WHERE d.guest_uuid = g.uuid), '')
+              WHERE d.guest_uuid = g.uuid), ''),
+    COALESCE((SELECT m.to_host FROM guest_migrations m WHERE m.guest_uuid = g.uuid), '')
     FROM guests g";
 
 fn guest_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GuestInfo> {
@@ -82,6 +85,7 @@ fn guest_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GuestInfo> {
         last_error: r.get(5)?,
         attempts: r.get(6)?,
         domain_xml: r.get(7)?,
+        migrating_to: r.get(9)?,
         volumes: vols
             .split(',')
             .filter(|s| !s.is_empty())
@@ -264,6 +268,12 @@ impl Core {
             return Err(CoreError::FailedPrecondition(format!(
                 "guest {} is undefined",
                 g.name
+            )));
+        }
+        if !g.migrating_to.is_empty() {
+            return Err(CoreError::FailedPrecondition(format!(
+                "guest {} is migrating to host {}: finish the migration first (`guestkeyctl guest migrate {} --to {}`)",
+                g.name, g.migrating_to, g.name, g.migrating_to
             )));
         }
         if !g.pending.is_empty() && g.pending != action {

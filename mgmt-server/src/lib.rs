@@ -22,6 +22,7 @@ pub mod domxml;
 pub mod guests;
 pub mod init;
 pub mod masterkey;
+pub mod migrate;
 pub mod names;
 mod pb;
 pub mod policy;

@@ -19,6 +19,8 @@ pub(crate) fn host(h: HostInfo) -> pb::Host {
         volume_count: h.volume_count,
         held_keys: h.held_keys,
         inventory_reported_unix: h.inventory_reported_unix,
+        libvirt_uri: h.libvirt_uri,
+        migration_uri: h.migration_uri,
     }
 }
 
@@ -36,6 +38,7 @@ pub(crate) fn volume(v: VolumeInfo) -> pb::Volume {
         attempts: v.attempts,
         secret_uuid: v.secret_uuid,
         created_unix: v.created_unix,
+        rekey_due_unix: v.rekey_due_unix,
     }
 }
 
@@ -87,6 +90,7 @@ pub(crate) fn guest(g: crate::guests::GuestInfo) -> pb::Guest {
         attempts: g.attempts,
         volumes: g.volumes,
         domain_xml: g.domain_xml,
+        migrating_to: g.migrating_to,
     }
 }
 

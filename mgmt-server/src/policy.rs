@@ -159,7 +159,8 @@ impl Core {
     }
 
     /// The scheduler's round: rekeys every ready volume whose active key is
-    /// older than its policy allows. Returns the volumes rekeyed.
+    /// older than its policy allows, and deep-rekeys every volume whose
+    /// after-migration rekey is due. Returns the volumes rekeyed.
     pub fn apply_policies(&self) -> Result<Vec<String>, CoreError> {
         let now = now_unix();
         let due: Vec<(String, String)> = {
@@ -177,6 +178,19 @@ impl Core {
             let rows = stmt.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect::<Result<_, _>>()?
         };
+        // Deep rekeys due after a migration (the source's QEMU held the
+        // data key), whatever the age of the key.
+        let migrated: Vec<String> = {
+            let conn = self.db();
+            let mut stmt = conn.prepare(
+                "SELECT id FROM volumes WHERE state = 'ready' AND rekey_due > 0 AND rekey_due <= ?1",
+            )?;
+            let rows = stmt.query_map([now], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut due = due;
+        due.retain(|(id, _)| !migrated.contains(id));
+        due.extend(migrated.into_iter().map(|id| (id, "deep".to_owned())));
         let mut done = vec![];
         for (id, mode) in due {
             match self.request_rekey(&Caller::Scheduler, &id, mode == "deep") {

@@ -280,7 +280,7 @@ async fn push_guest(core: &Core, channels: &mut Channels, g: &GuestInfo) -> Resu
 }
 
 /// A host's answer, in words an operator can act on.
-fn describe_status(host: &EnrolledHost, s: &tonic::Status) -> String {
+pub(crate) fn describe_status(host: &EnrolledHost, s: &tonic::Status) -> String {
     match s.code() {
         tonic::Code::Unavailable => format!(
             "host {} at {} is unreachable: {}",
@@ -292,7 +292,27 @@ fn describe_status(host: &EnrolledHost, s: &tonic::Status) -> String {
     }
 }
 
+/// A host-agent client on a fresh connection, for calls outside the
+/// pusher (migrations), with a longer time limit if given.
+pub(crate) async fn agent_client(
+    core: &Core,
+    host: &EnrolledHost,
+    timeout: Option<Duration>,
+) -> Result<HostAgentClient<Channel>, String> {
+    Ok(HostAgentClient::new(
+        connect_with(core, host, timeout.unwrap_or(PUSH_TIMEOUT)).await?,
+    ))
+}
+
 async fn connect(core: &Core, host: &EnrolledHost) -> Result<Channel, String> {
+    connect_with(core, host, PUSH_TIMEOUT).await
+}
+
+async fn connect_with(
+    core: &Core,
+    host: &EnrolledHost,
+    timeout: Duration,
+) -> Result<Channel, String> {
     let domain = crate::tls::tls_name(&host.address).unwrap_or_default();
     let (cert, key) = core.server_identity();
     let tls = ClientTlsConfig::new()
@@ -304,7 +324,7 @@ async fn connect(core: &Core, host: &EnrolledHost) -> Result<Channel, String> {
         .tls_config(tls)
         .map_err(|e| format!("TLS setup for host {}: {e}", host.name))?
         .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(PUSH_TIMEOUT);
+        .timeout(timeout);
     endpoint.connect().await.map_err(|e| {
         format!(
             "host {} at {} is unreachable: {}",

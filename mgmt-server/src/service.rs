@@ -96,6 +96,16 @@ impl Admin for AdminService {
         )))
     }
 
+    async fn set_host_migration(&self, req: Request<pb::SetHostMigrationRequest>) -> R<pb::Host> {
+        let c = caller(&self.0, &req, true)?;
+        let r = req.into_inner();
+        let h = self
+            .0
+            .set_host_migration(&c, &r.name, &r.libvirt_uri, &r.migration_uri)
+            .map_err(status)?;
+        Ok(Response::new(host(h)))
+    }
+
     async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> R<pb::Volume> {
         let c = caller(&self.0, &req, true)?;
         let r = req.into_inner();
@@ -216,6 +226,22 @@ impl Admin for AdminService {
 
     async fn stop_guest(&self, req: Request<pb::GuestRef>) -> R<pb::Guest> {
         self.guest_action(req, "stop")
+    }
+
+    async fn migrate_guest(&self, req: Request<pb::MigrateGuestRequest>) -> R<pb::Guest> {
+        let c = caller(&self.0, &req, true)?;
+        let r = req.into_inner();
+        let g = crate::migrate::migrate_guest(
+            self.0.clone(),
+            c,
+            r.name_or_uuid,
+            r.to_host,
+            r.live,
+            r.r#unsafe,
+        )
+        .await
+        .map_err(status)?;
+        Ok(Response::new(guest(g)))
     }
 
     async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> R<pb::ListAuditResponse> {

@@ -38,11 +38,13 @@ pub struct VolumeInfo {
     pub secret_uuid: String,
     /// Created at (Unix seconds).
     pub created_unix: i64,
+    /// A deep rekey is due at this time (after a migration), 0 if none.
+    pub rekey_due_unix: i64,
 }
 
 const VOLUME_SELECT: &str =
     "SELECT id, name, host, pool, format, capacity, generation, state, last_error,
-    attempts, secret_uuid, created FROM volumes";
+    attempts, secret_uuid, created, rekey_due FROM volumes";
 
 fn volume_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeInfo> {
     Ok(VolumeInfo {
@@ -58,6 +60,7 @@ fn volume_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeInfo> {
         attempts: r.get(9)?,
         secret_uuid: r.get(10)?,
         created_unix: r.get(11)?,
+        rekey_due_unix: r.get(12)?,
     })
 }
 
@@ -240,6 +243,12 @@ impl Core {
         name_or_id: &str,
     ) -> Result<VolumeInfo, CoreError> {
         let v = self.get_volume(name_or_id)?;
+        if v.state == "migrating" {
+            return Err(CoreError::FailedPrecondition(format!(
+                "volume {} is migrating with its guest: delete it when the migration is done",
+                v.name
+            )));
+        }
         if v.state == "deleted" || v.state == "pending-delete" {
             return Err(CoreError::FailedPrecondition(format!(
                 "volume {} is already {}",
@@ -309,10 +318,22 @@ impl Core {
         if volume.state == "rekeying" {
             self.take_release_slot(&host.name)?;
             self.take_release_slot(&host.name)?;
-            let old =
-                self.release_packet(tx, volume, volume.key_generation, &host, " for a rekey")?;
-            let new =
-                self.release_packet(tx, volume, volume.key_generation + 1, &host, " for a rekey")?;
+            let old = self.release_packet(
+                tx,
+                &volume.id,
+                &volume.format,
+                volume.key_generation,
+                &host,
+                " for a rekey",
+            )?;
+            let new = self.release_packet(
+                tx,
+                &volume.id,
+                &volume.format,
+                volume.key_generation + 1,
+                &host,
+                " for a rekey",
+            )?;
             let kind: String = tx.query_row(
                 "SELECT rekey_kind FROM volumes WHERE id = ?1",
                 [&volume.id],
@@ -327,7 +348,14 @@ impl Core {
             });
         }
         self.take_release_slot(&host.name)?;
-        let packet = self.release_packet(tx, volume, volume.key_generation, &host, "")?;
+        let packet = self.release_packet(
+            tx,
+            &volume.id,
+            &volume.format,
+            volume.key_generation,
+            &host,
+            "",
+        )?;
         Ok(PushOp::Create {
             volume: volume.clone(),
             host,
@@ -337,36 +365,36 @@ impl Core {
 
     /// Releases one generation of a volume's key for `host`: audit record
     /// first, in the caller's transaction, then unwrap.
-    fn release_packet(
+    pub(crate) fn release_packet(
         &self,
         tx: &rusqlite::Transaction<'_>,
-        volume: &VolumeInfo,
+        id: &str,
+        format: &str,
         generation: u64,
         host: &EnrolledHost,
         why: &str,
     ) -> Result<KeyPacket, CoreError> {
         let (mk_id, wrapped): (String, Vec<u8>) = tx.query_row(
             "SELECT master_key_id, wrapped FROM volume_keys WHERE volume_id = ?1 AND generation = ?2",
-            params![volume.id, generation as i64],
+            params![id, generation as i64],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         audit::append(
             tx,
             "server",
             "key.released",
-            &volume.id,
+            id,
             &format!("generation {generation} sealed to host {}{why}", host.name),
         )?;
         let key = self
             .master_for(tx)?
-            .unwrap_key(&volume.id, generation, &mk_id, &wrapped)
+            .unwrap_key(id, generation, &mk_id, &wrapped)
             .map_err(|e| CoreError::Internal(e.to_string()))?;
-        let uuid =
-            uuid::Uuid::parse_str(&volume.id).map_err(|e| CoreError::Internal(e.to_string()))?;
+        let uuid = uuid::Uuid::parse_str(id).map_err(|e| CoreError::Internal(e.to_string()))?;
         Ok(KeyPacket::passphrase(
             VolumeId(uuid),
             generation,
-            CipherParams::aes_xts(parse_format(&volume.format)?),
+            CipherParams::aes_xts(parse_format(format)?),
             key,
         ))
     }
@@ -418,8 +446,10 @@ impl Core {
             "volume.rekey-requested",
             &v.id,
             &format!(
-                "volume {} shallow, generation {} -> {next}",
-                v.name, v.key_generation
+                "volume {} {}, generation {} -> {next}",
+                v.name,
+                if deep { "deep" } else { "shallow" },
+                v.key_generation
             ),
         )?;
         tx.commit()?;
@@ -473,7 +503,8 @@ impl Core {
                 Ok(_) if volume.state == "rekeying" => {
                     let old = volume.key_generation;
                     tx.execute(
-                        "UPDATE volumes SET state = 'ready', last_error = '', generation = ?1 WHERE id = ?2",
+                        "UPDATE volumes SET state = 'ready', last_error = '', generation = ?1,
+                         rekey_due = CASE WHEN rekey_kind = 'deep' THEN 0 ELSE rekey_due END WHERE id = ?2",
                         params![(old + 1) as i64, volume.id],
                     )?;
                     tx.execute(

@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod image;
 pub mod memscan;
 pub mod stack;
 

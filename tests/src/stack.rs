@@ -320,6 +320,56 @@ impl Stack {
         (name, state, p)
     }
 
+    /// Enrolls and runs a guestkeyd for the session libvirtd of `user`
+    /// (gkh1 or gkh2, made by scripts/setup): a second and third libvirt
+    /// host on this machine, with their own host UUIDs, for migrations. Its
+    /// hook socket is the one the hook looks for when it runs as `user`,
+    /// and the server knows how to migrate guests to it.
+    pub fn session_host(&self, user: &str) -> SessionHost {
+        let uid: u32 = crate::run("id", &["-u", user])
+            .unwrap_or_else(|e| panic!("{e}: run scripts/setup (it makes the users gkh1 and gkh2)"))
+            .trim()
+            .parse()
+            .expect("uid");
+        let uri = format!("qemu+unix:///session?socket=/home/{user}/.cache/libvirt/libvirt-sock");
+        assert!(
+            crate::run("virsh", &["-c", &uri, "version"]).is_ok(),
+            "the session libvirtd of {user} does not answer: run scripts/setup"
+        );
+        let name = unique_name(user);
+        let addr = free_address();
+        let state = self.dir.join(user);
+        self.enroll(&name, &addr, &state);
+        let mut cmd = Command::new(bin("guestkeyd"));
+        cmd.args(["run", "--state-dir"])
+            .arg(&state)
+            .args(["--listen", &addr, "--libvirt-uri", &uri])
+            .args(["--hook-socket", &format!("/run/guestkey/hook-{uid}.sock")])
+            .args([
+                "--managed-list",
+                &format!("/run/guestkey/managed-secrets-{uid}"),
+            ])
+            .args(["--hook-uid", &uid.to_string()]);
+        let daemon = Proc::start(cmd, "listening on https://");
+        let port = free_address();
+        let port = port.rsplit(':').next().expect("port");
+        self.json(&[
+            "host",
+            "set-migration",
+            &name,
+            "--libvirt-uri",
+            &uri,
+            "--migration-uri",
+            &format!("tcp://127.0.0.1:{port}"),
+        ]);
+        SessionHost {
+            name,
+            uri,
+            state,
+            daemon,
+        }
+    }
+
     /// Polls `f` for at most `secs` seconds.
     pub fn wait_for(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
         let end = Instant::now() + Duration::from_secs(secs);
@@ -366,6 +416,24 @@ impl Stack {
             .to_owned()
     }
 
+    /// The volume key as the server stores it: unwrapped here with the
+    /// server's master key file (the test owns the data directory).
+    pub fn server_key(&self, volume_id: &str) -> xdr_wipe::packet::PacketSecret {
+        let data = self.dir.join("server");
+        let db = rusqlite::Connection::open(data.join("guestkey.db")).expect("server key");
+        let (generation, mk_id, wrapped): (i64, String, Vec<u8>) = db
+            .query_row(
+                "SELECT generation, master_key_id, wrapped FROM volume_keys WHERE volume_id = ?1",
+                [volume_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .expect("server key");
+        let source = mgmt_server::masterkey::MasterKeySource::File(data.join("master.key"));
+        let mk = mgmt_server::masterkey::MasterKey::load(&source).expect("server key");
+        mk.unwrap_key(volume_id, generation as u64, &mk_id, &wrapped)
+            .expect("server key")
+    }
+
     /// Creates a volume and waits until the host made it; returns its JSON.
     pub fn volume(&self, name: &str, size: &str) -> serde_json::Value {
         self.json(&[
@@ -376,6 +444,27 @@ impl Stack {
             self.json(&["volume", "show", name])["state"] == "ready"
         });
         self.json(&["volume", "show", name])
+    }
+}
+
+/// A guestkeyd serving a session libvirtd ([`Stack::session_host`]).
+pub struct SessionHost {
+    /// Host name at the server.
+    pub name: String,
+    /// libvirt URI of its session daemon.
+    pub uri: String,
+    /// guestkeyd's state directory.
+    pub state: PathBuf,
+    /// guestkeyd.
+    pub daemon: Proc,
+}
+
+impl SessionHost {
+    /// `virsh -c URI ARGS` against this host's libvirtd.
+    pub fn virsh(&self, args: &[&str]) -> Result<String, crate::CommandFailed> {
+        let mut all = vec!["-c", self.uri.as_str()];
+        all.extend_from_slice(args);
+        crate::run("virsh", &all)
     }
 }
 

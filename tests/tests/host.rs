@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use guestkey_tests::image::{opens_with, pattern_intact, qemu_io};
 use guestkey_tests::stack::Stack;
 use guestkey_tests::{run, virsh};
 
@@ -210,24 +211,6 @@ fn several_guests_start_at_once_and_undefine_erases_their_keys() {
     assert!(virsh(&["domstate", g]).is_err(), "the domain is gone");
 }
 
-/// The volume key as the server stores it: unwrapped here with the
-/// server's master key file (the test owns the data directory).
-fn server_key(s: &Stack, volume_id: &str) -> xdr_wipe::packet::PacketSecret {
-    let data = s.dir.join("server");
-    let db = rusqlite::Connection::open(data.join("guestkey.db")).unwrap();
-    let (generation, mk_id, wrapped): (i64, String, Vec<u8>) = db
-        .query_row(
-            "SELECT generation, master_key_id, wrapped FROM volume_keys WHERE volume_id = ?1",
-            [volume_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .unwrap();
-    let source = mgmt_server::masterkey::MasterKeySource::File(data.join("master.key"));
-    let mk = mgmt_server::masterkey::MasterKey::load(&source).unwrap();
-    mk.unwrap_key(volume_id, generation as u64, &mk_id, &wrapped)
-        .unwrap()
-}
-
 #[test]
 fn guestkeyd_keeps_no_copy_of_a_key_after_use_and_undefine() {
     let s = Stack::start();
@@ -245,7 +228,7 @@ fn guestkeyd_keeps_no_copy_of_a_key_after_use_and_undefine() {
         virsh(&["start", &guest]).unwrap();
         virsh(&["destroy", &guest]).unwrap();
     }
-    let key = server_key(&s, &volume_id);
+    let key = s.server_key(&volume_id);
     let needles = guestkey_tests::memscan::Needles::of(key.expose_secret());
 
     // Control: the scanner finds the key in a process that holds it.
@@ -542,7 +525,7 @@ fn a_shallow_rekey_replaces_the_passphrase_and_the_guest_still_starts() {
     let (id, guest, path, _cleanup) = guest_on_volume(&s, "rk-disk", "rekey");
     virsh(&["start", &guest]).unwrap();
     virsh(&["destroy", &guest]).unwrap();
-    let old = server_key(&s, &id);
+    let old = s.server_key(&id);
     assert!(opens_with(&s.dir, &path, "qcow2", old.expose_secret()));
 
     let r = s.json(&["volume", "rekey", "rk-disk", "--shallow"]);
@@ -562,7 +545,7 @@ fn a_shallow_rekey_replaces_the_passphrase_and_the_guest_still_starts() {
         .map(Result::unwrap)
         .collect();
     assert_eq!(gens, vec![2]);
-    let new = server_key(&s, &id);
+    let new = s.server_key(&id);
     assert!(opens_with(&s.dir, &path, "qcow2", new.expose_secret()));
     assert!(!opens_with(&s.dir, &path, "qcow2", old.expose_secret()));
     let actions: Vec<String> = s
@@ -595,7 +578,7 @@ fn luks_uuid(path: &Path) -> String {
 fn a_deep_rekey_rewrites_the_data_under_a_new_key_and_keeps_it() {
     let s = Stack::start();
     let (id, guest, path, _cleanup) = guest_on_volume(&s, "deep-disk", "deep");
-    let old = server_key(&s, &id);
+    let old = s.server_key(&id);
     qemu_io(&s.dir, &path, old.expose_secret(), "write -P 0xab 0 1M").unwrap();
     let uuid_before = luks_uuid(&path);
 
@@ -604,7 +587,7 @@ fn a_deep_rekey_rewrites_the_data_under_a_new_key_and_keeps_it() {
         let v = s.json(&["volume", "show", "deep-disk"]);
         v["state"] == "ready" && v["key_generation"] == 2
     });
-    let new = server_key(&s, &id);
+    let new = s.server_key(&id);
     // Same data, read with the new key; a new LUKS header (new data key);
     // the old key opens nothing; no leftover copy.
     let out = qemu_io(&s.dir, &path, new.expose_secret(), "read -P 0xab 0 1M").unwrap();
@@ -694,7 +677,7 @@ fn qemu_pid(guest: &str) -> String {
 fn a_running_guest_is_rekeyed_online_and_keeps_running() {
     let s = Stack::start();
     let (id, guest, path, _cleanup) = guest_on_volume(&s, "online-disk", "online");
-    let old = server_key(&s, &id);
+    let old = s.server_key(&id);
     qemu_io(&s.dir, &path, old.expose_secret(), "write -P 0xcd 0 2M").unwrap();
     virsh(&["start", &guest]).unwrap();
     let pid = qemu_pid(&guest);
@@ -718,7 +701,7 @@ fn a_running_guest_is_rekeyed_online_and_keeps_running() {
     );
     virsh(&["destroy", &guest]).unwrap();
 
-    let new = server_key(&s, &id);
+    let new = s.server_key(&id);
     let out = qemu_io(&s.dir, &path, new.expose_secret(), "read -P 0xcd 0 2M").unwrap();
     assert!(!out.contains("Pattern verification failed"), "{out}");
     assert!(
@@ -747,7 +730,7 @@ fn a_crash_at_any_instant_of_a_rekey_loses_no_volume() {
     qemu_io(
         &s.dir,
         &path,
-        server_key(&s, &id).expose_secret(),
+        s.server_key(&id).expose_secret(),
         "write -P 0xef 0 1M",
     )
     .unwrap();
@@ -795,7 +778,7 @@ fn a_crash_at_any_instant_of_a_rekey_loses_no_volume() {
             let v = s.json(&["volume", "show", "fault-disk"]);
             v["state"] == "ready" && v["key_generation"].as_u64().unwrap() == gen_before + 1
         });
-        let key = server_key(&s, &id);
+        let key = s.server_key(&id);
         if let Err(e) = pattern_intact(&s.dir, &path, key.expose_secret(), 0xef, "1M") {
             panic!(
                 "trial {t} ({mode}, running {running}, victim {victim}): the server's key does not read the data: {e}"
@@ -814,56 +797,6 @@ fn a_crash_at_any_instant_of_a_rekey_loses_no_volume() {
     let _ = virsh(&["destroy", &guest]);
     virsh(&["start", &guest]).unwrap();
     assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
-}
-
-/// Runs `qemu-io -c CMD` on the LUKS image at `path` (`format` qcow2 or raw)
-/// with `key`; read commands open it read-only and shared, as the guest may
-/// run. Returns its output.
-fn qemu_io_fmt(
-    dir: &Path,
-    path: &Path,
-    format: &str,
-    key: &[u8],
-    cmd: &str,
-) -> Result<String, String> {
-    let f = dir.join("qemu-io.key");
-    std::fs::write(&f, key).unwrap();
-    let opts = match format {
-        "raw" => format!("driver=luks,file.filename={},key-secret=k", path.display()),
-        _ => format!(
-            "driver=qcow2,file.filename={},encrypt.key-secret=k",
-            path.display()
-        ),
-    };
-    let secret = format!("secret,id=k,file={}", f.display());
-    let mut args = vec!["--object", &secret, "--image-opts", &opts, "-c", cmd];
-    if cmd.starts_with("read") {
-        // Read-only and shared: the guest may be running.
-        args.splice(0..0, ["-r", "-U"]);
-    }
-    let r = run("qemu-io", &args);
-    std::fs::remove_file(f).unwrap();
-    r.map_err(|e| e.0)
-}
-
-/// `qemu_io_fmt` on a qcow2 image.
-fn qemu_io(dir: &Path, path: &Path, key: &[u8], cmd: &str) -> Result<String, String> {
-    qemu_io_fmt(dir, path, "qcow2", key, cmd)
-}
-
-/// Whether `key` opens the LUKS image at `path` (a real read with qemu-io).
-fn opens_with(dir: &Path, path: &Path, format: &str, key: &[u8]) -> bool {
-    qemu_io_fmt(dir, path, format, key, "read 0 512").is_ok()
-}
-
-/// Reads the pattern `byte` back over `len` bytes.
-fn pattern_intact(dir: &Path, path: &Path, key: &[u8], byte: u8, len: &str) -> Result<(), String> {
-    let out = qemu_io(dir, path, key, &format!("read -P {byte:#x} 0 {len}"))?;
-    if out.contains("Pattern verification failed") {
-        Err(out)
-    } else {
-        Ok(())
-    }
 }
 
 /// A 16 MiB volume and a guest on it, defined through guestkey. Returns the

@@ -17,6 +17,21 @@ pub const DEFAULT_SOCKET: &str = "/run/guestkey/hook.sock";
 /// that the hook can tell, when guestkeyd does not answer, whether a domain
 /// needs it.
 pub const DEFAULT_MANAGED_LIST: &str = "/var/lib/guestkey/managed-secrets";
+/// Where the guestkeyd serving the libvirtd that runs this hook as `uid`
+/// listens, and where it keeps its managed list: the system daemon (root)
+/// uses the defaults; a session daemon's user gets `hook-UID.sock` and
+/// `managed-secrets-UID` in /run/guestkey (`guestkeyd run --hook-uid UID`).
+pub fn paths_for_uid(uid: u32) -> (std::path::PathBuf, std::path::PathBuf) {
+    if uid == 0 {
+        (DEFAULT_SOCKET.into(), DEFAULT_MANAGED_LIST.into())
+    } else {
+        (
+            format!("/run/guestkey/hook-{uid}.sock").into(),
+            format!("/run/guestkey/managed-secrets-{uid}").into(),
+        )
+    }
+}
+
 /// Longest wait for guestkeyd's answer (it bounds its own work at 30 s).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(45);
 

@@ -66,6 +66,11 @@ enum Command {
             default_value = "/var/lib/guestkey/managed-secrets"
         )]
         managed_list: PathBuf,
+        /// The user libvirtd runs as: 0 for the system daemon; for a
+        /// session daemon its user's id, who may then use the hook socket
+        /// (the hook looks for /run/guestkey/hook-UID.sock).
+        #[arg(long, value_name = "UID", default_value_t = 0)]
+        hook_uid: u32,
     },
 }
 
@@ -114,6 +119,7 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             libvirt_uri,
             hook_socket,
             managed_list,
+            hook_uid,
         } => {
             host_daemon::hardening::no_dumps()?;
             if let Err(e) = host_daemon::hardening::lock_memory() {
@@ -137,6 +143,7 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 store,
                 keys,
                 managed_list,
+                hook_uid,
             ));
             daemon.write_managed_list()?;
 
@@ -186,7 +193,9 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let hook_daemon = daemon.clone();
             let socket = hook_socket.clone();
             tokio::spawn(async move {
-                if let Err(e) = host_daemon::hook_server::serve(&socket, hook_daemon).await {
+                if let Err(e) =
+                    host_daemon::hook_server::serve(&socket, hook_daemon, hook_uid).await
+                {
                     tracing::error!(error = %e, socket = %socket.display(), "hook socket failed");
                 }
             });

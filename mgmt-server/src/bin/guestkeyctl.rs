@@ -33,14 +33,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Hosts: register, list, show, revoke.
+    /// Hosts: register, list, show, revoke, set-migration.
     #[command(subcommand)]
     Host(HostCmd),
     /// Encrypted volumes: create, list, show, delete (crypto-shredding).
     #[command(subcommand)]
     Volume(VolumeCmd),
     /// Guests: define from libvirt domain XML, list, show, start, stop,
-    /// undefine.
+    /// migrate, undefine.
     #[command(subcommand)]
     Guest(GuestCmd),
     /// Key rotation policies: set, list, remove.
@@ -74,6 +74,19 @@ enum HostCmd {
     Revoke {
         /// Host name.
         name: String,
+    },
+    /// Set how guests migrate to this host: the libvirt URI the source
+    /// host's libvirt connects to, and QEMU's migration stream URI.
+    SetMigration {
+        /// Host name.
+        name: String,
+        /// e.g. qemu+tls://host2.example/system (default: qemu+tls://
+        /// with the host part of the host's address).
+        #[arg(long, value_name = "URI", default_value = "")]
+        libvirt_uri: String,
+        /// e.g. tcp://host2.example:49152 (default: libvirt's choice).
+        #[arg(long, value_name = "URI", default_value = "")]
+        migration_uri: String,
     },
 }
 
@@ -178,6 +191,24 @@ enum GuestCmd {
         /// Name or UUID.
         guest: String,
     },
+    /// Migrate a guest to another host (shared storage): its keys go to the
+    /// destination, libvirt moves the guest, the source erases the keys,
+    /// and the destination re-encrypts the volumes (deep rekey) within the
+    /// policy's after-migration interval, at once if none sets one.
+    Migrate {
+        /// Name or UUID.
+        guest: String,
+        /// Destination host.
+        #[arg(long, value_name = "HOST")]
+        to: String,
+        /// Live: the guest keeps running while its memory moves.
+        #[arg(long)]
+        live: bool,
+        /// As `virsh migrate --unsafe`: migrate although libvirt cannot
+        /// tell that the disks' storage and cache mode are safe to share.
+        #[arg(long)]
+        r#unsafe: bool,
+    },
 }
 
 #[derive(Args)]
@@ -280,7 +311,7 @@ fn read(dir: &Path, file: &str) -> Result<String, Failure> {
     })
 }
 
-async fn connect(cli: &Cli) -> Result<AdminClient<Channel>, Failure> {
+async fn connect(cli: &Cli, timeout: std::time::Duration) -> Result<AdminClient<Channel>, Failure> {
     let dir = cli.admin_dir.clone().ok_or_else(|| {
         Failure("no admin credential: pass --admin-dir DIR or set GUESTKEY_ADMIN_DIR (DATA_DIR/admin of the server)".into())
     })?;
@@ -300,7 +331,7 @@ async fn connect(cli: &Cli) -> Result<AdminClient<Channel>, Failure> {
         .map_err(|e| Failure(format!("bad server URL {url:?}: {e}")))?
         .tls_config(tls)?
         .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(60))
+        .timeout(timeout)
         .connect()
         .await
         .map_err(|e| Failure(transport_hint(&url, &mgmt_server::tls::error_chain(&e))))?;
@@ -376,7 +407,12 @@ fn rpc_error(s: tonic::Status) -> Failure {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let json = cli.json;
-    let mut c = connect(&cli).await?;
+    // A migration lasts as long as libvirt needs to move the guest.
+    let timeout = match &cli.command {
+        Command::Guest(GuestCmd::Migrate { .. }) => std::time::Duration::from_secs(6 * 3600),
+        _ => std::time::Duration::from_secs(60),
+    };
+    let mut c = connect(&cli, timeout).await?;
     match cli.command {
         Command::Host(HostCmd::Add { name, address }) => {
             let r = c
@@ -514,11 +550,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .into_inner();
             show_volume(&v, json);
         }
-        Command::Volume(VolumeCmd::Rekey { volume, deep, .. }) => {
+        Command::Volume(VolumeCmd::Rekey {
+            volume, deep, now, ..
+        }) => {
             let v = c
                 .rekey_volume(pb::RekeyVolumeRequest {
                     name_or_id: volume,
-                    deep,
+                    deep: deep || now,
                 })
                 .await
                 .map_err(rpc_error)?
@@ -593,6 +631,43 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(rpc_error)?
                 .into_inner();
             show_guest(&g, json, false);
+        }
+        Command::Guest(GuestCmd::Migrate {
+            guest,
+            to,
+            live,
+            r#unsafe,
+        }) => {
+            if !json {
+                eprintln!("migrating {guest} to host {to}...");
+            }
+            let g = c
+                .migrate_guest(pb::MigrateGuestRequest {
+                    name_or_uuid: guest,
+                    to_host: to,
+                    live,
+                    r#unsafe,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            show_guest(&g, json, false);
+        }
+        Command::Host(HostCmd::SetMigration {
+            name,
+            libvirt_uri,
+            migration_uri,
+        }) => {
+            let h = c
+                .set_host_migration(pb::SetHostMigrationRequest {
+                    name,
+                    libvirt_uri,
+                    migration_uri,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            show_host(&h, json);
         }
         Command::Guest(GuestCmd::Stop { guest }) => {
             let g = c
@@ -726,13 +801,15 @@ fn print_json(v: &serde_json::Value) {
 fn host_json(h: &pb::Host) -> serde_json::Value {
     json!({"name": h.name, "address": h.address, "state": h.state, "created_unix": h.created_unix,
            "enrolled_unix": h.enrolled_unix, "certificate_sha256": h.certificate_sha256, "volume_count": h.volume_count,
-           "held_keys": h.held_keys, "inventory_reported_unix": h.inventory_reported_unix})
+           "held_keys": h.held_keys, "inventory_reported_unix": h.inventory_reported_unix,
+           "libvirt_uri": h.libvirt_uri, "migration_uri": h.migration_uri})
 }
 
 fn volume_json(v: &pb::Volume) -> serde_json::Value {
     json!({"id": v.id, "name": v.name, "host": v.host, "pool": v.pool, "format": v.format,
            "capacity_bytes": v.capacity_bytes, "key_generation": v.key_generation, "state": v.state,
-           "last_error": v.last_error, "attempts": v.attempts, "secret_uuid": v.secret_uuid, "created_unix": v.created_unix})
+           "last_error": v.last_error, "attempts": v.attempts, "secret_uuid": v.secret_uuid, "created_unix": v.created_unix,
+           "rekey_due_unix": v.rekey_due_unix})
 }
 
 fn read_domain_xml(path: &Path) -> Result<String, Failure> {
@@ -753,7 +830,8 @@ fn read_domain_xml(path: &Path) -> Result<String, Failure> {
 
 fn guest_json(g: &pb::Guest) -> serde_json::Value {
     json!({"uuid": g.uuid, "name": g.name, "host": g.host, "state": g.state, "pending": g.pending,
-           "last_error": g.last_error, "attempts": g.attempts, "volumes": g.volumes, "domain_xml": g.domain_xml})
+           "last_error": g.last_error, "attempts": g.attempts, "volumes": g.volumes, "domain_xml": g.domain_xml,
+           "migrating_to": g.migrating_to})
 }
 
 fn show_guest(g: &pb::Guest, json: bool, xml: bool) {
@@ -770,6 +848,7 @@ fn show_guest(g: &pb::Guest, json: bool, xml: bool) {
         ("host", g.host.clone()),
         ("state", g.state.clone()),
         ("pending", g.pending.clone()),
+        ("migrating to", g.migrating_to.clone()),
         ("encrypted disks", g.volumes.join(", ")),
         (
             "attempts",
@@ -830,6 +909,15 @@ fn show_host(h: &pb::Host, json: bool) {
         ("certificate sha256", h.certificate_sha256.clone()),
         ("keys held", h.held_keys.to_string()),
         ("last report", fmt_time(h.inventory_reported_unix)),
+        (
+            "libvirt URI",
+            if h.libvirt_uri.is_empty() {
+                "(default: qemu+tls://ADDRESS-HOST/system)".into()
+            } else {
+                h.libvirt_uri.clone()
+            },
+        ),
+        ("migration URI", h.migration_uri.clone()),
     ];
     for (k, v) in rows {
         println!("{k:<19} {v}");
@@ -850,6 +938,14 @@ fn show_volume(v: &pb::Volume, json: bool) {
         ("key generation", v.key_generation.to_string()),
         ("state", v.state.clone()),
         ("libvirt secret", v.secret_uuid.clone()),
+        (
+            "deep rekey due",
+            if v.rekey_due_unix == 0 {
+                String::new()
+            } else {
+                format!("{} (after a migration)", fmt_time(v.rekey_due_unix))
+            },
+        ),
         ("attempts", v.attempts.to_string()),
         ("last error", v.last_error.clone()),
     ];

@@ -549,16 +549,21 @@ impl HostAgent for AgentImpl {
     async fn stop_guest(&self, req: Request<agent::GuestRequest>) -> R<agent::GuestResult> {
         self.guest("stop", req.into_inner(), "shut off")
     }
+    // Migration and rekeys are tested against the real guestkeyd
+    // (tests/tests/host.rs, tests/tests/migration.rs).
     async fn prepare_migration(
         &self,
-        _: Request<agent::DefineGuestRequest>,
+        _: Request<agent::PrepareMigrationRequest>,
     ) -> R<agent::GuestResult> {
         Err(Status::unimplemented("test agent"))
     }
-    async fn rekey(&self, _: Request<agent::RekeyRequest>) -> R<agent::RekeyResult> {
+    async fn abort_migration(&self, _: Request<agent::GuestRequest>) -> R<agent::GuestResult> {
         Err(Status::unimplemented("test agent"))
     }
-    async fn forget_key(&self, _: Request<agent::ForgetKeyRequest>) -> R<agent::VolumeResult> {
+    async fn migrate_guest(&self, _: Request<agent::MigrateGuestRequest>) -> R<agent::GuestResult> {
+        Err(Status::unimplemented("test agent"))
+    }
+    async fn rekey(&self, _: Request<agent::RekeyRequest>) -> R<agent::RekeyResult> {
         Err(Status::unimplemented("test agent"))
     }
     async fn get_inventory(

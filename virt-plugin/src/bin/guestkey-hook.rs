@@ -19,15 +19,27 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let socket = std::env::var_os("GUESTKEY_HOOK_SOCKET")
-        .map_or_else(|| PathBuf::from(virt_plugin::DEFAULT_SOCKET), PathBuf::from);
+    let (default_socket, managed) = virt_plugin::paths_for_uid(current_uid());
+    let socket = std::env::var_os("GUESTKEY_HOOK_SOCKET").map_or(default_socket, PathBuf::from);
     let mut xml = String::new();
     // libvirt sends at most the domain XML; refuse to read without bound.
     let _ = std::io::stdin().take(16 << 20).read_to_string(&mut xml);
-    let managed = PathBuf::from(virt_plugin::DEFAULT_MANAGED_LIST);
     let (code, msg) = virt_plugin::run(&domain, &op, &xml, &socket, &managed);
     if let Some(m) = msg {
         eprintln!("{m}");
     }
     std::process::exit(code);
+}
+
+/// The real user id, read from /proc (this crate forbids unsafe code).
+fn current_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        })
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(0)
 }

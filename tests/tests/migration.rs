@@ -1,0 +1,225 @@
+//! Migration between two libvirt hosts on this machine: the session
+//! libvirtds of users gkh1 and gkh2 (scripts/setup), each with its own host
+//! UUID and its own real guestkeyd, images on a directory both can use.
+//! A running encrypted KVM guest moves from one to the other; its keys are
+//! erased at the source, and its volume is re-encrypted at the destination.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+use guestkey_tests::image::{opens_with, pattern_intact, qemu_io};
+use guestkey_tests::stack::{SessionHost, Stack};
+use guestkey_tests::{Cleanup, run, unique_name};
+
+fn domain_xml(name: &str, pool: &str, volume: &str) -> String {
+    format!(
+        "<domain type='kvm'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <disk type='volume' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source pool='{pool}' volume='{volume}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>
+"
+    )
+}
+
+/// A directory both session users can use (group kvm), as a transient dir
+/// pool named `pool` on `hosts`.
+fn shared_pool(cleanup: &mut Cleanup, pool: &str) -> PathBuf {
+    let dir = PathBuf::from("/srv/guestkey-shared").join(pool);
+    std::fs::create_dir_all(&dir).unwrap();
+    run("chgrp", &["kvm", dir.to_str().unwrap()]).unwrap();
+    run("chmod", &["2770", dir.to_str().unwrap()]).unwrap();
+    let d = dir.clone();
+    cleanup.push(move || {
+        let _ = std::fs::remove_dir_all(d);
+    });
+    dir
+}
+
+fn create_pool(cleanup: &mut Cleanup, host: &SessionHost, pool: &str, dir: &std::path::Path) {
+    host.virsh(&[
+        "pool-create-as",
+        pool,
+        "dir",
+        "--target",
+        dir.to_str().unwrap(),
+    ])
+    .unwrap();
+    let uri = host.uri.clone();
+    let pool = pool.to_owned();
+    cleanup.push(move || {
+        let _ = run("virsh", &["-c", &uri, "pool-destroy", &pool]);
+    });
+}
+
+fn state_of(host: &SessionHost, guest: &str) -> Option<String> {
+    host.virsh(&["domstate", guest])
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+/// The pid of the QEMU process running `guest` (on whichever host).
+fn qemu_pid(guest: &str) -> String {
+    run("pgrep", &["-f", &format!("guest={guest},")])
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn a_running_guest_migrates_with_its_keys_erased_at_the_source_and_is_rekeyed_at_the_destination() {
+    let s = Stack::start();
+    let h1 = s.session_host("gkh1");
+    let h2 = s.session_host("gkh2");
+    let mut cleanup = Cleanup::default();
+    let pool = unique_name("mig-pool");
+    let dir = shared_pool(&mut cleanup, &pool);
+    create_pool(&mut cleanup, &h1, &pool, &dir);
+
+    // A volume on host 1: made by guestkeyd (root) but usable by both
+    // session users, because the pool directory is group-writable.
+    s.json(&[
+        "volume", "create", "--host", &h1.name, "--pool", &pool, "--name", "mig-disk", "--size",
+        "16M",
+    ]);
+    s.wait_for(60, "volume ready", || {
+        s.json(&["volume", "show", "mig-disk"])["state"] == "ready"
+    });
+    let v = s.json(&["volume", "show", "mig-disk"]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let secret = v["secret_uuid"].as_str().unwrap().to_owned();
+    let path = dir.join("mig-disk");
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660, "group-writable pool: mode 0660");
+    let old = s.server_key(&id);
+    qemu_io(&s.dir, &path, old.expose_secret(), "write -P 0x5c 0 2M").unwrap();
+
+    // The guest, defined through guestkey and started with plain virsh on
+    // host 1 (its hook runs as gkh1 and reaches host 1's guestkeyd).
+    let guest = unique_name("mig-guest");
+    let file = s.dir.join("mig.xml");
+    std::fs::write(&file, domain_xml(&guest, &pool, "mig-disk")).unwrap();
+    s.json(&[
+        "guest",
+        "define",
+        "--host",
+        &h1.name,
+        "--xml",
+        file.to_str().unwrap(),
+    ]);
+    s.wait_for(60, "guest defined", || {
+        s.json(&["guest", "show", &guest])["pending"] == ""
+    });
+    for h in [&h1, &h2] {
+        let (uri, g) = (h.uri.clone(), guest.clone());
+        cleanup.push(move || {
+            let _ = run("virsh", &["-c", &uri, "destroy", &g]);
+            let _ = run("virsh", &["-c", &uri, "undefine", &g]);
+        });
+    }
+    let uuid = s.json(&["guest", "show", &guest])["uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    h1.virsh(&["start", &guest]).unwrap();
+    assert_eq!(state_of(&h1, &guest).as_deref(), Some("running"));
+    assert!(h1.state.join(format!("guests/{uuid}.sealed")).exists());
+
+    // Bad requests change nothing.
+    let bad = s.ctl(&["guest", "migrate", &guest, "--to", "no-such-host"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("no host named"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let same = s.ctl(&["guest", "migrate", &guest, "--to", &h1.name]);
+    assert!(String::from_utf8_lossy(&same.stderr).contains("already on host"));
+    // Pre-flight: host 2 does not see the storage yet.
+    let no_storage = s.ctl(&[
+        "guest", "migrate", &guest, "--to", &h2.name, "--live", "--unsafe",
+    ]);
+    assert!(!no_storage.status.success());
+    let msg = String::from_utf8_lossy(&no_storage.stderr);
+    assert!(
+        msg.contains("sees no volume mig-disk") && msg.contains(&h2.name),
+        "{msg}"
+    );
+    let g = s.json(&["guest", "show", &guest]);
+    assert_eq!(g["host"], h1.name.as_str());
+    assert_eq!(g["migrating_to"], "");
+    assert_eq!(s.json(&["volume", "show", "mig-disk"])["state"], "ready");
+    assert_eq!(state_of(&h1, &guest).as_deref(), Some("running"));
+    assert!(!h2.state.join(format!("guests/{uuid}.sealed")).exists());
+
+    // The real migration, live.
+    create_pool(&mut cleanup, &h2, &pool, &dir);
+    let pid_before = qemu_pid(&guest);
+    assert!(!pid_before.is_empty());
+    let g = s.json(&[
+        "guest", "migrate", &guest, "--to", &h2.name, "--live", "--unsafe",
+    ]);
+    assert_eq!(g["host"], h2.name.as_str(), "{g}");
+    assert_eq!(g["state"], "running", "{g}");
+    assert_eq!(state_of(&h2, &guest).as_deref(), Some("running"));
+    assert_eq!(state_of(&h1, &guest), None, "undefined at the source");
+
+    // The source erased the keys: no sealed record, no volume entry, no
+    // libvirt secret, and the key's bytes are not in its memory.
+    assert!(!h1.state.join(format!("guests/{uuid}.sealed")).exists());
+    let vols = std::fs::read_to_string(h1.state.join("volumes.json")).unwrap_or_default();
+    assert!(!vols.contains(&id), "{vols}");
+    assert!(
+        !h1.virsh(&["secret-list"]).unwrap().contains(&secret),
+        "no secret left at the source"
+    );
+    assert!(
+        !h2.virsh(&["secret-list"]).unwrap().contains(&secret),
+        "the destination's hook removed the secret once QEMU had it"
+    );
+    let needles = guestkey_tests::memscan::Needles::of(old.expose_secret());
+    let found = needles.find_in(h1.daemon.pid());
+    assert!(
+        found.is_empty(),
+        "key bytes in the source guestkeyd: {found:?}"
+    );
+
+    // Re-encrypted at the destination (no policy: at once), online: the
+    // guest keeps running in the same QEMU process there.
+    let pid_at_dest = qemu_pid(&guest);
+    s.wait_for(180, "deep rekey at the destination", || {
+        let v = s.json(&["volume", "show", "mig-disk"]);
+        v["state"] == "ready" && v["key_generation"] == 2
+    });
+    let v = s.json(&["volume", "show", "mig-disk"]);
+    assert_eq!(v["host"], h2.name.as_str());
+    assert_eq!(v["rekey_due_unix"], 0);
+    assert_eq!(state_of(&h2, &guest).as_deref(), Some("running"));
+    assert_eq!(qemu_pid(&guest), pid_at_dest);
+    let audit = String::from_utf8_lossy(&s.ctl(&["--json", "audit"]).stdout).into_owned();
+    for action in ["guest.migrated", "key.erased", "key.rotated"] {
+        assert!(audit.contains(action), "{action} in the audit log");
+    }
+    h2.virsh(&["destroy", &guest]).unwrap();
+    let new = s.server_key(&id);
+    pattern_intact(&s.dir, &path, new.expose_secret(), 0x5c, "2M").unwrap();
+    assert!(
+        !opens_with(&s.dir, &path, "qcow2", old.expose_secret()),
+        "the data key the source's QEMU held is gone"
+    );
+    // And it starts again on host 2 with plain virsh.
+    h2.virsh(&["start", &guest]).unwrap();
+    assert_eq!(state_of(&h2, &guest).as_deref(), Some("running"));
+    h2.virsh(&["destroy", &guest]).unwrap();
+    drop(cleanup);
+}
