@@ -148,10 +148,13 @@ impl Daemon {
             .cloned()
     }
 
-    /// Creates a volume from a pushed key; keeps no key afterwards.
-    pub fn create_volume(&self, r: pb::CreateVolumeRequest) -> Result<String, Status> {
+    /// Creates a volume from a pushed key (or encrypts an existing
+    /// cleartext one, [`pb::CreateVolumeRequest::encrypt_existing`]); keeps
+    /// no key afterwards. Returns its path and virtual size.
+    pub fn create_volume(&self, r: pb::CreateVolumeRequest) -> Result<(String, u64), Status> {
         if let Some(path) = self.recall(&r.op_id) {
-            return Ok(path);
+            let size = crate::luks::virtual_size(&path).unwrap_or(r.capacity_bytes);
+            return Ok((path, size));
         }
         valid_name("pool name", &r.pool)?;
         valid_name("volume name", &r.name)?;
@@ -159,6 +162,7 @@ impl Daemon {
             .map_err(|_| Status::invalid_argument("secret_uuid is not a UUID"))?;
         let key = r
             .key
+            .clone()
             .ok_or_else(|| Status::invalid_argument("no key packet"))?;
         let vid = volume_id(&r.volume_id)?;
         if key.volume_id != r.volume_id {
@@ -175,7 +179,8 @@ impl Daemon {
                 .map_err(internal)?
                 .is_some()
             {
-                return Ok(v.path.clone());
+                let size = crate::luks::virtual_size(&v.path).unwrap_or(r.capacity_bytes);
+                return Ok((v.path.clone(), size));
             }
         }
         let packet = self
@@ -186,16 +191,21 @@ impl Daemon {
             Ok(pb::VolumeFormat::Raw) => Format::Raw,
             _ => Format::Qcow2,
         };
-        let path = self
-            .hv
-            .create_volume(
-                &r.pool,
-                &r.name,
-                r.capacity_bytes,
-                format,
-                packet.secret.expose_secret(),
-            )
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let (path, size) = if r.encrypt_existing {
+            self.encrypt_existing(&r, format, packet.secret.expose_secret())?
+        } else {
+            let path = self
+                .hv
+                .create_volume(
+                    &r.pool,
+                    &r.name,
+                    r.capacity_bytes,
+                    format,
+                    packet.secret.expose_secret(),
+                )
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            (path, r.capacity_bytes)
+        };
         drop(packet);
         vols.insert(
             r.volume_id.clone(),
@@ -210,8 +220,121 @@ impl Daemon {
         self.store.save_volumes(&vols).map_err(internal)?;
         self.write_managed_list().map_err(internal)?;
         self.remember(&r.op_id, &path);
-        tracing::info!(volume = %r.volume_id, %path, "volume created");
-        Ok(path)
+        tracing::info!(volume = %r.volume_id, %path, encrypted_existing = r.encrypt_existing, "volume created");
+        Ok((path, size))
+    }
+
+    /// Encrypts the existing cleartext volume of `r` under `key`: offline,
+    /// or online (block copy and pivot) when a guest runs on it. Repeatable:
+    /// an image that `key` already opens was done before a crash.
+    fn encrypt_existing(
+        &self,
+        r: &pb::CreateVolumeRequest,
+        format: Format,
+        key: &[u8],
+    ) -> Result<(String, u64), Status> {
+        let path = self
+            .hv
+            .volume_path(&r.pool, &r.name)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "there is no volume {} in pool {} on this host",
+                    r.name, r.pool
+                ))
+            })?;
+        let fail = |e: crate::hypervisor::HvError| Status::failed_precondition(e.to_string());
+        let info = crate::luks::image_info(&path, format).map_err(fail)?;
+        if info.encrypted {
+            if crate::luks::opens_with(&path, format, key).unwrap_or(false) {
+                return Ok((path, info.virtual_size));
+            }
+            return Err(Status::failed_precondition(format!(
+                "volume {} ({path}) is already encrypted: guestkey encrypts cleartext volumes only",
+                r.name
+            )));
+        }
+        if info.backing {
+            return Err(Status::failed_precondition(format!(
+                "volume {} ({path}) has a backing file: flatten it first (qemu-img convert or virsh blockpull)",
+                r.name
+            )));
+        }
+        let running = self
+            .hv
+            .running_domains_using(&path, &r.pool, &r.name)
+            .map_err(fail)?;
+        match running.as_slice() {
+            [] => crate::luks::encrypt_offline(&path, format, key).map_err(fail)?,
+            [guest] => {
+                let v = VolumeEntry {
+                    volume_id: r.volume_id.clone(),
+                    name: r.name.clone(),
+                    pool: r.pool.clone(),
+                    path: path.clone(),
+                    secret_uuid: r.secret_uuid.to_ascii_lowercase(),
+                };
+                self.copy_online(guest, &v, format, key, info.virtual_size)
+                    .map_err(fail)?;
+            }
+            _ => {
+                return Err(Status::failed_precondition(format!(
+                    "{} running guests share volume {}: stop all but one first",
+                    running.len(),
+                    r.name
+                )));
+            }
+        }
+        Ok((path, info.virtual_size))
+    }
+
+    /// Turns a volume back into cleartext and forgets it. No guest of this
+    /// host may hold its key.
+    pub fn decrypt_volume(&self, r: pb::DecryptVolumeRequest) -> Result<(String, u64), Status> {
+        let vid = volume_id(&r.volume_id)?;
+        let key = r
+            .key
+            .ok_or_else(|| Status::invalid_argument("no key packet"))?;
+        let packet = self
+            .keys
+            .open(&key.sealed_packet, vid, key.generation)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let format = match packet.params.format {
+            xdr_wipe::packet::VolumeFormat::Raw => Format::Raw,
+            xdr_wipe::packet::VolumeFormat::Qcow2 => Format::Qcow2,
+        };
+        let _guard = self.lock();
+        let mut vols = self.store.volumes().map_err(internal)?;
+        let Some(v) = vols.get(&r.volume_id).cloned() else {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is not on this host",
+                r.volume_id
+            )));
+        };
+        for uuid in self.store.guests().map_err(internal)? {
+            if let Some(rec) = self.store.load(&uuid).map_err(internal)? {
+                if rec.keys.iter().any(|k| k.volume_id == vid) {
+                    return Err(Status::failed_precondition(format!(
+                        "guest {} ({uuid}) uses volume {}: undefine it first",
+                        rec.name.as_str(),
+                        v.name
+                    )));
+                }
+            }
+        }
+        let fail = |e: crate::hypervisor::HvError| Status::failed_precondition(e.to_string());
+        let info = crate::luks::image_info(&v.path, format).map_err(fail)?;
+        if info.encrypted {
+            crate::luks::decrypt_offline(&v.path, format, packet.secret.expose_secret())
+                .map_err(fail)?;
+        }
+        drop(packet);
+        vols.remove(&r.volume_id);
+        self.store.save_volumes(&vols).map_err(internal)?;
+        self.write_managed_list().map_err(internal)?;
+        tracing::warn!(volume = %r.volume_id, path = %v.path, "volume decrypted on the admin's request");
+        let size = crate::luks::virtual_size(&v.path).unwrap_or(0);
+        Ok((v.path, size))
     }
 
     /// Deletes a volume.
@@ -500,9 +623,7 @@ impl Daemon {
     }
 
     /// Online deep rekey of the disk on `path` of the running `guest`:
-    /// a new image under `new`, the volume's ephemeral libvirt secret for it,
-    /// block copy and pivot (the guest keeps running), then the new image
-    /// takes the old one's name and the old one is wiped.
+    /// see [`Daemon::copy_online`].
     fn online_rekey(
         &self,
         guest: &str,
@@ -510,11 +631,27 @@ impl Daemon {
         format: Format,
         new: &[u8],
     ) -> Result<(), crate::hypervisor::HvError> {
+        let size = crate::luks::virtual_size(&v.path)?;
+        self.copy_online(guest, v, format, new, size)
+    }
+
+    /// The disk of volume `v` of the running `guest` moves into a new LUKS
+    /// image under `key`: the volume's ephemeral libvirt secret for it,
+    /// block copy and pivot (the guest keeps running), then the new image
+    /// takes the old one's name and the old one is wiped. Serves the
+    /// online deep rekey and the online encryption of a cleartext volume.
+    fn copy_online(
+        &self,
+        guest: &str,
+        v: &VolumeEntry,
+        format: Format,
+        key: &[u8],
+        size: u64,
+    ) -> Result<(), crate::hypervisor::HvError> {
         let path = v.path.as_str();
         let tmp = format!("{path}.gk-rekey");
         let _ = std::fs::remove_file(&tmp);
-        let size = crate::luks::virtual_size(path)?;
-        crate::luks::create_image(&tmp, format, size, new)?;
+        crate::luks::create_image(&tmp, format, size, key)?;
         // QEMU (whichever user it runs as) opens the copy like the original.
         if let Err(e) = crate::luks::copy_ownership(path, &tmp) {
             let _ = std::fs::remove_file(&tmp);
@@ -524,7 +661,7 @@ impl Daemon {
         // use: QEMU opened the running disk long ago), so the definition
         // libvirt records at the pivot already names the right secret.
         let secret = v.secret_uuid.as_str();
-        let copied = self.hv.set_secret(secret, &tmp, new).and_then(|()| {
+        let copied = self.hv.set_secret(secret, &tmp, key).and_then(|()| {
             self.hv
                 .copy_running_disk(guest, (path, &v.pool, &v.name), &tmp, format, secret)
         });
@@ -772,11 +909,25 @@ impl HostAgent for AgentService {
         self.check(&req)?;
         let r = req.into_inner();
         let (op_id, volume_id) = (r.op_id.clone(), r.volume_id.clone());
-        let path = self.blocking(move |d| d.create_volume(r)).await?;
+        let (path, capacity_bytes) = self.blocking(move |d| d.create_volume(r)).await?;
         Ok(Response::new(pb::VolumeResult {
             op_id,
             volume_id,
             path,
+            capacity_bytes,
+        }))
+    }
+
+    async fn decrypt_volume(&self, req: Request<pb::DecryptVolumeRequest>) -> R<pb::VolumeResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let (op_id, volume_id) = (r.op_id.clone(), r.volume_id.clone());
+        let (path, capacity_bytes) = self.blocking(move |d| d.decrypt_volume(r)).await?;
+        Ok(Response::new(pb::VolumeResult {
+            op_id,
+            volume_id,
+            path,
+            capacity_bytes,
         }))
     }
 
@@ -789,6 +940,7 @@ impl HostAgent for AgentService {
             op_id,
             volume_id,
             path: String::new(),
+            capacity_bytes: 0,
         }))
     }
 

@@ -78,6 +78,14 @@ pub trait Hypervisor: Send + Sync {
         live: bool,
         unsafe_: bool,
     ) -> Result<(), HvError>;
+    /// UUIDs of the running domains with a disk on `path` (or on volume
+    /// `volume` of pool `pool`).
+    fn running_domains_using(
+        &self,
+        path: &str,
+        pool: &str,
+        volume: &str,
+    ) -> Result<Vec<String>, HvError>;
     /// The state of domain `uuid` at the libvirt at `uri` (None: not there).
     fn remote_domain_state(&self, uri: &str, uuid: &str) -> Result<Option<String>, HvError>;
     /// Defines an ephemeral, private volume secret and sets its value.
@@ -378,6 +386,26 @@ impl Hypervisor for Libvirt {
         drop(d);
         drop(dest);
         result
+    }
+
+    fn running_domains_using(
+        &self,
+        path: &str,
+        pool: &str,
+        volume: &str,
+    ) -> Result<Vec<String>, HvError> {
+        let conn = self.conn()?;
+        let domains = conn
+            .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            .map_err(err("list of running domains"))?;
+        let mut out = vec![];
+        for d in domains {
+            let Ok(xml) = d.xml_desc(0) else { continue };
+            if target_of(&xml, path, pool, volume).is_some() {
+                out.push(d.uuid_string().map_err(err("domain UUID"))?);
+            }
+        }
+        Ok(out)
     }
 
     fn remote_domain_state(&self, uri: &str, uuid: &str) -> Result<Option<String>, HvError> {

@@ -435,6 +435,48 @@ impl Core {
     }
 }
 
+/// After volume `v` (at `path`) was encrypted from cleartext: every guest
+/// of its host defined through guestkey with a disk on it gets the disk's
+/// `<encryption>` element and is queued for a new definition, which brings
+/// the host the volume's key. Returns their UUIDs.
+pub(crate) fn adopt_volume(
+    tx: &rusqlite::Transaction<'_>,
+    v: &crate::volumes::VolumeInfo,
+    path: &str,
+) -> Result<Vec<String>, CoreError> {
+    let guests: Vec<(String, String)> = {
+        let mut stmt = tx.prepare(
+            "SELECT uuid, xml FROM guests WHERE host = ?1 AND state != 'undefined' AND pending IN ('', 'define')",
+        )?;
+        let rows = stmt.query_map([&v.host], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut adopted = vec![];
+    for (uuid, xml) in guests {
+        let Ok(dom) = domxml::parse(&xml) else {
+            continue;
+        };
+        let Some(i) = dom.disks.iter().position(|d| match &d.source {
+            DiskSource::Volume { pool, volume } => pool == &v.pool && volume == &v.name,
+            DiskSource::File(p) => p == path,
+            DiskSource::Other => false,
+        }) else {
+            continue;
+        };
+        let new_xml = domxml::rewrite(&xml, &dom, &[(i, v.secret_uuid.clone())], None);
+        tx.execute(
+            "INSERT OR IGNORE INTO guest_disks (guest_uuid, volume_id, target) VALUES (?1, ?2, ?3)",
+            params![uuid, v.id, dom.disks[i].target],
+        )?;
+        tx.execute(
+            "UPDATE guests SET xml = ?1, pending = 'define', attempts = 0, next_attempt = 0, last_error = '' WHERE uuid = ?2",
+            params![new_xml, uuid],
+        )?;
+        adopted.push(uuid);
+    }
+    Ok(adopted)
+}
+
 fn bad_disk(disk: &domxml::Disk, why: String) -> InvalidInput {
     InvalidInput {
         what: "disk",

@@ -15,6 +15,7 @@
 pub mod audit;
 pub mod ca;
 pub mod config;
+pub mod convert;
 pub mod core;
 pub mod datadir;
 pub mod db;

@@ -123,7 +123,8 @@ async fn push_volumes(
         return Ok(0);
     }
     let prepared = core.prepare_pushes(&due)?;
-    let mut outcomes: Vec<(VolumeInfo, Result<String, String>)> = Vec::with_capacity(due.len());
+    let mut outcomes: Vec<(VolumeInfo, crate::volumes::PushOutcome)> =
+        Vec::with_capacity(due.len());
     let mut running = tokio::task::JoinSet::new();
     for (v, op) in due.into_iter().zip(prepared) {
         let op = match op {
@@ -135,6 +136,7 @@ async fn push_volumes(
         };
         let host = match &op {
             PushOp::Create { host, .. }
+            | PushOp::Decrypt { host, .. }
             | PushOp::Delete { host, .. }
             | PushOp::Rekey { host, .. } => host.clone(),
         };
@@ -168,16 +170,18 @@ async fn push_volumes(
     Ok(outcomes.len())
 }
 
-/// Pushes one volume operation; returns the volume's path on the host.
-async fn send_volume_op(
+/// Pushes one volume operation; returns the volume's path and size on the
+/// host.
+pub(crate) async fn send_volume_op(
     mut c: HostAgentClient<Channel>,
     op: PushOp,
-) -> Result<String, tonic::Status> {
+) -> Result<(String, u64), tonic::Status> {
     let result = match op {
         PushOp::Create {
             volume,
             packet,
             host,
+            encrypt_existing,
         } => {
             // Sealing (X25519) runs here, in parallel across pushes, after
             // the release was committed.
@@ -196,8 +200,24 @@ async fn send_volume_op(
                 } as i32,
                 secret_uuid: volume.secret_uuid.clone(),
                 key: Some(sealed_key(&volume.id, volume.key_generation, sealed)),
+                encrypt_existing,
             };
             c.create_volume(req).await
+        }
+        PushOp::Decrypt {
+            volume,
+            packet,
+            host,
+        } => {
+            let sealed =
+                crate::volumes::seal_for(&packet, &host).map_err(tonic::Status::internal)?;
+            drop(packet);
+            let req = agent::DecryptVolumeRequest {
+                op_id: format!("{}:decrypt", volume.id),
+                volume_id: volume.id.clone(),
+                key: Some(sealed_key(&volume.id, volume.key_generation, sealed)),
+            };
+            c.decrypt_volume(req).await
         }
         PushOp::Rekey {
             volume,
@@ -228,7 +248,7 @@ async fn send_volume_op(
                 new_secret_uuid: volume.secret_uuid.clone(),
                 old_key: Some(sealed_key(&volume.id, volume.key_generation, old_sealed)),
             };
-            return c.rekey(req).await.map(|_| String::new());
+            return c.rekey(req).await.map(|_| (String::new(), 0));
         }
         PushOp::Delete { volume, .. } => {
             let req = agent::DeleteVolumeRequest {
@@ -240,7 +260,10 @@ async fn send_volume_op(
             c.delete_volume(req).await
         }
     };
-    result.map(|r| r.into_inner().path)
+    result.map(|r| {
+        let r = r.into_inner();
+        (r.path, r.capacity_bytes)
+    })
 }
 
 /// Returns the guest's state on the host.

@@ -116,6 +116,25 @@ impl Admin for AdminService {
         Ok(Response::new(volume(v)))
     }
 
+    async fn encrypt_volume(&self, req: Request<pb::EncryptVolumeRequest>) -> R<pb::Volume> {
+        let c = caller(&self.0, &req, true)?;
+        let r = req.into_inner();
+        let v = crate::convert::encrypt_volume(self.0.clone(), c, r.host, r.pool, r.name, r.format)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(volume(v)))
+    }
+
+    async fn decrypt_volume(&self, req: Request<pb::DecryptVolumeRequest>) -> R<pb::Volume> {
+        let c = caller(&self.0, &req, true)?;
+        let r = req.into_inner();
+        let v = self
+            .0
+            .decrypt_volume(&c, &r.name_or_id, r.confirm)
+            .map_err(status)?;
+        Ok(Response::new(volume(v)))
+    }
+
     async fn list_volumes(
         &self,
         req: Request<pb::ListVolumesRequest>,

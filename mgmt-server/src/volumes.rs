@@ -84,6 +84,10 @@ fn format_name(f: VolumeFormat) -> &'static str {
     }
 }
 
+/// What a host answered to a volume push: the volume's path and size
+/// there, or the error.
+pub type PushOutcome = Result<(String, u64), String>;
+
 /// What the pusher must deliver for one pending volume.
 pub enum PushOp {
     /// Create the volume with this key, released (and audited) for the
@@ -94,6 +98,17 @@ pub enum PushOp {
         /// Where.
         host: EnrolledHost,
         /// The key packet (wiped on drop).
+        packet: KeyPacket,
+        /// Encrypt the existing cleartext volume instead of creating one.
+        encrypt_existing: bool,
+    },
+    /// Turn the volume back into cleartext.
+    Decrypt {
+        /// The volume.
+        volume: VolumeInfo,
+        /// Where.
+        host: EnrolledHost,
+        /// Its key.
         packet: KeyPacket,
     },
     /// Replace the volume's key (shallow: new keyslot, old one erased).
@@ -137,10 +152,45 @@ impl Core {
         capacity_bytes: u64,
         format: &str,
     ) -> Result<VolumeInfo, CoreError> {
+        self.new_volume(caller, host, pool, name, Some(capacity_bytes), format)
+    }
+
+    /// Brings the existing cleartext volume `name` of `pool` on `host` under
+    /// guestkey: makes its key and queues its encryption on the host (its
+    /// size is known once the host reports it).
+    pub fn encrypt_volume(
+        &self,
+        caller: &Caller,
+        host: &str,
+        pool: &str,
+        name: &str,
+        format: &str,
+    ) -> Result<VolumeInfo, CoreError> {
+        self.new_volume(caller, host, pool, name, None, format)
+    }
+
+    /// A new volume record and key: created empty with `capacity`, or
+    /// encrypted from the existing cleartext volume when `capacity` is None.
+    fn new_volume(
+        &self,
+        caller: &Caller,
+        host: &str,
+        pool: &str,
+        name: &str,
+        capacity: Option<u64>,
+        format: &str,
+    ) -> Result<VolumeInfo, CoreError> {
         let host = Name::parse("host name", host)?;
         let pool = Name::parse("pool name", pool)?;
         let name = Name::parse("volume name", name)?;
         let format = parse_format(format)?;
+        let (capacity_bytes, state, what) = match capacity {
+            Some(c) => (c, "pending-create", "volume.create-requested"),
+            // Until the host reports the real size.
+            // `encrypting`: the admin's call pushes it itself (see
+            // crate::convert), the pusher does not pick it up.
+            None => (1, "encrypting", "volume.encrypt-requested"),
+        };
         if capacity_bytes == 0 || capacity_bytes > MAX_CAPACITY {
             return Err(InvalidInput {
                 what: "size",
@@ -162,7 +212,7 @@ impl Core {
         let wrapped = master.wrap(&id, 1, &key);
         drop(key);
         let taken: i64 = tx.query_row(
-            "SELECT COUNT(*) FROM volumes WHERE name = ?1 AND state != 'deleted'",
+            "SELECT COUNT(*) FROM volumes WHERE name = ?1 AND state NOT IN ('deleted', 'decrypted')",
             [name.as_str()],
             |r| r.get(0),
         )?;
@@ -185,8 +235,8 @@ impl Core {
         let now = now_unix();
         tx.execute(
             "INSERT INTO volumes (id, name, host, pool, format, capacity, secret_uuid, generation, state, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, 'pending-create', ?8)",
-            params![id, name.as_str(), host.as_str(), pool.as_str(), format_name(format), capacity_bytes as i64, secret_uuid, now],
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?9)",
+            params![id, name.as_str(), host.as_str(), pool.as_str(), format_name(format), capacity_bytes as i64, secret_uuid, state, now],
         )?;
         tx.execute(
             "INSERT INTO volume_keys (volume_id, generation, master_key_id, wrapped, created) VALUES (?1, 1, ?2, ?3, ?4)",
@@ -203,7 +253,7 @@ impl Core {
         audit::append(
             &tx,
             &caller.actor(),
-            "volume.create-requested",
+            what,
             &id,
             &format!("volume {name} on host {host} pool {pool}"),
         )?;
@@ -274,11 +324,113 @@ impl Core {
         self.get_volume(&v.id)
     }
 
+    /// Turns a volume back into cleartext (the admin confirmed) and then
+    /// destroys its key; refused while a guest uses it.
+    pub fn decrypt_volume(
+        &self,
+        caller: &Caller,
+        name_or_id: &str,
+        confirm: bool,
+    ) -> Result<VolumeInfo, CoreError> {
+        let v = self.get_volume(name_or_id)?;
+        if !confirm {
+            return Err(InvalidInput {
+                what: "confirmation",
+                value: "missing".into(),
+                why: format!(
+                    "decrypting {} stores its data in clear for good: pass --yes-i-know",
+                    v.name
+                ),
+            }
+            .into());
+        }
+        if v.state != "ready" {
+            return Err(CoreError::FailedPrecondition(format!(
+                "volume {} is {}: decryption needs it ready",
+                v.name, v.state
+            )));
+        }
+        let mut conn = self.db();
+        let tx = conn.transaction()?;
+        let users: Vec<String> = {
+            let mut stmt = tx.prepare(
+                "SELECT g.name FROM guest_disks d JOIN guests g ON g.uuid = d.guest_uuid
+                 WHERE d.volume_id = ?1 AND g.state != 'undefined' ORDER BY g.name",
+            )?;
+            let rows = stmt.query_map([&v.id], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        if !users.is_empty() {
+            return Err(CoreError::FailedPrecondition(format!(
+                "volume {} is used by guest(s) {}: undefine them first (`guestkeyctl guest undefine`)",
+                v.name,
+                users.join(", ")
+            )));
+        }
+        tx.execute(
+            "UPDATE volumes SET state = 'pending-decrypt', attempts = 0, next_attempt = 0, last_error = '' WHERE id = ?1",
+            [&v.id],
+        )?;
+        audit::append(
+            &tx,
+            &caller.actor(),
+            "volume.decrypt-requested",
+            &v.id,
+            &format!(
+                "volume {} on host {}: data to be stored in clear",
+                v.name, v.host
+            ),
+        )?;
+        tx.commit()?;
+        drop(conn);
+        self.push_wake.notify_one();
+        self.get_volume(&v.id)
+    }
+
+    /// The host refused to encrypt a volume (nothing changed there): the
+    /// record and its key go, and the name is free again.
+    pub fn encrypt_refused(&self, v: &VolumeInfo, error: &str) -> Result<(), CoreError> {
+        let mut conn = self.db();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM volume_keys WHERE volume_id = ?1", [&v.id])?;
+        tx.execute(
+            "UPDATE volumes SET state = 'deleted', last_error = ?1 WHERE id = ?2",
+            params![error, v.id],
+        )?;
+        audit::append(
+            &tx,
+            "server",
+            "volume.encrypt-failed",
+            &v.id,
+            &format!("volume {} on host {}: {error}", v.name, v.host),
+        )?;
+        audit::append(
+            &tx,
+            "server",
+            "key.destroyed",
+            &v.id,
+            &format!("volume {} was not encrypted", v.name),
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The outcome of an encryption is unknown (host unreachable): the
+    /// pusher retries it (the host's step is repeatable).
+    pub fn encrypt_retry_later(&self, v: &VolumeInfo, error: &str) -> Result<(), CoreError> {
+        self.db().execute(
+            "UPDATE volumes SET state = 'pending-encrypt', last_error = ?1, attempts = 1, next_attempt = ?2 WHERE id = ?3",
+            params![error, now_unix_ms() + self.retry_delay_ms(0) as i64, v.id],
+        )?;
+        self.push_wake.notify_one();
+        Ok(())
+    }
+
     /// Volumes whose pending operation is due.
     pub fn due_volumes(&self, limit: u32) -> Result<Vec<VolumeInfo>, CoreError> {
         let conn = self.db();
         let mut stmt = conn.prepare(&format!(
-            "{VOLUME_SELECT} WHERE state IN ('pending-create', 'pending-delete', 'rekeying') AND next_attempt <= ?1
+            "{VOLUME_SELECT} WHERE state IN ('pending-create', 'pending-encrypt', 'pending-decrypt', 'pending-delete', 'rekeying') AND next_attempt <= ?1
              ORDER BY next_attempt LIMIT ?2"
         ))?;
         let rows = stmt.query_map(params![now_unix_ms(), limit], volume_row)?;
@@ -348,18 +500,31 @@ impl Core {
             });
         }
         self.take_release_slot(&host.name)?;
+        let why = match volume.state.as_str() {
+            "pending-decrypt" => " to decrypt the volume",
+            "pending-encrypt" | "encrypting" => " to encrypt the existing volume",
+            _ => "",
+        };
         let packet = self.release_packet(
             tx,
             &volume.id,
             &volume.format,
             volume.key_generation,
             &host,
-            "",
+            why,
         )?;
+        if volume.state == "pending-decrypt" {
+            return Ok(PushOp::Decrypt {
+                volume: volume.clone(),
+                host,
+                packet,
+            });
+        }
         Ok(PushOp::Create {
             volume: volume.clone(),
             host,
             packet,
+            encrypt_existing: matches!(volume.state.as_str(), "pending-encrypt" | "encrypting"),
         })
     }
 
@@ -478,10 +643,7 @@ impl Core {
     /// Records the outcomes of pushes, in one transaction: on success the
     /// path where the host keeps the volume, on failure the error (retried
     /// with exponential backoff).
-    pub fn record_pushes(
-        &self,
-        outcomes: &[(VolumeInfo, Result<String, String>)],
-    ) -> Result<(), CoreError> {
+    pub fn record_pushes(&self, outcomes: &[(VolumeInfo, PushOutcome)]) -> Result<(), CoreError> {
         let mut conn = self.db();
         let tx = conn.transaction()?;
         for (volume, outcome) in outcomes {
@@ -526,7 +688,59 @@ impl Core {
                         &format!("volume {} generation {old}", volume.name),
                     )?;
                 }
-                Ok(path) => {
+                Ok(_) if volume.state == "pending-decrypt" => {
+                    tx.execute("DELETE FROM volume_keys WHERE volume_id = ?1", [&volume.id])?;
+                    tx.execute(
+                        "UPDATE volumes SET state = 'decrypted', last_error = '' WHERE id = ?1",
+                        [&volume.id],
+                    )?;
+                    audit::append(
+                        &tx,
+                        "server",
+                        "volume.decrypted",
+                        &volume.id,
+                        &format!(
+                            "volume {} on host {} is cleartext now",
+                            volume.name, volume.host
+                        ),
+                    )?;
+                    audit::append(
+                        &tx,
+                        "server",
+                        "key.destroyed",
+                        &volume.id,
+                        &format!("volume {} decrypted", volume.name),
+                    )?;
+                }
+                Ok((path, capacity))
+                    if matches!(volume.state.as_str(), "pending-encrypt" | "encrypting") =>
+                {
+                    tx.execute(
+                        "UPDATE volumes SET state = 'ready', last_error = '', path = ?1, capacity = ?2 WHERE id = ?3",
+                        params![path, (*capacity).max(1) as i64, volume.id],
+                    )?;
+                    audit::append(
+                        &tx,
+                        "server",
+                        "volume.encrypted",
+                        &volume.id,
+                        &format!(
+                            "volume {} on host {} encrypted from cleartext",
+                            volume.name, volume.host
+                        ),
+                    )?;
+                    let guests = crate::guests::adopt_volume(&tx, volume, path)?;
+                    for g in guests {
+                        audit::append(
+                            &tx,
+                            "server",
+                            "guest.define-requested",
+                            &g,
+                            &format!("its disk on volume {} is encrypted now", volume.name),
+                        )?;
+                    }
+                }
+                Ok((path, _)) => {
                     tx.execute(
                         "UPDATE volumes SET state = 'ready', last_error = '', path = ?1 WHERE id = ?2",
                         params![path, volume.id],

@@ -36,7 +36,8 @@ enum Command {
     /// Hosts: register, list, show, revoke, set-migration.
     #[command(subcommand)]
     Host(HostCmd),
-    /// Encrypted volumes: create, list, show, delete (crypto-shredding).
+    /// Encrypted volumes: create, encrypt, decrypt, list, show, rekey,
+    /// delete (crypto-shredding).
     #[command(subcommand)]
     Volume(VolumeCmd),
     /// Guests: define from libvirt domain XML, list, show, start, stop,
@@ -111,6 +112,34 @@ enum VolumeCmd {
         #[arg(long, default_value = "qcow2")]
         format: String,
     },
+    /// Encrypt an existing cleartext libvirt volume and manage its key from
+    /// now on. Its data is copied into a LUKS image under a new key,
+    /// checked, swapped in, and the cleartext blocks are overwritten; online
+    /// (block copy) if a guest runs on it. Guests defined through guestkey
+    /// that use it get its key.
+    Encrypt {
+        /// Host where the volume is.
+        #[arg(long)]
+        host: String,
+        /// Its libvirt storage pool.
+        #[arg(long)]
+        pool: String,
+        /// Its libvirt volume name (the guestkey name too).
+        #[arg(long)]
+        name: String,
+        /// Its format: qcow2 or raw (checked on the host).
+        #[arg(long, default_value = "qcow2")]
+        format: String,
+    },
+    /// Turn a volume back into cleartext and destroy its key (audited). No
+    /// guest may use it.
+    Decrypt {
+        /// Name or UUID.
+        volume: String,
+        /// Confirms that the data is to be stored in clear.
+        #[arg(long)]
+        yes_i_know: bool,
+    },
     /// List volumes.
     List {
         /// Only this host's volumes.
@@ -130,8 +159,9 @@ enum VolumeCmd {
     },
     /// Rotate a volume's key. --shallow: a new passphrase in a new keyslot,
     /// the old keyslot erased. --deep: a new data key, all data rewritten.
-    /// Offline for now: the guest must not run. The old key is destroyed
-    /// once the host confirms the new one opens the volume.
+    /// A volume whose guest runs is re-encrypted online (a deep rekey by
+    /// block copy; the guest keeps running). The old key is destroyed once
+    /// the host confirms the new one opens the volume.
     Rekey {
         /// Name or UUID.
         volume: String,
@@ -495,6 +525,35 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     name,
                     capacity_bytes,
                     format,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            show_volume(&v, json);
+        }
+        Command::Volume(VolumeCmd::Encrypt {
+            host,
+            pool,
+            name,
+            format,
+        }) => {
+            let v = c
+                .encrypt_volume(pb::EncryptVolumeRequest {
+                    host,
+                    pool,
+                    name,
+                    format,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            show_volume(&v, json);
+        }
+        Command::Volume(VolumeCmd::Decrypt { volume, yes_i_know }) => {
+            let v = c
+                .decrypt_volume(pb::DecryptVolumeRequest {
+                    name_or_id: volume,
+                    confirm: yes_i_know,
                 })
                 .await
                 .map_err(rpc_error)?

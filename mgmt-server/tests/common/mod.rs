@@ -501,6 +501,7 @@ impl HostAgent for AgentImpl {
             op_id: r.op_id,
             volume_id: r.volume_id,
             path,
+            capacity_bytes: r.capacity_bytes,
         }))
     }
     async fn delete_volume(
@@ -515,7 +516,14 @@ impl HostAgent for AgentImpl {
             op_id: r.op_id,
             volume_id: r.volume_id,
             path: String::new(),
+            capacity_bytes: 0,
         }))
+    }
+    async fn decrypt_volume(
+        &self,
+        _: Request<agent::DecryptVolumeRequest>,
+    ) -> R<agent::VolumeResult> {
+        Err(Status::unimplemented("test agent"))
     }
     async fn define_guest(&self, req: Request<agent::DefineGuestRequest>) -> R<agent::GuestResult> {
         let r = req.into_inner();
