@@ -635,11 +635,7 @@ impl Daemon {
         self.copy_online(guest, v, format, new, size)
     }
 
-    /// The disk of volume `v` of the running `guest` moves into a new LUKS
-    /// image under `key`: the volume's ephemeral libvirt secret for it,
-    /// block copy and pivot (the guest keeps running), then the new image
-    /// takes the old one's name and the old one is wiped. Serves the
-    /// online deep rekey and the online encryption of a cleartext volume.
+    /// See [`copy_online`].
     fn copy_online(
         &self,
         guest: &str,
@@ -648,29 +644,7 @@ impl Daemon {
         key: &[u8],
         size: u64,
     ) -> Result<(), crate::hypervisor::HvError> {
-        let path = v.path.as_str();
-        let tmp = format!("{path}.gk-rekey");
-        let _ = std::fs::remove_file(&tmp);
-        crate::luks::create_image(&tmp, format, size, key)?;
-        // QEMU (whichever user it runs as) opens the copy like the original.
-        if let Err(e) = crate::luks::copy_ownership(path, &tmp) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        // The copy is opened through the volume's own libvirt secret (not in
-        // use: QEMU opened the running disk long ago), so the definition
-        // libvirt records at the pivot already names the right secret.
-        let secret = v.secret_uuid.as_str();
-        let copied = self.hv.set_secret(secret, &tmp, key).and_then(|()| {
-            self.hv
-                .copy_running_disk(guest, (path, &v.pool, &v.name), &tmp, format, secret)
-        });
-        let _ = self.hv.remove_secret(secret);
-        if let Err(e) = copied {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        crate::luks::swap_and_wipe(&tmp, path)
+        copy_online(self.hv.as_ref(), guest, v, format, key, size)
     }
 
     /// Destination of a migration: the guest's volumes must be visible here
@@ -854,6 +828,43 @@ impl Daemon {
         }
         Ok(out)
     }
+}
+
+/// The disk of volume `v` of the running `guest` moves into a new LUKS
+/// image under `key`: the volume's ephemeral libvirt secret for it,
+/// block copy and pivot (the guest keeps running), then the new image
+/// takes the old one's name and the old one is wiped. Serves the
+/// online deep rekey and the online encryption of a cleartext volume.
+pub fn copy_online(
+    hv: &dyn Hypervisor,
+    guest: &str,
+    v: &VolumeEntry,
+    format: Format,
+    key: &[u8],
+    size: u64,
+) -> Result<(), crate::hypervisor::HvError> {
+    let path = v.path.as_str();
+    let tmp = format!("{path}.gk-rekey");
+    let _ = std::fs::remove_file(&tmp);
+    crate::luks::create_image(&tmp, format, size, key)?;
+    // QEMU (whichever user it runs as) opens the copy like the original.
+    if let Err(e) = crate::luks::copy_ownership(path, &tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // The copy is opened through the volume's own libvirt secret (not in
+    // use: QEMU opened the running disk long ago), so the definition
+    // libvirt records at the pivot already names the right secret.
+    let secret = v.secret_uuid.as_str();
+    let copied = hv
+        .set_secret(secret, &tmp, key)
+        .and_then(|()| hv.copy_running_disk(guest, (path, &v.pool, &v.name), &tmp, format, secret));
+    let _ = hv.remove_secret(secret);
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    crate::luks::swap_and_wipe(&tmp, path)
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {

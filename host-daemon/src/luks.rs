@@ -25,7 +25,26 @@ fn run_with_secrets(
         drop(w);
         readers.push(r);
     }
-    let fds: Vec<i32> = readers.iter().map(|r| r.as_raw_fd()).collect();
+    // Copies at fd 10 or above: never one of the targets 3.., so dup2 below
+    // always makes a new descriptor (dup2 of a descriptor onto itself would
+    // keep its close-on-exec flag, and the child would not get it), and no
+    // target overwrites a source not yet copied.
+    let mut high = Vec::with_capacity(readers.len());
+    for r in &readers {
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) on an open descriptor returns a new
+        // descriptor that nothing else owns; OwnedFd takes it over.
+        let fd = unsafe { libc::fcntl(r.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+        if fd < 0 {
+            return Err(HvError(format!(
+                "fcntl: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: see above: `fd` is new and owned by no one else.
+        high.push(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    }
+    drop(readers);
+    let fds: Vec<i32> = high.iter().map(|r| r.as_raw_fd()).collect();
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())
@@ -50,7 +69,7 @@ fn run_with_secrets(
             "cannot run {program}: {e} (is qemu-utils installed?)"
         ))
     })?;
-    drop(readers);
+    drop(high);
     Ok(out)
 }
 
@@ -265,6 +284,24 @@ fn copy_verify_swap(path: &str, from: Codec, to: Codec, keys: &[&[u8]]) -> Resul
 /// (so a new data key), checked, swapped in, the old image wiped (its LUKS
 /// header held the old data key); see [`copy_verify_swap`].
 pub fn deep_rekey(path: &str, format: Format, old: &[u8], new: &[u8]) -> Result<(), HvError> {
+    // guestkeyd's own re-encryption (crate::reencrypt) when it knows the
+    // image's layout, qemu-img otherwise.
+    match crate::reencrypt::deep_rekey_copy(path, format, old, new)? {
+        Ok(tmp) => {
+            let t = std::time::Instant::now();
+            swap_and_wipe(&tmp, path)?;
+            tracing::debug!(%path, wipe_ms = t.elapsed().as_millis() as u64, "swapped in, old image wiped");
+            if !opens_with(path, format, new)? {
+                return Err(HvError(format!(
+                    "the re-encrypted {path} does not open with the new key"
+                )));
+            }
+            return Ok(());
+        }
+        Err(why) => {
+            tracing::info!(%path, reason = %why.0, "deep rekey through qemu-img convert");
+        }
+    }
     copy_verify_swap(
         path,
         Codec {
@@ -318,6 +355,56 @@ pub fn decrypt_offline(path: &str, format: Format, key: &[u8]) -> Result<(), HvE
         Codec { format, key: None },
         &[key],
     )
+}
+
+/// Whether QEMU reads the same data from `a` (key `ka`) and `b` (key `kb`)
+/// at eight sample ranges spread over the first `size` bytes.
+pub fn samples_agree(
+    a: &str,
+    ka: &[u8],
+    b: &str,
+    kb: &[u8],
+    format: Format,
+    size: u64,
+) -> Result<bool, HvError> {
+    const LEN: u64 = 16 << 10;
+    let mut cmds = vec![];
+    for i in 0..8u64 {
+        let at = (size / 8 * i) / LEN * LEN;
+        let len = LEN.min(size - at);
+        if len == 0 {
+            continue;
+        }
+        cmds.push(format!("read -v {at} {len}"));
+    }
+    let dump = |path: &str, key: &[u8]| -> Result<Vec<String>, HvError> {
+        let mut args: Vec<String> = vec![
+            "-r".into(),
+            "-U".into(),
+            "--object".into(),
+            "secret,id=k0,file=/dev/fd/3,format=raw".into(),
+            "--image-opts".into(),
+            image_opts(format, path, "k0"),
+        ];
+        for c in &cmds {
+            args.extend(["-c".to_owned(), c.clone()]);
+        }
+        let out = run_with_secrets("qemu-io", &args, &[key])?;
+        if !out.status.success() {
+            return Err(HvError(format!(
+                "qemu-io cannot read {path}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        // The hex dump lines only (not the timings).
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.len() > 9 && l.as_bytes()[8] == b':')
+            .map(str::to_owned)
+            .collect())
+    };
+    let (x, y) = (dump(a, ka)?, dump(b, kb)?);
+    Ok(!x.is_empty() && x == y)
 }
 
 /// What `qemu-img info` says about a cleartext candidate for encryption.

@@ -1,0 +1,358 @@
+//! Benchmark: re-encryption throughput, each figure a ratio to the disk
+//! ceiling measured in the same run (a plain copy of the same bytes,
+//! written and synced to the same file system).
+//!
+//! - offline deep rekey of a full volume, qcow2 and raw LUKS, as guestkeyd
+//!   does it (its own re-encrypting copy, read back and checked, QEMU's
+//!   check, swap, old image overwritten), next to a bare `qemu-img convert` and
+//!   `cryptsetup reencrypt --force-offline-reencrypt` on the same data;
+//! - online deep rekey of a running KVM guest's disk (block copy and pivot
+//!   through libvirt), if libvirtd answers on qemu:///system;
+//! - shallow rekey (new keyslot, old one erased): seconds per volume.
+//!
+//! `cargo bench -p host-daemon --bench rekey` (1 GiB volumes; `-- --quick`:
+//! 128 MiB). Needs root, qemu-utils, cryptsetup (scripts/setup).
+
+#![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use host_daemon::hypervisor::{Format, Hypervisor, Libvirt};
+use host_daemon::luks;
+use host_daemon::store::VolumeEntry;
+use xdr_wipe::packet::generate_passphrase;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let quick = std::env::args().any(|a| a == "--quick");
+    let mib: u64 = if quick { 128 } else { 1024 };
+    let size = mib << 20;
+    let dir = PathBuf::from(format!("/var/tmp/gk-rekey-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = generate_passphrase().unwrap();
+    let b = generate_passphrase().unwrap();
+    let (a, b) = (a.expose_secret(), b.expose_secret());
+    let cold = drop_caches();
+    println!(
+        "re-encryption of {mib} MiB volumes in {} ({})",
+        dir.display(),
+        if cold {
+            "page cache dropped before each measurement"
+        } else {
+            "page cache NOT dropped (no permission): reads may come from memory"
+        }
+    );
+    println!();
+
+    for format in [Format::Qcow2, Format::Raw] {
+        let name = match format {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw LUKS",
+        };
+        let img = dir.join(format!("vol-{name}").replace(' ', "-"));
+        let img = img.to_str().unwrap();
+        make_full_volume(&dir, img, format, size, a);
+        let ceiling = timed(|| plain_copy(img, &format!("{img}.copy")));
+        std::fs::remove_file(format!("{img}.copy")).unwrap();
+        let convert = timed(|| qemu_img_convert(&dir, img, format, a, b));
+        let ours = timed(|| luks::deep_rekey(img, format, a, b).unwrap());
+        println!("offline deep rekey, {name}:");
+        row(
+            "plain copy of the same bytes (disk ceiling)",
+            ceiling,
+            ceiling,
+            size,
+        );
+        row("qemu-img convert alone (reference)", convert, ceiling, size);
+        row(
+            "guestkeyd deep rekey (copy, read-back check, swap, wipe)",
+            ours,
+            ceiling,
+            size,
+        );
+        if format == Format::Qcow2 {
+            let shallow: Vec<Duration> = (0..3)
+                .map(|i| {
+                    let (o, n) = if i % 2 == 0 { (b, a) } else { (a, b) };
+                    timed(|| luks::replace_passphrase(img, format, o, n).unwrap())
+                })
+                .collect();
+            let mut s = shallow.clone();
+            s.sort();
+            println!(
+                "shallow rekey of the same volume: {:.2} s (median of 3; independent of size)",
+                s[1].as_secs_f64()
+            );
+        }
+        std::fs::remove_file(img).unwrap();
+        println!();
+    }
+
+    // cryptsetup's own offline re-encryption of a LUKS2 file of the same size.
+    let c = dir.join("vol-luks2");
+    let c = c.to_str().unwrap();
+    let kf = dir.join("cryptsetup.key");
+    write_key(&kf, a);
+    // Every byte written (not a sparse file), as for the other volumes.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(c).unwrap();
+        let block = vec![0x5au8; 1 << 20];
+        for _ in 0..(size >> 20) + 16 {
+            f.write_all(&block).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    cryptsetup(&[
+        "luksFormat",
+        "--type",
+        "luks2",
+        "-q",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-file",
+        kf.to_str().unwrap(),
+        c,
+    ]);
+    let ceiling = timed(|| plain_copy(c, &format!("{c}.copy")));
+    std::fs::remove_file(format!("{c}.copy")).unwrap();
+    let reenc = timed(|| {
+        cryptsetup(&[
+            "reencrypt",
+            "--force-offline-reencrypt",
+            "-q",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file",
+            kf.to_str().unwrap(),
+            c,
+        ])
+    });
+    println!("cryptsetup reencrypt --force-offline-reencrypt, LUKS2 (reference):");
+    row(
+        "plain copy of the same bytes (disk ceiling)",
+        ceiling,
+        ceiling,
+        size,
+    );
+    row("cryptsetup reencrypt", reenc, ceiling, size);
+    std::fs::remove_file(c).unwrap();
+    std::fs::remove_file(&kf).unwrap();
+    println!();
+
+    online(&dir, size, a, b);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Online deep rekey of a running guest's qcow2 disk, as guestkeyd does it.
+fn online(dir: &Path, size: u64, a: &[u8], b: &[u8]) {
+    let hv = Libvirt::new("qemu:///system");
+    if !hv.ping() {
+        println!("online deep rekey: skipped (libvirtd does not answer on qemu:///system)");
+        return;
+    }
+    let img = dir.join("vol-online");
+    let img = img.to_str().unwrap();
+    make_full_volume(dir, img, Format::Qcow2, size, a);
+    let ceiling = timed(|| plain_copy(img, &format!("{img}.copy")));
+    std::fs::remove_file(format!("{img}.copy")).unwrap();
+    let secret = uuid::Uuid::new_v4().to_string();
+    let name = format!("gk-bench-online-{}", std::process::id());
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let xml = format!(
+        "<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+         <os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'>
+         <driver name='qemu' type='qcow2'/><source file='{img}'><encryption format='luks'>
+         <secret type='passphrase' uuid='{secret}'/></encryption></source><target dev='vda' bus='virtio'/></disk></devices></domain>"
+    );
+    let xml_file = dir.join("online.xml");
+    std::fs::write(&xml_file, xml).unwrap();
+    hv.set_secret(&secret, img, a).unwrap();
+    let started = Command::new("virsh")
+        .args(["-c", "qemu:///system", "create"])
+        .arg(&xml_file)
+        .output()
+        .unwrap();
+    hv.remove_secret(&secret).unwrap();
+    if !started.status.success() {
+        println!(
+            "online deep rekey: skipped (the guest did not start: {})",
+            String::from_utf8_lossy(&started.stderr).trim()
+        );
+        return;
+    }
+    let v = VolumeEntry {
+        volume_id: uuid::Uuid::new_v4().to_string(),
+        name: "vol-online".into(),
+        pool: String::new(),
+        path: img.to_owned(),
+        secret_uuid: secret,
+    };
+    let t = timed(|| {
+        host_daemon::agent::copy_online(&hv, &uuid, &v, Format::Qcow2, b, size).unwrap();
+    });
+    let _ = Command::new("virsh")
+        .args(["-c", "qemu:///system", "destroy", &name])
+        .output();
+    assert!(luks::opens_with(img, Format::Qcow2, b).unwrap());
+    println!("online deep rekey of a running guest's qcow2 disk:");
+    row(
+        "plain copy of the same bytes (disk ceiling)",
+        ceiling,
+        ceiling,
+        size,
+    );
+    row(
+        "guestkeyd online rekey (block copy + pivot + wipe)",
+        t,
+        ceiling,
+        size,
+    );
+}
+
+/// A LUKS volume of `size` bytes under `key`, every byte written (so that
+/// every cluster is allocated and re-encryption has the full size to do).
+fn make_full_volume(dir: &Path, path: &str, format: Format, size: u64, key: &[u8]) {
+    let _ = std::fs::remove_file(path);
+    luks::create_image(path, format, size, key).unwrap();
+    let kf = dir.join("fill.key");
+    write_key(&kf, key);
+    let opts = match format {
+        Format::Qcow2 => format!("driver=qcow2,file.filename={path},encrypt.key-secret=k"),
+        Format::Raw => format!("driver=luks,file.filename={path},key-secret=k"),
+    };
+    let out = Command::new("qemu-io")
+        .args(["--object", &format!("secret,id=k,file={}", kf.display())])
+        .args([
+            "--image-opts",
+            &opts,
+            "-c",
+            &format!("write -P 0x5a 0 {size}"),
+        ])
+        .output()
+        .unwrap();
+    std::fs::remove_file(&kf).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sync();
+}
+
+fn write_key(path: &Path, key: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(key).unwrap();
+}
+
+/// The disk ceiling: every byte read and written once, then synced.
+fn plain_copy(from: &str, to: &str) {
+    let mut src = std::fs::File::open(from).unwrap();
+    let mut dst = std::fs::File::create(to).unwrap();
+    std::io::copy(&mut src, &mut dst).unwrap();
+    dst.sync_all().unwrap();
+}
+
+fn qemu_img_convert(dir: &Path, path: &str, format: Format, a: &[u8], b: &[u8]) {
+    let (ka, kb) = (dir.join("a.key"), dir.join("b.key"));
+    write_key(&ka, a);
+    write_key(&kb, b);
+    let (src, fmt, opts) = match format {
+        Format::Qcow2 => (
+            format!("driver=qcow2,file.filename={path},encrypt.key-secret=ka"),
+            "qcow2",
+            "encrypt.format=luks,encrypt.key-secret=kb,encrypt.iter-time=1",
+        ),
+        Format::Raw => (
+            format!("driver=luks,file.filename={path},key-secret=ka"),
+            "luks",
+            "key-secret=kb,iter-time=1",
+        ),
+    };
+    let out_path = format!("{path}.convert");
+    // qemu-img's PBKDF calibration fails now and then on a busy machine
+    // ("Unable to get accurate CPU usage"): try again, as guestkeyd does.
+    let mut tries = 0;
+    let out = loop {
+        let out = Command::new("qemu-img")
+            .args([
+                "convert",
+                "--object",
+                &format!("secret,id=ka,file={}", ka.display()),
+            ])
+            .args(["--object", &format!("secret,id=kb,file={}", kb.display())])
+            .args(["--image-opts", &src, "-O", fmt, "-o", opts, &out_path])
+            .output()
+            .unwrap();
+        tries += 1;
+        if out.status.success() || tries == 3 {
+            break out;
+        }
+        let _ = std::fs::remove_file(&out_path);
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sync();
+    std::fs::remove_file(&out_path).unwrap();
+    std::fs::remove_file(&ka).unwrap();
+    std::fs::remove_file(&kb).unwrap();
+}
+
+fn cryptsetup(args: &[&str]) {
+    let out = Command::new("cryptsetup").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "cryptsetup {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sync() {
+    let _ = Command::new("sync").status();
+}
+
+/// Drops the page cache (so that every measurement reads from disk).
+fn drop_caches() -> bool {
+    sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok()
+}
+
+fn timed(f: impl FnOnce()) -> Duration {
+    drop_caches();
+    let t = Instant::now();
+    f();
+    t.elapsed()
+}
+
+fn row(what: &str, t: Duration, ceiling: Duration, size: u64) {
+    let mib_s = size as f64 / (1u64 << 20) as f64 / t.as_secs_f64();
+    println!(
+        "  {what:<58} {:>7.2} s {:>7.0} MiB/s   {:.2} of the ceiling",
+        t.as_secs_f64(),
+        mib_s,
+        ceiling.as_secs_f64() / t.as_secs_f64()
+    );
+}
