@@ -579,6 +579,21 @@ impl Daemon {
             .map_err(internal)?;
         // Already done (a repeat after a crash) when only the new key opens.
         let done = new_opens && !old_opens;
+        match (r.placement.as_str(), &running) {
+            ("offline", Some(guest)) if !done => {
+                return Err(Status::aborted(format!(
+                    "guest {guest} runs on volume {}: stop it for an offline rekey, or leave out --offline",
+                    v.name
+                )));
+            }
+            ("online", None) if !done => {
+                return Err(Status::aborted(format!(
+                    "no running guest uses volume {}: leave out --online (it is then rekeyed offline)",
+                    v.name
+                )));
+            }
+            _ => {}
+        }
         if !done {
             if !old_opens && !new_opens {
                 return Err(Status::failed_precondition(format!(

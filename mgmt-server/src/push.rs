@@ -15,7 +15,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use crate::core::{Core, EnrolledHost};
 use crate::guests::{GuestInfo, GuestOp};
-use crate::volumes::{PushOp, VolumeInfo};
+use crate::volumes::{PushError, PushOp, VolumeInfo};
 
 /// How long one push may take.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -130,7 +130,7 @@ async fn push_volumes(
         let op = match op {
             Ok(op) => op,
             Err(e) => {
-                outcomes.push((v, Err(e)));
+                outcomes.push((v, Err(PushError::retry(e))));
                 continue;
             }
         };
@@ -143,14 +143,16 @@ async fn push_volumes(
         let c = match client(core, channels, &host).await {
             Ok(c) => c,
             Err(e) => {
-                outcomes.push((v, Err(e)));
+                outcomes.push((v, Err(PushError::retry(e))));
                 continue;
             }
         };
         running.spawn(async move {
-            let r = send_volume_op(c, op)
-                .await
-                .map_err(|s| describe_status(&host, &s));
+            let r = send_volume_op(c, op).await.map_err(|s| PushError {
+                message: describe_status(&host, &s),
+                // The host cannot honour the request as it stands.
+                refused: s.code() == tonic::Code::Aborted,
+            });
             (v, r)
         });
     }
@@ -162,7 +164,7 @@ async fn push_volumes(
     }
     for (v, r) in &outcomes {
         if let Err(e) = r {
-            tracing::warn!(volume = %v.id, host = %v.host, error = %e, "push failed; will retry");
+            tracing::warn!(volume = %v.id, host = %v.host, error = %e.message, refused = e.refused, "push failed");
             channels.remove(&v.host);
         }
     }
@@ -225,6 +227,7 @@ pub(crate) async fn send_volume_op(
             old,
             new,
             deep,
+            placement,
         } => {
             let old_sealed =
                 crate::volumes::seal_for(&old, &host).map_err(tonic::Status::internal)?;
@@ -247,6 +250,7 @@ pub(crate) async fn send_volume_op(
                 )),
                 new_secret_uuid: volume.secret_uuid.clone(),
                 old_key: Some(sealed_key(&volume.id, volume.key_generation, old_sealed)),
+                placement,
             };
             return c.rekey(req).await.map(|_| (String::new(), 0));
         }

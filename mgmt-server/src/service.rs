@@ -171,7 +171,7 @@ impl Admin for AdminService {
         let r = req.into_inner();
         Ok(Response::new(volume(
             self.0
-                .request_rekey(&c, &r.name_or_id, r.deep)
+                .request_rekey(&c, &r.name_or_id, r.deep, &r.placement)
                 .map_err(status)?,
         )))
     }

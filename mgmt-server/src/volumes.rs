@@ -86,7 +86,27 @@ fn format_name(f: VolumeFormat) -> &'static str {
 
 /// What a host answered to a volume push: the volume's path and size
 /// there, or the error.
-pub type PushOutcome = Result<(String, u64), String>;
+pub type PushOutcome = Result<(String, u64), PushError>;
+
+/// A failed push.
+#[derive(Debug, Clone)]
+pub struct PushError {
+    /// What the host (or the network) said.
+    pub message: String,
+    /// The host refused for good (the request cannot be honoured as it
+    /// stands): no retry.
+    pub refused: bool,
+}
+
+impl PushError {
+    /// A failure worth retrying.
+    pub fn retry(message: String) -> Self {
+        Self {
+            message,
+            refused: false,
+        }
+    }
+}
 
 /// What the pusher must deliver for one pending volume.
 pub enum PushOp {
@@ -123,6 +143,8 @@ pub enum PushOp {
         new: KeyPacket,
         /// Deep (new data key) rather than shallow (new keyslot).
         deep: bool,
+        /// "", "online" or "offline".
+        placement: String,
     },
     /// Delete the volume and the host's copy of its key.
     Delete {
@@ -486,10 +508,10 @@ impl Core {
                 &host,
                 " for a rekey",
             )?;
-            let kind: String = tx.query_row(
-                "SELECT rekey_kind FROM volumes WHERE id = ?1",
+            let (kind, placement): (String, String) = tx.query_row(
+                "SELECT rekey_kind, rekey_placement FROM volumes WHERE id = ?1",
                 [&volume.id],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
             return Ok(PushOp::Rekey {
                 volume: volume.clone(),
@@ -497,6 +519,7 @@ impl Core {
                 old,
                 new,
                 deep: kind == "deep",
+                placement,
             });
         }
         self.take_release_slot(&host.name)?;
@@ -573,7 +596,16 @@ impl Core {
         caller: &Caller,
         name_or_id: &str,
         deep: bool,
+        placement: &str,
     ) -> Result<VolumeInfo, CoreError> {
+        if !matches!(placement, "" | "online" | "offline") {
+            return Err(InvalidInput {
+                what: "placement",
+                value: placement.to_owned(),
+                why: "use online, offline, or nothing (online if the guest runs)".into(),
+            }
+            .into());
+        }
         let v = self.get_volume(name_or_id)?;
         if v.state != "ready" {
             return Err(CoreError::FailedPrecondition(format!(
@@ -595,8 +627,8 @@ impl Core {
         )?;
         drop(master);
         tx.execute(
-            "UPDATE volumes SET state = 'rekeying', rekey_kind = ?1, attempts = 0, next_attempt = 0, last_error = '' WHERE id = ?2",
-            params![if deep { "deep" } else { "shallow" }, v.id],
+            "UPDATE volumes SET state = 'rekeying', rekey_kind = ?1, rekey_placement = ?2, attempts = 0, next_attempt = 0, last_error = '' WHERE id = ?3",
+            params![if deep { "deep" } else { "shallow" }, placement, v.id],
         )?;
         audit::append(
             &tx,
@@ -753,7 +785,37 @@ impl Core {
                         &format!("volume {} created on host {}", volume.name, volume.host),
                     )?;
                 }
-                Err(error) => {
+                Err(e) if e.refused && volume.state == "rekeying" => {
+                    // The new generation goes; the old one stays active.
+                    tx.execute(
+                        "DELETE FROM volume_keys WHERE volume_id = ?1 AND generation = ?2",
+                        params![volume.id, (volume.key_generation + 1) as i64],
+                    )?;
+                    tx.execute(
+                        "UPDATE volumes SET state = 'ready', last_error = ?1, rekey_kind = '', rekey_placement = '' WHERE id = ?2",
+                        params![e.message, volume.id],
+                    )?;
+                    audit::append(
+                        &tx,
+                        "server",
+                        "volume.rekey-refused",
+                        &volume.id,
+                        &format!("volume {}: {}", volume.name, e.message),
+                    )?;
+                    audit::append(
+                        &tx,
+                        "server",
+                        "key.destroyed",
+                        &volume.id,
+                        &format!(
+                            "volume {} unused generation {}",
+                            volume.name,
+                            volume.key_generation + 1
+                        ),
+                    )?;
+                }
+                Err(e) => {
+                    let error = &e.message;
                     let delay = self.retry_delay_ms(volume.attempts);
                     tx.execute(
                         "UPDATE volumes SET attempts = attempts + 1, last_error = ?1, next_attempt = ?2 WHERE id = ?3",

@@ -679,8 +679,33 @@ fn a_running_guest_is_rekeyed_online_and_keeps_running() {
     let (id, guest, path, _cleanup) = guest_on_volume(&s, "online-disk", "online");
     let old = s.server_key(&id);
     qemu_io(&s.dir, &path, old.expose_secret(), "write -P 0xcd 0 2M").unwrap();
+    // --online for a guest that does not run: refused, nothing changes.
+    s.json(&["volume", "rekey", "online-disk", "--deep", "--online"]);
+    s.wait_for(60, "refused rekey", || {
+        let v = s.json(&["volume", "show", "online-disk"]);
+        v["state"] == "ready"
+            && v["last_error"]
+                .as_str()
+                .unwrap()
+                .contains("leave out --online")
+    });
+    assert_eq!(
+        s.json(&["volume", "show", "online-disk"])["key_generation"],
+        1
+    );
+    pattern_intact(&s.dir, &path, old.expose_secret(), 0xcd, "2M").unwrap();
     virsh(&["start", &guest]).unwrap();
     let pid = qemu_pid(&guest);
+    // --offline while it runs: refused too.
+    s.json(&["volume", "rekey", "online-disk", "--deep", "--offline"]);
+    s.wait_for(60, "refused rekey", || {
+        let v = s.json(&["volume", "show", "online-disk"]);
+        v["state"] == "ready" && v["last_error"].as_str().unwrap().contains("stop it")
+    });
+    assert_eq!(
+        s.json(&["volume", "show", "online-disk"])["key_generation"],
+        1
+    );
 
     // Asked for shallow: a running guest gets an online deep rekey.
     s.json(&["volume", "rekey", "online-disk", "--shallow"]);

@@ -175,6 +175,12 @@ enum VolumeCmd {
         /// Suspected compromise: an immediate deep rekey (same as --deep).
         #[arg(long, conflicts_with = "shallow")]
         now: bool,
+        /// Only while its guest runs (block copy; the guest keeps running).
+        #[arg(long, conflicts_with = "offline")]
+        online: bool,
+        /// Only while no guest runs on it.
+        #[arg(long)]
+        offline: bool,
     },
 }
 
@@ -610,12 +616,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             show_volume(&v, json);
         }
         Command::Volume(VolumeCmd::Rekey {
-            volume, deep, now, ..
+            volume,
+            deep,
+            now,
+            online,
+            offline,
+            ..
         }) => {
+            let placement = match (online, offline) {
+                (true, _) => "online",
+                (_, true) => "offline",
+                _ => "",
+            };
             let v = c
                 .rekey_volume(pb::RekeyVolumeRequest {
                     name_or_id: volume,
                     deep: deep || now,
+                    placement: placement.into(),
                 })
                 .await
                 .map_err(rpc_error)?
