@@ -138,9 +138,9 @@ pub enum PushOp {
         /// Where.
         host: EnrolledHost,
         /// The current key (the host may not hold it).
-        old: KeyPacket,
+        old: Box<KeyPacket>,
         /// The next generation.
-        new: KeyPacket,
+        new: Box<KeyPacket>,
         /// Deep (new data key) rather than shallow (new keyslot).
         deep: bool,
         /// "", "online" or "offline".
@@ -516,8 +516,8 @@ impl Core {
             return Ok(PushOp::Rekey {
                 volume: volume.clone(),
                 host,
-                old,
-                new,
+                old: Box::new(old),
+                new: Box::new(new),
                 deep: kind == "deep",
                 placement,
             });
