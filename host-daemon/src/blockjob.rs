@@ -93,24 +93,29 @@ pub fn cancel(dom: &Domain, disk: &str) {
     }
 }
 
-/// Copies and pivots, waiting at most `limit` for the copy to be ready.
+/// Copies and pivots, waiting at most `limit` for the copy to be ready;
+/// `shown` follows the copy (bytes done, bytes in all).
 pub fn copy_and_pivot(
     dom: &Domain,
     disk: &str,
     dest_xml: &str,
     limit: Duration,
+    shown: &dyn Fn(u64, u64),
 ) -> Result<(), HvError> {
     start_copy(dom, disk, dest_xml)?;
     let deadline = Instant::now() + limit;
     loop {
         match progress(dom, disk) {
-            Ok(Some((cur, end))) if end > 0 && cur == end => break,
+            Ok(Some((cur, end))) if end > 0 && cur == end => {
+                shown(cur, end);
+                break;
+            }
+            Ok(Some((cur, end))) => shown(cur, end),
             Ok(None) => {
                 return Err(HvError(format!(
                     "the block copy of {disk} ended before it was ready"
                 )));
             }
-            Ok(_) => {}
             Err(e) => {
                 cancel(dom, disk);
                 return Err(e);

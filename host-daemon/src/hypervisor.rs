@@ -327,7 +327,15 @@ impl Hypervisor for Libvirt {
             crate::blockjob::cancel(&d, &disk);
             std::thread::sleep(std::time::Duration::from_millis(500));
         }
-        crate::blockjob::copy_and_pivot(&d, &disk, &dest, std::time::Duration::from_secs(3600))?;
+        let progress = crate::progress::Tracker::start(source_path, "copying online", 0);
+        crate::blockjob::copy_and_pivot(
+            &d,
+            &disk,
+            &dest,
+            std::time::Duration::from_secs(3600),
+            &|done, total| progress.set(done, total),
+        )?;
+        drop(progress);
         // At the pivot libvirt writes the copy's path into the persistent
         // definition; guestkey renames the copy to the volume's own path, so
         // put that back.

@@ -16,6 +16,7 @@ pub mod hook_server;
 pub mod hypervisor;
 pub mod keys;
 pub mod luks;
+pub mod progress;
 pub mod reencrypt;
 pub mod report;
 pub mod state;

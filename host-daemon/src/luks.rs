@@ -243,7 +243,15 @@ impl Codec {
 /// rename, then overwrites the old image's blocks before letting them go.
 /// A leftover copy from a crash before the swap is discarded and made
 /// again; the old image stays intact until the swap.
-fn copy_verify_swap(path: &str, from: Codec, to: Codec, keys: &[&[u8]]) -> Result<(), HvError> {
+fn copy_verify_swap(
+    path: &str,
+    phase: &'static str,
+    from: Codec,
+    to: Codec,
+    keys: &[&[u8]],
+) -> Result<(), HvError> {
+    // qemu-img tells no progress: the phase only.
+    let shown = crate::progress::Tracker::start(path, phase, 0);
     let tmp = format!("{path}.gk-rekey");
     let _ = std::fs::remove_file(&tmp);
     let mut args = vec!["convert".to_owned()];
@@ -268,6 +276,7 @@ fn copy_verify_swap(path: &str, from: Codec, to: Codec, keys: &[&[u8]]) -> Resul
         from.open_opts(path),
         to.open_opts(&tmp),
     ]);
+    shown.phase("checking the copy (qemu-img compare)", 0);
     let out = run_with_secrets("qemu-img", &args, keys)?;
     if !out.status.success() {
         let _ = std::fs::remove_file(&tmp);
@@ -277,6 +286,7 @@ fn copy_verify_swap(path: &str, from: Codec, to: Codec, keys: &[&[u8]]) -> Resul
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
+    drop(shown);
     swap_and_wipe(&tmp, path)
 }
 
@@ -304,6 +314,7 @@ pub fn deep_rekey(path: &str, format: Format, old: &[u8], new: &[u8]) -> Result<
     }
     copy_verify_swap(
         path,
+        "re-encrypting (qemu-img)",
         Codec {
             format,
             key: Some("k0"),
@@ -328,6 +339,7 @@ pub fn deep_rekey(path: &str, format: Format, old: &[u8], new: &[u8]) -> Result<
 pub fn encrypt_offline(path: &str, format: Format, key: &[u8]) -> Result<(), HvError> {
     copy_verify_swap(
         path,
+        "encrypting",
         Codec { format, key: None },
         Codec {
             format,
@@ -348,6 +360,7 @@ pub fn encrypt_offline(path: &str, format: Format, key: &[u8]) -> Result<(), HvE
 pub fn decrypt_offline(path: &str, format: Format, key: &[u8]) -> Result<(), HvError> {
     copy_verify_swap(
         path,
+        "decrypting",
         Codec {
             format,
             key: Some("k0"),
@@ -457,7 +470,7 @@ pub fn image_info(path: &str, format: Format) -> Result<ImageInfo, HvError> {
 }
 
 /// Overwrites `len` bytes of an (unlinked) file with zeros and syncs.
-fn wipe(f: &std::fs::File, len: u64) -> std::io::Result<()> {
+fn wipe(f: &std::fs::File, len: u64, shown: &crate::progress::Tracker) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let zeros = vec![0u8; 1 << 20];
     let mut at = 0;
@@ -465,6 +478,7 @@ fn wipe(f: &std::fs::File, len: u64) -> std::io::Result<()> {
         let n = zeros.len().min((len - at) as usize);
         f.write_all_at(&zeros[..n], at)?;
         at += n as u64;
+        shown.set(at, len);
     }
     f.sync_all()
 }
@@ -572,5 +586,7 @@ pub fn swap_and_wipe(new: &str, path: &str) -> Result<(), HvError> {
     if let Some(dir) = std::path::Path::new(path).parent() {
         let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
     }
-    wipe(&old_file, len).map_err(|e| HvError(format!("wipe of the old image of {path}: {e}")))
+    let shown = crate::progress::Tracker::start(path, "wiping the old image", len);
+    wipe(&old_file, len, &shown)
+        .map_err(|e| HvError(format!("wipe of the old image of {path}: {e}")))
 }

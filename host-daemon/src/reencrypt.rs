@@ -48,6 +48,8 @@ const SLOT_ACTIVE: u32 = 0x00AC_71F3;
 const QCOW2_FDE_EXT: u32 = 0x0537_be77;
 /// Bytes read, transformed and written at a time.
 const CHUNK: usize = 8 << 20;
+/// Zero runs of this size are not written (they stay holes).
+const ZERO_RUN: usize = 64 << 10;
 
 /// Why the fast path does not apply; the caller falls back to qemu-img.
 #[derive(Debug)]
@@ -531,6 +533,7 @@ pub fn deep_rekey_copy(
         .map_err(|e| HvError(format!("{path}: {e}")))?
         .len();
     let mut plain_hash = Sha256::new();
+    let shown = crate::progress::Tracker::start(path, "re-encrypting", len);
     let (to_work, work_in) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(2);
     let (to_write, write_in) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(2);
     let (recycle, spare) = std::sync::mpsc::channel::<Vec<u8>>();
@@ -552,17 +555,27 @@ pub fn deep_rekey_copy(
             drop(to_work);
             Ok::<u64, HvError>(pos)
         });
-        let (out, tmp) = (&out, &tmp);
+        let (out, tmp, shown) = (&out, &tmp, &shown);
         let writer = sc.spawn(move || {
             let mut written = 0u64;
             for (pos, mut buf) in write_in {
-                out.write_all_at(&buf, pos)
-                    .map_err(|e| HvError(format!("{tmp}: {e}")))?;
+                // All-zero pieces stay holes: a thin image stays thin.
+                let mut at = 0usize;
+                for piece in buf.chunks(ZERO_RUN) {
+                    if piece.iter().any(|&b| b != 0) {
+                        out.write_all_at(piece, pos + at as u64)
+                            .map_err(|e| HvError(format!("{tmp}: {e}")))?;
+                    }
+                    at += piece.len();
+                }
                 written += buf.len() as u64;
+                shown.set(written, len);
                 buf.fill(0);
                 let _ = recycle.send(buf);
             }
-            out.sync_all().map_err(|e| HvError(format!("{tmp}: {e}")))?;
+            out.set_len(len)
+                .and_then(|()| out.sync_all())
+                .map_err(|e| HvError(format!("{tmp}: {e}")))?;
             Ok::<u64, HvError>(written)
         });
         for (pos, mut buf) in work_in {
@@ -600,6 +613,7 @@ pub fn deep_rekey_copy(
     let t_pass = t0.elapsed();
 
     // Check 1: the copy decrypts, with the new data key, to the same data.
+    shown.phase("checking the copy", len);
     let copy = File::open(&tmp).map_err(|e| HvError(format!("{tmp}: {e}")))?;
     let mut check = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
@@ -610,6 +624,7 @@ pub fn deep_rekey_copy(
             .map_err(|e| HvError(format!("{tmp}: {e}")))?;
         transform(&mut buf[..n], pos, &lay.data, &new_key, None, &mut check);
         pos += n as u64;
+        shown.set(pos, len);
     }
     buf.fill(0);
     if check.finalize() != expected {

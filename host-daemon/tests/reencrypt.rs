@@ -77,9 +77,22 @@ fn roundtrip(format: Format, tag: &str) {
             .collect::<Vec<_>>()
     };
     let hole_before = hole(&a);
+    let allocated = |p: &str| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).unwrap().blocks() * 512
+    };
+    let before = allocated(path);
     let tmp = deep_rekey_copy(path, format, &a, &b)
         .unwrap()
         .unwrap_or_else(|u| panic!("declined: {}", u.0));
+    if format == Format::Qcow2 {
+        // Holes stay holes: a thin image stays thin.
+        assert!(
+            allocated(&tmp) <= before + (1 << 20),
+            "{} > {before}",
+            allocated(&tmp)
+        );
+    }
     luks::swap_and_wipe(&tmp, path).unwrap();
     let reads = [
         "read -P 0x11 0 1M",

@@ -137,6 +137,8 @@ pub struct Core {
     pub(crate) config: Config,
     pub(crate) releases: Mutex<HashMap<String, (i64, u32)>>,
     pub(crate) push_wake: tokio::sync::Notify,
+    /// Hosts' progress on long volume operations, by volume id.
+    pub(crate) progress: Mutex<HashMap<String, crate::volumes::Progress>>,
     server_cert: String,
     server_key: zeroize::Zeroizing<String>,
 }
@@ -176,6 +178,7 @@ impl Core {
             ca,
             config,
             releases: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
             push_wake: tokio::sync::Notify::new(),
         })
     }

@@ -39,6 +39,13 @@ pub(crate) fn volume(v: VolumeInfo) -> pb::Volume {
         secret_uuid: v.secret_uuid,
         created_unix: v.created_unix,
         rekey_due_unix: v.rekey_due_unix,
+        progress_phase: v
+            .progress
+            .as_ref()
+            .map(|p| p.phase.clone())
+            .unwrap_or_default(),
+        progress_done_bytes: v.progress.as_ref().map_or(0, |p| p.done_bytes),
+        progress_total_bytes: v.progress.as_ref().map_or(0, |p| p.total_bytes),
     }
 }
 

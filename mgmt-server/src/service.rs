@@ -326,6 +326,24 @@ impl HostApi for HostService {
         }))
     }
 
+    async fn report_progress(
+        &self,
+        req: Request<hpb::ProgressReport>,
+    ) -> R<hpb::ReportInventoryResponse> {
+        let c = caller(&self.0, &req, false)?;
+        let Caller::Host(host) = &c else {
+            return Err(Status::permission_denied("only hosts report progress"));
+        };
+        let running = req
+            .into_inner()
+            .running
+            .into_iter()
+            .map(|p| (p.volume_id, p.phase, p.done_bytes, p.total_bytes))
+            .collect();
+        self.0.record_progress(host, running).map_err(status)?;
+        Ok(Response::new(hpb::ReportInventoryResponse {}))
+    }
+
     async fn report_inventory(
         &self,
         req: Request<hpb::Inventory>,

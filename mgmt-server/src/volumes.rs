@@ -40,7 +40,29 @@ pub struct VolumeInfo {
     pub created_unix: i64,
     /// A deep rekey is due at this time (after a migration), 0 if none.
     pub rekey_due_unix: i64,
+    /// The host's progress on the pending operation, while it runs.
+    pub progress: Option<Progress>,
 }
+
+/// A host's progress on a long volume operation.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Progress {
+    /// e.g. "re-encrypting".
+    pub phase: String,
+    /// Bytes done.
+    pub done_bytes: u64,
+    /// Bytes in all (0: not known).
+    pub total_bytes: u64,
+    /// Reporting host.
+    #[serde(skip)]
+    pub host: String,
+    /// When reported.
+    #[serde(skip)]
+    pub at: Option<std::time::Instant>,
+}
+
+/// A report older than this is stale (the host reports every second).
+const PROGRESS_STALE: std::time::Duration = std::time::Duration::from_secs(5);
 
 const VOLUME_SELECT: &str =
     "SELECT id, name, host, pool, format, capacity, generation, state, last_error,
@@ -61,6 +83,7 @@ fn volume_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeInfo> {
         secret_uuid: r.get(10)?,
         created_unix: r.get(11)?,
         rekey_due_unix: r.get(12)?,
+        progress: None,
     })
 }
 
@@ -292,19 +315,81 @@ impl Core {
             "{VOLUME_SELECT} WHERE state != 'deleted' AND (?1 IS NULL OR host = ?1) ORDER BY name"
         ))?;
         let rows = stmt.query_map([host], volume_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut vols: Vec<VolumeInfo> = rows.collect::<Result<_, _>>()?;
+        drop(stmt);
+        drop(conn);
+        for v in &mut vols {
+            self.attach_progress(v);
+        }
+        Ok(vols)
     }
 
     /// A volume by name (live volumes) or UUID (any).
     pub fn get_volume(&self, name_or_id: &str) -> Result<VolumeInfo, CoreError> {
         let conn = self.db();
-        conn.query_row(
+        let mut v = conn.query_row(
             &format!("{VOLUME_SELECT} WHERE id = ?1 OR (name = ?1 AND state != 'deleted') ORDER BY state = 'deleted' LIMIT 1"),
             [name_or_id],
             volume_row,
         )
         .optional()?
-        .ok_or_else(|| CoreError::NotFound(format!("no volume named or with id {name_or_id:?}: see `guestkeyctl volume list`")))
+        .ok_or_else(|| CoreError::NotFound(format!("no volume named or with id {name_or_id:?}: see `guestkeyctl volume list`")))?;
+        drop(conn);
+        self.attach_progress(&mut v);
+        Ok(v)
+    }
+
+    /// Adds the host's fresh progress report to a volume with a pending
+    /// operation.
+    fn attach_progress(&self, v: &mut VolumeInfo) {
+        if matches!(v.state.as_str(), "ready" | "deleted" | "decrypted") {
+            return;
+        }
+        let map = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        v.progress = map
+            .get(&v.id)
+            .filter(|p| p.host == v.host && p.at.is_some_and(|t| t.elapsed() < PROGRESS_STALE))
+            .cloned();
+    }
+
+    /// Records a host's progress report: replaces what it reported before.
+    /// Only volumes assigned to it count.
+    pub fn record_progress(
+        &self,
+        host: &str,
+        running: Vec<(String, String, u64, u64)>,
+    ) -> Result<(), CoreError> {
+        let mine: Vec<(String, String, u64, u64)> = {
+            let conn = self.db();
+            let mut out = vec![];
+            for r in running.into_iter().take(4096) {
+                let owner: Option<String> = conn
+                    .query_row("SELECT host FROM volumes WHERE id = ?1", [&r.0], |x| {
+                        x.get(0)
+                    })
+                    .optional()?;
+                if owner.as_deref() == Some(host) {
+                    out.push(r);
+                }
+            }
+            out
+        };
+        let now = std::time::Instant::now();
+        let mut map = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, p| p.host != host);
+        for (id, phase, done, total) in mine {
+            map.insert(
+                id,
+                Progress {
+                    phase: phase.chars().take(64).collect(),
+                    done_bytes: done,
+                    total_bytes: total,
+                    host: host.to_owned(),
+                    at: Some(now),
+                },
+            );
+        }
+        Ok(())
     }
 
     /// Crypto-shredding: queues deletion on the host; the server's key is

@@ -219,14 +219,18 @@ impl Stack {
         self.server = Some(Self::server_proc(&self.dir.join("server"), port));
     }
 
+    /// A guestkeyctl command against this stack's server, to run.
+    pub fn ctl_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("guestkeyctl"));
+        c.args(args)
+            .env("GUESTKEY_SERVER", &self.server_url)
+            .env("GUESTKEY_ADMIN_DIR", self.dir.join("server/admin"));
+        c
+    }
+
     /// guestkeyctl against this stack's server.
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin("guestkeyctl"))
-            .args(args)
-            .env("GUESTKEY_SERVER", &self.server_url)
-            .env("GUESTKEY_ADMIN_DIR", self.dir.join("server/admin"))
-            .output()
-            .expect("guestkeyctl")
+        self.ctl_command(args).output().expect("guestkeyctl")
     }
 
     /// guestkeyctl --json that must succeed.

@@ -838,3 +838,54 @@ fn guest_on_volume(
     s.define_guest(&mut cleanup, &guest, &domain_xml(&guest, &s.pool, volume));
     (id, guest, s.dir.join("pool").join(volume), cleanup)
 }
+
+/// A deep rekey of a volume full of data shows the host's progress in
+/// `volume show`, and `volume rekey --wait` follows it to the end.
+#[test]
+fn a_long_rekey_shows_its_progress_and_wait_follows_it() {
+    let s = Stack::start();
+    let v = s.volume("big-disk", "96M");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let path = s.dir.join("pool/big-disk");
+    let old = s.server_key(&id);
+    qemu_io(&s.dir, &path, old.expose_secret(), "write -P 0x6b 0 96M").unwrap();
+    let waiter = s
+        .ctl_command(&["--json", "volume", "rekey", "big-disk", "--deep", "--wait"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = vec![];
+    s.wait_for(120, "the rekey to end", || {
+        let v = s.json(&["volume", "show", "big-disk"]);
+        if let Some(p) = v["progress"].as_object() {
+            seen.push((
+                p["phase"].as_str().unwrap_or_default().to_owned(),
+                p["done_bytes"].as_u64().unwrap_or(0),
+                p["total_bytes"].as_u64().unwrap_or(0),
+            ));
+        }
+        v["key_generation"] == 2 && v["state"] == "ready"
+    });
+    assert!(
+        seen.iter()
+            .any(|(phase, _, total)| phase == "re-encrypting" && *total > 96 << 20),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .all(|(_, done, total)| *total == 0 || done <= total),
+        "{seen:?}"
+    );
+    let out = waiter.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["key_generation"], 2);
+    assert!(done["progress"].is_null());
+    let new = s.server_key(&id);
+    pattern_intact(&s.dir, &path, new.expose_secret(), 0x6b, "96M").unwrap();
+}

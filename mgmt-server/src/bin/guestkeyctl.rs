@@ -181,6 +181,10 @@ enum VolumeCmd {
         /// Only while no guest runs on it.
         #[arg(long)]
         offline: bool,
+        /// Wait until the host is done (a progress bar in a terminal); fail
+        /// if the host refused the rekey.
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -543,16 +547,28 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             name,
             format,
         }) => {
-            let v = c
-                .encrypt_volume(pb::EncryptVolumeRequest {
-                    host,
-                    pool,
-                    name,
-                    format,
-                })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+            // The call returns when the host is done; meanwhile its progress.
+            let mut watcher = c.clone();
+            let watched = name.clone();
+            let call = c.encrypt_volume(pb::EncryptVolumeRequest {
+                host,
+                pool,
+                name,
+                format,
+            });
+            tokio::pin!(call);
+            let mut bar = Bar::new(json);
+            let v = loop {
+                tokio::select! {
+                    r = &mut call => break r.map_err(rpc_error)?.into_inner(),
+                    () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {
+                        if let Ok(v) = watcher.get_volume(pb::VolumeRef { name_or_id: watched.clone() }).await {
+                            bar.draw(&v.into_inner());
+                        }
+                    }
+                }
+            };
+            bar.clear();
             show_volume(&v, json);
         }
         Command::Volume(VolumeCmd::Decrypt { volume, yes_i_know }) => {
@@ -621,6 +637,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             now,
             online,
             offline,
+            wait,
             ..
         }) => {
             let placement = match (online, offline) {
@@ -637,7 +654,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await
                 .map_err(rpc_error)?
                 .into_inner();
-            show_volume(&v, json);
+            if !wait {
+                show_volume(&v, json);
+                return Ok(());
+            }
+            let done = follow(&mut c, &v.id, json).await?;
+            if done.key_generation == v.key_generation {
+                return Err(Failure(format!(
+                    "the rekey of {} did not happen: {}",
+                    done.name, done.last_error
+                )));
+            }
+            show_volume(&done, json);
         }
         Command::Guest(GuestCmd::Define { host, xml }) => {
             let domain_xml = read_domain_xml(&xml)?;
@@ -885,7 +913,9 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
     json!({"id": v.id, "name": v.name, "host": v.host, "pool": v.pool, "format": v.format,
            "capacity_bytes": v.capacity_bytes, "key_generation": v.key_generation, "state": v.state,
            "last_error": v.last_error, "attempts": v.attempts, "secret_uuid": v.secret_uuid, "created_unix": v.created_unix,
-           "rekey_due_unix": v.rekey_due_unix})
+           "rekey_due_unix": v.rekey_due_unix,
+           "progress": if v.progress_phase.is_empty() { serde_json::Value::Null } else {
+               json!({"phase": v.progress_phase, "done_bytes": v.progress_done_bytes, "total_bytes": v.progress_total_bytes}) }})
 }
 
 fn read_domain_xml(path: &Path) -> Result<String, Failure> {
@@ -1022,6 +1052,14 @@ fn show_volume(v: &pb::Volume, json: bool) {
                 format!("{} (after a migration)", fmt_time(v.rekey_due_unix))
             },
         ),
+        (
+            "progress",
+            if v.progress_phase.is_empty() {
+                String::new()
+            } else {
+                progress_line(v)
+            },
+        ),
         ("attempts", v.attempts.to_string()),
         ("last error", v.last_error.clone()),
     ];
@@ -1051,6 +1089,94 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     for r in rows {
         line(r);
     }
+}
+
+/// States in which the host still works on a volume.
+const PENDING: [&str; 6] = [
+    "pending-create",
+    "pending-encrypt",
+    "encrypting",
+    "rekeying",
+    "pending-decrypt",
+    "pending-delete",
+];
+
+/// Polls volume `id` until no operation is pending (at most 6 hours),
+/// with a progress bar on stderr when it is a terminal; returns it then.
+async fn follow(c: &mut AdminClient<Channel>, id: &str, json: bool) -> Result<pb::Volume, Failure> {
+    let mut bar = Bar::new(json);
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(6 * 3600);
+    loop {
+        let v = c
+            .get_volume(pb::VolumeRef {
+                name_or_id: id.to_owned(),
+            })
+            .await
+            .map_err(rpc_error)?
+            .into_inner();
+        if !PENDING.contains(&v.state.as_str()) || std::time::Instant::now() > end {
+            bar.clear();
+            return Ok(v);
+        }
+        bar.draw(&v);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// A one-line progress bar on stderr, drawn only in a terminal.
+struct Bar {
+    on: bool,
+    drawn: bool,
+}
+
+impl Bar {
+    fn new(json: bool) -> Self {
+        Self {
+            on: !json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            drawn: false,
+        }
+    }
+
+    fn draw(&mut self, v: &pb::Volume) {
+        if !self.on {
+            return;
+        }
+        let line = progress_line(v);
+        eprint!("\r\x1b[2K{line}");
+        self.drawn = true;
+    }
+
+    fn clear(&mut self) {
+        if self.drawn {
+            eprint!("\r\x1b[2K");
+            self.drawn = false;
+        }
+    }
+}
+
+/// `[#####-----]  45%  460M of 1.0G  re-encrypting`, or the state and the
+/// last error when the host reports no progress.
+fn progress_line(v: &pb::Volume) -> String {
+    let (done, total) = (v.progress_done_bytes, v.progress_total_bytes);
+    let mut line = if let Some(pct) = done.min(total).saturating_mul(100).checked_div(total) {
+        let pct = pct as usize;
+        format!(
+            "[{}{}] {pct:>3}%  {} of {}  {}",
+            "#".repeat(pct / 4),
+            "-".repeat(25 - pct / 4),
+            fmt_size(done),
+            fmt_size(total),
+            v.progress_phase
+        )
+    } else if !v.progress_phase.is_empty() {
+        format!("{}...", v.progress_phase)
+    } else {
+        format!("{}...", v.state)
+    };
+    if !v.last_error.is_empty() {
+        line.push_str(&format!("  (retrying: {})", v.last_error));
+    }
+    line.chars().take(200).collect()
 }
 
 fn fmt_size(bytes: u64) -> String {
