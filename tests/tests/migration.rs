@@ -221,5 +221,22 @@ fn a_running_guest_migrates_with_its_keys_erased_at_the_source_and_is_rekeyed_at
     h2.virsh(&["start", &guest]).unwrap();
     assert_eq!(state_of(&h2, &guest).as_deref(), Some("running"));
     h2.virsh(&["destroy", &guest]).unwrap();
+
+    // Back to host 1 while stopped: the definition moves (offline
+    // migration), the keys with it, and the volume is re-encrypted again.
+    let g = s.json(&["guest", "migrate", &guest, "--to", &h1.name]);
+    assert_eq!(g["host"], h1.name.as_str(), "{g}");
+    assert_eq!(state_of(&h1, &guest).as_deref(), Some("shut off"));
+    assert_eq!(state_of(&h2, &guest), None);
+    assert!(!h2.state.join(format!("guests/{uuid}.sealed")).exists());
+    s.wait_for(120, "deep rekey back on host 1", || {
+        let v = s.json(&["volume", "show", "mig-disk"]);
+        v["state"] == "ready" && v["key_generation"] == 3
+    });
+    h1.virsh(&["start", &guest]).unwrap();
+    assert_eq!(state_of(&h1, &guest).as_deref(), Some("running"));
+    h1.virsh(&["destroy", &guest]).unwrap();
+    let newest = s.server_key(&id);
+    pattern_intact(&s.dir, &path, newest.expose_secret(), 0x5c, "2M").unwrap();
     drop(cleanup);
 }
