@@ -62,7 +62,7 @@ fn main() {
         let ceiling = timed(|| plain_copy(img, &format!("{img}.copy")));
         std::fs::remove_file(format!("{img}.copy")).unwrap();
         let convert = timed(|| qemu_img_convert(&dir, img, format, a, b));
-        let ours = timed(|| luks::deep_rekey(img, format, a, b).unwrap());
+        let ours = timed(|| luks::deep_rekey(img, format, a, b, 0).unwrap());
         println!("offline deep rekey, {name}:");
         row(
             "plain copy of the same bytes (disk ceiling)",
@@ -200,7 +200,7 @@ fn online(dir: &Path, size: u64, a: &[u8], b: &[u8]) {
         secret_uuid: secret,
     };
     let t = timed(|| {
-        host_daemon::agent::copy_online(&hv, &uuid, &v, Format::Qcow2, b, size).unwrap();
+        host_daemon::agent::copy_online(&hv, &uuid, &v, Format::Qcow2, b, size, 0).unwrap();
     });
     let _ = Command::new("virsh")
         .args(["-c", "qemu:///system", "destroy", &name])

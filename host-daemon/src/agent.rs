@@ -274,8 +274,16 @@ impl Daemon {
                     path: path.clone(),
                     secret_uuid: r.secret_uuid.to_ascii_lowercase(),
                 };
-                self.copy_online(guest, &v, format, key, info.virtual_size)
-                    .map_err(fail)?;
+                copy_online(
+                    self.hv.as_ref(),
+                    guest,
+                    &v,
+                    format,
+                    key,
+                    info.virtual_size,
+                    0,
+                )
+                .map_err(fail)?;
             }
             _ => {
                 return Err(Status::failed_precondition(format!(
@@ -607,8 +615,12 @@ impl Daemon {
                 // a new image, pivot). A shallow rekey would need QEMU's
                 // blockdev-amend, which libvirt 9.0 does not offer; the deep
                 // one also replaces the data key, which is stronger.
-                (Some(guest), _) => self.online_rekey(guest, v, format, n),
-                (None, true) => crate::luks::deep_rekey(&v.path, format, o, n),
+                (Some(guest), _) => {
+                    self.online_rekey(guest, v, format, n, r.bandwidth_bytes_per_sec)
+                }
+                (None, true) => {
+                    crate::luks::deep_rekey(&v.path, format, o, n, r.bandwidth_bytes_per_sec)
+                }
                 (None, false) => crate::luks::replace_passphrase(&v.path, format, o, n),
             };
             result.map_err(|e| Status::failed_precondition(e.to_string()))?;
@@ -645,21 +657,10 @@ impl Daemon {
         v: &VolumeEntry,
         format: Format,
         new: &[u8],
+        bandwidth: u64,
     ) -> Result<(), crate::hypervisor::HvError> {
         let size = crate::luks::virtual_size(&v.path)?;
-        self.copy_online(guest, v, format, new, size)
-    }
-
-    /// See [`copy_online`].
-    fn copy_online(
-        &self,
-        guest: &str,
-        v: &VolumeEntry,
-        format: Format,
-        key: &[u8],
-        size: u64,
-    ) -> Result<(), crate::hypervisor::HvError> {
-        copy_online(self.hv.as_ref(), guest, v, format, key, size)
+        copy_online(self.hv.as_ref(), guest, v, format, new, size, bandwidth)
     }
 
     /// Destination of a migration: the guest's volumes must be visible here
@@ -857,6 +858,7 @@ pub fn copy_online(
     format: Format,
     key: &[u8],
     size: u64,
+    bandwidth: u64,
 ) -> Result<(), crate::hypervisor::HvError> {
     let path = v.path.as_str();
     let tmp = format!("{path}.gk-rekey");
@@ -871,9 +873,16 @@ pub fn copy_online(
     // use: QEMU opened the running disk long ago), so the definition
     // libvirt records at the pivot already names the right secret.
     let secret = v.secret_uuid.as_str();
-    let copied = hv
-        .set_secret(secret, &tmp, key)
-        .and_then(|()| hv.copy_running_disk(guest, (path, &v.pool, &v.name), &tmp, format, secret));
+    let copied = hv.set_secret(secret, &tmp, key).and_then(|()| {
+        hv.copy_running_disk(
+            guest,
+            (path, &v.pool, &v.name),
+            &tmp,
+            format,
+            secret,
+            bandwidth,
+        )
+    });
     let _ = hv.remove_secret(secret);
     if let Err(e) = copied {
         let _ = std::fs::remove_file(&tmp);

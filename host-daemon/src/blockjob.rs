@@ -25,23 +25,46 @@ fn last_error(what: &str) -> HvError {
 
 /// Starts copying `disk` of the running `dom` into the existing image that
 /// `dest_xml` describes (REUSE_EXT), as a transient job (required for
-/// persistent domains).
-pub fn start_copy(dom: &Domain, disk: &str, dest_xml: &str) -> Result<(), HvError> {
+/// persistent domains), at most `bandwidth` bytes/s (0: no limit).
+pub fn start_copy(dom: &Domain, disk: &str, dest_xml: &str, bandwidth: u64) -> Result<(), HvError> {
     let disk_c = cstr(disk)?;
     let xml_c = cstr(dest_xml)?;
     let flags = sys::VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | sys::VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB;
+    let mut params: sys::virTypedParameterPtr = std::ptr::null_mut();
+    let (mut n, mut max) = (0, 0);
+    if bandwidth > 0 {
+        // SAFETY: libvirt allocates the array and fills in one parameter;
+        // the pointers are valid locals and the name a static C string.
+        let rc = unsafe {
+            sys::virTypedParamsAddULLong(
+                &mut params,
+                &mut n,
+                &mut max,
+                sys::VIR_DOMAIN_BLOCK_COPY_BANDWIDTH.as_ptr(),
+                bandwidth,
+            )
+        };
+        if rc < 0 {
+            return Err(last_error("bandwidth of the block copy"));
+        }
+    }
     // SAFETY: `dom` is a live domain handle; both strings are NUL-terminated
-    // and outlive the call; no typed parameters are passed.
+    // and outlive the call; `params` holds `n` parameters made by libvirt
+    // (or is null with n = 0).
     let rc = unsafe {
         sys::virDomainBlockCopy(
             dom.as_ptr(),
             disk_c.as_ptr(),
             xml_c.as_ptr(),
-            std::ptr::null_mut(),
-            0,
+            params,
+            n,
             flags,
         )
     };
+    if !params.is_null() {
+        // SAFETY: made by virTypedParamsAddULLong above, freed once.
+        unsafe { sys::virTypedParamsFree(params, n) };
+    }
     if rc < 0 {
         Err(last_error(&format!("block copy of {disk}")))
     } else {
@@ -100,9 +123,10 @@ pub fn copy_and_pivot(
     disk: &str,
     dest_xml: &str,
     limit: Duration,
+    bandwidth: u64,
     shown: &dyn Fn(u64, u64),
 ) -> Result<(), HvError> {
-    start_copy(dom, disk, dest_xml)?;
+    start_copy(dom, disk, dest_xml, bandwidth)?;
     let deadline = Instant::now() + limit;
     loop {
         match progress(dom, disk) {

@@ -58,7 +58,8 @@ pub trait Hypervisor: Send + Sync {
     fn fix_definition(&self, uuid: &str, from: &str, to: &str) -> Result<(), HvError>;
     /// Copies the disk of running domain `uuid` whose source is `source`
     /// (path, pool, volume name: a file disk or a volume disk) into the existing LUKS image `dest_path` (opened with
-    /// libvirt secret `dest_secret`), then pivots the guest onto it.
+    /// libvirt secret `dest_secret`), then pivots the guest onto it; at
+    /// most `bandwidth` bytes/s (0: no limit).
     fn copy_running_disk(
         &self,
         uuid: &str,
@@ -66,6 +67,7 @@ pub trait Hypervisor: Send + Sync {
         dest_path: &str,
         format: Format,
         dest_secret: &str,
+        bandwidth: u64,
     ) -> Result<(), HvError>;
     /// Migrates domain `uuid` to the libvirt at `dest_uri` (QEMU's stream
     /// over `migration_uri`, or libvirt's default), persistently there and
@@ -300,6 +302,7 @@ impl Hypervisor for Libvirt {
         dest_path: &str,
         format: Format,
         dest_secret: &str,
+        bandwidth: u64,
     ) -> Result<(), HvError> {
         let (source_path, pool, volume) = source;
         let conn = self.conn()?;
@@ -333,6 +336,7 @@ impl Hypervisor for Libvirt {
             &disk,
             &dest,
             std::time::Duration::from_secs(3600),
+            bandwidth,
             &|done, total| progress.set(done, total),
         )?;
         drop(progress);

@@ -249,6 +249,7 @@ fn copy_verify_swap(
     from: Codec,
     to: Codec,
     keys: &[&[u8]],
+    bandwidth: u64,
 ) -> Result<(), HvError> {
     // qemu-img tells no progress: the phase only.
     let shown = crate::progress::Tracker::start(path, phase, 0);
@@ -258,6 +259,9 @@ fn copy_verify_swap(
     args.extend(secrets_args(keys.len()));
     // 16 requests in flight, written out of order: qemu-img's fastest mode.
     args.extend(["-m".into(), "16".into(), "-W".into()]);
+    if bandwidth > 0 {
+        args.extend(["-r".into(), bandwidth.to_string()]);
+    }
     args.extend(["--image-opts".into(), from.open_opts(path)]);
     args.extend(to.create_args());
     args.push(tmp.clone());
@@ -293,10 +297,17 @@ fn copy_verify_swap(
 /// Deep rekey, offline: the data copied into a new image under the new key
 /// (so a new data key), checked, swapped in, the old image wiped (its LUKS
 /// header held the old data key); see [`copy_verify_swap`].
-pub fn deep_rekey(path: &str, format: Format, old: &[u8], new: &[u8]) -> Result<(), HvError> {
+/// At most `bandwidth` bytes/s written (0: no limit).
+pub fn deep_rekey(
+    path: &str,
+    format: Format,
+    old: &[u8],
+    new: &[u8],
+    bandwidth: u64,
+) -> Result<(), HvError> {
     // guestkeyd's own re-encryption (crate::reencrypt) when it knows the
     // image's layout, qemu-img otherwise.
-    match crate::reencrypt::deep_rekey_copy(path, format, old, new)? {
+    match crate::reencrypt::deep_rekey_copy(path, format, old, new, bandwidth)? {
         Ok(tmp) => {
             let t = std::time::Instant::now();
             swap_and_wipe(&tmp, path)?;
@@ -324,6 +335,7 @@ pub fn deep_rekey(path: &str, format: Format, old: &[u8], new: &[u8]) -> Result<
             key: Some("k1"),
         },
         &[old, new],
+        bandwidth,
     )?;
     if !opens_with(path, format, new)? {
         return Err(HvError(format!(
@@ -346,6 +358,7 @@ pub fn encrypt_offline(path: &str, format: Format, key: &[u8]) -> Result<(), HvE
             key: Some("k0"),
         },
         &[key],
+        0,
     )?;
     if !opens_with(path, format, key)? {
         return Err(HvError(format!(
@@ -367,6 +380,7 @@ pub fn decrypt_offline(path: &str, format: Format, key: &[u8]) -> Result<(), HvE
         },
         Codec { format, key: None },
         &[key],
+        0,
     )
 }
 

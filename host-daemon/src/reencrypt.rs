@@ -478,11 +478,13 @@ fn qcow2_layout(f: &File, len: u64) -> Result<Result<Layout, Unsupported>, HvErr
 /// Writes `PATH.gk-rekey`: `path` re-encrypted from passphrase `old` to
 /// `new` (a new data key), checked. `Ok(Err(_))` when the fast path does not
 /// apply to this image (nothing written).
+/// At most `bandwidth` bytes/s are written (0: no limit).
 pub fn deep_rekey_copy(
     path: &str,
     format: Format,
     old: &[u8],
     new: &[u8],
+    bandwidth: u64,
 ) -> Result<Result<String, Unsupported>, HvError> {
     let t0 = std::time::Instant::now();
     let src = File::open(path).map_err(|e| HvError(format!("{path}: {e}")))?;
@@ -556,6 +558,7 @@ pub fn deep_rekey_copy(
             Ok::<u64, HvError>(pos)
         });
         let (out, tmp, shown) = (&out, &tmp, &shown);
+        let started = std::time::Instant::now();
         let writer = sc.spawn(move || {
             let mut written = 0u64;
             for (pos, mut buf) in write_in {
@@ -570,6 +573,13 @@ pub fn deep_rekey_copy(
                 }
                 written += buf.len() as u64;
                 shown.set(written, len);
+                if bandwidth > 0 {
+                    // Not ahead of `bandwidth` bytes per second.
+                    let due = std::time::Duration::from_secs_f64(written as f64 / bandwidth as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
                 buf.fill(0);
                 let _ = recycle.send(buf);
             }

@@ -82,7 +82,7 @@ fn roundtrip(format: Format, tag: &str) {
         std::fs::metadata(p).unwrap().blocks() * 512
     };
     let before = allocated(path);
-    let tmp = deep_rekey_copy(path, format, &a, &b)
+    let tmp = deep_rekey_copy(path, format, &a, &b, 0)
         .unwrap()
         .unwrap_or_else(|u| panic!("declined: {}", u.0));
     if format == Format::Qcow2 {
@@ -131,7 +131,9 @@ fn unknown_layouts_are_declined_untouched_and_a_wrong_key_is_an_error() {
     assert!(qemu_io(&d, path, Format::Qcow2, &a, &["write -P 0x44 0 64k"]).0);
     let before = std::fs::read(path).unwrap();
     // The wrong current key: an error, nothing written.
-    let err = deep_rekey_copy(path, Format::Qcow2, &b, &a).err().unwrap();
+    let err = deep_rekey_copy(path, Format::Qcow2, &b, &a, 0)
+        .err()
+        .unwrap();
     assert!(err.0.contains("does not open"), "{}", err.0);
     assert!(!Path::new(&format!("{path}.gk-rekey")).exists());
     // An internal snapshot: declined (the caller uses qemu-img instead).
@@ -153,11 +155,11 @@ fn unknown_layouts_are_declined_untouched_and_a_wrong_key_is_an_error() {
     );
     let snap = std::fs::read(path).unwrap();
     assert_ne!(before, snap);
-    let declined = deep_rekey_copy(path, Format::Qcow2, &a, &b).unwrap();
+    let declined = deep_rekey_copy(path, Format::Qcow2, &a, &b, 0).unwrap();
     assert!(declined.is_err());
     assert_eq!(std::fs::read(path).unwrap(), snap, "untouched");
     // The full deep rekey still works, through qemu-img.
-    luks::deep_rekey(path, Format::Qcow2, &a, &b).unwrap();
+    luks::deep_rekey(path, Format::Qcow2, &a, &b, 0).unwrap();
     assert!(qemu_io(&d, path, Format::Qcow2, &b, &["read -P 0x44 0 64k"]).0);
     std::fs::remove_dir_all(&d).unwrap();
 }

@@ -129,6 +129,7 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE hosts ADD COLUMN libvirt_uri TEXT NOT NULL DEFAULT '';
     ALTER TABLE hosts ADD COLUMN migration_uri TEXT NOT NULL DEFAULT '';
     ALTER TABLE volumes ADD COLUMN rekey_due INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE volumes ADD COLUMN rekey_bandwidth INTEGER NOT NULL DEFAULT 0 CHECK (rekey_bandwidth >= 0);
     ALTER TABLE volumes ADD COLUMN rekey_placement TEXT NOT NULL DEFAULT '' CHECK (rekey_placement IN ('', 'online', 'offline'));
     DROP INDEX volumes_live_name;
     CREATE UNIQUE INDEX volumes_live_name ON volumes(name) WHERE state NOT IN ('deleted', 'decrypted');

@@ -193,7 +193,7 @@ impl Core {
         due.extend(migrated.into_iter().map(|id| (id, "deep".to_owned())));
         let mut done = vec![];
         for (id, mode) in due {
-            match self.request_rekey(&Caller::Scheduler, &id, mode == "deep", "") {
+            match self.request_rekey(&Caller::Scheduler, &id, mode == "deep", "", 0) {
                 Ok(_) => done.push(id),
                 Err(e) => tracing::warn!(volume = %id, error = %e, "scheduled rekey not started"),
             }

@@ -228,6 +228,7 @@ pub(crate) async fn send_volume_op(
             new,
             deep,
             placement,
+            bandwidth,
         } => {
             let old_sealed =
                 crate::volumes::seal_for(&old, &host).map_err(tonic::Status::internal)?;
@@ -251,6 +252,7 @@ pub(crate) async fn send_volume_op(
                 new_secret_uuid: volume.secret_uuid.clone(),
                 old_key: Some(sealed_key(&volume.id, volume.key_generation, old_sealed)),
                 placement,
+                bandwidth_bytes_per_sec: bandwidth,
             };
             return c.rekey(req).await.map(|_| (String::new(), 0));
         }

@@ -171,7 +171,13 @@ impl Admin for AdminService {
         let r = req.into_inner();
         Ok(Response::new(volume(
             self.0
-                .request_rekey(&c, &r.name_or_id, r.deep, &r.placement)
+                .request_rekey(
+                    &c,
+                    &r.name_or_id,
+                    r.deep,
+                    &r.placement,
+                    r.bandwidth_bytes_per_sec,
+                )
                 .map_err(status)?,
         )))
     }

@@ -168,6 +168,8 @@ pub enum PushOp {
         deep: bool,
         /// "", "online" or "offline".
         placement: String,
+        /// Bytes per second at most (0: no limit).
+        bandwidth: u64,
     },
     /// Delete the volume and the host's copy of its key.
     Delete {
@@ -593,10 +595,10 @@ impl Core {
                 &host,
                 " for a rekey",
             )?;
-            let (kind, placement): (String, String) = tx.query_row(
-                "SELECT rekey_kind, rekey_placement FROM volumes WHERE id = ?1",
+            let (kind, placement, bandwidth): (String, String, i64) = tx.query_row(
+                "SELECT rekey_kind, rekey_placement, rekey_bandwidth FROM volumes WHERE id = ?1",
                 [&volume.id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )?;
             return Ok(PushOp::Rekey {
                 volume: volume.clone(),
@@ -605,6 +607,7 @@ impl Core {
                 new: Box::new(new),
                 deep: kind == "deep",
                 placement,
+                bandwidth: bandwidth.max(0) as u64,
             });
         }
         self.take_release_slot(&host.name)?;
@@ -682,7 +685,16 @@ impl Core {
         name_or_id: &str,
         deep: bool,
         placement: &str,
+        bandwidth: u64,
     ) -> Result<VolumeInfo, CoreError> {
+        if bandwidth > 0 && !(1 << 20..=1 << 40).contains(&bandwidth) {
+            return Err(InvalidInput {
+                what: "bandwidth",
+                value: bandwidth.to_string(),
+                why: "give from 1M to 1T bytes per second, or 0 for no limit".into(),
+            }
+            .into());
+        }
         if !matches!(placement, "" | "online" | "offline") {
             return Err(InvalidInput {
                 what: "placement",
@@ -712,8 +724,8 @@ impl Core {
         )?;
         drop(master);
         tx.execute(
-            "UPDATE volumes SET state = 'rekeying', rekey_kind = ?1, rekey_placement = ?2, attempts = 0, next_attempt = 0, last_error = '' WHERE id = ?3",
-            params![if deep { "deep" } else { "shallow" }, placement, v.id],
+            "UPDATE volumes SET state = 'rekeying', rekey_kind = ?1, rekey_placement = ?2, rekey_bandwidth = ?3, attempts = 0, next_attempt = 0, last_error = '' WHERE id = ?4",
+            params![if deep { "deep" } else { "shallow" }, placement, bandwidth as i64, v.id],
         )?;
         audit::append(
             &tx,

@@ -678,7 +678,7 @@ fn a_running_guest_is_rekeyed_online_and_keeps_running() {
     let s = Stack::start();
     let (id, guest, path, _cleanup) = guest_on_volume(&s, "online-disk", "online");
     let old = s.server_key(&id);
-    qemu_io(&s.dir, &path, old.expose_secret(), "write -P 0xcd 0 2M").unwrap();
+    qemu_io(&s.dir, &path, old.expose_secret(), "write -P 0xcd 0 8M").unwrap();
     // --online for a guest that does not run: refused, nothing changes.
     s.json(&["volume", "rekey", "online-disk", "--deep", "--online"]);
     s.wait_for(60, "refused rekey", || {
@@ -708,11 +708,24 @@ fn a_running_guest_is_rekeyed_online_and_keeps_running() {
     );
 
     // Asked for shallow: a running guest gets an online deep rekey.
-    s.json(&["volume", "rekey", "online-disk", "--shallow"]);
+    // With a bandwidth limit, which libvirt's block job shows.
+    s.json(&[
+        "volume",
+        "rekey",
+        "online-disk",
+        "--shallow",
+        "--bandwidth",
+        "4M",
+    ]);
+    let mut limited = false;
     s.wait_for(120, "online rekey done", || {
+        if let Ok(info) = virsh(&["blockjob", &guest, "vda", "--info"]) {
+            limited |= info.contains("4194304") || info.contains("4.000 MiB/s");
+        }
         let v = s.json(&["volume", "show", "online-disk"]);
         v["state"] == "ready" && v["key_generation"] == 2
     });
+    assert!(limited, "the block copy ran at most 4 MiB/s");
     assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
     assert_eq!(
         qemu_pid(&guest),

@@ -185,6 +185,9 @@ enum VolumeCmd {
         /// if the host refused the rekey.
         #[arg(long)]
         wait: bool,
+        /// Copy at most this much per second (deep rekeys), e.g. 50M.
+        #[arg(long, value_name = "SIZE")]
+        bandwidth: Option<String>,
     },
 }
 
@@ -638,8 +641,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             online,
             offline,
             wait,
+            bandwidth,
             ..
         }) => {
+            let bandwidth_bytes_per_sec = match bandwidth {
+                Some(b) => parse_size(&b)?,
+                None => 0,
+            };
             let placement = match (online, offline) {
                 (true, _) => "online",
                 (_, true) => "offline",
@@ -650,6 +658,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     name_or_id: volume,
                     deep: deep || now,
                     placement: placement.into(),
+                    bandwidth_bytes_per_sec,
                 })
                 .await
                 .map_err(rpc_error)?
