@@ -137,6 +137,8 @@ pub struct Core {
     pub(crate) config: Config,
     pub(crate) releases: Mutex<HashMap<String, (i64, u32)>>,
     pub(crate) push_wake: tokio::sync::Notify,
+    /// Guests whose migration this process is driving now.
+    pub(crate) migrating_now: Mutex<std::collections::HashSet<String>>,
     /// Hosts' progress on long volume operations, by volume id.
     pub(crate) progress: Mutex<HashMap<String, crate::volumes::Progress>>,
     server_cert: String,
@@ -179,6 +181,7 @@ impl Core {
             config,
             releases: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
+            migrating_now: Mutex::new(std::collections::HashSet::new()),
             push_wake: tokio::sync::Notify::new(),
         })
     }

@@ -137,7 +137,9 @@ const MIGRATIONS: &[&str] = &[
         guest_uuid TEXT PRIMARY KEY REFERENCES guests(uuid),
         from_host  TEXT NOT NULL REFERENCES hosts(name),
         to_host    TEXT NOT NULL REFERENCES hosts(name),
-        started    INTEGER NOT NULL
+        started    INTEGER NOT NULL,
+        live       INTEGER NOT NULL DEFAULT 0,
+        unsafe     INTEGER NOT NULL DEFAULT 0
     );
     ",
 ];

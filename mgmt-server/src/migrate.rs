@@ -65,6 +65,12 @@ pub struct MigrationPlan {
     pub to_migration_uri: String,
     /// Its managed volumes.
     pub volumes: Vec<MovingVolume>,
+    /// Live migration, as asked when it began.
+    pub live: bool,
+    /// As `virsh migrate --unsafe`, as asked when it began.
+    pub unsafe_: bool,
+    /// It began before (the server stopped while driving it).
+    pub resumed: bool,
     /// Their keys, sealed to the destination.
     pub keys: Vec<SealedDiskKey>,
 }
@@ -170,6 +176,8 @@ impl Core {
         caller: &Caller,
         name_or_uuid: &str,
         to: &str,
+        live: bool,
+        unsafe_: bool,
     ) -> Result<MigrationPlan, CoreError> {
         let to = Name::parse("host name", to)?;
         let g = self.get_guest(name_or_uuid)?;
@@ -232,6 +240,16 @@ impl Core {
             })?;
             rows.collect::<Result<_, _>>()?
         };
+        // A resumed migration goes on as it was asked when it began.
+        let (live, unsafe_) = if resuming {
+            tx.query_row(
+                "SELECT live, unsafe FROM guest_migrations WHERE guest_uuid = ?1",
+                [&g.uuid],
+                |r| Ok((r.get::<_, bool>(0)?, r.get::<_, bool>(1)?)),
+            )?
+        } else {
+            (live, unsafe_)
+        };
         let wanted = if resuming { "migrating" } else { "ready" };
         if let Some((v, state, ..)) = volumes.iter().find(|(_, s, ..)| s != wanted) {
             return Err(CoreError::FailedPrecondition(format!(
@@ -265,8 +283,8 @@ impl Core {
                 )?;
             }
             tx.execute(
-                "INSERT INTO guest_migrations (guest_uuid, from_host, to_host, started) VALUES (?1, ?2, ?3, ?4)",
-                params![g.uuid, from.name, dest.name, crate::db::now_unix()],
+                "INSERT INTO guest_migrations (guest_uuid, from_host, to_host, started, live, unsafe) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![g.uuid, from.name, dest.name, crate::db::now_unix(), live, unsafe_],
             )?;
             audit::append(
                 &tx,
@@ -294,6 +312,9 @@ impl Core {
             to_migration_uri: migration_uri,
             volumes: volumes.into_iter().map(|(v, ..)| v).collect(),
             keys,
+            live,
+            unsafe_,
+            resumed: resuming,
         })
     }
 
@@ -393,6 +414,50 @@ impl Core {
     }
 }
 
+/// Marks a guest's migration as driven by this process while it lives.
+struct Driving {
+    core: Arc<Core>,
+    uuid: String,
+}
+
+impl Driving {
+    fn take(core: &Arc<Core>, uuid: &str) -> Result<Self, CoreError> {
+        let mut set = core.migrating_now.lock().unwrap_or_else(|p| p.into_inner());
+        if !set.insert(uuid.to_owned()) {
+            return Err(CoreError::FailedPrecondition(format!(
+                "the migration of guest {uuid} is under way: wait for it (`guestkeyctl guest show`)"
+            )));
+        }
+        Ok(Self {
+            core: core.clone(),
+            uuid: uuid.to_owned(),
+        })
+    }
+}
+
+impl Drop for Driving {
+    fn drop(&mut self) {
+        self.core
+            .migrating_now
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.uuid);
+    }
+}
+
+/// Migrations left unfinished (the server stopped while driving them), by
+/// (guest UUID, destination): the pusher resumes them.
+pub fn unfinished(core: &Core) -> Result<Vec<(String, String)>, CoreError> {
+    let rows: Vec<(String, String)> = {
+        let conn = core.db();
+        let mut stmt = conn.prepare("SELECT guest_uuid, to_host FROM guest_migrations")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let now = core.migrating_now.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(rows.into_iter().filter(|(g, _)| !now.contains(g)).collect())
+}
+
 /// Migrates a guest (all five steps); returns it as recorded afterwards.
 pub async fn migrate_guest(
     core: Arc<Core>,
@@ -402,12 +467,24 @@ pub async fn migrate_guest(
     live: bool,
     unsafe_: bool,
 ) -> Result<GuestInfo, CoreError> {
+    let uuid = core.get_guest(&name_or_uuid)?.uuid;
+    let _driving = Driving::take(&core, &uuid)?;
     let c = core.clone();
-    let plan = tokio::task::spawn_blocking(move || c.begin_migration(&caller, &name_or_uuid, &to))
-        .await
-        .map_err(|e| CoreError::Internal(e.to_string()))??;
-    let uuid = plan.guest.uuid.clone();
+    let plan = tokio::task::spawn_blocking(move || {
+        c.begin_migration(&caller, &name_or_uuid, &to, live, unsafe_)
+    })
+    .await
+    .map_err(|e| CoreError::Internal(e.to_string()))??;
+    let (live, unsafe_) = (plan.live, plan.unsafe_);
+    // A failure before libvirt's migration leaves the guest on the source.
+    // A resumed migration may have moved it already: only the source's
+    // definite refusal (below) ends it; other failures leave it to retry.
     let failed = |core: &Core, plan: &MigrationPlan, msg: String| -> CoreError {
+        if plan.resumed {
+            return CoreError::FailedPrecondition(format!(
+                "{msg}; the migration stays pending and is retried"
+            ));
+        }
         if let Err(e) = core.fail_migration(plan, &msg) {
             tracing::error!(error = %e, "cannot record the failed migration");
         }
@@ -484,7 +561,12 @@ pub async fn migrate_guest(
             {
                 let here = abort_at(&mut dest, &uuid).await;
                 if here.is_empty() {
-                    return Err(failed(&core, &plan, msg));
+                    // The source refused and the guest is not at the
+                    // destination: it never left.
+                    if let Err(e) = core.fail_migration(&plan, &msg) {
+                        tracing::error!(error = %e, "cannot record the failed migration");
+                    }
+                    return Err(CoreError::FailedPrecondition(msg));
                 }
             }
             return Err(CoreError::FailedPrecondition(format!(

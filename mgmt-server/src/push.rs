@@ -23,6 +23,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IDLE_POLL: Duration = Duration::from_millis(250);
 /// How often the rotation scheduler looks for keys past their policy's age.
 const POLICY_ROUND: Duration = Duration::from_secs(1);
+/// How often unfinished migrations (left by a stopped server) are resumed.
+const MIGRATION_ROUND: Duration = Duration::from_secs(5);
 /// Volume operations released and pushed together.
 const BATCH: u32 = 256;
 
@@ -33,7 +35,34 @@ type Channels = HashMap<String, Channel>;
 pub async fn run(core: Arc<Core>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut channels = Channels::new();
     let mut last_policy_round = std::time::Instant::now() - POLICY_ROUND;
+    let mut last_migration_round = std::time::Instant::now() - MIGRATION_ROUND;
     loop {
+        if last_migration_round.elapsed() >= MIGRATION_ROUND {
+            last_migration_round = std::time::Instant::now();
+            match crate::migrate::unfinished(&core) {
+                Ok(left) => {
+                    for (guest, to) in left {
+                        tracing::info!(%guest, %to, "resuming an unfinished migration");
+                        let c = core.clone();
+                        tokio::spawn(async move {
+                            let r = crate::migrate::migrate_guest(
+                                c,
+                                crate::core::Caller::Scheduler,
+                                guest.clone(),
+                                to,
+                                false,
+                                false,
+                            )
+                            .await;
+                            if let Err(e) = r {
+                                tracing::warn!(%guest, error = %e, "resumed migration not finished; will retry");
+                            }
+                        });
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot read unfinished migrations"),
+            }
+        }
         if last_policy_round.elapsed() >= POLICY_ROUND {
             last_policy_round = std::time::Instant::now();
             match core.apply_policies() {

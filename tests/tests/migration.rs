@@ -240,3 +240,128 @@ fn a_running_guest_migrates_with_its_keys_erased_at_the_source_and_is_rekeyed_at
     pattern_intact(&s.dir, &path, newest.expose_secret(), 0x5c, "2M").unwrap();
     drop(cleanup);
 }
+
+/// SIGKILL of the server at a random instant of a live migration (bounded:
+/// 3 trials, alternating directions): after its restart the server finishes
+/// or abandons the migration by itself, the guest runs on exactly the host
+/// the server records, only that host keeps its keys, and the data reads
+/// with the server's key.
+#[test]
+fn a_migration_interrupted_by_a_server_crash_is_finished_after_the_restart() {
+    let mut s = Stack::start();
+    let h1 = s.session_host("gkh1");
+    let h2 = s.session_host("gkh2");
+    let mut cleanup = Cleanup::default();
+    let pool = unique_name("mig-pool");
+    let dir = shared_pool(&mut cleanup, &pool);
+    create_pool(&mut cleanup, &h1, &pool, &dir);
+    create_pool(&mut cleanup, &h2, &pool, &dir);
+    s.json(&[
+        "volume",
+        "create",
+        "--host",
+        &h1.name,
+        "--pool",
+        &pool,
+        "--name",
+        "crash-disk",
+        "--size",
+        "16M",
+    ]);
+    s.wait_for(60, "volume ready", || {
+        s.json(&["volume", "show", "crash-disk"])["state"] == "ready"
+    });
+    // No re-encryption between the trials: it is tested above.
+    s.json(&[
+        "policy",
+        "set",
+        "--volume",
+        "crash-disk",
+        "--max-key-age",
+        "3650d",
+        "--mode",
+        "deep",
+        "--after-migration",
+        "365d",
+    ]);
+    let id = s.json(&["volume", "show", "crash-disk"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = dir.join("crash-disk");
+    let key = s.server_key(&id);
+    qemu_io(&s.dir, &path, key.expose_secret(), "write -P 0x3d 0 1M").unwrap();
+    let guest = unique_name("crash-guest");
+    let file = s.dir.join("crash.xml");
+    std::fs::write(&file, domain_xml(&guest, &pool, "crash-disk")).unwrap();
+    s.json(&[
+        "guest",
+        "define",
+        "--host",
+        &h1.name,
+        "--xml",
+        file.to_str().unwrap(),
+    ]);
+    s.wait_for(60, "guest defined", || {
+        s.json(&["guest", "show", &guest])["pending"] == ""
+    });
+    for h in [&h1, &h2] {
+        let (uri, g) = (h.uri.clone(), guest.clone());
+        cleanup.push(move || {
+            let _ = run("virsh", &["-c", &uri, "destroy", &g]);
+            let _ = run("virsh", &["-c", &uri, "undefine", &g]);
+        });
+    }
+    let uuid = s.json(&["guest", "show", &guest])["uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    h1.virsh(&["start", &guest]).unwrap();
+
+    for trial in 0..3u64 {
+        let to = if trial % 2 == 0 { &h2 } else { &h1 };
+        let child = s
+            .ctl_command(&[
+                "guest", "migrate", &guest, "--to", &to.name, "--live", "--unsafe",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64;
+        std::thread::sleep(std::time::Duration::from_millis(nanos % 1500));
+        s.server.take().unwrap().kill9();
+        let _ = child.wait_with_output();
+        s.run_server();
+        let pending = s.json(&["guest", "show", &guest])["migrating_to"] != "";
+        println!(
+            "trial {trial}: killed after {} ms, migration left pending: {pending}",
+            nanos % 1500
+        );
+        s.wait_for(120, "the migration settled", || {
+            s.json(&["guest", "show", &guest])["migrating_to"] == ""
+        });
+        let g = s.json(&["guest", "show", &guest]);
+        let (here, there) = if g["host"] == h1.name.as_str() {
+            (&h1, &h2)
+        } else {
+            (&h2, &h1)
+        };
+        assert_eq!(
+            state_of(here, &guest).as_deref(),
+            Some("running"),
+            "trial {trial}: {g}"
+        );
+        assert_eq!(state_of(there, &guest), None, "trial {trial}");
+        assert!(here.state.join(format!("guests/{uuid}.sealed")).exists());
+        assert!(!there.state.join(format!("guests/{uuid}.sealed")).exists());
+        let v = s.json(&["volume", "show", "crash-disk"]);
+        assert_eq!(v["state"], "ready", "trial {trial}: {v}");
+        assert_eq!(v["host"], g["host"]);
+        pattern_intact(&s.dir, &path, s.server_key(&id).expose_secret(), 0x3d, "1M").unwrap();
+    }
+    drop(cleanup);
+}
