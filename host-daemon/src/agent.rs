@@ -319,16 +319,13 @@ impl Daemon {
                 r.volume_id
             )));
         };
-        for uuid in self.store.guests().map_err(internal)? {
-            if let Some(rec) = self.store.load(&uuid).map_err(internal)? {
-                if rec.keys.iter().any(|k| k.volume_id == vid) {
-                    return Err(Status::failed_precondition(format!(
-                        "guest {} ({uuid}) uses volume {}: undefine it first",
-                        rec.name.as_str(),
-                        v.name
-                    )));
-                }
-            }
+        if let Some(rec) = self.users_of(vid)?.first() {
+            return Err(Status::failed_precondition(format!(
+                "guest {} ({}) uses volume {}: undefine it first",
+                rec.name.as_str(),
+                rec.uuid.as_str(),
+                v.name
+            )));
         }
         let fail = |e: crate::hypervisor::HvError| Status::failed_precondition(e.to_string());
         let info = crate::luks::image_info(&v.path, format).map_err(fail)?;
@@ -362,25 +359,44 @@ impl Daemon {
 
     /// Stores a guest's sealed keys and defines it in libvirt.
     pub fn define_guest(&self, r: pb::DefineGuestRequest) -> Result<String, Status> {
-        let (name, uuid) = domain_identity(&r.domain_xml)?;
         let _guard = self.lock();
         let vols = self.store.volumes().map_err(internal)?;
-        let mut keys = Vec::with_capacity(r.keys.len());
-        for k in r.keys {
+        let (uuid, record) = self.guest_record(&r.domain_xml, r.keys, |id| {
+            vols.get(id).ok_or_else(|| {
+                Status::failed_precondition(format!("volume {id} was not created on this host"))
+            })
+        })?;
+        self.store.save(&record).map_err(internal)?;
+        if let Err(e) = self.hv.define_domain(&r.domain_xml) {
+            // No half-defined guest: the record goes with the failure.
+            let _ = self.store.erase(&uuid);
+            return Err(Status::failed_precondition(e.to_string()));
+        }
+        tracing::info!(guest = %uuid, "guest defined");
+        Ok(uuid)
+    }
+
+    /// The sealed record of the guest `domain_xml` with `keys`, each key
+    /// checked to open now (refused here rather than at start time) and
+    /// bound to its volume's secret and path, found by `volume`. Returns the
+    /// guest's UUID and the record.
+    fn guest_record<'v>(
+        &self,
+        domain_xml: &str,
+        keys: Vec<pb::SealedKey>,
+        volume: impl Fn(&str) -> Result<&'v VolumeEntry, Status>,
+    ) -> Result<(String, GuestRecord), Status> {
+        let (name, uuid) = domain_identity(domain_xml)?;
+        let mut stored = Vec::with_capacity(keys.len());
+        for k in keys {
             let vid = volume_id(&k.volume_id)?;
-            let v = vols.get(&k.volume_id).ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "volume {} was not created on this host",
-                    k.volume_id
-                ))
-            })?;
-            // Refuse now what could not be opened at start time.
+            let v = volume(&k.volume_id)?;
             drop(
                 self.keys
                     .open(&k.sealed_packet, vid, k.generation)
                     .map_err(|e| Status::invalid_argument(e.to_string()))?,
             );
-            keys.push(StoredKey {
+            stored.push(StoredKey {
                 volume_id: vid,
                 generation: k.generation,
                 secret_uuid: XdrString::new(v.secret_uuid.clone()).map_err(internal)?,
@@ -392,19 +408,12 @@ impl Daemon {
             uuid: XdrString::new(uuid.clone()).map_err(internal)?,
             name: XdrString::new(name)
                 .map_err(|_| Status::invalid_argument("domain name too long"))?,
-            domain_xml: XdrString::new(r.domain_xml.clone())
+            domain_xml: XdrString::new(domain_xml.to_owned())
                 .map_err(|_| Status::invalid_argument("domain XML over 1 MiB"))?,
-            keys: BoundedVec::new(keys)
+            keys: BoundedVec::new(stored)
                 .map_err(|_| Status::invalid_argument("more than 256 encrypted disks"))?,
         };
-        self.store.save(&record).map_err(internal)?;
-        if let Err(e) = self.hv.define_domain(&r.domain_xml) {
-            // No half-defined guest: the record goes with the failure.
-            let _ = self.store.erase(&uuid);
-            return Err(Status::failed_precondition(e.to_string()));
-        }
-        tracing::info!(guest = %uuid, "guest defined");
-        Ok(uuid)
+        Ok((uuid, record))
     }
 
     /// Undefines a guest and erases its keys.
@@ -567,20 +576,14 @@ impl Daemon {
             ))
         })?;
         // Guests using it, and the one that runs (then: online).
-        let mut users = vec![];
-        let mut running: Option<String> = None;
-        for uuid in self.store.guests().map_err(internal)? {
-            if let Some(rec) = self.store.load(&uuid).map_err(internal)? {
-                if rec.keys.iter().any(|k| k.volume_id == vid) {
-                    if let Ok(Some(state)) = self.hv.domain_state(&uuid) {
-                        if state == "running" || state == "paused" {
-                            running = Some(uuid.clone());
-                        }
-                    }
-                    users.push(rec);
-                }
-            }
-        }
+        let users = self.users_of(vid)?;
+        let running = users
+            .iter()
+            .map(|rec| rec.uuid.as_str())
+            .find(|uuid| {
+                matches!(self.hv.domain_state(uuid), Ok(Some(s)) if s == "running" || s == "paused")
+            })
+            .map(str::to_owned);
         let new_opens = crate::luks::opens_with(&v.path, format, new.secret.expose_secret())
             .map_err(internal)?;
         let old_opens = crate::luks::opens_with(&v.path, format, old.secret.expose_secret())
@@ -707,41 +710,11 @@ impl Daemon {
             });
         }
         let _guard = self.lock();
-        let mut keys = Vec::with_capacity(r.keys.len());
-        for k in r.keys {
-            let vid = volume_id(&k.volume_id)?;
-            let v = entries
-                .iter()
-                .find(|e| e.volume_id == k.volume_id)
-                .ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "key for volume {} without its volume",
-                        k.volume_id
-                    ))
-                })?;
-            drop(
-                self.keys
-                    .open(&k.sealed_packet, vid, k.generation)
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
-            );
-            keys.push(StoredKey {
-                volume_id: vid,
-                generation: k.generation,
-                secret_uuid: XdrString::new(v.secret_uuid.clone()).map_err(internal)?,
-                path: XdrString::new(v.path.clone()).map_err(internal)?,
-                sealed: Opaque::new(k.sealed_packet).map_err(internal)?,
-            });
-        }
-        let (name, _) = domain_identity(&r.domain_xml)?;
-        let record = GuestRecord {
-            uuid: XdrString::new(uuid.clone()).map_err(internal)?,
-            name: XdrString::new(name)
-                .map_err(|_| Status::invalid_argument("domain name too long"))?,
-            domain_xml: XdrString::new(r.domain_xml)
-                .map_err(|_| Status::invalid_argument("domain XML over 1 MiB"))?,
-            keys: BoundedVec::new(keys)
-                .map_err(|_| Status::invalid_argument("more than 256 encrypted disks"))?,
-        };
+        let (_, record) = self.guest_record(&r.domain_xml, r.keys, |id| {
+            entries.iter().find(|e| e.volume_id == id).ok_or_else(|| {
+                Status::invalid_argument(format!("key for volume {id} without its volume"))
+            })
+        })?;
         let mut vols = self.store.volumes().map_err(internal)?;
         for e in entries {
             vols.insert(e.volume_id.clone(), e);
@@ -761,10 +734,7 @@ impl Daemon {
         }
         let _guard = self.lock();
         let rec = self.store.load(uuid).map_err(internal)?;
-        self.forget_guest(uuid);
-        if let Some(rec) = rec {
-            self.drop_unused_volumes(&rec)?;
-        }
+        self.forget_guest_here(uuid, rec)?;
         tracing::info!(guest = %uuid, "incoming migration abandoned; its keys are erased");
         Ok(String::new())
     }
@@ -800,23 +770,22 @@ impl Daemon {
             )));
         };
         let _guard = self.lock();
-        self.forget_guest(&uuid);
-        if let Some(rec) = rec {
-            self.drop_unused_volumes(&rec)?;
-        }
+        self.forget_guest_here(&uuid, rec)?;
         tracing::info!(guest = %uuid, %dest, "guest migrated; its keys are erased here");
         Ok(state)
     }
 
-    /// Removes from the registry the volumes of `gone` that no remaining
-    /// guest record uses (they now belong to another host).
-    fn drop_unused_volumes(&self, gone: &GuestRecord) -> Result<(), Status> {
-        let mut used = BTreeSet::new();
-        for uuid in self.store.guests().map_err(internal)? {
-            if let Some(rec) = self.store.load(&uuid).map_err(internal)? {
-                used.extend(rec.keys.iter().map(|k| k.volume_id.to_string()));
-            }
-        }
+    /// The guest is not this host's any more (it left, or never came):
+    /// its keys go, and so do the volumes of its record `gone` (read before
+    /// the erasure) that no remaining guest uses.
+    fn forget_guest_here(&self, uuid: &str, gone: Option<GuestRecord>) -> Result<(), Status> {
+        self.forget_guest(uuid);
+        let Some(gone) = gone else { return Ok(()) };
+        let used: BTreeSet<String> = self
+            .records()?
+            .iter()
+            .flat_map(|rec| rec.keys.iter().map(|k| k.volume_id.to_string()))
+            .collect();
         let mut vols = self.store.volumes().map_err(internal)?;
         for k in gone.keys.iter() {
             let id = k.volume_id.to_string();
@@ -831,18 +800,34 @@ impl Daemon {
     /// What this host holds keys for.
     pub fn inventory(&self) -> Result<Vec<pb::HeldKeyInfo>, Status> {
         let mut out = vec![];
-        for uuid in self.store.guests().map_err(internal)? {
-            if let Some(rec) = self.store.load(&uuid).map_err(internal)? {
-                for k in rec.keys.iter() {
-                    out.push(pb::HeldKeyInfo {
-                        volume_id: k.volume_id.to_string(),
-                        generation: k.generation,
-                        guest_uuid: uuid.clone(),
-                    });
-                }
+        for rec in self.records()? {
+            for k in rec.keys.iter() {
+                out.push(pb::HeldKeyInfo {
+                    volume_id: k.volume_id.to_string(),
+                    generation: k.generation,
+                    guest_uuid: rec.uuid.to_string(),
+                });
             }
         }
         Ok(out)
+    }
+
+    /// Every stored guest record (unsealed).
+    fn records(&self) -> Result<Vec<GuestRecord>, Status> {
+        let mut out = vec![];
+        for uuid in self.store.guests().map_err(internal)? {
+            if let Some(rec) = self.store.load(&uuid).map_err(internal)? {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored guests that hold a key of volume `vid`.
+    fn users_of(&self, vid: VolumeId) -> Result<Vec<GuestRecord>, Status> {
+        let mut users = self.records()?;
+        users.retain(|rec| rec.keys.iter().any(|k| k.volume_id == vid));
+        Ok(users)
     }
 }
 
@@ -930,6 +915,20 @@ impl AgentService {
 
 type R<T> = Result<Response<T>, Status>;
 
+fn volume_result(
+    op_id: String,
+    volume_id: String,
+    path: String,
+    capacity_bytes: u64,
+) -> R<pb::VolumeResult> {
+    Ok(Response::new(pb::VolumeResult {
+        op_id,
+        volume_id,
+        path,
+        capacity_bytes,
+    }))
+}
+
 fn guest_result(op_id: String, guest_uuid: String, state: String) -> R<pb::GuestResult> {
     Ok(Response::new(pb::GuestResult {
         op_id,
@@ -945,12 +944,7 @@ impl HostAgent for AgentService {
         let r = req.into_inner();
         let (op_id, volume_id) = (r.op_id.clone(), r.volume_id.clone());
         let (path, capacity_bytes) = self.blocking(move |d| d.create_volume(r)).await?;
-        Ok(Response::new(pb::VolumeResult {
-            op_id,
-            volume_id,
-            path,
-            capacity_bytes,
-        }))
+        volume_result(op_id, volume_id, path, capacity_bytes)
     }
 
     async fn decrypt_volume(&self, req: Request<pb::DecryptVolumeRequest>) -> R<pb::VolumeResult> {
@@ -958,12 +952,7 @@ impl HostAgent for AgentService {
         let r = req.into_inner();
         let (op_id, volume_id) = (r.op_id.clone(), r.volume_id.clone());
         let (path, capacity_bytes) = self.blocking(move |d| d.decrypt_volume(r)).await?;
-        Ok(Response::new(pb::VolumeResult {
-            op_id,
-            volume_id,
-            path,
-            capacity_bytes,
-        }))
+        volume_result(op_id, volume_id, path, capacity_bytes)
     }
 
     async fn delete_volume(&self, req: Request<pb::DeleteVolumeRequest>) -> R<pb::VolumeResult> {
@@ -971,12 +960,7 @@ impl HostAgent for AgentService {
         let r = req.into_inner();
         let (op_id, volume_id) = (r.op_id.clone(), r.volume_id.clone());
         self.blocking(move |d| d.delete_volume(r)).await?;
-        Ok(Response::new(pb::VolumeResult {
-            op_id,
-            volume_id,
-            path: String::new(),
-            capacity_bytes: 0,
-        }))
+        volume_result(op_id, volume_id, String::new(), 0)
     }
 
     async fn define_guest(&self, req: Request<pb::DefineGuestRequest>) -> R<pb::GuestResult> {

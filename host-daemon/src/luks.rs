@@ -202,6 +202,18 @@ struct Codec {
 }
 
 impl Codec {
+    fn clear(format: Format) -> Self {
+        Self { format, key: None }
+    }
+
+    /// Encrypted, its key in secret object `key` (k0 or k1).
+    fn keyed(format: Format, key: &'static str) -> Self {
+        Self {
+            format,
+            key: Some(key),
+        }
+    }
+
     /// `--image-opts` to open `path` this way.
     fn open_opts(self, path: &str) -> String {
         match self.key {
@@ -312,31 +324,19 @@ pub fn deep_rekey(
             let t = std::time::Instant::now();
             swap_and_wipe(&tmp, path)?;
             tracing::debug!(%path, wipe_ms = t.elapsed().as_millis() as u64, "swapped in, old image wiped");
-            if !opens_with(path, format, new)? {
-                return Err(HvError(format!(
-                    "the re-encrypted {path} does not open with the new key"
-                )));
-            }
-            return Ok(());
         }
         Err(why) => {
             tracing::info!(%path, reason = %why.0, "deep rekey through qemu-img convert");
+            copy_verify_swap(
+                path,
+                "re-encrypting (qemu-img)",
+                Codec::keyed(format, "k0"),
+                Codec::keyed(format, "k1"),
+                &[old, new],
+                bandwidth,
+            )?;
         }
     }
-    copy_verify_swap(
-        path,
-        "re-encrypting (qemu-img)",
-        Codec {
-            format,
-            key: Some("k0"),
-        },
-        Codec {
-            format,
-            key: Some("k1"),
-        },
-        &[old, new],
-        bandwidth,
-    )?;
     if !opens_with(path, format, new)? {
         return Err(HvError(format!(
             "the re-encrypted {path} does not open with the new key"
@@ -352,11 +352,8 @@ pub fn encrypt_offline(path: &str, format: Format, key: &[u8]) -> Result<(), HvE
     copy_verify_swap(
         path,
         "encrypting",
-        Codec { format, key: None },
-        Codec {
-            format,
-            key: Some("k0"),
-        },
+        Codec::clear(format),
+        Codec::keyed(format, "k0"),
         &[key],
         0,
     )?;
@@ -374,11 +371,8 @@ pub fn decrypt_offline(path: &str, format: Format, key: &[u8]) -> Result<(), HvE
     copy_verify_swap(
         path,
         "decrypting",
-        Codec {
-            format,
-            key: Some("k0"),
-        },
-        Codec { format, key: None },
+        Codec::keyed(format, "k0"),
+        Codec::clear(format),
         &[key],
         0,
     )

@@ -279,8 +279,7 @@ fn new_header(
         h[s..s + 4].copy_from_slice(&SLOT_ACTIVE.to_be_bytes());
         h[s + 4..s + 8].copy_from_slice(&NEW_ITERATIONS.to_be_bytes());
         h[s + 8..s + 40].copy_from_slice(&salt);
-        let mut material = af_split(mk, stripes)?;
-        material.resize(len, 0);
+        let mut material = af_split(mk, stripes, len)?;
         let mut slot_key = Zeroizing::new(vec![0u8; kb]);
         pbkdf2::pbkdf2_hmac::<Sha256>(passphrase, &salt, NEW_ITERATIONS, &mut slot_key);
         XtsKey::new(&slot_key)
@@ -293,10 +292,12 @@ fn new_header(
     Ok(Ok(h))
 }
 
-/// LUKS1 anti-forensic split of `mk` into `stripes` stripes.
-fn af_split(mk: &[u8], stripes: usize) -> Result<Zeroizing<Vec<u8>>, HvError> {
+/// LUKS1 anti-forensic split of `mk` into `stripes` stripes, in a
+/// zero-padded buffer of `len` bytes (allocated once at its final size:
+/// a growing Vec would leave copies of the stripes behind).
+fn af_split(mk: &[u8], stripes: usize, len: usize) -> Result<Zeroizing<Vec<u8>>, HvError> {
     let kb = mk.len();
-    let mut out = Zeroizing::new(vec![0u8; kb * stripes]);
+    let mut out = Zeroizing::new(vec![0u8; len.max(kb * stripes)]);
     random(&mut out[..kb * (stripes - 1)])?;
     let mut d = Zeroizing::new(vec![0u8; kb]);
     for stripe in out[..kb * (stripes - 1)].chunks_exact(kb) {
@@ -305,8 +306,12 @@ fn af_split(mk: &[u8], stripes: usize) -> Result<Zeroizing<Vec<u8>>, HvError> {
         }
         diffuse(&mut d);
     }
-    for (i, b) in out[kb * (stripes - 1)..].iter_mut().enumerate() {
-        *b = d[i] ^ mk[i];
+    for ((b, x), m) in out[kb * (stripes - 1)..kb * stripes]
+        .iter_mut()
+        .zip(d.iter())
+        .zip(mk)
+    {
+        *b = x ^ m;
     }
     Ok(out)
 }

@@ -501,11 +501,6 @@ impl Core {
     pub fn encrypt_refused(&self, v: &VolumeInfo, error: &str) -> Result<(), CoreError> {
         let mut conn = self.db();
         let tx = conn.transaction()?;
-        tx.execute("DELETE FROM volume_keys WHERE volume_id = ?1", [&v.id])?;
-        tx.execute(
-            "UPDATE volumes SET state = 'deleted', last_error = ?1 WHERE id = ?2",
-            params![error, v.id],
-        )?;
         audit::append(
             &tx,
             "server",
@@ -513,13 +508,7 @@ impl Core {
             &v.id,
             &format!("volume {} on host {}: {error}", v.name, v.host),
         )?;
-        audit::append(
-            &tx,
-            "server",
-            "key.destroyed",
-            &v.id,
-            &format!("volume {} was not encrypted", v.name),
-        )?;
+        retire(&tx, v, "deleted", error, "was not encrypted")?;
         tx.commit()?;
         Ok(())
     }
@@ -778,18 +767,8 @@ impl Core {
         for (volume, outcome) in outcomes {
             match outcome {
                 Ok(_) if volume.state == "pending-delete" => {
-                    tx.execute("DELETE FROM volume_keys WHERE volume_id = ?1", [&volume.id])?;
-                    tx.execute(
-                        "UPDATE volumes SET state = 'deleted', last_error = '' WHERE id = ?1",
-                        [&volume.id],
-                    )?;
-                    audit::append(
-                        &tx,
-                        "server",
-                        "key.destroyed",
-                        &volume.id,
-                        &format!("volume {} deleted on host {}", volume.name, volume.host),
-                    )?;
+                    let why = format!("deleted on host {}", volume.host);
+                    retire(&tx, volume, "deleted", "", &why)?;
                 }
                 Ok(_) if volume.state == "rekeying" => {
                     let old = volume.key_generation;
@@ -818,11 +797,6 @@ impl Core {
                     )?;
                 }
                 Ok(_) if volume.state == "pending-decrypt" => {
-                    tx.execute("DELETE FROM volume_keys WHERE volume_id = ?1", [&volume.id])?;
-                    tx.execute(
-                        "UPDATE volumes SET state = 'decrypted', last_error = '' WHERE id = ?1",
-                        [&volume.id],
-                    )?;
                     audit::append(
                         &tx,
                         "server",
@@ -833,13 +807,7 @@ impl Core {
                             volume.name, volume.host
                         ),
                     )?;
-                    audit::append(
-                        &tx,
-                        "server",
-                        "key.destroyed",
-                        &volume.id,
-                        &format!("volume {} decrypted", volume.name),
-                    )?;
+                    retire(&tx, volume, "decrypted", "", "decrypted")?;
                 }
                 Ok((path, capacity))
                     if matches!(volume.state.as_str(), "pending-encrypt" | "encrypting") =>
@@ -933,6 +901,30 @@ impl Core {
             .saturating_mul(1u64 << attempts.min(20))
             .min(r.max_delay_ms)
     }
+}
+
+/// A volume leaves guestkey's care (`state` deleted or decrypted): every
+/// key generation of it is destroyed, with its audit record.
+fn retire(
+    tx: &rusqlite::Transaction<'_>,
+    v: &VolumeInfo,
+    state: &str,
+    last_error: &str,
+    why: &str,
+) -> Result<(), CoreError> {
+    tx.execute("DELETE FROM volume_keys WHERE volume_id = ?1", [&v.id])?;
+    tx.execute(
+        "UPDATE volumes SET state = ?1, last_error = ?2 WHERE id = ?3",
+        params![state, last_error, v.id],
+    )?;
+    audit::append(
+        tx,
+        "server",
+        "key.destroyed",
+        &v.id,
+        &format!("volume {} {why}", v.name),
+    )?;
+    Ok(())
 }
 
 pub(crate) fn now_unix_ms() -> i64 {
