@@ -123,6 +123,27 @@ pub fn scratch_dir(cleanup: &mut Cleanup, name: &str) -> PathBuf {
     dir
 }
 
+/// Domain XML of a minimal KVM guest (64 MiB, no OS, no display) whose
+/// disk is volume `volume` of libvirt pool `pool`, `driver` qcow2 or raw.
+pub fn volume_domain_xml(name: &str, pool: &str, volume: &str, driver: &str) -> String {
+    format!(
+        "<domain type='kvm'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <disk type='volume' device='disk'>
+      <driver name='qemu' type='{driver}'/>
+      <source pool='{pool}' volume='{volume}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>
+"
+    )
+}
+
 /// Domain XML of a minimal KVM guest (64 MiB, no OS: it waits in the
 /// firmware) with one virtio disk; `encryption` is the disk's
 /// `<encryption>` element, or empty.

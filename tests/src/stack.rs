@@ -399,21 +399,28 @@ impl Stack {
     /// waits until the host has it, and registers its removal with
     /// `cleanup`. Returns its UUID.
     pub fn define_guest(&self, cleanup: &mut Cleanup, name: &str, xml: &str) -> String {
+        let uuid = self.define_guest_on(&self.host, name, xml);
+        cleanup.virsh(&["undefine", name]);
+        cleanup.virsh(&["destroy", name]);
+        uuid
+    }
+
+    /// Defines `name` from `xml` through guestkey on `host` and waits until
+    /// the host has it (removing it is the caller's). Returns its UUID.
+    pub fn define_guest_on(&self, host: &str, name: &str, xml: &str) -> String {
         let file = self.dir.join(format!("{name}.xml"));
         std::fs::write(&file, xml).expect("write domain XML");
         self.json(&[
             "guest",
             "define",
             "--host",
-            &self.host,
+            host,
             "--xml",
             file.to_str().expect("utf-8"),
         ]);
         self.wait_for(60, "guest defined", || {
             self.json(&["guest", "show", name])["pending"] == ""
         });
-        cleanup.virsh(&["undefine", name]);
-        cleanup.virsh(&["destroy", name]);
         self.json(&["guest", "show", name])["uuid"]
             .as_str()
             .expect("uuid")

@@ -8,25 +8,10 @@ use std::path::Path;
 
 use guestkey_tests::image::{opens_with, pattern_intact};
 use guestkey_tests::stack::Stack;
-use guestkey_tests::{Cleanup, run, virsh};
+use guestkey_tests::{Cleanup, minimal_domain_xml, run, virsh};
 
-fn domain_xml(name: &str, source: &str) -> String {
-    format!(
-        "<domain type='kvm'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64'>hvm</type></os>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{source}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-  </devices>
-</domain>
-"
-    )
+fn domain_xml(name: &str, disk: &Path) -> String {
+    minimal_domain_xml(name, disk, "qcow2", "")
 }
 
 /// A cleartext qcow2 volume made by libvirt, with a pattern written in it.
@@ -81,11 +66,7 @@ fn a_cleartext_volume_is_encrypted_its_guest_gets_the_key_and_decrypt_undoes_it(
     let guest = format!("gk-test-{}-conv", std::process::id());
     let mut cleanup = Cleanup::default();
     // Defined through guestkey while its disk is cleartext: not managed.
-    let uuid = s.define_guest(
-        &mut cleanup,
-        &guest,
-        &domain_xml(&guest, path.to_str().unwrap()),
-    );
+    let uuid = s.define_guest(&mut cleanup, &guest, &domain_xml(&guest, &path));
     assert!(
         s.json(&["guest", "show", &guest])["volumes"]
             .as_array()
@@ -187,7 +168,7 @@ fn a_running_guests_cleartext_disk_is_encrypted_online() {
     // A guest of the operator's own, defined with plain virsh.
     let guest = format!("gk-test-{}-online-conv", std::process::id());
     let file = s.dir.join("online-conv.xml");
-    std::fs::write(&file, domain_xml(&guest, path.to_str().unwrap())).unwrap();
+    std::fs::write(&file, domain_xml(&guest, &path)).unwrap();
     let mut cleanup = Cleanup::default();
     virsh(&["define", file.to_str().unwrap()]).unwrap();
     cleanup.virsh(&["undefine", &guest]);

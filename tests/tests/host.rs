@@ -7,30 +7,10 @@ use std::path::Path;
 
 use guestkey_tests::image::{opens_with, pattern_intact, qemu_io};
 use guestkey_tests::stack::Stack;
-use guestkey_tests::{run, virsh};
+use guestkey_tests::{run, virsh, volume_domain_xml};
 
 fn domain_xml(name: &str, pool: &str, volume: &str) -> String {
-    domain_xml_typed(name, pool, volume, "qcow2")
-}
-
-fn domain_xml_typed(name: &str, pool: &str, volume: &str, driver: &str) -> String {
-    format!(
-        "<domain type='kvm'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64'>hvm</type></os>
-  <devices>
-    <disk type='volume' device='disk'>
-      <driver name='qemu' type='{driver}'/>
-      <source pool='{pool}' volume='{volume}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <graphics type='vnc' listen='127.0.0.1' autoport='yes'/>
-  </devices>
-</domain>
-"
-    )
+    volume_domain_xml(name, pool, volume, "qcow2")
 }
 
 fn secret_list_is_empty() -> bool {
@@ -55,23 +35,7 @@ fn virsh_start_of_a_managed_guest_needs_no_secret_step_and_refuses_without_a_key
 
     // Define through guestkey; start with plain virsh.
     let guest = format!("gk-test-{}-guest", std::process::id());
-    let xml = s.dir.join("guest.xml");
-    std::fs::write(&xml, domain_xml(&guest, &s.pool, "e2e-disk")).unwrap();
-    s.json(&[
-        "guest",
-        "define",
-        "--host",
-        &s.host.clone(),
-        "--xml",
-        xml.to_str().unwrap(),
-    ]);
-    s.wait_for(60, "guest defined", || {
-        s.json(&["guest", "show", &guest])["pending"] == ""
-    });
-    let uuid = s.json(&["guest", "show", &guest])["uuid"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let uuid = s.define_guest_on(&s.host, &guest, &domain_xml(&guest, &s.pool, "e2e-disk"));
     s.cleanup.virsh(&["undefine", &guest]);
     s.cleanup.virsh(&["destroy", &guest]);
     let sealed = s.state_dir().join(format!("guests/{uuid}.sealed"));
@@ -315,23 +279,7 @@ fn keys_go_when_libvirt_undefines_a_guest_even_while_guestkeyd_is_down() {
     let mut names = vec![];
     for n in ["ev1", "ev2"] {
         let guest = format!("gk-test-{pid}-{n}");
-        let xml = s.dir.join(format!("{n}.xml"));
-        std::fs::write(&xml, domain_xml(&guest, &s.pool, "ev-disk")).unwrap();
-        s.json(&[
-            "guest",
-            "define",
-            "--host",
-            &s.host,
-            "--xml",
-            xml.to_str().unwrap(),
-        ]);
-        s.wait_for(60, "guest defined", || {
-            s.json(&["guest", "show", &guest])["pending"] == ""
-        });
-        let uuid = s.json(&["guest", "show", &guest])["uuid"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let uuid = s.define_guest_on(&s.host, &guest, &domain_xml(&guest, &s.pool, "ev-disk"));
         sealed.push(s.state_dir().join(format!("guests/{uuid}.sealed")));
         names.push(guest);
     }
@@ -512,7 +460,7 @@ fn a_raw_luks_volume_works_like_a_qcow2_one() {
     s.define_guest(
         &mut cleanup,
         &guest,
-        &domain_xml_typed(&guest, &s.pool, "raw-disk", "raw"),
+        &volume_domain_xml(&guest, &s.pool, "raw-disk", "raw"),
     );
     virsh(&["start", &guest]).unwrap();
     assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");

@@ -11,26 +11,7 @@ use std::path::PathBuf;
 
 use guestkey_tests::image::{opens_with, pattern_intact, qemu_io};
 use guestkey_tests::stack::{SessionHost, Stack};
-use guestkey_tests::{Cleanup, run, unique_name};
-
-fn domain_xml(name: &str, pool: &str, volume: &str) -> String {
-    format!(
-        "<domain type='kvm'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64'>hvm</type></os>
-  <devices>
-    <disk type='volume' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source pool='{pool}' volume='{volume}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-  </devices>
-</domain>
-"
-    )
-}
+use guestkey_tests::{Cleanup, run, unique_name, volume_domain_xml};
 
 /// A directory both session users can use (group kvm), as a transient dir
 /// pool named `pool` on `hosts`.
@@ -68,6 +49,64 @@ fn state_of(host: &SessionHost, guest: &str) -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
+/// The server, the two session hosts, and a shared pool known to host 1.
+struct Bed {
+    s: Stack,
+    h1: SessionHost,
+    h2: SessionHost,
+    pool: String,
+    dir: PathBuf,
+    cleanup: Cleanup,
+}
+
+fn two_hosts() -> Bed {
+    let s = Stack::start();
+    let h1 = s.session_host("gkh1");
+    let h2 = s.session_host("gkh2");
+    let mut cleanup = Cleanup::default();
+    let pool = unique_name("mig-pool");
+    let dir = shared_pool(&mut cleanup, &pool);
+    create_pool(&mut cleanup, &h1, &pool, &dir);
+    Bed {
+        s,
+        h1,
+        h2,
+        pool,
+        dir,
+        cleanup,
+    }
+}
+
+/// A 16 MiB volume made by host 1's guestkeyd in the shared pool, and a
+/// guest on it defined through guestkey on host 1 (removed from both hosts
+/// by the bed's cleanup). Returns the volume id and the guest's name and
+/// UUID.
+fn shared_guest(b: &mut Bed, volume: &str) -> (String, String, String) {
+    let s = &b.s;
+    s.json(&[
+        "volume", "create", "--host", &b.h1.name, "--pool", &b.pool, "--name", volume, "--size",
+        "16M",
+    ]);
+    s.wait_for(60, "volume ready", || {
+        s.json(&["volume", "show", volume])["state"] == "ready"
+    });
+    let id = s.json(&["volume", "show", volume])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let guest = unique_name(volume);
+    let xml = volume_domain_xml(&guest, &b.pool, volume, "qcow2");
+    let uuid = s.define_guest_on(&b.h1.name, &guest, &xml);
+    for h in [&b.h1, &b.h2] {
+        let (uri, g) = (h.uri.clone(), guest.clone());
+        b.cleanup.push(move || {
+            let _ = run("virsh", &["-c", &uri, "destroy", &g]);
+            let _ = run("virsh", &["-c", &uri, "undefine", &g]);
+        });
+    }
+    (id, guest, uuid)
+}
+
 /// The pid of the QEMU process running `guest` (on whichever host).
 fn qemu_pid(guest: &str) -> String {
     run("pgrep", &["-f", &format!("guest={guest},")])
@@ -78,59 +117,29 @@ fn qemu_pid(guest: &str) -> String {
 
 #[test]
 fn a_running_guest_migrates_with_its_keys_erased_at_the_source_and_is_rekeyed_at_the_destination() {
-    let s = Stack::start();
-    let h1 = s.session_host("gkh1");
-    let h2 = s.session_host("gkh2");
-    let mut cleanup = Cleanup::default();
-    let pool = unique_name("mig-pool");
-    let dir = shared_pool(&mut cleanup, &pool);
-    create_pool(&mut cleanup, &h1, &pool, &dir);
-
+    let mut b = two_hosts();
     // A volume on host 1: made by guestkeyd (root) but usable by both
-    // session users, because the pool directory is group-writable.
-    s.json(&[
-        "volume", "create", "--host", &h1.name, "--pool", &pool, "--name", "mig-disk", "--size",
-        "16M",
-    ]);
-    s.wait_for(60, "volume ready", || {
-        s.json(&["volume", "show", "mig-disk"])["state"] == "ready"
-    });
-    let v = s.json(&["volume", "show", "mig-disk"]);
-    let id = v["id"].as_str().unwrap().to_owned();
-    let secret = v["secret_uuid"].as_str().unwrap().to_owned();
+    // session users, because the pool directory is group-writable. The
+    // guest, defined through guestkey, is started with plain virsh on host
+    // 1 (its hook runs as gkh1 and reaches host 1's guestkeyd).
+    let (id, guest, uuid) = shared_guest(&mut b, "mig-disk");
+    let Bed {
+        s,
+        h1,
+        h2,
+        pool,
+        dir,
+        mut cleanup,
+    } = b;
+    let secret = s.json(&["volume", "show", "mig-disk"])["secret_uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let path = dir.join("mig-disk");
     let meta = std::fs::metadata(&path).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o660, "group-writable pool: mode 0660");
     let old = s.server_key(&id);
     qemu_io(&s.dir, &path, old.expose_secret(), "write -P 0x5c 0 2M").unwrap();
-
-    // The guest, defined through guestkey and started with plain virsh on
-    // host 1 (its hook runs as gkh1 and reaches host 1's guestkeyd).
-    let guest = unique_name("mig-guest");
-    let file = s.dir.join("mig.xml");
-    std::fs::write(&file, domain_xml(&guest, &pool, "mig-disk")).unwrap();
-    s.json(&[
-        "guest",
-        "define",
-        "--host",
-        &h1.name,
-        "--xml",
-        file.to_str().unwrap(),
-    ]);
-    s.wait_for(60, "guest defined", || {
-        s.json(&["guest", "show", &guest])["pending"] == ""
-    });
-    for h in [&h1, &h2] {
-        let (uri, g) = (h.uri.clone(), guest.clone());
-        cleanup.push(move || {
-            let _ = run("virsh", &["-c", &uri, "destroy", &g]);
-            let _ = run("virsh", &["-c", &uri, "undefine", &g]);
-        });
-    }
-    let uuid = s.json(&["guest", "show", &guest])["uuid"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     h1.virsh(&["start", &guest]).unwrap();
     assert_eq!(state_of(&h1, &guest).as_deref(), Some("running"));
     assert!(h1.state.join(format!("guests/{uuid}.sealed")).exists());
@@ -248,29 +257,17 @@ fn a_running_guest_migrates_with_its_keys_erased_at_the_source_and_is_rekeyed_at
 /// with the server's key.
 #[test]
 fn a_migration_interrupted_by_a_server_crash_is_finished_after_the_restart() {
-    let mut s = Stack::start();
-    let h1 = s.session_host("gkh1");
-    let h2 = s.session_host("gkh2");
-    let mut cleanup = Cleanup::default();
-    let pool = unique_name("mig-pool");
-    let dir = shared_pool(&mut cleanup, &pool);
-    create_pool(&mut cleanup, &h1, &pool, &dir);
+    let mut b = two_hosts();
+    let (id, guest, uuid) = shared_guest(&mut b, "crash-disk");
+    let Bed {
+        mut s,
+        h1,
+        h2,
+        pool,
+        dir,
+        mut cleanup,
+    } = b;
     create_pool(&mut cleanup, &h2, &pool, &dir);
-    s.json(&[
-        "volume",
-        "create",
-        "--host",
-        &h1.name,
-        "--pool",
-        &pool,
-        "--name",
-        "crash-disk",
-        "--size",
-        "16M",
-    ]);
-    s.wait_for(60, "volume ready", || {
-        s.json(&["volume", "show", "crash-disk"])["state"] == "ready"
-    });
     // No re-encryption between the trials: it is tested above.
     s.json(&[
         "policy",
@@ -284,38 +281,9 @@ fn a_migration_interrupted_by_a_server_crash_is_finished_after_the_restart() {
         "--after-migration",
         "365d",
     ]);
-    let id = s.json(&["volume", "show", "crash-disk"])["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let path = dir.join("crash-disk");
     let key = s.server_key(&id);
     qemu_io(&s.dir, &path, key.expose_secret(), "write -P 0x3d 0 1M").unwrap();
-    let guest = unique_name("crash-guest");
-    let file = s.dir.join("crash.xml");
-    std::fs::write(&file, domain_xml(&guest, &pool, "crash-disk")).unwrap();
-    s.json(&[
-        "guest",
-        "define",
-        "--host",
-        &h1.name,
-        "--xml",
-        file.to_str().unwrap(),
-    ]);
-    s.wait_for(60, "guest defined", || {
-        s.json(&["guest", "show", &guest])["pending"] == ""
-    });
-    for h in [&h1, &h2] {
-        let (uri, g) = (h.uri.clone(), guest.clone());
-        cleanup.push(move || {
-            let _ = run("virsh", &["-c", &uri, "destroy", &g]);
-            let _ = run("virsh", &["-c", &uri, "undefine", &g]);
-        });
-    }
-    let uuid = s.json(&["guest", "show", &guest])["uuid"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     h1.virsh(&["start", &guest]).unwrap();
 
     for trial in 0..3u64 {
