@@ -123,9 +123,10 @@ pub fn scratch_dir(cleanup: &mut Cleanup, name: &str) -> PathBuf {
     dir
 }
 
-/// Domain XML of a minimal KVM guest (64 MiB, no OS, no display) whose
-/// disk is volume `volume` of libvirt pool `pool`, `driver` qcow2 or raw.
-pub fn volume_domain_xml(name: &str, pool: &str, volume: &str, driver: &str) -> String {
+/// Domain XML of a minimal KVM guest (64 MiB, no OS: it waits in the
+/// firmware) with one virtio disk described by `disk` (the inside of
+/// `<disk>`), and `extra` devices.
+fn domain_with_disk(name: &str, kind: &str, disk: &str, extra: &str) -> String {
     format!(
         "<domain type='kvm'>
   <name>{name}</name>
@@ -133,37 +134,39 @@ pub fn volume_domain_xml(name: &str, pool: &str, volume: &str, driver: &str) -> 
   <vcpu>1</vcpu>
   <os><type arch='x86_64'>hvm</type></os>
   <devices>
-    <disk type='volume' device='disk'>
-      <driver name='qemu' type='{driver}'/>
-      <source pool='{pool}' volume='{volume}'/>
+    <disk type='{kind}' device='disk'>
+{disk}
       <target dev='vda' bus='virtio'/>
-    </disk>
+    </disk>{extra}
   </devices>
 </domain>
 "
     )
 }
 
-/// Domain XML of a minimal KVM guest (64 MiB, no OS: it waits in the
-/// firmware) with one virtio disk; `encryption` is the disk's
-/// `<encryption>` element, or empty.
+/// A minimal guest (no display) whose disk is volume `volume` of libvirt
+/// pool `pool`, `driver` qcow2 or raw.
+pub fn volume_domain_xml(name: &str, pool: &str, volume: &str, driver: &str) -> String {
+    domain_with_disk(
+        name,
+        "volume",
+        &format!(
+            "      <driver name='qemu' type='{driver}'/>\n      <source pool='{pool}' volume='{volume}'/>"
+        ),
+        "",
+    )
+}
+
+/// A minimal guest (VNC on 127.0.0.1) whose disk is the file `disk_path`;
+/// `encryption` is the disk's `<encryption>` element, or empty.
 pub fn minimal_domain_xml(name: &str, disk_path: &Path, format: &str, encryption: &str) -> String {
-    format!(
-        "<domain type='kvm'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64'>hvm</type></os>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='{format}'/>
-      <source file='{}'/>
-      <target dev='vda' bus='virtio'/>
-      {encryption}
-    </disk>
-    <graphics type='vnc' listen='127.0.0.1' autoport='yes'/>
-  </devices>
-</domain>",
-        disk_path.display()
+    domain_with_disk(
+        name,
+        "file",
+        &format!(
+            "      <driver name='qemu' type='{format}'/>\n      <source file='{}'/>\n      {encryption}",
+            disk_path.display()
+        ),
+        "\n    <graphics type='vnc' listen='127.0.0.1' autoport='yes'/>",
     )
 }
