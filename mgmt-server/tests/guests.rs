@@ -1,6 +1,8 @@
 //! `guestkeyctl guest ...` end to end against the real server binaries,
-//! with `common::TestAgent` (a test implementation of the host-agent API;
-//! the real host daemon does not exist yet) as the host.
+//! with `common::TestAgent` (a test implementation of the host-agent API)
+//! as the host: these are the server's own checks, fast and without
+//! libvirt. The same flows against the real guestkeyd and libvirtd are in
+//! `tests/tests/`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -213,4 +215,227 @@ fn bad_guest_definitions_are_refused_clearly_and_change_nothing() {
             .iter()
             .any(|r| matches!(r, Received::Define { .. }))
     );
+}
+
+/// Issue 5's commands (rekey, policy, migrate, encrypt, decrypt) refuse bad
+/// requests with a message naming what to fix, and change nothing.
+#[test]
+fn bad_rekey_policy_migration_and_conversion_requests_are_refused_clearly_and_change_nothing() {
+    let s = TestServer::start(None);
+    let mut a = TestAgent::enroll(&s, "kvm-a");
+    a.serve();
+    // kvm-b is enrolled but not serving; kvm-c is added but never enrolled.
+    let _b = TestAgent::enroll(&s, "kvm-b");
+    s.ok(&["host", "add", "kvm-c", "--address", "127.0.0.1:9"]);
+    ready_volume(&s, "kvm-a", "a-disk");
+    ready_volume(&s, "kvm-a", "loose-disk");
+    let ok = write_xml(
+        &s,
+        "ok",
+        &domain("g1", &volume_disk("default", "a-disk", "vda")),
+    );
+    s.ok(&["guest", "define", "--host", "kvm-a", "--xml", &ok]);
+    s.wait_for(20, "defined", || {
+        s.json(&["guest", "show", "g1"])["pending"] == ""
+    });
+    let before = s.state_snapshot();
+
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        // volume rekey
+        (
+            vec!["volume", "rekey", "nope", "--deep"],
+            "no volume named or with id \"nope\"",
+        ),
+        (
+            vec!["volume", "rekey", "a-disk", "--shallow", "--deep"],
+            "cannot be used with",
+        ),
+        (
+            vec!["volume", "rekey", "a-disk", "--online", "--offline"],
+            "cannot be used with",
+        ),
+        (
+            vec!["volume", "rekey", "a-disk", "--deep", "--bandwidth", "fast"],
+            "invalid size \"fast\"",
+        ),
+        // policy set / remove
+        (
+            vec![
+                "policy",
+                "set",
+                "--volume",
+                "nope",
+                "--max-key-age",
+                "90d",
+                "--mode",
+                "deep",
+            ],
+            "no volume named or with id \"nope\"",
+        ),
+        (
+            vec![
+                "policy",
+                "set",
+                "--volume",
+                "a-disk",
+                "--max-key-age",
+                "90y",
+                "--mode",
+                "deep",
+            ],
+            "90y",
+        ),
+        (
+            vec![
+                "policy",
+                "set",
+                "--volume",
+                "a-disk",
+                "--max-key-age",
+                "0s",
+                "--mode",
+                "deep",
+            ],
+            "0s",
+        ),
+        (
+            vec![
+                "policy",
+                "set",
+                "--volume",
+                "a-disk",
+                "--max-key-age",
+                "90d",
+                "--mode",
+                "medium",
+            ],
+            "medium",
+        ),
+        (
+            vec![
+                "policy",
+                "set",
+                "--volume",
+                "a-disk",
+                "--max-key-age",
+                "90d",
+                "--mode",
+                "deep",
+                "--after-migration",
+                "soon",
+            ],
+            "soon",
+        ),
+        (
+            vec![
+                "policy",
+                "set",
+                "--pool",
+                "../p",
+                "--max-key-age",
+                "90d",
+                "--mode",
+                "deep",
+            ],
+            "invalid pool name",
+        ),
+        (
+            vec![
+                "policy",
+                "set",
+                "--pool",
+                "default",
+                "--volume",
+                "a-disk",
+                "--max-key-age",
+                "90d",
+                "--mode",
+                "deep",
+            ],
+            "cannot be used with",
+        ),
+        (
+            vec!["policy", "remove", "--pool", "default"],
+            "no pool policy for default",
+        ),
+        // guest migrate
+        (
+            vec!["guest", "migrate", "nope", "--to", "kvm-b"],
+            "no guest named or with UUID \"nope\"",
+        ),
+        (
+            vec!["guest", "migrate", "g1", "--to", "kvm-zz"],
+            "no host named \"kvm-zz\"",
+        ),
+        (
+            vec!["guest", "migrate", "g1", "--to", "kvm-a"],
+            "already on host kvm-a",
+        ),
+        (
+            vec!["guest", "migrate", "g1", "--to", "kvm-c"],
+            "host kvm-c has not enrolled yet",
+        ),
+        // volume encrypt / decrypt
+        (
+            vec![
+                "volume", "encrypt", "--host", "kvm-zz", "--pool", "default", "--name", "plain",
+            ],
+            "no host named \"kvm-zz\"",
+        ),
+        (
+            vec![
+                "volume", "encrypt", "--host", "kvm-a", "--pool", "default", "--name", "a-disk",
+            ],
+            "a volume named a-disk already exists",
+        ),
+        (
+            vec![
+                "volume", "encrypt", "--host", "kvm-a", "--pool", "default", "--name", "p",
+                "--format", "vmdk",
+            ],
+            "invalid format \"vmdk\"",
+        ),
+        (
+            vec![
+                "volume", "encrypt", "--host", "kvm-a", "--pool", "../x", "--name", "p",
+            ],
+            "invalid pool name",
+        ),
+        (vec!["volume", "decrypt", "loose-disk"], "--yes-i-know"),
+        (vec!["volume", "decrypt", "a-disk", "--yes-i-know"], "g1"),
+        (
+            vec!["volume", "decrypt", "nope", "--yes-i-know"],
+            "no volume named or with id \"nope\"",
+        ),
+    ];
+    let mut wrong = vec![];
+    for (args, want) in cases {
+        let e = s.fails(&args);
+        if !e.contains(want) {
+            wrong.push(format!("{}: expected {want:?} in {e:?}", args.join(" ")));
+        }
+        assert_eq!(
+            s.state_snapshot(),
+            before,
+            "{} changed state",
+            args.join(" ")
+        );
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+
+    // An unreachable destination is found before the guest moves: the
+    // migration is undone (volumes ready, no journal row, guest on kvm-a),
+    // and the guest shows why.
+    let e = s.fails(&["guest", "migrate", "g1", "--to", "kvm-b"]);
+    assert!(e.contains("host kvm-b") && e.contains("unreachable"), "{e}");
+    let g = s.json(&["guest", "show", "g1"]);
+    assert_eq!(g["host"], "kvm-a");
+    assert_eq!(g["migrating_to"], "");
+    assert!(g["last_error"].as_str().unwrap().contains("kvm-b"), "{g}");
+    assert_eq!(s.json(&["volume", "show", "a-disk"])["state"], "ready");
+    let rows: i64 = s
+        .db()
+        .query_row("SELECT COUNT(*) FROM guest_migrations", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 0);
 }

@@ -1,7 +1,7 @@
 //! The management server end to end: the real `guestkey-server` and
 //! `guestkeyctl` binaries on 127.0.0.1 with real mutual TLS. The host side
-//! is `common::TestAgent`, a test implementation of the host-agent API (see
-//! its header): the real host daemon does not exist yet.
+//! is `common::TestAgent`, an instrumented test implementation of the
+//! host-agent API (see its header) that records every packet it receives.
 
 #![allow(clippy::unwrap_used)]
 

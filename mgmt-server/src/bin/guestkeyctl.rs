@@ -288,7 +288,8 @@ enum PolicyCmd {
         /// shallow (new keyslot) or deep (new data key, data rewritten).
         #[arg(long, value_name = "MODE")]
         mode: String,
-        /// Deep rekey this long after a migration (migration is not built yet).
+        /// Deep rekey this long after the volume's guest migrated (the source
+        /// host's QEMU held the data key); default: at once.
         #[arg(long, value_name = "DURATION")]
         after_migration: Option<String>,
     },

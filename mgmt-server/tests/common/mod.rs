@@ -1,12 +1,13 @@
 //! Harness for the server's integration tests: the real `guestkey-server`
 //! and `guestkeyctl` binaries on 127.0.0.1 with real mutual TLS.
 //!
-//! `TestAgent` is a small test implementation of the host-agent gRPC
-//! service, standing in for `guestkeyd` until the host daemon exists (the
-//! host daemon issue moves these flows to the real daemon). It enrolls like
-//! a host, serves over mutual TLS with its enrolled certificate, opens every
-//! sealed key packet it receives with its own sealing key, and records what
-//! it got.
+//! `TestAgent` is a small, instrumented test implementation of the
+//! host-agent gRPC service. It enrolls like a host, serves over mutual TLS
+//! with its enrolled certificate, opens every sealed key packet it receives
+//! with its own sealing key, and records what it got: what the server sent
+//! to which host, which the real `guestkeyd` by design never tells anyone.
+//! These tests are the server's own checks, fast and without libvirt; the
+//! same flows with the real guestkeyd, libvirtd and KVM are in `tests/`.
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::print_stderr)]
 
@@ -185,6 +186,10 @@ impl TestServer {
             ("volumes", "id"),
             ("volume_keys", "volume_id, generation"),
             ("admins", "cert_sha256"),
+            ("guests", "uuid"),
+            ("guest_disks", "guest_uuid, volume_id"),
+            ("policies", "scope, target"),
+            ("guest_migrations", "guest_uuid"),
         ] {
             let mut stmt = db
                 .prepare(&format!("SELECT * FROM {table} ORDER BY {order}"))
@@ -193,7 +198,12 @@ impl TestServer {
             let rows = stmt
                 .query_map([], |r| {
                     Ok((0..n)
-                        .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+                        .map(|i| match r.get_ref(i).unwrap() {
+                            rusqlite::types::ValueRef::Text(t) => {
+                                String::from_utf8_lossy(t).into_owned()
+                            }
+                            other => format!("{other:?}"),
+                        })
                         .collect::<Vec<_>>()
                         .join("|"))
                 })
