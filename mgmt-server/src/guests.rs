@@ -270,6 +270,9 @@ impl Core {
                 g.name
             )));
         }
+        // Only an enrolled host is told anything (a revoked one would leave
+        // the action pending for good).
+        self.enrolled_host(&g.host)?;
         if !g.migrating_to.is_empty() {
             return Err(CoreError::FailedPrecondition(format!(
                 "guest {} is migrating to host {}: finish the migration first (`guestkeyctl guest migrate {} --to {}`)",

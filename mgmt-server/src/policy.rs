@@ -160,7 +160,8 @@ impl Core {
 
     /// The scheduler's round: rekeys every ready volume whose active key is
     /// older than its policy allows, and deep-rekeys every volume whose
-    /// after-migration rekey is due. Returns the volumes rekeyed.
+    /// after-migration rekey is due. Volumes of revoked hosts wait (no key
+    /// goes to them). Returns the volumes rekeyed.
     pub fn apply_policies(&self) -> Result<Vec<String>, CoreError> {
         let now = now_unix();
         let due: Vec<(String, String)> = {
@@ -169,6 +170,7 @@ impl Core {
                 "SELECT v.id, COALESCE(pv.mode, pp.mode)
                  FROM volumes v
                  JOIN volume_keys k ON k.volume_id = v.id AND k.generation = v.generation
+                 JOIN hosts h ON h.name = v.host AND h.state = 'enrolled'
                  LEFT JOIN policies pv ON pv.scope = 'volume' AND pv.target = v.id
                  LEFT JOIN policies pp ON pp.scope = 'pool' AND pp.target = v.pool
                  WHERE v.state = 'ready'
@@ -183,7 +185,8 @@ impl Core {
         let migrated: Vec<String> = {
             let conn = self.db();
             let mut stmt = conn.prepare(
-                "SELECT id FROM volumes WHERE state = 'ready' AND rekey_due > 0 AND rekey_due <= ?1",
+                "SELECT v.id FROM volumes v JOIN hosts h ON h.name = v.host AND h.state = 'enrolled'
+                 WHERE v.state = 'ready' AND v.rekey_due > 0 AND v.rekey_due <= ?1",
             )?;
             let rows = stmt.query_map([now], |r| r.get(0))?;
             rows.collect::<Result<_, _>>()?

@@ -415,7 +415,36 @@ impl Core {
             )));
         }
         let mut conn = self.db();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let host_state: String =
+            tx.query_row("SELECT state FROM hosts WHERE name = ?1", [&v.host], |r| {
+                r.get(0)
+            })?;
+        if host_state == "revoked" {
+            // Nothing more goes to a revoked host, so the image cannot be
+            // removed there: crypto-shredding. Every key generation is
+            // destroyed now, and the volume says where its image stays.
+            audit::append(
+                &tx,
+                &caller.actor(),
+                "volume.delete-requested",
+                &v.id,
+                &format!("volume {} (host {} is revoked)", v.name, v.host),
+            )?;
+            retire(
+                &tx,
+                &v,
+                "deleted",
+                &format!(
+                    "host {} is revoked: its image was left there, unreadable without the destroyed key",
+                    v.host
+                ),
+                &format!("crypto-shredded (host {} is revoked)", v.host),
+            )?;
+            tx.commit()?;
+            drop(conn);
+            return self.get_volume(&v.id);
+        }
         tx.execute(
             "UPDATE volumes SET state = 'pending-delete', attempts = 0, next_attempt = 0, last_error = '' WHERE id = ?1",
             [&v.id],
@@ -460,7 +489,9 @@ impl Core {
             )));
         }
         let mut conn = self.db();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Decryption hands the key to the volume's host: not a revoked one.
+        self.enrolled_host_in(&tx, &v.host)?;
         let users: Vec<String> = {
             let mut stmt = tx.prepare(
                 "SELECT g.name FROM guest_disks d JOIN guests g ON g.uuid = d.guest_uuid
@@ -704,6 +735,8 @@ impl Core {
         let next = v.key_generation + 1;
         let mut conn = self.db();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // The new key is for the volume's host: a revoked host gets none.
+        self.enrolled_host_in(&tx, &v.host)?;
         let master = self.master_for(&tx)?;
         let wrapped = master.wrap(&v.id, next, &key);
         drop(key);

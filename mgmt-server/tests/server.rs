@@ -431,6 +431,31 @@ fn a_revoked_host_loses_the_host_api_and_gets_no_keys() {
     let s = TestServer::start(None);
     let mut a = TestAgent::enroll(&s, "kvm-r");
     a.serve();
+    s.ok(&[
+        "volume", "create", "--host", "kvm-r", "--pool", "p", "--name", "rv", "--size", "1M",
+    ]);
+    s.wait_for(20, "ready", || {
+        s.json(&["volume", "show", "rv"])["state"] == "ready"
+    });
+    let xml = s.dir.join("../revoked-guest.xml");
+    std::fs::write(
+        &xml,
+        "<domain type='kvm'><name>rg</name><memory unit='MiB'>64</memory><devices>\
+         <disk type='volume' device='disk'><source pool='p' volume='rv'/><target dev='vda'/></disk>\
+         </devices></domain>",
+    )
+    .unwrap();
+    s.ok(&[
+        "guest",
+        "define",
+        "--host",
+        "kvm-r",
+        "--xml",
+        xml.to_str().unwrap(),
+    ]);
+    s.wait_for(20, "defined", || {
+        s.json(&["guest", "show", "rg"])["pending"] == ""
+    });
     s.ok(&["host", "revoke", "kvm-r"]);
     assert_eq!(s.json(&["host", "show", "kvm-r"])["state"], "revoked");
     let before = s.state_snapshot();
@@ -438,6 +463,18 @@ fn a_revoked_host_loses_the_host_api_and_gets_no_keys() {
         "volume", "create", "--host", "kvm-r", "--pool", "p", "--name", "v", "--size", "1M",
     ]);
     assert!(e.contains("host kvm-r is revoked: no keys go to it"), "{e}");
+    // Nothing is queued for it either (it would wait for good).
+    for action in ["start", "stop", "undefine"] {
+        let e = s.fails(&["guest", action, "rg"]);
+        assert!(e.contains("host kvm-r is revoked"), "{action}: {e}");
+    }
+    for args in [
+        &["volume", "rekey", "rv", "--deep"][..],
+        &["volume", "decrypt", "rv", "--yes-i-know"],
+    ] {
+        let e = s.fails(args);
+        assert!(e.contains("host kvm-r is revoked"), "{args:?}: {e}");
+    }
     assert_eq!(s.state_snapshot(), before);
 
     // Its certificate no longer works on the host API.

@@ -45,7 +45,7 @@ pub fn opens_with(dir: &Path, path: &Path, format: &str, key: &[u8]) -> bool {
     qemu_io_fmt(dir, path, format, key, "read 0 512").is_ok()
 }
 
-/// Reads the pattern `byte` back over `len` bytes.
+/// Reads the pattern `byte` back over `len` bytes of a qcow2 image.
 pub fn pattern_intact(
     dir: &Path,
     path: &Path,
@@ -53,7 +53,26 @@ pub fn pattern_intact(
     byte: u8,
     len: &str,
 ) -> Result<(), String> {
-    let out = qemu_io(dir, path, key, &format!("read -P {byte:#x} 0 {len}"))?;
+    pattern_intact_fmt(dir, path, "qcow2", key, byte, len)
+}
+
+/// Reads the pattern `byte` back over `len` bytes of a `format` (qcow2 or
+/// raw) LUKS image.
+pub fn pattern_intact_fmt(
+    dir: &Path,
+    path: &Path,
+    format: &str,
+    key: &[u8],
+    byte: u8,
+    len: &str,
+) -> Result<(), String> {
+    let out = qemu_io_fmt(
+        dir,
+        path,
+        format,
+        key,
+        &format!("read -P {byte:#x} 0 {len}"),
+    )?;
     if out.contains("Pattern verification failed") {
         Err(out)
     } else {

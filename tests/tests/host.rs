@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use guestkey_tests::image::{opens_with, pattern_intact, qemu_io};
+use guestkey_tests::image::{opens_with, pattern_intact, pattern_intact_fmt, qemu_io, qemu_io_fmt};
 use guestkey_tests::stack::Stack;
 use guestkey_tests::{run, virsh, volume_domain_xml};
 
@@ -849,4 +849,209 @@ fn a_long_rekey_shows_its_progress_and_wait_follows_it() {
     assert!(done["progress"].is_null());
     let new = s.server_key(&id);
     pattern_intact(&s.dir, &path, new.expose_secret(), 0x6b, "96M").unwrap();
+}
+
+/// Waits until `volume` is ready at key generation `generation`.
+fn wait_generation(s: &Stack, volume: &str, generation: u64) {
+    s.wait_for(
+        120,
+        &format!("{volume} ready at generation {generation}"),
+        || {
+            let v = s.json(&["volume", "show", volume]);
+            v["state"] == "ready" && v["key_generation"] == generation
+        },
+    );
+}
+
+/// A raw LUKS volume (QEMU's LUKS1, no qcow2 around it) goes through every
+/// rekey a qcow2 one does: shallow and deep offline, then deep online while
+/// its guest runs; the data survives each, and only the newest key opens it.
+#[test]
+fn a_raw_luks_volume_is_rekeyed_shallow_deep_and_online() {
+    let s = Stack::start();
+    s.json(&[
+        "volume", "create", "--host", &s.host, "--pool", &s.pool, "--name", "raw-rk", "--size",
+        "16M", "--format", "raw",
+    ]);
+    wait_generation(&s, "raw-rk", 1);
+    let id = s.json(&["volume", "show", "raw-rk"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = s.dir.join("pool/raw-rk");
+    let guest = format!("gk-test-{}-rawrk", std::process::id());
+    let mut cleanup = guestkey_tests::Cleanup::default();
+    s.define_guest(
+        &mut cleanup,
+        &guest,
+        &volume_domain_xml(&guest, &s.pool, "raw-rk", "raw"),
+    );
+    let k1 = s.server_key(&id);
+    qemu_io_fmt(
+        &s.dir,
+        &path,
+        "raw",
+        k1.expose_secret(),
+        "write -P 0x5a 0 2M",
+    )
+    .unwrap();
+
+    // Shallow, offline: new keyslot, same data key (same LUKS UUID).
+    let uuid1 = luks_uuid(&path);
+    s.json(&["volume", "rekey", "raw-rk", "--shallow"]);
+    wait_generation(&s, "raw-rk", 2);
+    let k2 = s.server_key(&id);
+    assert!(opens_with(&s.dir, &path, "raw", k2.expose_secret()));
+    assert!(!opens_with(&s.dir, &path, "raw", k1.expose_secret()));
+    assert_eq!(luks_uuid(&path), uuid1, "a shallow rekey keeps the header");
+    pattern_intact_fmt(&s.dir, &path, "raw", k2.expose_secret(), 0x5a, "2M").unwrap();
+
+    // Deep, offline: a new header (new data key), the data rewritten.
+    s.json(&["volume", "rekey", "raw-rk", "--deep"]);
+    wait_generation(&s, "raw-rk", 3);
+    let k3 = s.server_key(&id);
+    assert_ne!(luks_uuid(&path), uuid1, "a deep rekey makes a new header");
+    assert!(!opens_with(&s.dir, &path, "raw", k2.expose_secret()));
+    pattern_intact_fmt(&s.dir, &path, "raw", k3.expose_secret(), 0x5a, "2M").unwrap();
+
+    // Deep, online: the guest keeps running in the same QEMU process.
+    virsh(&["start", &guest]).unwrap();
+    let pid = qemu_pid(&guest);
+    let uuid3 = luks_uuid(&path);
+    s.json(&["volume", "rekey", "raw-rk", "--deep"]);
+    wait_generation(&s, "raw-rk", 4);
+    assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
+    assert_eq!(
+        qemu_pid(&guest),
+        pid,
+        "the same QEMU process runs the guest"
+    );
+    assert!(secret_list_is_empty());
+    virsh(&["destroy", &guest]).unwrap();
+    let k4 = s.server_key(&id);
+    assert_ne!(luks_uuid(&path), uuid3);
+    assert!(!opens_with(&s.dir, &path, "raw", k3.expose_secret()));
+    pattern_intact_fmt(&s.dir, &path, "raw", k4.expose_secret(), 0x5a, "2M").unwrap();
+    assert!(!s.dir.join("pool/raw-rk.gk-rekey").exists());
+    virsh(&["start", &guest]).unwrap();
+    assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
+}
+
+/// A volume asked for while the host's guestkeyd is down waits, with the
+/// reason shown, and is made once guestkeyd is back: nothing is lost.
+#[test]
+fn a_volume_asked_for_while_guestkeyd_is_down_is_made_when_it_is_back() {
+    let mut s = Stack::start();
+    s.daemon.take().unwrap().stop();
+    s.json(&[
+        "volume",
+        "create",
+        "--host",
+        &s.host,
+        "--pool",
+        &s.pool,
+        "--name",
+        "late-disk",
+        "--size",
+        "16M",
+    ]);
+    s.wait_for(30, "a failed attempt", || {
+        s.json(&["volume", "show", "late-disk"])["attempts"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+    });
+    let v = s.json(&["volume", "show", "late-disk"]);
+    assert_eq!(v["state"], "pending-create", "{v}");
+    let why = v["last_error"].as_str().unwrap();
+    assert!(why.contains(&s.host) && why.contains("unreachable"), "{v}");
+    let path = s.dir.join("pool/late-disk");
+    assert!(!path.exists());
+
+    s.run_daemon();
+    wait_generation(&s, "late-disk", 1);
+    let key = s.server_key(v["id"].as_str().unwrap());
+    assert!(opens_with(&s.dir, &path, "qcow2", key.expose_secret()));
+}
+
+/// A revoked host gets no more keys: creating, rekeying or decrypting its
+/// volumes is refused with the reason, its rotation policy waits, and
+/// nothing changes on the server or the host. Deleting one of its volumes
+/// destroys the keys at once (crypto-shredding): the image stays on the
+/// host, which nothing reaches any more.
+#[test]
+fn a_revoked_host_gets_no_more_keys_and_its_volumes_can_be_shredded() {
+    let s = Stack::start();
+    let v = s.volume("kept-disk", "16M");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let path = s.dir.join("pool/kept-disk");
+    let image_before = std::fs::read(&path).unwrap();
+    s.json(&["host", "revoke", &s.host]);
+    assert_eq!(s.json(&["host", "show", &s.host])["state"], "revoked");
+    // A policy that would rotate the key every second.
+    s.json(&[
+        "policy",
+        "set",
+        "--volume",
+        "kept-disk",
+        "--max-key-age",
+        "1s",
+        "--mode",
+        "shallow",
+    ]);
+    let volumes_before = s.json(&["volume", "list"]);
+
+    let refused = [
+        vec![
+            "volume", "create", "--host", &s.host, "--pool", &s.pool, "--name", "new-disk",
+            "--size", "16M",
+        ],
+        vec!["volume", "rekey", "kept-disk", "--deep"],
+        vec!["volume", "rekey", "kept-disk", "--shallow"],
+        vec!["volume", "decrypt", "kept-disk", "--yes-i-know"],
+    ];
+    for args in refused {
+        let o = s.ctl(&args);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} was accepted");
+        assert!(
+            e.contains(&format!("host {} is revoked: no keys go to it", s.host)),
+            "{args:?}: {e}"
+        );
+    }
+    // Three scheduler rounds later, still nothing changed.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(s.json(&["volume", "list"]), volumes_before);
+    assert!(!s.dir.join("pool/new-disk").exists());
+    assert!(
+        std::fs::read(&path).unwrap() == image_before,
+        "the image changed"
+    );
+
+    let d = s.json(&["volume", "delete", "kept-disk"]);
+    assert_eq!(d["state"], "deleted", "{d}");
+    assert!(d["last_error"].as_str().unwrap().contains("revoked"), "{d}");
+    let db = rusqlite::Connection::open(s.dir.join("server/guestkey.db")).unwrap();
+    let keys: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM volume_keys WHERE volume_id = ?1",
+            [&id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(keys, 0, "every key generation is destroyed");
+    let audit = s.json(&["audit"]);
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["action"] == "key.destroyed"
+                && r["subject"] == id.as_str()
+                && r["detail"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("crypto-shredded")),
+        "{audit}"
+    );
 }
