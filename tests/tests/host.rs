@@ -760,10 +760,29 @@ fn a_crash_at_any_instant_of_a_rekey_loses_no_volume() {
                     .status();
             }
         }
+        // The two-key window: mid-rotation the server holds the old and the
+        // new generation, never more; once it is done, only the new one.
+        let generations = || -> Vec<i64> {
+            let db = rusqlite::Connection::open(s.dir.join("server/guestkey.db")).unwrap();
+            db.prepare(
+                "SELECT generation FROM volume_keys WHERE volume_id = ?1 ORDER BY generation",
+            )
+            .unwrap()
+            .query_map([&id], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+        };
+        let mid = generations();
+        assert!(
+            !mid.is_empty() && mid.len() <= 2 && mid.iter().all(|g| *g as u64 >= gen_before),
+            "trial {t}: generations held mid-rotation: {mid:?}"
+        );
         s.wait_for(240, "the rekey completes after the crash", || {
             let v = s.json(&["volume", "show", "fault-disk"]);
             v["state"] == "ready" && v["key_generation"].as_u64().unwrap() == gen_before + 1
         });
+        assert_eq!(generations(), vec![(gen_before + 1) as i64], "trial {t}");
         let key = s.server_key(&id);
         if let Err(e) = pattern_intact(&s.dir, &path, key.expose_secret(), 0xef, "1M") {
             panic!(
