@@ -38,6 +38,21 @@ fn ready_volume(s: &TestServer, host: &str, name: &str) -> serde_json::Value {
     s.json(&["volume", "show", name])
 }
 
+/// Defines guest g1 on kvm-a with volume a-disk, waits until the host has
+/// it, and returns the XML file's path.
+fn define_g1(s: &TestServer) -> String {
+    let ok = write_xml(
+        s,
+        "ok",
+        &domain("g1", &volume_disk("default", "a-disk", "vda")),
+    );
+    s.ok(&["guest", "define", "--host", "kvm-a", "--xml", &ok]);
+    s.wait_for(20, "defined", || {
+        s.json(&["guest", "show", "g1"])["pending"] == ""
+    });
+    ok
+}
+
 fn write_xml(s: &TestServer, name: &str, xml: &str) -> String {
     let p = s.dir.join(format!("../{name}.xml"));
     std::fs::write(&p, xml).unwrap();
@@ -134,15 +149,7 @@ fn bad_guest_definitions_are_refused_clearly_and_change_nothing() {
     ready_volume(&s, "kvm-a", "a-disk");
     let b_vol = ready_volume(&s, "kvm-b", "b-disk");
     let b_path = format!("/srv/test-agent/default/{}", b_vol["id"].as_str().unwrap());
-    let ok = write_xml(
-        &s,
-        "ok",
-        &domain("g1", &volume_disk("default", "a-disk", "vda")),
-    );
-    s.ok(&["guest", "define", "--host", "kvm-a", "--xml", &ok]);
-    s.wait_for(20, "defined", || {
-        s.json(&["guest", "show", "g1"])["pending"] == ""
-    });
+    let ok = define_g1(&s);
     let before = s.state_snapshot();
     let guests_before = s.ok(&["--json", "guest", "list"]);
 
@@ -229,15 +236,7 @@ fn bad_rekey_policy_migration_and_conversion_requests_are_refused_clearly_and_ch
     s.ok(&["host", "add", "kvm-c", "--address", "127.0.0.1:9"]);
     ready_volume(&s, "kvm-a", "a-disk");
     ready_volume(&s, "kvm-a", "loose-disk");
-    let ok = write_xml(
-        &s,
-        "ok",
-        &domain("g1", &volume_disk("default", "a-disk", "vda")),
-    );
-    s.ok(&["guest", "define", "--host", "kvm-a", "--xml", &ok]);
-    s.wait_for(20, "defined", || {
-        s.json(&["guest", "show", "g1"])["pending"] == ""
-    });
+    define_g1(&s);
     let before = s.state_snapshot();
 
     let cases: Vec<(Vec<&str>, &str)> = vec![

@@ -445,11 +445,18 @@ impl Stack {
             .expect("server key")
     }
 
-    /// Creates a volume and waits until the host made it; returns its JSON.
+    /// Creates a qcow2 volume and waits until the host made it; returns its
+    /// JSON.
     pub fn volume(&self, name: &str, size: &str) -> serde_json::Value {
+        self.volume_fmt(name, size, "qcow2")
+    }
+
+    /// Creates a volume of `format` (qcow2 or raw) and waits until the host
+    /// made it; returns its JSON.
+    pub fn volume_fmt(&self, name: &str, size: &str, format: &str) -> serde_json::Value {
         self.json(&[
             "volume", "create", "--host", &self.host, "--pool", &self.pool, "--name", name,
-            "--size", size,
+            "--size", size, "--format", format,
         ]);
         self.wait_for(60, "volume ready", || {
             self.json(&["volume", "show", name])["state"] == "ready"

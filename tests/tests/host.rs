@@ -442,26 +442,9 @@ fn a_second_host_never_receives_the_first_hosts_keys() {
 #[test]
 fn a_raw_luks_volume_works_like_a_qcow2_one() {
     let s = Stack::start();
-    s.json(&[
-        "volume", "create", "--host", &s.host, "--pool", &s.pool, "--name", "raw-disk", "--size",
-        "16M", "--format", "raw",
-    ]);
-    s.wait_for(60, "raw volume ready", || {
-        s.json(&["volume", "show", "raw-disk"])["state"] == "ready"
-    });
-    let info = run(
-        "qemu-img",
-        &["info", s.dir.join("pool/raw-disk").to_str().unwrap()],
-    )
-    .unwrap();
+    let (_, guest, path, _cleanup) = guest_on_volume_fmt(&s, "raw-disk", "raw", "raw");
+    let info = run("qemu-img", &["info", path.to_str().unwrap()]).unwrap();
     assert!(info.contains("file format: luks"), "{info}");
-    let guest = format!("gk-test-{}-raw", std::process::id());
-    let mut cleanup = guestkey_tests::Cleanup::default();
-    s.define_guest(
-        &mut cleanup,
-        &guest,
-        &volume_domain_xml(&guest, &s.pool, "raw-disk", "raw"),
-    );
     virsh(&["start", &guest]).unwrap();
     assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
     assert!(secret_list_is_empty());
@@ -811,11 +794,25 @@ fn guest_on_volume(
     volume: &str,
     tag: &str,
 ) -> (String, String, std::path::PathBuf, guestkey_tests::Cleanup) {
-    let v = s.volume(volume, "16M");
+    guest_on_volume_fmt(s, volume, tag, "qcow2")
+}
+
+/// [`guest_on_volume`] with a volume of `format` (qcow2 or raw).
+fn guest_on_volume_fmt(
+    s: &Stack,
+    volume: &str,
+    tag: &str,
+    format: &str,
+) -> (String, String, std::path::PathBuf, guestkey_tests::Cleanup) {
+    let v = s.volume_fmt(volume, "16M", format);
     let id = v["id"].as_str().unwrap().to_owned();
     let guest = format!("gk-test-{}-{tag}", std::process::id());
     let mut cleanup = guestkey_tests::Cleanup::default();
-    s.define_guest(&mut cleanup, &guest, &domain_xml(&guest, &s.pool, volume));
+    s.define_guest(
+        &mut cleanup,
+        &guest,
+        &volume_domain_xml(&guest, &s.pool, volume, format),
+    );
     (id, guest, s.dir.join("pool").join(volume), cleanup)
 }
 
@@ -888,23 +885,7 @@ fn wait_generation(s: &Stack, volume: &str, generation: u64) {
 #[test]
 fn a_raw_luks_volume_is_rekeyed_shallow_deep_and_online() {
     let s = Stack::start();
-    s.json(&[
-        "volume", "create", "--host", &s.host, "--pool", &s.pool, "--name", "raw-rk", "--size",
-        "16M", "--format", "raw",
-    ]);
-    wait_generation(&s, "raw-rk", 1);
-    let id = s.json(&["volume", "show", "raw-rk"])["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let path = s.dir.join("pool/raw-rk");
-    let guest = format!("gk-test-{}-rawrk", std::process::id());
-    let mut cleanup = guestkey_tests::Cleanup::default();
-    s.define_guest(
-        &mut cleanup,
-        &guest,
-        &volume_domain_xml(&guest, &s.pool, "raw-rk", "raw"),
-    );
+    let (id, guest, path, _cleanup) = guest_on_volume_fmt(&s, "raw-rk", "rawrk", "raw");
     let k1 = s.server_key(&id);
     qemu_io_fmt(
         &s.dir,
