@@ -289,8 +289,8 @@ fn qemu_img_convert(dir: &Path, path: &str, format: Format, a: &[u8], b: &[u8]) 
         ),
     };
     let out_path = format!("{path}.convert");
-    // qemu-img's PBKDF calibration fails now and then on a busy machine
-    // ("Unable to get accurate CPU usage"): try again, as guestkeyd does.
+    // qemu-img's PBKDF calibration often fails on a busy machine: try
+    // again, as guestkeyd does (see luks::CALIBRATION_TRIES).
     let mut tries = 0;
     let out = loop {
         let out = Command::new("qemu-img")
@@ -304,7 +304,7 @@ fn qemu_img_convert(dir: &Path, path: &str, format: Format, a: &[u8], b: &[u8]) 
             .output()
             .unwrap();
         tries += 1;
-        if out.status.success() || tries == 3 {
+        if out.status.success() || tries == luks::CALIBRATION_TRIES {
             break out;
         }
         let _ = std::fs::remove_file(&out_path);

@@ -322,8 +322,6 @@ fn a_volume_that_the_delivered_key_does_not_open_fails_with_qemus_words() {
     std::fs::remove_file(&path).unwrap();
     let other = s.dir.join("other-pass");
     std::fs::write(&other, "not-the-key-guestkey-delivers-0123456789").unwrap();
-    // qemu-img's PBKDF calibration can fail on a busy machine ("Unable to
-    // get accurate CPU usage"): try again, boundedly.
     let secret = format!("secret,id=s0,file={}", other.display());
     let args = [
         "create",
@@ -337,8 +335,7 @@ fn a_volume_that_the_delivered_key_does_not_open_fails_with_qemus_words() {
         path.to_str().unwrap(),
         "16M",
     ];
-    let created = (0..3).any(|_| run("qemu-img", &args).is_ok());
-    assert!(created, "qemu-img create failed three times");
+    guestkey_tests::retry_calibration(|| run("qemu-img", &args)).unwrap();
     let err = virsh(&["start", &guest]).unwrap_err().0;
     assert!(err.contains("Invalid password"), "{err}");
     assert!(

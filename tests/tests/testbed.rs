@@ -92,7 +92,9 @@ fn kvm_guest_starts_from_a_luks_volume_with_an_ephemeral_private_secret() {
     );
     let vol_file = dir.join("vol.xml");
     std::fs::write(&vol_file, vol_xml).unwrap();
-    virsh(&["vol-create", &pool, vol_file.to_str().unwrap()]).unwrap();
+    // libvirt runs qemu-img, whose PBKDF calibration often fails.
+    guestkey_tests::retry_calibration(|| virsh(&["vol-create", &pool, vol_file.to_str().unwrap()]))
+        .unwrap();
     let info = run("qemu-img", &["info", vol_path.to_str().unwrap()]).unwrap();
     assert!(
         info.contains("encrypted: yes") && info.contains("format: luks"),
