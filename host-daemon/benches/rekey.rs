@@ -19,9 +19,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use host_daemon::hypervisor::{Format, Hypervisor, Libvirt};
-use host_daemon::luks;
-use host_daemon::store::VolumeEntry;
+use host_daemon::image::{CALIBRATION_TRIES, Images, QemuImages};
+use host_daemon::libvirt::{Hypervisor, Libvirt};
+use host_daemon::model::{Format, VolumeEntry};
+use host_daemon::ops::{Online, copy_online};
 use xdr_wipe::packet::generate_passphrase;
 
 fn main() {
@@ -62,7 +63,7 @@ fn main() {
         let ceiling = timed(|| plain_copy(img, &format!("{img}.copy")));
         std::fs::remove_file(format!("{img}.copy")).unwrap();
         let convert = timed(|| qemu_img_convert(&dir, img, format, a, b));
-        let ours = timed(|| luks::deep_rekey(img, format, a, b, 0).unwrap());
+        let ours = timed(|| QemuImages.deep_rekey(img, format, a, b, 0).unwrap());
         println!("offline deep rekey, {name}:");
         row(
             "plain copy of the same bytes (disk ceiling)",
@@ -81,7 +82,7 @@ fn main() {
             let shallow: Vec<Duration> = (0..3)
                 .map(|i| {
                     let (o, n) = if i % 2 == 0 { (b, a) } else { (a, b) };
-                    timed(|| luks::replace_passphrase(img, format, o, n).unwrap())
+                    timed(|| QemuImages.replace_passphrase(img, format, o, n).unwrap())
                 })
                 .collect();
             let mut s = shallow.clone();
@@ -200,12 +201,19 @@ fn online(dir: &Path, size: u64, a: &[u8], b: &[u8]) {
         secret_uuid: secret,
     };
     let t = timed(|| {
-        host_daemon::agent::copy_online(&hv, &uuid, &v, Format::Qcow2, b, size, 0).unwrap();
+        let o = Online {
+            guest: &uuid,
+            volume: &v,
+            format: Format::Qcow2,
+            size,
+            bandwidth: 0,
+        };
+        copy_online(&hv, &QemuImages, &o, b, &|s| hv.remove_secret(s).is_ok()).unwrap();
     });
     let _ = Command::new("virsh")
         .args(["-c", "qemu:///system", "destroy", &name])
         .output();
-    assert!(luks::opens_with(img, Format::Qcow2, b).unwrap());
+    assert!(QemuImages.opens_with(img, Format::Qcow2, b).unwrap());
     println!("online deep rekey of a running guest's qcow2 disk:");
     row(
         "plain copy of the same bytes (disk ceiling)",
@@ -225,7 +233,7 @@ fn online(dir: &Path, size: u64, a: &[u8], b: &[u8]) {
 /// every cluster is allocated and re-encryption has the full size to do).
 fn make_full_volume(dir: &Path, path: &str, format: Format, size: u64, key: &[u8]) {
     let _ = std::fs::remove_file(path);
-    luks::create_image(path, format, size, key).unwrap();
+    QemuImages.create(path, format, size, key).unwrap();
     let kf = dir.join("fill.key");
     write_key(&kf, key);
     let opts = match format {
@@ -290,7 +298,7 @@ fn qemu_img_convert(dir: &Path, path: &str, format: Format, a: &[u8], b: &[u8]) 
     };
     let out_path = format!("{path}.convert");
     // qemu-img's PBKDF calibration often fails on a busy machine: try
-    // again, as guestkeyd does (see luks::CALIBRATION_TRIES).
+    // again, as guestkeyd does (see CALIBRATION_TRIES).
     let mut tries = 0;
     let out = loop {
         let out = Command::new("qemu-img")
@@ -304,7 +312,7 @@ fn qemu_img_convert(dir: &Path, path: &str, format: Format, a: &[u8], b: &[u8]) 
             .output()
             .unwrap();
         tries += 1;
-        if out.status.success() || tries == luks::CALIBRATION_TRIES {
+        if out.status.success() || tries == CALIBRATION_TRIES {
             break out;
         }
         let _ = std::fs::remove_file(&out_path);

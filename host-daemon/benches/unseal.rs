@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use host_daemon::keys::HostKeys;
+use host_daemon::protect::{HostKeys, HostProtectors};
 use host_daemon::state::{StateDir, write_atomic};
 use host_daemon::store::{GuestRecord, Store, StoredKey};
 use xdr_wipe::packet::{CipherParams, KeyPacket, VolumeFormat, VolumeId, generate_passphrase};
@@ -24,13 +24,10 @@ fn main() {
     host_daemon::state::private_dir(&dir).unwrap();
     let sealing = HostSealingKey::generate();
     write_atomic(&state.file("host"), b"kvm-bench").unwrap();
-    write_atomic(
-        &state.file("sealing.key"),
-        sealing.expose_secret_bytes().as_ref(),
-    )
-    .unwrap();
-    let keys = HostKeys::load(&state).unwrap();
-    let store = Store::open(&state).unwrap();
+    let protectors = HostProtectors::files(&state);
+    HostKeys::protect_new(&sealing, &*protectors.sealing).unwrap();
+    let keys = HostKeys::load(&state, &*protectors.sealing).unwrap();
+    let store = Store::open(&state, &*protectors.store).unwrap();
     let host = XdrString::new("kvm-bench").unwrap();
     for _ in 0..n {
         let vid = VolumeId(uuid::Uuid::new_v4());
@@ -74,7 +71,7 @@ fn main() {
 
     // Start-up: open the store and list it (what guestkeyd does before serving).
     let t = Instant::now();
-    let store2 = Store::open(&state).unwrap();
+    let store2 = Store::open(&state, &*protectors.store).unwrap();
     let listed = store2.guests().unwrap().len();
     let ready = t.elapsed();
 
@@ -84,7 +81,7 @@ fn main() {
     for uuid in store2.guests().unwrap() {
         let rec = store2.load(&uuid).unwrap().unwrap();
         for k in rec.keys.iter() {
-            drop(keys.open_stored(k).unwrap());
+            drop(keys.open(&k.sealed, k.volume_id, k.generation).unwrap());
             opened += 1;
         }
     }

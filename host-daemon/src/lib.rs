@@ -1,23 +1,30 @@
 //! guestkey host daemon (`guestkeyd`).
 //!
-//! Serves the host-agent API to the management server over mutual TLS
-//! ([`agent`]), keeps each guest's domain XML and sealed key packets in the
-//! [`store`], talks to libvirt through the [`hypervisor::Hypervisor`] trait,
-//! and answers the libvirt hook (`guestkey-hook`) on a root-only Unix
-//! socket ([`hook_server`]): keys become ephemeral, private libvirt secrets
-//! only while QEMU opens the disks.
+//! The layers, bottom up (a module imports only those below it):
+//!
+//! | module | what |
+//! | --- | --- |
+//! | [`model`] | names, UUIDs, formats, states, volume entries |
+//! | [`state`], [`progress`], [`hardening`], [`instance`] | state directory, progress of long operations, process hardening, one instance per host |
+//! | [`protect`] | the host's keys at rest, through key protectors |
+//! | [`store`] | the sealed guest store and the volume registry |
+//! | [`image`] | volume images behind the [`image::Images`] trait: qemu-img, guestkeyd's LUKS1 engine, link-safe file access |
+//! | [`libvirt`] | libvirt behind the [`libvirt::Hypervisor`] trait: domains, secrets, pools, block jobs, events |
+//! | [`ops`] | the daemon's operations ([`ops::Daemon`]), written against the two traits |
+//! | [`hook`], [`grpc`] | the adapters: the libvirt hook's socket, and gRPC (the host-agent service, enrollment, reports) — the only files that import tonic or prost |
+//!
+//! Keys become ephemeral, private libvirt secrets only while QEMU opens the
+//! disks; no RPC returns a key.
 
-pub mod agent;
-pub mod blockjob;
-pub mod enroll;
-pub mod events;
+pub mod grpc;
 pub mod hardening;
-pub mod hook_server;
-pub mod hypervisor;
-pub mod keys;
-pub mod luks;
+pub mod hook;
+pub mod image;
+pub mod instance;
+pub mod libvirt;
+pub mod model;
+pub mod ops;
 pub mod progress;
-pub mod reencrypt;
-pub mod report;
+pub mod protect;
 pub mod state;
 pub mod store;

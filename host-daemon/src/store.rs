@@ -15,13 +15,15 @@ use std::path::PathBuf;
 use chacha20poly1305::aead::{AeadInOut, KeyInit};
 use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
 use secrecy::{ExposeSecret, SecretBox};
-use serde::{Deserialize, Serialize};
+
 use xdr_wipe::packet::VolumeId;
 use xdr_wipe::seal::MAX_CIPHERTEXT;
 use xdr_wipe::{BoundedVec, Opaque, XdrString};
 use zeroize::Zeroizing;
 
+pub use crate::model::VolumeEntry;
 use crate::state::{StateDir, private_dir, write_atomic};
+use guestkey_protect::{KeyProtector, ProtectError, ProtectedKey};
 
 xdr_wipe::xdr_struct! {
     /// One disk key of a guest: the sealed packet as received.
@@ -53,21 +55,6 @@ xdr_wipe::xdr_struct! {
     }
 }
 
-/// A volume created on this host (no key).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct VolumeEntry {
-    /// Volume id.
-    pub volume_id: String,
-    /// libvirt volume name.
-    pub name: String,
-    /// Pool.
-    pub pool: String,
-    /// Path on this host.
-    pub path: String,
-    /// libvirt secret UUID for its key.
-    pub secret_uuid: String,
-}
-
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -95,9 +82,12 @@ pub enum StoreError {
         /// Decoding error.
         error: xdr_wipe::Error,
     },
-    /// The store key file is wrong.
-    #[error("{0} must hold 32 bytes")]
-    BadKey(PathBuf),
+    /// The store key is wrong.
+    #[error("the store key from {0} must be 32 bytes")]
+    BadKey(String),
+    /// The store key's protector failed.
+    #[error("the store key: {0}")]
+    Protector(#[from] ProtectError),
 }
 
 /// The store.
@@ -109,29 +99,27 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens the store, creating `store.key` on first use.
-    pub fn open(dir: &StateDir) -> Result<Self, StoreError> {
-        let io = |what, path: &std::path::Path| {
-            let path = path.to_owned();
-            move |source| StoreError::Io { what, path, source }
-        };
-        private_dir(&dir.guests()).map_err(io("create", &dir.guests()))?;
-        let key_path = dir.file("store.key");
-        if !key_path.exists() {
-            let mut k = Zeroizing::new([0u8; 32]);
-            getrandom::fill(k.as_mut()).map_err(|e| StoreError::Io {
+    /// Opens the store, making its key on first use.
+    pub fn open(dir: &StateDir, protector: &dyn KeyProtector) -> Result<Self, StoreError> {
+        private_dir(&dir.guests()).map_err(|source| StoreError::Io {
+            what: "create",
+            path: dir.guests(),
+            source,
+        })?;
+        if !protector.exists()? {
+            let k = ProtectedKey::random(32).map_err(|e| StoreError::Io {
                 what: "random",
-                path: key_path.clone(),
-                source: std::io::Error::other(e.to_string()),
+                path: dir.root().to_owned(),
+                source: e,
             })?;
-            write_atomic(&key_path, k.as_ref()).map_err(io("write", &key_path))?;
+            protector.create(&k)?;
         }
-        let bytes = Zeroizing::new(std::fs::read(&key_path).map_err(io("read", &key_path))?);
+        let k = protector.unseal()?;
+        if k.len() != 32 {
+            return Err(StoreError::BadKey(protector.describe()));
+        }
         let mut key = SecretBox::new(Box::new([0u8; 32]));
-        if bytes.len() != 32 {
-            return Err(StoreError::BadKey(key_path));
-        }
-        secrecy::ExposeSecretMut::expose_secret_mut(&mut key).copy_from_slice(&bytes);
+        secrecy::ExposeSecretMut::expose_secret_mut(&mut key).copy_from_slice(k.expose_secret());
         Ok(Self {
             dir: dir.clone(),
             key,
@@ -310,7 +298,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("gk-store-{}", std::process::id()));
         let state = StateDir::new(&dir);
         private_dir(&dir).unwrap();
-        let store = Store::open(&state).unwrap();
+        let store = Store::open(
+            &state,
+            &*crate::protect::HostProtectors::files(&state).store,
+        )
+        .unwrap();
         let uuid = "6f1c2b1e-0000-0000-0000-0000000000aa";
         store.save(&record(uuid)).unwrap();
         assert_eq!(store.guests().unwrap(), vec![uuid.to_owned()]);

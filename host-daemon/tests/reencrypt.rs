@@ -1,15 +1,18 @@
-//! guestkeyd's own re-encryption (host_daemon::reencrypt) against QEMU:
-//! images made by qemu-img, data written and read back by qemu-io with the
-//! old and the new passphrase. Needs qemu-utils (scripts/setup).
+//! guestkeyd's own re-encryption (`host_daemon::image::luks1`) against
+//! QEMU: images made by qemu-img, data written and read back by qemu-io with
+//! the old and the new passphrase; and the whole deep rekey of the image
+//! layer (engine or qemu-img fallback, checks, swap, wipe). Needs
+//! qemu-utils (scripts/setup).
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use host_daemon::hypervisor::Format;
-use host_daemon::luks;
-use host_daemon::reencrypt::deep_rekey_copy;
+use host_daemon::image::luks1::reencrypt;
+use host_daemon::image::{ImageError, Images, QemuImages};
+use host_daemon::model::Format;
 
 fn dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("gk-reenc-{tag}-{}", std::process::id()));
@@ -55,7 +58,7 @@ fn roundtrip(format: Format, tag: &str) {
     let path = d.join("vol");
     let path = path.to_str().unwrap();
     let (a, b) = keys();
-    luks::create_image(path, format, 8 << 20, &a).unwrap();
+    QemuImages.create(path, format, 8 << 20, &a).unwrap();
     // Some data, a hole, and (qcow2) an allocated cluster that reads as zeros.
     let writes = [
         "write -P 0x11 0 1M",
@@ -68,46 +71,55 @@ fn roundtrip(format: Format, tag: &str) {
     }
     // What the hole reads as (zeros in qcow2; in raw LUKS, zero ciphertext
     // decrypted): the same before and after.
-    let hole = |key: &[u8]| {
-        let (ok, out) = qemu_io(&d, path, format, key, &["read -v 1M 4k"]);
+    let hole = |p: &str, key: &[u8]| {
+        let (ok, out) = qemu_io(&d, p, format, key, &["read -v 1M 4k"]);
         assert!(ok, "{out}");
         out.lines()
             .filter(|l| l.len() > 9 && l.as_bytes()[8] == b':')
             .map(str::to_owned)
             .collect::<Vec<_>>()
     };
-    let hole_before = hole(&a);
+    let hole_before = hole(path, &a);
     let allocated = |p: &str| {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(p).unwrap().blocks() * 512
     };
     let before = allocated(path);
-    let tmp = deep_rekey_copy(path, format, &a, &b, 0)
+    let copy = d.join("copy");
+    let (src, dst) = (File::open(path).unwrap(), File::create_new(&copy).unwrap());
+    reencrypt(&src, &dst, format, &a, &b, 0, path)
         .unwrap()
         .unwrap_or_else(|u| panic!("declined: {}", u.0));
+    let copy = copy.to_str().unwrap();
     if format == Format::Qcow2 {
         // Holes stay holes: a thin image stays thin.
         assert!(
-            allocated(&tmp) <= before + (1 << 20),
+            allocated(copy) <= before + (1 << 20),
             "{} > {before}",
-            allocated(&tmp)
+            allocated(copy)
         );
     }
-    luks::swap_and_wipe(&tmp, path).unwrap();
     let reads = [
         "read -P 0x11 0 1M",
         "read -P 0x22 3M 64k",
         "read -P 0x33 7405568 960k",
     ];
-    let (ok, out) = qemu_io(&d, path, format, &b, &reads);
+    let (ok, out) = qemu_io(&d, copy, format, &b, &reads);
     assert!(ok, "{out}");
-    assert_eq!(hole(&b), hole_before);
+    assert_eq!(hole(copy, &b), hole_before);
     if format == Format::Qcow2 {
-        let (ok, out) = qemu_io(&d, path, format, &b, &["read -P 0 7M 64k"]);
+        let (ok, out) = qemu_io(&d, copy, format, &b, &["read -P 0 7M 64k"]);
         assert!(ok, "{out}");
     }
-    let (ok, out) = qemu_io(&d, path, format, &a, &["read 0 512"]);
+    let (ok, out) = qemu_io(&d, copy, format, &a, &["read 0 512"]);
     assert!(!ok && out.contains("Invalid password"), "{out}");
+    // The whole deep rekey of the image layer: the same result in place,
+    // no copy left in the staging directory.
+    QemuImages.deep_rekey(path, format, &a, &b, 0).unwrap();
+    let (ok, out) = qemu_io(&d, path, format, &b, &reads);
+    assert!(ok, "{out}");
+    assert!(!QemuImages.opens_with(path, format, &a).unwrap());
+    assert_eq!(std::fs::read_dir(d.join(".guestkey")).unwrap().count(), 0);
     std::fs::remove_dir_all(&d).unwrap();
 }
 
@@ -127,15 +139,27 @@ fn unknown_layouts_are_declined_untouched_and_a_wrong_key_is_an_error() {
     let path = d.join("vol");
     let path = path.to_str().unwrap();
     let (a, b) = keys();
-    luks::create_image(path, Format::Qcow2, 4 << 20, &a).unwrap();
+    QemuImages.create(path, Format::Qcow2, 4 << 20, &a).unwrap();
     assert!(qemu_io(&d, path, Format::Qcow2, &a, &["write -P 0x44 0 64k"]).0);
     let before = std::fs::read(path).unwrap();
     // The wrong current key: an error, nothing written.
-    let err = deep_rekey_copy(path, Format::Qcow2, &b, &a, 0)
+    let copy = d.join("copy");
+    let (src, dst) = (File::open(path).unwrap(), File::create_new(&copy).unwrap());
+    let err = reencrypt(&src, &dst, Format::Qcow2, &b, &a, 0, path)
         .err()
         .unwrap();
-    assert!(err.0.contains("does not open"), "{}", err.0);
-    assert!(!Path::new(&format!("{path}.gk-rekey")).exists());
+    assert!(
+        matches!(&err, ImageError::Check(m) if m.contains("does not open")),
+        "{err}"
+    );
+    assert_eq!(std::fs::metadata(&copy).unwrap().len(), 0);
+    // The whole deep rekey with the wrong key: refused, the image untouched.
+    assert!(
+        QemuImages
+            .deep_rekey(path, Format::Qcow2, &b, &a, 0)
+            .is_err()
+    );
+    assert_eq!(std::fs::read(path).unwrap(), before);
     // An internal snapshot: declined (the caller uses qemu-img instead).
     let kf = d.join("k");
     std::fs::write(&kf, &a).unwrap();
@@ -155,11 +179,14 @@ fn unknown_layouts_are_declined_untouched_and_a_wrong_key_is_an_error() {
     );
     let snap = std::fs::read(path).unwrap();
     assert_ne!(before, snap);
-    let declined = deep_rekey_copy(path, Format::Qcow2, &a, &b, 0).unwrap();
+    let src = File::open(path).unwrap();
+    let declined = reencrypt(&src, &dst, Format::Qcow2, &a, &b, 0, path).unwrap();
     assert!(declined.is_err());
     assert_eq!(std::fs::read(path).unwrap(), snap, "untouched");
     // The full deep rekey still works, through qemu-img.
-    luks::deep_rekey(path, Format::Qcow2, &a, &b, 0).unwrap();
+    QemuImages
+        .deep_rekey(path, Format::Qcow2, &a, &b, 0)
+        .unwrap();
     assert!(qemu_io(&d, path, Format::Qcow2, &b, &["read -P 0x44 0 64k"]).0);
     std::fs::remove_dir_all(&d).unwrap();
 }

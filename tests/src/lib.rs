@@ -53,7 +53,7 @@ pub fn run(program: &str, args: &[&str]) -> Result<String, CommandFailed> {
 /// Runs `f` again while it fails because qemu-img's PBKDF calibration
 /// failed (it creates or amends a LUKS keyslot, also when libvirt runs it),
 /// as often as guestkeyd itself tries: see
-/// [`host_daemon::luks::CALIBRATION_TRIES`] for why this is frequent.
+/// [`host_daemon::image::CALIBRATION_TRIES`] for why this is frequent.
 pub fn retry_calibration<T>(
     mut f: impl FnMut() -> Result<T, CommandFailed>,
 ) -> Result<T, CommandFailed> {
@@ -62,8 +62,8 @@ pub fn retry_calibration<T>(
         tries += 1;
         match f() {
             Err(e)
-                if tries < host_daemon::luks::CALIBRATION_TRIES
-                    && e.0.contains(host_daemon::luks::CALIBRATION_FAILED) =>
+                if tries < host_daemon::image::CALIBRATION_TRIES
+                    && e.0.contains(host_daemon::image::CALIBRATION_FAILED) =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }

@@ -271,20 +271,27 @@ impl Stack {
     fn enroll(&self, name: &str, addr: &str, state: &Path) {
         let v = self.json(&["host", "add", name, "--address", addr]);
         let token = v["enrollment_token"].as_str().expect("token").to_owned();
-        let out = Command::new(bin("guestkeyd"))
+        // The token on standard input: never in argv.
+        let mut child = Command::new(bin("guestkeyd"))
             .args([
                 "enroll",
                 "--server",
                 &self.server_url,
-                "--token",
-                &token,
+                "--token-file",
+                "-",
                 "--ca-file",
             ])
             .arg(self.dir.join("ca.pem"))
             .arg("--state-dir")
             .arg(state)
-            .output()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("enroll");
+        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), token.as_bytes())
+            .expect("token to enroll");
+        let out = child.wait_with_output().expect("enroll");
         assert!(
             out.status.success(),
             "enroll: {}",

@@ -7,13 +7,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use guestkey_proto::agent::host_agent_server::HostAgentServer;
-use host_daemon::agent::{AgentService, Daemon};
-use host_daemon::hypervisor::Libvirt;
-use host_daemon::keys::HostKeys;
+use host_daemon::grpc::enroll::{EnrollmentToken, enroll};
+use host_daemon::image::QemuImages;
+use host_daemon::instance::{InstanceLock, socket_lock_path};
+use host_daemon::libvirt::{Libvirt, events};
+use host_daemon::ops::Daemon;
+use host_daemon::protect::{HostKeys, HostProtectors};
 use host_daemon::state::StateDir;
 use host_daemon::store::Store;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 /// guestkey host daemon: keeps this host's guest keys sealed, creates
 /// encrypted volumes through libvirt, and gives libvirt a key only while
@@ -25,17 +26,27 @@ struct Cli {
     command: Command,
 }
 
+/// Where the enrollment token comes from.
+const TOKEN_ENV: &str = "GUESTKEY_ENROLL_TOKEN";
+
 #[derive(Subcommand)]
 enum Command {
     /// Make this host's key pairs and enroll with the management server
-    /// using a one-time token from `guestkeyctl host add`.
+    /// using a one-time token from `guestkeyctl host add`: from
+    /// --token-file, or the environment variable GUESTKEY_ENROLL_TOKEN
+    /// (never on the command line, where other users and shell history see it).
     Enroll {
         /// Management server URL, e.g. https://kms.example:7443.
         #[arg(long, value_name = "URL")]
         server: String,
-        /// The one-time enrollment token.
-        #[arg(long, value_name = "TOKEN")]
-        token: String,
+        /// A file holding the one-time enrollment token (`-`: read it from
+        /// standard input).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// No longer accepted: a token in argv shows in /proc and in shell
+        /// history.
+        #[arg(long, hide = true, value_name = "TOKEN")]
+        token: Option<String>,
         /// The server's CA certificate (`guestkeyctl ca-cert` prints it).
         #[arg(long, value_name = "CA.pem")]
         ca_file: PathBuf,
@@ -98,17 +109,35 @@ fn main() -> ExitCode {
     }
 }
 
-async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+fn token(file: Option<PathBuf>, argv: Option<String>) -> Result<EnrollmentToken, String> {
+    if argv.is_some() {
+        return Err(format!(
+            "--token is not accepted: a token on the command line shows in /proc and in shell history; put it in a file for --token-file (or `-` for standard input), or in {TOKEN_ENV}"
+        ));
+    }
+    match (file, std::env::var(TOKEN_ENV)) {
+        (Some(f), _) => EnrollmentToken::read(&f).map_err(|e| e.to_string()),
+        (None, Ok(t)) => {
+            let t = zeroize::Zeroizing::new(t);
+            EnrollmentToken::new(&t).map_err(|e| e.to_string())
+        }
+        (None, Err(_)) => Err(format!(
+            "no enrollment token: give --token-file FILE (`-` for standard input) or set {TOKEN_ENV}; `guestkeyctl host add` prints the token"
+        )),
+    }
+}
+
+async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     match cli.command {
         Command::Enroll {
             server,
-            token,
+            token_file,
+            token: argv_token,
             ca_file,
             state_dir,
         } => {
-            let name =
-                host_daemon::enroll::enroll(&server, &token, &ca_file, &StateDir::new(&state_dir))
-                    .await?;
+            let token = token(token_file, argv_token)?;
+            let name = enroll(&server, &token, &ca_file, &StateDir::new(&state_dir)).await?;
             println!("enrolled as host {name}; keys in {}", state_dir.display());
             println!("next: guestkeyd run --state-dir {}", state_dir.display());
             Ok(())
@@ -121,12 +150,23 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             managed_list,
             hook_uid,
         } => {
+            // Before anything else: one guestkeyd per state directory and
+            // per hook socket (a second must not take the first's socket).
+            let _state_lock = InstanceLock::acquire(
+                &state_dir.join("guestkeyd.lock"),
+                &format!("state directory {}", state_dir.display()),
+            )?;
+            let _socket_lock = InstanceLock::acquire(
+                &socket_lock_path(&hook_socket),
+                &format!("hook socket {}", hook_socket.display()),
+            )?;
             host_daemon::hardening::no_dumps()?;
             if let Err(e) = host_daemon::hardening::lock_memory() {
                 tracing::warn!(error = %e, "cannot lock memory: keys could reach swap");
             }
             let dir = StateDir::new(&state_dir);
-            let keys = HostKeys::load(&dir)?;
+            let protectors = HostProtectors::files(&dir);
+            let keys = HostKeys::load(&dir, &*protectors.sealing)?;
             let read = |f: &str| {
                 std::fs::read_to_string(dir.file(f))
                     .map_err(|e| format!("cannot read {}: {e}", dir.file(f).display()))
@@ -135,73 +175,28 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let key = zeroize::Zeroizing::new(read("tls.key")?);
             let ca = read("ca.pem")?;
             let server_sha256 = read("server.sha256")?.trim().to_owned();
-            let store = Store::open(&dir)?;
+            let store = Store::open(&dir, &*protectors.store)?;
             // Before the first libvirt connection.
-            host_daemon::events::init()?;
+            events::init()?;
             let daemon = Arc::new(Daemon::new(
                 Box::new(Libvirt::new(&libvirt_uri)),
+                Box::new(QemuImages),
                 store,
                 keys,
                 managed_list,
                 hook_uid,
             ));
             daemon.write_managed_list()?;
-
-            // Boot: libvirt autostarts guests while it initialises, possibly
-            // before guestkeyd runs; their hooks then fail. Once libvirt
-            // answers, start those guests here (bounded wait).
-            let boot = daemon.clone();
-            tokio::task::spawn_blocking(move || {
-                for _ in 0..120 {
-                    if boot.hv.ping() {
-                        let n = boot.catch_up_autostart().len();
-                        tracing::info!(started = n, "autostart catch-up done");
-                        return;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(500));
-                }
-                tracing::error!("libvirt did not answer within 60 s: autostart catch-up skipped");
-            });
-
-            // Lifecycle events: keys go when libvirt undefines a guest or
-            // it migrates away.
-            let (tx, rx) = std::sync::mpsc::channel();
-            let uri = libvirt_uri.clone();
-            std::thread::spawn(move || {
-                // libvirtd may not be up yet at boot: retry, slowly.
-                loop {
-                    if let Err(e) = host_daemon::events::watch(&uri, tx.clone()) {
-                        tracing::warn!(error = %e, "libvirt events unavailable; retrying in 2 s");
-                    }
-                    std::thread::sleep(std::time::Duration::from_secs(2));
-                }
-            });
-            let events_daemon = daemon.clone();
-            std::thread::spawn(move || {
-                for ev in rx {
-                    match ev {
-                        host_daemon::events::Lifecycle::Undefined(uuid)
-                        | host_daemon::events::Lifecycle::MigratedAway(uuid) => {
-                            events_daemon.forget_guest(&uuid);
-                        }
-                    }
-                }
-            });
-
-            tokio::spawn(host_daemon::report::run(dir.clone(), daemon.clone()));
+            spawn_background(&daemon, &libvirt_uri);
+            tokio::spawn(host_daemon::grpc::report::run(dir.clone(), daemon.clone()));
 
             let hook_daemon = daemon.clone();
             let socket = hook_socket.clone();
             tokio::spawn(async move {
-                if let Err(e) =
-                    host_daemon::hook_server::serve(&socket, hook_daemon, hook_uid).await
-                {
+                if let Err(e) = host_daemon::hook::serve(&socket, hook_daemon, hook_uid).await {
                     tracing::error!(error = %e, socket = %socket.display(), "hook socket failed");
                 }
             });
-            let tls = ServerTlsConfig::new()
-                .identity(Identity::from_pem(&cert, key.as_bytes()))
-                .client_ca_root(Certificate::from_pem(&ca));
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -209,24 +204,78 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             tracing::info!(%listen, hook = %hook_socket.display(), "guestkeyd running");
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            Server::builder()
-                .tls_config(tls)?
-                .add_service(HostAgentServer::new(AgentService {
-                    daemon,
-                    server_sha256,
-                }))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async move {
-                        tokio::select! {
-                            _ = tokio::signal::ctrl_c() => {}
-                            _ = term.recv() => {}
-                        }
-                    },
-                )
-                .await?;
-            let _ = std::fs::remove_file(&hook_socket);
+            let shutdown = async move {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            };
+            let listen = host_daemon::grpc::Listen {
+                listener,
+                cert,
+                key,
+                ca,
+                server_sha256,
+            };
+            host_daemon::grpc::serve(daemon, listen, shutdown).await?;
+            // Still under the socket's lock: the socket is ours to remove.
+            if let Err(e) = std::fs::remove_file(&hook_socket) {
+                tracing::warn!(socket = %hook_socket.display(), error = %e, "hook socket not removed");
+            }
             Ok(())
         }
     }
+}
+
+/// The threads that follow libvirt: the autostart catch-up at boot, the
+/// lifecycle events that erase keys, and the retry of secret removals.
+fn spawn_background(daemon: &Arc<Daemon>, libvirt_uri: &str) {
+    // Boot: libvirt autostarts guests while it initialises, possibly
+    // before guestkeyd runs; their hooks then fail. Once libvirt answers,
+    // start those guests here (bounded wait).
+    let boot = daemon.clone();
+    std::thread::spawn(move || {
+        for _ in 0..120 {
+            if boot.hv.ping() {
+                let n = boot.catch_up_autostart().len();
+                tracing::info!(started = n, "autostart catch-up done");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+        tracing::error!("libvirt did not answer within 60 s: autostart catch-up skipped");
+    });
+
+    // Lifecycle events: keys go when libvirt undefines a guest or it
+    // migrates away.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let uri = libvirt_uri.to_owned();
+    std::thread::spawn(move || {
+        // libvirtd may not be up yet at boot: retry, slowly.
+        loop {
+            if let Err(e) = events::watch(&uri, tx.clone()) {
+                tracing::warn!(error = %e, "libvirt events unavailable; retrying in 2 s");
+            }
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
+    });
+    let events_daemon = daemon.clone();
+    std::thread::spawn(move || {
+        for ev in rx {
+            match ev {
+                events::Lifecycle::Undefined(uuid) | events::Lifecycle::MigratedAway(uuid) => {
+                    events_daemon.forget_guest(&uuid);
+                }
+            }
+        }
+    });
+
+    // Secrets whose removal failed are tried again until they are gone.
+    let sweeper = daemon.clone();
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            sweeper.sweep_secrets();
+        }
+    });
 }

@@ -10,17 +10,17 @@ use std::time::{Duration, Instant};
 use virt::domain::Domain;
 use virt::sys;
 
-use crate::hypervisor::HvError;
+use super::HvError;
 
 fn cstr(s: &str) -> Result<CString, HvError> {
-    CString::new(s).map_err(|_| HvError(format!("{s:?} contains a NUL byte")))
+    CString::new(s).map_err(|_| HvError::Nul(s.to_owned()))
 }
 
 fn last_error(what: &str) -> HvError {
-    HvError(format!(
-        "{what}: {}",
-        virt::error::Error::last_error().message()
-    ))
+    HvError::Call {
+        what: what.to_owned(),
+        message: virt::error::Error::last_error().message().to_owned(),
+    }
 }
 
 /// Starts copying `disk` of the running `dom` into the existing image that
@@ -136,7 +136,7 @@ pub fn copy_and_pivot(
             }
             Ok(Some((cur, end))) => shown(cur, end),
             Ok(None) => {
-                return Err(HvError(format!(
+                return Err(HvError::BlockJob(format!(
                     "the block copy of {disk} ended before it was ready"
                 )));
             }
@@ -147,7 +147,7 @@ pub fn copy_and_pivot(
         }
         if Instant::now() > deadline {
             cancel(dom, disk);
-            return Err(HvError(format!(
+            return Err(HvError::BlockJob(format!(
                 "the block copy of {disk} was not ready within {} s",
                 limit.as_secs()
             )));
@@ -165,7 +165,7 @@ pub fn copy_and_pivot(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(HvError(format!(
+    Err(HvError::BlockJob(format!(
         "the pivot of {disk} did not finish within 30 s"
     )))
 }

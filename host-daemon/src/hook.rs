@@ -18,10 +18,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::agent::Daemon;
+use crate::model::canonical_uuid;
+use crate::ops::Daemon;
 
 /// Longest a request may take before the hook is told to give up.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -35,7 +36,15 @@ pub async fn serve(path: &Path, daemon: Arc<Daemon>, hook_uid: u32) -> std::io::
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let _ = std::fs::remove_file(path);
+    // The caller holds this socket's instance lock, so no other guestkeyd
+    // serves it: a file left there is a dead one's.
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            tracing::info!(socket = %path.display(), "removed the socket a stopped guestkeyd left")
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     let listener = UnixListener::bind(path)?;
     {
         use std::os::unix::fs::PermissionsExt;
@@ -87,7 +96,7 @@ async fn handle(stream: UnixStream, daemon: Arc<Daemon>, hook_uid: u32) -> std::
             });
             match tokio::time::timeout(REQUEST_TIMEOUT, work).await {
                 Ok(Ok(Ok(()))) => "ok\n".to_owned(),
-                Ok(Ok(Err(msg))) => format!("error {}\n", msg.replace('\n', " ")),
+                Ok(Ok(Err(e))) => format!("error {}\n", e.to_string().replace('\n', " ")),
                 Ok(Err(e)) => format!("error guestkeyd failed: {e}\n"),
                 Err(_) => format!(
                     "error guestkeyd did not finish within {} s\n",
@@ -117,15 +126,49 @@ fn parse(line: &str) -> Result<(Op, String, BTreeSet<String>), String> {
         }
     };
     let domain = words.next().ok_or("no domain UUID in the request")?;
-    let is_uuid = |s: &str| uuid::Uuid::parse_str(s).is_ok();
-    if !is_uuid(domain) {
-        return Err(format!("{domain:?} is not a domain UUID"));
+    // One spelling only: another would match nothing here and answer `ok`
+    // for a guest whose keys were never looked at.
+    canonical_uuid("domain UUID", domain).map_err(|e| e.0)?;
+    let mut secrets = BTreeSet::new();
+    for s in words {
+        canonical_uuid("secret UUID", s).map_err(|e| e.0)?;
+        secrets.insert(s.to_owned());
     }
-    let secrets: BTreeSet<String> = words.map(str::to_ascii_lowercase).collect();
-    if let Some(bad) = secrets.iter().find(|s| !is_uuid(s)) {
-        return Err(format!("{bad:?} is not a secret UUID"));
-    }
-    Ok((op, domain.to_ascii_lowercase(), secrets))
+    Ok((op, domain.to_owned(), secrets))
 }
 
-use tokio::io::AsyncReadExt as _;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_strictly() {
+        let d = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+        let s = "aaaaaaaa-0000-0000-0000-000000000001";
+        let (op, dom, secrets) = parse(&format!("prepare {d} {s}\n")).unwrap();
+        assert!(matches!(op, Op::Prepare));
+        assert_eq!(dom, d);
+        assert_eq!(secrets.into_iter().collect::<Vec<_>>(), vec![s.to_owned()]);
+        for (line, want) in [
+            ("", "unknown request"),
+            ("start x", "unknown request"),
+            ("prepare", "no domain UUID"),
+            ("prepare not-a-uuid", "not a UUID"),
+            (
+                "prepare 1B4E28BA-2FA1-11D2-883F-0016D3CCA427",
+                "canonical form",
+            ),
+            ("release 1b4e28ba2fa111d2883f0016d3cca427", "canonical form"),
+            (
+                &format!("prepare {d} {}", s.to_uppercase()),
+                "canonical form",
+            ),
+            (&format!("prepare {d} {{{s}}}"), "canonical form"),
+        ] {
+            let e = parse(line)
+                .err()
+                .unwrap_or_else(|| panic!("{line:?} accepted"));
+            assert!(e.contains(want), "{line:?}: {e}");
+        }
+    }
+}

@@ -5,10 +5,94 @@
 use std::path::Path;
 
 use guestkey_proto::host::{EnrollRequest, host_api_client::HostApiClient};
+use secrecy::{ExposeSecret, SecretString};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use xdr_wipe::seal::HostSealingKey;
 
+use crate::protect::{HostKeys, HostProtectors};
 use crate::state::{StateDir, private_dir, write_atomic};
+
+/// The one-time enrollment token: a secret from the admin, read from a
+/// file, standard input or the environment (never argv, which other users
+/// see in /proc and shells keep in their history). Not `Clone`; `Debug`
+/// redacts.
+pub struct EnrollmentToken(SecretString);
+
+impl EnrollmentToken {
+    /// The token in `text` (surrounding white space ignored).
+    pub fn new(text: &str) -> Result<Self, EnrollError> {
+        let t = text.trim();
+        if t.is_empty() {
+            return Err(EnrollError(
+                "the enrollment token is empty: `guestkeyctl host add` prints one".into(),
+            ));
+        }
+        if t.len() > 256 || !t.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(EnrollError(
+                "that is not an enrollment token (gkt_ followed by 43 characters): `guestkeyctl host add` prints one".into(),
+            ));
+        }
+        Ok(Self(SecretString::from(t.to_owned())))
+    }
+
+    /// Reads the token from `path` (`-`: standard input).
+    pub fn read(path: &Path) -> Result<Self, EnrollError> {
+        use std::io::Read;
+        let mut text = zeroize::Zeroizing::new(String::with_capacity(512));
+        let read = if path == Path::new("-") {
+            std::io::stdin().take(4096).read_to_string(&mut text)
+        } else {
+            std::fs::File::open(path).and_then(|f| f.take(4096).read_to_string(&mut text))
+        };
+        read.map_err(|e| {
+            EnrollError(format!(
+                "cannot read the enrollment token from {}: {e}",
+                path.display()
+            ))
+        })?;
+        Self::new(&text)
+    }
+}
+
+impl std::fmt::Debug for EnrollmentToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EnrollmentToken([REDACTED])")
+    }
+}
+
+/// Checks that `pem` holds at least one certificate; says which file does
+/// not.
+fn check_ca(pem: &str, ca_file: &Path) -> Result<(), EnrollError> {
+    let mut found = false;
+    for p in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
+        match p {
+            Ok(p) if p.label == "CERTIFICATE" => {
+                p.parse_x509().map_err(|e| {
+                    EnrollError(format!(
+                        "{} holds a certificate that does not parse: {e}",
+                        ca_file.display()
+                    ))
+                })?;
+                found = true;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(EnrollError(format!(
+                    "{} is not PEM text: {e}",
+                    ca_file.display()
+                )));
+            }
+        }
+    }
+    if found {
+        Ok(())
+    } else {
+        Err(EnrollError(format!(
+            "{} holds no PEM certificate: give the server's CA certificate (`guestkeyctl ca-cert` prints it)",
+            ca_file.display()
+        )))
+    }
+}
 
 /// Enrollment failed; the message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -18,7 +102,7 @@ pub struct EnrollError(pub String);
 /// Enrolls this host. Refuses a state directory that is already enrolled.
 pub async fn enroll(
     server: &str,
-    token: &str,
+    token: &EnrollmentToken,
     ca_file: &Path,
     dir: &StateDir,
 ) -> Result<String, EnrollError> {
@@ -34,6 +118,7 @@ pub async fn enroll(
             ca_file.display()
         ))
     })?;
+    check_ca(&ca, ca_file)?;
     let domain = tls_name(server)
         .ok_or_else(|| EnrollError(format!("server URL {server:?} must start with https://")))?;
 
@@ -62,7 +147,8 @@ pub async fn enroll(
         })?;
     let r = HostApiClient::new(channel)
         .enroll(EnrollRequest {
-            token: token.trim().to_owned(),
+            // prost needs a String: this copy goes into the request buffer.
+            token: token.0.expose_secret().to_owned(),
             csr_der: csr.der().to_vec(),
             sealing_public_key: sealing.public_key().as_bytes().to_vec(),
         })
@@ -90,11 +176,9 @@ pub async fn enroll(
         r.server_certificate_sha256.as_bytes(),
     )
     .map_err(io(&dir.file("server.sha256")))?;
-    write_atomic(
-        &dir.file("sealing.key"),
-        sealing.expose_secret_bytes().as_ref(),
-    )
-    .map_err(io(&dir.file("sealing.key")))?;
+    let protectors = HostProtectors::files(dir);
+    HostKeys::protect_new(&sealing, &*protectors.sealing)
+        .map_err(|e| EnrollError(format!("cannot keep the packet-sealing key: {e}")))?;
     let key_pem = zeroize::Zeroizing::new(tls_key.serialize_pem());
     write_atomic(&dir.file("tls.key"), key_pem.as_bytes()).map_err(io(&dir.file("tls.key")))?;
     // Last: its presence means "enrolled".

@@ -15,7 +15,7 @@ use guestkey_proto::host::{
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::agent::Daemon;
+use crate::ops::Daemon;
 use crate::state::StateDir;
 
 const ROUND: Duration = Duration::from_secs(5);
@@ -39,7 +39,7 @@ pub async fn run(dir: StateDir, daemon: Arc<Daemon>) {
     };
     let key = zeroize::Zeroizing::new(key);
     let url = url.trim().to_owned();
-    let domain = crate::enroll::tls_name(&url).unwrap_or_default();
+    let domain = super::enroll::tls_name(&url).unwrap_or_default();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&ca))
         .identity(Identity::from_pem(&cert, key.as_bytes()))
@@ -93,18 +93,28 @@ pub async fn run(dir: StateDir, daemon: Arc<Daemon>) {
             if due {
                 // Unsealing every record is work: only when something changed.
                 let d = daemon.clone();
-                let held: Vec<HeldKey> =
-                    match tokio::task::spawn_blocking(move || d.inventory()).await {
-                        Ok(Ok(h)) => h
-                            .into_iter()
-                            .map(|k| HeldKey {
-                                volume_id: k.volume_id,
-                                generation: k.generation,
-                                guest_uuid: k.guest_uuid,
-                            })
-                            .collect(),
-                        _ => vec![],
-                    };
+                let held: Vec<HeldKey> = match tokio::task::spawn_blocking(move || d.inventory())
+                    .await
+                {
+                    Ok(Ok(h)) => h
+                        .into_iter()
+                        .map(|k| HeldKey {
+                            volume_id: k.volume,
+                            generation: k.generation,
+                            guest_uuid: k.guest,
+                        })
+                        .collect(),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "cannot read the inventory; it is not reported this round");
+                        tokio::time::sleep(TICK).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the inventory task failed");
+                        tokio::time::sleep(TICK).await;
+                        continue;
+                    }
+                };
                 match connected(&mut client, &url, &tls).await {
                     Ok(c) => match c.report_inventory(Inventory { held }).await {
                         Ok(_) => last = Some((seen, Instant::now())),

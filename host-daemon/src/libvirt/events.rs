@@ -13,7 +13,7 @@ use std::sync::mpsc::Sender;
 use virt::connect::Connect;
 use virt::sys;
 
-use crate::hypervisor::HvError;
+use super::HvError;
 
 /// What happened to a domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,15 +27,19 @@ pub enum Lifecycle {
 /// Registers libvirt's default event loop implementation. Must run once,
 /// before the first connection is opened.
 pub fn init() -> Result<(), HvError> {
-    virt::event::event_register_default_impl()
-        .map_err(|e| HvError(format!("libvirt event loop: {}", e.message())))
+    virt::event::event_register_default_impl().map_err(|e| HvError::Call {
+        what: "libvirt event loop".into(),
+        message: e.message().to_owned(),
+    })
 }
 
 /// Opens a connection to `uri`, subscribes to lifecycle events, and runs
 /// the event loop on the calling thread forever (run it on its own thread).
 pub fn watch(uri: &str, tx: Sender<Lifecycle>) -> Result<(), HvError> {
-    let conn = Connect::open(Some(uri))
-        .map_err(|e| HvError(format!("events connection to {uri}: {}", e.message())))?;
+    let conn = Connect::open(Some(uri)).map_err(|e| HvError::Connect {
+        uri: uri.to_owned(),
+        message: e.message().to_owned(),
+    })?;
     let opaque = Box::into_raw(Box::new(tx)) as *mut c_void;
     type Lifecycle5 = unsafe extern "C" fn(
         sys::virConnectPtr,
@@ -66,21 +70,33 @@ pub fn watch(uri: &str, tx: Sender<Lifecycle>) -> Result<(), HvError> {
     if id < 0 {
         // SAFETY: registration failed, so libvirt did not take `opaque`.
         drop(unsafe { Box::from_raw(opaque as *mut Sender<Lifecycle>) });
-        return Err(HvError("cannot subscribe to libvirt domain events".into()));
+        return Err(HvError::Call {
+            what: "subscription to libvirt domain events".into(),
+            message: virt::error::Error::last_error().message().to_owned(),
+        });
     }
     // A periodic no-op timer wakes the loop, so that a connection lost
     // (libvirtd restarted) is noticed within seconds and the caller can
     // subscribe again.
-    let timer = virt::event::event_add_timeout(5000, |_, _| {}, std::ptr::null_mut())
-        .map_err(|e| HvError(format!("libvirt event timer: {}", e.message())))?;
+    let timer =
+        virt::event::event_add_timeout(5000, |_, _| {}, std::ptr::null_mut()).map_err(|e| {
+            HvError::Call {
+                what: "libvirt event timer".into(),
+                message: e.message().to_owned(),
+            }
+        })?;
     let result = loop {
         if let Err(e) = virt::event::event_run_default_impl() {
-            break Err(HvError(format!("libvirt event loop: {}", e.message())));
+            break Err(HvError::Call {
+                what: "libvirt event loop".into(),
+                message: e.message().to_owned(),
+            });
         }
         if !conn.is_alive().unwrap_or(false) {
-            break Err(HvError(
-                "the libvirt connection for events closed (libvirtd restarted?)".into(),
-            ));
+            break Err(HvError::Connect {
+                uri: uri.to_owned(),
+                message: "the connection for events closed (libvirtd restarted?)".into(),
+            });
         }
     };
     let _ = timer.event_remove_timeout();

@@ -1,0 +1,246 @@
+//! The gRPC adapters, and the only files of this crate that import tonic
+//! or prost: the host-agent service the management server calls ([`serve`],
+//! a thin adapter over [`crate::ops::Daemon`] that only the pinned server
+//! certificate may call, converting in [`pb`]), and this host's two clients
+//! of the server: [`enroll`] and the [`report`] loop.
+//!
+//! May import everything below it. Imported by: the binary.
+
+pub mod enroll;
+mod pb;
+pub mod report;
+
+use std::sync::Arc;
+
+use guestkey_proto::agent::{
+    self as apb,
+    host_agent_server::{HostAgent, HostAgentServer},
+};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+
+use crate::ops::Daemon;
+
+/// The host-agent service; only the pinned server certificate may call.
+pub struct AgentService {
+    /// The daemon.
+    pub daemon: Arc<Daemon>,
+    /// SHA-256 (hex) of the management server's certificate.
+    pub server_sha256: String,
+}
+
+/// What [`serve`] needs.
+pub struct Listen {
+    /// The bound listener.
+    pub listener: tokio::net::TcpListener,
+    /// This host's certificate (PEM).
+    pub cert: String,
+    /// Its private key (PEM).
+    pub key: zeroize::Zeroizing<String>,
+    /// The server's CA (PEM).
+    pub ca: String,
+    /// SHA-256 (hex) of the one server certificate that may call.
+    pub server_sha256: String,
+}
+
+/// Serves the host-agent API over mutual TLS until `shutdown` completes.
+pub async fn serve(
+    daemon: Arc<Daemon>,
+    l: Listen,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&l.cert, l.key.as_bytes()))
+        .client_ca_root(Certificate::from_pem(&l.ca));
+    Server::builder()
+        .tls_config(tls)?
+        .add_service(HostAgentServer::new(AgentService {
+            daemon,
+            server_sha256: l.server_sha256,
+        }))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(l.listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}
+
+impl AgentService {
+    fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let fp = req.peer_certs().and_then(|c| {
+            c.first()
+                .map(|c| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(c.as_ref())))
+        });
+        match fp {
+            Some(f) if f == self.server_sha256 => Ok(()),
+            _ => Err(Status::permission_denied(
+                "only this host's management server may call the host-agent API",
+            )),
+        }
+    }
+
+    /// Runs `f` on a blocking thread (libvirt, qemu-img and the store block).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Daemon) -> Result<T, crate::ops::OpsError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let d = self.daemon.clone();
+        tokio::task::spawn_blocking(move || f(&d))
+            .await
+            .map_err(|e| Status::internal(format!("guestkeyd's worker failed: {e}")))?
+            .map_err(pb::status)
+    }
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+fn volume_result(
+    op_id: String,
+    volume_id: String,
+    path: String,
+    capacity_bytes: u64,
+) -> R<apb::VolumeResult> {
+    Ok(Response::new(apb::VolumeResult {
+        op_id,
+        volume_id,
+        path,
+        capacity_bytes,
+    }))
+}
+
+fn guest_result(op_id: String, guest_uuid: String, state: &str) -> R<apb::GuestResult> {
+    Ok(Response::new(apb::GuestResult {
+        op_id,
+        guest_uuid,
+        state: state.to_owned(),
+    }))
+}
+
+fn state_name(s: Option<crate::model::DomainState>) -> &'static str {
+    s.map_or("", crate::model::DomainState::as_str)
+}
+
+#[tonic::async_trait]
+impl HostAgent for AgentService {
+    async fn create_volume(&self, req: Request<apb::CreateVolumeRequest>) -> R<apb::VolumeResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let (op_id, volume_id) = (r.op_id.clone(), r.volume_id.clone());
+        let r = pb::create_volume(r)?;
+        let (path, size) = self.blocking(move |d| d.create_volume(r)).await?;
+        volume_result(op_id, volume_id, path, size)
+    }
+
+    async fn decrypt_volume(
+        &self,
+        req: Request<apb::DecryptVolumeRequest>,
+    ) -> R<apb::VolumeResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let (op_id, volume_id) = (r.op_id.clone(), r.volume_id.clone());
+        let r = pb::decrypt_volume(r)?;
+        let (path, size) = self.blocking(move |d| d.decrypt_volume(r)).await?;
+        volume_result(op_id, volume_id, path, size)
+    }
+
+    async fn delete_volume(&self, req: Request<apb::DeleteVolumeRequest>) -> R<apb::VolumeResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let (op_id, volume_id) = (r.op_id.clone(), r.volume_id.clone());
+        let r = pb::delete_volume(r)?;
+        self.blocking(move |d| d.delete_volume(r)).await?;
+        volume_result(op_id, volume_id, String::new(), 0)
+    }
+
+    async fn define_guest(&self, req: Request<apb::DefineGuestRequest>) -> R<apb::GuestResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let op_id = r.op_id.clone();
+        let r = pb::define_guest(r)?;
+        let (uuid, state) = self
+            .blocking(move |d| {
+                let uuid = d.define_guest(r)?;
+                let state = d.guest_state(&uuid)?;
+                Ok((uuid, state))
+            })
+            .await?;
+        guest_result(op_id, uuid, state_name(state))
+    }
+
+    async fn undefine_guest(&self, req: Request<apb::GuestRequest>) -> R<apb::GuestResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let uuid = pb::guest_uuid(&r.guest_uuid)?;
+        self.blocking(move |d| d.undefine_guest(&uuid)).await?;
+        guest_result(r.op_id, r.guest_uuid, "undefined")
+    }
+
+    async fn start_guest(&self, req: Request<apb::GuestRequest>) -> R<apb::GuestResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let uuid = pb::guest_uuid(&r.guest_uuid)?;
+        let state = self.blocking(move |d| d.start_guest(&uuid)).await?;
+        guest_result(r.op_id, r.guest_uuid, state.as_str())
+    }
+
+    async fn stop_guest(&self, req: Request<apb::GuestRequest>) -> R<apb::GuestResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let uuid = pb::guest_uuid(&r.guest_uuid)?;
+        let state = self.blocking(move |d| d.stop_guest(&uuid)).await?;
+        guest_result(r.op_id, r.guest_uuid, state.as_str())
+    }
+
+    async fn prepare_migration(
+        &self,
+        req: Request<apb::PrepareMigrationRequest>,
+    ) -> R<apb::GuestResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let op_id = r.op_id.clone();
+        let r = pb::prepare_migration(r)?;
+        let uuid = self.blocking(move |d| d.prepare_migration(r)).await?;
+        guest_result(op_id, uuid, "prepared")
+    }
+
+    async fn abort_migration(&self, req: Request<apb::GuestRequest>) -> R<apb::GuestResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let uuid = pb::guest_uuid(&r.guest_uuid)?;
+        let state = self.blocking(move |d| d.abort_migration(&uuid)).await?;
+        guest_result(r.op_id, r.guest_uuid, state_name(state))
+    }
+
+    async fn migrate_guest(&self, req: Request<apb::MigrateGuestRequest>) -> R<apb::GuestResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let (op_id, uuid) = (r.op_id.clone(), r.guest_uuid.clone());
+        let r = pb::migrate_guest(r)?;
+        let state = self.blocking(move |d| d.migrate_guest(r)).await?;
+        guest_result(op_id, uuid, state.as_str())
+    }
+
+    async fn rekey(&self, req: Request<apb::RekeyRequest>) -> R<apb::RekeyResult> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let (op_id, volume_id) = (r.op_id.clone(), r.volume_id.clone());
+        let r = pb::rekey(r)?;
+        let active_generation = self.blocking(move |d| d.rekey(r)).await?;
+        Ok(Response::new(apb::RekeyResult {
+            op_id,
+            volume_id,
+            active_generation,
+            state: "done".into(),
+        }))
+    }
+
+    async fn get_inventory(&self, req: Request<apb::InventoryRequest>) -> R<apb::InventoryResult> {
+        self.check(&req)?;
+        let held = self.blocking(|d| d.inventory()).await?;
+        Ok(Response::new(apb::InventoryResult {
+            held: held.into_iter().map(pb::held).collect(),
+            host_uuid: String::new(),
+        }))
+    }
+}

@@ -1,0 +1,257 @@
+//! Conversions between the host-agent protobuf messages and the domain:
+//! requests become [`crate::ops::requests`] values (every field checked
+//! here, at the edge), errors become statuses. Nothing outside
+//! [`crate::grpc`] sees a prost type.
+
+use guestkey_proto::agent as pb;
+use tonic::{Code, Status};
+
+use crate::model::{
+    Format, InvalidInput, Name, Placement, RekeyKind, VolumeId, canonical_uuid, volume_id,
+};
+use crate::ops::OpsError;
+use crate::ops::requests::{
+    CreateVolume, DecryptVolume, DefineGuest, DeleteVolume, HeldKey, MigrateGuest, MigratingVolume,
+    PrepareMigration, Rekey, SealedKey,
+};
+
+/// The longest status message sent: tonic carries it in an HTTP/2 header,
+/// and one over the peer's header limit breaks the whole call ("h2
+/// protocol error"). Longer messages are cut, and logged whole here.
+const MAX_MESSAGE: usize = 2000;
+
+/// The status for an operation's error.
+pub(super) fn status(e: OpsError) -> Status {
+    let code = match &e {
+        OpsError::Invalid(_) | OpsError::Packet(_) => Code::InvalidArgument,
+        OpsError::Precondition(_) | OpsError::Libvirt(_) | OpsError::Image(_) => {
+            Code::FailedPrecondition
+        }
+        OpsError::Aborted(_) => Code::Aborted,
+        OpsError::Remote(_) => Code::Unavailable,
+        OpsError::Store(_) | OpsError::Internal(_) => Code::Internal,
+    };
+    let mut message = e.to_string();
+    if message.len() > MAX_MESSAGE {
+        tracing::warn!(error = %message, "error message cut for the gRPC status");
+        let mut cut = MAX_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str("... (cut: the whole message is in guestkeyd's log)");
+    }
+    Status::new(code, message)
+}
+
+fn invalid(m: impl Into<String>) -> Status {
+    Status::invalid_argument(m.into())
+}
+
+fn edge(e: InvalidInput) -> Status {
+    invalid(e.0)
+}
+
+fn sealed_key(k: Option<pb::SealedKey>, what: &str, volume: VolumeId) -> Result<SealedKey, Status> {
+    let k = k.ok_or_else(|| invalid(format!("no {what}")))?;
+    let v = volume_id(&k.volume_id).map_err(edge)?;
+    if v != volume {
+        return Err(invalid(format!("the {what} is for another volume")));
+    }
+    Ok(SealedKey {
+        volume: v,
+        generation: k.generation,
+        sealed: k.sealed_packet,
+    })
+}
+
+fn keys(keys: Vec<pb::SealedKey>) -> Result<Vec<SealedKey>, Status> {
+    keys.into_iter()
+        .map(|k| {
+            Ok(SealedKey {
+                volume: volume_id(&k.volume_id).map_err(edge)?,
+                generation: k.generation,
+                sealed: k.sealed_packet,
+            })
+        })
+        .collect()
+}
+
+fn format(f: i32) -> Result<Format, Status> {
+    match pb::VolumeFormat::try_from(f) {
+        Ok(pb::VolumeFormat::Qcow2) => Ok(Format::Qcow2),
+        Ok(pb::VolumeFormat::Raw) => Ok(Format::Raw),
+        _ => Err(invalid(format!("volume format {f} is not qcow2 or raw"))),
+    }
+}
+
+/// `CreateVolume`.
+pub(super) fn create_volume(r: pb::CreateVolumeRequest) -> Result<CreateVolume, Status> {
+    let volume = volume_id(&r.volume_id).map_err(edge)?;
+    Ok(CreateVolume {
+        pool: Name::parse("pool name", &r.pool).map_err(edge)?,
+        name: Name::parse("volume name", &r.name).map_err(edge)?,
+        secret: canonical_uuid("secret_uuid", &r.secret_uuid).map_err(edge)?,
+        format: format(r.format)?,
+        key: sealed_key(r.key, "key packet", volume)?,
+        capacity: r.capacity_bytes,
+        encrypt_existing: r.encrypt_existing,
+        op_id: r.op_id,
+        volume,
+    })
+}
+
+/// `DecryptVolume`.
+pub(super) fn decrypt_volume(r: pb::DecryptVolumeRequest) -> Result<DecryptVolume, Status> {
+    let volume = volume_id(&r.volume_id).map_err(edge)?;
+    Ok(DecryptVolume {
+        volume,
+        key: sealed_key(r.key, "key packet", volume)?,
+    })
+}
+
+/// `DeleteVolume`.
+pub(super) fn delete_volume(r: pb::DeleteVolumeRequest) -> Result<DeleteVolume, Status> {
+    Ok(DeleteVolume {
+        volume: volume_id(&r.volume_id).map_err(edge)?,
+        pool: Name::parse("pool name", &r.pool).map_err(edge)?,
+        name: Name::parse("volume name", &r.name).map_err(edge)?,
+    })
+}
+
+/// `DefineGuest`.
+pub(super) fn define_guest(r: pb::DefineGuestRequest) -> Result<DefineGuest, Status> {
+    Ok(DefineGuest {
+        domain_xml: r.domain_xml,
+        keys: keys(r.keys)?,
+    })
+}
+
+/// A guest UUID from a request.
+pub(super) fn guest_uuid(s: &str) -> Result<String, Status> {
+    canonical_uuid("guest_uuid", s)
+        .map(|u| u.hyphenated().to_string())
+        .map_err(edge)
+}
+
+/// `Rekey`.
+pub(super) fn rekey(r: pb::RekeyRequest) -> Result<Rekey, Status> {
+    let volume = volume_id(&r.volume_id).map_err(edge)?;
+    let kind = match pb::RekeyKind::try_from(r.kind) {
+        Ok(pb::RekeyKind::Shallow) => RekeyKind::Shallow,
+        Ok(pb::RekeyKind::Deep) => RekeyKind::Deep,
+        _ => return Err(invalid("rekey kind must be shallow or deep")),
+    };
+    let placement = match r.placement.as_str() {
+        "" => Placement::Any,
+        "online" => Placement::Online,
+        "offline" => Placement::Offline,
+        other => {
+            return Err(invalid(format!(
+                "placement {other:?} is not online, offline or empty"
+            )));
+        }
+    };
+    Ok(Rekey {
+        volume,
+        from_generation: r.from_generation,
+        kind,
+        old_key: sealed_key(r.old_key, "old key packet", volume)?,
+        new_key: sealed_key(r.new_key, "new key packet", volume)?,
+        placement,
+        bandwidth: r.bandwidth_bytes_per_sec,
+    })
+}
+
+/// `PrepareMigration`.
+pub(super) fn prepare_migration(
+    r: pb::PrepareMigrationRequest,
+) -> Result<PrepareMigration, Status> {
+    let volumes = r
+        .volumes
+        .into_iter()
+        .map(|v| {
+            Ok(MigratingVolume {
+                volume: volume_id(&v.volume_id).map_err(edge)?,
+                pool: Name::parse("pool name", &v.pool).map_err(edge)?,
+                name: Name::parse("volume name", &v.name).map_err(edge)?,
+                secret: canonical_uuid("secret_uuid", &v.secret_uuid).map_err(edge)?,
+                path: if v.path.starts_with('/') {
+                    v.path
+                } else {
+                    return Err(invalid(format!("volume path {:?} is not absolute", v.path)));
+                },
+            })
+        })
+        .collect::<Result<_, Status>>()?;
+    Ok(PrepareMigration {
+        domain_xml: r.domain_xml,
+        keys: keys(r.keys)?,
+        volumes,
+    })
+}
+
+/// `MigrateGuest`.
+pub(super) fn migrate_guest(r: pb::MigrateGuestRequest) -> Result<MigrateGuest, Status> {
+    if r.destination_libvirt_uri.is_empty() {
+        return Err(invalid("no destination libvirt URI"));
+    }
+    Ok(MigrateGuest {
+        guest: canonical_uuid("guest_uuid", &r.guest_uuid).map_err(edge)?,
+        destination: r.destination_libvirt_uri,
+        migration_uri: (!r.migration_uri.is_empty()).then_some(r.migration_uri),
+        live: r.live,
+        unsafe_: r.r#unsafe,
+    })
+}
+
+/// A held key for the inventory.
+pub(super) fn held(k: HeldKey) -> pb::HeldKeyInfo {
+    pb::HeldKeyInfo {
+        volume_id: k.volume,
+        generation: k.generation,
+        guest_uuid: k.guest,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_to_fit_a_header() {
+        let s = status(OpsError::Precondition("é".repeat(5000)));
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert!(
+            s.message().len() < MAX_MESSAGE + 80,
+            "{}",
+            s.message().len()
+        );
+        assert!(s.message().ends_with("guestkeyd's log)"));
+    }
+
+    #[test]
+    fn unknown_formats_and_loose_ids_are_refused() {
+        let v = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+        let req = |format: i32, volume: &str| pb::CreateVolumeRequest {
+            op_id: "o".into(),
+            volume_id: volume.into(),
+            pool: "p".into(),
+            name: "n".into(),
+            capacity_bytes: 1,
+            format,
+            secret_uuid: v.into(),
+            key: Some(pb::SealedKey {
+                volume_id: volume.into(),
+                generation: 1,
+                sealed_packet: vec![],
+            }),
+            encrypt_existing: false,
+        };
+        assert!(create_volume(req(pb::VolumeFormat::Raw as i32, v)).is_ok());
+        let e = create_volume(req(77, v)).err().unwrap();
+        assert!(e.message().contains("not qcow2 or raw"), "{}", e.message());
+        let e = create_volume(req(1, &v.to_uppercase())).err().unwrap();
+        assert!(e.message().contains("canonical"), "{}", e.message());
+    }
+}

@@ -1,0 +1,171 @@
+//! Images: the volume files on this host.
+//!
+//! [`Images`] is what the daemon's operations ([`crate::ops`]) need from
+//! them: create a LUKS image, tell whether a key opens it, replace its
+//! passphrase, re-encrypt it (offline), convert it from or to cleartext,
+//! and the copies an online rekey pivots to. [`QemuImages`] is the one real
+//! implementation: qemu-img and qemu-io with keys on inherited pipes
+//! ([`run`]), and guestkeyd's own LUKS1 re-encryption engine ([`luks1`])
+//! for offline deep rekeys, checked by QEMU afterwards.
+//!
+//! Every file is reached through [`fs::SafeDir`]: no symbolic link that
+//! someone other than root could plant is followed, names are opened with
+//! `O_NOFOLLOW`, and the tools get the checked file as `/dev/fd/N`.
+//!
+//! May import: [`crate::model`], [`crate::progress`]. Imported by:
+//! [`crate::ops`], the binary.
+
+pub mod fs;
+pub mod luks1;
+mod qemu;
+mod run;
+mod swap;
+
+pub use qemu::QemuImages;
+pub use run::{CALIBRATION_FAILED, CALIBRATION_TRIES};
+
+use crate::model::Format;
+
+/// An image operation failed; the message names the file and what the tool
+/// said, never a key.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// A tool could not be started.
+    #[error("cannot run {program}: {source} (is qemu-utils installed?)")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tool ran and failed.
+    #[error("{tool} {action} of {path}: {said}")]
+    Tool {
+        /// qemu-img or qemu-io.
+        tool: &'static str,
+        /// What it was asked to do.
+        action: &'static str,
+        /// The image.
+        path: String,
+        /// What it said.
+        said: String,
+    },
+    /// The file system refused (a link, a race, permissions).
+    #[error(transparent)]
+    Fs(#[from] fs::FsError),
+    /// A check after the work failed: nothing was swapped in.
+    #[error("{0}")]
+    Check(String),
+    /// The image is not what the operation needs; the message says what to do.
+    #[error("{0}")]
+    Unsuitable(String),
+    /// Reading or writing the file failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was done.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The operating system's random number generator failed.
+    #[error("the OS random number generator failed: {0}")]
+    Random(String),
+}
+
+/// What `qemu-img info` says about an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Guest-visible size.
+    pub virtual_size: u64,
+    /// Already encrypted (qcow2 encryption, or a LUKS header in a raw file).
+    pub encrypted: bool,
+    /// It has a backing file (guestkey works on self-contained images only).
+    pub backing: bool,
+}
+
+/// The operations on volume images. Paths are absolute; keys are the
+/// volume passphrases (text, from key packets).
+pub trait Images: Send + Sync {
+    /// Creates an empty LUKS image of `size` bytes at `path` (the name must
+    /// be free), owned like its directory: mode 0660 when the directory is
+    /// group-writable (shared storage), 0600 otherwise.
+    fn create(&self, path: &str, format: Format, size: u64, key: &[u8]) -> Result<(), ImageError>;
+    /// Whether `key` unlocks the image (a real read, not `qemu-img info`).
+    fn opens_with(&self, path: &str, format: Format, key: &[u8]) -> Result<bool, ImageError>;
+    /// Reads `path` as `format` (no probing): size, encryption, backing file.
+    fn info(&self, path: &str, format: Format) -> Result<ImageInfo, ImageError>;
+    /// The guest-visible size (no key needed).
+    fn virtual_size(&self, path: &str) -> Result<u64, ImageError>;
+    /// Shallow rekey: a keyslot for `new` (unlocked with `old`), proven to
+    /// open the image, then the keyslots of `old` erased and proven gone.
+    fn replace_passphrase(
+        &self,
+        path: &str,
+        format: Format,
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<(), ImageError>;
+    /// Deep rekey, offline: the data copied under a new data key and the
+    /// passphrase `new`, checked, swapped in, the old image wiped. At most
+    /// `bandwidth` bytes/s written (0: no limit).
+    fn deep_rekey(
+        &self,
+        path: &str,
+        format: Format,
+        old: &[u8],
+        new: &[u8],
+        bandwidth: u64,
+    ) -> Result<(), ImageError>;
+    /// Encrypts the cleartext image under `key`, offline (copy, check,
+    /// swap, cleartext blocks overwritten).
+    fn encrypt(&self, path: &str, format: Format, key: &[u8]) -> Result<(), ImageError>;
+    /// Decrypts the LUKS image into cleartext of the same container, offline.
+    fn decrypt(&self, path: &str, format: Format, key: &[u8]) -> Result<(), ImageError>;
+    /// An empty LUKS image under `key` at [`crate::model::copy_path`] of
+    /// `path`, owned like the image at `path` (any leftover copy replaced),
+    /// for an online copy; returns its path.
+    fn new_copy(
+        &self,
+        path: &str,
+        format: Format,
+        size: u64,
+        key: &[u8],
+    ) -> Result<String, ImageError>;
+    /// Removes a copy of `path` left by a failed or interrupted operation.
+    fn discard_copy(&self, path: &str) -> Result<(), ImageError>;
+    /// Moves the copy of `path` over it and wipes the replaced image.
+    fn swap_in_copy(&self, path: &str) -> Result<(), ImageError>;
+}
+
+/// `format`'s QEMU driver options to open `file` with secret `key_id`.
+fn image_opts(format: Format, file: &str, key_id: Option<&str>) -> String {
+    let file = file.replace(',', ",,");
+    match (format, key_id) {
+        (Format::Qcow2, Some(k)) => {
+            format!("driver=qcow2,file.filename={file},encrypt.key-secret={k}")
+        }
+        (Format::Raw, Some(k)) => format!("driver=luks,file.filename={file},key-secret={k}"),
+        (Format::Qcow2, None) => format!("driver=qcow2,file.filename={file}"),
+        (Format::Raw, None) => format!("driver=raw,file.filename={file}"),
+    }
+}
+
+/// `-f`/`-O` and `-o` to create `format` encrypted with secret `key_id`
+/// (1 ms of key stretching: the key is random), or in clear.
+fn create_opts(format: Format, key_id: Option<&str>) -> (&'static str, Option<String>) {
+    match (format, key_id) {
+        (Format::Qcow2, Some(k)) => (
+            "qcow2",
+            Some(format!(
+                "encrypt.format=luks,encrypt.key-secret={k},encrypt.iter-time=1"
+            )),
+        ),
+        (Format::Raw, Some(k)) => ("luks", Some(format!("key-secret={k},iter-time=1"))),
+        (Format::Qcow2, None) => ("qcow2", None),
+        (Format::Raw, None) => ("raw", None),
+    }
+}

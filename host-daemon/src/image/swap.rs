@@ -1,0 +1,336 @@
+//! Copies that replace an image: offline deep rekeys, conversions, and the
+//! target of an online copy.
+//!
+//! A copy is made in the pool directory's staging directory (root's, mode
+//! 0711: nobody else can list, create, rename or remove anything there),
+//! written through an open descriptor, proven (read back, opened by QEMU
+//! with the right key only, sample reads compared), and then moved over
+//! the image with one rename within the file system. The replaced image is
+//! held open from before the rename, and its blocks are overwritten through
+//! that descriptor before it is let go: whatever its name points to by then,
+//! only the old image is wiped. A copy left by a crash before the rename is
+//! discarded and made again; the image stays intact until the rename.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use super::fs::{SafeDir, file_id, owner_of, set_owner};
+use super::qemu::{create_in, opens_fd, samples_agree};
+use super::run::{Fds, qemu_img, run, said};
+use super::{ImageError, create_opts, image_opts, luks1};
+use crate::model::{Format, copy_path, legacy_copy_path};
+use crate::progress::Tracker;
+
+/// The pool directory of `path`, its staging directory, and the name.
+fn stage(path: &str) -> Result<(SafeDir, SafeDir, String), ImageError> {
+    let (pool, name) = SafeDir::of_file(path)?;
+    let staging = pool.staging()?;
+    Ok((pool, staging, name))
+}
+
+/// A new, empty copy file (any leftover removed first).
+fn fresh_copy(staging: &SafeDir, name: &str) -> Result<File, ImageError> {
+    staging.remove(name)?;
+    Ok(staging.create_new(name, 0o600)?)
+}
+
+fn io(what: &'static str, path: &str) -> impl FnOnce(std::io::Error) -> ImageError {
+    let path = path.to_owned();
+    move |source| ImageError::Io { what, path, source }
+}
+
+/// Moves the copy `name` of `staging` over `name` of `pool` and wipes the
+/// image it replaces.
+fn swap(
+    pool: &SafeDir,
+    staging: &SafeDir,
+    name: &str,
+    copy: &File,
+    path: &str,
+) -> Result<(), ImageError> {
+    let old = pool.open_file(name, true)?;
+    let len = old.metadata().map_err(io("inspect", path))?.len();
+    // QEMU (whichever user it runs as) opens the copy like the original.
+    let (uid, gid, mode) = owner_of(&old, path)?;
+    set_owner(copy, uid, gid, mode, &copy_path(path))?;
+    copy.sync_all().map_err(io("sync", &copy_path(path)))?;
+    let id = file_id(copy)?;
+    staging.move_to(name, pool, name)?;
+    pool.sync()?;
+    if !pool.is(name, id)? {
+        return Err(super::fs::FsError::Replaced(path.to_owned()).into());
+    }
+    let t = std::time::Instant::now();
+    wipe(&old, len, path)?;
+    tracing::debug!(%path, wipe_ms = t.elapsed().as_millis() as u64, "swapped in, old image wiped");
+    Ok(())
+}
+
+/// Overwrites `len` bytes of the (replaced) image `f` with zeros and syncs.
+fn wipe(f: &File, len: u64, path: &str) -> Result<(), ImageError> {
+    let shown = Tracker::start(path, "wiping the old image", len);
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < len {
+        let n = zeros.len().min((len - at) as usize);
+        f.write_all_at(&zeros[..n], at)
+            .map_err(io("wipe of the old image of", path))?;
+        at += n as u64;
+        shown.set(at, len);
+    }
+    f.sync_all().map_err(io("wipe of the old image of", path))
+}
+
+/// How an image is read or written: container, and whether encrypted.
+#[derive(Clone, Copy)]
+struct Codec {
+    format: Format,
+    keyed: bool,
+}
+
+/// The descriptors and arguments that give a tool `src` and `copy`:
+/// `--object` arguments, then the `--image-opts` values of both.
+struct Pair<'a> {
+    fds: Fds<'a>,
+    objects: Vec<String>,
+    src_opts: String,
+    copy_opts: String,
+    copy_file: String,
+}
+
+impl<'a> Pair<'a> {
+    /// `keys`: the source's key first (if `from` is keyed), then the copy's.
+    fn new(src: &'a File, from: Codec, copy: &'a File, to: Codec, keys: &[&'a [u8]]) -> Self {
+        const IDS: [&str; 2] = ["k0", "k1"];
+        let mut fds = Fds::new();
+        let mut objects = vec![];
+        for (id, k) in IDS.iter().zip(keys) {
+            objects.extend(["--object".to_owned(), fds.secret(id, k)]);
+        }
+        let src_id = from.keyed.then_some(IDS[0]);
+        let copy_id = to.keyed.then_some(IDS[usize::from(from.keyed)]);
+        let src_file = fds.file(src);
+        let copy_file = fds.file(copy);
+        Self {
+            src_opts: image_opts(from.format, &src_file, src_id),
+            copy_opts: image_opts(to.format, &copy_file, copy_id),
+            copy_file,
+            objects,
+            fds,
+        }
+    }
+}
+
+/// Copies `src` (read as `from`) into `copy` (written as `to`) with
+/// qemu-img convert, then proves them identical (qemu-img compare reads
+/// both completely). `keys`: the source's key first (if keyed), then the
+/// copy's.
+#[allow(clippy::too_many_arguments)] // one call per conversion kind, all named
+fn convert_verify(
+    src: &File,
+    from: Codec,
+    copy: &File,
+    to: Codec,
+    keys: &[&[u8]],
+    bandwidth: u64,
+    phase: &'static str,
+    path: &str,
+) -> Result<(), ImageError> {
+    // qemu-img tells no progress: the phase only.
+    let shown = Tracker::start(path, phase, 0);
+    let p = Pair::new(src, from, copy, to, keys);
+    let mut a = vec!["convert".to_owned()];
+    a.extend(p.objects.iter().cloned());
+    // 16 requests in flight, written out of order: qemu-img's fastest mode.
+    a.extend(["-m".into(), "16".into(), "-W".into()]);
+    if bandwidth > 0 {
+        a.extend(["-r".into(), bandwidth.to_string()]);
+    }
+    a.extend(["--image-opts".into(), p.src_opts.clone()]);
+    let copy_key = if to.keyed {
+        Some(if from.keyed { "k1" } else { "k0" })
+    } else {
+        None
+    };
+    let (fmt, opts) = create_opts(to.format, copy_key);
+    a.extend(["-O".into(), fmt.into()]);
+    if let Some(o) = opts {
+        a.extend(["-o".into(), o]);
+    }
+    a.push(p.copy_file.clone());
+    let out = qemu_img(&a, &p.fds)?;
+    if !out.status.success() {
+        return Err(ImageError::Tool {
+            tool: "qemu-img",
+            action: "convert",
+            path: path.to_owned(),
+            said: said(&out),
+        });
+    }
+    shown.phase("checking the copy (qemu-img compare)", 0);
+    let mut a = vec!["compare".to_owned()];
+    a.extend(p.objects.iter().cloned());
+    a.extend([
+        "--image-opts".into(),
+        p.src_opts.clone(),
+        p.copy_opts.clone(),
+    ]);
+    let out = run("qemu-img", &a, &p.fds)?;
+    if !out.status.success() {
+        return Err(ImageError::Check(format!(
+            "the converted copy of {path} differs: {}",
+            said(&out)
+        )));
+    }
+    Ok(())
+}
+
+/// Runs `work` on a fresh copy of `path`; swaps it in when `work` succeeds,
+/// removes it when it fails.
+fn with_copy(
+    path: &str,
+    work: impl FnOnce(&File, &File) -> Result<(), ImageError>,
+) -> Result<(), ImageError> {
+    let (pool, staging, name) = stage(path)?;
+    let src = pool.open_file(&name, false)?;
+    let copy = fresh_copy(&staging, &name)?;
+    let done = work(&src, &copy).and_then(|()| swap(&pool, &staging, &name, &copy, path));
+    if done.is_err() {
+        let _ = staging.remove(&name);
+    }
+    done
+}
+
+pub(super) fn deep_rekey(
+    path: &str,
+    format: Format,
+    old: &[u8],
+    new: &[u8],
+    bandwidth: u64,
+) -> Result<(), ImageError> {
+    with_copy(path, |src, copy| {
+        // guestkeyd's own re-encryption when it knows the image's layout,
+        // qemu-img otherwise.
+        match luks1::reencrypt(src, copy, format, old, new, bandwidth, path)? {
+            Ok(()) => {
+                // QEMU opens the copy with the new passphrase only, and
+                // reads the same data from both images.
+                let shown = copy_path(path);
+                if !opens_fd(copy, format, new, &shown)? || opens_fd(copy, format, old, &shown)? {
+                    return Err(ImageError::Check(format!(
+                        "QEMU does not open the re-encrypted copy of {path} with the new key only"
+                    )));
+                }
+                let size = super::qemu::virtual_size_fd(src, path)?;
+                if !samples_agree((src, old), (copy, new), format, size, path)? {
+                    return Err(ImageError::Check(format!(
+                        "QEMU reads different data from the re-encrypted copy of {path}"
+                    )));
+                }
+                Ok(())
+            }
+            Err(why) => {
+                tracing::info!(%path, reason = %why.0, "deep rekey through qemu-img convert");
+                let keyed = Codec {
+                    format,
+                    keyed: true,
+                };
+                convert_verify(
+                    src,
+                    keyed,
+                    copy,
+                    keyed,
+                    &[old, new],
+                    bandwidth,
+                    "re-encrypting (qemu-img)",
+                    path,
+                )
+            }
+        }
+    })?;
+    if !super::Images::opens_with(&super::QemuImages, path, format, new)? {
+        return Err(ImageError::Check(format!(
+            "the re-encrypted {path} does not open with the new key"
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn encrypt(path: &str, format: Format, key: &[u8]) -> Result<(), ImageError> {
+    with_copy(path, |src, copy| {
+        let (clear, keyed) = (
+            Codec {
+                format,
+                keyed: false,
+            },
+            Codec {
+                format,
+                keyed: true,
+            },
+        );
+        convert_verify(src, clear, copy, keyed, &[key], 0, "encrypting", path)
+    })?;
+    if !super::Images::opens_with(&super::QemuImages, path, format, key)? {
+        return Err(ImageError::Check(format!(
+            "the encrypted {path} does not open with its key"
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn decrypt(path: &str, format: Format, key: &[u8]) -> Result<(), ImageError> {
+    with_copy(path, |src, copy| {
+        let (keyed, clear) = (
+            Codec {
+                format,
+                keyed: true,
+            },
+            Codec {
+                format,
+                keyed: false,
+            },
+        );
+        convert_verify(src, keyed, copy, clear, &[key], 0, "decrypting", path)
+    })
+}
+
+pub(super) fn new_copy(
+    path: &str,
+    format: Format,
+    size: u64,
+    key: &[u8],
+) -> Result<String, ImageError> {
+    let (pool, staging, name) = stage(path)?;
+    let img = pool.open_file(&name, false)?;
+    let shown = copy_path(path);
+    let copy = fresh_copy(&staging, &name)?;
+    let made = create_in(&copy, format, size, key, &shown).and_then(|()| {
+        let (uid, gid, mode) = owner_of(&img, path)?;
+        set_owner(&copy, uid, gid, mode, &shown)?;
+        copy.sync_all().map_err(io("sync", &shown))?;
+        Ok(staging.sync()?)
+    });
+    if let Err(e) = made {
+        let _ = staging.remove(&name);
+        return Err(e);
+    }
+    Ok(shown)
+}
+
+pub(super) fn discard_copy(path: &str) -> Result<(), ImageError> {
+    let (pool, staging, name) = stage(path)?;
+    staging.remove(&name)?;
+    // A copy an older guestkeyd left beside the image (a name is removed,
+    // never followed).
+    let legacy = legacy_copy_path(path);
+    if let Some(legacy_name) = legacy.rsplit('/').next() {
+        pool.remove(legacy_name)?;
+    }
+    Ok(())
+}
+
+pub(super) fn swap_in_copy(path: &str) -> Result<(), ImageError> {
+    let (pool, staging, name) = stage(path)?;
+    let copy = staging.open_file(&name, true)?;
+    swap(&pool, &staging, &name, &copy, path)
+}

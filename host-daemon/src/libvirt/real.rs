@@ -1,0 +1,417 @@
+//! [`Libvirt`]: the [`Hypervisor`] on the `virt` crate.
+
+use std::path::PathBuf;
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::storage_pool::StoragePool;
+
+use super::xml::{copy_disk_xml, escape, target_of};
+use super::{CopyTarget, DiskSource, HvError, Hypervisor};
+use crate::model::{DomainState, copy_path, legacy_copy_path};
+
+/// The real libvirt.
+pub struct Libvirt {
+    uri: String,
+}
+
+fn call(what: impl std::fmt::Display) -> impl FnOnce(virt::error::Error) -> HvError {
+    let what = what.to_string();
+    move |e| HvError::Call {
+        what,
+        message: e.message().to_owned(),
+    }
+}
+
+fn state_of(s: virt::enumutil::Enum<virt::domain::DomainState, u32>) -> DomainState {
+    use virt::domain::DomainState as S;
+    let virt::enumutil::Enum::Known(s) = s else {
+        return DomainState::NoState;
+    };
+    match s {
+        S::Running => DomainState::Running,
+        S::Blocked => DomainState::Idle,
+        S::Paused => DomainState::Paused,
+        S::Shutdown => DomainState::InShutdown,
+        S::Shutoff => DomainState::ShutOff,
+        S::Crashed => DomainState::Crashed,
+        S::PMSuspended => DomainState::PmSuspended,
+        _ => DomainState::NoState,
+    }
+}
+
+/// The text of the first `<path>` element of a pool's XML.
+fn pool_path(xml: &str) -> Option<String> {
+    use quick_xml::events::Event;
+    let mut r = quick_xml::Reader::from_str(xml);
+    let mut stack: Vec<String> = vec![];
+    loop {
+        match r.read_event().ok()? {
+            Event::Start(e) => stack.push(e.name().0.to_owned()),
+            Event::End(_) => {
+                stack.pop();
+            }
+            Event::Text(t)
+                if stack
+                    .iter()
+                    .map(String::as_str)
+                    .eq(["pool", "target", "path"]) =>
+            {
+                return Some(t.xml10_content().trim().to_owned());
+            }
+            Event::Eof => return None,
+            _ => {}
+        }
+    }
+}
+
+/// The pool's `type` attribute.
+fn pool_type(xml: &str) -> Option<String> {
+    use quick_xml::events::Event;
+    let mut r = quick_xml::Reader::from_str(xml);
+    loop {
+        match r.read_event().ok()? {
+            Event::Start(e) | Event::Empty(e) if e.name().0 == "pool" => {
+                return e
+                    .attributes()
+                    .flatten()
+                    .find(|a| a.key.0 == "type")
+                    .map(|a| a.value.into_owned());
+            }
+            Event::Eof => return None,
+            _ => {}
+        }
+    }
+}
+
+impl Libvirt {
+    /// libvirt at `uri`, e.g. `qemu:///system`.
+    pub fn new(uri: &str) -> Self {
+        // Errors come back as Results; do not also print them to stderr.
+        virt::error::clear_error_callback();
+        Self {
+            uri: uri.to_owned(),
+        }
+    }
+
+    fn conn(&self) -> Result<Connect, HvError> {
+        Connect::open(Some(&self.uri)).map_err(|e| HvError::Connect {
+            uri: self.uri.clone(),
+            message: e.message().to_owned(),
+        })
+    }
+
+    fn pool(&self, conn: &Connect, pool: &str) -> Result<StoragePool, HvError> {
+        conn.lookup_storage_pool_by_name(pool)
+            .map_err(call(format!("storage pool {pool}")))
+    }
+
+    fn domain(&self, conn: &Connect, uuid: &str) -> Result<Option<Domain>, HvError> {
+        match conn.lookup_domain_by_uuid_string(uuid) {
+            Ok(d) => Ok(Some(d)),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain)
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(call(format!("domain {uuid}"))(e)),
+        }
+    }
+
+    fn defined(&self, conn: &Connect, uuid: &str) -> Result<Domain, HvError> {
+        self.domain(conn, uuid)?
+            .ok_or_else(|| HvError::NoDomain(uuid.to_owned()))
+    }
+}
+
+impl Hypervisor for Libvirt {
+    fn pool_dir(&self, pool: &str) -> Result<PathBuf, HvError> {
+        let conn = self.conn()?;
+        let p = self.pool(&conn, pool)?;
+        let xml = p
+            .xml_desc(0)
+            .map_err(call(format!("storage pool {pool}")))?;
+        if !matches!(pool_type(&xml).as_deref(), Some("dir" | "fs" | "netfs")) {
+            return Err(HvError::NotDirPool(pool.to_owned()));
+        }
+        pool_path(&xml)
+            .filter(|p| p.starts_with('/'))
+            .map(PathBuf::from)
+            .ok_or_else(|| HvError::NoPoolPath(pool.to_owned()))
+    }
+
+    fn refresh_pool(&self, pool: &str) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        self.pool(&conn, pool)?
+            .refresh(0)
+            .map_err(call(format!("refresh of pool {pool}")))
+    }
+
+    fn volume_path(&self, pool: &str, name: &str) -> Result<Option<String>, HvError> {
+        let conn = self.conn()?;
+        let p = self.pool(&conn, pool)?;
+        // A volume made by another program since libvirt last looked.
+        if let Err(e) = p.refresh(0) {
+            tracing::debug!(%pool, error = %e.message(), "pool refresh failed; using libvirt's last view");
+        }
+        match p.lookup_storage_vol_by_name(name) {
+            Ok(v) => Ok(Some(v.path().map_err(call(format!("volume {name}")))?)),
+            Err(_) => Ok(None),
+        }
+    }
+
+    fn delete_volume(&self, pool: &str, name: &str) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        let p = self.pool(&conn, pool)?;
+        if let Err(e) = p.refresh(0) {
+            tracing::debug!(%pool, error = %e.message(), "pool refresh failed; using libvirt's last view");
+        }
+        match p.lookup_storage_vol_by_name(name) {
+            Ok(v) => v
+                .delete(0)
+                .map_err(call(format!("delete of volume {name} in pool {pool}"))),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn define_domain(&self, xml: &str) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        conn.define_domain_xml(xml)
+            .map(|_| ())
+            .map_err(call("libvirt refused the domain XML"))
+    }
+
+    fn undefine_domain(&self, uuid: &str) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        let Some(d) = self.domain(&conn, uuid)? else {
+            return Ok(());
+        };
+        if d.is_active().unwrap_or(false) {
+            d.destroy()
+                .map_err(call(format!("stop of domain {uuid}")))?;
+        }
+        d.undefine()
+            .map_err(call(format!("undefine of domain {uuid}")))
+    }
+
+    fn start_domain(&self, uuid: &str) -> Result<DomainState, HvError> {
+        let conn = self.conn()?;
+        let d = self.defined(&conn, uuid)?;
+        if !d.is_active().unwrap_or(false) {
+            d.create()
+                .map_err(call(format!("start of domain {uuid}")))?;
+        }
+        Ok(self.domain_state(uuid)?.unwrap_or(DomainState::NoState))
+    }
+
+    fn stop_domain(&self, uuid: &str) -> Result<DomainState, HvError> {
+        let conn = self.conn()?;
+        let d = self.defined(&conn, uuid)?;
+        if d.is_active().unwrap_or(false) {
+            d.destroy()
+                .map_err(call(format!("stop of domain {uuid}")))?;
+        }
+        Ok(self.domain_state(uuid)?.unwrap_or(DomainState::NoState))
+    }
+
+    fn domain_state(&self, uuid: &str) -> Result<Option<DomainState>, HvError> {
+        let conn = self.conn()?;
+        let Some(d) = self.domain(&conn, uuid)? else {
+            return Ok(None);
+        };
+        let (state, _) = d.state().map_err(call(format!("state of domain {uuid}")))?;
+        Ok(Some(state_of(state)))
+    }
+
+    fn domain_autostart(&self, uuid: &str) -> Result<Option<bool>, HvError> {
+        let conn = self.conn()?;
+        let Some(d) = self.domain(&conn, uuid)? else {
+            return Ok(None);
+        };
+        d.autostart()
+            .map(Some)
+            .map_err(call(format!("autostart flag of domain {uuid}")))
+    }
+
+    fn ping(&self) -> bool {
+        self.conn().is_ok()
+    }
+
+    fn copy_running_disk(
+        &self,
+        uuid: &str,
+        source: DiskSource<'_>,
+        target: &CopyTarget<'_>,
+    ) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        let d = self.defined(&conn, uuid)?;
+        let live = d
+            .xml_desc(0)
+            .map_err(call(format!("XML of domain {uuid}")))?;
+        // After an earlier online rekey the running guest's disk still
+        // carries the copy's name (the same file, renamed since).
+        let named = |path: &str| target_of(&live, DiskSource { path, ..source });
+        let disk = named(source.path)
+            .or_else(|| named(&copy_path(source.path)))
+            .or_else(|| named(&legacy_copy_path(source.path)))
+            .ok_or_else(|| HvError::NoDisk {
+                uuid: uuid.to_owned(),
+                path: source.path.to_owned(),
+            })?;
+        let dest = copy_disk_xml(target.path, target.format.as_str(), target.secret);
+        // A copy left running by a crash of guestkeyd: start afresh.
+        if matches!(super::blockjob::progress(&d, &disk), Ok(Some(_))) {
+            super::blockjob::cancel(&d, &disk);
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+        let progress = crate::progress::Tracker::start(source.path, "copying online", 0);
+        super::blockjob::copy_and_pivot(
+            &d,
+            &disk,
+            &dest,
+            std::time::Duration::from_secs(3600),
+            target.bandwidth,
+            &|done, total| progress.set(done, total),
+        )?;
+        drop(progress);
+        // At the pivot libvirt writes the copy's path into the persistent
+        // definition; guestkey moves the copy to the volume's own path, so
+        // put that back.
+        self.fix_definition(uuid, target.path, source.path)
+    }
+
+    fn fix_definition(&self, uuid: &str, from: &str, to: &str) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        let Some(d) = self.domain(&conn, uuid)? else {
+            return Ok(());
+        };
+        // A transient domain has no persistent definition: defining its
+        // live XML would make it persistent (and leave it behind).
+        if !d.is_persistent().map_err(call(format!("domain {uuid}")))? {
+            return Ok(());
+        }
+        let inactive = d
+            .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+            .map_err(call(format!("persistent XML of domain {uuid}")))?;
+        let fixed = inactive.replace(&escape(from), &escape(to));
+        if fixed != inactive {
+            conn.define_domain_xml(&fixed)
+                .map_err(call(format!("restoring the definition of domain {uuid}")))?;
+        }
+        Ok(())
+    }
+
+    fn migrate_domain(
+        &self,
+        uuid: &str,
+        dest_uri: &str,
+        migration_uri: Option<&str>,
+        live: bool,
+        unsafe_: bool,
+    ) -> Result<(), HvError> {
+        use virt::sys;
+        let conn = self.conn()?;
+        let d = self.defined(&conn, uuid)?;
+        let dest = Connect::open(Some(dest_uri)).map_err(|e| HvError::Connect {
+            uri: dest_uri.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        let mut flags = sys::VIR_MIGRATE_PERSIST_DEST | sys::VIR_MIGRATE_UNDEFINE_SOURCE;
+        if d.is_active().unwrap_or(false) {
+            if live {
+                flags |= sys::VIR_MIGRATE_LIVE;
+            }
+        } else {
+            flags |= sys::VIR_MIGRATE_OFFLINE;
+        }
+        if unsafe_ {
+            flags |= sys::VIR_MIGRATE_UNSAFE;
+        }
+        let result = d
+            .migrate(&dest, flags, None, migration_uri, 0)
+            .map(|_| ())
+            .map_err(call(format!(
+                "libvirt's migration of domain {uuid} to {dest_uri}"
+            )));
+        drop(d);
+        drop(dest);
+        result
+    }
+
+    fn running_domains_using(&self, source: DiskSource<'_>) -> Result<Vec<String>, HvError> {
+        let conn = self.conn()?;
+        let domains = conn
+            .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            .map_err(call("list of running domains"))?;
+        let mut out = vec![];
+        for d in domains {
+            let Ok(xml) = d.xml_desc(0) else { continue };
+            if target_of(&xml, source).is_some() {
+                out.push(d.uuid_string().map_err(call("domain UUID"))?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn remote_domain_state(&self, uri: &str, uuid: &str) -> Result<Option<DomainState>, HvError> {
+        let conn = Connect::open(Some(uri)).map_err(|e| HvError::Connect {
+            uri: uri.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        let state = match self.domain(&conn, uuid)? {
+            Some(d) => Some(state_of(
+                d.state()
+                    .map_err(call(format!("state of domain {uuid}")))?
+                    .0,
+            )),
+            None => None,
+        };
+        Ok(state)
+    }
+
+    fn set_secret(&self, uuid: &str, volume_path: &str, value: &[u8]) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        // A leftover secret with this UUID (from a crash) is replaced.
+        self.remove_secret(uuid)?;
+        let s = conn
+            .define_secret_xml(&super::secret_xml(uuid, volume_path), 0)
+            .map_err(call(format!("define of libvirt secret {uuid}")))?;
+        s.set_value(value, 0)
+            .map_err(call(format!("value of libvirt secret {uuid}")))
+    }
+
+    fn remove_secret(&self, uuid: &str) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        match conn.lookup_secret_by_uuid_string(uuid) {
+            Ok(s) => s
+                .undefine()
+                .map_err(call(format!("undefine of libvirt secret {uuid}"))),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoSecret)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(call(format!("look-up of libvirt secret {uuid}"))(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pool_xml_is_read_by_element() {
+        let xml = "<pool type='dir'><name>p</name><source><dir path='/not/this'/></source><target><path>/var/lib/p</path><permissions><mode>0711</mode></permissions></target></pool>";
+        assert_eq!(super::pool_path(xml).as_deref(), Some("/var/lib/p"));
+        assert_eq!(super::pool_type(xml).as_deref(), Some("dir"));
+        assert_eq!(
+            super::pool_type("<pool type=\"logical\"/>").as_deref(),
+            Some("logical")
+        );
+    }
+}

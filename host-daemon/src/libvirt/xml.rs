@@ -1,0 +1,128 @@
+//! The little XML guestkeyd writes for libvirt, and the one look-up it
+//! makes in libvirt's own domain XML (which disk is on an image).
+
+use quick_xml::events::Event;
+
+use super::DiskSource;
+
+/// The only secret definition guestkeyd makes: ephemeral (never written to
+/// disk by libvirt) and private (its value cannot be read back).
+pub fn secret_xml(uuid: &str, volume_path: &str) -> String {
+    format!(
+        "<secret ephemeral='yes' private='yes'><uuid>{uuid}</uuid><usage type='volume'><volume>{}</volume></usage></secret>",
+        escape(volume_path)
+    )
+}
+
+/// A `<disk>` for a block copy into the LUKS image `path` opened with
+/// libvirt secret `secret`.
+pub(super) fn copy_disk_xml(path: &str, driver: &str, secret: &str) -> String {
+    format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='{driver}'/><source file='{}'><encryption format='luks'><secret type='passphrase' uuid='{secret}'/></encryption></source></disk>",
+        escape(path)
+    )
+}
+
+/// Text or attribute value escaped for XML.
+pub(super) fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+/// The target dev (e.g. `vda`) of the disk of libvirt's domain XML `xml`
+/// whose source is file `source.path` or volume `source.volume` of pool
+/// `source.pool` (a `<source>` nested in `<backingStore>` is not the disk's).
+pub(super) fn target_of(xml: &str, source: DiskSource<'_>) -> Option<String> {
+    let mut r = quick_xml::Reader::from_str(xml);
+    let (mut depth, mut disk_depth) = (0usize, None::<usize>);
+    let (mut matched, mut target) = (false, None);
+    loop {
+        let ev = r.read_event().ok()?;
+        let (start, empty) = match &ev {
+            Event::Start(e) => (Some(e.clone()), false),
+            Event::Empty(e) => (Some(e.clone()), true),
+            _ => (None, false),
+        };
+        if let Some(e) = start {
+            let here = depth + 1;
+            match (e.name().0, disk_depth) {
+                ("disk", None) if !empty => {
+                    (disk_depth, matched, target) = (Some(here), false, None)
+                }
+                ("source", Some(d)) if here == d + 1 => {
+                    let attrs: Vec<_> = e.attributes().flatten().collect();
+                    let has = |k: &str, v: &str| attrs.iter().any(|a| a.key.0 == k && a.value == v);
+                    matched |= has("file", source.path)
+                        || (has("pool", source.pool) && has("volume", source.volume));
+                }
+                ("target", Some(d)) if here == d + 1 => {
+                    target = e
+                        .attributes()
+                        .flatten()
+                        .find(|a| a.key.0 == "dev")
+                        .map(|a| a.value.into_owned());
+                }
+                _ => {}
+            }
+            if !empty {
+                depth = here;
+            }
+            continue;
+        }
+        match ev {
+            Event::End(e) => {
+                if e.name().0 == "disk" && disk_depth == Some(depth) {
+                    if matched {
+                        return target;
+                    }
+                    disk_depth = None;
+                }
+                depth = depth.saturating_sub(1);
+            }
+            Event::Eof => return None,
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_ephemeral_and_private() {
+        let x = secret_xml("0f0e0d0c-0000-0000-0000-000000000001", "/p/a'b<c>&d");
+        assert!(
+            x.starts_with("<secret ephemeral='yes' private='yes'>"),
+            "{x}"
+        );
+        assert!(
+            x.contains("<usage type='volume'><volume>/p/a&apos;b&lt;c&gt;&amp;d</volume></usage>"),
+            "{x}"
+        );
+    }
+
+    #[test]
+    fn the_disk_on_an_image_is_found_not_its_backing_store() {
+        let xml = "<domain><devices>
+          <disk type='file'><source file='/p/base'/><target dev='vda'/></disk>
+          <disk type='file'><source file='/p/top'/>
+            <backingStore type='file'><source file='/p/old'/></backingStore>
+            <target dev='vdb'/></disk>
+          <disk type='volume'><source pool='pl' volume='v1'/><target dev='vdc'/></disk>
+        </devices></domain>";
+        let s = |path, pool, volume| DiskSource { path, pool, volume };
+        assert_eq!(target_of(xml, s("/p/base", "", "")).as_deref(), Some("vda"));
+        assert_eq!(target_of(xml, s("/p/top", "", "")).as_deref(), Some("vdb"));
+        assert_eq!(target_of(xml, s("/x", "pl", "v1")).as_deref(), Some("vdc"));
+        assert_eq!(target_of(xml, s("/x", "pl", "v2")), None);
+        assert_eq!(
+            target_of(xml, s("/p/old", "", "")),
+            None,
+            "a backing store is not the disk"
+        );
+    }
+}

@@ -1,0 +1,120 @@
+//! The libvirt hook's side: keys become ephemeral, private libvirt secrets
+//! while QEMU opens the disks (`prepare`), and go again (`release`); and the
+//! autostart catch-up after boot.
+
+use std::collections::BTreeSet;
+
+use super::{Daemon, OpsError};
+
+impl Daemon {
+    /// For the hook's `prepare`: defines the guest's volume secrets.
+    /// `wanted`: the secret UUIDs the domain's disks name.
+    pub fn prepare_secrets(&self, domain: &str, wanted: &BTreeSet<String>) -> Result<(), OpsError> {
+        let rec = self.store.load(domain)?;
+        let vols = self.store.volumes()?;
+        let held: BTreeSet<String> = rec
+            .as_ref()
+            .map(|r| r.keys.iter().map(|k| k.secret_uuid.to_string()).collect())
+            .unwrap_or_default();
+        // A disk naming one of our volumes whose key this guest does not hold.
+        for s in wanted.difference(&held) {
+            if let Some(v) = vols.values().find(|v| &v.secret_uuid == s) {
+                return Err(OpsError::Precondition(format!(
+                    "this host holds no key of volume {} ({}) for domain {domain}: define the guest with `guestkeyctl guest define`",
+                    v.name, v.path
+                )));
+            }
+        }
+        let Some(rec) = rec else { return Ok(()) };
+        let mut set = vec![];
+        for k in rec.keys.iter() {
+            let packet = self
+                .keys
+                .open(&k.sealed, k.volume_id, k.generation)
+                .map_err(|e| OpsError::Packet(format!("key of volume {}: {e}", k.volume_id)))?;
+            let done = self.hv.set_secret(
+                k.secret_uuid.as_str(),
+                k.path.as_str(),
+                packet.secret.expose_secret(),
+            );
+            drop(packet);
+            if let Err(e) = done {
+                // None of this guest's secrets stays behind a failed prepare.
+                for s in set {
+                    self.drop_secret(s);
+                }
+                self.drop_secret(k.secret_uuid.as_str());
+                return Err(e.into());
+            }
+            set.push(k.secret_uuid.as_str());
+        }
+        Ok(())
+    }
+
+    /// For the hook's `release`: removes the guest's volume secrets.
+    pub fn release_secrets(&self, domain: &str, wanted: &BTreeSet<String>) -> Result<(), OpsError> {
+        let mut all: BTreeSet<String> = wanted.clone();
+        if let Some(rec) = self.store.load(domain)? {
+            all.extend(rec.keys.iter().map(|k| k.secret_uuid.to_string()));
+        }
+        let ours: BTreeSet<String> = self
+            .store
+            .volumes()?
+            .values()
+            .map(|v| v.secret_uuid.clone())
+            .collect();
+        let mut left = vec![];
+        for s in all.intersection(&ours) {
+            if !self.drop_secret(s) {
+                left.push(s.as_str());
+            }
+        }
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(OpsError::Precondition(format!(
+                "libvirt secret(s) {} could not be removed yet: guestkeyd keeps trying",
+                left.join(", ")
+            )))
+        }
+    }
+
+    /// At start-up, once libvirt answers: erases the keys of stored guests
+    /// that libvirt no longer knows, and starts the stored guests that
+    /// libvirt marks for autostart but that do not run, because libvirt's own
+    /// autostart came before guestkeyd (see docs/host-daemon.md, "Boot").
+    /// Needs no management server. Returns the guests started.
+    pub fn catch_up_autostart(&self) -> Vec<String> {
+        let mut started = vec![];
+        let guests = match self.store.guests() {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list the sealed guests: autostart catch-up skipped");
+                return started;
+            }
+        };
+        for uuid in guests {
+            match (self.hv.domain_autostart(&uuid), self.hv.domain_state(&uuid)) {
+                (Ok(Some(true)), Ok(Some(state))) if !state.holds_disks() => {
+                    match self.hv.start_domain(&uuid) {
+                        Ok(_) => {
+                            tracing::info!(guest = %uuid, "autostarted");
+                            started.push(uuid);
+                        }
+                        Err(e) => tracing::error!(guest = %uuid, error = %e, "autostart failed"),
+                    }
+                }
+                (Ok(None), _) => {
+                    // Undefined while guestkeyd was not running: its keys go.
+                    tracing::info!(guest = %uuid, "guest no longer defined in libvirt");
+                    self.forget_guest(&uuid);
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(guest = %uuid, error = %e, "cannot read the guest's state for autostart")
+                }
+                _ => {}
+            }
+        }
+        started
+    }
+}

@@ -1,0 +1,248 @@
+//! The daemon's operations: volumes, guests, rekeys, migrations and the
+//! hook's just-in-time secrets, written against the two traits of ours,
+//! [`Hypervisor`] (libvirt) and [`Images`] (qemu-img and the LUKS engine),
+//! the sealed [`Store`] and the host's [`HostKeys`].
+//!
+//! [`Daemon`] holds them; each operation takes a request of
+//! [`requests`] (made by [`crate::grpc`] from the wire) and returns domain
+//! values or an [`OpsError`]. Every operation that changes the store or the
+//! volume registry runs under one lock and is repeatable: the server
+//! retries after any failure or crash, so a step already done is
+//! recognised and not done twice.
+//!
+//! May import: [`crate::model`], [`crate::libvirt`], [`crate::image`],
+//! [`crate::store`], [`crate::protect`], [`crate::state`],
+//! [`crate::progress`]. Imported by: [`crate::grpc`], [`crate::hook`], the
+//! binary.
+
+mod guests;
+mod hook;
+mod migrate;
+mod rekey;
+pub mod requests;
+mod volumes;
+
+pub use volumes::{Online, copy_online};
+
+#[cfg(test)]
+mod fakes;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use crate::image::{ImageError, Images};
+use crate::libvirt::{HvError, Hypervisor};
+use crate::model::{InvalidInput, VolumeId};
+use crate::protect::HostKeys;
+use crate::store::{GuestRecord, Store, StoreError};
+
+/// Why an operation was refused or failed. The gRPC layer maps each kind
+/// to a status code; every message names what to fix, never a key.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// The request itself is wrong.
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    /// A key packet does not open (wrong host, volume or generation, or
+    /// altered): the request is wrong.
+    #[error("{0}")]
+    Packet(String),
+    /// The host's state does not allow it now.
+    #[error("{0}")]
+    Precondition(String),
+    /// The host cannot honour the request as it stands: the server should
+    /// not retry it.
+    #[error("{0}")]
+    Aborted(String),
+    /// Another host's libvirt does not answer.
+    #[error("{0}")]
+    Remote(String),
+    /// libvirt refused or failed.
+    #[error(transparent)]
+    Libvirt(#[from] HvError),
+    /// An image operation failed.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The sealed store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Something that should not happen; described.
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn internal(e: impl std::fmt::Display) -> OpsError {
+    OpsError::Internal(e.to_string())
+}
+
+/// How often a secret's removal is tried at once before it is left to
+/// [`Daemon::sweep_secrets`].
+const REMOVE_TRIES: u32 = 3;
+
+/// The host daemon's state.
+pub struct Daemon {
+    /// libvirt.
+    pub hv: Box<dyn Hypervisor>,
+    /// Volume images.
+    pub images: Box<dyn Images>,
+    /// Sealed guest store and volume registry.
+    pub store: Store,
+    /// Host name and sealing key.
+    pub keys: HostKeys,
+    /// Outcomes of operations already done, by operation id.
+    done: Mutex<HashMap<String, String>>,
+    /// Serialises changes to the store and the registry.
+    changes: Mutex<()>,
+    /// Where the list of managed secret UUIDs goes (for the hook).
+    managed_list: PathBuf,
+    /// The user libvirtd and so the hook run as (0 for the system daemon).
+    hook_uid: u32,
+    /// libvirt secrets whose removal failed: tried again until gone.
+    stale_secrets: Mutex<BTreeSet<String>>,
+}
+
+impl Daemon {
+    /// A daemon over these parts.
+    pub fn new(
+        hv: Box<dyn Hypervisor>,
+        images: Box<dyn Images>,
+        store: Store,
+        keys: HostKeys,
+        managed_list: PathBuf,
+        hook_uid: u32,
+    ) -> Self {
+        Self {
+            hv,
+            images,
+            store,
+            keys,
+            done: Mutex::new(HashMap::new()),
+            changes: Mutex::new(()),
+            managed_list,
+            hook_uid,
+            stale_secrets: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// Rewrites the list of secret UUIDs of volumes under this host's care,
+    /// which the hook reads when guestkeyd does not answer (no keys in it).
+    pub fn write_managed_list(&self) -> Result<(), OpsError> {
+        let vols = self.store.volumes()?;
+        let text: String = vols
+            .values()
+            .map(|v| format!("{}\n", v.secret_uuid))
+            .collect();
+        let io =
+            |e: std::io::Error| OpsError::Internal(format!("{}: {e}", self.managed_list.display()));
+        if let Some(dir) = self.managed_list.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        crate::state::write_atomic(&self.managed_list, text.as_bytes())
+            .and_then(|()| match self.hook_uid {
+                0 => Ok(()),
+                uid => std::os::unix::fs::chown(&self.managed_list, Some(uid), None),
+            })
+            .map_err(io)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.changes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember(&self, op_id: &str, outcome: &str) {
+        self.done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(op_id.to_owned(), outcome.to_owned());
+    }
+
+    fn recall(&self, op_id: &str) -> Option<String> {
+        self.done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(op_id)
+            .cloned()
+    }
+
+    /// Every stored guest record (unsealed).
+    fn records(&self) -> Result<Vec<GuestRecord>, OpsError> {
+        let mut out = vec![];
+        for uuid in self.store.guests()? {
+            if let Some(rec) = self.store.load(&uuid)? {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored guests that hold a key of volume `vid`.
+    fn users_of(&self, vid: VolumeId) -> Result<Vec<GuestRecord>, OpsError> {
+        let mut users = self.records()?;
+        users.retain(|rec| rec.keys.iter().any(|k| k.volume_id == vid));
+        Ok(users)
+    }
+
+    /// Removes a libvirt secret; a failure is logged, tried again a few
+    /// times, and then left to [`Daemon::sweep_secrets`] — never ignored.
+    /// Returns whether it is gone now.
+    pub fn drop_secret(&self, uuid: &str) -> bool {
+        let mut last = None;
+        for attempt in 0..REMOVE_TRIES {
+            match self.hv.remove_secret(uuid) {
+                Ok(()) => {
+                    self.stale_secrets
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(uuid);
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(secret = %uuid, attempt, error = %e, "libvirt secret not removed; trying again");
+                    last = Some(e);
+                    std::thread::sleep(std::time::Duration::from_millis(50 << attempt));
+                }
+            }
+        }
+        if let Some(e) = last {
+            tracing::error!(secret = %uuid, error = %e, "libvirt secret still defined: guestkeyd keeps trying to remove it");
+        }
+        self.stale_secrets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uuid.to_owned());
+        false
+    }
+
+    /// Tries again to remove the secrets whose removal failed; returns how
+    /// many are still defined. Run every few seconds.
+    pub fn sweep_secrets(&self) -> usize {
+        let pending: Vec<String> = self
+            .stale_secrets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        for uuid in &pending {
+            match self.hv.remove_secret(uuid) {
+                Ok(()) => {
+                    tracing::info!(secret = %uuid, "libvirt secret removed at last");
+                    self.stale_secrets
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(uuid);
+                }
+                Err(e) => {
+                    tracing::error!(secret = %uuid, error = %e, "libvirt secret still defined")
+                }
+            }
+        }
+        self.stale_secrets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}

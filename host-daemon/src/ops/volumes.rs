@@ -1,0 +1,279 @@
+//! Volumes: create (or encrypt an existing cleartext one), decrypt, delete,
+//! and the online copy that a running guest's disk moves to.
+
+use super::requests::{CreateVolume, DecryptVolume, DeleteVolume};
+use super::{Daemon, OpsError};
+use crate::image::Images;
+use crate::libvirt::{CopyTarget, DiskSource, Hypervisor};
+use crate::model::{Format, VolumeEntry};
+
+impl Daemon {
+    /// Creates a volume from a pushed key (or encrypts an existing
+    /// cleartext one); keeps no key afterwards. Returns its path and size.
+    pub fn create_volume(&self, r: CreateVolume) -> Result<(String, u64), OpsError> {
+        if let Some(path) = self.recall(&r.op_id) {
+            let size = self.images.virtual_size(&path).unwrap_or(r.capacity);
+            return Ok((path, size));
+        }
+        let _guard = self.lock();
+        let id = r.volume.to_string();
+        let mut vols = self.store.volumes()?;
+        if let Some(v) = vols.get(&id) {
+            if self.hv.volume_path(&v.pool, &v.name)?.is_some() {
+                let size = self.images.virtual_size(&v.path).unwrap_or(r.capacity);
+                return Ok((v.path.clone(), size));
+            }
+        }
+        let packet = self
+            .keys
+            .open(&r.key.sealed, r.volume, r.key.generation)
+            .map_err(|e| OpsError::Packet(format!("key packet of volume {}: {e}", r.volume)))?;
+        let key = packet.secret.expose_secret();
+        let (path, size) = if r.encrypt_existing {
+            self.encrypt_existing(&r, key)?
+        } else {
+            let (pool, name) = (r.pool.as_str(), r.name.as_str());
+            if let Some(path) = self.hv.volume_path(pool, name)? {
+                return Err(OpsError::Precondition(format!(
+                    "volume {name} already exists in pool {pool} ({path})"
+                )));
+            }
+            let dir = self.hv.pool_dir(pool)?;
+            let path = dir.join(name).to_string_lossy().into_owned();
+            // qemu-img, not libvirt's vol-create: it lets us choose the
+            // LUKS iteration count (the key is random; stretching only
+            // slows every guest start) and pass the key on a pipe.
+            self.images.create(&path, r.format, r.capacity, key)?;
+            if let Err(e) = self.hv.refresh_pool(pool) {
+                tracing::warn!(%pool, error = %e, "pool refresh failed; libvirt sees the volume at its next refresh");
+            }
+            (path, r.capacity)
+        };
+        drop(packet);
+        vols.insert(
+            id.clone(),
+            VolumeEntry {
+                volume_id: id.clone(),
+                name: r.name.to_string(),
+                pool: r.pool.to_string(),
+                path: path.clone(),
+                secret_uuid: r.secret.hyphenated().to_string(),
+            },
+        );
+        self.store.save_volumes(&vols)?;
+        self.write_managed_list()?;
+        self.remember(&r.op_id, &path);
+        tracing::info!(volume = %id, %path, encrypted_existing = r.encrypt_existing, "volume created");
+        Ok((path, size))
+    }
+
+    /// Encrypts the existing cleartext volume of `r` under `key`: offline,
+    /// or online (block copy and pivot) when a guest runs on it. Repeatable:
+    /// an image that `key` already opens was done before a crash.
+    fn encrypt_existing(&self, r: &CreateVolume, key: &[u8]) -> Result<(String, u64), OpsError> {
+        let (pool, name) = (r.pool.as_str(), r.name.as_str());
+        let path = self.hv.volume_path(pool, name)?.ok_or_else(|| {
+            OpsError::Precondition(format!(
+                "there is no volume {name} in pool {pool} on this host"
+            ))
+        })?;
+        self.finish_interrupted_copy(&path)?;
+        let info = self.images.info(&path, r.format)?;
+        if info.encrypted {
+            if self
+                .images
+                .opens_with(&path, r.format, key)
+                .unwrap_or(false)
+            {
+                return Ok((path, info.virtual_size));
+            }
+            return Err(OpsError::Precondition(format!(
+                "volume {name} ({path}) is already encrypted: guestkey encrypts cleartext volumes only"
+            )));
+        }
+        if info.backing {
+            return Err(OpsError::Precondition(format!(
+                "volume {name} ({path}) has a backing file: flatten it first (qemu-img convert or virsh blockpull)"
+            )));
+        }
+        let source = DiskSource {
+            path: &path,
+            pool,
+            volume: name,
+        };
+        let running = self.hv.running_domains_using(source)?;
+        match running.as_slice() {
+            [] => self.images.encrypt(&path, r.format, key)?,
+            [guest] => {
+                let v = VolumeEntry {
+                    volume_id: r.volume.to_string(),
+                    name: name.to_owned(),
+                    pool: pool.to_owned(),
+                    path: path.clone(),
+                    secret_uuid: r.secret.hyphenated().to_string(),
+                };
+                self.copy_online(guest, &v, r.format, key, info.virtual_size, 0)?;
+            }
+            _ => {
+                return Err(OpsError::Precondition(format!(
+                    "{} running guests share volume {name}: stop all but one first",
+                    running.len()
+                )));
+            }
+        }
+        Ok((path, info.virtual_size))
+    }
+
+    /// Turns a volume back into cleartext and forgets it. No guest of this
+    /// host may hold its key.
+    pub fn decrypt_volume(&self, r: DecryptVolume) -> Result<(String, u64), OpsError> {
+        let packet = self
+            .keys
+            .open(&r.key.sealed, r.volume, r.key.generation)
+            .map_err(|e| OpsError::Packet(format!("key packet of volume {}: {e}", r.volume)))?;
+        let format = Format::of_packet(packet.params.format);
+        let _guard = self.lock();
+        let id = r.volume.to_string();
+        let mut vols = self.store.volumes()?;
+        let Some(v) = vols.get(&id).cloned() else {
+            return Err(OpsError::Precondition(format!(
+                "volume {id} is not on this host"
+            )));
+        };
+        if let Some(rec) = self.users_of(r.volume)?.first() {
+            return Err(OpsError::Precondition(format!(
+                "guest {} ({}) uses volume {}: undefine it first",
+                rec.name.as_str(),
+                rec.uuid.as_str(),
+                v.name
+            )));
+        }
+        if self.images.info(&v.path, format)?.encrypted {
+            self.images
+                .decrypt(&v.path, format, packet.secret.expose_secret())?;
+        }
+        drop(packet);
+        vols.remove(&id);
+        self.store.save_volumes(&vols)?;
+        self.write_managed_list()?;
+        tracing::warn!(volume = %id, path = %v.path, "volume decrypted on the admin's request");
+        let size = self.images.virtual_size(&v.path).unwrap_or(0);
+        Ok((v.path, size))
+    }
+
+    /// Deletes a volume (a missing one is done already).
+    pub fn delete_volume(&self, r: DeleteVolume) -> Result<(), OpsError> {
+        let _guard = self.lock();
+        self.hv.delete_volume(r.pool.as_str(), r.name.as_str())?;
+        let mut vols = self.store.volumes()?;
+        if let Some(v) = vols.remove(&r.volume.to_string()) {
+            // A copy a crash left in the staging directory goes too.
+            if let Err(e) = self.images.discard_copy(&v.path) {
+                tracing::warn!(path = %v.path, error = %e, "a leftover copy was not removed");
+            }
+        }
+        self.store.save_volumes(&vols)?;
+        self.write_managed_list()?;
+        Ok(())
+    }
+
+    /// A crash between an online copy's pivot and its swap leaves the guest
+    /// running on the copy, while the volume's own file holds data from
+    /// before the pivot: then the copy is the volume. It is moved into
+    /// place first (the stale file wiped), so that nothing works on, or
+    /// removes, the image the guest writes to. Returns whether it did so.
+    pub(super) fn finish_interrupted_copy(&self, path: &str) -> Result<bool, OpsError> {
+        let copy = crate::model::copy_path(path);
+        let on_copy = self.hv.running_domains_using(DiskSource {
+            path: &copy,
+            pool: "",
+            volume: "",
+        })?;
+        if on_copy.is_empty() {
+            return Ok(false);
+        }
+        tracing::warn!(%path, guests = ?on_copy, "a guest runs on the copy of an interrupted online copy: moving it into place");
+        self.images.swap_in_copy(path)?;
+        Ok(true)
+    }
+
+    /// The disk of volume `v` of the running `guest` moves into a new LUKS
+    /// image under `key`: see [`copy_online`].
+    pub(super) fn copy_online(
+        &self,
+        guest: &str,
+        v: &VolumeEntry,
+        format: Format,
+        key: &[u8],
+        size: u64,
+        bandwidth: u64,
+    ) -> Result<(), OpsError> {
+        let online = Online {
+            guest,
+            volume: v,
+            format,
+            size,
+            bandwidth,
+        };
+        copy_online(self.hv.as_ref(), self.images.as_ref(), &online, key, &|s| {
+            self.drop_secret(s)
+        })
+    }
+}
+
+/// What an online copy moves.
+pub struct Online<'a> {
+    /// The running guest.
+    pub guest: &'a str,
+    /// Its volume.
+    pub volume: &'a VolumeEntry,
+    /// The volume's container.
+    pub format: Format,
+    /// The volume's size.
+    pub size: u64,
+    /// Bytes per second at most (0: no limit).
+    pub bandwidth: u64,
+}
+
+/// The disk of the running guest moves into a new LUKS image under `key`:
+/// the volume's ephemeral libvirt secret for it, block copy and pivot (the
+/// guest keeps running), then the new image takes the old one's place and
+/// the old one is wiped. Serves the online deep rekey and the online
+/// encryption of a cleartext volume (and the rekey benchmark). `remove`
+/// removes a libvirt secret (true: gone).
+pub fn copy_online(
+    hv: &dyn Hypervisor,
+    images: &dyn Images,
+    o: &Online<'_>,
+    key: &[u8],
+    remove: &dyn Fn(&str) -> bool,
+) -> Result<(), OpsError> {
+    let v = o.volume;
+    let copy = images.new_copy(&v.path, o.format, o.size, key)?;
+    // The copy is opened through the volume's own libvirt secret (not in
+    // use: QEMU opened the running disk long ago), so the definition
+    // libvirt records at the pivot already names the right secret.
+    let secret = v.secret_uuid.as_str();
+    let target = CopyTarget {
+        path: &copy,
+        format: o.format,
+        secret,
+        bandwidth: o.bandwidth,
+    };
+    let source = DiskSource {
+        path: &v.path,
+        pool: &v.pool,
+        volume: &v.name,
+    };
+    let copied = hv
+        .set_secret(secret, &copy, key)
+        .and_then(|()| hv.copy_running_disk(o.guest, source, &target));
+    remove(secret);
+    if let Err(e) = copied {
+        if let Err(d) = images.discard_copy(&v.path) {
+            tracing::warn!(path = %v.path, error = %d, "the failed copy was not removed");
+        }
+        return Err(e.into());
+    }
+    Ok(images.swap_in_copy(&v.path)?)
+}

@@ -1,0 +1,108 @@
+//! The host's keys at rest: its packet-sealing key (it opens the key
+//! packets the server seals to this host) and its store key (it seals the
+//! guest store), each obtained through a [`KeyProtector`] of
+//! `guestkey-protect`. Today both are files in the state directory readable
+//! by root only; the TPM issue adds a protector that seals them to this
+//! host's TPM, and nothing above this module changes.
+//!
+//! May import: [`crate::model`], [`crate::state`]. Imported by: [`crate::store`],
+//! [`crate::ops`], the gRPC enrollment client, the binary.
+
+use guestkey_protect::{Encoding, FileProtector, KeyProtector, ProtectError, ProtectedKey};
+use xdr_wipe::packet::{KeyPacket, VolumeId};
+use xdr_wipe::seal::{HostId, HostSealingKey, OpenError, open};
+
+use crate::state::StateDir;
+
+/// Where this host's two keys are kept.
+pub struct HostProtectors {
+    /// The X25519 packet-sealing private key.
+    pub sealing: Box<dyn KeyProtector>,
+    /// The key of the sealed guest store.
+    pub store: Box<dyn KeyProtector>,
+}
+
+impl HostProtectors {
+    /// Both as files in the state directory (`sealing.key`, `store.key`,
+    /// raw bytes, mode 0600).
+    pub fn files(dir: &StateDir) -> Self {
+        Self {
+            sealing: Box::new(FileProtector::new(dir.file("sealing.key"), Encoding::Raw)),
+            store: Box::new(FileProtector::new(dir.file("store.key"), Encoding::Raw)),
+        }
+    }
+}
+
+/// This host's identity for key packets.
+pub struct HostKeys {
+    /// Host name as enrolled.
+    pub host: HostId,
+    sealing: HostSealingKey,
+}
+
+/// The host's keys could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    /// No enrollment, or its files cannot be read.
+    #[error("{0}: is this host enrolled? run `guestkeyd enroll` first")]
+    NotEnrolled(String),
+    /// The protector failed.
+    #[error("the packet-sealing key: {0}")]
+    Protector(#[from] ProtectError),
+    /// The key is not an X25519 private key.
+    #[error("the packet-sealing key from {0} is not a 32-byte X25519 key")]
+    BadKey(String),
+}
+
+impl HostKeys {
+    /// Loads the host name from the state directory and the sealing key
+    /// from its protector.
+    pub fn load(dir: &StateDir, sealing: &dyn KeyProtector) -> Result<Self, KeysError> {
+        let path = dir.file("host");
+        let name = std::fs::read_to_string(&path)
+            .map_err(|e| KeysError::NotEnrolled(format!("cannot read {}: {e}", path.display())))?;
+        let host = HostId::new(name.trim().to_owned())
+            .map_err(|e| KeysError::NotEnrolled(format!("{}: {e}", path.display())))?;
+        if !sealing.exists()? {
+            return Err(KeysError::NotEnrolled(format!(
+                "no packet-sealing key in {}",
+                sealing.describe()
+            )));
+        }
+        let key = sealing.unseal()?;
+        let sealing_key = HostSealingKey::from_secret_bytes(key.expose_secret())
+            .map_err(|_| KeysError::BadKey(sealing.describe()))?;
+        Ok(Self {
+            host,
+            sealing: sealing_key,
+        })
+    }
+
+    /// The sealing key's bytes, for storing a newly made key.
+    pub fn protect_new(
+        sealing: &HostSealingKey,
+        protector: &dyn KeyProtector,
+    ) -> Result<(), ProtectError> {
+        let bytes = sealing.expose_secret_bytes();
+        protector.create(&ProtectedKey::copy_from_secret_slice(bytes.as_ref()))
+    }
+
+    /// Opens a sealed packet for `volume`/`generation`.
+    pub fn open(
+        &self,
+        sealed: &[u8],
+        volume: VolumeId,
+        generation: u64,
+    ) -> Result<KeyPacket, OpenError> {
+        open(sealed, &self.sealing, &self.host, volume, generation)
+    }
+
+    /// This host's keys, made in memory (tests of the operations).
+    #[cfg(test)]
+    pub fn for_tests(host: &str, sealing: HostSealingKey) -> Self {
+        Self {
+            host: HostId::new(host.to_owned()).unwrap_or_else(|e| panic!("{e}")),
+            sealing,
+        }
+    }
+}
