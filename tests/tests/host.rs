@@ -708,6 +708,10 @@ fn a_crash_at_any_instant_of_a_rekey_loses_no_volume() {
         x ^= x << 17;
         x % n
     };
+    // How many kills landed while the rotation was still under way, and
+    // how many QEMU kills hit a QEMU that existed: a trial that killed
+    // nothing, or killed after the rotation, tests nothing.
+    let (mut mid_rotation, mut qemu_kills) = (0u32, 0u32);
     for t in 0..trials {
         let running = virsh(&["domstate", &guest]).unwrap().trim() == "running";
         if t % 2 == 1 && !running {
@@ -721,25 +725,39 @@ fn a_crash_at_any_instant_of_a_rekey_loses_no_volume() {
             .as_u64()
             .unwrap();
         s.json(&["volume", "rekey", "fault-disk", mode]);
-        std::thread::sleep(std::time::Duration::from_millis(rand(2500)));
+        // The first two trials kill early (the rotation surely runs), the
+        // others at any instant of the first 2.5 s.
+        let delay = if t < 2 { rand(300) } else { rand(2500) };
+        std::thread::sleep(std::time::Duration::from_millis(delay));
         let victim = rand(if running { 3 } else { 2 });
+        let under_way = |s: &Stack| s.json(&["volume", "show", "fault-disk"])["state"] == "rekeying";
         match victim {
             0 => {
+                let was = under_way(&s);
                 s.daemon.take().unwrap().kill9();
+                mid_rotation += u32::from(was);
                 s.run_daemon();
             }
             1 => {
+                let was = under_way(&s);
                 s.server.take().unwrap().kill9();
+                mid_rotation += u32::from(was);
                 s.run_server();
             }
             _ => {
+                let was = under_way(&s);
                 let pid = std::fs::read_to_string(format!("/run/libvirt/qemu/{guest}.pid"))
                     .unwrap_or_default();
-                let _ = std::process::Command::new("kill")
-                    .args(["-9", pid.trim()])
-                    .status();
+                let killed = !pid.trim().is_empty()
+                    && std::process::Command::new("kill")
+                        .args(["-9", pid.trim()])
+                        .status()
+                        .is_ok_and(|st| st.success());
+                qemu_kills += u32::from(killed);
+                mid_rotation += u32::from(was && killed);
             }
         }
+        println!("trial {t}: {mode}, running {running}, victim {victim} after {delay} ms");
         // The two-key window: mid-rotation the server holds the old and the
         // new generation, never more; once it is done, only the new one.
         let generations = || -> Vec<i64> {
@@ -779,6 +797,11 @@ fn a_crash_at_any_instant_of_a_rekey_loses_no_volume() {
             virsh(&["destroy", &guest]).unwrap();
         }
     }
+    println!("{mid_rotation} of {trials} kills landed mid-rotation; {qemu_kills} QEMU processes killed");
+    assert!(
+        mid_rotation >= 1,
+        "no kill landed while the rotation was under way: the trials tested nothing"
+    );
     let _ = virsh(&["destroy", &guest]);
     virsh(&["start", &guest]).unwrap();
     assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");

@@ -286,6 +286,7 @@ fn a_migration_interrupted_by_a_server_crash_is_finished_after_the_restart() {
     qemu_io(&s.dir, &path, key.expose_secret(), "write -P 0x3d 0 1M").unwrap();
     h1.virsh(&["start", &guest]).unwrap();
 
+    let mut left_pending = 0;
     for trial in 0..3u64 {
         let to = if trial % 2 == 0 { &h2 } else { &h1 };
         let child = s
@@ -300,15 +301,16 @@ fn a_migration_interrupted_by_a_server_crash_is_finished_after_the_restart() {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .subsec_nanos() as u64;
-        std::thread::sleep(std::time::Duration::from_millis(nanos % 1500));
+        // The first trial kills early, while the migration surely runs;
+        // the others at any instant of the first 1.5 s.
+        let delay = if trial == 0 { 150 + nanos % 300 } else { nanos % 1500 };
+        std::thread::sleep(std::time::Duration::from_millis(delay));
         s.server.take().unwrap().kill9();
         let _ = child.wait_with_output();
         s.run_server();
         let pending = s.json(&["guest", "show", &guest])["migrating_to"] != "";
-        println!(
-            "trial {trial}: killed after {} ms, migration left pending: {pending}",
-            nanos % 1500
-        );
+        left_pending += u32::from(pending);
+        println!("trial {trial}: killed after {delay} ms, migration left pending: {pending}");
         s.wait_for(120, "the migration settled", || {
             s.json(&["guest", "show", &guest])["migrating_to"] == ""
         });
@@ -331,5 +333,9 @@ fn a_migration_interrupted_by_a_server_crash_is_finished_after_the_restart() {
         assert_eq!(v["host"], g["host"]);
         pattern_intact(&s.dir, &path, s.server_key(&id).expose_secret(), 0x3d, "1M").unwrap();
     }
+    assert!(
+        left_pending >= 1,
+        "no kill landed while a migration was under way: the trials tested nothing"
+    );
     drop(cleanup);
 }

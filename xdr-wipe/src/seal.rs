@@ -149,8 +149,20 @@ impl HostPublicKey {
             .try_into()
             .map_err(|_| KeyError("a sealing public key is 32 bytes"))?;
         // Validate now rather than at the first seal.
-        <Kem as hpke::Kem>::PublicKey::from_bytes(&key)
+        let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(&key)
             .map_err(|_| KeyError("not a valid X25519 public key"))?;
+        // A low-order point (all zeros, one, and the other points of small
+        // order, in any of their encodings) gives an all-zero shared secret:
+        // HPKE refuses to seal to it (RFC 9180, 7.1.4). Refuse it here, at
+        // the edge, with one trial seal of nothing.
+        hpke::single_shot_seal_inout_detached::<Aead, Kdf, Kem>(
+            &OpModeS::Base,
+            &pk,
+            b"guestkey public key check",
+            (&mut [][..]).into(),
+            b"",
+        )
+        .map_err(|_| KeyError("a low-order X25519 public key: no key can be sealed to it"))?;
         Ok(Self(key))
     }
 

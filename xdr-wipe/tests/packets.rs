@@ -292,3 +292,42 @@ fn sealing_keys_survive_storage_as_bytes() {
     assert!(HostSealingKey::from_secret_bytes(&[1u8; 31]).is_err());
     assert!(xdr_wipe::seal::HostPublicKey::from_bytes(&[1u8; 33]).is_err());
 }
+
+/// Low-order X25519 points, in every encoding (the top bit is ignored by
+/// X25519, and values from p up reduce mod p): sealing to one would give an
+/// all-zero shared secret, so enrollment must refuse them.
+#[test]
+fn low_order_public_keys_are_refused() {
+    use xdr_wipe::seal::{HostPublicKey, HostSealingKey};
+    let hex32 = |s: &str| -> [u8; 32] {
+        let v: Vec<u8> = (0..64).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect();
+        v.try_into().unwrap()
+    };
+    let mut low = vec![
+        [0u8; 32],
+        hex32("0100000000000000000000000000000000000000000000000000000000000000"),
+        hex32("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+        hex32("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+        hex32("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+        hex32("edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+        hex32("eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    ];
+    let high: Vec<[u8; 32]> = low
+        .iter()
+        .map(|k| {
+            let mut k = *k;
+            k[31] |= 0x80;
+            k
+        })
+        .collect();
+    low.extend(high);
+    for k in &low {
+        let e = HostPublicKey::from_bytes(k).err().unwrap_or_else(|| panic!("accepted {k:02x?}"));
+        assert!(e.to_string().contains("low-order"), "{e}");
+    }
+    // Real keys still pass.
+    for _ in 0..8 {
+        let pk = HostSealingKey::generate().public_key();
+        assert!(HostPublicKey::from_bytes(pk.as_bytes()).is_ok());
+    }
+}
