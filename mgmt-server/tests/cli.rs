@@ -146,6 +146,72 @@ fn bad_arguments() {
     }
 }
 
+/// Input that guestkeyctl checks itself is refused before it looks for a
+/// credential or a server.
+#[test]
+fn bad_values_are_refused_before_connecting() {
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "size_unit",
+            &[
+                "volume", "create", "--host", "h", "--pool", "p", "--name", "n", "--size", "1Z",
+            ],
+        ),
+        (
+            "size_negative",
+            &[
+                "volume", "create", "--host", "h", "--pool", "p", "--name", "n", "--size", "-1",
+            ],
+        ),
+        (
+            "bandwidth",
+            &["volume", "rekey", "v", "--deep", "--bandwidth", "fast"],
+        ),
+        (
+            "max_key_age",
+            &[
+                "policy",
+                "set",
+                "--pool",
+                "p",
+                "--max-key-age",
+                "90y",
+                "--mode",
+                "deep",
+            ],
+        ),
+        (
+            "after_migration_zero",
+            &[
+                "policy",
+                "set",
+                "--pool",
+                "p",
+                "--max-key-age",
+                "90d",
+                "--mode",
+                "deep",
+                "--after-migration",
+                "0s",
+            ],
+        ),
+        (
+            "domain_xml_missing",
+            &[
+                "guest",
+                "define",
+                "--host",
+                "h",
+                "--xml",
+                "/nonexistent/guest.xml",
+            ],
+        ),
+    ];
+    for (name, args) in cases {
+        insta::assert_snapshot!(format!("bad_value_{name}"), run(args, None));
+    }
+}
+
 #[test]
 fn missing_or_invalid_admin_credential() {
     // No credential at all.
