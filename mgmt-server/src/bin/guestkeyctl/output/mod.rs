@@ -34,29 +34,17 @@ pub(crate) fn json_text(v: &serde_json::Value) -> String {
 }
 
 /// A table: a header row, then one line per row; columns left-aligned,
-/// two spaces apart, trailing spaces trimmed.
+/// two spaces apart, trailing spaces trimmed, never wrapped.
 pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(headers.to_vec())
+        .add_rows(rows);
+    for column in t.column_iter_mut() {
+        column.set_padding((0, 2));
     }
-    let mut out = String::new();
-    let mut line = |cells: Vec<String>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(parts.join("  ").trim_end());
-        out.push('\n');
-    };
-    line(headers.iter().map(|h| (*h).to_owned()).collect());
-    for r in rows {
-        line(r);
-    }
-    out
+    t.trim_fmt() + "\n"
 }
 
 /// Whether a key/value block shows rows whose value is empty.
@@ -78,7 +66,9 @@ pub(crate) fn fields(width: usize, rows: &[(&str, String)], empty: Empty) -> Str
     out
 }
 
-/// A byte size in binary units: `10G`, `64M`, `1000B`.
+/// A byte size in binary units (powers of 1024): a whole multiple of its
+/// largest unit as it is (`10G`, `64M`, `1536M`, `1000B`), any other size
+/// with one decimal (`460.0M`).
 pub(crate) fn size(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "K", "M", "G", "T", "P"];
     let mut i = 0;
@@ -87,6 +77,12 @@ pub(crate) fn size(bytes: u64) -> String {
         && bytes.is_multiple_of(1 << (10 * (i + 1)))
     {
         i += 1;
+    }
+    if i == 0 && bytes >= 1024 {
+        return bytesize::ByteSize::b(bytes)
+            .display()
+            .iec_short()
+            .to_string();
     }
     format!("{}{}", bytes >> (10 * i), UNITS[i])
 }
