@@ -289,6 +289,29 @@ fn missing_or_invalid_admin_credential() {
         run(&["--admin-dir", d, "host", "list"], Some(&dir))
     );
     std::fs::write(&admin_pem, good).unwrap();
+    // The CA file holding no certificate, or a broken one.
+    let ca_pem = dir.join("ca.pem");
+    let ca = std::fs::read_to_string(&ca_pem).unwrap();
+    for (name, text) in [
+        ("ca_pem_empty", String::new()),
+        ("ca_pem_text", "not a certificate\n".to_owned()),
+        (
+            "ca_pem_only_a_key",
+            std::fs::read_to_string(dir.join("admin.key")).unwrap(),
+        ),
+        (
+            "ca_pem_broken_certificate",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_owned(),
+        ),
+        (
+            "ca_pem_truncated",
+            ca.lines().take(3).collect::<Vec<_>>().join("\n"),
+        ),
+    ] {
+        std::fs::write(&ca_pem, text).unwrap();
+        insta::assert_snapshot!(name, run(&["--admin-dir", d, "host", "list"], Some(&dir)));
+    }
+    std::fs::write(&ca_pem, ca).unwrap();
     std::fs::remove_file(dir.join("admin.key")).unwrap();
     insta::assert_snapshot!(
         "admin_key_missing",

@@ -1,7 +1,7 @@
 //! The admin credential and the connection: reads the admin directory
 //! (`server`, `ca.pem`, `admin.pem`, `admin.key`), checks what can be
-//! checked before connecting (the admin certificate is within its
-//! validity), connects over mutual TLS, and turns
+//! checked before connecting (the CA file holds certificates, the admin
+//! certificate is within its validity), connects over mutual TLS, and turns
 //! transport and RPC failures into one line of advice. Imports only the
 //! crate root's `Failure`; every subcommand group imports it.
 
@@ -52,8 +52,10 @@ impl Ctx {
             .ok_or_else(|| Failure(format!("server URL {url:?} must start with https://")))?;
         check_admin_certificate(&dir, &read(&dir, "admin.pem")?)?;
         let key = zeroize::Zeroizing::new(read(&dir, "admin.key")?);
+        let ca = read(&dir, "ca.pem")?;
+        check_ca_certificate(&dir, &ca)?;
         let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(&dir, "ca.pem")?))
+            .ca_certificate(Certificate::from_pem(ca))
             .identity(Identity::from_pem(read(&dir, "admin.pem")?, key.as_bytes()))
             .domain_name(domain);
         let channel = Endpoint::from_shared(url.clone())
@@ -104,6 +106,35 @@ fn check_admin_certificate(dir: &Path, pem: &str) -> Result<(), Failure> {
             "the admin certificate {} is not valid before {}",
             path.display(),
             v.not_before
+        )));
+    }
+    Ok(())
+}
+
+/// The CA file must hold at least one certificate, and each must parse:
+/// TLS would otherwise fail later with a bare "transport error".
+fn check_ca_certificate(dir: &Path, pem: &str) -> Result<(), Failure> {
+    let path = dir.join("ca.pem");
+    let fix = "it must hold the server's CA certificate as `guestkey-server init` wrote it (DATA_DIR/ca/ca.pem)";
+    let mut certificates = 0;
+    for block in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
+        let block =
+            block.map_err(|_| Failure(format!("{} is not valid PEM: {fix}", path.display())))?;
+        if block.label != "CERTIFICATE" {
+            continue;
+        }
+        block.parse_x509().map_err(|_| {
+            Failure(format!(
+                "{} holds a certificate that is not valid X.509: {fix}",
+                path.display()
+            ))
+        })?;
+        certificates += 1;
+    }
+    if certificates == 0 {
+        return Err(Failure(format!(
+            "{} holds no certificate: {fix}",
+            path.display()
         )));
     }
     Ok(())
