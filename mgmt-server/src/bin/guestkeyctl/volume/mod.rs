@@ -1,21 +1,27 @@
 //! `guestkeyctl volume ...`: create, encrypt, decrypt, list, show, delete
-//! and rekey volumes, and `follow` a volume until its host is done.
-//! Imports `connect` and `output` and the library's `parse_size`.
+//! and rekey volumes, and `follow` a volume until its host is done (`create`
+//! by default, `rekey --wait`). Imports `connect` and `output` and the
+//! library's `parse_size` and `parse_duration`.
 
-use std::time::{Duration, Instant};
+mod follow;
+
+use std::time::Duration;
 
 use clap::Subcommand;
 use guestkey_proto::admin as pb;
 use mgmt_server::names::parse_size;
+use mgmt_server::policy::parse_duration;
 
 use crate::Failure;
 use crate::connect::{Client, Ctx, rpc_error};
 use crate::output::{self, Bar};
+use follow::{Followed, created, follow, still_pending};
 
 #[derive(Subcommand)]
 pub(crate) enum VolumeCmd {
     /// "Encrypt this volume": make a key and have the host create the
-    /// volume, LUKS-encrypted, in a libvirt storage pool.
+    /// volume, LUKS-encrypted, in a libvirt storage pool. Waits until the
+    /// host made it (a spinner in a terminal); fails if it could not.
     Create {
         /// Host that gets the volume.
         #[arg(long)]
@@ -32,6 +38,19 @@ pub(crate) enum VolumeCmd {
         /// qcow2 (LUKS inside qcow2) or raw (LUKS).
         #[arg(long, default_value = "qcow2")]
         format: String,
+        /// Return at once, while the volume is still pending-create; the
+        /// server keeps retrying until the host made it (see `volume show`).
+        #[arg(long)]
+        no_wait: bool,
+        /// Wait at most this long for the host (s, m, h or d), then fail;
+        /// the volume stays pending and the server keeps retrying.
+        #[arg(
+            long,
+            value_name = "DURATION",
+            default_value = "10m",
+            conflicts_with = "no_wait"
+        )]
+        timeout: String,
     },
     /// Encrypt an existing cleartext libvirt volume and manage its key from
     /// now on. Its data is copied into a LUKS image under a new key,
@@ -120,10 +139,13 @@ pub(crate) async fn run(cmd: VolumeCmd, ctx: &Ctx) -> Result<(), Failure> {
             name,
             size,
             format,
+            no_wait,
+            timeout,
         } => {
             let capacity_bytes = parse_size(&size)?;
-            ctx.connect()
-                .await?
+            let limit = Duration::from_secs(parse_duration(&timeout)?);
+            let mut c = ctx.connect().await?;
+            let v = c
                 .create_volume(pb::CreateVolumeRequest {
                     host,
                     pool,
@@ -133,7 +155,12 @@ pub(crate) async fn run(cmd: VolumeCmd, ctx: &Ctx) -> Result<(), Failure> {
                 })
                 .await
                 .map_err(rpc_error)?
-                .into_inner()
+                .into_inner();
+            if no_wait {
+                v
+            } else {
+                created(follow(&mut c, &v.id, ctx.json, limit).await?, &timeout)?
+            }
         }
         VolumeCmd::Encrypt {
             host,
@@ -267,43 +294,12 @@ async fn rekey(
     if !wait {
         return Ok(v);
     }
-    let done = follow(&mut c, &v.id, json, Duration::from_secs(6 * 3600)).await?;
-    if done.key_generation == v.key_generation {
-        return Err(Failure(format!(
+    match follow(&mut c, &v.id, json, Duration::from_secs(6 * 3600)).await? {
+        Followed::Done(done) if done.key_generation != v.key_generation => Ok(done),
+        Followed::Done(done) => Err(Failure(format!(
             "the rekey of {} did not happen: {}",
             done.name, done.last_error
-        )));
-    }
-    Ok(done)
-}
-
-/// States in which the host still works on a volume.
-const PENDING: [&str; 6] = [
-    "pending-create",
-    "pending-encrypt",
-    "encrypting",
-    "rekeying",
-    "pending-decrypt",
-    "pending-delete",
-];
-
-/// Polls volume `id` until no operation is pending (at most `limit`),
-/// with a progress bar on stderr when it is a terminal; returns it then.
-async fn follow(
-    c: &mut Client,
-    id: &str,
-    json: bool,
-    limit: Duration,
-) -> Result<pb::Volume, Failure> {
-    let mut bar = Bar::new(json);
-    let end = Instant::now() + limit;
-    loop {
-        let v = get(c, id).await?;
-        if !PENDING.contains(&v.state.as_str()) || Instant::now() > end {
-            bar.clear();
-            return Ok(v);
-        }
-        bar.draw(&v);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        ))),
+        Followed::TimedOut(p) => Err(still_pending(&p, "6h")),
     }
 }
