@@ -193,9 +193,19 @@ fn a_volume_key_goes_sealed_to_its_host_only_and_never_into_logs() {
     let mut b = TestAgent::enroll(&s, "kvm-b");
     a.serve();
     b.serve();
+    // --no-wait: the request as the server queued it.
     let v = s.json(&[
-        "volume", "create", "--host", "kvm-a", "--pool", "default", "--name", "vm1-disk", "--size",
+        "volume",
+        "create",
+        "--host",
+        "kvm-a",
+        "--pool",
+        "default",
+        "--name",
+        "vm1-disk",
+        "--size",
         "1G",
+        "--no-wait",
     ]);
     assert_eq!(v["state"], "pending-create");
     assert_eq!(v["capacity_bytes"], 1u64 << 30);
@@ -281,8 +291,19 @@ fn an_unreachable_host_leaves_the_operation_pending_and_it_is_retried() {
         "[retry]\ninitial_delay_ms = 100\nmax_delay_ms = 400\n",
     ));
     let mut a = TestAgent::enroll(&s, "kvm-late");
+    // The host does not serve yet: --no-wait returns with the request queued.
     s.ok(&[
-        "volume", "create", "--host", "kvm-late", "--pool", "p", "--name", "late", "--size", "64M",
+        "volume",
+        "create",
+        "--host",
+        "kvm-late",
+        "--pool",
+        "p",
+        "--name",
+        "late",
+        "--size",
+        "64M",
+        "--no-wait",
     ]);
     s.wait_for(20, "failed attempts", || {
         s.json(&["volume", "show", "late"])["attempts"]
@@ -311,8 +332,19 @@ fn the_key_release_rate_limit_holds_back_packets() {
     let mut a = TestAgent::enroll(&s, "kvm-rate");
     a.serve();
     for n in ["r1", "r2", "r3"] {
+        // The third waits for the next minute's release slot: --no-wait.
         s.ok(&[
-            "volume", "create", "--host", "kvm-rate", "--pool", "p", "--name", n, "--size", "1M",
+            "volume",
+            "create",
+            "--host",
+            "kvm-rate",
+            "--pool",
+            "p",
+            "--name",
+            n,
+            "--size",
+            "1M",
+            "--no-wait",
         ]);
     }
     s.wait_for(20, "two volumes ready", || {

@@ -963,6 +963,7 @@ fn a_raw_luks_volume_is_rekeyed_shallow_deep_and_online() {
 fn a_volume_asked_for_while_guestkeyd_is_down_is_made_when_it_is_back() {
     let mut s = Stack::start();
     s.daemon.take().unwrap().stop();
+    // --no-wait: `volume create` would otherwise wait for guestkeyd.
     s.json(&[
         "volume",
         "create",
@@ -974,6 +975,7 @@ fn a_volume_asked_for_while_guestkeyd_is_down_is_made_when_it_is_back() {
         "late-disk",
         "--size",
         "16M",
+        "--no-wait",
     ]);
     s.wait_for(30, "a failed attempt", || {
         s.json(&["volume", "show", "late-disk"])["attempts"]

@@ -1,0 +1,127 @@
+//! `guestkeyctl`: the admin command line of guestkey.
+//!
+//! This file holds the clap `Cli`, the dispatch to one module per
+//! subcommand group (`host`, `volume`, `guest`, `policy`, `audit`) and the
+//! error printing (`guestkeyctl: MESSAGE` on stderr, exit code 1; clap's
+//! own errors exit 2). Each group parses and checks its local input first,
+//! then connects through `connect` (admin credential, TLS, transport
+//! hints) and renders the server's answers through `output` (tables,
+//! key/value blocks, JSON, sizes, times, progress). The groups import
+//! `connect` and `output`, never each other; `output` and `connect`
+//! import no group. The library paths used are
+//! `mgmt_server::names::parse_size`, `mgmt_server::policy::parse_duration`
+//! and `mgmt_server::tls::{tls_name, error_chain}`.
+
+#![allow(clippy::print_stderr)] // a command-line program reports errors on stderr
+
+mod audit;
+mod connect;
+mod guest;
+mod host;
+mod output;
+mod policy;
+mod volume;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use guestkey_proto::admin as pb;
+
+use connect::{Ctx, rpc_error};
+
+/// guestkeyctl: administer a guestkey management server (hosts, volumes,
+/// audit log) over mutual TLS with the admin credential.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Server URL, e.g. https://localhost:7443 [default: the `server` file
+    /// in the admin directory].
+    #[arg(long, env = "GUESTKEY_SERVER", global = true, value_name = "URL")]
+    server: Option<String>,
+    /// The admin credential directory made by `guestkey-server init`
+    /// (DATA_DIR/admin): ca.pem, admin.pem, admin.key.
+    #[arg(long, env = "GUESTKEY_ADMIN_DIR", global = true, value_name = "DIR")]
+    admin_dir: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Hosts: register, list, show, revoke, set-migration.
+    #[command(subcommand)]
+    Host(host::HostCmd),
+    /// Encrypted volumes: create, encrypt, decrypt, list, show, rekey,
+    /// delete (crypto-shredding).
+    #[command(subcommand)]
+    Volume(volume::VolumeCmd),
+    /// Guests: define from libvirt domain XML, list, show, start, stop,
+    /// migrate, undefine.
+    #[command(subcommand)]
+    Guest(guest::GuestCmd),
+    /// Key rotation policies: set, list, remove.
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
+    /// Show the audit log; --verify checks its hash chain.
+    Audit(audit::AuditArgs),
+    /// Print the CA certificate (PEM) that signs server, admin and host
+    /// certificates.
+    CaCert,
+}
+
+/// An error for the user: one line saying what to do.
+pub(crate) struct Failure(pub(crate) String);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("guestkeyctl: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(msg)) => {
+            eprintln!("guestkeyctl: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let ctx = Ctx::new(cli.server, cli.admin_dir, cli.json);
+    match cli.command {
+        Command::Host(cmd) => host::run(cmd, &ctx).await,
+        Command::Volume(cmd) => volume::run(cmd, &ctx).await,
+        Command::Guest(cmd) => guest::run(cmd, &ctx).await,
+        Command::Policy(cmd) => policy::run(cmd, &ctx).await,
+        Command::Audit(args) => audit::run(args, &ctx).await,
+        Command::CaCert => {
+            let pem = ctx
+                .connect()
+                .await?
+                .get_ca_certificate(pb::GetCaCertificateRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .pem;
+            output::emit(ctx.json, serde_json::json!({"pem": pem}), pem);
+            Ok(())
+        }
+    }
+}

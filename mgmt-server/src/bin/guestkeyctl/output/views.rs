@@ -1,0 +1,273 @@
+//! The renderings of each server answer: for every kind, the text users
+//! read (a table or a key/value block) and the JSON document scripts read
+//! with `--json`. Keys of the JSON documents and the text layouts are an
+//! interface: the snapshot tests pin them.
+
+use guestkey_proto::admin as pb;
+use serde_json::{Value, json};
+
+use super::{Empty, fields, progress_line, size, table, time};
+
+/// `host add`: the host and its one-time enrollment token.
+pub(crate) fn host_added_json(r: &pb::AddHostResponse) -> Value {
+    let h = r.host.clone().unwrap_or_default();
+    json!({"host": host_json(&h), "enrollment_token": r.enrollment_token, "token_expires_unix": r.token_expires_unix})
+}
+
+/// `host add` as text.
+pub(crate) fn host_added_text(r: &pb::AddHostResponse) -> String {
+    let h = r.host.clone().unwrap_or_default();
+    format!(
+        "host {} registered ({})\nenrollment token (one use, expires {}):\n{}\n{}\n",
+        h.name,
+        h.address,
+        time(r.token_expires_unix),
+        r.enrollment_token,
+        "on the host: guestkeyd enroll --server URL --token TOKEN --ca-file CA.pem --state-dir DIR"
+    )
+}
+
+/// One host as JSON.
+pub(crate) fn host_json(h: &pb::Host) -> Value {
+    json!({"name": h.name, "address": h.address, "state": h.state, "created_unix": h.created_unix,
+           "enrolled_unix": h.enrolled_unix, "certificate_sha256": h.certificate_sha256, "volume_count": h.volume_count,
+           "held_keys": h.held_keys, "inventory_reported_unix": h.inventory_reported_unix,
+           "libvirt_uri": h.libvirt_uri, "migration_uri": h.migration_uri})
+}
+
+/// `host list` as a table.
+pub(crate) fn hosts_table(hosts: &[pb::Host]) -> String {
+    table(
+        &["NAME", "ADDRESS", "STATE", "VOLUMES", "ENROLLED"],
+        hosts
+            .iter()
+            .map(|h| {
+                vec![
+                    h.name.clone(),
+                    h.address.clone(),
+                    h.state.clone(),
+                    h.volume_count.to_string(),
+                    time(h.enrolled_unix),
+                ]
+            })
+            .collect(),
+    )
+}
+
+/// One host as a key/value block (every row, also empty ones).
+pub(crate) fn host_text(h: &pb::Host) -> String {
+    let libvirt_uri = if h.libvirt_uri.is_empty() {
+        "(default: qemu+tls://ADDRESS-HOST/system)".into()
+    } else {
+        h.libvirt_uri.clone()
+    };
+    fields(
+        19,
+        &[
+            ("name", h.name.clone()),
+            ("address", h.address.clone()),
+            ("state", h.state.clone()),
+            ("volumes", h.volume_count.to_string()),
+            ("registered", time(h.created_unix)),
+            ("enrolled", time(h.enrolled_unix)),
+            ("certificate sha256", h.certificate_sha256.clone()),
+            ("keys held", h.held_keys.to_string()),
+            ("last report", time(h.inventory_reported_unix)),
+            ("libvirt URI", libvirt_uri),
+            ("migration URI", h.migration_uri.clone()),
+        ],
+        Empty::Show,
+    )
+}
+
+/// One volume as JSON.
+pub(crate) fn volume_json(v: &pb::Volume) -> Value {
+    json!({"id": v.id, "name": v.name, "host": v.host, "pool": v.pool, "format": v.format,
+           "capacity_bytes": v.capacity_bytes, "key_generation": v.key_generation, "state": v.state,
+           "last_error": v.last_error, "attempts": v.attempts, "secret_uuid": v.secret_uuid, "created_unix": v.created_unix,
+           "rekey_due_unix": v.rekey_due_unix,
+           "progress": if v.progress_phase.is_empty() { Value::Null } else {
+               json!({"phase": v.progress_phase, "done_bytes": v.progress_done_bytes, "total_bytes": v.progress_total_bytes}) }})
+}
+
+/// `volume list` as a table.
+pub(crate) fn volumes_table(vols: &[pb::Volume]) -> String {
+    table(
+        &[
+            "NAME", "HOST", "POOL", "FORMAT", "SIZE", "GEN", "STATE", "ID",
+        ],
+        vols.iter()
+            .map(|v| {
+                vec![
+                    v.name.clone(),
+                    v.host.clone(),
+                    v.pool.clone(),
+                    v.format.clone(),
+                    size(v.capacity_bytes),
+                    v.key_generation.to_string(),
+                    v.state.clone(),
+                    v.id.clone(),
+                ]
+            })
+            .collect(),
+    )
+}
+
+/// One volume as a key/value block (empty rows left out).
+pub(crate) fn volume_text(v: &pb::Volume) -> String {
+    let rekey_due = if v.rekey_due_unix == 0 {
+        String::new()
+    } else {
+        format!("{} (after a migration)", time(v.rekey_due_unix))
+    };
+    let progress = if v.progress_phase.is_empty() {
+        String::new()
+    } else {
+        progress_line(v)
+    };
+    fields(
+        15,
+        &[
+            ("name", v.name.clone()),
+            ("id", v.id.clone()),
+            ("host", v.host.clone()),
+            ("pool", v.pool.clone()),
+            ("format", format!("{} (LUKS)", v.format)),
+            ("size", size(v.capacity_bytes)),
+            ("key generation", v.key_generation.to_string()),
+            ("state", v.state.clone()),
+            ("libvirt secret", v.secret_uuid.clone()),
+            ("deep rekey due", rekey_due),
+            ("progress", progress),
+            ("attempts", v.attempts.to_string()),
+            ("last error", v.last_error.clone()),
+        ],
+        Empty::Skip,
+    )
+}
+
+/// One guest as JSON.
+pub(crate) fn guest_json(g: &pb::Guest) -> Value {
+    json!({"uuid": g.uuid, "name": g.name, "host": g.host, "state": g.state, "pending": g.pending,
+           "last_error": g.last_error, "attempts": g.attempts, "volumes": g.volumes, "domain_xml": g.domain_xml,
+           "migrating_to": g.migrating_to})
+}
+
+/// `guest list` as a table.
+pub(crate) fn guests_table(guests: &[pb::Guest]) -> String {
+    table(
+        &["NAME", "HOST", "STATE", "PENDING", "VOLUMES", "UUID"],
+        guests
+            .iter()
+            .map(|g| {
+                vec![
+                    g.name.clone(),
+                    g.host.clone(),
+                    g.state.clone(),
+                    g.pending.clone(),
+                    g.volumes.join(","),
+                    g.uuid.clone(),
+                ]
+            })
+            .collect(),
+    )
+}
+
+/// One guest as a key/value block (empty rows left out).
+pub(crate) fn guest_text(g: &pb::Guest) -> String {
+    let attempts = if g.pending.is_empty() {
+        String::new()
+    } else {
+        g.attempts.to_string()
+    };
+    fields(
+        16,
+        &[
+            ("name", g.name.clone()),
+            ("uuid", g.uuid.clone()),
+            ("host", g.host.clone()),
+            ("state", g.state.clone()),
+            ("pending", g.pending.clone()),
+            ("migrating to", g.migrating_to.clone()),
+            ("encrypted disks", g.volumes.join(", ")),
+            ("attempts", attempts),
+            ("last error", g.last_error.clone()),
+        ],
+        Empty::Skip,
+    )
+}
+
+/// Policies as JSON (a list, also for one).
+pub(crate) fn policies_json(ps: &[pb::Policy]) -> Value {
+    json!(ps
+        .iter()
+        .map(|p| json!({"scope": p.scope, "target": p.target, "max_key_age_secs": p.max_key_age_secs,
+                         "mode": p.mode, "after_migration_secs": p.after_migration_secs}))
+        .collect::<Vec<_>>())
+}
+
+/// Policies as a table.
+pub(crate) fn policies_table(ps: &[pb::Policy]) -> String {
+    table(
+        &["SCOPE", "TARGET", "MAX KEY AGE", "MODE", "AFTER MIGRATION"],
+        ps.iter()
+            .map(|p| {
+                vec![
+                    p.scope.clone(),
+                    p.target.clone(),
+                    format!("{}s", p.max_key_age_secs),
+                    p.mode.clone(),
+                    if p.after_migration_secs == 0 {
+                        "-".into()
+                    } else {
+                        format!("{}s", p.after_migration_secs)
+                    },
+                ]
+            })
+            .collect(),
+    )
+}
+
+/// Audit records as JSON.
+pub(crate) fn audit_json(recs: &[pb::AuditRecord]) -> Value {
+    json!(recs.iter().map(|r| json!({"seq": r.seq, "time_unix_ms": r.time_unix_ms, "actor": r.actor, "action": r.action, "subject": r.subject, "detail": r.detail, "hash": r.hash})).collect::<Vec<_>>())
+}
+
+/// Audit records as a table.
+pub(crate) fn audit_table(recs: &[pb::AuditRecord]) -> String {
+    table(
+        &["SEQ", "TIME", "ACTOR", "ACTION", "SUBJECT", "DETAIL"],
+        recs.iter()
+            .map(|r| {
+                vec![
+                    r.seq.to_string(),
+                    time(r.time_unix_ms / 1000),
+                    r.actor.clone(),
+                    r.action.clone(),
+                    r.subject.clone(),
+                    r.detail.clone(),
+                ]
+            })
+            .collect(),
+    )
+}
+
+/// `audit --verify` as JSON.
+pub(crate) fn verify_json(v: &pb::VerifyAuditResponse) -> Value {
+    json!({"ok": v.ok, "records": v.records, "first_bad_seq": v.first_bad_seq, "problem": v.problem})
+}
+
+/// `audit --verify` as text.
+pub(crate) fn verify_text(v: &pb::VerifyAuditResponse) -> String {
+    if v.ok {
+        format!(
+            "audit log intact: {} records, hash chain verified\n",
+            v.records
+        )
+    } else {
+        format!(
+            "AUDIT LOG DAMAGED at record {}: {}\n",
+            v.first_bad_seq, v.problem
+        )
+    }
+}
