@@ -204,6 +204,7 @@ fn online(dir: &Path, size: u64, a: &[u8], b: &[u8]) {
         let o = Online {
             guest: &uuid,
             volume: &v,
+            generation: 2,
             format: Format::Qcow2,
             size,
             bandwidth: 0,

@@ -173,14 +173,30 @@ pub struct VolumeEntry {
     pub secret_uuid: String,
 }
 
-/// Where a copy of the image at `path` is made during a deep rekey or a
-/// conversion, before it replaces the image: the same name in the pool
-/// directory's staging directory `.guestkey` (root's, mode 0711).
-pub fn copy_path(path: &str) -> String {
+/// Where the online copy of the image at `path` under key `generation`
+/// is made, before it replaces the image: in the pool directory's staging
+/// directory `.guestkey` (root's, mode 0711), named by the generation, so
+/// that the copy of one rekey is never taken for another's (a running
+/// guest's disk keeps the name of the copy it pivoted to until it
+/// restarts).
+pub fn copy_path(path: &str, generation: u64) -> String {
     match path.rsplit_once('/') {
-        Some((dir, name)) => format!("{dir}/.guestkey/{name}"),
-        None => format!(".guestkey/{path}"),
+        Some((dir, name)) => format!("{dir}/.guestkey/{name}.g{generation}"),
+        None => format!(".guestkey/{path}.g{generation}"),
     }
+}
+
+/// Whether `file` is an online copy of the image at `path` (of any
+/// generation, or one an older guestkeyd made).
+pub fn is_copy_of(file: &str, path: &str) -> bool {
+    let staged = match path.rsplit_once('/') {
+        Some((dir, name)) => format!("{dir}/.guestkey/{name}.g"),
+        None => return false,
+    };
+    file == legacy_copy_path(path)
+        || file
+            .strip_prefix(&staged)
+            .is_some_and(|g| !g.is_empty() && g.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Where copies were made before guestkeyd used a staging directory (a

@@ -31,7 +31,11 @@ impl Victim {
         std::fs::write(&path, &content).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let meta = Self::meta_of(&path);
-        Self { path, content, meta }
+        Self {
+            path,
+            content,
+            meta,
+        }
     }
 
     fn meta_of(p: &Path) -> (u32, u32, u32, u64) {
@@ -40,8 +44,16 @@ impl Victim {
     }
 
     fn check(&self, after: &str) {
-        assert_eq!(Self::meta_of(&self.path), self.meta, "after {after}: the victim's owner, mode or inode changed");
-        assert_eq!(std::fs::read(&self.path).unwrap(), self.content, "after {after}: the victim was written");
+        assert_eq!(
+            Self::meta_of(&self.path),
+            self.meta,
+            "after {after}: the victim's owner, mode or inode changed"
+        );
+        assert_eq!(
+            std::fs::read(&self.path).unwrap(),
+            self.content,
+            "after {after}: the victim was written"
+        );
     }
 }
 
@@ -67,7 +79,14 @@ fn shared_pool(s: &mut Stack) -> (String, PathBuf) {
     std::fs::create_dir_all(&dir).unwrap();
     std::os::unix::fs::chown(&dir, Some(0), Some(kvm_gid())).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770)).unwrap();
-    virsh(&["pool-create-as", &name, "dir", "--target", dir.to_str().unwrap()]).unwrap();
+    virsh(&[
+        "pool-create-as",
+        &name,
+        "dir",
+        "--target",
+        dir.to_str().unwrap(),
+    ])
+    .unwrap();
     s.cleanup.virsh(&["pool-destroy", &name]);
     (name, dir)
 }
@@ -82,7 +101,20 @@ fn kvm_gid() -> u32 {
 }
 
 fn create(s: &Stack, pool: &str, name: &str) -> std::process::Output {
-    s.ctl(&["volume", "create", "--host", &s.host, "--pool", pool, "--name", name, "--size", "16M", "--timeout", "60s"])
+    s.ctl(&[
+        "volume",
+        "create",
+        "--host",
+        &s.host,
+        "--pool",
+        pool,
+        "--name",
+        name,
+        "--size",
+        "16M",
+        "--timeout",
+        "60s",
+    ])
 }
 
 #[test]
@@ -98,12 +130,25 @@ fn links_planted_or_raced_in_a_shared_pool_never_reach_root_files() {
     let planted = dir.join("plant-a");
     let c = as_attacker(&format!("ln -s {v} {p}/plant-a"));
     attacker_done(c);
-    assert!(std::fs::symlink_metadata(&planted).unwrap().file_type().is_symlink());
+    assert!(
+        std::fs::symlink_metadata(&planted)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
     let out = create(&s, &pool, "plant-a");
     assert!(!out.status.success(), "a volume was made on a planted link");
-    println!("planted link: {}", String::from_utf8_lossy(&out.stderr).trim());
+    println!(
+        "planted link: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     victim.check("a create on a planted link");
-    assert!(std::fs::symlink_metadata(&planted).unwrap().file_type().is_symlink());
+    assert!(
+        std::fs::symlink_metadata(&planted)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
     let _ = s.ctl(&["volume", "delete", "plant-a"]);
 
     // 2. Links raced in and out of the name while the volume is made.
@@ -117,18 +162,33 @@ fn links_planted_or_raced_in_a_shared_pool_never_reach_root_files() {
     if out.status.success() {
         let m = std::fs::symlink_metadata(&made).unwrap();
         assert!(m.file_type().is_file(), "the volume is a regular file");
-        assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (0, kvm_gid(), 0o660), "owned like the pool");
+        assert_eq!(
+            (m.uid(), m.gid(), m.mode() & 0o777),
+            (0, kvm_gid(), 0o660),
+            "owned like the pool"
+        );
     } else {
-        println!("raced create refused: {}", String::from_utf8_lossy(&out.stderr).trim());
+        println!(
+            "raced create refused: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
 
     // 3. A real volume with data; the attacker swaps links in for it, and
     //    for the staging directory, while it is re-encrypted (deep, then
     //    shallow).
-    let vol = s.json(&["volume", "create", "--host", &s.host, "--pool", &pool, "--name", "rek-c", "--size", "16M"]);
+    let vol = s.json(&[
+        "volume", "create", "--host", &s.host, "--pool", &pool, "--name", "rek-c", "--size", "16M",
+    ]);
     let id = vol["id"].as_str().unwrap().to_owned();
     let img = dir.join("rek-c");
-    qemu_io(&s.dir, &img, s.server_key(&id).expose_secret(), "write -P 0x5c 0 4M").unwrap();
+    qemu_io(
+        &s.dir,
+        &img,
+        s.server_key(&id).expose_secret(),
+        "write -P 0x5c 0 4M",
+    )
+    .unwrap();
     for kind in ["--deep", "--shallow"] {
         let c = as_attacker(&format!(
             "i=0; while [ $i -lt 1500 ]; do \
@@ -140,10 +200,16 @@ fn links_planted_or_raced_in_a_shared_pool_never_reach_root_files() {
         let out = s.ctl(&["volume", "rekey", "rek-c", kind, "--wait"]);
         attacker_done(c);
         victim.check(&format!("a {kind} rekey raced with links"));
-        println!("{kind} rekey under attack: ok {}: {}", out.status.success(), String::from_utf8_lossy(&out.stderr).trim());
+        println!(
+            "{kind} rekey under attack: ok {}: {}",
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         // Whatever was refused is retried by the server; once the attacker
         // stops, the rekey completes and the data is intact.
-        s.wait_for(180, "the rekey completes", || s.json(&["volume", "show", "rek-c"])["state"] == "ready");
+        s.wait_for(180, "the rekey completes", || {
+            s.json(&["volume", "show", "rek-c"])["state"] == "ready"
+        });
         let m = std::fs::symlink_metadata(&img).unwrap();
         assert!(m.file_type().is_file());
         pattern_intact(&s.dir, &img, s.server_key(&id).expose_secret(), 0x5c, "4M").unwrap();
@@ -152,13 +218,23 @@ fn links_planted_or_raced_in_a_shared_pool_never_reach_root_files() {
 
     // 4. The volume replaced by a link just before it is deleted: the link
     //    goes, the victim stays.
-    let c = as_attacker(&format!("mv {p}/rek-c {p}/rek-c.moved && ln -s {v} {p}/rek-c"));
+    let c = as_attacker(&format!(
+        "mv {p}/rek-c {p}/rek-c.moved && ln -s {v} {p}/rek-c"
+    ));
     attacker_done(c);
     let out = s.ctl(&["volume", "delete", "rek-c"]);
-    println!("delete of a swapped-in link: {}", String::from_utf8_lossy(&out.stderr).trim());
-    s.wait_for(60, "the delete completes", || s.json(&["volume", "show", &id])["state"] == "deleted");
+    println!(
+        "delete of a swapped-in link: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    s.wait_for(60, "the delete completes", || {
+        s.json(&["volume", "show", &id])["state"] == "deleted"
+    });
     victim.check("a delete of a swapped-in link");
-    assert!(std::fs::symlink_metadata(&img).is_err(), "the link was removed");
+    assert!(
+        std::fs::symlink_metadata(&img).is_err(),
+        "the link was removed"
+    );
     assert!(std::fs::metadata(&victim.path).is_ok());
 }
 
@@ -171,17 +247,38 @@ fn a_second_guestkeyd_is_refused_and_the_first_keeps_serving() {
     // The same hook socket as the running one (the default), and then the
     // same state directory with another socket.
     for args in [
-        vec!["run".to_owned(), "--state-dir".into(), s.state_dir().display().to_string(), "--listen".into(), "127.0.0.1:0".into(), "--hook-socket".into(), s.dir.join("other.sock").display().to_string()],
-        vec!["run".to_owned(), "--state-dir".into(), other_state.display().to_string(), "--listen".into(), "127.0.0.1:0".into()],
+        vec![
+            "run".to_owned(),
+            "--state-dir".into(),
+            s.state_dir().display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--hook-socket".into(),
+            s.dir.join("other.sock").display().to_string(),
+        ],
+        vec![
+            "run".to_owned(),
+            "--state-dir".into(),
+            other_state.display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+        ],
     ] {
         let out = Command::new(bin("guestkeyd")).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "a second guestkeyd started: {err}");
-        assert!(err.contains(&format!("another guestkeyd (pid {first}) already serves")), "{err}");
+        assert!(
+            err.contains(&format!("another guestkeyd (pid {first}) already serves")),
+            "{err}"
+        );
     }
     // The first still serves the hook socket.
     let mut c = std::os::unix::net::UnixStream::connect("/run/guestkey/hook.sock").unwrap();
-    std::io::Write::write_all(&mut c, format!("release {}\n", uuid::Uuid::new_v4()).as_bytes()).unwrap();
+    std::io::Write::write_all(
+        &mut c,
+        format!("release {}\n", uuid::Uuid::new_v4()).as_bytes(),
+    )
+    .unwrap();
     let mut answer = String::new();
     std::io::Read::read_to_string(&mut c, &mut answer).unwrap();
     assert_eq!(answer.trim(), "ok");

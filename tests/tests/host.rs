@@ -730,7 +730,8 @@ fn a_crash_at_any_instant_of_a_rekey_loses_no_volume() {
         let delay = if t < 2 { rand(300) } else { rand(2500) };
         std::thread::sleep(std::time::Duration::from_millis(delay));
         let victim = rand(if running { 3 } else { 2 });
-        let under_way = |s: &Stack| s.json(&["volume", "show", "fault-disk"])["state"] == "rekeying";
+        let under_way =
+            |s: &Stack| s.json(&["volume", "show", "fault-disk"])["state"] == "rekeying";
         match victim {
             0 => {
                 let was = under_way(&s);
@@ -797,7 +798,9 @@ fn a_crash_at_any_instant_of_a_rekey_loses_no_volume() {
             virsh(&["destroy", &guest]).unwrap();
         }
     }
-    println!("{mid_rotation} of {trials} kills landed mid-rotation; {qemu_kills} QEMU processes killed");
+    println!(
+        "{mid_rotation} of {trials} kills landed mid-rotation; {qemu_kills} QEMU processes killed"
+    );
     assert!(
         mid_rotation >= 1,
         "no kill landed while the rotation was under way: the trials tested nothing"

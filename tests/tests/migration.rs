@@ -303,7 +303,11 @@ fn a_migration_interrupted_by_a_server_crash_is_finished_after_the_restart() {
             .subsec_nanos() as u64;
         // The first trial kills early, while the migration surely runs;
         // the others at any instant of the first 1.5 s.
-        let delay = if trial == 0 { 150 + nanos % 300 } else { nanos % 1500 };
+        let delay = if trial == 0 {
+            150 + nanos % 300
+        } else {
+            nanos % 1500
+        };
         std::thread::sleep(std::time::Duration::from_millis(delay));
         s.server.take().unwrap().kill9();
         let _ = child.wait_with_output();

@@ -300,7 +300,10 @@ fn sealing_keys_survive_storage_as_bytes() {
 fn low_order_public_keys_are_refused() {
     use xdr_wipe::seal::{HostPublicKey, HostSealingKey};
     let hex32 = |s: &str| -> [u8; 32] {
-        let v: Vec<u8> = (0..64).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect();
+        let v: Vec<u8> = (0..64)
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect();
         v.try_into().unwrap()
     };
     let mut low = vec![
@@ -322,7 +325,9 @@ fn low_order_public_keys_are_refused() {
         .collect();
     low.extend(high);
     for k in &low {
-        let e = HostPublicKey::from_bytes(k).err().unwrap_or_else(|| panic!("accepted {k:02x?}"));
+        let e = HostPublicKey::from_bytes(k)
+            .err()
+            .unwrap_or_else(|| panic!("accepted {k:02x?}"));
         assert!(e.to_string().contains("low-order"), "{e}");
     }
     // Real keys still pass.

@@ -441,6 +441,24 @@ impl SafeDir {
         })
     }
 
+    /// The names in the directory (not `.` and `..`).
+    pub fn names(&self) -> Result<Vec<String>, FsError> {
+        let sys = |errno| FsError::Sys {
+            what: "list",
+            path: self.path.display().to_string(),
+            errno,
+        };
+        let mut out = vec![];
+        for entry in rustix::fs::Dir::read_from(&self.fd).map_err(sys)? {
+            let entry = entry.map_err(sys)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name != "." && name != ".." {
+                out.push(name);
+            }
+        }
+        Ok(out)
+    }
+
     /// Makes the directory's entries durable.
     pub fn sync(&self) -> Result<(), FsError> {
         rustix::fs::fsync(&self.fd).map_err(|errno| FsError::Sys {

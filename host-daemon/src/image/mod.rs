@@ -126,19 +126,23 @@ pub trait Images: Send + Sync {
     /// Decrypts the LUKS image into cleartext of the same container, offline.
     fn decrypt(&self, path: &str, format: Format, key: &[u8]) -> Result<(), ImageError>;
     /// An empty LUKS image under `key` at [`crate::model::copy_path`] of
-    /// `path`, owned like the image at `path` (any leftover copy replaced),
-    /// for an online copy; returns its path.
+    /// `path` and `generation`, owned like the image at `path` (a leftover
+    /// copy of that name replaced), for an online copy; returns its path.
     fn new_copy(
         &self,
         path: &str,
+        generation: u64,
         format: Format,
         size: u64,
         key: &[u8],
     ) -> Result<String, ImageError>;
-    /// Removes a copy of `path` left by a failed or interrupted operation.
-    fn discard_copy(&self, path: &str) -> Result<(), ImageError>;
-    /// Moves the copy of `path` over it and wipes the replaced image.
-    fn swap_in_copy(&self, path: &str) -> Result<(), ImageError>;
+    /// Removes every copy of `path` left by a failed or interrupted
+    /// operation.
+    fn discard_copies(&self, path: &str) -> Result<(), ImageError>;
+    /// Moves the online copy of `path` and `generation` over it and wipes
+    /// the replaced image. `Ok(false)`: there is no such copy (it was moved
+    /// already).
+    fn swap_in_copy(&self, path: &str, generation: u64) -> Result<bool, ImageError>;
 }
 
 /// `format`'s QEMU driver options to open `file` with secret `key_id`.

@@ -329,18 +329,19 @@ impl Images for QemuImages {
     fn new_copy(
         &self,
         path: &str,
+        generation: u64,
         format: Format,
         size: u64,
         key: &[u8],
     ) -> Result<String, ImageError> {
-        super::swap::new_copy(path, format, size, key)
+        super::swap::new_copy(path, generation, format, size, key)
     }
 
-    fn discard_copy(&self, path: &str) -> Result<(), ImageError> {
-        super::swap::discard_copy(path)
+    fn discard_copies(&self, path: &str) -> Result<(), ImageError> {
+        super::swap::discard_copies(path)
     }
 
-    fn swap_in_copy(&self, path: &str) -> Result<(), ImageError> {
-        super::swap::swap_in_copy(path)
+    fn swap_in_copy(&self, path: &str, generation: u64) -> Result<bool, ImageError> {
+        super::swap::swap_in_copy(path, generation)
     }
 }

@@ -28,6 +28,18 @@ fn stage(path: &str) -> Result<(SafeDir, SafeDir, String), ImageError> {
     Ok((pool, staging, name))
 }
 
+/// The name of the offline copy of the image `name` in the staging
+/// directory (libvirt never sees it).
+fn offline_name(name: &str) -> String {
+    format!("{name}.new")
+}
+
+/// The name of the online copy of `name` for key `generation` (see
+/// [`copy_path`]).
+fn online_name(name: &str, generation: u64) -> String {
+    format!("{name}.g{generation}")
+}
+
 /// A new, empty copy file (any leftover removed first).
 fn fresh_copy(staging: &SafeDir, name: &str) -> Result<File, ImageError> {
     staging.remove(name)?;
@@ -44,6 +56,7 @@ fn io(what: &'static str, path: &str) -> impl FnOnce(std::io::Error) -> ImageErr
 fn swap(
     pool: &SafeDir,
     staging: &SafeDir,
+    copy_name: &str,
     name: &str,
     copy: &File,
     path: &str,
@@ -52,10 +65,11 @@ fn swap(
     let len = old.metadata().map_err(io("inspect", path))?.len();
     // QEMU (whichever user it runs as) opens the copy like the original.
     let (uid, gid, mode) = owner_of(&old, path)?;
-    set_owner(copy, uid, gid, mode, &copy_path(path))?;
-    copy.sync_all().map_err(io("sync", &copy_path(path)))?;
+    let shown = staging.path().join(copy_name).display().to_string();
+    set_owner(copy, uid, gid, mode, &shown)?;
+    copy.sync_all().map_err(io("sync", &shown))?;
     let id = file_id(copy)?;
-    staging.move_to(name, pool, name)?;
+    staging.move_to(copy_name, pool, name)?;
     pool.sync()?;
     if !pool.is(name, id)? {
         return Err(super::fs::FsError::Replaced(path.to_owned()).into());
@@ -193,10 +207,12 @@ fn with_copy(
 ) -> Result<(), ImageError> {
     let (pool, staging, name) = stage(path)?;
     let src = pool.open_file(&name, false)?;
-    let copy = fresh_copy(&staging, &name)?;
-    let done = work(&src, &copy).and_then(|()| swap(&pool, &staging, &name, &copy, path));
+    let copy_name = offline_name(&name);
+    let copy = fresh_copy(&staging, &copy_name)?;
+    let done =
+        work(&src, &copy).and_then(|()| swap(&pool, &staging, &copy_name, &name, &copy, path));
     if done.is_err() {
-        let _ = staging.remove(&name);
+        let _ = staging.remove(&copy_name);
     }
     done
 }
@@ -215,7 +231,7 @@ pub(super) fn deep_rekey(
             Ok(()) => {
                 // QEMU opens the copy with the new passphrase only, and
                 // reads the same data from both images.
-                let shown = copy_path(path);
+                let shown = format!("the re-encrypted copy of {path}");
                 if !opens_fd(copy, format, new, &shown)? || opens_fd(copy, format, old, &shown)? {
                     return Err(ImageError::Check(format!(
                         "QEMU does not open the re-encrypted copy of {path} with the new key only"
@@ -296,14 +312,16 @@ pub(super) fn decrypt(path: &str, format: Format, key: &[u8]) -> Result<(), Imag
 
 pub(super) fn new_copy(
     path: &str,
+    generation: u64,
     format: Format,
     size: u64,
     key: &[u8],
 ) -> Result<String, ImageError> {
     let (pool, staging, name) = stage(path)?;
     let img = pool.open_file(&name, false)?;
-    let shown = copy_path(path);
-    let copy = fresh_copy(&staging, &name)?;
+    let shown = copy_path(path, generation);
+    let copy_name = online_name(&name, generation);
+    let copy = fresh_copy(&staging, &copy_name)?;
     let made = create_in(&copy, format, size, key, &shown).and_then(|()| {
         let (uid, gid, mode) = owner_of(&img, path)?;
         set_owner(&copy, uid, gid, mode, &shown)?;
@@ -311,15 +329,26 @@ pub(super) fn new_copy(
         Ok(staging.sync()?)
     });
     if let Err(e) = made {
-        let _ = staging.remove(&name);
+        let _ = staging.remove(&copy_name);
         return Err(e);
     }
     Ok(shown)
 }
 
-pub(super) fn discard_copy(path: &str) -> Result<(), ImageError> {
+pub(super) fn discard_copies(path: &str) -> Result<(), ImageError> {
     let (pool, staging, name) = stage(path)?;
-    staging.remove(&name)?;
+    for n in staging.names()? {
+        let Some(rest) = n.strip_prefix(&format!("{name}.")) else {
+            continue;
+        };
+        if rest == "new"
+            || rest
+                .strip_prefix('g')
+                .is_some_and(|g| !g.is_empty() && g.bytes().all(|b| b.is_ascii_digit()))
+        {
+            staging.remove(&n)?;
+        }
+    }
     // A copy an older guestkeyd left beside the image (a name is removed,
     // never followed).
     let legacy = legacy_copy_path(path);
@@ -329,8 +358,13 @@ pub(super) fn discard_copy(path: &str) -> Result<(), ImageError> {
     Ok(())
 }
 
-pub(super) fn swap_in_copy(path: &str) -> Result<(), ImageError> {
+pub(super) fn swap_in_copy(path: &str, generation: u64) -> Result<bool, ImageError> {
     let (pool, staging, name) = stage(path)?;
-    let copy = staging.open_file(&name, true)?;
-    swap(&pool, &staging, &name, &copy, path)
+    let copy_name = online_name(&name, generation);
+    if !staging.exists(&copy_name)? {
+        return Ok(false);
+    }
+    let copy = staging.open_file(&copy_name, true)?;
+    swap(&pool, &staging, &copy_name, &name, &copy, path)?;
+    Ok(true)
 }

@@ -8,7 +8,7 @@ use virt::storage_pool::StoragePool;
 
 use super::xml::{copy_disk_xml, escape, target_of};
 use super::{CopyTarget, DiskSource, HvError, Hypervisor};
-use crate::model::{DomainState, copy_path, legacy_copy_path};
+use crate::model::{DomainState, is_copy_of};
 
 /// The real libvirt.
 pub struct Libvirt {
@@ -252,15 +252,17 @@ impl Hypervisor for Libvirt {
             .xml_desc(0)
             .map_err(call(format!("XML of domain {uuid}")))?;
         // After an earlier online rekey the running guest's disk still
-        // carries the copy's name (the same file, renamed since).
-        let named = |path: &str| target_of(&live, DiskSource { path, ..source });
-        let disk = named(source.path)
-            .or_else(|| named(&copy_path(source.path)))
-            .or_else(|| named(&legacy_copy_path(source.path)))
-            .ok_or_else(|| HvError::NoDisk {
-                uuid: uuid.to_owned(),
-                path: source.path.to_owned(),
-            })?;
+        // carries the name of the copy it pivoted to (the same file, moved
+        // into place since).
+        let disk = super::xml::target_where(
+            &live,
+            |file| file == source.path || is_copy_of(file, source.path),
+            source,
+        )
+        .ok_or_else(|| HvError::NoDisk {
+            uuid: uuid.to_owned(),
+            path: source.path.to_owned(),
+        })?;
         let dest = copy_disk_xml(target.path, target.format.as_str(), target.secret);
         // A copy left running by a crash of guestkeyd: start afresh.
         if matches!(super::blockjob::progress(&d, &disk), Ok(Some(_))) {

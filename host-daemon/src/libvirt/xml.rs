@@ -36,6 +36,16 @@ pub(super) fn escape(s: &str) -> String {
 /// whose source is file `source.path` or volume `source.volume` of pool
 /// `source.pool` (a `<source>` nested in `<backingStore>` is not the disk's).
 pub(super) fn target_of(xml: &str, source: DiskSource<'_>) -> Option<String> {
+    target_where(xml, |file| file == source.path, source)
+}
+
+/// The target dev of the disk whose source file satisfies `file`, or whose
+/// source is volume `source.volume` of pool `source.pool`.
+pub(super) fn target_where(
+    xml: &str,
+    file: impl Fn(&str) -> bool,
+    source: DiskSource<'_>,
+) -> Option<String> {
     let mut r = quick_xml::Reader::from_str(xml);
     let (mut depth, mut disk_depth) = (0usize, None::<usize>);
     let (mut matched, mut target) = (false, None);
@@ -55,8 +65,15 @@ pub(super) fn target_of(xml: &str, source: DiskSource<'_>) -> Option<String> {
                 ("source", Some(d)) if here == d + 1 => {
                     let attrs: Vec<_> = e.attributes().flatten().collect();
                     let has = |k: &str, v: &str| attrs.iter().any(|a| a.key.0 == k && a.value == v);
-                    matched |= has("file", source.path)
-                        || (has("pool", source.pool) && has("volume", source.volume));
+                    let file_ok = attrs.iter().any(|a| {
+                        a.key.0 == "file"
+                            && file(
+                                &a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                                    .unwrap_or_default(),
+                            )
+                    });
+                    matched |=
+                        file_ok || (has("pool", source.pool) && has("volume", source.volume));
                 }
                 ("target", Some(d)) if here == d + 1 => {
                     target = e

@@ -416,6 +416,7 @@ impl Images for FakeImages {
     fn new_copy(
         &self,
         path: &str,
+        generation: u64,
         format: Format,
         size: u64,
         key: &[u8],
@@ -424,7 +425,7 @@ impl Images for FakeImages {
         w.fails("new_copy", format!("new_copy {path}"))
             .map_err(img_err)?;
         let k = w.new_key();
-        let copy = copy_path(path);
+        let copy = copy_path(path, generation);
         w.images.insert(
             copy.clone(),
             Image {
@@ -438,21 +439,20 @@ impl Images for FakeImages {
         );
         Ok(copy)
     }
-    fn discard_copy(&self, path: &str) -> Result<(), ImageError> {
+    fn discard_copies(&self, path: &str) -> Result<(), ImageError> {
         let mut w = lock(&self.0);
-        w.calls.push(format!("discard_copy {path}"));
-        w.images.remove(&copy_path(path));
+        w.calls.push(format!("discard_copies {path}"));
+        w.images.retain(|p, _| !crate::model::is_copy_of(p, path));
         Ok(())
     }
-    fn swap_in_copy(&self, path: &str) -> Result<(), ImageError> {
+    fn swap_in_copy(&self, path: &str, generation: u64) -> Result<bool, ImageError> {
         let mut w = lock(&self.0);
         w.fails("swap_in_copy", format!("swap_in_copy {path}"))
             .map_err(img_err)?;
-        let copy = w
-            .images
-            .remove(&copy_path(path))
-            .ok_or_else(|| img_err(format!("no copy of {path}")))?;
+        let Some(copy) = w.images.remove(&copy_path(path, generation)) else {
+            return Ok(false);
+        };
         w.images.insert(path.to_owned(), copy);
-        Ok(())
+        Ok(true)
     }
 }

@@ -55,7 +55,7 @@ impl Daemon {
             }
         }
         let (o, n) = (old.secret.expose_secret(), new.secret.expose_secret());
-        self.finish_interrupted_copy(&v.path)?;
+        self.finish_interrupted_copy(&v.path, r.new_key.generation)?;
         let new_opens = self.images.opens_with(&v.path, format, n)?;
         let old_opens = self.images.opens_with(&v.path, format, o)?;
         // Already done (a repeat after a crash) when only the new key opens.
@@ -89,7 +89,7 @@ impl Daemon {
                 // one also replaces the data key, which is stronger.
                 (Some(guest), _) => {
                     let size = self.images.virtual_size(&v.path)?;
-                    self.copy_online(guest, v, format, n, size, r.bandwidth)?;
+                    self.copy_online(guest, v, r.new_key.generation, format, n, size, r.bandwidth)?;
                 }
                 (None, RekeyKind::Deep) => {
                     self.images.deep_rekey(&v.path, format, o, n, r.bandwidth)?
@@ -103,13 +103,16 @@ impl Daemon {
         // Whatever a crash interrupted (even a pivot whose QEMU died), a
         // guest's definition must name the volume's own path again.
         for rec in &users {
-            for copy in [copy_path(&v.path), legacy_copy_path(&v.path)] {
+            for copy in [
+                copy_path(&v.path, r.new_key.generation),
+                legacy_copy_path(&v.path),
+            ] {
                 self.hv.fix_definition(rec.uuid.as_str(), &copy, &v.path)?;
             }
         }
         if running.is_none() {
             // A copy left by an interrupted online rekey is not needed.
-            if let Err(e) = self.images.discard_copy(&v.path) {
+            if let Err(e) = self.images.discard_copies(&v.path) {
                 tracing::warn!(path = %v.path, error = %e, "a leftover copy was not removed");
             }
         }

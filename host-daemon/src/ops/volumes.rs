@@ -77,7 +77,7 @@ impl Daemon {
                 "there is no volume {name} in pool {pool} on this host"
             ))
         })?;
-        self.finish_interrupted_copy(&path)?;
+        self.finish_interrupted_copy(&path, r.key.generation)?;
         let info = self.images.info(&path, r.format)?;
         if info.encrypted {
             if self
@@ -112,7 +112,15 @@ impl Daemon {
                     path: path.clone(),
                     secret_uuid: r.secret.hyphenated().to_string(),
                 };
-                self.copy_online(guest, &v, r.format, key, info.virtual_size, 0)?;
+                self.copy_online(
+                    guest,
+                    &v,
+                    r.key.generation,
+                    r.format,
+                    key,
+                    info.virtual_size,
+                    0,
+                )?;
             }
             _ => {
                 return Err(OpsError::Precondition(format!(
@@ -168,7 +176,7 @@ impl Daemon {
         let mut vols = self.store.volumes()?;
         if let Some(v) = vols.remove(&r.volume.to_string()) {
             // A copy a crash left in the staging directory goes too.
-            if let Err(e) = self.images.discard_copy(&v.path) {
+            if let Err(e) = self.images.discard_copies(&v.path) {
                 tracing::warn!(path = %v.path, error = %e, "a leftover copy was not removed");
             }
         }
@@ -181,9 +189,16 @@ impl Daemon {
     /// running on the copy, while the volume's own file holds data from
     /// before the pivot: then the copy is the volume. It is moved into
     /// place first (the stale file wiped), so that nothing works on, or
-    /// removes, the image the guest writes to. Returns whether it did so.
-    pub(super) fn finish_interrupted_copy(&self, path: &str) -> Result<bool, OpsError> {
-        let copy = crate::model::copy_path(path);
+    /// removes, the image the guest writes to. The copy is named by the key
+    /// generation it is under, so a guest still showing the copy name of an
+    /// earlier, finished rekey is not taken for this one, and a copy that
+    /// was moved already is not moved again. Returns whether it moved one.
+    pub(super) fn finish_interrupted_copy(
+        &self,
+        path: &str,
+        generation: u64,
+    ) -> Result<bool, OpsError> {
+        let copy = crate::model::copy_path(path, generation);
         let on_copy = self.hv.running_domains_using(DiskSource {
             path: &copy,
             pool: "",
@@ -192,17 +207,21 @@ impl Daemon {
         if on_copy.is_empty() {
             return Ok(false);
         }
-        tracing::warn!(%path, guests = ?on_copy, "a guest runs on the copy of an interrupted online copy: moving it into place");
-        self.images.swap_in_copy(path)?;
-        Ok(true)
+        let moved = self.images.swap_in_copy(path, generation)?;
+        if moved {
+            tracing::warn!(%path, guests = ?on_copy, "a guest ran on the copy of an interrupted online copy: moved it into place");
+        }
+        Ok(moved)
     }
 
     /// The disk of volume `v` of the running `guest` moves into a new LUKS
-    /// image under `key`: see [`copy_online`].
+    /// image under `key` (of `generation`): see [`copy_online`].
+    #[allow(clippy::too_many_arguments)] // the copy's parts, each named once
     pub(super) fn copy_online(
         &self,
         guest: &str,
         v: &VolumeEntry,
+        generation: u64,
         format: Format,
         key: &[u8],
         size: u64,
@@ -211,6 +230,7 @@ impl Daemon {
         let online = Online {
             guest,
             volume: v,
+            generation,
             format,
             size,
             bandwidth,
@@ -227,6 +247,8 @@ pub struct Online<'a> {
     pub guest: &'a str,
     /// Its volume.
     pub volume: &'a VolumeEntry,
+    /// The key generation the copy is under (it names the copy).
+    pub generation: u64,
     /// The volume's container.
     pub format: Format,
     /// The volume's size.
@@ -249,7 +271,7 @@ pub fn copy_online(
     remove: &dyn Fn(&str) -> bool,
 ) -> Result<(), OpsError> {
     let v = o.volume;
-    let copy = images.new_copy(&v.path, o.format, o.size, key)?;
+    let copy = images.new_copy(&v.path, o.generation, o.format, o.size, key)?;
     // The copy is opened through the volume's own libvirt secret (not in
     // use: QEMU opened the running disk long ago), so the definition
     // libvirt records at the pivot already names the right secret.
@@ -270,10 +292,15 @@ pub fn copy_online(
         .and_then(|()| hv.copy_running_disk(o.guest, source, &target));
     remove(secret);
     if let Err(e) = copied {
-        if let Err(d) = images.discard_copy(&v.path) {
+        if let Err(d) = images.discard_copies(&v.path) {
             tracing::warn!(path = %v.path, error = %d, "the failed copy was not removed");
         }
         return Err(e.into());
     }
-    Ok(images.swap_in_copy(&v.path)?)
+    if !images.swap_in_copy(&v.path, o.generation)? {
+        return Err(OpsError::Internal(format!(
+            "the copy {copy} vanished before it was moved into place"
+        )));
+    }
+    Ok(())
 }
