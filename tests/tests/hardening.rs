@@ -100,12 +100,13 @@ fn kvm_gid() -> u32 {
         .unwrap()
 }
 
-fn create(s: &Stack, pool: &str, name: &str) -> std::process::Output {
+fn create(s: &Stack, pool: &str, name: &str, timeout: &str) -> std::process::Output {
+    let host = s.host.as_str();
     s.ctl(&[
         "volume",
         "create",
         "--host",
-        &s.host,
+        host,
         "--pool",
         pool,
         "--name",
@@ -113,8 +114,21 @@ fn create(s: &Stack, pool: &str, name: &str) -> std::process::Output {
         "--size",
         "16M",
         "--timeout",
-        "60s",
+        timeout,
     ])
+}
+
+/// Waits until volume `name`'s last error mentions `what`; returns it.
+fn refused_with(s: &Stack, name: &str, what: &str) -> String {
+    let mut seen = String::new();
+    s.wait_for(60, &format!("volume {name} refused with {what:?}"), || {
+        seen = s.json(&["volume", "show", name])["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        seen.contains(what)
+    });
+    seen
 }
 
 #[test]
@@ -136,7 +150,7 @@ fn links_planted_or_raced_in_a_shared_pool_never_reach_root_files() {
             .file_type()
             .is_symlink()
     );
-    let out = create(&s, &pool, "plant-a");
+    let out = create(&s, &pool, "plant-a", "8s");
     assert!(!out.status.success(), "a volume was made on a planted link");
     println!(
         "planted link: {}",
@@ -155,7 +169,7 @@ fn links_planted_or_raced_in_a_shared_pool_never_reach_root_files() {
     let c = as_attacker(&format!(
         "i=0; while [ $i -lt 4000 ]; do ln -s {v} {p}/race-b 2>/dev/null; rm -f {p}/race-b; i=$((i+1)); done"
     ));
-    let out = create(&s, &pool, "race-b");
+    let out = create(&s, &pool, "race-b", "60s");
     attacker_done(c);
     victim.check("a create raced with links");
     let made = dir.join("race-b");
@@ -189,6 +203,31 @@ fn links_planted_or_raced_in_a_shared_pool_never_reach_root_files() {
         "write -P 0x5c 0 4M",
     )
     .unwrap();
+    // The image itself replaced by a link, and then the staging directory:
+    // each refused with a message naming it; once they are back, the rekey
+    // completes.
+    let c = as_attacker(&format!("mv {p}/rek-c {p}/rek-c.x && ln -s {v} {p}/rek-c"));
+    attacker_done(c);
+    s.json(&["volume", "rekey", "rek-c", "--deep"]);
+    println!(
+        "image swapped for a link: {}",
+        refused_with(&s, "rek-c", "symbolic link")
+    );
+    victim.check("a rekey of an image swapped for a link");
+    let c = as_attacker(&format!(
+        "rmdir {p}/.guestkey 2>/dev/null; ln -s {p}/.. {p}/.guestkey && rm {p}/rek-c && mv {p}/rek-c.x {p}/rek-c"
+    ));
+    attacker_done(c);
+    println!(
+        "staging directory swapped for a link: {}",
+        refused_with(&s, "rek-c", ".guestkey")
+    );
+    let c = as_attacker(&format!("rm {p}/.guestkey"));
+    attacker_done(c);
+    s.wait_for(120, "the rekey completes", || {
+        s.json(&["volume", "show", "rek-c"])["state"] == "ready"
+    });
+    pattern_intact(&s.dir, &img, s.server_key(&id).expose_secret(), 0x5c, "4M").unwrap();
     for kind in ["--deep", "--shallow"] {
         let c = as_attacker(&format!(
             "i=0; while [ $i -lt 1500 ]; do \
