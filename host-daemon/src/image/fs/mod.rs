@@ -22,17 +22,14 @@
 //!
 //! Imported by the image layer only.
 
-use std::ffi::OsStr;
+mod walk;
+
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Uid};
 use rustix::io::Errno;
-
-/// Symbolic links followed at most while opening a directory.
-const MAX_LINKS: usize = 40;
 
 /// Name of the staging directory in a pool directory (see [`SafeDir::staging`]).
 pub const STAGING: &str = ".guestkey";
@@ -147,90 +144,6 @@ pub fn file_id(f: &File) -> Result<FileId, FsError> {
 }
 
 impl SafeDir {
-    /// Opens the directory `path` (absolute) without following a link that
-    /// someone other than root could have planted.
-    pub fn open(path: &Path) -> Result<Self, FsError> {
-        let shown = path.display().to_string();
-        if !path.is_absolute() {
-            return Err(FsError::BadPath(shown));
-        }
-        let sys = |what: &'static str, p: &Path| {
-            let path = p.display().to_string();
-            move |errno| FsError::Sys { what, path, errno }
-        };
-        let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let root = || rustix::fs::openat(rustix::fs::CWD, "/", dir_flags, Mode::empty());
-        let mut fd = root().map_err(sys("open", Path::new("/")))?;
-        let mut at = PathBuf::from("/");
-        // Components still to walk, first one last.
-        let mut todo: Vec<Vec<u8>> = components(path).into_iter().rev().collect();
-        let mut links = 0;
-        while let Some(c) = todo.pop() {
-            if c == b".." {
-                // The physical parent of where we are (no path re-walked).
-                fd = rustix::fs::openat(&fd, "..", dir_flags, Mode::empty())
-                    .map_err(sys("open", &at))?;
-                at.pop();
-                continue;
-            }
-            let name = OsStr::from_bytes(&c);
-            let next = at.join(name);
-            match rustix::fs::openat(&fd, name, dir_flags, Mode::empty()) {
-                Ok(sub) => {
-                    fd = sub;
-                    at = next;
-                }
-                Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
-                    let st = rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW)
-                        .map_err(sys("inspect", &next))?;
-                    if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
-                        return Err(FsError::WrongType {
-                            path: next.display().to_string(),
-                            found: kind(st.st_mode),
-                            wanted: "a directory",
-                        });
-                    }
-                    let parent = rustix::fs::fstat(&fd).map_err(sys("inspect", &at))?;
-                    if parent.st_uid != 0 || parent.st_mode & 0o022 != 0 {
-                        return Err(FsError::UntrustedLink {
-                            path: next.display().to_string(),
-                            owner: parent.st_uid,
-                        });
-                    }
-                    links += 1;
-                    if links > MAX_LINKS {
-                        return Err(FsError::TooManyLinks(shown));
-                    }
-                    let target = rustix::fs::readlinkat(&fd, name, Vec::new())
-                        .map_err(sys("read the link", &next))?;
-                    let target = Path::new(OsStr::from_bytes(target.as_bytes())).to_path_buf();
-                    if target.is_absolute() {
-                        fd = root().map_err(sys("open", Path::new("/")))?;
-                        at = PathBuf::from("/");
-                    }
-                    for t in components(&target).into_iter().rev() {
-                        todo.push(t);
-                    }
-                }
-                Err(errno) => {
-                    return Err(FsError::Sys {
-                        what: "open",
-                        path: next.display().to_string(),
-                        errno,
-                    });
-                }
-            }
-        }
-        let st = rustix::fs::fstat(&fd).map_err(sys("inspect", path))?;
-        Ok(Self {
-            fd,
-            path: path.to_path_buf(),
-            uid: st.st_uid,
-            gid: st.st_gid,
-            mode: st.st_mode & 0o7777,
-        })
-    }
-
     /// The directory containing the file at `path`, and the file's name.
     pub fn of_file(path: &str) -> Result<(Self, String), FsError> {
         let (dir, name) = split(path)?;
@@ -493,17 +406,6 @@ pub fn owner_of(f: &File, shown: &str) -> Result<(u32, u32, u32), FsError> {
         errno,
     })?;
     Ok((st.st_uid, st.st_gid, st.st_mode & 0o7777))
-}
-
-/// The normal components of `p` as bytes (`.` dropped, `..` kept).
-fn components(p: &Path) -> Vec<Vec<u8>> {
-    p.components()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n.as_bytes().to_vec()),
-            Component::ParentDir => Some(b"..".to_vec()),
-            _ => None,
-        })
-        .collect()
 }
 
 #[cfg(test)]
