@@ -13,6 +13,8 @@
 //!   admin/admin.key      its key (0600),
 //!   admin/server         and the server URL
 //! ```
+//!
+//! A leaf module: imports nothing of this crate.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -48,6 +50,10 @@ impl DataDir {
     /// CA private key.
     pub fn ca_key(&self) -> PathBuf {
         self.root.join("ca/ca.key")
+    }
+    /// Where the CA key is kept: its file, through a key protector.
+    pub fn ca_key_source(&self) -> guestkey_protect::ProtectorSpec {
+        guestkey_protect::ProtectorSpec::File(self.ca_key())
     }
     /// Server certificate.
     pub fn server_cert(&self) -> PathBuf {
