@@ -53,6 +53,7 @@ fn main() {
         retry: Retry {
             initial_delay_ms: 10,
             max_delay_ms: 100,
+            max_attempts: 10,
         },
     };
     let (core, identity) = mgmt_server::transport::server::open(&config).unwrap();

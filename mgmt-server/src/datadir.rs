@@ -3,6 +3,7 @@
 //! ```text
 //! DATA_DIR/
 //!   guestkey.db          SQLite database (keys only as ciphertext)
+//!   audit-checkpoints    signed heads of the audit log, appended to only
 //!   master.key           master key, base64, 0600 (unless another source is chosen)
 //!   ca/ca.pem            CA certificate: signs the server, admin and host certificates
 //!   ca/ca.key            CA private key, 0600
@@ -62,6 +63,10 @@ impl DataDir {
     /// Server private key.
     pub fn server_key(&self) -> PathBuf {
         self.root.join("tls/server.key")
+    }
+    /// Signed heads of the audit log, one a line (only ever appended to).
+    pub fn audit_checkpoints(&self) -> PathBuf {
+        self.root.join("audit-checkpoints")
     }
     /// Admin credential directory.
     pub fn admin_dir(&self) -> PathBuf {

@@ -152,8 +152,10 @@ fn build(tmp: &Path, opts: &InitOptions) -> Result<InitReport, CoreError> {
     let mut tx = store.begin(Access::Write)?;
     tx.set_master_key_id(master.id())?;
     tx.insert_admin(&admin.sha256, "admin", now_unix())?;
+    let audit_key = audit::ensure_key(&mut *tx, &master)?;
     audit::append(
         &mut *tx,
+        &audit_key,
         "server",
         "server.initialised",
         "",

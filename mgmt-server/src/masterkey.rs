@@ -70,6 +70,9 @@ pub enum UnwrapError {
         /// Id of the key held.
         held: String,
     },
+    /// The stored audit key does not unwrap.
+    #[error("the stored audit key fails authentication: the database was altered")]
+    AuditKey,
     /// Authentication failed: altered, or moved to another volume/generation.
     #[error(
         "stored key of volume {volume} generation {generation} fails authentication: the database was altered"
@@ -204,6 +207,113 @@ impl MasterKey {
     }
 }
 
+impl MasterKey {
+    fn audit_aad(&self) -> Vec<u8> {
+        let mut aad = b"guestkey audit key v1\0".to_vec();
+        aad.extend_from_slice(self.id.as_bytes());
+        aad
+    }
+
+    /// Wraps the audit key: nonce || ciphertext || tag, bound to this
+    /// master key's id.
+    pub fn wrap_audit_key(&self, key: &AuditKey) -> Vec<u8> {
+        let mut out = vec![0u8; NONCE_LEN + 32 + TAG_LEN];
+        getrandom::fill(&mut out[..NONCE_LEN]).expect("OS RNG for a nonce");
+        let (nonce, rest) = out.split_at_mut(NONCE_LEN);
+        let (body, tag_out) = rest.split_at_mut(32);
+        body.copy_from_slice(key.0.expose_secret());
+        let tag = self
+            .cipher()
+            .encrypt_inout_detached(&nonce_of(nonce), &self.audit_aad(), body.into())
+            .expect("XChaCha20-Poly1305 takes any key-sized message");
+        tag_out.copy_from_slice(&tag);
+        out
+    }
+
+    /// Unwraps the audit key straight into wiped memory.
+    pub fn unwrap_audit_key(
+        &self,
+        master_key_id: &str,
+        wrapped: &[u8],
+    ) -> Result<AuditKey, UnwrapError> {
+        if master_key_id != self.id {
+            return Err(UnwrapError::OtherMasterKey {
+                found: master_key_id.to_owned(),
+                held: self.id.clone(),
+            });
+        }
+        if wrapped.len() != NONCE_LEN + 32 + TAG_LEN {
+            return Err(UnwrapError::AuditKey);
+        }
+        let (nonce, rest) = wrapped.split_at(NONCE_LEN);
+        let (body, tag) = rest.split_at(32);
+        let mut key = SecretBox::new(Box::new([0u8; 32]));
+        let buf = secrecy::ExposeSecretMut::expose_secret_mut(&mut key);
+        buf.copy_from_slice(body);
+        self.cipher()
+            .decrypt_inout_detached(
+                &nonce_of(nonce),
+                &self.audit_aad(),
+                buf.as_mut_slice().into(),
+                &Tag::try_from(tag).expect("split_at leaves exactly 16 tag bytes"),
+            )
+            // The box is wiped when dropped here.
+            .map_err(|_| UnwrapError::AuditKey)?;
+        Ok(AuditKey(key))
+    }
+}
+
+/// The key that MACs audit records and signs audit checkpoints: 32 random
+/// bytes kept in the database only wrapped under the master key, so that
+/// only the master key's holder can write or rewrite a record that
+/// verifies. A master key rotation re-wraps it. Not `Clone`; `Debug`
+/// redacts; wiped on drop.
+pub struct AuditKey(SecretBox<[u8; 32]>);
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+impl AuditKey {
+    /// A new random audit key.
+    pub fn generate() -> Result<Self, MasterKeyError> {
+        let mut key = SecretBox::new(Box::new([0u8; 32]));
+        getrandom::fill(secrecy::ExposeSecretMut::expose_secret_mut(&mut key))
+            .map_err(|_| MasterKeyError::Random)?;
+        Ok(Self(key))
+    }
+
+    fn hmac(&self, parts: &[&[u8]]) -> HmacSha256 {
+        use hmac::{KeyInit, Mac};
+        let mut m = <HmacSha256 as KeyInit>::new_from_slice(self.0.expose_secret())
+            .expect("HMAC takes a key of any length");
+        for p in parts {
+            m.update(&(p.len() as u64).to_be_bytes());
+            m.update(p);
+        }
+        m
+    }
+
+    /// The MAC (hex) of `parts`, each length-prefixed.
+    pub fn mac(&self, parts: &[&[u8]]) -> String {
+        use hmac::Mac;
+        hex::encode(self.hmac(parts).finalize().into_bytes())
+    }
+
+    /// Whether `mac_hex` is the MAC of `parts` (compared in constant time).
+    pub fn verify(&self, parts: &[&[u8]], mac_hex: &str) -> bool {
+        use hmac::Mac;
+        match hex::decode(mac_hex) {
+            Ok(tag) => self.hmac(parts).verify_slice(&tag).is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+impl fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuditKey([REDACTED])")
+    }
+}
+
 fn nonce_of(bytes: &[u8]) -> XNonce {
     XNonce::try_from(bytes).expect("callers split off exactly 24 nonce bytes")
 }
@@ -298,6 +408,27 @@ mod tests {
         assert!(err.to_string().contains("chmod 600"), "{err}");
         assert!(!format!("{mk:?}").contains(text.trim()));
         std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn audit_keys_wrap_and_mac() {
+        let mk = MasterKey::generate().unwrap();
+        let ak = AuditKey::generate().unwrap();
+        let wrapped = mk.wrap_audit_key(&ak);
+        let back = mk.unwrap_audit_key(mk.id(), &wrapped).unwrap();
+        let mac = ak.mac(&[b"a", b"bc"]);
+        assert!(back.verify(&[b"a", b"bc"], &mac));
+        // Length-prefixed: moving a byte between parts changes the MAC.
+        assert!(!back.verify(&[b"ab", b"c"], &mac));
+        assert!(!AuditKey::generate().unwrap().verify(&[b"a", b"bc"], &mac));
+        assert!(!back.verify(&[b"a", b"bc"], "zz"));
+        let mut bad = wrapped.clone();
+        bad[30] ^= 1;
+        assert!(mk.unwrap_audit_key(mk.id(), &bad).is_err());
+        let other = MasterKey::generate().unwrap();
+        assert!(other.unwrap_audit_key(mk.id(), &wrapped).is_err());
+        assert!(other.unwrap_audit_key(other.id(), &wrapped).is_err());
+        assert_eq!(format!("{ak:?}"), "AuditKey([REDACTED])");
     }
 
     #[test]

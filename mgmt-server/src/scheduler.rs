@@ -1,8 +1,11 @@
 //! The scheduler: the server's own loop. It delivers pending volume and
 //! guest operations to hosts ([`crate::domain::push`]), applies rotation
-//! policies every second ([`Core::apply_policies`]), and resumes
-//! migrations a stopped server left unfinished every five seconds. With
-//! several server replicas (PostgreSQL), only the leader will run it.
+//! policies every second ([`Core::apply_policies`]), resumes migrations a
+//! stopped server left unfinished every five seconds, writes audit
+//! checkpoints while the log grows, and records the refusals it only
+//! counted ([`crate::domain::refusals`]); when it stops, a last checkpoint
+//! and the refusals counted so far. With several server replicas
+//! (PostgreSQL), only the leader will run it.
 //!
 //! May import: `domain` and `model`. Started by `transport::server`.
 
@@ -21,17 +24,45 @@ const POLICY_ROUND: Duration = Duration::from_secs(1);
 const MIGRATION_ROUND: Duration = Duration::from_secs(5);
 
 /// Runs until `shutdown` fires.
-pub async fn run(core: Arc<Core>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn run(core: Arc<Core>, shutdown: tokio::sync::watch::Receiver<bool>) {
+    rounds(&core, shutdown).await;
+    let last = core
+        .blocking(|c| {
+            c.flush_refusals(true)?;
+            c.checkpoint_audit(true)
+        })
+        .await;
+    if let Err(e) = last {
+        tracing::error!(error = %e, "cannot write the last audit checkpoint");
+    }
+}
+
+/// Housekeeping of the audit log: a checkpoint if due, counted refusals of
+/// a window that ended.
+async fn audit_round(core: &Arc<Core>) {
+    let r = core
+        .blocking(|c| {
+            c.flush_refusals(false)?;
+            c.checkpoint_audit(false)
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, "audit checkpoint not written");
+    }
+}
+
+async fn rounds(core: &Arc<Core>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut last_policy_round: Option<Instant> = None;
     let mut last_migration_round: Option<Instant> = None;
     let due = |last: Option<Instant>, every: Duration| last.is_none_or(|t| t.elapsed() >= every);
     loop {
         if due(last_migration_round, MIGRATION_ROUND) {
             last_migration_round = Some(Instant::now());
-            resume_migrations(&core).await;
+            resume_migrations(core).await;
         }
         if due(last_policy_round, POLICY_ROUND) {
             last_policy_round = Some(Instant::now());
+            audit_round(core).await;
             match core.blocking(|c| c.apply_policies()).await {
                 Ok(v) if !v.is_empty() => {
                     tracing::info!(volumes = v.len(), "scheduled rekeys started")

@@ -71,6 +71,8 @@ struct FakeHost {
     down: bool,
     /// Scripted failures by method name, used up in order.
     failures: HashMap<&'static str, VecDeque<AgentError>>,
+    /// Methods that fail every time, until cleared.
+    always: HashMap<&'static str, AgentError>,
     /// Guests defined here and their states.
     guests: HashMap<String, GuestState>,
     /// Keys held (volume, generation), of guests and prepared migrations.
@@ -116,6 +118,26 @@ impl FakeAgents {
             .entry(method)
             .or_default()
             .push_back(e);
+    }
+
+    /// Every call of `method` on `host` fails with `kind` (None: no longer).
+    pub(crate) fn fail_always(
+        &self,
+        host: &str,
+        method: &'static str,
+        kind: Option<AgentErrorKind>,
+    ) {
+        let mut all = self.lock();
+        let h = all.entry(host.to_owned()).or_default();
+        match kind {
+            Some(k) => {
+                let e = AgentError::new(k, format!("host {host} refused: {method} always fails"));
+                h.always.insert(method, e);
+            }
+            None => {
+                h.always.remove(method);
+            }
+        }
     }
 
     /// Puts a guest on a host as if libvirt had moved it there.
@@ -186,6 +208,8 @@ impl FakeAgents {
             ))
         } else if let Some(e) = h.failures.get_mut(method).and_then(VecDeque::pop_front) {
             Err(e)
+        } else if let Some(e) = h.always.get(method) {
+            Err(e.clone())
         } else {
             f(&mut h, &mut all)
         };

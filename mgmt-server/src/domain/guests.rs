@@ -4,10 +4,10 @@
 //! `start` and `stop` are queued the same way. The pushes are
 //! [`super::push`].
 
-use crate::domain::{Core, audit, now_unix};
+use crate::domain::{Core, now_unix};
 use crate::domxml::{self, DiskSource};
 use crate::model::{
-    Caller, CoreError, GuestInfo, GuestOp, InvalidInput, Name, VolumeInfo, VolumeState,
+    Caller, CoreError, GuestInfo, GuestOp, GuestState, InvalidInput, Name, VolumeInfo, VolumeState,
 };
 use crate::store::{NewGuest, Tx};
 
@@ -47,6 +47,32 @@ pub(crate) fn find_in(tx: &mut dyn Tx, name_or_uuid: &str) -> Result<GuestInfo, 
             "several hosts have a guest named {name_or_uuid}: use its UUID"
         ))),
     }
+}
+
+/// Refuses two disks of one guest on the same volume, naming both disks
+/// and the volume (before the database would refuse the second row).
+fn refuse_shared_volumes(
+    dom: &domxml::Domain,
+    managed: &[ManagedDisk],
+    tx: &mut dyn Tx,
+) -> Result<(), CoreError> {
+    for (i, a) in managed.iter().enumerate() {
+        if let Some(b) = managed[i + 1..].iter().find(|b| b.volume_id == a.volume_id) {
+            let (da, db) = (&dom.disks[a.index], &dom.disks[b.index]);
+            let name = tx
+                .volume(&a.volume_id)?
+                .map_or_else(|| a.volume_id.clone(), |v| v.name);
+            return Err(CoreError::Invalid(InvalidInput {
+                what: "disks",
+                value: format!(
+                    "{} (line {}) and {} (line {})",
+                    da.target, da.line, db.target, db.line
+                ),
+                why: format!("both use volume {name}: a volume backs at most one disk of a guest"),
+            }));
+        }
+    }
+    Ok(())
 }
 
 /// The managed volume a disk names, checked for use on `host`.
@@ -122,6 +148,7 @@ impl Core {
                     });
                 }
             }
+            refuse_shared_volumes(&dom, &managed, tx)?;
             let uuid = match &dom.uuid {
                 Some(u) => u.to_ascii_lowercase(),
                 None => uuid::Uuid::new_v4().to_string(),
@@ -142,8 +169,9 @@ impl Core {
                 &secrets,
                 dom.uuid.is_none().then_some(uuid.as_str()),
             );
-            // A guest once undefined may come back with the same UUID.
-            tx.forget_undefined_guest(&uuid)?;
+            // A guest once undefined, or whose definition was given up, may
+            // come back with the same UUID or name.
+            tx.forget_gone_guests(&uuid, host.as_str(), &dom.name)?;
             tx.insert_guest(&NewGuest {
                 uuid: uuid.clone(),
                 name: dom.name.clone(),
@@ -154,8 +182,7 @@ impl Core {
             for d in &managed {
                 tx.insert_guest_disk(&uuid, &d.volume_id, &d.target)?;
             }
-            audit::append(
-                tx,
+            self.log(tx,
                 &caller.actor(),
                 "guest.define-requested",
                 &uuid,
@@ -195,6 +222,9 @@ impl Core {
                 g.name
             )));
         }
+        if g.state == GuestState::Failed {
+            return self.drop_failed_guest(caller, &g, action);
+        }
         // Only an enrolled host is told anything (a revoked one would leave
         // the action pending for good).
         self.enrolled_host(&g.host)?;
@@ -218,7 +248,7 @@ impl Core {
         }
         let g = self.write(|tx| {
             tx.queue_guest_op(&g.uuid, action)?;
-            audit::append(
+            self.log(
                 tx,
                 &caller.actor(),
                 &format!("guest.{action}-requested"),
@@ -229,6 +259,35 @@ impl Core {
         })?;
         self.wake.notify_one();
         Ok(g)
+    }
+}
+
+impl Core {
+    /// A guest whose definition was given up: the host has nothing of it,
+    /// so undefining it needs no host; starting or stopping it is refused.
+    fn drop_failed_guest(
+        &self,
+        caller: &Caller,
+        g: &GuestInfo,
+        action: GuestOp,
+    ) -> Result<GuestInfo, CoreError> {
+        if action != GuestOp::Undefine {
+            return Err(CoreError::FailedPrecondition(format!(
+                "guest {} was never defined on host {} ({}): define it again with `guestkeyctl guest define`, or undefine it",
+                g.name, g.host, g.last_error
+            )));
+        }
+        self.write(|tx| {
+            tx.settle_guest(&g.uuid, Some(GuestState::Undefined), "")?;
+            self.log(
+                tx,
+                &caller.actor(),
+                "guest.undefined",
+                &g.uuid,
+                &format!("guest {}: never defined on host {}", g.name, g.host),
+            )?;
+            find_in(tx, &g.uuid)
+        })
     }
 }
 

@@ -6,7 +6,7 @@ use base64::Engine as _;
 use sha2::{Digest, Sha256};
 use xdr_wipe::seal::HostPublicKey;
 
-use crate::domain::{Core, audit, now_unix};
+use crate::domain::{Core, now_unix};
 use crate::model::names::{parse_address, parse_libvirt_uri, parse_migration_uri};
 use crate::model::{Caller, CoreError, EnrolledHost, HostInfo, HostState, Name, Progress};
 pub use crate::store::HeldKey;
@@ -72,14 +72,6 @@ impl Core {
         })
     }
 
-    /// Records a refused request in the audit log.
-    pub fn audit_refusal(&self, actor: &str, subject: &str, why: &str) {
-        let r = self.write(|tx| Ok(audit::append(tx, actor, "refused", subject, why)?));
-        if let Err(e) = r {
-            tracing::error!(error = %e, "cannot write an audit record for a refusal");
-        }
-    }
-
     /// Registers a host; returns it, a one-time enrollment token and when
     /// the token expires.
     pub fn add_host(
@@ -112,8 +104,7 @@ impl Core {
                 token_expires: expires,
                 created: now,
             })?;
-            audit::append(
-                tx,
+            self.log(tx,
                 &caller.actor(),
                 "host.added",
                 name.as_str(),
@@ -145,7 +136,7 @@ impl Core {
                     h.name
                 )));
             }
-            audit::append(tx, &caller.actor(), "host.revoked", name, "")?;
+            self.log(tx, &caller.actor(), "host.revoked", name, "")?;
             tx.host(name)?.ok_or_else(|| no_such_host(name))
         })
     }
@@ -196,7 +187,7 @@ impl Core {
                 sealing_key: sealing_key.as_bytes().to_vec(),
             })?;
             if done {
-                audit::append(
+                self.log(
                     tx,
                     &format!("host:{name}"),
                     "host.enrolled",
@@ -277,7 +268,7 @@ impl Core {
         self.write(|tx| {
             let h = tx.host(name)?.ok_or_else(|| no_such_host(name))?;
             tx.set_host_migration(&h.name, &libvirt_uri, &migration_uri)?;
-            audit::append(
+            self.log(
                 tx,
                 &caller.actor(),
                 "host.migration-set",

@@ -5,9 +5,9 @@
 //! `master.key.next` is finished here.
 
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
-use crate::masterkey::{MasterKey, MasterKeySource};
+use crate::masterkey::{AuditKey, MasterKey, MasterKeySource};
 use crate::model::CoreError;
 use crate::store::{Access, Store, Tx};
 
@@ -48,11 +48,14 @@ pub fn load_matching(source: &MasterKeySource, expected: &str) -> Result<MasterK
     )))
 }
 
-/// The master key held by the server.
+/// The master key held by the server, and the audit key unwrapped under
+/// it.
 pub struct KeyRing {
     /// Where to reload it from after a rotation (None: never reloaded).
     source: Option<MasterKeySource>,
     held: RwLock<MasterKey>,
+    /// The audit key, with the id of the master key it was unwrapped under.
+    audit: Mutex<Option<(String, Arc<AuditKey>)>>,
 }
 
 impl KeyRing {
@@ -66,7 +69,19 @@ impl KeyRing {
         Ok(Self {
             source: Some(source),
             held: RwLock::new(key),
+            audit: Mutex::new(None),
         })
+    }
+
+    /// Makes sure the database has an audit key (an old one gets it here,
+    /// with a MACed `audit.mac-enabled` record), in its own transaction.
+    pub(crate) fn ensure_audit_key(&self, store: &dyn Store) -> Result<(), CoreError> {
+        let mut tx = store.begin(Access::Write)?;
+        let master = self.current(&mut *tx)?;
+        crate::domain::audit::ensure_key(&mut *tx, &master)?;
+        drop(master);
+        tx.commit()?;
+        Ok(())
     }
 
     /// A key that is never reloaded (tests).
@@ -74,6 +89,7 @@ impl KeyRing {
         Self {
             source: None,
             held: RwLock::new(key),
+            audit: Mutex::new(None),
         }
     }
 
@@ -105,5 +121,27 @@ impl KeyRing {
         tracing::info!(id = %fresh.id(), "master key reloaded after a rotation");
         *self.held.write().unwrap_or_else(|p| p.into_inner()) = fresh;
         Ok(self.held.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The audit key of the database as seen by `tx` (made when the domain
+    /// was built, see [`crate::domain::Core::new`]).
+    pub(crate) fn audit_key(&self, tx: &mut dyn Tx) -> Result<Arc<AuditKey>, CoreError> {
+        let master = self.current(tx)?;
+        let mut cached = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((id, key)) = cached.as_ref() {
+            if id == master.id() {
+                return Ok(key.clone());
+            }
+        }
+        let w = tx.audit_key()?.ok_or_else(|| {
+            CoreError::Internal("the database has no audit key: it was altered".into())
+        })?;
+        let key = Arc::new(
+            master
+                .unwrap_audit_key(&w.master_key_id, &w.wrapped)
+                .map_err(|e| CoreError::Internal(e.to_string()))?,
+        );
+        *cached = Some((master.id().to_owned(), key.clone()));
+        Ok(key)
     }
 }

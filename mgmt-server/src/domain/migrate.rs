@@ -28,7 +28,7 @@ use crate::domain::agent::{
 };
 use crate::domain::guests::find_in;
 use crate::domain::release::seal_for;
-use crate::domain::{Core, audit, now_unix};
+use crate::domain::{Core, now_unix};
 use crate::model::{
     Caller, CoreError, EnrolledHost, GuestInfo, GuestState, Name, VolumeInfo, VolumeState,
 };
@@ -160,8 +160,7 @@ impl Core {
                     live,
                     unsafe_,
                 })?;
-                audit::append(
-                    tx,
+                self.log(tx,
                     &caller.actor(),
                     "guest.migrate-requested",
                     &g.uuid,
@@ -221,8 +220,7 @@ impl Core {
                 tx.move_volume(&v.id, &plan.to.name, due)?;
             }
             tx.delete_migration(&plan.guest.uuid)?;
-            audit::append(
-                tx,
+            self.log(tx,
                 "server",
                 "guest.migrated",
                 &plan.guest.uuid,
@@ -232,8 +230,7 @@ impl Core {
                 ),
             )?;
             for v in &plan.volumes {
-                audit::append(
-                    tx,
+                self.log(tx,
                     "server",
                     "key.erased",
                     &v.id,
@@ -263,7 +260,7 @@ impl Core {
             }
             tx.delete_migration(&plan.guest.uuid)?;
             tx.set_guest_error(&plan.guest.uuid, error)?;
-            audit::append(
+            self.log(
                 tx,
                 "server",
                 "guest.migrate-failed",

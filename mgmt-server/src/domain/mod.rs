@@ -3,11 +3,13 @@
 //! with its audit record) and the [`AgentClient`] (every call to a host).
 //!
 //! Modules, each depending only on those listed before it:
-//! [`audit`] (the hash chain), [`keyring`] (the master key held), [`release`]
-//! (key release: audited first, fail closed; rate limits), [`hosts`]
+//! [`audit`] (the MACed hash chain and signed heads), [`keyring`] (the
+//! master and audit keys held), [`checkpoints`] (signed heads kept outside
+//! the database), [`refusals`] (bounded records of refused calls),
+//! [`release`] (key release: audited first, fail closed; rate limits), [`hosts`]
 //! (enrollment, authorisation, inventory), [`volumes`], [`guests`],
-//! [`rekey`] (rotation and policies), [`push`] (delivering pending
-//! operations), [`convert`] (`volume encrypt`), [`migrate`] and
+//! [`rekey`] (rotation and policies), [`push`] and [`guest_push`]
+//! (delivering pending operations), [`convert`] (`volume encrypt`), [`migrate`] and
 //! [`rotate`] (the master key).
 //!
 //! Domain methods are synchronous and may block on the store; async
@@ -22,14 +24,17 @@
 
 pub mod agent;
 pub mod audit;
+pub mod checkpoints;
 pub mod convert;
 #[cfg(test)]
 pub(crate) mod fake_agent;
+pub mod guest_push;
 pub mod guests;
 pub mod hosts;
 pub mod keyring;
 pub mod migrate;
 pub mod push;
+pub mod refusals;
 pub mod rekey;
 pub mod release;
 pub mod rotate;
@@ -38,6 +43,7 @@ mod tests;
 pub mod volumes;
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 pub use agent::{AgentClient, AgentError, AgentErrorKind};
@@ -64,6 +70,8 @@ pub struct Parts {
     pub limits: Limits,
     /// Push retry policy.
     pub retry: Retry,
+    /// The file audit checkpoints are appended to (None: the log only).
+    pub checkpoints: Option<PathBuf>,
 }
 
 /// The management server's domain: hosts, volumes, guests, rotation and
@@ -77,6 +85,8 @@ pub struct Core {
     limits: Limits,
     retry: Retry,
     releases: release::ReleaseLimiter,
+    refusals: refusals::Refusals,
+    checkpoints: checkpoints::Checkpoints,
     /// Hosts' progress on long volume operations, by volume id.
     progress: Mutex<HashMap<String, Progress>>,
     /// Guests whose migration this process is driving now.
@@ -86,10 +96,15 @@ pub struct Core {
 }
 
 impl Core {
-    /// The domain over `parts`.
-    pub fn new(parts: Parts) -> Self {
-        Self {
+    /// The domain over `parts`. A database without an audit key gets one
+    /// here; a database behind its newest audit checkpoint is reported in
+    /// the log.
+    pub fn new(parts: Parts) -> Result<Self, CoreError> {
+        parts.keys.ensure_audit_key(parts.store.as_ref())?;
+        let core = Self {
             releases: release::ReleaseLimiter::new(parts.limits.key_releases_per_minute),
+            refusals: refusals::Refusals::new(),
+            checkpoints: checkpoints::Checkpoints::new(parts.checkpoints),
             store: parts.store,
             agents: parts.agents,
             keys: parts.keys,
@@ -100,7 +115,9 @@ impl Core {
             progress: Mutex::new(HashMap::new()),
             migrating_now: Mutex::new(HashSet::new()),
             wake: tokio::sync::Notify::new(),
-        }
+        };
+        core.check_newest_checkpoint()?;
+        Ok(core)
     }
 
     /// The CA certificate in PEM.

@@ -3,32 +3,38 @@
 //!
 //! Volumes go in batches: one transaction releases a batch's keys (each
 //! audited first, fail closed), the pushes run concurrently, and one
-//! transaction records the outcomes. Guests go one at a time. A failure is
-//! retried with exponential backoff; operation ids make a repeated delivery
-//! harmless. A rekey the host declines drops the new generation.
+//! transaction records the outcomes. Guests go one at a time. Operation
+//! ids make a repeated delivery harmless. A rekey the host declines drops
+//! the new generation.
+//!
+//! Failures are retried with exponential backoff, within bounds: no key is
+//! released for a host that cannot be reached (the pusher connects first),
+//! and an operation that fails `retry.max_attempts` times in a way that
+//! repeating may not cure (the host answered with an error, or the server
+//! could not prepare it) is given up: the volume becomes `failed` (the
+//! guest's operation is dropped; a definition that never succeeded makes
+//! the guest `failed`), with the reason, and nothing more is released for
+//! it until the admin asks again.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use xdr_wipe::packet::KeyPacket;
 
 use crate::domain::agent::{
-    AgentError, AgentErrorKind, CreateVolume, DecryptVolume, DefineGuest, DeleteVolume, GuestCall,
-    Rekey, SealedKey, VolumeOnHost,
+    AgentError, AgentErrorKind, CreateVolume, DecryptVolume, DeleteVolume, Rekey, SealedKey,
+    VolumeOnHost,
 };
 use crate::domain::hosts::enrolled_in;
 use crate::domain::release::seal_for;
-use crate::domain::volumes::retire;
-use crate::domain::{Core, audit, guests, now_unix_ms};
+use crate::domain::{Core, guests, now_unix_ms};
 use crate::model::{
-    CoreError, EnrolledHost, GuestInfo, GuestOp, GuestState, RekeyKind, RekeyOrder, VolumeInfo,
-    VolumeState,
+    Caller, CoreError, EnrolledHost, RekeyKind, RekeyOrder, VolumeInfo, VolumeState,
 };
 use crate::store::Tx;
 
 /// Volume operations released and pushed together.
 const BATCH: u32 = 256;
-/// Guest operations looked at per round.
-const GUEST_BATCH: u32 = 64;
 
 /// What the pusher must deliver for one pending volume, its keys released
 /// (and audited) for the host. Packets are wiped on drop.
@@ -55,13 +61,56 @@ pub(crate) enum PushOp {
     Delete { host: EnrolledHost },
 }
 
-/// What a host answered to a volume push.
-pub(crate) type PushOutcome = Result<VolumeOnHost, AgentError>;
-
-/// Why an operation could not be prepared, as a retryable failure.
-fn held_back(e: &CoreError) -> AgentError {
-    AgentError::new(AgentErrorKind::Failed, e.to_string())
+/// How a push failed, for the retry rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailureKind {
+    /// The host could not be reached: retried without limit.
+    Unreachable,
+    /// The server held it back for now (the release rate limit).
+    HeldBack,
+    /// The host declined the request as it stands.
+    Declined,
+    /// Anything else: counts towards giving up.
+    Lasting,
 }
+
+/// A push that did not go through.
+#[derive(Debug, Clone)]
+pub(crate) struct PushFailure {
+    /// How.
+    pub(crate) kind: FailureKind,
+    /// What, for the operator.
+    pub(crate) message: String,
+}
+
+impl From<AgentError> for PushFailure {
+    fn from(e: AgentError) -> Self {
+        let kind = match e.kind {
+            AgentErrorKind::Unreachable => FailureKind::Unreachable,
+            AgentErrorKind::Declined => FailureKind::Declined,
+            AgentErrorKind::Refused | AgentErrorKind::Failed => FailureKind::Lasting,
+        };
+        Self {
+            kind,
+            message: e.message,
+        }
+    }
+}
+
+/// Why the server could not prepare a push.
+pub(crate) fn held(e: &CoreError) -> PushFailure {
+    let kind = match e {
+        CoreError::Exhausted(_) => FailureKind::HeldBack,
+        _ => FailureKind::Lasting,
+    };
+    PushFailure {
+        kind,
+        message: e.to_string(),
+    }
+}
+
+/// What a host answered to a volume push.
+pub(crate) type PushOutcome = Result<VolumeOnHost, PushFailure>;
 
 /// Seals a packet for the wire; a failure is the server's, described.
 fn sealed(packet: &KeyPacket, host: &EnrolledHost) -> Result<SealedKey, AgentError> {
@@ -77,11 +126,6 @@ impl Core {
     /// Volumes whose pending operation is due.
     pub fn due_volumes(&self, limit: u32) -> Result<Vec<VolumeInfo>, CoreError> {
         self.read(|tx| Ok(tx.due_volumes(now_unix_ms(), limit)?))
-    }
-
-    /// Guests whose pending operation is due.
-    pub fn due_guests(&self, limit: u32) -> Result<Vec<GuestInfo>, CoreError> {
-        self.read(|tx| Ok(tx.due_guests(now_unix_ms(), limit)?))
     }
 
     /// Prepares the pushes of pending volumes, in one transaction. A
@@ -144,7 +188,12 @@ impl Core {
     /// concurrently across pushes, after the release was committed.
     /// `wait_long`: the caller waits for an encryption's whole copy (the
     /// admin's `volume encrypt`), not the pusher's minute.
-    pub(crate) async fn deliver(&self, v: &VolumeInfo, op: PushOp, wait_long: bool) -> PushOutcome {
+    pub(crate) async fn deliver(
+        &self,
+        v: &VolumeInfo,
+        op: PushOp,
+        wait_long: bool,
+    ) -> Result<VolumeOnHost, AgentError> {
         let agents = &self.agents;
         match op {
             PushOp::Create {
@@ -222,20 +271,50 @@ impl Core {
         if due.is_empty() {
             return Ok(0);
         }
-        let batch = due.clone();
-        let prepared = self.blocking(move |c| c.prepare_pushes(&batch)).await?;
+        // Their hosts, and which of them answer: nothing is released for a
+        // host that is revoked or cannot be reached.
+        let names: BTreeSet<String> = due.iter().map(|v| v.host.clone()).collect();
+        let hosts: HashMap<String, Result<EnrolledHost, PushFailure>> = self
+            .blocking(move |c| {
+                Ok(names
+                    .into_iter()
+                    .map(|n| {
+                        let h = c.enrolled_host(&n).map_err(|e| held(&e));
+                        (n, h)
+                    })
+                    .collect())
+            })
+            .await?;
+        let mut reachable: HashMap<String, Result<(), PushFailure>> = HashMap::new();
+        for (name, host) in &hosts {
+            let r = match host {
+                Ok(h) => self.agents.connect(h).await.map_err(PushFailure::from),
+                Err(e) => Err(e.clone()),
+            };
+            reachable.insert(name.clone(), r);
+        }
         let mut outcomes: Vec<(VolumeInfo, PushOutcome)> = Vec::with_capacity(due.len());
+        let mut ready = Vec::with_capacity(due.len());
+        for v in due {
+            match reachable.get(&v.host) {
+                Some(Ok(())) => ready.push(v),
+                Some(Err(e)) => outcomes.push((v, Err(e.clone()))),
+                None => {}
+            }
+        }
+        let batch = ready.clone();
+        let prepared = self.blocking(move |c| c.prepare_pushes(&batch)).await?;
         let mut running = tokio::task::JoinSet::new();
-        for (v, op) in due.into_iter().zip(prepared) {
+        for (v, op) in ready.into_iter().zip(prepared) {
             match op {
                 Ok(op) => {
                     let core = self.clone();
                     running.spawn(async move {
-                        let r = core.deliver(&v, op, false).await;
+                        let r = core.deliver(&v, op, false).await.map_err(PushFailure::from);
                         (v, r)
                     });
                 }
-                Err(e) => outcomes.push((v, Err(held_back(&e)))),
+                Err(e) => outcomes.push((v, Err(held(&e)))),
             }
         }
         while let Some(done) = running.join_next().await {
@@ -246,7 +325,7 @@ impl Core {
         }
         for (v, r) in &outcomes {
             if let Err(e) = r {
-                tracing::warn!(volume = %v.id, host = %v.host, error = %e, kind = ?e.kind, "push failed");
+                tracing::warn!(volume = %v.id, host = %v.host, error = %e.message, kind = ?e.kind, "push failed");
             }
         }
         let n = outcomes.len();
@@ -255,145 +334,79 @@ impl Core {
     }
 
     /// Records the outcomes of pushes, in one transaction: on success what
-    /// the host did, on failure the error (retried with backoff).
+    /// the host did, on failure the error (retried with backoff, or given
+    /// up after `retry.max_attempts` lasting failures).
     pub(crate) fn record_pushes(
         &self,
         outcomes: &[(VolumeInfo, PushOutcome)],
     ) -> Result<(), CoreError> {
         self.write(|tx| {
             for (v, outcome) in outcomes {
-                match outcome {
-                    Ok(done) => record_done(tx, v, done)?,
-                    Err(e)
-                        if e.kind == AgentErrorKind::Declined
-                            && v.state == VolumeState::Rekeying =>
-                    {
-                        record_declined_rekey(tx, v, &e.message)?;
+                let Err(e) = outcome else {
+                    if let Ok(done) = outcome {
+                        self.record_done(tx, v, done)?;
                     }
-                    Err(e) => {
-                        let next = now_unix_ms() + self.retry_delay_ms(v.attempts) as i64;
-                        tx.volume_attempt_failed(&v.id, &e.message, next)?;
-                    }
-                }
-            }
-            Ok(())
-        })
-    }
-
-    /// Delivers the due guest operations, one at a time, until `stop`
-    /// says to stop.
-    pub async fn push_guests(self: &Arc<Self>, stop: impl Fn() -> bool) -> Result<(), CoreError> {
-        let due = self.blocking(|c| c.due_guests(GUEST_BATCH)).await?;
-        for g in due {
-            if stop() {
-                break;
-            }
-            let result = self.push_guest(&g).await;
-            let g2 = g.clone();
-            let recorded = match result {
-                Ok(state) => {
-                    self.blocking(move |c| c.guest_push_succeeded(&g2, state))
-                        .await
-                }
-                Err(e) => {
-                    tracing::warn!(guest = %g.uuid, host = %g.host, error = %e, "push failed; will retry");
-                    self.blocking(move |c| c.guest_push_failed(&g2, &e)).await
-                }
-            };
-            if let Err(e) = recorded {
-                tracing::error!(guest = %g.uuid, error = %e, "cannot record push outcome");
-            }
-        }
-        Ok(())
-    }
-
-    /// Pushes one guest operation; returns the guest's state on the host.
-    async fn push_guest(self: &Arc<Self>, g: &GuestInfo) -> Result<Option<GuestState>, String> {
-        let guest = g.clone();
-        let (host, keys) = self
-            .blocking(move |c| c.prepare_guest_push(&guest))
-            .await
-            .map_err(|e| e.to_string())?;
-        let agents = &self.agents;
-        let call = |op: &str| GuestCall {
-            op_id: format!("{}:{op}:{}", g.uuid, g.attempts),
-            guest_uuid: g.uuid.clone(),
-        };
-        let r = match g.pending {
-            Some(GuestOp::Define) => {
-                let req = DefineGuest {
-                    op_id: format!("{}:define", g.uuid),
-                    domain_xml: g.domain_xml.clone(),
-                    keys,
+                    continue;
                 };
-                agents.define_guest(&host, req).await
+                let next = now_unix_ms() + self.retry_delay_ms(v.attempts) as i64;
+                match e.kind {
+                    FailureKind::Declined if v.state == VolumeState::Rekeying => {
+                        self.record_declined_rekey(tx, v, &e.message)?;
+                    }
+                    FailureKind::Unreachable | FailureKind::HeldBack => {
+                        tx.volume_attempt_failed(&v.id, &e.message, next, false)?;
+                    }
+                    FailureKind::Declined | FailureKind::Lasting => {
+                        let failures = v.failures + 1;
+                        match v.state.pending_op() {
+                            Some(op) if failures >= self.retry.max_attempts => {
+                                let why = format!(
+                                    "{op} gave up after {failures} failed attempts: {}",
+                                    e.message
+                                );
+                                tx.volume_attempt_failed(&v.id, &e.message, next, true)?;
+                                tx.fail_volume(&v.id, op, &why)?;
+                                self.log(
+                                    tx,
+                                    "server",
+                                    "volume.failed",
+                                    &v.id,
+                                    &format!("volume {} on host {}: {why}", v.name, v.host),
+                                )?;
+                            }
+                            _ => tx.volume_attempt_failed(&v.id, &e.message, next, true)?,
+                        }
+                    }
+                }
             }
-            Some(GuestOp::Undefine) => agents.undefine_guest(&host, call("undefine")).await,
-            Some(GuestOp::Start) => agents.start_guest(&host, call("start")).await,
-            Some(GuestOp::Stop) | None => agents.stop_guest(&host, call("stop")).await,
-        };
-        r.map_err(|e| e.message)
-    }
-
-    /// Prepares a guest push: its host and, for a definition, the guest's
-    /// keys, each released (audited first, fail closed) and sealed to it.
-    pub(crate) fn prepare_guest_push(
-        &self,
-        g: &GuestInfo,
-    ) -> Result<(EnrolledHost, Vec<SealedKey>), CoreError> {
-        let host = self.enrolled_host(&g.host)?;
-        if g.pending != Some(GuestOp::Define) {
-            return Ok((host, vec![]));
-        }
-        let keys = self.write(|tx| {
-            let rows = tx.guest_keys(&g.uuid, &host.name)?;
-            self.take_releases(&host.name, rows.len() as u32)?;
-            let why = format!(" for guest {}", g.name);
-            let mut keys = Vec::with_capacity(rows.len());
-            for k in rows {
-                let packet = self.release(tx, &k.volume_id, k.format, k.generation, &host, &why)?;
-                keys.push(seal_for(&packet, &host).map_err(CoreError::Internal)?);
-            }
-            Ok(keys)
-        })?;
-        Ok((host, keys))
-    }
-
-    /// Records a confirmed guest push and the state the host reported.
-    pub(crate) fn guest_push_succeeded(
-        &self,
-        g: &GuestInfo,
-        host_state: Option<GuestState>,
-    ) -> Result<(), CoreError> {
-        let Some(op) = g.pending else { return Ok(()) };
-        let state = match (op, host_state) {
-            (GuestOp::Undefine, _) => GuestState::Undefined,
-            (_, None) => GuestState::Defined,
-            (_, Some(s)) => s,
-        };
-        let action = match op {
-            GuestOp::Define => "key.pushed",
-            GuestOp::Undefine => "guest.undefined",
-            GuestOp::Start => "guest.started",
-            GuestOp::Stop => "guest.stopped",
-        };
-        self.write(|tx| {
-            tx.guest_op_done(&g.uuid, op, state)?;
-            audit::append(
-                tx,
-                "server",
-                action,
-                &g.uuid,
-                &format!("guest {} on host {}: {state}", g.name, g.host),
-            )?;
             Ok(())
         })
     }
 
-    /// Records a failed guest push and when to retry.
-    pub(crate) fn guest_push_failed(&self, g: &GuestInfo, error: &str) -> Result<(), CoreError> {
-        let next = now_unix_ms() + self.retry_delay_ms(g.attempts) as i64;
-        self.write(|tx| Ok(tx.guest_attempt_failed(&g.uuid, error, next)?))
+    /// Queues again the operation a `failed` volume gave up.
+    pub fn retry_volume(&self, caller: &Caller, name_or_id: &str) -> Result<VolumeInfo, CoreError> {
+        let v = self.get_volume(name_or_id)?;
+        let Some(op) = v.failed_op.filter(|_| v.state == VolumeState::Failed) else {
+            return Err(CoreError::FailedPrecondition(format!(
+                "volume {} is {}: only a failed volume is retried",
+                v.name, v.state
+            )));
+        };
+        let v = self.write(|tx| {
+            // Retrying releases its key to its host again: not a revoked one.
+            enrolled_in(tx, &v.host)?;
+            tx.queue_volume_op(&v.id, op.pending_state())?;
+            self.log(
+                tx,
+                &caller.actor(),
+                "volume.retry-requested",
+                &v.id,
+                &format!("volume {}: {op} again", v.name),
+            )?;
+            crate::domain::volumes::find_in(tx, &v.id)
+        })?;
+        self.wake.notify_one();
+        Ok(v)
     }
 }
 
@@ -405,60 +418,72 @@ fn gone() -> VolumeOnHost {
     }
 }
 
-/// The host did what was asked of volume `v`.
-fn record_done(tx: &mut dyn Tx, v: &VolumeInfo, done: &VolumeOnHost) -> Result<(), CoreError> {
-    match v.state {
-        VolumeState::PendingDelete => {
-            let why = format!("deleted on host {}", v.host);
-            retire(tx, v, VolumeState::Deleted, "", &why)
-        }
-        VolumeState::Rekeying => {
-            let old = v.key_generation;
-            let deep = v.rekey.is_some_and(|o| o.kind == RekeyKind::Deep);
-            tx.volume_rekeyed(&v.id, old + 1, deep)?;
-            tx.delete_volume_key(&v.id, old)?;
-            let detail = format!("volume {} generation {old} -> {}", v.name, old + 1);
-            audit::append(tx, "server", "key.rotated", &v.id, &detail)?;
-            let detail = format!("volume {} generation {old}", v.name);
-            audit::append(tx, "server", "key.destroyed", &v.id, &detail)?;
-            Ok(())
-        }
-        VolumeState::PendingDecrypt => {
-            let detail = format!("volume {} on host {} is cleartext now", v.name, v.host);
-            audit::append(tx, "server", "volume.decrypted", &v.id, &detail)?;
-            retire(tx, v, VolumeState::Decrypted, "", "decrypted")
-        }
-        VolumeState::PendingEncrypt | VolumeState::Encrypting => {
-            tx.volume_made(&v.id, &done.path, Some(done.capacity_bytes))?;
-            let detail = format!(
-                "volume {} on host {} encrypted from cleartext",
-                v.name, v.host
-            );
-            audit::append(tx, "server", "volume.encrypted", &v.id, &detail)?;
-            for g in guests::adopt_volume(tx, v, &done.path)? {
-                let detail = format!("its disk on volume {} is encrypted now", v.name);
-                audit::append(tx, "server", "guest.define-requested", &g, &detail)?;
+impl Core {
+    /// The host did what was asked of volume `v`.
+    pub(crate) fn record_done(
+        &self,
+        tx: &mut dyn Tx,
+        v: &VolumeInfo,
+        done: &VolumeOnHost,
+    ) -> Result<(), CoreError> {
+        match v.state {
+            VolumeState::PendingDelete => {
+                let why = format!("deleted on host {}", v.host);
+                self.retire(tx, v, VolumeState::Deleted, "", &why)
             }
-            Ok(())
-        }
-        _ => {
-            tx.volume_made(&v.id, &done.path, None)?;
-            let detail = format!("volume {} created on host {}", v.name, v.host);
-            audit::append(tx, "server", "key.pushed", &v.id, &detail)?;
-            Ok(())
+            VolumeState::Rekeying => {
+                let old = v.key_generation;
+                let deep = v.rekey.is_some_and(|o| o.kind == RekeyKind::Deep);
+                tx.volume_rekeyed(&v.id, old + 1, deep)?;
+                tx.delete_volume_key(&v.id, old)?;
+                let detail = format!("volume {} generation {old} -> {}", v.name, old + 1);
+                self.log(tx, "server", "key.rotated", &v.id, &detail)?;
+                let detail = format!("volume {} generation {old}", v.name);
+                self.log(tx, "server", "key.destroyed", &v.id, &detail)?;
+                Ok(())
+            }
+            VolumeState::PendingDecrypt => {
+                let detail = format!("volume {} on host {} is cleartext now", v.name, v.host);
+                self.log(tx, "server", "volume.decrypted", &v.id, &detail)?;
+                self.retire(tx, v, VolumeState::Decrypted, "", "decrypted")
+            }
+            VolumeState::PendingEncrypt | VolumeState::Encrypting => {
+                tx.volume_made(&v.id, &done.path, Some(done.capacity_bytes))?;
+                let detail = format!(
+                    "volume {} on host {} encrypted from cleartext",
+                    v.name, v.host
+                );
+                self.log(tx, "server", "volume.encrypted", &v.id, &detail)?;
+                for g in guests::adopt_volume(tx, v, &done.path)? {
+                    let detail = format!("its disk on volume {} is encrypted now", v.name);
+                    self.log(tx, "server", "guest.define-requested", &g, &detail)?;
+                }
+                Ok(())
+            }
+            _ => {
+                tx.volume_made(&v.id, &done.path, None)?;
+                let detail = format!("volume {} created on host {}", v.name, v.host);
+                self.log(tx, "server", "key.pushed", &v.id, &detail)?;
+                Ok(())
+            }
         }
     }
-}
 
-/// The host declined a rekey as asked: the new generation goes, the old one
-/// stays active, and the volume is ready again with the reason.
-fn record_declined_rekey(tx: &mut dyn Tx, v: &VolumeInfo, why: &str) -> Result<(), CoreError> {
-    let unused = v.key_generation + 1;
-    tx.delete_volume_key(&v.id, unused)?;
-    tx.rekey_dropped(&v.id, why)?;
-    let detail = format!("volume {}: {why}", v.name);
-    audit::append(tx, "server", "volume.rekey-refused", &v.id, &detail)?;
-    let detail = format!("volume {} unused generation {unused}", v.name);
-    audit::append(tx, "server", "key.destroyed", &v.id, &detail)?;
-    Ok(())
+    /// The host declined a rekey as asked: the new generation goes, the old one
+    /// stays active, and the volume is ready again with the reason.
+    fn record_declined_rekey(
+        &self,
+        tx: &mut dyn Tx,
+        v: &VolumeInfo,
+        why: &str,
+    ) -> Result<(), CoreError> {
+        let unused = v.key_generation + 1;
+        tx.delete_volume_key(&v.id, unused)?;
+        tx.rekey_dropped(&v.id, why)?;
+        let detail = format!("volume {}: {why}", v.name);
+        self.log(tx, "server", "volume.rekey-refused", &v.id, &detail)?;
+        let detail = format!("volume {} unused generation {unused}", v.name);
+        self.log(tx, "server", "key.destroyed", &v.id, &detail)?;
+        Ok(())
+    }
 }

@@ -10,7 +10,7 @@ use xdr_wipe::packet::generate_passphrase;
 
 use crate::domain::hosts::enrolled_in;
 use crate::domain::volumes::find_in;
-use crate::domain::{Core, audit, now_unix};
+use crate::domain::{Core, now_unix};
 use crate::model::{
     Caller, CoreError, InvalidInput, Name, Policy, PolicyScope, RekeyKind, RekeyOrder,
     RekeyPlacement, VolumeInfo, VolumeState,
@@ -66,14 +66,14 @@ impl Core {
                     bandwidth,
                 },
             )?;
-            audit::append(
+            self.log(
                 tx,
                 &caller.actor(),
                 "key.created",
                 &v.id,
                 &format!("volume {} generation {next}", v.name),
             )?;
-            audit::append(
+            self.log(
                 tx,
                 &caller.actor(),
                 "volume.rekey-requested",
@@ -111,7 +111,7 @@ impl Core {
         };
         self.write(|tx| {
             tx.upsert_policy(&stored)?;
-            audit::append(
+            self.log(
                 tx,
                 &caller.actor(),
                 "policy.set",
@@ -153,7 +153,7 @@ impl Core {
                 )));
             };
             tx.delete_policy(scope, &target)?;
-            audit::append(
+            self.log(
                 tx,
                 &caller.actor(),
                 "policy.removed",

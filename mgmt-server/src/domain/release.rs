@@ -15,7 +15,7 @@ use xdr_wipe::packet::{CipherParams, KeyPacket, VolumeId};
 use xdr_wipe::seal::seal;
 
 use crate::domain::agent::SealedKey;
-use crate::domain::{Core, audit, now_unix};
+use crate::domain::{Core, now_unix};
 use crate::model::{CoreError, EnrolledHost, VolumeFormat};
 use crate::store::Tx;
 
@@ -73,7 +73,7 @@ impl Core {
                 "volume {volume_id} has no key of generation {generation}"
             ))
         })?;
-        audit::append(
+        self.log(
             tx,
             "server",
             "key.released",

@@ -89,9 +89,18 @@ pub fn rotate(
         };
         tx.rewrap_volume_key(volume, *generation, &rewrapped)?;
     }
+    // The audit key stays the same; it is re-wrapped like the volume keys
+    // (an old database gets one here, under the old key first).
+    let audit_key = audit::ensure_key(&mut *tx, &old)?;
+    let rewrapped = WrappedKey {
+        master_key_id: new.id().to_owned(),
+        wrapped: new.wrap_audit_key(&audit_key),
+    };
+    tx.put_audit_key(&rewrapped, crate::domain::now_unix())?;
     tx.set_master_key_id(new.id())?;
     audit::append(
         &mut *tx,
+        &audit_key,
         "server",
         "master-key.rotated",
         "",

@@ -5,7 +5,7 @@
 use xdr_wipe::packet::generate_passphrase;
 
 use crate::domain::hosts::enrolled_in;
-use crate::domain::{Core, audit, now_unix, now_unix_ms};
+use crate::domain::{Core, now_unix, now_unix_ms};
 use crate::model::names::MAX_CAPACITY;
 use crate::model::{
     Caller, CoreError, HostState, InvalidInput, Name, VolumeFormat, VolumeInfo, VolumeState,
@@ -27,28 +27,29 @@ pub(crate) fn find_in(tx: &mut dyn Tx, name_or_id: &str) -> Result<VolumeInfo, C
         .ok_or_else(|| no_such_volume(name_or_id))
 }
 
-/// A volume leaves guestkey's care (`state` deleted or decrypted): every
-/// key generation of it is destroyed, with its audit record.
-pub(crate) fn retire(
-    tx: &mut dyn Tx,
-    v: &VolumeInfo,
-    state: VolumeState,
-    last_error: &str,
-    why: &str,
-) -> Result<(), CoreError> {
-    tx.delete_volume_keys(&v.id)?;
-    tx.set_volume_state_error(&v.id, state, last_error)?;
-    audit::append(
-        tx,
-        "server",
-        "key.destroyed",
-        &v.id,
-        &format!("volume {} {why}", v.name),
-    )?;
-    Ok(())
-}
-
 impl Core {
+    /// A volume leaves guestkey's care (`state` deleted or decrypted): every
+    /// key generation of it is destroyed, with its audit record.
+    pub(crate) fn retire(
+        &self,
+        tx: &mut dyn Tx,
+        v: &VolumeInfo,
+        state: VolumeState,
+        last_error: &str,
+        why: &str,
+    ) -> Result<(), CoreError> {
+        tx.delete_volume_keys(&v.id)?;
+        tx.set_volume_state_error(&v.id, state, last_error)?;
+        self.log(
+            tx,
+            "server",
+            "key.destroyed",
+            &v.id,
+            &format!("volume {} {why}", v.name),
+        )?;
+        Ok(())
+    }
+
     /// "Encrypt this volume": makes its key and queues its creation on the host.
     pub fn create_volume(
         &self,
@@ -142,15 +143,13 @@ impl Core {
                 created: now,
             })?;
             tx.insert_volume_key(&id, 1, &wrapped, now)?;
-            audit::append(
-                tx,
+            self.log(tx,
                 &caller.actor(),
                 "key.created",
                 &id,
                 &format!("volume {name} generation 1"),
             )?;
-            audit::append(
-                tx,
+            self.log(tx,
                 &caller.actor(),
                 what,
                 &id,
@@ -223,14 +222,13 @@ impl Core {
             if revoked {
                 // The image cannot be removed there: every key generation
                 // is destroyed now, and the volume says where its image stays.
-                audit::append(
-                    tx,
+                self.log(tx,
                     &caller.actor(),
                     "volume.delete-requested",
                     &v.id,
                     &format!("volume {} (host {} is revoked)", v.name, v.host),
                 )?;
-                retire(
+                self.retire(
                     tx,
                     &v,
                     VolumeState::Deleted,
@@ -242,8 +240,7 @@ impl Core {
                 )?;
             } else {
                 tx.queue_volume_op(&v.id, VolumeState::PendingDelete)?;
-                audit::append(
-                    tx,
+                self.log(tx,
                     &caller.actor(),
                     "volume.delete-requested",
                     &v.id,
@@ -294,8 +291,7 @@ impl Core {
                 )));
             }
             tx.queue_volume_op(&v.id, VolumeState::PendingDecrypt)?;
-            audit::append(
-                tx,
+            self.log(tx,
                 &caller.actor(),
                 "volume.decrypt-requested",
                 &v.id,
@@ -314,14 +310,14 @@ impl Core {
     /// record and its key go, and the name is free again.
     pub(crate) fn encrypt_refused(&self, v: &VolumeInfo, error: &str) -> Result<(), CoreError> {
         self.write(|tx| {
-            audit::append(
+            self.log(
                 tx,
                 "server",
                 "volume.encrypt-failed",
                 &v.id,
                 &format!("volume {} on host {}: {error}", v.name, v.host),
             )?;
-            retire(tx, v, VolumeState::Deleted, error, "was not encrypted")
+            self.retire(tx, v, VolumeState::Deleted, error, "was not encrypted")
         })
     }
 

@@ -4,7 +4,7 @@
 use xdr_wipe::seal::HostPublicKey;
 
 use crate::model::states::{
-    GuestOp, GuestState, HostState, PolicyScope, RekeyKind, RekeyPlacement, VolumeFormat,
+    GuestOp, GuestState, HostState, PolicyScope, RekeyKind, RekeyPlacement, VolumeFormat, VolumeOp,
     VolumeState,
 };
 
@@ -80,6 +80,11 @@ pub struct VolumeInfo {
     pub last_error: String,
     /// Push attempts of the pending operation.
     pub attempts: u32,
+    /// Of those, attempts the host answered with an error (or the server
+    /// could not prepare): the ones that count towards giving up.
+    pub failures: u32,
+    /// The operation given up, while the state is `failed`.
+    pub failed_op: Option<VolumeOp>,
     /// libvirt secret UUID for this volume's key on the host.
     pub secret_uuid: String,
     /// Created at (Unix seconds).
@@ -88,7 +93,8 @@ pub struct VolumeInfo {
     pub rekey_due_unix: i64,
     /// Where the host keeps it ("" until the host reported it).
     pub path: String,
-    /// The rekey asked for, while the state is `rekeying`.
+    /// The rekey asked for, while the state is `rekeying` (or `failed`
+    /// with a rekey given up).
     pub rekey: Option<RekeyOrder>,
     /// The host's progress on the pending operation, while it runs.
     pub progress: Option<Progress>,
@@ -126,6 +132,9 @@ pub struct GuestInfo {
     pub last_error: String,
     /// Attempts of the pending operation.
     pub attempts: u32,
+    /// Of those, attempts that count towards giving up (see
+    /// [`VolumeInfo::failures`]).
+    pub failures: u32,
     /// Managed volumes it uses, by name.
     pub volumes: Vec<String>,
     /// Domain XML as sent to the host.
@@ -190,6 +199,9 @@ pub struct AuditRecord {
     pub prev_hash: String,
     /// This record's hash.
     pub hash: String,
+    /// HMAC of its seq and hash under the audit key (hex; "" for records
+    /// written before MACs existed).
+    pub mac: String,
 }
 
 /// Outcome of a chain verification.
@@ -203,4 +215,6 @@ pub struct Verification {
     pub first_bad_seq: u64,
     /// What is wrong (empty when ok).
     pub problem: String,
+    /// Signed heads checked against the log (checkpoints and a kept head).
+    pub checkpoints: u64,
 }

@@ -83,22 +83,39 @@ text_enum! {
         PendingDelete = "pending-delete",
         /// Gone, every key generation destroyed.
         Deleted = "deleted",
+        /// A pending operation failed too often and was given up; the
+        /// volume says which and why. `volume retry` queues it again.
+        Failed = "failed",
     }
 }
 
-/// What the host is asked to do for a volume in a pending state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VolumeOp {
-    /// Create it with its key.
-    Create,
-    /// Encrypt the existing cleartext volume with its key.
-    Encrypt,
-    /// Rekey from the current generation to the next.
-    Rekey,
-    /// Turn it back into cleartext.
-    Decrypt,
-    /// Delete it and the host's copy of its key.
-    Delete,
+text_enum! {
+    /// What the host is asked to do for a volume in a pending state.
+    pub enum VolumeOp as "volume operation", "use create, encrypt, rekey, decrypt or delete" {
+        /// Create it with its key.
+        Create = "create",
+        /// Encrypt the existing cleartext volume with its key.
+        Encrypt = "encrypt",
+        /// Rekey from the current generation to the next.
+        Rekey = "rekey",
+        /// Turn it back into cleartext.
+        Decrypt = "decrypt",
+        /// Delete it and the host's copy of its key.
+        Delete = "delete",
+    }
+}
+
+impl VolumeOp {
+    /// The state in which the pusher delivers this operation.
+    pub fn pending_state(self) -> VolumeState {
+        match self {
+            Self::Create => VolumeState::PendingCreate,
+            Self::Encrypt => VolumeState::PendingEncrypt,
+            Self::Rekey => VolumeState::Rekeying,
+            Self::Decrypt => VolumeState::PendingDecrypt,
+            Self::Delete => VolumeState::PendingDelete,
+        }
+    }
 }
 
 impl VolumeState {
@@ -123,12 +140,12 @@ impl VolumeState {
         !matches!(self, Self::Deleted | Self::Decrypted)
     }
 
-    /// The operation the pusher delivers in this state (`Encrypting` is
+    /// The operation the host is asked for in this state (`Encrypting` is
     /// pushed by the admin's own call, not by the pusher).
     pub fn pending_op(self) -> Option<VolumeOp> {
         match self {
             Self::PendingCreate => Some(VolumeOp::Create),
-            Self::PendingEncrypt => Some(VolumeOp::Encrypt),
+            Self::PendingEncrypt | Self::Encrypting => Some(VolumeOp::Encrypt),
             Self::Rekeying => Some(VolumeOp::Rekey),
             Self::PendingDecrypt => Some(VolumeOp::Decrypt),
             Self::PendingDelete => Some(VolumeOp::Delete),
@@ -175,6 +192,9 @@ text_enum! {
         PmSuspended = "pmsuspended",
         /// libvirt: no state (or one this server does not know).
         NoState = "no state",
+        /// Its definition failed too often and was given up: the host has
+        /// nothing of it. Define it again, or undefine it.
+        Failed = "failed",
     }
 }
 
@@ -191,6 +211,12 @@ impl GuestState {
     /// Whether the guest is gone (undefined).
     pub fn is_undefined(self) -> bool {
         self == Self::Undefined
+    }
+
+    /// Whether the host has nothing of the guest: undefined, or its
+    /// definition given up. Its name and UUID may be defined again.
+    pub fn is_gone(self) -> bool {
+        matches!(self, Self::Undefined | Self::Failed)
     }
 }
 
@@ -281,6 +307,7 @@ mod tests {
             }
         }
         check(VolumeState::ALL);
+        check(VolumeOp::ALL);
         check(HostState::ALL);
         check(GuestState::ALL);
         check(GuestOp::ALL);
@@ -326,10 +353,14 @@ mod tests {
             ]
         );
         for s in VolumeState::ALL {
-            // Every state the pusher delivers is one the host works in.
-            if s.pending_op().is_some() {
+            // Every state with an operation is one the host works in.
+            if let Some(op) = s.pending_op() {
                 assert!(s.is_pending(), "{s}");
+                assert!(op.pending_state() == *s || *s == VolumeState::Encrypting);
             }
+        }
+        for op in VolumeOp::ALL {
+            assert_eq!(op.pending_state().pending_op(), Some(*op));
         }
         assert!(!VolumeState::Deleted.is_live() && VolumeState::Migrating.is_live());
     }

@@ -27,7 +27,7 @@ pub mod sqlite;
 
 use crate::model::{
     AuditRecord, GuestInfo, GuestOp, GuestState, HostInfo, HostState, Policy, PolicyScope,
-    RekeyKind, RekeyOrder, StoreError, VolumeFormat, VolumeInfo, VolumeState,
+    RekeyKind, RekeyOrder, StoreError, VolumeFormat, VolumeInfo, VolumeOp, VolumeState,
 };
 
 /// What a transaction is for.
@@ -86,6 +86,12 @@ pub trait AuditStore {
     fn append_audit(&mut self, record: &AuditRecord) -> Result<()>;
     /// Records after `after_seq`, oldest first, at most `limit`.
     fn list_audit(&mut self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>>;
+    /// One record.
+    fn audit_record(&mut self, seq: u64) -> Result<Option<AuditRecord>>;
+    /// The audit key, wrapped under the master key.
+    fn audit_key(&mut self) -> Result<Option<WrappedKey>>;
+    /// Stores (or, re-wrapped, replaces) the audit key.
+    fn put_audit_key(&mut self, key: &WrappedKey, created: i64) -> Result<()>;
 }
 
 /// A host registered for enrollment.
@@ -261,12 +267,22 @@ pub trait VolumeStore {
     /// Sets the state and the last error (a volume that leaves guestkey's
     /// care, or a refused operation).
     fn set_volume_state_error(&mut self, id: &str, state: VolumeState, error: &str) -> Result<()>;
-    /// Queues an operation: the state, with attempts and error cleared.
+    /// Queues an operation: the state, with attempts, failures and error
+    /// cleared.
     fn queue_volume_op(&mut self, id: &str, state: VolumeState) -> Result<()>;
     /// Queues a rekey to the next generation.
     fn queue_rekey(&mut self, id: &str, order: &RekeyOrder) -> Result<()>;
-    /// Records a failed attempt and when to try again.
-    fn volume_attempt_failed(&mut self, id: &str, error: &str, next_attempt_ms: i64) -> Result<()>;
+    /// Records a failed attempt and when to try again; `counts`: it counts
+    /// towards giving up.
+    fn volume_attempt_failed(
+        &mut self,
+        id: &str,
+        error: &str,
+        next_attempt_ms: i64,
+        counts: bool,
+    ) -> Result<()>;
+    /// Gives up the pending operation `op`: state `failed`, with the reason.
+    fn fail_volume(&mut self, id: &str, op: VolumeOp, error: &str) -> Result<()>;
     /// The encryption's outcome is unknown: back to `pending-encrypt`, one
     /// attempt made, retried at `next_attempt_ms`.
     fn encrypt_later(&mut self, id: &str, error: &str, next_attempt_ms: i64) -> Result<()>;
@@ -318,10 +334,12 @@ pub trait GuestStore {
     fn guest(&mut self, uuid: &str) -> Result<Option<GuestInfo>>;
     /// Guests not undefined with this name (on any host).
     fn live_guests_named(&mut self, name: &str) -> Result<Vec<GuestInfo>>;
-    /// Whether a guest not undefined has this UUID, or this name on `host`.
+    /// Whether a guest the host may have (not undefined, not failed) has
+    /// this UUID, or this name on `host`.
     fn live_guest_conflicts(&mut self, uuid: &str, host: &str, name: &str) -> Result<bool>;
-    /// Forgets an undefined guest of this UUID (it may come back).
-    fn forget_undefined_guest(&mut self, uuid: &str) -> Result<()>;
+    /// Forgets the undefined or failed guests of this UUID, or of this name
+    /// on `host` (they may be defined again).
+    fn forget_gone_guests(&mut self, uuid: &str, host: &str, name: &str) -> Result<()>;
     /// Inserts a guest, pending its definition.
     fn insert_guest(&mut self, g: &NewGuest) -> Result<()>;
     /// Records that a guest's disk `target` is on a volume.
@@ -342,9 +360,18 @@ pub trait GuestStore {
     /// The host confirmed `op`: the guest is in `state`, nothing pending.
     /// Nothing changes if another operation was queued meanwhile.
     fn guest_op_done(&mut self, uuid: &str, op: GuestOp, state: GuestState) -> Result<()>;
-    /// Records a failed attempt and when to try again.
-    fn guest_attempt_failed(&mut self, uuid: &str, error: &str, next_attempt_ms: i64)
-    -> Result<()>;
+    /// Records a failed attempt and when to try again; `counts`: it counts
+    /// towards giving up.
+    fn guest_attempt_failed(
+        &mut self,
+        uuid: &str,
+        error: &str,
+        next_attempt_ms: i64,
+        counts: bool,
+    ) -> Result<()>;
+    /// Nothing pending any more (an operation given up, or done without
+    /// the host): the state set if given, `error` shown.
+    fn settle_guest(&mut self, uuid: &str, state: Option<GuestState>, error: &str) -> Result<()>;
     /// Guests of a host, not undefined, with nothing but a definition
     /// pending: (UUID, domain XML).
     fn guests_to_adopt(&mut self, host: &str) -> Result<Vec<(String, String)>>;

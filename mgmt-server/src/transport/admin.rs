@@ -340,8 +340,37 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::VerifyAuditRequest>,
     ) -> R<pb::VerifyAuditResponse> {
-        let v = self.admin(&req, |c, _| c.verify_audit()).await?;
+        let v = self.admin(&req, |c, _| c.verify_audit(None)).await?;
         Ok(Response::new(verification(v)))
+    }
+
+    async fn get_audit_head(&self, req: Request<pb::GetAuditHeadRequest>) -> R<pb::AuditHead> {
+        let h = self.admin(&req, |c, _| c.audit_head()).await?;
+        Ok(Response::new(pb::AuditHead {
+            signed: h.to_string(),
+            seq: h.seq,
+            hash: h.hash,
+            time_unix_ms: h.time_ms,
+        }))
+    }
+
+    async fn verify_audit_head(
+        &self,
+        req: Request<pb::VerifyAuditHeadRequest>,
+    ) -> R<pb::VerifyAuditResponse> {
+        let kept = req.get_ref().kept_head.clone();
+        let v = self
+            .admin(&req, move |c, _| c.verify_audit(Some(&kept)))
+            .await?;
+        Ok(Response::new(verification(v)))
+    }
+
+    async fn retry_volume(&self, req: Request<pb::VolumeRef>) -> R<pb::Volume> {
+        let name = req.get_ref().name_or_id.clone();
+        let v = self
+            .admin(&req, move |c, who| c.retry_volume(&who, &name))
+            .await?;
+        Ok(Response::new(volume(v)))
     }
 
     async fn get_ca_certificate(

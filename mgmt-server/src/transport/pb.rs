@@ -108,6 +108,7 @@ pub(crate) fn verification(v: Verification) -> pb::VerifyAuditResponse {
         records: v.records,
         first_bad_seq: v.first_bad_seq,
         problem: v.problem,
+        checkpoints: v.checkpoints,
     }
 }
 

@@ -58,7 +58,8 @@ pub fn open(config: &Config) -> Result<(Arc<Core>, Arc<ServerIdentity>), CoreErr
         server_cert_sha256,
         limits: config.limits.clone(),
         retry: config.retry.clone(),
-    });
+        checkpoints: Some(dir.audit_checkpoints()),
+    })?;
     Ok((Arc::new(core), identity))
 }
 

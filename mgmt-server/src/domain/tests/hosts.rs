@@ -52,7 +52,7 @@ fn a_token_works_once_and_bad_enrollments_change_nothing() {
     let actions = b.actions();
     assert_eq!(actions.iter().filter(|a| *a == "refused").count(), 4);
     assert_eq!(actions.iter().filter(|a| *a == "host.enrolled").count(), 1);
-    assert!(b.core.verify_audit().unwrap().ok);
+    assert!(b.core.verify_audit(None).unwrap().ok);
 }
 
 #[test]

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod bounds;
+mod checkpoints;
 mod hosts;
 mod migrate;
 mod rekey;
@@ -36,6 +38,15 @@ impl Bed {
     }
 
     pub(super) fn with_limits(limits: Limits) -> Self {
+        Self::build(limits, None)
+    }
+
+    /// A bed whose audit checkpoints go to `path`.
+    pub(super) fn with_checkpoints(path: std::path::PathBuf) -> Self {
+        Self::build(Limits::default(), Some(path))
+    }
+
+    fn build(limits: Limits, checkpoints: Option<std::path::PathBuf>) -> Self {
         let store = Arc::new(SqliteStore::in_memory().unwrap());
         let mk = MasterKey::generate().unwrap();
         {
@@ -56,8 +67,11 @@ impl Bed {
             retry: Retry {
                 initial_delay_ms: 0,
                 max_delay_ms: 0,
+                max_attempts: 4,
             },
-        });
+            checkpoints,
+        })
+        .unwrap();
         Self {
             core: Arc::new(core),
             agents,

@@ -91,7 +91,7 @@ async fn a_volume_is_created_with_its_key_for_its_host_only_and_shredded_on_dele
             VolumeFormat::Qcow2,
         )
         .unwrap();
-    assert!(b.core.verify_audit().unwrap().ok);
+    assert!(b.core.verify_audit(None).unwrap().ok);
 }
 
 #[tokio::test]

@@ -12,7 +12,8 @@ use crate::store::{
 const GUEST_SELECT: &str = "SELECT g.uuid, g.name, g.host, g.state, g.pending, g.last_error, g.attempts, g.xml,
     COALESCE((SELECT group_concat(v.name, ',') FROM guest_disks d JOIN volumes v ON v.id = d.volume_id
               WHERE d.guest_uuid = g.uuid), ''),
-    COALESCE((SELECT m.to_host FROM guest_migrations m WHERE m.guest_uuid = g.uuid), '')
+    COALESCE((SELECT m.to_host FROM guest_migrations m WHERE m.guest_uuid = g.uuid), ''),
+    g.failures
     FROM guests g";
 
 fn guest_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GuestInfo> {
@@ -31,6 +32,7 @@ fn guest_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GuestInfo> {
         },
         last_error: r.get(5)?,
         attempts: r.get(6)?,
+        failures: r.get(10)?,
         domain_xml: r.get(7)?,
         migrating_to: (!migrating_to.is_empty()).then_some(migrating_to),
         volumes: vols
@@ -85,21 +87,24 @@ impl GuestStore for SqliteTx<'_> {
             .conn
             .prepare_cached(
                 "SELECT COUNT(*) FROM guests
-                 WHERE (uuid = ?1 OR (host = ?2 AND name = ?3)) AND state != 'undefined'",
+                 WHERE (uuid = ?1 OR (host = ?2 AND name = ?3)) AND state NOT IN ('undefined', 'failed')",
             )?
             .query_row(params![uuid, host, name], |r| r.get(0))?;
         Ok(n > 0)
     }
 
-    fn forget_undefined_guest(&mut self, uuid: &str) -> Result<()> {
+    fn forget_gone_guests(&mut self, uuid: &str, host: &str, name: &str) -> Result<()> {
+        const GONE: &str =
+            "(uuid = ?1 OR (host = ?2 AND name = ?3)) AND state IN ('undefined', 'failed')";
         self.run(
-            "DELETE FROM guest_disks WHERE guest_uuid = ?1
-               AND EXISTS (SELECT 1 FROM guests WHERE uuid = ?1 AND state = 'undefined')",
-            [uuid],
+            &format!(
+                "DELETE FROM guest_disks WHERE guest_uuid IN (SELECT uuid FROM guests WHERE {GONE})"
+            ),
+            params![uuid, host, name],
         )?;
         self.run(
-            "DELETE FROM guests WHERE uuid = ?1 AND state = 'undefined'",
-            [uuid],
+            &format!("DELETE FROM guests WHERE {GONE}"),
+            params![uuid, host, name],
         )
     }
 
@@ -135,15 +140,16 @@ impl GuestStore for SqliteTx<'_> {
 
     fn queue_guest_op(&mut self, uuid: &str, op: GuestOp) -> Result<()> {
         self.run(
-            "UPDATE guests SET pending = ?1, attempts = 0, next_attempt = 0, last_error = '' WHERE uuid = ?2",
+            "UPDATE guests SET pending = ?1, attempts = 0, failures = 0, next_attempt = 0, last_error = ''
+             WHERE uuid = ?2",
             params![op.as_str(), uuid],
         )
     }
 
     fn redefine_guest(&mut self, uuid: &str, xml: &str) -> Result<()> {
         self.run(
-            "UPDATE guests SET xml = ?1, pending = 'define', attempts = 0, next_attempt = 0, last_error = ''
-             WHERE uuid = ?2",
+            "UPDATE guests SET xml = ?1, pending = 'define', attempts = 0, failures = 0, next_attempt = 0,
+                 last_error = '' WHERE uuid = ?2",
             params![xml, uuid],
         )
     }
@@ -198,10 +204,19 @@ impl GuestStore for SqliteTx<'_> {
         uuid: &str,
         error: &str,
         next_attempt_ms: i64,
+        counts: bool,
     ) -> Result<()> {
         self.run(
-            "UPDATE guests SET attempts = attempts + 1, last_error = ?1, next_attempt = ?2 WHERE uuid = ?3",
-            params![error, next_attempt_ms, uuid],
+            "UPDATE guests SET attempts = attempts + 1, failures = failures + ?1, last_error = ?2,
+                 next_attempt = ?3 WHERE uuid = ?4",
+            params![i64::from(counts), error, next_attempt_ms, uuid],
+        )
+    }
+
+    fn settle_guest(&mut self, uuid: &str, state: Option<GuestState>, error: &str) -> Result<()> {
+        self.run(
+            "UPDATE guests SET pending = '', last_error = ?1, state = COALESCE(?2, state) WHERE uuid = ?3",
+            params![error, state.map(GuestState::as_str), uuid],
         )
     }
 

@@ -4,7 +4,23 @@ use rusqlite::{OptionalExtension, params};
 
 use super::{SqliteTx, signed, unsigned};
 use crate::model::AuditRecord;
-use crate::store::{AuditStore, MetaStore, Result};
+use crate::store::{AuditStore, MetaStore, Result, WrappedKey};
+
+const AUDIT_COLUMNS: &str = "seq, time_ms, actor, action, subject, detail, prev_hash, hash, mac";
+
+fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
+    Ok(AuditRecord {
+        seq: unsigned(r, 0)?,
+        time_ms: r.get(1)?,
+        actor: r.get(2)?,
+        action: r.get(3)?,
+        subject: r.get(4)?,
+        detail: r.get(5)?,
+        prev_hash: r.get(6)?,
+        hash: r.get(7)?,
+        mac: r.get(8)?,
+    })
+}
 
 impl SqliteTx<'_> {
     fn meta_get(&mut self, key: &str) -> Result<Option<String>> {
@@ -62,8 +78,8 @@ impl AuditStore for SqliteTx<'_> {
     fn append_audit(&mut self, r: &AuditRecord) -> Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT INTO audit (seq, time_ms, actor, action, subject, detail, prev_hash, hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO audit (seq, time_ms, actor, action, subject, detail, prev_hash, hash, mac)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?
             .execute(params![
                 signed(r.seq),
@@ -73,28 +89,49 @@ impl AuditStore for SqliteTx<'_> {
                 r.subject,
                 r.detail,
                 r.prev_hash,
-                r.hash
+                r.hash,
+                r.mac
             ])?;
         self.meta_set("audit_head", &format!("{}:{}", r.seq, r.hash))
     }
 
     fn list_audit(&mut self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, time_ms, actor, action, subject, detail, prev_hash, hash
-             FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![signed(after_seq), limit], |r| {
-            Ok(AuditRecord {
-                seq: unsigned(r, 0)?,
-                time_ms: r.get(1)?,
-                actor: r.get(2)?,
-                action: r.get(3)?,
-                subject: r.get(4)?,
-                detail: r.get(5)?,
-                prev_hash: r.get(6)?,
-                hash: r.get(7)?,
-            })
-        })?;
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![signed(after_seq), limit], audit_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn audit_record(&mut self, seq: u64) -> Result<Option<AuditRecord>> {
+        Ok(self
+            .conn
+            .prepare_cached(&format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq = ?1"))?
+            .query_row([signed(seq)], audit_row)
+            .optional()?)
+    }
+
+    fn audit_key(&mut self) -> Result<Option<WrappedKey>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT master_key_id, wrapped FROM audit_keys WHERE id = 1")?
+            .query_row([], |r| {
+                Ok(WrappedKey {
+                    master_key_id: r.get(0)?,
+                    wrapped: r.get(1)?,
+                })
+            })
+            .optional()?)
+    }
+
+    fn put_audit_key(&mut self, key: &WrappedKey, created: i64) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO audit_keys (id, master_key_id, wrapped, created) VALUES (1, ?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET master_key_id = excluded.master_key_id,
+                     wrapped = excluded.wrapped",
+            )?
+            .execute(params![key.master_key_id, key.wrapped, created])?;
+        Ok(())
     }
 }

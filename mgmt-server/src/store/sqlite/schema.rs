@@ -143,6 +143,21 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         unsafe     INTEGER NOT NULL DEFAULT 0
     );
     ",
+    // 7: audit records MACed under a key kept wrapped under the master key;
+    // bounded retries (a pending operation that keeps failing ends in 'failed')
+    "
+    ALTER TABLE audit ADD COLUMN mac TEXT NOT NULL DEFAULT '';
+    CREATE TABLE audit_keys (
+        id            INTEGER PRIMARY KEY CHECK (id = 1),
+        master_key_id TEXT NOT NULL,
+        wrapped       BLOB NOT NULL,
+        created       INTEGER NOT NULL
+    );
+    ALTER TABLE volumes ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE volumes ADD COLUMN failed_op TEXT NOT NULL DEFAULT ''
+        CHECK (failed_op IN ('', 'create', 'encrypt', 'rekey', 'decrypt', 'delete'));
+    ALTER TABLE guests ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+    ",
 ];
 
 /// Applies the migrations this database has not had yet.

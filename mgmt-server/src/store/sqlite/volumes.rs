@@ -3,16 +3,21 @@
 use rusqlite::{OptionalExtension, params};
 
 use super::{SqliteTx, signed, typed, unsigned};
-use crate::model::{RekeyKind, RekeyOrder, RekeyPlacement, VolumeInfo, VolumeState};
+use crate::model::{RekeyKind, RekeyOrder, RekeyPlacement, VolumeInfo, VolumeOp, VolumeState};
 use crate::store::{NewVolume, Result, VolumeStore, WrappedKey};
 
 pub(super) const VOLUME_COLUMNS: &str = "v.id, v.name, v.host, v.pool, v.format, v.capacity,
     v.generation, v.state, v.last_error, v.attempts, v.secret_uuid, v.created, v.rekey_due,
-    v.path, v.rekey_kind, v.rekey_placement, v.rekey_bandwidth";
+    v.path, v.rekey_kind, v.rekey_placement, v.rekey_bandwidth, v.failures, v.failed_op";
 
 pub(super) fn volume_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeInfo> {
     let state: VolumeState = typed(r, 7, "volumes.state")?;
-    let rekey = if state == VolumeState::Rekeying {
+    let failed_op = if state == VolumeState::Failed {
+        Some(typed::<VolumeOp>(r, 18, "volumes.failed_op")?)
+    } else {
+        None
+    };
+    let rekey = if state == VolumeState::Rekeying || failed_op == Some(VolumeOp::Rekey) {
         // A rekey recorded without its kind was shallow.
         let kind: String = r.get(14)?;
         Some(RekeyOrder {
@@ -38,6 +43,8 @@ pub(super) fn volume_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeInfo> 
         state,
         last_error: r.get(8)?,
         attempts: r.get(9)?,
+        failures: r.get(17)?,
+        failed_op,
         secret_uuid: r.get(10)?,
         created_unix: r.get(11)?,
         rekey_due_unix: r.get(12)?,
@@ -250,7 +257,8 @@ impl VolumeStore for SqliteTx<'_> {
 
     fn queue_volume_op(&mut self, id: &str, state: VolumeState) -> Result<()> {
         self.exec(
-            "UPDATE volumes SET state = ?1, attempts = 0, next_attempt = 0, last_error = '' WHERE id = ?2",
+            "UPDATE volumes SET state = ?1, attempts = 0, failures = 0, next_attempt = 0, last_error = '',
+                 failed_op = '' WHERE id = ?2",
             params![state.as_str(), id],
         )
     }
@@ -258,8 +266,8 @@ impl VolumeStore for SqliteTx<'_> {
     fn queue_rekey(&mut self, id: &str, order: &RekeyOrder) -> Result<()> {
         self.exec(
             "UPDATE volumes SET state = 'rekeying', rekey_kind = ?1, rekey_placement = ?2,
-                 rekey_bandwidth = ?3, attempts = 0, next_attempt = 0, last_error = ''
-             WHERE id = ?4",
+                 rekey_bandwidth = ?3, attempts = 0, failures = 0, next_attempt = 0, last_error = '',
+                 failed_op = '' WHERE id = ?4",
             params![
                 order.kind.as_str(),
                 order.placement.as_str(),
@@ -269,16 +277,30 @@ impl VolumeStore for SqliteTx<'_> {
         )
     }
 
-    fn volume_attempt_failed(&mut self, id: &str, error: &str, next_attempt_ms: i64) -> Result<()> {
+    fn volume_attempt_failed(
+        &mut self,
+        id: &str,
+        error: &str,
+        next_attempt_ms: i64,
+        counts: bool,
+    ) -> Result<()> {
         self.exec(
-            "UPDATE volumes SET attempts = attempts + 1, last_error = ?1, next_attempt = ?2 WHERE id = ?3",
-            params![error, next_attempt_ms, id],
+            "UPDATE volumes SET attempts = attempts + 1, failures = failures + ?1, last_error = ?2,
+                 next_attempt = ?3 WHERE id = ?4",
+            params![i64::from(counts), error, next_attempt_ms, id],
+        )
+    }
+
+    fn fail_volume(&mut self, id: &str, op: VolumeOp, error: &str) -> Result<()> {
+        self.exec(
+            "UPDATE volumes SET state = 'failed', failed_op = ?1, last_error = ?2 WHERE id = ?3",
+            params![op.as_str(), error, id],
         )
     }
 
     fn encrypt_later(&mut self, id: &str, error: &str, next_attempt_ms: i64) -> Result<()> {
         self.exec(
-            "UPDATE volumes SET state = 'pending-encrypt', last_error = ?1, attempts = 1,
+            "UPDATE volumes SET state = 'pending-encrypt', last_error = ?1, attempts = 1, failures = 0,
                  next_attempt = ?2 WHERE id = ?3",
             params![error, next_attempt_ms, id],
         )
