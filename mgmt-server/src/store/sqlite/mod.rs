@@ -176,6 +176,24 @@ mod tests {
     }
 
     #[test]
+    fn volume_look_ups_use_an_index() {
+        // `volume show` and `guest define` look volumes up by UUID, name and
+        // path: a table scan costs milliseconds at 100,000 volumes.
+        let s = SqliteStore::in_memory().unwrap();
+        let conn = s.lock();
+        for w in [volumes::FIND, volumes::NAMED, volumes::AT_PATH] {
+            let sql = format!("EXPLAIN QUERY PLAN SELECT v.id FROM volumes v {w}");
+            let mut stmt = conn.prepare(&sql).unwrap();
+            let plan: Vec<String> = stmt
+                .query_map(["x"], |r| r.get::<_, String>(3))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            assert!(plan.iter().all(|p| !p.starts_with("SCAN")), "{w}: {plan:?}");
+        }
+    }
+
+    #[test]
     fn an_unknown_state_in_a_row_is_reported_as_corrupt() {
         let s = SqliteStore::in_memory().unwrap();
         {

@@ -158,6 +158,13 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         CHECK (failed_op IN ('', 'create', 'encrypt', 'rekey', 'decrypt', 'delete'));
     ALTER TABLE guests ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
     ",
+    // 8: look-ups by name and by path use an index again (migration 6 made
+    // the partial unique index on live names cover fewer states than the
+    // queries ask for, so SQLite scanned the table)
+    "
+    CREATE INDEX volumes_name ON volumes(name);
+    CREATE INDEX volumes_path ON volumes(path) WHERE path != '';
+    ",
 ];
 
 /// Applies the migrations this database has not had yet.

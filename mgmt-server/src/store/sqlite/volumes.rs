@@ -54,6 +54,15 @@ pub(super) fn volume_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeInfo> 
     })
 }
 
+/// By UUID, or by name (not deleted), the live one first.
+pub(super) const FIND: &str = "WHERE v.id = ?1 OR (v.name = ?1 AND v.state != 'deleted')
+    ORDER BY v.state IN ('deleted', 'decrypted') LIMIT 1";
+/// By name, not deleted.
+pub(super) const NAMED: &str = "WHERE v.name = ?1 AND v.state != 'deleted' LIMIT 1";
+/// By the path the host reported, not deleted.
+pub(super) const AT_PATH: &str =
+    "WHERE v.path = ?1 AND v.path != '' AND v.state != 'deleted' LIMIT 1";
+
 impl SqliteTx<'_> {
     fn volumes_where(
         &mut self,
@@ -135,22 +144,15 @@ impl VolumeStore for SqliteTx<'_> {
     }
 
     fn find_volume(&mut self, name_or_id: &str) -> Result<Option<VolumeInfo>> {
-        self.volume_where(
-            "WHERE v.id = ?1 OR (v.name = ?1 AND v.state != 'deleted')
-             ORDER BY v.state IN ('deleted', 'decrypted') LIMIT 1",
-            [name_or_id],
-        )
+        self.volume_where(FIND, [name_or_id])
     }
 
     fn volume_named(&mut self, name: &str) -> Result<Option<VolumeInfo>> {
-        self.volume_where("WHERE v.name = ?1 AND v.state != 'deleted' LIMIT 1", [name])
+        self.volume_where(NAMED, [name])
     }
 
     fn volume_at_path(&mut self, path: &str) -> Result<Option<VolumeInfo>> {
-        self.volume_where(
-            "WHERE v.path = ?1 AND v.path != '' AND v.state != 'deleted' LIMIT 1",
-            [path],
-        )
+        self.volume_where(AT_PATH, [path])
     }
 
     fn due_volumes(&mut self, now_ms: i64, limit: u32) -> Result<Vec<VolumeInfo>> {
