@@ -196,8 +196,8 @@ pub struct Inventory {
 /// How a call to a host went wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentErrorKind {
-    /// No answer: the host is down or the network fails (or it did not
-    /// answer in time). Whether a mutating call took effect is not known.
+    /// No answer: the host is down or the network fails. Whether a
+    /// mutating call took effect is not known.
     Unreachable,
     /// The host declined the request as it stands and changed nothing: a
     /// condition the admin set does not hold (a rekey `--online` without a

@@ -81,7 +81,7 @@ impl Core {
             Some(GuestOp::Start) => agents.start_guest(&host, call("start")).await,
             Some(GuestOp::Stop) | None => agents.stop_guest(&host, call("stop")).await,
         };
-        Ok(r?)
+        r.map_err(PushFailure::after_connect)
     }
 
     /// For a definition, the guest's keys, each released (audited first,

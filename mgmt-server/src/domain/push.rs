@@ -7,11 +7,12 @@
 //! ids make a repeated delivery harmless. A rekey the host declines drops
 //! the new generation.
 //!
-//! Failures are retried with exponential backoff, within bounds: no key is
-//! released for a host that cannot be reached (the pusher connects first),
-//! and an operation that fails `retry.max_attempts` times in a way that
-//! repeating may not cure (the host answered with an error, or the server
-//! could not prepare it) is given up: the volume becomes `failed` (the
+//! Failures are retried with exponential backoff, within bounds: nothing
+//! is released for a host that cannot be reached (the pusher connects
+//! first; such attempts do not count), and an operation that fails
+//! `retry.max_attempts` times after the pusher connected (the host
+//! answered with an error or stopped answering) or that the server could
+//! not prepare (other than the release rate limit) is given up: the volume becomes `failed` (the
 //! guest's operation is dropped; a definition that never succeeded makes
 //! the guest `failed`), with the reason, and nothing more is released for
 //! it until the admin asks again.
@@ -84,6 +85,7 @@ pub(crate) struct PushFailure {
 }
 
 impl From<AgentError> for PushFailure {
+    /// A host that could not be reached before anything was sent to it.
     fn from(e: AgentError) -> Self {
         let kind = match e.kind {
             AgentErrorKind::Unreachable => FailureKind::Unreachable,
@@ -94,6 +96,20 @@ impl From<AgentError> for PushFailure {
             kind,
             message: e.message,
         }
+    }
+}
+
+impl PushFailure {
+    /// A call that failed after the pusher had connected (and released
+    /// what it sends): it counts towards giving up even if the host stopped
+    /// answering meanwhile, so that keys are released a bounded number of
+    /// times for an operation that never succeeds.
+    pub(crate) fn after_connect(e: AgentError) -> Self {
+        let mut f = Self::from(e);
+        if f.kind == FailureKind::Unreachable {
+            f.kind = FailureKind::Lasting;
+        }
+        f
     }
 }
 
@@ -310,7 +326,10 @@ impl Core {
                 Ok(op) => {
                     let core = self.clone();
                     running.spawn(async move {
-                        let r = core.deliver(&v, op, false).await.map_err(PushFailure::from);
+                        let r = core
+                            .deliver(&v, op, false)
+                            .await
+                            .map_err(PushFailure::after_connect);
                         (v, r)
                     });
                 }

@@ -164,7 +164,7 @@ pub(crate) fn rekey_kind(k: RekeyKind) -> i32 {
 /// A host's error status, classified, in words an operator can act on.
 pub(crate) fn agent_error(host: &EnrolledHost, s: &Status) -> AgentError {
     let kind = match s.code() {
-        Code::Unavailable | Code::DeadlineExceeded => AgentErrorKind::Unreachable,
+        Code::Unavailable => AgentErrorKind::Unreachable,
         Code::Aborted => AgentErrorKind::Declined,
         Code::FailedPrecondition | Code::InvalidArgument => AgentErrorKind::Refused,
         _ => AgentErrorKind::Failed,

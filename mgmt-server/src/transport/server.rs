@@ -67,7 +67,12 @@ pub fn open(config: &Config) -> Result<(Arc<Core>, Arc<ServerIdentity>), CoreErr
 /// once it accepts connections.
 pub async fn run(config: Config) -> Result<(), CoreError> {
     let listen = config.listen;
-    let (core, identity) = open(&config)?;
+    // Opening reads key files and the database (and may prompt for the
+    // master key): off the async workers.
+    let opening = config.clone();
+    let (core, identity) = tokio::task::spawn_blocking(move || open(&opening))
+        .await
+        .map_err(|e| CoreError::Internal(format!("start-up failed: {e}")))??;
     // Client certificates are optional at the TLS layer only because
     // enrollment comes before a host has one; a presented certificate must
     // chain to our CA (else the handshake fails), and each service then

@@ -319,3 +319,21 @@ fn two_hundred_refusals_add_a_bounded_number_of_records_that_count_them() {
     );
     assert!(b.core.verify_audit(None).unwrap().ok);
 }
+
+#[tokio::test]
+async fn a_host_that_stops_answering_during_every_call_is_given_up_too() {
+    // It accepts the connection, then drops every call: each attempt
+    // released a key, so each one counts.
+    let b = Bed::new();
+    b.host("kvm-a");
+    b.agents
+        .fail_always("kvm-a", "create_volume", Some(AgentErrorKind::Unreachable));
+    b.core
+        .create_volume(&b.admin, "kvm-a", "p", "v", 1, VolumeFormat::Qcow2)
+        .unwrap();
+    for _ in 0..10 {
+        b.push().await;
+    }
+    assert_eq!(b.core.get_volume("v").unwrap().state, VolumeState::Failed);
+    assert_eq!(b.count("key.released"), 4);
+}
