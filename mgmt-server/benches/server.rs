@@ -17,14 +17,13 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guestkey_proto::agent::{InventoryRequest, host_agent_client::HostAgentClient};
 use mgmt_server::config::{Config, Limits, Retry};
-use mgmt_server::core::{Caller, Core};
 use mgmt_server::init::{InitOptions, init};
 use mgmt_server::masterkey::MasterKeySource;
+use mgmt_server::model::{Caller, VolumeFormat};
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -54,9 +53,10 @@ fn main() {
         retry: Retry {
             initial_delay_ms: 10,
             max_delay_ms: 100,
+            max_attempts: 10,
         },
     };
-    let core = Arc::new(Core::open(config).unwrap());
+    let (core, identity) = mgmt_server::transport::server::open(&config).unwrap();
     let admin = Caller::Admin("bench".into());
 
     // Enroll a host in-process and serve its host-agent API.
@@ -87,12 +87,11 @@ fn main() {
 
     // Baseline: bare unary calls over the same kind of mTLS channel.
     let echo_time = rt.block_on(async {
-        let (cert, key) = core.server_identity();
         let ch = common::channel(
             format!("https://127.0.0.1:{port}"),
             core.ca_cert_pem(),
             "127.0.0.1",
-            Some((cert, key.as_str())),
+            Some((&identity.cert_pem, identity.key_pem.as_str())),
         )
         .await
         .unwrap();
@@ -115,14 +114,14 @@ fn main() {
             "default",
             &format!("bench-{i}"),
             1 << 20,
-            "qcow2",
+            VolumeFormat::Qcow2,
         )
         .unwrap();
     }
     let push_time = rt.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let start = Instant::now();
-        let pusher = tokio::spawn(mgmt_server::push::run(core.clone(), stop_rx));
+        let pusher = tokio::spawn(mgmt_server::scheduler::run(core.clone(), stop_rx));
         let deadline = start + Duration::from_secs(600);
         loop {
             let pending =

@@ -2,7 +2,12 @@
 //! certificate, the admin client certificate and, at enrollment, each host's
 //! certificate. Peers are then recognised by the SHA-256 of their
 //! certificate, recorded when it was signed.
+//!
+//! The CA key is kept by a [`guestkey_protect::KeyProtector`] (today the
+//! file `ca/ca.key`, PEM text, mode 0600), so a TPM protector can keep it
+//! instead. A leaf module: imports nothing of this crate.
 
+use guestkey_protect::{Encoding, KeyProtector, ProtectedKey, ProtectorSpec};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
@@ -23,6 +28,12 @@ pub struct IssuedPem {
 /// Certificate errors.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
+    /// The CA key's protector could not store or hand out the key.
+    #[error(transparent)]
+    Protect(#[from] guestkey_protect::ProtectError),
+    /// The CA key is not PEM text.
+    #[error("the CA key from {0} is not PEM text")]
+    NotText(String),
     /// rcgen failed.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
@@ -90,6 +101,26 @@ impl Ca {
             },
             key_pem,
         ))
+    }
+
+    /// The protector of the CA key named by `source` (PEM bytes as they are).
+    pub fn key_protector(source: &ProtectorSpec) -> Box<dyn KeyProtector> {
+        source.protector(Encoding::Raw, "guestkey CA key")
+    }
+
+    /// Loads the CA from its certificate (PEM) and the key its protector
+    /// keeps.
+    pub fn load(cert_pem: &str, key_source: &ProtectorSpec) -> Result<Self, CaError> {
+        let key = Self::key_protector(key_source).unseal()?;
+        let key_pem = std::str::from_utf8(key.expose_secret())
+            .map_err(|_| CaError::NotText(key_source.to_string()))?;
+        Self::from_pem(cert_pem, key_pem)
+    }
+
+    /// Stores a new CA key (PEM) where `key_source` names; never overwrites.
+    pub fn store_key(key_pem: &str, key_source: &ProtectorSpec) -> Result<(), CaError> {
+        let key = ProtectedKey::copy_from_secret_slice(key_pem.as_bytes());
+        Ok(Self::key_protector(key_source).create(&key)?)
     }
 
     /// Loads the CA from its PEM files' contents.

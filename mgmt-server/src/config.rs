@@ -9,9 +9,10 @@
 //! max_volumes_per_host = 10000       # volumes one host may be assigned
 //! key_releases_per_minute = 1000     # key packets released to one host per minute
 //!
-//! [retry]                            # pushes to unreachable hosts
+//! [retry]                            # failed pushes
 //! initial_delay_ms = 500
 //! max_delay_ms = 60000
+//! max_attempts = 10                  # answered failures before an operation is given up
 //! ```
 //! Unknown keys are errors, so a typo does not silently keep a default.
 
@@ -52,6 +53,11 @@ pub struct Retry {
     pub initial_delay_ms: u64,
     /// Longest delay (the delay doubles up to this).
     pub max_delay_ms: u64,
+    /// A pending operation is given up (state `failed`, with the reason)
+    /// after this many failed attempts that the host answered (or the
+    /// server could not prepare). An unreachable host is retried without
+    /// limit, and no key is released while it cannot be reached.
+    pub max_attempts: u32,
 }
 
 impl Default for Retry {
@@ -59,6 +65,7 @@ impl Default for Retry {
         Self {
             initial_delay_ms: 500,
             max_delay_ms: 60_000,
+            max_attempts: 10,
         }
     }
 }
@@ -179,6 +186,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 setting: "retry",
                 message: "need 0 < initial_delay_ms <= max_delay_ms".into(),
+            });
+        }
+        if fc.retry.max_attempts == 0 {
+            return Err(ConfigError::Invalid {
+                setting: "retry",
+                message: "max_attempts must be at least 1".into(),
             });
         }
         Ok(Self {

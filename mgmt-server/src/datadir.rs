@@ -3,6 +3,7 @@
 //! ```text
 //! DATA_DIR/
 //!   guestkey.db          SQLite database (keys only as ciphertext)
+//!   audit-checkpoints    signed heads of the audit log, appended to only
 //!   master.key           master key, base64, 0600 (unless another source is chosen)
 //!   ca/ca.pem            CA certificate: signs the server, admin and host certificates
 //!   ca/ca.key            CA private key, 0600
@@ -13,6 +14,8 @@
 //!   admin/admin.key      its key (0600),
 //!   admin/server         and the server URL
 //! ```
+//!
+//! A leaf module: imports nothing of this crate.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -49,6 +52,10 @@ impl DataDir {
     pub fn ca_key(&self) -> PathBuf {
         self.root.join("ca/ca.key")
     }
+    /// Where the CA key is kept: its file, through a key protector.
+    pub fn ca_key_source(&self) -> guestkey_protect::ProtectorSpec {
+        guestkey_protect::ProtectorSpec::File(self.ca_key())
+    }
     /// Server certificate.
     pub fn server_cert(&self) -> PathBuf {
         self.root.join("tls/server.pem")
@@ -56,6 +63,10 @@ impl DataDir {
     /// Server private key.
     pub fn server_key(&self) -> PathBuf {
         self.root.join("tls/server.key")
+    }
+    /// Signed heads of the audit log, one a line (only ever appended to).
+    pub fn audit_checkpoints(&self) -> PathBuf {
+        self.root.join("audit-checkpoints")
     }
     /// Admin credential directory.
     pub fn admin_dir(&self) -> PathBuf {

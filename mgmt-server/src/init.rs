@@ -3,15 +3,19 @@
 //! Everything is built in a temporary directory beside the target and
 //! renamed into place at the end, so a failed init leaves nothing behind.
 //! An existing, non-empty data directory is never touched.
+//!
+//! The composition of a new data directory: imports the leaf modules, the
+//! SQLite store and the domain's audit chain. Used by `guestkey-server`.
 
 use std::path::{Path, PathBuf};
 
-use crate::audit;
 use crate::ca::{Ca, LEAF_VALIDITY_DAYS};
-use crate::core::CoreError;
 use crate::datadir::{DataDir, create_private_dir, write_private_file, write_public_file};
-use crate::db;
+use crate::domain::{audit, now_unix};
 use crate::masterkey::{MasterKey, MasterKeySource};
+use crate::model::CoreError;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Access, Store};
 
 /// What `init` needs.
 pub struct InitOptions {
@@ -100,13 +104,14 @@ fn build(tmp: &Path, opts: &InitOptions) -> Result<InitReport, CoreError> {
     let (master, source) = match &opts.master_key_source {
         None => {
             let mk = MasterKey::generate()?;
-            mk.write_new_file(&dir.master_key())?;
-            (mk, MasterKeySource::File(dir.master_key()))
+            let source = MasterKeySource::File(dir.master_key());
+            mk.store_new(&source)?;
+            (mk, source)
         }
-        Some(MasterKeySource::File(p)) if !p.exists() => {
+        Some(source @ MasterKeySource::File(p)) if !p.exists() => {
             let mk = MasterKey::generate()?;
-            mk.write_new_file(p)?;
-            (mk, MasterKeySource::File(p.clone()))
+            mk.store_new(source)?;
+            (mk, source.clone())
         }
         Some(s) => (MasterKey::load(s)?, s.clone()),
     };
@@ -120,7 +125,7 @@ fn build(tmp: &Path, opts: &InitOptions) -> Result<InitReport, CoreError> {
     )?;
     write_public_file(&dir.ca_cert(), ca.cert_pem().as_bytes())
         .map_err(io("write", &dir.ca_cert()))?;
-    write_private_file(&dir.ca_key(), ca_key.as_bytes()).map_err(io("write", &dir.ca_key()))?;
+    Ca::store_key(&ca_key, &dir.ca_key_source())?;
     let server = ca.issue("guestkey-server", opts.sans.clone(), LEAF_VALIDITY_DAYS)?;
     write_public_file(&dir.server_cert(), server.cert.as_bytes())
         .map_err(io("write", &dir.server_cert()))?;
@@ -143,15 +148,14 @@ fn build(tmp: &Path, opts: &InitOptions) -> Result<InitReport, CoreError> {
     .map_err(io("write", &admin_dir))?;
 
     write_private_file(&dir.db(), b"").map_err(io("create", &dir.db()))?;
-    let mut conn = db::open(&dir.db())?;
-    let tx = conn.transaction()?;
-    db::meta_set(&tx, "master_key_id", master.id())?;
-    tx.execute(
-        "INSERT INTO admins (cert_sha256, name, created) VALUES (?1, 'admin', ?2)",
-        rusqlite::params![admin.sha256, db::now_unix()],
-    )?;
+    let store = SqliteStore::open(&dir.db())?;
+    let mut tx = store.begin(Access::Write)?;
+    tx.set_master_key_id(master.id())?;
+    tx.insert_admin(&admin.sha256, "admin", now_unix())?;
+    let audit_key = audit::ensure_key(&mut *tx, &master)?;
     audit::append(
-        &tx,
+        &mut *tx,
+        &audit_key,
         "server",
         "server.initialised",
         "",

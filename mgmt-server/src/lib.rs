@@ -1,10 +1,23 @@
 //! guestkey management server: key store, host enrollment CA, admin API,
-//! and the pusher that delivers sealed key packets to host daemons.
+//! and the scheduler that delivers sealed key packets to host daemons.
 //!
-//! Layers: [`datadir`], [`db`], [`masterkey`], [`audit`] and [`ca`] hold
-//! state; [`core`] and [`volumes`] are the domain logic; [`service`] (tonic
-//! adapters, converting in [`pb`]) and [`push`] talk gRPC over mutual TLS;
-//! `src/bin/` holds the two command-line programs.
+//! Layers, each importing only those below it:
+//!
+//! ```text
+//! src/bin/            guestkey-server, guestkeyctl
+//! transport/          tonic services (admin, host API), pb.rs, the gRPC AgentClient,
+//!                     TLS, the server start-up                  | scheduler.rs
+//! domain/             hosts, volumes, guests, rekey, push, convert, migrate, audit chain,
+//!                     key release, master key (written against Store + AgentClient)
+//! store/              the Store trait and its SQLite implementation, schema migrations
+//! model/              typed states, names, info types, errors
+//! ```
+//!
+//! Beside them, leaf modules that import nothing of this crate:
+//! [`config`], [`datadir`], [`ca`], [`masterkey`], [`domxml`] and [`tls`]
+//! (names and error chains). [`init`] composes a new data directory.
+//! Only `transport/` imports tonic or prost; only `store/sqlite/` imports
+//! rusqlite.
 //!
 //! Peers are told apart by the SHA-256 of their certificate, recorded when
 //! the CA signed it: the admin credential made by `init`, and each enrolled
@@ -12,24 +25,24 @@
 
 #![forbid(unsafe_code)]
 
-pub mod audit;
 pub mod ca;
 pub mod config;
-pub mod convert;
-pub mod core;
 pub mod datadir;
-pub mod db;
+pub mod domain;
 pub mod domxml;
-pub mod guests;
 pub mod init;
 pub mod masterkey;
-pub mod migrate;
-pub mod names;
-mod pb;
-pub mod policy;
-pub mod push;
-pub mod rotate;
-pub mod server;
-pub mod service;
+pub mod model;
+pub mod scheduler;
+pub mod store;
 pub mod tls;
-pub mod volumes;
+pub mod transport;
+
+/// Validated names and sizes (kept at this path for the programs).
+pub use model::names;
+
+/// Rotation policies' inputs (kept at this path for the programs).
+pub mod policy {
+    pub use crate::model::Policy;
+    pub use crate::model::names::parse_duration;
+}

@@ -5,24 +5,24 @@
 //! id bound as associated data: a wrapped key copied to another volume or
 //! generation row does not unwrap.
 //!
-//! The master key is 32 random bytes, written as base64 text. It comes from
-//! a file (default `DATA_DIR/master.key`, mode 0600), an environment
-//! variable, or an interactive prompt, chosen with `--master-key-source`.
+//! The master key is 32 random bytes, written as base64 text. It is kept by
+//! a [`guestkey_protect::KeyProtector`]: a file (default
+//! `DATA_DIR/master.key`, mode 0600), an environment variable, or an
+//! interactive prompt, chosen with `--master-key-source` (a
+//! [`MasterKeySource`], which is the protector specification). A TPM
+//! protector plugs in there without changes here.
+//!
+//! A leaf module: imports nothing of this crate.
 
 use std::fmt;
-use std::io::{BufRead, IsTerminal, Write};
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-use base64::Engine as _;
 use chacha20poly1305::aead::{AeadInOut, KeyInit};
 use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use guestkey_protect::{Encoding, KeyProtector, ProtectError, ProtectedKey};
 use secrecy::{ExposeSecret, SecretBox};
 use sha2::{Digest, Sha256};
 use xdr_wipe::packet::PacketSecret;
-use zeroize::Zeroizing;
 
-const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 
@@ -32,77 +32,31 @@ pub struct MasterKey {
     id: String,
 }
 
-/// Where the master key comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MasterKeySource {
-    /// A file holding the key as base64 text (mode 0600).
-    File(PathBuf),
-    /// An environment variable holding the key as base64 text.
-    Env(String),
-    /// Typed (or pasted) at start-up on the terminal.
-    Prompt,
-}
+/// Where the master key comes from: `file:PATH` (base64 text, mode 0600),
+/// `env:VARIABLE` or `prompt`, parsed as before this type was the
+/// protector specification.
+pub type MasterKeySource = guestkey_protect::ProtectorSpec;
 
-impl FromStr for MasterKeySource {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.split_once(':') {
-            Some(("file", path)) if !path.is_empty() => Ok(Self::File(path.into())),
-            Some(("env", var)) if !var.is_empty() => Ok(Self::Env(var.to_owned())),
-            None if s == "prompt" => Ok(Self::Prompt),
-            _ => Err(format!(
-                "`{s}` is not a master key source: use file:PATH, env:VARIABLE or prompt"
-            )),
-        }
-    }
-}
+/// What the prompt asks for.
+const PROMPT: &str = "guestkey master key";
 
-impl fmt::Display for MasterKeySource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::File(p) => write!(f, "file:{}", p.display()),
-            Self::Env(v) => write!(f, "env:{v}"),
-            Self::Prompt => f.write_str("prompt"),
-        }
-    }
+/// The protector that keeps the master key named by `source`.
+pub fn protector(source: &MasterKeySource) -> Box<dyn KeyProtector> {
+    source.protector(Encoding::Base64, PROMPT)
 }
 
 /// Why the master key could not be obtained or used.
 #[derive(Debug, thiserror::Error)]
 pub enum MasterKeyError {
-    /// Reading the key file failed.
-    #[error("cannot read the master key file {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The key file is readable by others.
-    #[error("master key file {0} is readable by group or others: chmod 600 it")]
-    Permissions(PathBuf),
-    /// The environment variable is not set.
-    #[error("environment variable {0} (the master key source) is not set")]
-    MissingEnv(String),
-    /// Prompting failed.
-    #[error("cannot prompt for the master key: {0}")]
-    Prompt(String),
-    /// The text is not a base64-encoded 32-byte key.
+    /// Its protector could not store or hand out the key.
+    #[error(transparent)]
+    Protect(#[from] ProtectError),
+    /// The key is not a base64-encoded 32-byte key.
     #[error("the master key from {0} is not 32 bytes of base64 (44 characters)")]
     Format(String),
     /// The OS RNG failed.
     #[error("the OS random number generator failed")]
     Random,
-    /// Writing a new key file failed.
-    #[error("cannot write the master key file {path}")]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// A wrapped key did not unwrap.
@@ -116,6 +70,9 @@ pub enum UnwrapError {
         /// Id of the key held.
         held: String,
     },
+    /// The stored audit key does not unwrap.
+    #[error("the stored audit key fails authentication: the database was altered")]
+    AuditKey,
     /// Authentication failed: altered, or moved to another volume/generation.
     #[error(
         "stored key of volume {volume} generation {generation} fails authentication: the database was altered"
@@ -145,74 +102,34 @@ impl MasterKey {
         Self { key, id }
     }
 
-    /// Parses base64 text (surrounding white space ignored).
-    pub fn from_text(text: &str, origin: &str) -> Result<Self, MasterKeyError> {
-        let mut key = SecretBox::new(Box::new([0u8; 32]));
-        let decoded = B64
-            .decode_slice(
-                text.trim(),
-                secrecy::ExposeSecretMut::expose_secret_mut(&mut key),
-            )
+    /// The key its protector handed out; `origin` names the source in the
+    /// error when it is not 32 bytes.
+    pub fn from_protected(key: &ProtectedKey, origin: &str) -> Result<Self, MasterKeyError> {
+        let bytes: &[u8; 32] = key
+            .expose_secret()
+            .try_into()
             .map_err(|_| MasterKeyError::Format(origin.to_owned()))?;
-        if decoded != 32 {
-            return Err(MasterKeyError::Format(origin.to_owned()));
-        }
-        Ok(Self::from_secret(key))
+        let mut secret = SecretBox::new(Box::new([0u8; 32]));
+        secrecy::ExposeSecretMut::expose_secret_mut(&mut secret).copy_from_slice(bytes);
+        Ok(Self::from_secret(secret))
     }
 
     /// Loads the key from `source`.
     pub fn load(source: &MasterKeySource) -> Result<Self, MasterKeyError> {
-        match source {
-            MasterKeySource::File(path) => {
-                use std::os::unix::fs::PermissionsExt;
-                let read = |source| MasterKeyError::Read {
-                    path: path.clone(),
-                    source,
-                };
-                let meta = std::fs::metadata(path).map_err(read)?;
-                if meta.permissions().mode() & 0o077 != 0 {
-                    return Err(MasterKeyError::Permissions(path.clone()));
-                }
-                let text = Zeroizing::new(std::fs::read_to_string(path).map_err(read)?);
-                Self::from_text(&text, &source.to_string())
-            }
-            MasterKeySource::Env(var) => {
-                let text = Zeroizing::new(
-                    std::env::var(var).map_err(|_| MasterKeyError::MissingEnv(var.clone()))?,
-                );
-                Self::from_text(&text, &source.to_string())
-            }
-            MasterKeySource::Prompt => {
-                let stdin = std::io::stdin();
-                if stdin.is_terminal() {
-                    let mut err = std::io::stderr();
-                    let _ = write!(err, "guestkey master key (base64): ");
-                    let _ = err.flush();
-                }
-                let mut line = Zeroizing::new(String::with_capacity(128));
-                stdin
-                    .lock()
-                    .read_line(&mut line)
-                    .map_err(|e| MasterKeyError::Prompt(e.to_string()))?;
-                Self::from_text(&line, "the prompt")
-            }
-        }
+        let origin = source.to_string();
+        let key = protector(source).unseal().map_err(|e| match e {
+            // Same words for every kind of source, as before protectors.
+            ProtectError::Format { .. } => MasterKeyError::Format(origin.clone()),
+            other => MasterKeyError::Protect(other),
+        })?;
+        Self::from_protected(&key, &origin)
     }
 
-    /// Writes the key as base64 text to a new file with mode 0600.
-    pub fn write_new_file(&self, path: &Path) -> Result<(), MasterKeyError> {
-        let text = Zeroizing::new(B64.encode(self.key.expose_secret()));
-        crate::datadir::write_private_file(path, text.as_bytes()).map_err(|source| {
-            MasterKeyError::Write {
-                path: path.to_owned(),
-                source,
-            }
-        })
-    }
-
-    /// The key as base64 text, for handing to an operator once.
-    pub fn expose_text(&self) -> Zeroizing<String> {
-        Zeroizing::new(B64.encode(self.key.expose_secret()))
+    /// Stores the key where `source` names (a file: created, never
+    /// overwritten; env and prompt sources cannot store one).
+    pub fn store_new(&self, source: &MasterKeySource) -> Result<(), MasterKeyError> {
+        let key = ProtectedKey::copy_from_secret_slice(self.key.expose_secret());
+        Ok(protector(source).create(&key)?)
     }
 
     /// Public identifier: a truncated hash, safe to store and print.
@@ -290,6 +207,113 @@ impl MasterKey {
     }
 }
 
+impl MasterKey {
+    fn audit_aad(&self) -> Vec<u8> {
+        let mut aad = b"guestkey audit key v1\0".to_vec();
+        aad.extend_from_slice(self.id.as_bytes());
+        aad
+    }
+
+    /// Wraps the audit key: nonce || ciphertext || tag, bound to this
+    /// master key's id.
+    pub fn wrap_audit_key(&self, key: &AuditKey) -> Vec<u8> {
+        let mut out = vec![0u8; NONCE_LEN + 32 + TAG_LEN];
+        getrandom::fill(&mut out[..NONCE_LEN]).expect("OS RNG for a nonce");
+        let (nonce, rest) = out.split_at_mut(NONCE_LEN);
+        let (body, tag_out) = rest.split_at_mut(32);
+        body.copy_from_slice(key.0.expose_secret());
+        let tag = self
+            .cipher()
+            .encrypt_inout_detached(&nonce_of(nonce), &self.audit_aad(), body.into())
+            .expect("XChaCha20-Poly1305 takes any key-sized message");
+        tag_out.copy_from_slice(&tag);
+        out
+    }
+
+    /// Unwraps the audit key straight into wiped memory.
+    pub fn unwrap_audit_key(
+        &self,
+        master_key_id: &str,
+        wrapped: &[u8],
+    ) -> Result<AuditKey, UnwrapError> {
+        if master_key_id != self.id {
+            return Err(UnwrapError::OtherMasterKey {
+                found: master_key_id.to_owned(),
+                held: self.id.clone(),
+            });
+        }
+        if wrapped.len() != NONCE_LEN + 32 + TAG_LEN {
+            return Err(UnwrapError::AuditKey);
+        }
+        let (nonce, rest) = wrapped.split_at(NONCE_LEN);
+        let (body, tag) = rest.split_at(32);
+        let mut key = SecretBox::new(Box::new([0u8; 32]));
+        let buf = secrecy::ExposeSecretMut::expose_secret_mut(&mut key);
+        buf.copy_from_slice(body);
+        self.cipher()
+            .decrypt_inout_detached(
+                &nonce_of(nonce),
+                &self.audit_aad(),
+                buf.as_mut_slice().into(),
+                &Tag::try_from(tag).expect("split_at leaves exactly 16 tag bytes"),
+            )
+            // The box is wiped when dropped here.
+            .map_err(|_| UnwrapError::AuditKey)?;
+        Ok(AuditKey(key))
+    }
+}
+
+/// The key that MACs audit records and signs audit checkpoints: 32 random
+/// bytes kept in the database only wrapped under the master key, so that
+/// only the master key's holder can write or rewrite a record that
+/// verifies. A master key rotation re-wraps it. Not `Clone`; `Debug`
+/// redacts; wiped on drop.
+pub struct AuditKey(SecretBox<[u8; 32]>);
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+impl AuditKey {
+    /// A new random audit key.
+    pub fn generate() -> Result<Self, MasterKeyError> {
+        let mut key = SecretBox::new(Box::new([0u8; 32]));
+        getrandom::fill(secrecy::ExposeSecretMut::expose_secret_mut(&mut key))
+            .map_err(|_| MasterKeyError::Random)?;
+        Ok(Self(key))
+    }
+
+    fn hmac(&self, parts: &[&[u8]]) -> HmacSha256 {
+        use hmac::{KeyInit, Mac};
+        let mut m = <HmacSha256 as KeyInit>::new_from_slice(self.0.expose_secret())
+            .expect("HMAC takes a key of any length");
+        for p in parts {
+            m.update(&(p.len() as u64).to_be_bytes());
+            m.update(p);
+        }
+        m
+    }
+
+    /// The MAC (hex) of `parts`, each length-prefixed.
+    pub fn mac(&self, parts: &[&[u8]]) -> String {
+        use hmac::Mac;
+        hex::encode(self.hmac(parts).finalize().into_bytes())
+    }
+
+    /// Whether `mac_hex` is the MAC of `parts` (compared in constant time).
+    pub fn verify(&self, parts: &[&[u8]], mac_hex: &str) -> bool {
+        use hmac::Mac;
+        match hex::decode(mac_hex) {
+            Ok(tag) => self.hmac(parts).verify_slice(&tag).is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+impl fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuditKey([REDACTED])")
+    }
+}
+
 fn nonce_of(bytes: &[u8]) -> XNonce {
     XNonce::try_from(bytes).expect("callers split off exactly 24 nonce bytes")
 }
@@ -333,19 +357,78 @@ mod tests {
         assert!(mk.unwrap_key("vol-a", 1, mk.id(), &bad[..10]).is_err());
     }
 
+    fn temp_dir() -> std::path::PathBuf {
+        let mut b = [0u8; 6];
+        getrandom::fill(&mut b).unwrap();
+        let d =
+            std::env::temp_dir().join(format!("gk-mk-{}-{}", std::process::id(), hex::encode(b)));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
     #[test]
-    fn text_round_trip_and_bad_text() {
+    fn file_round_trip_and_bad_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = temp_dir();
+        let source = MasterKeySource::File(d.join("master.key"));
         let mk = MasterKey::generate().unwrap();
-        let again = MasterKey::from_text(&format!(" {}\n", *mk.expose_text()), "test").unwrap();
+        mk.store_new(&source).unwrap();
+        // Base64 text, 44 characters, mode 0600: the format of every data
+        // directory made so far.
+        let text = std::fs::read_to_string(d.join("master.key")).unwrap();
+        assert_eq!(text.trim().len(), 44);
+        let mode = std::fs::metadata(d.join("master.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(MasterKey::load(&source).unwrap().id(), mk.id());
+        // Never overwritten.
+        assert!(MasterKey::generate().unwrap().store_new(&source).is_err());
+        assert_eq!(MasterKey::load(&source).unwrap().id(), mk.id());
+        // A key file written by hand with white space around it loads.
+        let hand = d.join("hand.key");
+        std::fs::write(&hand, format!(" {}\n", text.trim())).unwrap();
+        std::fs::set_permissions(&hand, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let again = MasterKey::load(&MasterKeySource::File(hand.clone())).unwrap();
         assert_eq!(again.id(), mk.id());
         for bad in ["", "abc", "!!!!", &"A".repeat(43), &"A".repeat(64)] {
-            let err = MasterKey::from_text(bad, "env:X").unwrap_err();
+            std::fs::write(&hand, bad).unwrap();
+            let err = MasterKey::load(&MasterKeySource::File(hand.clone())).unwrap_err();
             assert_eq!(
                 err.to_string(),
-                "the master key from env:X is not 32 bytes of base64 (44 characters)"
+                format!(
+                    "the master key from file:{} is not 32 bytes of base64 (44 characters)",
+                    hand.display()
+                )
             );
         }
-        assert!(!format!("{mk:?}").contains(&*mk.expose_text()));
+        std::fs::set_permissions(&hand, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = MasterKey::load(&MasterKeySource::File(hand)).unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        assert!(!format!("{mk:?}").contains(text.trim()));
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn audit_keys_wrap_and_mac() {
+        let mk = MasterKey::generate().unwrap();
+        let ak = AuditKey::generate().unwrap();
+        let wrapped = mk.wrap_audit_key(&ak);
+        let back = mk.unwrap_audit_key(mk.id(), &wrapped).unwrap();
+        let mac = ak.mac(&[b"a", b"bc"]);
+        assert!(back.verify(&[b"a", b"bc"], &mac));
+        // Length-prefixed: moving a byte between parts changes the MAC.
+        assert!(!back.verify(&[b"ab", b"c"], &mac));
+        assert!(!AuditKey::generate().unwrap().verify(&[b"a", b"bc"], &mac));
+        assert!(!back.verify(&[b"a", b"bc"], "zz"));
+        let mut bad = wrapped.clone();
+        bad[30] ^= 1;
+        assert!(mk.unwrap_audit_key(mk.id(), &bad).is_err());
+        let other = MasterKey::generate().unwrap();
+        assert!(other.unwrap_audit_key(mk.id(), &wrapped).is_err());
+        assert!(other.unwrap_audit_key(other.id(), &wrapped).is_err());
+        assert_eq!(format!("{ak:?}"), "AuditKey([REDACTED])");
     }
 
     #[test]

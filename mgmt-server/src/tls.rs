@@ -1,15 +1,6 @@
-//! TLS helpers shared by the server, the pusher and guestkeyctl: peer
-//! identification and readable transport errors.
-
-use tonic::Request;
-
-use crate::ca::cert_sha256;
-
-/// SHA-256 of the client's leaf certificate, if it presented one.
-pub fn peer_fingerprint<T>(req: &Request<T>) -> Option<String> {
-    let certs = req.peer_certs()?;
-    certs.first().map(|c| cert_sha256(c.as_ref()))
-}
+//! Names and error texts of TLS connections, shared by the server, the
+//! transport and guestkeyctl. A leaf module: no tonic here (the transport's
+//! own TLS helpers are `crate::transport::tls`).
 
 /// An error and all its sources, joined with ": ".
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -154,7 +154,7 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 },
             )?;
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(mgmt_server::server::run(config))?;
+            rt.block_on(mgmt_server::transport::server::run(config))?;
             Ok(())
         }
         Command::RotateMasterKey {
@@ -165,8 +165,12 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let dir = mgmt_server::datadir::DataDir::new(&data_dir);
             let source =
                 master_key_source.unwrap_or_else(|| MasterKeySource::File(dir.master_key()));
-            let r =
-                mgmt_server::rotate::rotate(&dir.db(), &source, new_master_key_source.as_ref())?;
+            let store = mgmt_server::store::sqlite::SqliteStore::open(&dir.db())?;
+            let r = mgmt_server::domain::rotate::rotate(
+                &store,
+                &source,
+                new_master_key_source.as_ref(),
+            )?;
             println!(
                 "master key rotated: {} -> {}; {} volume keys re-wrapped",
                 r.old_id, r.new_id, r.rewrapped

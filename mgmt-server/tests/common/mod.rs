@@ -29,6 +29,10 @@ use xdr_wipe::packet::VolumeId;
 use xdr_wipe::seal::HostSealingKey;
 
 pub const SERVER: &str = env!("CARGO_BIN_EXE_guestkey-server");
+/// A pool the test agent lacks: creating a volume in it always fails.
+pub const MISSING_POOL: &str = "missing-pool";
+/// A guest whose definition the test agent always refuses.
+pub const REFUSED_GUEST: &str = "refused-by-libvirt";
 pub const CTL: &str = env!("CARGO_BIN_EXE_guestkeyctl");
 
 /// A running guestkey-server with its own data directory.
@@ -215,6 +219,34 @@ impl TestServer {
         out
     }
 
+    /// An admin API client with the admin credential.
+    pub async fn admin_client(
+        &self,
+    ) -> guestkey_proto::admin::admin_client::AdminClient<tonic::transport::Channel> {
+        let dir = self.admin_dir();
+        let cert = std::fs::read_to_string(dir.join("admin.pem")).unwrap();
+        let key = std::fs::read_to_string(dir.join("admin.key")).unwrap();
+        let ch = channel(
+            self.url.clone(),
+            &self.ca_pem(),
+            "localhost",
+            Some((&cert, &key)),
+        )
+        .await
+        .unwrap();
+        guestkey_proto::admin::admin_client::AdminClient::new(ch)
+    }
+
+    /// Audit records with `action`.
+    pub fn audit_count(&self, action: &str) -> usize {
+        self.json(&["audit", "--limit", "10000"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["action"] == action)
+            .count()
+    }
+
     pub fn ca_pem(&self) -> String {
         std::fs::read_to_string(self.dir.join("ca/ca.pem")).unwrap()
     }
@@ -278,6 +310,16 @@ pub struct TestAgent {
     pub port: u16,
     rt: tokio::runtime::Runtime,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Runs `f` on a runtime of its own that is gone afterwards, with every
+/// connection it opened (a server stops only when its clients are gone).
+pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
 
 /// Registers `name` and returns its enrollment token.
@@ -484,6 +526,12 @@ impl HostAgent for AgentImpl {
     ) -> R<agent::VolumeResult> {
         let r = req.into_inner();
         let key = r.key.ok_or_else(|| Status::invalid_argument("no key"))?;
+        if r.pool == MISSING_POOL {
+            // As guestkeyd answers for a pool its libvirt lacks.
+            return Err(Status::failed_precondition(format!(
+                "there is no storage pool {MISSING_POOL} on this host"
+            )));
+        }
         let vid = VolumeId(
             uuid::Uuid::parse_str(&r.volume_id)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?,
@@ -537,6 +585,14 @@ impl HostAgent for AgentImpl {
     }
     async fn define_guest(&self, req: Request<agent::DefineGuestRequest>) -> R<agent::GuestResult> {
         let r = req.into_inner();
+        if r.domain_xml
+            .contains(&format!("<name>{REFUSED_GUEST}</name>"))
+        {
+            // As guestkeyd answers when libvirt refuses the XML.
+            return Err(Status::failed_precondition(
+                "libvirt refused the domain XML: unsupported configuration",
+            ));
+        }
         let host = xdr_wipe::XdrString::new(self.name.clone()).unwrap();
         let mut keys = vec![];
         for k in &r.keys {

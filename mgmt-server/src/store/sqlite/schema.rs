@@ -1,16 +1,17 @@
-//! The SQLite database: schema, migrations, and the connection.
+//! The schema: migrations applied in order, `PRAGMA user_version`
+//! recording how many ran. Never edit a released migration: append one.
 //!
-//! Volume keys are stored only wrapped (see [`crate::masterkey`]).
-//! The audit table is append-only: triggers refuse UPDATE and DELETE, and
-//! its rows form a hash chain (see [`crate::audit`]).
-
-use std::path::Path;
+//! Volume keys are stored only wrapped (see `crate::masterkey`). The audit
+//! table is append-only: triggers refuse UPDATE and DELETE, and its rows
+//! form a hash chain (see `crate::domain::audit`).
 
 use rusqlite::Connection;
 
+use crate::model::StoreError;
+
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
 /// many ran. Never edit a released migration: append a new one.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: initial schema
     "
     CREATE TABLE meta (
@@ -142,42 +143,36 @@ const MIGRATIONS: &[&str] = &[
         unsafe     INTEGER NOT NULL DEFAULT 0
     );
     ",
+    // 7: audit records MACed under a key kept wrapped under the master key;
+    // bounded retries (a pending operation that keeps failing ends in 'failed')
+    "
+    ALTER TABLE audit ADD COLUMN mac TEXT NOT NULL DEFAULT '';
+    CREATE TABLE audit_keys (
+        id            INTEGER PRIMARY KEY CHECK (id = 1),
+        master_key_id TEXT NOT NULL,
+        wrapped       BLOB NOT NULL,
+        created       INTEGER NOT NULL
+    );
+    ALTER TABLE volumes ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE volumes ADD COLUMN failed_op TEXT NOT NULL DEFAULT ''
+        CHECK (failed_op IN ('', 'create', 'encrypt', 'rekey', 'decrypt', 'delete'));
+    ALTER TABLE guests ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+    ",
+    // 8: look-ups by name and by path use an index again (migration 6 made
+    // the partial unique index on live names cover fewer states than the
+    // queries ask for, so SQLite scanned the table)
+    "
+    CREATE INDEX volumes_name ON volumes(name);
+    CREATE INDEX volumes_path ON volumes(path) WHERE path != '';
+    ",
 ];
 
-/// Database errors.
-#[derive(Debug, thiserror::Error)]
-pub enum DbError {
-    /// SQLite failed.
-    #[error("database error: {0}")]
-    Sql(#[from] rusqlite::Error),
-    /// The database is newer than this program.
-    #[error(
-        "the database has schema version {found}, newer than this guestkey-server ({known}): upgrade guestkey-server"
-    )]
-    TooNew {
-        /// Version in the file.
-        found: usize,
-        /// Newest this build knows.
-        known: usize,
-    },
-}
-
-/// Opens (creating if needed) the database and applies pending migrations.
-pub fn open(path: &Path) -> Result<Connection, DbError> {
-    let mut conn = Connection::open(path)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    migrate(&mut conn)?;
-    Ok(conn)
-}
-
-fn migrate(conn: &mut Connection) -> Result<(), DbError> {
+/// Applies the migrations this database has not had yet.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let version = usize::try_from(version).unwrap_or(usize::MAX);
     if version > MIGRATIONS.len() {
-        return Err(DbError::TooNew {
+        return Err(StoreError::TooNew {
             found: version,
             known: MIGRATIONS.len(),
         });
@@ -191,30 +186,6 @@ fn migrate(conn: &mut Connection) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Reads a `meta` value.
-pub fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>, rusqlite::Error> {
-    use rusqlite::OptionalExtension;
-    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-        .optional()
-}
-
-/// Sets a `meta` value.
-pub fn meta_set(conn: &Connection, key: &str, value: &str) -> Result<(), rusqlite::Error> {
-    conn.execute(
-        "INSERT INTO meta (key, value) VALUES (?1, ?2)
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        [key, value],
-    )?;
-    Ok(())
-}
-
-/// Seconds since the Unix epoch.
-pub fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,15 +196,18 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.db");
         let _ = std::fs::remove_file(&path);
-        drop(open(&path).unwrap());
-        let conn = open(&path).unwrap();
+        drop(crate::store::sqlite::SqliteStore::open(&path).unwrap());
+        drop(crate::store::sqlite::SqliteStore::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
         let v: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(v as usize, MIGRATIONS.len());
         conn.pragma_update(None, "user_version", 99).unwrap();
         drop(conn);
-        let err = open(&path).unwrap_err();
+        let err = crate::store::sqlite::SqliteStore::open(&path)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("upgrade guestkey-server"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

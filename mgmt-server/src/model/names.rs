@@ -1,5 +1,6 @@
-//! Validated names and sizes: input from the CLI and the admin API becomes
-//! these types at the edge, with an error that says what to fix.
+//! Validated names, sizes, addresses, URIs and durations: input from the
+//! CLI and the admin API becomes these types at the edge, with an error
+//! that says what to fix.
 
 use std::fmt;
 
@@ -128,6 +129,76 @@ pub fn parse_address(value: &str) -> Result<String, InvalidInput> {
     Ok(value.to_owned())
 }
 
+/// Checks a libvirt connection URI (`qemu[+transport]://…/system|session`).
+pub fn parse_libvirt_uri(value: &str) -> Result<String, InvalidInput> {
+    let bad = |why: &str| InvalidInput {
+        what: "libvirt URI",
+        value: value.to_owned(),
+        why: why.to_owned(),
+    };
+    let (scheme, rest) = value
+        .split_once("://")
+        .ok_or_else(|| bad("use e.g. qemu+tls://host2.example/system"))?;
+    if scheme != "qemu" && !scheme.starts_with("qemu+") {
+        return Err(bad(
+            "guestkey migrates QEMU guests: the scheme must be qemu or qemu+TRANSPORT",
+        ));
+    }
+    if value.len() > 1024 || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad("no spaces or control characters, at most 1024 bytes"));
+    }
+    if !(rest.contains("/system") || rest.contains("/session")) {
+        return Err(bad("the path must be /system or /session"));
+    }
+    Ok(value.to_owned())
+}
+
+/// Checks a QEMU migration URI (`tcp://HOST[:PORT]`, `tcp:HOST:PORT`,
+/// `rdma://…`), or "" for libvirt's default.
+pub fn parse_migration_uri(value: &str) -> Result<String, InvalidInput> {
+    if value.is_empty() {
+        return Ok(String::new());
+    }
+    let ok = (value.starts_with("tcp:") || value.starts_with("rdma:"))
+        && value.len() <= 1024
+        && !value.chars().any(|c| c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err(InvalidInput {
+            what: "migration URI",
+            value: value.to_owned(),
+            why: "use tcp://HOST:PORT (or leave it empty for libvirt's default)".into(),
+        })
+    }
+}
+
+/// Parses a duration: a whole number with s, m, h or d (e.g. `90d`).
+pub fn parse_duration(value: &str) -> Result<u64, InvalidInput> {
+    let bad = |why: &str| InvalidInput {
+        what: "duration",
+        value: value.to_owned(),
+        why: why.to_owned(),
+    };
+    let v = value.trim();
+    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| bad("give a whole number with s, m, h or d, e.g. 90d"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad("the unit must be s, m, h or d, e.g. 90d")),
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err(bad("must be longer than 0")),
+        Some(s) if s <= 100 * 365 * 86_400 => Ok(s),
+        _ => Err(bad("at most 100 years")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +266,37 @@ mod tests {
             "a..b:1",
         ] {
             assert!(parse_address(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn uris() {
+        assert!(parse_libvirt_uri("qemu+tls://h2.example/system").is_ok());
+        assert!(
+            parse_libvirt_uri("qemu+unix:///session?socket=/home/u/.cache/libvirt/libvirt-sock")
+                .is_ok()
+        );
+        for bad in [
+            "",
+            "h2",
+            "xen://h/system",
+            "qemu+tls://h2/",
+            "qemu://h /system",
+        ] {
+            assert!(parse_libvirt_uri(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_migration_uri("").unwrap(), "");
+        assert!(parse_migration_uri("tcp://127.0.0.1:49152").is_ok());
+        assert!(parse_migration_uri("http://x").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90d").unwrap(), 90 * 86_400);
+        assert_eq!(parse_duration("2s").unwrap(), 2);
+        assert_eq!(parse_duration("12h").unwrap(), 43_200);
+        for bad in ["", "d", "-1d", "0s", "5y", "1.5d", "999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }
 }

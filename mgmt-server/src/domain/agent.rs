@@ -1,0 +1,310 @@
+//! What the server asks of a host: the [`AgentClient`] trait, its request
+//! and result types, and [`AgentError`], which says whether the host
+//! refused, declined, could not be reached, or failed, so that callers
+//! decide on retries without knowing the wire protocol.
+//!
+//! The one real implementation is the gRPC client in
+//! `crate::transport::agents` (mutual TLS, one channel per host). Unit
+//! tests use a fake that stands in for a host (`domain::fake_agent`).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::model::{EnrolledHost, GuestState, RekeyKind, RekeyPlacement, VolumeFormat};
+
+/// A boxed future that may move between threads.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A key packet sealed to the receiving host (xdr-wipe `SealedPacket`
+/// bytes: no clear key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedKey {
+    /// Volume id.
+    pub volume_id: String,
+    /// Key generation.
+    pub generation: u64,
+    /// The sealed packet.
+    pub sealed: Vec<u8>,
+}
+
+/// Create a volume, or encrypt the existing cleartext one.
+#[derive(Debug, Clone)]
+pub struct CreateVolume {
+    /// Makes a repeated delivery harmless.
+    pub op_id: String,
+    /// Volume id.
+    pub volume_id: String,
+    /// libvirt pool.
+    pub pool: String,
+    /// libvirt volume name.
+    pub name: String,
+    /// Size (ignored when encrypting an existing volume).
+    pub capacity_bytes: u64,
+    /// Container format.
+    pub format: VolumeFormat,
+    /// libvirt secret UUID its `<encryption>` names.
+    pub secret_uuid: String,
+    /// Its key.
+    pub key: SealedKey,
+    /// Encrypt the existing cleartext volume instead of creating one.
+    pub encrypt_existing: bool,
+    /// The caller waits for the whole copy (hours), not a push's minute.
+    pub wait_long: bool,
+}
+
+/// Where a host keeps a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeOnHost {
+    /// Its path ("" when it no longer exists).
+    pub path: String,
+    /// Its guest-visible size (0 when not known).
+    pub capacity_bytes: u64,
+}
+
+/// Turn a volume back into cleartext.
+#[derive(Debug, Clone)]
+pub struct DecryptVolume {
+    /// Makes a repeated delivery harmless.
+    pub op_id: String,
+    /// Volume id.
+    pub volume_id: String,
+    /// Its key.
+    pub key: SealedKey,
+}
+
+/// Delete a volume and the host's copy of its key.
+#[derive(Debug, Clone)]
+pub struct DeleteVolume {
+    /// Makes a repeated delivery harmless.
+    pub op_id: String,
+    /// Volume id.
+    pub volume_id: String,
+    /// libvirt pool.
+    pub pool: String,
+    /// libvirt volume name.
+    pub name: String,
+}
+
+/// Rekey a volume from one generation to the next.
+#[derive(Debug, Clone)]
+pub struct Rekey {
+    /// Makes a repeated delivery harmless.
+    pub op_id: String,
+    /// Volume id.
+    pub volume_id: String,
+    /// The current generation.
+    pub from_generation: u64,
+    /// Shallow or deep.
+    pub kind: RekeyKind,
+    /// The current key (the host may not hold it).
+    pub old_key: SealedKey,
+    /// The next generation's key.
+    pub new_key: SealedKey,
+    /// libvirt secret UUID for the new key.
+    pub new_secret_uuid: String,
+    /// Tied to the guest running, or not.
+    pub placement: RekeyPlacement,
+    /// Bytes per second at most (0: no limit).
+    pub bandwidth: u64,
+}
+
+/// Define a guest with its disks' keys.
+#[derive(Debug, Clone)]
+pub struct DefineGuest {
+    /// Makes a repeated delivery harmless.
+    pub op_id: String,
+    /// Domain XML with the `<encryption>` elements set.
+    pub domain_xml: String,
+    /// One key per managed disk.
+    pub keys: Vec<SealedKey>,
+}
+
+/// A call about one guest (undefine, start, stop, abort a migration).
+#[derive(Debug, Clone)]
+pub struct GuestCall {
+    /// Makes a repeated delivery harmless.
+    pub op_id: String,
+    /// The guest's UUID.
+    pub guest_uuid: String,
+}
+
+/// A volume of a migrating guest, as the source host made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigratingVolume {
+    /// Volume id.
+    pub volume_id: String,
+    /// libvirt pool.
+    pub pool: String,
+    /// libvirt volume name.
+    pub name: String,
+    /// Its path (shared storage: the same on both hosts).
+    pub path: String,
+    /// libvirt secret UUID.
+    pub secret_uuid: String,
+}
+
+/// The destination of a migration: check the shared storage, store the keys.
+#[derive(Debug, Clone)]
+pub struct PrepareMigration {
+    /// Makes a repeated delivery harmless.
+    pub op_id: String,
+    /// The guest's domain XML.
+    pub domain_xml: String,
+    /// Its keys, sealed to the destination.
+    pub keys: Vec<SealedKey>,
+    /// Its managed volumes.
+    pub volumes: Vec<MigratingVolume>,
+}
+
+/// The source of a migration: have libvirt migrate the guest.
+#[derive(Debug, Clone)]
+pub struct MigrateGuest {
+    /// Makes a repeated delivery harmless.
+    pub op_id: String,
+    /// The guest's UUID.
+    pub guest_uuid: String,
+    /// libvirt URI of the destination, as the source reaches it.
+    pub destination_libvirt_uri: String,
+    /// QEMU migration URI ("" for libvirt's default).
+    pub migration_uri: String,
+    /// Live migration.
+    pub live: bool,
+    /// As `virsh migrate --unsafe`.
+    pub unsafe_: bool,
+}
+
+/// A key a host holds (ids only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldKeyInfo {
+    /// Volume id.
+    pub volume_id: String,
+    /// Generation.
+    pub generation: u64,
+    /// Guest it is held for.
+    pub guest_uuid: String,
+}
+
+/// What a host holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Inventory {
+    /// Its keys (ids only).
+    pub held: Vec<HeldKeyInfo>,
+    /// The host's libvirt UUID.
+    pub host_uuid: String,
+}
+
+/// How a call to a host went wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentErrorKind {
+    /// No answer: the host is down or the network fails. Whether a
+    /// mutating call took effect is not known.
+    Unreachable,
+    /// The host declined the request as it stands and changed nothing: a
+    /// condition the admin set does not hold (a rekey `--online` without a
+    /// running guest). Repeating it will not help.
+    Declined,
+    /// The host answered that it did not do it: bad input, or a state it
+    /// cannot work from (no such volume, libvirt refused the XML).
+    Refused,
+    /// The host failed otherwise.
+    Failed,
+}
+
+/// A call to a host that did not succeed, in words an operator can act
+/// on (the host's name and address, and what it said).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct AgentError {
+    /// How.
+    pub kind: AgentErrorKind,
+    /// What, for the operator.
+    pub message: String,
+}
+
+impl AgentError {
+    /// An error of `kind`.
+    pub fn new(kind: AgentErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Result of a call to a host.
+pub type AgentResult<T> = Result<T, AgentError>;
+
+/// Everything the server asks a host. Every mutating request carries an
+/// operation id: the host answers a repeat with the first outcome, so a
+/// retry after an unknown outcome is harmless.
+pub trait AgentClient: Send + Sync {
+    /// Makes sure the host can be reached now (cheap when a connection is
+    /// open). Keys are released for a host only after this succeeds.
+    fn connect<'a>(&'a self, host: &'a EnrolledHost) -> BoxFuture<'a, AgentResult<()>>;
+    /// Creates (or encrypts) a volume.
+    fn create_volume<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        req: CreateVolume,
+    ) -> BoxFuture<'a, AgentResult<VolumeOnHost>>;
+    /// Turns a volume back into cleartext.
+    fn decrypt_volume<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        req: DecryptVolume,
+    ) -> BoxFuture<'a, AgentResult<()>>;
+    /// Deletes a volume.
+    fn delete_volume<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        req: DeleteVolume,
+    ) -> BoxFuture<'a, AgentResult<()>>;
+    /// Rekeys a volume; returns when the host is done.
+    fn rekey<'a>(&'a self, host: &'a EnrolledHost, req: Rekey) -> BoxFuture<'a, AgentResult<()>>;
+    /// Defines a guest; returns its state there.
+    fn define_guest<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        req: DefineGuest,
+    ) -> BoxFuture<'a, AgentResult<Option<GuestState>>>;
+    /// Undefines a guest; the host erases its keys.
+    fn undefine_guest<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        req: GuestCall,
+    ) -> BoxFuture<'a, AgentResult<Option<GuestState>>>;
+    /// Starts a guest; returns its state.
+    fn start_guest<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        req: GuestCall,
+    ) -> BoxFuture<'a, AgentResult<Option<GuestState>>>;
+    /// Stops a guest; returns its state.
+    fn stop_guest<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        req: GuestCall,
+    ) -> BoxFuture<'a, AgentResult<Option<GuestState>>>;
+    /// Destination: checks the shared storage and stores the guest's keys.
+    fn prepare_migration<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        req: PrepareMigration,
+    ) -> BoxFuture<'a, AgentResult<()>>;
+    /// Destination: drops a prepared migration; returns the guest's state
+    /// there (None when it is not there, the expected case).
+    fn abort_migration<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        req: GuestCall,
+    ) -> BoxFuture<'a, AgentResult<Option<GuestState>>>;
+    /// Source: migrates the guest (may take hours); returns its state on
+    /// the destination.
+    fn migrate_guest<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        req: MigrateGuest,
+    ) -> BoxFuture<'a, AgentResult<Option<GuestState>>>;
+    /// What the host holds.
+    fn inventory<'a>(&'a self, host: &'a EnrolledHost) -> BoxFuture<'a, AgentResult<Inventory>>;
+}

@@ -1,0 +1,281 @@
+//! Hosts: registration with a one-time token, enrollment (the CA signs the
+//! host's CSR), revocation, authorisation of callers by certificate hash,
+//! inventory and progress reports, and where migrations to a host go.
+
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+use xdr_wipe::seal::HostPublicKey;
+
+use crate::domain::{Core, now_unix};
+use crate::model::names::{parse_address, parse_libvirt_uri, parse_migration_uri};
+use crate::model::{Caller, CoreError, EnrolledHost, HostInfo, HostState, Name, Progress};
+pub use crate::store::HeldKey;
+use crate::store::{Enrollment, NewHost, Tx};
+
+/// How long an enrollment token stays valid.
+pub const TOKEN_TTL_SECS: i64 = 24 * 3600;
+
+/// Longest progress report kept per host (volumes).
+const MAX_PROGRESS: usize = 4096;
+
+/// One entry of a host's progress report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgressReport {
+    /// The volume.
+    pub volume_id: String,
+    /// e.g. "re-encrypting".
+    pub phase: String,
+    /// Bytes done.
+    pub done_bytes: u64,
+    /// Bytes in all (0: not known).
+    pub total_bytes: u64,
+}
+
+fn hash_token(token: &str) -> Vec<u8> {
+    Sha256::digest(format!("guestkey enrollment token v1:{token}")).to_vec()
+}
+
+fn no_such_host(name: &str) -> CoreError {
+    CoreError::NotFound(format!(
+        "no host named {name:?}: see `guestkeyctl host list`"
+    ))
+}
+
+/// An enrolled host's details for pushing, or why keys may not go to it
+/// (inside the caller's transaction, so the answer holds until it commits).
+pub(crate) fn enrolled_in(tx: &mut dyn Tx, name: &str) -> Result<EnrolledHost, CoreError> {
+    let h = tx.host_record(name)?.ok_or_else(|| no_such_host(name))?;
+    match (h.state, h.sealing_key) {
+        (HostState::Enrolled, Some(k)) => Ok(EnrolledHost {
+            name: h.name,
+            address: h.address,
+            sealing_key: HostPublicKey::from_bytes(&k)
+                .map_err(|e| CoreError::Internal(e.to_string()))?,
+        }),
+        (HostState::PendingEnrollment, _) => Err(CoreError::FailedPrecondition(format!(
+            "host {name} has not enrolled yet: run `guestkeyd enroll` on it with its token"
+        ))),
+        (state, _) => Err(CoreError::FailedPrecondition(format!(
+            "host {name} is {state}: no keys go to it"
+        ))),
+    }
+}
+
+impl Core {
+    /// Who holds the certificate with this SHA-256, if anyone may call.
+    pub fn identify(&self, cert_sha256: &str) -> Result<Option<Caller>, CoreError> {
+        self.read(|tx| {
+            if let Some(name) = tx.admin_by_cert(cert_sha256)? {
+                return Ok(Some(Caller::Admin(name)));
+            }
+            Ok(tx.enrolled_host_by_cert(cert_sha256)?.map(Caller::Host))
+        })
+    }
+
+    /// Registers a host; returns it, a one-time enrollment token and when
+    /// the token expires.
+    pub fn add_host(
+        &self,
+        caller: &Caller,
+        name: &str,
+        address: &str,
+    ) -> Result<(HostInfo, String, i64), CoreError> {
+        let name = Name::parse("host name", name)?;
+        let address = parse_address(address)?;
+        let mut raw = zeroize::Zeroizing::new([0u8; 32]);
+        getrandom::fill(raw.as_mut())
+            .map_err(|_| CoreError::Internal("the OS random number generator failed".into()))?;
+        let token = format!(
+            "gkt_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw.as_ref())
+        );
+        let now = now_unix();
+        let expires = now + TOKEN_TTL_SECS;
+        let host = self.write(|tx| {
+            if tx.host_exists(name.as_str())? {
+                return Err(CoreError::AlreadyExists(format!(
+                    "host {name} already exists: pick another name, or `guestkeyctl host show {name}`"
+                )));
+            }
+            tx.insert_host(&NewHost {
+                name: name.to_string(),
+                address: address.clone(),
+                token_hash: hash_token(&token),
+                token_expires: expires,
+                created: now,
+            })?;
+            self.log(tx,
+                &caller.actor(),
+                "host.added",
+                name.as_str(),
+                &format!("address {address}"),
+            )?;
+            tx.host(name.as_str())?.ok_or_else(|| no_such_host(name.as_str()))
+        })?;
+        Ok((host, token, expires))
+    }
+
+    /// All hosts, by name.
+    pub fn list_hosts(&self) -> Result<Vec<HostInfo>, CoreError> {
+        self.read(|tx| Ok(tx.hosts()?))
+    }
+
+    /// One host.
+    pub fn get_host(&self, name: &str) -> Result<HostInfo, CoreError> {
+        self.read(|tx| tx.host(name)?.ok_or_else(|| no_such_host(name)))
+    }
+
+    /// Revokes a host: its certificate no longer authenticates, no key is
+    /// released to it, and its pending operations stop.
+    pub fn revoke_host(&self, caller: &Caller, name: &str) -> Result<HostInfo, CoreError> {
+        self.write(|tx| {
+            if !tx.revoke_host(name)? {
+                let h = tx.host(name)?.ok_or_else(|| no_such_host(name))?;
+                return Err(CoreError::FailedPrecondition(format!(
+                    "host {} is already revoked",
+                    h.name
+                )));
+            }
+            self.log(tx, &caller.actor(), "host.revoked", name, "")?;
+            tx.host(name)?.ok_or_else(|| no_such_host(name))
+        })
+    }
+
+    /// Enrolls a host with its one-time token: signs its CSR and records its
+    /// certificate and packet-sealing key. Returns the host name and
+    /// certificate (PEM). Every refusal is audited and changes nothing else.
+    pub fn enroll(
+        &self,
+        token: &str,
+        csr_der: &[u8],
+        sealing_key: &[u8],
+    ) -> Result<(String, String), CoreError> {
+        let refuse = |why: String| {
+            self.audit_refusal("unauthenticated", "enrollment", &why);
+            CoreError::Denied(why)
+        };
+        let sealing_key = HostPublicKey::from_bytes(sealing_key)
+            .map_err(|e| refuse(format!("enrollment refused: {e}")))?;
+        let now = now_unix();
+        let token_hash = hash_token(token);
+        let Some(holder) = self.read(|tx| Ok(tx.host_by_token(&token_hash)?))? else {
+            return Err(refuse("enrollment refused: the token is not valid (wrong, or already used): ask the admin for a new one with `guestkeyctl host add`".into()));
+        };
+        let name = holder.name;
+        if holder.state != HostState::PendingEnrollment {
+            return Err(refuse(format!(
+                "enrollment refused: host {name} is {}",
+                holder.state
+            )));
+        }
+        if holder.expires.unwrap_or(0) < now {
+            return Err(refuse(format!(
+                "enrollment refused: the token of host {name} has expired: ask the admin for a new one"
+            )));
+        }
+        let host_part = crate::tls::tls_name(&holder.address).unwrap_or_default();
+        let issued = self
+            .ca
+            .sign_csr(csr_der, &name, vec![host_part, name.clone()])
+            .map_err(|e| refuse(format!("enrollment refused: {e}")))?;
+        let enrolled = self.write(|tx| {
+            let done = tx.complete_enrollment(&Enrollment {
+                name: name.clone(),
+                token_hash: token_hash.clone(),
+                enrolled: now,
+                cert_sha256: issued.sha256.clone(),
+                sealing_key: sealing_key.as_bytes().to_vec(),
+            })?;
+            if done {
+                self.log(
+                    tx,
+                    &format!("host:{name}"),
+                    "host.enrolled",
+                    &name,
+                    &format!("certificate sha256 {}", issued.sha256),
+                )?;
+            }
+            Ok(done)
+        })?;
+        if !enrolled {
+            return Err(refuse(
+                "enrollment refused: the token was used concurrently".into(),
+            ));
+        }
+        Ok((name, issued.cert))
+    }
+
+    /// Records what a host reports holding: volume ids, generations and
+    /// guest UUIDs (never keys). Replaces its previous report.
+    pub fn record_inventory(&self, host: &str, held: &[HeldKey]) -> Result<(), CoreError> {
+        self.write(|tx| Ok(tx.replace_inventory(host, held, now_unix())?))
+    }
+
+    /// Records a host's progress report: replaces what it reported before.
+    /// Only volumes assigned to it count.
+    pub fn record_progress(
+        &self,
+        host: &str,
+        running: Vec<ProgressReport>,
+    ) -> Result<(), CoreError> {
+        let mine: Vec<ProgressReport> = self.read(|tx| {
+            let mut out = vec![];
+            for r in running.into_iter().take(MAX_PROGRESS) {
+                if tx.volume(&r.volume_id)?.is_some_and(|v| v.host == host) {
+                    out.push(r);
+                }
+            }
+            Ok(out)
+        })?;
+        let now = std::time::Instant::now();
+        let mut map = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, p| p.host != host);
+        for r in mine {
+            map.insert(
+                r.volume_id,
+                Progress {
+                    phase: r.phase.chars().take(64).collect(),
+                    done_bytes: r.done_bytes,
+                    total_bytes: r.total_bytes,
+                    host: host.to_owned(),
+                    at: Some(now),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// An enrolled host's details for pushing, or why keys may not go to it.
+    pub fn enrolled_host(&self, name: &str) -> Result<EnrolledHost, CoreError> {
+        self.read(|tx| enrolled_in(tx, name))
+    }
+
+    /// Sets where other hosts' libvirt reaches this host's libvirt, and the
+    /// QEMU migration URI for guests coming to it.
+    pub fn set_host_migration(
+        &self,
+        caller: &Caller,
+        name: &str,
+        libvirt_uri: &str,
+        migration_uri: &str,
+    ) -> Result<HostInfo, CoreError> {
+        let libvirt_uri = if libvirt_uri.is_empty() {
+            String::new()
+        } else {
+            parse_libvirt_uri(libvirt_uri)?
+        };
+        let migration_uri = parse_migration_uri(migration_uri)?;
+        self.write(|tx| {
+            let h = tx.host(name)?.ok_or_else(|| no_such_host(name))?;
+            tx.set_host_migration(&h.name, &libvirt_uri, &migration_uri)?;
+            self.log(
+                tx,
+                &caller.actor(),
+                "host.migration-set",
+                &h.name,
+                &format!("libvirt {libvirt_uri:?}, migration {migration_uri:?}"),
+            )?;
+            tx.host(&h.name)?.ok_or_else(|| no_such_host(&h.name))
+        })
+    }
+}

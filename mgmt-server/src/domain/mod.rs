@@ -1,0 +1,194 @@
+//! The server's domain logic, written against two traits of ours: the
+//! [`Store`] (every read and write, one transaction per mutation together
+//! with its audit record) and the [`AgentClient`] (every call to a host).
+//!
+//! Modules, each depending only on those listed before it:
+//! [`audit`] (the MACed hash chain and signed heads), [`keyring`] (the
+//! master and audit keys held), [`checkpoints`] (signed heads kept outside
+//! the database), [`refusals`] (bounded records of refused calls),
+//! [`release`] (key release: audited first, fail closed; rate limits), [`hosts`]
+//! (enrollment, authorisation, inventory), [`volumes`], [`guests`],
+//! [`rekey`] (rotation and policies), [`push`] and [`guest_push`]
+//! (delivering pending operations), [`convert`] (`volume encrypt`), [`migrate`] and
+//! [`rotate`] (the master key).
+//!
+//! Domain methods are synchronous and may block on the store; async
+//! callers run them on a blocking thread with [`Core::blocking`]. The
+//! async flows here ([`push`], [`convert`], [`migrate`]) do the same for
+//! each store step and await only the host calls in between.
+//!
+//! May import: `model`, `store` (its traits, never an implementation), and
+//! the leaf modules (`ca`, `config`, `domxml`, `masterkey`, `tls`). Never
+//! tonic, prost or rusqlite. Imported by `transport`, `scheduler`, `init`
+//! and the programs.
+
+pub mod agent;
+pub mod audit;
+pub mod checkpoints;
+pub mod convert;
+#[cfg(test)]
+pub(crate) mod fake_agent;
+pub mod guest_push;
+pub mod guests;
+pub mod hosts;
+pub mod keyring;
+pub mod migrate;
+pub mod push;
+pub mod refusals;
+pub mod rekey;
+pub mod release;
+pub mod rotate;
+#[cfg(test)]
+mod tests;
+pub mod volumes;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+pub use agent::{AgentClient, AgentError, AgentErrorKind};
+pub use keyring::KeyRing;
+
+use crate::ca::Ca;
+use crate::config::{Limits, Retry};
+use crate::model::{CoreError, Progress};
+use crate::store::{Access, Store, Tx};
+
+/// What the domain is built from.
+pub struct Parts {
+    /// The database.
+    pub store: Arc<dyn Store>,
+    /// The hosts.
+    pub agents: Arc<dyn AgentClient>,
+    /// The master key.
+    pub keys: KeyRing,
+    /// The certificate authority that signs host certificates.
+    pub ca: Ca,
+    /// SHA-256 (hex) of the server's certificate, which hosts pin.
+    pub server_cert_sha256: String,
+    /// Per-host limits.
+    pub limits: Limits,
+    /// Push retry policy.
+    pub retry: Retry,
+    /// The file audit checkpoints are appended to (None: the log only).
+    pub checkpoints: Option<PathBuf>,
+}
+
+/// The management server's domain: hosts, volumes, guests, rotation and
+/// migration, over a store and the hosts' agents.
+pub struct Core {
+    store: Arc<dyn Store>,
+    agents: Arc<dyn AgentClient>,
+    keys: KeyRing,
+    ca: Ca,
+    server_cert_sha256: String,
+    limits: Limits,
+    retry: Retry,
+    releases: release::ReleaseLimiter,
+    refusals: refusals::Refusals,
+    checkpoints: checkpoints::Checkpoints,
+    /// Hosts' progress on long volume operations, by volume id.
+    progress: Mutex<HashMap<String, Progress>>,
+    /// Guests whose migration this process is driving now.
+    migrating_now: Mutex<HashSet<String>>,
+    /// Woken when an operation is queued for a host.
+    wake: tokio::sync::Notify,
+}
+
+impl Core {
+    /// The domain over `parts`. A database without an audit key gets one
+    /// here; a database behind its newest audit checkpoint is reported in
+    /// the log.
+    pub fn new(parts: Parts) -> Result<Self, CoreError> {
+        parts.keys.ensure_audit_key(parts.store.as_ref())?;
+        let core = Self {
+            releases: release::ReleaseLimiter::new(parts.limits.key_releases_per_minute),
+            refusals: refusals::Refusals::new(),
+            checkpoints: checkpoints::Checkpoints::new(parts.checkpoints),
+            store: parts.store,
+            agents: parts.agents,
+            keys: parts.keys,
+            ca: parts.ca,
+            server_cert_sha256: parts.server_cert_sha256,
+            limits: parts.limits,
+            retry: parts.retry,
+            progress: Mutex::new(HashMap::new()),
+            migrating_now: Mutex::new(HashSet::new()),
+            wake: tokio::sync::Notify::new(),
+        };
+        core.check_newest_checkpoint()?;
+        Ok(core)
+    }
+
+    /// The CA certificate in PEM.
+    pub fn ca_cert_pem(&self) -> &str {
+        self.ca.cert_pem()
+    }
+
+    /// SHA-256 (hex) of the server's certificate, which host daemons pin.
+    pub fn server_cert_sha256(&self) -> &str {
+        &self.server_cert_sha256
+    }
+
+    /// Notified whenever an operation is queued for a host.
+    pub fn queued(&self) -> &tokio::sync::Notify {
+        &self.wake
+    }
+
+    /// Runs `f` in a read transaction.
+    pub(crate) fn read<T>(
+        &self,
+        f: impl FnOnce(&mut dyn Tx) -> Result<T, CoreError>,
+    ) -> Result<T, CoreError> {
+        let mut tx = self.store.begin(Access::Read)?;
+        f(&mut *tx)
+    }
+
+    /// Runs `f` in a write transaction and commits it if `f` succeeds (a
+    /// failure rolls everything back, audit records included).
+    pub(crate) fn write<T>(
+        &self,
+        f: impl FnOnce(&mut dyn Tx) -> Result<T, CoreError>,
+    ) -> Result<T, CoreError> {
+        let mut tx = self.store.begin(Access::Write)?;
+        let out = f(&mut *tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Runs blocking domain code (the store) on a thread meant for it, off
+    /// the async runtime's workers.
+    pub async fn blocking<T, F>(self: &Arc<Self>, f: F) -> Result<T, CoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Core) -> Result<T, CoreError> + Send + 'static,
+    {
+        let core = self.clone();
+        tokio::task::spawn_blocking(move || f(&core))
+            .await
+            .map_err(|e| CoreError::Internal(format!("a blocking task failed: {e}")))?
+    }
+
+    /// Delay before the next attempt after `attempts` failures: doubling
+    /// from `retry.initial_delay_ms` up to `retry.max_delay_ms`.
+    pub(crate) fn retry_delay_ms(&self, attempts: u32) -> u64 {
+        self.retry
+            .initial_delay_ms
+            .saturating_mul(1u64 << attempts.min(20))
+            .min(self.retry.max_delay_ms)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

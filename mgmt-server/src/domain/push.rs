@@ -1,0 +1,508 @@
+//! Delivering pending operations to hosts: the pusher's logic (its loop is
+//! `crate::scheduler`).
+//!
+//! Volumes go in batches: one transaction releases a batch's keys (each
+//! audited first, fail closed), the pushes run concurrently, and one
+//! transaction records the outcomes. Guests go one at a time. Operation
+//! ids make a repeated delivery harmless. A rekey the host declines drops
+//! the new generation.
+//!
+//! Failures are retried with exponential backoff, within bounds: nothing
+//! is released for a host that cannot be reached (the pusher connects
+//! first; such attempts do not count), and an operation that fails
+//! `retry.max_attempts` times after the pusher connected (the host
+//! answered with an error or stopped answering) or that the server could
+//! not prepare (other than the release rate limit) is given up: the volume becomes `failed` (the
+//! guest's operation is dropped; a definition that never succeeded makes
+//! the guest `failed`), with the reason, and nothing more is released for
+//! it until the admin asks again.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use xdr_wipe::packet::KeyPacket;
+
+use crate::domain::agent::{
+    AgentError, AgentErrorKind, CreateVolume, DecryptVolume, DeleteVolume, Rekey, SealedKey,
+    VolumeOnHost,
+};
+use crate::domain::hosts::enrolled_in;
+use crate::domain::release::seal_for;
+use crate::domain::{Core, guests, now_unix_ms};
+use crate::model::{
+    Caller, CoreError, EnrolledHost, RekeyKind, RekeyOrder, VolumeInfo, VolumeState,
+};
+use crate::store::Tx;
+
+/// Volume operations released and pushed together.
+const BATCH: u32 = 256;
+
+/// What the pusher must deliver for one pending volume, its keys released
+/// (and audited) for the host. Packets are wiped on drop.
+pub(crate) enum PushOp {
+    /// Create the volume, or encrypt the existing cleartext one.
+    Create {
+        host: EnrolledHost,
+        packet: KeyPacket,
+        encrypt_existing: bool,
+    },
+    /// Turn the volume back into cleartext.
+    Decrypt {
+        host: EnrolledHost,
+        packet: KeyPacket,
+    },
+    /// Replace the volume's key; the host may not hold the current one.
+    Rekey {
+        host: EnrolledHost,
+        old: Box<KeyPacket>,
+        new: Box<KeyPacket>,
+        order: RekeyOrder,
+    },
+    /// Delete the volume and the host's copy of its key.
+    Delete { host: EnrolledHost },
+}
+
+/// How a push failed, for the retry rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailureKind {
+    /// The host could not be reached: retried without limit.
+    Unreachable,
+    /// The server held it back for now (the release rate limit).
+    HeldBack,
+    /// The host declined the request as it stands.
+    Declined,
+    /// Anything else: counts towards giving up.
+    Lasting,
+}
+
+/// A push that did not go through.
+#[derive(Debug, Clone)]
+pub(crate) struct PushFailure {
+    /// How.
+    pub(crate) kind: FailureKind,
+    /// What, for the operator.
+    pub(crate) message: String,
+}
+
+impl From<AgentError> for PushFailure {
+    /// A host that could not be reached before anything was sent to it.
+    fn from(e: AgentError) -> Self {
+        let kind = match e.kind {
+            AgentErrorKind::Unreachable => FailureKind::Unreachable,
+            AgentErrorKind::Declined => FailureKind::Declined,
+            AgentErrorKind::Refused | AgentErrorKind::Failed => FailureKind::Lasting,
+        };
+        Self {
+            kind,
+            message: e.message,
+        }
+    }
+}
+
+impl PushFailure {
+    /// A call that failed after the pusher had connected (and released
+    /// what it sends): it counts towards giving up even if the host stopped
+    /// answering meanwhile, so that keys are released a bounded number of
+    /// times for an operation that never succeeds.
+    pub(crate) fn after_connect(e: AgentError) -> Self {
+        let mut f = Self::from(e);
+        if f.kind == FailureKind::Unreachable {
+            f.kind = FailureKind::Lasting;
+        }
+        f
+    }
+}
+
+/// Why the server could not prepare a push.
+pub(crate) fn held(e: &CoreError) -> PushFailure {
+    let kind = match e {
+        CoreError::Exhausted(_) => FailureKind::HeldBack,
+        _ => FailureKind::Lasting,
+    };
+    PushFailure {
+        kind,
+        message: e.to_string(),
+    }
+}
+
+/// What a host answered to a volume push.
+pub(crate) type PushOutcome = Result<VolumeOnHost, PushFailure>;
+
+/// Seals a packet for the wire; a failure is the server's, described.
+fn sealed(packet: &KeyPacket, host: &EnrolledHost) -> Result<SealedKey, AgentError> {
+    seal_for(packet, host).map_err(|e| {
+        AgentError::new(
+            AgentErrorKind::Failed,
+            format!("cannot seal a key to host {}: {e}", host.name),
+        )
+    })
+}
+
+impl Core {
+    /// Volumes whose pending operation is due.
+    pub fn due_volumes(&self, limit: u32) -> Result<Vec<VolumeInfo>, CoreError> {
+        self.read(|tx| Ok(tx.due_volumes(now_unix_ms(), limit)?))
+    }
+
+    /// Prepares the pushes of pending volumes, in one transaction. A
+    /// release's audit record is written first in the transaction, and if
+    /// it cannot commit no packet leaves this function (fail closed). Each
+    /// volume gets its own outcome.
+    pub(crate) fn prepare_pushes(
+        &self,
+        volumes: &[VolumeInfo],
+    ) -> Result<Vec<Result<PushOp, CoreError>>, CoreError> {
+        self.write(|tx| Ok(volumes.iter().map(|v| self.prepare_one(tx, v)).collect()))
+    }
+
+    fn prepare_one(&self, tx: &mut dyn Tx, v: &VolumeInfo) -> Result<PushOp, CoreError> {
+        let host = enrolled_in(tx, &v.host)?;
+        match v.state {
+            VolumeState::PendingDelete => Ok(PushOp::Delete { host }),
+            VolumeState::Rekeying => {
+                let order = v.rekey.ok_or_else(|| {
+                    CoreError::Internal(format!("volume {} is rekeying without an order", v.id))
+                })?;
+                self.take_releases(&host.name, 2)?;
+                let g = v.key_generation;
+                let why = " for a rekey";
+                let old = self.release(tx, &v.id, v.format, g, &host, why)?;
+                let new = self.release(tx, &v.id, v.format, g + 1, &host, why)?;
+                Ok(PushOp::Rekey {
+                    host,
+                    old: Box::new(old),
+                    new: Box::new(new),
+                    order,
+                })
+            }
+            VolumeState::PendingDecrypt => {
+                self.take_releases(&host.name, 1)?;
+                let why = " to decrypt the volume";
+                let packet = self.release(tx, &v.id, v.format, v.key_generation, &host, why)?;
+                Ok(PushOp::Decrypt { host, packet })
+            }
+            state => {
+                self.take_releases(&host.name, 1)?;
+                let encrypt_existing =
+                    matches!(state, VolumeState::PendingEncrypt | VolumeState::Encrypting);
+                let why = if encrypt_existing {
+                    " to encrypt the existing volume"
+                } else {
+                    ""
+                };
+                let packet = self.release(tx, &v.id, v.format, v.key_generation, &host, why)?;
+                Ok(PushOp::Create {
+                    host,
+                    packet,
+                    encrypt_existing,
+                })
+            }
+        }
+    }
+
+    /// Delivers one prepared volume operation. Sealing (X25519) runs here,
+    /// concurrently across pushes, after the release was committed.
+    /// `wait_long`: the caller waits for an encryption's whole copy (the
+    /// admin's `volume encrypt`), not the pusher's minute.
+    pub(crate) async fn deliver(
+        &self,
+        v: &VolumeInfo,
+        op: PushOp,
+        wait_long: bool,
+    ) -> Result<VolumeOnHost, AgentError> {
+        let agents = &self.agents;
+        match op {
+            PushOp::Create {
+                host,
+                packet,
+                encrypt_existing,
+            } => {
+                let key = sealed(&packet, &host)?;
+                drop(packet);
+                let req = CreateVolume {
+                    op_id: format!("{}:create:{}", v.id, v.key_generation),
+                    volume_id: v.id.clone(),
+                    pool: v.pool.clone(),
+                    name: v.name.clone(),
+                    capacity_bytes: v.capacity_bytes,
+                    format: v.format,
+                    secret_uuid: v.secret_uuid.clone(),
+                    key,
+                    encrypt_existing,
+                    wait_long,
+                };
+                agents.create_volume(&host, req).await
+            }
+            PushOp::Decrypt { host, packet } => {
+                let key = sealed(&packet, &host)?;
+                drop(packet);
+                let req = DecryptVolume {
+                    op_id: format!("{}:decrypt", v.id),
+                    volume_id: v.id.clone(),
+                    key,
+                };
+                agents.decrypt_volume(&host, req).await?;
+                Ok(gone())
+            }
+            PushOp::Rekey {
+                host,
+                old,
+                new,
+                order,
+            } => {
+                let old_key = sealed(&old, &host)?;
+                let new_key = sealed(&new, &host)?;
+                drop((old, new));
+                let req = Rekey {
+                    op_id: format!("{}:rekey:{}", v.id, v.key_generation + 1),
+                    volume_id: v.id.clone(),
+                    from_generation: v.key_generation,
+                    kind: order.kind,
+                    old_key,
+                    new_key,
+                    new_secret_uuid: v.secret_uuid.clone(),
+                    placement: order.placement,
+                    bandwidth: order.bandwidth,
+                };
+                agents.rekey(&host, req).await?;
+                Ok(gone())
+            }
+            PushOp::Delete { host } => {
+                let req = DeleteVolume {
+                    op_id: format!("{}:delete", v.id),
+                    volume_id: v.id.clone(),
+                    pool: v.pool.clone(),
+                    name: v.name.clone(),
+                };
+                agents.delete_volume(&host, req).await?;
+                Ok(gone())
+            }
+        }
+    }
+
+    /// Delivers the due volume operations (one batch); returns how many
+    /// were tried.
+    pub async fn push_volumes(self: &Arc<Self>) -> Result<usize, CoreError> {
+        let due = self.blocking(|c| c.due_volumes(BATCH)).await?;
+        if due.is_empty() {
+            return Ok(0);
+        }
+        // Their hosts, and which of them answer: nothing is released for a
+        // host that is revoked or cannot be reached.
+        let names: BTreeSet<String> = due.iter().map(|v| v.host.clone()).collect();
+        let hosts: HashMap<String, Result<EnrolledHost, PushFailure>> = self
+            .blocking(move |c| {
+                Ok(names
+                    .into_iter()
+                    .map(|n| {
+                        let h = c.enrolled_host(&n).map_err(|e| held(&e));
+                        (n, h)
+                    })
+                    .collect())
+            })
+            .await?;
+        let mut reachable: HashMap<String, Result<(), PushFailure>> = HashMap::new();
+        for (name, host) in &hosts {
+            let r = match host {
+                Ok(h) => self.agents.connect(h).await.map_err(PushFailure::from),
+                Err(e) => Err(e.clone()),
+            };
+            reachable.insert(name.clone(), r);
+        }
+        let mut outcomes: Vec<(VolumeInfo, PushOutcome)> = Vec::with_capacity(due.len());
+        let mut ready = Vec::with_capacity(due.len());
+        for v in due {
+            match reachable.get(&v.host) {
+                Some(Ok(())) => ready.push(v),
+                Some(Err(e)) => outcomes.push((v, Err(e.clone()))),
+                None => {}
+            }
+        }
+        let batch = ready.clone();
+        let prepared = self.blocking(move |c| c.prepare_pushes(&batch)).await?;
+        let mut running = tokio::task::JoinSet::new();
+        for (v, op) in ready.into_iter().zip(prepared) {
+            match op {
+                Ok(op) => {
+                    let core = self.clone();
+                    running.spawn(async move {
+                        let r = core
+                            .deliver(&v, op, false)
+                            .await
+                            .map_err(PushFailure::after_connect);
+                        (v, r)
+                    });
+                }
+                Err(e) => outcomes.push((v, Err(held(&e)))),
+            }
+        }
+        while let Some(done) = running.join_next().await {
+            match done {
+                Ok(o) => outcomes.push(o),
+                Err(e) => tracing::error!(error = %e, "a push task failed"),
+            }
+        }
+        for (v, r) in &outcomes {
+            if let Err(e) = r {
+                tracing::warn!(volume = %v.id, host = %v.host, error = %e.message, kind = ?e.kind, "push failed");
+            }
+        }
+        let n = outcomes.len();
+        self.blocking(move |c| c.record_pushes(&outcomes)).await?;
+        Ok(n)
+    }
+
+    /// Records the outcomes of pushes, in one transaction: on success what
+    /// the host did, on failure the error (retried with backoff, or given
+    /// up after `retry.max_attempts` lasting failures).
+    pub(crate) fn record_pushes(
+        &self,
+        outcomes: &[(VolumeInfo, PushOutcome)],
+    ) -> Result<(), CoreError> {
+        self.write(|tx| {
+            for (v, outcome) in outcomes {
+                let Err(e) = outcome else {
+                    if let Ok(done) = outcome {
+                        self.record_done(tx, v, done)?;
+                    }
+                    continue;
+                };
+                let next = now_unix_ms() + self.retry_delay_ms(v.attempts) as i64;
+                match e.kind {
+                    FailureKind::Declined if v.state == VolumeState::Rekeying => {
+                        self.record_declined_rekey(tx, v, &e.message)?;
+                    }
+                    FailureKind::Unreachable | FailureKind::HeldBack => {
+                        tx.volume_attempt_failed(&v.id, &e.message, next, false)?;
+                    }
+                    FailureKind::Declined | FailureKind::Lasting => {
+                        let failures = v.failures + 1;
+                        match v.state.pending_op() {
+                            Some(op) if failures >= self.retry.max_attempts => {
+                                let why = format!(
+                                    "{op} gave up after {failures} failed attempts: {}",
+                                    e.message
+                                );
+                                tx.volume_attempt_failed(&v.id, &e.message, next, true)?;
+                                tx.fail_volume(&v.id, op, &why)?;
+                                self.log(
+                                    tx,
+                                    "server",
+                                    "volume.failed",
+                                    &v.id,
+                                    &format!("volume {} on host {}: {why}", v.name, v.host),
+                                )?;
+                            }
+                            _ => tx.volume_attempt_failed(&v.id, &e.message, next, true)?,
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Queues again the operation a `failed` volume gave up.
+    pub fn retry_volume(&self, caller: &Caller, name_or_id: &str) -> Result<VolumeInfo, CoreError> {
+        let v = self.get_volume(name_or_id)?;
+        let Some(op) = v.failed_op.filter(|_| v.state == VolumeState::Failed) else {
+            return Err(CoreError::FailedPrecondition(format!(
+                "volume {} is {}: only a failed volume is retried",
+                v.name, v.state
+            )));
+        };
+        let v = self.write(|tx| {
+            // Retrying releases its key to its host again: not a revoked one.
+            enrolled_in(tx, &v.host)?;
+            tx.queue_volume_op(&v.id, op.pending_state())?;
+            self.log(
+                tx,
+                &caller.actor(),
+                "volume.retry-requested",
+                &v.id,
+                &format!("volume {}: {op} again", v.name),
+            )?;
+            crate::domain::volumes::find_in(tx, &v.id)
+        })?;
+        self.wake.notify_one();
+        Ok(v)
+    }
+}
+
+/// What a host returns for an operation that leaves no volume to report.
+fn gone() -> VolumeOnHost {
+    VolumeOnHost {
+        path: String::new(),
+        capacity_bytes: 0,
+    }
+}
+
+impl Core {
+    /// The host did what was asked of volume `v`.
+    pub(crate) fn record_done(
+        &self,
+        tx: &mut dyn Tx,
+        v: &VolumeInfo,
+        done: &VolumeOnHost,
+    ) -> Result<(), CoreError> {
+        match v.state {
+            VolumeState::PendingDelete => {
+                let why = format!("deleted on host {}", v.host);
+                self.retire(tx, v, VolumeState::Deleted, "", &why)
+            }
+            VolumeState::Rekeying => {
+                let old = v.key_generation;
+                let deep = v.rekey.is_some_and(|o| o.kind == RekeyKind::Deep);
+                tx.volume_rekeyed(&v.id, old + 1, deep)?;
+                tx.delete_volume_key(&v.id, old)?;
+                let detail = format!("volume {} generation {old} -> {}", v.name, old + 1);
+                self.log(tx, "server", "key.rotated", &v.id, &detail)?;
+                let detail = format!("volume {} generation {old}", v.name);
+                self.log(tx, "server", "key.destroyed", &v.id, &detail)?;
+                Ok(())
+            }
+            VolumeState::PendingDecrypt => {
+                let detail = format!("volume {} on host {} is cleartext now", v.name, v.host);
+                self.log(tx, "server", "volume.decrypted", &v.id, &detail)?;
+                self.retire(tx, v, VolumeState::Decrypted, "", "decrypted")
+            }
+            VolumeState::PendingEncrypt | VolumeState::Encrypting => {
+                tx.volume_made(&v.id, &done.path, Some(done.capacity_bytes))?;
+                let detail = format!(
+                    "volume {} on host {} encrypted from cleartext",
+                    v.name, v.host
+                );
+                self.log(tx, "server", "volume.encrypted", &v.id, &detail)?;
+                for g in guests::adopt_volume(tx, v, &done.path)? {
+                    let detail = format!("its disk on volume {} is encrypted now", v.name);
+                    self.log(tx, "server", "guest.define-requested", &g, &detail)?;
+                }
+                Ok(())
+            }
+            _ => {
+                tx.volume_made(&v.id, &done.path, None)?;
+                let detail = format!("volume {} created on host {}", v.name, v.host);
+                self.log(tx, "server", "key.pushed", &v.id, &detail)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The host declined a rekey as asked: the new generation goes, the old one
+    /// stays active, and the volume is ready again with the reason.
+    fn record_declined_rekey(
+        &self,
+        tx: &mut dyn Tx,
+        v: &VolumeInfo,
+        why: &str,
+    ) -> Result<(), CoreError> {
+        let unused = v.key_generation + 1;
+        tx.delete_volume_key(&v.id, unused)?;
+        tx.rekey_dropped(&v.id, why)?;
+        let detail = format!("volume {}: {why}", v.name);
+        self.log(tx, "server", "volume.rekey-refused", &v.id, &detail)?;
+        let detail = format!("volume {} unused generation {unused}", v.name);
+        self.log(tx, "server", "key.destroyed", &v.id, &detail)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,220 @@
+//! What the admin sees of hosts, volumes, guests, policies and the audit
+//! log, and who is calling. None of these holds key material.
+
+use xdr_wipe::seal::HostPublicKey;
+
+use crate::model::states::{
+    GuestOp, GuestState, HostState, PolicyScope, RekeyKind, RekeyPlacement, VolumeFormat, VolumeOp,
+    VolumeState,
+};
+
+/// A host as the admin sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostInfo {
+    /// Name.
+    pub name: String,
+    /// Host-agent address.
+    pub address: String,
+    /// Where it is in its life.
+    pub state: HostState,
+    /// Registered at (Unix seconds).
+    pub created_unix: i64,
+    /// Enrolled at (0 before).
+    pub enrolled_unix: i64,
+    /// SHA-256 of its certificate, hex (empty before enrollment).
+    pub certificate_sha256: String,
+    /// Volumes assigned to it.
+    pub volume_count: u32,
+    /// Keys it last reported holding.
+    pub held_keys: u32,
+    /// When it last reported (0: never).
+    pub inventory_reported_unix: i64,
+    /// libvirt URI for migrations to it ("" for the default).
+    pub libvirt_uri: String,
+    /// QEMU migration URI for guests coming to it ("": libvirt's choice).
+    pub migration_uri: String,
+}
+
+/// A host allowed to receive keys.
+#[derive(Debug, Clone)]
+pub struct EnrolledHost {
+    /// Name.
+    pub name: String,
+    /// Host-agent address.
+    pub address: String,
+    /// Packet-sealing public key.
+    pub sealing_key: HostPublicKey,
+}
+
+/// A pending rekey as the admin asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RekeyOrder {
+    /// Shallow or deep.
+    pub kind: RekeyKind,
+    /// Tied to the guest running, or not.
+    pub placement: RekeyPlacement,
+    /// Bytes per second at most (0: no limit).
+    pub bandwidth: u64,
+}
+
+/// A volume as the admin sees it. Holds no key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// UUID.
+    pub id: String,
+    /// Name, unique among live volumes.
+    pub name: String,
+    /// Host it lives on.
+    pub host: String,
+    /// libvirt storage pool on that host.
+    pub pool: String,
+    /// Container format.
+    pub format: VolumeFormat,
+    /// Size in bytes.
+    pub capacity_bytes: u64,
+    /// Current key generation.
+    pub key_generation: u64,
+    /// Where it is in its life.
+    pub state: VolumeState,
+    /// Last error of a pending operation.
+    pub last_error: String,
+    /// Push attempts of the pending operation.
+    pub attempts: u32,
+    /// Of those, attempts the host answered with an error (or the server
+    /// could not prepare): the ones that count towards giving up.
+    pub failures: u32,
+    /// The operation given up, while the state is `failed`.
+    pub failed_op: Option<VolumeOp>,
+    /// libvirt secret UUID for this volume's key on the host.
+    pub secret_uuid: String,
+    /// Created at (Unix seconds).
+    pub created_unix: i64,
+    /// A deep rekey is due at this time (after a migration), 0 if none.
+    pub rekey_due_unix: i64,
+    /// Where the host keeps it ("" until the host reported it).
+    pub path: String,
+    /// The rekey asked for, while the state is `rekeying` (or `failed`
+    /// with a rekey given up).
+    pub rekey: Option<RekeyOrder>,
+    /// The host's progress on the pending operation, while it runs.
+    pub progress: Option<Progress>,
+}
+
+/// A host's progress on a long volume operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// e.g. "re-encrypting".
+    pub phase: String,
+    /// Bytes done.
+    pub done_bytes: u64,
+    /// Bytes in all (0: not known).
+    pub total_bytes: u64,
+    /// Reporting host.
+    pub host: String,
+    /// When reported.
+    pub at: Option<std::time::Instant>,
+}
+
+/// A guest as the admin sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestInfo {
+    /// libvirt domain UUID.
+    pub uuid: String,
+    /// libvirt domain name.
+    pub name: String,
+    /// Host.
+    pub host: String,
+    /// Last known state.
+    pub state: GuestState,
+    /// Operation waiting for the host.
+    pub pending: Option<GuestOp>,
+    /// Last error of the pending operation.
+    pub last_error: String,
+    /// Attempts of the pending operation.
+    pub attempts: u32,
+    /// Of those, attempts that count towards giving up (see
+    /// [`VolumeInfo::failures`]).
+    pub failures: u32,
+    /// Managed volumes it uses, by name.
+    pub volumes: Vec<String>,
+    /// Domain XML as sent to the host.
+    pub domain_xml: String,
+    /// Host it is migrating to, while it does.
+    pub migrating_to: Option<String>,
+}
+
+/// A rotation policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// What it names.
+    pub scope: PolicyScope,
+    /// Pool name, or volume (name or UUID as given; UUID once stored).
+    pub target: String,
+    /// Maximum key age.
+    pub max_key_age_secs: u64,
+    /// Shallow or deep.
+    pub mode: RekeyKind,
+    /// Deep rekey this long after a migration (0: at once).
+    pub after_migration_secs: u64,
+}
+
+/// The caller of an API, as identified by its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The admin credential.
+    Admin(String),
+    /// An enrolled, non-revoked host.
+    Host(String),
+    /// The server's own rotation scheduler.
+    Scheduler,
+}
+
+impl Caller {
+    /// `admin:NAME`, `host:NAME` or `server:scheduler`, for the audit log.
+    pub fn actor(&self) -> String {
+        match self {
+            Self::Admin(n) => format!("admin:{n}"),
+            Self::Host(n) => format!("host:{n}"),
+            Self::Scheduler => "server:scheduler".to_owned(),
+        }
+    }
+}
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// Sequence number, from 1, without gaps.
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: i64,
+    /// Who: `admin:<name>`, `host:<name>`, `server`, or `unauthenticated`.
+    pub actor: String,
+    /// What, e.g. `key.created`, `key.released`, `host.enrolled`, `refused`.
+    pub action: String,
+    /// On what: a volume id, a host name.
+    pub subject: String,
+    /// Free text; never key material.
+    pub detail: String,
+    /// Hash of the previous record.
+    pub prev_hash: String,
+    /// This record's hash.
+    pub hash: String,
+    /// HMAC of its seq and hash under the audit key (hex; "" for records
+    /// written before MACs existed).
+    pub mac: String,
+}
+
+/// Outcome of a chain verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    /// Whether the whole chain verified.
+    pub ok: bool,
+    /// Records checked.
+    pub records: u64,
+    /// First bad record (0 when ok).
+    pub first_bad_seq: u64,
+    /// What is wrong (empty when ok).
+    pub problem: String,
+    /// Signed heads checked against the log (checkpoints and a kept head).
+    pub checkpoints: u64,
+}

@@ -1,0 +1,25 @@
+//! The server's vocabulary: validated names and inputs ([`names`]), the
+//! typed states of volumes, hosts and guests ([`states`]), what the admin
+//! sees ([`info`]) and the errors ([`error`]).
+//!
+//! May import: nothing of this crate but the leaf modules `ca` and
+//! `masterkey` (for their error types). Imported by every other layer:
+//! `store`, `domain`, `transport`, `scheduler` and the programs. The layers
+//! above depend downwards only: model <- store <- domain <- transport,
+//! scheduler <- the programs in `src/bin/`.
+
+pub mod error;
+pub mod info;
+pub mod names;
+pub mod states;
+
+pub use error::{CoreError, StoreError};
+pub use info::{
+    AuditRecord, Caller, EnrolledHost, GuestInfo, HostInfo, Policy, Progress, RekeyOrder,
+    Verification, VolumeInfo,
+};
+pub use names::{InvalidInput, Name};
+pub use states::{
+    GuestOp, GuestState, HostState, PolicyScope, RekeyKind, RekeyPlacement, VolumeFormat, VolumeOp,
+    VolumeState,
+};

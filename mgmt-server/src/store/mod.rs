@@ -1,0 +1,428 @@
+//! The store: every SQL statement of the server, behind traits of ours.
+//!
+//! [`Store`] hands out transactions ([`Tx`]); a transaction's methods are
+//! grouped by what they touch ([`MetaStore`], [`AuditStore`],
+//! [`HostStore`], [`VolumeStore`], [`GuestStore`], [`PolicyStore`],
+//! [`MigrationStore`]). Domain code begins a transaction, calls these
+//! methods, appends its audit record and commits: one mutation, one
+//! transaction. Dropping a transaction without committing rolls it back.
+//!
+//! The traits are synchronous, and a write transaction is exclusive (SQLite:
+//! `BEGIN IMMEDIATE`; a PostgreSQL backend takes a transaction-scoped
+//! advisory lock at begin), so domain code never sees a serialisation
+//! failure and never needs a retry loop. Callers on an async runtime run
+//! domain code on a blocking thread (see `domain::Core::blocking`); because
+//! the code inside a transaction cannot `.await`, no transaction is ever
+//! held open across a call to a host. `docs/server.md` says why this shape
+//! was chosen over an async store.
+//!
+//! Implementations: [`sqlite::SqliteStore`] (file or `:memory:` for tests),
+//! with the schema and its migrations in [`sqlite::schema`].
+//!
+//! May import: `model` only (and its database crate, inside the
+//! implementation's folder). Imported by `domain`, `init` and the programs;
+//! `transport` and `scheduler` reach it only through `domain`.
+
+pub mod sqlite;
+
+use crate::model::{
+    AuditRecord, GuestInfo, GuestOp, GuestState, HostInfo, HostState, Policy, PolicyScope,
+    RekeyKind, RekeyOrder, StoreError, VolumeFormat, VolumeInfo, VolumeOp, VolumeState,
+};
+
+/// What a transaction is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Reads only (may run beside other readers).
+    Read,
+    /// Reads and writes; exclusive until commit or rollback.
+    Write,
+}
+
+/// A database of the server.
+pub trait Store: Send + Sync {
+    /// Begins a transaction.
+    fn begin(&self, access: Access) -> Result<Box<dyn Tx + '_>>;
+}
+
+/// One transaction: everything the domain may read or change.
+pub trait Tx:
+    MetaStore + AuditStore + HostStore + VolumeStore + GuestStore + PolicyStore + MigrationStore
+{
+    /// Makes the transaction's changes durable. Without it they are rolled
+    /// back when the transaction is dropped.
+    fn commit(self: Box<Self>) -> Result<()>;
+}
+
+/// Result of store calls.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A volume key as stored: ciphertext under the master key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrappedKey {
+    /// Id of the master key it is wrapped under.
+    pub master_key_id: String,
+    /// nonce || ciphertext || tag.
+    pub wrapped: Vec<u8>,
+}
+
+/// Server-wide values and the admin credential.
+pub trait MetaStore {
+    /// Id of the master key every stored key is wrapped under.
+    fn master_key_id(&mut self) -> Result<Option<String>>;
+    /// Records a new master key id (a rotation, or init).
+    fn set_master_key_id(&mut self, id: &str) -> Result<()>;
+    /// Name of the admin whose certificate has this SHA-256.
+    fn admin_by_cert(&mut self, cert_sha256: &str) -> Result<Option<String>>;
+    /// Records the admin credential.
+    fn insert_admin(&mut self, cert_sha256: &str, name: &str, created: i64) -> Result<()>;
+}
+
+/// The audit log's rows (the chain logic is `domain::audit`).
+pub trait AuditStore {
+    /// The newest record's (seq, hash) as kept beside the log.
+    fn audit_head(&mut self) -> Result<Option<(u64, String)>>;
+    /// Appends a record and moves the head to it.
+    fn append_audit(&mut self, record: &AuditRecord) -> Result<()>;
+    /// Records after `after_seq`, oldest first, at most `limit`.
+    fn list_audit(&mut self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>>;
+    /// One record.
+    fn audit_record(&mut self, seq: u64) -> Result<Option<AuditRecord>>;
+    /// The audit key, wrapped under the master key.
+    fn audit_key(&mut self) -> Result<Option<WrappedKey>>;
+    /// Stores (or, re-wrapped, replaces) the audit key.
+    fn put_audit_key(&mut self, key: &WrappedKey, created: i64) -> Result<()>;
+}
+
+/// A host registered for enrollment.
+#[derive(Debug, Clone)]
+pub struct NewHost {
+    /// Name.
+    pub name: String,
+    /// Host-agent address.
+    pub address: String,
+    /// Hash of its one-time token.
+    pub token_hash: Vec<u8>,
+    /// Token valid until (Unix seconds).
+    pub token_expires: i64,
+    /// Now.
+    pub created: i64,
+}
+
+/// What the server needs of a host to talk to it.
+#[derive(Debug, Clone)]
+pub struct HostRecord {
+    /// Name.
+    pub name: String,
+    /// Host-agent address.
+    pub address: String,
+    /// Where it is in its life.
+    pub state: HostState,
+    /// Packet-sealing public key (after enrollment).
+    pub sealing_key: Option<Vec<u8>>,
+    /// libvirt URI for migrations to it ("" for the default).
+    pub libvirt_uri: String,
+    /// QEMU migration URI ("" for libvirt's choice).
+    pub migration_uri: String,
+}
+
+/// The host an enrollment token belongs to.
+#[derive(Debug, Clone)]
+pub struct TokenHolder {
+    /// Name.
+    pub name: String,
+    /// Host-agent address.
+    pub address: String,
+    /// Where it is in its life.
+    pub state: HostState,
+    /// Token valid until (Unix seconds).
+    pub expires: Option<i64>,
+}
+
+/// A completed enrollment.
+#[derive(Debug, Clone)]
+pub struct Enrollment {
+    /// Host name.
+    pub name: String,
+    /// Hash of the token it presented (checked again in the update).
+    pub token_hash: Vec<u8>,
+    /// Now.
+    pub enrolled: i64,
+    /// SHA-256 of the certificate signed for it.
+    pub cert_sha256: String,
+    /// Its packet-sealing public key.
+    pub sealing_key: Vec<u8>,
+}
+
+/// One key a host reported holding (ids only, never keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldKey {
+    /// Volume id.
+    pub volume_id: String,
+    /// Generation.
+    pub generation: u64,
+    /// Guest it is held for.
+    pub guest_uuid: String,
+}
+
+/// Hosts and enrollment.
+pub trait HostStore {
+    /// Whether a host of this name exists (in any state).
+    fn host_exists(&mut self, name: &str) -> Result<bool>;
+    /// Registers a host.
+    fn insert_host(&mut self, host: &NewHost) -> Result<()>;
+    /// All hosts, by name.
+    fn hosts(&mut self) -> Result<Vec<HostInfo>>;
+    /// One host.
+    fn host(&mut self, name: &str) -> Result<Option<HostInfo>>;
+    /// What is needed to talk to a host.
+    fn host_record(&mut self, name: &str) -> Result<Option<HostRecord>>;
+    /// The enrolled host whose certificate has this SHA-256.
+    fn enrolled_host_by_cert(&mut self, cert_sha256: &str) -> Result<Option<String>>;
+    /// Revokes a host; false if it was revoked already (or is unknown).
+    fn revoke_host(&mut self, name: &str) -> Result<bool>;
+    /// The host whose pending token has this hash.
+    fn host_by_token(&mut self, token_hash: &[u8]) -> Result<Option<TokenHolder>>;
+    /// Records an enrollment if the host is still pending with that token;
+    /// false if not (a concurrent enrollment won).
+    fn complete_enrollment(&mut self, e: &Enrollment) -> Result<bool>;
+    /// Replaces what a host reported holding.
+    fn replace_inventory(&mut self, host: &str, held: &[HeldKey], now: i64) -> Result<()>;
+    /// Sets where migrations to a host go.
+    fn set_host_migration(
+        &mut self,
+        name: &str,
+        libvirt_uri: &str,
+        migration_uri: &str,
+    ) -> Result<()>;
+}
+
+/// A volume record to insert, with generation 1.
+#[derive(Debug, Clone)]
+pub struct NewVolume {
+    /// UUID.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Host.
+    pub host: String,
+    /// Pool.
+    pub pool: String,
+    /// Format.
+    pub format: VolumeFormat,
+    /// Size in bytes.
+    pub capacity: u64,
+    /// libvirt secret UUID.
+    pub secret_uuid: String,
+    /// First state.
+    pub state: VolumeState,
+    /// Now.
+    pub created: i64,
+}
+
+/// Volumes and their wrapped keys.
+pub trait VolumeStore {
+    /// Whether a live (not deleted or decrypted) volume has this name.
+    fn volume_name_taken(&mut self, name: &str) -> Result<bool>;
+    /// Volumes assigned to a host that are not deleted.
+    fn host_volume_count(&mut self, host: &str) -> Result<u32>;
+    /// Inserts a volume record.
+    fn insert_volume(&mut self, v: &NewVolume) -> Result<()>;
+    /// Volumes not deleted, optionally of one host, by name.
+    fn volumes(&mut self, host: Option<&str>) -> Result<Vec<VolumeInfo>>;
+    /// A volume by UUID.
+    fn volume(&mut self, id: &str) -> Result<Option<VolumeInfo>>;
+    /// A volume by UUID (any state) or name (not deleted), the live one first.
+    fn find_volume(&mut self, name_or_id: &str) -> Result<Option<VolumeInfo>>;
+    /// The volume (not deleted) of this name.
+    fn volume_named(&mut self, name: &str) -> Result<Option<VolumeInfo>>;
+    /// The volume (not deleted) the host keeps at this path.
+    fn volume_at_path(&mut self, path: &str) -> Result<Option<VolumeInfo>>;
+    /// Volumes whose pending operation is due at `now_ms`, soonest first.
+    fn due_volumes(&mut self, now_ms: i64, limit: u32) -> Result<Vec<VolumeInfo>>;
+    /// Names of the defined guests that use a volume.
+    fn volume_users(&mut self, id: &str) -> Result<Vec<String>>;
+
+    /// Stores a wrapped key generation.
+    fn insert_volume_key(
+        &mut self,
+        id: &str,
+        generation: u64,
+        key: &WrappedKey,
+        created: i64,
+    ) -> Result<()>;
+    /// One wrapped key generation.
+    fn volume_key(&mut self, id: &str, generation: u64) -> Result<Option<WrappedKey>>;
+    /// Every wrapped key, for a master key rotation.
+    fn all_volume_keys(&mut self) -> Result<Vec<(String, u64, WrappedKey)>>;
+    /// Replaces a wrapped key (a master key rotation).
+    fn rewrap_volume_key(&mut self, id: &str, generation: u64, key: &WrappedKey) -> Result<()>;
+    /// Destroys one key generation.
+    fn delete_volume_key(&mut self, id: &str, generation: u64) -> Result<()>;
+    /// Destroys every key generation of a volume.
+    fn delete_volume_keys(&mut self, id: &str) -> Result<()>;
+
+    /// Sets the state, keeping everything else.
+    fn set_volume_state(&mut self, id: &str, state: VolumeState) -> Result<()>;
+    /// Sets the state and the last error (a volume that leaves guestkey's
+    /// care, or a refused operation).
+    fn set_volume_state_error(&mut self, id: &str, state: VolumeState, error: &str) -> Result<()>;
+    /// Queues an operation: the state, with attempts, failures and error
+    /// cleared.
+    fn queue_volume_op(&mut self, id: &str, state: VolumeState) -> Result<()>;
+    /// Queues a rekey to the next generation.
+    fn queue_rekey(&mut self, id: &str, order: &RekeyOrder) -> Result<()>;
+    /// Records a failed attempt and when to try again; `counts`: it counts
+    /// towards giving up.
+    fn volume_attempt_failed(
+        &mut self,
+        id: &str,
+        error: &str,
+        next_attempt_ms: i64,
+        counts: bool,
+    ) -> Result<()>;
+    /// Gives up the pending operation `op`: state `failed`, with the reason.
+    fn fail_volume(&mut self, id: &str, op: VolumeOp, error: &str) -> Result<()>;
+    /// The encryption's outcome is unknown: back to `pending-encrypt`, one
+    /// attempt made, retried at `next_attempt_ms`.
+    fn encrypt_later(&mut self, id: &str, error: &str, next_attempt_ms: i64) -> Result<()>;
+    /// The host made (or encrypted) the volume: ready at `path`, with its
+    /// size when known.
+    fn volume_made(&mut self, id: &str, path: &str, capacity: Option<u64>) -> Result<()>;
+    /// A rekey was confirmed: ready at `generation`; a deep one ends a
+    /// pending after-migration rekey.
+    fn volume_rekeyed(&mut self, id: &str, generation: u64, deep: bool) -> Result<()>;
+    /// A rekey was dropped: ready, with the reason.
+    fn rekey_dropped(&mut self, id: &str, error: &str) -> Result<()>;
+    /// The volume moved (migration): ready on `host`, a deep rekey due.
+    fn move_volume(&mut self, id: &str, host: &str, rekey_due: i64) -> Result<()>;
+}
+
+/// A guest record to insert (pending definition).
+#[derive(Debug, Clone)]
+pub struct NewGuest {
+    /// UUID.
+    pub uuid: String,
+    /// libvirt name.
+    pub name: String,
+    /// Host.
+    pub host: String,
+    /// Domain XML as sent to the host.
+    pub xml: String,
+    /// Now.
+    pub created: i64,
+}
+
+/// A wrapped key of one of a guest's disks.
+#[derive(Debug, Clone)]
+pub struct GuestKey {
+    /// Volume id.
+    pub volume_id: String,
+    /// Its current generation.
+    pub generation: u64,
+    /// Its format.
+    pub format: VolumeFormat,
+    /// The wrapped key of that generation.
+    pub key: WrappedKey,
+}
+
+/// Guests and their disks.
+pub trait GuestStore {
+    /// Guests not undefined, optionally of one host, by host and name.
+    fn guests(&mut self, host: Option<&str>) -> Result<Vec<GuestInfo>>;
+    /// A guest by UUID (any state).
+    fn guest(&mut self, uuid: &str) -> Result<Option<GuestInfo>>;
+    /// Guests not undefined with this name (on any host).
+    fn live_guests_named(&mut self, name: &str) -> Result<Vec<GuestInfo>>;
+    /// Whether a guest the host may have (not undefined, not failed) has
+    /// this UUID, or this name on `host`.
+    fn live_guest_conflicts(&mut self, uuid: &str, host: &str, name: &str) -> Result<bool>;
+    /// Forgets the undefined or failed guests of this UUID, or of this name
+    /// on `host` (they may be defined again).
+    fn forget_gone_guests(&mut self, uuid: &str, host: &str, name: &str) -> Result<()>;
+    /// Inserts a guest, pending its definition.
+    fn insert_guest(&mut self, g: &NewGuest) -> Result<()>;
+    /// Records that a guest's disk `target` is on a volume.
+    fn insert_guest_disk(&mut self, uuid: &str, volume_id: &str, target: &str) -> Result<()>;
+    /// Records that a guest's disk `target` is on a volume, unless that
+    /// volume is recorded for the guest already.
+    fn add_guest_disk(&mut self, uuid: &str, volume_id: &str, target: &str) -> Result<()>;
+    /// Queues an operation for the host, attempts and error cleared.
+    fn queue_guest_op(&mut self, uuid: &str, op: GuestOp) -> Result<()>;
+    /// Replaces the domain XML and queues its definition.
+    fn redefine_guest(&mut self, uuid: &str, xml: &str) -> Result<()>;
+    /// Guests whose pending operation is due at `now_ms`, soonest first.
+    fn due_guests(&mut self, now_ms: i64, limit: u32) -> Result<Vec<GuestInfo>>;
+    /// The current keys of a guest's disks on volumes of `host`.
+    fn guest_keys(&mut self, uuid: &str, host: &str) -> Result<Vec<GuestKey>>;
+    /// The guest's managed volumes, by name.
+    fn guest_volumes(&mut self, uuid: &str) -> Result<Vec<VolumeInfo>>;
+    /// The host confirmed `op`: the guest is in `state`, nothing pending.
+    /// Nothing changes if another operation was queued meanwhile.
+    fn guest_op_done(&mut self, uuid: &str, op: GuestOp, state: GuestState) -> Result<()>;
+    /// Records a failed attempt and when to try again; `counts`: it counts
+    /// towards giving up.
+    fn guest_attempt_failed(
+        &mut self,
+        uuid: &str,
+        error: &str,
+        next_attempt_ms: i64,
+        counts: bool,
+    ) -> Result<()>;
+    /// Nothing pending any more (an operation given up, or done without
+    /// the host): the state set if given, `error` shown.
+    fn settle_guest(&mut self, uuid: &str, state: Option<GuestState>, error: &str) -> Result<()>;
+    /// Guests of a host, not undefined, with nothing but a definition
+    /// pending: (UUID, domain XML).
+    fn guests_to_adopt(&mut self, host: &str) -> Result<Vec<(String, String)>>;
+    /// The guest moved (migration): on `host`, in `state`, no error.
+    fn move_guest(&mut self, uuid: &str, host: &str, state: GuestState) -> Result<()>;
+    /// Shows an error on the guest.
+    fn set_guest_error(&mut self, uuid: &str, error: &str) -> Result<()>;
+}
+
+/// Rotation policies.
+pub trait PolicyStore {
+    /// Sets or replaces a policy (its target already resolved).
+    fn upsert_policy(&mut self, p: &Policy) -> Result<()>;
+    /// All policies, by scope and target.
+    fn policies(&mut self) -> Result<Vec<Policy>>;
+    /// Removes a policy; false if there was none.
+    fn delete_policy(&mut self, scope: PolicyScope, target: &str) -> Result<bool>;
+    /// The policy that applies to a volume: its own, else its pool's.
+    fn policy_for(&mut self, volume_id: &str, pool: &str) -> Result<Option<Policy>>;
+    /// Ready volumes of enrolled hosts whose active key is older than their
+    /// policy allows at `now`, with the policy's mode.
+    fn due_for_rotation(&mut self, now: i64) -> Result<Vec<(String, RekeyKind)>>;
+    /// Ready volumes of enrolled hosts whose after-migration rekey is due.
+    fn due_after_migration(&mut self, now: i64) -> Result<Vec<String>>;
+}
+
+/// A migration under way: the journal the server resumes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationRecord {
+    /// The guest.
+    pub guest_uuid: String,
+    /// Source host.
+    pub from_host: String,
+    /// Destination host.
+    pub to_host: String,
+    /// Began at (Unix seconds).
+    pub started: i64,
+    /// Live migration.
+    pub live: bool,
+    /// As `virsh migrate --unsafe`.
+    pub unsafe_: bool,
+}
+
+/// Migrations under way.
+pub trait MigrationStore {
+    /// Records a migration that begins.
+    fn insert_migration(&mut self, m: &MigrationRecord) -> Result<()>;
+    /// The migration of a guest, if one is under way.
+    fn migration(&mut self, guest_uuid: &str) -> Result<Option<MigrationRecord>>;
+    /// Every migration under way.
+    fn migrations(&mut self) -> Result<Vec<MigrationRecord>>;
+    /// Ends the record of a migration.
+    fn delete_migration(&mut self, guest_uuid: &str) -> Result<()>;
+}

@@ -1,0 +1,191 @@
+//! `hosts` and `host_inventory` in SQLite.
+
+use rusqlite::{OptionalExtension, params};
+
+use super::{SqliteTx, signed, typed};
+use crate::model::{HostInfo, HostState};
+use crate::store::{Enrollment, HeldKey, HostRecord, HostStore, NewHost, Result, TokenHolder};
+
+const HOST_SELECT: &str = "SELECT h.name, h.address, h.state, h.created, COALESCE(h.enrolled, 0),
+        COALESCE(h.cert_sha256, ''),
+        (SELECT COUNT(*) FROM volumes v WHERE v.host = h.name AND v.state != 'deleted'),
+        (SELECT COUNT(*) FROM host_inventory i WHERE i.host = h.name), h.inventory_reported,
+        h.libvirt_uri, h.migration_uri
+    FROM hosts h";
+
+fn host_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostInfo> {
+    Ok(HostInfo {
+        name: r.get(0)?,
+        address: r.get(1)?,
+        state: typed(r, 2, "hosts.state")?,
+        created_unix: r.get(3)?,
+        enrolled_unix: r.get(4)?,
+        certificate_sha256: r.get(5)?,
+        volume_count: r.get(6)?,
+        held_keys: r.get(7)?,
+        inventory_reported_unix: r.get(8)?,
+        libvirt_uri: r.get(9)?,
+        migration_uri: r.get(10)?,
+    })
+}
+
+impl HostStore for SqliteTx<'_> {
+    fn host_exists(&mut self, name: &str) -> Result<bool> {
+        let n: i64 = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM hosts WHERE name = ?1")?
+            .query_row([name], |r| r.get(0))?;
+        Ok(n > 0)
+    }
+
+    fn insert_host(&mut self, h: &NewHost) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO hosts (name, address, state, token_hash, token_expires, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                h.name,
+                h.address,
+                HostState::PendingEnrollment.as_str(),
+                h.token_hash,
+                h.token_expires,
+                h.created
+            ])?;
+        Ok(())
+    }
+
+    fn hosts(&mut self) -> Result<Vec<HostInfo>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("{HOST_SELECT} ORDER BY h.name"))?;
+        let rows = stmt.query_map([], host_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn host(&mut self, name: &str) -> Result<Option<HostInfo>> {
+        Ok(self
+            .conn
+            .prepare_cached(&format!("{HOST_SELECT} WHERE h.name = ?1"))?
+            .query_row([name], host_row)
+            .optional()?)
+    }
+
+    fn host_record(&mut self, name: &str) -> Result<Option<HostRecord>> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT name, address, state, sealing_public_key, libvirt_uri, migration_uri
+                 FROM hosts WHERE name = ?1",
+            )?
+            .query_row([name], |r| {
+                Ok(HostRecord {
+                    name: r.get(0)?,
+                    address: r.get(1)?,
+                    state: typed(r, 2, "hosts.state")?,
+                    sealing_key: r.get(3)?,
+                    libvirt_uri: r.get(4)?,
+                    migration_uri: r.get(5)?,
+                })
+            })
+            .optional()?)
+    }
+
+    fn enrolled_host_by_cert(&mut self, cert_sha256: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT name FROM hosts WHERE cert_sha256 = ?1 AND state = ?2")?
+            .query_row(params![cert_sha256, HostState::Enrolled.as_str()], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    fn revoke_host(&mut self, name: &str) -> Result<bool> {
+        let revoked = HostState::Revoked.as_str();
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE hosts SET state = ?1, token_hash = NULL WHERE name = ?2 AND state != ?1",
+            )?
+            .execute(params![revoked, name])?;
+        Ok(n > 0)
+    }
+
+    fn host_by_token(&mut self, token_hash: &[u8]) -> Result<Option<TokenHolder>> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT name, address, state, token_expires FROM hosts WHERE token_hash = ?1",
+            )?
+            .query_row([token_hash], |r| {
+                Ok(TokenHolder {
+                    name: r.get(0)?,
+                    address: r.get(1)?,
+                    state: typed(r, 2, "hosts.state")?,
+                    expires: r.get(3)?,
+                })
+            })
+            .optional()?)
+    }
+
+    fn complete_enrollment(&mut self, e: &Enrollment) -> Result<bool> {
+        // The token and state are checked again here, so two concurrent
+        // enrollments with one token cannot both succeed.
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE hosts SET state = ?1, token_hash = NULL, token_expires = NULL,
+                     enrolled = ?2, cert_sha256 = ?3, sealing_public_key = ?4
+                 WHERE name = ?5 AND token_hash = ?6 AND state = ?7",
+            )?
+            .execute(params![
+                HostState::Enrolled.as_str(),
+                e.enrolled,
+                e.cert_sha256,
+                e.sealing_key,
+                e.name,
+                e.token_hash,
+                HostState::PendingEnrollment.as_str()
+            ])?;
+        Ok(n == 1)
+    }
+
+    fn replace_inventory(&mut self, host: &str, held: &[HeldKey], now: i64) -> Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM host_inventory WHERE host = ?1")?
+            .execute([host])?;
+        {
+            let mut insert = self.conn.prepare_cached(
+                "INSERT OR IGNORE INTO host_inventory (host, volume_id, generation, guest_uuid)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for k in held {
+                insert.execute(params![
+                    host,
+                    k.volume_id,
+                    signed(k.generation),
+                    k.guest_uuid
+                ])?;
+            }
+        }
+        self.conn
+            .prepare_cached("UPDATE hosts SET inventory_reported = ?1 WHERE name = ?2")?
+            .execute(params![now, host])?;
+        Ok(())
+    }
+
+    fn set_host_migration(
+        &mut self,
+        name: &str,
+        libvirt_uri: &str,
+        migration_uri: &str,
+    ) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE hosts SET libvirt_uri = ?1, migration_uri = ?2 WHERE name = ?3",
+            )?
+            .execute(params![libvirt_uri, migration_uri, name])?;
+        Ok(())
+    }
+}

@@ -1,0 +1,137 @@
+//! `meta`, `admins` and `audit` in SQLite.
+
+use rusqlite::{OptionalExtension, params};
+
+use super::{SqliteTx, signed, unsigned};
+use crate::model::AuditRecord;
+use crate::store::{AuditStore, MetaStore, Result, WrappedKey};
+
+const AUDIT_COLUMNS: &str = "seq, time_ms, actor, action, subject, detail, prev_hash, hash, mac";
+
+fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
+    Ok(AuditRecord {
+        seq: unsigned(r, 0)?,
+        time_ms: r.get(1)?,
+        actor: r.get(2)?,
+        action: r.get(3)?,
+        subject: r.get(4)?,
+        detail: r.get(5)?,
+        prev_hash: r.get(6)?,
+        hash: r.get(7)?,
+        mac: r.get(8)?,
+    })
+}
+
+impl SqliteTx<'_> {
+    fn meta_get(&mut self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+            .query_row([key], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn meta_set(&mut self, key: &str, value: &str) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )?
+            .execute([key, value])?;
+        Ok(())
+    }
+}
+
+impl MetaStore for SqliteTx<'_> {
+    fn master_key_id(&mut self) -> Result<Option<String>> {
+        self.meta_get("master_key_id")
+    }
+
+    fn set_master_key_id(&mut self, id: &str) -> Result<()> {
+        self.meta_set("master_key_id", id)
+    }
+
+    fn admin_by_cert(&mut self, cert_sha256: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT name FROM admins WHERE cert_sha256 = ?1")?
+            .query_row([cert_sha256], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn insert_admin(&mut self, cert_sha256: &str, name: &str, created: i64) -> Result<()> {
+        self.conn
+            .prepare_cached("INSERT INTO admins (cert_sha256, name, created) VALUES (?1, ?2, ?3)")?
+            .execute(params![cert_sha256, name, created])?;
+        Ok(())
+    }
+}
+
+impl AuditStore for SqliteTx<'_> {
+    fn audit_head(&mut self) -> Result<Option<(u64, String)>> {
+        Ok(self.meta_get("audit_head")?.and_then(|h| {
+            let (seq, hash) = h.split_once(':')?;
+            Some((seq.parse().ok()?, hash.to_owned()))
+        }))
+    }
+
+    fn append_audit(&mut self, r: &AuditRecord) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO audit (seq, time_ms, actor, action, subject, detail, prev_hash, hash, mac)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                signed(r.seq),
+                r.time_ms,
+                r.actor,
+                r.action,
+                r.subject,
+                r.detail,
+                r.prev_hash,
+                r.hash,
+                r.mac
+            ])?;
+        self.meta_set("audit_head", &format!("{}:{}", r.seq, r.hash))
+    }
+
+    fn list_audit(&mut self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![signed(after_seq), limit], audit_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn audit_record(&mut self, seq: u64) -> Result<Option<AuditRecord>> {
+        Ok(self
+            .conn
+            .prepare_cached(&format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq = ?1"))?
+            .query_row([signed(seq)], audit_row)
+            .optional()?)
+    }
+
+    fn audit_key(&mut self) -> Result<Option<WrappedKey>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT master_key_id, wrapped FROM audit_keys WHERE id = 1")?
+            .query_row([], |r| {
+                Ok(WrappedKey {
+                    master_key_id: r.get(0)?,
+                    wrapped: r.get(1)?,
+                })
+            })
+            .optional()?)
+    }
+
+    fn put_audit_key(&mut self, key: &WrappedKey, created: i64) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO audit_keys (id, master_key_id, wrapped, created) VALUES (1, ?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET master_key_id = excluded.master_key_id,
+                     wrapped = excluded.wrapped",
+            )?
+            .execute(params![key.master_key_id, key.wrapped, created])?;
+        Ok(())
+    }
+}

@@ -1,0 +1,385 @@
+//! The admin API's tonic service: a thin adapter that identifies the
+//! caller by its certificate, parses the request into domain types
+//! ([`super::pb`]), runs the domain call on a blocking thread (the store
+//! blocks), and converts the answer.
+
+use std::sync::Arc;
+
+use guestkey_proto::admin::{self as pb, admin_server::Admin};
+use tonic::{Request, Response, Status};
+
+use crate::domain::Core;
+use crate::model::{
+    Caller, CoreError, GuestOp, PolicyScope, RekeyKind, RekeyPlacement, VolumeFormat,
+};
+use crate::transport::pb::{
+    audit_record, guest, host, invalid, policy, policy_from, status, verification, volume,
+};
+use crate::transport::tls::peer_fingerprint;
+
+/// Admin API.
+pub struct AdminService(pub Arc<Core>);
+
+/// Which kind of caller a service wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Want {
+    Admin,
+    Host,
+}
+
+/// Identifies the caller by its certificate's hash; refusals are audited.
+/// Blocking (the store): call on a blocking thread.
+pub(crate) fn authenticate(core: &Core, peer: Option<&str>, want: Want) -> Result<Caller, Status> {
+    let what = match want {
+        Want::Admin => "the admin API",
+        Want::Host => "the host API",
+    };
+    let Some(fp) = peer else {
+        core.audit_refusal("unauthenticated", what, "no client certificate");
+        let hint = match want {
+            Want::Admin => {
+                "pass --admin-dir with the admin credential made by `guestkey-server init`"
+            }
+            Want::Host => "enroll the host first (`guestkeyd enroll`)",
+        };
+        return Err(Status::unauthenticated(format!(
+            "{what} needs a client certificate: {hint}"
+        )));
+    };
+    match (core.identify(fp).map_err(status)?, want) {
+        (Some(c @ Caller::Admin(_)), Want::Admin) | (Some(c @ Caller::Host(_)), Want::Host) => {
+            Ok(c)
+        }
+        (Some(c), _) => {
+            core.audit_refusal(&c.actor(), what, "wrong kind of certificate");
+            Err(Status::permission_denied(format!(
+                "this certificate ({}) may not call {what}",
+                c.actor()
+            )))
+        }
+        (None, _) => {
+            core.audit_refusal(
+                &format!("cert:{fp}"),
+                what,
+                "unknown or revoked certificate",
+            );
+            Err(Status::permission_denied(format!(
+                "certificate {fp} is revoked or unknown to this server: ask the admin (`guestkeyctl host show`)"
+            )))
+        }
+    }
+}
+
+/// Authenticates the caller of `req` and runs `f` with it, both on a
+/// blocking thread.
+pub(crate) async fn blocking<Q, T, F>(
+    core: &Arc<Core>,
+    req: &Request<Q>,
+    want: Want,
+    f: F,
+) -> Result<T, Status>
+where
+    T: Send + 'static,
+    F: FnOnce(&Core, Caller) -> Result<T, CoreError> + Send + 'static,
+{
+    let peer = peer_fingerprint(req);
+    let core = core.clone();
+    tokio::task::spawn_blocking(move || {
+        let caller = authenticate(&core, peer.as_deref(), want)?;
+        f(&core, caller).map_err(status)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("a blocking task failed: {e}")))?
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+impl AdminService {
+    async fn admin<Q, T, F>(&self, req: &Request<Q>, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Core, Caller) -> Result<T, CoreError> + Send + 'static,
+    {
+        blocking(&self.0, req, Want::Admin, f).await
+    }
+
+    async fn guest_action(&self, req: Request<pb::GuestRef>, action: GuestOp) -> R<pb::Guest> {
+        let name = req.get_ref().name_or_uuid.clone();
+        let g = self
+            .admin(&req, move |c, who| c.guest_action(&who, &name, action))
+            .await?;
+        Ok(Response::new(guest(g)))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn add_host(&self, req: Request<pb::AddHostRequest>) -> R<pb::AddHostResponse> {
+        let r = req.get_ref().clone();
+        let (h, token, expires) = self
+            .admin(&req, move |c, who| c.add_host(&who, &r.name, &r.address))
+            .await?;
+        Ok(Response::new(pb::AddHostResponse {
+            host: Some(host(h)),
+            enrollment_token: token,
+            token_expires_unix: expires,
+        }))
+    }
+
+    async fn list_hosts(&self, req: Request<pb::ListHostsRequest>) -> R<pb::ListHostsResponse> {
+        let hosts = self.admin(&req, |c, _| c.list_hosts()).await?;
+        Ok(Response::new(pb::ListHostsResponse {
+            hosts: hosts.into_iter().map(host).collect(),
+        }))
+    }
+
+    async fn get_host(&self, req: Request<pb::HostRef>) -> R<pb::Host> {
+        let name = req.get_ref().name.clone();
+        let h = self.admin(&req, move |c, _| c.get_host(&name)).await?;
+        Ok(Response::new(host(h)))
+    }
+
+    async fn revoke_host(&self, req: Request<pb::HostRef>) -> R<pb::Host> {
+        let name = req.get_ref().name.clone();
+        let h = self
+            .admin(&req, move |c, who| c.revoke_host(&who, &name))
+            .await?;
+        Ok(Response::new(host(h)))
+    }
+
+    async fn set_host_migration(&self, req: Request<pb::SetHostMigrationRequest>) -> R<pb::Host> {
+        let r = req.get_ref().clone();
+        let h = self
+            .admin(&req, move |c, who| {
+                c.set_host_migration(&who, &r.name, &r.libvirt_uri, &r.migration_uri)
+            })
+            .await?;
+        Ok(Response::new(host(h)))
+    }
+
+    async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> R<pb::Volume> {
+        let r = req.get_ref().clone();
+        let v = self
+            .admin(&req, move |c, who| {
+                let format = VolumeFormat::parse_or_default(&r.format)?;
+                c.create_volume(&who, &r.host, &r.pool, &r.name, r.capacity_bytes, format)
+            })
+            .await?;
+        Ok(Response::new(volume(v)))
+    }
+
+    async fn encrypt_volume(&self, req: Request<pb::EncryptVolumeRequest>) -> R<pb::Volume> {
+        let who = self.admin(&req, |_, who| Ok(who)).await?;
+        let r = req.into_inner();
+        let format = VolumeFormat::parse_or_default(&r.format).map_err(invalid)?;
+        let v = self
+            .0
+            .encrypt_volume(who, r.host, r.pool, r.name, format)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(volume(v)))
+    }
+
+    async fn decrypt_volume(&self, req: Request<pb::DecryptVolumeRequest>) -> R<pb::Volume> {
+        let r = req.get_ref().clone();
+        let v = self
+            .admin(&req, move |c, who| {
+                c.decrypt_volume(&who, &r.name_or_id, r.confirm)
+            })
+            .await?;
+        Ok(Response::new(volume(v)))
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<pb::ListVolumesRequest>,
+    ) -> R<pb::ListVolumesResponse> {
+        let host = req.get_ref().host.clone();
+        let vols = self
+            .admin(&req, move |c, _| {
+                c.list_volumes((!host.is_empty()).then_some(host.as_str()))
+            })
+            .await?;
+        Ok(Response::new(pb::ListVolumesResponse {
+            volumes: vols.into_iter().map(volume).collect(),
+        }))
+    }
+
+    async fn get_volume(&self, req: Request<pb::VolumeRef>) -> R<pb::Volume> {
+        let name = req.get_ref().name_or_id.clone();
+        let v = self.admin(&req, move |c, _| c.get_volume(&name)).await?;
+        Ok(Response::new(volume(v)))
+    }
+
+    async fn delete_volume(&self, req: Request<pb::VolumeRef>) -> R<pb::Volume> {
+        let name = req.get_ref().name_or_id.clone();
+        let v = self
+            .admin(&req, move |c, who| c.delete_volume(&who, &name))
+            .await?;
+        Ok(Response::new(volume(v)))
+    }
+
+    async fn rekey_volume(&self, req: Request<pb::RekeyVolumeRequest>) -> R<pb::Volume> {
+        let r = req.get_ref().clone();
+        let v = self
+            .admin(&req, move |c, who| {
+                let kind = if r.deep {
+                    RekeyKind::Deep
+                } else {
+                    RekeyKind::Shallow
+                };
+                let placement: RekeyPlacement = r.placement.parse()?;
+                c.request_rekey(
+                    &who,
+                    &r.name_or_id,
+                    kind,
+                    placement,
+                    r.bandwidth_bytes_per_sec,
+                )
+            })
+            .await?;
+        Ok(Response::new(volume(v)))
+    }
+
+    async fn set_policy(&self, req: Request<pb::Policy>) -> R<pb::Policy> {
+        let r = req.get_ref().clone();
+        let p = self
+            .admin(&req, move |c, who| c.set_policy(&who, &policy_from(r)?))
+            .await?;
+        Ok(Response::new(policy(p)))
+    }
+
+    async fn list_policies(
+        &self,
+        req: Request<pb::ListPoliciesRequest>,
+    ) -> R<pb::ListPoliciesResponse> {
+        let ps = self.admin(&req, |c, _| c.list_policies()).await?;
+        Ok(Response::new(pb::ListPoliciesResponse {
+            policies: ps.into_iter().map(policy).collect(),
+        }))
+    }
+
+    async fn remove_policy(&self, req: Request<pb::Policy>) -> R<pb::Policy> {
+        let r = req.get_ref().clone();
+        let p = self
+            .admin(&req, move |c, who| {
+                let scope: PolicyScope = r.scope.parse()?;
+                c.remove_policy(&who, scope, &r.target)
+            })
+            .await?;
+        Ok(Response::new(policy(p)))
+    }
+
+    async fn define_guest(&self, req: Request<pb::DefineGuestRequest>) -> R<pb::Guest> {
+        let r = req.get_ref().clone();
+        let g = self
+            .admin(&req, move |c, who| {
+                c.define_guest(&who, &r.host, &r.domain_xml)
+            })
+            .await?;
+        Ok(Response::new(guest(g)))
+    }
+
+    async fn list_guests(&self, req: Request<pb::ListGuestsRequest>) -> R<pb::ListGuestsResponse> {
+        let host = req.get_ref().host.clone();
+        let guests = self
+            .admin(&req, move |c, _| {
+                c.list_guests((!host.is_empty()).then_some(host.as_str()))
+            })
+            .await?;
+        Ok(Response::new(pb::ListGuestsResponse {
+            guests: guests.into_iter().map(guest).collect(),
+        }))
+    }
+
+    async fn get_guest(&self, req: Request<pb::GuestRef>) -> R<pb::Guest> {
+        let name = req.get_ref().name_or_uuid.clone();
+        let g = self.admin(&req, move |c, _| c.get_guest(&name)).await?;
+        Ok(Response::new(guest(g)))
+    }
+
+    async fn undefine_guest(&self, req: Request<pb::GuestRef>) -> R<pb::Guest> {
+        self.guest_action(req, GuestOp::Undefine).await
+    }
+
+    async fn start_guest(&self, req: Request<pb::GuestRef>) -> R<pb::Guest> {
+        self.guest_action(req, GuestOp::Start).await
+    }
+
+    async fn stop_guest(&self, req: Request<pb::GuestRef>) -> R<pb::Guest> {
+        self.guest_action(req, GuestOp::Stop).await
+    }
+
+    async fn migrate_guest(&self, req: Request<pb::MigrateGuestRequest>) -> R<pb::Guest> {
+        let who = self.admin(&req, |_, who| Ok(who)).await?;
+        let r = req.into_inner();
+        let g = self
+            .0
+            .migrate_guest(who, r.name_or_uuid, r.to_host, r.live, r.r#unsafe)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(guest(g)))
+    }
+
+    async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> R<pb::ListAuditResponse> {
+        let r = *req.get_ref();
+        let limit = if r.limit == 0 {
+            1000
+        } else {
+            r.limit.min(10_000)
+        };
+        let records = self
+            .admin(&req, move |c, _| c.list_audit(r.after_seq, limit))
+            .await?;
+        Ok(Response::new(pb::ListAuditResponse {
+            records: records.into_iter().map(audit_record).collect(),
+        }))
+    }
+
+    async fn verify_audit(
+        &self,
+        req: Request<pb::VerifyAuditRequest>,
+    ) -> R<pb::VerifyAuditResponse> {
+        let v = self.admin(&req, |c, _| c.verify_audit(None)).await?;
+        Ok(Response::new(verification(v)))
+    }
+
+    async fn get_audit_head(&self, req: Request<pb::GetAuditHeadRequest>) -> R<pb::AuditHead> {
+        let h = self.admin(&req, |c, _| c.audit_head()).await?;
+        Ok(Response::new(pb::AuditHead {
+            signed: h.to_string(),
+            seq: h.seq,
+            hash: h.hash,
+            time_unix_ms: h.time_ms,
+        }))
+    }
+
+    async fn verify_audit_head(
+        &self,
+        req: Request<pb::VerifyAuditHeadRequest>,
+    ) -> R<pb::VerifyAuditResponse> {
+        let kept = req.get_ref().kept_head.clone();
+        let v = self
+            .admin(&req, move |c, _| c.verify_audit(Some(&kept)))
+            .await?;
+        Ok(Response::new(verification(v)))
+    }
+
+    async fn retry_volume(&self, req: Request<pb::VolumeRef>) -> R<pb::Volume> {
+        let name = req.get_ref().name_or_id.clone();
+        let v = self
+            .admin(&req, move |c, who| c.retry_volume(&who, &name))
+            .await?;
+        Ok(Response::new(volume(v)))
+    }
+
+    async fn get_ca_certificate(
+        &self,
+        req: Request<pb::GetCaCertificateRequest>,
+    ) -> R<pb::CaCertificate> {
+        let pem = self
+            .admin(&req, |c, _| Ok(c.ca_cert_pem().to_owned()))
+            .await?;
+        Ok(Response::new(pb::CaCertificate { pem }))
+    }
+}

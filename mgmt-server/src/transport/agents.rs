@@ -1,0 +1,401 @@
+//! The [`AgentClient`] over gRPC: the server is a client of each host's
+//! host-agent API. It presents its own certificate and accepts only a host
+//! certificate signed by its CA for the host's address.
+//!
+//! One channel per host is kept open for ordinary calls (HTTP/2 multiplexes
+//! concurrent pushes over it; each call may take a minute) and dropped
+//! after any failure, so the next call reconnects. Calls that may take
+//! hours (a migration, the admin's `volume encrypt`) get a fresh channel
+//! with a longer limit.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use guestkey_proto::agent::{self, host_agent_client::HostAgentClient};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::domain::agent::{
+    AgentClient, AgentError, AgentErrorKind, AgentResult, BoxFuture, CreateVolume, DecryptVolume,
+    DefineGuest, DeleteVolume, GuestCall, HeldKeyInfo, Inventory, MigrateGuest, PrepareMigration,
+    Rekey, VolumeOnHost,
+};
+use crate::model::{EnrolledHost, GuestState};
+use crate::transport::pb::{agent_error, format, rekey_kind, sealed_key};
+use crate::transport::tls::ServerIdentity;
+
+/// How long one ordinary call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a migration or an encryption the admin waits for may take
+/// before the server gives up waiting (the host goes on; a repeat picks it up).
+const LONG_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The gRPC host-agent client, one channel per host.
+pub struct GrpcAgents {
+    identity: Arc<ServerIdentity>,
+    /// Open channels by (host name, address).
+    channels: Mutex<HashMap<(String, String), Channel>>,
+}
+
+impl GrpcAgents {
+    /// A client presenting `identity`.
+    pub fn new(identity: Arc<ServerIdentity>) -> Self {
+        Self {
+            identity,
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn key(host: &EnrolledHost) -> (String, String) {
+        (host.name.clone(), host.address.clone())
+    }
+
+    async fn connect_with(&self, host: &EnrolledHost, timeout: Duration) -> AgentResult<Channel> {
+        let unreachable = |why: String| AgentError::new(AgentErrorKind::Unreachable, why);
+        let endpoint = Endpoint::from_shared(format!("https://{}", host.address))
+            .map_err(|e| unreachable(format!("bad address of host {}: {e}", host.name)))?
+            .tls_config(self.identity.client_config(&host.address))
+            .map_err(|e| unreachable(format!("TLS setup for host {}: {e}", host.name)))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(timeout);
+        endpoint.connect().await.map_err(|e| {
+            unreachable(format!(
+                "host {} at {} is unreachable: {}",
+                host.name,
+                host.address,
+                crate::tls::error_chain(&e)
+            ))
+        })
+    }
+
+    /// The host's channel: the open one, or a new one (fresh and with the
+    /// long limit for `long` calls).
+    async fn channel(&self, host: &EnrolledHost, long: bool) -> AgentResult<Channel> {
+        if long {
+            return self.connect_with(host, LONG_TIMEOUT).await;
+        }
+        let open = self
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&Self::key(host))
+            .cloned();
+        if let Some(c) = open {
+            return Ok(c);
+        }
+        let c = self.connect_with(host, CALL_TIMEOUT).await?;
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(Self::key(host), c.clone());
+        Ok(c)
+    }
+
+    fn forget(&self, host: &EnrolledHost) {
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&Self::key(host));
+    }
+
+    /// Runs one call on the host's channel; a failure drops the channel.
+    async fn call<T, F, Fut>(&self, host: &EnrolledHost, long: bool, f: F) -> AgentResult<T>
+    where
+        F: FnOnce(HostAgentClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let channel = match self.channel(host, long).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.forget(host);
+                return Err(e);
+            }
+        };
+        match f(HostAgentClient::new(channel)).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => {
+                self.forget(host);
+                Err(agent_error(host, &s))
+            }
+        }
+    }
+}
+
+fn guest_request(r: GuestCall) -> agent::GuestRequest {
+    agent::GuestRequest {
+        op_id: r.op_id,
+        guest_uuid: r.guest_uuid,
+    }
+}
+
+fn state(r: agent::GuestResult) -> Option<GuestState> {
+    let s = GuestState::from_host(&r.state);
+    if s == Some(GuestState::NoState) && r.state != "no state" {
+        tracing::warn!(state = %r.state, guest = %r.guest_uuid, "a host reported a guest state this server does not know");
+    }
+    s
+}
+
+impl AgentClient for GrpcAgents {
+    fn connect<'a>(&'a self, host: &'a EnrolledHost) -> BoxFuture<'a, AgentResult<()>> {
+        Box::pin(async move {
+            self.channel(host, false)
+                .await
+                .map(drop)
+                .inspect_err(|_| self.forget(host))
+        })
+    }
+
+    fn create_volume<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        r: CreateVolume,
+    ) -> BoxFuture<'a, AgentResult<VolumeOnHost>> {
+        Box::pin(async move {
+            let long = r.wait_long;
+            let req = agent::CreateVolumeRequest {
+                op_id: r.op_id,
+                volume_id: r.volume_id,
+                pool: r.pool,
+                name: r.name,
+                capacity_bytes: r.capacity_bytes,
+                format: format(r.format),
+                secret_uuid: r.secret_uuid,
+                key: Some(sealed_key(r.key)),
+                encrypt_existing: r.encrypt_existing,
+            };
+            let v = self
+                .call(
+                    host,
+                    long,
+                    |mut c| async move { c.create_volume(req).await },
+                )
+                .await?;
+            Ok(VolumeOnHost {
+                path: v.path,
+                capacity_bytes: v.capacity_bytes,
+            })
+        })
+    }
+
+    fn decrypt_volume<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        r: DecryptVolume,
+    ) -> BoxFuture<'a, AgentResult<()>> {
+        Box::pin(async move {
+            let req = agent::DecryptVolumeRequest {
+                op_id: r.op_id,
+                volume_id: r.volume_id,
+                key: Some(sealed_key(r.key)),
+            };
+            self.call(
+                host,
+                false,
+                |mut c| async move { c.decrypt_volume(req).await },
+            )
+            .await
+            .map(drop)
+        })
+    }
+
+    fn delete_volume<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        r: DeleteVolume,
+    ) -> BoxFuture<'a, AgentResult<()>> {
+        Box::pin(async move {
+            let req = agent::DeleteVolumeRequest {
+                op_id: r.op_id,
+                volume_id: r.volume_id,
+                pool: r.pool,
+                name: r.name,
+            };
+            self.call(
+                host,
+                false,
+                |mut c| async move { c.delete_volume(req).await },
+            )
+            .await
+            .map(drop)
+        })
+    }
+
+    fn rekey<'a>(&'a self, host: &'a EnrolledHost, r: Rekey) -> BoxFuture<'a, AgentResult<()>> {
+        Box::pin(async move {
+            let req = agent::RekeyRequest {
+                op_id: r.op_id,
+                volume_id: r.volume_id,
+                from_generation: r.from_generation,
+                kind: rekey_kind(r.kind),
+                new_key: Some(sealed_key(r.new_key)),
+                new_secret_uuid: r.new_secret_uuid,
+                old_key: Some(sealed_key(r.old_key)),
+                placement: r.placement.as_str().to_owned(),
+                bandwidth_bytes_per_sec: r.bandwidth,
+            };
+            self.call(host, false, |mut c| async move { c.rekey(req).await })
+                .await
+                .map(drop)
+        })
+    }
+
+    fn define_guest<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        r: DefineGuest,
+    ) -> BoxFuture<'a, AgentResult<Option<GuestState>>> {
+        Box::pin(async move {
+            let req = agent::DefineGuestRequest {
+                op_id: r.op_id,
+                domain_xml: r.domain_xml,
+                keys: r.keys.into_iter().map(sealed_key).collect(),
+            };
+            self.call(
+                host,
+                false,
+                |mut c| async move { c.define_guest(req).await },
+            )
+            .await
+            .map(state)
+        })
+    }
+
+    fn undefine_guest<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        r: GuestCall,
+    ) -> BoxFuture<'a, AgentResult<Option<GuestState>>> {
+        let req = guest_request(r);
+        Box::pin(async move {
+            self.call(
+                host,
+                false,
+                |mut c| async move { c.undefine_guest(req).await },
+            )
+            .await
+            .map(state)
+        })
+    }
+
+    fn start_guest<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        r: GuestCall,
+    ) -> BoxFuture<'a, AgentResult<Option<GuestState>>> {
+        let req = guest_request(r);
+        Box::pin(async move {
+            self.call(host, false, |mut c| async move { c.start_guest(req).await })
+                .await
+                .map(state)
+        })
+    }
+
+    fn stop_guest<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        r: GuestCall,
+    ) -> BoxFuture<'a, AgentResult<Option<GuestState>>> {
+        let req = guest_request(r);
+        Box::pin(async move {
+            self.call(host, false, |mut c| async move { c.stop_guest(req).await })
+                .await
+                .map(state)
+        })
+    }
+
+    fn prepare_migration<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        r: PrepareMigration,
+    ) -> BoxFuture<'a, AgentResult<()>> {
+        Box::pin(async move {
+            let req = agent::PrepareMigrationRequest {
+                op_id: r.op_id,
+                domain_xml: r.domain_xml,
+                keys: r.keys.into_iter().map(sealed_key).collect(),
+                volumes: r
+                    .volumes
+                    .into_iter()
+                    .map(|v| agent::MigratingVolume {
+                        volume_id: v.volume_id,
+                        pool: v.pool,
+                        name: v.name,
+                        path: v.path,
+                        secret_uuid: v.secret_uuid,
+                    })
+                    .collect(),
+            };
+            self.call(host, false, |mut c| async move {
+                c.prepare_migration(req).await
+            })
+            .await
+            .map(drop)
+        })
+    }
+
+    fn abort_migration<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        r: GuestCall,
+    ) -> BoxFuture<'a, AgentResult<Option<GuestState>>> {
+        let req = guest_request(r);
+        Box::pin(async move {
+            self.call(
+                host,
+                false,
+                |mut c| async move { c.abort_migration(req).await },
+            )
+            .await
+            .map(state)
+        })
+    }
+
+    fn migrate_guest<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        r: MigrateGuest,
+    ) -> BoxFuture<'a, AgentResult<Option<GuestState>>> {
+        Box::pin(async move {
+            let req = agent::MigrateGuestRequest {
+                op_id: r.op_id,
+                guest_uuid: r.guest_uuid,
+                destination_libvirt_uri: r.destination_libvirt_uri,
+                migration_uri: r.migration_uri,
+                live: r.live,
+                r#unsafe: r.unsafe_,
+            };
+            self.call(
+                host,
+                true,
+                |mut c| async move { c.migrate_guest(req).await },
+            )
+            .await
+            .map(state)
+        })
+    }
+
+    fn inventory<'a>(&'a self, host: &'a EnrolledHost) -> BoxFuture<'a, AgentResult<Inventory>> {
+        Box::pin(async move {
+            let r = self
+                .call(host, false, |mut c| async move {
+                    c.get_inventory(agent::InventoryRequest {}).await
+                })
+                .await?;
+            Ok(Inventory {
+                held: r
+                    .held
+                    .into_iter()
+                    .map(|k| HeldKeyInfo {
+                        volume_id: k.volume_id,
+                        generation: k.generation,
+                        guest_uuid: k.guest_uuid,
+                    })
+                    .collect(),
+                host_uuid: r.host_uuid,
+            })
+        })
+    }
+}

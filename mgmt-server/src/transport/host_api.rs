@@ -1,0 +1,95 @@
+//! The host API's tonic service (enrollment, inventory and progress
+//! reports): a thin adapter like [`super::admin`].
+
+use std::sync::Arc;
+
+use guestkey_proto::host::{self as hpb, host_api_server::HostApi};
+use tonic::{Request, Response, Status};
+
+use crate::domain::Core;
+use crate::domain::hosts::{HeldKey, ProgressReport};
+use crate::model::Caller;
+
+use crate::transport::admin::{Want, blocking};
+use crate::transport::pb::status;
+
+/// Host API.
+pub struct HostService(pub Arc<Core>);
+
+type R<T> = Result<Response<T>, Status>;
+
+/// The host's name, or a refusal for any other caller.
+fn host_name(c: Caller, what: &str) -> Result<String, crate::model::CoreError> {
+    match c {
+        Caller::Host(h) => Ok(h),
+        _ => Err(crate::model::CoreError::Denied(format!(
+            "only hosts report {what}"
+        ))),
+    }
+}
+
+#[tonic::async_trait]
+impl HostApi for HostService {
+    async fn enroll(&self, req: Request<hpb::EnrollRequest>) -> R<hpb::EnrollResponse> {
+        // No client certificate needed: the one-time token authorises.
+        let r = req.into_inner();
+        let (name, cert) = self
+            .0
+            .blocking(move |c| c.enroll(&r.token, &r.csr_der, &r.sealing_public_key))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(hpb::EnrollResponse {
+            host_name: name,
+            certificate_pem: cert,
+            ca_certificate_pem: self.0.ca_cert_pem().to_owned(),
+            server_certificate_sha256: self.0.server_cert_sha256().to_owned(),
+        }))
+    }
+
+    async fn report_progress(
+        &self,
+        req: Request<hpb::ProgressReport>,
+    ) -> R<hpb::ReportInventoryResponse> {
+        let running: Vec<ProgressReport> = req
+            .get_ref()
+            .running
+            .iter()
+            .map(|p| ProgressReport {
+                volume_id: p.volume_id.clone(),
+                phase: p.phase.clone(),
+                done_bytes: p.done_bytes,
+                total_bytes: p.total_bytes,
+            })
+            .collect();
+        blocking(&self.0, &req, Want::Host, move |c, who| {
+            c.record_progress(&host_name(who, "progress")?, running)
+        })
+        .await?;
+        Ok(Response::new(hpb::ReportInventoryResponse {}))
+    }
+
+    async fn report_inventory(
+        &self,
+        req: Request<hpb::Inventory>,
+    ) -> R<hpb::ReportInventoryResponse> {
+        let held: Vec<HeldKey> = req
+            .get_ref()
+            .held
+            .iter()
+            .map(|k| HeldKey {
+                volume_id: k.volume_id.clone(),
+                generation: k.generation,
+                guest_uuid: k.guest_uuid.clone(),
+            })
+            .collect();
+        let n = held.len();
+        let host = blocking(&self.0, &req, Want::Host, move |c, who| {
+            let host = host_name(who, "inventories")?;
+            c.record_inventory(&host, &held)?;
+            Ok(host)
+        })
+        .await?;
+        tracing::info!(%host, held = n, "inventory reported");
+        Ok(Response::new(hpb::ReportInventoryResponse {}))
+    }
+}

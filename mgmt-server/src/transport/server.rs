@@ -1,0 +1,134 @@
+//! `guestkey-server run`: opens the data directory, builds the domain over
+//! the SQLite store and the gRPC host agents, serves the admin and host
+//! APIs over mutual TLS and runs the scheduler, until SIGINT or SIGTERM.
+
+use std::sync::Arc;
+
+use guestkey_proto::admin::admin_server::AdminServer;
+use guestkey_proto::host::host_api_server::HostApiServer;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::ca::Ca;
+use crate::config::Config;
+use crate::datadir::DataDir;
+use crate::domain::{Core, KeyRing, Parts};
+use crate::model::CoreError;
+use crate::store::sqlite::SqliteStore;
+use crate::transport::admin::AdminService;
+use crate::transport::agents::GrpcAgents;
+use crate::transport::host_api::HostService;
+use crate::transport::tls::ServerIdentity;
+
+/// The domain of an initialised data directory, with the master key from
+/// the configured source, and the server's TLS identity.
+pub fn open(config: &Config) -> Result<(Arc<Core>, Arc<ServerIdentity>), CoreError> {
+    let dir = DataDir::new(&config.data_dir);
+    if !dir.db().exists() {
+        return Err(CoreError::FailedPrecondition(format!(
+            "{} is not a guestkey data directory (no guestkey.db): run `guestkey-server init --data-dir {}` first",
+            dir.root().display(),
+            dir.root().display()
+        )));
+    }
+    let store = Arc::new(SqliteStore::open(&dir.db())?);
+    let keys = KeyRing::load(config.master_key_source.clone(), store.as_ref())?;
+    let read = |p: std::path::PathBuf| {
+        std::fs::read_to_string(&p)
+            .map(zeroize::Zeroizing::new)
+            .map_err(|e| CoreError::Internal(format!("cannot read {}: {e}", p.display())))
+    };
+    let ca_pem = read(dir.ca_cert())?.to_string();
+    let ca = Ca::load(&ca_pem, &dir.ca_key_source())?;
+    let identity = Arc::new(ServerIdentity {
+        cert_pem: read(dir.server_cert())?.to_string(),
+        key_pem: read(dir.server_key())?,
+        ca_pem,
+    });
+    let server_cert_sha256 = {
+        let der = x509_parser::pem::parse_x509_pem(identity.cert_pem.as_bytes())
+            .map(|(_, pem)| pem.contents)
+            .unwrap_or_default();
+        crate::ca::cert_sha256(&der)
+    };
+    let core = Core::new(Parts {
+        store,
+        agents: Arc::new(GrpcAgents::new(identity.clone())),
+        keys,
+        ca,
+        server_cert_sha256,
+        limits: config.limits.clone(),
+        retry: config.retry.clone(),
+        checkpoints: Some(dir.audit_checkpoints()),
+    })?;
+    Ok((Arc::new(core), identity))
+}
+
+/// Runs the server. Prints one line `listening on https://ADDR` to stdout
+/// once it accepts connections.
+pub async fn run(config: Config) -> Result<(), CoreError> {
+    let listen = config.listen;
+    // Opening reads key files and the database (and may prompt for the
+    // master key): off the async workers.
+    let opening = config.clone();
+    let (core, identity) = tokio::task::spawn_blocking(move || open(&opening))
+        .await
+        .map_err(|e| CoreError::Internal(format!("start-up failed: {e}")))??;
+    // Client certificates are optional at the TLS layer only because
+    // enrollment comes before a host has one; a presented certificate must
+    // chain to our CA (else the handshake fails), and each service then
+    // requires the right kind of certificate.
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            &identity.cert_pem,
+            identity.key_pem.as_bytes(),
+        ))
+        .client_ca_root(Certificate::from_pem(&identity.ca_pem))
+        .client_auth_optional(true);
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        CoreError::Internal(format!(
+            "cannot listen on {listen}: {e} (is another server running? pick --listen)"
+        ))
+    })?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| CoreError::Internal(e.to_string()))?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let scheduler = tokio::spawn(crate::scheduler::run(core.clone(), stop_rx.clone()));
+    let mut stop_server = stop_rx.clone();
+    let serve = Server::builder()
+        .tls_config(tls)
+        .map_err(|e| CoreError::Internal(format!("TLS configuration: {e}")))?
+        .add_service(AdminServer::new(AdminService(core.clone())))
+        .add_service(HostApiServer::new(HostService(core.clone())))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                let _ = stop_server.changed().await;
+            },
+        );
+    println!("listening on https://{local}");
+    tracing::info!(%local, "guestkey-server listening");
+    let signals = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| CoreError::Internal(e.to_string()))?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        Ok::<_, CoreError>(())
+    };
+    let mut serve = std::pin::pin!(serve);
+    tokio::select! {
+        r = &mut serve => r.map_err(|e| CoreError::Internal(format!("server failed: {e}")))?,
+        r = signals => {
+            r?;
+            tracing::info!("shutting down");
+            let _ = stop_tx.send(true);
+            let _ = serve.await;
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = scheduler.await;
+    Ok(())
+}
