@@ -180,16 +180,22 @@ fn a_restored_older_copy_of_the_database_is_detected_and_a_kept_head_tells_too()
     std::fs::copy(&db, &old).unwrap();
     s.restart();
     s.ok(&["host", "add", "h9", "--address", "127.0.0.1:9"]);
-    // The admin keeps a signed head outside the server.
-    let kept = block_on(async {
-        let mut c = s.admin_client().await;
-        c.get_audit_head(guestkey_proto::admin::GetAuditHeadRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-    });
-    assert!(kept.signed.starts_with("gkah1:"), "{kept:?}");
-    assert_eq!((kept.seq, kept.hash.clone()), newest(&s));
+    // The admin keeps a signed head outside the server (`audit --head`).
+    let kept_text = s.ok(&["audit", "--head"]).trim().to_owned();
+    assert!(kept_text.starts_with("gkah1:"), "{kept_text}");
+    let kept = s.json(&["audit", "--head"]);
+    assert_eq!(kept["seq"].as_u64().unwrap(), newest(&s).0);
+    let kept_file = s.dir.join("../kept-head");
+    std::fs::write(&kept_file, &kept_text).unwrap();
+    assert!(
+        s.ok(&[
+            "audit",
+            "--verify",
+            "--against",
+            &format!("@{}", kept_file.display())
+        ])
+        .contains("verified")
+    );
     s.stop();
     std::fs::copy(&old, &db).unwrap();
     s.restart();
@@ -210,19 +216,17 @@ fn a_restored_older_copy_of_the_database_is_detected_and_a_kept_head_tells_too()
     // Even with the checkpoint file rolled back as well, the kept head tells.
     std::fs::remove_file(s.dir.join("audit-checkpoints")).unwrap();
     assert!(s.ok(&["audit", "--verify"]).contains("verified"));
-    let v = block_on(async {
-        let mut c = s.admin_client().await;
-        c.verify_audit_head(guestkey_proto::admin::VerifyAuditHeadRequest {
-            kept_head: kept.signed.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-    });
-    assert!(!v.ok, "{v:?}");
+    let out = s.ctl(&[
+        "audit",
+        "--verify",
+        "--against",
+        &format!("@{}", kept_file.display()),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
     assert!(
-        v.problem.contains("the kept head") && v.problem.contains("older copy"),
-        "{v:?}"
+        text.contains("the kept head") && text.contains("older copy"),
+        "{text}"
     );
     std::fs::remove_file(old).unwrap();
 }

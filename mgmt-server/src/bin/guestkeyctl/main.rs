@@ -66,7 +66,8 @@ enum Command {
     /// Key rotation policies: set, list, remove.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
-    /// Show the audit log; --verify checks its hash chain.
+    /// Show the audit log; --verify checks it (hash chain, MACs, signed
+    /// heads); --head prints a signed head to keep outside the server.
     Audit(audit::AuditArgs),
     /// Print the CA certificate (PEM) that signs server, admin and host
     /// certificates.

@@ -280,6 +280,7 @@ fn show_blocks() {
         records: 1234,
         first_bad_seq: 77,
         problem: "hash mismatch".into(),
+        ..Default::default()
     };
     assert_snapshot!("verify", verify_text(&ok) + &verify_text(&bad));
 }
@@ -306,6 +307,7 @@ fn json_documents() {
                 records: 3,
                 first_bad_seq: 2,
                 problem: "hash mismatch".into(),
+                ..Default::default()
             }),
         ),
     ];

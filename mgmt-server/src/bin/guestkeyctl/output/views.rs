@@ -254,15 +254,20 @@ pub(crate) fn audit_table(recs: &[pb::AuditRecord]) -> String {
 
 /// `audit --verify` as JSON.
 pub(crate) fn verify_json(v: &pb::VerifyAuditResponse) -> Value {
-    json!({"ok": v.ok, "records": v.records, "first_bad_seq": v.first_bad_seq, "problem": v.problem})
+    json!({"ok": v.ok, "records": v.records, "first_bad_seq": v.first_bad_seq, "problem": v.problem, "checkpoints": v.checkpoints})
+}
+
+/// `audit --head` as JSON.
+pub(crate) fn head_json(h: &pb::AuditHead) -> Value {
+    json!({"signed": h.signed, "seq": h.seq, "hash": h.hash, "time_unix_ms": h.time_unix_ms})
 }
 
 /// `audit --verify` as text.
 pub(crate) fn verify_text(v: &pb::VerifyAuditResponse) -> String {
     if v.ok {
         format!(
-            "audit log intact: {} records, hash chain verified\n",
-            v.records
+            "audit log intact: {} records, hash chain verified, MACs checked, {} signed heads matched\n",
+            v.records, v.checkpoints
         )
     } else {
         format!(

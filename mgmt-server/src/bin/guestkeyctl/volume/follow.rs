@@ -43,15 +43,13 @@ pub(super) fn still_pending(v: &pb::Volume, waited: &str) -> Failure {
     ))
 }
 
-/// States in which the host still works on a volume.
-const PENDING: [&str; 6] = [
-    "pending-create",
-    "pending-encrypt",
-    "encrypting",
-    "rekeying",
-    "pending-decrypt",
-    "pending-delete",
-];
+/// Whether the host still works on a volume in `state` (the server's own
+/// list: one place, `VolumeState::HOST_WORKING`).
+fn pending(state: &str) -> bool {
+    state
+        .parse::<mgmt_server::model::VolumeState>()
+        .is_ok_and(|s| s.is_pending())
+}
 
 /// How following a volume ended.
 pub(super) enum Followed {
@@ -73,7 +71,7 @@ pub(super) async fn follow(
     let end = Instant::now() + limit;
     loop {
         let v = get(c, id).await?;
-        if !PENDING.contains(&v.state.as_str()) {
+        if !pending(&v.state) {
             bar.clear();
             return Ok(Followed::Done(v));
         }

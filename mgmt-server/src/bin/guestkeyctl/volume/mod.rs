@@ -97,6 +97,12 @@ pub(crate) enum VolumeCmd {
         /// Name or UUID.
         volume: String,
     },
+    /// Queue again a volume operation the server gave up on (state
+    /// `failed`: too many answered failures; `volume show` says why).
+    Retry {
+        /// Name or UUID.
+        volume: String,
+    },
     /// Rotate a volume's key. --shallow: a new passphrase in a new keyslot,
     /// the old keyslot erased. --deep: a new data key, all data rewritten.
     /// A volume whose guest runs is re-encrypted online (a deep rekey by
@@ -209,6 +215,13 @@ pub(crate) async fn run(cmd: VolumeCmd, ctx: &Ctx) -> Result<(), Failure> {
             .connect()
             .await?
             .delete_volume(pb::VolumeRef { name_or_id: volume })
+            .await
+            .map_err(rpc_error)?
+            .into_inner(),
+        VolumeCmd::Retry { volume } => ctx
+            .connect()
+            .await?
+            .retry_volume(pb::VolumeRef { name_or_id: volume })
             .await
             .map_err(rpc_error)?
             .into_inner(),
