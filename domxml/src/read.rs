@@ -6,7 +6,7 @@
 use crate::disk;
 use crate::error::{XmlError, invalid};
 use crate::model::Domain;
-use crate::text::{canonical_uuid, check_name, text_only};
+use crate::text::{canonical_uuid, check_name, text_only, text_refs};
 use crate::tree::{self, Element};
 use std::collections::HashMap;
 
@@ -114,6 +114,26 @@ fn check_tree(el: &Element, path: &mut Vec<String>) -> Result<(), XmlError> {
     Ok(())
 }
 
+/// The text of a UUID element: plain, not empty.
+fn uuid_text<'a>(el: &'a Element, what: &str) -> Result<&'a str, XmlError> {
+    let (text, refs) = text_refs(el, what)?;
+    if refs {
+        return Err(invalid(
+            el.line,
+            format!("{what} holds a character or entity reference: write the UUID plainly"),
+        ));
+    }
+    if text.is_empty() {
+        return Err(invalid(
+            el.line,
+            format!(
+                "{what} is empty, which libvirt reads as no UUID at all: write the UUID in it or remove the element"
+            ),
+        ));
+    }
+    Ok(text)
+}
+
 /// Every `<sysinfo><system><entry name='uuid'>` must be the domain's
 /// `<uuid>`: libvirt refuses a mismatch, and takes the entry as the
 /// domain's UUID when `<uuid>` is missing (guestkey would make a new one).
@@ -125,7 +145,7 @@ fn check_sysinfo(root: &Element, uuid: Option<&str>) -> Result<(), XmlError> {
                 .filter(|e| e.name == "entry" && e.attr("name") == Some("uuid"))
             {
                 let what = "<sysinfo> <entry name='uuid'>";
-                let u = canonical_uuid(text_only(entry, what)?, what, entry.line)?;
+                let u = canonical_uuid(uuid_text(entry, what)?, what, entry.line)?;
                 match uuid {
                     None => {
                         return Err(invalid(
@@ -176,13 +196,7 @@ pub(crate) fn domain(xml: &str) -> Result<Domain, XmlError> {
     let uuid = match single(&root, "uuid", top)? {
         None => None,
         Some(u) => {
-            let text = text_only(u, "<uuid>")?;
-            if text.is_empty() {
-                return Err(invalid(
-                    u.line,
-                    "<uuid> is empty, and libvirt would make up a UUID: write the UUID in it or remove the element",
-                ));
-            }
+            let text = uuid_text(u, "<uuid>")?;
             Some(canonical_uuid(text, "<uuid>", u.line)?)
         }
     };

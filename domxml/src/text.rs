@@ -9,10 +9,16 @@ use crate::tree::{Element, Node};
 /// CDATA and child elements' text included, comments left out. Anything
 /// but plain text could make two readers disagree, so it is refused.
 pub(crate) fn text_only<'a>(el: &'a Element, what: &str) -> Result<&'a str, XmlError> {
-    let mut text = "";
+    Ok(text_refs(el, what)?.0)
+}
+
+/// [`text_only`], and whether the text holds character or entity
+/// references.
+pub(crate) fn text_refs<'a>(el: &'a Element, what: &str) -> Result<(&'a str, bool), XmlError> {
+    let mut text = ("", false);
     for n in &el.children {
         match n {
-            Node::Text(t) => text = t,
+            Node::Text(t, refs) => text = (t, *refs),
             Node::Element(c) => {
                 return Err(invalid(
                     c.line,

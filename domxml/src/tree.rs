@@ -36,11 +36,12 @@ pub(crate) struct Attr {
     pub(crate) value: String,
 }
 
-/// A child of an element. Adjacent text and references are one `Text`.
+/// A child of an element. Adjacent text and references are one `Text`
+/// (with whether references were part of it).
 #[derive(Debug)]
 pub(crate) enum Node {
     Element(Element),
-    Text(String),
+    Text(String, bool),
     CData,
     Comment,
     Pi,
@@ -169,12 +170,13 @@ fn element(e: &BytesStart<'_>, start: usize, line: usize) -> Result<Element, Xml
     })
 }
 
-fn push_text(stack: &mut [Element], s: &str) {
+fn push_text(stack: &mut [Element], s: &str, is_ref: bool) {
     if let Some(parent) = stack.last_mut() {
-        if let Some(Node::Text(t)) = parent.children.last_mut() {
+        if let Some(Node::Text(t, refs)) = parent.children.last_mut() {
             t.push_str(s);
+            *refs |= is_ref;
         } else {
-            parent.children.push(Node::Text(s.to_owned()));
+            parent.children.push(Node::Text(s.to_owned(), is_ref));
         }
     }
 }
@@ -343,7 +345,7 @@ pub(crate) fn build(xml: &str) -> Result<Element, XmlError> {
                         return Err(malformed(line, "text outside the root element"));
                     }
                 } else {
-                    push_text(&mut stack, &s);
+                    push_text(&mut stack, &s, false);
                 }
             }
             Event::GeneralRef(r) => {
@@ -351,7 +353,7 @@ pub(crate) fn build(xml: &str) -> Result<Element, XmlError> {
                     return Err(malformed(line, "a reference outside the root element"));
                 }
                 let c = resolve_ref(&r.xml10_content(), line)?;
-                push_text(&mut stack, c.encode_utf8(&mut [0; 4]));
+                push_text(&mut stack, c.encode_utf8(&mut [0; 4]), true);
             }
             Event::CData(_) => {
                 let Some(parent) = stack.last_mut() else {
