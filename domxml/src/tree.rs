@@ -141,6 +141,28 @@ fn check_value_chars(value: &str, what: &str, line: usize) -> Result<(), XmlErro
 fn element(e: &BytesStart<'_>, start: usize, line: usize) -> Result<Element, XmlError> {
     let name = e.name().0.to_owned();
     check_name(&name, "element name", line)?;
+    // quick-xml takes `a='1'b='2'`; XML (and libxml2) need white space
+    // between attributes.
+    let mut quote = None;
+    let mut chars = e.attributes_raw().chars().peekable();
+    while let Some(c) = chars.next() {
+        match quote {
+            None if c == '\'' || c == '"' => quote = Some(c),
+            Some(q) if c == q => {
+                quote = None;
+                if chars
+                    .peek()
+                    .is_some_and(|n| !matches!(n, ' ' | '\t' | '\r' | '\n' | '/'))
+                {
+                    return Err(malformed(
+                        line,
+                        format!("in <{name}>: attributes must be separated by white space"),
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
     let mut attrs = Vec::new();
     for a in e.attributes() {
         let a = a.map_err(|err| malformed(line, format!("in <{name}>: {err}")))?;
@@ -213,6 +235,75 @@ fn resolve_ref(name: &str, line: usize) -> Result<char, XmlError> {
     }
 }
 
+/// The XML declaration `decl` (`<?xml ... ?>`): `version` first, then
+/// optionally `encoding`, then `standalone`, nothing else (libxml2's
+/// grammar); version 1.0 and UTF-8 only.
+fn check_decl(decl: &str) -> Result<(), XmlError> {
+    let bad = |what: &str| malformed(1, format!("the XML declaration {decl:?}: {what}"));
+    let mut rest = decl
+        .strip_prefix("<?xml")
+        .and_then(|r| r.strip_suffix("?>"))
+        .ok_or_else(|| bad("not a declaration"))?;
+    let mut seen = Vec::new();
+    loop {
+        let trimmed = rest.trim_start_matches([' ', '\t', '\r', '\n']);
+        if trimmed.is_empty() {
+            break;
+        }
+        if trimmed.len() == rest.len() {
+            return Err(bad("white space must separate its parts"));
+        }
+        let (name, after) = trimmed
+            .split_once('=')
+            .ok_or_else(|| bad("expected name='value'"))?;
+        let name = name.trim_end_matches([' ', '\t', '\r', '\n']);
+        let after = after.trim_start_matches([' ', '\t', '\r', '\n']);
+        let quote = after.chars().next().filter(|q| *q == '\'' || *q == '"');
+        let quote = quote.ok_or_else(|| bad("values must be quoted"))?;
+        let (value, tail) = after[1..]
+            .split_once(quote)
+            .ok_or_else(|| bad("a value is not closed"))?;
+        seen.push(name);
+        let order_ok = match (name, seen.len()) {
+            ("version", 1) => true,
+            ("encoding", 2) => true,
+            ("standalone", 2) => true,
+            ("standalone", 3) => seen[1] == "encoding",
+            _ => false,
+        };
+        if !order_ok {
+            return Err(bad(
+                "only version, encoding and standalone, in that order, may appear",
+            ));
+        }
+        match name {
+            "version" if value != "1.0" => {
+                return Err(invalid(
+                    1,
+                    format!("XML version {value:?}: write version='1.0'"),
+                ));
+            }
+            "encoding" if !value.eq_ignore_ascii_case("utf-8") => {
+                return Err(invalid(
+                    1,
+                    format!(
+                        "encoding {value:?}: guestkey reads UTF-8 only; write encoding='UTF-8' or leave it out"
+                    ),
+                ));
+            }
+            "standalone" if value != "yes" && value != "no" => {
+                return Err(bad("standalone must be 'yes' or 'no'"));
+            }
+            _ => {}
+        }
+        rest = tail;
+    }
+    if seen.is_empty() {
+        return Err(bad("it needs version='1.0'"));
+    }
+    Ok(())
+}
+
 fn attach(stack: &mut [Element], root: &mut Option<Element>, el: Element) {
     match stack.last_mut() {
         Some(parent) => parent.children.push(Node::Element(el)),
@@ -262,31 +353,14 @@ pub(crate) fn build(xml: &str) -> Result<Element, XmlError> {
         let line = lines.at(start);
         let outside = stack.is_empty();
         match ev {
-            Event::Decl(d) => {
+            Event::Decl(_) => {
                 if start != 0 {
                     return Err(malformed(
                         line,
                         "an XML declaration is allowed only at the very start",
                     ));
                 }
-                let version = d.version().map_err(|e| malformed(line, e.to_string()))?;
-                if &*version != "1.0" {
-                    return Err(invalid(
-                        line,
-                        format!("XML version {version:?}: write version='1.0'"),
-                    ));
-                }
-                if let Some(enc) = d.encoding() {
-                    let enc = enc.map_err(|e| malformed(line, e.to_string()))?;
-                    if !enc.eq_ignore_ascii_case("utf-8") {
-                        return Err(invalid(
-                            line,
-                            format!(
-                                "encoding {enc:?}: guestkey reads UTF-8 only; write encoding='UTF-8' or leave it out"
-                            ),
-                        ));
-                    }
-                }
+                check_decl(&xml[start..end])?;
             }
             Event::DocType(_) => {
                 return Err(invalid(
@@ -339,6 +413,12 @@ pub(crate) fn build(xml: &str) -> Result<Element, XmlError> {
                 attach(&mut stack, &mut root, el);
             }
             Event::Text(t) => {
+                if xml[start..end].contains("]]>") {
+                    return Err(malformed(
+                        line,
+                        "']]>' is not allowed in text: write ]]&gt;",
+                    ));
+                }
                 let s = t.xml10_content();
                 if outside {
                     if !s.chars().all(|c| matches!(c, ' ' | '\t' | '\n' | '\r')) {
@@ -377,5 +457,61 @@ pub(crate) fn build(xml: &str) -> Result<Element, XmlError> {
             }
         }
     }
-    root.ok_or_else(|| invalid(1, "no <domain> element"))
+    let root = root.ok_or_else(|| invalid(1, "no <domain> element"))?;
+    check_prefixes(&root, &mut vec!["xml"])?;
+    Ok(root)
+}
+
+/// Every prefix used is declared (`xmlns:p='...'`) on the element or
+/// above it: libxml2 keeps an undeclared `p:name` as a plain name, other
+/// parsers refuse it.
+fn check_prefixes<'a>(el: &'a Element, scope: &mut Vec<&'a str>) -> Result<(), XmlError> {
+    const RESERVED: [&str; 2] = [
+        "http://www.w3.org/XML/1998/namespace",
+        "http://www.w3.org/2000/xmlns/",
+    ];
+    for a in &el.attrs {
+        let prefix = a.name.strip_prefix("xmlns:");
+        if a.name != "xmlns" && prefix.is_none() {
+            continue;
+        }
+        if RESERVED.contains(&a.value.as_str())
+            || matches!(prefix, Some("xml" | "xmlns"))
+            || (prefix.is_some() && a.value.is_empty())
+        {
+            return Err(malformed(
+                el.line,
+                format!(
+                    "the namespace declaration {}='{}' on <{}> is not allowed",
+                    a.name, a.value, el.name
+                ),
+            ));
+        }
+    }
+    let before = scope.len();
+    scope.extend(
+        el.attrs
+            .iter()
+            .filter_map(|a| a.name.strip_prefix("xmlns:")),
+    );
+    let used = std::iter::once(el.name.as_str())
+        .chain(el.attrs.iter().map(|a| a.name.as_str()))
+        .filter_map(|n| n.split_once(':').map(|(p, _)| p))
+        .filter(|p| *p != "xmlns");
+    for p in used {
+        if !scope.contains(&p) {
+            return Err(malformed(
+                el.line,
+                format!(
+                    "the namespace prefix {p}: in <{}> is not declared: add xmlns:{p}='...' or remove the prefix",
+                    el.name
+                ),
+            ));
+        }
+    }
+    for c in el.elements() {
+        check_prefixes(c, scope)?;
+    }
+    scope.truncate(before);
+    Ok(())
 }
