@@ -60,6 +60,25 @@ fn cases() -> Vec<(String, &'static str)> {
         (dom("<a:b:c/>"), "not a valid XML name"),
         (dom("<os><type arch='x86_64' arch='i686'>hvm</type></os>"), "not well-formed"),
         (dom(&"<a>".repeat(130)), "more than 128 levels deep"),
+        // Found by the fuzzer (quick-xml takes them, libxml2 and roxmltree
+        // do not); also in fuzz/seeds/read/regression-*.
+        (
+            format!("<?xml version=\"1.0\" evcpuing=\"utf-8\"?>\n{}", dom("")),
+            "only version, encoding and standalone, in that order",
+        ),
+        (
+            disk(&format!("<source file='/a'><reservations managed='no'><source type='unix' path='/p'dmode='client'/></reservations></source>")),
+            "in <source>: attributes must be separated by white space",
+        ),
+        (dom("<title>a]]>b</title>"), "']]>' is not allowed in text"),
+        (
+            dom("<x:disk xmlns:h='urn:x'><x:source file='/y'/></x:disk>"),
+            "the namespace prefix x: in <x:disk> is not declared",
+        ),
+        (
+            dom("<devices xmlns:xm0='http://www.w3.org/XML/1998/namespace'/>"),
+            "the namespace declaration xmlns:xm0='http://www.w3.org/XML/1998/namespace' on <devices> is not allowed",
+        ),
         // Two of an element libvirt reads once.
         (
             "<domain>\n<name>a</name>\n<name>b</name>\n</domain>".into(),
