@@ -67,7 +67,7 @@ fn cases() -> Vec<(String, &'static str)> {
             "only version, encoding and standalone, in that order",
         ),
         (
-            disk(&format!("<source file='/a'><reservations managed='no'><source type='unix' path='/p'dmode='client'/></reservations></source>")),
+            disk("<source file='/a'><reservations managed='no'><source type='unix' path='/p'dmode='client'/></reservations></source>"),
             "in <source>: attributes must be separated by white space",
         ),
         (dom("<title>a]]>b</title>"), "']]>' is not allowed in text"),
