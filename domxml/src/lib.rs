@@ -72,6 +72,18 @@
 //!   [`Domain::secret_uuids`] (or [`Domain::disk_secrets`] for the disk and
 //!   image of each secret).
 //!
+//! # Fuzzing
+//! `fuzzing::check` (feature `fuzzing`) states the rule: whatever
+//! [`parse`] accepts, roxmltree (a second XML parser) parses too, and a
+//! libvirt-like reading and a last-wins reading of its tree agree with ours
+//! on the name, the UUID and every disk's source, target and secrets; and
+//! [`rewrite`]'s output parses again to the same disks with the new
+//! secrets. The unit tests run it over `fuzz/seeds/read/`; the fuzz target
+//! runs it on whatever libFuzzer makes of them:
+//! `cd domxml/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run read corpus/read seeds/read -- -dict=read.dict`.
+//! A crash it finds is fixed and its input kept in the seeds as
+//! `regression-*` (and as a row of the refused table).
+//!
 //! This crate imports only quick-xml, uuid and thiserror (and roxmltree
 //! for its fuzzing checks); it knows nothing of the rest of guestkey.
 
