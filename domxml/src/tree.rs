@@ -107,14 +107,19 @@ fn name_char(c: char) -> bool {
         || matches!(c, '-' | '.' | '0'..='9' | '\u{B7}' | '\u{300}'..='\u{36F}' | '\u{203F}'..='\u{2040}')
 }
 
-/// An XML name that is also a namespace-well-formed QName: at most one
-/// colon, neither first nor last.
+/// An XML name that is also a namespace-well-formed QName: one or two
+/// NCNames (no colon, not starting with a digit, `-` or `.`) joined by a
+/// colon.
 fn check_name(name: &str, what: &str, line: usize) -> Result<(), XmlError> {
-    let mut chars = name.chars();
-    let ok = chars.next().is_some_and(|c| name_start_char(c) && c != ':')
-        && chars.all(name_char)
-        && name.matches(':').count() <= 1
-        && !name.ends_with(':');
+    let ncname = |part: &str| {
+        let mut chars = part.chars();
+        chars.next().is_some_and(|c| name_start_char(c) && c != ':')
+            && chars.all(|c| name_char(c) && c != ':')
+    };
+    let ok = match name.split_once(':') {
+        Some((prefix, local)) => ncname(prefix) && ncname(local),
+        None => ncname(name),
+    };
     if ok {
         Ok(())
     } else {
@@ -377,6 +382,12 @@ pub(crate) fn build(xml: &str) -> Result<Element, XmlError> {
                     ));
                 }
                 check_name(target, "processing instruction target", line)?;
+                if target.contains(':') {
+                    return Err(malformed(
+                        line,
+                        format!("processing instruction target {target:?} holds a colon"),
+                    ));
+                }
                 if let Some(parent) = stack.last_mut() {
                     parent.children.push(Node::Pi);
                 }

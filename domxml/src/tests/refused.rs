@@ -79,6 +79,11 @@ fn cases() -> Vec<(String, &'static str)> {
             dom("<devices xmlns:xm0='http://www.w3.org/XML/1998/namespace'/>"),
             "the namespace declaration xmlns:xm0='http://www.w3.org/XML/1998/namespace' on <devices> is not allowed",
         ),
+        (
+            dom("<devices xmlns:.='urn:x'/>"),
+            "attribute name in <devices> \"xmlns:.\" is not a valid XML name",
+        ),
+        (dom("<x:-a xmlns:x='urn:x'/>"), "element name \"x:-a\" is not a valid XML name"),
         // Two of an element libvirt reads once.
         (
             "<domain>\n<name>a</name>\n<name>b</name>\n</domain>".into(),
