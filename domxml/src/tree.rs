@@ -469,18 +469,22 @@ pub(crate) fn build(xml: &str) -> Result<Element, XmlError> {
         }
     }
     let root = root.ok_or_else(|| invalid(1, "no <domain> element"))?;
-    check_prefixes(&root, &mut vec!["xml"])?;
+    check_prefixes(&root, &mut Vec::new())?;
     Ok(root)
 }
 
 /// Every prefix used is declared (`xmlns:p='...'`) on the element or
-/// above it: libxml2 keeps an undeclared `p:name` as a plain name, other
-/// parsers refuse it.
-fn check_prefixes<'a>(el: &'a Element, scope: &mut Vec<&'a str>) -> Result<(), XmlError> {
-    const RESERVED: [&str; 2] = [
-        "http://www.w3.org/XML/1998/namespace",
-        "http://www.w3.org/2000/xmlns/",
-    ];
+/// above it (libxml2 keeps an undeclared `p:name` as a plain name, other
+/// parsers refuse it); no element has the prefix `xml` or `xmlns`; no two
+/// attributes have the same namespace and local name; the XML and XMLNS
+/// namespaces are bound to nothing else.
+fn check_prefixes<'a>(
+    el: &'a Element,
+    scope: &mut Vec<(&'a str, &'a str)>,
+) -> Result<(), XmlError> {
+    const XML_NS: &str = "http://www.w3.org/XML/1998/namespace";
+    const RESERVED: [&str; 2] = [XML_NS, "http://www.w3.org/2000/xmlns/"];
+    let bad = |what: String| Err(malformed(el.line, what));
     for a in &el.attrs {
         let prefix = a.name.strip_prefix("xmlns:");
         if a.name != "xmlns" && prefix.is_none() {
@@ -490,12 +494,9 @@ fn check_prefixes<'a>(el: &'a Element, scope: &mut Vec<&'a str>) -> Result<(), X
             || matches!(prefix, Some("xml" | "xmlns"))
             || (prefix.is_some() && a.value.is_empty())
         {
-            return Err(malformed(
-                el.line,
-                format!(
-                    "the namespace declaration {}='{}' on <{}> is not allowed",
-                    a.name, a.value, el.name
-                ),
+            return bad(format!(
+                "the namespace declaration {}='{}' on <{}> is not allowed",
+                a.name, a.value, el.name
             ));
         }
     }
@@ -503,22 +504,49 @@ fn check_prefixes<'a>(el: &'a Element, scope: &mut Vec<&'a str>) -> Result<(), X
     scope.extend(
         el.attrs
             .iter()
-            .filter_map(|a| a.name.strip_prefix("xmlns:")),
+            .filter_map(|a| a.name.strip_prefix("xmlns:").map(|p| (p, a.value.as_str()))),
     );
-    let used = std::iter::once(el.name.as_str())
-        .chain(el.attrs.iter().map(|a| a.name.as_str()))
-        .filter_map(|n| n.split_once(':').map(|(p, _)| p))
-        .filter(|p| *p != "xmlns");
-    for p in used {
-        if !scope.contains(&p) {
-            return Err(malformed(
-                el.line,
-                format!(
-                    "the namespace prefix {p}: in <{}> is not declared: add xmlns:{p}='...' or remove the prefix",
-                    el.name
-                ),
+    let uri = |p: &str| -> Option<&str> {
+        if p == "xml" {
+            return Some(XML_NS);
+        }
+        scope.iter().rev().find(|(q, _)| *q == p).map(|(_, u)| *u)
+    };
+    if let Some((p, _)) = el.name.split_once(':') {
+        if p == "xml" || p == "xmlns" {
+            return bad(format!(
+                "the element <{}> has the reserved prefix {p}:",
+                el.name
             ));
         }
+        if uri(p).is_none() {
+            return bad(format!(
+                "the namespace prefix {p}: in <{}> is not declared: add xmlns:{p}='...' or remove the prefix",
+                el.name
+            ));
+        }
+    }
+    let mut expanded: Vec<(&str, &str)> = Vec::new();
+    for a in &el.attrs {
+        let Some((p, local)) = a.name.split_once(':') else {
+            continue;
+        };
+        if p == "xmlns" {
+            continue;
+        }
+        let Some(u) = uri(p) else {
+            return bad(format!(
+                "the namespace prefix {p}: in <{}> is not declared: add xmlns:{p}='...' or remove the prefix",
+                el.name
+            ));
+        };
+        if expanded.contains(&(u, local)) {
+            return bad(format!(
+                "<{}> has two attributes {local} in the namespace {u}",
+                el.name
+            ));
+        }
+        expanded.push((u, local));
     }
     for c in el.elements() {
         check_prefixes(c, scope)?;

@@ -93,6 +93,14 @@ fn cases() -> Vec<(String, &'static str)> {
             "attribute name in <devices> \"xmlns:.\" is not a valid XML name",
         ),
         (dom("<x:-a xmlns:x='urn:x'/>"), "element name \"x:-a\" is not a valid XML name"),
+        (
+            dom("<xmlns:devices/>"),
+            "the element <xmlns:devices> has the reserved prefix xmlns:",
+        ),
+        (
+            dom("<metadata><m:x xmlns:m='urn:u' xmlns:n='urn:u' m:a='1' n:a='2'/></metadata>"),
+            "<m:x> has two attributes a in the namespace urn:u",
+        ),
         // Two of an element libvirt reads once.
         (
             "<domain>\n<name>a</name>\n<name>b</name>\n</domain>".into(),
