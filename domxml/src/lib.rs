@@ -96,6 +96,7 @@ mod read;
 mod rewrite;
 mod text;
 mod tree;
+mod wellformed;
 
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
