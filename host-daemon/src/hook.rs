@@ -4,16 +4,18 @@
 //! runs as (`--hook-uid`), one request per connection, one line each way:
 //!
 //! ```text
-//! prepare DOMAIN-UUID [SECRET-UUID...]   ->  ok | error MESSAGE
-//! release DOMAIN-UUID [SECRET-UUID...]   ->  ok | error MESSAGE
+//! prepare DOMAIN-UUID [SECRET-UUID,TARGET,SOURCE...]   ->  ok | error MESSAGE
+//! release DOMAIN-UUID [SECRET-UUID,TARGET,SOURCE...]   ->  ok | error MESSAGE
 //! ```
+//!
+//! The format is `virt_plugin::protocol`, shared with the hook (canonical
+//! UUIDs only, paths hex-encoded).
 //!
 //! `prepare` defines the guest's volume secrets in libvirt (ephemeral,
 //! private) with their values; `release` undefines them. There is no request
 //! that returns a key. Every step has a time limit, so a stuck libvirt
 //! cannot hang the hook (and libvirtd, which waits for the hook) forever.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +23,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::model::canonical_uuid;
+use virt_plugin::protocol::{MAX_LINE, Op, Request};
+
 use crate::ops::Daemon;
 
 /// Longest a request may take before the hook is told to give up.
@@ -81,18 +84,18 @@ async fn handle(stream: UnixStream, daemon: Arc<Daemon>, hook_uid: u32) -> std::
         return Ok(());
     }
     let mut line = String::new();
-    let mut reader = BufReader::new(read).take(64 * 1024);
+    let mut reader = BufReader::new(read).take(MAX_LINE as u64 + 1);
     tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
         .await
         .map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within 5 s")
         })??;
-    let reply = match parse(&line) {
-        Ok((op, domain, secrets)) => {
+    let reply = match Request::parse(line.trim_end_matches('\n')) {
+        Ok(r) => {
             let d = daemon.clone();
-            let work = tokio::task::spawn_blocking(move || match op {
-                Op::Prepare => d.prepare_secrets(&domain, &secrets),
-                Op::Release => d.release_secrets(&domain, &secrets),
+            let work = tokio::task::spawn_blocking(move || match r.op {
+                Op::Prepare => d.prepare_secrets(&r.domain, &r.disks),
+                Op::Release => d.release_secrets(&r.domain, &r.secrets()),
             });
             match tokio::time::timeout(REQUEST_TIMEOUT, work).await {
                 Ok(Ok(Ok(()))) => "ok\n".to_owned(),
@@ -107,68 +110,4 @@ async fn handle(stream: UnixStream, daemon: Arc<Daemon>, hook_uid: u32) -> std::
         Err(msg) => format!("error {msg}\n"),
     };
     write.write_all(reply.as_bytes()).await
-}
-
-enum Op {
-    Prepare,
-    Release,
-}
-
-fn parse(line: &str) -> Result<(Op, String, BTreeSet<String>), String> {
-    let mut words = line.split_whitespace();
-    let op = match words.next() {
-        Some("prepare") => Op::Prepare,
-        Some("release") => Op::Release,
-        _ => {
-            return Err(
-                "unknown request: the hook socket takes only `prepare` and `release`".into(),
-            );
-        }
-    };
-    let domain = words.next().ok_or("no domain UUID in the request")?;
-    // One spelling only: another would match nothing here and answer `ok`
-    // for a guest whose keys were never looked at.
-    canonical_uuid("domain UUID", domain).map_err(|e| e.0)?;
-    let mut secrets = BTreeSet::new();
-    for s in words {
-        canonical_uuid("secret UUID", s).map_err(|e| e.0)?;
-        secrets.insert(s.to_owned());
-    }
-    Ok((op, domain.to_owned(), secrets))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_parse_strictly() {
-        let d = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
-        let s = "aaaaaaaa-0000-0000-0000-000000000001";
-        let (op, dom, secrets) = parse(&format!("prepare {d} {s}\n")).unwrap();
-        assert!(matches!(op, Op::Prepare));
-        assert_eq!(dom, d);
-        assert_eq!(secrets.into_iter().collect::<Vec<_>>(), vec![s.to_owned()]);
-        for (line, want) in [
-            ("", "unknown request"),
-            ("start x", "unknown request"),
-            ("prepare", "no domain UUID"),
-            ("prepare not-a-uuid", "not a UUID"),
-            (
-                "prepare 1B4E28BA-2FA1-11D2-883F-0016D3CCA427",
-                "canonical form",
-            ),
-            ("release 1b4e28ba2fa111d2883f0016d3cca427", "canonical form"),
-            (
-                &format!("prepare {d} {}", s.to_uppercase()),
-                "canonical form",
-            ),
-            (&format!("prepare {d} {{{s}}}"), "canonical form"),
-        ] {
-            let e = parse(line)
-                .err()
-                .unwrap_or_else(|| panic!("{line:?} accepted"));
-            assert!(e.contains(want), "{line:?}: {e}");
-        }
-    }
 }

@@ -29,7 +29,7 @@ pub mod ca;
 pub mod config;
 pub mod datadir;
 pub mod domain;
-pub mod domxml;
+pub use guestkey_domxml as domxml;
 pub mod init;
 pub mod masterkey;
 pub mod model;

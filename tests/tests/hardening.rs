@@ -322,3 +322,91 @@ fn a_second_guestkeyd_is_refused_and_the_first_keeps_serving() {
     std::io::Read::read_to_string(&mut c, &mut answer).unwrap();
     assert_eq!(answer.trim(), "ok");
 }
+
+/// A guest not defined through guestkey whose disk is a LUKS image this
+/// host holds no key for: the hook refuses it before libvirt would fail
+/// with "Secret not found", naming the disk, and, where the server knows
+/// the volume, the host that holds its key and the command to run.
+#[test]
+fn a_luks_disk_without_its_key_is_refused_naming_the_disk_and_where_the_key_is() {
+    let mut s = Stack::start();
+    // An image encrypted outside guestkey; its secret is not in libvirt.
+    let img = s.dir.join("pool/outside.qcow2");
+    let kf = s.dir.join("outside.key");
+    std::fs::write(&kf, "outside-passphrase").unwrap();
+    let obj = format!("secret,id=k0,file={}", kf.display());
+    guestkey_tests::retry_calibration(|| {
+        guestkey_tests::run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "--object",
+                &obj,
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=k0,encrypt.iter-time=10",
+                img.to_str().unwrap(),
+                "16M",
+            ],
+        )
+    })
+    .unwrap();
+    let define = |s: &mut Stack, name: &str, path: &Path, secret: &str| {
+        let enc = format!(
+            "<encryption format='luks'><secret type='passphrase' uuid='{secret}'/></encryption>"
+        );
+        let file = s.dir.join(format!("{name}.xml"));
+        std::fs::write(
+            &file,
+            guestkey_tests::minimal_domain_xml(name, path, "qcow2", &enc),
+        )
+        .unwrap();
+        virsh(&["define", file.to_str().unwrap()]).unwrap();
+        s.cleanup.virsh(&["undefine", name]);
+        s.cleanup.virsh(&["destroy", name]);
+    };
+    let secret = uuid::Uuid::new_v4().to_string();
+    let guest = unique_name("outside");
+    define(&mut s, &guest, &img, &secret);
+    let err = virsh(&["start", &guest]).unwrap_err().0;
+    assert!(
+        err.contains(&format!("disk vda ({}) is LUKS-encrypted with libvirt secret {secret}, which is not defined on this host", img.display())),
+        "{err}"
+    );
+    assert!(err.contains("guestkeyctl volume encrypt"), "{err}");
+    assert!(
+        !err.contains("Secret not found"),
+        "libvirt's words came first: {err}"
+    );
+
+    // A guestkey volume of another host, under its own secret.
+    let (host2, _, _daemon2) = s.second_host();
+    let pool = s.pool.clone();
+    s.json(&[
+        "volume",
+        "create",
+        "--host",
+        &host2,
+        "--pool",
+        &pool,
+        "--name",
+        "other-disk",
+        "--size",
+        "16M",
+    ]);
+    let v = s.json(&["volume", "show", "other-disk"]);
+    let path = s.dir.join("pool/other-disk");
+    let guest2 = unique_name("other");
+    define(&mut s, &guest2, &path, v["secret_uuid"].as_str().unwrap());
+    let err = virsh(&["start", &guest2]).unwrap_err().0;
+    assert!(
+        err.contains(&format!(
+            "guestkey volume other-disk (ready), whose key goes to host {host2} only"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("guestkeyctl guest migrate"), "{err}");
+    assert_eq!(virsh(&["domstate", &guest2]).unwrap().trim(), "shut off");
+}

@@ -11,6 +11,10 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+pub mod protocol;
+
+use protocol::{Disk, Op, Request, Source};
+
 /// Where guestkeyd listens.
 pub const DEFAULT_SOCKET: &str = "/run/guestkey/hook.sock";
 /// Secret UUIDs that guestkeyd manages, one per line, kept by guestkeyd so
@@ -38,54 +42,46 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(45);
 /// What the domain XML says that the hook needs.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct DomainInfo {
-    /// `<uuid>`.
+    /// `<uuid>` (canonical).
     pub uuid: String,
-    /// Secret UUIDs named by `<encryption>` elements of disks.
-    pub secrets: Vec<String>,
+    /// The encrypted disks (and encrypted backing layers), one per secret.
+    pub disks: Vec<Disk>,
 }
 
-/// Reads the domain UUID and the disks' encryption secret UUIDs.
+impl DomainInfo {
+    /// The secret UUIDs the disks name.
+    pub fn secrets(&self) -> Vec<String> {
+        self.disks.iter().map(|d| d.secret.clone()).collect()
+    }
+}
+
+/// Reads the domain UUID and the disks' encryption secrets with the strict
+/// reader the server and guestkeyd use (`guestkey-domxml`).
 pub fn parse_domain(xml: &str) -> Result<DomainInfo, String> {
-    use quick_xml::events::Event;
-    let mut r = quick_xml::Reader::from_str(xml);
-    let mut stack: Vec<String> = vec![];
-    let mut info = DomainInfo::default();
-    loop {
-        let ev = r.read_event().map_err(|e| format!("domain XML: {e}"))?;
-        match &ev {
-            Event::Start(e) | Event::Empty(e) => {
-                let name = e.name().0.to_owned();
-                if name == "secret"
-                    && stack.iter().any(|s| s == "encryption")
-                    && stack.iter().any(|s| s == "disk")
-                {
-                    for a in e.attributes().flatten() {
-                        if a.key.0 == "uuid" {
-                            info.secrets.push(a.value.to_ascii_lowercase());
-                        }
-                    }
-                }
-                if matches!(ev, Event::Start(_)) {
-                    stack.push(name);
-                }
-            }
-            Event::End(_) => {
-                stack.pop();
-            }
-            Event::Text(t) if stack.len() == 2 && stack[1] == "uuid" => {
-                info.uuid = t.xml10_content().trim().to_ascii_lowercase();
-            }
-            Event::Eof => break,
-            _ => {}
+    use guestkey_domxml::DiskSource as S;
+    let dom = guestkey_domxml::parse(xml).map_err(|e| e.to_string())?;
+    let uuid = dom.identity().map_err(|e| e.to_string())?.uuid;
+    let mut disks: Vec<Disk> = vec![];
+    for d in dom.disk_secrets() {
+        if disks.iter().any(|x| x.secret == d.secret_uuid) {
+            continue;
         }
+        let source = match d.source {
+            S::File(p) | S::Block(p) => Source::Path(p.clone()),
+            S::Volume { pool, volume } => Source::Volume {
+                pool: pool.clone(),
+                volume: volume.clone(),
+            },
+            _ => Source::Unknown,
+        };
+        disks.push(Disk {
+            secret: d.secret_uuid.to_owned(),
+            target: d.target.to_owned(),
+            source,
+        });
     }
-    if uuid::Uuid::parse_str(&info.uuid).is_err() {
-        return Err("the domain XML has no valid <uuid>".into());
-    }
-    info.secrets.retain(|s| uuid::Uuid::parse_str(s).is_ok());
-    info.secrets.sort();
-    info.secrets.dedup();
-    Ok(info)
+    disks.sort_by(|a, b| a.secret.cmp(&b.secret));
+    Ok(DomainInfo { uuid, disks })
 }
 
 /// Sends one request and returns guestkeyd's answer line.
@@ -109,34 +105,38 @@ pub fn run(
     managed_list: &Path,
 ) -> (i32, Option<String>) {
     let op = match operation {
-        "prepare" => "prepare",
+        "prepare" => Op::Prepare,
         // QEMU holds what it needs once it started; on release the start
         // may have failed: either way the secrets go.
-        "started" | "release" => "release",
+        "started" | "release" => Op::Release,
         _ => return (0, None),
     };
     let info = match parse_domain(xml) {
         Ok(i) => i,
-        Err(e) if op == "prepare" => {
+        // XML libvirt could read another way: refused where it matters,
+        // for a domain that names one of guestkey's secrets.
+        Err(e) if op == Op::Prepare && names_managed_secret(xml, managed_list) => {
             return (1, Some(format!("guestkey: domain {domain_name}: {e}")));
         }
         Err(_) => return (0, None),
     };
-    let request = std::iter::once(format!("{op} {}", info.uuid))
-        .chain(info.secrets.iter().cloned())
-        .collect::<Vec<_>>()
-        .join(" ");
+    let request = Request {
+        op,
+        domain: info.uuid.clone(),
+        disks: info.disks.clone(),
+    }
+    .line();
     match ask(socket, &request) {
         Ok(answer) if answer == "ok" => (0, None),
         Ok(answer) => {
             let msg = answer.strip_prefix("error ").unwrap_or(&answer);
-            let status = if op == "prepare" { 1 } else { 0 };
+            let status = if op == Op::Prepare { 1 } else { 0 };
             (
                 status,
                 Some(format!("guestkey: domain {domain_name}: {msg}")),
             )
         }
-        Err(e) if op == "prepare" && uses_managed_secret(&info, managed_list) => (
+        Err(e) if op == Op::Prepare && uses_managed_secret(&info, managed_list) => (
             1,
             Some(format!(
                 "guestkey: domain {domain_name} has disks encrypted by guestkey, but guestkeyd does not answer on {} ({e}): start guestkeyd",
@@ -148,14 +148,31 @@ pub fn run(
     }
 }
 
+/// The secret UUIDs guestkeyd manages (empty if the list cannot be read).
+fn managed(managed_list: &Path) -> Vec<String> {
+    std::fs::read_to_string(managed_list)
+        .map(|l| {
+            l.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Whether any of the domain's disk secrets is one guestkeyd manages.
 fn uses_managed_secret(info: &DomainInfo, managed_list: &Path) -> bool {
-    let Ok(list) = std::fs::read_to_string(managed_list) else {
-        return false;
-    };
-    list.lines()
-        .map(str::trim)
-        .any(|l| info.secrets.iter().any(|s| s == l))
+    let m = managed(managed_list);
+    info.disks.iter().any(|d| m.contains(&d.secret))
+}
+
+/// Whether XML that did not parse names one of guestkeyd's secrets anywhere.
+fn names_managed_secret(xml: &str, managed_list: &Path) -> bool {
+    let lower = xml.to_ascii_lowercase();
+    managed(managed_list)
+        .iter()
+        .any(|s| lower.contains(s.as_str()))
 }
 
 #[cfg(test)]
@@ -164,22 +181,36 @@ mod tests {
 
     #[test]
     fn finds_uuid_and_disk_secrets_only() {
-        let xml = "<domain><name>g</name><uuid>1B4E28BA-2FA1-11D2-883F-0016D3CCA427</uuid><devices>
-            <disk type='file'><source file='/a'/><encryption format='luks'><secret type='passphrase' uuid='aaaaaaaa-0000-0000-0000-000000000001'/></encryption></disk>
-            <disk type='file'><source file='/b'><encryption format='luks'><secret type='passphrase' uuid='aaaaaaaa-0000-0000-0000-000000000002'/></encryption></source></disk>
-            <disk type='file'><source file='/c'/></disk>
+        let xml = "<domain><name>g</name><uuid>1b4e28ba-2fa1-11d2-883f-0016d3cca427</uuid><devices>
+            <disk type='file'><source file='/a'/><target dev='vda'/><encryption format='luks'><secret type='passphrase' uuid='aaaaaaaa-0000-0000-0000-000000000001'/></encryption></disk>
+            <disk type='volume'><source pool='p' volume='v'><encryption format='luks'><secret type='passphrase' uuid='aaaaaaaa-0000-0000-0000-000000000002'/></encryption></source><target dev='vdb'/></disk>
+            <disk type='file'><source file='/c'/><target dev='vdc'/></disk>
             <hostdev><source><secret uuid='bbbbbbbb-0000-0000-0000-000000000000'/></source></hostdev>
           </devices></domain>";
         let i = parse_domain(xml).unwrap();
         assert_eq!(i.uuid, "1b4e28ba-2fa1-11d2-883f-0016d3cca427");
         assert_eq!(
-            i.secrets,
+            i.disks,
             vec![
-                "aaaaaaaa-0000-0000-0000-000000000001",
-                "aaaaaaaa-0000-0000-0000-000000000002"
+                Disk {
+                    secret: "aaaaaaaa-0000-0000-0000-000000000001".into(),
+                    target: "vda".into(),
+                    source: Source::Path("/a".into())
+                },
+                Disk {
+                    secret: "aaaaaaaa-0000-0000-0000-000000000002".into(),
+                    target: "vdb".into(),
+                    source: Source::Volume {
+                        pool: "p".into(),
+                        volume: "v".into()
+                    }
+                },
             ]
         );
         assert!(parse_domain("<domain><name>x</name></domain>").is_err());
+        // libvirt would read the first <uuid>, we would not know which.
+        let two = "<domain><name>x</name><uuid>1b4e28ba-2fa1-11d2-883f-0016d3cca427</uuid><uuid>1b4e28ba-2fa1-11d2-883f-0016d3cca428</uuid></domain>";
+        assert!(parse_domain(two).is_err());
     }
 
     #[test]
@@ -192,7 +223,7 @@ mod tests {
         assert_eq!(run("p", "prepare", plain, missing, &list), (0, None));
         let enc = |secret: &str| {
             format!(
-                "<domain><name>e</name><uuid>1b4e28ba-2fa1-11d2-883f-0016d3cca427</uuid><devices><disk><encryption><secret uuid='{secret}'/></encryption></disk></devices></domain>"
+                "<domain><name>e</name><uuid>1b4e28ba-2fa1-11d2-883f-0016d3cca427</uuid><devices><disk type='file'><source file='/x'/><target dev='vda'/><encryption format='luks'><secret type='passphrase' uuid='{secret}'/></encryption></disk></devices></domain>"
             )
         };
         let managed = enc("aaaaaaaa-0000-0000-0000-000000000001");
@@ -204,6 +235,19 @@ mod tests {
         // An encrypted disk whose secret the operator manages: not ours.
         let own = enc("cccccccc-0000-0000-0000-000000000009");
         assert_eq!(run("o", "prepare", &own, missing, &list), (0, None));
+        // XML that libvirt could read two ways: refused for a guestkey
+        // guest, left to libvirt for any other.
+        let ambiguous = managed.replace(
+            "<target dev='vda'/>",
+            "<target dev='vda'/><target dev='vdb'/>",
+        );
+        let (code, msg) = run("e", "prepare", &ambiguous, missing, &list);
+        assert_eq!(code, 1, "{msg:?}");
+        let other = own.replace(
+            "<target dev='vda'/>",
+            "<target dev='vda'/><target dev='vdb'/>",
+        );
+        assert_eq!(run("o", "prepare", &other, missing, &list), (0, None));
         std::fs::remove_file(list).unwrap();
     }
 }

@@ -187,6 +187,15 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
                 hook_uid,
             ));
             daemon.write_managed_list()?;
+            match host_daemon::grpc::lookup::ServerLookup::new(
+                &dir,
+                tokio::runtime::Handle::current(),
+            ) {
+                Some(l) => daemon.set_lookup(Box::new(l)),
+                None => tracing::warn!(
+                    "not enrolled with a server URL: refusals cannot name where a key is"
+                ),
+            }
             spawn_background(&daemon, &libvirt_uri);
             tokio::spawn(host_daemon::grpc::report::run(dir.clone(), daemon.clone()));
 

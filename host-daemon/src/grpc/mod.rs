@@ -7,6 +7,7 @@
 //! May import everything below it. Imported by: the binary.
 
 pub mod enroll;
+pub mod lookup;
 mod pb;
 pub mod report;
 

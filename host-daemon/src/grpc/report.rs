@@ -25,25 +25,12 @@ const REFRESH: Duration = Duration::from_secs(60);
 
 /// Runs forever (until the process ends).
 pub async fn run(dir: StateDir, daemon: Arc<Daemon>) {
-    let read = |f: &str| std::fs::read_to_string(dir.file(f)).ok();
-    let (Some(url), Some(ca), Some(cert), Some(key)) = (
-        read("server.url"),
-        read("ca.pem"),
-        read("tls.pem"),
-        read("tls.key"),
-    ) else {
+    let Some((url, tls)) = server_tls(&dir) else {
         tracing::warn!(
             "no server.url in the state directory (enrolled by an older guestkeyd?): inventory reports disabled"
         );
         return;
     };
-    let key = zeroize::Zeroizing::new(key);
-    let url = url.trim().to_owned();
-    let domain = super::enroll::tls_name(&url).unwrap_or_default();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&ca))
-        .identity(Identity::from_pem(&cert, key.as_bytes()))
-        .domain_name(domain);
     let mut client: Option<HostApiClient<Channel>> = None;
     // (store change count, when sent) of the last report that got through.
     let mut last: Option<(u64, Instant)> = None;
@@ -131,8 +118,23 @@ pub async fn run(dir: StateDir, daemon: Arc<Daemon>) {
     }
 }
 
+/// The server's URL and the mutual-TLS configuration to reach it with this
+/// host's certificate, from the state directory (None: not enrolled).
+pub(super) fn server_tls(dir: &StateDir) -> Option<(String, ClientTlsConfig)> {
+    let read = |f: &str| std::fs::read_to_string(dir.file(f)).ok();
+    let (url, ca, cert) = (read("server.url")?, read("ca.pem")?, read("tls.pem")?);
+    let key = zeroize::Zeroizing::new(read("tls.key")?);
+    let url = url.trim().to_owned();
+    let domain = super::enroll::tls_name(&url).unwrap_or_default();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca))
+        .identity(Identity::from_pem(&cert, key.as_bytes()))
+        .domain_name(domain);
+    Some((url, tls))
+}
+
 /// The client on the open channel, connecting first if there is none.
-async fn connected<'a>(
+pub(super) async fn connected<'a>(
     client: &'a mut Option<HostApiClient<Channel>>,
     url: &str,
     tls: &ClientTlsConfig,

@@ -148,4 +148,6 @@ pub trait Hypervisor: Send + Sync {
     fn set_secret(&self, uuid: &str, volume_path: &str, value: &[u8]) -> Result<(), HvError>;
     /// Undefines a secret (a missing one is not an error).
     fn remove_secret(&self, uuid: &str) -> Result<(), HvError>;
+    /// Whether libvirt has a secret with this UUID (anyone's).
+    fn secret_defined(&self, uuid: &str) -> Result<bool, HvError>;
 }

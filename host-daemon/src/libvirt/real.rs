@@ -385,6 +385,22 @@ impl Hypervisor for Libvirt {
             .map_err(call(format!("value of libvirt secret {uuid}")))
     }
 
+    fn secret_defined(&self, uuid: &str) -> Result<bool, HvError> {
+        let conn = self.conn()?;
+        match conn.lookup_secret_by_uuid_string(uuid) {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoSecret)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(call(format!("look-up of libvirt secret {uuid}"))(e)),
+        }
+    }
+
     fn remove_secret(&self, uuid: &str) -> Result<(), HvError> {
         let conn = self.conn()?;
         match conn.lookup_secret_by_uuid_string(uuid) {

@@ -1,8 +1,6 @@
 //! The little XML guestkeyd writes for libvirt, and the one look-up it
 //! makes in libvirt's own domain XML (which disk is on an image).
 
-use quick_xml::events::Event;
-
 use super::DiskSource;
 
 /// The only secret definition guestkeyd makes: ephemeral (never written to
@@ -33,76 +31,37 @@ pub(super) fn escape(s: &str) -> String {
 }
 
 /// The target dev (e.g. `vda`) of the disk of libvirt's domain XML `xml`
-/// whose source is file `source.path` or volume `source.volume` of pool
-/// `source.pool` (a `<source>` nested in `<backingStore>` is not the disk's).
+/// whose own source is file `source.path` or volume `source.volume` of pool
+/// `source.pool` (a source in `<backingStore>` or `<mirror>` is not the
+/// disk's).
 pub(super) fn target_of(xml: &str, source: DiskSource<'_>) -> Option<String> {
     target_where(xml, |file| file == source.path, source)
 }
 
-/// The target dev of the disk whose source file satisfies `file`, or whose
-/// source is volume `source.volume` of pool `source.pool`.
+/// The target dev of the disk whose own source file satisfies `file`, or
+/// whose source is volume `source.volume` of pool `source.pool`. Read by the
+/// shared strict reader (`guestkey-domxml`).
 pub(super) fn target_where(
     xml: &str,
     file: impl Fn(&str) -> bool,
     source: DiskSource<'_>,
 ) -> Option<String> {
-    let mut r = quick_xml::Reader::from_str(xml);
-    let (mut depth, mut disk_depth) = (0usize, None::<usize>);
-    let (mut matched, mut target) = (false, None);
-    loop {
-        let ev = r.read_event().ok()?;
-        let (start, empty) = match &ev {
-            Event::Start(e) => (Some(e.clone()), false),
-            Event::Empty(e) => (Some(e.clone()), true),
-            _ => (None, false),
-        };
-        if let Some(e) = start {
-            let here = depth + 1;
-            match (e.name().0, disk_depth) {
-                ("disk", None) if !empty => {
-                    (disk_depth, matched, target) = (Some(here), false, None)
-                }
-                ("source", Some(d)) if here == d + 1 => {
-                    let attrs: Vec<_> = e.attributes().flatten().collect();
-                    let has = |k: &str, v: &str| attrs.iter().any(|a| a.key.0 == k && a.value == v);
-                    let file_ok = attrs.iter().any(|a| {
-                        a.key.0 == "file"
-                            && file(
-                                &a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
-                                    .unwrap_or_default(),
-                            )
-                    });
-                    matched |=
-                        file_ok || (has("pool", source.pool) && has("volume", source.volume));
-                }
-                ("target", Some(d)) if here == d + 1 => {
-                    target = e
-                        .attributes()
-                        .flatten()
-                        .find(|a| a.key.0 == "dev")
-                        .map(|a| a.value.into_owned());
-                }
-                _ => {}
-            }
-            if !empty {
-                depth = here;
-            }
-            continue;
+    let dom = match guestkey_domxml::parse(xml) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "libvirt's domain XML was not read");
+            return None;
         }
-        match ev {
-            Event::End(e) => {
-                if e.name().0 == "disk" && disk_depth == Some(depth) {
-                    if matched {
-                        return target;
-                    }
-                    disk_depth = None;
-                }
-                depth = depth.saturating_sub(1);
+    };
+    dom.disks
+        .iter()
+        .find(|d| match &d.source {
+            guestkey_domxml::DiskSource::Volume { pool, volume } => {
+                pool == source.pool && volume == source.volume
             }
-            Event::Eof => return None,
-            _ => {}
-        }
-    }
+            s => s.path().is_some_and(&file),
+        })
+        .map(|d| d.target.clone())
 }
 
 #[cfg(test)]
@@ -124,7 +83,7 @@ mod tests {
 
     #[test]
     fn the_disk_on_an_image_is_found_not_its_backing_store() {
-        let xml = "<domain><devices>
+        let xml = "<domain type='kvm'><name>t</name><uuid>1b4e28ba-2fa1-11d2-883f-0016d3cca427</uuid><devices>
           <disk type='file'><source file='/p/base'/><target dev='vda'/></disk>
           <disk type='file'><source file='/p/top'/>
             <backingStore type='file'><source file='/p/old'/></backingStore>

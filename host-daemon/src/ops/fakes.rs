@@ -281,6 +281,9 @@ impl Hypervisor for FakeHv {
             .insert(uuid.to_owned(), (volume_path.to_owned(), value.to_vec()));
         Ok(())
     }
+    fn secret_defined(&self, uuid: &str) -> Result<bool, HvError> {
+        Ok(lock(&self.0).secrets.contains_key(uuid))
+    }
     fn remove_secret(&self, uuid: &str) -> Result<(), HvError> {
         let mut w = lock(&self.0);
         w.fails("remove_secret", format!("remove_secret {uuid}"))

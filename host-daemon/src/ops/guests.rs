@@ -7,54 +7,16 @@ use xdr_wipe::{BoundedVec, Opaque, XdrString};
 
 use super::requests::{DefineGuest, HeldKey, SealedKey};
 use super::{Daemon, OpsError, internal};
-use crate::model::{DomainState, InvalidInput, VolumeEntry, canonical_uuid};
+use crate::model::{DomainState, InvalidInput, VolumeEntry};
 use crate::store::{GuestRecord, StoredKey};
 
-/// Name and UUID from domain XML (the server already validated the rest).
+/// Name and UUID from domain XML, read by the one strict reader the
+/// server and the hook use too (`guestkey-domxml`): a document that libvirt
+/// could read another way (two `<uuid>`, a non-canonical UUID...) is refused.
 pub(super) fn domain_identity(xml: &str) -> Result<(String, String), OpsError> {
-    use quick_xml::events::Event;
-    let mut r = quick_xml::Reader::from_str(xml);
-    let (mut depth, mut current) = (0usize, String::new());
-    let (mut name, mut uuid): (Option<String>, Option<String>) = (None, None);
-    let invalid = |m: String| OpsError::Invalid(InvalidInput(m));
-    loop {
-        match r.read_event() {
-            Ok(Event::Start(e)) => {
-                depth += 1;
-                current = if depth == 2 {
-                    e.name().0.to_owned()
-                } else {
-                    String::new()
-                };
-            }
-            Ok(Event::End(_)) => {
-                depth = depth.saturating_sub(1);
-                current.clear();
-            }
-            Ok(Event::Text(t)) if depth == 2 => {
-                let text = t.xml10_content().trim().to_owned();
-                let slot = match current.as_str() {
-                    "name" => &mut name,
-                    "uuid" => &mut uuid,
-                    _ => continue,
-                };
-                if slot.replace(text).is_some() {
-                    return Err(invalid(format!("domain XML has two <{current}> elements")));
-                }
-            }
-            Ok(Event::Eof) => break,
-            Ok(_) => {}
-            Err(e) => return Err(invalid(format!("domain XML: {e}"))),
-        }
-    }
-    let name = name.filter(|n| !n.is_empty());
-    match (name, uuid) {
-        (Some(name), Some(uuid)) => {
-            canonical_uuid("domain <uuid>", &uuid)?;
-            Ok((name, uuid))
-        }
-        _ => Err(invalid("domain XML needs <name> and <uuid>".into())),
-    }
+    let id = guestkey_domxml::identity(xml)
+        .map_err(|e| OpsError::Invalid(InvalidInput(e.to_string())))?;
+    Ok((id.name, id.uuid))
 }
 
 impl Daemon {

@@ -4,26 +4,36 @@
 
 use std::collections::BTreeSet;
 
+use virt_plugin::protocol::Disk;
+
 use super::{Daemon, OpsError};
 
 impl Daemon {
     /// For the hook's `prepare`: defines the guest's volume secrets.
-    /// `wanted`: the secret UUIDs the domain's disks name.
-    pub fn prepare_secrets(&self, domain: &str, wanted: &BTreeSet<String>) -> Result<(), OpsError> {
+    /// `disks`: the encrypted disks the domain names. A disk whose key this
+    /// host does not hold is refused before libvirt sees it (libvirt would
+    /// only say "Secret not found"), naming the disk, and what the server
+    /// knows of it: the volume, the host its key goes to, the command.
+    pub fn prepare_secrets(&self, domain: &str, disks: &[Disk]) -> Result<(), OpsError> {
         let rec = self.store.load(domain)?;
         let vols = self.store.volumes()?;
         let held: BTreeSet<String> = rec
             .as_ref()
             .map(|r| r.keys.iter().map(|k| k.secret_uuid.to_string()).collect())
             .unwrap_or_default();
-        // A disk naming one of our volumes whose key this guest does not hold.
-        for s in wanted.difference(&held) {
-            if let Some(v) = vols.values().find(|v| &v.secret_uuid == s) {
+        for d in disks.iter().filter(|d| !held.contains(&d.secret)) {
+            // A disk naming one of our volumes whose key this guest does not hold.
+            if let Some(v) = vols.values().find(|v| v.secret_uuid == d.secret) {
                 return Err(OpsError::Precondition(format!(
                     "this host holds no key of volume {} ({}) for domain {domain}: define the guest with `guestkeyctl guest define`",
                     v.name, v.path
                 )));
             }
+            // The operator's own secret, defined in libvirt: not ours.
+            if self.hv.secret_defined(&d.secret)? {
+                continue;
+            }
+            return Err(OpsError::Precondition(self.unknown_disk(d)));
         }
         let Some(rec) = rec else { return Ok(()) };
         let mut set = vec![];
@@ -49,6 +59,37 @@ impl Daemon {
             set.push(k.secret_uuid.as_str());
         }
         Ok(())
+    }
+
+    /// Why disk `d` cannot start here, and what to do.
+    fn unknown_disk(&self, d: &Disk) -> String {
+        let mut m = format!(
+            "disk {} ({}) is LUKS-encrypted with libvirt secret {}, which is not defined on this host, and guestkeyd holds no key for it",
+            d.target, d.source, d.secret
+        );
+        let known = self
+            .lookup
+            .get()
+            .and_then(|l| l.describe(&d.source, &d.secret));
+        let me = self.keys.host.as_str();
+        match known {
+            Some(k) if k.host != me => m.push_str(&format!(
+                ": it is guestkey volume {} ({}), whose key goes to host {} only: start the guest there, or move it with `guestkeyctl guest migrate GUEST --to {me}`",
+                k.volume, k.state, k.host
+            )),
+            Some(k) if !k.same_secret => m.push_str(&format!(
+                ": it is guestkey volume {} of this host, but the disk names another secret: define the guest through guestkey (`guestkeyctl guest define --host {me} --xml FILE`), which sets the right one",
+                k.volume
+            )),
+            Some(k) => m.push_str(&format!(
+                ": it is guestkey volume {} ({}) of this host: define the guest through guestkey (`guestkeyctl guest define --host {me} --xml FILE`)",
+                k.volume, k.state
+            )),
+            None => m.push_str(
+                ": define that libvirt secret, or bring the volume under guestkey (`guestkeyctl volume encrypt` for a cleartext one) and define the guest with `guestkeyctl guest define`",
+            ),
+        }
+        m
     }
 
     /// For the hook's `release`: removes the guest's volume secrets.

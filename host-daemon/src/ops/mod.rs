@@ -78,6 +78,28 @@ fn internal(e: impl std::fmt::Display) -> OpsError {
     OpsError::Internal(e.to_string())
 }
 
+/// What the management server knows of a disk this host holds no key for
+/// (names and states only): see [`DiskLookup`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownDisk {
+    /// The guestkey volume.
+    pub volume: String,
+    /// The host its key goes to.
+    pub host: String,
+    /// Its state.
+    pub state: String,
+    /// Whether the disk names the volume's own libvirt secret.
+    pub same_secret: bool,
+}
+
+/// Asks the management server about a disk, for the hook's refusals; the
+/// gRPC layer implements it. `None`: not a guestkey volume, or the server
+/// did not answer in time (the refusal then says less).
+pub trait DiskLookup: Send + Sync {
+    /// The volume at `source`, whose `<encryption>` names `secret`.
+    fn describe(&self, source: &virt_plugin::protocol::Source, secret: &str) -> Option<KnownDisk>;
+}
+
 /// How often a secret's removal is tried at once before it is left to
 /// [`Daemon::sweep_secrets`].
 const REMOVE_TRIES: u32 = 3;
@@ -102,6 +124,8 @@ pub struct Daemon {
     hook_uid: u32,
     /// libvirt secrets whose removal failed: tried again until gone.
     stale_secrets: Mutex<BTreeSet<String>>,
+    /// The server, asked about disks the hook refuses.
+    lookup: std::sync::OnceLock<Box<dyn DiskLookup>>,
 }
 
 impl Daemon {
@@ -124,6 +148,14 @@ impl Daemon {
             managed_list,
             hook_uid,
             stale_secrets: Mutex::new(BTreeSet::new()),
+            lookup: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Lets the hook's refusals ask the server about a disk (once).
+    pub fn set_lookup(&self, lookup: Box<dyn DiskLookup>) {
+        if self.lookup.set(lookup).is_err() {
+            tracing::warn!("the disk look-up was set twice; the first one stays");
         }
     }
 

@@ -100,7 +100,7 @@ fn managed_volume(
             }
         },
         DiskSource::File(path) => tx.volume_at_path(path)?,
-        DiskSource::Other => None,
+        DiskSource::Block(_) | DiskSource::Network { .. } | DiskSource::Other => None,
     };
     let Some(v) = found else { return Ok(None) };
     if v.host != host.as_str() {
@@ -308,7 +308,7 @@ pub(crate) fn adopt_volume(
         let Some(i) = dom.disks.iter().position(|d| match &d.source {
             DiskSource::Volume { pool, volume } => pool == &v.pool && volume == &v.name,
             DiskSource::File(p) => p == path,
-            DiskSource::Other => false,
+            DiskSource::Block(_) | DiskSource::Network { .. } | DiskSource::Other => false,
         }) else {
             continue;
         };

@@ -278,4 +278,55 @@ impl Core {
             tx.host(&h.name)?.ok_or_else(|| no_such_host(&h.name))
         })
     }
+
+    /// What the server knows of a disk a guest on `host` names without the
+    /// host holding its key: the live volume at `path`, or of `pool` and
+    /// `volume` (names and states, never a key). `None`: not a guestkey
+    /// volume.
+    pub fn describe_disk(
+        &self,
+        host: &str,
+        q: &DiskQuery,
+    ) -> Result<Option<DiskDescription>, CoreError> {
+        self.read(|tx| {
+            let found = match (q.path.is_empty(), q.volume.is_empty()) {
+                (false, _) => tx.volume_at_path(&q.path)?,
+                (true, false) => tx.volume_named(&q.volume)?.filter(|v| v.pool == q.pool),
+                (true, true) => None,
+            };
+            tracing::debug!(%host, path = %q.path, known = found.is_some(), "disk described for a hook refusal");
+            Ok(found.map(|v| DiskDescription {
+                same_secret: v.secret_uuid == q.secret_uuid,
+                volume: v.name,
+                host: v.host,
+                state: v.state.to_string(),
+            }))
+        })
+    }
+}
+
+/// A disk a host asks about ([`Core::describe_disk`]).
+#[derive(Debug, Clone, Default)]
+pub struct DiskQuery {
+    /// The disk's file (empty for a volume disk).
+    pub path: String,
+    /// Its pool (volume disks).
+    pub pool: String,
+    /// Its volume name (volume disks).
+    pub volume: String,
+    /// The libvirt secret its `<encryption>` names.
+    pub secret_uuid: String,
+}
+
+/// What the server knows of such a disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskDescription {
+    /// The guestkey volume.
+    pub volume: String,
+    /// The host its key goes to.
+    pub host: String,
+    /// Its state.
+    pub state: String,
+    /// Whether the disk names the volume's own libvirt secret.
+    pub same_secret: bool,
 }

@@ -7,7 +7,7 @@ use guestkey_proto::host::{self as hpb, host_api_server::HostApi};
 use tonic::{Request, Response, Status};
 
 use crate::domain::Core;
-use crate::domain::hosts::{HeldKey, ProgressReport};
+use crate::domain::hosts::{DiskQuery, HeldKey, ProgressReport};
 use crate::model::Caller;
 
 use crate::transport::admin::{Want, blocking};
@@ -91,5 +91,32 @@ impl HostApi for HostService {
         .await?;
         tracing::info!(%host, held = n, "inventory reported");
         Ok(Response::new(hpb::ReportInventoryResponse {}))
+    }
+
+    async fn describe_disk(
+        &self,
+        req: Request<hpb::DescribeDiskRequest>,
+    ) -> R<hpb::DiskDescription> {
+        let r = req.get_ref();
+        let q = DiskQuery {
+            path: r.path.chars().take(4096).collect(),
+            pool: r.pool.chars().take(255).collect(),
+            volume: r.volume.chars().take(255).collect(),
+            secret_uuid: r.secret_uuid.chars().take(36).collect(),
+        };
+        let d = blocking(&self.0, &req, Want::Host, move |c, who| {
+            c.describe_disk(&host_name(who, "disks")?, &q)
+        })
+        .await?;
+        Ok(Response::new(match d {
+            Some(d) => hpb::DiskDescription {
+                known: true,
+                volume: d.volume,
+                host: d.host,
+                state: d.state,
+                same_secret: d.same_secret,
+            },
+            None => hpb::DiskDescription::default(),
+        }))
     }
 }

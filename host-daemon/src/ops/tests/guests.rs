@@ -5,6 +5,8 @@ use std::collections::BTreeSet;
 use super::*;
 use crate::model::{Format, Name};
 use crate::ops::OpsError;
+use crate::ops::{DiskLookup, KnownDisk};
+use virt_plugin::protocol::{Disk, Source};
 
 #[test]
 fn a_volume_is_created_once_and_a_repeat_returns_the_first_outcome() {
@@ -114,7 +116,7 @@ fn a_guest_is_defined_with_keys_that_open_and_undone_when_libvirt_refuses() {
         (
             "<domain><name>x</name></domain>".to_owned(),
             vec![],
-            "needs <name> and <uuid>",
+            "has no <uuid>",
         ),
         (
             format!(
@@ -127,7 +129,7 @@ fn a_guest_is_defined_with_keys_that_open_and_undone_when_libvirt_refuses() {
         (
             format!("<domain><name>x</name><uuid>{other}</uuid><uuid>{uuid}</uuid></domain>"),
             vec![],
-            "two <uuid>",
+            "a second <uuid>",
         ),
     ] {
         let e = bed
@@ -147,7 +149,8 @@ fn the_hook_gets_secrets_for_the_start_and_none_stay_after_a_failure() {
     let bed = bed();
     let (_, secret, pass, path, uuid) = guest(&bed);
     let wanted: BTreeSet<String> = [secret.to_string()].into();
-    bed.d.prepare_secrets(&uuid, &wanted).unwrap();
+    let disks = [disk(&secret.to_string(), &path)];
+    bed.d.prepare_secrets(&uuid, &disks).unwrap();
     assert_eq!(
         bed.w.lock().unwrap().secrets[&secret.to_string()],
         (path.clone(), pass.clone())
@@ -157,21 +160,23 @@ fn the_hook_gets_secrets_for_the_start_and_none_stay_after_a_failure() {
     // Another domain naming our volume's secret holds no key for it.
     let e = bed
         .d
-        .prepare_secrets(&uuid::Uuid::new_v4().to_string(), &wanted)
+        .prepare_secrets(&uuid::Uuid::new_v4().to_string(), &disks)
         .unwrap_err();
     assert!(e.to_string().contains("holds no key of volume disk"), "{e}");
     // A failed define of the secret leaves none behind.
     bed.w.lock().unwrap().failing.insert("set_secret");
-    assert!(bed.d.prepare_secrets(&uuid, &wanted).is_err());
+    assert!(bed.d.prepare_secrets(&uuid, &disks).is_err());
     assert!(bed.w.lock().unwrap().secrets.is_empty());
 }
 
 #[test]
 fn a_secret_that_cannot_be_removed_is_retried_until_it_is_gone() {
     let bed = bed();
-    let (_, secret, _, _, uuid) = guest(&bed);
+    let (_, secret, _, path, uuid) = guest(&bed);
     let wanted: BTreeSet<String> = [secret.to_string()].into();
-    bed.d.prepare_secrets(&uuid, &wanted).unwrap();
+    bed.d
+        .prepare_secrets(&uuid, &[disk(&secret.to_string(), &path)])
+        .unwrap();
     bed.w.lock().unwrap().failing.insert("remove_secret");
     let e = bed.d.release_secrets(&uuid, &wanted).unwrap_err();
     assert!(e.to_string().contains("keeps trying"), "{e}");
@@ -187,4 +192,62 @@ fn a_secret_that_cannot_be_removed_is_retried_until_it_is_gone() {
     bed.w.lock().unwrap().failing.clear();
     assert_eq!(bed.d.sweep_secrets(), 0);
     assert!(bed.w.lock().unwrap().secrets.is_empty());
+}
+
+fn disk(secret: &str, path: &str) -> Disk {
+    Disk {
+        secret: secret.to_owned(),
+        target: "vda".into(),
+        source: Source::Path(path.to_owned()),
+    }
+}
+
+/// Stands for the server's `DescribeDisk` in these unit tests (the real
+/// call is in tests/tests/host.rs).
+struct Known(Option<KnownDisk>);
+
+impl DiskLookup for Known {
+    fn describe(&self, _source: &Source, _secret: &str) -> Option<KnownDisk> {
+        self.0.clone()
+    }
+}
+
+#[test]
+fn a_luks_disk_this_host_has_no_key_for_is_refused_before_libvirt_with_what_to_do() {
+    let bed = bed();
+    let stray = uuid::Uuid::new_v4().to_string();
+    let dom = uuid::Uuid::new_v4().to_string();
+    let d = [disk(&stray, "/images/other.qcow2")];
+    // Not guestkey's, not defined in libvirt: refused, naming the disk.
+    let e = bed.d.prepare_secrets(&dom, &d).unwrap_err().to_string();
+    assert!(
+        e.contains("disk vda (/images/other.qcow2)") && e.contains("not defined on this host"),
+        "{e}"
+    );
+    assert!(e.contains("guestkeyctl volume encrypt"), "{e}");
+    // The operator's own secret, defined in libvirt: left to libvirt.
+    bed.w
+        .lock()
+        .unwrap()
+        .secrets
+        .insert(stray.clone(), ("/images/other.qcow2".into(), vec![1]));
+    bed.d.prepare_secrets(&dom, &d).unwrap();
+    bed.w.lock().unwrap().secrets.clear();
+    // Known to the server on another host: that host, and the command.
+    bed.d.set_lookup(Box::new(Known(Some(KnownDisk {
+        volume: "web-root".into(),
+        host: "kvm-other".into(),
+        state: "ready".into(),
+        same_secret: true,
+    }))));
+    let e = bed.d.prepare_secrets(&dom, &d).unwrap_err().to_string();
+    assert!(
+        e.contains("guestkey volume web-root (ready), whose key goes to host kvm-other only"),
+        "{e}"
+    );
+    assert!(
+        e.contains("guestkeyctl guest migrate GUEST --to kvm-test"),
+        "{e}"
+    );
+    assert!(bed.w.lock().unwrap().secrets.is_empty(), "nothing defined");
 }

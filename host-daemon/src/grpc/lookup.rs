@@ -1,0 +1,76 @@
+//! The server, asked about a disk the hook refuses ([`DiskLookup`]): one
+//! `DescribeDisk` call on this host's certificate, bounded to 3 s, so that a
+//! refusal can name the volume and the host its key goes to. The server
+//! answers names and states only.
+
+use std::time::Duration;
+
+use guestkey_proto::host::{DescribeDiskRequest, host_api_client::HostApiClient};
+use tonic::transport::{Channel, ClientTlsConfig};
+use virt_plugin::protocol::Source;
+
+use crate::ops::{DiskLookup, KnownDisk};
+use crate::state::StateDir;
+
+/// How long a refusal waits for the server.
+const ANSWER: Duration = Duration::from_secs(3);
+
+/// The look-up over gRPC; called from blocking threads.
+pub struct ServerLookup {
+    rt: tokio::runtime::Handle,
+    url: String,
+    tls: ClientTlsConfig,
+    client: tokio::sync::Mutex<Option<HostApiClient<Channel>>>,
+}
+
+impl ServerLookup {
+    /// The look-up for this state directory's server (None: not enrolled).
+    pub fn new(dir: &StateDir, rt: tokio::runtime::Handle) -> Option<Self> {
+        let (url, tls) = super::report::server_tls(dir)?;
+        Some(Self {
+            rt,
+            url,
+            tls,
+            client: tokio::sync::Mutex::new(None),
+        })
+    }
+}
+
+impl DiskLookup for ServerLookup {
+    fn describe(&self, source: &Source, secret: &str) -> Option<KnownDisk> {
+        let (path, pool, volume) = match source {
+            Source::Path(p) => (p.clone(), String::new(), String::new()),
+            Source::Volume { pool, volume } => (String::new(), pool.clone(), volume.clone()),
+            Source::Unknown => return None,
+        };
+        let req = DescribeDiskRequest {
+            path,
+            pool,
+            volume,
+            secret_uuid: secret.to_owned(),
+        };
+        let ask = async {
+            let mut guard = self.client.lock().await;
+            let c = super::report::connected(&mut guard, &self.url, &self.tls)
+                .await
+                .ok()?;
+            match c.describe_disk(req).await {
+                Ok(r) => Some(r.into_inner()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "the server did not describe the disk");
+                    *guard = None;
+                    None
+                }
+            }
+        };
+        let d = self
+            .rt
+            .block_on(async { tokio::time::timeout(ANSWER, ask).await.ok().flatten() })?;
+        d.known.then_some(KnownDisk {
+            volume: d.volume,
+            host: d.host,
+            state: d.state,
+            same_secret: d.same_secret,
+        })
+    }
+}
