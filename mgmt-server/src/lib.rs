@@ -29,6 +29,8 @@ pub mod ca;
 pub mod config;
 pub mod datadir;
 pub mod domain;
+#[cfg(any(fuzzing, test))]
+pub mod fuzzing;
 pub use guestkey_domxml as domxml;
 pub mod init;
 pub mod masterkey;
