@@ -139,18 +139,35 @@ const HOST_LAYERS: &[(&str, u8)] = &[
     ("grpc", 6),
 ];
 
-fn rank(m: &str) -> Option<u8> {
-    HOST_LAYERS.iter().find(|(n, _)| *n == m).map(|(_, r)| *r)
+/// The management server's layers, bottom up (leaf modules first).
+const SERVER_LAYERS: &[(&str, u8)] = &[
+    ("ca", 0),
+    ("masterkey", 0),
+    ("tls", 0),
+    ("datadir", 0),
+    ("domxml", 0),
+    ("config", 1),
+    ("model", 1),
+    ("store", 2),
+    ("domain", 3),
+    ("scheduler", 4),
+    ("init", 4),
+    ("fuzzing", 4),
+    ("transport", 5),
+];
+
+fn rank(layers: &[(&str, u8)], m: &str) -> Option<u8> {
+    layers.iter().find(|(n, _)| *n == m).map(|(_, r)| *r)
 }
 
-#[test]
-fn host_daemon_modules_import_only_the_layers_below() {
-    let src = root().join("host-daemon/src");
+/// Every `crate::X` a module of `src` uses must be of a lower layer.
+fn check_layers(src: &str, layers: &[(&str, u8)]) {
     let mut files = vec![];
-    rust_files(&src, &mut files);
+    rust_files(&root().join(src), &mut files);
+    assert!(!files.is_empty(), "no files under {src}");
     let mut bad = vec![];
     for f in &files {
-        let rel = f.strip_prefix("host-daemon/src").unwrap();
+        let rel = f.strip_prefix(src).unwrap();
         let first = rel
             .components()
             .next()
@@ -162,11 +179,8 @@ fn host_daemon_modules_import_only_the_layers_below() {
         if module == "lib" || module == "bin" {
             continue;
         }
-        let Some(mine) = rank(module) else {
-            bad.push(format!(
-                "{}: module {module} has no layer in HOST_LAYERS",
-                f.display()
-            ));
+        let Some(mine) = rank(layers, module) else {
+            bad.push(format!("{}: module {module} has no layer", f.display()));
             continue;
         };
         let c = code(f);
@@ -178,7 +192,7 @@ fn host_daemon_modules_import_only_the_layers_below() {
             if used == module {
                 continue;
             }
-            match rank(&used) {
+            match rank(layers, &used) {
                 Some(r) if r < mine => {}
                 Some(_) => bad.push(format!(
                     "{}: {module} (layer {mine}) imports {used}",
@@ -188,7 +202,17 @@ fn host_daemon_modules_import_only_the_layers_below() {
             }
         }
     }
-    assert!(bad.is_empty(), "layering broken: {bad:#?}");
+    assert!(bad.is_empty(), "layering broken in {src}: {bad:#?}");
+}
+
+#[test]
+fn host_daemon_modules_import_only_the_layers_below() {
+    check_layers("host-daemon/src", HOST_LAYERS);
+}
+
+#[test]
+fn server_modules_import_only_the_layers_below() {
+    check_layers("mgmt-server/src", SERVER_LAYERS);
 }
 
 #[test]
