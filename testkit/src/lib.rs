@@ -1,0 +1,96 @@
+//! The one test harness of guestkey, for every test that starts the real
+//! programs: the server's integration tests (`mgmt-server/tests`) and the
+//! end-to-end tests (`tests/`, which add guestkeyd, libvirt and the hook
+//! on top in `guestkey_tests::stack`).
+//!
+//! - [`Proc`]: a started program, its first line awaited, its stderr kept,
+//!   stopped (or killed) when dropped;
+//! - [`TestServer`]: `guestkey-server init` and `run` on 127.0.0.1, restart
+//!   on the same port, `guestkeyctl` against it ([`TestServer::ctl`],
+//!   [`TestServer::json`] ...);
+//! - [`enroll_guestkeyd`]: a guestkeyd state directory enrolled with a
+//!   token from `host add`, the token on standard input;
+//! - small helpers: [`temp_dir`], [`free_port`], [`run`], [`wait_for`].
+//!
+//! It knows the programs only by their paths ([`Bins`]): the server's tests
+//! pass Cargo's `CARGO_BIN_EXE_*`, the end-to-end tests the workspace's
+//! target directory ([`Bins::from_target_dir`]). It imports no guestkey
+//! crate.
+
+#![forbid(unsafe_code)]
+#![allow(clippy::print_stdout, clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod proc;
+mod server;
+
+pub use proc::Proc;
+pub use server::{Bins, TestServer, enroll_guestkeyd};
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A new directory under the system's temporary directory, unique to this
+/// process and call: `gk-TAG-PID-RANDOM`.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).unwrap();
+    let d = std::env::temp_dir().join(format!(
+        "gk-{tag}-{}-{}",
+        std::process::id(),
+        hex::encode(b)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A TCP port on 127.0.0.1 free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Output of a command that failed: what ran and what it said.
+#[derive(Debug)]
+pub struct CommandFailed(pub String);
+
+impl std::fmt::Display for CommandFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Runs a program; returns its stdout, or what it printed on failure.
+pub fn run(program: &str, args: &[&str]) -> Result<String, CommandFailed> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| CommandFailed(format!("cannot run {program}: {e} (run scripts/setup)")))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(CommandFailed(format!(
+            "{program} {} failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim(),
+        )))
+    }
+}
+
+/// Polls `f` every 100 ms until it holds, at most `secs` seconds; panics
+/// with `what` and `context()` (e.g. the logs) when it does not.
+pub fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> bool, context: impl Fn() -> String) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}\n{}", context());
+}

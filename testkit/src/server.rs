@@ -1,0 +1,237 @@
+//! The real guestkey-server on 127.0.0.1, and guestkeyctl against it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use crate::Proc;
+
+/// Where the programs are.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    /// guestkey-server.
+    pub server: PathBuf,
+    /// guestkeyctl.
+    pub ctl: PathBuf,
+    /// guestkeyd (the end-to-end tests only).
+    pub daemon: Option<PathBuf>,
+}
+
+impl Bins {
+    /// The debug binaries of the workspace's target directory (the
+    /// end-to-end tests: `cargo build --workspace --bins` builds them first).
+    pub fn from_target_dir(workspace: &Path) -> Self {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace.join("target"));
+        let bin = |name: &str| {
+            let p = target.join("debug").join(name);
+            assert!(
+                p.exists(),
+                "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
+                p.display()
+            );
+            p
+        };
+        Self {
+            server: bin("guestkey-server"),
+            ctl: bin("guestkeyctl"),
+            daemon: Some(bin("guestkeyd")),
+        }
+    }
+}
+
+/// A running guestkey-server with its own data directory.
+pub struct TestServer {
+    /// The data directory.
+    pub dir: PathBuf,
+    /// `https://127.0.0.1:PORT`.
+    pub url: String,
+    /// Its address.
+    pub addr: std::net::SocketAddr,
+    /// The programs.
+    pub bins: Bins,
+    config: Option<PathBuf>,
+    proc: Option<Proc>,
+}
+
+impl TestServer {
+    /// `init` in `dir` (which must not exist or be empty), then `run` with
+    /// `config` (TOML) if given, on a free port.
+    pub fn start_in(dir: PathBuf, bins: Bins, config: Option<&str>) -> Self {
+        let out = Command::new(&bins.server)
+            .args(["init", "--data-dir"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let config = config.map(|c| {
+            let p = dir.with_extension("toml");
+            std::fs::write(&p, c).unwrap();
+            p
+        });
+        let mut s = Self {
+            dir,
+            url: String::new(),
+            addr: "127.0.0.1:0".parse().unwrap(),
+            bins,
+            config,
+            proc: None,
+        };
+        s.run();
+        s
+    }
+
+    fn run(&mut self) {
+        let mut cmd = Command::new(&self.bins.server);
+        cmd.args(["run", "--data-dir"])
+            .arg(&self.dir)
+            .args(["--listen", &format!("127.0.0.1:{}", self.addr.port())])
+            .env("RUST_LOG", "debug");
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        let p = Proc::start(cmd, "listening on https://");
+        let addr = p
+            .first_line
+            .trim_start_matches("listening on https://")
+            .to_owned();
+        self.addr = addr.parse().unwrap();
+        self.url = format!("https://{addr}");
+        self.proc = Some(p);
+    }
+
+    /// Stops it (SIGTERM); [`TestServer::restart`] starts it again.
+    pub fn stop(&mut self) {
+        if let Some(p) = self.proc.take() {
+            p.stop();
+        }
+    }
+
+    /// Kills it at once (SIGKILL), as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// Stops it if it runs, and runs it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run();
+    }
+
+    /// Whether it runs.
+    pub fn is_running(&self) -> bool {
+        self.proc.is_some()
+    }
+
+    /// Its process id (None: stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// Its stderr, since it last started.
+    pub fn log(&self) -> String {
+        self.proc.as_ref().map(Proc::log_text).unwrap_or_default()
+    }
+
+    /// The shared log buffer of the running process.
+    pub fn log_handle(&self) -> Option<std::sync::Arc<std::sync::Mutex<String>>> {
+        self.proc.as_ref().map(|p| p.log.clone())
+    }
+
+    /// The admin credential.
+    pub fn admin_dir(&self) -> PathBuf {
+        self.dir.join("admin")
+    }
+
+    /// A guestkeyctl command against this server, to run.
+    pub fn ctl_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bins.ctl);
+        c.args(args)
+            .env("GUESTKEY_SERVER", &self.url)
+            .env("GUESTKEY_ADMIN_DIR", self.admin_dir());
+        c
+    }
+
+    /// guestkeyctl against this server.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_command(args).output().unwrap()
+    }
+
+    /// guestkeyctl that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(
+            o.status.success(),
+            "guestkeyctl {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    /// guestkeyctl that must fail; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(
+            !o.status.success(),
+            "guestkeyctl {args:?} succeeded: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8(o.stderr).unwrap()
+    }
+
+    /// `guestkeyctl --json ARGS` that must succeed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    /// Polls `f` until it holds, at most `secs` seconds; the panic shows
+    /// the server's log.
+    pub fn wait_for(&self, secs: u64, what: &str, f: impl FnMut() -> bool) {
+        crate::wait_for(secs, what, f, || format!("server:\n{}", self.log()));
+    }
+}
+
+/// Registers host `name` at `addr` with `server`, and enrolls the guestkeyd
+/// state directory `state` with its token (on standard input: never in
+/// argv) and the CA file `ca_file`.
+pub fn enroll_guestkeyd(server: &TestServer, name: &str, addr: &str, state: &Path, ca_file: &Path) {
+    let v = server.json(&["host", "add", name, "--address", addr]);
+    let token = v["enrollment_token"].as_str().unwrap().to_owned();
+    let daemon = server
+        .bins
+        .daemon
+        .as_ref()
+        .expect("guestkeyd's path in Bins");
+    let mut child = Command::new(daemon)
+        .args([
+            "enroll",
+            "--server",
+            &server.url,
+            "--token-file",
+            "-",
+            "--ca-file",
+        ])
+        .arg(ca_file)
+        .arg("--state-dir")
+        .arg(state)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), token.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "enroll: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
