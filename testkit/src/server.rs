@@ -52,9 +52,20 @@ pub struct TestServer {
     pub bins: Bins,
     config: Option<PathBuf>,
     proc: Option<Proc>,
+    /// A scratch directory of its own, removed when it is dropped.
+    scratch: Option<PathBuf>,
 }
 
 impl TestServer {
+    /// `init` in a scratch directory of its own (removed when the server is
+    /// dropped), then `run` with `config` (TOML) if given, on a free port.
+    pub fn start(bins: Bins, config: Option<&str>) -> Self {
+        let scratch = crate::temp_dir("server");
+        let mut s = Self::start_in(scratch.join("data"), bins, config);
+        s.scratch = Some(scratch);
+        s
+    }
+
     /// `init` in `dir` (which must not exist or be empty), then `run` with
     /// `config` (TOML) if given, on a free port.
     pub fn start_in(dir: PathBuf, bins: Bins, config: Option<&str>) -> Self {
@@ -80,6 +91,7 @@ impl TestServer {
             bins,
             config,
             proc: None,
+            scratch: None,
         };
         s.run();
         s
@@ -196,6 +208,15 @@ impl TestServer {
     /// the server's log.
     pub fn wait_for(&self, secs: u64, what: &str, f: impl FnMut() -> bool) {
         crate::wait_for(secs, what, f, || format!("server:\n{}", self.log()));
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(d) = &self.scratch {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
