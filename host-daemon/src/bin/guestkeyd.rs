@@ -9,7 +9,6 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use host_daemon::grpc::enroll::{EnrollmentToken, enroll};
 use host_daemon::image::QemuImages;
-use host_daemon::instance::{InstanceLock, socket_lock_path};
 use host_daemon::libvirt::{Libvirt, events};
 use host_daemon::ops::Daemon;
 use host_daemon::protect::{HostKeys, HostProtectors};
@@ -152,14 +151,8 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
         } => {
             // Before anything else: one guestkeyd per state directory and
             // per hook socket (a second must not take the first's socket).
-            let _state_lock = InstanceLock::acquire(
-                &state_dir.join("guestkeyd.lock"),
-                &format!("state directory {}", state_dir.display()),
-            )?;
-            let _socket_lock = InstanceLock::acquire(
-                &socket_lock_path(&hook_socket),
-                &format!("hook socket {}", hook_socket.display()),
-            )?;
+            let _state_lock = host_daemon::instance::state_lock(&state_dir)?;
+            let _socket_lock = host_daemon::instance::socket_lock(&hook_socket)?;
             host_daemon::hardening::no_dumps()?;
             if let Err(e) = host_daemon::hardening::lock_memory() {
                 tracing::warn!(error = %e, "cannot lock memory: keys could reach swap");
