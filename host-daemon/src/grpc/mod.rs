@@ -236,6 +236,11 @@ impl HostAgent for AgentService {
         }))
     }
 
+    async fn ping(&self, req: Request<apb::PingRequest>) -> R<apb::PingResult> {
+        self.check(&req)?;
+        Ok(Response::new(apb::PingResult {}))
+    }
+
     async fn get_inventory(&self, req: Request<apb::InventoryRequest>) -> R<apb::InventoryResult> {
         self.check(&req)?;
         let held = self.blocking(|d| d.inventory()).await?;
