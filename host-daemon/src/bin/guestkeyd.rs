@@ -46,10 +46,26 @@ enum Command {
         /// history.
         #[arg(long, hide = true, value_name = "TOKEN")]
         token: Option<String>,
-        /// The server's CA certificate (`guestkeyctl ca-cert` prints it).
+        /// The server CA certificate: what `guestkeyctl ca-cert` prints
+        /// (DATA_DIR/ca/server-ca.pem on the server). Only a certificate it
+        /// signed passes as the server.
         #[arg(long, value_name = "CA.pem")]
         ca_file: PathBuf,
         /// Where this host keeps its keys and sealed store.
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/guestkeyd")]
+        state_dir: PathBuf,
+    },
+    /// Trust the server again after `guestkey-server migrate-roles` (or a
+    /// new server certificate): connect with this host's certificate,
+    /// check the server against --ca-file, and keep the server CA and the
+    /// hash of the server's certificate it then reports. Stop guestkeyd
+    /// first; start it again afterwards.
+    TrustServer {
+        /// The server CA certificate: what `guestkeyctl ca-cert` prints
+        /// (DATA_DIR/ca/server-ca.pem on the server).
+        #[arg(long, value_name = "CA.pem")]
+        ca_file: PathBuf,
+        /// The state directory made by `enroll`.
         #[arg(long, value_name = "DIR", default_value = "/var/lib/guestkeyd")]
         state_dir: PathBuf,
     },
@@ -138,6 +154,27 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
             let token = token(token_file, argv_token)?;
             let name = enroll(&server, &token, &ca_file, &StateDir::new(&state_dir)).await?;
             println!("enrolled as host {name}; keys in {}", state_dir.display());
+            println!("next: guestkeyd run --state-dir {}", state_dir.display());
+            Ok(())
+        }
+        Command::TrustServer { ca_file, state_dir } => {
+            // Not beside a running guestkeyd: it read these files at start.
+            let _lock = host_daemon::instance::state_lock(&state_dir)?;
+            let t = host_daemon::grpc::trust::trust_server(&StateDir::new(&state_dir), &ca_file)
+                .await?;
+            match &t.old_sha256 {
+                Some(old) if *old == t.new_sha256 => println!(
+                    "the server at {} already was trusted with certificate sha256 {}; ca.pem rewritten",
+                    t.server, t.new_sha256
+                ),
+                old => println!(
+                    "trusting the server at {}: certificate sha256 {} (was {}), server CA in {}",
+                    t.server,
+                    t.new_sha256,
+                    old.as_deref().unwrap_or("none"),
+                    state_dir.join("ca.pem").display()
+                ),
+            }
             println!("next: guestkeyd run --state-dir {}", state_dir.display());
             Ok(())
         }
