@@ -73,7 +73,7 @@ fn main() {
         "kvm-bench",
         cert_pem,
         key_pem,
-        core.ca_cert_pem().to_owned(),
+        core.server_ca_pem().to_owned(),
         sealing,
         port,
     );
@@ -89,7 +89,7 @@ fn main() {
     let echo_time = rt.block_on(async {
         let ch = common::channel(
             format!("https://127.0.0.1:{port}"),
-            core.ca_cert_pem(),
+            core.hosts_ca_pem(),
             "127.0.0.1",
             Some((&identity.cert_pem, identity.key_pem.as_str())),
         )

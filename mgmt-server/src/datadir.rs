@@ -5,15 +5,25 @@
 //!   guestkey.db          SQLite database (keys only as ciphertext)
 //!   audit-checkpoints    signed heads of the audit log, appended to only
 //!   master.key           master key, base64, 0600 (unless another source is chosen)
-//!   ca/ca.pem            CA certificate: signs the server, admin and host certificates
-//!   ca/ca.key            CA private key, 0600
+//!   guestkey-server.lock held by the running server (its PID inside)
+//!   ca/ca.pem            hosts CA: signs host certificates only (at enrollment)
+//!   ca/ca.key            its private key, 0600
+//!   ca/server-ca.pem     server CA: signs the server's certificate only
+//!   ca/server-ca.key     0600 (used by init and migrate-roles, never by run)
+//!   ca/admin-ca.pem      admin CA: signs admin certificates only
+//!   ca/admin-ca.key      0600 (used by init and migrate-roles, never by run)
 //!   tls/server.pem       server certificate (also its client certificate towards hosts)
 //!   tls/server.key       0600
-//!   admin/ca.pem         admin credential: the CA certificate,
+//!   admin/ca.pem         admin credential: the server CA certificate,
+//!   admin/server.sha256  the server certificate's SHA-256 (pinned),
 //!   admin/admin.pem      the admin client certificate,
 //!   admin/admin.key      its key (0600),
 //!   admin/server         and the server URL
 //! ```
+//!
+//! A data directory made before certificates had roles has only `ca/ca.pem`
+//! (it signed every certificate) and no `admin/server.sha256`; `guestkey-server
+//! migrate-roles` brings it to this layout (see `crate::roles`).
 //!
 //! A leaf module: imports nothing of this crate.
 
@@ -44,17 +54,57 @@ impl DataDir {
     pub fn master_key(&self) -> PathBuf {
         self.root.join("master.key")
     }
-    /// CA certificate.
+    /// Hosts CA certificate (in data directories made before roles: the
+    /// one CA of every certificate).
     pub fn ca_cert(&self) -> PathBuf {
         self.root.join("ca/ca.pem")
     }
-    /// CA private key.
+    /// Hosts CA private key.
     pub fn ca_key(&self) -> PathBuf {
         self.root.join("ca/ca.key")
     }
-    /// Where the CA key is kept: its file, through a key protector.
+    /// Where the hosts CA key is kept: its file, through a key protector.
     pub fn ca_key_source(&self) -> guestkey_protect::ProtectorSpec {
         guestkey_protect::ProtectorSpec::File(self.ca_key())
+    }
+    /// Server CA certificate.
+    pub fn server_ca_cert(&self) -> PathBuf {
+        self.root.join("ca/server-ca.pem")
+    }
+    /// Where the server CA key is kept.
+    pub fn server_ca_key_source(&self) -> guestkey_protect::ProtectorSpec {
+        guestkey_protect::ProtectorSpec::File(self.root.join("ca/server-ca.key"))
+    }
+    /// Admin CA certificate.
+    pub fn admin_ca_cert(&self) -> PathBuf {
+        self.root.join("ca/admin-ca.pem")
+    }
+    /// Where the admin CA key is kept.
+    pub fn admin_ca_key_source(&self) -> guestkey_protect::ProtectorSpec {
+        guestkey_protect::ProtectorSpec::File(self.root.join("ca/admin-ca.key"))
+    }
+    /// Whether this data directory predates separate CAs per role.
+    pub fn is_before_roles(&self) -> bool {
+        !self.server_ca_cert().exists()
+    }
+    /// The lock the running server holds.
+    pub fn lock(&self) -> PathBuf {
+        self.root.join("guestkey-server.lock")
+    }
+    /// Takes the data directory's lock for this process's life, or says
+    /// which guestkey-server holds it; `hint` says what to do then.
+    pub fn hold(
+        &self,
+        hint: &str,
+    ) -> Result<guestkey_instance::InstanceLock, guestkey_instance::LockError> {
+        guestkey_instance::InstanceLock::acquire(
+            &self.lock(),
+            guestkey_instance::Holder {
+                program: "guestkey-server",
+                what: &format!("runs on data directory {}", self.root.display()),
+                hint,
+            },
+        )
     }
     /// Server certificate.
     pub fn server_cert(&self) -> PathBuf {
@@ -71,6 +121,10 @@ impl DataDir {
     /// Admin credential directory.
     pub fn admin_dir(&self) -> PathBuf {
         self.root.join("admin")
+    }
+    /// The pin of the server's certificate in the admin credential.
+    pub fn admin_server_pin(&self) -> PathBuf {
+        self.root.join("admin/server.sha256")
     }
 }
 

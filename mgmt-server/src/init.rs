@@ -4,12 +4,16 @@
 //! renamed into place at the end, so a failed init leaves nothing behind.
 //! An existing, non-empty data directory is never touched.
 //!
+//! A new data directory has one CA per role (hosts, server, admin: see
+//! [`crate::roles`]).
+//!
 //! The composition of a new data directory: imports the leaf modules, the
-//! SQLite store and the domain's audit chain. Used by `guestkey-server`.
+//! SQLite store, the domain's audit chain and [`crate::roles`]. Used by
+//! `guestkey-server`.
 
 use std::path::{Path, PathBuf};
 
-use crate::ca::{Ca, LEAF_VALIDITY_DAYS};
+use crate::ca::{Ca, Role};
 use crate::datadir::{DataDir, create_private_dir, write_private_file, write_public_file};
 use crate::domain::{audit, now_unix};
 use crate::masterkey::{MasterKey, MasterKeySource};
@@ -116,31 +120,18 @@ fn build(tmp: &Path, opts: &InitOptions) -> Result<InitReport, CoreError> {
         Some(s) => (MasterKey::load(s)?, s.clone()),
     };
 
-    let (ca, ca_key) = Ca::generate(
-        &opts
-            .sans
-            .first()
-            .cloned()
-            .unwrap_or_else(|| "localhost".into()),
-    )?;
-    write_public_file(&dir.ca_cert(), ca.cert_pem().as_bytes())
+    let label = opts
+        .sans
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "localhost".into());
+    // The hosts CA signs host certificates at enrollment.
+    let (hosts_ca, hosts_ca_key) = Ca::generate(Role::Host, &label)?;
+    write_public_file(&dir.ca_cert(), hosts_ca.cert_pem().as_bytes())
         .map_err(io("write", &dir.ca_cert()))?;
-    Ca::store_key(&ca_key, &dir.ca_key_source())?;
-    let server = ca.issue("guestkey-server", opts.sans.clone(), LEAF_VALIDITY_DAYS)?;
-    write_public_file(&dir.server_cert(), server.cert.as_bytes())
-        .map_err(io("write", &dir.server_cert()))?;
-    let server_key = server.key.as_ref().map_or("", |k| k.as_str());
-    write_private_file(&dir.server_key(), server_key.as_bytes())
-        .map_err(io("write", &dir.server_key()))?;
-    let admin = ca.issue("guestkey-admin", vec![], LEAF_VALIDITY_DAYS)?;
+    Ca::store_key(&hosts_ca_key, &dir.ca_key_source())?;
+    let roles = crate::roles::write_role_files(&dir, &label, opts.sans.clone())?;
     let admin_dir = dir.admin_dir();
-    write_public_file(&admin_dir.join("ca.pem"), ca.cert_pem().as_bytes())
-        .map_err(io("write", &admin_dir))?;
-    write_public_file(&admin_dir.join("admin.pem"), admin.cert.as_bytes())
-        .map_err(io("write", &admin_dir))?;
-    let admin_key = admin.key.as_ref().map_or("", |k| k.as_str());
-    write_private_file(&admin_dir.join("admin.key"), admin_key.as_bytes())
-        .map_err(io("write", &admin_dir))?;
     write_public_file(
         &admin_dir.join("server"),
         format!("{}\n", opts.server_url).as_bytes(),
@@ -151,7 +142,7 @@ fn build(tmp: &Path, opts: &InitOptions) -> Result<InitReport, CoreError> {
     let store = SqliteStore::open(&dir.db())?;
     let mut tx = store.begin(Access::Write)?;
     tx.set_master_key_id(master.id())?;
-    tx.insert_admin(&admin.sha256, "admin", now_unix())?;
+    tx.insert_admin(&roles.admin_sha256, "admin", now_unix())?;
     let audit_key = audit::ensure_key(&mut *tx, &master)?;
     audit::append(
         &mut *tx,

@@ -15,13 +15,18 @@
 //!
 //! Beside them, leaf modules that import nothing of this crate:
 //! [`config`], [`datadir`], [`ca`], [`masterkey`], [`domxml`] and [`tls`]
-//! (names and error chains). [`init`] composes a new data directory.
+//! (names and error chains). [`init`] composes a new data directory,
+//! [`roles`] its one CA per role (and migrates data directories made
+//! before roles).
 //! Only `transport/` imports tonic or prost; only `store/sqlite/` imports
 //! rusqlite.
 //!
-//! Peers are told apart by the SHA-256 of their certificate, recorded when
-//! the CA signed it: the admin credential made by `init`, and each enrolled
-//! host. A revoked host's certificate stops working at once.
+//! Each role has its own CA (hosts, server, admin), and each peer trusts
+//! only the CA of the role it expects. Peers are told apart by the SHA-256
+//! of their certificate, recorded when the CA signed it: the admin
+//! credential made by `init`, and each enrolled host; clients pin the
+//! certificate they expect (the server's, a host's). A revoked host's
+//! certificate stops working at once.
 
 #![forbid(unsafe_code)]
 
@@ -35,6 +40,7 @@ pub use guestkey_domxml as domxml;
 pub mod init;
 pub mod masterkey;
 pub mod model;
+pub mod roles;
 pub mod scheduler;
 pub mod store;
 pub mod tls;

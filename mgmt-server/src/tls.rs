@@ -17,36 +17,6 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-/// The name TLS checks for `HOST:PORT` or `https://HOST:PORT/...`: the host
-/// part, without IPv6 brackets. None for a URL that is not https.
-pub fn tls_name(url_or_address: &str) -> Option<String> {
-    let rest = if url_or_address.contains("://") {
-        url_or_address.strip_prefix("https://")?
-    } else {
-        url_or_address
-    };
-    let hostport = rest.split('/').next().unwrap_or_default();
-    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
-    Some(
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn tls_names() {
-        assert_eq!(
-            super::tls_name("https://kms.example:7443/x").as_deref(),
-            Some("kms.example")
-        );
-        assert_eq!(
-            super::tls_name("127.0.0.1:7444").as_deref(),
-            Some("127.0.0.1")
-        );
-        assert_eq!(super::tls_name("[::1]:7444").as_deref(), Some("::1"));
-        assert_eq!(super::tls_name("http://kms:80"), None);
-    }
-}
+/// The name TLS checks for `HOST:PORT` or `https://HOST:PORT/...` (one
+/// implementation, in guestkey-pinned-tls).
+pub use guestkey_pinned_tls::tls_name;

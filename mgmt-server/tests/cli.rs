@@ -312,6 +312,19 @@ fn missing_or_invalid_admin_credential() {
         insta::assert_snapshot!(name, run(&["--admin-dir", d, "host", "list"], Some(&dir)));
     }
     std::fs::write(&ca_pem, ca).unwrap();
+    // The pin of the server's certificate: damaged, then missing (a
+    // credential made before pins).
+    let pin = dir.join("server.sha256");
+    std::fs::write(&pin, "not a hash\n").unwrap();
+    insta::assert_snapshot!(
+        "server_pin_not_a_hash",
+        run(&["--admin-dir", d, "host", "list"], Some(&dir))
+    );
+    std::fs::remove_file(&pin).unwrap();
+    insta::assert_snapshot!(
+        "server_pin_missing",
+        run(&["--admin-dir", d, "host", "list"], Some(&dir))
+    );
     std::fs::remove_file(dir.join("admin.key")).unwrap();
     insta::assert_snapshot!(
         "admin_key_missing",

@@ -18,6 +18,8 @@ fn init_makes_a_private_data_directory_and_never_touches_an_existing_one() {
     for f in [
         "master.key",
         "ca/ca.key",
+        "ca/server-ca.key",
+        "ca/admin-ca.key",
         "tls/server.key",
         "admin/admin.key",
         "guestkey.db",
@@ -55,7 +57,7 @@ fn the_admin_api_refuses_missing_foreign_and_expired_certificates_clearly() {
     assert!(!out.status.success());
     assert!(
         err.contains("cannot reach guestkey-server")
-            && err.contains("admin credential of this server"),
+            && err.contains("did not sign: is this the server of this admin credential?"),
         "{err}"
     );
     assert!(!err.contains("connection closed\n"), "{err}");
@@ -77,11 +79,12 @@ fn the_admin_api_refuses_missing_foreign_and_expired_certificates_clearly() {
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
     assert!(status.message().contains("--admin-dir"), "{status:?}");
 
-    // An expired certificate signed by the right CA: refused in the handshake.
+    // An expired certificate signed by the right CA (the admin CA): refused
+    // in the handshake.
     let dir = temp_dir("expired");
-    let ca = std::fs::read_to_string(s.dir.join("ca/ca.pem")).unwrap();
+    let ca = std::fs::read_to_string(s.dir.join("ca/admin-ca.pem")).unwrap();
     let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(s.dir.join("ca/ca.key")).unwrap())
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(s.dir.join("ca/admin-ca.key")).unwrap())
             .unwrap();
     let issuer = rcgen::Issuer::from_ca_cert_pem(&ca, ca_key).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
@@ -89,7 +92,8 @@ fn the_admin_api_refuses_missing_foreign_and_expired_certificates_clearly() {
     p.not_before = rcgen::date_time_ymd(2020, 1, 1);
     p.not_after = rcgen::date_time_ymd(2021, 1, 1);
     let cert = p.signed_by(&key, &issuer).unwrap();
-    std::fs::write(dir.join("ca.pem"), &ca).unwrap();
+    std::fs::write(dir.join("ca.pem"), s.ca_pem()).unwrap();
+    std::fs::write(dir.join("server.sha256"), s.server_sha256()).unwrap();
     std::fs::write(dir.join("admin.pem"), cert.pem()).unwrap();
     std::fs::write(dir.join("admin.key"), key.serialize_pem()).unwrap();
     let out = Command::new(CTL)

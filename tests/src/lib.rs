@@ -11,6 +11,9 @@
 #![forbid(unsafe_code)]
 
 pub mod image;
+pub mod impostor;
+#[path = "../../mgmt-server/tests/common/legacy.rs"]
+pub mod legacy;
 pub mod memscan;
 pub mod stack;
 

@@ -219,6 +219,11 @@ impl Stack {
         self.server = Some(Self::server_proc(&self.dir.join("server"), port));
     }
 
+    /// The server's URL (`https://127.0.0.1:PORT`).
+    pub fn server_url(&self) -> &str {
+        &self.server_url
+    }
+
     /// A guestkeyctl command against this stack's server, to run.
     pub fn ctl_command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin("guestkeyctl"));

@@ -81,6 +81,8 @@ fn only_the_grpc_adapters_import_tonic_or_prost() {
     for krate in [
         "xdr-wipe",
         "protect",
+        "instance",
+        "pinned-tls",
         "proto",
         "mgmt-server",
         "host-daemon",
@@ -221,6 +223,8 @@ fn files_are_short_enough_to_read_in_one_sitting() {
     for krate in [
         "xdr-wipe/src",
         "protect/src",
+        "instance/src",
+        "pinned-tls/src",
         "host-daemon/src",
         "virt-plugin/src",
         "domxml/src",

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use host_daemon::grpc::enroll::{EnrollmentToken, enroll};
 use host_daemon::image::QemuImages;
-use host_daemon::instance::{InstanceLock, socket_lock_path};
 use host_daemon::libvirt::{Libvirt, events};
 use host_daemon::ops::Daemon;
 use host_daemon::protect::{HostKeys, HostProtectors};
@@ -47,10 +46,26 @@ enum Command {
         /// history.
         #[arg(long, hide = true, value_name = "TOKEN")]
         token: Option<String>,
-        /// The server's CA certificate (`guestkeyctl ca-cert` prints it).
+        /// The server CA certificate: what `guestkeyctl ca-cert` prints
+        /// (DATA_DIR/ca/server-ca.pem on the server). Only a certificate it
+        /// signed passes as the server.
         #[arg(long, value_name = "CA.pem")]
         ca_file: PathBuf,
         /// Where this host keeps its keys and sealed store.
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/guestkeyd")]
+        state_dir: PathBuf,
+    },
+    /// Trust the server again after `guestkey-server migrate-roles` (or a
+    /// new server certificate): connect with this host's certificate,
+    /// check the server against --ca-file, and keep the server CA and the
+    /// hash of the server's certificate it then reports. Stop guestkeyd
+    /// first; start it again afterwards.
+    TrustServer {
+        /// The server CA certificate: what `guestkeyctl ca-cert` prints
+        /// (DATA_DIR/ca/server-ca.pem on the server).
+        #[arg(long, value_name = "CA.pem")]
+        ca_file: PathBuf,
+        /// The state directory made by `enroll`.
         #[arg(long, value_name = "DIR", default_value = "/var/lib/guestkeyd")]
         state_dir: PathBuf,
     },
@@ -142,6 +157,27 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
             println!("next: guestkeyd run --state-dir {}", state_dir.display());
             Ok(())
         }
+        Command::TrustServer { ca_file, state_dir } => {
+            // Not beside a running guestkeyd: it read these files at start.
+            let _lock = host_daemon::instance::state_lock(&state_dir)?;
+            let t = host_daemon::grpc::trust::trust_server(&StateDir::new(&state_dir), &ca_file)
+                .await?;
+            match &t.old_sha256 {
+                Some(old) if *old == t.new_sha256 => println!(
+                    "the server at {} already was trusted with certificate sha256 {}; ca.pem rewritten",
+                    t.server, t.new_sha256
+                ),
+                old => println!(
+                    "trusting the server at {}: certificate sha256 {} (was {}), server CA in {}",
+                    t.server,
+                    t.new_sha256,
+                    old.as_deref().unwrap_or("none"),
+                    state_dir.join("ca.pem").display()
+                ),
+            }
+            println!("next: guestkeyd run --state-dir {}", state_dir.display());
+            Ok(())
+        }
         Command::Run {
             state_dir,
             listen,
@@ -152,14 +188,8 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
         } => {
             // Before anything else: one guestkeyd per state directory and
             // per hook socket (a second must not take the first's socket).
-            let _state_lock = InstanceLock::acquire(
-                &state_dir.join("guestkeyd.lock"),
-                &format!("state directory {}", state_dir.display()),
-            )?;
-            let _socket_lock = InstanceLock::acquire(
-                &socket_lock_path(&hook_socket),
-                &format!("hook socket {}", hook_socket.display()),
-            )?;
+            let _state_lock = host_daemon::instance::state_lock(&state_dir)?;
+            let _socket_lock = host_daemon::instance::socket_lock(&hook_socket)?;
             host_daemon::hardening::no_dumps()?;
             if let Err(e) = host_daemon::hardening::lock_memory() {
                 tracing::warn!(error = %e, "cannot lock memory: keys could reach swap");

@@ -1,13 +1,19 @@
 //! `guestkeyd enroll`: makes the host's key pairs here (private keys never
 //! leave the host), presents the one-time token with a CSR and the sealing
-//! public key, and stores what the server returns.
+//! public key, and stores what the server returns. The server is trusted
+//! through `--ca-file` only, which must be the server CA: a host's or an
+//! admin's certificate (other CAs) never passes as the server, and the
+//! server certificate hash it pins from then on must be that of the
+//! certificate it just verified.
 
 use std::path::Path;
 
+use guestkey_pinned_tls::Peer;
 use guestkey_proto::host::{EnrollRequest, host_api_client::HostApiClient};
 use secrecy::{ExposeSecret, SecretString};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use xdr_wipe::seal::HostSealingKey;
+
+use super::link::{LinkError, ServerLink};
 
 use crate::protect::{HostKeys, HostProtectors};
 use crate::state::{StateDir, private_dir, write_atomic};
@@ -60,9 +66,36 @@ impl std::fmt::Debug for EnrollmentToken {
     }
 }
 
+/// What to do when the server's certificate is not what `--ca-file` signs.
+pub(super) const CA_HINT: &str = "--ca-file must be the server CA that `guestkeyctl ca-cert` prints (DATA_DIR/ca/server-ca.pem on the server) and --server must name that server: a host's or an admin's certificate never passes as the server";
+
+/// The server at `server` as `--ca-file` vouches for it (no pin yet).
+pub(super) fn server_peer(server: &str, ca: &str, ca_file: &Path) -> Result<Peer, EnrollError> {
+    let name = guestkey_pinned_tls::tls_name(server)
+        .ok_or_else(|| EnrollError(format!("server URL {server:?} must start with https://")))?;
+    Ok(Peer {
+        who: format!("the server at {server}"),
+        roots_pem: ca.to_owned(),
+        roots_from: format!("the CA in --ca-file {}", ca_file.display()),
+        name,
+        pin: None,
+        hint: CA_HINT.into(),
+    })
+}
+
+/// A connection failure as advice.
+pub(super) fn link_error(server: &str, e: LinkError) -> EnrollError {
+    match e {
+        LinkError::Refused(m) => EnrollError(m),
+        e => EnrollError(format!(
+            "cannot reach guestkey-server at {server}: {e} (check --server and --ca-file)"
+        )),
+    }
+}
+
 /// Checks that `pem` holds at least one certificate; says which file does
 /// not.
-fn check_ca(pem: &str, ca_file: &Path) -> Result<(), EnrollError> {
+pub(super) fn check_ca(pem: &str, ca_file: &Path) -> Result<(), EnrollError> {
     let mut found = false;
     for p in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
         match p {
@@ -88,7 +121,7 @@ fn check_ca(pem: &str, ca_file: &Path) -> Result<(), EnrollError> {
         Ok(())
     } else {
         Err(EnrollError(format!(
-            "{} holds no PEM certificate: give the server's CA certificate (`guestkeyctl ca-cert` prints it)",
+            "{} holds no PEM certificate: give the server CA certificate (`guestkeyctl ca-cert` prints it)",
             ca_file.display()
         )))
     }
@@ -119,8 +152,8 @@ pub async fn enroll(
         ))
     })?;
     check_ca(&ca, ca_file)?;
-    let domain = tls_name(server)
-        .ok_or_else(|| EnrollError(format!("server URL {server:?} must start with https://")))?;
+    let link = ServerLink::new(server, server_peer(server, &ca, ca_file)?, None)
+        .map_err(|e| EnrollError(format!("--ca-file {}: {e}", ca_file.display())))?;
 
     let tls_key =
         rcgen::KeyPair::generate().map_err(|e| EnrollError(format!("key generation: {e}")))?;
@@ -129,22 +162,10 @@ pub async fn enroll(
         .map_err(|e| EnrollError(format!("certificate request: {e}")))?;
     let sealing = HostSealingKey::generate();
 
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&ca))
-        .domain_name(domain);
-    let channel = Endpoint::from_shared(server.to_owned())
-        .map_err(|e| EnrollError(format!("bad server URL {server:?}: {e}")))?
-        .tls_config(tls)
-        .map_err(|e| EnrollError(format!("TLS: {e}")))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(30))
-        .connect()
+    let channel = link
+        .connect(std::time::Duration::from_secs(30))
         .await
-        .map_err(|e| {
-            EnrollError(format!(
-                "cannot reach guestkey-server at {server}: {e} (check --server and --ca-file)"
-            ))
-        })?;
+        .map_err(|e| link_error(server, e))?;
     let r = HostApiClient::new(channel)
         .enroll(EnrollRequest {
             // prost needs a String: this copy goes into the request buffer.
@@ -160,6 +181,16 @@ pub async fn enroll(
             ))
         })?
         .into_inner();
+    // What the host-agent API will accept calls from: the certificate this
+    // connection verified, and nothing the answer says otherwise.
+    let seen = link.verified_sha256().unwrap_or_default();
+    if r.server_certificate_sha256 != seen {
+        return Err(EnrollError(format!(
+            "the server's answer names certificate sha256 {}, but it presented {seen}: nothing was pinned or written (ask the admin for a new token once the server is right)",
+            r.server_certificate_sha256
+        )));
+    }
+    check_ca(&r.ca_certificate_pem, Path::new("the server's answer"))?;
 
     let io = |p: &Path| {
         let p = p.to_owned();
@@ -185,21 +216,4 @@ pub async fn enroll(
     write_atomic(&dir.file("tls.pem"), r.certificate_pem.as_bytes())
         .map_err(io(&dir.file("tls.pem")))?;
     Ok(r.host_name)
-}
-
-/// The name TLS checks for `HOST:PORT` or `https://HOST:PORT/...`: the host
-/// part, without IPv6 brackets. None for a URL that is not https.
-pub fn tls_name(url_or_address: &str) -> Option<String> {
-    let rest = if url_or_address.contains("://") {
-        url_or_address.strip_prefix("https://")?
-    } else {
-        url_or_address
-    };
-    let hostport = rest.split('/').next().unwrap_or_default();
-    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
-    Some(
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
-    )
 }

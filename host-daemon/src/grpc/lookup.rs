@@ -6,9 +6,10 @@
 use std::time::Duration;
 
 use guestkey_proto::host::{DescribeDiskRequest, host_api_client::HostApiClient};
-use tonic::transport::{Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 use virt_plugin::protocol::Source;
 
+use super::link::ServerLink;
 use crate::ops::{DiskLookup, KnownDisk};
 use crate::state::StateDir;
 
@@ -18,19 +19,18 @@ const ANSWER: Duration = Duration::from_secs(3);
 /// The look-up over gRPC; called from blocking threads.
 pub struct ServerLookup {
     rt: tokio::runtime::Handle,
-    url: String,
-    tls: ClientTlsConfig,
+    link: ServerLink,
     client: tokio::sync::Mutex<Option<HostApiClient<Channel>>>,
 }
 
 impl ServerLookup {
-    /// The look-up for this state directory's server (None: not enrolled).
+    /// The look-up for this state directory's server (None: not enrolled,
+    /// or its server files are unusable, which the reports log).
     pub fn new(dir: &StateDir, rt: tokio::runtime::Handle) -> Option<Self> {
-        let (url, tls) = super::report::server_tls(dir)?;
+        let link = ServerLink::from_state(dir).ok()??;
         Some(Self {
             rt,
-            url,
-            tls,
+            link,
             client: tokio::sync::Mutex::new(None),
         })
     }
@@ -51,7 +51,7 @@ impl DiskLookup for ServerLookup {
         };
         let ask = async {
             let mut guard = self.client.lock().await;
-            let c = super::report::connected(&mut guard, &self.url, &self.tls)
+            let c = super::report::connected(&mut guard, &self.link)
                 .await
                 .ok()?;
             match c.describe_disk(req).await {

@@ -1,15 +1,20 @@
 //! The gRPC adapters, and the only files of this crate that import tonic
 //! or prost: the host-agent service the management server calls ([`serve`],
 //! a thin adapter over [`crate::ops::Daemon`] that only the pinned server
-//! certificate may call, converting in [`pb`]), and this host's two clients
-//! of the server: [`enroll`] and the [`report`] loop.
+//! certificate may call, converting in [`pb`]), and this host's clients of
+//! the server: [`enroll`], [`trust`] (`guestkeyd trust-server`), the
+//! [`report`] loop and the [`lookup`] of disks, all through [`link`] (the
+//! server CA and the pinned server certificate, never tonic's own TLS
+//! settings, which cannot pin).
 //!
 //! May import everything below it. Imported by: the binary.
 
 pub mod enroll;
+mod link;
 pub mod lookup;
 mod pb;
 pub mod report;
+pub mod trust;
 
 use std::sync::Arc;
 
@@ -234,6 +239,11 @@ impl HostAgent for AgentService {
             active_generation,
             state: "done".into(),
         }))
+    }
+
+    async fn ping(&self, req: Request<apb::PingRequest>) -> R<apb::PingResult> {
+        self.check(&req)?;
+        Ok(Response::new(apb::PingResult {}))
     }
 
     async fn get_inventory(&self, req: Request<apb::InventoryRequest>) -> R<apb::InventoryResult> {

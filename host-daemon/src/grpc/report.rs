@@ -1,4 +1,5 @@
-//! Reports to the management server over one mutual-TLS channel:
+//! Reports to the management server over one mutual-TLS channel (the
+//! server CA and the pinned server certificate, [`super::link`]):
 //! - inventory: which volumes this host holds keys for (volume ids,
 //!   generations, guest UUIDs), never key bytes; sent when it changes, and
 //!   at least every minute;
@@ -13,8 +14,9 @@ use std::time::{Duration, Instant};
 use guestkey_proto::host::{
     HeldKey, Inventory, ProgressReport, VolumeProgress, host_api_client::HostApiClient,
 };
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 
+use super::link::{LinkError, ServerLink};
 use crate::ops::Daemon;
 use crate::state::StateDir;
 
@@ -25,13 +27,21 @@ const REFRESH: Duration = Duration::from_secs(60);
 
 /// Runs forever (until the process ends).
 pub async fn run(dir: StateDir, daemon: Arc<Daemon>) {
-    let Some((url, tls)) = server_tls(&dir) else {
-        tracing::warn!(
-            "no server.url in the state directory (enrolled by an older guestkeyd?): inventory reports disabled"
-        );
-        return;
+    let link = match ServerLink::from_state(&dir) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            tracing::warn!(
+                "no server.url, ca.pem or server.sha256 in the state directory (enrolled by an older guestkeyd?): inventory reports disabled"
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "inventory reports disabled");
+            return;
+        }
     };
     let mut client: Option<HostApiClient<Channel>> = None;
+    let mut refused = Refusals::default();
     // (store change count, when sent) of the last report that got through.
     let mut last: Option<(u64, Instant)> = None;
     let mut last_round = Instant::now() - ROUND;
@@ -59,7 +69,7 @@ pub async fn run(dir: StateDir, daemon: Arc<Daemon>) {
                     .collect(),
             };
             let empty = report.running.is_empty();
-            match connected(&mut client, &url, &tls).await {
+            match connected(&mut client, &link).await {
                 Ok(c) => match c.report_progress(report).await {
                     Ok(_) => progress_shown = !empty,
                     Err(e) => {
@@ -67,7 +77,7 @@ pub async fn run(dir: StateDir, daemon: Arc<Daemon>) {
                         client = None;
                     }
                 },
-                Err(e) => tracing::debug!(error = %e, "progress report failed"),
+                Err(e) => refused.log(&e, "progress report failed"),
             }
         }
         if last_round.elapsed() >= ROUND {
@@ -102,7 +112,7 @@ pub async fn run(dir: StateDir, daemon: Arc<Daemon>) {
                         continue;
                     }
                 };
-                match connected(&mut client, &url, &tls).await {
+                match connected(&mut client, &link).await {
                     Ok(c) => match c.report_inventory(Inventory { held }).await {
                         Ok(_) => last = Some((seen, Instant::now())),
                         Err(e) => {
@@ -110,7 +120,7 @@ pub async fn run(dir: StateDir, daemon: Arc<Daemon>) {
                             client = None;
                         }
                     },
-                    Err(e) => tracing::debug!(error = %e, "inventory report failed; will retry"),
+                    Err(e) => refused.log(&e, "inventory report failed; will retry"),
                 }
             }
         }
@@ -118,37 +128,36 @@ pub async fn run(dir: StateDir, daemon: Arc<Daemon>) {
     }
 }
 
-/// The server's URL and the mutual-TLS configuration to reach it with this
-/// host's certificate, from the state directory (None: not enrolled).
-pub(super) fn server_tls(dir: &StateDir) -> Option<(String, ClientTlsConfig)> {
-    let read = |f: &str| std::fs::read_to_string(dir.file(f)).ok();
-    let (url, ca, cert) = (read("server.url")?, read("ca.pem")?, read("tls.pem")?);
-    let key = zeroize::Zeroizing::new(read("tls.key")?);
-    let url = url.trim().to_owned();
-    let domain = super::enroll::tls_name(&url).unwrap_or_default();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&ca))
-        .identity(Identity::from_pem(&cert, key.as_bytes()))
-        .domain_name(domain);
-    Some((url, tls))
+/// A refused server certificate is said once at warning level (it needs
+/// the operator), then at debug level until it changes.
+#[derive(Default)]
+struct Refusals {
+    last: Option<String>,
+}
+
+impl Refusals {
+    fn log(&mut self, e: &LinkError, what: &str) {
+        match e {
+            LinkError::Refused(m) if self.last.as_deref() != Some(m.as_str()) => {
+                tracing::warn!(error = %e, "{what}: the server's certificate is refused");
+                self.last = Some(m.clone());
+            }
+            _ => tracing::debug!(error = %e, "{what}"),
+        }
+    }
 }
 
 /// The client on the open channel, connecting first if there is none.
 pub(super) async fn connected<'a>(
     client: &'a mut Option<HostApiClient<Channel>>,
-    url: &str,
-    tls: &ClientTlsConfig,
-) -> Result<&'a mut HostApiClient<Channel>, Box<dyn std::error::Error + Send + Sync>> {
+    link: &ServerLink,
+) -> Result<&'a mut HostApiClient<Channel>, LinkError> {
     if client.is_none() {
-        let ch = Endpoint::from_shared(url.to_owned())?
-            .tls_config(tls.clone())?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(10))
-            .connect()
-            .await?;
-        *client = Some(HostApiClient::new(ch));
+        *client = Some(HostApiClient::new(
+            link.connect(Duration::from_secs(10)).await?,
+        ));
     }
     client
         .as_mut()
-        .ok_or_else(|| "no connection to the server".into())
+        .ok_or_else(|| LinkError::Connect("no connection to the server".into()))
 }

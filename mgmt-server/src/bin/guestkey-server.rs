@@ -21,9 +21,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a new data directory: SQLite database, master key, CA,
-    /// server certificate, and the admin credential in DATA_DIR/admin/.
-    /// Refuses to touch an existing, non-empty directory.
+    /// Create a new data directory: SQLite database, master key, one CA
+    /// per role (hosts, server, admin), the server certificate, and the
+    /// admin credential in DATA_DIR/admin/. Refuses to touch an existing,
+    /// non-empty directory.
     Init {
         /// The data directory to create.
         #[arg(long, value_name = "DIR")]
@@ -43,7 +44,8 @@ enum Command {
         listen: String,
     },
     /// Serve the admin and host APIs (gRPC over mutual TLS) and push keys
-    /// to host daemons, until SIGINT or SIGTERM.
+    /// to host daemons, until SIGINT or SIGTERM. One server per data
+    /// directory.
     Run {
         /// The data directory made by `init` (or data_dir in --config).
         #[arg(long, value_name = "DIR")]
@@ -75,6 +77,21 @@ enum Command {
         /// current key file].
         #[arg(long, value_name = "SOURCE")]
         new_master_key_source: Option<MasterKeySource>,
+    },
+    /// Give a data directory made before certificates had roles (one CA
+    /// signed the server, admin and host certificates) one CA per role:
+    /// keeps every key and the hosts' certificates; makes a server CA, an
+    /// admin CA, a new server certificate and a new admin credential
+    /// (DATA_DIR/admin). Then run `guestkeyd trust-server` on each host.
+    /// Not while the server runs; run it again if it stopped half-way.
+    MigrateRoles {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Where the master key is, for the audit record
+        /// [default: file:DATA_DIR/master.key].
+        #[arg(long, value_name = "SOURCE")]
+        master_key_source: Option<MasterKeySource>,
     },
 }
 
@@ -108,7 +125,10 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             listen,
         } => {
             let sans = if sans.is_empty() {
-                vec!["localhost".to_owned(), "127.0.0.1".to_owned()]
+                mgmt_server::roles::DEFAULT_SANS
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect()
             } else {
                 sans
             };
@@ -175,6 +195,38 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 "master key rotated: {} -> {}; {} volume keys re-wrapped",
                 r.old_id, r.new_id, r.rewrapped
             );
+            Ok(())
+        }
+        Command::MigrateRoles {
+            data_dir,
+            master_key_source,
+        } => {
+            let r = mgmt_server::roles::migrate_roles(&mgmt_server::roles::MigrateOptions {
+                data_dir: data_dir.clone(),
+                master_key_source,
+            })?;
+            let d = data_dir.display();
+            println!("{d} now has one CA per role; every key is kept");
+            println!("  hosts CA:  {d}/ca/ca.pem (unchanged: host certificates stay valid)");
+            println!(
+                "  server CA: {} (signs only the server certificate, sha256 {})",
+                r.server_ca.display(),
+                r.server_sha256
+            );
+            println!(
+                "  admin CA:  {d}/ca/admin-ca.pem; new admin credential in {d}/admin (admin certificate sha256 {}); {} older admin certificate(s) no longer work: copy {d}/admin again wherever it was copied",
+                r.admin_sha256, r.removed_admins
+            );
+            println!("next:");
+            println!("  guestkey-server run --data-dir {d}");
+            println!(
+                "  on each host, with a copy of {} as server-ca.pem: stop guestkeyd, run",
+                r.server_ca.display()
+            );
+            println!(
+                "    guestkeyd trust-server --ca-file server-ca.pem --state-dir /var/lib/guestkeyd"
+            );
+            println!("  and start guestkeyd again (until then the server's pushes to it wait)");
             Ok(())
         }
     }

@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use xdr_wipe::seal::HostPublicKey;
 
 use crate::domain::{Core, now_unix};
-use crate::model::names::{parse_address, parse_libvirt_uri, parse_migration_uri};
+use crate::model::names::{InvalidInput, parse_address, parse_libvirt_uri, parse_migration_uri};
 use crate::model::{Caller, CoreError, EnrolledHost, HostInfo, HostState, Name, Progress};
 pub use crate::store::HeldKey;
 use crate::store::{Enrollment, NewHost, Tx};
@@ -45,23 +45,71 @@ fn no_such_host(name: &str) -> CoreError {
 /// (inside the caller's transaction, so the answer holds until it commits).
 pub(crate) fn enrolled_in(tx: &mut dyn Tx, name: &str) -> Result<EnrolledHost, CoreError> {
     let h = tx.host_record(name)?.ok_or_else(|| no_such_host(name))?;
-    match (h.state, h.sealing_key) {
-        (HostState::Enrolled, Some(k)) => Ok(EnrolledHost {
+    match (h.state, h.sealing_key, h.cert_sha256) {
+        (HostState::Enrolled, Some(k), Some(cert_sha256)) => Ok(EnrolledHost {
             name: h.name,
             address: h.address,
             sealing_key: HostPublicKey::from_bytes(&k)
                 .map_err(|e| CoreError::Internal(e.to_string()))?,
+            cert_sha256,
         }),
-        (HostState::PendingEnrollment, _) => Err(CoreError::FailedPrecondition(format!(
+        (HostState::PendingEnrollment, ..) => Err(CoreError::FailedPrecondition(format!(
             "host {name} has not enrolled yet: run `guestkeyd enroll` on it with its token"
         ))),
-        (state, _) => Err(CoreError::FailedPrecondition(format!(
+        (HostState::Enrolled, ..) => Err(CoreError::Internal(format!(
+            "host {name} is enrolled without a sealing key or certificate: the database was altered"
+        ))),
+        (state, ..) => Err(CoreError::FailedPrecondition(format!(
             "host {name} is {state}: no keys go to it"
         ))),
     }
 }
 
+/// Names every guestkey server certificate or admin certificate may carry,
+/// whatever the server's own names are.
+pub const RESERVED_NAMES: [&str; 3] = ["guestkey-server", "guestkey-admin", "localhost"];
+
 impl Core {
+    /// The server name (or reserved name) equal to `name`, ignoring case.
+    fn server_name_like(&self, name: &str) -> Option<&str> {
+        self.server_names
+            .iter()
+            .map(String::as_str)
+            .chain(RESERVED_NAMES)
+            .find(|s| s.eq_ignore_ascii_case(name))
+    }
+
+    /// Refuses a host name, or an address whose host part is a DNS name,
+    /// that is one of the server's names: a host's certificate carries its
+    /// name and address, and none may name the server. (Hosts and the
+    /// server have different CAs, so such a certificate could not pass as
+    /// the server anyway; the name would still mislead.) IP addresses are
+    /// not compared: hosts may share the server's machine.
+    fn refuse_server_names(&self, name: &Name, address: &str) -> Result<(), CoreError> {
+        if let Some(s) = self.server_name_like(name.as_str()) {
+            return Err(CoreError::Invalid(InvalidInput {
+                what: "host name",
+                value: name.to_string(),
+                why: format!(
+                    "it is one of the management server's names ({s}): a host's certificate carries its name, and must not name the server; pick another name"
+                ),
+            }));
+        }
+        let host = crate::tls::tls_name(address).unwrap_or_default();
+        if host.parse::<std::net::IpAddr>().is_err() {
+            if let Some(s) = self.server_name_like(&host) {
+                return Err(CoreError::Invalid(InvalidInput {
+                    what: "address",
+                    value: address.to_owned(),
+                    why: format!(
+                        "its host part {host} is one of the management server's names ({s}): a host's certificate carries it, and must not name the server; give the host's own DNS name or IP address"
+                    ),
+                }));
+            }
+        }
+        Ok(())
+    }
+
     /// Who holds the certificate with this SHA-256, if anyone may call.
     pub fn identify(&self, cert_sha256: &str) -> Result<Option<Caller>, CoreError> {
         self.read(|tx| {
@@ -82,6 +130,7 @@ impl Core {
     ) -> Result<(HostInfo, String, i64), CoreError> {
         let name = Name::parse("host name", name)?;
         let address = parse_address(address)?;
+        self.refuse_server_names(&name, &address)?;
         let mut raw = zeroize::Zeroizing::new([0u8; 32]);
         getrandom::fill(raw.as_mut())
             .map_err(|_| CoreError::Internal("the OS random number generator failed".into()))?;
@@ -173,6 +222,12 @@ impl Core {
                 "enrollment refused: the token of host {name} has expired: ask the admin for a new one"
             )));
         }
+        // A host registered before names were checked (a data directory of
+        // an older server) is checked here.
+        let parsed = Name::parse("host name", &name)
+            .map_err(|e| refuse(format!("enrollment refused: {e}")))?;
+        self.refuse_server_names(&parsed, &holder.address)
+            .map_err(|e| refuse(format!("enrollment refused: {e}")))?;
         let host_part = crate::tls::tls_name(&holder.address).unwrap_or_default();
         let issued = self
             .ca
@@ -203,6 +258,15 @@ impl Core {
             ));
         }
         Ok((name, issued.cert))
+    }
+
+    /// What a host needs to trust this server again (`guestkeyd
+    /// trust-server`): the server CA (PEM) and the SHA-256 of the server's
+    /// certificate. Only for an enrolled host (the transport checked its
+    /// certificate); logged.
+    pub fn server_trust(&self, host: &str) -> (String, String) {
+        tracing::info!(%host, "a host asked for the server's CA and certificate hash");
+        (self.server_ca_pem.clone(), self.server_cert_sha256.clone())
     }
 
     /// Records what a host reports holding: volume ids, generations and

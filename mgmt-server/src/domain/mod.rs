@@ -62,10 +62,15 @@ pub struct Parts {
     pub agents: Arc<dyn AgentClient>,
     /// The master key.
     pub keys: KeyRing,
-    /// The certificate authority that signs host certificates.
+    /// The hosts CA: it signs host certificates at enrollment.
     pub ca: Ca,
+    /// The server CA (PEM): what hosts trust the server with.
+    pub server_ca_pem: String,
     /// SHA-256 (hex) of the server's certificate, which hosts pin.
     pub server_cert_sha256: String,
+    /// The server certificate's names (DNS names and IP addresses): no
+    /// host may take one.
+    pub server_names: Vec<String>,
     /// Per-host limits.
     pub limits: Limits,
     /// Push retry policy.
@@ -81,7 +86,9 @@ pub struct Core {
     agents: Arc<dyn AgentClient>,
     keys: KeyRing,
     ca: Ca,
+    server_ca_pem: String,
     server_cert_sha256: String,
+    server_names: Vec<String>,
     limits: Limits,
     retry: Retry,
     releases: release::ReleaseLimiter,
@@ -109,7 +116,9 @@ impl Core {
             agents: parts.agents,
             keys: parts.keys,
             ca: parts.ca,
+            server_ca_pem: parts.server_ca_pem,
             server_cert_sha256: parts.server_cert_sha256,
+            server_names: parts.server_names,
             limits: parts.limits,
             retry: parts.retry,
             progress: Mutex::new(HashMap::new()),
@@ -120,9 +129,15 @@ impl Core {
         Ok(core)
     }
 
-    /// The CA certificate in PEM.
-    pub fn ca_cert_pem(&self) -> &str {
+    /// The hosts CA certificate (PEM): host certificates chain to it.
+    pub fn hosts_ca_pem(&self) -> &str {
         self.ca.cert_pem()
+    }
+
+    /// The server CA certificate (PEM): what `guestkeyd enroll --ca-file`
+    /// needs, and what hosts trust the server with.
+    pub fn server_ca_pem(&self) -> &str {
+        &self.server_ca_pem
     }
 
     /// SHA-256 (hex) of the server's certificate, which host daemons pin.

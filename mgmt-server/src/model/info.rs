@@ -44,6 +44,9 @@ pub struct EnrolledHost {
     pub address: String,
     /// Packet-sealing public key.
     pub sealing_key: HostPublicKey,
+    /// SHA-256 (hex) of the certificate it enrolled with: the only one the
+    /// server accepts from it when it calls it.
+    pub cert_sha256: String,
 }
 
 /// A pending rekey as the admin asked for it.

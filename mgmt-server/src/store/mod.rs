@@ -76,6 +76,9 @@ pub trait MetaStore {
     fn admin_by_cert(&mut self, cert_sha256: &str) -> Result<Option<String>>;
     /// Records the admin credential.
     fn insert_admin(&mut self, cert_sha256: &str, name: &str, created: i64) -> Result<()>;
+    /// Makes this the only admin certificate (`migrate-roles`: the admin
+    /// CA's); returns how many others no longer authenticate.
+    fn replace_admins(&mut self, cert_sha256: &str, name: &str, created: i64) -> Result<usize>;
 }
 
 /// The audit log's rows (the chain logic is `domain::audit`).
@@ -124,6 +127,8 @@ pub struct HostRecord {
     pub libvirt_uri: String,
     /// QEMU migration URI ("" for libvirt's choice).
     pub migration_uri: String,
+    /// SHA-256 of its certificate (after enrollment).
+    pub cert_sha256: Option<String>,
 }
 
 /// The host an enrollment token belongs to.

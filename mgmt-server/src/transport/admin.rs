@@ -378,7 +378,7 @@ impl Admin for AdminService {
         req: Request<pb::GetCaCertificateRequest>,
     ) -> R<pb::CaCertificate> {
         let pem = self
-            .admin(&req, |c, _| Ok(c.ca_cert_pem().to_owned()))
+            .admin(&req, |c, _| Ok(c.server_ca_pem().to_owned()))
             .await?;
         Ok(Response::new(pb::CaCertificate { pem }))
     }

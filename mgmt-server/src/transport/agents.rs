@@ -1,6 +1,10 @@
 //! The [`AgentClient`] over gRPC: the server is a client of each host's
-//! host-agent API. It presents its own certificate and accepts only a host
-//! certificate signed by its CA for the host's address.
+//! host-agent API. It presents its own certificate and accepts only the
+//! certificate the host enrolled with: signed by the hosts CA, for the
+//! host's address, and equal to the hash recorded at enrollment (pinned,
+//! through [`guestkey_pinned_tls::Connector`]). A process serving another
+//! host's or a revoked host's key pair at the address is refused before
+//! anything is sent, like an unreachable host.
 //!
 //! One channel per host is kept open for ordinary calls (HTTP/2 multiplexes
 //! concurrent pushes over it; each call may take a minute) and dropped
@@ -35,8 +39,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The gRPC host-agent client, one channel per host.
 pub struct GrpcAgents {
     identity: Arc<ServerIdentity>,
-    /// Open channels by (host name, address).
-    channels: Mutex<HashMap<(String, String), Channel>>,
+    /// Open channels by (host name, address, certificate hash).
+    channels: Mutex<HashMap<(String, String, String), Channel>>,
 }
 
 impl GrpcAgents {
@@ -48,33 +52,102 @@ impl GrpcAgents {
         }
     }
 
-    fn key(host: &EnrolledHost) -> (String, String) {
-        (host.name.clone(), host.address.clone())
+    fn key(host: &EnrolledHost) -> (String, String, String) {
+        (
+            host.name.clone(),
+            host.address.clone(),
+            host.cert_sha256.clone(),
+        )
     }
 
     async fn connect_with(&self, host: &EnrolledHost, timeout: Duration) -> AgentResult<Channel> {
+        // Not reached, or not the host: either way nothing goes there, and
+        // the operation is retried like for an unreachable host.
         let unreachable = |why: String| AgentError::new(AgentErrorKind::Unreachable, why);
-        let endpoint = Endpoint::from_shared(format!("https://{}", host.address))
+        let connector = self
+            .identity
+            .host_connector(host)
+            .map_err(|e| unreachable(format!("TLS setup for host {}: {e}", host.name)))?;
+        let uri = guestkey_pinned_tls::endpoint_uri(&host.address)
+            .ok_or_else(|| unreachable(format!("bad address of host {}", host.name)))?;
+        let endpoint = Endpoint::from_shared(uri)
             .map_err(|e| unreachable(format!("bad address of host {}: {e}", host.name)))?
-            .tls_config(self.identity.client_config(&host.address))
-            .map_err(|e| unreachable(format!("TLS setup for host {}: {e}", host.name)))?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(timeout);
-        endpoint.connect().await.map_err(|e| {
-            unreachable(format!(
-                "host {} at {} is unreachable: {}",
-                host.name,
-                host.address,
-                crate::tls::error_chain(&e)
-            ))
-        })
+        endpoint
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| {
+                use guestkey_pinned_tls::ConnectError as C;
+                match guestkey_pinned_tls::find_connect_error(&e) {
+                    Some(c @ (C::NotPinned { .. } | C::NotSigned { .. } | C::Refused { .. })) => {
+                        unreachable(format!("host {} refused: {c}", host.name))
+                    }
+                    _ => unreachable(format!(
+                        "host {} at {} is unreachable: {}",
+                        host.name,
+                        host.address,
+                        crate::tls::error_chain(&e)
+                    )),
+                }
+            })
+    }
+
+    /// A new channel, once the host showed that it accepts this server's
+    /// certificate (TLS 1.3 lets a client finish its handshake before the
+    /// server checked the client's certificate, so only an answer proves
+    /// it): `Ping`, before anything else is sent on it.
+    async fn connect_checked(
+        &self,
+        host: &EnrolledHost,
+        timeout: Duration,
+    ) -> AgentResult<Channel> {
+        let c = self.connect_with(host, timeout).await?;
+        let refused = |why: String| {
+            AgentError::new(
+                AgentErrorKind::Unreachable,
+                format!(
+                    "host {} at {} does not accept this server ({why}): if it was enrolled before `guestkey-server migrate-roles`, run `guestkeyd trust-server --ca-file SERVER-CA.pem` on it (SERVER-CA.pem from `guestkeyctl ca-cert`); nothing is sent to it until then",
+                    host.name, host.address
+                ),
+            )
+        };
+        match HostAgentClient::new(c.clone())
+            .ping(agent::PingRequest {})
+            .await
+        {
+            Ok(_) => Ok(c),
+            // An older guestkeyd without Ping: it answered, so the TLS
+            // handshake, our certificate included, went through.
+            Err(s) if s.code() == tonic::Code::Unimplemented => Ok(c),
+            Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                Err(refused(s.message().to_owned()))
+            }
+            // Not an answer: nothing was sent, whatever the cause.
+            Err(s) => {
+                let detail = crate::tls::error_chain(&s);
+                if detail.contains("alert") {
+                    Err(refused(format!(
+                        "it refused this server's certificate: {detail}"
+                    )))
+                } else {
+                    Err(AgentError::new(
+                        AgentErrorKind::Unreachable,
+                        format!(
+                            "host {} at {} is unreachable: {detail}",
+                            host.name, host.address
+                        ),
+                    ))
+                }
+            }
+        }
     }
 
     /// The host's channel: the open one, or a new one (fresh and with the
     /// long limit for `long` calls).
     async fn channel(&self, host: &EnrolledHost, long: bool) -> AgentResult<Channel> {
         if long {
-            return self.connect_with(host, LONG_TIMEOUT).await;
+            return self.connect_checked(host, LONG_TIMEOUT).await;
         }
         let open = self
             .channels
@@ -85,7 +158,7 @@ impl GrpcAgents {
         if let Some(c) = open {
             return Ok(c);
         }
-        let c = self.connect_with(host, CALL_TIMEOUT).await?;
+        let c = self.connect_checked(host, CALL_TIMEOUT).await?;
         self.channels
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -1,5 +1,6 @@
 //! The host API's tonic service (enrollment, inventory and progress
-//! reports): a thin adapter like [`super::admin`].
+//! reports, disk descriptions, the server's trust for `guestkeyd
+//! trust-server`): a thin adapter like [`super::admin`].
 
 use std::sync::Arc;
 
@@ -41,7 +42,7 @@ impl HostApi for HostService {
         Ok(Response::new(hpb::EnrollResponse {
             host_name: name,
             certificate_pem: cert,
-            ca_certificate_pem: self.0.ca_cert_pem().to_owned(),
+            ca_certificate_pem: self.0.server_ca_pem().to_owned(),
             server_certificate_sha256: self.0.server_cert_sha256().to_owned(),
         }))
     }
@@ -91,6 +92,17 @@ impl HostApi for HostService {
         .await?;
         tracing::info!(%host, held = n, "inventory reported");
         Ok(Response::new(hpb::ReportInventoryResponse {}))
+    }
+
+    async fn get_server_trust(&self, req: Request<hpb::ServerTrustRequest>) -> R<hpb::ServerTrust> {
+        let (ca, sha) = blocking(&self.0, &req, Want::Host, move |c, who| {
+            Ok(c.server_trust(&host_name(who, "the server's trust")?))
+        })
+        .await?;
+        Ok(Response::new(hpb::ServerTrust {
+            ca_certificate_pem: ca,
+            server_certificate_sha256: sha,
+        }))
     }
 
     async fn describe_disk(

@@ -8,7 +8,7 @@ use guestkey_proto::admin::admin_server::AdminServer;
 use guestkey_proto::host::host_api_server::HostApiServer;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-use crate::ca::Ca;
+use crate::ca::{Ca, Role, cert_sha256, subject_alt_names};
 use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::domain::{Core, KeyRing, Parts};
@@ -23,13 +23,7 @@ use crate::transport::tls::ServerIdentity;
 /// the configured source, and the server's TLS identity.
 pub fn open(config: &Config) -> Result<(Arc<Core>, Arc<ServerIdentity>), CoreError> {
     let dir = DataDir::new(&config.data_dir);
-    if !dir.db().exists() {
-        return Err(CoreError::FailedPrecondition(format!(
-            "{} is not a guestkey data directory (no guestkey.db): run `guestkey-server init --data-dir {}` first",
-            dir.root().display(),
-            dir.root().display()
-        )));
-    }
+    check_data_dir(&dir)?;
     let store = Arc::new(SqliteStore::open(&dir.db())?);
     let keys = KeyRing::load(config.master_key_source.clone(), store.as_ref())?;
     let read = |p: std::path::PathBuf| {
@@ -37,25 +31,35 @@ pub fn open(config: &Config) -> Result<(Arc<Core>, Arc<ServerIdentity>), CoreErr
             .map(zeroize::Zeroizing::new)
             .map_err(|e| CoreError::Internal(format!("cannot read {}: {e}", p.display())))
     };
-    let ca_pem = read(dir.ca_cert())?.to_string();
-    let ca = Ca::load(&ca_pem, &dir.ca_key_source())?;
+    // The hosts CA's key signs enrollments; the server and admin CAs' keys
+    // are not read here (init and migrate-roles use them).
+    let hosts_ca_pem = read(dir.ca_cert())?.to_string();
+    let ca = Ca::load(Role::Host, &hosts_ca_pem, &dir.ca_key_source())?;
     let identity = Arc::new(ServerIdentity {
         cert_pem: read(dir.server_cert())?.to_string(),
         key_pem: read(dir.server_key())?,
-        ca_pem,
+        hosts_ca_pem,
+        admin_ca_pem: read(dir.admin_ca_cert())?.to_string(),
     });
     let server_cert_sha256 = {
         let der = x509_parser::pem::parse_x509_pem(identity.cert_pem.as_bytes())
             .map(|(_, pem)| pem.contents)
-            .unwrap_or_default();
-        crate::ca::cert_sha256(&der)
+            .map_err(|e| {
+                CoreError::Internal(format!(
+                    "{} does not parse: {e}",
+                    dir.server_cert().display()
+                ))
+            })?;
+        cert_sha256(&der)
     };
     let core = Core::new(Parts {
         store,
         agents: Arc::new(GrpcAgents::new(identity.clone())),
         keys,
         ca,
+        server_ca_pem: read(dir.server_ca_cert())?.to_string(),
         server_cert_sha256,
+        server_names: subject_alt_names(&identity.cert_pem)?,
         limits: config.limits.clone(),
         retry: config.retry.clone(),
         checkpoints: Some(dir.audit_checkpoints()),
@@ -63,10 +67,32 @@ pub fn open(config: &Config) -> Result<(Arc<Core>, Arc<ServerIdentity>), CoreErr
     Ok((Arc::new(core), identity))
 }
 
+/// Refuses what is not a data directory of this version: no database, or
+/// made before certificates had roles.
+fn check_data_dir(dir: &DataDir) -> Result<(), CoreError> {
+    if !dir.db().exists() {
+        return Err(CoreError::FailedPrecondition(format!(
+            "{} is not a guestkey data directory (no guestkey.db): run `guestkey-server init --data-dir {}` first",
+            dir.root().display(),
+            dir.root().display()
+        )));
+    }
+    if dir.is_before_roles() {
+        return Err(crate::roles::before_roles_refusal(dir));
+    }
+    Ok(())
+}
+
 /// Runs the server. Prints one line `listening on https://ADDR` to stdout
-/// once it accepts connections.
+/// once it accepts connections. One server per data directory: a second
+/// one exits at once, naming the first one's PID.
 pub async fn run(config: Config) -> Result<(), CoreError> {
     let listen = config.listen;
+    let dir = DataDir::new(&config.data_dir);
+    check_data_dir(&dir)?;
+    let _lock = dir
+        .hold("stop it first, or give this one another --data-dir")
+        .map_err(|e| CoreError::FailedPrecondition(e.to_string()))?;
     // Opening reads key files and the database (and may prompt for the
     // master key): off the async workers.
     let opening = config.clone();
@@ -75,14 +101,14 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
         .map_err(|e| CoreError::Internal(format!("start-up failed: {e}")))??;
     // Client certificates are optional at the TLS layer only because
     // enrollment comes before a host has one; a presented certificate must
-    // chain to our CA (else the handshake fails), and each service then
-    // requires the right kind of certificate.
+    // chain to the hosts CA or the admin CA (else the handshake fails), and
+    // each service then requires the right kind of certificate by its hash.
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(
             &identity.cert_pem,
             identity.key_pem.as_bytes(),
         ))
-        .client_ca_root(Certificate::from_pem(&identity.ca_pem))
+        .client_ca_root(Certificate::from_pem(identity.client_roots_pem()))
         .client_auth_optional(true);
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         CoreError::Internal(format!(

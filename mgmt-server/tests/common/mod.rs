@@ -11,10 +11,13 @@
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::print_stderr)]
 
+pub mod legacy;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,7 +25,7 @@ use guestkey_proto::agent::{
     self,
     host_agent_server::{HostAgent, HostAgentServer},
 };
-use guestkey_proto::host::{EnrollRequest, host_api_client::HostApiClient};
+use guestkey_proto::host::{EnrollRequest, EnrollResponse, host_api_client::HostApiClient};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 use xdr_wipe::packet::VolumeId;
@@ -116,6 +119,11 @@ impl TestServer {
             }
         });
         self.child = Some(child);
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     pub fn stop(&mut self) {
@@ -247,8 +255,21 @@ impl TestServer {
             .count()
     }
 
+    /// The server CA: what clients of the server trust.
     pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.join("ca/server-ca.pem")).unwrap()
+    }
+
+    /// The hosts CA: what host certificates chain to.
+    pub fn hosts_ca_pem(&self) -> String {
         std::fs::read_to_string(self.dir.join("ca/ca.pem")).unwrap()
+    }
+
+    /// SHA-256 of the server's certificate.
+    pub fn server_sha256(&self) -> String {
+        let pem = std::fs::read_to_string(self.dir.join("tls/server.pem")).unwrap();
+        let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        mgmt_server::ca::cert_sha256(&der.contents)
     }
 
     /// Polls `f` for up to `secs` seconds (bounded).
@@ -304,12 +325,23 @@ pub struct TestAgent {
     pub name: String,
     pub cert_pem: String,
     pub key_pem: String,
+    /// The CA the server's client certificate must chain to (the server CA
+    /// its enrollment returned).
     pub ca_pem: String,
+    /// The server certificate it accepts calls from (as guestkeyd pins
+    /// it); None accepts any certificate of `ca_pem`.
+    pub server_sha256: Option<String>,
     pub sealing: Arc<HostSealingKey>,
     pub received: Arc<Mutex<Vec<Received>>>,
+    /// Every call that reached the service, refused or not.
+    pub calls: Arc<AtomicUsize>,
+    /// Whether callers must present a certificate of `ca_pem` (as
+    /// guestkeyd demands); false serves anyone (an impostor of a server).
+    pub client_auth: bool,
     pub port: u16,
     rt: tokio::runtime::Runtime,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    serving: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Runs `f` on a runtime of its own that is gone afterwards, with every
@@ -341,23 +373,28 @@ pub fn enroll(
     csr_der: Vec<u8>,
     sealing_public: Vec<u8>,
 ) -> Result<(String, String), Status> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    enroll_full(server, token, csr_der, sealing_public).map(|r| (r.host_name, r.certificate_pem))
+}
+
+/// Enroll's whole answer.
+pub fn enroll_full(
+    server: &TestServer,
+    token: &str,
+    csr_der: Vec<u8>,
+    sealing_public: Vec<u8>,
+) -> Result<EnrollResponse, Status> {
+    block_on(async {
         let ch = channel(server.url.clone(), &server.ca_pem(), "localhost", None)
             .await
             .unwrap();
-        let r = HostApiClient::new(ch)
+        Ok(HostApiClient::new(ch)
             .enroll(EnrollRequest {
                 token: token.to_owned(),
                 csr_der,
                 sealing_public_key: sealing_public,
             })
             .await?
-            .into_inner();
-        Ok((r.host_name, r.certificate_pem))
+            .into_inner())
     })
 }
 
@@ -402,15 +439,26 @@ impl TestAgent {
         let token = add_host(server, name, port);
         let sealing = HostSealingKey::generate();
         let (csr_der, key_pem) = csr();
-        let (host_name, cert_pem) = enroll(
+        let r = enroll_full(
             server,
             &token,
             csr_der,
             sealing.public_key().as_bytes().to_vec(),
         )
         .unwrap();
-        assert_eq!(host_name, name);
-        Self::from_parts(name, cert_pem, key_pem, server.ca_pem(), sealing, port)
+        assert_eq!(r.host_name, name);
+        assert_eq!(r.ca_certificate_pem, server.ca_pem(), "the server CA");
+        assert_eq!(r.server_certificate_sha256, server.server_sha256());
+        let mut a = Self::from_parts(
+            name,
+            r.certificate_pem,
+            key_pem,
+            r.ca_certificate_pem,
+            sealing,
+            port,
+        );
+        a.server_sha256 = Some(r.server_certificate_sha256);
+        a
     }
 
     /// An agent from an enrollment done elsewhere.
@@ -427,8 +475,11 @@ impl TestAgent {
             cert_pem,
             key_pem,
             ca_pem,
+            server_sha256: None,
             sealing: Arc::new(sealing),
             received: Default::default(),
+            calls: Default::default(),
+            client_auth: true,
             port,
             rt: tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -436,6 +487,7 @@ impl TestAgent {
                 .build()
                 .unwrap(),
             stop: None,
+            serving: None,
         }
     }
 
@@ -445,17 +497,21 @@ impl TestAgent {
             name: self.name.clone(),
             sealing: self.sealing.clone(),
             received: self.received.clone(),
+            calls: self.calls.clone(),
+            server_sha256: self.server_sha256.clone(),
         };
-        let tls = ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
-            .client_ca_root(Certificate::from_pem(&self.ca_pem));
+        let mut tls =
+            ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        if self.client_auth {
+            tls = tls.client_ca_root(Certificate::from_pem(&self.ca_pem));
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
         let listener = self
             .rt
             .block_on(tokio::net::TcpListener::bind(addr))
             .unwrap();
-        self.rt.spawn(async move {
+        let task = self.rt.spawn(async move {
             Server::builder()
                 .tls_config(tls)
                 .unwrap()
@@ -470,6 +526,17 @@ impl TestAgent {
                 .unwrap();
         });
         self.stop = Some(tx);
+        self.serving = Some(task);
+    }
+
+    /// Stops serving and waits until the port is free again.
+    pub fn stop_serving(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.serving.take() {
+            self.rt.block_on(t).unwrap();
+        }
     }
 
     pub fn creates(&self) -> Vec<Received> {
@@ -495,11 +562,32 @@ struct AgentImpl {
     name: String,
     sealing: Arc<HostSealingKey>,
     received: Arc<Mutex<Vec<Received>>>,
+    calls: Arc<AtomicUsize>,
+    server_sha256: Option<String>,
 }
 
 type R<T> = Result<Response<T>, Status>;
 
 impl AgentImpl {
+    /// Counts the call; refuses a caller whose certificate is not the
+    /// pinned server's, as guestkeyd does.
+    fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let Some(pin) = &self.server_sha256 else {
+            return Ok(());
+        };
+        let seen = req
+            .peer_certs()
+            .and_then(|c| c.first().map(|c| mgmt_server::ca::cert_sha256(c.as_ref())));
+        if seen.as_deref() == Some(pin.as_str()) {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(
+                "only this host's management server may call the host-agent API",
+            ))
+        }
+    }
+
     fn guest(
         &self,
         action: &'static str,
@@ -524,6 +612,7 @@ impl HostAgent for AgentImpl {
         &self,
         req: Request<agent::CreateVolumeRequest>,
     ) -> R<agent::VolumeResult> {
+        self.check(&req)?;
         let r = req.into_inner();
         let key = r.key.ok_or_else(|| Status::invalid_argument("no key"))?;
         if r.pool == MISSING_POOL {
@@ -566,6 +655,7 @@ impl HostAgent for AgentImpl {
         &self,
         req: Request<agent::DeleteVolumeRequest>,
     ) -> R<agent::VolumeResult> {
+        self.check(&req)?;
         let r = req.into_inner();
         self.received.lock().unwrap().push(Received::Delete {
             volume_id: r.volume_id.clone(),
@@ -579,11 +669,13 @@ impl HostAgent for AgentImpl {
     }
     async fn decrypt_volume(
         &self,
-        _: Request<agent::DecryptVolumeRequest>,
+        req: Request<agent::DecryptVolumeRequest>,
     ) -> R<agent::VolumeResult> {
+        self.check(&req)?;
         Err(Status::unimplemented("test agent"))
     }
     async fn define_guest(&self, req: Request<agent::DefineGuestRequest>) -> R<agent::GuestResult> {
+        self.check(&req)?;
         let r = req.into_inner();
         if r.domain_xml
             .contains(&format!("<name>{REFUSED_GUEST}</name>"))
@@ -615,35 +707,50 @@ impl HostAgent for AgentImpl {
         }))
     }
     async fn undefine_guest(&self, req: Request<agent::GuestRequest>) -> R<agent::GuestResult> {
+        self.check(&req)?;
         self.guest("undefine", req.into_inner(), "")
     }
     async fn start_guest(&self, req: Request<agent::GuestRequest>) -> R<agent::GuestResult> {
+        self.check(&req)?;
         self.guest("start", req.into_inner(), "running")
     }
     async fn stop_guest(&self, req: Request<agent::GuestRequest>) -> R<agent::GuestResult> {
+        self.check(&req)?;
         self.guest("stop", req.into_inner(), "shut off")
     }
     // Migration and rekeys are tested against the real guestkeyd
     // (tests/tests/host.rs, tests/tests/migration.rs).
     async fn prepare_migration(
         &self,
-        _: Request<agent::PrepareMigrationRequest>,
+        req: Request<agent::PrepareMigrationRequest>,
     ) -> R<agent::GuestResult> {
+        self.check(&req)?;
         Err(Status::unimplemented("test agent"))
     }
-    async fn abort_migration(&self, _: Request<agent::GuestRequest>) -> R<agent::GuestResult> {
+    async fn abort_migration(&self, req: Request<agent::GuestRequest>) -> R<agent::GuestResult> {
+        self.check(&req)?;
         Err(Status::unimplemented("test agent"))
     }
-    async fn migrate_guest(&self, _: Request<agent::MigrateGuestRequest>) -> R<agent::GuestResult> {
+    async fn migrate_guest(
+        &self,
+        req: Request<agent::MigrateGuestRequest>,
+    ) -> R<agent::GuestResult> {
+        self.check(&req)?;
         Err(Status::unimplemented("test agent"))
     }
-    async fn rekey(&self, _: Request<agent::RekeyRequest>) -> R<agent::RekeyResult> {
+    async fn rekey(&self, req: Request<agent::RekeyRequest>) -> R<agent::RekeyResult> {
+        self.check(&req)?;
         Err(Status::unimplemented("test agent"))
+    }
+    async fn ping(&self, req: Request<agent::PingRequest>) -> R<agent::PingResult> {
+        self.check(&req)?;
+        Ok(Response::new(agent::PingResult {}))
     }
     async fn get_inventory(
         &self,
-        _: Request<agent::InventoryRequest>,
+        req: Request<agent::InventoryRequest>,
     ) -> R<agent::InventoryResult> {
+        self.check(&req)?;
         Ok(Response::new(agent::InventoryResult::default()))
     }
 }

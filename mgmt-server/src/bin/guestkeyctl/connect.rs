@@ -1,15 +1,19 @@
 //! The admin credential and the connection: reads the admin directory
-//! (`server`, `ca.pem`, `admin.pem`, `admin.key`), checks what can be
-//! checked before connecting (the CA file holds certificates, the admin
-//! certificate is within its validity), connects over mutual TLS, and turns
-//! transport and RPC failures into one line of advice. Imports only the
-//! crate root's `Failure`; every subcommand group imports it.
+//! (`server`, `ca.pem`, `server.sha256`, `admin.pem`, `admin.key`), checks
+//! what can be checked before connecting (the CA file holds certificates,
+//! the pin is a SHA-256, the admin certificate is within its validity),
+//! connects over mutual TLS trusting only the server CA in `ca.pem` and
+//! only the server certificate `server.sha256` names
+//! (`guestkey_pinned_tls`), and turns transport and RPC failures into one
+//! line of advice. Imports only the crate root's `Failure`; every
+//! subcommand group imports it.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use guestkey_pinned_tls::{ConnectError, Connector, Peer};
 use guestkey_proto::admin::admin_client::AdminClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::Failure;
 
@@ -50,22 +54,33 @@ impl Ctx {
         };
         let domain = mgmt_server::tls::tls_name(&url)
             .ok_or_else(|| Failure(format!("server URL {url:?} must start with https://")))?;
-        check_admin_certificate(&dir, &read(&dir, "admin.pem")?)?;
+        let admin_pem = read(&dir, "admin.pem")?;
+        check_admin_certificate(&dir, &admin_pem)?;
         let key = zeroize::Zeroizing::new(read(&dir, "admin.key")?);
         let ca = read(&dir, "ca.pem")?;
         check_ca_certificate(&dir, &ca)?;
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .identity(Identity::from_pem(read(&dir, "admin.pem")?, key.as_bytes()))
-            .domain_name(domain);
-        let channel = Endpoint::from_shared(url.clone())
+        let pin = read_pin(&dir)?;
+        let connector = Connector::new(
+            Peer {
+                who: "the server".into(),
+                roots_pem: ca,
+                roots_from: format!("the server CA in {}", dir.join("ca.pem").display()),
+                name: domain,
+                pin: Some(pin),
+                hint: "is this the server of this admin credential? (--server or GUESTKEY_SERVER must name the server whose DATA_DIR/admin this is)".into(),
+            },
+            Some((&admin_pem, &key)),
+        )
+        .map_err(|e| Failure(format!("the admin credential in {}: {e}", dir.display())))?;
+        let uri = guestkey_pinned_tls::endpoint_uri(&url)
+            .ok_or_else(|| Failure(format!("server URL {url:?} must start with https://")))?;
+        let channel = Endpoint::from_shared(uri)
             .map_err(|e| Failure(format!("bad server URL {url:?}: {e}")))?
-            .tls_config(tls)?
             .connect_timeout(Duration::from_secs(5))
             .timeout(timeout)
-            .connect()
+            .connect_with_connector(connector)
             .await
-            .map_err(|e| Failure(transport_hint(&url, &mgmt_server::tls::error_chain(&e))))?;
+            .map_err(|e| Failure(connect_failure(&url, &e)))?;
         Ok(AdminClient::new(channel))
     }
 }
@@ -78,6 +93,25 @@ fn read(dir: &Path, file: &str) -> Result<String, Failure> {
             path.display()
         ))
     })
+}
+
+/// The pinned SHA-256 of the server's certificate (`server.sha256`).
+fn read_pin(dir: &Path) -> Result<String, Failure> {
+    let path = dir.join("server.sha256");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Failure(format!(
+            "cannot read {}: {e}: an admin credential pins the server's certificate there; a credential made before guestkey pinned it is refused: on the server run `guestkey-server migrate-roles --data-dir DATA_DIR` (once), then use DATA_DIR/admin (or a new copy of it)",
+            path.display()
+        ))
+    })?;
+    let pin = text.trim().to_ascii_lowercase();
+    if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Failure(format!(
+            "{} must hold the SHA-256 of the server's certificate (64 hex digits) as `guestkey-server init` wrote it: copy DATA_DIR/admin again",
+            path.display()
+        )));
+    }
+    Ok(pin)
 }
 
 /// Says plainly when our own certificate is expired or not yet valid: the
@@ -115,7 +149,7 @@ fn check_admin_certificate(dir: &Path, pem: &str) -> Result<(), Failure> {
 /// TLS would otherwise fail later with a bare "transport error".
 fn check_ca_certificate(dir: &Path, pem: &str) -> Result<(), Failure> {
     let path = dir.join("ca.pem");
-    let fix = "it must hold the server's CA certificate as `guestkey-server init` wrote it (DATA_DIR/ca/ca.pem)";
+    let fix = "it must hold the server CA certificate as `guestkey-server init` wrote it (DATA_DIR/ca/server-ca.pem)";
     let mut certificates = 0;
     for block in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
         let block =
@@ -140,15 +174,24 @@ fn check_ca_certificate(dir: &Path, pem: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+/// A failed connection as one line: the verifier's own words when the
+/// server's certificate was refused (they name the certificate and the
+/// credential), advice otherwise.
+fn connect_failure(url: &str, e: &tonic::transport::Error) -> String {
+    match guestkey_pinned_tls::find_connect_error(e) {
+        Some(
+            c @ (ConnectError::NotPinned { .. }
+            | ConnectError::NotSigned { .. }
+            | ConnectError::Refused { .. }),
+        ) => format!("cannot reach guestkey-server at {url}: {c}"),
+        _ => transport_hint(url, &mgmt_server::tls::error_chain(e)),
+    }
+}
+
 /// Turns TLS and connection failures into advice.
 fn transport_hint(url: &str, detail: &str) -> String {
     let d = detail.to_ascii_lowercase();
-    let advice = if d.contains("unknownissuer")
-        || d.contains("unknown issuer")
-        || d.contains("invalid peer certificate")
-    {
-        "the server's certificate is not signed by the CA in --admin-dir: is this the admin credential of this server?"
-    } else if d.contains("connection refused") {
+    let advice = if d.contains("connection refused") {
         "nothing listens there: is guestkey-server running, and is --server right?"
     } else if d.contains("certificate")
         || d.contains("handshake")

@@ -10,7 +10,8 @@
 //! `connect` and `output`, never each other; `output` and `connect`
 //! import no group. The library paths used are
 //! `mgmt_server::names::parse_size`, `mgmt_server::policy::parse_duration`
-//! and `mgmt_server::tls::{tls_name, error_chain}`.
+//! and `mgmt_server::tls::{tls_name, error_chain}`; connections go through
+//! `guestkey_pinned_tls` (the server CA and the pinned server certificate).
 
 #![allow(clippy::print_stderr)] // a command-line program reports errors on stderr
 
@@ -40,7 +41,7 @@ struct Cli {
     #[arg(long, env = "GUESTKEY_SERVER", global = true, value_name = "URL")]
     server: Option<String>,
     /// The admin credential directory made by `guestkey-server init`
-    /// (DATA_DIR/admin): ca.pem, admin.pem, admin.key.
+    /// (DATA_DIR/admin): ca.pem, server.sha256, admin.pem, admin.key.
     #[arg(long, env = "GUESTKEY_ADMIN_DIR", global = true, value_name = "DIR")]
     admin_dir: Option<PathBuf>,
     /// Print JSON instead of tables.
@@ -69,8 +70,9 @@ enum Command {
     /// Show the audit log; --verify checks it (hash chain, MACs, signed
     /// heads); --head prints a signed head to keep outside the server.
     Audit(audit::AuditArgs),
-    /// Print the CA certificate (PEM) that signs server, admin and host
-    /// certificates.
+    /// Print the server CA certificate (PEM), which signs only the
+    /// server's certificate: what `guestkeyd enroll --ca-file` and
+    /// `guestkeyd trust-server --ca-file` need.
     CaCert,
 }
 

@@ -129,3 +129,68 @@ fn revocation_and_host_input_are_checked() {
     let cert = b.core.get_host("kvm-r").unwrap().certificate_sha256;
     assert_eq!(b.core.identify(&cert).unwrap(), None);
 }
+
+/// A host may not take one of the server's names (its certificate's SANs,
+/// here kms.example and 10.0.0.5, or guestkey-server, guestkey-admin,
+/// localhost), in its name or, as a DNS name, in its address: refused by
+/// name, in any case, changing nothing. IP addresses may be shared.
+#[test]
+fn a_host_named_like_the_server_is_refused_and_nothing_changes() {
+    let b = Bed::new();
+    let before = b.snapshot();
+    let records = b.actions().len();
+    for (name, address, what, clash) in [
+        (
+            "localhost",
+            "10.0.0.9:7444",
+            "host name \"localhost\"",
+            "localhost",
+        ),
+        (
+            "LocalHost",
+            "10.0.0.9:7444",
+            "host name \"LocalHost\"",
+            "localhost",
+        ),
+        (
+            "guestkey-server",
+            "10.0.0.9:7444",
+            "host name",
+            "guestkey-server",
+        ),
+        (
+            "guestkey-admin",
+            "10.0.0.9:7444",
+            "host name",
+            "guestkey-admin",
+        ),
+        ("KMS.example", "10.0.0.9:7444", "host name", "kms.example"),
+        ("10.0.0.5", "10.0.0.9:7444", "host name", "10.0.0.5"),
+        (
+            "kvm-01",
+            "localhost:7444",
+            "address \"localhost:7444\"",
+            "localhost",
+        ),
+        ("kvm-01", "Kms.Example:7444", "address", "kms.example"),
+    ] {
+        let e = b.core.add_host(&b.admin, name, address).unwrap_err();
+        assert!(matches!(e, CoreError::Invalid(_)), "{e}");
+        let e = e.to_string();
+        assert!(
+            e.starts_with(&format!("invalid {what}"))
+                && e.contains(&format!("one of the management server's names ({clash})")),
+            "{name} {address}: {e}"
+        );
+    }
+    assert_eq!(b.snapshot(), before, "refusals change nothing");
+    assert_eq!(b.actions().len(), records);
+    // The server's IP address is no name of the host's: hosts may share
+    // the server's machine (the tests put every host on 127.0.0.1).
+    b.core
+        .add_host(&b.admin, "kvm-01", "10.0.0.5:7444")
+        .unwrap();
+    b.core
+        .add_host(&b.admin, "kvm-02", "kvm-02.example:7444")
+        .unwrap();
+}

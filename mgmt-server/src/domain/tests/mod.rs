@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use xdr_wipe::seal::HostSealingKey;
 
-use crate::ca::Ca;
+use crate::ca::{Ca, Role};
 use crate::config::{Limits, Retry};
 use crate::domain::fake_agent::FakeAgents;
 use crate::domain::{Core, KeyRing, Parts};
@@ -55,13 +55,16 @@ impl Bed {
             tx.commit().unwrap();
         }
         let agents = Arc::new(FakeAgents::default());
-        let (ca, _) = Ca::generate("unit").unwrap();
+        let (ca, _) = Ca::generate(Role::Host, "unit").unwrap();
+        let (server_ca, _) = Ca::generate(Role::Server, "unit").unwrap();
         let core = Core::new(Parts {
             store: store.clone(),
             agents: agents.clone(),
             keys: KeyRing::fixed(mk),
             ca,
+            server_ca_pem: server_ca.cert_pem().to_owned(),
             server_cert_sha256: "00".repeat(32),
+            server_names: vec!["kms.example".into(), "10.0.0.5".into()],
             limits,
             // No backoff: a failed operation is due again at once.
             retry: Retry {

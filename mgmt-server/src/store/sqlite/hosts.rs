@@ -75,7 +75,8 @@ impl HostStore for SqliteTx<'_> {
         Ok(self
             .conn
             .prepare_cached(
-                "SELECT name, address, state, sealing_public_key, libvirt_uri, migration_uri
+                "SELECT name, address, state, sealing_public_key, libvirt_uri, migration_uri,
+                        cert_sha256
                  FROM hosts WHERE name = ?1",
             )?
             .query_row([name], |r| {
@@ -86,6 +87,7 @@ impl HostStore for SqliteTx<'_> {
                     sealing_key: r.get(3)?,
                     libvirt_uri: r.get(4)?,
                     migration_uri: r.get(5)?,
+                    cert_sha256: r.get(6)?,
                 })
             })
             .optional()?)

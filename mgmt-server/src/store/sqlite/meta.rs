@@ -65,6 +65,19 @@ impl MetaStore for SqliteTx<'_> {
             .execute(params![cert_sha256, name, created])?;
         Ok(())
     }
+
+    fn replace_admins(&mut self, cert_sha256: &str, name: &str, created: i64) -> Result<usize> {
+        let removed = self
+            .conn
+            .prepare_cached("DELETE FROM admins WHERE cert_sha256 <> ?1")?
+            .execute([cert_sha256])?;
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO admins (cert_sha256, name, created) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![cert_sha256, name, created])?;
+        Ok(removed)
+    }
 }
 
 impl AuditStore for SqliteTx<'_> {

@@ -1,0 +1,131 @@
+//! This host's connection to the management server, as the reports and
+//! `DescribeDisk` use it: the URL from `server.url`, only the server CA of
+//! `ca.pem`, only the server certificate `server.sha256` names (both from
+//! the enrollment, or from `guestkeyd trust-server`), and this host's own
+//! certificate. Made through [`guestkey_pinned_tls::Connector`]: tonic's
+//! TLS settings could check the CA and the name only, and every host's
+//! certificate carries a name and is signed by a CA too.
+
+use std::time::Duration;
+
+use guestkey_pinned_tls::{ConnectError, Connector, Peer};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::state::StateDir;
+
+/// The server as this host reaches it.
+#[derive(Clone)]
+pub(super) struct ServerLink {
+    /// `http://HOST:PORT` for tonic (the connector does the TLS).
+    endpoint: String,
+    connector: Connector,
+}
+
+/// Why the link could not be made or used; says what to do.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum LinkError {
+    /// A file of the state directory is missing or wrong.
+    #[error("{0}")]
+    State(String),
+    /// The server's certificate was refused (another CA, not the pinned one).
+    #[error("{0}")]
+    Refused(String),
+    /// Any other failure to connect.
+    #[error("cannot reach the server: {0}")]
+    Connect(String),
+}
+
+/// The hint when the server's certificate is not the one this host trusts.
+pub(super) const RETRUST: &str = "if the server was migrated (`guestkey-server migrate-roles`) or has a new certificate, stop guestkeyd and run `guestkeyd trust-server --ca-file SERVER-CA.pem --state-dir DIR` with the server CA that `guestkeyctl ca-cert` prints";
+
+impl ServerLink {
+    /// The link of this state directory (None: not enrolled).
+    pub(super) fn from_state(dir: &StateDir) -> Result<Option<Self>, LinkError> {
+        let read = |f: &str| std::fs::read_to_string(dir.file(f)).ok();
+        let (Some(url), Some(ca), Some(cert), Some(pin)) = (
+            read("server.url"),
+            read("ca.pem"),
+            read("tls.pem"),
+            read("server.sha256"),
+        ) else {
+            return Ok(None);
+        };
+        let key = zeroize::Zeroizing::new(read("tls.key").unwrap_or_default());
+        let url = url.trim().to_owned();
+        let bad = |e: String| LinkError::State(format!("{}: {e}", dir.root().display()));
+        let endpoint = guestkey_pinned_tls::endpoint_uri(&url)
+            .ok_or_else(|| bad(format!("server.url {url:?} is not an https URL")))?;
+        let connector = Connector::new(
+            Peer {
+                who: format!("the server at {url}"),
+                roots_pem: ca,
+                roots_from: format!("the server CA in {}", dir.file("ca.pem").display()),
+                name: guestkey_pinned_tls::tls_name(&url).unwrap_or_default(),
+                pin: Some(pin),
+                hint: RETRUST.into(),
+            },
+            Some((&cert, &key)),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        Ok(Some(Self {
+            endpoint,
+            connector,
+        }))
+    }
+
+    /// A link to `url` trusting `peer`, presenting `identity` if given.
+    pub(super) fn new(
+        url: &str,
+        peer: Peer,
+        identity: Option<(&str, &str)>,
+    ) -> Result<Self, LinkError> {
+        let endpoint = guestkey_pinned_tls::endpoint_uri(url).ok_or_else(|| {
+            LinkError::State(format!("server URL {url:?} must start with https://"))
+        })?;
+        let connector =
+            Connector::new(peer, identity).map_err(|e| LinkError::State(e.to_string()))?;
+        Ok(Self {
+            endpoint,
+            connector,
+        })
+    }
+
+    /// SHA-256 of the server certificate the last connection verified.
+    pub(super) fn verified_sha256(&self) -> Option<String> {
+        self.connector.verified_sha256()
+    }
+
+    /// A new channel; each call may take up to `timeout`.
+    pub(super) async fn connect(&self, timeout: Duration) -> Result<Channel, LinkError> {
+        Endpoint::from_shared(self.endpoint.clone())
+            .map_err(|e| LinkError::State(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(timeout)
+            .connect_with_connector(self.connector.clone())
+            .await
+            .map_err(|e| match guestkey_pinned_tls::find_connect_error(&e) {
+                Some(
+                    c @ (ConnectError::NotPinned { .. }
+                    | ConnectError::NotSigned { .. }
+                    | ConnectError::Refused { .. }),
+                ) => LinkError::Refused(c.to_string()),
+                Some(c) => LinkError::Connect(c.to_string()),
+                None => LinkError::Connect(error_chain(&e)),
+            })
+    }
+}
+
+/// An error and its sources, joined with ": ".
+pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
