@@ -20,7 +20,7 @@ use crate::ca::Ca;
 fn ca() -> &'static Ca {
     static CA: OnceLock<Ca> = OnceLock::new();
     CA.get_or_init(|| {
-        Ca::generate("fuzz")
+        Ca::generate(crate::ca::Role::Host, "fuzz")
             .map(|(ca, _)| ca)
             .unwrap_or_else(|e| panic!("test CA: {e}"))
     })
