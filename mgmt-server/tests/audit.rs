@@ -28,7 +28,7 @@ fn tamper_and_verify(s: &mut TestServer, sql: &str) -> String {
 const UNTRIGGER: &str = "DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;";
 
 fn with_records() -> TestServer {
-    let s = TestServer::start(None);
+    let s = start_server(None);
     for i in 1..=4 {
         s.ok(&[
             "host",
@@ -75,7 +75,7 @@ fn deleting_the_newest_records_and_moving_the_head_is_detected() {
         "{out}"
     );
     // The checkpoints are also in the server's log.
-    assert!(s.log.lock().unwrap().contains("audit checkpoint"));
+    assert!(s.log().contains("audit checkpoint"));
 }
 
 #[test]
@@ -208,9 +208,7 @@ fn a_restored_older_copy_of_the_database_is_detected_and_a_kept_head_tells_too()
     );
     // The server said so at start-up too.
     s.wait_for(10, "the start-up warning", || {
-        s.log
-            .lock()
-            .unwrap()
+        s.log()
             .contains("THE AUDIT LOG DOES NOT VERIFY")
     });
     // Even with the checkpoint file rolled back as well, the kept head tells.
@@ -233,7 +231,7 @@ fn a_restored_older_copy_of_the_database_is_detected_and_a_kept_head_tells_too()
 
 #[test]
 fn two_hundred_refused_calls_add_a_bounded_number_of_records_that_count_them() {
-    let mut s = TestServer::start(None);
+    let mut s = start_server(None);
     let before = s.audit_count("refused");
     block_on(async {
         let ch = common::channel(s.url.clone(), &s.ca_pem(), "localhost", None)

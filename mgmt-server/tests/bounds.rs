@@ -17,7 +17,7 @@ const FAST: &str = "[retry]\ninitial_delay_ms = 50\nmax_delay_ms = 100\nmax_atte
 
 #[test]
 fn a_volume_push_that_can_never_succeed_ends_failed_and_is_retried_on_request() {
-    let s = TestServer::start(Some(FAST));
+    let s = start_server(Some(FAST));
     let mut a = TestAgent::enroll(&s, "kvm-a");
     a.serve();
     // The wait of `volume create` would report the failure itself; this
@@ -66,7 +66,7 @@ fn a_volume_push_that_can_never_succeed_ends_failed_and_is_retried_on_request() 
 
 #[test]
 fn a_guest_definition_the_host_always_refuses_ends_failed_and_the_same_volume_twice_is_refused() {
-    let s = TestServer::start(Some(FAST));
+    let s = start_server(Some(FAST));
     let mut a = TestAgent::enroll(&s, "kvm-a");
     a.serve();
     s.ok(&[

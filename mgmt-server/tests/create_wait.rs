@@ -30,7 +30,7 @@ fn strs(v: &[String]) -> Vec<&str> {
 
 #[test]
 fn volume_create_waits_until_the_host_made_the_volume() {
-    let s = TestServer::start(Some(FAST_RETRY));
+    let s = start_server(Some(FAST_RETRY));
     let mut a = TestAgent::enroll(&s, "kvm-w");
 
     // The host does not serve yet. --no-wait returns the queued request.
@@ -77,7 +77,7 @@ fn volume_create_waits_until_the_host_made_the_volume() {
 
 #[test]
 fn bad_wait_flags_are_refused() {
-    let s = TestServer::start(None);
+    let s = start_server(None);
     let _a = TestAgent::enroll(&s, "kvm-w");
     let before = s.state_snapshot();
     let e = s.fails(&strs(&create("x", &["--timeout", "0s"])));
@@ -98,7 +98,7 @@ fn bad_wait_flags_are_refused() {
 /// fail with the server's last error.
 #[test]
 fn volume_create_fails_with_the_last_error_when_the_volume_is_not_made() {
-    let s = TestServer::start(Some(FAST_RETRY));
+    let s = start_server(Some(FAST_RETRY));
     let _a = TestAgent::enroll(&s, "kvm-w"); // never serves
     let waiting = Command::new(CTL)
         .args(create("doomed", &["--timeout", "5m"]))

@@ -61,7 +61,7 @@ fn write_xml(s: &TestServer, name: &str, xml: &str) -> String {
 
 #[test]
 fn a_guest_gets_encryption_elements_and_exactly_its_keys() {
-    let s = TestServer::start(None);
+    let s = start_server(None);
     let mut a = TestAgent::enroll(&s, "kvm-a");
     a.serve();
     let root = ready_volume(&s, "kvm-a", "web-root");
@@ -141,7 +141,7 @@ fn a_guest_gets_encryption_elements_and_exactly_its_keys() {
 
 #[test]
 fn bad_guest_definitions_are_refused_clearly_and_change_nothing() {
-    let s = TestServer::start(None);
+    let s = start_server(None);
     let mut a = TestAgent::enroll(&s, "kvm-a");
     let mut b = TestAgent::enroll(&s, "kvm-b");
     a.serve();
@@ -228,7 +228,7 @@ fn bad_guest_definitions_are_refused_clearly_and_change_nothing() {
 /// requests with a message naming what to fix, and change nothing.
 #[test]
 fn bad_rekey_policy_migration_and_conversion_requests_are_refused_clearly_and_change_nothing() {
-    let s = TestServer::start(None);
+    let s = start_server(None);
     let mut a = TestAgent::enroll(&s, "kvm-a");
     a.serve();
     // kvm-b is enrolled but not serving; kvm-c is added but never enrolled.

@@ -54,7 +54,7 @@ fn stderr(o: &Output) -> String {
 
 #[test]
 fn a_host_or_admin_key_pair_cannot_pass_as_the_server_to_guestkeyctl_even_once_revoked() {
-    let s = TestServer::start(None);
+    let s = start_server(None);
     let a = TestAgent::enroll(&s, "kvm-i");
     let admin = s.admin_dir();
     let admin_cert = std::fs::read_to_string(admin.join("admin.pem")).unwrap();
@@ -100,7 +100,7 @@ fn a_host_or_admin_key_pair_cannot_pass_as_the_server_to_guestkeyctl_even_once_r
 
 #[test]
 fn another_certificate_of_the_server_ca_is_refused_by_the_pin() {
-    let s = TestServer::start(None);
+    let s = start_server(None);
     // What a copy of an older server certificate, or the server CA's key
     // in other hands, would give: signed by the right CA, for the right
     // names, but not the certificate of this credential.
@@ -139,7 +139,7 @@ fn another_certificate_of_the_server_ca_is_refused_by_the_pin() {
 /// does. Nothing reaches an impostor, and no key is released for it.
 #[test]
 fn the_server_pushes_only_to_the_certificate_a_host_enrolled_with() {
-    let s = TestServer::start(None);
+    let s = start_server(None);
     let a = TestAgent::enroll(&s, "kvm-a");
     let d = TestAgent::enroll(&s, "kvm-d");
     let b = TestAgent::enroll(&s, "kvm-b");
@@ -204,7 +204,7 @@ fn the_server_pushes_only_to_the_certificate_a_host_enrolled_with() {
 
 #[test]
 fn admin_and_host_certificates_only_open_their_own_api() {
-    let s = TestServer::start(None);
+    let s = start_server(None);
     let a = TestAgent::enroll(&s, "kvm-h");
     let admin = s.admin_dir();
     let admin_cert = std::fs::read_to_string(admin.join("admin.pem")).unwrap();
@@ -281,7 +281,7 @@ fn admin_and_host_certificates_only_open_their_own_api() {
 
 #[test]
 fn host_add_refuses_the_servers_names_and_changes_nothing() {
-    let s = TestServer::start(None);
+    let s = start_server(None);
     let before = s.state_snapshot();
     let records = s.audit_count("host.added");
     for (args, want) in [
@@ -329,7 +329,7 @@ fn host_add_refuses_the_servers_names_and_changes_nothing() {
 
 #[test]
 fn a_second_server_on_one_data_directory_is_refused_naming_the_first() {
-    let s = TestServer::start(None);
+    let s = start_server(None);
     let mut second = Command::new(SERVER)
         .args(["run", "--data-dir"])
         .arg(&s.dir)
@@ -414,7 +414,7 @@ fn server(args: &[&str], data: &Path) -> Output {
 /// trust-server` does), gets the very key made before the migration.
 #[test]
 fn a_data_directory_made_before_roles_keeps_its_keys_through_migrate_roles() {
-    let mut s = TestServer::start(None);
+    let mut s = start_server(None);
     let mut a = TestAgent::enroll(&s, "kvm-l");
     s.ok(&[
         "volume",

@@ -13,7 +13,7 @@ use common::*;
 
 #[test]
 fn init_makes_a_private_data_directory_and_never_touches_an_existing_one() {
-    let s = TestServer::start(None);
+    let s = start_server(None);
     use std::os::unix::fs::PermissionsExt;
     for f in [
         "master.key",
@@ -44,9 +44,9 @@ fn init_makes_a_private_data_directory_and_never_touches_an_existing_one() {
 
 #[test]
 fn the_admin_api_refuses_missing_foreign_and_expired_certificates_clearly() {
-    let s = TestServer::start(None);
+    let s = start_server(None);
     // Another server's admin credential: another CA.
-    let other = TestServer::start(None);
+    let other = start_server(None);
     let out = Command::new(CTL)
         .args(["host", "list"])
         .env("GUESTKEY_SERVER", &s.url)
@@ -138,7 +138,7 @@ fn the_admin_api_refuses_missing_foreign_and_expired_certificates_clearly() {
 
 #[test]
 fn enrollment_tokens_work_once_and_bad_tokens_change_nothing() {
-    let s = TestServer::start(None);
+    let s = start_server(None);
     let token = add_host(&s, "kvm-01", 7444);
     let sealing = xdr_wipe::seal::HostSealingKey::generate();
     let pk = sealing.public_key().as_bytes().to_vec();
@@ -192,7 +192,7 @@ fn enrollment_tokens_work_once_and_bad_tokens_change_nothing() {
 
 #[test]
 fn a_volume_key_goes_sealed_to_its_host_only_and_never_into_logs() {
-    let s = TestServer::start(None);
+    let s = start_server(None);
     let mut a = TestAgent::enroll(&s, "kvm-a");
     let mut b = TestAgent::enroll(&s, "kvm-b");
     a.serve();
@@ -241,7 +241,7 @@ fn a_volume_key_goes_sealed_to_its_host_only_and_never_into_logs() {
     );
 
     // The key is in no log, no CLI output, and not in clear in the database.
-    let log = s.log.lock().unwrap().clone();
+    let log = s.log();
     assert!(!log.contains(passphrase.as_str()));
     let all_output = s.ok(&["volume", "list"])
         + &s.ok(&["audit"])
@@ -291,7 +291,7 @@ fn a_volume_key_goes_sealed_to_its_host_only_and_never_into_logs() {
 
 #[test]
 fn an_unreachable_host_leaves_the_operation_pending_and_it_is_retried() {
-    let s = TestServer::start(Some(
+    let s = start_server(Some(
         "[retry]\ninitial_delay_ms = 100\nmax_delay_ms = 400\n",
     ));
     let mut a = TestAgent::enroll(&s, "kvm-late");
@@ -330,7 +330,7 @@ fn an_unreachable_host_leaves_the_operation_pending_and_it_is_retried() {
 
 #[test]
 fn the_key_release_rate_limit_holds_back_packets() {
-    let s = TestServer::start(Some(
+    let s = start_server(Some(
         "[limits]\nkey_releases_per_minute = 2\n[retry]\ninitial_delay_ms = 100\nmax_delay_ms = 200\n",
     ));
     let mut a = TestAgent::enroll(&s, "kvm-rate");
@@ -379,7 +379,7 @@ fn the_key_release_rate_limit_holds_back_packets() {
 
 #[test]
 fn bad_admin_input_is_refused_clearly_and_changes_nothing() {
-    let s = TestServer::start(None);
+    let s = start_server(None);
     let mut a = TestAgent::enroll(&s, "kvm-01");
     a.serve();
     s.ok(&[
@@ -464,7 +464,7 @@ fn bad_admin_input_is_refused_clearly_and_changes_nothing() {
 
 #[test]
 fn a_revoked_host_loses_the_host_api_and_gets_no_keys() {
-    let s = TestServer::start(None);
+    let s = start_server(None);
     let mut a = TestAgent::enroll(&s, "kvm-r");
     a.serve();
     s.ok(&[
@@ -538,7 +538,7 @@ fn a_revoked_host_loses_the_host_api_and_gets_no_keys() {
 
 #[test]
 fn a_tampered_audit_log_is_detected() {
-    let mut s = TestServer::start(None);
+    let mut s = start_server(None);
     s.ok(&["host", "add", "h1", "--address", "127.0.0.1:1"]);
     s.ok(&["host", "add", "h2", "--address", "127.0.0.1:2"]);
     assert!(s.ok(&["audit", "--verify"]).contains("3 records"));
@@ -559,7 +559,7 @@ fn a_tampered_audit_log_is_detected() {
 
 #[test]
 fn the_server_refuses_a_wrong_master_key() {
-    let mut s = TestServer::start(None);
+    let mut s = start_server(None);
     s.stop();
     let out = Command::new(SERVER)
         .args(["run", "--data-dir"])
@@ -579,7 +579,7 @@ fn the_server_refuses_a_wrong_master_key() {
 
 #[test]
 fn the_master_key_rotates_while_the_server_runs() {
-    let mut s = TestServer::start(None);
+    let mut s = start_server(None);
     let mut a = TestAgent::enroll(&s, "kvm-rot");
     a.serve();
     s.ok(&[
@@ -624,7 +624,7 @@ fn the_master_key_rotates_while_the_server_runs() {
         s.json(&["volume", "show", "after"])["state"] == "ready"
     });
     s.wait_for(10, "the reload log line", || {
-        s.log.lock().unwrap().contains("master key reloaded")
+        s.log().contains("master key reloaded")
     });
 
     // A restart works with the rotated key, and the old key no longer opens
@@ -647,7 +647,7 @@ fn the_master_key_rotates_while_the_server_runs() {
 
 #[test]
 fn an_interrupted_rotation_is_finished_at_start() {
-    let mut s = TestServer::start(None);
+    let mut s = start_server(None);
     s.stop();
     // Simulate a crash after the database committed, before the rename:
     // rotate to a new file, then put the old key back as master.key and the
@@ -673,9 +673,7 @@ fn an_interrupted_rotation_is_finished_at_start() {
     std::fs::rename(&new_file, s.dir.join("master.key.next")).unwrap();
     s.restart();
     s.wait_for(10, "the log line of the finished rotation", || {
-        s.log
-            .lock()
-            .unwrap()
+        s.log()
             .contains("finished an interrupted master key rotation")
     });
     assert!(!s.dir.join("master.key.next").exists());

@@ -54,6 +54,8 @@ pub struct TestServer {
     proc: Option<Proc>,
     /// A scratch directory of its own, removed when it is dropped.
     scratch: Option<PathBuf>,
+    /// What the processes that ended wrote on stderr.
+    history: String,
 }
 
 impl TestServer {
@@ -92,6 +94,7 @@ impl TestServer {
             config,
             proc: None,
             scratch: None,
+            history: String::new(),
         };
         s.run();
         s
@@ -119,15 +122,27 @@ impl TestServer {
     /// Stops it (SIGTERM); [`TestServer::restart`] starts it again.
     pub fn stop(&mut self) {
         if let Some(p) = self.proc.take() {
+            let log = p.log.clone();
             p.stop();
+            self.keep(&log);
         }
     }
 
     /// Kills it at once (SIGKILL), as a crash would.
     pub fn kill9(&mut self) {
         if let Some(p) = self.proc.take() {
+            let log = p.log.clone();
             p.kill9();
+            self.keep(&log);
         }
+    }
+
+    /// Keeps what an ended process wrote (its reader may still be at the
+    /// last lines: give it a moment).
+    fn keep(&mut self, log: &std::sync::Arc<std::sync::Mutex<String>>) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        self.history
+            .push_str(&log.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// Stops it if it runs, and runs it again on the same port.
@@ -141,19 +156,14 @@ impl TestServer {
         self.proc.is_some()
     }
 
-    /// Its process id (None: stopped).
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.as_ref().map(Proc::pid)
+    /// Its process id (it must run).
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().map(Proc::pid).unwrap_or_else(|| panic!("the server does not run"))
     }
 
-    /// Its stderr, since it last started.
+    /// Everything it wrote on stderr, over all its starts.
     pub fn log(&self) -> String {
-        self.proc.as_ref().map(Proc::log_text).unwrap_or_default()
-    }
-
-    /// The shared log buffer of the running process.
-    pub fn log_handle(&self) -> Option<std::sync::Arc<std::sync::Mutex<String>>> {
-        self.proc.as_ref().map(|p| p.log.clone())
+        self.history.clone() + &self.proc.as_ref().map(Proc::log_text).unwrap_or_default()
     }
 
     /// The admin credential.

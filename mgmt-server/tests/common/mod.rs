@@ -13,13 +13,13 @@
 
 pub mod legacy;
 
-use std::io::{BufRead, BufReader};
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+
 
 use guestkey_proto::agent::{
     self,
@@ -38,150 +38,49 @@ pub const MISSING_POOL: &str = "missing-pool";
 pub const REFUSED_GUEST: &str = "refused-by-libvirt";
 pub const CTL: &str = env!("CARGO_BIN_EXE_guestkeyctl");
 
-/// A running guestkey-server with its own data directory.
-pub struct TestServer {
-    pub dir: PathBuf,
-    pub url: String,
-    pub addr: SocketAddr,
-    child: Option<Child>,
-    pub log: Arc<Mutex<String>>,
+#[allow(unused_imports)] // each test binary uses a part
+pub use guestkey_testkit::{Bins, TestServer, free_port, temp_dir};
+
+/// The programs under test, as Cargo built them for this package.
+pub fn bins() -> Bins {
+    Bins {
+        server: SERVER.into(),
+        ctl: CTL.into(),
+        daemon: None,
+    }
 }
 
-pub fn temp_dir(tag: &str) -> PathBuf {
-    let mut b = [0u8; 6];
-    getrandom::fill(&mut b).unwrap();
-    let d = std::env::temp_dir().join(format!(
-        "gk-{tag}-{}-{}",
-        std::process::id(),
-        hex::encode(b)
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// `guestkey-server init` and `run` (with `config`, TOML, if given) in a
+/// scratch directory of its own: the shared harness (`guestkey-testkit`).
+pub fn start_server(config: Option<&str>) -> TestServer {
+    TestServer::start(bins(), config)
 }
 
-impl TestServer {
-    /// `init` then `run` with `config` (TOML) if given.
-    pub fn start(config: Option<&str>) -> Self {
-        let dir = temp_dir("server").join("data");
-        let out = Command::new(SERVER)
-            .args(["init", "--data-dir"])
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut s = Self {
-            dir,
-            url: String::new(),
-            addr: "127.0.0.1:0".parse().unwrap(),
-            child: None,
-            log: Default::default(),
-        };
-        if let Some(c) = config {
-            std::fs::write(s.dir.join("../server.toml"), c).unwrap();
-        }
-        s.run(config.is_some());
-        s
-    }
-
-    fn run(&mut self, with_config: bool) {
-        let mut cmd = Command::new(SERVER);
-        cmd.args(["run", "--data-dir"])
-            .arg(&self.dir)
-            .args(["--listen", &format!("127.0.0.1:{}", self.addr.port())]);
-        if with_config {
-            cmd.arg("--config").arg(self.dir.join("../server.toml"));
-        }
-        let mut child = cmd
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on https://")
-            .unwrap_or_else(|| panic!("server said {line:?}"));
-        self.addr = addr.parse().unwrap();
-        self.url = format!("https://{addr}");
-        let stderr = child.stderr.take().unwrap();
-        let log = self.log.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log.lock().unwrap().push_str(&(l + "\n"));
-            }
-        });
-        self.child = Some(child);
-    }
-
-    /// The server's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg(c.id().to_string()).status();
-            let _ = c.wait();
-        }
-    }
-
-    pub fn restart(&mut self) {
-        self.stop();
-        self.run(self.dir.join("../server.toml").exists());
-    }
-
-    pub fn admin_dir(&self) -> PathBuf {
-        self.dir.join("admin")
-    }
-
-    /// Runs guestkeyctl against this server.
-    pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(CTL)
-            .args(args)
-            .env("GUESTKEY_SERVER", &self.url)
-            .env("GUESTKEY_ADMIN_DIR", self.admin_dir())
-            .output()
-            .unwrap()
-    }
-
-    /// guestkeyctl that must succeed; returns stdout.
-    pub fn ok(&self, args: &[&str]) -> String {
-        let o = self.ctl(args);
-        assert!(
-            o.status.success(),
-            "guestkeyctl {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
-    }
-
-    /// guestkeyctl that must fail; returns stderr.
-    pub fn fails(&self, args: &[&str]) -> String {
-        let o = self.ctl(args);
-        assert!(
-            !o.status.success(),
-            "guestkeyctl {args:?} succeeded: {}",
-            String::from_utf8_lossy(&o.stdout)
-        );
-        String::from_utf8(o.stderr).unwrap()
-    }
-
-    pub fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        serde_json::from_str(&self.ok(&a)).unwrap()
-    }
-
+/// What the server's tests look at beyond the shared harness.
+pub trait ServerExt {
     /// A read-only look at the database (WAL lets it read while the server runs).
-    pub fn db(&self) -> rusqlite::Connection {
+    fn db(&self) -> rusqlite::Connection;
+    /// Every row of the tables that hold state (not the audit log), as text.
+    fn state_snapshot(&self) -> String;
+    /// An admin API client with the admin credential.
+    fn admin_client(
+        &self,
+    ) -> impl std::future::Future<
+        Output = guestkey_proto::admin::admin_client::AdminClient<tonic::transport::Channel>,
+    >;
+    /// Audit records with `action`.
+    fn audit_count(&self, action: &str) -> usize;
+    /// The server CA: what clients of the server trust.
+    fn ca_pem(&self) -> String;
+    /// The hosts CA: what host certificates chain to.
+    fn hosts_ca_pem(&self) -> String;
+    /// SHA-256 of the server's certificate.
+    fn server_sha256(&self) -> String;
+}
+
+impl ServerExt for TestServer {
+    /// A read-only look at the database (WAL lets it read while the server runs).
+    fn db(&self) -> rusqlite::Connection {
         rusqlite::Connection::open_with_flags(
             self.dir.join("guestkey.db"),
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -190,7 +89,7 @@ impl TestServer {
     }
 
     /// Every row of the tables that hold state (not the audit log), as text.
-    pub fn state_snapshot(&self) -> String {
+    fn state_snapshot(&self) -> String {
         let db = self.db();
         let mut out = String::new();
         for (table, order) in [
@@ -228,7 +127,7 @@ impl TestServer {
     }
 
     /// An admin API client with the admin credential.
-    pub async fn admin_client(
+    async fn admin_client(
         &self,
     ) -> guestkey_proto::admin::admin_client::AdminClient<tonic::transport::Channel> {
         let dir = self.admin_dir();
@@ -246,7 +145,7 @@ impl TestServer {
     }
 
     /// Audit records with `action`.
-    pub fn audit_count(&self, action: &str) -> usize {
+    fn audit_count(&self, action: &str) -> usize {
         self.json(&["audit", "--limit", "10000"])
             .as_array()
             .unwrap()
@@ -256,45 +155,22 @@ impl TestServer {
     }
 
     /// The server CA: what clients of the server trust.
-    pub fn ca_pem(&self) -> String {
+    fn ca_pem(&self) -> String {
         std::fs::read_to_string(self.dir.join("ca/server-ca.pem")).unwrap()
     }
 
     /// The hosts CA: what host certificates chain to.
-    pub fn hosts_ca_pem(&self) -> String {
+    fn hosts_ca_pem(&self) -> String {
         std::fs::read_to_string(self.dir.join("ca/ca.pem")).unwrap()
     }
 
     /// SHA-256 of the server's certificate.
-    pub fn server_sha256(&self) -> String {
+    fn server_sha256(&self) -> String {
         let pem = std::fs::read_to_string(self.dir.join("tls/server.pem")).unwrap();
         let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
         mgmt_server::ca::cert_sha256(&der.contents)
     }
 
-    /// Polls `f` for up to `secs` seconds (bounded).
-    pub fn wait_for(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-        let end = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < end {
-            if f() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "timed out waiting for {what}\nserver log:\n{}",
-            self.log.lock().unwrap()
-        );
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        self.stop();
-        if let Some(parent) = self.dir.parent() {
-            let _ = std::fs::remove_dir_all(parent);
-        }
-    }
 }
 
 /// What a test agent received.
@@ -424,13 +300,6 @@ pub fn csr() -> (Vec<u8>, String) {
     (csr.der().to_vec(), key.serialize_pem())
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 impl TestAgent {
     /// Registers and enrolls host `name` (not yet serving).
