@@ -208,8 +208,7 @@ fn a_restored_older_copy_of_the_database_is_detected_and_a_kept_head_tells_too()
     );
     // The server said so at start-up too.
     s.wait_for(10, "the start-up warning", || {
-        s.log()
-            .contains("THE AUDIT LOG DOES NOT VERIFY")
+        s.log().contains("THE AUDIT LOG DOES NOT VERIFY")
     });
     // Even with the checkpoint file rolled back as well, the kept head tells.
     std::fs::remove_file(s.dir.join("audit-checkpoints")).unwrap();

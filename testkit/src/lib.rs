@@ -24,7 +24,7 @@ mod proc;
 mod server;
 
 pub use proc::Proc;
-pub use server::{Bins, TestServer, enroll_guestkeyd};
+pub use server::{Bins, TestServer, enroll_guestkeyd, target_bin};
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -16,26 +16,29 @@ pub struct Bins {
     pub daemon: Option<PathBuf>,
 }
 
+/// The debug binary `name` of the workspace at `workspace` (its target
+/// directory, or `CARGO_TARGET_DIR`); it must be built.
+pub fn target_bin(workspace: &Path, name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let p = target.join("debug").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
 impl Bins {
     /// The debug binaries of the workspace's target directory (the
     /// end-to-end tests: `cargo build --workspace --bins` builds them first).
     pub fn from_target_dir(workspace: &Path) -> Self {
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace.join("target"));
-        let bin = |name: &str| {
-            let p = target.join("debug").join(name);
-            assert!(
-                p.exists(),
-                "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
-                p.display()
-            );
-            p
-        };
         Self {
-            server: bin("guestkey-server"),
-            ctl: bin("guestkeyctl"),
-            daemon: Some(bin("guestkeyd")),
+            server: target_bin(workspace, "guestkey-server"),
+            ctl: target_bin(workspace, "guestkeyctl"),
+            daemon: Some(target_bin(workspace, "guestkeyd")),
         }
     }
 }
@@ -158,7 +161,10 @@ impl TestServer {
 
     /// Its process id (it must run).
     pub fn pid(&self) -> u32 {
-        self.proc.as_ref().map(Proc::pid).unwrap_or_else(|| panic!("the server does not run"))
+        self.proc
+            .as_ref()
+            .map(Proc::pid)
+            .unwrap_or_else(|| panic!("the server does not run"))
     }
 
     /// Everything it wrote on stderr, over all its starts.

@@ -18,40 +18,12 @@ pub mod memscan;
 pub mod stack;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The libvirt URI the tests use.
 pub const LIBVIRT_URI: &str = "qemu:///system";
 
-/// Output of a command that failed: what ran and what it said.
-#[derive(Debug)]
-pub struct CommandFailed(pub String);
-
-impl std::fmt::Display for CommandFailed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// Runs a program; returns its stdout, or what it printed on failure.
-pub fn run(program: &str, args: &[&str]) -> Result<String, CommandFailed> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| CommandFailed(format!("cannot run {program}: {e} (run scripts/setup)")))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(CommandFailed(format!(
-            "{program} {} failed ({}): {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim(),
-        )))
-    }
-}
+pub use guestkey_testkit::{CommandFailed, run};
 
 /// Runs `f` again while it fails because qemu-img's PBKDF calibration
 /// failed (it creates or amends a LUKS keyslot, also when libvirt runs it),

@@ -6,11 +6,11 @@
 //! Only one guestkeyd can own the hook socket, so tests that use a
 //! [`Stack`] hold [`Stack::lock`] for their whole run.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+
+pub use guestkey_testkit::{Bins, Proc, TestServer};
 
 use crate::{Cleanup, scratch_dir, unique_name, virsh};
 
@@ -18,99 +18,17 @@ static ONE_STACK: Mutex<()> = Mutex::new(());
 
 /// `127.0.0.1:PORT` with a port free right now.
 fn free_address() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    format!("127.0.0.1:{port}")
+    format!("127.0.0.1:{}", guestkey_testkit::free_port())
+}
+
+/// The workspace's root.
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// A built binary of the workspace (scripts/test builds them first).
 pub fn bin(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let p = target.join("debug").join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
-        p.display()
-    );
-    p
-}
-
-/// A running process, killed on drop.
-pub struct Proc {
-    child: Child,
-    /// The first line it printed on stdout.
-    pub first_line: String,
-    /// Its stderr so far.
-    pub log: std::sync::Arc<Mutex<String>>,
-}
-
-impl Proc {
-    /// Starts `cmd`; waits for a first stdout line starting with `ready`.
-    pub fn start(mut cmd: Command, ready: &str) -> Self {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let mut line = String::new();
-        let stdout = child.stdout.take().expect("stdout");
-        BufReader::new(stdout).read_line(&mut line).expect("read");
-        let log = std::sync::Arc::new(Mutex::new(String::new()));
-        let l = log.clone();
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                l.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push_str(&(line + "\n"));
-            }
-        });
-        assert!(
-            line.starts_with(ready),
-            "expected {ready:?}, got {line:?}: {}",
-            log.lock().unwrap_or_else(|p| p.into_inner())
-        );
-        Self {
-            child,
-            first_line: line.trim().to_owned(),
-            log,
-        }
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Stops it (SIGTERM, then waits).
-    pub fn stop(mut self) {
-        self.terminate();
-    }
-
-    /// Kills it at once (SIGKILL), as a crash would.
-    pub fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn terminate(&mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.terminate();
-    }
+    guestkey_testkit::target_bin(&workspace(), name)
 }
 
 /// Server, enrolled host daemon, hook and pool.
@@ -118,15 +36,14 @@ pub struct Stack {
     _lock: MutexGuard<'static, ()>,
     /// Scratch directory (server data, host state, pool).
     pub dir: PathBuf,
-    /// The server.
-    pub server: Option<Proc>,
+    /// The server (the shared harness's).
+    pub server: TestServer,
     /// The host daemon.
     pub daemon: Option<Proc>,
     /// Host name.
     pub host: String,
     /// Storage pool name.
     pub pool: String,
-    server_url: String,
     daemon_addr: String,
     /// Undo steps (pool, domains).
     pub cleanup: Cleanup,
@@ -151,34 +68,18 @@ impl Stack {
             "the libvirt hook wrapper is missing: run scripts/setup"
         );
 
-        let data = dir.join("server");
-        let out = Command::new(bin("guestkey-server"))
-            .args(["init", "--data-dir"])
-            .arg(&data)
-            .output()
-            .expect("init");
-        assert!(
-            out.status.success(),
-            "init: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let server = TestServer::start_in(
+            dir.join("server"),
+            Bins::from_target_dir(&workspace()),
+            None,
         );
-        // A fixed port, so that a restarted server is found again.
-        let addr = free_address();
-        let port: u16 = addr
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("port");
-        let server_url = format!("https://{addr}");
-        let server = Self::server_proc(&data, port);
         let mut s = Self {
             _lock: lock,
             dir,
-            server: Some(server),
+            server,
             daemon: None,
             host: unique_name("host"),
             pool: unique_name("pool"),
-            server_url,
             daemon_addr: String::new(),
             cleanup,
         };
@@ -197,58 +98,29 @@ impl Stack {
         s
     }
 
-    fn server_proc(data: &Path, port: u16) -> Proc {
-        let mut cmd = Command::new(bin("guestkey-server"));
-        cmd.args(["run", "--data-dir"])
-            .arg(data)
-            .args(["--listen", &format!("127.0.0.1:{port}")]);
-        Proc::start(cmd, "listening on https://")
-    }
-
     /// (Re)starts the server on its data directory and port.
     pub fn run_server(&mut self) {
-        if let Some(p) = self.server.take() {
-            p.stop();
-        }
-        let port: u16 = self
-            .server_url
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("port");
-        self.server = Some(Self::server_proc(&self.dir.join("server"), port));
+        self.server.restart();
     }
 
     /// The server's URL (`https://127.0.0.1:PORT`).
     pub fn server_url(&self) -> &str {
-        &self.server_url
+        &self.server.url
     }
 
     /// A guestkeyctl command against this stack's server, to run.
     pub fn ctl_command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin("guestkeyctl"));
-        c.args(args)
-            .env("GUESTKEY_SERVER", &self.server_url)
-            .env("GUESTKEY_ADMIN_DIR", self.dir.join("server/admin"));
-        c
+        self.server.ctl_command(args)
     }
 
     /// guestkeyctl against this stack's server.
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
-        self.ctl_command(args).output().expect("guestkeyctl")
+        self.server.ctl(args)
     }
 
     /// guestkeyctl --json that must succeed.
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        let o = self.ctl(&a);
-        assert!(
-            o.status.success(),
-            "guestkeyctl {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        serde_json::from_slice(&o.stdout).expect("json")
+        self.server.json(args)
     }
 
     /// The host daemon's state directory.
@@ -274,33 +146,12 @@ impl Stack {
     /// Registers host `name` at `addr` and enrolls a guestkeyd state
     /// directory `state` with its token.
     fn enroll(&self, name: &str, addr: &str, state: &Path) {
-        let v = self.json(&["host", "add", name, "--address", addr]);
-        let token = v["enrollment_token"].as_str().expect("token").to_owned();
-        // The token on standard input: never in argv.
-        let mut child = Command::new(bin("guestkeyd"))
-            .args([
-                "enroll",
-                "--server",
-                &self.server_url,
-                "--token-file",
-                "-",
-                "--ca-file",
-            ])
-            .arg(self.dir.join("ca.pem"))
-            .arg("--state-dir")
-            .arg(state)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("enroll");
-        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), token.as_bytes())
-            .expect("token to enroll");
-        let out = child.wait_with_output().expect("enroll");
-        assert!(
-            out.status.success(),
-            "enroll: {}",
-            String::from_utf8_lossy(&out.stderr)
+        guestkey_testkit::enroll_guestkeyd(
+            &self.server,
+            name,
+            addr,
+            state,
+            &self.dir.join("ca.pem"),
         );
     }
 
@@ -387,24 +238,14 @@ impl Stack {
     }
 
     /// Polls `f` for at most `secs` seconds.
-    pub fn wait_for(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-        let end = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < end {
-            if f() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let log = |p: &Option<Proc>| {
-            p.as_ref()
-                .map(|p| p.log.lock().unwrap_or_else(|e| e.into_inner()).clone())
-                .unwrap_or_default()
-        };
-        panic!(
-            "timed out waiting for {what}\nserver:\n{}\nguestkeyd:\n{}",
-            log(&self.server),
-            log(&self.daemon)
-        );
+    pub fn wait_for(&self, secs: u64, what: &str, f: impl FnMut() -> bool) {
+        guestkey_testkit::wait_for(secs, what, f, || {
+            format!(
+                "server:\n{}\nguestkeyd:\n{}",
+                self.server.log(),
+                self.daemon.as_ref().map(Proc::log_text).unwrap_or_default()
+            )
+        });
     }
 
     /// Defines `name` from `xml` through guestkey on this stack's host,
@@ -501,6 +342,6 @@ impl SessionHost {
 impl Drop for Stack {
     fn drop(&mut self) {
         self.daemon.take();
-        self.server.take();
+        self.server.stop();
     }
 }

@@ -62,7 +62,7 @@ fn virsh_start_of_a_managed_guest_needs_no_secret_step_and_refuses_without_a_key
 
     // The management server is not needed to start it again, also after a
     // restart of guestkeyd.
-    s.server.take().unwrap().stop();
+    s.server.stop();
     s.run_daemon();
     virsh(&["start", &guest]).unwrap();
     assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
@@ -259,7 +259,7 @@ fn autostart_guests_start_when_guestkeyd_starts_with_the_server_down() {
     // "Boot": the server is unreachable, guestkeyd starts after libvirtd
     // (whose own autostart of this guest failed in the hook, as guestkeyd
     // was not there yet), and the guest is not running.
-    s.server.take().unwrap().stop();
+    s.server.stop();
     s.daemon.take().unwrap().stop();
     let err = virsh(&["start", &guest]).unwrap_err().0;
     assert!(err.contains("start guestkeyd"), "{err}");
@@ -741,7 +741,7 @@ fn a_crash_at_any_instant_of_a_rekey_loses_no_volume() {
             }
             1 => {
                 let was = under_way(&s);
-                s.server.take().unwrap().kill9();
+                s.server.kill9();
                 mid_rotation += u32::from(was);
                 s.run_server();
             }

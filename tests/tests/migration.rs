@@ -309,7 +309,7 @@ fn a_migration_interrupted_by_a_server_crash_is_finished_after_the_restart() {
             nanos % 1500
         };
         std::thread::sleep(std::time::Duration::from_millis(delay));
-        s.server.take().unwrap().kill9();
+        s.server.kill9();
         let _ = child.wait_with_output();
         s.run_server();
         let pending = s.json(&["guest", "show", &guest])["migrating_to"] != "";

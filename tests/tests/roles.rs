@@ -150,7 +150,7 @@ fn a_host_enrolled_before_roles_keeps_its_volumes_through_migrate_roles_and_trus
     let v1_id = v1["id"].as_str().unwrap().to_owned();
     let key_before = s.server_key(&v1_id);
     s.daemon.take().unwrap().stop();
-    s.server.take().unwrap().stop();
+    s.server.stop();
 
     // Both ends as the code before roles left them (see guestkey_tests::legacy).
     let data = s.dir.join("server");

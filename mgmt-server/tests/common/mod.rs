@@ -13,13 +13,11 @@
 
 pub mod legacy;
 
-
 use std::net::SocketAddr;
 use std::path::Path;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-
 
 use guestkey_proto::agent::{
     self,
@@ -170,7 +168,6 @@ impl ServerExt for TestServer {
         let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
         mgmt_server::ca::cert_sha256(&der.contents)
     }
-
 }
 
 /// What a test agent received.
@@ -299,7 +296,6 @@ pub fn csr() -> (Vec<u8>, String) {
         .unwrap();
     (csr.der().to_vec(), key.serialize_pem())
 }
-
 
 impl TestAgent {
     /// Registers and enrolls host `name` (not yet serving).
