@@ -44,13 +44,26 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
-/// A TCP port on 127.0.0.1 free right now.
+/// A TCP port on 127.0.0.1 free right now, and never handed out twice by
+/// one test process: tests of one binary run in parallel, and a port the
+/// kernel gives for `bind(0)` may be given again (or taken by an outgoing
+/// connection) before the test binds it. The ports come from below the
+/// kernel's ephemeral range (32768 and up here), from a start that differs
+/// by process so that two test processes rarely meet either.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() % 240) * 50;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (start + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port on 127.0.0.1 between {FIRST} and {}", FIRST + SPAN)
 }
 
 /// Output of a command that failed: what ran and what it said.

@@ -153,9 +153,10 @@ const SERVER_LAYERS: &[(&str, u8)] = &[
     ("store", 2),
     ("domain", 3),
     ("scheduler", 4),
-    ("init", 4),
+    ("roles", 4),
     ("fuzzing", 4),
-    ("transport", 5),
+    ("init", 5),
+    ("transport", 6),
 ];
 
 fn rank(layers: &[(&str, u8)], m: &str) -> Option<u8> {
