@@ -63,7 +63,10 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
-    panic!("no free TCP port on 127.0.0.1 between {FIRST} and {}", FIRST + SPAN)
+    panic!(
+        "no free TCP port on 127.0.0.1 between {FIRST} and {}",
+        FIRST + SPAN
+    )
 }
 
 /// Output of a command that failed: what ran and what it said.
