@@ -83,6 +83,10 @@ pub enum ProtectError {
         /// What is wrong with it (never the key).
         why: String,
     },
+    /// The sealing (a TPM) refused or failed: the message says why and what
+    /// to do.
+    #[error("{0}")]
+    Sealed(String),
     /// This protector can only hand out a key someone else keeps there.
     #[error("{0} is read-only: a new key cannot be stored there; store it yourself or pick a file")]
     ReadOnly(String),

@@ -22,9 +22,11 @@
 
 mod proc;
 mod server;
+mod swtpm;
 
 pub use proc::Proc;
 pub use server::{Bins, TestServer, enroll_guestkeyd, target_bin};
+pub use swtpm::Swtpm;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -51,20 +53,30 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 /// kernel's ephemeral range (32768 and up here), from a start that differs
 /// by process so that two test processes rarely meet either.
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
+    free_ports(1)
+}
+
+/// `count` consecutive TCP ports on 127.0.0.1, all free right now (the
+/// swtpm TCTI, for one, uses PORT and PORT+1); never handed out twice by
+/// one test process, like [`free_port`].
+pub fn free_ports(count: u16) -> u16 {
+    use std::sync::Mutex;
     const FIRST: u32 = 20_000;
     const SPAN: u32 = 12_000;
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let start = (std::process::id() % 240) * 50;
+    static NEXT: Mutex<Option<u32>> = Mutex::new(None);
+    let mut next = NEXT.lock().unwrap_or_else(|p| p.into_inner());
+    let n = next.get_or_insert_with(|| (std::process::id() % 240) * 50);
     for _ in 0..SPAN {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = (FIRST + (start + n) % SPAN) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+        let base = FIRST + *n % (SPAN - u32::from(count));
+        *n += u32::from(count);
+        let all_free = (0..count)
+            .all(|i| std::net::TcpListener::bind(("127.0.0.1", (base as u16) + i)).is_ok());
+        if all_free {
+            return base as u16;
         }
     }
     panic!(
-        "no free TCP port on 127.0.0.1 between {FIRST} and {}",
+        "no {count} free TCP ports on 127.0.0.1 between {FIRST} and {}",
         FIRST + SPAN
     )
 }

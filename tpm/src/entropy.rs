@@ -1,0 +1,134 @@
+//! Key generation with TPM random bytes mixed in (after Leeson): every key
+//! is HKDF-SHA-256 over the operating system's random bytes, salted with
+//! random bytes of the TPM, so a machine that booted with little entropy
+//! cannot weaken the keys it makes, and neither can a TPM with a weak
+//! generator (the OS bytes alone are as strong as before).
+//!
+//! [`Entropy`] is what the server and the host daemon keep: with a TPM it
+//! owns one TPM connection on a thread of its own and asks it for 32 bytes
+//! per key; without one, or when the TPM stops answering, keys come from
+//! the OS generator alone, and that is logged once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use guestkey_protect::ProtectedKey;
+use hkdf::Hkdf;
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::TpmError;
+use crate::device::{Tpm, with_tpm};
+
+const INFO: &[u8] = b"guestkey key generation v1: OS random, TPM random salt";
+
+/// A key of `len` bytes: OS random bytes, mixed with 32 TPM random bytes
+/// when `tpm` is given.
+pub fn key_with(tpm: Option<&mut Tpm>, len: usize) -> Result<ProtectedKey, TpmError> {
+    let mut os = Zeroizing::new(vec![0u8; len.max(32)]);
+    getrandom::fill(&mut os)
+        .map_err(|e| TpmError::Io(format!("the OS random generator failed: {e}")))?;
+    let Some(tpm) = tpm else {
+        return Ok(ProtectedKey::copy_from_secret_slice(&os[..len]));
+    };
+    let mut salt = Zeroizing::new([0u8; 32]);
+    tpm.random(salt.as_mut())?;
+    Ok(mix(&os, &salt, len))
+}
+
+fn mix(os: &[u8], salt: &[u8; 32], len: usize) -> ProtectedKey {
+    let h = Hkdf::<Sha256>::new(Some(salt), os);
+    ProtectedKey::new_with(len, |out| {
+        h.expand(INFO, out)
+            .expect("keys are far shorter than HKDF's 255 blocks");
+    })
+}
+
+/// Where keys get their randomness.
+pub struct Entropy {
+    tcti: Option<String>,
+    warned: AtomicBool,
+}
+
+/// How long a key waits for the TPM's bytes before it is made from the OS
+/// generator alone.
+const WAIT: Duration = Duration::from_secs(10);
+
+impl Entropy {
+    /// The OS generator alone (logged once, at the first key).
+    pub fn os_only() -> Self {
+        Self {
+            tcti: None,
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    /// OS bytes mixed with those of the TPM at `tcti`; refused when the TPM
+    /// does not give random bytes now.
+    pub fn with_tpm(tcti: &str) -> Result<Self, TpmError> {
+        let e = Self {
+            tcti: Some(tcti.to_owned()),
+            warned: AtomicBool::new(false),
+        };
+        e.tpm_salt()?;
+        Ok(e)
+    }
+
+    /// Whether TPM bytes are mixed in.
+    pub fn uses_tpm(&self) -> bool {
+        self.tcti.is_some()
+    }
+
+    fn tpm_salt(&self) -> Result<Zeroizing<[u8; 32]>, TpmError> {
+        let tcti = self
+            .tcti
+            .as_deref()
+            .ok_or_else(|| TpmError::Config("no TPM is configured".into()))?;
+        with_tpm(tcti, WAIT, |t| {
+            let mut b = Zeroizing::new([0u8; 32]);
+            t.random(b.as_mut())?;
+            Ok(b)
+        })
+    }
+
+    /// A new key of `len` bytes.
+    pub fn key(&self, len: usize) -> Result<ProtectedKey, TpmError> {
+        let mut os = Zeroizing::new(vec![0u8; len.max(32)]);
+        getrandom::fill(&mut os)
+            .map_err(|e| TpmError::Io(format!("the OS random generator failed: {e}")))?;
+        match self.tpm_salt() {
+            Ok(salt) => Ok(mix(&os, &salt, len)),
+            Err(e) => {
+                if !self.warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("keys are made from the OS random generator alone: {e}");
+                }
+                Ok(ProtectedKey::copy_from_secret_slice(&os[..len]))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixing_depends_on_both_inputs_and_gives_the_length_asked() {
+        let a = mix(&[1u8; 32], &[2u8; 32], 32);
+        let b = mix(&[1u8; 32], &[3u8; 32], 32);
+        let c = mix(&[4u8; 32], &[2u8; 32], 32);
+        assert_ne!(a.expose_secret(), b.expose_secret());
+        assert_ne!(a.expose_secret(), c.expose_secret());
+        assert_eq!(mix(&[1u8; 64], &[2u8; 32], 64).len(), 64);
+        assert_ne!(a.expose_secret(), &[1u8; 32]);
+    }
+
+    #[test]
+    fn without_a_tpm_keys_still_come() {
+        let e = Entropy::os_only();
+        let a = e.key(32).unwrap();
+        let b = e.key(32).unwrap();
+        assert_ne!(a.expose_secret(), b.expose_secret());
+        assert!(!e.uses_tpm());
+    }
+}
