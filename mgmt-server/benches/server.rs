@@ -40,6 +40,7 @@ fn main() {
         sans: vec!["localhost".into(), "127.0.0.1".into()],
         master_key_source: None,
         server_url: "https://127.0.0.1:7443".into(),
+        tpm: None,
     })
     .unwrap();
     let config = Config {

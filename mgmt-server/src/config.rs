@@ -168,13 +168,29 @@ impl Config {
             message: "no data directory: pass --data-dir DIR or set data_dir in the config file"
                 .into(),
         })?;
+        let dir = crate::datadir::DataDir::new(&data_dir);
+        // A reseal that stopped between its two renames is finished first,
+        // so that the keys are found where they are.
+        if let Err(e) = dir.recover_tpm() {
+            return Err(ConfigError::Invalid {
+                setting: "data_dir",
+                message: format!(
+                    "cannot finish an interrupted reseal in {}: {e}",
+                    data_dir.display()
+                ),
+            });
+        }
         let master_key_source = match (flags.master_key_source, fc.master_key_source) {
-            (Some(s), _) => s,
-            (None, Some(text)) => text.parse().map_err(|message| ConfigError::Invalid {
-                setting: "master_key_source",
-                message,
-            })?,
-            (None, None) => MasterKeySource::File(data_dir.join("master.key")),
+            (Some(s), _) => dir.resolve_master_key_source(s),
+            (None, Some(text)) => {
+                dir.resolve_master_key_source(text.parse().map_err(|message| {
+                    ConfigError::Invalid {
+                        setting: "master_key_source",
+                        message,
+                    }
+                })?)
+            }
+            (None, None) => dir.default_master_key_source(),
         };
         if fc.limits.key_releases_per_minute == 0 || fc.limits.max_volumes_per_host == 0 {
             return Err(ConfigError::Invalid {

@@ -19,6 +19,13 @@
 //!   admin/admin.pem      the admin client certificate,
 //!   admin/admin.key      its key (0600),
 //!   admin/server         and the server URL
+//!   tpm/                 only when the keys are sealed to the TPM (init
+//!                        --master-key-source tpm, or reseal --to-tpm):
+//!   tpm/site.json          which TPM and PCRs, the PCR authority's public key
+//!   tpm/approvals.json     PCR values the authority signed
+//!   tpm/master.key.tpm     the master key, sealed (no master.key then)
+//!   tpm/ca.key.tpm, tpm/server-ca.key.tpm, tpm/admin-ca.key.tpm
+//!                          the CA keys, sealed (no ca/*.key then)
 //! ```
 //!
 //! A data directory made before certificates had roles has only `ca/ca.pem`
@@ -54,6 +61,60 @@ impl DataDir {
     pub fn master_key(&self) -> PathBuf {
         self.root.join("master.key")
     }
+    /// The directory of the keys sealed to the TPM.
+    pub fn tpm_dir(&self) -> PathBuf {
+        self.root.join("tpm")
+    }
+    /// Whether the keys of this data directory are sealed to the TPM.
+    pub fn is_tpm(&self) -> bool {
+        self.tpm_dir()
+            .join(guestkey_protect::tpm::SITE_FILE)
+            .exists()
+    }
+    /// Finishes a switch of `tpm/` that `reseal` left half-way (it builds
+    /// `tpm.new/`, writes its `site.json` last, then renames `tpm` to
+    /// `tpm.old` and `tpm.new` to `tpm`), and removes what a finished or
+    /// abandoned one left behind.
+    pub fn recover_tpm(&self) -> std::io::Result<()> {
+        let tpm = self.tpm_dir();
+        let new = self.root.join("tpm.new");
+        let old = self.root.join("tpm.old");
+        let new_complete = new.join(guestkey_protect::tpm::SITE_FILE).exists();
+        if !tpm.exists() && old.exists() && new_complete {
+            std::fs::rename(&new, &tpm)?;
+        }
+        for leftover in [new, old] {
+            if leftover.exists() {
+                std::fs::remove_dir_all(&leftover)?;
+            }
+        }
+        Ok(())
+    }
+    /// A key of this directory: sealed in `tpm/NAME.tpm` when the keys
+    /// are sealed to the TPM, else the file `file`.
+    fn key_source(&self, name: &str, file: PathBuf) -> guestkey_protect::ProtectorSpec {
+        if self.is_tpm() {
+            guestkey_protect::ProtectorSpec::Tpm(self.tpm_dir().join(format!("{name}.tpm")))
+        } else {
+            guestkey_protect::ProtectorSpec::File(file)
+        }
+    }
+    /// Where the master key is unless another source is named.
+    pub fn default_master_key_source(&self) -> guestkey_protect::ProtectorSpec {
+        self.key_source("master.key", self.master_key())
+    }
+    /// `source` with `tpm` (no path) made this directory's sealed master key.
+    pub fn resolve_master_key_source(
+        &self,
+        source: guestkey_protect::ProtectorSpec,
+    ) -> guestkey_protect::ProtectorSpec {
+        match source {
+            guestkey_protect::ProtectorSpec::Tpm(p) if p.as_os_str().is_empty() => {
+                guestkey_protect::ProtectorSpec::Tpm(self.tpm_dir().join("master.key.tpm"))
+            }
+            other => other,
+        }
+    }
     /// Hosts CA certificate (in data directories made before roles: the
     /// one CA of every certificate).
     pub fn ca_cert(&self) -> PathBuf {
@@ -65,7 +126,7 @@ impl DataDir {
     }
     /// Where the hosts CA key is kept: its file, through a key protector.
     pub fn ca_key_source(&self) -> guestkey_protect::ProtectorSpec {
-        guestkey_protect::ProtectorSpec::File(self.ca_key())
+        self.key_source("ca.key", self.ca_key())
     }
     /// Server CA certificate.
     pub fn server_ca_cert(&self) -> PathBuf {
@@ -73,7 +134,7 @@ impl DataDir {
     }
     /// Where the server CA key is kept.
     pub fn server_ca_key_source(&self) -> guestkey_protect::ProtectorSpec {
-        guestkey_protect::ProtectorSpec::File(self.root.join("ca/server-ca.key"))
+        self.key_source("server-ca.key", self.root.join("ca/server-ca.key"))
     }
     /// Admin CA certificate.
     pub fn admin_ca_cert(&self) -> PathBuf {
@@ -81,7 +142,7 @@ impl DataDir {
     }
     /// Where the admin CA key is kept.
     pub fn admin_ca_key_source(&self) -> guestkey_protect::ProtectorSpec {
-        guestkey_protect::ProtectorSpec::File(self.root.join("ca/admin-ca.key"))
+        self.key_source("admin-ca.key", self.root.join("ca/admin-ca.key"))
     }
     /// Whether this data directory predates separate CAs per role.
     pub fn is_before_roles(&self) -> bool {

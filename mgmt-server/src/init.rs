@@ -32,6 +32,9 @@ pub struct InitOptions {
     pub master_key_source: Option<MasterKeySource>,
     /// The URL guestkeyctl should use, written to `admin/server`.
     pub server_url: String,
+    /// With `master_key_source` `tpm`: the TPM, PCRs and PCR authority to
+    /// seal the master key and the CA keys to.
+    pub tpm: Option<crate::tpm::TpmTarget>,
 }
 
 /// What `init` made.
@@ -89,11 +92,16 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, CoreError> {
     }
     result.map(|mut r| {
         r.admin_dir = DataDir::new(target).admin_dir();
-        if let MasterKeySource::File(p) = &r.master_key_source {
-            if p.starts_with(&tmp) {
+        match &r.master_key_source {
+            MasterKeySource::File(p) if p.starts_with(&tmp) => {
                 r.master_key_source =
                     MasterKeySource::File(target.join(p.strip_prefix(&tmp).unwrap_or(p)));
             }
+            MasterKeySource::Tpm(p) if p.starts_with(&tmp) => {
+                r.master_key_source =
+                    MasterKeySource::Tpm(target.join(p.strip_prefix(&tmp).unwrap_or(p)));
+            }
+            _ => {}
         }
         r
     })
@@ -106,6 +114,35 @@ fn build(tmp: &Path, opts: &InitOptions) -> Result<InitReport, CoreError> {
     }
     // Master key: made here unless the operator supplies one.
     let (master, source) = match &opts.master_key_source {
+        Some(MasterKeySource::Tpm(p)) if p.as_os_str().is_empty() => {
+            let target = opts.tpm.as_ref().ok_or_else(|| {
+                CoreError::FailedPrecondition(
+                    "--master-key-source tpm needs --tpm-authority-key FILE: the PCR authority key that approves this server's PCR values (made there if missing; keep it off this machine)".into(),
+                )
+            })?;
+            // The settings first: the CA keys below are sealed because
+            // they are there.
+            let tpm_dir = dir.tpm_dir();
+            let site = crate::tpm::prepare_site(&tpm_dir, &opts.data_dir, target)?;
+            site.save(&tpm_dir)
+                .map_err(|e| CoreError::FailedPrecondition(e.to_string()))?;
+            let key = crate::tpm::new_master_key(&target.tcti)?;
+            let mk = MasterKey::from_protected(&key, "the TPM")?;
+            let source = MasterKeySource::Tpm(tpm_dir.join("master.key.tpm"));
+            mk.store_new(&source)?;
+            (mk, source)
+        }
+        Some(MasterKeySource::Tpm(p)) => {
+            return Err(CoreError::FailedPrecondition(format!(
+                "--master-key-source tpm:{} names a sealed key file: for a new data directory use `tpm` (its keys are sealed in DATA_DIR/tpm/)",
+                p.display()
+            )));
+        }
+        _ if opts.tpm.is_some() => {
+            return Err(CoreError::FailedPrecondition(
+                "--tpm-* options need --master-key-source tpm".into(),
+            ));
+        }
         None => {
             let mk = MasterKey::generate()?;
             let source = MasterKeySource::File(dir.master_key());

@@ -17,7 +17,7 @@
 //! [`config`], [`datadir`], [`ca`], [`masterkey`], [`domxml`] and [`tls`]
 //! (names and error chains). [`init`] composes a new data directory,
 //! [`roles`] its one CA per role (and migrates data directories made
-//! before roles).
+//! before roles), [`tpm`] seals its keys to the TPM (and reseals them).
 //! Only `transport/` imports tonic or prost; only `store/sqlite/` imports
 //! rusqlite.
 //!
@@ -44,6 +44,7 @@ pub mod roles;
 pub mod scheduler;
 pub mod store;
 pub mod tls;
+pub mod tpm;
 pub mod transport;
 
 /// Validated names and sizes (kept at this path for the programs).

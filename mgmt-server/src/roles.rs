@@ -208,7 +208,7 @@ pub fn migrate_roles(opts: &MigrateOptions) -> Result<MigrateReport, CoreError> 
     let source = opts
         .master_key_source
         .clone()
-        .unwrap_or_else(|| MasterKeySource::File(dir.master_key()));
+        .unwrap_or_else(|| dir.default_master_key_source());
     let keys = KeyRing::load(source, &store)?;
     keys.ensure_audit_key(&store)?;
     let mut removed_admins = 0;

@@ -21,6 +21,7 @@ mod env;
 mod file;
 mod key;
 mod spec;
+pub mod tpm;
 
 pub use env::{EnvProtector, PromptProtector};
 pub use file::FileProtector;

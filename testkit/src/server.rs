@@ -74,9 +74,22 @@ impl TestServer {
     /// `init` in `dir` (which must not exist or be empty), then `run` with
     /// `config` (TOML) if given, on a free port.
     pub fn start_in(dir: PathBuf, bins: Bins, config: Option<&str>) -> Self {
+        Self::start_in_with(dir, bins, config, &[])
+    }
+
+    /// As [`TestServer::start_in`], with `init_args` added to `init` (e.g.
+    /// `--master-key-source tpm ...`).
+    pub fn start_in_with(
+        dir: PathBuf,
+        bins: Bins,
+        config: Option<&str>,
+        init_args: &[&str],
+    ) -> Self {
         let out = Command::new(&bins.server)
             .args(["init", "--data-dir"])
             .arg(&dir)
+            .args(init_args)
+            .env("TSS2_LOG", "all+none")
             .output()
             .unwrap();
         assert!(

@@ -154,6 +154,7 @@ const SERVER_LAYERS: &[(&str, u8)] = &[
     ("domain", 3),
     ("scheduler", 4),
     ("roles", 4),
+    ("tpm", 4),
     ("fuzzing", 4),
     ("init", 5),
     ("transport", 6),

@@ -6,9 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use guestkey_protect::tpm::{PcrSelection, PcrValue, TpmSite};
 use mgmt_server::config::{Config, DEFAULT_LISTEN, Overrides};
 use mgmt_server::init::{InitOptions, init};
 use mgmt_server::masterkey::MasterKeySource;
+use mgmt_server::tpm::{DEFAULT_TCTI, ResealTo, TpmTarget};
 
 /// guestkey management server: keeps one key per guest volume, enrolls
 /// hosts, and pushes sealed keys to their host daemons over mutual TLS.
@@ -34,14 +36,35 @@ enum Command {
         #[arg(long = "san", value_name = "NAME")]
         sans: Vec<String>,
         /// Where the master key comes from: file:PATH (made if missing),
-        /// env:VARIABLE, or prompt. Default: a new random key in
-        /// DATA_DIR/master.key (mode 0600).
+        /// env:VARIABLE, prompt, or tpm (a new key sealed to this machine's
+        /// TPM, with the CA keys, in DATA_DIR/tpm/). Default: a new random
+        /// key in DATA_DIR/master.key (mode 0600).
         #[arg(long, value_name = "SOURCE")]
         master_key_source: Option<MasterKeySource>,
         /// The address the server will listen on, for the URL written to the
         /// admin credential.
         #[arg(long, value_name = "IP:PORT", default_value = DEFAULT_LISTEN)]
         listen: String,
+        #[command(flatten)]
+        tpm: TpmFlags,
+    },
+    /// PCR approvals and status of the keys sealed to the TPM.
+    Tpm {
+        #[command(subcommand)]
+        command: TpmCommand,
+    },
+    /// Move the master key and the CA keys: to the TPM (from files, to
+    /// other PCRs, or to another TPM) or back to files. Not while the
+    /// server runs; nothing is lost if it stops half-way.
+    Reseal {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Back to files of mode 0600 (DATA_DIR/master.key, ca/*.key).
+        #[arg(long, conflicts_with_all = ["tcti", "pcrs", "authority_key"])]
+        to_files: bool,
+        #[command(flatten)]
+        tpm: TpmFlags,
     },
     /// Serve the admin and host APIs (gRPC over mutual TLS) and push keys
     /// to host daemons, until SIGINT or SIGTERM. One server per data
@@ -95,6 +118,98 @@ enum Command {
     },
 }
 
+/// Where keys are sealed.
+#[derive(clap::Args)]
+struct TpmFlags {
+    /// The TPM [default: the current one, else device:/dev/tpmrm0].
+    #[arg(
+        long = "tpm-tcti",
+        id = "tcti",
+        value_name = "TCTI",
+        env = "GUESTKEY_TPM_TCTI"
+    )]
+    tcti: Option<String>,
+    /// The PCRs the keys are bound to [default: the current ones, else
+    /// sha256:7, the Secure Boot policy].
+    #[arg(long = "tpm-pcrs", id = "pcrs", value_name = "PCRS")]
+    pcrs: Option<PcrSelection>,
+    /// The PCR authority's private key (made if missing): it signs the PCR
+    /// values the keys may be unsealed with. Keep it off this machine.
+    #[arg(long = "tpm-authority-key", id = "authority_key", value_name = "FILE")]
+    authority_key: Option<PathBuf>,
+}
+
+impl TpmFlags {
+    fn is_empty(&self) -> bool {
+        self.tcti.is_none() && self.pcrs.is_none() && self.authority_key.is_none()
+    }
+
+    /// The target, with the current site's TPM and PCRs as defaults.
+    fn target(self, current: Option<&TpmSite>) -> Result<Option<TpmTarget>, String> {
+        if self.is_empty() {
+            return Ok(None);
+        }
+        let authority_key = self.authority_key.ok_or(
+            "--tpm-authority-key FILE is needed: the PCR authority key (made there if missing)",
+        )?;
+        Ok(Some(TpmTarget {
+            tcti: self
+                .tcti
+                .or_else(|| current.map(|s| s.tcti.clone()))
+                .unwrap_or_else(|| DEFAULT_TCTI.to_owned()),
+            pcrs: self
+                .pcrs
+                .or_else(|| current.map(|s| s.pcrs.clone()))
+                .unwrap_or_else(PcrSelection::default_selection),
+            authority_key,
+        }))
+    }
+}
+
+#[derive(Subcommand)]
+enum TpmCommand {
+    /// Sign PCR values with the PCR authority key, so that the sealed keys
+    /// unseal when the PCRs have them: --current for the values now (after
+    /// an update you booted), or --pcr N=SHA256 for an update's values in
+    /// advance (the PCRs not named keep their current values).
+    Approve {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The PCR authority's private key.
+        #[arg(long, value_name = "FILE")]
+        authority_key: PathBuf,
+        /// Approve the current PCR values.
+        #[arg(long, conflicts_with = "pcr")]
+        current: bool,
+        /// A PCR's value after the update: N=64 hex digits (repeat).
+        #[arg(long, value_name = "N=SHA256", value_parser = parse_pcr_value)]
+        pcr: Vec<(u8, PcrValue)>,
+        /// What the approval is for (kept with it), e.g. "kernel 6.1.0-30".
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// The TPM, PCRs, their current values and whether the keys unseal.
+    Status {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+    },
+}
+
+fn parse_pcr_value(s: &str) -> Result<(u8, PcrValue), String> {
+    let (n, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not N=SHA256 (e.g. 7=3d45...)"))?;
+    let n: u8 = n
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| *n < 24)
+        .ok_or_else(|| format!("`{n}` is not a PCR number (0 to 23)"))?;
+    Ok((n, v.parse()?))
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -123,7 +238,9 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             sans,
             master_key_source,
             listen,
+            tpm,
         } => {
+            let tpm = tpm.target(None)?;
             let sans = if sans.is_empty() {
                 mgmt_server::roles::DEFAULT_SANS
                     .iter()
@@ -142,6 +259,7 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 sans,
                 master_key_source,
                 server_url: url.clone(),
+                tpm,
             })?;
             println!("initialised {}", data_dir.display());
             println!(
@@ -183,8 +301,7 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             new_master_key_source,
         } => {
             let dir = mgmt_server::datadir::DataDir::new(&data_dir);
-            let source =
-                master_key_source.unwrap_or_else(|| MasterKeySource::File(dir.master_key()));
+            let source = master_key_source.unwrap_or_else(|| dir.default_master_key_source());
             let store = mgmt_server::store::sqlite::SqliteStore::open(&dir.db())?;
             let r = mgmt_server::domain::rotate::rotate(
                 &store,
@@ -194,6 +311,83 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!(
                 "master key rotated: {} -> {}; {} volume keys re-wrapped",
                 r.old_id, r.new_id, r.rewrapped
+            );
+            Ok(())
+        }
+        Command::Tpm { command } => match command {
+            TpmCommand::Approve {
+                data_dir,
+                authority_key,
+                current,
+                pcr,
+                note,
+            } => {
+                if !current && pcr.is_empty() {
+                    return Err("name the values to approve: --current, or --pcr N=SHA256".into());
+                }
+                let values = mgmt_server::tpm::approve(&data_dir, &authority_key, &pcr, &note)?;
+                println!("approved for {}:", data_dir.display());
+                for (p, v) in values.iter() {
+                    println!("  PCR {p:2} {v}");
+                }
+                Ok(())
+            }
+            TpmCommand::Status { data_dir } => {
+                let s = mgmt_server::tpm::status(&data_dir)?;
+                println!(
+                    "sealed keys   {}",
+                    s.blob
+                        .parent()
+                        .map_or(String::new(), |p| p.display().to_string())
+                );
+                println!("TPM           {}", s.tcti);
+                println!("PCRs          {}", s.pcrs);
+                println!("authority     {}", s.authority);
+                println!("approvals     {}", s.approvals);
+                println!(
+                    "unseals now   {}",
+                    if s.unseals {
+                        "yes"
+                    } else {
+                        "no: approve this boot's values with `guestkey-server tpm approve`"
+                    }
+                );
+                for (p, v) in s.current.iter() {
+                    println!("  PCR {p:2} {v}");
+                }
+                Ok(())
+            }
+        },
+        Command::Reseal {
+            data_dir,
+            to_files,
+            tpm,
+        } => {
+            let dir = mgmt_server::datadir::DataDir::new(&data_dir);
+            let current = if dir.is_tpm() {
+                Some(TpmSite::load(&dir.tpm_dir())?)
+            } else {
+                None
+            };
+            let to = if to_files {
+                ResealTo::Files
+            } else {
+                match tpm.target(current.as_ref())? {
+                    Some(t) => ResealTo::Tpm(t),
+                    None => {
+                        return Err(
+                            "name where the keys go: --to-files, or --tpm-authority-key FILE (with --tpm-tcti, --tpm-pcrs to change them)"
+                                .into(),
+                        );
+                    }
+                }
+            };
+            let r = mgmt_server::tpm::reseal(&data_dir, &to)?;
+            println!(
+                "resealed {}: from {} to {}",
+                r.keys.join(", "),
+                r.from,
+                r.to
             );
             Ok(())
         }

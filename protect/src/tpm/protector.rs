@@ -9,16 +9,16 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::{Encoding, FileProtector, KeyProtector, ProtectError, ProtectedKey};
 use chacha20poly1305::aead::{AeadInOut, KeyInit};
 use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
-use guestkey_protect::{Encoding, FileProtector, KeyProtector, ProtectError, ProtectedKey};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::authority::{Approval, Approvals, AuthorityPublic};
-use crate::device::{DEADLINE, SealedObject, Tpm, with_tpm};
-use crate::pcr::{PcrSelection, PcrValues};
-use crate::{TpmError, entropy};
+use crate::tpm::authority::{Approval, Approvals, AuthorityPublic};
+use crate::tpm::device::{DEADLINE, SealedObject, Tpm, with_tpm};
+use crate::tpm::pcr::{PcrSelection, PcrValues};
+use crate::tpm::{TpmError, entropy};
 
 const FORMAT: &str = "guestkey-tpm-sealed/1";
 const AAD: &[u8] = b"guestkey TPM-wrapped key v1";
@@ -337,5 +337,112 @@ impl KeyProtector for TpmProtector {
 
     fn unseal(&self) -> Result<ProtectedKey, ProtectError> {
         Ok(self.open()?)
+    }
+}
+
+/// The TPM settings of a directory of sealed keys (`site.json` beside
+/// them): which TPM, which PCRs, which authority, and the command that
+/// approves PCR values. Written once by whoever seals the first key (`init
+/// --master-key-source tpm`, `guestkeyd enroll --tpm`), read by every
+/// `tpm:PATH` key source in that directory. Not secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TpmSite {
+    /// The TCTI (`device:/dev/tpmrm0`, `swtpm:host=...,port=...`).
+    pub tcti: String,
+    /// The PCRs new keys are sealed for.
+    pub pcrs: PcrSelection,
+    /// The PCR authority whose approvals open the keys.
+    pub authority: AuthorityPublic,
+    /// The command that approves this machine's current PCR values.
+    pub approve_hint: String,
+}
+
+/// The file of a [`TpmSite`] in its directory.
+pub const SITE_FILE: &str = "site.json";
+/// The approvals file in a site's directory.
+pub const APPROVALS_FILE: &str = "approvals.json";
+
+impl TpmSite {
+    /// The site of the sealed keys in `dir`. `GUESTKEY_TPM_TCTI`, when set,
+    /// names the TPM instead of the site's TCTI (the device moved).
+    pub fn load(dir: &Path) -> Result<Self, TpmError> {
+        let path = dir.join(SITE_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| {
+            TpmError::Config(format!(
+                "cannot read {} ({e}): the TPM settings of the sealed keys in {} are missing",
+                path.display(),
+                dir.display()
+            ))
+        })?;
+        let mut site: Self = serde_json::from_slice(&bytes).map_err(|e| {
+            TpmError::Corrupt(format!("{} is not TPM settings: {e}", path.display()))
+        })?;
+        if let Ok(t) = std::env::var("GUESTKEY_TPM_TCTI") {
+            if !t.is_empty() {
+                site.tcti = t;
+            }
+        }
+        Ok(site)
+    }
+
+    /// Writes the site into `dir` (atomically).
+    pub fn save(&self, dir: &Path) -> Result<(), TpmError> {
+        let text = serde_json::to_vec_pretty(self).expect("site serializes");
+        crate::tpm::files::write_atomic(&dir.join(SITE_FILE), &text)
+    }
+
+    /// The protector of the sealed key `blob` of this site (in `dir`).
+    pub fn protector(&self, dir: &Path, blob: &Path) -> TpmProtector {
+        TpmProtector::new(
+            blob,
+            dir.join(APPROVALS_FILE),
+            &self.tcti,
+            &self.approve_hint,
+        )
+        .sealing_to(self.authority.clone(), self.pcrs.clone())
+    }
+}
+
+/// The protector a `tpm:PATH` key source names: the site is read from
+/// PATH's directory at each use, so errors name what is missing there.
+#[derive(Debug, Clone)]
+pub struct SiteProtector {
+    blob: PathBuf,
+}
+
+impl SiteProtector {
+    /// The sealed key at `blob`.
+    pub fn new(blob: impl Into<PathBuf>) -> Self {
+        Self { blob: blob.into() }
+    }
+
+    fn dir(&self) -> &Path {
+        self.blob
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    }
+
+    fn inner(&self) -> Result<TpmProtector, ProtectError> {
+        let dir = self.dir();
+        Ok(TpmSite::load(dir)?.protector(dir, &self.blob))
+    }
+}
+
+impl KeyProtector for SiteProtector {
+    fn describe(&self) -> String {
+        format!("tpm {}", self.blob.display())
+    }
+    fn exists(&self) -> Result<bool, ProtectError> {
+        FileProtector::new(&self.blob, Encoding::Raw).exists()
+    }
+    fn create(&self, key: &ProtectedKey) -> Result<(), ProtectError> {
+        self.inner()?.create(key)
+    }
+    fn replace(&self, key: &ProtectedKey) -> Result<(), ProtectError> {
+        self.inner()?.replace(key)
+    }
+    fn unseal(&self) -> Result<ProtectedKey, ProtectError> {
+        self.inner()?.unseal()
     }
 }

@@ -1,4 +1,4 @@
-//! TPM sealing for guestkey's keys at rest, and TPM entropy.
+//! TPM sealing of keys at rest, and TPM entropy.
 //!
 //! - [`TpmProtector`] is a [`guestkey_protect::KeyProtector`]: the key is
 //!   kept in a file that only this machine's TPM can open, and only while
@@ -15,8 +15,6 @@
 //! Everything goes through `tss-esapi`, against `/dev/tpmrm0` or a
 //! simulator (`swtpm`) by its TCTI string.
 
-#![deny(unsafe_code)]
-
 pub mod authority;
 mod device;
 pub mod entropy;
@@ -29,9 +27,11 @@ pub use device::{DEADLINE, Tpm, with_tpm};
 pub use entropy::Entropy;
 pub use files::write_atomic;
 pub use pcr::{PcrSelection, PcrValue, PcrValues};
-pub use protector::{SealedStatus, TpmProtector};
+pub use protector::{
+    APPROVALS_FILE, SITE_FILE, SealedStatus, SiteProtector, TpmProtector, TpmSite,
+};
 
-use guestkey_protect::ProtectError;
+use crate::ProtectError;
 
 /// The current values of `selection` on the TPM at `tcti`.
 pub fn current_pcrs(tcti: &str, selection: &PcrSelection) -> Result<PcrValues, TpmError> {

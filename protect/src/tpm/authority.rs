@@ -15,13 +15,13 @@
 
 use std::path::Path;
 
-use guestkey_protect::{Encoding, FileProtector, KeyProtector, ProtectedKey};
+use crate::{Encoding, FileProtector, KeyProtector, ProtectedKey};
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
 
-use crate::TpmError;
-use crate::pcr::{PcrValues, approval_digest};
+use crate::tpm::TpmError;
+use crate::tpm::pcr::{PcrValues, approval_digest};
 
 /// The policy reference every guestkey sealed object and approval uses:
 /// an approval signed for guestkey is not an approval for anything else the
@@ -185,6 +185,6 @@ impl Approvals {
     /// Writes the file atomically (temporary file, fsync, rename).
     pub fn save(&self, path: &Path) -> Result<(), TpmError> {
         let text = serde_json::to_vec_pretty(self).expect("approvals serialize");
-        crate::files::write_atomic(path, &text)
+        crate::tpm::files::write_atomic(path, &text)
     }
 }

@@ -12,13 +12,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use guestkey_protect::ProtectedKey;
+use crate::ProtectedKey;
 use hkdf::Hkdf;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use crate::TpmError;
-use crate::device::{Tpm, with_tpm};
+use crate::tpm::TpmError;
+use crate::tpm::device::{Tpm, with_tpm};
 
 const INFO: &[u8] = b"guestkey key generation v1: OS random, TPM random salt";
 

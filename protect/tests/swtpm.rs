@@ -7,11 +7,11 @@
 
 use std::time::Duration;
 
-use guestkey_protect::{KeyProtector, ProtectError, ProtectedKey};
-use guestkey_testkit::{Swtpm, temp_dir};
-use guestkey_tpm::{
+use guestkey_protect::tpm::{
     Approvals, Authority, Entropy, PcrSelection, PcrValue, TpmProtector, current_pcrs,
 };
+use guestkey_protect::{KeyProtector, ProtectError, ProtectedKey};
+use guestkey_testkit::{Swtpm, temp_dir};
 
 const HINT: &str = "guestkey-server tpm approve --current";
 

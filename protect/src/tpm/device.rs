@@ -35,11 +35,13 @@ use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::{Marshall, UnMarshall};
 use zeroize::Zeroizing;
 
-use guestkey_protect::ProtectedKey;
+use crate::ProtectedKey;
 
-use crate::TpmError;
-use crate::authority::{Approval, AuthorityPublic, POLICY_REF};
-use crate::pcr::{PcrSelection, PcrValue, PcrValues, approval_digest, policy_authorize_digest};
+use crate::tpm::TpmError;
+use crate::tpm::authority::{Approval, AuthorityPublic, POLICY_REF};
+use crate::tpm::pcr::{
+    PcrSelection, PcrValue, PcrValues, approval_digest, policy_authorize_digest,
+};
 
 /// How long one TPM operation may take before the TCTI is declared not
 /// answering. Real TPMs take up to a few seconds for a primary key.

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use crate::TpmError;
+use crate::tpm::TpmError;
 
 /// Writes `bytes` to `path` (mode 0600) so that a crash leaves the old file
 /// or the new one, never a torn one.
