@@ -9,6 +9,7 @@
 //! per key; without one, or when the TPM stops answering, keys come from
 //! the OS generator alone, and that is logged once.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -48,7 +49,13 @@ fn mix(os: &[u8], salt: &[u8; 32], len: usize) -> ProtectedKey {
 pub struct Entropy {
     tcti: Option<String>,
     warned: AtomicBool,
+    /// TPM random bytes fetched ahead, 32 per key, each used once: one
+    /// connection to the TPM serves [`POOL`] / 32 keys.
+    pool: Mutex<Zeroizing<Vec<u8>>>,
 }
+
+/// How many TPM random bytes are fetched at a time.
+const POOL: usize = 1024;
 
 /// How long a key waits for the TPM's bytes before it is made from the OS
 /// generator alone.
@@ -60,6 +67,7 @@ impl Entropy {
         Self {
             tcti: None,
             warned: AtomicBool::new(false),
+            pool: Mutex::new(Zeroizing::new(Vec::new())),
         }
     }
 
@@ -69,6 +77,7 @@ impl Entropy {
         let e = Self {
             tcti: Some(tcti.to_owned()),
             warned: AtomicBool::new(false),
+            pool: Mutex::new(Zeroizing::new(Vec::with_capacity(POOL))),
         };
         e.tpm_salt()?;
         Ok(e)
@@ -84,11 +93,23 @@ impl Entropy {
             .tcti
             .as_deref()
             .ok_or_else(|| TpmError::Config("no TPM is configured".into()))?;
-        with_tpm(tcti, WAIT, |t| {
-            let mut b = Zeroizing::new([0u8; 32]);
-            t.random(b.as_mut())?;
-            Ok(b)
-        })
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < 32 {
+            let fresh = with_tpm(tcti, WAIT, |t| {
+                let mut b = Zeroizing::new(vec![0u8; POOL]);
+                t.random(&mut b)?;
+                Ok(b)
+            })?;
+            pool.clear();
+            pool.extend_from_slice(&fresh);
+        }
+        let mut salt = Zeroizing::new([0u8; 32]);
+        let at = pool.len() - 32;
+        salt.copy_from_slice(&pool[at..]);
+        // Used once: wiped and dropped from the pool.
+        pool[at..].iter_mut().for_each(|b| *b = 0);
+        pool.truncate(at);
+        Ok(salt)
     }
 
     /// A new key of `len` bytes.
