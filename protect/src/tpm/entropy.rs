@@ -19,7 +19,8 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::tpm::TpmError;
-use crate::tpm::device::{Tpm, with_tpm};
+use crate::tpm::device::Tpm;
+use crate::tpm::service::with_tpm;
 
 const INFO: &[u8] = b"guestkey key generation v1: OS random, TPM random salt";
 

@@ -21,15 +21,17 @@ pub mod entropy;
 mod files;
 pub mod pcr;
 mod protector;
+mod service;
 
 pub use authority::{Approval, Approvals, Authority, AuthorityPublic};
-pub use device::{DEADLINE, Tpm, with_tpm};
+pub use device::Tpm;
 pub use entropy::Entropy;
 pub use files::write_atomic;
 pub use pcr::{PcrSelection, PcrValue, PcrValues};
 pub use protector::{
     APPROVALS_FILE, SITE_FILE, SealedStatus, SiteProtector, TpmProtector, TpmSite,
 };
+pub use service::{DEADLINE, with_tpm};
 
 use crate::ProtectError;
 

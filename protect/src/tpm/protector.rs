@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::tpm::authority::{Approval, Approvals, AuthorityPublic};
-use crate::tpm::device::{DEADLINE, SealedObject, Tpm, with_tpm};
+use crate::tpm::device::{SealedObject, Tpm};
 use crate::tpm::pcr::{PcrSelection, PcrValues};
+use crate::tpm::service::{DEADLINE, with_tpm};
 use crate::tpm::{TpmError, entropy};
 
 const FORMAT: &str = "guestkey-tpm-sealed/1";
