@@ -12,7 +12,11 @@
 //! UUIDs only, paths hex-encoded).
 //!
 //! `prepare` defines the guest's volume secrets in libvirt (ephemeral,
-//! private) with their values; `release` undefines them. There is no request
+//! private) with their values; `release` undefines them. While guestkeyd
+//! cannot unseal its keys (a TPM-sealed host booted with PCR values nobody
+//! approved), the socket is served by a locked [`Gate`]: a guest with a
+//! disk guestkey manages is refused with the reason and the command that
+//! unlocks it, every other guest starts as usual. There is no request
 //! that returns a key. Every step has a time limit, so a stuck libvirt
 //! cannot hang the hook (and libvirtd, which waits for the hook) forever.
 
@@ -27,6 +31,47 @@ use virt_plugin::protocol::{MAX_LINE, Op, Request};
 
 use crate::ops::Daemon;
 
+/// What the hook socket answers with: nothing yet, a locked host's reason,
+/// or the daemon.
+#[derive(Clone, Default)]
+pub struct Gate(Arc<std::sync::RwLock<GateState>>);
+
+#[derive(Clone, Default)]
+enum GateState {
+    #[default]
+    Starting,
+    Locked {
+        reason: String,
+        managed: Vec<String>,
+    },
+    Open(Arc<Daemon>),
+}
+
+impl Gate {
+    /// Guests with a disk whose secret is in `managed` are refused with
+    /// `reason` until [`Gate::open`].
+    pub fn lock(&self, reason: String, managed: Vec<String>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = GateState::Locked { reason, managed };
+    }
+
+    /// Requests go to `daemon` from now on.
+    pub fn open(&self, daemon: Arc<Daemon>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = GateState::Open(daemon);
+    }
+
+    /// Whether requests reach a daemon.
+    pub fn is_open(&self) -> bool {
+        matches!(
+            *self.0.read().unwrap_or_else(|p| p.into_inner()),
+            GateState::Open(_)
+        )
+    }
+
+    fn state(&self) -> GateState {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// Longest a request may take before the hook is told to give up.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Requests served at once; more wait (bounded by the hook's own timeout).
@@ -35,7 +80,7 @@ const MAX_CONCURRENT: usize = 16;
 /// Serves the socket at `path` until the process ends.
 /// `hook_uid` is the user libvirtd (and so the hook) runs as: 0 for the
 /// system daemon; a session daemon's user may connect too.
-pub async fn serve(path: &Path, daemon: Arc<Daemon>, hook_uid: u32) -> std::io::Result<()> {
+pub async fn serve(path: &Path, gate: Gate, hook_uid: u32) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -59,18 +104,18 @@ pub async fn serve(path: &Path, daemon: Arc<Daemon>, hook_uid: u32) -> std::io::
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
     loop {
         let (stream, _) = listener.accept().await?;
-        let daemon = daemon.clone();
+        let gate = gate.clone();
         let slots = slots.clone();
         tokio::spawn(async move {
             let _permit = slots.acquire().await;
-            if let Err(e) = handle(stream, daemon, hook_uid).await {
+            if let Err(e) = handle(stream, gate, hook_uid).await {
                 tracing::warn!(error = %e, "hook connection failed");
             }
         });
     }
 }
 
-async fn handle(stream: UnixStream, daemon: Arc<Daemon>, hook_uid: u32) -> std::io::Result<()> {
+async fn handle(stream: UnixStream, gate: Gate, hook_uid: u32) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
     let (read, mut write) = stream.into_split();
     if cred.uid() != 0 && cred.uid() != hook_uid {
@@ -90,8 +135,18 @@ async fn handle(stream: UnixStream, daemon: Arc<Daemon>, hook_uid: u32) -> std::
         .map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within 5 s")
         })??;
-    let reply = match Request::parse(line.trim_end_matches('\n')) {
-        Ok(r) => {
+    let reply = match (Request::parse(line.trim_end_matches('\n')), gate.state()) {
+        (Err(msg), _) => format!("error {msg}\n"),
+        (Ok(_), GateState::Starting) => "error guestkeyd is starting: try again\n".to_owned(),
+        (Ok(r), GateState::Locked { reason, managed }) => {
+            let ours = r.disks.iter().any(|d| managed.contains(&d.secret));
+            match r.op {
+                Op::Prepare if ours => format!("error {}\n", reason.replace('\n', " ")),
+                // Not guestkey's guest, or a stop: nothing of ours to do.
+                _ => "ok\n".to_owned(),
+            }
+        }
+        (Ok(r), GateState::Open(daemon)) => {
             let d = daemon.clone();
             let work = tokio::task::spawn_blocking(move || match r.op {
                 Op::Prepare => d.prepare_secrets(&r.domain, &r.disks),
@@ -107,7 +162,6 @@ async fn handle(stream: UnixStream, daemon: Arc<Daemon>, hook_uid: u32) -> std::
                 ),
             }
         }
-        Err(msg) => format!("error {msg}\n"),
     };
     write.write_all(reply.as_bytes()).await
 }

@@ -1,13 +1,16 @@
 //! The host's keys at rest: its packet-sealing key (it opens the key
 //! packets the server seals to this host) and its store key (it seals the
 //! guest store), each obtained through a [`KeyProtector`] of
-//! `guestkey-protect`. Today both are files in the state directory readable
-//! by root only; the TPM issue adds a protector that seals them to this
-//! host's TPM, and nothing above this module changes.
+//! `guestkey-protect`: files in the state directory readable by root only,
+//! or, for a host enrolled with `--tpm` (or resealed), sealed to this
+//! host's TPM in `STATE_DIR/tpm/` ([`KEYS`], `guestkey_protect::tpm`).
 //!
 //! May import: [`crate::model`], [`crate::state`]. Imported by: [`crate::store`],
 //! [`crate::ops`], the gRPC enrollment client, the binary.
 
+use std::path::Path;
+
+use guestkey_protect::tpm::{KeyEntry, KeySet};
 use guestkey_protect::{Encoding, FileProtector, KeyProtector, ProtectError, ProtectedKey};
 use xdr_wipe::packet::{KeyPacket, VolumeId};
 use xdr_wipe::seal::{HostId, HostSealingKey, OpenError, open};
@@ -22,7 +25,45 @@ pub struct HostProtectors {
     pub store: Box<dyn KeyProtector>,
 }
 
+/// The host's keys, as one set sealed and moved together.
+pub const KEYS: &[KeyEntry] = &[
+    KeyEntry {
+        name: "sealing.key",
+        file: "sealing.key",
+        encoding: Encoding::Raw,
+    },
+    KeyEntry {
+        name: "store.key",
+        file: "store.key",
+        encoding: Encoding::Raw,
+    },
+];
+
+/// The command that approves this host's current PCR values.
+pub fn approve_hint(state_dir: &Path, authority_key: &Path) -> String {
+    format!(
+        "guestkeyd tpm approve --state-dir {} --authority-key {} --current",
+        state_dir.display(),
+        authority_key.display()
+    )
+}
+
+/// The key set of the state directory `root`.
+pub fn keyset(root: &Path) -> KeySet {
+    KeySet::new(root, KEYS, approve_hint)
+}
+
 impl HostProtectors {
+    /// Where the keys of `dir` are kept: sealed to the TPM when the state
+    /// directory has TPM settings, else files.
+    pub fn for_dir(dir: &StateDir) -> Self {
+        let set = keyset(dir.root());
+        Self {
+            sealing: set.protector(&KEYS[0]),
+            store: set.protector(&KEYS[1]),
+        }
+    }
+
     /// Both as files in the state directory (`sealing.key`, `store.key`,
     /// raw bytes, mode 0600).
     pub fn files(dir: &StateDir) -> Self {

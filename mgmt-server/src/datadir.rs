@@ -71,24 +71,10 @@ impl DataDir {
             .join(guestkey_protect::tpm::SITE_FILE)
             .exists()
     }
-    /// Finishes a switch of `tpm/` that `reseal` left half-way (it builds
-    /// `tpm.new/`, writes its `site.json` last, then renames `tpm` to
-    /// `tpm.old` and `tpm.new` to `tpm`), and removes what a finished or
-    /// abandoned one left behind.
+    /// Finishes a switch of `tpm/` that `reseal` left half-way, and
+    /// removes what a finished or abandoned one left behind.
     pub fn recover_tpm(&self) -> std::io::Result<()> {
-        let tpm = self.tpm_dir();
-        let new = self.root.join("tpm.new");
-        let old = self.root.join("tpm.old");
-        let new_complete = new.join(guestkey_protect::tpm::SITE_FILE).exists();
-        if !tpm.exists() && old.exists() && new_complete {
-            std::fs::rename(&new, &tpm)?;
-        }
-        for leftover in [new, old] {
-            if leftover.exists() {
-                std::fs::remove_dir_all(&leftover)?;
-            }
-        }
-        Ok(())
+        guestkey_protect::tpm::keyset::recover(&self.root)
     }
     /// A key of this directory: sealed in `tpm/NAME.tpm` when the keys
     /// are sealed to the TPM, else the file `file`.

@@ -345,6 +345,21 @@ fn reseal_moves_the_keys_to_files_to_other_pcrs_and_back_keeping_every_key() {
     assert_eq!(t.server.json(&["volume", "show", "v1"])["state"], "ready");
     t.server.stop();
 
+    // To a TPM that is not there: refused, the keys stay in their files.
+    let port = guestkey_testkit::free_ports(2);
+    let e = fails(&[
+        "reseal",
+        "--data-dir",
+        d(&data),
+        "--tpm-tcti",
+        &format!("swtpm:host=127.0.0.1,port={port}"),
+        "--tpm-authority-key",
+        d(&t.authority),
+    ]);
+    assert!(e.contains("cannot open the TPM at TCTI"), "{e}");
+    assert!(mk(&data).exists());
+    assert!(!data.join("tpm").exists() && !data.join("tpm.new").exists());
+
     // Back to the TPM, bound to PCRs 0 and 7 now.
     let out = ok(&[
         "reseal",

@@ -25,7 +25,7 @@ mod server;
 mod swtpm;
 
 pub use proc::Proc;
-pub use server::{Bins, TestServer, enroll_guestkeyd, target_bin};
+pub use server::{Bins, TestServer, enroll_guestkeyd, enroll_guestkeyd_with, target_bin};
 pub use swtpm::Swtpm;
 
 use std::path::PathBuf;

@@ -253,6 +253,19 @@ impl Drop for TestServer {
 /// state directory `state` with its token (on standard input: never in
 /// argv) and the CA file `ca_file`.
 pub fn enroll_guestkeyd(server: &TestServer, name: &str, addr: &str, state: &Path, ca_file: &Path) {
+    enroll_guestkeyd_with(server, name, addr, state, ca_file, &[]);
+}
+
+/// As [`enroll_guestkeyd`], with `extra` arguments to `guestkeyd enroll`
+/// (e.g. `--tpm ...`).
+pub fn enroll_guestkeyd_with(
+    server: &TestServer,
+    name: &str,
+    addr: &str,
+    state: &Path,
+    ca_file: &Path,
+    extra: &[String],
+) {
     let v = server.json(&["host", "add", name, "--address", addr]);
     let token = v["enrollment_token"].as_str().unwrap().to_owned();
     let daemon = server
@@ -272,6 +285,8 @@ pub fn enroll_guestkeyd(server: &TestServer, name: &str, addr: &str, state: &Pat
         .arg(ca_file)
         .arg("--state-dir")
         .arg(state)
+        .args(extra)
+        .env("TSS2_LOG", "all+none")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -45,6 +45,8 @@ pub struct Stack {
     /// Storage pool name.
     pub pool: String,
     daemon_addr: String,
+    /// What `guestkeyd enroll` gets beyond the usual.
+    enroll_args: Vec<String>,
     /// Undo steps (pool, domains).
     pub cleanup: Cleanup,
 }
@@ -52,6 +54,12 @@ pub struct Stack {
 impl Stack {
     /// Starts everything.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts everything, with `enroll_args` added to `guestkeyd enroll`
+    /// (e.g. `--tpm ...`).
+    pub fn start_with(enroll_args: &[String]) -> Self {
         let lock = ONE_STACK.lock().unwrap_or_else(|p| p.into_inner());
         crate::require_libvirt();
         let mut cleanup = Cleanup::default();
@@ -81,6 +89,7 @@ impl Stack {
             host: unique_name("host"),
             pool: unique_name("pool"),
             daemon_addr: String::new(),
+            enroll_args: enroll_args.to_vec(),
             cleanup,
         };
         s.enroll_and_run();
@@ -146,12 +155,13 @@ impl Stack {
     /// Registers host `name` at `addr` and enrolls a guestkeyd state
     /// directory `state` with its token.
     fn enroll(&self, name: &str, addr: &str, state: &Path) {
-        guestkey_testkit::enroll_guestkeyd(
+        guestkey_testkit::enroll_guestkeyd_with(
             &self.server,
             name,
             addr,
             state,
             &self.dir.join("ca.pem"),
+            &self.enroll_args,
         );
     }
 

@@ -15,6 +15,8 @@ use xdr_wipe::seal::HostSealingKey;
 
 use super::link::{LinkError, ServerLink};
 
+use guestkey_protect::tpm::TpmTarget;
+
 use crate::protect::{HostKeys, HostProtectors};
 use crate::state::{StateDir, private_dir, write_atomic};
 
@@ -133,11 +135,17 @@ pub(super) fn check_ca(pem: &str, ca_file: &Path) -> Result<(), EnrollError> {
 pub struct EnrollError(pub String);
 
 /// Enrolls this host. Refuses a state directory that is already enrolled.
+///
+/// With `tpm`, the packet-sealing key is made from TPM and OS random bytes
+/// and sealed to the TPM before the token is presented (a TPM that does
+/// not work costs no token); the store key is sealed there at the first
+/// `run`.
 pub async fn enroll(
     server: &str,
     token: &EnrollmentToken,
     ca_file: &Path,
     dir: &StateDir,
+    tpm: Option<&TpmTarget>,
 ) -> Result<String, EnrollError> {
     if dir.file("tls.pem").exists() {
         return Err(EnrollError(format!(
@@ -160,8 +168,73 @@ pub async fn enroll(
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())
         .and_then(|p| p.serialize_request(&tls_key))
         .map_err(|e| EnrollError(format!("certificate request: {e}")))?;
-    let sealing = HostSealingKey::generate();
+    let staged = dir.root().join("tpm.new");
+    let sealing = match tpm {
+        None => HostSealingKey::generate(),
+        Some(target) => stage_tpm(dir, &staged, target).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&staged);
+        })?,
+    };
+    let r = exchange(
+        server,
+        token,
+        &link,
+        &csr,
+        &sealing,
+        dir,
+        &tls_key,
+        tpm.is_some(),
+    )
+    .await;
+    if r.is_err() {
+        let _ = std::fs::remove_dir_all(&staged);
+    }
+    r
+}
 
+/// Seals a new packet-sealing key into `staged` (the state directory's
+/// `tpm/` to be) with the TPM settings and an approval of the current PCR
+/// values.
+fn stage_tpm(
+    dir: &StateDir,
+    staged: &Path,
+    target: &TpmTarget,
+) -> Result<HostSealingKey, EnrollError> {
+    let tpm_err = |e: guestkey_protect::tpm::TpmError| EnrollError(format!("--tpm: {e}"));
+    private_dir(dir.root())
+        .map_err(|e| EnrollError(format!("cannot create {}: {e}", dir.root().display())))?;
+    let sealed = dir.root().join("tpm");
+    if sealed.exists() {
+        return Err(EnrollError(format!(
+            "{} exists (sealed keys of an earlier enrollment): remove it to enroll again",
+            sealed.display()
+        )));
+    }
+    let _ = std::fs::remove_dir_all(staged);
+    let set = crate::protect::keyset(dir.root());
+    let site = set.prepare_site(staged, target).map_err(tpm_err)?;
+    let bytes = guestkey_protect::tpm::keyset::new_key(&target.tcti, 32).map_err(tpm_err)?;
+    let sealing = HostSealingKey::from_secret_bytes(bytes.expose_secret())
+        .map_err(|_| EnrollError("--tpm: the new packet-sealing key is not 32 bytes".into()))?;
+    let blob = staged.join(format!("{}.tpm", crate::protect::KEYS[0].name));
+    HostKeys::protect_new(&sealing, &site.protector(staged, &blob))
+        .map_err(|e| EnrollError(format!("--tpm: cannot seal the packet-sealing key: {e}")))?;
+    site.save(staged).map_err(tpm_err)?;
+    Ok(sealing)
+}
+
+/// The enrollment call and what it leaves in the state directory.
+#[allow(clippy::too_many_arguments)]
+async fn exchange(
+    server: &str,
+    token: &EnrollmentToken,
+    link: &ServerLink,
+    csr: &rcgen::CertificateSigningRequest,
+    sealing: &HostSealingKey,
+    dir: &StateDir,
+    tls_key: &rcgen::KeyPair,
+    tpm: bool,
+) -> Result<String, EnrollError> {
     let channel = link
         .connect(std::time::Duration::from_secs(30))
         .await
@@ -207,9 +280,15 @@ pub async fn enroll(
         r.server_certificate_sha256.as_bytes(),
     )
     .map_err(io(&dir.file("server.sha256")))?;
-    let protectors = HostProtectors::files(dir);
-    HostKeys::protect_new(&sealing, &*protectors.sealing)
-        .map_err(|e| EnrollError(format!("cannot keep the packet-sealing key: {e}")))?;
+    if tpm {
+        // The sealed key and the TPM settings, into place in one rename.
+        let staged = dir.root().join("tpm.new");
+        std::fs::rename(&staged, dir.root().join("tpm")).map_err(io(&staged))?;
+    } else {
+        let protectors = HostProtectors::files(dir);
+        HostKeys::protect_new(sealing, &*protectors.sealing)
+            .map_err(|e| EnrollError(format!("cannot keep the packet-sealing key: {e}")))?;
+    }
     let key_pem = zeroize::Zeroizing::new(tls_key.serialize_pem());
     write_atomic(&dir.file("tls.key"), key_pem.as_bytes()).map_err(io(&dir.file("tls.key")))?;
     // Last: its presence means "enrolled".

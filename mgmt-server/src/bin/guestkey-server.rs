@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use guestkey_protect::tpm::{PcrSelection, PcrValue, TpmSite};
+use guestkey_protect::tpm::cli::{TpmFlags, parse_pcr_value};
+use guestkey_protect::tpm::{PcrValue, TpmSite};
 use mgmt_server::config::{Config, DEFAULT_LISTEN, Overrides};
 use mgmt_server::init::{InitOptions, init};
 use mgmt_server::masterkey::MasterKeySource;
-use mgmt_server::tpm::{DEFAULT_TCTI, ResealTo, TpmTarget};
+use mgmt_server::tpm::ResealTo;
 
 /// guestkey management server: keeps one key per guest volume, enrolls
 /// hosts, and pushes sealed keys to their host daemons over mutual TLS.
@@ -118,54 +119,6 @@ enum Command {
     },
 }
 
-/// Where keys are sealed.
-#[derive(clap::Args)]
-struct TpmFlags {
-    /// The TPM [default: the current one, else device:/dev/tpmrm0].
-    #[arg(
-        long = "tpm-tcti",
-        id = "tcti",
-        value_name = "TCTI",
-        env = "GUESTKEY_TPM_TCTI"
-    )]
-    tcti: Option<String>,
-    /// The PCRs the keys are bound to [default: the current ones, else
-    /// sha256:7, the Secure Boot policy].
-    #[arg(long = "tpm-pcrs", id = "pcrs", value_name = "PCRS")]
-    pcrs: Option<PcrSelection>,
-    /// The PCR authority's private key (made if missing): it signs the PCR
-    /// values the keys may be unsealed with. Keep it off this machine.
-    #[arg(long = "tpm-authority-key", id = "authority_key", value_name = "FILE")]
-    authority_key: Option<PathBuf>,
-}
-
-impl TpmFlags {
-    fn is_empty(&self) -> bool {
-        self.tcti.is_none() && self.pcrs.is_none() && self.authority_key.is_none()
-    }
-
-    /// The target, with the current site's TPM and PCRs as defaults.
-    fn target(self, current: Option<&TpmSite>) -> Result<Option<TpmTarget>, String> {
-        if self.is_empty() {
-            return Ok(None);
-        }
-        let authority_key = self.authority_key.ok_or(
-            "--tpm-authority-key FILE is needed: the PCR authority key (made there if missing)",
-        )?;
-        Ok(Some(TpmTarget {
-            tcti: self
-                .tcti
-                .or_else(|| current.map(|s| s.tcti.clone()))
-                .unwrap_or_else(|| DEFAULT_TCTI.to_owned()),
-            pcrs: self
-                .pcrs
-                .or_else(|| current.map(|s| s.pcrs.clone()))
-                .unwrap_or_else(PcrSelection::default_selection),
-            authority_key,
-        }))
-    }
-}
-
 #[derive(Subcommand)]
 enum TpmCommand {
     /// Sign PCR values with the PCR authority key, so that the sealed keys
@@ -195,19 +148,6 @@ enum TpmCommand {
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
     },
-}
-
-fn parse_pcr_value(s: &str) -> Result<(u8, PcrValue), String> {
-    let (n, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("`{s}` is not N=SHA256 (e.g. 7=3d45...)"))?;
-    let n: u8 = n
-        .trim()
-        .parse()
-        .ok()
-        .filter(|n| *n < 24)
-        .ok_or_else(|| format!("`{n}` is not a PCR number (0 to 23)"))?;
-    Ok((n, v.parse()?))
 }
 
 fn main() -> ExitCode {

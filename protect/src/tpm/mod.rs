@@ -16,9 +16,12 @@
 //! simulator (`swtpm`) by its TCTI string.
 
 pub mod authority;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod device;
 pub mod entropy;
 mod files;
+pub mod keyset;
 pub mod pcr;
 mod protector;
 mod service;
@@ -27,6 +30,7 @@ pub use authority::{Approval, Approvals, Authority, AuthorityPublic};
 pub use device::Tpm;
 pub use entropy::Entropy;
 pub use files::write_atomic;
+pub use keyset::{DEFAULT_TCTI, KeyEntry, KeySet, ResealReport, ResealTo, TpmTarget};
 pub use pcr::{PcrSelection, PcrValue, PcrValues};
 pub use protector::{
     APPROVALS_FILE, SITE_FILE, SealedStatus, SiteProtector, TpmProtector, TpmSite,
