@@ -114,6 +114,12 @@ fn init_seals_the_master_and_ca_keys_and_the_server_serves_with_them() {
         "volume", "create", "--host", "kvm-1", "--pool", "p", "--name", "v1", "--size", "1M",
     ]);
     assert_eq!(v["state"], "ready", "{v}");
+    // Its key mixed the TPM's random bytes in.
+    assert!(
+        !t.server.log().contains("OS random generator alone"),
+        "{}",
+        t.server.log()
+    );
     // A restart unseals them again.
     t.server.restart();
     assert_eq!(t.server.json(&["volume", "show", "v1"])["state"], "ready");
@@ -418,4 +424,24 @@ fn a_reseal_that_stopped_between_its_renames_is_finished_at_start_up() {
     t.server.ok(&["host", "list"]);
     assert!(data.join("tpm").exists());
     assert!(!data.join("tpm.old").exists() && !data.join("tpm.new").exists());
+}
+
+#[test]
+fn without_a_tpm_volume_keys_come_from_the_os_generator_and_that_is_logged_once() {
+    let s = start_server(None);
+    let mut a = TestAgent::enroll(&s, "kvm-1");
+    a.serve();
+    for name in ["v1", "v2"] {
+        let v = s.json(&[
+            "volume", "create", "--host", "kvm-1", "--pool", "p", "--name", name, "--size", "1M",
+        ]);
+        assert_eq!(v["state"], "ready", "{v}");
+    }
+    let log = s.log();
+    assert_eq!(
+        log.matches("keys are made from the OS random generator alone: no TPM is configured")
+            .count(),
+        1,
+        "{log}"
+    );
 }

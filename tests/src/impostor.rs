@@ -50,6 +50,10 @@ impl HostApi for Service {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(hpb::ReportInventoryResponse {}))
     }
+    async fn report_tpm(&self, _: Request<hpb::TpmReport>) -> R<hpb::ReportInventoryResponse> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(hpb::ReportInventoryResponse {}))
+    }
     async fn describe_disk(&self, _: Request<hpb::DescribeDiskRequest>) -> R<hpb::DiskDescription> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(hpb::DiskDescription::default()))

@@ -25,6 +25,12 @@ fn guestkeyd(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Whether `guestkeyctl host show` of the stack's host shows `want`.
+fn shown(s: &Stack, want: &str) -> bool {
+    let out = s.ctl(&["host", "show", &s.host]);
+    String::from_utf8_lossy(&out.stdout).contains(want)
+}
+
 #[test]
 fn a_tpm_sealed_host_starts_autostarts_and_after_an_update_waits_for_an_approval() {
     let tpm = Swtpm::start();
@@ -71,6 +77,10 @@ fn a_tpm_sealed_host_starts_autostarts_and_after_an_update_waits_for_an_approval
     });
     virsh(&["destroy", &guest]).unwrap();
     virsh(&["autostart", "--disable", &guest]).unwrap();
+    s.run_server();
+    s.wait_for(30, "the host's TPM status at the server", || {
+        shown(&s, "unseals             yes") && shown(&s, "PCR policy          sha256:7")
+    });
 
     // An update changes PCR 7: guestkeyd cannot unseal, and the hook
     // refuses the guest naming why and what to run.
@@ -100,6 +110,10 @@ fn a_tpm_sealed_host_starts_autostarts_and_after_an_update_waits_for_an_approval
         "{refused}"
     );
     assert!(!starting.is_finished());
+    // The server shows the locked host too.
+    s.wait_for(30, "the locked host's TPM status at the server", || {
+        shown(&s, "unseals             no")
+    });
 
     // The operator approves this boot's values: guestkeyd unlocks by itself.
     let out = guestkeyd(&[

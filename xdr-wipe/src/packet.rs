@@ -333,15 +333,20 @@ impl Codec for KeyPacket {
 pub fn generate_passphrase() -> Result<PacketSecret, getrandom::Error> {
     let mut raw = Zeroizing::new([0u8; PASSPHRASE_ENTROPY_BYTES]);
     getrandom::fill(raw.as_mut())?;
-    let secret = PacketSecret::new_with(PASSPHRASE_LEN, |out| {
+    Ok(passphrase_from_random(&raw))
+}
+
+/// The passphrase of 32 random bytes `raw` (made elsewhere, e.g. with TPM
+/// random bytes mixed in): their unpadded URL-safe base64.
+pub fn passphrase_from_random(raw: &[u8; PASSPHRASE_ENTROPY_BYTES]) -> PacketSecret {
+    PacketSecret::new_with(PASSPHRASE_LEN, |out| {
         // 32 bytes always encode to exactly 43 unpadded base64 characters.
         let written = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode_slice(raw.as_ref(), out)
             .expect("43 bytes hold the encoding of 32");
         debug_assert_eq!(written, PASSPHRASE_LEN);
     })
-    .expect("43 bytes is below MAX_SECRET");
-    Ok(secret)
+    .expect("43 bytes is below MAX_SECRET")
 }
 
 /// Size of a LUKS data-encryption key.

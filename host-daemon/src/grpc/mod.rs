@@ -14,6 +14,7 @@ mod link;
 pub mod lookup;
 mod pb;
 pub mod report;
+pub mod tpm_report;
 pub mod trust;
 
 use std::sync::Arc;

@@ -8,7 +8,7 @@ use xdr_wipe::seal::HostPublicKey;
 
 use crate::domain::{Core, now_unix};
 use crate::model::names::{InvalidInput, parse_address, parse_libvirt_uri, parse_migration_uri};
-use crate::model::{Caller, CoreError, EnrolledHost, HostInfo, HostState, Name, Progress};
+use crate::model::{Caller, CoreError, EnrolledHost, HostInfo, HostState, HostTpm, Name, Progress};
 pub use crate::store::HeldKey;
 use crate::store::{Enrollment, NewHost, Tx};
 
@@ -273,6 +273,31 @@ impl Core {
     /// guest UUIDs (never keys). Replaces its previous report.
     pub fn record_inventory(&self, host: &str, held: &[HeldKey]) -> Result<(), CoreError> {
         self.write(|tx| Ok(tx.replace_inventory(host, held, now_unix())?))
+    }
+
+    /// Records what a host reported of its keys sealed to its TPM, after
+    /// checking that it is plausible (bounded, PCRs 0 to 23, SHA-256 hex).
+    pub fn record_tpm(&self, host: &str, mut tpm: HostTpm) -> Result<(), CoreError> {
+        let bad = |why: String| {
+            CoreError::Invalid(InvalidInput {
+                what: "TPM report",
+                value: host.to_owned(),
+                why,
+            })
+        };
+        if tpm.tcti.len() > 256 || tpm.pcrs.len() > 128 || tpm.authority.len() > 64 {
+            return Err(bad("a field is longer than a TPM report's".into()));
+        }
+        if tpm.current.len() > 24 {
+            return Err(bad("more than 24 PCRs".into()));
+        }
+        for (p, v) in &tpm.current {
+            if *p > 23 || v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad(format!("PCR {p} is not a SHA-256 PCR reading")));
+            }
+        }
+        tpm.reported_unix = now_unix();
+        self.write(|tx| Ok(tx.set_host_tpm(host, &tpm)?))
     }
 
     /// Records a host's progress report: replaces what it reported before.

@@ -77,6 +77,9 @@ pub struct Parts {
     pub retry: Retry,
     /// The file audit checkpoints are appended to (None: the log only).
     pub checkpoints: Option<PathBuf>,
+    /// Where volume keys get their randomness (TPM bytes mixed in when the
+    /// server's keys are sealed to its TPM).
+    pub entropy: guestkey_protect::tpm::Entropy,
 }
 
 /// The management server's domain: hosts, volumes, guests, rotation and
@@ -100,6 +103,7 @@ pub struct Core {
     migrating_now: Mutex<HashSet<String>>,
     /// Woken when an operation is queued for a host.
     wake: tokio::sync::Notify,
+    entropy: guestkey_protect::tpm::Entropy,
 }
 
 impl Core {
@@ -124,9 +128,24 @@ impl Core {
             progress: Mutex::new(HashMap::new()),
             migrating_now: Mutex::new(HashSet::new()),
             wake: tokio::sync::Notify::new(),
+            entropy: parts.entropy,
         };
         core.check_newest_checkpoint()?;
         Ok(core)
+    }
+
+    /// A new volume key (a LUKS passphrase) from the OS's random bytes,
+    /// with the TPM's mixed in when there is one.
+    pub(crate) fn new_passphrase(&self) -> Result<xdr_wipe::packet::PacketSecret, CoreError> {
+        let k = self
+            .entropy
+            .key(32)
+            .map_err(|e| CoreError::Internal(format!("no random bytes for a key: {e}")))?;
+        let raw: &[u8; 32] = k
+            .expose_secret()
+            .try_into()
+            .map_err(|_| CoreError::Internal("a 32-byte key came out another size".into()))?;
+        Ok(xdr_wipe::packet::passphrase_from_random(raw))
     }
 
     /// The hosts CA certificate (PEM): host certificates chain to it.

@@ -6,8 +6,6 @@
 //! wins over its pool's. The scheduler's round ([`Core::apply_policies`])
 //! asks for the rekeys that are due.
 
-use xdr_wipe::packet::generate_passphrase;
-
 use crate::domain::hosts::enrolled_in;
 use crate::domain::volumes::find_in;
 use crate::domain::{Core, now_unix};
@@ -45,8 +43,7 @@ impl Core {
                 v.name, v.state
             )));
         }
-        let key = generate_passphrase()
-            .map_err(|_| CoreError::Internal("the OS random number generator failed".into()))?;
+        let key = self.new_passphrase()?;
         let next = v.key_generation + 1;
         let v = self.write(|tx| {
             // The new key is for the volume's host: a revoked host gets none.

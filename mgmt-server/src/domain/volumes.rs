@@ -2,8 +2,6 @@
 //! and deletion (crypto-shredding). The pushes themselves are
 //! [`super::push`]; rekeys are [`super::rekey`].
 
-use xdr_wipe::packet::generate_passphrase;
-
 use crate::domain::hosts::enrolled_in;
 use crate::domain::{Core, now_unix, now_unix_ms};
 use crate::model::names::MAX_CAPACITY;
@@ -109,8 +107,7 @@ impl Core {
         self.enrolled_host(host.as_str())?;
         let id = uuid::Uuid::new_v4().to_string();
         let secret_uuid = uuid::Uuid::new_v4().to_string();
-        let key = generate_passphrase()
-            .map_err(|_| CoreError::Internal("the OS random number generator failed".into()))?;
+        let key = self.new_passphrase()?;
         let v = self.write(|tx| {
             let master = self.keys.current(tx)?;
             let wrapped = WrappedKey {

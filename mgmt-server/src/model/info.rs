@@ -33,6 +33,27 @@ pub struct HostInfo {
     pub libvirt_uri: String,
     /// QEMU migration URI for guests coming to it ("": libvirt's choice).
     pub migration_uri: String,
+    /// What it last reported of its keys sealed to its TPM.
+    pub tpm: Option<HostTpm>,
+}
+
+/// A host's keys sealed to its TPM, as it reported them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostTpm {
+    /// The TCTI.
+    pub tcti: String,
+    /// The PCR selection (`sha256:7`).
+    pub pcrs: String,
+    /// The PCR authority's fingerprint.
+    pub authority: String,
+    /// (PCR, SHA-256 hex) as the host read them.
+    pub current: Vec<(u8, String)>,
+    /// Approvals it keeps.
+    pub approvals: u32,
+    /// Whether its keys unseal now.
+    pub unseals: bool,
+    /// When it reported (Unix seconds).
+    pub reported_unix: i64,
 }
 
 /// A host allowed to receive keys.

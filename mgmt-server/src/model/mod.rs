@@ -15,7 +15,7 @@ pub mod states;
 
 pub use error::{CoreError, StoreError};
 pub use info::{
-    AuditRecord, Caller, EnrolledHost, GuestInfo, HostInfo, Policy, Progress, RekeyOrder,
+    AuditRecord, Caller, EnrolledHost, GuestInfo, HostInfo, HostTpm, Policy, Progress, RekeyOrder,
     Verification, VolumeInfo,
 };
 pub use names::{InvalidInput, Name};

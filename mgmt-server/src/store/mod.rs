@@ -174,6 +174,8 @@ pub struct HeldKey {
 pub trait HostStore {
     /// Whether a host of this name exists (in any state).
     fn host_exists(&mut self, name: &str) -> Result<bool>;
+    /// Keeps what a host reported of its TPM-sealed keys.
+    fn set_host_tpm(&mut self, name: &str, tpm: &crate::model::HostTpm) -> Result<()>;
     /// Registers a host.
     fn insert_host(&mut self, host: &NewHost) -> Result<()>;
     /// All hosts, by name.

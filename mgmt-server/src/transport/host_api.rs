@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::Core;
 use crate::domain::hosts::{DiskQuery, HeldKey, ProgressReport};
-use crate::model::Caller;
+use crate::model::{Caller, HostTpm};
 
 use crate::transport::admin::{Want, blocking};
 use crate::transport::pb::status;
@@ -66,6 +66,33 @@ impl HostApi for HostService {
             c.record_progress(&host_name(who, "progress")?, running)
         })
         .await?;
+        Ok(Response::new(hpb::ReportInventoryResponse {}))
+    }
+
+    async fn report_tpm(&self, req: Request<hpb::TpmReport>) -> R<hpb::ReportInventoryResponse> {
+        let r = req.get_ref();
+        let tpm = HostTpm {
+            tcti: r.tcti.clone(),
+            pcrs: r.pcrs.clone(),
+            authority: r.authority.clone(),
+            current: r
+                .current
+                .iter()
+                .take(25)
+                .map(|c| (u8::try_from(c.pcr).unwrap_or(u8::MAX), c.sha256.clone()))
+                .collect(),
+            approvals: r.approvals,
+            unseals: r.unseals,
+            reported_unix: 0,
+        };
+        let unseals = tpm.unseals;
+        let host = blocking(&self.0, &req, Want::Host, move |c, who| {
+            let host = host_name(who, "TPM reports")?;
+            c.record_tpm(&host, tpm)?;
+            Ok(host)
+        })
+        .await?;
+        tracing::info!(%host, unseals, "TPM status reported");
         Ok(Response::new(hpb::ReportInventoryResponse {}))
     }
 

@@ -26,6 +26,19 @@ pub(crate) fn host(h: HostInfo) -> pb::Host {
         inventory_reported_unix: h.inventory_reported_unix,
         libvirt_uri: h.libvirt_uri,
         migration_uri: h.migration_uri,
+        tpm: h.tpm.map(|t| pb::HostTpm {
+            tcti: t.tcti,
+            pcrs: t.pcrs,
+            authority: t.authority,
+            current: t
+                .current
+                .into_iter()
+                .map(|(p, v)| format!("{p}={v}"))
+                .collect(),
+            approvals: t.approvals,
+            unseals: t.unseals,
+            reported_unix: t.reported_unix,
+        }),
     }
 }
 

@@ -63,8 +63,26 @@ pub fn open(config: &Config) -> Result<(Arc<Core>, Arc<ServerIdentity>), CoreErr
         limits: config.limits.clone(),
         retry: config.retry.clone(),
         checkpoints: Some(dir.audit_checkpoints()),
+        entropy: entropy(&dir),
     })?;
     Ok((Arc::new(core), identity))
+}
+
+/// Volume keys mix in the TPM's random bytes when the keys are sealed to
+/// it; otherwise (or when the TPM gives none now) the OS generator alone
+/// (logged once, at the first key).
+fn entropy(dir: &DataDir) -> guestkey_protect::tpm::Entropy {
+    use guestkey_protect::tpm::{Entropy, TpmSite};
+    if !dir.is_tpm() {
+        return Entropy::os_only();
+    }
+    match TpmSite::load(&dir.tpm_dir()).and_then(|site| Entropy::with_tpm(&site.tcti)) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "the TPM gives no random bytes: volume keys from the OS generator alone");
+            Entropy::os_only()
+        }
+    }
 }
 
 /// Refuses what is not a data directory of this version: no database, or

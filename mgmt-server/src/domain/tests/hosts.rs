@@ -194,3 +194,61 @@ fn a_host_named_like_the_server_is_refused_and_nothing_changes() {
         .add_host(&b.admin, "kvm-02", "kvm-02.example:7444")
         .unwrap();
 }
+
+#[test]
+fn a_hosts_tpm_report_is_kept_when_plausible_and_refused_otherwise() {
+    use crate::model::HostTpm;
+    let b = Bed::new();
+    let (_, token, _) = b.core.add_host(&b.admin, "kvm-01", "kvm-01:7444").unwrap();
+    b.core.enroll(&token, &csr(), &sealing()).unwrap();
+    assert_eq!(b.core.get_host("kvm-01").unwrap().tpm, None);
+    let good = HostTpm {
+        tcti: "device:/dev/tpmrm0".into(),
+        pcrs: "sha256:7".into(),
+        authority: "3f1c9a0b7d2e4f55".into(),
+        current: vec![(7, "ab".repeat(32))],
+        approvals: 1,
+        unseals: true,
+        reported_unix: 0,
+    };
+    let before = b.snapshot();
+    for (bad, says) in [
+        (
+            HostTpm {
+                current: vec![(24, "ab".repeat(32))],
+                ..good.clone()
+            },
+            "PCR 24 is not a SHA-256 PCR reading",
+        ),
+        (
+            HostTpm {
+                current: vec![(7, "xyz".into())],
+                ..good.clone()
+            },
+            "PCR 7 is not a SHA-256 PCR reading",
+        ),
+        (
+            HostTpm {
+                tcti: "x".repeat(300),
+                ..good.clone()
+            },
+            "longer than a TPM report's",
+        ),
+        (
+            HostTpm {
+                current: (0..25).map(|p| (p % 24, "ab".repeat(32))).collect(),
+                ..good.clone()
+            },
+            "more than 24 PCRs",
+        ),
+    ] {
+        let e = b.core.record_tpm("kvm-01", bad).unwrap_err();
+        assert!(e.to_string().contains(says), "{says}: {e}");
+    }
+    assert_eq!(b.snapshot(), before, "refused reports change nothing");
+    b.core.record_tpm("kvm-01", good.clone()).unwrap();
+    let kept = b.core.get_host("kvm-01").unwrap().tpm.unwrap();
+    assert_eq!(kept.current, good.current);
+    assert!(kept.unseals);
+    assert!(kept.reported_unix > 0);
+}

@@ -73,6 +73,7 @@ impl Bed {
                 max_attempts: 4,
             },
             checkpoints,
+            entropy: guestkey_protect::tpm::Entropy::os_only(),
         })
         .unwrap();
         Self {

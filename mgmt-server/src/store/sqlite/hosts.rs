@@ -3,14 +3,14 @@
 use rusqlite::{OptionalExtension, params};
 
 use super::{SqliteTx, signed, typed};
-use crate::model::{HostInfo, HostState};
+use crate::model::{HostInfo, HostState, HostTpm};
 use crate::store::{Enrollment, HeldKey, HostRecord, HostStore, NewHost, Result, TokenHolder};
 
 const HOST_SELECT: &str = "SELECT h.name, h.address, h.state, h.created, COALESCE(h.enrolled, 0),
         COALESCE(h.cert_sha256, ''),
         (SELECT COUNT(*) FROM volumes v WHERE v.host = h.name AND v.state != 'deleted'),
         (SELECT COUNT(*) FROM host_inventory i WHERE i.host = h.name), h.inventory_reported,
-        h.libvirt_uri, h.migration_uri
+        h.libvirt_uri, h.migration_uri, h.tpm
     FROM hosts h";
 
 fn host_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostInfo> {
@@ -26,10 +26,24 @@ fn host_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostInfo> {
         inventory_reported_unix: r.get(8)?,
         libvirt_uri: r.get(9)?,
         migration_uri: r.get(10)?,
+        tpm: {
+            let text: String = r.get(11)?;
+            // Written by set_host_tpm from the same type: a row that does
+            // not parse shows as nothing reported.
+            serde_json::from_str(&text).ok()
+        },
     })
 }
 
 impl HostStore for SqliteTx<'_> {
+    fn set_host_tpm(&mut self, name: &str, tpm: &HostTpm) -> Result<()> {
+        let text = serde_json::to_string(tpm).expect("HostTpm serializes");
+        self.conn
+            .prepare_cached("UPDATE hosts SET tpm = ?2 WHERE name = ?1")?
+            .execute(params![name, text])?;
+        Ok(())
+    }
+
     fn host_exists(&mut self, name: &str) -> Result<bool> {
         let n: i64 = self
             .conn

@@ -165,6 +165,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX volumes_name ON volumes(name);
     CREATE INDEX volumes_path ON volumes(path) WHERE path != '';
     ",
+    // 9: what a host reports of its keys sealed to its TPM (JSON of
+    // model::HostTpm; '' when it reported nothing)
+    "
+    ALTER TABLE hosts ADD COLUMN tpm TEXT NOT NULL DEFAULT '';
+    ",
 ];
 
 /// Applies the migrations this database has not had yet.

@@ -56,6 +56,18 @@ fn host_a() -> pb::Host {
         inventory_reported_unix: T + 3600,
         libvirt_uri: "qemu+tls://kvm-01.example/system".into(),
         migration_uri: "tcp://kvm-01.example:49152".into(),
+        tpm: Some(pb::HostTpm {
+            tcti: "device:/dev/tpmrm0".into(),
+            pcrs: "sha256:0,7".into(),
+            authority: "3f1c9a0b7d2e4f55".into(),
+            current: vec![
+                format!("0={}", "ab".repeat(32)),
+                format!("7={}", "cd".repeat(32)),
+            ],
+            approvals: 2,
+            unseals: false,
+            reported_unix: T + 60,
+        }),
     }
 }
 

@@ -32,7 +32,10 @@ pub(crate) fn host_json(h: &pb::Host) -> Value {
     json!({"name": h.name, "address": h.address, "state": h.state, "created_unix": h.created_unix,
            "enrolled_unix": h.enrolled_unix, "certificate_sha256": h.certificate_sha256, "volume_count": h.volume_count,
            "held_keys": h.held_keys, "inventory_reported_unix": h.inventory_reported_unix,
-           "libvirt_uri": h.libvirt_uri, "migration_uri": h.migration_uri})
+           "libvirt_uri": h.libvirt_uri, "migration_uri": h.migration_uri,
+           "tpm": h.tpm.as_ref().map(|t| json!({"tcti": t.tcti, "pcrs": t.pcrs, "authority": t.authority,
+               "current": t.current, "approvals": t.approvals, "unseals": t.unseals,
+               "reported_unix": t.reported_unix}))})
 }
 
 /// `host list` as a table.
@@ -77,7 +80,48 @@ pub(crate) fn host_text(h: &pb::Host) -> String {
             ("migration URI", h.migration_uri.clone()),
         ],
         Empty::Show,
-    )
+    ) + &host_tpm_text(h.tpm.as_ref())
+}
+
+/// The TPM rows of `host show`: the PCR policy and the values the host read.
+fn host_tpm_text(t: Option<&pb::HostTpm>) -> String {
+    let Some(t) = t else {
+        return fields(
+            19,
+            &[("keys at rest", "files (not sealed to a TPM)".into())],
+            Empty::Show,
+        );
+    };
+    let rows = vec![
+        ("keys at rest", format!("sealed to the TPM {}", t.tcti)),
+        (
+            "PCR policy",
+            format!("{} approved by authority {}", t.pcrs, t.authority),
+        ),
+        ("approvals", t.approvals.to_string()),
+        (
+            "unseals",
+            if t.unseals {
+                "yes".to_owned()
+            } else {
+                "no: this boot's PCR values are not approved (guestkeyd tpm approve on the host)"
+                    .to_owned()
+            },
+        ),
+        ("TPM reported", time(t.reported_unix)),
+    ];
+    let pcrs: Vec<(String, String)> = t
+        .current
+        .iter()
+        .map(|c| match c.split_once('=') {
+            Some((p, v)) => (format!("PCR {p}"), v.to_owned()),
+            None => ("PCR".to_owned(), c.clone()),
+        })
+        .collect();
+    let mut out = fields(19, &rows, Empty::Show);
+    let pcr_rows: Vec<(&str, String)> = pcrs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    out.push_str(&fields(19, &pcr_rows, Empty::Show));
+    out
 }
 
 /// One volume as JSON.

@@ -2,21 +2,22 @@
 
 #![allow(clippy::print_stderr)] // a command-line program reports errors on stderr
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use guestkey_protect::tpm::cli::{TpmFlags, parse_pcr_value};
-use guestkey_protect::tpm::{PcrValue, ResealTo};
+
+mod tpm;
+use guestkey_protect::tpm::ResealTo;
+use guestkey_protect::tpm::cli::TpmFlags;
 use host_daemon::grpc::enroll::{EnrollmentToken, enroll};
-use host_daemon::hook::Gate;
 use host_daemon::image::QemuImages;
 use host_daemon::libvirt::{Libvirt, events};
 use host_daemon::ops::Daemon;
-use host_daemon::protect::{HostKeys, HostProtectors, keyset};
+use host_daemon::protect::{HostProtectors, keyset};
 use host_daemon::state::StateDir;
-use host_daemon::store::Store;
+use tpm::{TpmCommand, seal_first_store_key, spawn_hook, tpm_command, unlock};
 
 /// guestkey host daemon: keeps this host's guest keys sealed, creates
 /// encrypted volumes through libvirt, and gives libvirt a key only while
@@ -125,38 +126,6 @@ enum Command {
         /// (the hook looks for /run/guestkey/hook-UID.sock).
         #[arg(long, value_name = "UID", default_value_t = 0)]
         hook_uid: u32,
-    },
-}
-
-#[derive(Subcommand)]
-enum TpmCommand {
-    /// Sign PCR values with the PCR authority key, so that this host's
-    /// sealed keys unseal when the PCRs have them: --current for the
-    /// values now (after an update you booted), or --pcr N=SHA256 for an
-    /// update's values in advance (the PCRs not named keep their current
-    /// values). A running guestkeyd picks the approval up by itself.
-    Approve {
-        /// The state directory.
-        #[arg(long, value_name = "DIR", default_value = "/var/lib/guestkeyd")]
-        state_dir: PathBuf,
-        /// The PCR authority's private key.
-        #[arg(long, value_name = "FILE")]
-        authority_key: PathBuf,
-        /// Approve the current PCR values.
-        #[arg(long, conflicts_with = "pcr")]
-        current: bool,
-        /// A PCR's value after the update: N=64 hex digits (repeat).
-        #[arg(long, value_name = "N=SHA256", value_parser = parse_pcr_value)]
-        pcr: Vec<(u8, PcrValue)>,
-        /// What the approval is for (kept with it).
-        #[arg(long, default_value = "")]
-        note: String,
-    },
-    /// The TPM, PCRs, their current values and whether the keys unseal.
-    Status {
-        /// The state directory.
-        #[arg(long, value_name = "DIR", default_value = "/var/lib/guestkeyd")]
-        state_dir: PathBuf,
     },
 }
 
@@ -311,6 +280,7 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
             }
             let dir = StateDir::new(&state_dir);
             let protectors = HostProtectors::for_dir(&dir);
+            seal_first_store_key(&dir, &protectors)?;
             let gate = host_daemon::hook::Gate::default();
             let (keys, store, hook_served) = unlock(
                 &dir,
@@ -350,6 +320,7 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
                 ),
             }
             spawn_background(&daemon, &libvirt_uri);
+            tokio::spawn(host_daemon::grpc::tpm_report::report_tpm(dir.clone()));
             tokio::spawn(host_daemon::grpc::report::run(dir.clone(), daemon.clone()));
 
             gate.open(daemon.clone());
@@ -388,129 +359,6 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
 
 /// The threads that follow libvirt: the autostart catch-up at boot, the
 /// lifecycle events that erase keys, and the retry of secret removals.
-fn spawn_hook(gate: &Gate, socket: &Path, hook_uid: u32) {
-    let gate = gate.clone();
-    let socket = socket.to_owned();
-    tokio::spawn(async move {
-        if let Err(e) = host_daemon::hook::serve(&socket, gate, hook_uid).await {
-            tracing::error!(error = %e, socket = %socket.display(), "hook socket failed");
-        }
-    });
-}
-
-/// How often a locked guestkeyd tries its sealed keys again.
-const UNLOCK_RETRY: std::time::Duration = std::time::Duration::from_secs(3);
-
-/// The host's keys and store. While a key sealed to the TPM does not open
-/// (this boot's PCR values are not approved, another TPM, ...), the hook
-/// socket refuses the guests guestkey manages with the reason and the
-/// command to run, every other guest starts, and the keys are tried again
-/// every few seconds: an approval takes effect without a restart. Returns
-/// whether the hook socket is already served.
-async fn unlock(
-    dir: &StateDir,
-    protectors: &HostProtectors,
-    gate: &Gate,
-    hook_socket: &Path,
-    hook_uid: u32,
-    managed_list: &Path,
-) -> Result<(HostKeys, Store, bool), Box<dyn std::error::Error + Send + Sync>> {
-    use guestkey_protect::ProtectError;
-    use host_daemon::protect::KeysError;
-    use host_daemon::store::StoreError;
-    let mut served = false;
-    let mut said = String::new();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        let sealed_failure = match HostKeys::load(dir, &*protectors.sealing) {
-            Ok(keys) => match Store::open(dir, &*protectors.store) {
-                Ok(store) => return Ok((keys, store, served)),
-                Err(StoreError::Protector(ProtectError::Sealed(m))) => m,
-                Err(e) => return Err(e.into()),
-            },
-            Err(KeysError::Protector(ProtectError::Sealed(m))) => m,
-            Err(e) => return Err(e.into()),
-        };
-        let reason = format!(
-            "guestkeyd on this host cannot unseal its keys, so it gives no disk key: {sealed_failure}"
-        );
-        if reason != said {
-            tracing::error!("{reason}; trying again every {} s", UNLOCK_RETRY.as_secs());
-            let managed = std::fs::read_to_string(managed_list)
-                .map(|t| {
-                    t.lines()
-                        .map(|l| l.trim().to_owned())
-                        .filter(|l| !l.is_empty())
-                        .collect()
-                })
-                .unwrap_or_default();
-            gate.lock(reason.clone(), managed);
-            said = reason;
-        }
-        if !served {
-            spawn_hook(gate, hook_socket, hook_uid);
-            served = true;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(UNLOCK_RETRY) => {}
-            _ = tokio::signal::ctrl_c() => return Err("stopped before its keys were unsealed".into()),
-            _ = term.recv() => return Err("stopped before its keys were unsealed".into()),
-        }
-    }
-}
-
-fn tpm_command(command: TpmCommand) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    match command {
-        TpmCommand::Approve {
-            state_dir,
-            authority_key,
-            current,
-            pcr,
-            note,
-        } => {
-            if !current && pcr.is_empty() {
-                return Err("name the values to approve: --current, or --pcr N=SHA256".into());
-            }
-            let values = keyset(&state_dir).approve(&authority_key, &pcr, &note)?;
-            println!("approved for {}:", state_dir.display());
-            for (p, v) in values.iter() {
-                println!("  PCR {p:2} {v}");
-            }
-            Ok(())
-        }
-        TpmCommand::Status { state_dir } => {
-            let set = keyset(&state_dir);
-            let s = set.status(&host_daemon::protect::KEYS[0])?;
-            print_status(&s);
-            Ok(())
-        }
-    }
-}
-
-fn print_status(s: &guestkey_protect::tpm::SealedStatus) {
-    println!(
-        "sealed keys   {}",
-        s.blob
-            .parent()
-            .map_or(String::new(), |p| p.display().to_string())
-    );
-    println!("TPM           {}", s.tcti);
-    println!("PCRs          {}", s.pcrs);
-    println!("authority     {}", s.authority);
-    println!("approvals     {}", s.approvals);
-    println!(
-        "unseals now   {}",
-        if s.unseals {
-            "yes"
-        } else {
-            "no: approve this boot's values with `tpm approve`"
-        }
-    );
-    for (p, v) in s.current.iter() {
-        println!("  PCR {p:2} {v}");
-    }
-}
-
 fn spawn_background(daemon: &Arc<Daemon>, libvirt_uri: &str) {
     // Boot: libvirt autostarts guests while it initialises, possibly
     // before guestkeyd runs; their hooks then fail. Once libvirt answers,
