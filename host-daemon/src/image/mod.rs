@@ -22,6 +22,29 @@ mod run;
 mod swap;
 
 pub use qemu::QemuImages;
+
+/// Where the data keys guestkeyd makes (its own re-encryption) get their
+/// randomness: the OS generator, with the TPM's bytes mixed in once
+/// [`use_entropy`] was called (a host whose keys are sealed to its TPM).
+static ENTROPY: std::sync::OnceLock<guestkey_protect::tpm::Entropy> = std::sync::OnceLock::new();
+
+/// Data keys from now on mix in `e`'s bytes (set once, at start-up).
+pub fn use_entropy(e: guestkey_protect::tpm::Entropy) {
+    let _ = ENTROPY.set(e);
+}
+
+/// A new data key of `len` bytes.
+pub(crate) fn new_data_key(len: usize) -> Result<zeroize::Zeroizing<Vec<u8>>, ImageError> {
+    let mut key = zeroize::Zeroizing::new(vec![0u8; len]);
+    match ENTROPY.get() {
+        Some(e) => {
+            let k = e.key(len).map_err(|e| ImageError::Random(e.to_string()))?;
+            key.copy_from_slice(k.expose_secret());
+        }
+        None => getrandom::fill(&mut key).map_err(|e| ImageError::Random(e.to_string()))?,
+    }
+    Ok(key)
+}
 pub use run::{CALIBRATION_FAILED, CALIBRATION_TRIES};
 
 use crate::model::Format;

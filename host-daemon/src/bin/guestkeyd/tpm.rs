@@ -51,10 +51,18 @@ pub(crate) fn seal_first_store_key(
     protectors: &HostProtectors,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let set = keyset(dir.root());
-    if !set.is_sealed() || protectors.store.exists()? {
+    if !set.is_sealed() {
         return Ok(());
     }
     let tcti = set.site()?.tcti;
+    // The data keys of its own re-encryptions mix the TPM's bytes in too.
+    match guestkey_protect::tpm::Entropy::with_tpm(&tcti) {
+        Ok(e) => host_daemon::image::use_entropy(e),
+        Err(e) => tracing::warn!(error = %e, "data keys from the OS generator alone"),
+    }
+    if protectors.store.exists()? {
+        return Ok(());
+    }
     match guestkey_protect::tpm::keyset::new_key(&tcti, 32) {
         Ok(k) => protectors.store.create(&k)?,
         // The TPM does not answer now: the store makes its key itself

@@ -87,8 +87,7 @@ pub fn reencrypt(
             "the current key does not open {path}"
         )));
     };
-    let mut new_mk = Zeroizing::new(vec![0u8; old_luks.key_bytes]);
-    getrandom::fill(&mut new_mk).map_err(|e| ImageError::Random(e.to_string()))?;
+    let new_mk = crate::image::new_data_key(old_luks.key_bytes)?;
     let new_header = match new_header(&old_region, &old_luks, &new_mk, new)? {
         Ok(h) => h,
         Err(u) => return Ok(Err(u)),
