@@ -153,13 +153,36 @@ pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
 }
 
+/// Where new certificate keys get their randomness: ring's generator, or
+/// P-256 scalars from [`guestkey_protect::tpm::Entropy`] once
+/// [`use_entropy`] was called (a data directory sealed to the TPM: `init`,
+/// `migrate-roles`).
+static ENTROPY: std::sync::OnceLock<guestkey_protect::tpm::Entropy> = std::sync::OnceLock::new();
+
+/// New certificate keys mix in `e`'s bytes from now on (set once).
+pub fn use_entropy(e: guestkey_protect::tpm::Entropy) {
+    let _ = ENTROPY.set(e);
+}
+
+fn new_key_pair() -> Result<KeyPair, rcgen::Error> {
+    match ENTROPY.get() {
+        Some(e) => {
+            let der = e
+                .p256_pkcs8()
+                .map_err(|_| rcgen::Error::CouldNotParseKeyPair)?;
+            KeyPair::try_from(der.as_slice())
+        }
+        None => KeyPair::generate(),
+    }
+}
+
 impl Ca {
     /// A new self-signed CA of `role`, named `guestkey <role> CA (<label>)`.
     pub fn generate(
         role: Role,
         label: &str,
     ) -> Result<(Self, zeroize::Zeroizing<String>), CaError> {
-        let key = KeyPair::generate()?;
+        let key = new_key_pair()?;
         let mut p = CertificateParams::default();
         p.distinguished_name.remove(DnType::CommonName);
         p.distinguished_name.push(
@@ -232,7 +255,7 @@ impl Ca {
         sans: Vec<String>,
         days: i64,
     ) -> Result<IssuedPem, CaError> {
-        let key = KeyPair::generate()?;
+        let key = new_key_pair()?;
         let cert =
             leaf_params(self.role, common_name, sans, days)?.signed_by(&key, &self.issuer)?;
         Ok(IssuedPem {

@@ -124,6 +124,11 @@ fn build(tmp: &Path, opts: &InitOptions) -> Result<InitReport, CoreError> {
             // they are there.
             let tpm_dir = dir.tpm_dir();
             let site = crate::tpm::prepare_site(&tpm_dir, &opts.data_dir, target)?;
+            // The CA and certificate keys made below mix the TPM's bytes in.
+            crate::ca::use_entropy(
+                guestkey_protect::tpm::Entropy::with_tpm(&target.tcti)
+                    .map_err(|e| CoreError::FailedPrecondition(e.to_string()))?,
+            );
             site.save(&tpm_dir)
                 .map_err(|e| CoreError::FailedPrecondition(e.to_string()))?;
             let key = crate::tpm::new_master_key(&target.tcti)?;

@@ -153,6 +153,15 @@ pub fn migrate_roles(opts: &MigrateOptions) -> Result<MigrateReport, CoreError> 
     let _lock = dir
         .hold("stop it first: migrate-roles replaces the certificates it serves with")
         .map_err(|e| CoreError::FailedPrecondition(e.to_string()))?;
+    if dir.is_tpm() {
+        // The new CA and certificate keys mix the TPM's bytes in.
+        match guestkey_protect::tpm::TpmSite::load(&dir.tpm_dir())
+            .and_then(|s| guestkey_protect::tpm::Entropy::with_tpm(&s.tcti))
+        {
+            Ok(e) => crate::ca::use_entropy(e),
+            Err(e) => tracing::warn!(error = %e, "new keys from the OS generator alone"),
+        }
+    }
     let staging = DataDir::new(dir.root().join(".roles-migration"));
     if !dir.is_before_roles() {
         // A migration that stopped after its last rename leaves only this.

@@ -163,17 +163,29 @@ pub async fn enroll(
     let link = ServerLink::new(server, server_peer(server, &ca, ca_file)?, None)
         .map_err(|e| EnrollError(format!("--ca-file {}: {e}", ca_file.display())))?;
 
-    let tls_key =
-        rcgen::KeyPair::generate().map_err(|e| EnrollError(format!("key generation: {e}")))?;
+    let tpm_err = |e: guestkey_protect::tpm::TpmError| EnrollError(format!("--tpm: {e}"));
+    // With a TPM every key made here mixes its random bytes in.
+    let entropy = tpm
+        .map(|t| guestkey_protect::tpm::Entropy::with_tpm(&t.tcti))
+        .transpose()
+        .map_err(tpm_err)?;
+    let tls_key = match &entropy {
+        None => rcgen::KeyPair::generate(),
+        Some(e) => {
+            let der = e.p256_pkcs8().map_err(tpm_err)?;
+            rcgen::KeyPair::try_from(der.as_slice())
+        }
+    }
+    .map_err(|e| EnrollError(format!("key generation: {e}")))?;
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())
         .and_then(|p| p.serialize_request(&tls_key))
         .map_err(|e| EnrollError(format!("certificate request: {e}")))?;
     let staged = dir.root().join("tpm.new");
-    let sealing = match tpm {
-        None => HostSealingKey::generate(),
-        Some(target) => stage_tpm(dir, &staged, target).inspect_err(|_| {
+    let sealing = match (tpm, &entropy) {
+        (Some(target), Some(e)) => stage_tpm(dir, &staged, target, e).inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&staged);
         })?,
+        _ => HostSealingKey::generate(),
     };
     let r = exchange(
         server,
@@ -199,6 +211,7 @@ fn stage_tpm(
     dir: &StateDir,
     staged: &Path,
     target: &TpmTarget,
+    entropy: &guestkey_protect::tpm::Entropy,
 ) -> Result<HostSealingKey, EnrollError> {
     let tpm_err = |e: guestkey_protect::tpm::TpmError| EnrollError(format!("--tpm: {e}"));
     private_dir(dir.root())
@@ -213,7 +226,7 @@ fn stage_tpm(
     let _ = std::fs::remove_dir_all(staged);
     let set = crate::protect::keyset(dir.root());
     let site = set.prepare_site(staged, target).map_err(tpm_err)?;
-    let bytes = guestkey_protect::tpm::keyset::new_key(&target.tcti, 32).map_err(tpm_err)?;
+    let bytes = entropy.key(32).map_err(tpm_err)?;
     let sealing = HostSealingKey::from_secret_bytes(bytes.expose_secret())
         .map_err(|_| EnrollError("--tpm: the new packet-sealing key is not 32 bytes".into()))?;
     let blob = staged.join(format!("{}.tpm", crate::protect::KEYS[0].name));

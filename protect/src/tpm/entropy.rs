@@ -113,6 +113,24 @@ impl Entropy {
         Ok(salt)
     }
 
+    /// A new ECDSA P-256 private key, PKCS#8 DER (for certificates): its
+    /// scalar from [`Entropy::key`].
+    pub fn p256_pkcs8(&self) -> Result<Zeroizing<Vec<u8>>, TpmError> {
+        use p256::pkcs8::EncodePrivateKey;
+        // A 32-byte string is a valid scalar but for a chance of about
+        // 2^-32 (at least the order, or zero): draw again then.
+        for _ in 0..8 {
+            let k = self.key(32)?;
+            if let Ok(sk) = p256::SecretKey::from_slice(k.expose_secret()) {
+                let der = sk
+                    .to_pkcs8_der()
+                    .map_err(|e| TpmError::Io(format!("cannot encode a P-256 key: {e}")))?;
+                return Ok(Zeroizing::new(der.as_bytes().to_vec()));
+            }
+        }
+        Err(TpmError::Io("no valid P-256 key in 8 draws".into()))
+    }
+
     /// A new key of `len` bytes.
     pub fn key(&self, len: usize) -> Result<ProtectedKey, TpmError> {
         let mut os = Zeroizing::new(vec![0u8; len.max(32)]);
@@ -143,6 +161,16 @@ mod tests {
         assert_ne!(a.expose_secret(), c.expose_secret());
         assert_eq!(mix(&[1u8; 64], &[2u8; 32], 64).len(), 64);
         assert_ne!(a.expose_secret(), &[1u8; 32]);
+    }
+
+    #[test]
+    fn p256_keys_are_pkcs8_and_differ() {
+        use p256::pkcs8::DecodePrivateKey;
+        let e = Entropy::os_only();
+        let a = e.p256_pkcs8().unwrap();
+        let b = e.p256_pkcs8().unwrap();
+        assert_ne!(*a, *b);
+        assert!(p256::SecretKey::from_pkcs8_der(&a).is_ok());
     }
 
     #[test]
