@@ -301,3 +301,47 @@ fn keys_mix_tpm_random_bytes_in() {
     let port = guestkey_testkit::free_ports(2);
     assert!(Entropy::with_tpm(&format!("swtpm:host=127.0.0.1,port={port}")).is_err());
 }
+
+#[test]
+fn a_tpm_in_dictionary_attack_lockout_still_unseals_and_seals_guestkeys_keys() {
+    let m = Machine::new();
+    let p = m.protector("store.key.tpm");
+    let key = ProtectedKey::random(32).unwrap();
+    p.create(&key).unwrap();
+    m.approve_current("x");
+    // Someone guesses a password of another DA-protected object: with one
+    // try allowed the TPM goes into lockout.
+    let ctx = m.dir.join("prim.ctx");
+    let ctx = ctx.to_str().unwrap();
+    m.tpm.tool(
+        "tpm2_dictionarylockout",
+        &[
+            "--setup-parameters",
+            "--max-tries=1",
+            "--recovery-time=600",
+            "--lockout-recovery-time=600",
+        ],
+    );
+    m.tpm.tool(
+        "tpm2_createprimary",
+        &["-C", "o", "-c", ctx, "-p", "right", "-Q"],
+    );
+    let pubf = m.dir.join("k.pub");
+    let privf = m.dir.join("k.priv");
+    let wrong = std::process::Command::new("tpm2_create")
+        .args(["--tcti", &m.tpm.tcti(), "-C", ctx, "-P", "wrong", "-Q"])
+        .args(["-u", pubf.to_str().unwrap(), "-r", privf.to_str().unwrap()])
+        .env("TSS2_LOG", "all+none")
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    // (Without a resource manager the tools leave their objects loaded.)
+    m.tpm.tool("tpm2_flushcontext", &["-t"]);
+    let caps = m.tpm.tool("tpm2_getcap", &["properties-variable"]);
+    assert!(caps.contains("inLockout:                 1"), "{caps}");
+    // guestkey's objects are noDA: they unseal, and new ones seal.
+    assert_eq!(p.unseal().unwrap().expose_secret(), key.expose_secret());
+    let other = m.protector("other.key.tpm");
+    other.create(&ProtectedKey::random(32).unwrap()).unwrap();
+    assert_eq!(other.unseal().unwrap().len(), 32);
+}

@@ -225,3 +225,77 @@ fn a_copy_of_a_tpm_sealed_state_directory_opens_nothing_on_another_tpm() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_host_moves_its_keys_to_the_tpm_to_other_pcrs_and_back_keeping_its_guests() {
+    let mut s = Stack::start();
+    let state = s.state_dir();
+    s.volume("reseal-disk", "16M");
+    let guest = format!("gk-test-{}-reseal", std::process::id());
+    let mut cleanup = guestkey_tests::Cleanup::default();
+    s.define_guest(
+        &mut cleanup,
+        &guest,
+        &volume_domain_xml(&guest, &s.pool, "reseal-disk", "qcow2"),
+    );
+    let starts = || {
+        virsh(&["start", &guest]).unwrap();
+        virsh(&["destroy", &guest]).unwrap();
+    };
+    starts();
+    let ok = |args: &[&str]| {
+        let o = guestkeyd(args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let tpm = Swtpm::start();
+    let authority = guestkey_testkit::temp_dir("tpm-authority").join("authority.pk8");
+    let to_tpm = [
+        "reseal",
+        "--state-dir",
+        d(&state),
+        "--tpm-tcti",
+        &tpm.tcti(),
+        "--tpm-authority-key",
+        d(&authority),
+    ];
+    // Not while guestkeyd runs.
+    let o = guestkeyd(&to_tpm);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("serves state directory"), "{e}");
+    assert!(state.join("store.key").exists() && !state.join("tpm").exists());
+
+    // Files to the TPM.
+    s.daemon.take().unwrap().stop();
+    let out = ok(&to_tpm);
+    assert!(
+        out.contains("resealed sealing.key, store.key: from files to TPM"),
+        "{out}"
+    );
+    assert!(!state.join("store.key").exists() && !state.join("sealing.key").exists());
+    s.run_daemon();
+    starts();
+
+    // Other PCRs.
+    s.daemon.take().unwrap().stop();
+    let mut other_pcrs = to_tpm.to_vec();
+    other_pcrs.extend(["--tpm-pcrs", "0,7"]);
+    ok(&other_pcrs);
+    let status = ok(&["tpm", "status", "--state-dir", d(&state)]);
+    assert!(status.contains("PCRs          sha256:0,7"), "{status}");
+    s.run_daemon();
+    starts();
+
+    // Back to files.
+    s.daemon.take().unwrap().stop();
+    let out = ok(&["reseal", "--state-dir", d(&state), "--to-files"]);
+    assert!(out.contains("to files"), "{out}");
+    assert!(state.join("store.key").exists() && !state.join("tpm").exists());
+    s.run_daemon();
+    starts();
+}

@@ -461,6 +461,11 @@ fn describe(tcti: &str, what: &str, e: tss_esapi::Error) -> TpmError {
         Some(Tss2ResponseCodeKind::Initialize) => TpmError::Device(format!(
             "the TPM at `{tcti}` was not started (TPM2_Startup) and could not {what}: start it (the firmware or `tpm2_startup -c`)"
         )),
+        Some(Tss2ResponseCodeKind::ObjectMemory) | Some(Tss2ResponseCodeKind::SessionMemory) => {
+            TpmError::Device(format!(
+                "the TPM at `{tcti}` has no free object or session slot and could not {what}: other programs left objects loaded (use the resource manager, device:/dev/tpmrm0, or flush them with `tpm2_flushcontext -t`)"
+            ))
+        }
         Some(Tss2ResponseCodeKind::Retry)
         | Some(Tss2ResponseCodeKind::Yielded)
         | Some(Tss2ResponseCodeKind::Testing) => TpmError::Device(format!(
