@@ -17,7 +17,23 @@ struct TpmServer {
     tpm: Swtpm,
     server: TestServer,
     authority: PathBuf,
-    _scratch: PathBuf,
+    scratch: PathBuf,
+}
+
+impl Drop for TpmServer {
+    fn drop(&mut self) {
+        self.server.stop();
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+/// Removes a scratch directory when the test ends (also when it fails).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn server_cmd(args: &[&str]) -> std::process::Output {
@@ -71,7 +87,7 @@ impl TpmServer {
             tpm,
             server,
             authority,
-            _scratch: scratch,
+            scratch,
         }
     }
 
@@ -208,6 +224,7 @@ fn after_an_update_the_server_refuses_to_start_naming_the_pcr_until_it_is_approv
 fn bad_tpm_requests_are_refused_by_name_and_change_nothing() {
     // init without an authority key: nothing is made.
     let scratch = temp_dir("tpm-bad");
+    let _gone = RemoveOnDrop(scratch.clone());
     let data = scratch.join("data");
     let e = fails(&["init", "--data-dir", d(&data), "--master-key-source", "tpm"]);
     assert!(
@@ -306,7 +323,9 @@ fn bad_tpm_requests_are_refused_by_name_and_change_nothing() {
 fn a_copy_of_the_data_directory_on_another_tpm_opens_nothing() {
     let mut t = TpmServer::start();
     t.server.stop();
-    let copy = temp_dir("tpm-copy").join("data");
+    let copy_dir = temp_dir("tpm-copy");
+    let _gone = RemoveOnDrop(copy_dir.clone());
+    let copy = copy_dir.join("data");
     let status = Command::new("cp")
         .args(["-a", d(t.data()), d(&copy)])
         .status()

@@ -15,6 +15,15 @@ use guestkey_testkit::{Swtpm, temp_dir};
 
 const HINT: &str = "guestkey-server tpm approve --current";
 
+/// Removes a scratch directory when the test ends (also when it fails).
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 struct Machine {
     tpm: Swtpm,
     dir: std::path::PathBuf,
@@ -55,6 +64,12 @@ impl Machine {
             self.authority.approve(now, note).unwrap(),
         )
         .unwrap();
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -221,6 +236,7 @@ fn a_copy_on_another_tpm_or_after_a_clear_opens_nothing_and_says_so() {
 #[test]
 fn a_tpm_that_is_not_there_or_does_not_answer_is_named() {
     let dir = temp_dir("tpm");
+    let _gone = RemoveOnDrop(dir.clone());
     let authority = Authority::create(&dir.join("a.pk8")).unwrap();
     // Nobody listens.
     let port = guestkey_testkit::free_ports(2);

@@ -15,6 +15,8 @@ use crate::{free_ports, temp_dir};
 pub struct Swtpm {
     child: Option<Child>,
     state: PathBuf,
+    /// Whether the state directory is its own (removed when dropped).
+    owns_state: bool,
     port: u16,
     ctrl: u16,
 }
@@ -23,7 +25,9 @@ impl Swtpm {
     /// A new simulated TPM (fresh state: a TPM of its own, with its own
     /// seeds).
     pub fn start() -> Self {
-        Self::start_in(temp_dir("swtpm"))
+        let mut s = Self::start_in(temp_dir("swtpm"));
+        s.owns_state = true;
+        s
     }
 
     /// A simulator on the state in `state` (the same TPM as whoever used
@@ -34,6 +38,7 @@ impl Swtpm {
         let mut s = Self {
             child: None,
             state,
+            owns_state: false,
             port,
             ctrl: port + 1,
         };
@@ -127,5 +132,8 @@ fn sha256_hex(data: &[u8]) -> String {
 impl Drop for Swtpm {
     fn drop(&mut self) {
         self.stop();
+        if self.owns_state {
+            let _ = std::fs::remove_dir_all(&self.state);
+        }
     }
 }

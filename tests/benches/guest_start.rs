@@ -80,7 +80,8 @@ fn main() {
     let tpm = std::env::args()
         .any(|a| a == "--tpm")
         .then(guestkey_testkit::Swtpm::start);
-    let authority = guestkey_testkit::temp_dir("bench-authority").join("authority.pk8");
+    let authority_dir = guestkey_testkit::temp_dir("bench-authority");
+    let authority = authority_dir.join("authority.pk8");
     let s = match &tpm {
         Some(t) => Stack::start_with(&[
             "--tpm".into(),
@@ -244,4 +245,5 @@ fn main() {
         libvirt_create.as_secs_f64()
     );
     drop(cleanup);
+    let _ = std::fs::remove_dir_all(&authority_dir);
 }

@@ -13,6 +13,15 @@ use guestkey_testkit::{Proc, Swtpm};
 use guestkey_tests::stack::{Stack, bin};
 use guestkey_tests::{virsh, volume_domain_xml};
 
+/// Removes a scratch directory when the test ends (also when it fails).
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn d(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -34,7 +43,9 @@ fn shown(s: &Stack, want: &str) -> bool {
 #[test]
 fn a_tpm_sealed_host_starts_autostarts_and_after_an_update_waits_for_an_approval() {
     let tpm = Swtpm::start();
-    let authority = guestkey_testkit::temp_dir("tpm-authority").join("authority.pk8");
+    let authority_dir = guestkey_testkit::temp_dir("tpm-authority");
+    let _gone = RemoveOnDrop(authority_dir.clone());
+    let authority = authority_dir.join("authority.pk8");
     let mut s = Stack::start_with(&[
         "--tpm".into(),
         "--tpm-tcti".into(),
@@ -140,7 +151,9 @@ fn a_tpm_sealed_host_starts_autostarts_and_after_an_update_waits_for_an_approval
 #[test]
 fn a_copy_of_a_tpm_sealed_state_directory_opens_nothing_on_another_tpm() {
     let tpm = Swtpm::start();
-    let authority = guestkey_testkit::temp_dir("tpm-authority").join("authority.pk8");
+    let authority_dir = guestkey_testkit::temp_dir("tpm-authority");
+    let _gone = RemoveOnDrop(authority_dir.clone());
+    let authority = authority_dir.join("authority.pk8");
     let mut s = Stack::start_with(&[
         "--tpm".into(),
         "--tpm-tcti".into(),
@@ -253,7 +266,7 @@ fn a_host_moves_its_keys_to_the_tpm_to_other_pcrs_and_back_keeping_its_guests() 
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     let tpm = Swtpm::start();
-    let authority = guestkey_testkit::temp_dir("tpm-authority").join("authority.pk8");
+    let authority = s.dir.join("authority.pk8");
     let to_tpm = [
         "reseal",
         "--state-dir",
