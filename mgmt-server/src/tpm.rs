@@ -17,7 +17,7 @@
 use std::path::Path;
 
 pub use guestkey_protect::tpm::{DEFAULT_TCTI, ResealReport, ResealTo, TpmTarget};
-use guestkey_protect::tpm::{KeyEntry, KeySet, PcrValue, PcrValues, SealedStatus, TpmSite};
+use guestkey_protect::tpm::{KeyEntry, KeySet, SealedStatus, TpmSite};
 use guestkey_protect::{Encoding, ProtectedKey};
 
 use crate::datadir::DataDir;
@@ -86,19 +86,6 @@ pub fn prepare_site(
 /// A new master key from the TPM's and the OS's random bytes.
 pub fn new_master_key(tcti: &str) -> Result<ProtectedKey, CoreError> {
     guestkey_protect::tpm::keyset::new_key(tcti, 32).map_err(tpm_err)
-}
-
-/// Signs PCR values for the server in `data_dir` (see
-/// [`KeySet::approve`]).
-pub fn approve(
-    data_dir: &Path,
-    authority_key: &Path,
-    set: &[(u8, PcrValue)],
-    note: &str,
-) -> Result<PcrValues, CoreError> {
-    keyset(data_dir)
-        .approve(authority_key, set, note)
-        .map_err(tpm_err)
 }
 
 /// The sealed master key's status.

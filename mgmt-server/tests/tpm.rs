@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use guestkey_testkit::Swtpm;
+use guestkey_testkit::{RemoveOnDrop, Swtpm};
 
 struct TpmServer {
     tpm: Swtpm,
@@ -24,15 +24,6 @@ impl Drop for TpmServer {
     fn drop(&mut self) {
         self.server.stop();
         let _ = std::fs::remove_dir_all(&self.scratch);
-    }
-}
-
-/// Removes a scratch directory when the test ends (also when it fails).
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

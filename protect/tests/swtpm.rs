@@ -11,18 +11,9 @@ use guestkey_protect::tpm::{
     Approvals, Authority, Entropy, PcrSelection, PcrValue, TpmProtector, current_pcrs,
 };
 use guestkey_protect::{KeyProtector, ProtectError, ProtectedKey};
-use guestkey_testkit::{Swtpm, temp_dir};
+use guestkey_testkit::{RemoveOnDrop, Swtpm, temp_dir};
 
 const HINT: &str = "guestkey-server tpm approve --current";
-
-/// Removes a scratch directory when the test ends (also when it fails).
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 struct Machine {
     tpm: Swtpm,

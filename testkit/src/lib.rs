@@ -46,6 +46,16 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
+/// Removes a scratch directory when dropped: at the end of a test, also
+/// when it fails.
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A TCP port on 127.0.0.1 free right now, and never handed out twice by
 /// one test process: tests of one binary run in parallel, and a port the
 /// kernel gives for `bind(0)` may be given again (or taken by an outgoing

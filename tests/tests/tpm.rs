@@ -9,18 +9,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use guestkey_testkit::{Proc, Swtpm};
+use guestkey_testkit::{Proc, RemoveOnDrop, Swtpm};
 use guestkey_tests::stack::{Stack, bin};
 use guestkey_tests::{virsh, volume_domain_xml};
-
-/// Removes a scratch directory when the test ends (also when it fails).
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn d(p: &Path) -> &str {
     p.to_str().unwrap()

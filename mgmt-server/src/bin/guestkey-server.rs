@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use guestkey_protect::tpm::cli::{TpmFlags, parse_pcr_value};
-use guestkey_protect::tpm::{PcrValue, TpmSite};
+use guestkey_protect::tpm::TpmSite;
+use guestkey_protect::tpm::cli::{ApproveFlags, TpmFlags, status_text};
 use mgmt_server::config::{Config, DEFAULT_LISTEN, Overrides};
 use mgmt_server::init::{InitOptions, init};
 use mgmt_server::masterkey::MasterKeySource;
@@ -129,18 +129,8 @@ enum TpmCommand {
         /// The data directory.
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
-        /// The PCR authority's private key.
-        #[arg(long, value_name = "FILE")]
-        authority_key: PathBuf,
-        /// Approve the current PCR values.
-        #[arg(long, conflicts_with = "pcr")]
-        current: bool,
-        /// A PCR's value after the update: N=64 hex digits (repeat).
-        #[arg(long, value_name = "N=SHA256", value_parser = parse_pcr_value)]
-        pcr: Vec<(u8, PcrValue)>,
-        /// What the approval is for (kept with it), e.g. "kernel 6.1.0-30".
-        #[arg(long, default_value = "")]
-        note: String,
+        #[command(flatten)]
+        flags: ApproveFlags,
     },
     /// The TPM, PCRs, their current values and whether the keys unseal.
     Status {
@@ -255,46 +245,13 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Command::Tpm { command } => match command {
-            TpmCommand::Approve {
-                data_dir,
-                authority_key,
-                current,
-                pcr,
-                note,
-            } => {
-                if !current && pcr.is_empty() {
-                    return Err("name the values to approve: --current, or --pcr N=SHA256".into());
-                }
-                let values = mgmt_server::tpm::approve(&data_dir, &authority_key, &pcr, &note)?;
-                println!("approved for {}:", data_dir.display());
-                for (p, v) in values.iter() {
-                    println!("  PCR {p:2} {v}");
-                }
+            TpmCommand::Approve { data_dir, flags } => {
+                print!("{}", flags.approve(&mgmt_server::tpm::keyset(&data_dir))?);
                 Ok(())
             }
             TpmCommand::Status { data_dir } => {
                 let s = mgmt_server::tpm::status(&data_dir)?;
-                println!(
-                    "sealed keys   {}",
-                    s.blob
-                        .parent()
-                        .map_or(String::new(), |p| p.display().to_string())
-                );
-                println!("TPM           {}", s.tcti);
-                println!("PCRs          {}", s.pcrs);
-                println!("authority     {}", s.authority);
-                println!("approvals     {}", s.approvals);
-                println!(
-                    "unseals now   {}",
-                    if s.unseals {
-                        "yes"
-                    } else {
-                        "no: approve this boot's values with `guestkey-server tpm approve`"
-                    }
-                );
-                for (p, v) in s.current.iter() {
-                    println!("  PCR {p:2} {v}");
-                }
+                print!("{}", status_text(&s, "guestkey-server"));
                 Ok(())
             }
         },

@@ -60,10 +60,13 @@ pub struct Authority {
 impl Authority {
     /// A new authority key, written to `path` (refused if a file is there).
     pub fn create(path: &Path) -> Result<Self, TpmError> {
-        let rng = SystemRandom::new();
-        let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-            .map_err(|_| TpmError::Authority("cannot generate a P-256 key".into()))?;
-        let key = ProtectedKey::copy_from_secret_slice(doc.as_ref());
+        // Made with p256, whose encoding is wiped (ring's generated
+        // document is not).
+        let der = crate::tpm::entropy::p256_pkcs8_from(|| {
+            ProtectedKey::random(32)
+                .map_err(|e| TpmError::Io(format!("the OS random generator failed: {e}")))
+        })?;
+        let key = ProtectedKey::copy_from_secret_slice(&der);
         FileProtector::new(path, Encoding::Raw).create(&key)?;
         Self::from_pkcs8(&key, path)
     }

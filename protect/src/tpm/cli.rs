@@ -1,11 +1,13 @@
 //! Command-line flags shared by `guestkey-server` and `guestkeyd` (the
-//! `cli` feature): where keys are sealed, and PCR values to approve.
+//! `cli` feature): where keys are sealed, PCR values to approve, and what
+//! `tpm approve` and `tpm status` print.
 
 use std::path::PathBuf;
 
-use crate::tpm::keyset::{DEFAULT_TCTI, TpmTarget};
+use crate::tpm::TpmError;
+use crate::tpm::keyset::{DEFAULT_TCTI, KeySet, TpmTarget};
 use crate::tpm::pcr::{PcrSelection, PcrValue};
-use crate::tpm::protector::TpmSite;
+use crate::tpm::protector::{SealedStatus, TpmSite};
 
 /// Where keys are sealed.
 #[derive(clap::Args, Debug)]
@@ -63,4 +65,62 @@ pub fn parse_pcr_value(s: &str) -> Result<(u8, PcrValue), String> {
         .filter(|n| *n < 24)
         .ok_or_else(|| format!("`{n}` is not a PCR number (0 to 23)"))?;
     Ok((n, v.parse()?))
+}
+
+/// `tpm approve`'s flags, beside the directory flag each program names.
+#[derive(clap::Args, Debug)]
+pub struct ApproveFlags {
+    /// The PCR authority's private key.
+    #[arg(long, value_name = "FILE")]
+    pub authority_key: PathBuf,
+    /// Approve the current PCR values.
+    #[arg(long, conflicts_with = "pcr")]
+    pub current: bool,
+    /// A PCR's value after the update: N=64 hex digits (repeat).
+    #[arg(long, value_name = "N=SHA256", value_parser = parse_pcr_value)]
+    pub pcr: Vec<(u8, PcrValue)>,
+    /// What the approval is for (kept with it), e.g. "kernel 6.1.0-30".
+    #[arg(long, default_value = "")]
+    pub note: String,
+}
+
+impl ApproveFlags {
+    /// Signs the values these flags name for the keys of `set`; returns
+    /// what to print.
+    pub fn approve(&self, set: &KeySet) -> Result<String, TpmError> {
+        if !self.current && self.pcr.is_empty() {
+            return Err(TpmError::Config(
+                "name the values to approve: --current, or --pcr N=SHA256".into(),
+            ));
+        }
+        let values = set.approve(&self.authority_key, &self.pcr, &self.note)?;
+        let mut out = format!("approved for {}:\n", set.root().display());
+        for (p, v) in values.iter() {
+            out.push_str(&format!("  PCR {p:2} {v}\n"));
+        }
+        Ok(out)
+    }
+}
+
+/// `tpm status` as `program` prints it.
+pub fn status_text(s: &SealedStatus, program: &str) -> String {
+    let mut out = format!(
+        "sealed keys   {}\nTPM           {}\nPCRs          {}\nauthority     {}\napprovals     {}\nunseals now   {}\n",
+        s.blob
+            .parent()
+            .map_or(String::new(), |p| p.display().to_string()),
+        s.tcti,
+        s.pcrs,
+        s.authority,
+        s.approvals,
+        if s.unseals {
+            "yes".to_owned()
+        } else {
+            format!("no: approve this boot's values with `{program} tpm approve`")
+        }
+    );
+    for (p, v) in s.current.iter() {
+        out.push_str(&format!("  PCR {p:2} {v}\n"));
+    }
+    out
 }

@@ -46,6 +46,25 @@ fn mix(os: &[u8], salt: &[u8; 32], len: usize) -> ProtectedKey {
     })
 }
 
+/// A P-256 private key (PKCS#8 DER, wiped when dropped) whose scalar is 32
+/// bytes of `draw`. A 32-byte string is a valid scalar but for a chance of
+/// about 2^-32 (at least the order, or zero): it draws again then.
+pub(crate) fn p256_pkcs8_from(
+    draw: impl Fn() -> Result<ProtectedKey, TpmError>,
+) -> Result<Zeroizing<Vec<u8>>, TpmError> {
+    use p256::pkcs8::EncodePrivateKey;
+    for _ in 0..8 {
+        let k = draw()?;
+        if let Ok(sk) = p256::SecretKey::from_slice(k.expose_secret()) {
+            let der = sk
+                .to_pkcs8_der()
+                .map_err(|e| TpmError::Io(format!("cannot encode a P-256 key: {e}")))?;
+            return Ok(Zeroizing::new(der.as_bytes().to_vec()));
+        }
+    }
+    Err(TpmError::Io("no valid P-256 key in 8 draws".into()))
+}
+
 /// Where keys get their randomness.
 pub struct Entropy {
     tcti: Option<String>,
@@ -116,19 +135,7 @@ impl Entropy {
     /// A new ECDSA P-256 private key, PKCS#8 DER (for certificates): its
     /// scalar from [`Entropy::key`].
     pub fn p256_pkcs8(&self) -> Result<Zeroizing<Vec<u8>>, TpmError> {
-        use p256::pkcs8::EncodePrivateKey;
-        // A 32-byte string is a valid scalar but for a chance of about
-        // 2^-32 (at least the order, or zero): draw again then.
-        for _ in 0..8 {
-            let k = self.key(32)?;
-            if let Ok(sk) = p256::SecretKey::from_slice(k.expose_secret()) {
-                let der = sk
-                    .to_pkcs8_der()
-                    .map_err(|e| TpmError::Io(format!("cannot encode a P-256 key: {e}")))?;
-                return Ok(Zeroizing::new(der.as_bytes().to_vec()));
-            }
-        }
-        Err(TpmError::Io("no valid P-256 key in 8 draws".into()))
+        p256_pkcs8_from(|| self.key(32))
     }
 
     /// A new key of `len` bytes.

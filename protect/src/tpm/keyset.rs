@@ -116,6 +116,11 @@ impl KeySet {
         }
     }
 
+    /// The program's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The directory of the sealed keys.
     pub fn tpm_dir(&self) -> PathBuf {
         self.root.join("tpm")
@@ -370,7 +375,12 @@ fn sync(path: &Path) -> Result<(), TpmError> {
 fn erase(path: &Path) -> Result<(), TpmError> {
     use std::io::Write;
     let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
         let _ = f.write_all(&vec![0u8; usize::try_from(len).unwrap_or(0)]);
         let _ = f.sync_all();
     }

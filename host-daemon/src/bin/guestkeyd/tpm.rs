@@ -5,8 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
-use guestkey_protect::tpm::PcrValue;
-use guestkey_protect::tpm::cli::parse_pcr_value;
+use guestkey_protect::tpm::cli::{ApproveFlags, status_text};
 use host_daemon::hook::Gate;
 use host_daemon::protect::{HostKeys, HostProtectors, keyset};
 use host_daemon::state::StateDir;
@@ -23,18 +22,8 @@ pub(crate) enum TpmCommand {
         /// The state directory.
         #[arg(long, value_name = "DIR", default_value = "/var/lib/guestkeyd")]
         state_dir: PathBuf,
-        /// The PCR authority's private key.
-        #[arg(long, value_name = "FILE")]
-        authority_key: PathBuf,
-        /// Approve the current PCR values.
-        #[arg(long, conflicts_with = "pcr")]
-        current: bool,
-        /// A PCR's value after the update: N=64 hex digits (repeat).
-        #[arg(long, value_name = "N=SHA256", value_parser = parse_pcr_value)]
-        pcr: Vec<(u8, PcrValue)>,
-        /// What the approval is for (kept with it).
-        #[arg(long, default_value = "")]
-        note: String,
+        #[command(flatten)]
+        flags: ApproveFlags,
     },
     /// The TPM, PCRs, their current values and whether the keys unseal.
     Status {
@@ -148,52 +137,14 @@ pub(crate) fn tpm_command(
     command: TpmCommand,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     match command {
-        TpmCommand::Approve {
-            state_dir,
-            authority_key,
-            current,
-            pcr,
-            note,
-        } => {
-            if !current && pcr.is_empty() {
-                return Err("name the values to approve: --current, or --pcr N=SHA256".into());
-            }
-            let values = keyset(&state_dir).approve(&authority_key, &pcr, &note)?;
-            println!("approved for {}:", state_dir.display());
-            for (p, v) in values.iter() {
-                println!("  PCR {p:2} {v}");
-            }
+        TpmCommand::Approve { state_dir, flags } => {
+            print!("{}", flags.approve(&keyset(&state_dir))?);
             Ok(())
         }
         TpmCommand::Status { state_dir } => {
-            let set = keyset(&state_dir);
-            let s = set.status(&host_daemon::protect::KEYS[0])?;
-            print_status(&s);
+            let s = keyset(&state_dir).status(&host_daemon::protect::KEYS[0])?;
+            print!("{}", status_text(&s, "guestkeyd"));
             Ok(())
         }
-    }
-}
-
-fn print_status(s: &guestkey_protect::tpm::SealedStatus) {
-    println!(
-        "sealed keys   {}",
-        s.blob
-            .parent()
-            .map_or(String::new(), |p| p.display().to_string())
-    );
-    println!("TPM           {}", s.tcti);
-    println!("PCRs          {}", s.pcrs);
-    println!("authority     {}", s.authority);
-    println!("approvals     {}", s.approvals);
-    println!(
-        "unseals now   {}",
-        if s.unseals {
-            "yes"
-        } else {
-            "no: approve this boot's values with `tpm approve`"
-        }
-    );
-    for (p, v) in s.current.iter() {
-        println!("  PCR {p:2} {v}");
     }
 }
