@@ -31,19 +31,26 @@ fn shown(s: &Stack, want: &str) -> bool {
     String::from_utf8_lossy(&out.stdout).contains(want)
 }
 
-#[test]
-fn a_tpm_sealed_host_starts_autostarts_and_after_an_update_waits_for_an_approval() {
+/// A simulated TPM, the scratch directory of the PCR authority key
+/// (`authority.pk8`), and a stack whose host enrolled with `--tpm`.
+fn tpm_stack() -> (Swtpm, std::path::PathBuf, Stack) {
     let tpm = Swtpm::start();
-    let authority_dir = guestkey_testkit::temp_dir("tpm-authority");
-    let _gone = RemoveOnDrop(authority_dir.clone());
-    let authority = authority_dir.join("authority.pk8");
-    let mut s = Stack::start_with(&[
+    let dir = guestkey_testkit::temp_dir("tpm-authority");
+    let s = Stack::start_with(&[
         "--tpm".into(),
         "--tpm-tcti".into(),
         tpm.tcti(),
         "--tpm-authority-key".into(),
-        d(&authority).into(),
+        d(&dir.join("authority.pk8")).into(),
     ]);
+    (tpm, dir, s)
+}
+
+#[test]
+fn a_tpm_sealed_host_starts_autostarts_and_after_an_update_waits_for_an_approval() {
+    let (tpm, authority_dir, mut s) = tpm_stack();
+    let _gone = RemoveOnDrop(authority_dir.clone());
+    let authority = authority_dir.join("authority.pk8");
     let state = s.state_dir();
     // Both keys are sealed; neither is a file.
     for plain in ["sealing.key", "store.key"] {
@@ -141,17 +148,9 @@ fn a_tpm_sealed_host_starts_autostarts_and_after_an_update_waits_for_an_approval
 
 #[test]
 fn a_copy_of_a_tpm_sealed_state_directory_opens_nothing_on_another_tpm() {
-    let tpm = Swtpm::start();
-    let authority_dir = guestkey_testkit::temp_dir("tpm-authority");
+    let (_tpm, authority_dir, mut s) = tpm_stack();
     let _gone = RemoveOnDrop(authority_dir.clone());
     let authority = authority_dir.join("authority.pk8");
-    let mut s = Stack::start_with(&[
-        "--tpm".into(),
-        "--tpm-tcti".into(),
-        tpm.tcti(),
-        "--tpm-authority-key".into(),
-        d(&authority).into(),
-    ]);
     s.daemon.take().unwrap().stop();
     let copy = s.dir.join("copied-state");
     let st = Command::new("cp")

@@ -7,11 +7,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use guestkey_protect::tpm::TpmSite;
-use guestkey_protect::tpm::cli::{ApproveFlags, TpmFlags, status_text};
+use guestkey_protect::tpm::cli::{ApproveFlags, TpmFlags, resealed_text, status_text};
 use mgmt_server::config::{Config, DEFAULT_LISTEN, Overrides};
 use mgmt_server::init::{InitOptions, init};
 use mgmt_server::masterkey::MasterKeySource;
-use mgmt_server::tpm::ResealTo;
 
 /// guestkey management server: keeps one key per guest volume, enrolls
 /// hosts, and pushes sealed keys to their host daemons over mutual TLS.
@@ -266,26 +265,9 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             } else {
                 None
             };
-            let to = if to_files {
-                ResealTo::Files
-            } else {
-                match tpm.target(current.as_ref())? {
-                    Some(t) => ResealTo::Tpm(t),
-                    None => {
-                        return Err(
-                            "name where the keys go: --to-files, or --tpm-authority-key FILE (with --tpm-tcti, --tpm-pcrs to change them)"
-                                .into(),
-                        );
-                    }
-                }
-            };
+            let to = tpm.reseal_to(to_files, current.as_ref())?;
             let r = mgmt_server::tpm::reseal(&data_dir, &to)?;
-            println!(
-                "resealed {}: from {} to {}",
-                r.keys.join(", "),
-                r.from,
-                r.to
-            );
+            print!("{}", resealed_text(&r));
             Ok(())
         }
         Command::MigrateRoles {

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use crate::tpm::TpmError;
-use crate::tpm::keyset::{DEFAULT_TCTI, KeySet, TpmTarget};
+use crate::tpm::keyset::{DEFAULT_TCTI, KeySet, ResealReport, ResealTo, TpmTarget};
 use crate::tpm::pcr::{PcrSelection, PcrValue};
 use crate::tpm::protector::{SealedStatus, TpmSite};
 
@@ -65,6 +65,29 @@ pub fn parse_pcr_value(s: &str) -> Result<(u8, PcrValue), String> {
         .filter(|n| *n < 24)
         .ok_or_else(|| format!("`{n}` is not a PCR number (0 to 23)"))?;
     Ok((n, v.parse()?))
+}
+
+impl TpmFlags {
+    /// Where `reseal` moves the keys: files with `to_files`, else the TPM
+    /// these flags name (with `current`'s TPM and PCRs as defaults).
+    pub fn reseal_to(self, to_files: bool, current: Option<&TpmSite>) -> Result<ResealTo, String> {
+        if to_files {
+            return Ok(ResealTo::Files);
+        }
+        self.target(current)?.map(ResealTo::Tpm).ok_or_else(|| {
+            "name where the keys go: --to-files, or --tpm-authority-key FILE (with --tpm-tcti, --tpm-pcrs to change them)".to_owned()
+        })
+    }
+}
+
+/// What `reseal` prints.
+pub fn resealed_text(r: &ResealReport) -> String {
+    format!(
+        "resealed {}: from {} to {}\n",
+        r.keys.join(", "),
+        r.from,
+        r.to
+    )
 }
 
 /// `tpm approve`'s flags, beside the directory flag each program names.

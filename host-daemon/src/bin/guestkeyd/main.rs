@@ -9,8 +9,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 mod tpm;
-use guestkey_protect::tpm::ResealTo;
-use guestkey_protect::tpm::cli::TpmFlags;
+use guestkey_protect::tpm::cli::{TpmFlags, resealed_text};
 use host_daemon::grpc::enroll::{EnrollmentToken, enroll};
 use host_daemon::image::QemuImages;
 use host_daemon::libvirt::{Libvirt, events};
@@ -219,26 +218,8 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
             } else {
                 None
             };
-            let to = if to_files {
-                ResealTo::Files
-            } else {
-                match tpm.target(current.as_ref())? {
-                    Some(t) => ResealTo::Tpm(t),
-                    None => {
-                        return Err(
-                            "name where the keys go: --to-files, or --tpm-authority-key FILE (with --tpm-tcti, --tpm-pcrs to change them)"
-                                .into(),
-                        );
-                    }
-                }
-            };
-            let r = set.reseal(&to)?;
-            println!(
-                "resealed {}: from {} to {}",
-                r.keys.join(", "),
-                r.from,
-                r.to
-            );
+            let to = tpm.reseal_to(to_files, current.as_ref())?;
+            print!("{}", resealed_text(&set.reseal(&to)?));
             Ok(())
         }
         Command::TrustServer { ca_file, state_dir } => {
