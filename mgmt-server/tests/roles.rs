@@ -414,7 +414,12 @@ fn server(args: &[&str], data: &Path) -> Output {
 /// trust-server` does), gets the very key made before the migration.
 #[test]
 fn a_data_directory_made_before_roles_keeps_its_keys_through_migrate_roles() {
-    let mut s = start_server(None);
+    // Retries stay short: the waits below outlast the pushes the server
+    // tried while the host did not answer (with the default backoff, the
+    // next try could come after the wait ends).
+    let mut s = start_server(Some(
+        "[retry]\ninitial_delay_ms = 100\nmax_delay_ms = 500\n",
+    ));
     let mut a = TestAgent::enroll(&s, "kvm-l");
     s.ok(&[
         "volume",

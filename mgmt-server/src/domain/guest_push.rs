@@ -9,6 +9,7 @@ use crate::domain::push::{FailureKind, PushFailure, held};
 use crate::domain::release::seal_for;
 use crate::domain::{Core, now_unix_ms};
 use crate::model::{CoreError, EnrolledHost, GuestInfo, GuestOp, GuestState};
+use crate::store::Tx;
 
 /// Guest operations looked at per round.
 const GUEST_BATCH: u32 = 64;
@@ -126,6 +127,9 @@ impl Core {
             GuestOp::Stop => "guest.stopped",
         };
         self.write(|tx| {
+            if changed_meanwhile(tx, g)? {
+                return Ok(());
+            }
             tx.guest_op_done(&g.uuid, op, state)?;
             self.log(
                 tx,
@@ -148,6 +152,9 @@ impl Core {
         let next = now_unix_ms() + self.retry_delay_ms(g.attempts) as i64;
         let failures = g.failures + 1;
         self.write(|tx| {
+            if changed_meanwhile(tx, g)? {
+                return Ok(());
+            }
             let counts = matches!(e.kind, FailureKind::Declined | FailureKind::Lasting);
             let (Some(op), true) = (g.pending, counts && failures >= self.retry.max_attempts)
             else {
@@ -173,4 +180,30 @@ impl Core {
             Ok(())
         })
     }
+}
+
+/// Whether the guest's request changed while its push was under way (the
+/// admin asked for something else): the old push's outcome is then not
+/// recorded, and the next push works from the new request.
+fn changed_meanwhile(tx: &mut dyn Tx, g: &GuestInfo) -> Result<bool, CoreError> {
+    let now = tx.guest(&g.uuid)?;
+    // Its state is not compared: the host reports it (a started guest
+    // runs) while the push is under way.
+    let changed = now.as_ref().is_none_or(|n| {
+        (
+            n.pending,
+            n.attempts,
+            n.host.as_str(),
+            n.domain_xml.as_str(),
+        ) != (
+            g.pending,
+            g.attempts,
+            g.host.as_str(),
+            g.domain_xml.as_str(),
+        )
+    });
+    if changed {
+        tracing::info!(guest = %g.uuid, "a push outcome is stale: the guest changed meanwhile");
+    }
+    Ok(changed)
 }

@@ -337,3 +337,40 @@ async fn a_host_that_stops_answering_during_every_call_is_given_up_too() {
     assert_eq!(b.core.get_volume("v").unwrap().state, VolumeState::Failed);
     assert_eq!(b.count("key.released"), 4);
 }
+
+/// A guest push's failure that arrives after the guest's request changed
+/// (here its XML was redefined, as adopting an encrypted volume does)
+/// neither counts against the new request nor gives it up.
+#[tokio::test]
+async fn a_stale_guest_push_failure_leaves_the_new_request_alone() {
+    use crate::domain::push::{FailureKind, PushFailure};
+    use crate::store::{Access, Store};
+
+    let b = Bed::new();
+    b.host("kvm-a");
+    b.volume("kvm-a", "root").await;
+    let g = b.guest("kvm-a", "web", &["root"]).await;
+    let mut start = b
+        .core
+        .guest_action(&b.admin, "web", GuestOp::Start)
+        .unwrap();
+    // Its last allowed attempt is under way ...
+    start.failures = 3;
+    // ... when the admin's new definition replaces the request.
+    let mut tx = b.store.begin(Access::Write).unwrap();
+    tx.redefine_guest(&g.uuid, &g.domain_xml).unwrap();
+    tx.commit().unwrap();
+    let before = b.snapshot();
+    let failed = PushFailure {
+        kind: FailureKind::Lasting,
+        message: "the start failed".into(),
+    };
+    b.core.guest_push_failed(&start, &failed).unwrap();
+    b.core
+        .guest_push_succeeded(&start, Some(GuestState::Running))
+        .unwrap();
+    assert_eq!(b.snapshot(), before);
+    let now = b.core.get_guest("web").unwrap();
+    assert_eq!((now.pending, now.failures), (Some(GuestOp::Define), 0));
+    assert_eq!(b.count("guest.failed"), 0);
+}

@@ -238,3 +238,58 @@ async fn a_guest_gets_exactly_its_volumes_keys() {
         crate::model::GuestState::Running
     );
 }
+
+/// A push's outcome that arrives after the volume changed (the admin
+/// deleted it, or its host was revoked and it was shredded) changes
+/// nothing: the deletion is not undone and its reason stays.
+#[tokio::test]
+async fn a_push_outcome_of_a_volume_that_changed_meanwhile_is_dropped() {
+    use crate::domain::agent::VolumeOnHost;
+    use crate::domain::push::{FailureKind, PushFailure};
+
+    let b = Bed::new();
+    b.host("kvm-a");
+    b.host("kvm-r");
+    let made = VolumeOnHost {
+        path: "/fake/p/x".into(),
+        capacity_bytes: 1 << 20,
+    };
+    // Deleted while its creation was under way: the creation's success
+    // does not make it ready again, and the deletion is still queued.
+    let v = b
+        .core
+        .create_volume(&b.admin, "kvm-a", "p", "gone", 1 << 20, VolumeFormat::Raw)
+        .unwrap();
+    b.core.delete_volume(&b.admin, "gone").unwrap();
+    let before = b.snapshot();
+    b.core.record_pushes(&[(v.clone(), Ok(made))]).unwrap();
+    assert_eq!(b.snapshot(), before);
+    assert_eq!(
+        b.core.get_volume(&v.id).unwrap().state,
+        VolumeState::PendingDelete
+    );
+    b.push().await;
+    assert_eq!(
+        b.core.get_volume(&v.id).unwrap().state,
+        VolumeState::Deleted
+    );
+
+    // Shredded with its revoked host while a creation failed: the reason
+    // shown is the shredding's, not the failed attempt's.
+    let v = b
+        .core
+        .create_volume(&b.admin, "kvm-r", "p", "doomed", 1 << 20, VolumeFormat::Raw)
+        .unwrap();
+    b.core.revoke_host(&b.admin, "kvm-r").unwrap();
+    b.core.delete_volume(&b.admin, "doomed").unwrap();
+    let before = b.snapshot();
+    let failed = PushFailure {
+        kind: FailureKind::Lasting,
+        message: "host kvm-r is revoked: no keys go to it".into(),
+    };
+    b.core.record_pushes(&[(v.clone(), Err(failed))]).unwrap();
+    assert_eq!(b.snapshot(), before);
+    let d = b.core.get_volume(&v.id).unwrap();
+    assert_eq!(d.state, VolumeState::Deleted);
+    assert!(d.last_error.contains("its image was left there"), "{d:?}");
+}
