@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use guestkey_testkit::cleanup::Made;
 use host_daemon::image::{CALIBRATION_TRIES, Images, QemuImages};
 use host_daemon::libvirt::{Hypervisor, Libvirt};
 use host_daemon::model::{Format, VolumeEntry};
@@ -37,6 +38,8 @@ fn main() {
     let size = mib << 20;
     let dir = PathBuf::from(format!("/var/tmp/gk-rekey-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    // Removed at the end, on a panic, and on Ctrl-C (SIGINT/SIGTERM/SIGHUP).
+    let _made = Made::dir(&dir);
     let a = generate_passphrase().unwrap();
     let b = generate_passphrase().unwrap();
     let (a, b) = (a.expose_secret(), b.expose_secret());
@@ -153,7 +156,6 @@ fn main() {
     println!();
 
     online(&dir, size, a, b);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Online deep rekey of a running guest's qcow2 disk, as guestkeyd does it.
@@ -177,6 +179,8 @@ fn online(dir: &Path, size: u64, a: &[u8], b: &[u8]) {
          <driver name='qemu' type='qcow2'/><source file='{img}'><encryption format='luks'>
          <secret type='passphrase' uuid='{secret}'/></encryption></source><target dev='vda' bus='virtio'/></disk></devices></domain>"
     );
+    let _guest = Made::domain("qemu:///system", &name);
+    let _secret = Made::secret("qemu:///system", &secret);
     let xml_file = dir.join("online.xml");
     std::fs::write(&xml_file, xml).unwrap();
     hv.set_secret(&secret, img, a).unwrap();

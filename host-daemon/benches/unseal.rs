@@ -9,6 +9,7 @@
 
 use std::time::Instant;
 
+use guestkey_testkit::cleanup::Made;
 use host_daemon::protect::{HostKeys, HostProtectors};
 use host_daemon::state::{StateDir, write_atomic};
 use host_daemon::store::{GuestRecord, Store, StoredKey};
@@ -20,6 +21,8 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let n = if quick { 100 } else { 1000 };
     let dir = std::env::temp_dir().join(format!("gk-unseal-{}", std::process::id()));
+    // Removed at the end, on a panic, and on Ctrl-C (SIGINT/SIGTERM/SIGHUP).
+    let _made = Made::dir(&dir);
     let state = StateDir::new(&dir);
     host_daemon::state::private_dir(&dir).unwrap();
     let sealing = HostSealingKey::generate();
@@ -102,5 +105,4 @@ fn main() {
         unseal.as_secs_f64() * 1e3,
         unseal.as_secs_f64() / read.as_secs_f64()
     );
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -34,6 +34,8 @@ fn main() {
     };
 
     let dir = common::temp_dir("bench");
+    // Removed at the end, on a panic, and on Ctrl-C (SIGINT/SIGTERM/SIGHUP).
+    let _made = guestkey_testkit::cleanup::Made::dir(&dir);
     let data = dir.join("data");
     init(&InitOptions {
         data_dir: data.clone(),
@@ -211,5 +213,4 @@ fn main() {
         pct(&mut by_id, 0.99)
     );
     drop(agent);
-    let _ = std::fs::remove_dir_all(dir);
 }

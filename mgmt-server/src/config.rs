@@ -224,16 +224,19 @@ impl Config {
 mod tests {
     use super::*;
 
-    fn file(text: &str) -> PathBuf {
-        let p =
-            std::env::temp_dir().join(format!("gk-cfg-{}-{}.toml", std::process::id(), text.len()));
+    /// A config file with `text`, in a directory of its own that goes
+    /// when the guard drops.
+    fn file(text: &str) -> (PathBuf, guestkey_testkit::cleanup::Made) {
+        let dir = guestkey_testkit::temp_dir("cfg");
+        let gone = guestkey_testkit::cleanup::Made::dir(&dir);
+        let p = dir.join("server.toml");
         std::fs::write(&p, text).unwrap();
-        p
+        (p, gone)
     }
 
     #[test]
     fn file_then_flags() {
-        let p = file(
+        let (p, _gone) = file(
             "listen = \"127.0.0.1:9000\"\ndata_dir = \"/d\"\n[limits]\nkey_releases_per_minute = 5\n",
         );
         let c = Config::load(Some(&p), Overrides::default()).unwrap();
@@ -257,12 +260,12 @@ mod tests {
 
     #[test]
     fn mistakes_are_named() {
-        let p = file("data_dir = \"/d\"\nlisten_addr = \"x\"\n");
+        let (p, _gone) = file("data_dir = \"/d\"\nlisten_addr = \"x\"\n");
         let e = Config::load(Some(&p), Overrides::default())
             .unwrap_err()
             .to_string();
         assert!(e.contains("listen_addr"), "{e}");
-        let p = file("data_dir = \"/d\"\nlisten = \"nowhere\"\n");
+        let (p, _gone) = file("data_dir = \"/d\"\nlisten = \"nowhere\"\n");
         let e = Config::load(Some(&p), Overrides::default())
             .unwrap_err()
             .to_string();
@@ -271,7 +274,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--data-dir"), "{e}");
-        let p = file("data_dir = \"/d\"\n[retry]\ninitial_delay_ms = 0\n");
+        let (p, _gone) = file("data_dir = \"/d\"\n[retry]\ninitial_delay_ms = 0\n");
         assert!(Config::load(Some(&p), Overrides::default()).is_err());
     }
 }

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use guestkey_testkit::{RemoveOnDrop, Swtpm};
+use guestkey_testkit::Swtpm;
+use guestkey_testkit::cleanup::Made;
 
 struct TpmServer {
     tpm: Swtpm,
@@ -215,7 +216,7 @@ fn after_an_update_the_server_refuses_to_start_naming_the_pcr_until_it_is_approv
 fn bad_tpm_requests_are_refused_by_name_and_change_nothing() {
     // init without an authority key: nothing is made.
     let scratch = temp_dir("tpm-bad");
-    let _gone = RemoveOnDrop(scratch.clone());
+    let _gone = Made::dir(&scratch);
     let data = scratch.join("data");
     let e = fails(&["init", "--data-dir", d(&data), "--master-key-source", "tpm"]);
     assert!(
@@ -315,7 +316,7 @@ fn a_copy_of_the_data_directory_on_another_tpm_opens_nothing() {
     let mut t = TpmServer::start();
     t.server.stop();
     let copy_dir = temp_dir("tpm-copy");
-    let _gone = RemoveOnDrop(copy_dir.clone());
+    let _gone = Made::dir(&copy_dir);
     let copy = copy_dir.join("data");
     let status = Command::new("cp")
         .args(["-a", d(t.data()), d(&copy)])

@@ -29,6 +29,8 @@ fn main() {
     let rounds: u32 = if quick { 20 } else { 100 };
     let tpm = Swtpm::start();
     let dir = temp_dir("bench-tpm");
+    // Removed at the end, on a panic, and on Ctrl-C (SIGINT/SIGTERM/SIGHUP).
+    let _made = guestkey_testkit::cleanup::Made::dir(&dir);
     let pcrs: PcrSelection = "sha256:7".parse().unwrap();
     let authority = Authority::create(&dir.join("authority.pk8")).unwrap();
     let sealed = TpmProtector::new(
@@ -86,5 +88,4 @@ fn main() {
         "key generation: OS alone {os_rate:.0} keys/s, with TPM bytes mixed in {mixed_rate:.0} keys/s (ratio {:.4}), {n} keys",
         mixed_rate / os_rate
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

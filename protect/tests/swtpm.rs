@@ -11,7 +11,8 @@ use guestkey_protect::tpm::{
     Approvals, Authority, Entropy, PcrSelection, PcrValue, TpmProtector, current_pcrs,
 };
 use guestkey_protect::{KeyProtector, ProtectError, ProtectedKey};
-use guestkey_testkit::{RemoveOnDrop, Swtpm, temp_dir};
+use guestkey_testkit::cleanup::Made;
+use guestkey_testkit::{Swtpm, temp_dir};
 
 const HINT: &str = "guestkey-server tpm approve --current";
 
@@ -227,7 +228,7 @@ fn a_copy_on_another_tpm_or_after_a_clear_opens_nothing_and_says_so() {
 #[test]
 fn a_tpm_that_is_not_there_or_does_not_answer_is_named() {
     let dir = temp_dir("tpm");
-    let _gone = RemoveOnDrop(dir.clone());
+    let _gone = Made::dir(&dir);
     let authority = Authority::create(&dir.join("a.pk8")).unwrap();
     // Nobody listens.
     let port = guestkey_testkit::free_ports(2);

@@ -10,6 +10,9 @@
 //!   [`TestServer::json`] ...);
 //! - [`enroll_guestkeyd`]: a guestkeyd state directory enrolled with a
 //!   token from `host add`, the token on standard input;
+//! - [`cleanup::Made`]: what a test or benchmark made (directories,
+//!   processes, libvirt domains, pools, secrets), removed when its guard
+//!   drops and on SIGINT/SIGTERM/SIGHUP;
 //! - small helpers: [`temp_dir`], [`free_port`], [`run`], [`wait_for`].
 //!
 //! It knows the programs only by their paths ([`Bins`]): the server's tests
@@ -20,6 +23,7 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::print_stdout, clippy::unwrap_used)] // a failed unwrap is a failed test
 
+pub mod cleanup;
 mod proc;
 mod server;
 mod swtpm;
@@ -44,16 +48,6 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     ));
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// Removes a scratch directory when dropped: at the end of a test, also
-/// when it fails.
-pub struct RemoveOnDrop(pub PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A TCP port on 127.0.0.1 free right now, and never handed out twice by

@@ -4,9 +4,13 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
+use crate::cleanup::{Made, ProcessGuard};
+
 /// A running process, stopped (SIGTERM, then waited for) when dropped.
 pub struct Proc {
     child: Child,
+    /// Killed on a signal that ends the test first.
+    _guard: ProcessGuard,
     /// The first line it printed on stdout.
     pub first_line: String,
     /// Its stderr so far.
@@ -22,6 +26,7 @@ impl Proc {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let guard = Made::process(child.id(), &cmd.get_program().to_string_lossy());
         let log = Arc::new(Mutex::new(String::new()));
         let l = log.clone();
         let stderr = child.stderr.take().unwrap();
@@ -46,6 +51,7 @@ impl Proc {
         }
         Self {
             child,
+            _guard: guard,
             first_line: line.trim().to_owned(),
             log,
         }

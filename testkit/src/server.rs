@@ -55,8 +55,9 @@ pub struct TestServer {
     pub bins: Bins,
     config: Option<PathBuf>,
     proc: Option<Proc>,
-    /// A scratch directory of its own, removed when it is dropped.
-    scratch: Option<PathBuf>,
+    /// A scratch directory of its own, removed when it is dropped (or on
+    /// a signal).
+    scratch: Option<crate::cleanup::Made>,
     /// What the processes that ended wrote on stderr.
     history: String,
 }
@@ -66,8 +67,9 @@ impl TestServer {
     /// dropped), then `run` with `config` (TOML) if given, on a free port.
     pub fn start(bins: Bins, config: Option<&str>) -> Self {
         let scratch = crate::temp_dir("server");
+        let gone = crate::cleanup::Made::dir(&scratch);
         let mut s = Self::start_in(scratch.join("data"), bins, config);
-        s.scratch = Some(scratch);
+        s.scratch = Some(gone);
         s
     }
 
@@ -243,9 +245,7 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.stop();
-        if let Some(d) = &self.scratch {
-            let _ = std::fs::remove_dir_all(d);
-        }
+        self.scratch.take();
     }
 }
 

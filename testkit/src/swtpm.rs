@@ -9,14 +9,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::cleanup::{Made, ProcessGuard};
 use crate::{free_ports, temp_dir};
 
 /// A running swtpm.
 pub struct Swtpm {
-    child: Option<Child>,
+    child: Option<(Child, ProcessGuard)>,
     state: PathBuf,
-    /// Whether the state directory is its own (removed when dropped).
-    owns_state: bool,
+    /// Its own state directory (removed when dropped, or on a signal).
+    _gone: Option<Made>,
     port: u16,
     ctrl: u16,
 }
@@ -25,8 +26,10 @@ impl Swtpm {
     /// A new simulated TPM (fresh state: a TPM of its own, with its own
     /// seeds).
     pub fn start() -> Self {
-        let mut s = Self::start_in(temp_dir("swtpm"));
-        s.owns_state = true;
+        let state = temp_dir("swtpm");
+        let gone = Made::dir(&state);
+        let mut s = Self::start_in(state);
+        s._gone = Some(gone);
         s
     }
 
@@ -38,7 +41,7 @@ impl Swtpm {
         let mut s = Self {
             child: None,
             state,
-            owns_state: false,
+            _gone: None,
             port,
             ctrl: port + 1,
         };
@@ -59,7 +62,8 @@ impl Swtpm {
             .stderr(Stdio::null())
             .spawn()
             .expect("swtpm runs (Debian package swtpm; scripts/setup installs it)");
-        self.child = Some(child);
+        let guard = Made::process(child.id(), "swtpm");
+        self.child = Some((child, guard));
         let end = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
@@ -84,7 +88,7 @@ impl Swtpm {
 
     /// Stops it (as a power-off: the state stays).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if let Some((mut c, _guard)) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -132,8 +136,5 @@ fn sha256_hex(data: &[u8]) -> String {
 impl Drop for Swtpm {
     fn drop(&mut self) {
         self.stop();
-        if self.owns_state {
-            let _ = std::fs::remove_dir_all(&self.state);
-        }
     }
 }

@@ -81,6 +81,8 @@ fn main() {
         .any(|a| a == "--tpm")
         .then(guestkey_testkit::Swtpm::start);
     let authority_dir = guestkey_testkit::temp_dir("bench-authority");
+    // Removed at the end, on a panic, and on Ctrl-C (SIGINT/SIGTERM/SIGHUP).
+    let _made = guestkey_testkit::cleanup::Made::dir(&authority_dir);
     let authority = authority_dir.join("authority.pk8");
     let s = match &tpm {
         Some(t) => Stack::start_with(&[
@@ -245,5 +247,4 @@ fn main() {
         libvirt_create.as_secs_f64()
     );
     drop(cleanup);
-    let _ = std::fs::remove_dir_all(&authority_dir);
 }

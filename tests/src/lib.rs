@@ -12,6 +12,7 @@
 
 pub mod image;
 pub mod impostor;
+pub mod leftovers;
 #[path = "../../mgmt-server/tests/common/legacy.rs"]
 pub mod legacy;
 pub mod memscan;
@@ -77,16 +78,24 @@ pub fn unique_name(what: &str) -> String {
     )
 }
 
-/// Undoes what a test created, in reverse order, when dropped.
+/// Undoes what a test created, in reverse order, when dropped, and also
+/// when the test process gets SIGINT, SIGTERM or SIGHUP (each step is a
+/// [`guestkey_testkit::cleanup::Made`]).
 #[derive(Default)]
 pub struct Cleanup {
-    steps: Vec<Box<dyn FnOnce()>>,
+    steps: Vec<guestkey_testkit::cleanup::Made>,
 }
 
 impl Cleanup {
     /// Registers an undo step.
-    pub fn push(&mut self, step: impl FnOnce() + 'static) {
-        self.steps.push(Box::new(step));
+    pub fn push(&mut self, step: impl FnOnce() + Send + 'static) {
+        self.steps.push(guestkey_testkit::cleanup::Made::new(
+            "a test's undo step",
+            move || {
+                step();
+                Ok(())
+            },
+        ));
     }
 
     /// Registers `virsh ARGS` as an undo step (its failure is ignored: the
@@ -103,7 +112,7 @@ impl Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         while let Some(step) = self.steps.pop() {
-            step();
+            drop(step);
         }
     }
 }

@@ -166,8 +166,13 @@ fn links_planted_or_raced_in_a_shared_pool_never_reach_root_files() {
     let _ = s.ctl(&["volume", "delete", "plant-a"]);
 
     // 2. Links raced in and out of the name while the volume is made.
+    //    (The attacker removes only its own links: a pool's writer can
+    //    always delete an image, which is not what is tested here. An
+    //    attacker loop that removed whatever had the name, or moved its
+    //    copy back over it, sometimes deleted the image guestkeyd had
+    //    just put there.)
     let c = as_attacker(&format!(
-        "i=0; while [ $i -lt 4000 ]; do ln -s {v} {p}/race-b 2>/dev/null; rm -f {p}/race-b; i=$((i+1)); done"
+        "i=0; while [ $i -lt 4000 ]; do ln -s {v} {p}/race-b 2>/dev/null && [ -L {p}/race-b ] && rm -f {p}/race-b; i=$((i+1)); done"
     ));
     let out = create(&s, &pool, "race-b", "60s");
     attacker_done(c);
@@ -231,7 +236,7 @@ fn links_planted_or_raced_in_a_shared_pool_never_reach_root_files() {
     for kind in ["--deep", "--shallow"] {
         let c = as_attacker(&format!(
             "i=0; while [ $i -lt 1500 ]; do \
-               if mv {p}/rek-c {p}/rek-c.x 2>/dev/null; then ln -s {v} {p}/rek-c; rm -f {p}/rek-c; mv {p}/rek-c.x {p}/rek-c; fi; \
+               if mv {p}/rek-c {p}/rek-c.x 2>/dev/null; then ln -s {v} {p}/rek-c 2>/dev/null && [ -L {p}/rek-c ] && rm -f {p}/rek-c; mv -n {p}/rek-c.x {p}/rek-c; fi; \
                rmdir {p}/.guestkey 2>/dev/null && ln -s {v} {p}/.guestkey && rm -f {p}/.guestkey; \
                ln -s {v} {p}/.guestkey/rek-c 2>/dev/null; \
                i=$((i+1)); done"

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use guestkey_testkit::{Proc, RemoveOnDrop, Swtpm};
+use guestkey_testkit::cleanup::Made;
+use guestkey_testkit::{Proc, Swtpm};
 use guestkey_tests::stack::{Stack, bin};
 use guestkey_tests::{virsh, volume_domain_xml};
 
@@ -49,7 +50,7 @@ fn tpm_stack() -> (Swtpm, std::path::PathBuf, Stack) {
 #[test]
 fn a_tpm_sealed_host_starts_autostarts_and_after_an_update_waits_for_an_approval() {
     let (tpm, authority_dir, mut s) = tpm_stack();
-    let _gone = RemoveOnDrop(authority_dir.clone());
+    let _gone = Made::dir(&authority_dir);
     let authority = authority_dir.join("authority.pk8");
     let state = s.state_dir();
     // Both keys are sealed; neither is a file.
@@ -149,7 +150,7 @@ fn a_tpm_sealed_host_starts_autostarts_and_after_an_update_waits_for_an_approval
 #[test]
 fn a_copy_of_a_tpm_sealed_state_directory_opens_nothing_on_another_tpm() {
     let (_tpm, authority_dir, mut s) = tpm_stack();
-    let _gone = RemoveOnDrop(authority_dir.clone());
+    let _gone = Made::dir(&authority_dir);
     let authority = authority_dir.join("authority.pk8");
     s.daemon.take().unwrap().stop();
     let copy = s.dir.join("copied-state");

@@ -4,12 +4,12 @@
 //! A copy is made in the pool directory's staging directory (root's, mode
 //! 0711: nobody else can list, create, rename or remove anything there),
 //! written through an open descriptor, proven (read back, opened by QEMU
-//! with the right key only, sample reads compared), and then moved over
-//! the image with one rename within the file system. The replaced image is
-//! held open from before the rename, and its blocks are overwritten through
-//! that descriptor before it is let go: whatever its name points to by then,
-//! only the old image is wiped. A copy left by a crash before the rename is
-//! discarded and made again; the image stays intact until the rename.
+//! with the right key only, sample reads compared), and then put in the
+//! image's place in one step within the file system (see [`Swap`]). The
+//! replaced image is held open from before, and its blocks are overwritten
+//! through that descriptor before it is let go: whatever its name points to
+//! by then, only the old image is wiped. A copy left by a crash before the
+//! swap is discarded and made again; the image stays intact until the swap.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -51,15 +51,34 @@ fn io(what: &'static str, path: &str) -> impl FnOnce(std::io::Error) -> ImageErr
     move |source| ImageError::Io { what, path, source }
 }
 
+/// How a copy replaces the image.
+#[derive(Clone, Copy)]
+enum Swap {
+    /// One exchange of the two names: the old image comes into the staging
+    /// directory, where nobody else can touch it, and only if it is the very
+    /// file that was copied is it wiped and removed; anything else (the image
+    /// moved away and a link put there at that instant) goes back where it
+    /// was, untouched, and the swap is refused. A writer of the pool can then
+    /// never have the copy put where it just removed something. Offline
+    /// copies: after a crash, a leftover in the staging directory is always
+    /// discarded, whichever file it is. With the identity of the image that
+    /// was copied.
+    Exchange(super::fs::FileId),
+    /// A rename over the image (the online copy a guest already runs on: its
+    /// leftover in the staging directory is taken for the copy after a
+    /// crash, so it must never hold the old image).
+    Rename,
+}
+
 /// Moves the copy `name` of `staging` over `name` of `pool` and wipes the
 /// image it replaces.
 fn swap(
     pool: &SafeDir,
     staging: &SafeDir,
-    copy_name: &str,
-    name: &str,
+    (copy_name, name): (&str, &str),
     copy: &File,
     path: &str,
+    how: Swap,
 ) -> Result<(), ImageError> {
     let old = pool.open_file(name, true)?;
     let len = old.metadata().map_err(io("inspect", path))?.len();
@@ -69,13 +88,29 @@ fn swap(
     set_owner(copy, uid, gid, mode, &shown)?;
     copy.sync_all().map_err(io("sync", &shown))?;
     let id = file_id(copy)?;
-    staging.move_to(copy_name, pool, name)?;
-    pool.sync()?;
-    if !pool.is(name, id)? {
-        return Err(super::fs::FsError::Replaced(path.to_owned()).into());
+    let replaced = || ImageError::from(super::fs::FsError::Replaced(path.to_owned()));
+    if let Swap::Exchange(copied) = how {
+        if file_id(&old)? != copied {
+            return Err(replaced());
+        }
+        staging.move_to(copy_name, pool, name, true)?;
+        if !staging.is(copy_name, copied)? {
+            staging.move_to(copy_name, pool, name, true)?;
+            return Err(replaced());
+        }
+        pool.sync()?;
+    } else {
+        staging.move_to(copy_name, pool, name, false)?;
+        pool.sync()?;
+        if !pool.is(name, id)? {
+            return Err(replaced());
+        }
     }
     let t = std::time::Instant::now();
     wipe(&old, len, path)?;
+    if matches!(how, Swap::Exchange(_)) {
+        staging.remove(copy_name)?;
+    }
     tracing::debug!(%path, wipe_ms = t.elapsed().as_millis() as u64, "swapped in, old image wiped");
     Ok(())
 }
@@ -209,8 +244,10 @@ fn with_copy(
     let src = pool.open_file(&name, false)?;
     let copy_name = offline_name(&name);
     let copy = fresh_copy(&staging, &copy_name)?;
-    let done =
-        work(&src, &copy).and_then(|()| swap(&pool, &staging, &copy_name, &name, &copy, path));
+    let done = work(&src, &copy).and_then(|()| {
+        let how = Swap::Exchange(file_id(&src)?);
+        swap(&pool, &staging, (&copy_name, &name), &copy, path, how)
+    });
     if done.is_err() {
         let _ = staging.remove(&copy_name);
     }
@@ -365,6 +402,13 @@ pub(super) fn swap_in_copy(path: &str, generation: u64) -> Result<bool, ImageErr
         return Ok(false);
     }
     let copy = staging.open_file(&copy_name, true)?;
-    swap(&pool, &staging, &copy_name, &name, &copy, path)?;
+    swap(
+        &pool,
+        &staging,
+        (&copy_name, &name),
+        &copy,
+        path,
+        Swap::Rename,
+    )?;
     Ok(true)
 }

@@ -3,19 +3,26 @@
 //! on stdin. A non-zero exit on `prepare` stops the start, and libvirt shows
 //! our stderr to the virsh user.
 
-#![allow(clippy::print_stderr)] // libvirt shows the hook's stderr to the user
+#![allow(clippy::print_stderr, clippy::print_stdout)] // libvirt shows the hook's stderr to the user
 
 use std::io::Read;
 use std::path::PathBuf;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    const USAGE: &str = "usage: guestkey-hook DOMAIN OPERATION SUB-OPERATION EXTRA (run by libvirt, domain XML on stdin)";
+    // Only alone: libvirt always passes four arguments, whatever the
+    // domain's name.
+    if args.len() == 2 && matches!(args[1].as_str(), "--help" | "-h") {
+        println!(
+            "{USAGE}\n\nlibvirt's qemu hook of guestkey: asks guestkeyd for the keys of a guest's\nencrypted disks when it starts, and refuses the start naming what is missing.\nRun from /etc/libvirt/hooks/qemu.d/ (scripts/setup installs it there); see docs/host-daemon.md."
+        );
+        return;
+    }
     let (domain, op) = match (args.get(1), args.get(2)) {
         (Some(d), Some(o)) => (d.clone(), o.clone()),
         _ => {
-            eprintln!(
-                "usage: guestkey-hook DOMAIN OPERATION SUB-OPERATION EXTRA (run by libvirt, domain XML on stdin)"
-            );
+            eprintln!("{USAGE}");
             std::process::exit(2);
         }
     };

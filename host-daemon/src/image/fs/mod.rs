@@ -345,12 +345,26 @@ impl SafeDir {
     }
 
     /// Moves `from` of this directory to `to` of `dest` (same file system),
-    /// replacing `to`.
-    pub fn move_to(&self, from: &str, dest: &SafeDir, to: &str) -> Result<(), FsError> {
-        rustix::fs::renameat(&self.fd, from, &dest.fd, to).map_err(|errno| FsError::Sys {
-            what: "rename",
-            path: format!("{} to {}", self.shown(from), dest.shown(to)),
-            errno,
+    /// replacing `to`; with `exchange`, in one step each name gets what the
+    /// other had (both must exist; links are moved, never followed).
+    pub fn move_to(
+        &self,
+        from: &str,
+        dest: &SafeDir,
+        to: &str,
+        exchange: bool,
+    ) -> Result<(), FsError> {
+        let flags = match exchange {
+            true => rustix::fs::RenameFlags::EXCHANGE,
+            false => rustix::fs::RenameFlags::empty(),
+        };
+        rustix::fs::renameat_with(&self.fd, from, &dest.fd, to, flags).map_err(|errno| {
+            let verb = if exchange { "exchange" } else { "rename" };
+            FsError::Sys {
+                what: verb,
+                path: format!("{} and {}", self.shown(from), dest.shown(to)),
+                errno,
+            }
         })
     }
 
