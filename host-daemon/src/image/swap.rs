@@ -61,7 +61,7 @@ enum Swap {
     /// was, untouched, and the swap is refused. A writer of the pool can then
     /// never have the copy put where it just removed something. Offline
     /// copies: after a crash, a leftover in the staging directory is always
-    /// discarded, whichever file it is. With the identity of the image that
+    /// discarded, whichever file it is. Holds the identity of the image that
     /// was copied.
     Exchange(super::fs::FileId),
     /// A rename over the image (the online copy a guest already runs on: its
@@ -87,7 +87,6 @@ fn swap(
     let shown = staging.path().join(copy_name).display().to_string();
     set_owner(copy, uid, gid, mode, &shown)?;
     copy.sync_all().map_err(io("sync", &shown))?;
-    let id = file_id(copy)?;
     let replaced = || ImageError::from(super::fs::FsError::Replaced(path.to_owned()));
     if let Swap::Exchange(copied) = how {
         if file_id(&old)? != copied {
@@ -100,6 +99,7 @@ fn swap(
         }
         pool.sync()?;
     } else {
+        let id = file_id(copy)?;
         staging.move_to(copy_name, pool, name, false)?;
         pool.sync()?;
         if !pool.is(name, id)? {

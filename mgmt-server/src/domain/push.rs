@@ -365,11 +365,7 @@ impl Core {
                 // (deleted, or shredded with its revoked host): the outcome
                 // of the old request must not undo the new one, nor replace
                 // its last error. The next push works from the new state.
-                let now = tx.find_volume(&v.id)?;
-                if now.as_ref().is_none_or(|n| {
-                    (n.state, n.key_generation, n.host.as_str())
-                        != (v.state, v.key_generation, v.host.as_str())
-                }) {
+                if !tx.volume_is(&v.id, v.state, v.key_generation, &v.host)? {
                     tracing::info!(volume = %v.id, was = %v.state, "a push outcome is stale: the volume changed meanwhile");
                     continue;
                 }

@@ -239,6 +239,15 @@ pub trait VolumeStore {
     fn volumes(&mut self, host: Option<&str>) -> Result<Vec<VolumeInfo>>;
     /// A volume by UUID.
     fn volume(&mut self, id: &str) -> Result<Option<VolumeInfo>>;
+    /// Whether volume `id` is still in `state` at key `generation` on
+    /// `host` (a push's outcome is recorded only then).
+    fn volume_is(
+        &mut self,
+        id: &str,
+        state: VolumeState,
+        generation: u64,
+        host: &str,
+    ) -> Result<bool>;
     /// A volume by UUID (any state) or name (not deleted), the live one first.
     fn find_volume(&mut self, name_or_id: &str) -> Result<Option<VolumeInfo>>;
     /// The volume (not deleted) of this name.

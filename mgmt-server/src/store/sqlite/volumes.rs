@@ -139,6 +139,21 @@ impl VolumeStore for SqliteTx<'_> {
         )
     }
 
+    fn volume_is(
+        &mut self,
+        id: &str,
+        state: VolumeState,
+        generation: u64,
+        host: &str,
+    ) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM volumes WHERE id = ?1 AND state = ?2 AND generation = ?3 AND host = ?4",
+            )?
+            .exists(params![id, state.as_str(), signed(generation), host])?)
+    }
+
     fn volume(&mut self, id: &str) -> Result<Option<VolumeInfo>> {
         self.volume_where("WHERE v.id = ?1", [id])
     }
