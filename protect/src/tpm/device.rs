@@ -40,7 +40,7 @@ use crate::tpm::pcr::{
 
 /// An open TPM.
 pub struct Tpm {
-    ctx: Context,
+    pub(super) ctx: Context,
     tcti: String,
 }
 
@@ -78,7 +78,7 @@ impl Tpm {
         &self.tcti
     }
 
-    fn fail(&self, what: &str, e: tss_esapi::Error) -> TpmError {
+    pub(super) fn fail(&self, what: &str, e: tss_esapi::Error) -> TpmError {
         describe(&self.tcti, what, e)
     }
 
@@ -226,7 +226,7 @@ impl Tpm {
         Ok((h, name))
     }
 
-    fn flush(&mut self, h: ObjectHandle) {
+    pub(super) fn flush(&mut self, h: ObjectHandle) {
         let _ = self.ctx.flush_context(h);
     }
 
@@ -440,7 +440,7 @@ impl Tpm {
     }
 }
 
-fn slot(pcr: u8) -> PcrSlot {
+pub(super) fn slot(pcr: u8) -> PcrSlot {
     PcrSlot::try_from(1u32 << pcr).expect("PCR selections hold 0 to 23 only")
 }
 

@@ -15,6 +15,7 @@
 //! Everything goes through `tss-esapi`, against `/dev/tpmrm0` or a
 //! simulator (`swtpm`) by its TCTI string.
 
+pub mod attest;
 pub mod authority;
 #[cfg(feature = "cli")]
 pub mod cli;
@@ -25,6 +26,7 @@ pub mod keyset;
 pub mod pcr;
 mod protector;
 mod service;
+pub mod verify;
 
 pub use authority::{Approval, Approvals, Authority, AuthorityPublic};
 pub use device::Tpm;
