@@ -10,7 +10,9 @@
 
 use std::path::Path;
 
-use guestkey_protect::tpm::{KeyEntry, KeySet};
+use guestkey_protect::tpm::attest::{AttestationKey, Endorsement, Quote};
+use guestkey_protect::tpm::{DEADLINE, KeyEntry, KeySet, PcrSelection, with_tpm};
+use zeroize::Zeroizing;
 use guestkey_protect::{Encoding, FileProtector, KeyProtector, ProtectError, ProtectedKey};
 use xdr_wipe::packet::{KeyPacket, VolumeId};
 use xdr_wipe::seal::{HostId, HostSealingKey, OpenError, open};
@@ -144,6 +146,111 @@ impl HostKeys {
         Self {
             host: HostId::new(host.to_owned()).unwrap_or_else(|e| panic!("{e}")),
             sealing,
+        }
+    }
+}
+
+/// This host's attestation key, made on its TPM at `guestkeyd enroll
+/// --tpm` and kept in `STATE_DIR/attestation/` (`ak.pub`, `ak.priv`: the
+/// private part is encrypted by the TPM under its endorsement key, useless
+/// to any other TPM; `tcti`). It signs quotes for the server's attestation
+/// challenges; nothing else.
+pub struct HostAttestation {
+    tcti: String,
+    key: AttestationKey,
+}
+
+/// The attestation folder of a state directory.
+pub const ATTESTATION_DIR: &str = "attestation";
+
+impl HostAttestation {
+    /// Makes the EK's public part (and certificate) and a new AK on the
+    /// TPM at `tcti`, and writes the AK into `into` (created, 0700).
+    pub fn make(into: &Path, tcti: &str) -> Result<(Self, Endorsement), String> {
+        let (ek, key) = with_tpm(tcti, DEADLINE, move |tpm| {
+            let ek = tpm.endorsement()?;
+            let key = tpm.create_attestation_key()?;
+            Ok((ek, key))
+        })
+        .map_err(|e| e.to_string())?;
+        crate::state::private_dir(into)
+            .map_err(|e| format!("cannot create {}: {e}", into.display()))?;
+        for (name, bytes) in [
+            ("ak.pub", key.public.as_slice()),
+            ("ak.priv", key.private.as_slice()),
+            ("tcti", tcti.as_bytes()),
+        ] {
+            let p = into.join(name);
+            crate::state::write_atomic(&p, bytes)
+                .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+        }
+        Ok((
+            Self {
+                tcti: tcti.to_owned(),
+                key,
+            },
+            ek,
+        ))
+    }
+
+    /// The attestation key of `dir` (None: enrolled without a TPM).
+    pub fn load(dir: &StateDir) -> Result<Option<Self>, String> {
+        let root = dir.file(ATTESTATION_DIR);
+        if !root.exists() {
+            return Ok(None);
+        }
+        let read = |name: &str| {
+            let p = root.join(name);
+            std::fs::read(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+        };
+        let tcti = String::from_utf8(read("tcti")?)
+            .map_err(|_| format!("{}/tcti is not text", root.display()))?;
+        Ok(Some(Self {
+            tcti: tcti.trim().to_owned(),
+            key: AttestationKey {
+                public: read("ak.pub")?,
+                private: read("ak.priv")?,
+            },
+        }))
+    }
+
+    /// The secret the server's credential protects, recovered by the TPM
+    /// (only if this AK lives in the TPM of the EK it was made for).
+    pub fn activate(&self, blob: &[u8], secret: &[u8]) -> Result<Zeroizing<Vec<u8>>, String> {
+        let key = self.copy();
+        let (blob, secret) = (blob.to_vec(), secret.to_vec());
+        with_tpm(&self.tcti, DEADLINE, move |t| {
+            t.activate_credential(&key, &blob, &secret)
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    /// A quote of `pcrs` with the server's `nonce`.
+    pub fn quote(&self, nonce: &[u8], pcrs: &[u8]) -> Result<Quote, String> {
+        if nonce.is_empty() || nonce.len() > 64 {
+            return Err(format!(
+                "the nonce is {} bytes: a challenge carries 1 to 64",
+                nonce.len()
+            ));
+        }
+        let selection = PcrSelection::new(pcrs.iter().copied())?;
+        let key = self.copy();
+        let nonce = nonce.to_vec();
+        with_tpm(&self.tcti, DEADLINE, move |t| {
+            t.quote(&key, &nonce, &selection)
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    /// The AK's public area (`TPMT_PUBLIC`), what the server pins.
+    pub fn public(&self) -> &[u8] {
+        &self.key.public
+    }
+
+    fn copy(&self) -> AttestationKey {
+        AttestationKey {
+            public: self.key.public.clone(),
+            private: self.key.private.clone(),
         }
     }
 }

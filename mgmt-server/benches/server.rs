@@ -52,6 +52,7 @@ fn main() {
         limits: Limits {
             max_volumes_per_host: 1_000_000,
             key_releases_per_minute: 1_000_000,
+            ..Default::default()
         },
         retry: Retry {
             initial_delay_ms: 10,

@@ -34,6 +34,10 @@ pub struct Limits {
     pub max_volumes_per_host: u32,
     /// Key packets released to one host per minute.
     pub key_releases_per_minute: u32,
+    /// How long a host's passed attestation lets keys of `attested`
+    /// volumes go to it (every flow that releases them attests the host
+    /// right before; this bounds what a stalled check could leave trusted).
+    pub attestation_max_age_secs: u32,
 }
 
 impl Default for Limits {
@@ -41,6 +45,7 @@ impl Default for Limits {
         Self {
             max_volumes_per_host: 10_000,
             key_releases_per_minute: 1000,
+            attestation_max_age_secs: 120,
         }
     }
 }

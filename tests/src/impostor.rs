@@ -65,6 +65,13 @@ impl HostApi for Service {
             server_certificate_sha256: self.answer.server_certificate_sha256.clone(),
         }))
     }
+    async fn prove_attestation_key(
+        &self,
+        _: Request<hpb::AttestationProof>,
+    ) -> R<hpb::AttestationProven> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(hpb::AttestationProven::default()))
+    }
 }
 
 impl Impostor {

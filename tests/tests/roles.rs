@@ -62,6 +62,7 @@ fn a_real_hosts_key_pair_cannot_pass_as_the_server_even_once_revoked() {
         certificate_pem: host_cert.clone(),
         ca_certificate_pem: host_cert.clone(),
         server_certificate_sha256: sha256_of_pem(cert),
+        ..Default::default()
     };
     let state = s.dir.join("roles-new");
     let check = |when: &str| {

@@ -9,7 +9,8 @@
 use std::path::Path;
 
 use guestkey_pinned_tls::Peer;
-use guestkey_proto::host::{EnrollRequest, host_api_client::HostApiClient};
+use guestkey_proto::host::{AttestationProof, EnrollRequest, host_api_client::HostApiClient};
+use guestkey_protect::tpm::attest::Endorsement;
 use secrecy::{ExposeSecret, SecretString};
 use xdr_wipe::seal::HostSealingKey;
 
@@ -17,7 +18,7 @@ use super::link::{LinkError, ServerLink};
 
 use guestkey_protect::tpm::TpmTarget;
 
-use crate::protect::{HostKeys, HostProtectors};
+use crate::protect::{ATTESTATION_DIR, HostAttestation, HostKeys, HostProtectors};
 use crate::state::{StateDir, private_dir, write_atomic};
 
 /// The one-time enrollment token: a secret from the admin, read from a
@@ -181,11 +182,26 @@ pub async fn enroll(
         .and_then(|p| p.serialize_request(&tls_key))
         .map_err(|e| EnrollError(format!("certificate request: {e}")))?;
     let staged = dir.root().join("tpm.new");
+    let attest_staged = dir.root().join("attestation.new");
+    let _ = std::fs::remove_dir_all(&attest_staged);
     let sealing = match (tpm, &entropy) {
         (Some(target), Some(e)) => stage_tpm(dir, &staged, target, e).inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&staged);
         })?,
         _ => HostSealingKey::generate(),
+    };
+    // The TPM's identity, made before the token is spent: the EK, and an
+    // AK whose files wait in attestation.new until the enrollment is done.
+    let identity = match tpm {
+        Some(t) => Some(
+            HostAttestation::make(&attest_staged, &t.tcti)
+                .map_err(|e| EnrollError(format!("--tpm: the attestation key: {e}")))
+                .inspect_err(|_| {
+                    let _ = std::fs::remove_dir_all(&staged);
+                    let _ = std::fs::remove_dir_all(&attest_staged);
+                })?,
+        ),
+        None => None,
     };
     let r = exchange(
         server,
@@ -196,12 +212,49 @@ pub async fn enroll(
         dir,
         &tls_key,
         tpm.is_some(),
+        identity.as_ref(),
     )
     .await;
     if r.is_err() {
         let _ = std::fs::remove_dir_all(&staged);
+        let _ = std::fs::remove_dir_all(&attest_staged);
     }
-    r
+    let (name, challenge) = r?;
+    if let (Some((ak, _)), Some((blob, secret))) = (identity, challenge) {
+        prove(server, dir, &ak, &blob, &secret).await.map_err(|e| {
+            EnrollError(format!(
+                "host {name} is enrolled, but its attestation key was not proven to live in its TPM ({e}): volumes whose key release is `attested` cannot go to it; ask the admin for a new token and enroll again"
+            ))
+        })?;
+    }
+    Ok(name)
+}
+
+/// The second half of a TPM-bound enrollment: the TPM recovers the
+/// server's credential (only if the AK lives in the TPM of the EK), and the
+/// host sends it back over its new mutual-TLS link.
+async fn prove(
+    server: &str,
+    dir: &StateDir,
+    ak: &HostAttestation,
+    blob: &[u8],
+    secret: &[u8],
+) -> Result<(), String> {
+    let credential = ak.activate(blob, secret)?;
+    let link = ServerLink::from_state(dir)
+        .map_err(|e| e.to_string())?
+        .ok_or("the enrollment's files are missing")?;
+    let channel = link
+        .connect(std::time::Duration::from_secs(30))
+        .await
+        .map_err(|e| link_error(server, e).0)?;
+    HostApiClient::new(channel)
+        .prove_attestation_key(AttestationProof {
+            credential: credential.to_vec(),
+        })
+        .await
+        .map_err(|s| format!("the server refused the proof: {}", s.message()))?;
+    Ok(())
 }
 
 /// Seals a new packet-sealing key into `staged` (the state directory's
@@ -247,7 +300,8 @@ async fn exchange(
     dir: &StateDir,
     tls_key: &rcgen::KeyPair,
     tpm: bool,
-) -> Result<String, EnrollError> {
+    identity: Option<&(HostAttestation, Endorsement)>,
+) -> Result<(String, Option<(Vec<u8>, Vec<u8>)>), EnrollError> {
     let channel = link
         .connect(std::time::Duration::from_secs(30))
         .await
@@ -258,6 +312,11 @@ async fn exchange(
             token: token.0.expose_secret().to_owned(),
             csr_der: csr.der().to_vec(),
             sealing_public_key: sealing.public_key().as_bytes().to_vec(),
+            ek_public: identity.map(|(_, ek)| ek.public.clone()).unwrap_or_default(),
+            ek_certificate: identity
+                .and_then(|(_, ek)| ek.certificate.clone())
+                .unwrap_or_default(),
+            ak_public: identity.map(|(ak, _)| ak.public().to_vec()).unwrap_or_default(),
         })
         .await
         .map_err(|s| {
@@ -293,6 +352,10 @@ async fn exchange(
         r.server_certificate_sha256.as_bytes(),
     )
     .map_err(io(&dir.file("server.sha256")))?;
+    if identity.is_some() {
+        let staged = dir.root().join("attestation.new");
+        std::fs::rename(&staged, dir.file(ATTESTATION_DIR)).map_err(io(&staged))?;
+    }
     if tpm {
         // The sealed key and the TPM settings, into place in one rename.
         let staged = dir.root().join("tpm.new");
@@ -307,5 +370,12 @@ async fn exchange(
     // Last: its presence means "enrolled".
     write_atomic(&dir.file("tls.pem"), r.certificate_pem.as_bytes())
         .map_err(io(&dir.file("tls.pem")))?;
-    Ok(r.host_name)
+    let challenge = (!r.credential_blob.is_empty()).then_some((r.credential_blob, r.encrypted_secret));
+    if identity.is_some() && challenge.is_none() {
+        return Err(EnrollError(format!(
+            "host {} is enrolled, but the server sent no attestation challenge for its TPM: it cannot be attested",
+            r.host_name
+        )));
+    }
+    Ok((r.host_name, challenge))
 }

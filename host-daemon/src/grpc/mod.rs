@@ -34,6 +34,8 @@ pub struct AgentService {
     pub daemon: Arc<Daemon>,
     /// SHA-256 (hex) of the management server's certificate.
     pub server_sha256: String,
+    /// This host's attestation key (None: enrolled without a TPM).
+    pub attestation: Option<Arc<crate::protect::HostAttestation>>,
 }
 
 /// What [`serve`] needs.
@@ -48,6 +50,8 @@ pub struct Listen {
     pub ca: String,
     /// SHA-256 (hex) of the one server certificate that may call.
     pub server_sha256: String,
+    /// This host's attestation key (None: enrolled without a TPM).
+    pub attestation: Option<crate::protect::HostAttestation>,
 }
 
 /// Serves the host-agent API over mutual TLS until `shutdown` completes.
@@ -64,6 +68,7 @@ pub async fn serve(
         .add_service(HostAgentServer::new(AgentService {
             daemon,
             server_sha256: l.server_sha256,
+            attestation: l.attestation.map(Arc::new),
         }))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(l.listener),
@@ -245,6 +250,37 @@ impl HostAgent for AgentService {
     async fn ping(&self, req: Request<apb::PingRequest>) -> R<apb::PingResult> {
         self.check(&req)?;
         Ok(Response::new(apb::PingResult {}))
+    }
+
+    async fn attest(&self, req: Request<apb::AttestRequest>) -> R<apb::AttestResult> {
+        self.check(&req)?;
+        let Some(a) = self.attestation.clone() else {
+            return Err(Status::failed_precondition(
+                "this host was enrolled without a TPM: it has no attestation key (enroll it with `guestkeyd enroll --tpm`)",
+            ));
+        };
+        let r = req.into_inner();
+        let pcrs = r
+            .pcrs
+            .iter()
+            .map(|p| u8::try_from(*p).unwrap_or(u8::MAX))
+            .collect::<Vec<u8>>();
+        let q = tokio::task::spawn_blocking(move || a.quote(&r.nonce, &pcrs))
+            .await
+            .map_err(|e| Status::internal(format!("guestkeyd's worker failed: {e}")))?
+            .map_err(|e| Status::failed_precondition(format!("cannot quote: {e}")))?;
+        Ok(Response::new(apb::AttestResult {
+            quote: q.attest,
+            signature: q.signature,
+            values: q
+                .values
+                .iter()
+                .map(|(pcr, v)| apb::QuotedPcr {
+                    pcr: u32::from(pcr),
+                    sha256: v.0.to_vec(),
+                })
+                .collect(),
+        }))
     }
 
     async fn get_inventory(&self, req: Request<apb::InventoryRequest>) -> R<apb::InventoryResult> {

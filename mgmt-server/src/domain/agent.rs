@@ -173,6 +173,26 @@ pub struct MigrateGuest {
     pub unsafe_: bool,
 }
 
+/// An attestation challenge: a quote of these PCRs with this nonce.
+#[derive(Debug, Clone)]
+pub struct AttestChallenge {
+    /// Fresh random bytes.
+    pub nonce: Vec<u8>,
+    /// SHA-256 PCRs to quote.
+    pub pcrs: Vec<u8>,
+}
+
+/// A host's answer: its TPM's quote, signature, and the values quoted.
+#[derive(Debug, Clone)]
+pub struct QuoteAnswer {
+    /// `TPMS_ATTEST`.
+    pub quote: Vec<u8>,
+    /// `TPMT_SIGNATURE`.
+    pub signature: Vec<u8>,
+    /// (PCR, value).
+    pub values: Vec<(u8, guestkey_protect::tpm::PcrValue)>,
+}
+
 /// A key a host holds (ids only).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldKeyInfo {
@@ -307,4 +327,10 @@ pub trait AgentClient: Send + Sync {
     ) -> BoxFuture<'a, AgentResult<Option<GuestState>>>;
     /// What the host holds.
     fn inventory<'a>(&'a self, host: &'a EnrolledHost) -> BoxFuture<'a, AgentResult<Inventory>>;
+    /// A TPM quote for an attestation challenge (changes nothing).
+    fn attest<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        req: AttestChallenge,
+    ) -> BoxFuture<'a, AgentResult<QuoteAnswer>>;
 }

@@ -427,4 +427,19 @@ impl AgentClient for FakeAgents {
     fn inventory<'a>(&'a self, host: &'a EnrolledHost) -> BoxFuture<'a, AgentResult<Inventory>> {
         ready(self.on(host, "inventory", |_, _| Ok(Inventory::default())))
     }
+
+    fn attest<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        _req: crate::domain::agent::AttestChallenge,
+    ) -> BoxFuture<'a, AgentResult<crate::domain::agent::QuoteAnswer>> {
+        // The fake host has no TPM; attestation is tested against swtpm
+        // and the real guestkeyd (tests/tests/attestation.rs).
+        ready(self.on(host, "attest", |_, _| {
+            Err(AgentError::new(
+                AgentErrorKind::Refused,
+                "this fake host has no TPM",
+            ))
+        }))
+    }
 }

@@ -8,7 +8,7 @@ use crate::domain::agent::{DefineGuest, GuestCall, SealedKey};
 use crate::domain::push::{FailureKind, PushFailure, held};
 use crate::domain::release::seal_for;
 use crate::domain::{Core, now_unix_ms};
-use crate::model::{CoreError, EnrolledHost, GuestInfo, GuestOp, GuestState};
+use crate::model::{CoreError, EnrolledHost, GuestInfo, GuestOp, GuestState, ReleasePolicy};
 use crate::store::Tx;
 
 /// Guest operations looked at per round.
@@ -57,8 +57,19 @@ impl Core {
             .blocking(move |c| c.enrolled_host(&name))
             .await
             .map_err(|e| held(&e))?;
-        // No key is released for a host that cannot be reached.
+        // No key is released for a host that cannot be reached, nor, for
+        // a guest with an `attested` disk, for one that fails attestation.
         self.agents.connect(&host).await?;
+        if g.pending == Some(GuestOp::Define) {
+            let (guest, h) = (g.clone(), host.name.clone());
+            let gated = self
+                .blocking(move |c| c.guest_needs_attestation(&guest.uuid, &h))
+                .await
+                .map_err(|e| held(&e))?;
+            if gated {
+                self.attest(&host).await.map_err(|e| held(&e))?;
+            }
+        }
         let (guest, h) = (g.clone(), host.clone());
         let keys = self
             .blocking(move |c| c.release_guest_keys(&guest, &h))
@@ -85,6 +96,16 @@ impl Core {
         r.map_err(PushFailure::after_connect)
     }
 
+    /// Whether any of the guest's disks on `host` is `attested`.
+    pub(crate) fn guest_needs_attestation(&self, uuid: &str, host: &str) -> Result<bool, CoreError> {
+        self.read(|tx| {
+            Ok(tx
+                .guest_keys(uuid, host)?
+                .iter()
+                .any(|k| k.release == ReleasePolicy::Attested))
+        })
+    }
+
     /// For a definition, the guest's keys, each released (audited first,
     /// fail closed) and sealed to its host; nothing for other operations.
     pub(crate) fn release_guest_keys(
@@ -101,7 +122,7 @@ impl Core {
             let why = format!(" for guest {}", g.name);
             let mut keys = Vec::with_capacity(rows.len());
             for k in rows {
-                let packet = self.release(tx, &k.volume_id, k.format, k.generation, host, &why)?;
+                let packet = self.release(tx, &k.volume_id, k.format, k.generation, host, &why, k.release)?;
                 keys.push(seal_for(&packet, host).map_err(CoreError::Internal)?);
             }
             Ok(keys)

@@ -6,6 +6,7 @@ use base64::Engine as _;
 use sha2::{Digest, Sha256};
 use xdr_wipe::seal::HostPublicKey;
 
+use crate::domain::attest::{self, Credential, TpmIdentity};
 use crate::domain::{Core, now_unix};
 use crate::model::names::{InvalidInput, parse_address, parse_libvirt_uri, parse_migration_uri};
 use crate::model::{Caller, CoreError, EnrolledHost, HostInfo, HostState, HostTpm, Name, Progress};
@@ -166,12 +167,22 @@ impl Core {
 
     /// All hosts, by name.
     pub fn list_hosts(&self) -> Result<Vec<HostInfo>, CoreError> {
-        self.read(|tx| Ok(tx.hosts()?))
+        self.read(|tx| {
+            let mut hosts = tx.hosts()?;
+            for h in &mut hosts {
+                h.attestation = self.host_attestation(tx, &h.name)?;
+            }
+            Ok(hosts)
+        })
     }
 
     /// One host.
     pub fn get_host(&self, name: &str) -> Result<HostInfo, CoreError> {
-        self.read(|tx| tx.host(name)?.ok_or_else(|| no_such_host(name)))
+        self.read(|tx| {
+            let mut h = tx.host(name)?.ok_or_else(|| no_such_host(name))?;
+            h.attestation = self.host_attestation(tx, name)?;
+            Ok(h)
+        })
     }
 
     /// Revokes a host: its certificate no longer authenticates, no key is
@@ -199,6 +210,21 @@ impl Core {
         csr_der: &[u8],
         sealing_key: &[u8],
     ) -> Result<(String, String), CoreError> {
+        let (name, cert, _) = self.enroll_bound(token, csr_der, sealing_key, None)?;
+        Ok((name, cert))
+    }
+
+    /// Enrolls a host, bound to its TPM when it presents one: its EK and
+    /// AK are checked before the token is used, and the answer carries the
+    /// credential its TPM must activate to have the AK pinned
+    /// ([`Core::prove_attestation_key`]).
+    pub fn enroll_bound(
+        &self,
+        token: &str,
+        csr_der: &[u8],
+        sealing_key: &[u8],
+        tpm: Option<&TpmIdentity>,
+    ) -> Result<(String, String, Option<Credential>), CoreError> {
         let refuse = |why: String| {
             self.audit_refusal("unauthenticated", "enrollment", &why);
             CoreError::Denied(why)
@@ -228,6 +254,10 @@ impl Core {
             .map_err(|e| refuse(format!("enrollment refused: {e}")))?;
         self.refuse_server_names(&parsed, &holder.address)
             .map_err(|e| refuse(format!("enrollment refused: {e}")))?;
+        let bound = tpm
+            .map(attest::bind)
+            .transpose()
+            .map_err(|e| refuse(format!("enrollment refused: host {name}'s TPM: {e}")))?;
         let host_part = crate::tls::tls_name(&holder.address).unwrap_or_default();
         let issued = self
             .ca
@@ -242,13 +272,20 @@ impl Core {
                 sealing_key: sealing_key.as_bytes().to_vec(),
             })?;
             if done {
-                self.log(
-                    tx,
-                    &format!("host:{name}"),
-                    "host.enrolled",
-                    &name,
-                    &format!("certificate sha256 {}", issued.sha256),
-                )?;
+                let mut detail = format!("certificate sha256 {}", issued.sha256);
+                if let Some((identity, _)) = &bound {
+                    tx.set_host_identity(&name, identity)?;
+                    detail.push_str(&format!(
+                        "; TPM endorsement key sha256 {}{}, attestation key to be proven",
+                        hex::encode(sha2::Sha256::digest(&identity.ek_public)),
+                        if identity.ek_certificate.is_some() {
+                            " (with its EK certificate)"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+                self.log(tx, &format!("host:{name}"), "host.enrolled", &name, &detail)?;
             }
             Ok(done)
         })?;
@@ -257,7 +294,7 @@ impl Core {
                 "enrollment refused: the token was used concurrently".into(),
             ));
         }
-        Ok((name, issued.cert))
+        Ok((name, issued.cert, bound.map(|(_, c)| c)))
     }
 
     /// What a host needs to trust this server again (`guestkeyd

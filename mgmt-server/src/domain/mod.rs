@@ -23,6 +23,8 @@
 //! and the programs.
 
 pub mod agent;
+pub mod allowlist;
+pub mod attest;
 pub mod audit;
 pub mod checkpoints;
 pub mod convert;

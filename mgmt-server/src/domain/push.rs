@@ -30,7 +30,7 @@ use crate::domain::hosts::enrolled_in;
 use crate::domain::release::seal_for;
 use crate::domain::{Core, guests, now_unix_ms};
 use crate::model::{
-    Caller, CoreError, EnrolledHost, RekeyKind, RekeyOrder, VolumeInfo, VolumeState,
+    Caller, CoreError, EnrolledHost, RekeyKind, RekeyOrder, ReleasePolicy, VolumeInfo, VolumeState,
 };
 use crate::store::Tx;
 
@@ -116,13 +116,18 @@ impl PushFailure {
 /// Why the server could not prepare a push.
 pub(crate) fn held(e: &CoreError) -> PushFailure {
     let kind = match e {
-        CoreError::Exhausted(_) => FailureKind::HeldBack,
+        CoreError::Exhausted(_) | CoreError::Unattested(_) => FailureKind::HeldBack,
         _ => FailureKind::Lasting,
     };
     PushFailure {
         kind,
         message: e.to_string(),
     }
+}
+
+/// Whether pushing `v` releases a key that needs the host attested.
+fn needs_attestation(v: &VolumeInfo) -> bool {
+    v.release == ReleasePolicy::Attested && v.state != VolumeState::PendingDelete
 }
 
 /// What a host answered to a volume push.
@@ -166,8 +171,8 @@ impl Core {
                 self.take_releases(&host.name, 2)?;
                 let g = v.key_generation;
                 let why = " for a rekey";
-                let old = self.release(tx, &v.id, v.format, g, &host, why)?;
-                let new = self.release(tx, &v.id, v.format, g + 1, &host, why)?;
+                let old = self.release(tx, &v.id, v.format, g, &host, why, v.release)?;
+                let new = self.release(tx, &v.id, v.format, g + 1, &host, why, v.release)?;
                 Ok(PushOp::Rekey {
                     host,
                     old: Box::new(old),
@@ -178,7 +183,7 @@ impl Core {
             VolumeState::PendingDecrypt => {
                 self.take_releases(&host.name, 1)?;
                 let why = " to decrypt the volume";
-                let packet = self.release(tx, &v.id, v.format, v.key_generation, &host, why)?;
+                let packet = self.release(tx, &v.id, v.format, v.key_generation, &host, why, v.release)?;
                 Ok(PushOp::Decrypt { host, packet })
             }
             state => {
@@ -190,7 +195,7 @@ impl Core {
                 } else {
                     ""
                 };
-                let packet = self.release(tx, &v.id, v.format, v.key_generation, &host, why)?;
+                let packet = self.release(tx, &v.id, v.format, v.key_generation, &host, why, v.release)?;
                 Ok(PushOp::Create {
                     host,
                     packet,
@@ -309,13 +314,29 @@ impl Core {
             };
             reachable.insert(name.clone(), r);
         }
+        // Hosts that are to receive keys of `attested` volumes are attested
+        // now, each with its own nonce; a failure holds back those volumes
+        // only.
+        let mut attested: HashMap<String, Result<(), PushFailure>> = HashMap::new();
+        for v in due.iter().filter(|v| needs_attestation(v)) {
+            if attested.contains_key(&v.host) {
+                continue;
+            }
+            if let (Some(Ok(h)), Some(Ok(()))) = (hosts.get(&v.host), reachable.get(&v.host)) {
+                let r = self.attest(h).await.map_err(|e| held(&e));
+                attested.insert(v.host.clone(), r);
+            }
+        }
         let mut outcomes: Vec<(VolumeInfo, PushOutcome)> = Vec::with_capacity(due.len());
         let mut ready = Vec::with_capacity(due.len());
         for v in due {
-            match reachable.get(&v.host) {
-                Some(Ok(())) => ready.push(v),
-                Some(Err(e)) => outcomes.push((v, Err(e.clone()))),
-                None => {}
+            match (reachable.get(&v.host), attested.get(&v.host)) {
+                (Some(Ok(())), Some(Err(e))) if needs_attestation(&v) => {
+                    outcomes.push((v, Err(e.clone())))
+                }
+                (Some(Ok(())), _) => ready.push(v),
+                (Some(Err(e)), _) => outcomes.push((v, Err(e.clone()))),
+                (None, _) => {}
             }
         }
         let batch = ready.clone();

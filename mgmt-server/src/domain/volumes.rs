@@ -6,7 +6,8 @@ use crate::domain::hosts::enrolled_in;
 use crate::domain::{Core, now_unix, now_unix_ms};
 use crate::model::names::MAX_CAPACITY;
 use crate::model::{
-    Caller, CoreError, HostState, InvalidInput, Name, VolumeFormat, VolumeInfo, VolumeState,
+    Caller, CoreError, HostState, InvalidInput, Name, ReleasePolicy, VolumeFormat, VolumeInfo,
+    VolumeState,
 };
 use crate::store::{NewVolume, Tx, WrappedKey};
 
@@ -58,7 +59,66 @@ impl Core {
         capacity_bytes: u64,
         format: VolumeFormat,
     ) -> Result<VolumeInfo, CoreError> {
-        self.new_volume(caller, host, pool, name, Some(capacity_bytes), format)
+        self.new_volume(
+            caller,
+            host,
+            pool,
+            name,
+            Some(capacity_bytes),
+            format,
+            ReleasePolicy::Auto,
+        )
+    }
+
+    /// As [`Core::create_volume`], with what a release of its key needs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_volume_with(
+        &self,
+        caller: &Caller,
+        host: &str,
+        pool: &str,
+        name: &str,
+        capacity_bytes: u64,
+        format: VolumeFormat,
+        release: ReleasePolicy,
+    ) -> Result<VolumeInfo, CoreError> {
+        self.new_volume(
+            caller,
+            host,
+            pool,
+            name,
+            Some(capacity_bytes),
+            format,
+            release,
+        )
+    }
+
+    /// Sets what a release of the volume's key needs; audited. `attested`
+    /// only for a volume whose host has a pinned attestation key.
+    pub fn set_release_policy(
+        &self,
+        caller: &Caller,
+        name_or_id: &str,
+        release: ReleasePolicy,
+    ) -> Result<VolumeInfo, CoreError> {
+        self.write(|tx| {
+            let v = find_in(tx, name_or_id)?;
+            if v.release == release {
+                return Ok(v);
+            }
+            if release == ReleasePolicy::Attested {
+                attestable(tx, &v.host)?;
+            }
+            tx.set_release_policy(&v.id, release)?;
+            self.log(
+                tx,
+                &caller.actor(),
+                "volume.release-policy",
+                &v.id,
+                &format!("volume {}: release {} (was {})", v.name, release, v.release),
+            )?;
+            find_in(tx, &v.id)
+        })
     }
 
     /// Records the existing cleartext volume `name` of `pool` on `host` as
@@ -73,11 +133,12 @@ impl Core {
         name: &str,
         format: VolumeFormat,
     ) -> Result<VolumeInfo, CoreError> {
-        self.new_volume(caller, host, pool, name, None, format)
+        self.new_volume(caller, host, pool, name, None, format, ReleasePolicy::Auto)
     }
 
     /// A new volume record and key: created empty with `capacity`, or
     /// encrypted from the existing cleartext volume when `capacity` is None.
+    #[allow(clippy::too_many_arguments)]
     fn new_volume(
         &self,
         caller: &Caller,
@@ -86,6 +147,7 @@ impl Core {
         name: &str,
         capacity: Option<u64>,
         format: VolumeFormat,
+        release: ReleasePolicy,
     ) -> Result<VolumeInfo, CoreError> {
         let host = Name::parse("host name", host)?;
         let pool = Name::parse("pool name", pool)?;
@@ -120,6 +182,9 @@ impl Core {
                     "a volume named {name} already exists: volume names are unique per server"
                 )));
             }
+            if release == ReleasePolicy::Attested {
+                attestable(tx, host.as_str())?;
+            }
             let count = tx.host_volume_count(host.as_str())?;
             if count >= self.limits.max_volumes_per_host {
                 return Err(CoreError::Exhausted(format!(
@@ -138,6 +203,7 @@ impl Core {
                 secret_uuid: secret_uuid.clone(),
                 state,
                 created: now,
+                release,
             })?;
             tx.insert_volume_key(&id, 1, &wrapped, now)?;
             self.log(tx,
@@ -325,5 +391,18 @@ impl Core {
         self.write(|tx| Ok(tx.encrypt_later(&v.id, error, next)?))?;
         self.wake.notify_one();
         Ok(())
+    }
+}
+
+/// Refuses `attested` for a host that cannot be attested.
+fn attestable(tx: &mut dyn Tx, host: &str) -> Result<(), CoreError> {
+    match tx.host_identity(host)? {
+        Some(id) if id.pinned => Ok(()),
+        Some(_) => Err(CoreError::FailedPrecondition(format!(
+            "host {host}'s attestation key was never proven to live in its TPM: a volume there cannot be `attested`; enroll the host again with `guestkeyd enroll --tpm`"
+        ))),
+        None => Err(CoreError::FailedPrecondition(format!(
+            "host {host} was enrolled without a TPM, so it cannot be attested: a volume there cannot be `attested`; enroll the host with `guestkeyd enroll --tpm`"
+        ))),
     }
 }

@@ -29,6 +29,10 @@ pub enum CoreError {
     /// A limit was reached.
     #[error("{0}")]
     Exhausted(String),
+    /// A release needs a fresh, passed attestation of the host, and it
+    /// has none (held back: retried, never counted towards giving up).
+    #[error("{0}")]
+    Unattested(String),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),

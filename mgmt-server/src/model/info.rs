@@ -4,8 +4,8 @@
 use xdr_wipe::seal::HostPublicKey;
 
 use crate::model::states::{
-    GuestOp, GuestState, HostState, PolicyScope, RekeyKind, RekeyPlacement, VolumeFormat, VolumeOp,
-    VolumeState,
+    GuestOp, GuestState, HostState, PolicyScope, RekeyKind, RekeyPlacement, ReleasePolicy,
+    VolumeFormat, VolumeOp, VolumeState,
 };
 
 /// A host as the admin sees it.
@@ -35,6 +35,52 @@ pub struct HostInfo {
     pub migration_uri: String,
     /// What it last reported of its keys sealed to its TPM.
     pub tpm: Option<HostTpm>,
+    /// Its TPM identity and last attestation (None: enrolled without a
+    /// TPM).
+    pub attestation: Option<HostAttestation>,
+}
+
+/// A host's TPM identity and its last attestation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostAttestation {
+    /// SHA-256 of the EK's public area, hex.
+    pub ek_sha256: String,
+    /// SHA-256 of the AK's public area, hex.
+    pub ak_sha256: String,
+    /// Whether the TPM presented an EK certificate.
+    pub ek_certificate: bool,
+    /// Whether the AK was proven to live in the EK's TPM.
+    pub pinned: bool,
+    /// The last attestation.
+    pub last: Option<AttestationOutcome>,
+    /// The host's allowlist version (0: none).
+    pub allowlist_version: u64,
+    /// Until when the last passed attestation counts (0: it does not).
+    pub fresh_until_unix: i64,
+}
+
+/// The outcome of one attestation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttestationOutcome {
+    /// When (Unix seconds).
+    pub at_unix: i64,
+    /// Whether it passed.
+    pub ok: bool,
+    /// Why not (or what passed).
+    pub detail: String,
+    /// PCRs whose quoted value the allowlist does not name.
+    pub differing: Vec<u8>,
+}
+
+/// A TPM's clock and boot counters, as its last passed quote said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TpmClock {
+    /// Milliseconds.
+    pub clock: u64,
+    /// Resets (reboots).
+    pub reset_count: u32,
+    /// Restarts since the last reset.
+    pub restart_count: u32,
 }
 
 /// A host's keys sealed to its TPM, as it reported them.
@@ -122,6 +168,8 @@ pub struct VolumeInfo {
     pub rekey: Option<RekeyOrder>,
     /// The host's progress on the pending operation, while it runs.
     pub progress: Option<Progress>,
+    /// What a release of its key needs.
+    pub release: ReleasePolicy,
 }
 
 /// A host's progress on a long volume operation.

@@ -15,11 +15,12 @@ pub mod states;
 
 pub use error::{CoreError, StoreError};
 pub use info::{
-    AuditRecord, Caller, EnrolledHost, GuestInfo, HostInfo, HostTpm, Policy, Progress, RekeyOrder,
+    AttestationOutcome, AuditRecord, Caller, EnrolledHost, GuestInfo, HostAttestation, HostInfo,
+    HostTpm, TpmClock, Policy, Progress, RekeyOrder,
     Verification, VolumeInfo,
 };
 pub use names::{InvalidInput, Name};
 pub use states::{
-    GuestOp, GuestState, HostState, PolicyScope, RekeyKind, RekeyPlacement, VolumeFormat, VolumeOp,
+    GuestOp, GuestState, HostState, PolicyScope, RekeyKind, ReleasePolicy, RekeyPlacement, VolumeFormat, VolumeOp,
     VolumeState,
 };

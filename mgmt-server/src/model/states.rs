@@ -155,6 +155,18 @@ impl VolumeState {
 }
 
 text_enum! {
+    /// What a release of a volume's key to its host needs, besides the
+    /// host's enrolled certificate.
+    pub enum ReleasePolicy as "release policy", "use auto or attested" {
+        /// Nothing more (the host's certificate).
+        Auto = "auto",
+        /// A fresh, verified TPM quote of the host whose PCR values its
+        /// allowlist names, for every release.
+        Attested = "attested",
+    }
+}
+
+text_enum! {
     /// Where a host is in its life.
     pub enum HostState as "host state", "not a host state" {
         /// Registered with a one-time token, not enrolled yet.

@@ -26,8 +26,9 @@
 pub mod sqlite;
 
 use crate::model::{
-    AuditRecord, GuestInfo, GuestOp, GuestState, HostInfo, HostState, Policy, PolicyScope,
-    RekeyKind, RekeyOrder, StoreError, VolumeFormat, VolumeInfo, VolumeOp, VolumeState,
+    AttestationOutcome, AuditRecord, GuestInfo, GuestOp, GuestState, HostInfo, HostState, Policy,
+    PolicyScope, RekeyKind, RekeyOrder, ReleasePolicy, StoreError, TpmClock, VolumeFormat,
+    VolumeInfo, VolumeOp, VolumeState,
 };
 
 /// What a transaction is for.
@@ -47,7 +48,14 @@ pub trait Store: Send + Sync {
 
 /// One transaction: everything the domain may read or change.
 pub trait Tx:
-    MetaStore + AuditStore + HostStore + VolumeStore + GuestStore + PolicyStore + MigrationStore
+    MetaStore
+    + AuditStore
+    + HostStore
+    + VolumeStore
+    + GuestStore
+    + PolicyStore
+    + MigrationStore
+    + AttestStore
 {
     /// Makes the transaction's changes durable. Without it they are rolled
     /// back when the transaction is dropped.
@@ -225,6 +233,8 @@ pub struct NewVolume {
     pub state: VolumeState,
     /// Now.
     pub created: i64,
+    /// What a release of its key needs.
+    pub release: ReleasePolicy,
 }
 
 /// Volumes and their wrapped keys.
@@ -235,6 +245,8 @@ pub trait VolumeStore {
     fn host_volume_count(&mut self, host: &str) -> Result<u32>;
     /// Inserts a volume record.
     fn insert_volume(&mut self, v: &NewVolume) -> Result<()>;
+    /// Sets what a release of the volume's key needs.
+    fn set_release_policy(&mut self, id: &str, release: ReleasePolicy) -> Result<()>;
     /// Volumes not deleted, optionally of one host, by name.
     fn volumes(&mut self, host: Option<&str>) -> Result<Vec<VolumeInfo>>;
     /// A volume by UUID.
@@ -340,6 +352,8 @@ pub struct GuestKey {
     pub format: VolumeFormat,
     /// The wrapped key of that generation.
     pub key: WrappedKey,
+    /// What a release of its key needs.
+    pub release: ReleasePolicy,
 }
 
 /// Guests and their disks.
@@ -441,4 +455,52 @@ pub trait MigrationStore {
     fn migrations(&mut self) -> Result<Vec<MigrationRecord>>;
     /// Ends the record of a migration.
     fn delete_migration(&mut self, guest_uuid: &str) -> Result<()>;
+}
+
+/// A host's TPM identity as enrollment recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostIdentity {
+    /// The EK's `TPMT_PUBLIC`.
+    pub ek_public: Vec<u8>,
+    /// The EK certificate (DER), when the TPM had one.
+    pub ek_certificate: Option<Vec<u8>>,
+    /// The AK's `TPMT_PUBLIC`.
+    pub ak_public: Vec<u8>,
+    /// SHA-256 of the credential the AK's proof must present (None once
+    /// pinned).
+    pub challenge_hash: Option<Vec<u8>>,
+    /// Whether the AK was proven to live in the EK's TPM.
+    pub pinned: bool,
+}
+
+/// Hosts' TPM identities, attestations and allowlists.
+pub trait AttestStore {
+    /// Records a host's TPM identity (unpinned, with its challenge).
+    fn set_host_identity(&mut self, host: &str, id: &HostIdentity) -> Result<()>;
+    /// A host's TPM identity.
+    fn host_identity(&mut self, host: &str) -> Result<Option<HostIdentity>>;
+    /// The AK proved where it lives: pinned, its challenge forgotten.
+    fn pin_attestation_key(&mut self, host: &str) -> Result<()>;
+    /// Records an attestation's outcome; `clock` (passed ones only)
+    /// replaces the TPM clock the next quote may not go back from.
+    fn record_attestation(
+        &mut self,
+        host: &str,
+        outcome: &AttestationOutcome,
+        clock: Option<TpmClock>,
+    ) -> Result<()>;
+    /// The last attestation and the clock of the last passed one.
+    fn attestation(&mut self, host: &str) -> Result<(Option<AttestationOutcome>, Option<TpmClock>)>;
+    /// Adds (or with `replace`, sets the PCRs named to) allowed values;
+    /// returns the allowlist's new version.
+    fn allow_pcr_values(
+        &mut self,
+        host: &str,
+        values: &[(u8, String)],
+        replace: bool,
+        now: i64,
+    ) -> Result<u64>;
+    /// A host's allowlist: its version (0: none) and (PCR, SHA-256 hex)
+    /// pairs, by PCR.
+    fn allowlist(&mut self, host: &str) -> Result<(u64, Vec<(u8, String)>)>;
 }

@@ -10,10 +10,12 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::Core;
 use crate::model::{
-    Caller, CoreError, GuestOp, PolicyScope, RekeyKind, RekeyPlacement, VolumeFormat,
+    Caller, CoreError, GuestOp, InvalidInput, PolicyScope, RekeyKind, RekeyPlacement,
+    ReleasePolicy, VolumeFormat,
 };
 use crate::transport::pb::{
-    audit_record, guest, host, invalid, policy, policy_from, status, verification, volume,
+    allowlist, audit_record, guest, host, invalid, policy, policy_from, status, verification,
+    volume,
 };
 use crate::transport::tls::peer_fingerprint;
 
@@ -94,6 +96,35 @@ where
 
 type R<T> = Result<Response<T>, Status>;
 
+/// A release policy from a request ("": auto).
+fn release_policy(text: &str) -> Result<ReleasePolicy, InvalidInput> {
+    if text.is_empty() {
+        Ok(ReleasePolicy::Auto)
+    } else {
+        text.parse()
+    }
+}
+
+/// One allowed PCR value from a request.
+fn allowed_pcr(
+    pcr: u32,
+    sha256: &str,
+) -> Result<(u8, guestkey_protect::tpm::PcrValue), InvalidInput> {
+    let bad = |why: String| InvalidInput {
+        what: "PCR value",
+        value: format!("{pcr}={sha256}"),
+        why,
+    };
+    let p = u8::try_from(pcr)
+        .ok()
+        .filter(|p| *p < 24)
+        .ok_or_else(|| bad("PCRs are 0 to 23".into()))?;
+    let v = sha256
+        .parse()
+        .map_err(bad)?;
+    Ok((p, v))
+}
+
 impl AdminService {
     async fn admin<Q, T, F>(&self, req: &Request<Q>, f: F) -> Result<T, Status>
     where
@@ -162,10 +193,85 @@ impl Admin for AdminService {
         let v = self
             .admin(&req, move |c, who| {
                 let format = VolumeFormat::parse_or_default(&r.format)?;
-                c.create_volume(&who, &r.host, &r.pool, &r.name, r.capacity_bytes, format)
+                let release = release_policy(&r.release)?;
+                c.create_volume_with(
+                    &who,
+                    &r.host,
+                    &r.pool,
+                    &r.name,
+                    r.capacity_bytes,
+                    format,
+                    release,
+                )
             })
             .await?;
         Ok(Response::new(volume(v)))
+    }
+
+    async fn set_release_policy(
+        &self,
+        req: Request<pb::SetReleasePolicyRequest>,
+    ) -> R<pb::Volume> {
+        let r = req.get_ref().clone();
+        let v = self
+            .admin(&req, move |c, who| {
+                let release: ReleasePolicy = r.release.parse()?;
+                c.set_release_policy(&who, &r.name_or_id, release)
+            })
+            .await?;
+        Ok(Response::new(volume(v)))
+    }
+
+    async fn allow_pcrs(&self, req: Request<pb::AllowPcrsRequest>) -> R<pb::Allowlist> {
+        let who = self.admin(&req, |_, who| Ok(who)).await?;
+        let r = req.into_inner();
+        let a = if r.learn {
+            if !r.pcrs.is_empty() {
+                return Err(Status::invalid_argument(
+                    "give either PCR values (--pcr N=HEX) or --learn, not both",
+                ));
+            }
+            let pcrs = r
+                .learn_pcrs
+                .iter()
+                .map(|p| u8::try_from(*p).unwrap_or(u8::MAX))
+                .collect::<Vec<u8>>();
+            self.0
+                .learn_pcrs(&who, &r.host, &pcrs, r.replace)
+                .await
+                .map_err(status)?
+        } else {
+            let values = r
+                .pcrs
+                .iter()
+                .map(|p| allowed_pcr(p.pcr, &p.sha256))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(invalid)?;
+            let core = self.0.clone();
+            tokio::task::spawn_blocking(move || core.allow_pcrs(&who, &r.host, &values, r.replace))
+                .await
+                .map_err(|e| Status::internal(format!("a blocking task failed: {e}")))?
+                .map_err(status)?
+        };
+        Ok(Response::new(allowlist(a)))
+    }
+
+    async fn get_allowlist(&self, req: Request<pb::HostRef>) -> R<pb::Allowlist> {
+        let name = req.get_ref().name.clone();
+        let a = self.admin(&req, move |c, _| c.allowlist(&name)).await?;
+        Ok(Response::new(allowlist(a)))
+    }
+
+    async fn attest_host(&self, req: Request<pb::HostRef>) -> R<pb::Host> {
+        let name = req.get_ref().name.clone();
+        let n = name.clone();
+        let h = self.admin(&req, move |c, _| c.enrolled_host(&n)).await?;
+        // The outcome is recorded either way; the host shows it.
+        let attested = self.0.attest(&h).await;
+        let n = name.clone();
+        let info = self.admin(&req, move |c, _| c.get_host(&n)).await?;
+        attested.map_err(status)?;
+        Ok(Response::new(host(info)))
     }
 
     async fn encrypt_volume(&self, req: Request<pb::EncryptVolumeRequest>) -> R<pb::Volume> {

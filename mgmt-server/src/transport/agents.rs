@@ -20,10 +20,12 @@ use std::time::Duration;
 use guestkey_proto::agent::{self, host_agent_client::HostAgentClient};
 use tonic::transport::{Channel, Endpoint};
 
+use guestkey_protect::tpm::PcrValue;
+
 use crate::domain::agent::{
-    AgentClient, AgentError, AgentErrorKind, AgentResult, BoxFuture, CreateVolume, DecryptVolume,
-    DefineGuest, DeleteVolume, GuestCall, HeldKeyInfo, Inventory, MigrateGuest, PrepareMigration,
-    Rekey, VolumeOnHost,
+    AgentClient, AgentError, AgentErrorKind, AgentResult, AttestChallenge, BoxFuture,
+    CreateVolume, DecryptVolume, DefineGuest, DeleteVolume, GuestCall, HeldKeyInfo, Inventory,
+    MigrateGuest, PrepareMigration, QuoteAnswer, Rekey, VolumeOnHost,
 };
 use crate::model::{EnrolledHost, GuestState};
 use crate::transport::pb::{agent_error, format, rekey_kind, sealed_key};
@@ -468,6 +470,48 @@ impl AgentClient for GrpcAgents {
                     })
                     .collect(),
                 host_uuid: r.host_uuid,
+            })
+        })
+    }
+
+    fn attest<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        req: AttestChallenge,
+    ) -> BoxFuture<'a, AgentResult<QuoteAnswer>> {
+        Box::pin(async move {
+            let r = self
+                .call(host, false, |mut c| async move {
+                    c.attest(agent::AttestRequest {
+                        nonce: req.nonce,
+                        pcrs: req.pcrs.into_iter().map(u32::from).collect(),
+                    })
+                    .await
+                })
+                .await?;
+            let mut values = Vec::with_capacity(r.values.len());
+            for v in r.values {
+                let pcr = u8::try_from(v.pcr).ok().filter(|p| *p < 24);
+                let value: Option<[u8; 32]> = v.sha256.as_slice().try_into().ok();
+                match (pcr, value) {
+                    (Some(p), Some(b)) => values.push((p, PcrValue(b))),
+                    _ => {
+                        return Err(AgentError::new(
+                            AgentErrorKind::Failed,
+                            format!(
+                                "host {} answered the attestation challenge with PCR {} of {} bytes: not a SHA-256 PCR value",
+                                host.name,
+                                v.pcr,
+                                v.sha256.len()
+                            ),
+                        ));
+                    }
+                }
+            }
+            Ok(QuoteAnswer {
+                quote: r.quote,
+                signature: r.signature,
+                values,
             })
         })
     }

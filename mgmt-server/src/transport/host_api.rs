@@ -8,6 +8,7 @@ use guestkey_proto::host::{self as hpb, host_api_server::HostApi};
 use tonic::{Request, Response, Status};
 
 use crate::domain::Core;
+use crate::domain::attest::TpmIdentity;
 use crate::domain::hosts::{DiskQuery, HeldKey, ProgressReport};
 use crate::model::{Caller, HostTpm};
 
@@ -34,16 +35,48 @@ impl HostApi for HostService {
     async fn enroll(&self, req: Request<hpb::EnrollRequest>) -> R<hpb::EnrollResponse> {
         // No client certificate needed: the one-time token authorises.
         let r = req.into_inner();
-        let (name, cert) = self
+        let tpm = match (r.ek_public.is_empty(), r.ak_public.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some(TpmIdentity {
+                ek_public: r.ek_public,
+                ek_certificate: (!r.ek_certificate.is_empty()).then_some(r.ek_certificate),
+                ak_public: r.ak_public,
+            }),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "enrollment refused: a TPM-bound enrollment needs both ek_public and ak_public",
+                ));
+            }
+        };
+        let (name, cert, credential) = self
             .0
-            .blocking(move |c| c.enroll(&r.token, &r.csr_der, &r.sealing_public_key))
+            .blocking(move |c| {
+                c.enroll_bound(&r.token, &r.csr_der, &r.sealing_public_key, tpm.as_ref())
+            })
             .await
             .map_err(status)?;
+        let (blob, secret) = credential.map(|c| (c.blob, c.secret)).unwrap_or_default();
         Ok(Response::new(hpb::EnrollResponse {
             host_name: name,
             certificate_pem: cert,
             ca_certificate_pem: self.0.server_ca_pem().to_owned(),
             server_certificate_sha256: self.0.server_cert_sha256().to_owned(),
+            credential_blob: blob,
+            encrypted_secret: secret,
+        }))
+    }
+
+    async fn prove_attestation_key(
+        &self,
+        req: Request<hpb::AttestationProof>,
+    ) -> R<hpb::AttestationProven> {
+        let credential = req.get_ref().credential.clone();
+        let ak = blocking(&self.0, &req, Want::Host, move |c, who| {
+            c.prove_attestation_key(&host_name(who, "attestation proofs")?, &credential)
+        })
+        .await?;
+        Ok(Response::new(hpb::AttestationProven {
+            attestation_key_sha256: ak,
         }))
     }
 

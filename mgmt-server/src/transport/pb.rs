@@ -39,6 +39,44 @@ pub(crate) fn host(h: HostInfo) -> pb::Host {
             unseals: t.unseals,
             reported_unix: t.reported_unix,
         }),
+        attestation: h.attestation.map(|a| {
+            let (last_unix, last_ok, last_detail, differing) = match a.last {
+                Some(o) => (
+                    o.at_unix,
+                    o.ok,
+                    o.detail,
+                    o.differing.into_iter().map(u32::from).collect(),
+                ),
+                None => (0, false, String::new(), vec![]),
+            };
+            pb::HostAttestation {
+                ek_sha256: a.ek_sha256,
+                ak_sha256: a.ak_sha256,
+                ek_certificate: a.ek_certificate,
+                pinned: a.pinned,
+                last_unix,
+                last_ok,
+                last_detail,
+                differing,
+                allowlist_version: a.allowlist_version,
+                fresh_until_unix: a.fresh_until_unix,
+            }
+        }),
+    }
+}
+
+pub(crate) fn allowlist(a: crate::domain::allowlist::Allowlist) -> pb::Allowlist {
+    pb::Allowlist {
+        host: a.host,
+        version: a.version,
+        pcrs: a
+            .values
+            .into_iter()
+            .map(|(pcr, sha256)| pb::AllowedPcr {
+                pcr: u32::from(pcr),
+                sha256,
+            })
+            .collect(),
     }
 }
 
@@ -48,6 +86,7 @@ pub(crate) fn volume(v: VolumeInfo) -> pb::Volume {
         None => (String::new(), 0, 0),
     };
     pb::Volume {
+        release: v.release.to_string(),
         id: v.id,
         name: v.name,
         host: v.host,
@@ -131,7 +170,7 @@ pub(crate) fn status(e: CoreError) -> Status {
         CoreError::Invalid(_) | CoreError::Xml(_) => Code::InvalidArgument,
         CoreError::NotFound(_) => Code::NotFound,
         CoreError::AlreadyExists(_) => Code::AlreadyExists,
-        CoreError::FailedPrecondition(_) => Code::FailedPrecondition,
+        CoreError::FailedPrecondition(_) | CoreError::Unattested(_) => Code::FailedPrecondition,
         CoreError::Denied(_) => Code::PermissionDenied,
         CoreError::Exhausted(_) => Code::ResourceExhausted,
         CoreError::Store(_)

@@ -265,6 +265,7 @@ pub fn enroll_full(
                 token: token.to_owned(),
                 csr_der,
                 sealing_public_key: sealing_public,
+                ..Default::default()
             })
             .await?
             .into_inner())
@@ -610,6 +611,12 @@ impl HostAgent for AgentImpl {
     async fn ping(&self, req: Request<agent::PingRequest>) -> R<agent::PingResult> {
         self.check(&req)?;
         Ok(Response::new(agent::PingResult {}))
+    }
+    async fn attest(&self, req: Request<agent::AttestRequest>) -> R<agent::AttestResult> {
+        // A stand-in host without a TPM (attestation is tested against
+        // swtpm and the real guestkeyd in tests/tests/attestation.rs).
+        self.check(&req)?;
+        Err(Status::failed_precondition("this test host has no TPM"))
     }
     async fn get_inventory(
         &self,

@@ -280,6 +280,7 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
             let key = zeroize::Zeroizing::new(read("tls.key")?);
             let ca = read("ca.pem")?;
             let server_sha256 = read("server.sha256")?.trim().to_owned();
+            let attestation = host_daemon::protect::HostAttestation::load(&dir)?;
             // Before the first libvirt connection.
             events::init()?;
             let daemon = Arc::new(Daemon::new(
@@ -327,6 +328,7 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
                 key,
                 ca,
                 server_sha256,
+                attestation,
             };
             host_daemon::grpc::serve(daemon, listen, shutdown).await?;
             // Still under the socket's lock: the socket is ours to remove.

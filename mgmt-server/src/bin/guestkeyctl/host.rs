@@ -25,6 +25,12 @@ pub(crate) enum HostCmd {
         /// Host name.
         name: String,
     },
+    /// Attest a host now (a fresh nonce, its TPM's quote, the checks) and
+    /// show the outcome.
+    Attest {
+        /// Host name.
+        name: String,
+    },
     /// Revoke a host: its certificate stops working and no key goes to it.
     Revoke {
         /// Host name.
@@ -77,6 +83,7 @@ pub(crate) async fn run(cmd: HostCmd, ctx: &Ctx) -> Result<(), Failure> {
         }
         HostCmd::Show { name } => c.get_host(pb::HostRef { name }).await,
         HostCmd::Revoke { name } => c.revoke_host(pb::HostRef { name }).await,
+        HostCmd::Attest { name } => c.attest_host(pb::HostRef { name }).await,
         HostCmd::SetMigration {
             name,
             libvirt_uri,

@@ -15,6 +15,7 @@
 
 #![allow(clippy::print_stderr)] // a command-line program reports errors on stderr
 
+mod attestation;
 mod audit;
 mod connect;
 mod guest;
@@ -64,6 +65,10 @@ enum Command {
     /// migrate, undefine.
     #[command(subcommand)]
     Guest(guest::GuestCmd),
+    /// Attestation allowlists: the PCR values hosts' TPM quotes may show
+    /// for keys of `attested` volumes to go to them.
+    #[command(subcommand)]
+    Attestation(attestation::AttestationCmd),
     /// Key rotation policies: set, list, remove.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
@@ -113,6 +118,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Volume(cmd) => volume::run(cmd, &ctx).await,
         Command::Guest(cmd) => guest::run(cmd, &ctx).await,
         Command::Policy(cmd) => policy::run(cmd, &ctx).await,
+        Command::Attestation(cmd) => attestation::run(cmd, &ctx).await,
         Command::Audit(args) => audit::run(args, &ctx).await,
         Command::CaCert => {
             let pem = ctx

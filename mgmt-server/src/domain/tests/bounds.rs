@@ -152,6 +152,7 @@ async fn the_release_rate_limit_holds_back_without_counting() {
     let b = Bed::with_limits(crate::config::Limits {
         max_volumes_per_host: 100,
         key_releases_per_minute: 1,
+        ..Default::default()
     });
     b.host("kvm-a");
     for n in ["r1", "r2"] {

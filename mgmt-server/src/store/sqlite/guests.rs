@@ -163,7 +163,7 @@ impl GuestStore for SqliteTx<'_> {
 
     fn guest_keys(&mut self, uuid: &str, host: &str) -> Result<Vec<GuestKey>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT v.id, v.generation, v.format, k.master_key_id, k.wrapped
+            "SELECT v.id, v.generation, v.format, k.master_key_id, k.wrapped, v.release_policy
              FROM guest_disks d JOIN volumes v ON v.id = d.volume_id
              JOIN volume_keys k ON k.volume_id = v.id AND k.generation = v.generation
              WHERE d.guest_uuid = ?1 AND v.host = ?2",
@@ -177,6 +177,7 @@ impl GuestStore for SqliteTx<'_> {
                     master_key_id: r.get(3)?,
                     wrapped: r.get(4)?,
                 },
+                release: typed(r, 5, "volumes.release_policy")?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

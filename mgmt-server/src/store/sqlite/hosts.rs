@@ -32,6 +32,8 @@ fn host_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostInfo> {
             // not parse shows as nothing reported.
             serde_json::from_str(&text).ok()
         },
+        // Filled in by the domain (`Core::host_attestation`).
+        attestation: None,
     })
 }
 

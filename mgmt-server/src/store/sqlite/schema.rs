@@ -170,6 +170,41 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE hosts ADD COLUMN tpm TEXT NOT NULL DEFAULT '';
     ",
+    // 10: release gates. A host's TPM identity (EK, AK; the AK is used
+    // only once pinned, after its proof of residence) and its last
+    // attestation; its allowlist of PCR values; what each volume's key
+    // release needs.
+    "
+    CREATE TABLE host_attestation (
+        host           TEXT PRIMARY KEY REFERENCES hosts(name),
+        ek_public      BLOB NOT NULL,
+        ek_certificate BLOB,
+        ak_public      BLOB NOT NULL,
+        challenge_hash BLOB,
+        pinned         INTEGER NOT NULL DEFAULT 0,
+        last_at        INTEGER NOT NULL DEFAULT 0,
+        last_ok        INTEGER NOT NULL DEFAULT 0,
+        last_detail    TEXT NOT NULL DEFAULT '',
+        last_differing TEXT NOT NULL DEFAULT '',
+        clock          INTEGER,
+        reset_count    INTEGER,
+        restart_count  INTEGER
+    );
+    CREATE TABLE attestation_allow (
+        host    TEXT NOT NULL REFERENCES hosts(name),
+        pcr     INTEGER NOT NULL CHECK (pcr BETWEEN 0 AND 23),
+        sha256  TEXT NOT NULL CHECK (length(sha256) = 64),
+        version INTEGER NOT NULL,
+        added   INTEGER NOT NULL,
+        PRIMARY KEY (host, pcr, sha256)
+    );
+    CREATE TABLE attestation_versions (
+        host    TEXT PRIMARY KEY REFERENCES hosts(name),
+        version INTEGER NOT NULL
+    );
+    ALTER TABLE volumes ADD COLUMN release_policy TEXT NOT NULL DEFAULT 'auto'
+        CHECK (release_policy IN ('auto', 'attested', 'approved', 'attested+approved'));
+    ",
 ];
 
 /// Applies the migrations this database has not had yet.

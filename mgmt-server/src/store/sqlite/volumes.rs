@@ -3,12 +3,15 @@
 use rusqlite::{OptionalExtension, params};
 
 use super::{SqliteTx, signed, typed, unsigned};
-use crate::model::{RekeyKind, RekeyOrder, RekeyPlacement, VolumeInfo, VolumeOp, VolumeState};
+use crate::model::{
+    RekeyKind, RekeyOrder, RekeyPlacement, ReleasePolicy, VolumeInfo, VolumeOp, VolumeState,
+};
 use crate::store::{NewVolume, Result, VolumeStore, WrappedKey};
 
 pub(super) const VOLUME_COLUMNS: &str = "v.id, v.name, v.host, v.pool, v.format, v.capacity,
     v.generation, v.state, v.last_error, v.attempts, v.secret_uuid, v.created, v.rekey_due,
-    v.path, v.rekey_kind, v.rekey_placement, v.rekey_bandwidth, v.failures, v.failed_op";
+    v.path, v.rekey_kind, v.rekey_placement, v.rekey_bandwidth, v.failures, v.failed_op,
+    v.release_policy";
 
 pub(super) fn volume_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeInfo> {
     let state: VolumeState = typed(r, 7, "volumes.state")?;
@@ -51,6 +54,7 @@ pub(super) fn volume_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeInfo> 
         path: r.get(13)?,
         rekey,
         progress: None,
+        release: typed(r, 19, "volumes.release_policy")?,
     })
 }
 
@@ -116,8 +120,8 @@ impl VolumeStore for SqliteTx<'_> {
 
     fn insert_volume(&mut self, v: &NewVolume) -> Result<()> {
         self.exec(
-            "INSERT INTO volumes (id, name, host, pool, format, capacity, secret_uuid, generation, state, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?9)",
+            "INSERT INTO volumes (id, name, host, pool, format, capacity, secret_uuid, generation, state, created, release_policy)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?9, ?10)",
             params![
                 v.id,
                 v.name,
@@ -127,8 +131,16 @@ impl VolumeStore for SqliteTx<'_> {
                 signed(v.capacity),
                 v.secret_uuid,
                 v.state.as_str(),
-                v.created
+                v.created,
+                v.release.as_str()
             ],
+        )
+    }
+
+    fn set_release_policy(&mut self, id: &str, release: ReleasePolicy) -> Result<()> {
+        self.exec(
+            "UPDATE volumes SET release_policy = ?2 WHERE id = ?1",
+            params![id, release.as_str()],
         )
     }
 

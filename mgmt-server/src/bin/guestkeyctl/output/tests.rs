@@ -68,6 +68,22 @@ fn host_a() -> pb::Host {
             unseals: false,
             reported_unix: T + 60,
         }),
+        attestation: Some(pb::HostAttestation {
+            ek_sha256: "e1".repeat(32),
+            ak_sha256: "a2".repeat(32),
+            ek_certificate: true,
+            pinned: true,
+            last_unix: T + 3500,
+            last_ok: false,
+            last_detail: format!(
+                "PCR 7 is {}, which allowlist version 2 does not name (software on the host changed); if the change is expected, run `guestkeyctl attestation allow --host kvm-01 --pcr 7={}`",
+                "cd".repeat(32),
+                "cd".repeat(32)
+            ),
+            differing: vec![7],
+            allowlist_version: 2,
+            fresh_until_unix: 0,
+        }),
     }
 }
 
@@ -93,6 +109,7 @@ fn volume_ready() -> pb::Volume {
         state: "ready".into(),
         secret_uuid: "0d9e4c3b-1a2b-4c5d-8e9f-a0b1c2d3e4f5".into(),
         created_unix: T,
+        release: "auto".into(),
         ..Default::default()
     }
 }
@@ -116,6 +133,7 @@ fn volume_rekeying() -> pb::Volume {
         progress_phase: "re-encrypting".into(),
         progress_done_bytes: 217_055_305,
         progress_total_bytes: 482_345_123,
+        release: "attested".into(),
     }
 }
 

@@ -35,7 +35,11 @@ pub(crate) fn host_json(h: &pb::Host) -> Value {
            "libvirt_uri": h.libvirt_uri, "migration_uri": h.migration_uri,
            "tpm": h.tpm.as_ref().map(|t| json!({"tcti": t.tcti, "pcrs": t.pcrs, "authority": t.authority,
                "current": t.current, "approvals": t.approvals, "unseals": t.unseals,
-               "reported_unix": t.reported_unix}))})
+               "reported_unix": t.reported_unix})),
+           "attestation": h.attestation.as_ref().map(|a| json!({"ek_sha256": a.ek_sha256, "ak_sha256": a.ak_sha256,
+               "ek_certificate": a.ek_certificate, "pinned": a.pinned, "last_unix": a.last_unix,
+               "last_ok": a.last_ok, "last_detail": a.last_detail, "differing": a.differing,
+               "allowlist_version": a.allowlist_version, "fresh_until_unix": a.fresh_until_unix}))})
 }
 
 /// `host list` as a table.
@@ -81,6 +85,86 @@ pub(crate) fn host_text(h: &pb::Host) -> String {
         ],
         Empty::Show,
     ) + &host_tpm_text(h.tpm.as_ref())
+        + &host_attestation_text(h.attestation.as_ref())
+}
+
+/// The attestation rows of `host show`.
+fn host_attestation_text(a: Option<&pb::HostAttestation>) -> String {
+    let Some(a) = a else {
+        return fields(
+            19,
+            &[("attestation", "none (enrolled without a TPM)".into())],
+            Empty::Show,
+        );
+    };
+    let key = if a.pinned {
+        format!("sha256 {} (proven in its TPM)", a.ak_sha256)
+    } else {
+        format!(
+            "sha256 {} NOT PROVEN: the host cannot be attested (enroll it again)",
+            a.ak_sha256
+        )
+    };
+    let last = if a.last_unix == 0 {
+        "never".to_owned()
+    } else if a.last_ok {
+        format!("passed at {} ({})", time(a.last_unix), a.last_detail)
+    } else {
+        format!("FAILED at {}: {}", time(a.last_unix), a.last_detail)
+    };
+    let mut rows = vec![
+        (
+            "endorsement key",
+            format!(
+                "sha256 {}{}",
+                a.ek_sha256,
+                if a.ek_certificate {
+                    " (with EK certificate)"
+                } else {
+                    " (no EK certificate)"
+                }
+            ),
+        ),
+        ("attestation key", key),
+        ("allowlist version", a.allowlist_version.to_string()),
+        ("last attestation", last),
+    ];
+    if !a.differing.is_empty() {
+        let pcrs: Vec<String> = a.differing.iter().map(|p| p.to_string()).collect();
+        rows.push(("PCRs not allowed", pcrs.join(",")));
+    }
+    rows.push((
+        "attested until",
+        if a.fresh_until_unix == 0 {
+            "not attested".to_owned()
+        } else {
+            time(a.fresh_until_unix)
+        },
+    ));
+    fields(19, &rows, Empty::Show)
+}
+
+/// A host's allowlist as JSON.
+pub(crate) fn allowlist_json(a: &pb::Allowlist) -> Value {
+    json!({"host": a.host, "version": a.version,
+           "pcrs": a.pcrs.iter().map(|p| json!({"pcr": p.pcr, "sha256": p.sha256})).collect::<Vec<_>>()})
+}
+
+/// A host's allowlist as a table.
+pub(crate) fn allowlist_text(a: &pb::Allowlist) -> String {
+    let mut out = format!("host {} allowlist version {}\n", a.host, a.version);
+    if a.pcrs.is_empty() {
+        out.push_str("no PCR values allowed: `guestkeyctl attestation allow --host HOST --learn`\n");
+        return out;
+    }
+    out.push_str(&table(
+        &["PCR", "SHA-256"],
+        a.pcrs
+            .iter()
+            .map(|p| vec![p.pcr.to_string(), p.sha256.clone()])
+            .collect(),
+    ));
+    out
 }
 
 /// The TPM rows of `host show`: the PCR policy and the values the host read.
@@ -129,7 +213,7 @@ pub(crate) fn volume_json(v: &pb::Volume) -> Value {
     json!({"id": v.id, "name": v.name, "host": v.host, "pool": v.pool, "format": v.format,
            "capacity_bytes": v.capacity_bytes, "key_generation": v.key_generation, "state": v.state,
            "last_error": v.last_error, "attempts": v.attempts, "secret_uuid": v.secret_uuid, "created_unix": v.created_unix,
-           "rekey_due_unix": v.rekey_due_unix,
+           "rekey_due_unix": v.rekey_due_unix, "release": v.release,
            "progress": if v.progress_phase.is_empty() { Value::Null } else {
                json!({"phase": v.progress_phase, "done_bytes": v.progress_done_bytes, "total_bytes": v.progress_total_bytes}) }})
 }
@@ -179,6 +263,7 @@ pub(crate) fn volume_text(v: &pb::Volume) -> String {
             ("format", format!("{} (LUKS)", v.format)),
             ("size", size(v.capacity_bytes)),
             ("key generation", v.key_generation.to_string()),
+            ("key release", v.release.clone()),
             ("state", v.state.clone()),
             ("libvirt secret", v.secret_uuid.clone()),
             ("deep rekey due", rekey_due),

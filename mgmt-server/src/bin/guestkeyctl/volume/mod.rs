@@ -38,6 +38,11 @@ pub(crate) enum VolumeCmd {
         /// qcow2 (LUKS inside qcow2) or raw (LUKS).
         #[arg(long, default_value = "qcow2")]
         format: String,
+        /// What a release of its key to the host needs: auto (its
+        /// certificate) or attested (a fresh TPM quote its allowlist
+        /// matches, every time).
+        #[arg(long, value_name = "POLICY", default_value = "auto")]
+        release: String,
         /// Return at once, while the volume is still pending-create; the
         /// server keeps retrying until the host made it (see `volume show`).
         #[arg(long)]
@@ -90,6 +95,13 @@ pub(crate) enum VolumeCmd {
     Show {
         /// Name or UUID.
         volume: String,
+    },
+    /// Set what a release of the volume's key needs: auto or attested.
+    SetRelease {
+        /// Name or UUID.
+        volume: String,
+        /// auto or attested.
+        policy: String,
     },
     /// Delete a volume: its key is destroyed on the server and on the host
     /// (crypto-shredding), and the volume is deleted on the host.
@@ -145,6 +157,7 @@ pub(crate) async fn run(cmd: VolumeCmd, ctx: &Ctx) -> Result<(), Failure> {
             name,
             size,
             format,
+            release,
             no_wait,
             timeout,
         } => {
@@ -158,6 +171,7 @@ pub(crate) async fn run(cmd: VolumeCmd, ctx: &Ctx) -> Result<(), Failure> {
                     name,
                     capacity_bytes,
                     format,
+                    release,
                 })
                 .await
                 .map_err(rpc_error)?
@@ -211,6 +225,16 @@ pub(crate) async fn run(cmd: VolumeCmd, ctx: &Ctx) -> Result<(), Failure> {
             return Ok(());
         }
         VolumeCmd::Show { volume } => get(&mut ctx.connect().await?, &volume).await?,
+        VolumeCmd::SetRelease { volume, policy } => ctx
+            .connect()
+            .await?
+            .set_release_policy(pb::SetReleasePolicyRequest {
+                name_or_id: volume,
+                release: policy,
+            })
+            .await
+            .map_err(rpc_error)?
+            .into_inner(),
         VolumeCmd::Delete { volume } => ctx
             .connect()
             .await?

@@ -1,0 +1,389 @@
+//! Release gates, attestation: a host's TPM identity bound at enrollment,
+//! and the check of a fresh quote before keys of `attested` volumes go to
+//! it.
+//!
+//! - Enrollment with a TPM: the host sends its EK and an AK made under it.
+//!   Both are checked here (an AK whose quotes could be forged, one not
+//!   restricted or not fixed to its TPM, is refused), and the server runs
+//!   TPM2_MakeCredential in software: a random credential only that TPM,
+//!   holding that AK, can recover. Its hash is kept; the AK is pinned only
+//!   when the host sends the credential back ([`Core::prove_attestation_key`]).
+//! - An attestation ([`Core::attest`]): a fresh 32-byte nonce, a quote of
+//!   the PCRs the host's allowlist names, verified with the pinned AK
+//!   (signature, nonce, selection, the values against the quote's digest),
+//!   the TPM's clock and boot counters never going back, and each value
+//!   against the allowlist. Every outcome is recorded and audited; a failed
+//!   one says which PCR differed and the command that allows its value.
+//! - A release ([`Core::require_attested`], called by every release of a
+//!   key of an `attested` volume): only while the host's last attestation
+//!   passed and is younger than `limits.attestation_max_age_secs`, so a
+//!   verification loop that stops leaves no host trusted. Every flow that
+//!   releases such keys attests the host right before, with its own nonce.
+
+use std::sync::Arc;
+
+use guestkey_protect::tpm::pcr::{PcrSelection, PcrValue, PcrValues};
+use guestkey_protect::tpm::verify::{AttestationKeyPublic, EndorsementKey, QuoteFacts};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::domain::agent::{AttestChallenge, QuoteAnswer};
+use crate::domain::allowlist::Allowlist;
+use crate::domain::{Core, now_unix};
+use crate::model::{
+    AttestationOutcome, CoreError, EnrolledHost, HostAttestation, TpmClock,
+};
+use crate::store::{HostIdentity, Tx};
+
+/// What a host with a TPM presents at enrollment.
+pub struct TpmIdentity {
+    /// The EK's `TPMT_PUBLIC`.
+    pub ek_public: Vec<u8>,
+    /// The EK certificate (DER), if the TPM has one.
+    pub ek_certificate: Option<Vec<u8>>,
+    /// The AK's `TPMT_PUBLIC`.
+    pub ak_public: Vec<u8>,
+}
+
+/// TPM2_MakeCredential's output, for the host's TPM to activate.
+pub struct Credential {
+    /// `TPM2B_ID_OBJECT`'s buffer.
+    pub blob: Vec<u8>,
+    /// `TPM2B_ENCRYPTED_SECRET`'s buffer.
+    pub secret: Vec<u8>,
+}
+
+/// Checks what the host presented and makes its challenge: the identity
+/// to store (unpinned) and the credential to send.
+pub(crate) fn bind(tpm: &TpmIdentity) -> Result<(HostIdentity, Credential), String> {
+    let ek = EndorsementKey::read(&tpm.ek_public).map_err(|e| e.to_string())?;
+    let ak = AttestationKeyPublic::read(&tpm.ak_public).map_err(|e| e.to_string())?;
+    if let Some(cert) = &tpm.ek_certificate {
+        if cert.len() > 8192 {
+            return Err("the EK certificate is longer than 8 KiB".into());
+        }
+    }
+    let mut credential = zeroize::Zeroizing::new([0u8; 32]);
+    getrandom::fill(&mut credential[..]).map_err(|e| format!("no random bytes: {e}"))?;
+    let (blob, secret) = ek
+        .make_credential(ak.name(), &credential)
+        .map_err(|e| e.to_string())?;
+    let identity = HostIdentity {
+        ek_public: tpm.ek_public.clone(),
+        ek_certificate: tpm.ek_certificate.clone(),
+        ak_public: tpm.ak_public.clone(),
+        challenge_hash: Some(Sha256::digest(&credential[..]).to_vec()),
+        pinned: false,
+    };
+    Ok((identity, Credential { blob, secret }))
+}
+
+fn fingerprint(public: &[u8]) -> String {
+    hex::encode(Sha256::digest(public))
+}
+
+pub(crate) fn allow_hint(host: &str, pcr: u8, value: &PcrValue) -> String {
+    format!("guestkeyctl attestation allow --host {host} --pcr {pcr}={value}")
+}
+
+impl Core {
+    /// The host's proof that its AK lives in its EK's TPM: the credential
+    /// its TPM recovered. Pins the AK; audited either way.
+    pub fn prove_attestation_key(&self, host: &str, credential: &[u8]) -> Result<String, CoreError> {
+        let r = self.write(|tx| {
+            let Some(id) = tx.host_identity(host)? else {
+                return Ok(Err(format!(
+                    "host {host} enrolled without a TPM: there is no attestation key to prove"
+                )));
+            };
+            let Some(expected) = id.challenge_hash.as_deref() else {
+                return Ok(Err(format!(
+                    "host {host}'s attestation key is already pinned"
+                )));
+            };
+            let got = Sha256::digest(credential);
+            if !bool::from(got.as_slice().ct_eq(expected)) {
+                // One try: a wrong answer leaves the AK unpinned for good.
+                tx.set_host_identity(
+                    host,
+                    &HostIdentity {
+                        challenge_hash: None,
+                        ..id
+                    },
+                )?;
+                self.log(
+                    tx,
+                    &format!("host:{host}"),
+                    "host.attestation_key_refused",
+                    host,
+                    "the credential does not match: the attestation key is not in the TPM of the endorsement key",
+                )?;
+                return Ok(Err(format!(
+                    "host {host}: the credential does not match, so its attestation key was not proven to live in its TPM; it stays unpinned (enroll the host again)"
+                )));
+            }
+            tx.pin_attestation_key(host)?;
+            let ak = fingerprint(&id.ak_public);
+            self.log(
+                tx,
+                &format!("host:{host}"),
+                "host.attestation_key_pinned",
+                host,
+                &format!(
+                    "attestation key sha256 {ak} under endorsement key sha256 {}",
+                    fingerprint(&id.ek_public)
+                ),
+            )?;
+            Ok(Ok(ak))
+        })?;
+        r.map_err(CoreError::Denied)
+    }
+
+    /// The host's TPM identity and last attestation, as the admin sees
+    /// them.
+    pub(crate) fn host_attestation(
+        &self,
+        tx: &mut dyn Tx,
+        host: &str,
+    ) -> Result<Option<HostAttestation>, CoreError> {
+        let Some(id) = tx.host_identity(host)? else {
+            return Ok(None);
+        };
+        let (last, _) = tx.attestation(host)?;
+        let (version, _) = tx.allowlist(host)?;
+        let fresh_until_unix = match &last {
+            Some(o) if o.ok => o.at_unix + self.max_attestation_age(),
+            _ => 0,
+        };
+        Ok(Some(HostAttestation {
+            ek_sha256: fingerprint(&id.ek_public),
+            ak_sha256: fingerprint(&id.ak_public),
+            ek_certificate: id.ek_certificate.is_some(),
+            pinned: id.pinned,
+            last,
+            allowlist_version: version,
+            fresh_until_unix,
+        }))
+    }
+
+    fn max_attestation_age(&self) -> i64 {
+        i64::from(self.limits.attestation_max_age_secs)
+    }
+
+    /// Whether keys that need attestation may be released to `host` now:
+    /// its last attestation passed and is fresh. Called in the release's
+    /// transaction.
+    pub(crate) fn require_attested(&self, tx: &mut dyn Tx, host: &str) -> Result<(), CoreError> {
+        let (last, _) = tx.attestation(host)?;
+        let now = now_unix();
+        match last {
+            Some(o) if o.ok && now - o.at_unix <= self.max_attestation_age() => Ok(()),
+            Some(o) if o.ok => Err(CoreError::Unattested(format!(
+                "host {host}'s last attestation is {} s old, older than limits.attestation_max_age_secs ({} s): it counts as unattested until it passes again",
+                now - o.at_unix,
+                self.max_attestation_age()
+            ))),
+            Some(o) => Err(CoreError::Unattested(format!(
+                "host {host} failed attestation: {}",
+                o.detail
+            ))),
+            None => Err(CoreError::Unattested(format!(
+                "host {host} has not been attested"
+            ))),
+        }
+    }
+
+    /// What is needed to attest `host`: its pinned AK, the PCRs its
+    /// allowlist names, the clock of its last passed quote.
+    fn attestation_plan(
+        &self,
+        host: &str,
+    ) -> Result<(AttestationKeyPublic, Allowlist, Option<TpmClock>), CoreError> {
+        self.read(|tx| {
+            let id = tx.host_identity(host)?.ok_or_else(|| {
+                CoreError::Unattested(format!(
+                    "host {host} was enrolled without a TPM, so it cannot be attested: enroll it again with `guestkeyd enroll --tpm`"
+                ))
+            })?;
+            if !id.pinned {
+                return Err(CoreError::Unattested(format!(
+                    "host {host}'s attestation key was never proven to live in its TPM (the enrollment's credential was not activated): enroll it again with `guestkeyd enroll --tpm`"
+                )));
+            }
+            let ak = AttestationKeyPublic::read(&id.ak_public)
+                .map_err(|e| CoreError::Internal(format!("host {host}'s pinned AK: {e}")))?;
+            let (version, values) = tx.allowlist(host)?;
+            if values.is_empty() {
+                return Err(CoreError::Unattested(format!(
+                    "host {host} has no attestation allowlist: run `guestkeyctl attestation allow --host {host} --learn` once its software is known good"
+                )));
+            }
+            let (_, clock) = tx.attestation(host)?;
+            Ok((
+                ak,
+                Allowlist {
+                    host: host.to_owned(),
+                    version,
+                    values,
+                },
+                clock,
+            ))
+        })
+    }
+
+    /// Challenges `host` for a quote of `selection` and verifies it with
+    /// its pinned AK; returns the values and clock it attests.
+    pub(crate) async fn quote_of(
+        &self,
+        host: &EnrolledHost,
+        ak: &AttestationKeyPublic,
+        selection: &PcrSelection,
+        earlier: Option<TpmClock>,
+    ) -> Result<(PcrValues, QuoteFacts), String> {
+        let mut nonce = [0u8; 32];
+        getrandom::fill(&mut nonce).map_err(|e| format!("no random bytes: {e}"))?;
+        let answer: QuoteAnswer = self
+            .agents
+            .attest(
+                host,
+                AttestChallenge {
+                    nonce: nonce.to_vec(),
+                    pcrs: selection.pcrs().to_vec(),
+                },
+            )
+            .await
+            .map_err(|e| format!("the host did not answer the attestation challenge: {e}"))?;
+        let values = PcrValues::new(answer.values.into_iter().collect());
+        let facts = ak
+            .check_quote(
+                &nonce,
+                selection,
+                &answer.quote,
+                &answer.signature,
+                &values,
+            )
+            .map_err(|e| e.to_string())?;
+        if let Some(e) = earlier {
+            let before = QuoteFacts {
+                clock: e.clock,
+                reset_count: e.reset_count,
+                restart_count: e.restart_count,
+                safe: true,
+            };
+            if let Some(why) = facts.goes_back_from(&before) {
+                return Err(format!(
+                    "{why} since its last passed attestation (a replayed quote, or a TPM whose state was rolled back)"
+                ));
+            }
+        }
+        Ok((values, facts))
+    }
+
+    /// Attests `host` now: nonce, quote, checks, allowlist. Records and
+    /// audits the outcome; an error says why it failed and what to run.
+    pub async fn attest(self: &Arc<Self>, host: &EnrolledHost) -> Result<(), CoreError> {
+        let name = host.name.clone();
+        let plan = {
+            let n = name.clone();
+            self.blocking(move |c| c.attestation_plan(&n)).await
+        };
+        let (ak, allow, clock) = match plan {
+            Ok(p) => p,
+            Err(e) => {
+                if matches!(e, CoreError::Unattested(_)) {
+                    let detail = e.to_string();
+                    let n = name.clone();
+                    self.blocking(move |c| c.record_outcome(&n, false, &detail, vec![], None))
+                        .await?;
+                }
+                return Err(e);
+            }
+        };
+        let selection = PcrSelection::new(allow.values.iter().map(|(p, _)| *p))
+            .map_err(CoreError::Internal)?;
+        let (ok, detail, differing, clock) = match self.quote_of(host, &ak, &selection, clock).await
+        {
+            Err(why) => (false, why, vec![], None),
+            Ok((values, facts)) => {
+                let mut differing = vec![];
+                let mut first = None;
+                for (pcr, value) in values.iter() {
+                    let hex = value.to_string();
+                    if !allow.values.iter().any(|(p, v)| *p == pcr && *v == hex) {
+                        differing.push(pcr);
+                        first.get_or_insert((pcr, *value));
+                    }
+                }
+                let clock = TpmClock {
+                    clock: facts.clock,
+                    reset_count: facts.reset_count,
+                    restart_count: facts.restart_count,
+                };
+                match first {
+                    None => (
+                        true,
+                        format!(
+                            "quote of PCRs sha256:{selection} matches allowlist version {}",
+                            allow.version
+                        ),
+                        vec![],
+                        Some(clock),
+                    ),
+                    Some((pcr, value)) => (
+                        false,
+                        format!(
+                            "PCR {pcr} is {value}, which allowlist version {} does not name (software on the host changed); if the change is expected, run `{}`",
+                            allow.version,
+                            allow_hint(&name, pcr, &value)
+                        ),
+                        differing,
+                        // The quote itself verified: its clock counts.
+                        Some(clock),
+                    ),
+                }
+            }
+        };
+        let d = detail.clone();
+        let n = name.clone();
+        self.blocking(move |c| c.record_outcome(&n, ok, &d, differing, clock))
+            .await?;
+        if ok {
+            Ok(())
+        } else {
+            Err(CoreError::Unattested(format!(
+                "host {name} failed attestation: {detail}"
+            )))
+        }
+    }
+
+    fn record_outcome(
+        &self,
+        host: &str,
+        ok: bool,
+        detail: &str,
+        differing: Vec<u8>,
+        clock: Option<TpmClock>,
+    ) -> Result<(), CoreError> {
+        if ok {
+            tracing::info!(%host, "host attested");
+        } else {
+            tracing::warn!(%host, %detail, "host failed attestation");
+        }
+        self.write(|tx| {
+            let outcome = AttestationOutcome {
+                at_unix: now_unix(),
+                ok,
+                detail: detail.to_owned(),
+                differing: differing.clone(),
+            };
+            tx.record_attestation(host, &outcome, clock)?;
+            let action = if ok {
+                "host.attested"
+            } else {
+                "host.attestation_failed"
+            };
+            self.log(tx, "server", action, host, detail)?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,190 @@
+//! `host_attestation`, `attestation_allow` and `attestation_versions` in
+//! SQLite.
+
+use rusqlite::{OptionalExtension, params};
+
+use super::{SqliteTx, signed, unsigned};
+use crate::model::{AttestationOutcome, TpmClock};
+use crate::store::{AttestStore, HostIdentity, Result};
+
+fn differing_text(pcrs: &[u8]) -> String {
+    pcrs.iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn differing_list(text: &str) -> Vec<u8> {
+    text.split(',').filter_map(|p| p.parse().ok()).collect()
+}
+
+impl AttestStore for SqliteTx<'_> {
+    fn set_host_identity(&mut self, host: &str, id: &HostIdentity) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO host_attestation
+                     (host, ek_public, ek_certificate, ak_public, challenge_hash, pinned)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                host,
+                id.ek_public,
+                id.ek_certificate,
+                id.ak_public,
+                id.challenge_hash,
+                id.pinned
+            ])?;
+        Ok(())
+    }
+
+    fn host_identity(&mut self, host: &str) -> Result<Option<HostIdentity>> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT ek_public, ek_certificate, ak_public, challenge_hash, pinned
+                 FROM host_attestation WHERE host = ?1",
+            )?
+            .query_row([host], |r| {
+                Ok(HostIdentity {
+                    ek_public: r.get(0)?,
+                    ek_certificate: r.get(1)?,
+                    ak_public: r.get(2)?,
+                    challenge_hash: r.get(3)?,
+                    pinned: r.get(4)?,
+                })
+            })
+            .optional()?)
+    }
+
+    fn pin_attestation_key(&mut self, host: &str) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE host_attestation SET pinned = 1, challenge_hash = NULL WHERE host = ?1",
+            )?
+            .execute([host])?;
+        Ok(())
+    }
+
+    fn record_attestation(
+        &mut self,
+        host: &str,
+        o: &AttestationOutcome,
+        clock: Option<TpmClock>,
+    ) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE host_attestation SET last_at = ?2, last_ok = ?3, last_detail = ?4,
+                     last_differing = ?5 WHERE host = ?1",
+            )?
+            .execute(params![
+                host,
+                o.at_unix,
+                o.ok,
+                o.detail,
+                differing_text(&o.differing)
+            ])?;
+        if let Some(c) = clock {
+            self.conn
+                .prepare_cached(
+                    "UPDATE host_attestation SET clock = ?2, reset_count = ?3, restart_count = ?4
+                     WHERE host = ?1",
+                )?
+                .execute(params![
+                    host,
+                    signed(c.clock),
+                    c.reset_count,
+                    c.restart_count
+                ])?;
+        }
+        Ok(())
+    }
+
+    fn attestation(
+        &mut self,
+        host: &str,
+    ) -> Result<(Option<AttestationOutcome>, Option<TpmClock>)> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT last_at, last_ok, last_detail, last_differing, clock, reset_count,
+                        restart_count
+                 FROM host_attestation WHERE host = ?1",
+            )?
+            .query_row([host], |r| {
+                let at: i64 = r.get(0)?;
+                let outcome = (at > 0)
+                    .then(|| -> rusqlite::Result<AttestationOutcome> {
+                        Ok(AttestationOutcome {
+                            at_unix: at,
+                            ok: r.get(1)?,
+                            detail: r.get(2)?,
+                            differing: differing_list(&r.get::<_, String>(3)?),
+                        })
+                    })
+                    .transpose()?;
+                let clock = match r.get::<_, Option<i64>>(4)? {
+                    Some(_) => Some(TpmClock {
+                        clock: unsigned(r, 4)?,
+                        reset_count: r.get(5)?,
+                        restart_count: r.get(6)?,
+                    }),
+                    None => None,
+                };
+                Ok((outcome, clock))
+            })
+            .optional()?;
+        Ok(row.unwrap_or((None, None)))
+    }
+
+    fn allow_pcr_values(
+        &mut self,
+        host: &str,
+        values: &[(u8, String)],
+        replace: bool,
+        now: i64,
+    ) -> Result<u64> {
+        let version: i64 = self
+            .conn
+            .prepare_cached("SELECT COALESCE(MAX(version), 0) FROM attestation_versions WHERE host = ?1")?
+            .query_row([host], |r| r.get(0))?;
+        let version = version + 1;
+        if replace {
+            let mut delete = self
+                .conn
+                .prepare_cached("DELETE FROM attestation_allow WHERE host = ?1 AND pcr = ?2")?;
+            for (pcr, _) in values {
+                delete.execute(params![host, pcr])?;
+            }
+        }
+        {
+            let mut insert = self.conn.prepare_cached(
+                "INSERT OR IGNORE INTO attestation_allow (host, pcr, sha256, version, added)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for (pcr, value) in values {
+                insert.execute(params![host, pcr, value, version, now])?;
+            }
+        }
+        self.conn
+            .prepare_cached(
+                "INSERT INTO attestation_versions (host, version) VALUES (?1, ?2)
+                 ON CONFLICT (host) DO UPDATE SET version = excluded.version",
+            )?
+            .execute(params![host, version])?;
+        Ok(version as u64)
+    }
+
+    fn allowlist(&mut self, host: &str) -> Result<(u64, Vec<(u8, String)>)> {
+        let version: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT version FROM attestation_versions WHERE host = ?1")?
+            .query_row([host], |r| r.get(0))
+            .optional()?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT pcr, sha256 FROM attestation_allow WHERE host = ?1 ORDER BY pcr, sha256",
+        )?;
+        let rows = stmt.query_map([host], |r| Ok((r.get::<_, u8>(0)?, r.get(1)?)))?;
+        let values = rows.collect::<rusqlite::Result<_>>()?;
+        Ok((version.unwrap_or(0).max(0) as u64, values))
+    }
+}
