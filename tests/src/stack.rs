@@ -60,6 +60,11 @@ impl Stack {
     /// Starts everything, with `enroll_args` added to `guestkeyd enroll`
     /// (e.g. `--tpm ...`).
     pub fn start_with(enroll_args: &[String]) -> Self {
+        Self::start_configured(enroll_args, None)
+    }
+
+    /// As [`Stack::start_with`], the server run with `config` (TOML).
+    pub fn start_configured(enroll_args: &[String], config: Option<&str>) -> Self {
         let lock = ONE_STACK.lock().unwrap_or_else(|p| p.into_inner());
         crate::require_libvirt();
         let mut cleanup = Cleanup::default();
@@ -79,7 +84,7 @@ impl Stack {
         let server = TestServer::start_in(
             dir.join("server"),
             Bins::from_target_dir(&workspace()),
-            None,
+            config,
         );
         let mut s = Self {
             _lock: lock,
