@@ -65,6 +65,10 @@ impl HostApi for Service {
             server_certificate_sha256: self.answer.server_certificate_sha256.clone(),
         }))
     }
+    async fn release_keys(&self, _: Request<hpb::ReleaseKeysRequest>) -> R<hpb::ReleasedKeys> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(hpb::ReleasedKeys::default()))
+    }
     async fn prove_attestation_key(
         &self,
         _: Request<hpb::AttestationProof>,

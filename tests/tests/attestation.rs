@@ -109,7 +109,8 @@ fn an_attested_volume_goes_only_to_a_host_whose_fresh_quote_its_allowlist_names(
     assert_eq!(h["attestation"]["last_ok"], true, "{h}");
     assert!(h["attestation"]["fresh_until_unix"].as_i64().unwrap() > 0);
 
-    // A guest on it is defined (attested again for its keys) and starts.
+    // A guest on it is defined: the host gets no key of the volume to
+    // keep. Each start asks the server, which attests the host first.
     let guest = format!("gk-test-{}-att", std::process::id());
     let mut cleanup = guestkey_tests::Cleanup::default();
     s.define_guest(
@@ -117,17 +118,25 @@ fn an_attested_volume_goes_only_to_a_host_whose_fresh_quote_its_allowlist_names(
         &guest,
         &volume_domain_xml(&guest, &s.pool, "att-disk", "qcow2"),
     );
+    assert_eq!(audited(&s, "key.released", &id), 1, "only the create's");
+    let attested = audited(&s, "host.attested", &s.host);
     virsh(&["start", &guest]).unwrap();
     virsh(&["destroy", &guest]).unwrap();
+    assert_eq!(audited(&s, "key.released", &id), 2, "the start's");
+    assert_eq!(audited(&s, "host.attested", &s.host), attested + 1);
 
-    // A software change on the host: PCR 10 is extended. The next
-    // attestation fails and names the PCR and the command that allows it.
+    // A software change on the host: PCR 10 is extended. The next start
+    // fails closed, and the virsh user reads which PCR and what to run.
     tpm.extend(10, b"an unexpected kernel module");
+    let hint = format!("guestkeyctl attestation allow --host {} --pcr 10=", s.host);
+    let e = virsh(&["start", &guest]).unwrap_err().0;
+    assert!(e.contains("PCR 10 is ") && e.contains(&hint), "{e}");
+    assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "shut off");
+    assert_eq!(audited(&s, "key.released", &id), 2, "a key went out");
     let out = s.ctl(&["host", "attest", &s.host]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "the changed host passed attestation");
     assert!(err.contains("PCR 10 is "), "{err}");
-    let hint = format!("guestkeyctl attestation allow --host {} --pcr 10=", s.host);
     assert!(err.contains(&hint), "{err}");
     let h = s.json(&["host", "show", &s.host]);
     assert_eq!(h["attestation"]["last_ok"], false, "{h}");
@@ -170,6 +179,14 @@ fn an_attested_volume_goes_only_to_a_host_whose_fresh_quote_its_allowlist_names(
     assert_eq!(shown["pcrs"].as_array().unwrap().len(), 4, "{shown}");
     virsh(&["start", &guest]).unwrap();
     virsh(&["destroy", &guest]).unwrap();
+
+    // The whole host taken away (its TPM still unseals its store): without
+    // the server its guest does not start, and the reason says so.
+    let mut s = s;
+    s.server.stop();
+    let e = virsh(&["start", &guest]).unwrap_err().0;
+    assert!(e.contains("released no key"), "{e}");
+    s.run_server();
 }
 
 #[test]

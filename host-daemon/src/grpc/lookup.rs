@@ -5,16 +5,21 @@
 
 use std::time::Duration;
 
-use guestkey_proto::host::{DescribeDiskRequest, host_api_client::HostApiClient};
+use guestkey_proto::host::{DescribeDiskRequest, ReleaseKeysRequest, host_api_client::HostApiClient};
 use tonic::transport::Channel;
 use virt_plugin::protocol::Source;
 
 use super::link::ServerLink;
+use crate::model::VolumeId;
+use crate::ops::requests::SealedKey;
 use crate::ops::{DiskLookup, KnownDisk};
 use crate::state::StateDir;
 
 /// How long a refusal waits for the server.
 const ANSWER: Duration = Duration::from_secs(3);
+/// How long a start waits for the server to release its keys (an
+/// attestation of this host included).
+const RELEASE: Duration = Duration::from_secs(60);
 
 /// The look-up over gRPC; called from blocking threads.
 pub struct ServerLookup {
@@ -72,5 +77,43 @@ impl DiskLookup for ServerLookup {
             state: d.state,
             same_secret: d.same_secret,
         })
+    }
+
+    fn release(&self, uuid: &str) -> Result<Vec<SealedKey>, String> {
+        let req = ReleaseKeysRequest {
+            guest_uuid: uuid.to_owned(),
+        };
+        let ask = async {
+            let mut guard = self.client.lock().await;
+            let c = super::report::connected(&mut guard, &self.link)
+                .await
+                .map_err(|e| format!("cannot reach it: {e}"))?;
+            match c.release_keys(req).await {
+                Ok(r) => Ok(r.into_inner()),
+                Err(e) => {
+                    if e.code() == tonic::Code::Unavailable {
+                        *guard = None;
+                    }
+                    Err(e.message().to_owned())
+                }
+            }
+        };
+        let r = self.rt.block_on(async {
+            tokio::time::timeout(RELEASE, ask)
+                .await
+                .map_err(|_| format!("it did not answer within {} s", RELEASE.as_secs()))?
+        })?;
+        r.keys
+            .into_iter()
+            .map(|k| {
+                Ok(SealedKey {
+                    volume: uuid::Uuid::parse_str(&k.volume_id)
+                        .map(VolumeId)
+                        .map_err(|_| format!("it sent a key of volume {:?}, not a UUID", k.volume_id))?,
+                    generation: k.generation,
+                    sealed: k.sealed_packet,
+                })
+            })
+            .collect()
     }
 }

@@ -62,11 +62,16 @@ impl Daemon {
                 ))));
             }
             let v = volume(&id)?;
-            drop(
-                self.keys
-                    .open(&k.sealed, k.volume, k.generation)
-                    .map_err(|e| OpsError::Packet(format!("key packet of volume {id}: {e}")))?,
-            );
+            // An empty packet: a key this host keeps no copy of (its
+            // volume's release is gated); the hook asks the server for it
+            // each time QEMU needs it.
+            if !k.sealed.is_empty() {
+                drop(
+                    self.keys
+                        .open(&k.sealed, k.volume, k.generation)
+                        .map_err(|e| OpsError::Packet(format!("key packet of volume {id}: {e}")))?,
+                );
+            }
             stored.push(StoredKey {
                 volume_id: k.volume,
                 generation: k.generation,

@@ -36,11 +36,41 @@ impl Daemon {
             return Err(OpsError::Precondition(self.unknown_disk(d)));
         }
         let Some(rec) = rec else { return Ok(()) };
+        // Keys this host keeps no copy of: released by the server now,
+        // through their volumes' gates (an attestation of this host).
+        let fetched = if rec.keys.iter().any(|k| k.sealed.is_empty()) {
+            let lookup = self.lookup.get().ok_or_else(|| {
+                OpsError::Precondition(format!(
+                    "domain {domain} needs keys that this host keeps no copy of, and guestkeyd has no link to the management server to ask for them"
+                ))
+            })?;
+            lookup.release(rec.uuid.as_str()).map_err(|e| {
+                OpsError::Precondition(format!(
+                    "the management server released no key for domain {domain}: {e}"
+                ))
+            })?
+        } else {
+            vec![]
+        };
         let mut set = vec![];
         for k in rec.keys.iter() {
+            let (sealed, generation) = if k.sealed.is_empty() {
+                let f = fetched
+                    .iter()
+                    .find(|f| f.volume == k.volume_id)
+                    .ok_or_else(|| {
+                        OpsError::Precondition(format!(
+                            "the management server released no key of volume {} for domain {domain}",
+                            k.volume_id
+                        ))
+                    })?;
+                (&f.sealed[..], f.generation)
+            } else {
+                (&k.sealed[..], k.generation)
+            };
             let packet = self
                 .keys
-                .open(&k.sealed, k.volume_id, k.generation)
+                .open(sealed, k.volume_id, generation)
                 .map_err(|e| OpsError::Packet(format!("key of volume {}: {e}", k.volume_id)))?;
             let done = self.hv.set_secret(
                 k.secret_uuid.as_str(),

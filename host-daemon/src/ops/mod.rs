@@ -38,6 +38,7 @@ use crate::libvirt::{HvError, Hypervisor};
 use crate::model::{InvalidInput, VolumeId};
 use crate::protect::HostKeys;
 use crate::store::{GuestRecord, Store, StoreError};
+use requests::SealedKey;
 
 /// Why an operation was refused or failed. The gRPC layer maps each kind
 /// to a status code; every message names what to fix, never a key.
@@ -92,12 +93,17 @@ pub struct KnownDisk {
     pub same_secret: bool,
 }
 
-/// Asks the management server about a disk, for the hook's refusals; the
-/// gRPC layer implements it. `None`: not a guestkey volume, or the server
-/// did not answer in time (the refusal then says less).
+/// Asks the management server, for the hook: about a disk it refuses, and
+/// for the keys this host keeps no copy of. The gRPC layer implements it.
 pub trait DiskLookup: Send + Sync {
-    /// The volume at `source`, whose `<encryption>` names `secret`.
+    /// The volume at `source`, whose `<encryption>` names `secret`. `None`:
+    /// not a guestkey volume, or the server did not answer in time (the
+    /// refusal then says less).
     fn describe(&self, source: &virt_plugin::protocol::Source, secret: &str) -> Option<KnownDisk>;
+    /// The keys of guest `uuid` that this host does not keep at rest,
+    /// released by the server now (through each volume's gates), sealed to
+    /// this host. The error is the server's reason, for the `virsh` user.
+    fn release(&self, uuid: &str) -> Result<Vec<SealedKey>, String>;
 }
 
 /// How often a secret's removal is tried at once before it is left to

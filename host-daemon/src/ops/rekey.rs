@@ -122,7 +122,10 @@ impl Daemon {
                     .into_inner();
             for k in keys.iter_mut().filter(|k| k.volume_id == vid) {
                 k.generation = r.new_key.generation;
-                k.sealed = Opaque::new(r.new_key.sealed.clone()).map_err(internal)?;
+                // A key this host keeps no copy of stays so.
+                if !k.sealed.is_empty() {
+                    k.sealed = Opaque::new(r.new_key.sealed.clone()).map_err(internal)?;
+                }
             }
             rec.keys = BoundedVec::new(keys).map_err(internal)?;
             self.store.save(&rec)?;

@@ -57,19 +57,8 @@ impl Core {
             .blocking(move |c| c.enrolled_host(&name))
             .await
             .map_err(|e| held(&e))?;
-        // No key is released for a host that cannot be reached, nor, for
-        // a guest with an `attested` disk, for one that fails attestation.
+        // No key is released for a host that cannot be reached.
         self.agents.connect(&host).await?;
-        if g.pending == Some(GuestOp::Define) {
-            let (guest, h) = (g.clone(), host.name.clone());
-            let gated = self
-                .blocking(move |c| c.guest_needs_attestation(&guest.uuid, &h))
-                .await
-                .map_err(|e| held(&e))?;
-            if gated {
-                self.attest(&host).await.map_err(|e| held(&e))?;
-            }
-        }
         let (guest, h) = (g.clone(), host.clone());
         let keys = self
             .blocking(move |c| c.release_guest_keys(&guest, &h))
@@ -96,16 +85,6 @@ impl Core {
         r.map_err(PushFailure::after_connect)
     }
 
-    /// Whether any of the guest's disks on `host` is `attested`.
-    pub(crate) fn guest_needs_attestation(&self, uuid: &str, host: &str) -> Result<bool, CoreError> {
-        self.read(|tx| {
-            Ok(tx
-                .guest_keys(uuid, host)?
-                .iter()
-                .any(|k| k.release == ReleasePolicy::Attested))
-        })
-    }
-
     /// For a definition, the guest's keys, each released (audited first,
     /// fail closed) and sealed to its host; nothing for other operations.
     pub(crate) fn release_guest_keys(
@@ -118,11 +97,25 @@ impl Core {
         }
         self.write(|tx| {
             let rows = tx.guest_keys(&g.uuid, &host.name)?;
-            self.take_releases(&host.name, rows.len() as u32)?;
+            let held = rows
+                .iter()
+                .filter(|k| k.release == ReleasePolicy::Auto)
+                .count();
+            self.take_releases(&host.name, held as u32)?;
             let why = format!(" for guest {}", g.name);
             let mut keys = Vec::with_capacity(rows.len());
             for k in rows {
-                let packet = self.release(tx, &k.volume_id, k.format, k.generation, host, &why, k.release)?;
+                if k.release != ReleasePolicy::Auto {
+                    // Not kept by the host: released at each start.
+                    keys.push(SealedKey {
+                        volume_id: k.volume_id,
+                        generation: k.generation,
+                        sealed: vec![],
+                    });
+                    continue;
+                }
+                let packet =
+                    self.release(tx, &k.volume_id, k.format, k.generation, host, &why, k.release)?;
                 keys.push(seal_for(&packet, host).map_err(CoreError::Internal)?);
             }
             Ok(keys)

@@ -145,8 +145,19 @@ impl Core {
             let why = format!(" for the migration of guest {} from {}", g.name, from.name);
             let mut keys = Vec::with_capacity(volumes.len());
             for v in &volumes {
+                if v.release != ReleasePolicy::Auto {
+                    // Not kept by the destination: its incoming QEMU's
+                    // hook asks for it, through the volume's gates.
+                    keys.push(SealedKey {
+                        volume_id: v.id.clone(),
+                        generation: v.key_generation,
+                        sealed: vec![],
+                    });
+                    continue;
+                }
                 self.take_releases(&dest.name, 1)?;
-                let packet = self.release(tx, &v.id, v.format, v.key_generation, &dest, &why, v.release)?;
+                let packet =
+                    self.release(tx, &v.id, v.format, v.key_generation, &dest, &why, v.release)?;
                 keys.push(seal_for(&packet, &dest).map_err(CoreError::Internal)?);
             }
             if !resuming {
@@ -299,27 +310,6 @@ impl Core {
         let n = name_or_uuid.clone();
         let uuid = self.blocking(move |c| c.get_guest(&n)).await?.uuid;
         let _driving = Driving::take(self, &uuid)?;
-        // Keys of `attested` disks go to a destination only after it
-        // passed attestation, with its own nonce, just now.
-        let (u, t) = (uuid.clone(), to.clone());
-        let gated = self
-            .blocking(move |c| {
-                c.read(|tx| {
-                    Ok(tx
-                        .guest_volumes(&u)?
-                        .iter()
-                        .any(|v| v.release == ReleasePolicy::Attested))
-                })
-                .map(|g| (g, t))
-            })
-            .await?;
-        if gated.0 {
-            let dest = {
-                let t = gated.1.clone();
-                self.blocking(move |c| c.enrolled_host(&t)).await?
-            };
-            self.attest(&dest).await?;
-        }
         let plan = self
             .blocking(move |c| c.begin_migration(&caller, &name_or_uuid, &to, live, unsafe_))
             .await?;

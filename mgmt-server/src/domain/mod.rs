@@ -35,6 +35,7 @@ pub mod guests;
 pub mod hosts;
 pub mod keyring;
 pub mod migrate;
+pub mod on_demand;
 pub mod push;
 pub mod refusals;
 pub mod rekey;

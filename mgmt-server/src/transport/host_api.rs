@@ -66,6 +66,27 @@ impl HostApi for HostService {
         }))
     }
 
+    async fn release_keys(&self, req: Request<hpb::ReleaseKeysRequest>) -> R<hpb::ReleasedKeys> {
+        let host = blocking(&self.0, &req, Want::Host, |_, who| host_name(who, "key requests"))
+            .await?;
+        let r = req.into_inner();
+        let keys = self
+            .0
+            .release_on_demand(&host, &r.guest_uuid)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(hpb::ReleasedKeys {
+            keys: keys
+                .into_iter()
+                .map(|k| hpb::ReleasedKey {
+                    volume_id: k.volume_id,
+                    generation: k.generation,
+                    sealed_packet: k.sealed,
+                })
+                .collect(),
+        }))
+    }
+
     async fn prove_attestation_key(
         &self,
         req: Request<hpb::AttestationProof>,

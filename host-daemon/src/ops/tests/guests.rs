@@ -210,6 +210,9 @@ impl DiskLookup for Known {
     fn describe(&self, _source: &Source, _secret: &str) -> Option<KnownDisk> {
         self.0.clone()
     }
+    fn release(&self, _uuid: &str) -> Result<Vec<crate::ops::requests::SealedKey>, String> {
+        Err("this stand-in server releases nothing".into())
+    }
 }
 
 #[test]
