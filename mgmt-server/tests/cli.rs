@@ -61,6 +61,7 @@ fn help_texts() {
         &["host", "list"],
         &["host", "show"],
         &["host", "revoke"],
+        &["host", "attest"],
         &["host", "set-migration"],
         &["volume"],
         &["volume", "create"],
@@ -69,6 +70,7 @@ fn help_texts() {
         &["volume", "list"],
         &["volume", "show"],
         &["volume", "delete"],
+        &["volume", "set-release"],
         &["volume", "rekey"],
         &["guest"],
         &["guest", "define"],
@@ -83,6 +85,9 @@ fn help_texts() {
         &["policy", "list"],
         &["policy", "remove"],
         &["audit"],
+        &["attestation"],
+        &["attestation", "allow"],
+        &["attestation", "show"],
         &["ca-cert"],
     ];
     for cmd in commands {
@@ -139,6 +144,10 @@ fn bad_arguments() {
             ],
         ),
         ("audit_limit_not_a_number", &["audit", "--limit", "many"]),
+        (
+            "attestation_allow_pcr_and_learn",
+            &["attestation", "allow", "--host", "h", "--pcr", "7=00", "--learn"],
+        ),
         ("guest_migrate_without_to", &["guest", "migrate", "g"]),
     ];
     for (name, args) in cases {
