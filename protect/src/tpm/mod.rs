@@ -22,6 +22,7 @@ pub mod cli;
 mod device;
 pub mod entropy;
 mod files;
+mod marshal;
 pub mod keyset;
 pub mod pcr;
 mod protector;
