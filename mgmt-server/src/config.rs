@@ -38,6 +38,12 @@ pub struct Limits {
     /// volumes go to it (every flow that releases them attests the host
     /// right before; this bounds what a stalled check could leave trusted).
     pub attestation_max_age_secs: u32,
+    /// How long a start whose keys need an operator's approval waits for
+    /// it before it fails naming the request (the request stays open).
+    pub approval_wait_secs: u32,
+    /// How long a request stays open (pending, or approved and unused)
+    /// before it expires.
+    pub approval_valid_secs: u32,
 }
 
 impl Default for Limits {
@@ -46,6 +52,8 @@ impl Default for Limits {
             max_volumes_per_host: 10_000,
             key_releases_per_minute: 1000,
             attestation_max_age_secs: 120,
+            approval_wait_secs: 120,
+            approval_valid_secs: 3600,
         }
     }
 }

@@ -17,9 +17,11 @@ use crate::state::StateDir;
 
 /// How long a refusal waits for the server.
 const ANSWER: Duration = Duration::from_secs(3);
-/// How long a start waits for the server to release its keys (an
-/// attestation of this host included).
-const RELEASE: Duration = Duration::from_secs(60);
+/// How long a start waits for the server to release its keys: an
+/// attestation of this host, and an operator's approval, which the server
+/// bounds itself (`limits.approval_wait_secs`); this bounds only a server
+/// that never answers.
+const RELEASE: Duration = Duration::from_secs(900);
 
 /// The look-up over gRPC; called from blocking threads.
 pub struct ServerLookup {

@@ -6,7 +6,12 @@ use std::collections::BTreeSet;
 
 use virt_plugin::protocol::Disk;
 
+use std::sync::Mutex;
+
 use super::{Daemon, OpsError};
+
+/// Guests the autostart catch-up starts at once.
+const AUTOSTART_WORKERS: usize = 8;
 
 impl Daemon {
     /// For the hook's `prepare`: defines the guest's volume secrets.
@@ -45,9 +50,7 @@ impl Daemon {
                 ))
             })?;
             lookup.release(rec.uuid.as_str()).map_err(|e| {
-                OpsError::Precondition(format!(
-                    "the management server released no key for domain {domain}: {e}"
-                ))
+                OpsError::Precondition(format!("the management server released no key: {e}"))
             })?
         } else {
             vec![]
@@ -164,17 +167,10 @@ impl Daemon {
                 return started;
             }
         };
+        let mut due = vec![];
         for uuid in guests {
             match (self.hv.domain_autostart(&uuid), self.hv.domain_state(&uuid)) {
-                (Ok(Some(true)), Ok(Some(state))) if !state.holds_disks() => {
-                    match self.hv.start_domain(&uuid) {
-                        Ok(_) => {
-                            tracing::info!(guest = %uuid, "autostarted");
-                            started.push(uuid);
-                        }
-                        Err(e) => tracing::error!(guest = %uuid, error = %e, "autostart failed"),
-                    }
-                }
+                (Ok(Some(true)), Ok(Some(state))) if !state.holds_disks() => due.push(uuid),
                 (Ok(None), _) => {
                     // Undefined while guestkeyd was not running: its keys go.
                     tracing::info!(guest = %uuid, "guest no longer defined in libvirt");
@@ -186,6 +182,31 @@ impl Daemon {
                 _ => {}
             }
         }
+        // A few workers take the guests in turn: a guest whose keys wait
+        // for the server (an attestation, an operator's approval) holds up
+        // one worker, not the others.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let done = Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for _ in 0..AUTOSTART_WORKERS.min(due.len()) {
+                scope.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let Some(uuid) = due.get(i) else { break };
+                        match self.hv.start_domain(uuid) {
+                            Ok(_) => {
+                                tracing::info!(guest = %uuid, "autostarted");
+                                done.lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push(uuid.clone());
+                            }
+                            Err(e) => tracing::error!(guest = %uuid, error = %e, "autostart failed"),
+                        }
+                    }
+                });
+            }
+        });
+        started.extend(done.into_inner().unwrap_or_else(|p| p.into_inner()));
         started
     }
 }

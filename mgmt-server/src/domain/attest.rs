@@ -166,6 +166,21 @@ impl Core {
         }))
     }
 
+    /// The host's last attestation in a few words, for lists ("" when it
+    /// has no TPM identity).
+    pub fn attestation_summary(&self, host: &str) -> Result<String, CoreError> {
+        self.read(|tx| {
+            if tx.host_identity(host)?.is_none() {
+                return Ok(String::new());
+            }
+            Ok(match tx.attestation(host)?.0 {
+                None => "never attested".into(),
+                Some(o) if o.ok => format!("passed ({} s ago)", now_unix() - o.at_unix),
+                Some(o) => format!("FAILED ({} s ago): {}", now_unix() - o.at_unix, o.detail),
+            })
+        })
+    }
+
     fn max_attestation_age(&self) -> i64 {
         i64::from(self.limits.attestation_max_age_secs)
     }

@@ -24,6 +24,7 @@
 
 pub mod agent;
 pub mod allowlist;
+pub mod approvals;
 pub mod attest;
 pub mod audit;
 pub mod checkpoints;

@@ -43,7 +43,7 @@ impl Core {
         uuid: &str,
     ) -> Result<Vec<SealedKey>, CoreError> {
         let (h, u) = (host.to_owned(), uuid.to_owned());
-        let (enrolled, owner, name, attest, purpose) = self
+        let (enrolled, owner, name, attest, approve, purpose) = self
             .blocking(move |c| {
                 c.read(|tx| {
                     let g = tx.guest(&u)?.ok_or_else(|| {
@@ -73,13 +73,33 @@ impl Core {
                         )));
                     };
                     let keys = gated(tx.guest_keys(&g.uuid, &g.host)?);
-                    let attest = keys.iter().any(|k| k.release == ReleasePolicy::Attested);
-                    Ok((enrolled_in(tx, &h)?, g.host, g.name, attest, purpose))
+                    let attest = keys.iter().any(|k| k.release.needs_attestation());
+                    let approve: Vec<String> = keys
+                        .iter()
+                        .filter(|k| k.release.needs_approval())
+                        .map(|k| k.volume_id.clone())
+                        .collect();
+                    let mut names = Vec::with_capacity(approve.len());
+                    for id in &approve {
+                        names.push(tx.volume(id)?.map(|v| v.name).unwrap_or_else(|| id.clone()));
+                    }
+                    Ok((enrolled_in(tx, &h)?, g.host, g.name, attest, names, purpose))
                 })
             })
             .await?;
+        // The quote first: the operator sees its outcome with the request.
         if attest {
             self.attest(&enrolled).await?;
+        }
+        if !approve.is_empty() {
+            let id = self
+                .await_approval(&enrolled.name, uuid, &name, approve)
+                .await?;
+            tracing::info!(request = %id, guest = %uuid, "release approved");
+            // A quote from before a long wait may have gone stale.
+            if attest {
+                self.attest(&enrolled).await?;
+            }
         }
         let u = uuid.to_owned();
         self.blocking(move |c| {

@@ -30,7 +30,7 @@ use crate::domain::hosts::enrolled_in;
 use crate::domain::release::seal_for;
 use crate::domain::{Core, guests, now_unix_ms};
 use crate::model::{
-    Caller, CoreError, EnrolledHost, RekeyKind, RekeyOrder, ReleasePolicy, VolumeInfo, VolumeState,
+    Caller, CoreError, EnrolledHost, RekeyKind, RekeyOrder, VolumeInfo, VolumeState,
 };
 use crate::store::Tx;
 
@@ -127,7 +127,7 @@ pub(crate) fn held(e: &CoreError) -> PushFailure {
 
 /// Whether pushing `v` releases a key that needs the host attested.
 fn needs_attestation(v: &VolumeInfo) -> bool {
-    v.release == ReleasePolicy::Attested && v.state != VolumeState::PendingDelete
+    v.release.needs_attestation() && v.state != VolumeState::PendingDelete
 }
 
 /// What a host answered to a volume push.

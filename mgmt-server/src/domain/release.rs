@@ -73,7 +73,7 @@ impl Core {
     ) -> Result<KeyPacket, CoreError> {
         // The gate first: nothing is read or logged as released for a host
         // that fails it.
-        if policy == ReleasePolicy::Attested {
+        if policy.needs_attestation() {
             self.require_attested(tx, &host.name)?;
         }
         let wrapped = tx.volume_key(volume_id, generation)?.ok_or_else(|| {

@@ -106,7 +106,7 @@ impl Core {
             if v.release == release {
                 return Ok(v);
             }
-            if release == ReleasePolicy::Attested {
+            if release.needs_attestation() {
                 attestable(tx, &v.host)?;
             }
             tx.set_release_policy(&v.id, release)?;
@@ -182,7 +182,7 @@ impl Core {
                     "a volume named {name} already exists: volume names are unique per server"
                 )));
             }
-            if release == ReleasePolicy::Attested {
+            if release.needs_attestation() {
                 attestable(tx, host.as_str())?;
             }
             let count = tx.host_volume_count(host.as_str())?;

@@ -33,6 +33,10 @@ pub enum CoreError {
     /// has none (held back: retried, never counted towards giving up).
     #[error("{0}")]
     Unattested(String),
+    /// A release waits for an operator's approval that did not come in
+    /// time.
+    #[error("{0}")]
+    Unapproved(String),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -5,7 +5,7 @@ use xdr_wipe::seal::HostPublicKey;
 
 use crate::model::states::{
     GuestOp, GuestState, HostState, PolicyScope, RekeyKind, RekeyPlacement, ReleasePolicy,
-    VolumeFormat, VolumeOp, VolumeState,
+    RequestState, VolumeFormat, VolumeOp, VolumeState,
 };
 
 /// A host as the admin sees it.
@@ -70,6 +70,32 @@ pub struct AttestationOutcome {
     pub detail: String,
     /// PCRs whose quoted value the allowlist does not name.
     pub differing: Vec<u8>,
+}
+
+/// A host's request for the keys of a guest whose release needs an
+/// operator's approval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseRequest {
+    /// Its id (`rq-` and 12 hex digits), what the operator names.
+    pub id: String,
+    /// The host that asks.
+    pub host: String,
+    /// The guest.
+    pub guest_uuid: String,
+    /// Its name.
+    pub guest_name: String,
+    /// Names of the volumes whose keys it asks for.
+    pub volumes: Vec<String>,
+    /// Where it is.
+    pub state: RequestState,
+    /// Made at (Unix seconds).
+    pub created_unix: i64,
+    /// Decided at (0: not yet).
+    pub decided_unix: i64,
+    /// Who decided (`admin:NAME`).
+    pub decided_by: String,
+    /// The operator's note.
+    pub note: String,
 }
 
 /// A TPM's clock and boot counters, as its last passed quote said.

@@ -16,11 +16,11 @@ pub mod states;
 pub use error::{CoreError, StoreError};
 pub use info::{
     AttestationOutcome, AuditRecord, Caller, EnrolledHost, GuestInfo, HostAttestation, HostInfo,
-    HostTpm, TpmClock, Policy, Progress, RekeyOrder,
+    HostTpm, ReleaseRequest, TpmClock, Policy, Progress, RekeyOrder,
     Verification, VolumeInfo,
 };
 pub use names::{InvalidInput, Name};
 pub use states::{
-    GuestOp, GuestState, HostState, PolicyScope, RekeyKind, ReleasePolicy, RekeyPlacement, VolumeFormat, VolumeOp,
+    GuestOp, GuestState, HostState, PolicyScope, RekeyKind, ReleasePolicy, RequestState, RekeyPlacement, VolumeFormat, VolumeOp,
     VolumeState,
 };

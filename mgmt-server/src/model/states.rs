@@ -157,12 +157,45 @@ impl VolumeState {
 text_enum! {
     /// What a release of a volume's key to its host needs, besides the
     /// host's enrolled certificate.
-    pub enum ReleasePolicy as "release policy", "use auto or attested" {
+    pub enum ReleasePolicy as "release policy", "use auto, attested, approved or attested+approved" {
         /// Nothing more (the host's certificate).
         Auto = "auto",
         /// A fresh, verified TPM quote of the host whose PCR values its
         /// allowlist names, for every release.
         Attested = "attested",
+        /// An operator's approval of each start's request
+        /// (`guestkeyctl pending approve`).
+        Approved = "approved",
+        /// Both: the quote, then the approval.
+        AttestedApproved = "attested+approved",
+    }
+}
+
+text_enum! {
+    /// Where a request for a start's keys is in its life.
+    pub enum RequestState as "request state", "use pending, approved, denied, used or expired" {
+        /// Waiting for an operator.
+        Pending = "pending",
+        /// Approved; its keys not released yet.
+        Approved = "approved",
+        /// Denied by an operator.
+        Denied = "denied",
+        /// Approved and its keys released (an approval is used once).
+        Used = "used",
+        /// Not decided (or not used) in time.
+        Expired = "expired",
+    }
+}
+
+impl ReleasePolicy {
+    /// Whether a release needs the host attested.
+    pub fn needs_attestation(self) -> bool {
+        matches!(self, Self::Attested | Self::AttestedApproved)
+    }
+
+    /// Whether a start's release needs an operator's approval.
+    pub fn needs_approval(self) -> bool {
+        matches!(self, Self::Approved | Self::AttestedApproved)
     }
 }
 

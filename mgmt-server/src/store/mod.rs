@@ -27,7 +27,8 @@ pub mod sqlite;
 
 use crate::model::{
     AttestationOutcome, AuditRecord, GuestInfo, GuestOp, GuestState, HostInfo, HostState, Policy,
-    PolicyScope, RekeyKind, RekeyOrder, ReleasePolicy, StoreError, TpmClock, VolumeFormat,
+    PolicyScope, RekeyKind, RekeyOrder, ReleasePolicy, ReleaseRequest, RequestState, StoreError,
+    TpmClock, VolumeFormat,
     VolumeInfo, VolumeOp, VolumeState,
 };
 
@@ -56,6 +57,7 @@ pub trait Tx:
     + PolicyStore
     + MigrationStore
     + AttestStore
+    + ApprovalStore
 {
     /// Makes the transaction's changes durable. Without it they are rolled
     /// back when the transaction is dropped.
@@ -503,4 +505,30 @@ pub trait AttestStore {
     /// A host's allowlist: its version (0: none) and (PCR, SHA-256 hex)
     /// pairs, by PCR.
     fn allowlist(&mut self, host: &str) -> Result<(u64, Vec<(u8, String)>)>;
+}
+
+/// Requests for start keys that wait for an operator's approval.
+pub trait ApprovalStore {
+    /// Records a new request.
+    fn insert_request(&mut self, r: &ReleaseRequest) -> Result<()>;
+    /// The newest pending or approved request of `host` for `guest_uuid`.
+    fn open_request(&mut self, host: &str, guest_uuid: &str) -> Result<Option<ReleaseRequest>>;
+    /// A request by id.
+    fn request(&mut self, id: &str) -> Result<Option<ReleaseRequest>>;
+    /// Requests, newest first; only those in `state` when given.
+    fn requests(&mut self, state: Option<RequestState>) -> Result<Vec<ReleaseRequest>>;
+    /// Moves a request from `from` to `to` (decided at `now` by `by`,
+    /// with `note`); false if it was not in `from`.
+    fn move_request(
+        &mut self,
+        id: &str,
+        from: RequestState,
+        to: RequestState,
+        now: i64,
+        by: &str,
+        note: &str,
+    ) -> Result<bool>;
+    /// Pending and approved requests made before `before` expire; returns
+    /// their ids.
+    fn expire_requests(&mut self, before: i64) -> Result<Vec<String>>;
 }

@@ -14,8 +14,8 @@ use crate::model::{
     ReleasePolicy, VolumeFormat,
 };
 use crate::transport::pb::{
-    allowlist, audit_record, guest, host, invalid, policy, policy_from, status, verification,
-    volume,
+    allowlist, audit_record, guest, host, invalid, pending, policy, policy_from, status,
+    verification, volume,
 };
 use crate::transport::tls::peer_fingerprint;
 
@@ -254,6 +254,37 @@ impl Admin for AdminService {
                 .map_err(status)?
         };
         Ok(Response::new(allowlist(a)))
+    }
+
+    async fn list_pending(
+        &self,
+        req: Request<pb::ListPendingRequest>,
+    ) -> R<pb::ListPendingResponse> {
+        let all = req.get_ref().all;
+        let requests = self
+            .admin(&req, move |c, _| {
+                let rs = c.release_requests(all)?;
+                rs.into_iter()
+                    .map(|r| {
+                        let a = c.attestation_summary(&r.host)?;
+                        Ok(pending(r, a))
+                    })
+                    .collect::<Result<Vec<_>, CoreError>>()
+            })
+            .await?;
+        Ok(Response::new(pb::ListPendingResponse { requests }))
+    }
+
+    async fn decide_pending(&self, req: Request<pb::DecidePendingRequest>) -> R<pb::PendingRequest> {
+        let r = req.get_ref().clone();
+        let p = self
+            .admin(&req, move |c, who| {
+                let d = c.decide_request(&who, &r.id, r.approve, &r.note)?;
+                let a = c.attestation_summary(&d.host)?;
+                Ok(pending(d, a))
+            })
+            .await?;
+        Ok(Response::new(p))
     }
 
     async fn get_allowlist(&self, req: Request<pb::HostRef>) -> R<pb::Allowlist> {

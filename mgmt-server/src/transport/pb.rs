@@ -65,6 +65,22 @@ pub(crate) fn host(h: HostInfo) -> pb::Host {
     }
 }
 
+pub(crate) fn pending(r: crate::model::ReleaseRequest, attestation: String) -> pb::PendingRequest {
+    pb::PendingRequest {
+        id: r.id,
+        host: r.host,
+        guest_uuid: r.guest_uuid,
+        guest_name: r.guest_name,
+        volumes: r.volumes,
+        state: r.state.to_string(),
+        created_unix: r.created_unix,
+        decided_unix: r.decided_unix,
+        decided_by: r.decided_by,
+        note: r.note,
+        attestation,
+    }
+}
+
 pub(crate) fn allowlist(a: crate::domain::allowlist::Allowlist) -> pb::Allowlist {
     pb::Allowlist {
         host: a.host,
@@ -170,7 +186,9 @@ pub(crate) fn status(e: CoreError) -> Status {
         CoreError::Invalid(_) | CoreError::Xml(_) => Code::InvalidArgument,
         CoreError::NotFound(_) => Code::NotFound,
         CoreError::AlreadyExists(_) => Code::AlreadyExists,
-        CoreError::FailedPrecondition(_) | CoreError::Unattested(_) => Code::FailedPrecondition,
+        CoreError::FailedPrecondition(_) | CoreError::Unattested(_) | CoreError::Unapproved(_) => {
+            Code::FailedPrecondition
+        }
         CoreError::Denied(_) => Code::PermissionDenied,
         CoreError::Exhausted(_) => Code::ResourceExhausted,
         CoreError::Store(_)

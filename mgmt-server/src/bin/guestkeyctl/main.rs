@@ -21,6 +21,7 @@ mod connect;
 mod guest;
 mod host;
 mod output;
+mod pending;
 mod policy;
 mod volume;
 
@@ -69,6 +70,10 @@ enum Command {
     /// for keys of `attested` volumes to go to them.
     #[command(subcommand)]
     Attestation(attestation::AttestationCmd),
+    /// Starts whose keys wait for an operator's approval: list, approve,
+    /// deny.
+    #[command(subcommand)]
+    Pending(pending::PendingCmd),
     /// Key rotation policies: set, list, remove.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
@@ -119,6 +124,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Guest(cmd) => guest::run(cmd, &ctx).await,
         Command::Policy(cmd) => policy::run(cmd, &ctx).await,
         Command::Attestation(cmd) => attestation::run(cmd, &ctx).await,
+        Command::Pending(cmd) => pending::run(cmd, &ctx).await,
         Command::Audit(args) => audit::run(args, &ctx).await,
         Command::CaCert => {
             let pem = ctx

@@ -7,6 +7,7 @@
 //!
 //! The only files of the server that import `rusqlite` are in this folder.
 
+mod approvals;
 mod attest;
 mod guests;
 mod hosts;

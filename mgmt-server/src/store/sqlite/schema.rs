@@ -204,6 +204,21 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE volumes ADD COLUMN release_policy TEXT NOT NULL DEFAULT 'auto'
         CHECK (release_policy IN ('auto', 'attested', 'approved', 'attested+approved'));
+    CREATE TABLE release_requests (
+        id         TEXT PRIMARY KEY,
+        host       TEXT NOT NULL REFERENCES hosts(name),
+        guest_uuid TEXT NOT NULL,
+        guest_name TEXT NOT NULL,
+        volumes    TEXT NOT NULL,
+        state      TEXT NOT NULL
+            CHECK (state IN ('pending', 'approved', 'denied', 'used', 'expired')),
+        created    INTEGER NOT NULL,
+        decided    INTEGER NOT NULL DEFAULT 0,
+        decided_by TEXT NOT NULL DEFAULT '',
+        note       TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX release_requests_open ON release_requests(host, guest_uuid)
+        WHERE state IN ('pending', 'approved');
     ",
 ];
 

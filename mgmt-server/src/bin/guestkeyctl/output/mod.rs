@@ -106,3 +106,11 @@ pub(crate) fn time(unix: i64) -> String {
         })
         .unwrap_or_else(|_| unix.to_string())
 }
+
+/// Now, Unix seconds.
+pub(crate) fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

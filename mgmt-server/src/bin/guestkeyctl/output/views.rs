@@ -405,3 +405,38 @@ pub(crate) fn verify_text(v: &pb::VerifyAuditResponse) -> String {
         )
     }
 }
+
+/// A release request as JSON.
+pub(crate) fn pending_json(r: &pb::PendingRequest) -> Value {
+    json!({"id": r.id, "host": r.host, "guest_uuid": r.guest_uuid, "guest_name": r.guest_name,
+           "volumes": r.volumes, "state": r.state, "created_unix": r.created_unix,
+           "decided_unix": r.decided_unix, "decided_by": r.decided_by, "note": r.note,
+           "attestation": r.attestation})
+}
+
+/// `pending list` as a table; `now` for the time waited.
+pub(crate) fn pending_table(rs: &[pb::PendingRequest], now: i64) -> String {
+    if rs.is_empty() {
+        return "no start waits for an approval\n".into();
+    }
+    table(
+        &["ID", "HOST", "GUEST", "VOLUMES", "ATTESTATION", "STATE", "WAITED"],
+        rs.iter()
+            .map(|r| {
+                vec![
+                    r.id.clone(),
+                    r.host.clone(),
+                    r.guest_name.clone(),
+                    r.volumes.join(","),
+                    if r.attestation.is_empty() {
+                        "-".into()
+                    } else {
+                        r.attestation.clone()
+                    },
+                    r.state.clone(),
+                    format!("{} s", (if r.decided_unix > 0 { r.decided_unix } else { now }) - r.created_unix),
+                ]
+            })
+            .collect(),
+    )
+}
