@@ -88,7 +88,7 @@ fn a_guest_gets_encryption_elements_and_exactly_its_keys() {
         .unwrap()
         .iter()
         .filter_map(|r| match r {
-            Received::Define { xml, keys } => Some((xml.clone(), keys.clone())),
+            Received::Define { xml, keys, .. } => Some((xml.clone(), keys.clone())),
             _ => None,
         })
         .collect();

@@ -186,6 +186,9 @@ pub enum Received {
     Define {
         xml: String,
         keys: Vec<(String, u64)>,
+        /// Volumes whose key came without a packet (kept by the server,
+        /// released at each start).
+        on_demand: Vec<String>,
     },
     Guest {
         action: &'static str,
@@ -553,7 +556,12 @@ impl HostAgent for AgentImpl {
         }
         let host = xdr_wipe::XdrString::new(self.name.clone()).unwrap();
         let mut keys = vec![];
+        let mut on_demand = vec![];
         for k in &r.keys {
+            if k.sealed_packet.is_empty() {
+                on_demand.push(k.volume_id.clone());
+                continue;
+            }
             let vid = VolumeId(
                 uuid::Uuid::parse_str(&k.volume_id)
                     .map_err(|e| Status::invalid_argument(e.to_string()))?,
@@ -565,6 +573,7 @@ impl HostAgent for AgentImpl {
         self.received.lock().unwrap().push(Received::Define {
             xml: r.domain_xml,
             keys,
+            on_demand,
         });
         Ok(Response::new(agent::GuestResult {
             op_id: r.op_id,
