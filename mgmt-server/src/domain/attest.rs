@@ -97,9 +97,13 @@ impl Core {
                 )));
             };
             let Some(expected) = id.challenge_hash.as_deref() else {
-                return Ok(Err(format!(
-                    "host {host}'s attestation key is already pinned"
-                )));
+                return Ok(Err(if id.pinned {
+                    format!("host {host}'s attestation key is already pinned")
+                } else {
+                    format!(
+                        "host {host}'s attestation key can no longer be proven (a wrong proof was sent): enroll the host again"
+                    )
+                }));
             };
             let got = Sha256::digest(credential);
             if !bool::from(got.as_slice().ct_eq(expected)) {

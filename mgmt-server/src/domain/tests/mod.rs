@@ -6,6 +6,7 @@
 
 mod bounds;
 mod checkpoints;
+mod gates;
 mod hosts;
 mod migrate;
 mod rekey;

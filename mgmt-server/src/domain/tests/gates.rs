@@ -1,0 +1,215 @@
+//! The release gates' rules on the in-memory store: what a release of an
+//! `attested` key needs of the host's last attestation, what policies a
+//! host without a TPM may have, and the life of approval requests. (Real
+//! quotes are checked against swtpm in `protect/tests/attest.rs` and end
+//! to end in `tests/tests/attestation.rs`.)
+
+use super::Bed;
+use crate::model::{
+    AttestationOutcome, CoreError, ReleasePolicy, ReleaseRequest, RequestState, VolumeFormat,
+};
+use crate::store::{Access, HostIdentity, Store};
+
+fn pin(b: &Bed, host: &str) {
+    let mut tx = b.store.begin(Access::Write).unwrap();
+    tx.set_host_identity(
+        host,
+        &HostIdentity {
+            ek_public: vec![1],
+            ek_certificate: None,
+            ak_public: vec![2],
+            challenge_hash: None,
+            pinned: true,
+        },
+    )
+    .unwrap();
+    tx.commit().unwrap();
+}
+
+fn outcome(b: &Bed, host: &str, ok: bool, age_secs: i64) {
+    let mut tx = b.store.begin(Access::Write).unwrap();
+    tx.record_attestation(
+        host,
+        &AttestationOutcome {
+            at_unix: crate::domain::now_unix() - age_secs,
+            ok,
+            detail: "PCR 10 is 00".into(),
+            differing: vec![10],
+        },
+        None,
+    )
+    .unwrap();
+    tx.commit().unwrap();
+}
+
+fn audit_count(b: &Bed, action: &str) -> usize {
+    b.core
+        .list_audit(0, 100_000)
+        .unwrap()
+        .iter()
+        .filter(|r| r.action == action)
+        .count()
+}
+
+#[tokio::test]
+async fn an_attested_release_needs_a_passed_attestation_younger_than_its_limit() {
+    let b = Bed::new();
+    b.host("kvm-a");
+    let v = b.volume("kvm-a", "att").await;
+    let host = b.core.enrolled_host("kvm-a").unwrap();
+    let release = |b: &Bed| {
+        b.core.write(|tx| {
+            b.core
+                .release(tx, &v.id, v.format, 1, &host, "", ReleasePolicy::Attested)
+                .map(drop)
+        })
+    };
+    let released = audit_count(&b, "key.released");
+    let check = |b: &Bed, want: &str| {
+        let e = release(b).unwrap_err();
+        assert!(matches!(e, CoreError::Unattested(_)), "{e:?}");
+        assert!(e.to_string().contains(want), "{e}");
+        assert_eq!(audit_count(b, "key.released"), released, "released anyway");
+    };
+    // Enrolled without a TPM, or never attested.
+    check(&b, "has not been attested");
+    pin(&b, "kvm-a");
+    check(&b, "has not been attested");
+    // Failed: the reason is the attestation's.
+    outcome(&b, "kvm-a", false, 0);
+    check(&b, "failed attestation: PCR 10 is 00");
+    // Passed, but longer ago than limits.attestation_max_age_secs: a stalled
+    // check leaves the host unattested (Keylime CVE-2022-3500).
+    outcome(&b, "kvm-a", true, 121);
+    check(&b, "older than limits.attestation_max_age_secs (120 s)");
+    // Passed and fresh.
+    outcome(&b, "kvm-a", true, 5);
+    release(&b).unwrap();
+    assert_eq!(audit_count(&b, "key.released"), released + 1);
+    // An `auto` key needs none of it.
+    outcome(&b, "kvm-a", false, 0);
+    b.core
+        .write(|tx| {
+            b.core
+                .release(tx, &v.id, v.format, 1, &host, "", ReleasePolicy::Auto)
+                .map(drop)
+        })
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_host_without_a_proven_attestation_key_gets_no_attested_volume() {
+    let b = Bed::new();
+    b.host("kvm-a");
+    let e = b
+        .core
+        .create_volume_with(
+            &b.admin,
+            "kvm-a",
+            "default",
+            "att",
+            1 << 20,
+            VolumeFormat::Qcow2,
+            ReleasePolicy::Attested,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("enrolled without a TPM"), "{e}");
+    assert!(b.core.list_volumes(None).unwrap().is_empty());
+    let v = b.volume("kvm-a", "plain").await;
+    for p in [ReleasePolicy::Attested, ReleasePolicy::AttestedApproved] {
+        let e = b.core.set_release_policy(&b.admin, "plain", p).unwrap_err();
+        assert!(e.to_string().contains("enrolled without a TPM"), "{e}");
+    }
+    assert_eq!(b.core.get_volume(&v.id).unwrap().release, ReleasePolicy::Auto);
+    // Approval alone needs no TPM; it is audited.
+    let after = b
+        .core
+        .set_release_policy(&b.admin, "plain", ReleasePolicy::Approved)
+        .unwrap();
+    assert_eq!(after.release, ReleasePolicy::Approved);
+    assert_eq!(audit_count(&b, "volume.release-policy"), 1);
+    // An allowlist for such a host would never be checked.
+    let value = "00".repeat(32).parse().unwrap();
+    let e = b
+        .core
+        .allow_pcrs(&b.admin, "kvm-a", &[(7, value)], false)
+        .unwrap_err();
+    assert!(e.to_string().contains("enrolled without a TPM"), "{e}");
+    let e = b.core.allow_pcrs(&b.admin, "kvm-a", &[], false).unwrap_err();
+    assert!(matches!(e, CoreError::Invalid(_)), "{e:?}");
+    // An unproven AK counts as none.
+    let mut tx = b.store.begin(Access::Write).unwrap();
+    tx.set_host_identity(
+        "kvm-a",
+        &HostIdentity {
+            ek_public: vec![1],
+            ek_certificate: None,
+            ak_public: vec![2],
+            challenge_hash: Some(vec![3]),
+            pinned: false,
+        },
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    let e = b
+        .core
+        .set_release_policy(&b.admin, "plain", ReleasePolicy::Attested)
+        .unwrap_err();
+    assert!(e.to_string().contains("never proven"), "{e}");
+    // A wrong proof leaves it unpinned for good.
+    let e = b.core.prove_attestation_key("kvm-a", b"guess").unwrap_err();
+    assert!(e.to_string().contains("does not match"), "{e}");
+    let e = b.core.prove_attestation_key("kvm-a", &[3]).unwrap_err();
+    assert!(e.to_string().contains("can no longer be proven"), "{e}");
+    assert_eq!(audit_count(&b, "host.attestation_key_pinned"), 0);
+}
+
+#[tokio::test]
+async fn requests_are_decided_once_and_expire() {
+    let b = Bed::new();
+    b.host("kvm-a");
+    let request = |id: &str, age: i64| ReleaseRequest {
+        id: id.into(),
+        host: "kvm-a".into(),
+        guest_uuid: "6f1c2b1e-3d4a-4c5b-9e8f-0a1b2c3d4e5f".into(),
+        guest_name: "g1".into(),
+        volumes: vec!["d1".into()],
+        state: RequestState::Pending,
+        created_unix: crate::domain::now_unix() - age,
+        decided_unix: 0,
+        decided_by: String::new(),
+        note: String::new(),
+    };
+    let mut tx = b.store.begin(Access::Write).unwrap();
+    tx.insert_request(&request("rq-000000000001", 10)).unwrap();
+    tx.insert_request(&request("rq-000000000002", 3601)).unwrap();
+    tx.commit().unwrap();
+    // The old one expired (audited); the young one waits.
+    let open = b.core.release_requests(false).unwrap();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].id, "rq-000000000001");
+    assert_eq!(audit_count(&b, "release.expired"), 1);
+    let e = b
+        .core
+        .decide_request(&b.admin, "rq-000000000002", true, "")
+        .unwrap_err();
+    assert!(e.to_string().contains("is expired, not pending"), "{e}");
+    let e = b.core.decide_request(&b.admin, "rq-nope", true, "").unwrap_err();
+    assert!(matches!(e, CoreError::NotFound(_)), "{e:?}");
+    let e = b
+        .core
+        .decide_request(&b.admin, "rq-000000000001", true, &"x".repeat(1025))
+        .unwrap_err();
+    assert!(matches!(e, CoreError::Invalid(_)), "{e:?}");
+    let r = b
+        .core
+        .decide_request(&b.admin, "rq-000000000001", false, "no")
+        .unwrap();
+    assert_eq!((r.state, r.decided_by.as_str()), (RequestState::Denied, "admin:admin"));
+    let e = b
+        .core
+        .decide_request(&b.admin, "rq-000000000001", true, "")
+        .unwrap_err();
+    assert!(e.to_string().contains("is denied, not pending"), "{e}");
+    assert_eq!(audit_count(&b, "release.denied"), 1);
+}
