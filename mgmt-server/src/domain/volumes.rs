@@ -106,6 +106,16 @@ impl Core {
             if v.release == release {
                 return Ok(v);
             }
+            // Whether the host keeps a guest's key at rest was settled when
+            // the guest was defined there.
+            let users = tx.volume_users(&v.id)?;
+            if !users.is_empty() {
+                return Err(CoreError::FailedPrecondition(format!(
+                    "volume {} is used by guest(s) {}: its release policy changes only while no guest uses it (whether a host keeps the key was settled at the guest's definition); undefine them, set the policy, define them again",
+                    v.name,
+                    users.join(", ")
+                )));
+            }
             if release.needs_attestation() {
                 attestable(tx, &v.host)?;
             }

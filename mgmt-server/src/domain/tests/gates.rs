@@ -128,6 +128,13 @@ async fn a_host_without_a_proven_attestation_key_gets_no_attested_volume() {
         .unwrap();
     assert_eq!(after.release, ReleasePolicy::Approved);
     assert_eq!(audit_count(&b, "volume.release-policy"), 1);
+    // Not while a guest uses the volume.
+    b.guest("kvm-a", "g1", &["plain"]).await;
+    let e = b
+        .core
+        .set_release_policy(&b.admin, "plain", ReleasePolicy::Auto)
+        .unwrap_err();
+    assert!(e.to_string().contains("used by guest(s) g1"), "{e}");
     // An allowlist for such a host would never be checked.
     let value = "00".repeat(32).parse().unwrap();
     let e = b
@@ -151,9 +158,10 @@ async fn a_host_without_a_proven_attestation_key_gets_no_attested_volume() {
     )
     .unwrap();
     tx.commit().unwrap();
+    b.volume("kvm-a", "plain2").await;
     let e = b
         .core
-        .set_release_policy(&b.admin, "plain", ReleasePolicy::Attested)
+        .set_release_policy(&b.admin, "plain2", ReleasePolicy::Attested)
         .unwrap_err();
     assert!(e.to_string().contains("never proven"), "{e}");
     // A wrong proof leaves it unpinned for good.
