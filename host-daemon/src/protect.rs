@@ -12,10 +12,10 @@ use std::path::Path;
 
 use guestkey_protect::tpm::attest::{AttestationKey, Endorsement, Quote};
 use guestkey_protect::tpm::{DEADLINE, KeyEntry, KeySet, PcrSelection, with_tpm};
-use zeroize::Zeroizing;
 use guestkey_protect::{Encoding, FileProtector, KeyProtector, ProtectError, ProtectedKey};
 use xdr_wipe::packet::{KeyPacket, VolumeId};
 use xdr_wipe::seal::{HostId, HostSealingKey, OpenError, open};
+use zeroize::Zeroizing;
 
 use crate::state::StateDir;
 

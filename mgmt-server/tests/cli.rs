@@ -146,7 +146,15 @@ fn bad_arguments() {
         ("audit_limit_not_a_number", &["audit", "--limit", "many"]),
         (
             "attestation_allow_pcr_and_learn",
-            &["attestation", "allow", "--host", "h", "--pcr", "7=00", "--learn"],
+            &[
+                "attestation",
+                "allow",
+                "--host",
+                "h",
+                "--pcr",
+                "7=00",
+                "--learn",
+            ],
         ),
         ("guest_migrate_without_to", &["guest", "migrate", "g"]),
     ];

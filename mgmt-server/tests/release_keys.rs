@@ -41,15 +41,34 @@ fn only_the_guests_own_host_gets_its_gated_keys_and_only_through_the_gate() {
     a.serve();
     b.serve();
     s.ok(&[
-        "volume", "create", "--host", "kvm-a", "--pool", "default", "--name", "gated", "--size",
-        "16M", "--release", "approved",
+        "volume",
+        "create",
+        "--host",
+        "kvm-a",
+        "--pool",
+        "default",
+        "--name",
+        "gated",
+        "--size",
+        "16M",
+        "--release",
+        "approved",
     ]);
     let v = s.json(&["volume", "show", "gated"]);
     assert_eq!(v["release"], "approved");
     let file = s.dir.join("../g1.xml");
     std::fs::write(&file, xml("g1")).unwrap();
-    s.ok(&["guest", "define", "--host", "kvm-a", "--xml", file.to_str().unwrap()]);
-    s.wait_for(20, "defined", || s.json(&["guest", "show", "g1"])["pending"] == "");
+    s.ok(&[
+        "guest",
+        "define",
+        "--host",
+        "kvm-a",
+        "--xml",
+        file.to_str().unwrap(),
+    ]);
+    s.wait_for(20, "defined", || {
+        s.json(&["guest", "show", "g1"])["pending"] == ""
+    });
     let uuid = s.json(&["guest", "show", "g1"])["uuid"]
         .as_str()
         .unwrap()
@@ -61,7 +80,9 @@ fn only_the_guests_own_host_gets_its_gated_keys_and_only_through_the_gate() {
         .unwrap()
         .iter()
         .find_map(|r| match r {
-            Received::Define { keys, on_demand, .. } => Some((keys.clone(), on_demand.clone())),
+            Received::Define {
+                keys, on_demand, ..
+            } => Some((keys.clone(), on_demand.clone())),
             _ => None,
         })
         .unwrap();
@@ -72,7 +93,9 @@ fn only_the_guests_own_host_gets_its_gated_keys_and_only_through_the_gate() {
 
     block_on(async {
         // Another host, with its own valid certificate: refused.
-        let e = ask(&s, Some((&b.cert_pem, &b.key_pem)), &uuid).await.unwrap_err();
+        let e = ask(&s, Some((&b.cert_pem, &b.key_pem)), &uuid)
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
         assert!(e.message().contains("belongs to host kvm-a"), "{e:?}");
         // No certificate at all: refused before anything is read.
@@ -85,9 +108,14 @@ fn only_the_guests_own_host_gets_its_gated_keys_and_only_through_the_gate() {
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
         // Its own host, but nobody approved: the start is held, naming the
         // request.
-        let e = ask(&s, Some((&a.cert_pem, &a.key_pem)), &uuid).await.unwrap_err();
+        let e = ask(&s, Some((&a.cert_pem, &a.key_pem)), &uuid)
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
-        assert!(e.message().contains("guestkeyctl pending approve rq-"), "{e:?}");
+        assert!(
+            e.message().contains("guestkeyctl pending approve rq-"),
+            "{e:?}"
+        );
         // A guest the server does not know.
         let e = ask(
             &s,

@@ -24,7 +24,11 @@ use guestkey_tests::stack::Stack;
 use guestkey_tests::{Cleanup, virsh};
 
 fn domain(name: &str, source: &str) -> String {
-    let kind = if source.contains("pool=") { "volume" } else { "file" };
+    let kind = if source.contains("pool=") {
+        "volume"
+    } else {
+        "file"
+    };
     format!(
         "<domain type='kvm'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os><devices><disk type='{kind}' device='disk'><driver name='qemu' type='qcow2'/>{source}<target dev='vda' bus='virtio'/></disk></devices></domain>"
     )
@@ -52,8 +56,19 @@ fn timed(rounds: usize, mut f: impl FnMut()) -> Duration {
 fn volumes(s: &Stack, names: &[String], release: &str) {
     for n in names {
         s.json(&[
-            "volume", "create", "--host", &s.host, "--pool", &s.pool, "--name", n, "--size", "1M",
-            "--release", release, "--no-wait",
+            "volume",
+            "create",
+            "--host",
+            &s.host,
+            "--pool",
+            &s.pool,
+            "--name",
+            n,
+            "--size",
+            "1M",
+            "--release",
+            release,
+            "--no-wait",
         ]);
     }
     s.wait_for(3600, "volumes ready", || {
@@ -72,7 +87,14 @@ fn define(s: &Stack, cleanup: &mut Cleanup, guests: &[String], disks: &[String])
         let f = s.dir.join(format!("{g}.xml"));
         let src = format!("<source pool='{}' volume='{d}'/>", s.pool);
         std::fs::write(&f, domain(g, &src)).unwrap();
-        s.json(&["guest", "define", "--host", &s.host, "--xml", f.to_str().unwrap()]);
+        s.json(&[
+            "guest",
+            "define",
+            "--host",
+            &s.host,
+            "--xml",
+            f.to_str().unwrap(),
+        ]);
         cleanup.virsh(&["undefine", g]);
         cleanup.virsh(&["destroy", g]);
     }
@@ -87,7 +109,9 @@ fn define(s: &Stack, cleanup: &mut Cleanup, guests: &[String], disks: &[String])
 }
 
 fn running(g: &str) -> bool {
-    virsh(&["domstate", g]).map(|s| s.trim() == "running").unwrap_or(false)
+    virsh(&["domstate", g])
+        .map(|s| s.trim() == "running")
+        .unwrap_or(false)
 }
 
 /// Autostart guests, all shut off, guestkeyd restarted: time until all
@@ -102,7 +126,9 @@ fn restart(s: &mut Stack, guests: &[String]) -> Duration {
     s.daemon.take().unwrap().stop();
     let t = Instant::now();
     s.run_daemon();
-    s.wait_for(3600, "every guest autostarted", || guests.iter().all(|g| running(g)));
+    s.wait_for(3600, "every guest autostarted", || {
+        guests.iter().all(|g| running(g))
+    });
     let e = t.elapsed();
     for g in guests {
         virsh(&["destroy", g]).unwrap();
@@ -132,9 +158,19 @@ fn main() {
             "--tpm-authority-key".into(),
             authority_dir.join("authority.pk8").to_str().unwrap().into(),
         ],
-        Some("[retry]\ninitial_delay_ms = 200\nmax_delay_ms = 1000\n[limits]\nkey_releases_per_minute = 100000\n"),
+        Some(
+            "[retry]\ninitial_delay_ms = 200\nmax_delay_ms = 1000\n[limits]\nkey_releases_per_minute = 100000\n",
+        ),
     );
-    s.json(&["attestation", "allow", "--host", &s.host, "--learn", "--learn-pcrs", "0,7"]);
+    s.json(&[
+        "attestation",
+        "allow",
+        "--host",
+        &s.host,
+        "--learn",
+        "--learn-pcrs",
+        "0,7",
+    ]);
     let pid = std::process::id();
     let mut cleanup = Cleanup::default();
 
@@ -159,13 +195,21 @@ fn main() {
     let f = s.dir.join("plain.xml");
     std::fs::write(
         &f,
-        domain(&one("plain"), &format!("<source file='{}'/>", plain.display())),
+        domain(
+            &one("plain"),
+            &format!("<source file='{}'/>", plain.display()),
+        ),
     )
     .unwrap();
     virsh(&["define", f.to_str().unwrap()]).unwrap();
     cleanup.virsh(&["undefine", &one("plain")]);
     cleanup.virsh(&["destroy", &one("plain")]);
-    define(&s, &mut cleanup, &[one("auto"), one("att")], &["b-auto".into(), "b-att".into()]);
+    define(
+        &s,
+        &mut cleanup,
+        &[one("auto"), one("att")],
+        &["b-auto".into(), "b-att".into()],
+    );
     let start = |g: &str| {
         timed(rounds, || {
             virsh(&["start", g]).unwrap();
@@ -177,7 +221,11 @@ fn main() {
     let t_att = start(&one("att"));
 
     // 3. A restart with n guests of each kind.
-    let names = |k: &str| (0..n).map(|i| format!("gk-test-{pid}-{k}{i}")).collect::<Vec<_>>();
+    let names = |k: &str| {
+        (0..n)
+            .map(|i| format!("gk-test-{pid}-{k}{i}"))
+            .collect::<Vec<_>>()
+    };
     let (auto_v, att_v) = (names("va"), names("vt"));
     let t = Instant::now();
     volumes(&s, &auto_v, "auto");
@@ -199,7 +247,10 @@ fn main() {
         (attest.as_secs_f64() - show.as_secs_f64()) * 1000.0
     );
     println!("guest start (virsh start, 64 MiB KVM guest, hook included):");
-    println!("  plain qcow2 file:         {:>7.3} s", t_plain.as_secs_f64());
+    println!(
+        "  plain qcow2 file:         {:>7.3} s",
+        t_plain.as_secs_f64()
+    );
     println!(
         "  guestkey auto disk:       {:>7.3} s   ratio {:.2}",
         t_auto.as_secs_f64(),
@@ -212,7 +263,10 @@ fn main() {
         r(t_att, t_auto)
     );
     println!("host restart, {n} autostart guests (guestkeyd start to all running):");
-    println!("  auto disks:               {:>7.1} s", r_auto.as_secs_f64());
+    println!(
+        "  auto disks:               {:>7.1} s",
+        r_auto.as_secs_f64()
+    );
     println!(
         "  attested disks:           {:>7.1} s   ratio {:.2}",
         r_att.as_secs_f64(),

@@ -10,7 +10,8 @@ use guestkey_tests::stack::Stack;
 use guestkey_tests::{virsh, volume_domain_xml};
 
 /// A start waits 4 s for an approval; retries are quick.
-const CONFIG: &str = "[limits]\napproval_wait_secs = 4\n[retry]\ninitial_delay_ms = 200\nmax_delay_ms = 1000\n";
+const CONFIG: &str =
+    "[limits]\napproval_wait_secs = 4\n[retry]\ninitial_delay_ms = 200\nmax_delay_ms = 1000\n";
 
 fn audited(s: &Stack, action: &str) -> Vec<serde_json::Value> {
     s.json(&["audit", "--limit", "10000"])
@@ -36,8 +37,18 @@ fn pending(s: &Stack) -> Vec<serde_json::Value> {
 fn a_start_waits_for_an_operator_and_each_approval_opens_one_start() {
     let s = Stack::start_configured(&[], Some(CONFIG));
     s.json(&[
-        "volume", "create", "--host", &s.host, "--pool", &s.pool, "--name", "apr-disk", "--size",
-        "16M", "--release", "approved",
+        "volume",
+        "create",
+        "--host",
+        &s.host,
+        "--pool",
+        &s.pool,
+        "--name",
+        "apr-disk",
+        "--size",
+        "16M",
+        "--release",
+        "approved",
     ]);
     let id = s.json(&["volume", "show", "apr-disk"])["id"]
         .as_str()
@@ -63,7 +74,10 @@ fn a_start_waits_for_an_operator_and_each_approval_opens_one_start() {
     let e = virsh(&["start", &guest]).unwrap_err().0;
     assert!(e.contains("waits for an operator's approval"), "{e}");
     let rq = request_id(&e);
-    assert!(e.contains(&format!("guestkeyctl pending approve {rq}")), "{e}");
+    assert!(
+        e.contains(&format!("guestkeyctl pending approve {rq}")),
+        "{e}"
+    );
     let list = pending(&s);
     assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(list[0]["id"], rq.as_str());
@@ -85,11 +99,15 @@ fn a_start_waits_for_an_operator_and_each_approval_opens_one_start() {
     assert_eq!(released(&s), 2);
     assert!(pending(&s).is_empty());
     let a = audited(&s, "release.approved");
-    assert!(a.iter().any(|r| r["subject"] == rq.as_str()
-        && r["detail"].as_str().unwrap().contains("ticket 42")));
+    assert!(a.iter().any(
+        |r| r["subject"] == rq.as_str() && r["detail"].as_str().unwrap().contains("ticket 42")
+    ));
     let all = s.json(&["pending", "list", "--all"]);
     assert!(
-        all.as_array().unwrap().iter().any(|r| r["id"] == rq.as_str() && r["state"] == "used"),
+        all.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == rq.as_str() && r["state"] == "used"),
         "{all}"
     );
     // An approved request cannot be decided again.
@@ -112,9 +130,18 @@ fn a_start_waits_for_an_operator_and_each_approval_opens_one_start() {
         }
     };
     assert_ne!(waiting, rq, "an approval opened two starts");
-    s.json(&["pending", "deny", &waiting, "--note", "not during the freeze"]);
+    s.json(&[
+        "pending",
+        "deny",
+        &waiting,
+        "--note",
+        "not during the freeze",
+    ]);
     let e = start.join().unwrap().unwrap_err().0;
-    assert!(e.contains("denied by admin:") && e.contains("not during the freeze"), "{e}");
+    assert!(
+        e.contains("denied by admin:") && e.contains("not during the freeze"),
+        "{e}"
+    );
     assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "shut off");
     assert_eq!(released(&s), 2, "a denied start got a key");
 

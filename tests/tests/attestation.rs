@@ -140,7 +140,11 @@ fn an_attested_volume_goes_only_to_a_host_whose_fresh_quote_its_allowlist_names(
     assert!(err.contains(&hint), "{err}");
     let h = s.json(&["host", "show", &s.host]);
     assert_eq!(h["attestation"]["last_ok"], false, "{h}");
-    assert_eq!(h["attestation"]["differing"], serde_json::json!([10]), "{h}");
+    assert_eq!(
+        h["attestation"]["differing"],
+        serde_json::json!([10]),
+        "{h}"
+    );
     assert_eq!(h["attestation"]["fresh_until_unix"], 0, "{h}");
     assert!(audited(&s, "host.attestation_failed", &s.host) >= 1);
 
@@ -154,7 +158,10 @@ fn an_attested_volume_goes_only_to_a_host_whose_fresh_quote_its_allowlist_names(
             .contains("PCR 10 is ")
     });
     let v = volume(&s, "att-disk");
-    assert_eq!((v["state"].as_str(), v["key_generation"].as_u64()), (Some("rekeying"), Some(1)));
+    assert_eq!(
+        (v["state"].as_str(), v["key_generation"].as_u64()),
+        (Some("rekeying"), Some(1))
+    );
     assert_eq!(audited(&s, "key.released", &id), released, "a key went out");
 
     // The admin allows the new value (a new allowlist version): the rekey
@@ -195,8 +202,18 @@ fn a_host_enrolled_without_a_tpm_cannot_be_given_attested_volumes() {
     let h = s.json(&["host", "show", &s.host]);
     assert!(h["attestation"].is_null(), "{h}");
     let out = s.ctl(&[
-        "volume", "create", "--host", &s.host, "--pool", &s.pool, "--name", "no-tpm", "--size",
-        "1M", "--release", "attested",
+        "volume",
+        "create",
+        "--host",
+        &s.host,
+        "--pool",
+        &s.pool,
+        "--name",
+        "no-tpm",
+        "--size",
+        "1M",
+        "--release",
+        "attested",
     ]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success());
@@ -209,8 +226,20 @@ fn a_host_enrolled_without_a_tpm_cannot_be_given_attested_volumes() {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success());
     assert!(err.contains("no pinned attestation key"), "{err}");
-    let out = s.ctl(&["volume", "create", "--host", &s.host, "--pool", &s.pool, "--name", "x",
-        "--size", "1M", "--release", "sometimes"]);
+    let out = s.ctl(&[
+        "volume",
+        "create",
+        "--host",
+        &s.host,
+        "--pool",
+        &s.pool,
+        "--name",
+        "x",
+        "--size",
+        "1M",
+        "--release",
+        "sometimes",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success());
     assert!(err.contains("use auto or attested"), "{err}");

@@ -9,8 +9,8 @@
 use std::path::Path;
 
 use guestkey_pinned_tls::Peer;
-use guestkey_proto::host::{AttestationProof, EnrollRequest, host_api_client::HostApiClient};
 use guestkey_protect::tpm::attest::Endorsement;
+use guestkey_proto::host::{AttestationProof, EnrollRequest, host_api_client::HostApiClient};
 use secrecy::{ExposeSecret, SecretString};
 use xdr_wipe::seal::HostSealingKey;
 
@@ -312,11 +312,15 @@ async fn exchange(
             token: token.0.expose_secret().to_owned(),
             csr_der: csr.der().to_vec(),
             sealing_public_key: sealing.public_key().as_bytes().to_vec(),
-            ek_public: identity.map(|(_, ek)| ek.public.clone()).unwrap_or_default(),
+            ek_public: identity
+                .map(|(_, ek)| ek.public.clone())
+                .unwrap_or_default(),
             ek_certificate: identity
                 .and_then(|(_, ek)| ek.certificate.clone())
                 .unwrap_or_default(),
-            ak_public: identity.map(|(ak, _)| ak.public().to_vec()).unwrap_or_default(),
+            ak_public: identity
+                .map(|(ak, _)| ak.public().to_vec())
+                .unwrap_or_default(),
         })
         .await
         .map_err(|s| {
@@ -370,7 +374,8 @@ async fn exchange(
     // Last: its presence means "enrolled".
     write_atomic(&dir.file("tls.pem"), r.certificate_pem.as_bytes())
         .map_err(io(&dir.file("tls.pem")))?;
-    let challenge = (!r.credential_blob.is_empty()).then_some((r.credential_blob, r.encrypted_secret));
+    let challenge =
+        (!r.credential_blob.is_empty()).then_some((r.credential_blob, r.encrypted_secret));
     if identity.is_some() && challenge.is_none() {
         return Err(EnrollError(format!(
             "host {} is enrolled, but the server sent no attestation challenge for its TPM: it cannot be attested",

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use guestkey_proto::host::{DescribeDiskRequest, ReleaseKeysRequest, host_api_client::HostApiClient};
+use guestkey_proto::host::{
+    DescribeDiskRequest, ReleaseKeysRequest, host_api_client::HostApiClient,
+};
 use tonic::transport::Channel;
 use virt_plugin::protocol::Source;
 
@@ -111,7 +113,9 @@ impl DiskLookup for ServerLookup {
                 Ok(SealedKey {
                     volume: uuid::Uuid::parse_str(&k.volume_id)
                         .map(VolumeId)
-                        .map_err(|_| format!("it sent a key of volume {:?}, not a UUID", k.volume_id))?,
+                        .map_err(|_| {
+                            format!("it sent a key of volume {:?}, not a UUID", k.volume_id)
+                        })?,
                     generation: k.generation,
                     sealed: k.sealed_packet,
                 })

@@ -200,7 +200,9 @@ impl Daemon {
                                     .unwrap_or_else(|p| p.into_inner())
                                     .push(uuid.clone());
                             }
-                            Err(e) => tracing::error!(guest = %uuid, error = %e, "autostart failed"),
+                            Err(e) => {
+                                tracing::error!(guest = %uuid, error = %e, "autostart failed")
+                            }
                         }
                     }
                 });

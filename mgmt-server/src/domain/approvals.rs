@@ -28,7 +28,13 @@ impl Core {
     fn expire_requests(&self, tx: &mut dyn Tx) -> Result<(), CoreError> {
         let before = now_unix() - i64::from(self.limits.approval_valid_secs);
         for id in tx.expire_requests(before)? {
-            self.log(tx, "server", "release.expired", &id, "not decided or used in time")?;
+            self.log(
+                tx,
+                "server",
+                "release.expired",
+                &id,
+                "not decided or used in time",
+            )?;
         }
         Ok(())
     }
@@ -189,7 +195,14 @@ impl Core {
             } else {
                 RequestState::Denied
             };
-            tx.move_request(id, RequestState::Pending, to, now_unix(), &caller.actor(), note)?;
+            tx.move_request(
+                id,
+                RequestState::Pending,
+                to,
+                now_unix(),
+                &caller.actor(),
+                note,
+            )?;
             let action = if approve {
                 "release.approved"
             } else {

@@ -30,9 +30,7 @@ use subtle::ConstantTimeEq;
 use crate::domain::agent::{AttestChallenge, QuoteAnswer};
 use crate::domain::allowlist::Allowlist;
 use crate::domain::{Core, now_unix};
-use crate::model::{
-    AttestationOutcome, CoreError, EnrolledHost, HostAttestation, TpmClock,
-};
+use crate::model::{AttestationOutcome, CoreError, EnrolledHost, HostAttestation, TpmClock};
 use crate::store::{HostIdentity, Tx};
 
 /// What a host with a TPM presents at enrollment.
@@ -89,7 +87,11 @@ pub(crate) fn allow_hint(host: &str, pcr: u8, value: &PcrValue) -> String {
 impl Core {
     /// The host's proof that its AK lives in its EK's TPM: the credential
     /// its TPM recovered. Pins the AK; audited either way.
-    pub fn prove_attestation_key(&self, host: &str, credential: &[u8]) -> Result<String, CoreError> {
+    pub fn prove_attestation_key(
+        &self,
+        host: &str,
+        credential: &[u8],
+    ) -> Result<String, CoreError> {
         let r = self.write(|tx| {
             let Some(id) = tx.host_identity(host)? else {
                 return Ok(Err(format!(
@@ -274,13 +276,7 @@ impl Core {
             .map_err(|e| format!("the host did not answer the attestation challenge: {e}"))?;
         let values = PcrValues::new(answer.values.into_iter().collect());
         let facts = ak
-            .check_quote(
-                &nonce,
-                selection,
-                &answer.quote,
-                &answer.signature,
-                &values,
-            )
+            .check_quote(&nonce, selection, &answer.quote, &answer.signature, &values)
             .map_err(|e| e.to_string())?;
         if let Some(e) = earlier {
             let before = QuoteFacts {
@@ -318,8 +314,8 @@ impl Core {
                 return Err(e);
             }
         };
-        let selection = PcrSelection::new(allow.values.iter().map(|(p, _)| *p))
-            .map_err(CoreError::Internal)?;
+        let selection =
+            PcrSelection::new(allow.values.iter().map(|(p, _)| *p)).map_err(CoreError::Internal)?;
         let (ok, detail, differing, clock) = match self.quote_of(host, &ak, &selection, clock).await
         {
             Err(why) => (false, why, vec![], None),

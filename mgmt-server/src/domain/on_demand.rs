@@ -9,10 +9,10 @@
 
 use std::sync::Arc;
 
+use crate::domain::Core;
 use crate::domain::agent::SealedKey;
 use crate::domain::hosts::enrolled_in;
 use crate::domain::release::seal_for;
-use crate::domain::Core;
 use crate::model::{CoreError, ReleasePolicy};
 use crate::store::GuestKey;
 

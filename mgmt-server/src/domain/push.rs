@@ -183,7 +183,8 @@ impl Core {
             VolumeState::PendingDecrypt => {
                 self.take_releases(&host.name, 1)?;
                 let why = " to decrypt the volume";
-                let packet = self.release(tx, &v.id, v.format, v.key_generation, &host, why, v.release)?;
+                let packet =
+                    self.release(tx, &v.id, v.format, v.key_generation, &host, why, v.release)?;
                 Ok(PushOp::Decrypt { host, packet })
             }
             state => {
@@ -195,7 +196,8 @@ impl Core {
                 } else {
                     ""
                 };
-                let packet = self.release(tx, &v.id, v.format, v.key_generation, &host, why, v.release)?;
+                let packet =
+                    self.release(tx, &v.id, v.format, v.key_generation, &host, why, v.release)?;
                 Ok(PushOp::Create {
                     host,
                     packet,

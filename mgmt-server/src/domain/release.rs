@@ -61,6 +61,7 @@ impl Core {
     /// record's detail (e.g. " for a rekey"). `policy`: the volume's; for
     /// `attested`, the host's last attestation must have passed and be
     /// fresh.
+    #[allow(clippy::too_many_arguments)] // one key's coordinates, its host, why, and its gate
     pub(crate) fn release(
         &self,
         tx: &mut dyn Tx,

@@ -16,11 +16,10 @@ pub mod states;
 pub use error::{CoreError, StoreError};
 pub use info::{
     AttestationOutcome, AuditRecord, Caller, EnrolledHost, GuestInfo, HostAttestation, HostInfo,
-    HostTpm, ReleaseRequest, TpmClock, Policy, Progress, RekeyOrder,
-    Verification, VolumeInfo,
+    HostTpm, Policy, Progress, RekeyOrder, ReleaseRequest, TpmClock, Verification, VolumeInfo,
 };
 pub use names::{InvalidInput, Name};
 pub use states::{
-    GuestOp, GuestState, HostState, PolicyScope, RekeyKind, ReleasePolicy, RequestState, RekeyPlacement, VolumeFormat, VolumeOp,
-    VolumeState,
+    GuestOp, GuestState, HostState, PolicyScope, RekeyKind, RekeyPlacement, ReleasePolicy,
+    RequestState, VolumeFormat, VolumeOp, VolumeState,
 };

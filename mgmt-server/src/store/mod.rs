@@ -28,8 +28,7 @@ pub mod sqlite;
 use crate::model::{
     AttestationOutcome, AuditRecord, GuestInfo, GuestOp, GuestState, HostInfo, HostState, Policy,
     PolicyScope, RekeyKind, RekeyOrder, ReleasePolicy, ReleaseRequest, RequestState, StoreError,
-    TpmClock, VolumeFormat,
-    VolumeInfo, VolumeOp, VolumeState,
+    TpmClock, VolumeFormat, VolumeInfo, VolumeOp, VolumeState,
 };
 
 /// What a transaction is for.
@@ -492,7 +491,8 @@ pub trait AttestStore {
         clock: Option<TpmClock>,
     ) -> Result<()>;
     /// The last attestation and the clock of the last passed one.
-    fn attestation(&mut self, host: &str) -> Result<(Option<AttestationOutcome>, Option<TpmClock>)>;
+    fn attestation(&mut self, host: &str)
+    -> Result<(Option<AttestationOutcome>, Option<TpmClock>)>;
     /// Adds (or with `replace`, sets the PCRs named to) allowed values;
     /// returns the allowlist's new version.
     fn allow_pcr_values(

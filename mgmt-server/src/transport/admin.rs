@@ -119,9 +119,7 @@ fn allowed_pcr(
         .ok()
         .filter(|p| *p < 24)
         .ok_or_else(|| bad("PCRs are 0 to 23".into()))?;
-    let v = sha256
-        .parse()
-        .map_err(bad)?;
+    let v = sha256.parse().map_err(bad)?;
     Ok((p, v))
 }
 
@@ -208,10 +206,7 @@ impl Admin for AdminService {
         Ok(Response::new(volume(v)))
     }
 
-    async fn set_release_policy(
-        &self,
-        req: Request<pb::SetReleasePolicyRequest>,
-    ) -> R<pb::Volume> {
+    async fn set_release_policy(&self, req: Request<pb::SetReleasePolicyRequest>) -> R<pb::Volume> {
         let r = req.get_ref().clone();
         let v = self
             .admin(&req, move |c, who| {
@@ -275,7 +270,10 @@ impl Admin for AdminService {
         Ok(Response::new(pb::ListPendingResponse { requests }))
     }
 
-    async fn decide_pending(&self, req: Request<pb::DecidePendingRequest>) -> R<pb::PendingRequest> {
+    async fn decide_pending(
+        &self,
+        req: Request<pb::DecidePendingRequest>,
+    ) -> R<pb::PendingRequest> {
         let r = req.get_ref().clone();
         let p = self
             .admin(&req, move |c, who| {

@@ -23,9 +23,9 @@ use tonic::transport::{Channel, Endpoint};
 use guestkey_protect::tpm::PcrValue;
 
 use crate::domain::agent::{
-    AgentClient, AgentError, AgentErrorKind, AgentResult, AttestChallenge, BoxFuture,
-    CreateVolume, DecryptVolume, DefineGuest, DeleteVolume, GuestCall, HeldKeyInfo, Inventory,
-    MigrateGuest, PrepareMigration, QuoteAnswer, Rekey, VolumeOnHost,
+    AgentClient, AgentError, AgentErrorKind, AgentResult, AttestChallenge, BoxFuture, CreateVolume,
+    DecryptVolume, DefineGuest, DeleteVolume, GuestCall, HeldKeyInfo, Inventory, MigrateGuest,
+    PrepareMigration, QuoteAnswer, Rekey, VolumeOnHost,
 };
 use crate::model::{EnrolledHost, GuestState};
 use crate::transport::pb::{agent_error, format, rekey_kind, sealed_key};

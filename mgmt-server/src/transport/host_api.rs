@@ -67,8 +67,10 @@ impl HostApi for HostService {
     }
 
     async fn release_keys(&self, req: Request<hpb::ReleaseKeysRequest>) -> R<hpb::ReleasedKeys> {
-        let host = blocking(&self.0, &req, Want::Host, |_, who| host_name(who, "key requests"))
-            .await?;
+        let host = blocking(&self.0, &req, Want::Host, |_, who| {
+            host_name(who, "key requests")
+        })
+        .await?;
         let r = req.into_inner();
         let keys = self
             .0

@@ -22,8 +22,8 @@ use tss_esapi::interface_types::algorithm::{
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Data, EncryptedSecret, IdObject, PcrSelectionListBuilder,
-    PcrSlot, Private, Public, SignatureScheme, SymmetricDefinition,
+    Data, EncryptedSecret, IdObject, PcrSelectionListBuilder, PcrSlot, Private, Public,
+    SignatureScheme, SymmetricDefinition,
 };
 use tss_esapi::traits::{Marshall, UnMarshall};
 use zeroize::Zeroizing;
@@ -224,9 +224,9 @@ impl Tpm {
             .build()
             .map_err(|e| self.fail("select PCRs", e))?;
         let (ek, akh) = self.load_attestation_key(key)?;
-        let r = self.ctx.execute_with_nullauth_session(|ctx| {
-            ctx.quote(akh, data, SignatureScheme::Null, list)
-        });
+        let r = self
+            .ctx
+            .execute_with_nullauth_session(|ctx| ctx.quote(akh, data, SignatureScheme::Null, list));
         self.flush(akh.into());
         self.flush(ek.into());
         let (attest, signature) = r.map_err(|e| self.fail("quote the PCRs", e))?;

@@ -115,7 +115,11 @@ pub(super) fn read_ecc_public(what: &'static str, bytes: &[u8]) -> Result<EccPub
     let symmetric = if sym_alg == ALG_NULL {
         None
     } else {
-        Some((sym_alg, r.u16("symmetric key bits")?, r.u16("symmetric mode")?))
+        Some((
+            sym_alg,
+            r.u16("symmetric key bits")?,
+            r.u16("symmetric mode")?,
+        ))
     };
     let scheme_alg = r.u16("scheme")?;
     let scheme = if scheme_alg == ALG_NULL {
@@ -165,4 +169,3 @@ fn name_of(public: &[u8]) -> Vec<u8> {
     name.extend_from_slice(&Sha256::digest(public));
     name
 }
-

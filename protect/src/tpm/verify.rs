@@ -15,9 +15,9 @@ use aes::Aes128;
 use cfb_mode::Encryptor;
 use cfb_mode::cipher::KeyIvInit;
 use hmac::{Hmac, KeyInit, Mac};
+use p256::SecretKey;
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature as EcdsaSignature, VerifyingKey};
-use p256::SecretKey;
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -62,7 +62,13 @@ pub enum VerifyError {
     DigestMismatch(String),
 }
 
-fn require(what: &str, attributes: u32, bit: u32, label: &str, set: bool) -> Result<(), VerifyError> {
+fn require(
+    what: &str,
+    attributes: u32,
+    bit: u32,
+    label: &str,
+    set: bool,
+) -> Result<(), VerifyError> {
     if (attributes & bit != 0) != set {
         let state = if set { "must be" } else { "may not be" };
         return Err(VerifyError::WrongKey(format!("the {what} {state} {label}")));
@@ -208,7 +214,11 @@ impl AttestationKeyPublic {
             (FIXED_TPM, "fixed to its TPM", true),
             (FIXED_PARENT, "fixed to its parent", true),
             (SENSITIVE_DATA_ORIGIN, "made inside the TPM", true),
-            (RESTRICTED, "restricted (the TPM signs only what it produced)", true),
+            (
+                RESTRICTED,
+                "restricted (the TPM signs only what it produced)",
+                true,
+            ),
             (SIGN, "a signing key", true),
             (DECRYPT, "a decryption key", false),
         ] {

@@ -25,7 +25,12 @@ pub(crate) enum AttestationCmd {
         #[arg(long)]
         learn: bool,
         /// With --learn: the PCRs to learn (comma-separated).
-        #[arg(long, value_name = "LIST", default_value = "0,1,2,3,4,5,6,7", requires = "learn")]
+        #[arg(
+            long,
+            value_name = "LIST",
+            default_value = "0,1,2,3,4,5,6,7",
+            requires = "learn"
+        )]
         learn_pcrs: String,
         /// Replace the allowed values of the PCRs named instead of adding.
         #[arg(long)]
@@ -116,6 +121,10 @@ pub(crate) async fn run(cmd: AttestationCmd, ctx: &Ctx) -> Result<(), Failure> {
     }
     .map_err(rpc_error)?
     .into_inner();
-    output::emit(ctx.json, output::allowlist_json(&a), output::allowlist_text(&a));
+    output::emit(
+        ctx.json,
+        output::allowlist_json(&a),
+        output::allowlist_text(&a),
+    );
     Ok(())
 }

@@ -65,7 +65,10 @@ pub(crate) async fn run(cmd: PendingCmd, ctx: &Ctx) -> Result<(), Failure> {
     output::emit(
         ctx.json,
         output::pending_json(&r),
-        format!("request {} {} (host {}, guest {})\n", r.id, r.state, r.host, r.guest_name),
+        format!(
+            "request {} {} (host {}, guest {})\n",
+            r.id, r.state, r.host, r.guest_name
+        ),
     );
     Ok(())
 }

@@ -120,7 +120,10 @@ async fn a_host_without_a_proven_attestation_key_gets_no_attested_volume() {
         let e = b.core.set_release_policy(&b.admin, "plain", p).unwrap_err();
         assert!(e.to_string().contains("enrolled without a TPM"), "{e}");
     }
-    assert_eq!(b.core.get_volume(&v.id).unwrap().release, ReleasePolicy::Auto);
+    assert_eq!(
+        b.core.get_volume(&v.id).unwrap().release,
+        ReleasePolicy::Auto
+    );
     // Approval alone needs no TPM; it is audited.
     let after = b
         .core
@@ -142,7 +145,10 @@ async fn a_host_without_a_proven_attestation_key_gets_no_attested_volume() {
         .allow_pcrs(&b.admin, "kvm-a", &[(7, value)], false)
         .unwrap_err();
     assert!(e.to_string().contains("enrolled without a TPM"), "{e}");
-    let e = b.core.allow_pcrs(&b.admin, "kvm-a", &[], false).unwrap_err();
+    let e = b
+        .core
+        .allow_pcrs(&b.admin, "kvm-a", &[], false)
+        .unwrap_err();
     assert!(matches!(e, CoreError::Invalid(_)), "{e:?}");
     // An unproven AK counts as none.
     let mut tx = b.store.begin(Access::Write).unwrap();
@@ -190,7 +196,8 @@ async fn requests_are_decided_once_and_expire() {
     };
     let mut tx = b.store.begin(Access::Write).unwrap();
     tx.insert_request(&request("rq-000000000001", 10)).unwrap();
-    tx.insert_request(&request("rq-000000000002", 3601)).unwrap();
+    tx.insert_request(&request("rq-000000000002", 3601))
+        .unwrap();
     tx.commit().unwrap();
     // The old one expired (audited); the young one waits.
     let open = b.core.release_requests(false).unwrap();
@@ -202,7 +209,10 @@ async fn requests_are_decided_once_and_expire() {
         .decide_request(&b.admin, "rq-000000000002", true, "")
         .unwrap_err();
     assert!(e.to_string().contains("is expired, not pending"), "{e}");
-    let e = b.core.decide_request(&b.admin, "rq-nope", true, "").unwrap_err();
+    let e = b
+        .core
+        .decide_request(&b.admin, "rq-nope", true, "")
+        .unwrap_err();
     assert!(matches!(e, CoreError::NotFound(_)), "{e:?}");
     let e = b
         .core
@@ -213,7 +223,10 @@ async fn requests_are_decided_once_and_expire() {
         .core
         .decide_request(&b.admin, "rq-000000000001", false, "no")
         .unwrap();
-    assert_eq!((r.state, r.decided_by.as_str()), (RequestState::Denied, "admin:admin"));
+    assert_eq!(
+        (r.state, r.decided_by.as_str()),
+        (RequestState::Denied, "admin:admin")
+    );
     let e = b
         .core
         .decide_request(&b.admin, "rq-000000000001", true, "")

@@ -65,7 +65,9 @@ impl ApprovalStore for SqliteTx<'_> {
     fn request(&mut self, id: &str) -> Result<Option<ReleaseRequest>> {
         Ok(self
             .conn
-            .prepare_cached(&format!("SELECT {COLUMNS} FROM release_requests WHERE id = ?1"))?
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM release_requests WHERE id = ?1"
+            ))?
             .query_row([id], row)
             .optional()?)
     }

@@ -145,7 +145,9 @@ impl AttestStore for SqliteTx<'_> {
     ) -> Result<u64> {
         let version: i64 = self
             .conn
-            .prepare_cached("SELECT COALESCE(MAX(version), 0) FROM attestation_versions WHERE host = ?1")?
+            .prepare_cached(
+                "SELECT COALESCE(MAX(version), 0) FROM attestation_versions WHERE host = ?1",
+            )?
             .query_row([host], |r| r.get(0))?;
         let version = version + 1;
         if replace {

@@ -154,7 +154,9 @@ pub(crate) fn allowlist_json(a: &pb::Allowlist) -> Value {
 pub(crate) fn allowlist_text(a: &pb::Allowlist) -> String {
     let mut out = format!("host {} allowlist version {}\n", a.host, a.version);
     if a.pcrs.is_empty() {
-        out.push_str("no PCR values allowed: `guestkeyctl attestation allow --host HOST --learn`\n");
+        out.push_str(
+            "no PCR values allowed: `guestkeyctl attestation allow --host HOST --learn`\n",
+        );
         return out;
     }
     out.push_str(&table(
@@ -420,7 +422,15 @@ pub(crate) fn pending_table(rs: &[pb::PendingRequest], now: i64) -> String {
         return "no start waits for an approval\n".into();
     }
     table(
-        &["ID", "HOST", "GUEST", "VOLUMES", "ATTESTATION", "STATE", "WAITED"],
+        &[
+            "ID",
+            "HOST",
+            "GUEST",
+            "VOLUMES",
+            "ATTESTATION",
+            "STATE",
+            "WAITED",
+        ],
         rs.iter()
             .map(|r| {
                 vec![
@@ -434,7 +444,14 @@ pub(crate) fn pending_table(rs: &[pb::PendingRequest], now: i64) -> String {
                         r.attestation.clone()
                     },
                     r.state.clone(),
-                    format!("{} s", (if r.decided_unix > 0 { r.decided_unix } else { now }) - r.created_unix),
+                    format!(
+                        "{} s",
+                        (if r.decided_unix > 0 {
+                            r.decided_unix
+                        } else {
+                            now
+                        }) - r.created_unix
+                    ),
                 ]
             })
             .collect(),
