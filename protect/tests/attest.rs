@@ -188,3 +188,51 @@ fn keys_whose_quotes_mean_nothing_are_refused() {
     assert!(AttestationKeyPublic::read(&ek.public).is_err());
     assert!(EndorsementKey::read(&ak.public).is_err());
 }
+
+#[test]
+fn every_one_byte_change_or_cut_of_a_quote_or_key_is_refused_without_a_panic() {
+    let tpm = Swtpm::start();
+    let (ak, ak_v) = enrolled(&tpm);
+    let sel = PcrSelection::new([0, 7]).unwrap();
+    let nonce = [5u8; 32];
+    let q = quote(&tpm, &ak, &nonce, &sel);
+    ak_v.check_quote(&nonce, &sel, &q.attest, &q.signature, &q.values)
+        .unwrap();
+    for i in 0..q.attest.len() {
+        let mut a = q.attest.clone();
+        a[i] ^= 0x5a;
+        assert!(
+            ak_v.check_quote(&nonce, &sel, &a, &q.signature, &q.values)
+                .is_err(),
+            "quote byte {i} changed and still accepted"
+        );
+        assert!(
+            ak_v.check_quote(&nonce, &sel, &q.attest[..i], &q.signature, &q.values)
+                .is_err()
+        );
+    }
+    for i in 0..q.signature.len() {
+        let mut s = q.signature.clone();
+        s[i] ^= 0x5a;
+        assert!(
+            ak_v.check_quote(&nonce, &sel, &q.attest, &s, &q.values)
+                .is_err(),
+            "signature byte {i} changed and still accepted"
+        );
+        assert!(
+            ak_v.check_quote(&nonce, &sel, &q.attest, &q.signature[..i], &q.values)
+                .is_err()
+        );
+    }
+    // Keys: any change either is refused or reads as another key, and
+    // another key's name differs (so a credential for it would not open).
+    for i in 0..ak.public.len() {
+        let mut p = ak.public.clone();
+        p[i] ^= 0x5a;
+        if let Ok(k) = AttestationKeyPublic::read(&p) {
+            assert_ne!(k.name(), ak_v.name(), "byte {i}");
+        }
+        let _ = EndorsementKey::read(&p);
+        assert!(AttestationKeyPublic::read(&ak.public[..i]).is_err());
+    }
+}
