@@ -28,9 +28,11 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::domain::agent::{AttestChallenge, QuoteAnswer};
-use crate::domain::allowlist::Allowlist;
+use crate::domain::allowlist::{Effective, effective};
 use crate::domain::{Core, now_unix};
-use crate::model::{AttestationOutcome, CoreError, EnrolledHost, HostAttestation, TpmClock};
+use crate::model::{
+    AllowScope, AttestationOutcome, CoreError, EnrolledHost, HostAttestation, TpmClock,
+};
 use crate::store::{HostIdentity, Tx};
 
 /// What a host with a TPM presents at enrollment.
@@ -156,7 +158,13 @@ impl Core {
             return Ok(None);
         };
         let (last, _) = tx.attestation(host)?;
-        let (version, _) = tx.allowlist(host)?;
+        let (version, _) = tx.allowlist(AllowScope::Host, host)?;
+        let group = tx.host_group(host)?;
+        let group_version = if group.is_empty() {
+            0
+        } else {
+            tx.allowlist(AllowScope::Group, &group)?.0
+        };
         let fresh_until_unix = match &last {
             Some(o) if o.ok => o.at_unix + self.max_attestation_age(),
             _ => 0,
@@ -168,6 +176,7 @@ impl Core {
             pinned: id.pinned,
             last,
             allowlist_version: version,
+            group_allowlist_version: group_version,
             fresh_until_unix,
         }))
     }
@@ -219,7 +228,7 @@ impl Core {
     fn attestation_plan(
         &self,
         host: &str,
-    ) -> Result<(AttestationKeyPublic, Allowlist, Option<TpmClock>), CoreError> {
+    ) -> Result<(AttestationKeyPublic, Effective, Option<TpmClock>), CoreError> {
         self.read(|tx| {
             let id = tx.host_identity(host)?.ok_or_else(|| {
                 CoreError::Unattested(format!(
@@ -233,22 +242,14 @@ impl Core {
             }
             let ak = AttestationKeyPublic::read(&id.ak_public)
                 .map_err(|e| CoreError::Internal(format!("host {host}'s pinned AK: {e}")))?;
-            let (version, values) = tx.allowlist(host)?;
-            if values.is_empty() {
+            let allow = effective(tx, host)?;
+            if allow.values.is_empty() {
                 return Err(CoreError::Unattested(format!(
                     "host {host} has no attestation allowlist: run `guestkeyctl attestation allow --host {host} --learn` once its software is known good"
                 )));
             }
             let (_, clock) = tx.attestation(host)?;
-            Ok((
-                ak,
-                Allowlist {
-                    host: host.to_owned(),
-                    version,
-                    values,
-                },
-                clock,
-            ))
+            Ok((ak, allow, clock))
         })
     }
 
@@ -338,8 +339,8 @@ impl Core {
                     None => (
                         true,
                         format!(
-                            "quote of PCRs sha256:{selection} matches allowlist version {}",
-                            allow.version
+                            "quote of PCRs sha256:{selection} matches the allowlists ({})",
+                            allow.versions
                         ),
                         vec![],
                         Some(clock),
@@ -347,8 +348,8 @@ impl Core {
                     Some((pcr, value)) => (
                         false,
                         format!(
-                            "PCR {pcr} is {value}, which allowlist version {} does not name (software on the host changed); if the change is expected, run `{}`",
-                            allow.version,
+                            "PCR {pcr} is {value}, which the allowlists ({}) do not name (software on the host changed); if the change is expected, run `{}`",
+                            allow.versions,
                             allow_hint(&name, pcr, &value)
                         ),
                         differing,

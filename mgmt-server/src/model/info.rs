@@ -38,6 +38,8 @@ pub struct HostInfo {
     /// Its TPM identity and last attestation (None: enrolled without a
     /// TPM).
     pub attestation: Option<HostAttestation>,
+    /// Its host group ("" for none): the group's allowlist applies too.
+    pub group: String,
 }
 
 /// A host's TPM identity and its last attestation.
@@ -53,8 +55,10 @@ pub struct HostAttestation {
     pub pinned: bool,
     /// The last attestation.
     pub last: Option<AttestationOutcome>,
-    /// The host's allowlist version (0: none).
+    /// The host's own allowlist version (0: none).
     pub allowlist_version: u64,
+    /// Its group's allowlist version (0: no group, or none).
+    pub group_allowlist_version: u64,
     /// Until when the last passed attestation counts (0: it does not).
     pub fresh_until_unix: i64,
 }

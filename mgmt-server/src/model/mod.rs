@@ -20,6 +20,6 @@ pub use info::{
 };
 pub use names::{InvalidInput, Name};
 pub use states::{
-    GuestOp, GuestState, HostState, PolicyScope, RekeyKind, RekeyPlacement, ReleasePolicy,
-    RequestState, VolumeFormat, VolumeOp, VolumeState,
+    AllowScope, GuestOp, GuestState, HostState, PolicyScope, RekeyKind, RekeyPlacement,
+    ReleasePolicy, RequestState, VolumeFormat, VolumeOp, VolumeState,
 };

@@ -172,6 +172,17 @@ text_enum! {
 }
 
 text_enum! {
+    /// Whose attestation allowlist: one host's, or a host group's (every
+    /// host in the group may quote its values too).
+    pub enum AllowScope as "allowlist scope", "use host or group" {
+        /// One host.
+        Host = "host",
+        /// A host group.
+        Group = "group",
+    }
+}
+
+text_enum! {
     /// Where a request for a start's keys is in its life.
     pub enum RequestState as "request state", "use pending, approved, denied, used or expired" {
         /// Waiting for an operator.

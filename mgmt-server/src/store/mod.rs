@@ -26,9 +26,9 @@
 pub mod sqlite;
 
 use crate::model::{
-    AttestationOutcome, AuditRecord, GuestInfo, GuestOp, GuestState, HostInfo, HostState, Policy,
-    PolicyScope, RekeyKind, RekeyOrder, ReleasePolicy, ReleaseRequest, RequestState, StoreError,
-    TpmClock, VolumeFormat, VolumeInfo, VolumeOp, VolumeState,
+    AllowScope, AttestationOutcome, AuditRecord, GuestInfo, GuestOp, GuestState, HostInfo,
+    HostState, Policy, PolicyScope, RekeyKind, RekeyOrder, ReleasePolicy, ReleaseRequest,
+    RequestState, StoreError, TpmClock, VolumeFormat, VolumeInfo, VolumeOp, VolumeState,
 };
 
 /// What a transaction is for.
@@ -493,18 +493,23 @@ pub trait AttestStore {
     /// The last attestation and the clock of the last passed one.
     fn attestation(&mut self, host: &str)
     -> Result<(Option<AttestationOutcome>, Option<TpmClock>)>;
-    /// Adds (or with `replace`, sets the PCRs named to) allowed values;
-    /// returns the allowlist's new version.
+    /// Adds (or with `replace`, sets the PCRs named to) allowed values of
+    /// the allowlist of `scope` `target`; returns its new version.
     fn allow_pcr_values(
         &mut self,
-        host: &str,
+        scope: AllowScope,
+        target: &str,
         values: &[(u8, String)],
         replace: bool,
         now: i64,
     ) -> Result<u64>;
-    /// A host's allowlist: its version (0: none) and (PCR, SHA-256 hex)
-    /// pairs, by PCR.
-    fn allowlist(&mut self, host: &str) -> Result<(u64, Vec<(u8, String)>)>;
+    /// An allowlist: its version (0: none) and (PCR, SHA-256 hex) pairs,
+    /// by PCR.
+    fn allowlist(&mut self, scope: AllowScope, target: &str) -> Result<(u64, Vec<(u8, String)>)>;
+    /// A host's group ("" for none).
+    fn host_group(&mut self, host: &str) -> Result<String>;
+    /// Puts a host in a group ("": none).
+    fn set_host_group(&mut self, host: &str, group: &str) -> Result<()>;
 }
 
 /// Requests for start keys that wait for an operator's approval.

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::Core;
 use crate::model::{
-    Caller, CoreError, GuestOp, InvalidInput, PolicyScope, RekeyKind, RekeyPlacement,
+    AllowScope, Caller, CoreError, GuestOp, InvalidInput, PolicyScope, RekeyKind, RekeyPlacement,
     ReleasePolicy, VolumeFormat,
 };
 use crate::transport::pb::{
@@ -95,6 +95,16 @@ where
 }
 
 type R<T> = Result<Response<T>, Status>;
+
+/// Whose allowlist a request names: the group's if it names one, else
+/// the host's.
+fn scope_of(host: &str, group: &str) -> (AllowScope, String) {
+    if group.is_empty() {
+        (AllowScope::Host, host.to_owned())
+    } else {
+        (AllowScope::Group, group.to_owned())
+    }
+}
 
 /// A release policy from a request ("": auto).
 fn release_policy(text: &str) -> Result<ReleasePolicy, InvalidInput> {
@@ -231,8 +241,9 @@ impl Admin for AdminService {
                 .iter()
                 .map(|p| u8::try_from(*p).unwrap_or(u8::MAX))
                 .collect::<Vec<u8>>();
+            let into = scope_of(&r.host, &r.group);
             self.0
-                .learn_pcrs(&who, &r.host, &pcrs, r.replace)
+                .learn_pcrs(&who, &r.host, (into.0, &into.1), &pcrs, r.replace)
                 .await
                 .map_err(status)?
         } else {
@@ -243,10 +254,13 @@ impl Admin for AdminService {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(invalid)?;
             let core = self.0.clone();
-            tokio::task::spawn_blocking(move || core.allow_pcrs(&who, &r.host, &values, r.replace))
-                .await
-                .map_err(|e| Status::internal(format!("a blocking task failed: {e}")))?
-                .map_err(status)?
+            let (scope, target) = scope_of(&r.host, &r.group);
+            tokio::task::spawn_blocking(move || {
+                core.allow_pcrs(&who, scope, &target, &values, r.replace)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("a blocking task failed: {e}")))?
+            .map_err(status)?
         };
         Ok(Response::new(allowlist(a)))
     }
@@ -285,10 +299,25 @@ impl Admin for AdminService {
         Ok(Response::new(p))
     }
 
-    async fn get_allowlist(&self, req: Request<pb::HostRef>) -> R<pb::Allowlist> {
-        let name = req.get_ref().name.clone();
-        let a = self.admin(&req, move |c, _| c.allowlist(&name)).await?;
+    async fn get_allowlist(&self, req: Request<pb::AllowlistRef>) -> R<pb::Allowlist> {
+        let r = req.get_ref().clone();
+        let a = self
+            .admin(&req, move |c, _| {
+                let (scope, target) = scope_of(&r.host, &r.group);
+                c.allowlist(scope, &target)
+            })
+            .await?;
         Ok(Response::new(allowlist(a)))
+    }
+
+    async fn set_host_group(&self, req: Request<pb::SetHostGroupRequest>) -> R<pb::Host> {
+        let r = req.get_ref().clone();
+        let h = self
+            .admin(&req, move |c, who| {
+                c.set_host_group(&who, &r.name, &r.group)
+            })
+            .await?;
+        Ok(Response::new(host(h)))
     }
 
     async fn attest_host(&self, req: Request<pb::HostRef>) -> R<pb::Host> {

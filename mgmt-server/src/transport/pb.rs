@@ -39,6 +39,7 @@ pub(crate) fn host(h: HostInfo) -> pb::Host {
             unseals: t.unseals,
             reported_unix: t.reported_unix,
         }),
+        group: h.group,
         attestation: h.attestation.map(|a| {
             let (last_unix, last_ok, last_detail, differing) = match a.last {
                 Some(o) => (
@@ -59,6 +60,7 @@ pub(crate) fn host(h: HostInfo) -> pb::Host {
                 last_detail,
                 differing,
                 allowlist_version: a.allowlist_version,
+                group_allowlist_version: a.group_allowlist_version,
                 fresh_until_unix: a.fresh_until_unix,
             }
         }),
@@ -83,7 +85,8 @@ pub(crate) fn pending(r: crate::model::ReleaseRequest, attestation: String) -> p
 
 pub(crate) fn allowlist(a: crate::domain::allowlist::Allowlist) -> pb::Allowlist {
     pb::Allowlist {
-        host: a.host,
+        scope: a.scope.to_string(),
+        target: a.target,
         version: a.version,
         pcrs: a
             .values

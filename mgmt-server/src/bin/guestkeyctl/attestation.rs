@@ -11,13 +11,18 @@ use crate::output;
 
 #[derive(Subcommand)]
 pub(crate) enum AttestationCmd {
-    /// Allow PCR values for a host: given (--pcr N=SHA256HEX, repeatable)
-    /// or learnt from a quote of the host now (--learn, once its software
-    /// is known good). Each change is a new version of the allowlist.
+    /// Allow PCR values for a host (--host) or a host group (--group):
+    /// given (--pcr N=SHA256HEX, repeatable) or learnt from a quote of a
+    /// host now (--learn --host HOST, once its software is known good).
+    /// Each change is a new version of that allowlist.
     Allow {
-        /// Host name.
+        /// The host whose allowlist changes, or with --learn the host to
+        /// learn from.
+        #[arg(long, required_unless_present = "group")]
+        host: Option<String>,
+        /// The host group whose allowlist changes.
         #[arg(long)]
-        host: String,
+        group: Option<String>,
         /// An allowed SHA-256 value of a PCR, e.g. 7=3d45...; repeatable.
         #[arg(long = "pcr", value_name = "N=SHA256HEX", conflicts_with = "learn")]
         pcrs: Vec<String>,
@@ -36,11 +41,14 @@ pub(crate) enum AttestationCmd {
         #[arg(long)]
         replace: bool,
     },
-    /// Show a host's allowlist.
+    /// Show a host's or a host group's allowlist.
     Show {
         /// Host name.
+        #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+        host: Option<String>,
+        /// Group name.
         #[arg(long)]
-        host: String,
+        group: Option<String>,
     },
 }
 
@@ -83,6 +91,7 @@ pub(crate) async fn run(cmd: AttestationCmd, ctx: &Ctx) -> Result<(), Failure> {
     let a = match cmd {
         AttestationCmd::Allow {
             host,
+            group,
             pcrs,
             learn,
             learn_pcrs,
@@ -91,6 +100,16 @@ pub(crate) async fn run(cmd: AttestationCmd, ctx: &Ctx) -> Result<(), Failure> {
             if pcrs.is_empty() && !learn {
                 return Err(Failure(
                     "attestation allow: give --pcr N=SHA256HEX (repeatable) or --learn".into(),
+                ));
+            }
+            if learn && host.is_none() {
+                return Err(Failure(
+                    "attestation allow --learn: name the host to learn from with --host HOST".into(),
+                ));
+            }
+            if !learn && host.is_some() && group.is_some() {
+                return Err(Failure(
+                    "attestation allow: give --host or --group (both only with --learn: learn from the host into the group)".into(),
                 ));
             }
             let pcrs = pcrs
@@ -104,7 +123,8 @@ pub(crate) async fn run(cmd: AttestationCmd, ctx: &Ctx) -> Result<(), Failure> {
             };
             let mut c = ctx.connect().await?;
             c.allow_pcrs(pb::AllowPcrsRequest {
-                host,
+                host: host.unwrap_or_default(),
+                group: group.unwrap_or_default(),
                 pcrs,
                 learn,
                 learn_pcrs,
@@ -112,10 +132,13 @@ pub(crate) async fn run(cmd: AttestationCmd, ctx: &Ctx) -> Result<(), Failure> {
             })
             .await
         }
-        AttestationCmd::Show { host } => {
+        AttestationCmd::Show { host, group } => {
             ctx.connect()
                 .await?
-                .get_allowlist(pb::HostRef { name: host })
+                .get_allowlist(pb::AllowlistRef {
+                    host: host.unwrap_or_default(),
+                    group: group.unwrap_or_default(),
+                })
                 .await
         }
     }

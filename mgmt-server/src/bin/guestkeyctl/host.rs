@@ -31,6 +31,14 @@ pub(crate) enum HostCmd {
         /// Host name.
         name: String,
     },
+    /// Put a host in a host group ("" for none): the group's attestation
+    /// allowlist applies to it too.
+    SetGroup {
+        /// Host name.
+        name: String,
+        /// Group name ("": none).
+        group: String,
+    },
     /// Revoke a host: its certificate stops working and no key goes to it.
     Revoke {
         /// Host name.
@@ -84,6 +92,10 @@ pub(crate) async fn run(cmd: HostCmd, ctx: &Ctx) -> Result<(), Failure> {
         HostCmd::Show { name } => c.get_host(pb::HostRef { name }).await,
         HostCmd::Revoke { name } => c.revoke_host(pb::HostRef { name }).await,
         HostCmd::Attest { name } => c.attest_host(pb::HostRef { name }).await,
+        HostCmd::SetGroup { name, group } => {
+            c.set_host_group(pb::SetHostGroupRequest { name, group })
+                .await
+        }
         HostCmd::SetMigration {
             name,
             libvirt_uri,

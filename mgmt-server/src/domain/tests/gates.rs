@@ -142,12 +142,24 @@ async fn a_host_without_a_proven_attestation_key_gets_no_attested_volume() {
     let value = "00".repeat(32).parse().unwrap();
     let e = b
         .core
-        .allow_pcrs(&b.admin, "kvm-a", &[(7, value)], false)
+        .allow_pcrs(
+            &b.admin,
+            crate::model::AllowScope::Host,
+            "kvm-a",
+            &[(7, value)],
+            false,
+        )
         .unwrap_err();
     assert!(e.to_string().contains("enrolled without a TPM"), "{e}");
     let e = b
         .core
-        .allow_pcrs(&b.admin, "kvm-a", &[], false)
+        .allow_pcrs(
+            &b.admin,
+            crate::model::AllowScope::Host,
+            "kvm-a",
+            &[],
+            false,
+        )
         .unwrap_err();
     assert!(matches!(e, CoreError::Invalid(_)), "{e:?}");
     // An unproven AK counts as none.
@@ -233,4 +245,78 @@ async fn requests_are_decided_once_and_expire() {
         .unwrap_err();
     assert!(e.to_string().contains("is denied, not pending"), "{e}");
     assert_eq!(audit_count(&b, "release.denied"), 1);
+}
+
+#[tokio::test]
+async fn a_host_may_quote_what_its_own_list_or_its_groups_names() {
+    use crate::domain::allowlist::effective;
+    use crate::model::AllowScope;
+    let b = Bed::new();
+    b.host("kvm-a");
+    pin(&b, "kvm-a");
+    let v = |byte: &str| byte.repeat(32).parse().unwrap();
+    b.core
+        .allow_pcrs(&b.admin, AllowScope::Host, "kvm-a", &[(7, v("aa"))], false)
+        .unwrap();
+    // A group's list, before the host is in it, does not apply.
+    let g = b
+        .core
+        .allow_pcrs(
+            &b.admin,
+            AllowScope::Group,
+            "rack-1",
+            &[(7, v("bb"))],
+            false,
+        )
+        .unwrap();
+    assert_eq!(g.version, 1);
+    let look = |b: &Bed| {
+        let mut tx = b.store.begin(Access::Read).unwrap();
+        effective(tx.as_mut(), "kvm-a").unwrap()
+    };
+    assert_eq!(look(&b).values.len(), 1);
+    let h = b.core.set_host_group(&b.admin, "kvm-a", "rack-1").unwrap();
+    assert_eq!(h.group, "rack-1");
+    let e = look(&b);
+    assert_eq!(e.values, vec![(7, "aa".repeat(32)), (7, "bb".repeat(32))]);
+    assert_eq!(e.versions, "host kvm-a v1, group rack-1 v1");
+    let shown = b.core.get_host("kvm-a").unwrap().attestation.unwrap();
+    assert_eq!(
+        (shown.allowlist_version, shown.group_allowlist_version),
+        (1, 1)
+    );
+    // Replacing the group's value of PCR 7 is a new version.
+    let g = b
+        .core
+        .allow_pcrs(&b.admin, AllowScope::Group, "rack-1", &[(7, v("cc"))], true)
+        .unwrap();
+    assert_eq!((g.version, g.values.len()), (2, 1));
+    assert_eq!(audit_count(&b, "attestation.allowed"), 3);
+    assert_eq!(audit_count(&b, "host.group"), 1);
+    // Bad names change nothing.
+    let e = b
+        .core
+        .allow_pcrs(
+            &b.admin,
+            AllowScope::Group,
+            "rack 1",
+            &[(7, v("dd"))],
+            false,
+        )
+        .unwrap_err();
+    assert!(matches!(e, CoreError::Invalid(_)), "{e:?}");
+    let e = b
+        .core
+        .set_host_group(&b.admin, "kvm-a", "../x")
+        .unwrap_err();
+    assert!(matches!(e, CoreError::Invalid(_)), "{e:?}");
+    assert_eq!(b.core.get_host("kvm-a").unwrap().group, "rack-1");
+    let e = b
+        .core
+        .set_host_group(&b.admin, "nope", "rack-1")
+        .unwrap_err();
+    assert!(matches!(e, CoreError::NotFound(_)), "{e:?}");
+    // Out of the group: only its own list again.
+    b.core.set_host_group(&b.admin, "kvm-a", "").unwrap();
+    assert_eq!(look(&b).values.len(), 1);
 }

@@ -4,7 +4,7 @@
 use rusqlite::{OptionalExtension, params};
 
 use super::{SqliteTx, signed, unsigned};
-use crate::model::{AttestationOutcome, TpmClock};
+use crate::model::{AllowScope, AttestationOutcome, TpmClock};
 use crate::store::{AttestStore, HostIdentity, Result};
 
 fn differing_text(pcrs: &[u8]) -> String {
@@ -138,55 +138,80 @@ impl AttestStore for SqliteTx<'_> {
 
     fn allow_pcr_values(
         &mut self,
-        host: &str,
+        scope: AllowScope,
+        target: &str,
         values: &[(u8, String)],
         replace: bool,
         now: i64,
     ) -> Result<u64> {
+        let scope = scope.as_str();
         let version: i64 = self
             .conn
             .prepare_cached(
-                "SELECT COALESCE(MAX(version), 0) FROM attestation_versions WHERE host = ?1",
+                "SELECT COALESCE(MAX(version), 0) FROM attestation_versions
+                 WHERE scope = ?1 AND target = ?2",
             )?
-            .query_row([host], |r| r.get(0))?;
+            .query_row(params![scope, target], |r| r.get(0))?;
         let version = version + 1;
         if replace {
-            let mut delete = self
-                .conn
-                .prepare_cached("DELETE FROM attestation_allow WHERE host = ?1 AND pcr = ?2")?;
+            let mut delete = self.conn.prepare_cached(
+                "DELETE FROM attestation_allow WHERE scope = ?1 AND target = ?2 AND pcr = ?3",
+            )?;
             for (pcr, _) in values {
-                delete.execute(params![host, pcr])?;
+                delete.execute(params![scope, target, pcr])?;
             }
         }
         {
             let mut insert = self.conn.prepare_cached(
-                "INSERT OR IGNORE INTO attestation_allow (host, pcr, sha256, version, added)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT OR IGNORE INTO attestation_allow (scope, target, pcr, sha256, version, added)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             for (pcr, value) in values {
-                insert.execute(params![host, pcr, value, version, now])?;
+                insert.execute(params![scope, target, pcr, value, version, now])?;
             }
         }
         self.conn
             .prepare_cached(
-                "INSERT INTO attestation_versions (host, version) VALUES (?1, ?2)
-                 ON CONFLICT (host) DO UPDATE SET version = excluded.version",
+                "INSERT INTO attestation_versions (scope, target, version) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (scope, target) DO UPDATE SET version = excluded.version",
             )?
-            .execute(params![host, version])?;
+            .execute(params![scope, target, version])?;
         Ok(version as u64)
     }
 
-    fn allowlist(&mut self, host: &str) -> Result<(u64, Vec<(u8, String)>)> {
+    fn allowlist(&mut self, scope: AllowScope, target: &str) -> Result<(u64, Vec<(u8, String)>)> {
+        let scope = scope.as_str();
         let version: Option<i64> = self
             .conn
-            .prepare_cached("SELECT version FROM attestation_versions WHERE host = ?1")?
-            .query_row([host], |r| r.get(0))
+            .prepare_cached(
+                "SELECT version FROM attestation_versions WHERE scope = ?1 AND target = ?2",
+            )?
+            .query_row(params![scope, target], |r| r.get(0))
             .optional()?;
         let mut stmt = self.conn.prepare_cached(
-            "SELECT pcr, sha256 FROM attestation_allow WHERE host = ?1 ORDER BY pcr, sha256",
+            "SELECT pcr, sha256 FROM attestation_allow WHERE scope = ?1 AND target = ?2
+             ORDER BY pcr, sha256",
         )?;
-        let rows = stmt.query_map([host], |r| Ok((r.get::<_, u8>(0)?, r.get(1)?)))?;
+        let rows = stmt.query_map(params![scope, target], |r| {
+            Ok((r.get::<_, u8>(0)?, r.get(1)?))
+        })?;
         let values = rows.collect::<rusqlite::Result<_>>()?;
         Ok((version.unwrap_or(0).max(0) as u64, values))
+    }
+
+    fn host_group(&mut self, host: &str) -> Result<String> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT host_group FROM hosts WHERE name = ?1")?
+            .query_row([host], |r| r.get(0))
+            .optional()?
+            .unwrap_or_default())
+    }
+
+    fn set_host_group(&mut self, host: &str, group: &str) -> Result<()> {
+        self.conn
+            .prepare_cached("UPDATE hosts SET host_group = ?2 WHERE name = ?1")?
+            .execute(params![host, group])?;
+        Ok(())
     }
 }

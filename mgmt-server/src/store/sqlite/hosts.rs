@@ -10,7 +10,7 @@ const HOST_SELECT: &str = "SELECT h.name, h.address, h.state, h.created, COALESC
         COALESCE(h.cert_sha256, ''),
         (SELECT COUNT(*) FROM volumes v WHERE v.host = h.name AND v.state != 'deleted'),
         (SELECT COUNT(*) FROM host_inventory i WHERE i.host = h.name), h.inventory_reported,
-        h.libvirt_uri, h.migration_uri, h.tpm
+        h.libvirt_uri, h.migration_uri, h.tpm, h.host_group
     FROM hosts h";
 
 fn host_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostInfo> {
@@ -34,6 +34,7 @@ fn host_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostInfo> {
         },
         // Filled in by the domain (`Core::host_attestation`).
         attestation: None,
+        group: r.get(12)?,
     })
 }
 

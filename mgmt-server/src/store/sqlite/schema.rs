@@ -191,17 +191,21 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         restart_count  INTEGER
     );
     CREATE TABLE attestation_allow (
-        host    TEXT NOT NULL REFERENCES hosts(name),
+        scope   TEXT NOT NULL CHECK (scope IN ('host', 'group')),
+        target  TEXT NOT NULL,
         pcr     INTEGER NOT NULL CHECK (pcr BETWEEN 0 AND 23),
         sha256  TEXT NOT NULL CHECK (length(sha256) = 64),
         version INTEGER NOT NULL,
         added   INTEGER NOT NULL,
-        PRIMARY KEY (host, pcr, sha256)
+        PRIMARY KEY (scope, target, pcr, sha256)
     );
     CREATE TABLE attestation_versions (
-        host    TEXT PRIMARY KEY REFERENCES hosts(name),
-        version INTEGER NOT NULL
+        scope   TEXT NOT NULL CHECK (scope IN ('host', 'group')),
+        target  TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        PRIMARY KEY (scope, target)
     );
+    ALTER TABLE hosts ADD COLUMN host_group TEXT NOT NULL DEFAULT '';
     ALTER TABLE volumes ADD COLUMN release_policy TEXT NOT NULL DEFAULT 'auto'
         CHECK (release_policy IN ('auto', 'attested', 'approved', 'attested+approved'));
     CREATE TABLE release_requests (

@@ -32,14 +32,15 @@ pub(crate) fn host_json(h: &pb::Host) -> Value {
     json!({"name": h.name, "address": h.address, "state": h.state, "created_unix": h.created_unix,
            "enrolled_unix": h.enrolled_unix, "certificate_sha256": h.certificate_sha256, "volume_count": h.volume_count,
            "held_keys": h.held_keys, "inventory_reported_unix": h.inventory_reported_unix,
-           "libvirt_uri": h.libvirt_uri, "migration_uri": h.migration_uri,
+           "libvirt_uri": h.libvirt_uri, "migration_uri": h.migration_uri, "group": h.group,
            "tpm": h.tpm.as_ref().map(|t| json!({"tcti": t.tcti, "pcrs": t.pcrs, "authority": t.authority,
                "current": t.current, "approvals": t.approvals, "unseals": t.unseals,
                "reported_unix": t.reported_unix})),
            "attestation": h.attestation.as_ref().map(|a| json!({"ek_sha256": a.ek_sha256, "ak_sha256": a.ak_sha256,
                "ek_certificate": a.ek_certificate, "pinned": a.pinned, "last_unix": a.last_unix,
                "last_ok": a.last_ok, "last_detail": a.last_detail, "differing": a.differing,
-               "allowlist_version": a.allowlist_version, "fresh_until_unix": a.fresh_until_unix}))})
+               "allowlist_version": a.allowlist_version, "group_allowlist_version": a.group_allowlist_version,
+               "fresh_until_unix": a.fresh_until_unix}))})
 }
 
 /// `host list` as a table.
@@ -82,6 +83,7 @@ pub(crate) fn host_text(h: &pb::Host) -> String {
             ("last report", time(h.inventory_reported_unix)),
             ("libvirt URI", libvirt_uri),
             ("migration URI", h.migration_uri.clone()),
+            ("group", h.group.clone()),
         ],
         Empty::Show,
     ) + &host_tpm_text(h.tpm.as_ref())
@@ -127,6 +129,7 @@ fn host_attestation_text(a: Option<&pb::HostAttestation>) -> String {
         ),
         ("attestation key", key),
         ("allowlist version", a.allowlist_version.to_string()),
+        ("group allowlist", a.group_allowlist_version.to_string()),
         ("last attestation", last),
     ];
     if !a.differing.is_empty() {
@@ -146,13 +149,13 @@ fn host_attestation_text(a: Option<&pb::HostAttestation>) -> String {
 
 /// A host's allowlist as JSON.
 pub(crate) fn allowlist_json(a: &pb::Allowlist) -> Value {
-    json!({"host": a.host, "version": a.version,
+    json!({"scope": a.scope, "target": a.target, "version": a.version,
            "pcrs": a.pcrs.iter().map(|p| json!({"pcr": p.pcr, "sha256": p.sha256})).collect::<Vec<_>>()})
 }
 
 /// A host's allowlist as a table.
 pub(crate) fn allowlist_text(a: &pb::Allowlist) -> String {
-    let mut out = format!("host {} allowlist version {}\n", a.host, a.version);
+    let mut out = format!("{} {} allowlist version {}\n", a.scope, a.target, a.version);
     if a.pcrs.is_empty() {
         out.push_str(
             "no PCR values allowed: `guestkeyctl attestation allow --host HOST --learn`\n",
