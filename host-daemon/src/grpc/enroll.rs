@@ -221,13 +221,63 @@ pub async fn enroll(
     }
     let (name, challenge) = r?;
     if let (Some((ak, _)), Some((blob, secret))) = (identity, challenge) {
+        // Kept until the proof went through: `guestkeyd run` tries again.
+        let keep = |f: &str, b: &[u8]| {
+            let p = dir.file(ATTESTATION_DIR).join(f);
+            write_atomic(&p, b)
+                .map_err(|e| EnrollError(format!("cannot write {}: {e}", p.display())))
+        };
+        keep(CHALLENGE_BLOB, &blob)?;
+        keep(CHALLENGE_SECRET, &secret)?;
         prove(server, dir, &ak, &blob, &secret).await.map_err(|e| {
             EnrollError(format!(
-                "host {name} is enrolled, but its attestation key was not proven to live in its TPM ({e}): volumes whose key release is `attested` cannot go to it; ask the admin for a new token and enroll again"
+                "host {name} is enrolled, but its attestation key was not proven to live in its TPM yet ({e}): guestkeyd tries again each time it starts; until then volumes whose key release is `attested` cannot go to it"
             ))
         })?;
+        forget_challenge(dir);
     }
     Ok(name)
+}
+
+/// The credential the server made at enrollment, kept until the proof
+/// went through.
+const CHALLENGE_BLOB: &str = "challenge.blob";
+const CHALLENGE_SECRET: &str = "challenge.secret";
+
+fn forget_challenge(dir: &StateDir) {
+    for f in [CHALLENGE_BLOB, CHALLENGE_SECRET] {
+        let _ = std::fs::remove_file(dir.file(ATTESTATION_DIR).join(f));
+    }
+}
+
+/// At `guestkeyd run`: a proof of the attestation key that did not go
+/// through at enrollment is tried again. Logged either way.
+pub async fn retry_proof(dir: StateDir) {
+    let root = dir.file(ATTESTATION_DIR);
+    let (Ok(blob), Ok(secret)) = (
+        std::fs::read(root.join(CHALLENGE_BLOB)),
+        std::fs::read(root.join(CHALLENGE_SECRET)),
+    ) else {
+        return;
+    };
+    let ak = match HostAttestation::load(&dir) {
+        Ok(Some(a)) => a,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "the attestation key's proof was not tried again");
+            return;
+        }
+    };
+    let server = std::fs::read_to_string(dir.file("server.url")).unwrap_or_default();
+    match prove(server.trim(), &dir, &ak, &blob, &secret).await {
+        Ok(()) => {
+            forget_challenge(&dir);
+            tracing::info!("the attestation key was proven to the server and pinned");
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the attestation key is not proven to the server yet: tried again at the next start")
+        }
+    }
 }
 
 /// The second half of a TPM-bound enrollment: the TPM recovers the

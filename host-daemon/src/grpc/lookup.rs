@@ -88,15 +88,20 @@ impl DiskLookup for ServerLookup {
             guest_uuid: uuid.to_owned(),
         };
         let ask = async {
-            let mut guard = self.client.lock().await;
-            let c = super::report::connected(&mut guard, &self.link)
-                .await
-                .map_err(|e| format!("cannot reach it: {e}"))?;
+            // A copy of the client: a start that waits (for an operator's
+            // approval) holds up no other call to the server.
+            let mut c = {
+                let mut guard = self.client.lock().await;
+                super::report::connected(&mut guard, &self.link)
+                    .await
+                    .map_err(|e| format!("cannot reach it: {e}"))?
+                    .clone()
+            };
             match c.release_keys(req).await {
                 Ok(r) => Ok(r.into_inner()),
                 Err(e) => {
                     if e.code() == tonic::Code::Unavailable {
-                        *guard = None;
+                        *self.client.lock().await = None;
                     }
                     Err(e.message().to_owned())
                 }

@@ -57,41 +57,54 @@ impl Daemon {
         };
         let mut set = vec![];
         for k in rec.keys.iter() {
-            let (sealed, generation) = if k.sealed.is_empty() {
-                let f = fetched
-                    .iter()
-                    .find(|f| f.volume == k.volume_id)
-                    .ok_or_else(|| {
-                        OpsError::Precondition(format!(
-                            "the management server released no key of volume {} for domain {domain}",
-                            k.volume_id
-                        ))
-                    })?;
-                (&f.sealed[..], f.generation)
-            } else {
-                (&k.sealed[..], k.generation)
-            };
-            let packet = self
-                .keys
-                .open(sealed, k.volume_id, generation)
-                .map_err(|e| OpsError::Packet(format!("key of volume {}: {e}", k.volume_id)))?;
-            let done = self.hv.set_secret(
-                k.secret_uuid.as_str(),
-                k.path.as_str(),
-                packet.secret.expose_secret(),
-            );
-            drop(packet);
+            let done = self.set_one(domain, k, &fetched);
             if let Err(e) = done {
-                // None of this guest's secrets stays behind a failed prepare.
+                // None of this guest's secrets stays behind a failed
+                // prepare, whatever failed.
                 for s in set {
                     self.drop_secret(s);
                 }
                 self.drop_secret(k.secret_uuid.as_str());
-                return Err(e.into());
+                return Err(e);
             }
             set.push(k.secret_uuid.as_str());
         }
         Ok(())
+    }
+
+    /// Defines the secret of one disk of `domain`: its stored packet, or
+    /// the one the server released now (`fetched`).
+    fn set_one(
+        &self,
+        domain: &str,
+        k: &crate::store::StoredKey,
+        fetched: &[super::SealedKey],
+    ) -> Result<(), OpsError> {
+        let (sealed, generation) = if k.sealed.is_empty() {
+            let f = fetched
+                .iter()
+                .find(|f| f.volume == k.volume_id)
+                .ok_or_else(|| {
+                    OpsError::Precondition(format!(
+                        "the management server released no key of volume {} for domain {domain}",
+                        k.volume_id
+                    ))
+                })?;
+            (&f.sealed[..], f.generation)
+        } else {
+            (&k.sealed[..], k.generation)
+        };
+        let packet = self
+            .keys
+            .open(sealed, k.volume_id, generation)
+            .map_err(|e| OpsError::Packet(format!("key of volume {}: {e}", k.volume_id)))?;
+        let done = self.hv.set_secret(
+            k.secret_uuid.as_str(),
+            k.path.as_str(),
+            packet.secret.expose_secret(),
+        );
+        drop(packet);
+        Ok(done?)
     }
 
     /// Why disk `d` cannot start here, and what to do.
@@ -157,7 +170,8 @@ impl Daemon {
     /// that libvirt no longer knows, and starts the stored guests that
     /// libvirt marks for autostart but that do not run, because libvirt's own
     /// autostart came before guestkeyd (see docs/host-daemon.md, "Boot").
-    /// Needs no management server. Returns the guests started.
+    /// Needs no management server, except for guests with a disk whose key
+    /// the server releases at each start. Returns the guests started.
     pub fn catch_up_autostart(&self) -> Vec<String> {
         let mut started = vec![];
         let guests = match self.store.guests() {

@@ -61,7 +61,7 @@ fn check_target(tx: &mut dyn Tx, scope: AllowScope, target: &str) -> Result<(), 
                 Ok(())
             } else if tx.host_exists(target)? {
                 Err(CoreError::FailedPrecondition(format!(
-                    "host {target} was enrolled without a TPM: an allowlist would never be checked; enroll it again with `guestkeyd enroll --tpm`"
+                    "host {target} was enrolled without a TPM: an allowlist would never be checked; register it under a new name (`guestkeyctl host add`) and enroll that with `guestkeyd enroll --tpm` on a fresh state directory"
                 )))
             } else {
                 Err(CoreError::NotFound(format!("no host {target}")))
@@ -162,7 +162,7 @@ impl Core {
                 c.read(|tx| {
                     let id = tx.host_identity(&h)?.filter(|i| i.pinned).ok_or_else(|| {
                         CoreError::FailedPrecondition(format!(
-                            "host {h} has no pinned attestation key: enroll it with `guestkeyd enroll --tpm`"
+                            "host {h} has no proven attestation key: it was enrolled without a TPM, or guestkeyd tries the proof again each time it starts on that host (its log says why it failed)"
                         ))
                     })?;
                     let ak = AttestationKeyPublic::read(&id.ak_public)

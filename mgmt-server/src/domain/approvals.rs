@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::domain::on_demand::Purpose;
 use crate::domain::{Core, now_unix};
 use crate::model::{Caller, CoreError, ReleaseRequest, RequestState};
 use crate::store::Tx;
@@ -45,12 +46,24 @@ impl Core {
         host: &str,
         uuid: &str,
         name: &str,
+        purpose: Purpose,
         volumes: &[String],
     ) -> Result<ReleaseRequest, CoreError> {
         self.write(|tx| {
             self.expire_requests(tx)?;
             if let Some(r) = tx.open_request(host, uuid)? {
-                return Ok(r);
+                if r.volumes == volumes {
+                    return Ok(r);
+                }
+                // Made for other disks than the guest has now.
+                tx.move_request(&r.id, r.state, RequestState::Expired, now_unix(), "", "")?;
+                self.log(
+                    tx,
+                    "server",
+                    "release.expired",
+                    &r.id,
+                    "the guest's gated disks changed",
+                )?;
             }
             let r = ReleaseRequest {
                 id: new_id()?,
@@ -71,8 +84,8 @@ impl Core {
                 "release.requested",
                 &r.id,
                 &format!(
-                    "keys of guest {name} ({}) for its start on host {host}: {}",
-                    uuid,
+                    "keys of guest {name} ({uuid}) for its {} on host {host}: {}",
+                    purpose.as_str(),
                     volumes.join(", ")
                 ),
             )?;
@@ -81,69 +94,60 @@ impl Core {
     }
 
     /// Waits for an operator's approval of `host`'s request for the keys
-    /// of guest `uuid`; once approved, marks the approval used and returns
-    /// the request's id. Denied, expired or not decided in time: an error
-    /// naming the request and what to run.
+    /// of guest `uuid` (the request is made, or the open one found);
+    /// returns the request's id once approved. The caller uses the
+    /// approval in the transaction that releases. Denied, expired or not
+    /// decided in time: an error naming the request and what to run.
     pub(crate) async fn await_approval(
         self: &Arc<Self>,
         host: &str,
         uuid: &str,
         name: &str,
+        purpose: Purpose,
         volumes: Vec<String>,
     ) -> Result<String, CoreError> {
         let (h, u, n) = (host.to_owned(), uuid.to_owned(), name.to_owned());
         let r = self
-            .blocking(move |c| c.open_request(&h, &u, &n, &volumes))
+            .blocking(move |c| c.open_request(&h, &u, &n, purpose, &volumes))
             .await?;
         let id = r.id;
         let end = Instant::now() + Duration::from_secs(u64::from(self.limits.approval_wait_secs));
         loop {
             let i = id.clone();
-            let used = self
+            let r = self
                 .blocking(move |c| {
-                    c.write(|tx| {
-                        let r = tx
-                            .request(&i)?
-                            .ok_or_else(|| CoreError::Internal(format!("request {i} vanished")))?;
-                        match r.state {
-                            RequestState::Approved => {
-                                tx.move_request(
-                                    &i,
-                                    RequestState::Approved,
-                                    RequestState::Used,
-                                    now_unix(),
-                                    "",
-                                    "",
-                                )?;
-                                Ok(Some(Ok(())))
-                            }
-                            RequestState::Pending => Ok(None),
-                            RequestState::Denied => Ok(Some(Err(format!(
-                                "request {i} for the keys of guest {} was denied by {}{}",
-                                r.guest_name,
-                                r.decided_by,
-                                if r.note.is_empty() {
-                                    String::new()
-                                } else {
-                                    format!(": {}", r.note)
-                                }
-                            )))),
-                            state => Ok(Some(Err(format!(
-                                "request {i} for the keys of guest {} is {state}: start the guest again to make a new one",
-                                r.guest_name
-                            )))),
-                        }
+                    c.read(|tx| {
+                        tx.request(&i)?
+                            .ok_or_else(|| CoreError::Internal(format!("request {i} vanished")))
                     })
                 })
                 .await?;
-            match used {
-                Some(Ok(())) => return Ok(id),
-                Some(Err(why)) => return Err(CoreError::Denied(why)),
-                None => {}
+            match r.state {
+                RequestState::Approved => return Ok(id),
+                RequestState::Pending => {}
+                RequestState::Denied => {
+                    return Err(CoreError::Denied(format!(
+                        "request {id} for the keys of guest {} was denied by {}{}",
+                        r.guest_name,
+                        r.decided_by,
+                        if r.note.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", r.note)
+                        }
+                    )));
+                }
+                state => {
+                    return Err(CoreError::Denied(format!(
+                        "request {id} for the keys of guest {} is {state}: start the guest again to make a new one",
+                        r.guest_name
+                    )));
+                }
             }
             if Instant::now() >= end {
                 return Err(CoreError::Unapproved(format!(
-                    "the start of guest {name} waits for an operator's approval: request {id} (host {host}); an admin runs `guestkeyctl pending approve {id}` (or `guestkeyctl pending deny {id}`), then start the guest again"
+                    "the {} of guest {name} waits for an operator's approval: request {id} (host {host}); an admin runs `guestkeyctl pending approve {id}` (or `guestkeyctl pending deny {id}`), then start the guest again",
+                    purpose.as_str()
                 )));
             }
             tokio::time::sleep(POLL).await;

@@ -7,7 +7,8 @@
 //!   restricted or not fixed to its TPM, is refused), and the server runs
 //!   TPM2_MakeCredential in software: a random credential only that TPM,
 //!   holding that AK, can recover. Its hash is kept; the AK is pinned only
-//!   when the host sends the credential back ([`Core::prove_attestation_key`]).
+//!   when the host sends the credential back ([`Core::prove_attestation_key`];
+//!   guestkeyd tries again at each start until it succeeds).
 //! - An attestation ([`Core::attest`]): a fresh 32-byte nonce, a quote of
 //!   the PCRs the host's allowlist names, verified with the pinned AK
 //!   (signature, nonce, selection, the values against the quote's digest),
@@ -101,33 +102,23 @@ impl Core {
                 )));
             };
             let Some(expected) = id.challenge_hash.as_deref() else {
-                return Ok(Err(if id.pinned {
-                    format!("host {host}'s attestation key is already pinned")
-                } else {
-                    format!(
-                        "host {host}'s attestation key can no longer be proven (a wrong proof was sent): enroll the host again"
-                    )
-                }));
+                return Ok(Err(format!(
+                    "host {host}'s attestation key is already pinned"
+                )));
             };
             let got = Sha256::digest(credential);
             if !bool::from(got.as_slice().ct_eq(expected)) {
-                // One try: a wrong answer leaves the AK unpinned for good.
-                tx.set_host_identity(
-                    host,
-                    &HostIdentity {
-                        challenge_hash: None,
-                        ..id
-                    },
-                )?;
+                // The credential is 32 random bytes: wrong answers cannot
+                // guess it, so the host may try again (each is audited).
                 self.log(
                     tx,
                     &format!("host:{host}"),
                     "host.attestation_key_refused",
                     host,
-                    "the credential does not match: the attestation key is not in the TPM of the endorsement key",
+                    "the credential does not match: the attestation key was not shown to be in the TPM of the endorsement key",
                 )?;
                 return Ok(Err(format!(
-                    "host {host}: the credential does not match, so its attestation key was not proven to live in its TPM; it stays unpinned (enroll the host again)"
+                    "host {host}: the credential does not match, so its attestation key was not proven to live in its TPM; it stays unpinned"
                 )));
             }
             tx.pin_attestation_key(host)?;
@@ -232,12 +223,12 @@ impl Core {
         self.read(|tx| {
             let id = tx.host_identity(host)?.ok_or_else(|| {
                 CoreError::Unattested(format!(
-                    "host {host} was enrolled without a TPM, so it cannot be attested: enroll it again with `guestkeyd enroll --tpm`"
+                    "host {host} was enrolled without a TPM, so it cannot be attested: register it under a new name (`guestkeyctl host add`) and enroll that with `guestkeyd enroll --tpm` on a fresh state directory"
                 ))
             })?;
             if !id.pinned {
                 return Err(CoreError::Unattested(format!(
-                    "host {host}'s attestation key was never proven to live in its TPM (the enrollment's credential was not activated): enroll it again with `guestkeyd enroll --tpm`"
+                    "host {host}'s attestation key was never proven to live in its TPM (the enrollment's credential was not activated): guestkeyd tries the proof again each time it starts on that host (its log says why it failed)"
                 )));
             }
             let ak = AttestationKeyPublic::read(&id.ak_public)
@@ -299,6 +290,10 @@ impl Core {
     /// audits the outcome; an error says why it failed and what to run.
     pub async fn attest(self: &Arc<Self>, host: &EnrolledHost) -> Result<(), CoreError> {
         let name = host.name.clone();
+        // Outcomes are recorded as of now, before the nonce goes out: of
+        // two attestations of one host at once, the later-issued one wins,
+        // and a release never counts a quote as younger than it is.
+        let issued = now_unix();
         let plan = {
             let n = name.clone();
             self.blocking(move |c| c.attestation_plan(&n)).await
@@ -309,8 +304,10 @@ impl Core {
                 if matches!(e, CoreError::Unattested(_)) {
                     let detail = e.to_string();
                     let n = name.clone();
-                    self.blocking(move |c| c.record_outcome(&n, false, &detail, vec![], None))
-                        .await?;
+                    self.blocking(move |c| {
+                        c.record_outcome(&n, issued, false, &detail, vec![], None)
+                    })
+                    .await?;
                 }
                 return Err(e);
             }
@@ -361,7 +358,7 @@ impl Core {
         };
         let d = detail.clone();
         let n = name.clone();
-        self.blocking(move |c| c.record_outcome(&n, ok, &d, differing, clock))
+        self.blocking(move |c| c.record_outcome(&n, issued, ok, &d, differing, clock))
             .await?;
         if ok {
             Ok(())
@@ -375,6 +372,7 @@ impl Core {
     fn record_outcome(
         &self,
         host: &str,
+        issued: i64,
         ok: bool,
         detail: &str,
         differing: Vec<u8>,
@@ -387,7 +385,7 @@ impl Core {
         }
         self.write(|tx| {
             let outcome = AttestationOutcome {
-                at_unix: now_unix(),
+                at_unix: issued,
                 ok,
                 detail: detail.to_owned(),
                 differing: differing.clone(),

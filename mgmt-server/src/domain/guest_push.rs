@@ -114,15 +114,7 @@ impl Core {
                     });
                     continue;
                 }
-                let packet = self.release(
-                    tx,
-                    &k.volume_id,
-                    k.format,
-                    k.generation,
-                    host,
-                    &why,
-                    k.release,
-                )?;
+                let packet = self.release(tx, &k.volume_id, k.format, k.generation, host, &why)?;
                 keys.push(seal_for(&packet, host).map_err(CoreError::Internal)?);
             }
             Ok(keys)

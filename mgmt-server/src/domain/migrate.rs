@@ -142,6 +142,11 @@ impl Core {
                     v.name, g.name, v.state, v.name
                 )));
             }
+            // A guest with an `attested` disk goes only to a host that can
+            // be attested (its incoming QEMU asks for the key).
+            if volumes.iter().any(|v| v.release.needs_attestation()) {
+                crate::domain::volumes::attestable(tx, dest.name.as_str())?;
+            }
             let why = format!(" for the migration of guest {} from {}", g.name, from.name);
             let mut keys = Vec::with_capacity(volumes.len());
             for v in &volumes {
@@ -157,7 +162,7 @@ impl Core {
                 }
                 self.take_releases(&dest.name, 1)?;
                 let packet =
-                    self.release(tx, &v.id, v.format, v.key_generation, &dest, &why, v.release)?;
+                    self.release(tx, &v.id, v.format, v.key_generation, &dest, &why)?;
                 keys.push(seal_for(&packet, &dest).map_err(CoreError::Internal)?);
             }
             if !resuming {

@@ -171,8 +171,8 @@ impl Core {
                 self.take_releases(&host.name, 2)?;
                 let g = v.key_generation;
                 let why = " for a rekey";
-                let old = self.release(tx, &v.id, v.format, g, &host, why, v.release)?;
-                let new = self.release(tx, &v.id, v.format, g + 1, &host, why, v.release)?;
+                let old = self.release(tx, &v.id, v.format, g, &host, why)?;
+                let new = self.release(tx, &v.id, v.format, g + 1, &host, why)?;
                 Ok(PushOp::Rekey {
                     host,
                     old: Box::new(old),
@@ -183,8 +183,7 @@ impl Core {
             VolumeState::PendingDecrypt => {
                 self.take_releases(&host.name, 1)?;
                 let why = " to decrypt the volume";
-                let packet =
-                    self.release(tx, &v.id, v.format, v.key_generation, &host, why, v.release)?;
+                let packet = self.release(tx, &v.id, v.format, v.key_generation, &host, why)?;
                 Ok(PushOp::Decrypt { host, packet })
             }
             state => {
@@ -196,8 +195,7 @@ impl Core {
                 } else {
                     ""
                 };
-                let packet =
-                    self.release(tx, &v.id, v.format, v.key_generation, &host, why, v.release)?;
+                let packet = self.release(tx, &v.id, v.format, v.key_generation, &host, why)?;
                 Ok(PushOp::Create {
                     host,
                     packet,
@@ -317,16 +315,28 @@ impl Core {
             reachable.insert(name.clone(), r);
         }
         // Hosts that are to receive keys of `attested` volumes are attested
-        // now, each with its own nonce; a failure holds back those volumes
-        // only.
-        let mut attested: HashMap<String, Result<(), PushFailure>> = HashMap::new();
+        // now, all at once, each with its own nonce; a failure holds back
+        // those volumes only.
+        let mut attesting = tokio::task::JoinSet::new();
+        let mut asked = BTreeSet::new();
         for v in due.iter().filter(|v| needs_attestation(v)) {
-            if attested.contains_key(&v.host) {
-                continue;
-            }
             if let (Some(Ok(h)), Some(Ok(()))) = (hosts.get(&v.host), reachable.get(&v.host)) {
-                let r = self.attest(h).await.map_err(|e| held(&e));
-                attested.insert(v.host.clone(), r);
+                if asked.insert(v.host.clone()) {
+                    let (core, h) = (self.clone(), h.clone());
+                    attesting.spawn(async move {
+                        let r = core.attest(&h).await.map_err(|e| held(&e));
+                        (h.name, r)
+                    });
+                }
+            }
+        }
+        let mut attested: HashMap<String, Result<(), PushFailure>> = HashMap::new();
+        while let Some(done) = attesting.join_next().await {
+            match done {
+                Ok((name, r)) => {
+                    attested.insert(name, r);
+                }
+                Err(e) => tracing::error!(error = %e, "an attestation task failed"),
             }
         }
         let mut outcomes: Vec<(VolumeInfo, PushOutcome)> = Vec::with_capacity(due.len());

@@ -16,7 +16,7 @@ use xdr_wipe::seal::seal;
 
 use crate::domain::agent::SealedKey;
 use crate::domain::{Core, now_unix};
-use crate::model::{CoreError, EnrolledHost, ReleasePolicy, VolumeFormat};
+use crate::model::{CoreError, EnrolledHost, VolumeFormat};
 use crate::store::Tx;
 
 /// Key releases per host and minute.
@@ -58,10 +58,9 @@ impl ReleaseLimiter {
 impl Core {
     /// Releases one generation of a volume's key for `host`: audit record
     /// first, in the caller's transaction, then unwrap. `why` completes the
-    /// record's detail (e.g. " for a rekey"). `policy`: the volume's; for
-    /// `attested`, the host's last attestation must have passed and be
-    /// fresh.
-    #[allow(clippy::too_many_arguments)] // one key's coordinates, its host, why, and its gate
+    /// record's detail (e.g. " for a rekey"). For a volume whose policy
+    /// needs attestation, the host's last attestation must have passed and
+    /// be fresh.
     pub(crate) fn release(
         &self,
         tx: &mut dyn Tx,
@@ -70,10 +69,13 @@ impl Core {
         generation: u64,
         host: &EnrolledHost,
         why: &str,
-        policy: ReleasePolicy,
     ) -> Result<KeyPacket, CoreError> {
-        // The gate first: nothing is read or logged as released for a host
-        // that fails it.
+        // The gate first, with the volume's policy as it is now (not as a
+        // caller read it before its round trips): nothing is read or
+        // logged as released for a host that fails it.
+        let policy = tx
+            .release_policy(volume_id)?
+            .ok_or_else(|| CoreError::Internal(format!("volume {volume_id} vanished")))?;
         if policy.needs_attestation() {
             self.require_attested(tx, &host.name)?;
         }

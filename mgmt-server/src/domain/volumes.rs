@@ -405,14 +405,14 @@ impl Core {
 }
 
 /// Refuses `attested` for a host that cannot be attested.
-fn attestable(tx: &mut dyn Tx, host: &str) -> Result<(), CoreError> {
+pub(crate) fn attestable(tx: &mut dyn Tx, host: &str) -> Result<(), CoreError> {
     match tx.host_identity(host)? {
         Some(id) if id.pinned => Ok(()),
         Some(_) => Err(CoreError::FailedPrecondition(format!(
-            "host {host}'s attestation key was never proven to live in its TPM: a volume there cannot be `attested`; enroll the host again with `guestkeyd enroll --tpm`"
+            "host {host}'s attestation key was never proven to live in its TPM: a volume there cannot be `attested` yet; guestkeyd tries the proof again each time it starts on that host (its log says why it failed)"
         ))),
         None => Err(CoreError::FailedPrecondition(format!(
-            "host {host} was enrolled without a TPM, so it cannot be attested: a volume there cannot be `attested`; enroll the host with `guestkeyd enroll --tpm`"
+            "host {host} was enrolled without a TPM, so it cannot be attested: a volume there cannot be `attested`; register it under a new name (`guestkeyctl host add`) and enroll that with `guestkeyd enroll --tpm` on a fresh state directory"
         ))),
     }
 }

@@ -248,6 +248,9 @@ pub trait VolumeStore {
     fn insert_volume(&mut self, v: &NewVolume) -> Result<()>;
     /// Sets what a release of the volume's key needs.
     fn set_release_policy(&mut self, id: &str, release: ReleasePolicy) -> Result<()>;
+    /// What a release of the volume's key needs, read now (None: no such
+    /// volume).
+    fn release_policy(&mut self, id: &str) -> Result<Option<ReleasePolicy>>;
     /// Volumes not deleted, optionally of one host, by name.
     fn volumes(&mut self, host: Option<&str>) -> Result<Vec<VolumeInfo>>;
     /// A volume by UUID.
@@ -482,8 +485,9 @@ pub trait AttestStore {
     fn host_identity(&mut self, host: &str) -> Result<Option<HostIdentity>>;
     /// The AK proved where it lives: pinned, its challenge forgotten.
     fn pin_attestation_key(&mut self, host: &str) -> Result<()>;
-    /// Records an attestation's outcome; `clock` (passed ones only)
-    /// replaces the TPM clock the next quote may not go back from.
+    /// Records an attestation's outcome unless one issued later is
+    /// recorded; `clock` (of a verified quote) replaces the TPM clock the
+    /// next quote may not go back from.
     fn record_attestation(
         &mut self,
         host: &str,

@@ -12,6 +12,8 @@ use crate::tpm::verify::VerifyError;
 pub(super) const ALG_ECC: u16 = 0x0023;
 pub(super) const ALG_SHA256: u16 = 0x000B;
 pub(super) const ALG_NULL: u16 = 0x0010;
+pub(super) const ALG_AES: u16 = 0x0006;
+pub(super) const ALG_ECDSA: u16 = 0x0018;
 pub(super) const CURVE_P256: u16 = 0x0003;
 
 /// A strict reader of TPM-marshalled bytes (big-endian).
@@ -112,8 +114,14 @@ pub(super) fn read_ecc_public(what: &'static str, bytes: &[u8]) -> Result<EccPub
     let attributes = r.u32("object attributes")?;
     r.sized("auth policy", 64)?;
     let sym_alg = r.u16("symmetric algorithm")?;
+    // Only the layouts guestkey accepts are read further; any other
+    // algorithm has other fields, and is refused by its id.
     let symmetric = if sym_alg == ALG_NULL {
         None
+    } else if sym_alg != ALG_AES {
+        return Err(VerifyError::WrongKey(format!(
+            "the {what}'s symmetric algorithm is {sym_alg:#06x}: guestkey accepts AES or none"
+        )));
     } else {
         Some((
             sym_alg,
@@ -124,6 +132,10 @@ pub(super) fn read_ecc_public(what: &'static str, bytes: &[u8]) -> Result<EccPub
     let scheme_alg = r.u16("scheme")?;
     let scheme = if scheme_alg == ALG_NULL {
         None
+    } else if scheme_alg != ALG_ECDSA {
+        return Err(VerifyError::WrongKey(format!(
+            "the {what}'s scheme is {scheme_alg:#06x}: guestkey accepts ECDSA or none"
+        )));
     } else {
         Some((scheme_alg, r.u16("scheme hash")?))
     };

@@ -22,12 +22,12 @@ use p256::elliptic_curve::sec1::ToEncodedPoint;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::tpm::marshal::{ALG_SHA256, EccPublic, Reader, pad32, read_ecc_public};
+use crate::tpm::marshal::{
+    ALG_AES, ALG_ECDSA, ALG_SHA256, EccPublic, Reader, pad32, read_ecc_public,
+};
 use crate::tpm::pcr::{PcrSelection, PcrValues};
 
-const ALG_AES: u16 = 0x0006;
 const ALG_CFB: u16 = 0x0043;
-const ALG_ECDSA: u16 = 0x0018;
 const GENERATED: u32 = 0xff54_4347;
 const ST_ATTEST_QUOTE: u16 = 0x8018;
 
@@ -303,10 +303,16 @@ impl AttestationKeyPublic {
         for _ in 0..banks {
             let hash = q.u16("PCR bank")?;
             let size = q.u8("PCR bitmap size")?;
+            if size > 4 {
+                return Err(VerifyError::Malformed(format!(
+                    "the quote's PCR bitmap is {size} bytes: a TPM has at most 32 PCRs (4 bytes)"
+                )));
+            }
             let bitmap = q.take(usize::from(size), "PCR bitmap")?;
             for (i, byte) in bitmap.iter().enumerate() {
                 for bit in 0..8 {
                     if byte & (1 << bit) != 0 {
+                        // i < 4, bit < 8: the index is below 32.
                         selected.push((hash, (i * 8 + bit) as u8));
                     }
                 }
@@ -374,7 +380,12 @@ impl QuoteFacts {
                 earlier.reset_count, self.reset_count
             ));
         }
-        if self.reset_count == earlier.reset_count && self.restart_count < earlier.restart_count {
+        if self.reset_count > earlier.reset_count {
+            // A new boot: after an unclean shutdown the clock restarts from
+            // the last value the TPM saved, which may be older.
+            return None;
+        }
+        if self.restart_count < earlier.restart_count {
             return Some(format!(
                 "the TPM's restart count went back from {} to {} within one boot",
                 earlier.restart_count, self.restart_count

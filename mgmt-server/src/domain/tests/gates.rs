@@ -57,26 +57,31 @@ async fn an_attested_release_needs_a_passed_attestation_younger_than_its_limit()
     b.host("kvm-a");
     let v = b.volume("kvm-a", "att").await;
     let host = b.core.enrolled_host("kvm-a").unwrap();
+    let policy = |b: &Bed, p: ReleasePolicy| {
+        let mut tx = b.store.begin(Access::Write).unwrap();
+        tx.set_release_policy(&v.id, p).unwrap();
+        tx.commit().unwrap();
+    };
+    // The volume's policy as it is at the release counts.
+    policy(&b, ReleasePolicy::Attested);
     let release = |b: &Bed| {
-        b.core.write(|tx| {
-            b.core
-                .release(tx, &v.id, v.format, 1, &host, "", ReleasePolicy::Attested)
-                .map(drop)
-        })
+        b.core
+            .write(|tx| b.core.release(tx, &v.id, v.format, 1, &host, "").map(drop))
     };
     let released = audit_count(&b, "key.released");
     let check = |b: &Bed, want: &str| {
+        let before = audit_count(b, "key.released");
         let e = release(b).unwrap_err();
         assert!(matches!(e, CoreError::Unattested(_)), "{e:?}");
         assert!(e.to_string().contains(want), "{e}");
-        assert_eq!(audit_count(b, "key.released"), released, "released anyway");
+        assert_eq!(audit_count(b, "key.released"), before, "released anyway");
     };
     // Enrolled without a TPM, or never attested.
     check(&b, "has not been attested");
     pin(&b, "kvm-a");
     check(&b, "has not been attested");
     // Failed: the reason is the attestation's.
-    outcome(&b, "kvm-a", false, 0);
+    outcome(&b, "kvm-a", false, 300);
     check(&b, "failed attestation: PCR 10 is 00");
     // Passed, but longer ago than limits.attestation_max_age_secs: a stalled
     // check leaves the host unattested (Keylime CVE-2022-3500).
@@ -86,15 +91,15 @@ async fn an_attested_release_needs_a_passed_attestation_younger_than_its_limit()
     outcome(&b, "kvm-a", true, 5);
     release(&b).unwrap();
     assert_eq!(audit_count(&b, "key.released"), released + 1);
-    // An `auto` key needs none of it.
+    // An outcome issued before the recorded one changes nothing.
+    outcome(&b, "kvm-a", false, 60);
+    release(&b).unwrap();
+    // A newer failure does.
     outcome(&b, "kvm-a", false, 0);
-    b.core
-        .write(|tx| {
-            b.core
-                .release(tx, &v.id, v.format, 1, &host, "", ReleasePolicy::Auto)
-                .map(drop)
-        })
-        .unwrap();
+    check(&b, "failed attestation");
+    // An `auto` key needs none of it.
+    policy(&b, ReleasePolicy::Auto);
+    release(&b).unwrap();
 }
 
 #[tokio::test]
@@ -182,12 +187,29 @@ async fn a_host_without_a_proven_attestation_key_gets_no_attested_volume() {
         .set_release_policy(&b.admin, "plain2", ReleasePolicy::Attested)
         .unwrap_err();
     assert!(e.to_string().contains("never proven"), "{e}");
-    // A wrong proof leaves it unpinned for good.
+    // A wrong proof leaves it unpinned (audited); the right one pins it.
     let e = b.core.prove_attestation_key("kvm-a", b"guess").unwrap_err();
     assert!(e.to_string().contains("does not match"), "{e}");
-    let e = b.core.prove_attestation_key("kvm-a", &[3]).unwrap_err();
-    assert!(e.to_string().contains("can no longer be proven"), "{e}");
+    assert_eq!(audit_count(&b, "host.attestation_key_refused"), 1);
     assert_eq!(audit_count(&b, "host.attestation_key_pinned"), 0);
+    let mut tx = b.store.begin(Access::Write).unwrap();
+    let right = b"the credential";
+    tx.set_host_identity(
+        "kvm-a",
+        &HostIdentity {
+            ek_public: vec![1],
+            ek_certificate: None,
+            ak_public: vec![2],
+            challenge_hash: Some(<sha2::Sha256 as sha2::Digest>::digest(right).to_vec()),
+            pinned: false,
+        },
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    b.core.prove_attestation_key("kvm-a", right).unwrap();
+    assert_eq!(audit_count(&b, "host.attestation_key_pinned"), 1);
+    let e = b.core.prove_attestation_key("kvm-a", right).unwrap_err();
+    assert!(e.to_string().contains("already pinned"), "{e}");
 }
 
 #[tokio::test]

@@ -74,7 +74,7 @@ impl AttestStore for SqliteTx<'_> {
         self.conn
             .prepare_cached(
                 "UPDATE host_attestation SET last_at = ?2, last_ok = ?3, last_detail = ?4,
-                     last_differing = ?5 WHERE host = ?1",
+                     last_differing = ?5 WHERE host = ?1 AND last_at <= ?2",
             )?
             .execute(params![
                 host,
@@ -83,6 +83,17 @@ impl AttestStore for SqliteTx<'_> {
                 o.detail,
                 differing_text(&o.differing)
             ])?;
+        // An outcome issued before the one recorded is older: it changes
+        // nothing (it is audited all the same).
+        let current: i64 = self
+            .conn
+            .prepare_cached("SELECT last_at FROM host_attestation WHERE host = ?1")?
+            .query_row([host], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        if current != o.at_unix {
+            return Ok(());
+        }
         if let Some(c) = clock {
             self.conn
                 .prepare_cached(

@@ -137,6 +137,20 @@ impl VolumeStore for SqliteTx<'_> {
         )
     }
 
+    fn release_policy(&mut self, id: &str) -> Result<Option<ReleasePolicy>> {
+        let text: Option<String> = self
+            .conn
+            .prepare_cached("SELECT release_policy FROM volumes WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))
+            .optional()?;
+        text.map(|t| {
+            t.parse().map_err(|_| {
+                crate::model::StoreError::Corrupt(format!("volumes.release_policy {t:?}"))
+            })
+        })
+        .transpose()
+    }
+
     fn set_release_policy(&mut self, id: &str, release: ReleasePolicy) -> Result<()> {
         self.exec(
             "UPDATE volumes SET release_policy = ?2 WHERE id = ?1",

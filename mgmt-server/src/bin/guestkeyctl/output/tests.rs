@@ -76,14 +76,16 @@ fn host_a() -> pb::Host {
             last_unix: T + 3500,
             last_ok: false,
             last_detail: format!(
-                "PCR 7 is {}, which allowlist version 2 does not name (software on the host changed); if the change is expected, run `guestkeyctl attestation allow --host kvm-01 --pcr 7={}`",
+                "PCR 7 is {}, which the allowlists (host kvm-01 v2, group rack-1 v1) do not name (software on the host changed); if the change is expected, run `guestkeyctl attestation allow --host kvm-01 --pcr 7={}`",
                 "cd".repeat(32),
                 "cd".repeat(32)
             ),
             differing: vec![7],
             allowlist_version: 2,
+            group_allowlist_version: 1,
             fresh_until_unix: 0,
         }),
+        group: "rack-1".into(),
     }
 }
 
