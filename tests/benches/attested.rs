@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 use guestkey_tests::stack::Stack;
 use guestkey_tests::{Cleanup, virsh};
 
+/// A guest with nothing to boot: SeaBIOS is told not to retry
+/// (`rebootTimeout='-1'`), so a running guest idles instead of spinning a
+/// vCPU, and 200 of them fit a small machine.
 fn domain(name: &str, source: &str) -> String {
     let kind = if source.contains("pool=") {
         "volume"
@@ -30,7 +33,7 @@ fn domain(name: &str, source: &str) -> String {
         "file"
     };
     format!(
-        "<domain type='kvm'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os><devices><disk type='{kind}' device='disk'><driver name='qemu' type='qcow2'/>{source}<target dev='vda' bus='virtio'/></disk></devices></domain>"
+        "<domain type='kvm'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type><bios rebootTimeout='-1'/></os><devices><disk type='{kind}' device='disk'><driver name='qemu' type='qcow2'/>{source}<target dev='vda' bus='virtio'/></disk></devices></domain>"
     )
 }
 
