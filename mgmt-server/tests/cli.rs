@@ -62,6 +62,7 @@ fn help_texts() {
         &["host", "show"],
         &["host", "revoke"],
         &["host", "attest"],
+        &["host", "set-group"],
         &["host", "set-migration"],
         &["volume"],
         &["volume", "create"],
@@ -88,6 +89,10 @@ fn help_texts() {
         &["attestation"],
         &["attestation", "allow"],
         &["attestation", "show"],
+        &["pending"],
+        &["pending", "list"],
+        &["pending", "approve"],
+        &["pending", "deny"],
         &["ca-cert"],
     ];
     for cmd in commands {

@@ -181,7 +181,10 @@ fn an_attested_volume_goes_only_to_a_host_whose_fresh_quote_its_allowlist_names(
         let v = volume(&s, "att-disk");
         v["state"] == "ready" && v["key_generation"] == 2
     });
-    assert_eq!(audited(&s, "attestation.allowed", &s.host), 2);
+    assert_eq!(
+        audited(&s, "attestation.allowed", &format!("host:{}", s.host)),
+        2
+    );
     let shown = s.json(&["attestation", "show", "--host", &s.host]);
     assert_eq!(shown["pcrs"].as_array().unwrap().len(), 4, "{shown}");
     virsh(&["start", &guest]).unwrap();
@@ -225,7 +228,7 @@ fn a_host_enrolled_without_a_tpm_cannot_be_given_attested_volumes() {
     let out = s.ctl(&["attestation", "allow", "--host", &s.host, "--learn"]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success());
-    assert!(err.contains("no pinned attestation key"), "{err}");
+    assert!(err.contains("no proven attestation key"), "{err}");
     let out = s.ctl(&[
         "volume",
         "create",

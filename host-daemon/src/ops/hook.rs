@@ -57,6 +57,10 @@ impl Daemon {
         };
         let mut set = vec![];
         for k in rec.keys.iter() {
+            self.preparing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(k.secret_uuid.to_string());
             let done = self.set_one(domain, k, &fetched);
             if let Err(e) = done {
                 // None of this guest's secrets stays behind a failed

@@ -132,6 +132,9 @@ pub struct Daemon {
     stale_secrets: Mutex<BTreeSet<String>>,
     /// The server, asked about disks the hook refuses.
     lookup: std::sync::OnceLock<Box<dyn DiskLookup>>,
+    /// Secrets a prepare of this process defined and its release has not
+    /// removed yet: the only guestkey secrets libvirt should have.
+    preparing: Mutex<BTreeSet<String>>,
 }
 
 impl Daemon {
@@ -155,7 +158,39 @@ impl Daemon {
             hook_uid,
             stale_secrets: Mutex::new(BTreeSet::new()),
             lookup: std::sync::OnceLock::new(),
+            preparing: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    /// At start-up: removes every secret of a volume under this host's care
+    /// that libvirt still has but no prepare of this process defined, such
+    /// as those a guestkeyd killed between a guest's prepare and its
+    /// release left (libvirt keeps an ephemeral secret until it restarts).
+    /// Returns how many went.
+    pub fn sweep_leftover_secrets(&self) -> usize {
+        let volumes = match self.store.volumes() {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the volumes: leftover secrets not looked for");
+                return 0;
+            }
+        };
+        let mut n = 0;
+        for v in volumes.values() {
+            let busy = self
+                .preparing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&v.secret_uuid);
+            if busy || !matches!(self.hv.secret_defined(&v.secret_uuid), Ok(true)) {
+                continue;
+            }
+            if self.drop_secret(&v.secret_uuid) {
+                tracing::info!(secret = %v.secret_uuid, volume = %v.name, "a leftover libvirt secret removed");
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Lets the hook's refusals ask the server about a disk (once).
@@ -227,6 +262,10 @@ impl Daemon {
     /// times, and then left to [`Daemon::sweep_secrets`] — never ignored.
     /// Returns whether it is gone now.
     pub fn drop_secret(&self, uuid: &str) -> bool {
+        self.preparing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uuid);
         let mut last = None;
         for attempt in 0..REMOVE_TRIES {
             match self.hv.remove_secret(uuid) {

@@ -351,6 +351,13 @@ fn spawn_background(daemon: &Arc<Daemon>, libvirt_uri: &str) {
     std::thread::spawn(move || {
         for _ in 0..120 {
             if boot.hv.ping() {
+                let swept = boot.sweep_leftover_secrets();
+                if swept > 0 {
+                    tracing::warn!(
+                        swept,
+                        "libvirt secrets left by an earlier guestkeyd removed"
+                    );
+                }
                 let n = boot.catch_up_autostart().len();
                 tracing::info!(started = n, "autostart catch-up done");
                 return;

@@ -194,6 +194,37 @@ fn a_secret_that_cannot_be_removed_is_retried_until_it_is_gone() {
     assert!(bed.w.lock().unwrap().secrets.is_empty());
 }
 
+#[test]
+fn secrets_left_by_an_earlier_guestkeyd_are_removed_and_a_start_under_way_keeps_its_own() {
+    let bed = bed();
+    let (_, secret, _, path, uuid) = guest(&bed);
+    let s = secret.to_string();
+    // Left by a guestkeyd killed between prepare and release: libvirt
+    // still has it, this process never defined it.
+    bed.w
+        .lock()
+        .unwrap()
+        .secrets
+        .insert(s.clone(), (path.clone(), vec![7; 43]));
+    assert_eq!(bed.d.sweep_leftover_secrets(), 1);
+    assert!(bed.w.lock().unwrap().secrets.is_empty());
+    // A start under way (prepared, not released yet) keeps its secret.
+    bed.d.prepare_secrets(&uuid, &[disk(&s, &path)]).unwrap();
+    assert_eq!(bed.d.sweep_leftover_secrets(), 0);
+    assert!(bed.w.lock().unwrap().secrets.contains_key(&s));
+    bed.d.release_secrets(&uuid, &[s.clone()].into()).unwrap();
+    assert!(bed.w.lock().unwrap().secrets.is_empty());
+    // The operator's own secrets are not ours to remove.
+    let other = uuid::Uuid::new_v4().to_string();
+    bed.w
+        .lock()
+        .unwrap()
+        .secrets
+        .insert(other.clone(), ("/elsewhere".into(), vec![1]));
+    assert_eq!(bed.d.sweep_leftover_secrets(), 0);
+    assert!(bed.w.lock().unwrap().secrets.contains_key(&other));
+}
+
 fn disk(secret: &str, path: &str) -> Disk {
     Disk {
         secret: secret.to_owned(),
