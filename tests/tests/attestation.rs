@@ -245,5 +245,8 @@ fn a_host_enrolled_without_a_tpm_cannot_be_given_attested_volumes() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success());
-    assert!(err.contains("use auto or attested"), "{err}");
+    assert!(
+        err.contains("use auto, attested, approved or attested+approved"),
+        "{err}"
+    );
 }
