@@ -313,6 +313,17 @@ impl Stack {
             .expect("server key")
     }
 
+    /// The audit records of `action` (`guestkeyctl audit`, all of them).
+    pub fn audit(&self, action: &str) -> Vec<serde_json::Value> {
+        self.json(&["audit", "--limit", "10000"])
+            .as_array()
+            .expect("audit records")
+            .iter()
+            .filter(|r| r["action"] == action)
+            .cloned()
+            .collect()
+    }
+
     /// Creates a qcow2 volume and waits until the host made it; returns its
     /// JSON.
     pub fn volume(&self, name: &str, size: &str) -> serde_json::Value {

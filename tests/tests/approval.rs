@@ -14,13 +14,7 @@ const CONFIG: &str =
     "[limits]\napproval_wait_secs = 4\n[retry]\ninitial_delay_ms = 200\nmax_delay_ms = 1000\n";
 
 fn audited(s: &Stack, action: &str) -> Vec<serde_json::Value> {
-    s.json(&["audit", "--limit", "10000"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["action"] == action)
-        .cloned()
-        .collect()
+    s.audit(action)
 }
 
 /// The id (rq-...) a refusal names.
