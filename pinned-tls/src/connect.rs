@@ -120,6 +120,39 @@ struct Inner {
     verified: Arc<Mutex<Option<String>>>,
 }
 
+/// The trust anchors in `pem` (from `from`, for messages): at least one.
+pub(crate) fn load_roots(pem: &str, from: &str) -> Result<RootCertStore, SetupError> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let bad = |reason: String| SetupError::BadRoots {
+            from: from.to_owned(),
+            reason,
+        };
+        let cert = cert.map_err(|e| bad(e.to_string()))?;
+        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(SetupError::NoRoots(from.to_owned()));
+    }
+    Ok(roots)
+}
+
+/// A certificate chain and its private key, from PEM.
+pub(crate) fn load_identity(
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), SetupError> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| SetupError::BadIdentity(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(SetupError::BadIdentity("no certificate".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| SetupError::BadIdentity(e.to_string()))?;
+    Ok((chain, key))
+}
+
 /// Makes TLS connections to one [`Peer`]; give it to tonic's
 /// `Endpoint::connect_with_connector` (cloning is cheap).
 #[derive(Clone)]
@@ -130,22 +163,7 @@ impl Connector {
     /// private key, PEM) if given.
     pub fn new(peer: Peer, identity: Option<(&str, &str)>) -> Result<Self, SetupError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = RootCertStore::empty();
-        let mut found = 0;
-        for cert in CertificateDer::pem_slice_iter(peer.roots_pem.as_bytes()) {
-            let cert = cert.map_err(|e| SetupError::BadRoots {
-                from: peer.roots_from.clone(),
-                reason: e.to_string(),
-            })?;
-            roots.add(cert).map_err(|e| SetupError::BadRoots {
-                from: peer.roots_from.clone(),
-                reason: e.to_string(),
-            })?;
-            found += 1;
-        }
-        if found == 0 {
-            return Err(SetupError::NoRoots(peer.roots_from));
-        }
+        let roots = load_roots(&peer.roots_pem, &peer.roots_from)?;
         let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
             .map_err(|e| SetupError::Rustls(e.to_string()))?;
@@ -173,14 +191,7 @@ impl Connector {
         let mut config = match identity {
             None => builder.with_no_client_auth(),
             Some((cert_pem, key_pem)) => {
-                let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| SetupError::BadIdentity(e.to_string()))?;
-                if chain.is_empty() {
-                    return Err(SetupError::BadIdentity("no certificate".into()));
-                }
-                let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-                    .map_err(|e| SetupError::BadIdentity(e.to_string()))?;
+                let (chain, key) = load_identity(cert_pem, key_pem)?;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| SetupError::BadIdentity(e.to_string()))?
@@ -233,6 +244,44 @@ impl Connector {
             .await
             .map_err(|e| self.0.classify(e))
     }
+
+    /// Whether the peer at `host:port` accepts this client's certificate,
+    /// told apart from a lost connection. Under TLS 1.3 a client finishes
+    /// its side of the handshake before the server has checked the client's
+    /// certificate, so a refusal arrives afterwards, as an alert, and a
+    /// client that sent a request meanwhile may see the connection reset
+    /// or closed instead (HTTP/2 clients report it so). This sends nothing:
+    /// it reads for up to `wait`, and a refusal is then the alert.
+    pub async fn probe(
+        &self,
+        host: &str,
+        port: u16,
+        wait: std::time::Duration,
+    ) -> Result<Probe, ConnectError> {
+        use tokio::io::AsyncReadExt as _;
+        let mut s = self.connect(host, port).await?;
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(wait, s.read(&mut b)).await {
+            Err(_) | Ok(Ok(1..)) => Ok(Probe::Accepted),
+            Ok(Ok(0)) => Ok(Probe::Closed),
+            Ok(Err(e)) => match e.get_ref().and_then(|r| r.downcast_ref::<rustls::Error>()) {
+                Some(rustls::Error::AlertReceived(a)) => Ok(Probe::Refused(format!("{a:?}"))),
+                _ => Ok(Probe::Closed),
+            },
+        }
+    }
+}
+
+/// What [`Connector::probe`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// The peer kept the connection open without an alert: it accepted
+    /// the handshake, this client's certificate included.
+    Accepted,
+    /// The peer sent this fatal alert (`UnknownCA`, `BadCertificate`, ...).
+    Refused(String),
+    /// The peer closed the connection without saying why.
+    Closed,
 }
 
 impl Inner {

@@ -1,4 +1,5 @@
-//! The client side of guestkey's mutual TLS.
+//! guestkey's mutual TLS: the client side ([`Connector`]) and the
+//! server side's handshakes ([`Acceptor`]).
 //!
 //! Every guestkey certificate has one role, told by the CA that signed it:
 //! the hosts CA signs host certificates, the server CA only the server's,
@@ -21,16 +22,23 @@
 //! the TLS is the connector's. Failures are [`ConnectError`]s that say who
 //! presented what and what to do.
 //!
+//! [`Acceptor`] runs the TLS handshakes of both gRPC servers (the
+//! management server's, guestkeyd's host-agent API) in place of tonic's, so
+//! that a refused client reads the alert that says why (see its module).
+//!
 //! Imports nothing of guestkey's (and not tonic); used by the gRPC clients
 //! of `mgmt-server` (the host-agent client, `guestkeyctl`) and of
-//! `host-daemon` (enrollment, reports, `trust-server`).
+//! `host-daemon` (enrollment, reports, `trust-server`), and by both
+//! servers.
 
 #![forbid(unsafe_code)]
 
+mod accept;
 mod connect;
 mod verify;
 
-pub use connect::{ConnectError, Connector, SetupError};
+pub use accept::{Acceptor, ClientAuth};
+pub use connect::{ConnectError, Connector, Probe, SetupError};
 
 use sha2::{Digest, Sha256};
 

@@ -250,3 +250,137 @@ fn names_and_endpoints() {
     );
     assert_eq!(endpoint_uri("http://kms:80"), None);
 }
+
+/// An [`Acceptor`] on 127.0.0.1 requiring client certificates of
+/// `client_ca`; answers "ok" to the first two bytes of each connection.
+async fn serve_accepting(cert: &str, key: &str, client_ca: &str) -> u16 {
+    let a = Acceptor::new(
+        cert,
+        key,
+        client_ca,
+        "the test client CA",
+        ClientAuth::Required,
+        "use a certificate of the test client CA",
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut incoming = a.incoming(listener);
+    tokio::spawn(async move {
+        while let Some(Ok(mut tls)) = tokio_stream::StreamExt::next(&mut incoming).await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 2];
+                if tls.read_exact(&mut b).await.is_ok() {
+                    let _ = tls.write_all(b"ok").await;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn the_acceptor_serves_clients_of_its_roots_concurrently() {
+    let server_ca = ca();
+    let client_ca = ca();
+    let (cert, key, _) = server_leaf(&server_ca, &["127.0.0.1"]);
+    let (client_cert, client_key, _) =
+        leaf(&client_ca, &[], vec![ExtendedKeyUsagePurpose::ClientAuth]);
+    let port = serve_accepting(&cert, &key, &client_ca.pem).await;
+    let c = Connector::new(
+        peer(&server_ca.pem, "127.0.0.1", None),
+        Some((&client_cert, &client_key)),
+    )
+    .unwrap();
+    // A client that never finishes its handshake holds up no one.
+    let _idle = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let talks: Vec<_> = (0..8)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { talk(&c, port).await.unwrap() })
+        })
+        .collect();
+    for t in talks {
+        assert_eq!(t.await.unwrap(), "ok");
+    }
+}
+
+/// A client whose certificate the server refuses reads the alert that
+/// says so, even when it went on sending after its side of the handshake
+/// (TLS 1.3: as an HTTP/2 client does). Dropping the connection at once
+/// (tonic's acceptor) makes the kernel reset it, and such a client saw a
+/// broken pipe instead, often.
+#[tokio::test]
+async fn a_refused_client_reads_the_alert_even_after_it_sent_requests() {
+    let server_ca = ca();
+    let client_ca = ca();
+    let other_ca = ca();
+    let (cert, key, _) = server_leaf(&server_ca, &["127.0.0.1"]);
+    let (client_cert, client_key, _) =
+        leaf(&other_ca, &[], vec![ExtendedKeyUsagePurpose::ClientAuth]);
+    let port = serve_accepting(&cert, &key, &client_ca.pem).await;
+    let c = Connector::new(
+        peer(&server_ca.pem, "127.0.0.1", None),
+        Some((&client_cert, &client_key)),
+    )
+    .unwrap();
+    for _ in 0..20 {
+        let mut s = c.connect("127.0.0.1", port).await.unwrap();
+        // Writes after the server refused: the first reaches a closed
+        // socket, the next ones its reset, if the server did not linger.
+        let mut write_failed = None;
+        for _ in 0..3 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            if let Err(e) = s.write_all(&[0u8; 4096]).await {
+                write_failed = Some(e);
+                break;
+            }
+        }
+        assert!(
+            write_failed.is_none(),
+            "the server reset the connection: {write_failed:?}"
+        );
+        let mut b = [0u8; 2];
+        let e = s.read_exact(&mut b).await.unwrap_err();
+        let alert = e
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+            .is_some_and(|r| matches!(r, rustls::Error::AlertReceived(_)));
+        assert!(alert, "not the alert: {e:?}");
+    }
+}
+
+/// `probe` tells a refused client certificate from an accepted one, from
+/// guestkey's acceptor and from a server that drops a refused connection at
+/// once (as tonic's acceptor did).
+#[tokio::test]
+async fn a_probe_names_the_refusal_of_a_client_certificate() {
+    let server_ca = ca();
+    let client_ca = ca();
+    let other_ca = named_ca("another CA");
+    let (cert, key, _) = server_leaf(&server_ca, &["127.0.0.1"]);
+    let (good_cert, good_key, _) = leaf(&client_ca, &[], vec![ExtendedKeyUsagePurpose::ClientAuth]);
+    let (bad_cert, bad_key, _) = leaf(&other_ca, &[], vec![ExtendedKeyUsagePurpose::ClientAuth]);
+    let client = |c: &str, k: &str| {
+        Connector::new(peer(&server_ca.pem, "127.0.0.1", None), Some((c, k))).unwrap()
+    };
+    let wait = std::time::Duration::from_millis(300);
+    let port = serve_accepting(&cert, &key, &client_ca.pem).await;
+    let good = client(&good_cert, &good_key);
+    let bad = client(&bad_cert, &bad_key);
+    assert_eq!(
+        good.probe("127.0.0.1", port, wait).await.unwrap(),
+        Probe::Accepted
+    );
+    assert_eq!(
+        bad.probe("127.0.0.1", port, wait).await.unwrap(),
+        Probe::Refused("UnknownCA".into())
+    );
+    let port = serve_once(&cert, &key, Some(&client_ca.pem)).await;
+    assert_eq!(
+        bad.probe("127.0.0.1", port, wait).await.unwrap(),
+        Probe::Refused("UnknownCA".into())
+    );
+}

@@ -204,6 +204,13 @@ fn a_host_enrolled_before_roles_keeps_its_volumes_through_migrate_roles_and_trus
         s.json(&["volume", "show", "rl-v2"])["state"],
         "pending-create"
     );
+    // guestkeyd's log says whom it turned away, and what to run.
+    let log = s.daemon.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("refused a TLS client")
+            && log.contains("run `guestkeyd trust-server --ca-file SERVER-CA.pem` here"),
+        "{log}"
+    );
 
     // trust-server: not beside the running guestkeyd; then with the server
     // CA from `guestkeyctl ca-cert`.

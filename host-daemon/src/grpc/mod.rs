@@ -23,7 +23,7 @@ use guestkey_proto::agent::{
     self as apb,
     host_agent_server::{HostAgent, HostAgentServer},
 };
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 use crate::ops::Daemon;
@@ -60,20 +60,25 @@ pub async fn serve(
     l: Listen,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(&l.cert, l.key.as_bytes()))
-        .client_ca_root(Certificate::from_pem(&l.ca));
+    // Handshakes are guestkey_pinned_tls's, not tonic's: a server this host
+    // does not trust reads the alert that says so, and the refusal is
+    // logged here.
+    let acceptor = guestkey_pinned_tls::Acceptor::new(
+        &l.cert,
+        &l.key,
+        &l.ca,
+        "the server CA this host trusts (ca.pem in its state directory)",
+        guestkey_pinned_tls::ClientAuth::Required,
+        "only the management server this host enrolled with may call; if that server ran \
+         `guestkey-server migrate-roles`, run `guestkeyd trust-server --ca-file SERVER-CA.pem` here",
+    )?;
     Server::builder()
-        .tls_config(tls)?
         .add_service(HostAgentServer::new(AgentService {
             daemon,
             server_sha256: l.server_sha256,
             attestation: l.attestation.map(Arc::new),
         }))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(l.listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(acceptor.incoming(l.listener), shutdown)
         .await?;
     Ok(())
 }

@@ -37,6 +37,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// before the server gives up waiting (the host goes on; a repeat picks it up).
 const LONG_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a host that dropped the first call is watched for an alert.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
 
 /// The gRPC host-agent client, one channel per host.
 pub struct GrpcAgents {
@@ -129,8 +131,15 @@ impl GrpcAgents {
             Err(s) => {
                 let detail = crate::tls::error_chain(&s);
                 if detail.contains("alert") {
-                    Err(refused(format!(
+                    return Err(refused(format!(
                         "it refused this server's certificate: {detail}"
+                    )));
+                }
+                // HTTP/2 often reports a refusal as a reset or closed
+                // connection: ask the host again without sending anything.
+                if let Some(alert) = self.refusal(host).await {
+                    Err(refused(format!(
+                        "it refused this server's certificate: received fatal alert {alert}"
                     )))
                 } else {
                     Err(AgentError::new(
@@ -142,6 +151,24 @@ impl GrpcAgents {
                     ))
                 }
             }
+        }
+    }
+
+    /// The alert with which `host` refuses this server's certificate, if it
+    /// does (`guestkey_pinned_tls::Connector::probe`).
+    async fn refusal(&self, host: &EnrolledHost) -> Option<String> {
+        let connector = self.identity.host_connector(host).ok()?;
+        let uri: tonic::codegen::http::Uri = guestkey_pinned_tls::endpoint_uri(&host.address)?
+            .parse()
+            .ok()?;
+        let name = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+        match connector
+            .probe(name, uri.port_u16()?, PROBE_WAIT)
+            .await
+            .ok()?
+        {
+            guestkey_pinned_tls::Probe::Refused(alert) => Some(alert),
+            _ => None,
         }
     }
 

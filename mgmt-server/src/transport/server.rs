@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use guestkey_proto::admin::admin_server::AdminServer;
 use guestkey_proto::host::host_api_server::HostApiServer;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::ca::{Ca, Role, cert_sha256, subject_alt_names};
 use crate::config::Config;
@@ -121,13 +121,18 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
     // enrollment comes before a host has one; a presented certificate must
     // chain to the hosts CA or the admin CA (else the handshake fails), and
     // each service then requires the right kind of certificate by its hash.
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            &identity.cert_pem,
-            identity.key_pem.as_bytes(),
-        ))
-        .client_ca_root(Certificate::from_pem(identity.client_roots_pem()))
-        .client_auth_optional(true);
+    // The handshakes are guestkey_pinned_tls's, not tonic's, so that a
+    // refused client reads the alert that says why.
+    let acceptor = guestkey_pinned_tls::Acceptor::new(
+        &identity.cert_pem,
+        &identity.key_pem,
+        &identity.client_roots_pem(),
+        "the hosts CA and the admin CA",
+        guestkey_pinned_tls::ClientAuth::Optional,
+        "hosts and guestkeyctl present a certificate of this server's hosts CA or admin CA \
+         (an admin credential made before `guestkey-server migrate-roles` needs a new one)",
+    )
+    .map_err(|e| CoreError::Internal(format!("TLS configuration: {e}")))?;
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         CoreError::Internal(format!(
             "cannot listen on {listen}: {e} (is another server running? pick --listen)"
@@ -141,16 +146,11 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
     let scheduler = tokio::spawn(crate::scheduler::run(core.clone(), stop_rx.clone()));
     let mut stop_server = stop_rx.clone();
     let serve = Server::builder()
-        .tls_config(tls)
-        .map_err(|e| CoreError::Internal(format!("TLS configuration: {e}")))?
         .add_service(AdminServer::new(AdminService(core.clone())))
         .add_service(HostApiServer::new(HostService(core.clone())))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async move {
-                let _ = stop_server.changed().await;
-            },
-        );
+        .serve_with_incoming_shutdown(acceptor.incoming(listener), async move {
+            let _ = stop_server.changed().await;
+        });
     println!("listening on https://{local}");
     tracing::info!(%local, "guestkey-server listening");
     let signals = async {

@@ -369,31 +369,51 @@ impl TestAgent {
             calls: self.calls.clone(),
             server_sha256: self.server_sha256.clone(),
         };
-        let mut tls =
-            ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
-        if self.client_auth {
-            tls = tls.client_ca_root(Certificate::from_pem(&self.ca_pem));
-        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
         let listener = self
             .rt
             .block_on(tokio::net::TcpListener::bind(addr))
             .unwrap();
-        let task = self.rt.spawn(async move {
-            Server::builder()
-                .tls_config(tls)
-                .unwrap()
-                .add_service(HostAgentServer::new(svc))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async {
-                        let _ = rx.await;
-                    },
-                )
-                .await
-                .unwrap();
-        });
+        let stop = async {
+            let _ = rx.await;
+        };
+        let task = if self.client_auth {
+            let router = Server::builder().add_service(HostAgentServer::new(svc));
+            // As guestkeyd serves: guestkey_pinned_tls's handshakes.
+            let acceptor = guestkey_pinned_tls::Acceptor::new(
+                &self.cert_pem,
+                &self.key_pem,
+                &self.ca_pem,
+                "the test agent's CA",
+                guestkey_pinned_tls::ClientAuth::Required,
+                "a test agent",
+            )
+            .unwrap();
+            let _guard = self.rt.enter();
+            let incoming = acceptor.incoming(listener);
+            self.rt.spawn(async move {
+                router
+                    .serve_with_incoming_shutdown(incoming, stop)
+                    .await
+                    .unwrap();
+            })
+        } else {
+            let tls =
+                ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+            self.rt.spawn(async move {
+                Server::builder()
+                    .tls_config(tls)
+                    .unwrap()
+                    .add_service(HostAgentServer::new(svc))
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        stop,
+                    )
+                    .await
+                    .unwrap();
+            })
+        };
         self.stop = Some(tx);
         self.serving = Some(task);
     }

@@ -1,0 +1,186 @@
+//! The server side: TLS handshakes for a gRPC server (tonic's
+//! `serve_with_incoming`), each on its own task, with client certificates
+//! checked against one set of roots.
+//!
+//! tonic's own TLS acceptor drops a connection whose handshake failed at
+//! once. Under TLS 1.3 the client has finished its side of the handshake
+//! and sent its first request before the server checked its certificate,
+//! so that request is still unread when the socket closes: the kernel
+//! answers with a reset, and the client often sees "broken pipe" or
+//! "connection closed" instead of the alert that says its certificate was
+//! refused. [`Acceptor`] sends the alert, closes its sending side, and
+//! reads (and discards) what the client still sends for a moment before it
+//! closes, so the client reads the alert. It also logs each refusal with
+//! the peer's address and `hint`, so the operator of the refusing side
+//! sees who was turned away and why.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use rustls::server::WebPkiClientVerifier;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::SetupError;
+use crate::connect::{load_identity, load_roots};
+
+/// Handshakes under way at once; further connections wait in the
+/// listener's backlog.
+const HANDSHAKES: usize = 256;
+/// How long a client has for its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refused client's connection is drained before it closes.
+const LINGER: Duration = Duration::from_secs(1);
+/// At most this much is read from a refused client.
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Whether a client must present a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Every client presents one the roots signed.
+    Required,
+    /// A client may present none (enrollment); one it presents must chain
+    /// to the roots.
+    Optional,
+}
+
+/// Accepts TLS connections for one server identity.
+#[derive(Clone)]
+pub struct Acceptor {
+    tls: TlsAcceptor,
+    hint: Arc<str>,
+}
+
+impl Acceptor {
+    /// A server presenting `cert_pem` (its chain) and `key_pem`, accepting
+    /// client certificates that `client_roots_pem` (from
+    /// `client_roots_from`, for messages) signed, speaking HTTP/2. `hint`
+    /// ends each logged refusal: what a refused client should do.
+    pub fn new(
+        cert_pem: &str,
+        key_pem: &str,
+        client_roots_pem: &str,
+        client_roots_from: &str,
+        client_auth: ClientAuth,
+        hint: &str,
+    ) -> Result<Self, SetupError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = load_roots(client_roots_pem, client_roots_from)?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+        let verifier = match client_auth {
+            ClientAuth::Required => verifier,
+            ClientAuth::Optional => verifier.allow_unauthenticated(),
+        }
+        .build()
+        .map_err(|e| SetupError::Rustls(e.to_string()))?;
+        let (chain, key) = load_identity(cert_pem, key_pem)?;
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| SetupError::Rustls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| SetupError::BadIdentity(e.to_string()))?;
+        // gRPC is HTTP/2.
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Self {
+            tls: TlsAcceptor::from(Arc::new(config)),
+            hint: hint.into(),
+        })
+    }
+
+    /// The connections of `listener` whose handshake went through, for
+    /// tonic's `serve_with_incoming`. Accepting stops once the stream is
+    /// dropped. Must be called within a Tokio runtime.
+    pub fn incoming(
+        self,
+        listener: TcpListener,
+    ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(self.accept_loop(listener, tx));
+        ReceiverStream::new(rx)
+    }
+
+    async fn accept_loop(
+        self,
+        listener: TcpListener,
+        tx: mpsc::Sender<io::Result<TlsStream<TcpStream>>>,
+    ) {
+        let permits = Arc::new(Semaphore::new(HANDSHAKES));
+        loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let accepted = tokio::select! {
+                () = tx.closed() => return,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, or the connection went away
+                    // before it was accepted: not the listener's end.
+                    tracing::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let this = self.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if let Some(tls) = this.handshake(tcp, peer).await {
+                    let _ = tx.send(Ok(tls)).await;
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    /// The handshake with `peer`; a refused one is logged and drained.
+    async fn handshake(&self, tcp: TcpStream, peer: SocketAddr) -> Option<TlsStream<TcpStream>> {
+        let _ = tcp.set_nodelay(true);
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.tls.accept(tcp).into_fallible()).await {
+            Ok(Ok(tls)) => Some(tls),
+            Ok(Err((e, tcp))) => {
+                if e.kind() == io::ErrorKind::InvalidData {
+                    // rustls refused what the client sent: its certificate
+                    // above all.
+                    tracing::warn!(%peer, "refused a TLS client: {e}: {}", self.hint);
+                } else {
+                    tracing::debug!(%peer, "a TLS handshake failed: {e}");
+                }
+                linger(tcp).await;
+                None
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "a TLS handshake took longer than {HANDSHAKE_TIMEOUT:?}");
+                None
+            }
+        }
+    }
+}
+
+/// Closes `tcp` so that what was sent on it (the alert) is read: sending
+/// side first, then reading until the client closes, for a bounded time and
+/// amount, so that no unread data makes the kernel reset the connection.
+async fn linger(mut tcp: TcpStream) {
+    let _ = tcp.shutdown().await;
+    let drain = async {
+        let mut buf = [0u8; 8192];
+        let mut read = 0;
+        while read < LINGER_BYTES {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
