@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! enum PacketVersion { V1 = 1 };
-//! enum Mechanism { QEMU_LUKS_PASSPHRASE = 1, LUKS_VOLUME_KEY = 2 };
+//! enum Mechanism { QEMU_LUKS_PASSPHRASE = 1, LUKS_VOLUME_KEY = 2,
+//!                  QEMU_LUKS_PASSPHRASE_HALF = 3 };
 //! enum VolumeFormat { RAW = 1, QCOW2 = 2 };
 //! enum LuksVersion { LUKS1 = 1, LUKS2 = 2 };
 //! struct CipherParams {
@@ -72,6 +73,11 @@ crate::xdr_enum! {
         QemuLuksPassphrase = 1,
         /// A LUKS volume (data-encryption) key of 256 or 512 bits.
         LuksVolumeKey = 2,
+        /// One half of a split QEMU LUKS passphrase: 32 random bytes. The
+        /// management server keeps one half, a verifier server the other;
+        /// the passphrase is the unpadded base64url text of their XOR
+        /// ([`combine_halves`]), so neither server alone knows it.
+        QemuLuksPassphraseHalf = 3,
     }
 }
 
@@ -274,7 +280,62 @@ fn check_secret(mechanism: Mechanism, secret: &[u8]) -> Result<(), &'static str>
         Mechanism::QemuLuksPassphrase => Ok(()),
         Mechanism::LuksVolumeKey if matches!(secret.len(), 32 | 64) => Ok(()),
         Mechanism::LuksVolumeKey => Err("LUKS volume key must be 32 or 64 bytes"),
+        Mechanism::QemuLuksPassphraseHalf if secret.len() == PASSPHRASE_ENTROPY_BYTES => Ok(()),
+        Mechanism::QemuLuksPassphraseHalf => Err("a passphrase half must be 32 bytes"),
     }
+}
+
+/// New random bytes for one half of a split passphrase.
+pub fn generate_half() -> Result<PacketSecret, getrandom::Error> {
+    let mut result = Ok(());
+    let half = PacketSecret::new_with(PASSPHRASE_ENTROPY_BYTES, |out| {
+        result = getrandom::fill(out);
+    })
+    .expect("32 bytes is below MAX_SECRET");
+    result.map(|()| half)
+}
+
+/// Why two packets are not the halves of one split passphrase.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HalvesError {
+    /// A packet is not a half.
+    #[error("the {0} packet is not a passphrase half")]
+    NotAHalf(&'static str),
+    /// The halves are of different volumes or generations.
+    #[error("the halves are of different volumes or key generations")]
+    Mismatch,
+}
+
+/// The passphrase of a split key: the unpadded base64url text of
+/// `mine` XOR `other` (both [`Mechanism::QemuLuksPassphraseHalf`] packets
+/// of one volume and generation), in a packet with `mine`'s parameters.
+/// The XOR is made in wiped memory.
+pub fn combine_halves(mine: &KeyPacket, other: &KeyPacket) -> Result<KeyPacket, HalvesError> {
+    for (p, which) in [(mine, "first"), (other, "second")] {
+        if p.mechanism != Mechanism::QemuLuksPassphraseHalf
+            || p.secret.len() != PASSPHRASE_ENTROPY_BYTES
+        {
+            return Err(HalvesError::NotAHalf(which));
+        }
+    }
+    if mine.volume_id != other.volume_id || mine.generation != other.generation {
+        return Err(HalvesError::Mismatch);
+    }
+    let mut raw = Zeroizing::new([0u8; PASSPHRASE_ENTROPY_BYTES]);
+    for (r, (a, b)) in raw.iter_mut().zip(
+        mine.secret
+            .expose_secret()
+            .iter()
+            .zip(other.secret.expose_secret()),
+    ) {
+        *r = a ^ b;
+    }
+    Ok(KeyPacket::passphrase(
+        mine.volume_id,
+        mine.generation,
+        mine.params.clone(),
+        passphrase_from_random(&raw),
+    ))
 }
 
 impl Codec for KeyPacket {

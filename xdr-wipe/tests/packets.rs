@@ -336,3 +336,53 @@ fn low_order_public_keys_are_refused() {
         assert!(HostPublicKey::from_bytes(pk.as_bytes()).is_ok());
     }
 }
+
+fn half(vol: VolumeId, generation: u64, bytes: [u8; 32]) -> KeyPacket {
+    let mut p = passphrase_packet(vol, generation);
+    p.mechanism = Mechanism::QemuLuksPassphraseHalf;
+    p.secret = PacketSecret::copy_from_secret_slice(&bytes).unwrap();
+    p
+}
+
+#[test]
+fn split_halves_combine_into_the_passphrase_of_their_xor_and_nothing_else() {
+    use xdr_wipe::packet::{HalvesError, combine_halves, generate_half, passphrase_from_random};
+    let (u, v) = ([0x5a; 32], [0xc3; 32]);
+    let k = combine_halves(&half(volume(1), 3, u), &half(volume(1), 3, v)).unwrap();
+    assert_eq!(k.mechanism, Mechanism::QemuLuksPassphrase);
+    assert_eq!((k.volume_id, k.generation), (volume(1), 3));
+    let expected = passphrase_from_random(&[0x5a ^ 0xc3; 32]);
+    assert_eq!(k.secret.expose_secret(), expected.expose_secret());
+    assert!(k.check().is_ok());
+    // A half alone is not the passphrase, nor is either half's text.
+    assert_ne!(
+        k.secret.expose_secret(),
+        passphrase_from_random(&u).expose_secret()
+    );
+    // Halves travel sealed like any packet.
+    let f = fixture();
+    let h = half(volume(2), 1, v);
+    let sealed = seal(&h, &f.host, &f.key.public_key()).unwrap().to_bytes();
+    let opened = open(&sealed, &f.key, &f.host, volume(2), 1).unwrap();
+    assert_eq!(opened.mechanism, Mechanism::QemuLuksPassphraseHalf);
+    assert_eq!(opened.secret.expose_secret(), &v);
+
+    assert_eq!(
+        combine_halves(&half(volume(1), 3, u), &half(volume(1), 4, v)).unwrap_err(),
+        HalvesError::Mismatch
+    );
+    assert_eq!(
+        combine_halves(&half(volume(1), 3, u), &half(volume(2), 3, v)).unwrap_err(),
+        HalvesError::Mismatch
+    );
+    assert_eq!(
+        combine_halves(&passphrase_packet(volume(1), 3), &half(volume(1), 3, v)).unwrap_err(),
+        HalvesError::NotAHalf("first")
+    );
+    // A half is 32 bytes, checked when it is sealed or opened.
+    let mut short = half(volume(1), 3, u);
+    short.secret = PacketSecret::copy_from_secret_slice(&[1; 31]).unwrap();
+    assert_eq!(short.check().unwrap_err().0, "secret");
+    assert!(seal(&short, &f.host, &f.key.public_key()).is_err());
+    assert_eq!(generate_half().unwrap().len(), 32);
+}
