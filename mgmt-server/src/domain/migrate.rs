@@ -142,6 +142,14 @@ impl Core {
                     v.name, g.name, v.state, v.name
                 )));
             }
+            // The verifier binds a split key's other half to the host it
+            // first gave it to, and moving that binding is not built.
+            if let Some(v) = volumes.iter().find(|v| v.split) {
+                return Err(CoreError::FailedPrecondition(format!(
+                    "volume {} of guest {} has a split key, whose other half the verifier released to host {} only: guests with split-key volumes do not migrate (copy the data to a new split volume on {} instead)",
+                    v.name, g.name, from.name, dest.name
+                )));
+            }
             // A guest with an `attested` disk goes only to a host that can
             // be attested (its incoming QEMU asks for the key).
             if volumes.iter().any(|v| v.release.needs_attestation()) {

@@ -152,6 +152,25 @@ impl Core {
         Ok(xdr_wipe::packet::passphrase_from_random(raw))
     }
 
+    /// A new volume key: a passphrase, or for a split key this server's
+    /// half of one (32 random bytes, the TPM's mixed in as above).
+    pub(crate) fn new_key(&self, split: bool) -> Result<xdr_wipe::packet::PacketSecret, CoreError> {
+        if !split {
+            return self.new_passphrase();
+        }
+        self.new_half()
+    }
+
+    /// 32 random bytes: one half of a split passphrase.
+    pub(crate) fn new_half(&self) -> Result<xdr_wipe::packet::PacketSecret, CoreError> {
+        let k = self
+            .entropy
+            .key(32)
+            .map_err(|e| CoreError::Internal(format!("no random bytes for a key: {e}")))?;
+        xdr_wipe::packet::PacketSecret::copy_from_secret_slice(k.expose_secret())
+            .map_err(|e| CoreError::Internal(e.to_string()))
+    }
+
     /// The hosts CA certificate (PEM): host certificates chain to it.
     pub fn hosts_ca_pem(&self) -> &str {
         self.ca.cert_pem()

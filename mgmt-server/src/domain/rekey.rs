@@ -43,7 +43,7 @@ impl Core {
                 v.name, v.state
             )));
         }
-        let key = self.new_passphrase()?;
+        let key = self.new_key(v.split)?;
         let next = v.key_generation + 1;
         let v = self.write(|tx| {
             // The new key is for the volume's host: a revoked host gets none.

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use xdr_wipe::packet::{CipherParams, KeyPacket, VolumeId};
+use xdr_wipe::packet::{CipherParams, KeyPacket, Mechanism, VolumeId};
 use xdr_wipe::seal::seal;
 
 use crate::domain::agent::SealedKey;
@@ -73,7 +73,7 @@ impl Core {
         // The gate first, with the volume's policy as it is now (not as a
         // caller read it before its round trips): nothing is read or
         // logged as released for a host that fails it.
-        let policy = tx
+        let (policy, split) = tx
             .release_policy(volume_id)?
             .ok_or_else(|| CoreError::Internal(format!("volume {volume_id} vanished")))?;
         if policy.needs_attestation() {
@@ -103,12 +103,17 @@ impl Core {
             .map_err(|e| CoreError::Internal(e.to_string()))?;
         let uuid =
             uuid::Uuid::parse_str(volume_id).map_err(|e| CoreError::Internal(e.to_string()))?;
-        Ok(KeyPacket::passphrase(
+        let mut packet = KeyPacket::passphrase(
             VolumeId(uuid),
             generation,
             CipherParams::aes_xts(format.packet()),
             key,
-        ))
+        );
+        if split {
+            // Our half: the host combines it with the verifier's.
+            packet.mechanism = Mechanism::QemuLuksPassphraseHalf;
+        }
+        Ok(packet)
     }
 
     /// Takes `n` key releases of `host`'s per-minute budget.

@@ -67,10 +67,14 @@ impl Core {
             Some(capacity_bytes),
             format,
             ReleasePolicy::Auto,
+            false,
         )
     }
 
-    /// As [`Core::create_volume`], with what a release of its key needs.
+    /// As [`Core::create_volume`], with what a release of its key needs,
+    /// and whether the key is split (this server keeps one half of the
+    /// passphrase, the verifier the host enrolled with the other; only with
+    /// a policy that attests, since each half goes only to an attested host).
     #[allow(clippy::too_many_arguments)]
     pub fn create_volume_with(
         &self,
@@ -81,7 +85,16 @@ impl Core {
         capacity_bytes: u64,
         format: VolumeFormat,
         release: ReleasePolicy,
+        split: bool,
     ) -> Result<VolumeInfo, CoreError> {
+        if split && !release.needs_attestation() {
+            return Err(InvalidInput {
+                what: "release policy",
+                value: release.to_string(),
+                why: "each half of a split key goes only to an attested host: use --release attested or attested+approved with --split".into(),
+            }
+            .into());
+        }
         self.new_volume(
             caller,
             host,
@@ -90,6 +103,7 @@ impl Core {
             Some(capacity_bytes),
             format,
             release,
+            split,
         )
     }
 
@@ -114,6 +128,12 @@ impl Core {
                     "volume {} is used by guest(s) {}: its release policy changes only while no guest uses it (whether a host keeps the key was settled at the guest's definition); undefine them, set the policy, define them again",
                     v.name,
                     users.join(", ")
+                )));
+            }
+            if v.split && !release.needs_attestation() {
+                return Err(CoreError::FailedPrecondition(format!(
+                    "volume {} has a split key, whose halves go only to an attested host: its release policy stays attested or attested+approved",
+                    v.name
                 )));
             }
             if release.needs_attestation() {
@@ -143,7 +163,16 @@ impl Core {
         name: &str,
         format: VolumeFormat,
     ) -> Result<VolumeInfo, CoreError> {
-        self.new_volume(caller, host, pool, name, None, format, ReleasePolicy::Auto)
+        self.new_volume(
+            caller,
+            host,
+            pool,
+            name,
+            None,
+            format,
+            ReleasePolicy::Auto,
+            false,
+        )
     }
 
     /// A new volume record and key: created empty with `capacity`, or
@@ -158,6 +187,7 @@ impl Core {
         capacity: Option<u64>,
         format: VolumeFormat,
         release: ReleasePolicy,
+        split: bool,
     ) -> Result<VolumeInfo, CoreError> {
         let host = Name::parse("host name", host)?;
         let pool = Name::parse("pool name", pool)?;
@@ -179,7 +209,7 @@ impl Core {
         self.enrolled_host(host.as_str())?;
         let id = uuid::Uuid::new_v4().to_string();
         let secret_uuid = uuid::Uuid::new_v4().to_string();
-        let key = self.new_passphrase()?;
+        let key = self.new_key(split)?;
         let v = self.write(|tx| {
             let master = self.keys.current(tx)?;
             let wrapped = WrappedKey {
@@ -214,13 +244,17 @@ impl Core {
                 state,
                 created: now,
                 release,
+                split,
             })?;
             tx.insert_volume_key(&id, 1, &wrapped, now)?;
             self.log(tx,
                 &caller.actor(),
                 "key.created",
                 &id,
-                &format!("volume {name} generation 1"),
+                &format!(
+                    "volume {name} generation 1{}",
+                    if split { " (this server's half of a split key)" } else { "" }
+                ),
             )?;
             self.log(tx,
                 &caller.actor(),

@@ -200,6 +200,9 @@ pub struct VolumeInfo {
     pub progress: Option<Progress>,
     /// What a release of its key needs.
     pub release: ReleasePolicy,
+    /// Its key is one half of a split passphrase (a verifier keeps the
+    /// other).
+    pub split: bool,
 }
 
 /// A host's progress on a long volume operation.

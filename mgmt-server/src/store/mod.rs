@@ -236,6 +236,8 @@ pub struct NewVolume {
     pub created: i64,
     /// What a release of its key needs.
     pub release: ReleasePolicy,
+    /// Its key is one half of a split passphrase.
+    pub split: bool,
 }
 
 /// Volumes and their wrapped keys.
@@ -248,9 +250,9 @@ pub trait VolumeStore {
     fn insert_volume(&mut self, v: &NewVolume) -> Result<()>;
     /// Sets what a release of the volume's key needs.
     fn set_release_policy(&mut self, id: &str, release: ReleasePolicy) -> Result<()>;
-    /// What a release of the volume's key needs, read now (None: no such
-    /// volume).
-    fn release_policy(&mut self, id: &str) -> Result<Option<ReleasePolicy>>;
+    /// What a release of the volume's key needs, and whether the key is
+    /// split, read now (None: no such volume).
+    fn release_policy(&mut self, id: &str) -> Result<Option<(ReleasePolicy, bool)>>;
     /// Volumes not deleted, optionally of one host, by name.
     fn volumes(&mut self, host: Option<&str>) -> Result<Vec<VolumeInfo>>;
     /// A volume by UUID.

@@ -210,6 +210,7 @@ impl Admin for AdminService {
                     r.capacity_bytes,
                     format,
                     release,
+                    r.split,
                 )
             })
             .await?;

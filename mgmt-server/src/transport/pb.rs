@@ -106,6 +106,7 @@ pub(crate) fn volume(v: VolumeInfo) -> pb::Volume {
     };
     pb::Volume {
         release: v.release.to_string(),
+        split: v.split,
         id: v.id,
         name: v.name,
         host: v.host,

@@ -116,6 +116,7 @@ async fn a_host_without_a_proven_attestation_key_gets_no_attested_volume() {
             1 << 20,
             VolumeFormat::Qcow2,
             ReleasePolicy::Attested,
+            false,
         )
         .unwrap_err();
     assert!(e.to_string().contains("enrolled without a TPM"), "{e}");
@@ -341,4 +342,55 @@ async fn a_host_may_quote_what_its_own_list_or_its_groups_names() {
     // Out of the group: only its own list again.
     b.core.set_host_group(&b.admin, "kvm-a", "").unwrap();
     assert_eq!(look(&b).values.len(), 1);
+}
+
+/// A split volume: only with a policy that attests; its key, and every
+/// rekey's, is a 32-byte half released as a half; its policy stays one
+/// that attests.
+#[tokio::test]
+async fn a_split_key_is_a_half_released_only_as_one() {
+    use xdr_wipe::packet::Mechanism;
+    let b = Bed::new();
+    b.host("kvm-a");
+    pin(&b, "kvm-a");
+    let create = |release| {
+        b.core.create_volume_with(
+            &b.admin,
+            "kvm-a",
+            "default",
+            "sp",
+            1 << 20,
+            VolumeFormat::Qcow2,
+            release,
+            true,
+        )
+    };
+    for p in [ReleasePolicy::Auto, ReleasePolicy::Approved] {
+        let e = create(p).unwrap_err().to_string();
+        assert!(
+            e.contains("use --release attested or attested+approved with --split"),
+            "{e}"
+        );
+    }
+    assert!(b.core.list_volumes(None).unwrap().is_empty());
+    let v = create(ReleasePolicy::Attested).unwrap();
+    assert!(v.split);
+    let host = b.core.enrolled_host("kvm-a").unwrap();
+    outcome(&b, "kvm-a", true, 0);
+    let p = b
+        .core
+        .write(|tx| b.core.release(tx, &v.id, v.format, 1, &host, ""))
+        .unwrap();
+    assert_eq!(p.mechanism, Mechanism::QemuLuksPassphraseHalf);
+    assert_eq!(p.secret.len(), 32);
+    assert!(p.check().is_ok());
+    let e = b
+        .core
+        .set_release_policy(&b.admin, "sp", ReleasePolicy::Auto)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has a split key"), "{e}");
+    b.core
+        .set_release_policy(&b.admin, "sp", ReleasePolicy::AttestedApproved)
+        .unwrap();
 }

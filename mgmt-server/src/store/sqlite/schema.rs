@@ -224,6 +224,28 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX release_requests_open ON release_requests(host, guest_uuid)
         WHERE state IN ('pending', 'approved');
     ",
+    // 11: split keys. On the management server a volume's key may be one
+    // half of its passphrase; a verifier server keeps the other halves,
+    // each bound to the host it first released it to, and the nonces it
+    // issued for the attestations that precede those releases.
+    "
+    ALTER TABLE volumes ADD COLUMN split INTEGER NOT NULL DEFAULT 0 CHECK (split IN (0, 1));
+    CREATE TABLE key_halves (
+        volume_id     TEXT NOT NULL,
+        generation    INTEGER NOT NULL,
+        host          TEXT NOT NULL REFERENCES hosts(name),
+        master_key_id TEXT NOT NULL,
+        wrapped       BLOB NOT NULL,
+        created       INTEGER NOT NULL,
+        PRIMARY KEY (volume_id, generation)
+    );
+    CREATE INDEX key_halves_host ON key_halves(host);
+    CREATE TABLE half_challenges (
+        nonce  TEXT PRIMARY KEY,
+        host   TEXT NOT NULL REFERENCES hosts(name),
+        issued INTEGER NOT NULL
+    );
+    ",
 ];
 
 /// Applies the migrations this database has not had yet.

@@ -11,7 +11,7 @@ use crate::store::{NewVolume, Result, VolumeStore, WrappedKey};
 pub(super) const VOLUME_COLUMNS: &str = "v.id, v.name, v.host, v.pool, v.format, v.capacity,
     v.generation, v.state, v.last_error, v.attempts, v.secret_uuid, v.created, v.rekey_due,
     v.path, v.rekey_kind, v.rekey_placement, v.rekey_bandwidth, v.failures, v.failed_op,
-    v.release_policy";
+    v.release_policy, v.split";
 
 pub(super) fn volume_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeInfo> {
     let state: VolumeState = typed(r, 7, "volumes.state")?;
@@ -55,6 +55,7 @@ pub(super) fn volume_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeInfo> 
         rekey,
         progress: None,
         release: typed(r, 19, "volumes.release_policy")?,
+        split: r.get(20)?,
     })
 }
 
@@ -120,8 +121,8 @@ impl VolumeStore for SqliteTx<'_> {
 
     fn insert_volume(&mut self, v: &NewVolume) -> Result<()> {
         self.exec(
-            "INSERT INTO volumes (id, name, host, pool, format, capacity, secret_uuid, generation, state, created, release_policy)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?9, ?10)",
+            "INSERT INTO volumes (id, name, host, pool, format, capacity, secret_uuid, generation, state, created, release_policy, split)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?9, ?10, ?11)",
             params![
                 v.id,
                 v.name,
@@ -132,19 +133,20 @@ impl VolumeStore for SqliteTx<'_> {
                 v.secret_uuid,
                 v.state.as_str(),
                 v.created,
-                v.release.as_str()
+                v.release.as_str(),
+                v.split
             ],
         )
     }
 
-    fn release_policy(&mut self, id: &str) -> Result<Option<ReleasePolicy>> {
-        let text: Option<String> = self
+    fn release_policy(&mut self, id: &str) -> Result<Option<(ReleasePolicy, bool)>> {
+        let row: Option<(String, bool)> = self
             .conn
-            .prepare_cached("SELECT release_policy FROM volumes WHERE id = ?1")?
-            .query_row([id], |r| r.get(0))
+            .prepare_cached("SELECT release_policy, split FROM volumes WHERE id = ?1")?
+            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        text.map(|t| {
-            t.parse().map_err(|_| {
+        row.map(|(t, split)| {
+            t.parse().map(|p| (p, split)).map_err(|_| {
                 crate::model::StoreError::Corrupt(format!("volumes.release_policy {t:?}"))
             })
         })

@@ -136,6 +136,7 @@ fn volume_rekeying() -> pb::Volume {
         progress_done_bytes: 217_055_305,
         progress_total_bytes: 482_345_123,
         release: "attested".into(),
+        split: true,
     }
 }
 

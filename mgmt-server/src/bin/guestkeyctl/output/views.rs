@@ -218,7 +218,7 @@ pub(crate) fn volume_json(v: &pb::Volume) -> Value {
     json!({"id": v.id, "name": v.name, "host": v.host, "pool": v.pool, "format": v.format,
            "capacity_bytes": v.capacity_bytes, "key_generation": v.key_generation, "state": v.state,
            "last_error": v.last_error, "attempts": v.attempts, "secret_uuid": v.secret_uuid, "created_unix": v.created_unix,
-           "rekey_due_unix": v.rekey_due_unix, "release": v.release,
+           "rekey_due_unix": v.rekey_due_unix, "release": v.release, "split": v.split,
            "progress": if v.progress_phase.is_empty() { Value::Null } else {
                json!({"phase": v.progress_phase, "done_bytes": v.progress_done_bytes, "total_bytes": v.progress_total_bytes}) }})
 }
@@ -268,7 +268,14 @@ pub(crate) fn volume_text(v: &pb::Volume) -> String {
             ("format", format!("{} (LUKS)", v.format)),
             ("size", size(v.capacity_bytes)),
             ("key generation", v.key_generation.to_string()),
-            ("key release", v.release.clone()),
+            (
+                "key release",
+                if v.split {
+                    format!("{} (split key: a verifier keeps the other half)", v.release)
+                } else {
+                    v.release.clone()
+                },
+            ),
             ("state", v.state.clone()),
             ("libvirt secret", v.secret_uuid.clone()),
             ("deep rekey due", rekey_due),

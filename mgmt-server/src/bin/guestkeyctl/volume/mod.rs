@@ -39,10 +39,17 @@ pub(crate) enum VolumeCmd {
         #[arg(long, default_value = "qcow2")]
         format: String,
         /// What a release of its key to the host needs: auto (its
-        /// certificate) or attested (a fresh TPM quote its allowlist
-        /// matches, every time).
+        /// certificate), attested (a fresh TPM quote its allowlist
+        /// matches, every time), approved (an operator's approval of each
+        /// start) or attested+approved.
         #[arg(long, value_name = "POLICY", default_value = "auto")]
         release: String,
+        /// Split the key: this server keeps one half, the verifier server
+        /// the host enrolled with (`guestkeyd enroll-verifier`) the other,
+        /// each released only after its own attestation of the host.
+        /// Needs --release attested or attested+approved.
+        #[arg(long)]
+        split: bool,
         /// Return at once, while the volume is still pending-create; the
         /// server keeps retrying until the host made it (see `volume show`).
         #[arg(long)]
@@ -158,6 +165,7 @@ pub(crate) async fn run(cmd: VolumeCmd, ctx: &Ctx) -> Result<(), Failure> {
             size,
             format,
             release,
+            split,
             no_wait,
             timeout,
         } => {
@@ -172,6 +180,7 @@ pub(crate) async fn run(cmd: VolumeCmd, ctx: &Ctx) -> Result<(), Failure> {
                     capacity_bytes,
                     format,
                     release,
+                    split,
                 })
                 .await
                 .map_err(rpc_error)?
