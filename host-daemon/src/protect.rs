@@ -98,6 +98,11 @@ pub enum KeysError {
 }
 
 impl HostKeys {
+    /// The packet-sealing key's public part: what servers seal to.
+    pub fn sealing_public(&self) -> [u8; 32] {
+        *self.sealing.public_key().as_bytes()
+    }
+
     /// Loads the host name from the state directory and the sealing key
     /// from its protector.
     pub fn load(dir: &StateDir, sealing: &dyn KeyProtector) -> Result<Self, KeysError> {
@@ -240,6 +245,12 @@ impl HostAttestation {
             t.quote(&key, &nonce, &selection)
         })
         .map_err(|e| e.to_string())
+    }
+
+    /// The EK's public area (and certificate) of this AK's TPM, read again
+    /// (for an enrollment with a verifier).
+    pub fn endorsement(&self) -> Result<Endorsement, String> {
+        with_tpm(&self.tcti, DEADLINE, |t| t.endorsement()).map_err(|e| e.to_string())
     }
 
     /// The AK's public area (`TPMT_PUBLIC`), what the server pins.

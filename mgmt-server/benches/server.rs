@@ -59,6 +59,7 @@ fn main() {
             max_delay_ms: 100,
             max_attempts: 10,
         },
+        role: Default::default(),
     };
     let (core, identity) = mgmt_server::transport::server::open(&config).unwrap();
     let admin = Caller::Admin("bench".into());

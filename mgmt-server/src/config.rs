@@ -4,6 +4,7 @@
 //! listen = "127.0.0.1:7443"          # where the admin and host APIs listen
 //! data_dir = "/var/lib/guestkey"     # the data directory made by `init`
 //! master_key_source = "file:/var/lib/guestkey/master.key"  # or env:VAR, prompt
+//! role = "management"                # or "verifier": keeps the other halves of split keys
 //!
 //! [limits]
 //! max_volumes_per_host = 10000       # volumes one host may be assigned
@@ -90,6 +91,7 @@ struct FileConfig {
     listen: Option<String>,
     data_dir: Option<PathBuf>,
     master_key_source: Option<String>,
+    role: Option<String>,
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
@@ -109,6 +111,33 @@ pub struct Config {
     pub limits: Limits,
     /// Push retry policy.
     pub retry: Retry,
+    /// What this server is.
+    pub role: ServerRole,
+}
+
+/// What a guestkey server is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ServerRole {
+    /// The management server: hosts, volumes, guests, keys.
+    #[default]
+    Management,
+    /// A verifier: enrolls and attests hosts on its own and keeps the
+    /// other halves of split keys (see docs/release-gates.md); it has no
+    /// volumes or guests.
+    Verifier,
+}
+
+impl std::str::FromStr for ServerRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "management" => Ok(Self::Management),
+            "verifier" => Ok(Self::Verifier),
+            other => Err(format!(
+                "`{other}` is not a role: use management or verifier"
+            )),
+        }
+    }
 }
 
 /// Configuration errors name the file and the setting.
@@ -150,6 +179,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `--master-key-source`
     pub master_key_source: Option<MasterKeySource>,
+    /// `--role`
+    pub role: Option<ServerRole>,
 }
 
 impl Config {
@@ -223,12 +254,21 @@ impl Config {
                 message: "max_attempts must be at least 1".into(),
             });
         }
+        let role = match (flags.role, fc.role) {
+            (Some(r), _) => r,
+            (None, Some(text)) => text.parse().map_err(|message| ConfigError::Invalid {
+                setting: "role",
+                message,
+            })?,
+            (None, None) => ServerRole::Management,
+        };
         Ok(Self {
             listen,
             data_dir,
             master_key_source,
             limits: fc.limits,
             retry: fc.retry,
+            role,
         })
     }
 }

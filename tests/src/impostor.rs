@@ -76,6 +76,21 @@ impl HostApi for Service {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(hpb::AttestationProven::default()))
     }
+    async fn half_challenge(
+        &self,
+        _: Request<hpb::HalfChallengeRequest>,
+    ) -> R<hpb::HalfChallengeResponse> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(hpb::HalfChallengeResponse::default()))
+    }
+    async fn release_halves(&self, _: Request<hpb::ReleaseHalvesRequest>) -> R<hpb::ReleasedKeys> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(hpb::ReleasedKeys::default()))
+    }
+    async fn forget_halves(&self, _: Request<hpb::ForgetHalvesRequest>) -> R<hpb::HalvesForgotten> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(hpb::HalvesForgotten::default()))
+    }
 }
 
 impl Impostor {

@@ -63,6 +63,13 @@ impl EnrollmentToken {
     }
 }
 
+impl EnrollmentToken {
+    /// The token's text, for the enrollment request.
+    pub(super) fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
 impl std::fmt::Debug for EnrollmentToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("EnrollmentToken([REDACTED])")

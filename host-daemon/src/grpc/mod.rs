@@ -16,6 +16,7 @@ mod pb;
 pub mod report;
 pub mod tpm_report;
 pub mod trust;
+pub mod verifier;
 
 use std::sync::Arc;
 

@@ -98,10 +98,7 @@ impl Daemon {
         } else {
             (&k.sealed[..], k.generation)
         };
-        let packet = self
-            .keys
-            .open(sealed, k.volume_id, generation)
-            .map_err(|e| OpsError::Packet(format!("key of volume {}: {e}", k.volume_id)))?;
+        let packet = self.open_key(sealed, k.volume_id, generation)?;
         let done = self.hv.set_secret(
             k.secret_uuid.as_str(),
             k.path.as_str(),

@@ -106,6 +106,21 @@ pub trait DiskLookup: Send + Sync {
     fn release(&self, uuid: &str) -> Result<Vec<SealedKey>, String>;
 }
 
+/// The verifier this host enrolled with, which keeps the other half of
+/// each split key (`guestkeyd enroll-verifier`). The gRPC layer implements
+/// it.
+pub trait HalfSource: Send + Sync {
+    /// The verifier's URL, for messages.
+    fn url(&self) -> &str;
+    /// The halves of these (volume, generation)s, released after the
+    /// verifier's own attestation of this host, sealed to it. The error
+    /// is the verifier's reason.
+    fn halves(&self, wanted: &[(VolumeId, u64)]) -> Result<Vec<SealedKey>, String>;
+    /// Asks the verifier to destroy `volume`'s halves below generation
+    /// `below` (0: all); returns how many went.
+    fn forget(&self, volume: VolumeId, below: u64) -> Result<u32, String>;
+}
+
 /// How often a secret's removal is tried at once before it is left to
 /// [`Daemon::sweep_secrets`].
 const REMOVE_TRIES: u32 = 3;
@@ -132,6 +147,8 @@ pub struct Daemon {
     stale_secrets: Mutex<BTreeSet<String>>,
     /// The server, asked about disks the hook refuses.
     lookup: std::sync::OnceLock<Box<dyn DiskLookup>>,
+    /// The verifier, asked for the other halves of split keys.
+    verifier: std::sync::OnceLock<Box<dyn HalfSource>>,
     /// Secrets a prepare of this process defined and its release has not
     /// removed yet: the only guestkey secrets libvirt should have.
     preparing: Mutex<BTreeSet<String>>,
@@ -158,6 +175,7 @@ impl Daemon {
             hook_uid,
             stale_secrets: Mutex::new(BTreeSet::new()),
             lookup: std::sync::OnceLock::new(),
+            verifier: std::sync::OnceLock::new(),
             preparing: Mutex::new(BTreeSet::new()),
         }
     }
@@ -191,6 +209,88 @@ impl Daemon {
             }
         }
         n
+    }
+
+    /// Lets split keys be completed by the verifier (once).
+    pub fn set_verifier(&self, verifier: Box<dyn HalfSource>) {
+        if self.verifier.set(verifier).is_err() {
+            tracing::warn!("the verifier was set twice; the first one stays");
+        }
+    }
+
+    /// Opens a packet sealed to this host for `volume`/`generation`. A
+    /// split key's half (from the management server) is completed here
+    /// with the verifier's half, released now after its own attestation of
+    /// this host; the passphrase of the two is made in wiped memory.
+    pub fn open_key(
+        &self,
+        sealed: &[u8],
+        volume: VolumeId,
+        generation: u64,
+    ) -> Result<xdr_wipe::packet::KeyPacket, OpsError> {
+        self.open_key_split(sealed, volume, generation)
+            .map(|(p, _)| p)
+    }
+
+    /// As [`Daemon::open_key`], and whether the key was split.
+    pub fn open_key_split(
+        &self,
+        sealed: &[u8],
+        volume: VolumeId,
+        generation: u64,
+    ) -> Result<(xdr_wipe::packet::KeyPacket, bool), OpsError> {
+        let packet = self
+            .keys
+            .open(sealed, volume, generation)
+            .map_err(|e| OpsError::Packet(format!("key of volume {volume}: {e}")))?;
+        if packet.mechanism != xdr_wipe::packet::Mechanism::QemuLuksPassphraseHalf {
+            return Ok((packet, false));
+        }
+        let missing = |why: String| {
+            OpsError::Precondition(format!(
+                "volume {volume} has a split key: the management server released its half, but {why}"
+            ))
+        };
+        let v = self.verifier.get().ok_or_else(|| {
+            missing("this host is not enrolled with a verifier, which keeps the other half (`guestkeyd enroll-verifier --server URL --ca-file CA.pem`, then restart guestkeyd)".into())
+        })?;
+        let got = v.halves(&[(volume, generation)]).map_err(|e| {
+            missing(format!(
+                "the verifier at {} released no other half: {e}",
+                v.url()
+            ))
+        })?;
+        let other = got
+            .iter()
+            .find(|h| h.volume == volume && h.generation == generation)
+            .ok_or_else(|| {
+                missing(format!(
+                    "the verifier at {} sent no half of generation {generation}",
+                    v.url()
+                ))
+            })?;
+        let other = self
+            .keys
+            .open(&other.sealed, volume, generation)
+            .map_err(|e| missing(format!("the verifier's half does not open: {e}")))?;
+        let combined = xdr_wipe::packet::combine_halves(&packet, &other)
+            .map_err(|e| missing(format!("the halves do not combine: {e}")))?;
+        Ok((combined, true))
+    }
+
+    /// After a split volume's removal (`below` 0) or rekey: asks the
+    /// verifier to destroy the halves no longer needed. Logged; a verifier
+    /// that does not answer keeps a half that opens nothing without the
+    /// management server's, which is gone.
+    pub fn forget_halves(&self, volume: VolumeId, below: u64) {
+        let Some(v) = self.verifier.get() else { return };
+        match v.forget(volume, below) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(%volume, destroyed = n, "the verifier destroyed halves"),
+            Err(e) => {
+                tracing::warn!(%volume, error = %e, "the verifier did not destroy the old halves")
+            }
+        }
     }
 
     /// Lets the hook's refusals ask the server about a disk (once).

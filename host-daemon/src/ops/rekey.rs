@@ -24,17 +24,8 @@ impl Daemon {
             )));
         }
         let vid = r.volume;
-        let packet_error = |e: xdr_wipe::seal::OpenError| {
-            OpsError::Packet(format!("key packet of volume {vid}: {e}"))
-        };
-        let old = self
-            .keys
-            .open(&r.old_key.sealed, vid, r.old_key.generation)
-            .map_err(packet_error)?;
-        let new = self
-            .keys
-            .open(&r.new_key.sealed, vid, r.new_key.generation)
-            .map_err(packet_error)?;
+        let old = self.open_key(&r.old_key.sealed, vid, r.old_key.generation)?;
+        let (new, split) = self.open_key_split(&r.new_key.sealed, vid, r.new_key.generation)?;
         let format = Format::of_packet(new.params.format);
         let _guard = self.lock();
         let vols = self.store.volumes()?;
@@ -131,6 +122,10 @@ impl Daemon {
             self.store.save(&rec)?;
         }
         tracing::info!(volume = %vid, generation = r.new_key.generation, deep = r.kind == RekeyKind::Deep, "volume rekeyed");
+        if split {
+            // The old generation's half opens nothing any more.
+            self.forget_halves(vid, r.new_key.generation);
+        }
         Ok(r.new_key.generation)
     }
 }

@@ -24,10 +24,7 @@ impl Daemon {
                 return Ok((v.path.clone(), size));
             }
         }
-        let packet = self
-            .keys
-            .open(&r.key.sealed, r.volume, r.key.generation)
-            .map_err(|e| OpsError::Packet(format!("key packet of volume {}: {e}", r.volume)))?;
+        let packet = self.open_key(&r.key.sealed, r.volume, r.key.generation)?;
         let key = packet.secret.expose_secret();
         let (path, size) = if r.encrypt_existing {
             self.encrypt_existing(&r, key)?
@@ -135,10 +132,7 @@ impl Daemon {
     /// Turns a volume back into cleartext and forgets it. No guest of this
     /// host may hold its key.
     pub fn decrypt_volume(&self, r: DecryptVolume) -> Result<(String, u64), OpsError> {
-        let packet = self
-            .keys
-            .open(&r.key.sealed, r.volume, r.key.generation)
-            .map_err(|e| OpsError::Packet(format!("key packet of volume {}: {e}", r.volume)))?;
+        let (packet, split) = self.open_key_split(&r.key.sealed, r.volume, r.key.generation)?;
         let format = Format::of_packet(packet.params.format);
         let _guard = self.lock();
         let id = r.volume.to_string();
@@ -166,12 +160,15 @@ impl Daemon {
         self.write_managed_list()?;
         tracing::warn!(volume = %id, path = %v.path, "volume decrypted on the admin's request");
         let size = self.images.virtual_size(&v.path).unwrap_or(0);
+        if split {
+            self.forget_halves(r.volume, 0);
+        }
         Ok((v.path, size))
     }
 
     /// Deletes a volume (a missing one is done already).
     pub fn delete_volume(&self, r: DeleteVolume) -> Result<(), OpsError> {
-        let _guard = self.lock();
+        let guard = self.lock();
         self.hv.delete_volume(r.pool.as_str(), r.name.as_str())?;
         let mut vols = self.store.volumes()?;
         if let Some(v) = vols.remove(&r.volume.to_string()) {
@@ -182,6 +179,9 @@ impl Daemon {
         }
         self.store.save_volumes(&vols)?;
         self.write_managed_list()?;
+        drop(guard);
+        // A split key's other half, if the verifier keeps one.
+        self.forget_halves(r.volume, 0);
         Ok(())
     }
 

@@ -84,6 +84,12 @@ enum Command {
         /// [default: file:DATA_DIR/master.key].
         #[arg(long, value_name = "SOURCE")]
         master_key_source: Option<MasterKeySource>,
+        /// management (default), or verifier: a second, independent server
+        /// that enrolls and attests hosts on its own and keeps the other
+        /// halves of split keys (`volume create --split` on the management
+        /// server, `guestkeyd enroll-verifier` on each host).
+        #[arg(long, value_name = "ROLE")]
+        role: Option<mgmt_server::config::ServerRole>,
     },
     /// Re-wrap every volume key under a new master key. Safe while the
     /// server runs: it reloads the key from its file at its next key
@@ -211,6 +217,7 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             listen,
             config,
             master_key_source,
+            role,
         } => {
             let config = Config::load(
                 config.as_deref(),
@@ -218,6 +225,7 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     listen,
                     data_dir,
                     master_key_source,
+                    role,
                 },
             )?;
             let rt = tokio::runtime::Runtime::new()?;

@@ -171,8 +171,17 @@ impl Core {
                 })
             })
             .await?;
+        let mut nonce = [0u8; 32];
+        getrandom::fill(&mut nonce)
+            .map_err(|e| CoreError::Internal(format!("no random bytes: {e}")))?;
         let (values, _) = self
-            .quote_of(&enrolled, &ak, &selection, earlier)
+            .quote_of(
+                crate::domain::attest::QuoteFrom::Agent(&enrolled),
+                &nonce,
+                &ak,
+                &selection,
+                earlier,
+            )
             .await
             .map_err(|why| CoreError::FailedPrecondition(format!("host {host}: {why}")))?;
         let learnt: Vec<(u8, PcrValue)> = values.iter().map(|(p, v)| (p, *v)).collect();

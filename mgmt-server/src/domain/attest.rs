@@ -83,6 +83,15 @@ fn fingerprint(public: &[u8]) -> String {
     hex::encode(Sha256::digest(public))
 }
 
+/// Where the quote of an attestation comes from.
+pub(crate) enum QuoteFrom<'a> {
+    /// Asked of the host's agent now (the management server).
+    Agent(&'a EnrolledHost),
+    /// Sent by the host with its request, for a nonce it was given (a
+    /// verifier, which never calls hosts).
+    Sent(QuoteAnswer),
+}
+
 pub(crate) fn allow_hint(host: &str, pcr: u8, value: &PcrValue) -> String {
     format!("guestkeyctl attestation allow --host {host} --pcr {pcr}={value}")
 }
@@ -216,7 +225,7 @@ impl Core {
 
     /// What is needed to attest `host`: its pinned AK, the PCRs its
     /// allowlist names, the clock of its last passed quote.
-    fn attestation_plan(
+    pub(crate) fn attestation_plan(
         &self,
         host: &str,
     ) -> Result<(AttestationKeyPublic, Effective, Option<TpmClock>), CoreError> {
@@ -244,31 +253,34 @@ impl Core {
         })
     }
 
-    /// Challenges `host` for a quote of `selection` and verifies it with
-    /// its pinned AK; returns the values and clock it attests.
+    /// The quote of `selection` for `nonce` (asked of the host now, or
+    /// the one it sent), verified with its pinned AK; returns the values
+    /// and clock it attests.
     pub(crate) async fn quote_of(
         &self,
-        host: &EnrolledHost,
+        from: QuoteFrom<'_>,
+        nonce: &[u8; 32],
         ak: &AttestationKeyPublic,
         selection: &PcrSelection,
         earlier: Option<TpmClock>,
     ) -> Result<(PcrValues, QuoteFacts), String> {
-        let mut nonce = [0u8; 32];
-        getrandom::fill(&mut nonce).map_err(|e| format!("no random bytes: {e}"))?;
-        let answer: QuoteAnswer = self
-            .agents
-            .attest(
-                host,
-                AttestChallenge {
-                    nonce: nonce.to_vec(),
-                    pcrs: selection.pcrs().to_vec(),
-                },
-            )
-            .await
-            .map_err(|e| format!("the host did not answer the attestation challenge: {e}"))?;
+        let answer: QuoteAnswer = match from {
+            QuoteFrom::Agent(host) => self
+                .agents
+                .attest(
+                    host,
+                    AttestChallenge {
+                        nonce: nonce.to_vec(),
+                        pcrs: selection.pcrs().to_vec(),
+                    },
+                )
+                .await
+                .map_err(|e| format!("the host did not answer the attestation challenge: {e}"))?,
+            QuoteFrom::Sent(a) => a,
+        };
         let values = PcrValues::new(answer.values.into_iter().collect());
         let facts = ak
-            .check_quote(&nonce, selection, &answer.quote, &answer.signature, &values)
+            .check_quote(nonce, selection, &answer.quote, &answer.signature, &values)
             .map_err(|e| e.to_string())?;
         if let Some(e) = earlier {
             let before = QuoteFacts {
@@ -289,11 +301,28 @@ impl Core {
     /// Attests `host` now: nonce, quote, checks, allowlist. Records and
     /// audits the outcome; an error says why it failed and what to run.
     pub async fn attest(self: &Arc<Self>, host: &EnrolledHost) -> Result<(), CoreError> {
-        let name = host.name.clone();
         // Outcomes are recorded as of now, before the nonce goes out: of
         // two attestations of one host at once, the later-issued one wins,
         // and a release never counts a quote as younger than it is.
         let issued = now_unix();
+        let mut nonce = [0u8; 32];
+        getrandom::fill(&mut nonce)
+            .map_err(|e| CoreError::Internal(format!("no random bytes: {e}")))?;
+        self.attest_with(&host.name, issued, &nonce, QuoteFrom::Agent(host))
+            .await
+    }
+
+    /// Checks the quote `from` gives for `nonce` (issued at `issued`)
+    /// against `name`'s pinned AK and allowlist; records and audits the
+    /// outcome.
+    pub(crate) async fn attest_with(
+        self: &Arc<Self>,
+        name: &str,
+        issued: i64,
+        nonce: &[u8; 32],
+        from: QuoteFrom<'_>,
+    ) -> Result<(), CoreError> {
+        let name = name.to_owned();
         let plan = {
             let n = name.clone();
             self.blocking(move |c| c.attestation_plan(&n)).await
@@ -314,7 +343,9 @@ impl Core {
         };
         let selection =
             PcrSelection::new(allow.values.iter().map(|(p, _)| *p)).map_err(CoreError::Internal)?;
-        let (ok, detail, differing, clock) = match self.quote_of(host, &ak, &selection, clock).await
+        let (ok, detail, differing, clock) = match self
+            .quote_of(from, nonce, &ak, &selection, clock)
+            .await
         {
             Err(why) => (false, why, vec![], None),
             Ok((values, facts)) => {

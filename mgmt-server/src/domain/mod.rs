@@ -33,6 +33,7 @@ pub mod convert;
 pub(crate) mod fake_agent;
 pub mod guest_push;
 pub mod guests;
+pub mod halves;
 pub mod hosts;
 pub mod keyring;
 pub mod migrate;

@@ -89,6 +89,19 @@ pub fn rotate(
         };
         tx.rewrap_volume_key(volume, *generation, &rewrapped)?;
     }
+    // A verifier's halves of split keys, under the name they are bound to.
+    let halves = tx.all_key_halves()?;
+    for (volume, generation, key) in &halves {
+        let name = crate::domain::halves::wrap_name(volume);
+        let clear = old
+            .unwrap_key(&name, *generation, &key.master_key_id, &key.wrapped)
+            .map_err(|e| CoreError::Internal(e.to_string()))?;
+        let rewrapped = WrappedKey {
+            master_key_id: new.id().to_owned(),
+            wrapped: new.wrap(&name, *generation, &clear),
+        };
+        tx.rewrap_key_half(volume, *generation, &rewrapped)?;
+    }
     // The audit key stays the same; it is re-wrapped like the volume keys
     // (an old database gets one here, under the old key first).
     let audit_key = audit::ensure_key(&mut *tx, &old)?;
@@ -108,7 +121,7 @@ pub fn rotate(
             "{} -> {}, {} keys re-wrapped",
             old.id(),
             new.id(),
-            rows.len()
+            rows.len() + halves.len()
         ),
     )?;
     tx.commit()?;
@@ -124,6 +137,6 @@ pub fn rotate(
     Ok(Rotation {
         old_id: old.id().to_owned(),
         new_id: new.id().to_owned(),
-        rewrapped: rows.len() as u64,
+        rewrapped: (rows.len() + halves.len()) as u64,
     })
 }

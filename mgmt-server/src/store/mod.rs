@@ -57,6 +57,7 @@ pub trait Tx:
     + MigrationStore
     + AttestStore
     + ApprovalStore
+    + HalfStore
 {
     /// Makes the transaction's changes durable. Without it they are rolled
     /// back when the transaction is dropped.
@@ -542,4 +543,37 @@ pub trait ApprovalStore {
     /// Pending and approved requests made before `before` expire; returns
     /// their ids.
     fn expire_requests(&mut self, before: i64) -> Result<Vec<String>>;
+}
+
+/// A verifier's halves of split keys, and the nonces it issued for the
+/// attestations that precede their release.
+pub trait HalfStore {
+    /// Records a nonce (hex) issued to `host` at `issued`.
+    fn insert_half_challenge(&mut self, nonce: &str, host: &str, issued: i64) -> Result<()>;
+    /// Takes (removes) the nonce if it was issued to `host`: when.
+    fn take_half_challenge(&mut self, nonce: &str, host: &str) -> Result<Option<i64>>;
+    /// Removes `host`'s nonces issued before `before`, and all but its
+    /// `keep` newest.
+    fn prune_half_challenges(&mut self, host: &str, before: i64, keep: u32) -> Result<()>;
+    /// The half of `volume` generation `generation`: the host it is bound
+    /// to, and the half wrapped under the master key.
+    fn key_half(&mut self, volume: &str, generation: u64) -> Result<Option<(String, WrappedKey)>>;
+    /// Records a new half bound to `host`.
+    fn insert_key_half(
+        &mut self,
+        volume: &str,
+        generation: u64,
+        host: &str,
+        key: &WrappedKey,
+        created: i64,
+    ) -> Result<()>;
+    /// Destroys `host`'s halves of `volume` below `below` (0: all);
+    /// returns how many.
+    fn delete_key_halves(&mut self, volume: &str, host: &str, below: u64) -> Result<u32>;
+    /// Every half (for a master key rotation).
+    fn all_key_halves(&mut self) -> Result<Vec<(String, u64, WrappedKey)>>;
+    /// Replaces a half's wrapping (a master key rotation).
+    fn rewrap_key_half(&mut self, volume: &str, generation: u64, key: &WrappedKey) -> Result<()>;
+    /// Halves bound to `host`.
+    fn host_half_count(&mut self, host: &str) -> Result<u32>;
 }

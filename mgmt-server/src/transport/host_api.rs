@@ -8,7 +8,9 @@ use guestkey_proto::host::{self as hpb, host_api_server::HostApi};
 use tonic::{Request, Response, Status};
 
 use crate::domain::Core;
+use crate::domain::agent::QuoteAnswer;
 use crate::domain::attest::TpmIdentity;
+use crate::domain::halves::Wanted;
 use crate::domain::hosts::{DiskQuery, HeldKey, ProgressReport};
 use crate::model::{Caller, HostTpm};
 
@@ -213,5 +215,96 @@ impl HostApi for HostService {
             },
             None => hpb::DiskDescription::default(),
         }))
+    }
+
+    async fn half_challenge(
+        &self,
+        req: Request<hpb::HalfChallengeRequest>,
+    ) -> R<hpb::HalfChallengeResponse> {
+        let (nonce, pcrs) = blocking(&self.0, &req, Want::Host, move |c, who| {
+            c.half_challenge(&host_name(who, "challenges")?)
+        })
+        .await?;
+        Ok(Response::new(hpb::HalfChallengeResponse {
+            nonce: nonce.to_vec(),
+            pcrs: pcrs.into_iter().map(u32::from).collect(),
+        }))
+    }
+
+    async fn release_halves(
+        &self,
+        req: Request<hpb::ReleaseHalvesRequest>,
+    ) -> R<hpb::ReleasedKeys> {
+        let host = blocking(&self.0, &req, Want::Host, |_, who| {
+            host_name(who, "key half requests")
+        })
+        .await?;
+        let r = req.into_inner();
+        if r.values.len() > 24 || r.quote.len() > 4096 || r.signature.len() > 1024 {
+            return Err(Status::invalid_argument(
+                "the quote is larger than any TPM makes (at most 24 PCRs, a 4 KiB quote, a 1 KiB signature)",
+            ));
+        }
+        let mut values = Vec::with_capacity(r.values.len());
+        for v in &r.values {
+            let pcr = u8::try_from(v.pcr)
+                .ok()
+                .filter(|p| *p < 24)
+                .ok_or_else(|| Status::invalid_argument(format!("PCR {} does not exist", v.pcr)))?;
+            let bytes: [u8; 32] = v.sha256.as_slice().try_into().map_err(|_| {
+                Status::invalid_argument(format!("PCR {pcr}'s value is not 32 bytes"))
+            })?;
+            values.push((pcr, guestkey_protect::tpm::PcrValue(bytes)));
+        }
+        if r.halves.len() > crate::domain::halves::MAX_HALVES {
+            return Err(Status::invalid_argument(format!(
+                "ask for at most {} halves at once",
+                crate::domain::halves::MAX_HALVES
+            )));
+        }
+        let wanted = r
+            .halves
+            .into_iter()
+            .map(|h| Wanted {
+                volume_id: h.volume_id.chars().take(64).collect(),
+                generation: h.generation,
+            })
+            .collect();
+        let answer = QuoteAnswer {
+            quote: r.quote,
+            signature: r.signature,
+            values,
+        };
+        let keys = self
+            .0
+            .release_halves(&host, &r.nonce, answer, wanted)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(hpb::ReleasedKeys {
+            keys: keys
+                .into_iter()
+                .map(|k| hpb::ReleasedKey {
+                    volume_id: k.volume_id,
+                    generation: k.generation,
+                    sealed_packet: k.sealed,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn forget_halves(
+        &self,
+        req: Request<hpb::ForgetHalvesRequest>,
+    ) -> R<hpb::HalvesForgotten> {
+        let r = req.get_ref().clone();
+        let destroyed = blocking(&self.0, &req, Want::Host, move |c, who| {
+            c.forget_halves(
+                &host_name(who, "key halves")?,
+                &r.volume_id,
+                r.below_generation,
+            )
+        })
+        .await?;
+        Ok(Response::new(hpb::HalvesForgotten { destroyed }))
     }
 }

@@ -4,8 +4,9 @@
 //! identify the caller by its certificate, run the domain call on a
 //! blocking thread and convert with [`pb`]; [`agents`] is the one real
 //! [`crate::domain::AgentClient`] (a tonic client per host, mutual TLS);
-//! [`tls`] holds the TLS helpers; [`server`] builds the domain from a data
-//! directory and serves it.
+//! [`tls`] holds the TLS helpers; [`role`] refuses what the server's role
+//! does not serve; [`server`] builds the domain from a data directory and
+//! serves it.
 //!
 //! May import: `model`, `domain`, `store` (only [`server`], to open the
 //! database), `scheduler` (only [`server`]), the leaf modules, and tonic,
@@ -17,5 +18,6 @@ pub mod admin;
 pub mod agents;
 pub mod host_api;
 pub(crate) mod pb;
+pub(crate) mod role;
 pub mod server;
 pub mod tls;

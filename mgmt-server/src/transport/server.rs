@@ -145,14 +145,16 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let scheduler = tokio::spawn(crate::scheduler::run(core.clone(), stop_rx.clone()));
     let mut stop_server = stop_rx.clone();
+    let role = config.role;
     let serve = Server::builder()
+        .layer(crate::transport::role::RoleLayer(role))
         .add_service(AdminServer::new(AdminService(core.clone())))
         .add_service(HostApiServer::new(HostService(core.clone())))
         .serve_with_incoming_shutdown(acceptor.incoming(listener), async move {
             let _ = stop_server.changed().await;
         });
     println!("listening on https://{local}");
-    tracing::info!(%local, "guestkey-server listening");
+    tracing::info!(%local, ?role, "guestkey-server listening");
     let signals = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| CoreError::Internal(e.to_string()))?;

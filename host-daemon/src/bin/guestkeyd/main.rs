@@ -65,6 +65,28 @@ enum Command {
         #[command(flatten)]
         tpm_flags: TpmFlags,
     },
+    /// Enroll this host, already enrolled with its management server with
+    /// --tpm, with a verifier too (`guestkey-server run --role verifier`):
+    /// the second server that keeps the other half of each split volume
+    /// key and releases it only after its own attestation of this host.
+    /// Under the same host name (the verifier's admin registers it with
+    /// `guestkeyctl host add`, which prints the token). Stop guestkeyd
+    /// first; start it again afterwards.
+    EnrollVerifier {
+        /// The verifier's URL, e.g. https://verifier.example:7443.
+        #[arg(long, value_name = "URL")]
+        server: String,
+        /// A file holding the verifier's one-time enrollment token (`-`:
+        /// standard input; or GUESTKEY_ENROLL_TOKEN).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// The verifier's server CA (`guestkeyctl ca-cert` against it).
+        #[arg(long, value_name = "CA.pem")]
+        ca_file: PathBuf,
+        /// The state directory made by `enroll --tpm`.
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/guestkeyd")]
+        state_dir: PathBuf,
+    },
     /// PCR approvals and status of this host's keys sealed to the TPM.
     Tpm {
         #[command(subcommand)]
@@ -205,6 +227,30 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
             println!("next: guestkeyd run --state-dir {}", state_dir.display());
             Ok(())
         }
+        Command::EnrollVerifier {
+            server,
+            token_file,
+            ca_file,
+            state_dir,
+        } => {
+            let _lock = host_daemon::instance::state_lock(&state_dir)?;
+            let token = token(token_file, None)?;
+            let name = host_daemon::grpc::verifier::enroll_verifier(
+                &server,
+                &token,
+                &ca_file,
+                &StateDir::new(&state_dir),
+            )
+            .await?;
+            println!(
+                "host {name} enrolled with the verifier at {server}; its files in {}",
+                state_dir
+                    .join(host_daemon::grpc::verifier::VERIFIER_DIR)
+                    .display()
+            );
+            println!("next: guestkeyd run --state-dir {}", state_dir.display());
+            Ok(())
+        }
         Command::Tpm { command } => tpm_command(command),
         Command::Reseal {
             state_dir,
@@ -300,6 +346,16 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
                 None => tracing::warn!(
                     "not enrolled with a server URL: refusals cannot name where a key is"
                 ),
+            }
+            match host_daemon::grpc::verifier::VerifierHalves::new(
+                &dir,
+                tokio::runtime::Handle::current(),
+            )? {
+                Some(v) => {
+                    tracing::info!(verifier = %host_daemon::ops::HalfSource::url(&v), "split keys are completed by the verifier");
+                    daemon.set_verifier(Box::new(v));
+                }
+                None => tracing::debug!("not enrolled with a verifier: no split keys here"),
             }
             spawn_background(&daemon, &libvirt_uri);
             tokio::spawn(host_daemon::grpc::tpm_report::report_tpm(dir.clone()));

@@ -10,6 +10,7 @@
 mod approvals;
 mod attest;
 mod guests;
+mod halves;
 mod hosts;
 mod meta;
 mod policies;

@@ -95,7 +95,7 @@ impl SqliteTx<'_> {
             .optional()?)
     }
 
-    fn exec(&mut self, sql: &str, p: impl rusqlite::Params) -> Result<()> {
+    pub(super) fn exec(&mut self, sql: &str, p: impl rusqlite::Params) -> Result<()> {
         self.conn.prepare_cached(sql)?.execute(p)?;
         Ok(())
     }
