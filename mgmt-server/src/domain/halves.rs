@@ -145,7 +145,7 @@ impl Core {
             .await
     }
 
-    fn release_halves_now(
+    pub(crate) fn release_halves_now(
         &self,
         host: &str,
         wanted: &[Wanted],

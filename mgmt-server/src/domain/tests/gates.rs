@@ -394,3 +394,106 @@ async fn a_split_key_is_a_half_released_only_as_one() {
         .set_release_policy(&b.admin, "sp", ReleasePolicy::AttestedApproved)
         .unwrap();
 }
+
+/// A verifier's halves: made at the first request and bound to the host
+/// that asked; no other host gets one, nor destroys one; only a fresh
+/// attestation releases one; a nonce is good once, for its own host.
+#[tokio::test]
+async fn a_verifiers_half_is_bound_to_the_host_that_first_asked() {
+    use crate::domain::halves::Wanted;
+    let b = Bed::new();
+    for h in ["kvm-a", "kvm-b"] {
+        b.host(h);
+        pin(&b, h);
+    }
+    let vol = "0b7d1c52-6f3e-4b8e-9a51-3f0c2d4e5a6b";
+    let want = |g| {
+        vec![Wanted {
+            volume_id: vol.into(),
+            generation: g,
+        }]
+    };
+    // No fresh attestation: nothing.
+    let e = b.core.release_halves_now("kvm-a", &want(1)).unwrap_err();
+    assert!(matches!(e, CoreError::Unattested(_)), "{e:?}");
+    assert_eq!(audit_count(&b, "half.created"), 0);
+    outcome(&b, "kvm-a", true, 0);
+    outcome(&b, "kvm-b", true, 0);
+    let first = b.core.release_halves_now("kvm-a", &want(1)).unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(audit_count(&b, "half.created"), 1);
+    // The same half again for the same host (a start); a host's halves
+    // open only with its own sealing key (`seal_for`).
+    b.core.release_halves_now("kvm-a", &want(1)).unwrap();
+    assert_eq!(audit_count(&b, "half.created"), 1);
+    assert_eq!(audit_count(&b, "half.released"), 2);
+    // Another host: refused, nothing released or made.
+    let e = b.core.release_halves_now("kvm-b", &want(1)).unwrap_err();
+    assert!(e.to_string().contains("is bound to host kvm-a"), "{e}");
+    assert_eq!(audit_count(&b, "half.released"), 2);
+    assert_eq!(b.core.forget_halves("kvm-b", vol, 0).unwrap(), 0);
+    assert_eq!(b.core.host_halves("kvm-a").unwrap(), 1);
+    // The next generation, then the old one goes.
+    b.core.release_halves_now("kvm-a", &want(2)).unwrap();
+    assert_eq!(b.core.forget_halves("kvm-a", vol, 2).unwrap(), 1);
+    assert_eq!(b.core.forget_halves("kvm-a", vol, 0).unwrap(), 1);
+    assert_eq!(audit_count(&b, "half.destroyed"), 2);
+
+    // Nonces: unknown, another host's, used twice, and bad requests are
+    // refused before any quote is looked at.
+    let answer = || crate::domain::agent::QuoteAnswer {
+        quote: vec![1],
+        signature: vec![2],
+        values: vec![],
+    };
+    let e = b
+        .core
+        .release_halves("kvm-a", &[7; 32], answer(), want(1))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("was not issued to host kvm-a"), "{e}");
+    let mut tx = b.store.begin(Access::Write).unwrap();
+    tx.insert_half_challenge(&hex::encode([9u8; 32]), "kvm-b", crate::domain::now_unix())
+        .unwrap();
+    tx.commit().unwrap();
+    let e = b
+        .core
+        .release_halves("kvm-a", &[9; 32], answer(), want(1))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("was not issued to host kvm-a"), "{e}");
+    // kvm-b's own nonce is spent by its first use, whatever the quote
+    // (this bed pins a stand-in AK, so none verifies here; real quotes in
+    // tests/tests/split_keys.rs).
+    b.core
+        .release_halves("kvm-b", &[9; 32], answer(), want(1))
+        .await
+        .unwrap_err();
+    let e = b
+        .core
+        .release_halves("kvm-b", &[9; 32], answer(), want(1))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("used already"), "{e}");
+    for (nonce, wanted, what) in [
+        (vec![1u8; 31], want(1), "nonce"),
+        (vec![1u8; 32], vec![], "halves"),
+        (vec![1u8; 32], want(0), "generation"),
+        (
+            vec![1u8; 32],
+            vec![Wanted {
+                volume_id: "not-a-uuid".into(),
+                generation: 1,
+            }],
+            "volume id",
+        ),
+    ] {
+        let e = b
+            .core
+            .release_halves("kvm-a", &nonce, answer(), wanted)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains(what), "{what}: {e}");
+    }
+    assert_eq!(audit_count(&b, "half.released"), 3);
+}
