@@ -216,8 +216,7 @@ fn a_split_key_needs_both_servers_and_neither_holds_the_passphrase() {
     let (vid, generation, v) = &halves[0];
     assert_eq!((vid.as_str(), *generation), (id.as_str(), 1));
     let text = |b: &[u8]| xdr_wipe::packet::passphrase_from_random(b.try_into().unwrap());
-    let opens =
-        |key: &[u8]| guestkey_tests::image::opens_with(&s.dir, &path, "qcow2", key);
+    let opens = |key: &[u8]| guestkey_tests::image::opens_with(&s.dir, &path, "qcow2", key);
     for half in [u.expose_secret(), v.expose_secret()] {
         assert!(!opens(half), "a half opens the volume");
         assert!(
@@ -272,6 +271,30 @@ fn a_split_key_needs_both_servers_and_neither_holds_the_passphrase() {
     });
     virsh(&["start", &guest]).unwrap();
     virsh(&["destroy", &guest]).unwrap();
+
+    // Neither half nor the passphrase stays in guestkeyd's memory once
+    // the start is done (the scanner's own control: tests/tests/host.rs).
+    let u = s.server_key(&id);
+    let halves = verifier_halves(&verifier);
+    assert_eq!(halves.len(), 1, "only the new generation's half is left");
+    let v = &halves[0].2;
+    let xor: Vec<u8> = u
+        .expose_secret()
+        .iter()
+        .zip(v.expose_secret())
+        .map(|(a, b)| a ^ b)
+        .collect();
+    let k = text(&xor);
+    let pid = s.daemon.as_ref().unwrap().pid();
+    for (what, secret) in [
+        ("U", u.expose_secret()),
+        ("V", v.expose_secret()),
+        ("the passphrase", k.expose_secret()),
+    ] {
+        let hits = guestkey_tests::memscan::Needles::of(secret).find_in(pid);
+        assert!(hits.is_empty(), "{what} in guestkeyd's memory: {hits:?}");
+    }
+    drop((u, halves, k, xor));
 
     // Removing the volume destroys the verifier's halves too.
     s.json(&["guest", "undefine", &guest]);

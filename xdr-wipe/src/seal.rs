@@ -259,6 +259,7 @@ pub fn seal(
     host: &HostId,
     recipient: &HostPublicKey,
 ) -> Result<SealedPacket, SealError> {
+    let _wipe = crate::secret::StackWipe;
     packet
         .check()
         .map_err(|(field, what)| SealError::InvalidPacket { field, what })?;
@@ -309,6 +310,7 @@ pub fn open(
     volume: VolumeId,
     generation: u64,
 ) -> Result<KeyPacket, OpenError> {
+    let _wipe = crate::secret::StackWipe;
     let sealed = SealedPacket::from_bytes(bytes).map_err(OpenError::Malformed)?;
     let h = &sealed.header;
     if h.host != *this_host {

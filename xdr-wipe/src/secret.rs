@@ -84,3 +84,28 @@ impl<const MAX: u32> Codec for SecretOpaque<MAX> {
         Ok(secret)
     }
 }
+
+/// Bytes of stack [`StackWipe`] overwrites.
+const STACK_WIPE: usize = 32 << 10;
+
+/// Overwrites the stack below the caller's frame with zeros: where the
+/// frames of the functions it called were. Cipher code (ChaCha20's SIMD
+/// lanes, spilled registers) leaves pieces of what it processed there, and
+/// nothing else wipes them.
+#[inline(never)]
+fn wipe_stack_below() {
+    let mut area = [0u8; STACK_WIPE];
+    zeroize::Zeroize::zeroize(&mut area[..]);
+    std::hint::black_box(&area);
+}
+
+/// Wipes the stack below its owner's frame when dropped: held across a
+/// call that handles clear key bytes (sealing, opening), it clears what
+/// that call's frames left, on every path out.
+pub(crate) struct StackWipe;
+
+impl Drop for StackWipe {
+    fn drop(&mut self) {
+        wipe_stack_below();
+    }
+}

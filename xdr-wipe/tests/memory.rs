@@ -213,3 +213,48 @@ fn the_memory_scan_reports_a_planted_leak() {
         "{stdout}"
     );
 }
+
+/// A split key: both halves opened and combined, then dropped: neither
+/// half nor the passphrase stays.
+#[test]
+fn no_half_or_combined_passphrase_survives_after_drop() {
+    use xdr_wipe::packet::{combine_halves, generate_half};
+    let key = HostSealingKey::generate();
+    let host = xdr_wipe::XdrString::new("kvm-mem.example").unwrap();
+    let volume = VolumeId(uuid::Uuid::new_v4());
+    let mut list = vec![];
+    let mut sealed = vec![];
+    for what in ["U", "V"] {
+        let half = generate_half().unwrap();
+        list.extend(needles(what, half.expose_secret()));
+        let mut packet =
+            KeyPacket::passphrase(volume, 3, CipherParams::aes_xts(VolumeFormat::Qcow2), half);
+        packet.mechanism = Mechanism::QemuLuksPassphraseHalf;
+        sealed.push(seal(&packet, &host, &key.public_key()).unwrap().to_bytes());
+    }
+    let u = open(&sealed[0], &key, &host, volume, 3).unwrap();
+    let v = open(&sealed[1], &key, &host, volume, 3).unwrap();
+    let k = combine_halves(&u, &v).unwrap();
+    list.extend(needles("passphrase", k.secret.expose_secret()));
+    let alive = scan(&list);
+    for (n, h) in list.iter().zip(&alive) {
+        assert!(
+            !h.is_empty(),
+            "control scan did not find the live {}",
+            n.what
+        );
+    }
+    drop((u, v, k, sealed));
+    let after = scan(&list);
+    let leaks: Vec<String> = list
+        .iter()
+        .zip(&after)
+        .filter(|(_, h)| !h.is_empty())
+        .map(|(n, h)| format!("{}: {} copies, at {}", n.what, h.len(), h.join(", ")))
+        .collect();
+    assert!(
+        leaks.is_empty(),
+        "left in memory after drop:\n{}",
+        leaks.join("\n")
+    );
+}

@@ -451,7 +451,10 @@ async fn a_verifiers_half_is_bound_to_the_host_that_first_asked() {
         .release_halves("kvm-a", &[7; 32], answer(), want(1))
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("was not issued to host kvm-a"), "{e}");
+    assert!(
+        e.to_string().contains("was not issued to host kvm-a"),
+        "{e}"
+    );
     let mut tx = b.store.begin(Access::Write).unwrap();
     tx.insert_half_challenge(&hex::encode([9u8; 32]), "kvm-b", crate::domain::now_unix())
         .unwrap();
@@ -461,7 +464,10 @@ async fn a_verifiers_half_is_bound_to_the_host_that_first_asked() {
         .release_halves("kvm-a", &[9; 32], answer(), want(1))
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("was not issued to host kvm-a"), "{e}");
+    assert!(
+        e.to_string().contains("was not issued to host kvm-a"),
+        "{e}"
+    );
     // kvm-b's own nonce is spent by its first use, whatever the quote
     // (this bed pins a stand-in AK, so none verifies here; real quotes in
     // tests/tests/split_keys.rs).
