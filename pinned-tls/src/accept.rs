@@ -21,12 +21,16 @@ use std::time::Duration;
 
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 
 use crate::SetupError;
 use crate::connect::{load_identity, load_roots};
@@ -97,49 +101,14 @@ impl Acceptor {
     }
 
     /// The connections of `listener` whose handshake went through, for
-    /// tonic's `serve_with_incoming`. Accepting stops once the stream is
-    /// dropped. Must be called within a Tokio runtime.
-    pub fn incoming(
-        self,
-        listener: TcpListener,
-    ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(self.accept_loop(listener, tx));
-        ReceiverStream::new(rx)
-    }
-
-    async fn accept_loop(
-        self,
-        listener: TcpListener,
-        tx: mpsc::Sender<io::Result<TlsStream<TcpStream>>>,
-    ) {
-        let permits = Arc::new(Semaphore::new(HANDSHAKES));
-        loop {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
-            };
-            let accepted = tokio::select! {
-                () = tx.closed() => return,
-                a = listener.accept() => a,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors, or the connection went away
-                    // before it was accepted: not the listener's end.
-                    tracing::warn!("accepting a connection failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let this = self.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                if let Some(tls) = this.handshake(tcp, peer).await {
-                    let _ = tx.send(Ok(tls)).await;
-                }
-                drop(permit);
-            });
+    /// tonic's `serve_with_incoming`. The stream owns the listener and the
+    /// handshakes under way: dropping it closes the port and ends them.
+    pub fn incoming(self, listener: TcpListener) -> Incoming {
+        Incoming {
+            listener,
+            acceptor: self,
+            handshakes: JoinSet::new(),
+            backoff: None,
         }
     }
 
@@ -162,6 +131,54 @@ impl Acceptor {
             Err(_) => {
                 tracing::debug!(%peer, "a TLS handshake took longer than {HANDSHAKE_TIMEOUT:?}");
                 None
+            }
+        }
+    }
+}
+
+/// The accepted connections of one listener (see [`Acceptor::incoming`]).
+pub struct Incoming {
+    listener: TcpListener,
+    acceptor: Acceptor,
+    handshakes: JoinSet<Option<TlsStream<TcpStream>>>,
+    /// After a failed accept (out of descriptors): when to try again.
+    backoff: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Stream for Incoming {
+    type Item = io::Result<TlsStream<TcpStream>>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(b) = this.backoff.as_mut() {
+            if b.as_mut().poll(cx).is_ready() {
+                this.backoff = None;
+            }
+        }
+        while this.backoff.is_none() && this.handshakes.len() < HANDSHAKES {
+            match this.listener.poll_accept(cx) {
+                Poll::Ready(Ok((tcp, peer))) => {
+                    let a = this.acceptor.clone();
+                    this.handshakes
+                        .spawn(async move { a.handshake(tcp, peer).await });
+                }
+                Poll::Ready(Err(e)) => {
+                    // Out of descriptors, or a connection gone before it
+                    // was accepted: not the listener's end.
+                    tracing::warn!("accepting a connection failed: {e}");
+                    let mut b = Box::pin(tokio::time::sleep(Duration::from_millis(50)));
+                    let _ = b.as_mut().poll(cx);
+                    this.backoff = Some(b);
+                }
+                Poll::Pending => break,
+            }
+        }
+        loop {
+            match this.handshakes.poll_join_next(cx) {
+                Poll::Ready(Some(Ok(Some(tls)))) => return Poll::Ready(Some(Ok(tls))),
+                // Refused, timed out, or its task failed: the next one.
+                Poll::Ready(Some(_)) => continue,
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
             }
         }
     }

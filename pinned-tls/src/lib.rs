@@ -37,7 +37,7 @@ mod accept;
 mod connect;
 mod verify;
 
-pub use accept::{Acceptor, ClientAuth};
+pub use accept::{Acceptor, ClientAuth, Incoming};
 pub use connect::{ConnectError, Connector, Probe, SetupError};
 
 use sha2::{Digest, Sha256};

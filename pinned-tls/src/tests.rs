@@ -384,3 +384,31 @@ async fn a_probe_names_the_refusal_of_a_client_certificate() {
         Probe::Refused("UnknownCA".into())
     );
 }
+
+/// The port is free as soon as the stream of connections is dropped (a
+/// server stopped and started again on its port must not find it taken).
+#[tokio::test]
+async fn dropping_the_incoming_stream_frees_the_port() {
+    let ca = ca();
+    let (cert, key, _) = server_leaf(&ca, &["127.0.0.1"]);
+    let a = Acceptor::new(
+        &cert,
+        &key,
+        &ca.pem,
+        "the test CA",
+        ClientAuth::Optional,
+        "-",
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut incoming = a.incoming(listener);
+    // Polled once, as a server does before it stops.
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_millis(20),
+        tokio_stream::StreamExt::next(&mut incoming),
+    )
+    .await;
+    drop(incoming);
+    tokio::net::TcpListener::bind(addr).await.unwrap();
+}

@@ -199,6 +199,14 @@ fn a_split_key_needs_both_servers_and_neither_holds_the_passphrase() {
             .contains("has no attestation allowlist")
     });
     assert_eq!(audited(&verifier, "half.released", &id), 0);
+    // A verifier never calls hosts: it cannot learn, and says how to allow.
+    let o = verifier.ctl(&["attestation", "allow", "--host", &host, "--learn"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("give them with --pcr N=HEX"),
+        "{}",
+        stderr(&o)
+    );
     verifier.json(&allow);
     s.wait_for(90, "the split volume made", || {
         s.json(&["volume", "show", "sp"])["state"] == "ready"

@@ -251,7 +251,7 @@ pub async fn enroll(
 const CHALLENGE_BLOB: &str = "challenge.blob";
 const CHALLENGE_SECRET: &str = "challenge.secret";
 
-fn forget_challenge(dir: &StateDir) {
+pub(super) fn forget_challenge(dir: &StateDir) {
     for f in [CHALLENGE_BLOB, CHALLENGE_SECRET] {
         let _ = std::fs::remove_file(dir.file(ATTESTATION_DIR).join(f));
     }
@@ -260,6 +260,31 @@ fn forget_challenge(dir: &StateDir) {
 /// At `guestkeyd run`: a proof of the attestation key that did not go
 /// through at enrollment is tried again. Logged either way.
 pub async fn retry_proof(dir: StateDir) {
+    retry_proof_at(dir.clone(), dir).await;
+}
+
+/// Keeps a server's credential in `link_dir` until its proof went
+/// through.
+pub(super) fn keep_challenge(
+    link_dir: &StateDir,
+    blob: &[u8],
+    secret: &[u8],
+) -> Result<(), EnrollError> {
+    let root = link_dir.file(ATTESTATION_DIR);
+    private_dir(&root)
+        .map_err(|e| EnrollError(format!("cannot create {}: {e}", root.display())))?;
+    for (f, b) in [(CHALLENGE_BLOB, blob), (CHALLENGE_SECRET, secret)] {
+        let p = root.join(f);
+        write_atomic(&p, b)
+            .map_err(|e| EnrollError(format!("cannot write {}: {e}", p.display())))?;
+    }
+    Ok(())
+}
+
+/// As [`retry_proof`], for the server whose link files are in `link_dir`
+/// (the state directory, or its `verifier/`), with the AK of `ak_dir`.
+pub(super) async fn retry_proof_at(link_dir: StateDir, ak_dir: StateDir) {
+    let dir = link_dir;
     let root = dir.file(ATTESTATION_DIR);
     let (Ok(blob), Ok(secret)) = (
         std::fs::read(root.join(CHALLENGE_BLOB)),
@@ -267,7 +292,7 @@ pub async fn retry_proof(dir: StateDir) {
     ) else {
         return;
     };
-    let ak = match HostAttestation::load(&dir) {
+    let ak = match HostAttestation::load(&ak_dir) {
         Ok(Some(a)) => a,
         Ok(None) => return,
         Err(e) => {
@@ -290,7 +315,7 @@ pub async fn retry_proof(dir: StateDir) {
 /// The second half of a TPM-bound enrollment: the TPM recovers the
 /// server's credential (only if the AK lives in the TPM of the EK), and the
 /// host sends it back over its new mutual-TLS link.
-async fn prove(
+pub(super) async fn prove(
     server: &str,
     dir: &StateDir,
     ak: &HostAttestation,

@@ -14,12 +14,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use guestkey_proto::host::{
-    AttestationProof, EnrollRequest, ForgetHalvesRequest, HalfChallengeRequest, HalfQuotedPcr,
-    HalfWanted, ReleaseHalvesRequest, host_api_client::HostApiClient,
+    EnrollRequest, ForgetHalvesRequest, HalfChallengeRequest, HalfQuotedPcr, HalfWanted,
+    ReleaseHalvesRequest, host_api_client::HostApiClient,
 };
 use tonic::transport::Channel;
 
-use super::enroll::{EnrollError, EnrollmentToken, check_ca, link_error, server_peer};
+use super::enroll::{
+    EnrollError, EnrollmentToken, check_ca, forget_challenge, keep_challenge, link_error, prove,
+    retry_proof_at, server_peer,
+};
 use super::link::ServerLink;
 use crate::model::VolumeId;
 use crate::ops::HalfSource;
@@ -142,33 +145,23 @@ pub async fn enroll_verifier(
     }
     std::fs::rename(staged.root(), vdir.root()).map_err(io(vdir.root()))?;
     // The proof, over the new link: the verifier pins the AK only then.
-    let credential = ak
-        .activate(&r.credential_blob, &r.encrypted_secret)
+    // Its credential is kept until then: `guestkeyd run` tries again.
+    keep_challenge(&vdir, &r.credential_blob, &r.encrypted_secret)?;
+    prove(server, &vdir, &ak, &r.credential_blob, &r.encrypted_secret)
+        .await
         .map_err(|e| {
             EnrollError(format!(
-                "the TPM did not activate the verifier's credential: {e}"
+                "host {me} is enrolled with the verifier, but its attestation key was not proven to it yet ({e}): guestkeyd tries again each time it starts; until then the verifier releases no half to this host"
             ))
         })?;
-    let link = ServerLink::from_state(&vdir)
-        .map_err(|e| EnrollError(e.to_string()))?
-        .ok_or_else(|| EnrollError("the verifier's files are missing".into()))?;
-    let channel = link
-        .connect(Duration::from_secs(30))
-        .await
-        .map_err(|e| link_error(server, e))?;
-    HostApiClient::new(channel)
-        .prove_attestation_key(AttestationProof {
-            credential: credential.to_vec(),
-        })
-        .await
-        .map_err(|s| {
-            EnrollError(format!(
-                "host {me} is enrolled with the verifier, but it refused the attestation key's proof ({}): it releases no half to this host; remove {} and enroll again with a new token",
-                s.message(),
-                vdir.root().display()
-            ))
-        })?;
+    forget_challenge(&vdir);
     Ok(r.host_name)
+}
+
+/// At `guestkeyd run`: the AK's proof to the verifier, if it did not go
+/// through at `enroll-verifier`, is tried again.
+pub async fn retry_verifier_proof(dir: StateDir) {
+    retry_proof_at(verifier_dir(&dir), dir).await;
 }
 
 /// The verifier as the daemon asks it for halves; called from blocking

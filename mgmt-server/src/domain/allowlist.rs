@@ -144,6 +144,11 @@ impl Core {
         pcrs: &[u8],
         replace: bool,
     ) -> Result<Allowlist, CoreError> {
+        if self.verifier {
+            return Err(CoreError::FailedPrecondition(format!(
+                "this server runs as a verifier and never calls hosts, so it cannot learn host {host}'s values from a quote: give them with --pcr N=HEX (e.g. from `guestkeyctl attestation show --host {host}` at the management server, which learns them with --learn)"
+            )));
+        }
         let selection = PcrSelection::new(pcrs.iter().copied()).map_err(|why| {
             CoreError::Invalid(InvalidInput {
                 what: "PCRs to learn",

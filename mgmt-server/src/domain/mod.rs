@@ -109,6 +109,8 @@ pub struct Core {
     /// Woken when an operation is queued for a host.
     wake: tokio::sync::Notify,
     entropy: guestkey_protect::tpm::Entropy,
+    /// Runs as a verifier (`--role verifier`): never calls hosts.
+    verifier: bool,
 }
 
 impl Core {
@@ -134,9 +136,17 @@ impl Core {
             migrating_now: Mutex::new(HashSet::new()),
             wake: tokio::sync::Notify::new(),
             entropy: parts.entropy,
+            verifier: false,
         };
         core.check_newest_checkpoint()?;
         Ok(core)
+    }
+
+    /// This domain as a verifier's: it keeps halves of split keys and
+    /// never calls hosts (what needs a call says so).
+    pub fn as_verifier(mut self) -> Self {
+        self.verifier = true;
+        self
     }
 
     /// A new volume key (a LUKS passphrase) from the OS's random bytes,

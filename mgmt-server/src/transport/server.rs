@@ -65,6 +65,10 @@ pub fn open(config: &Config) -> Result<(Arc<Core>, Arc<ServerIdentity>), CoreErr
         checkpoints: Some(dir.audit_checkpoints()),
         entropy: entropy(&dir),
     })?;
+    let core = match config.role {
+        crate::config::ServerRole::Verifier => core.as_verifier(),
+        crate::config::ServerRole::Management => core,
+    };
     Ok((Arc::new(core), identity))
 }
 

@@ -360,6 +360,9 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
             spawn_background(&daemon, &libvirt_uri);
             tokio::spawn(host_daemon::grpc::tpm_report::report_tpm(dir.clone()));
             tokio::spawn(host_daemon::grpc::enroll::retry_proof(dir.clone()));
+            tokio::spawn(host_daemon::grpc::verifier::retry_verifier_proof(
+                dir.clone(),
+            ));
             tokio::spawn(host_daemon::grpc::report::run(dir.clone(), daemon.clone()));
 
             gate.open(daemon.clone());
