@@ -60,6 +60,7 @@ fn main() {
             max_attempts: 10,
         },
         role: Default::default(),
+        ek_anchors: vec![],
     };
     let (core, identity) = mgmt_server::transport::server::open(&config).unwrap();
     let admin = Caller::Admin("bench".into());

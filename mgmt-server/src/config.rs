@@ -10,6 +10,9 @@
 //! max_volumes_per_host = 10000       # volumes one host may be assigned
 //! key_releases_per_minute = 1000     # key packets released to one host per minute
 //!
+//! [attestation]
+//! ek_ca_file = "/etc/guestkey/ek-ca.pem"  # TPMs enroll only with an EK certificate one of these CAs signed
+//!
 //! [retry]                            # failed pushes
 //! initial_delay_ms = 500
 //! max_delay_ms = 60000
@@ -96,6 +99,15 @@ struct FileConfig {
     limits: Limits,
     #[serde(default)]
     retry: Retry,
+    #[serde(default)]
+    attestation: AttestationFile,
+}
+
+/// `[attestation]` of the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttestationFile {
+    ek_ca_file: Option<PathBuf>,
 }
 
 /// The effective configuration.
@@ -113,6 +125,9 @@ pub struct Config {
     pub retry: Retry,
     /// What this server is.
     pub role: ServerRole,
+    /// The CAs (DER) whose EK certificates enrolling TPMs must have
+    /// (`attestation.ek_ca_file`; empty: not checked).
+    pub ek_anchors: Vec<Vec<u8>>,
 }
 
 /// What a guestkey server is for.
@@ -262,6 +277,10 @@ impl Config {
             })?,
             (None, None) => ServerRole::Management,
         };
+        let ek_anchors = match &fc.attestation.ek_ca_file {
+            None => vec![],
+            Some(path) => ek_anchors(path)?,
+        };
         Ok(Self {
             listen,
             data_dir,
@@ -269,8 +288,47 @@ impl Config {
             limits: fc.limits,
             retry: fc.retry,
             role,
+            ek_anchors,
         })
     }
+}
+
+/// The CA certificates in the PEM file `path`: at least one, each a CA.
+fn ek_anchors(path: &Path) -> Result<Vec<Vec<u8>>, ConfigError> {
+    let bad = |message: String| ConfigError::Invalid {
+        setting: "attestation.ek_ca_file",
+        message,
+    };
+    let text =
+        std::fs::read(path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+    let mut out = vec![];
+    for pem in x509_parser::pem::Pem::iter_from_buffer(&text) {
+        let pem = pem.map_err(|e| bad(format!("{} is not PEM text: {e}", path.display())))?;
+        if pem.label != "CERTIFICATE" {
+            continue;
+        }
+        let cert = pem.parse_x509().map_err(|e| {
+            bad(format!(
+                "{} holds a certificate that does not parse: {e}",
+                path.display()
+            ))
+        })?;
+        if !cert.is_ca() {
+            return Err(bad(format!(
+                "{} holds {}, which is not a CA certificate",
+                path.display(),
+                cert.subject()
+            )));
+        }
+        out.push(pem.contents.clone());
+    }
+    if out.is_empty() {
+        return Err(bad(format!(
+            "{} holds no PEM certificate: give the CA certificates of your TPMs' manufacturers",
+            path.display()
+        )));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -285,6 +343,36 @@ mod tests {
         let p = dir.join("server.toml");
         std::fs::write(&p, text).unwrap();
         (p, gone)
+    }
+
+    #[test]
+    fn a_bad_ek_ca_file_is_named() {
+        let (ca, _gone) = file("not pem");
+        let (p, _gone2) = file(&format!(
+            "data_dir = \"/d\"\n[attestation]\nek_ca_file = \"{}\"\n",
+            ca.display()
+        ));
+        let e = Config::load(Some(&p), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("attestation.ek_ca_file: "), "{e}");
+        assert!(e.contains("holds no PEM certificate"), "{e}");
+        let (p, _gone3) =
+            file("data_dir = \"/d\"\n[attestation]\nek_ca_file = \"/nonexistent/ek.pem\"\n");
+        let e = Config::load(Some(&p), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot read /nonexistent/ek.pem"), "{e}");
+        let (p, _gone4) = file("data_dir = \"/d\"\n[attestation]\nek_ca = 1\n");
+        let e = Config::load(Some(&p), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ek_ca"), "{e}");
+        let (p, _gone5) = file("data_dir = \"/d\"\nrole = \"judge\"\n");
+        let e = Config::load(Some(&p), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use management or verifier"), "{e}");
     }
 
     #[test]

@@ -236,3 +236,76 @@ fn every_one_byte_change_or_cut_of_a_quote_or_key_is_refused_without_a_panic() {
         assert!(AttestationKeyPublic::read(&ak.public[..i]).is_err());
     }
 }
+
+/// A CA that signs EK certificates (a TPM manufacturer's, in a test).
+fn ek_ca(name: &str) -> (Vec<u8>, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, name.to_owned());
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let cert = p.self_signed(&key).unwrap();
+    (cert.der().to_vec(), rcgen::Issuer::new(p, key))
+}
+
+/// An EK certificate for the key in `spki_der`, signed by `issuer`, valid
+/// from the start of year `from` to the start of year `to`.
+fn ek_certificate(
+    spki_der: &[u8],
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    from: i32,
+    to: i32,
+) -> Vec<u8> {
+    let spki = rcgen::SubjectPublicKeyInfo::from_der(spki_der).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.not_before = rcgen::date_time_ymd(from, 1, 1);
+    p.not_after = rcgen::date_time_ymd(to, 1, 1);
+    p.signed_by(&spki, issuer).unwrap().der().to_vec()
+}
+
+#[test]
+fn an_ek_certificate_counts_only_for_its_own_ek_and_from_its_manufacturers_ca() {
+    let tpm = Swtpm::start();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let ek = EndorsementKey::read(&on(&tpm, |t| t.endorsement()).public).unwrap();
+    let (ca_der, ca) = ek_ca("TPM manufacturer EK CA");
+    let cert = ek_certificate(&ek.public_key_der(), &ca, 2020, 2100);
+    // As a manufacturer does: in the TPM's NV memory, read back with the EK.
+    tpm.write_ek_certificate(&cert);
+    let read = on(&tpm, |t| t.endorsement());
+    assert_eq!(read.certificate.as_deref(), Some(cert.as_slice()));
+    let signer = ek
+        .check_certificate(&cert, std::slice::from_ref(&ca_der), now)
+        .unwrap();
+    assert!(signer.contains("TPM manufacturer EK CA"), "{signer}");
+
+    let refused = |cert: &[u8], anchors: &[Vec<u8>]| {
+        let e = ek.check_certificate(cert, anchors, now).unwrap_err();
+        assert!(matches!(e, VerifyError::Certificate(_)), "{e:?}");
+        e.to_string()
+    };
+    // Another CA (also one of the same name).
+    let (other_der, _) = ek_ca("TPM manufacturer EK CA");
+    let e = refused(&cert, std::slice::from_ref(&other_der));
+    assert!(e.contains("not signed by a CA of the EK CA file"), "{e}");
+    // The right CA's certificate for another TPM's EK.
+    let other_tpm = Swtpm::start();
+    let other_ek = EndorsementKey::read(&on(&other_tpm, |t| t.endorsement()).public).unwrap();
+    let e = refused(
+        &ek_certificate(&other_ek.public_key_der(), &ca, 2020, 2100),
+        std::slice::from_ref(&ca_der),
+    );
+    assert!(e.contains("for another key"), "{e}");
+    // Expired, and not a certificate at all.
+    let e = refused(
+        &ek_certificate(&ek.public_key_der(), &ca, 2000, 2001),
+        std::slice::from_ref(&ca_der),
+    );
+    assert!(e.contains("not valid now"), "{e}");
+    let e = refused(b"not a certificate", std::slice::from_ref(&ca_der));
+    assert!(e.contains("does not parse"), "{e}");
+}

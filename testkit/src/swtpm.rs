@@ -117,6 +117,30 @@ impl Swtpm {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Writes `der` as the TPM's ECC P-256 EK certificate (NV index
+    /// 0x01c0000a, where a manufacturer puts it and tss-esapi reads it).
+    pub fn write_ek_certificate(&self, der: &[u8]) {
+        let dir = crate::temp_dir("ek-cert");
+        let _gone = crate::cleanup::Made::dir(&dir);
+        let file = dir.join("ek.der");
+        std::fs::write(&file, der).unwrap();
+        let file = file.to_str().unwrap();
+        let size = der.len().to_string();
+        self.tool(
+            "tpm2_nvdefine",
+            &[
+                "0x01c0000a",
+                "-C",
+                "o",
+                "-s",
+                &size,
+                "-a",
+                "ownerread|ownerwrite|authread|authwrite",
+            ],
+        );
+        self.tool("tpm2_nvwrite", &["0x01c0000a", "-C", "o", "-i", file]);
+    }
+
     /// Extends SHA-256 PCR `pcr` with `data`'s digest (a simulated update of
     /// what that PCR measures).
     pub fn extend(&self, pcr: u8, data: &[u8]) {

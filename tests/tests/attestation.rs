@@ -248,3 +248,119 @@ fn a_host_enrolled_without_a_tpm_cannot_be_given_attested_volumes() {
         "{err}"
     );
 }
+
+/// The EK (DER SubjectPublicKeyInfo) of the TPM behind `tpm`.
+fn ek_spki(tpm: &Swtpm) -> Vec<u8> {
+    use guestkey_protect::tpm::{DEADLINE, with_tpm};
+    let ek = with_tpm(&tpm.tcti(), DEADLINE, |t| t.endorsement()).unwrap();
+    guestkey_protect::tpm::verify::EndorsementKey::read(&ek.public)
+        .unwrap()
+        .public_key_der()
+}
+
+/// A TPM manufacturer's EK CA, in a test: its PEM, and a signer of EK
+/// certificates.
+fn manufacturer(name: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, name.to_owned());
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let cert = p.self_signed(&key).unwrap();
+    (cert.pem(), rcgen::Issuer::new(p, key))
+}
+
+/// Puts an EK certificate that `issuer` signed into `tpm`'s NV memory.
+fn give_ek_certificate(tpm: &Swtpm, issuer: &rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let spki = rcgen::SubjectPublicKeyInfo::from_der(&ek_spki(tpm)).unwrap();
+    let cert = rcgen::CertificateParams::default()
+        .signed_by(&spki, issuer)
+        .unwrap();
+    tpm.write_ek_certificate(cert.der());
+}
+
+#[test]
+fn with_an_ek_ca_only_tpms_with_an_ek_certificate_it_signed_enroll() {
+    let dir = guestkey_testkit::temp_dir("ek-ca");
+    let _gone = Made::dir(&dir);
+    let (ca_pem, ca) = manufacturer("Test TPM Manufacturer EK CA");
+    std::fs::write(dir.join("ek-ca.pem"), &ca_pem).unwrap();
+    let tpm = Swtpm::start();
+    give_ek_certificate(&tpm, &ca);
+    let tpm_args = |tpm: &Swtpm, key: &str| -> Vec<String> {
+        vec![
+            "--tpm".into(),
+            "--tpm-tcti".into(),
+            tpm.tcti(),
+            "--tpm-authority-key".into(),
+            d(&dir.join(key)).into(),
+        ]
+    };
+    let config = format!(
+        "{CONFIG}[attestation]\nek_ca_file = \"{}\"\n",
+        d(&dir.join("ek-ca.pem"))
+    );
+    let s = Stack::start_configured(&tpm_args(&tpm, "authority.pk8"), Some(&config));
+    let enrolled = s.audit("host.enrolled");
+    assert!(
+        enrolled.iter().any(|r| r["subject"] == s.host
+            && r["detail"]
+                .as_str()
+                .unwrap()
+                .contains("its EK certificate signed by CN=Test TPM Manufacturer EK CA")),
+        "{enrolled:?}"
+    );
+
+    // A TPM without a certificate, or with one of another CA: refused,
+    // and the token stays good.
+    let other = Swtpm::start();
+    let name = guestkey_tests::unique_name("ekless");
+    let token = s.json(&["host", "add", &name, "--address", "127.0.0.1:9"])["enrollment_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let state = dir.join("ekless");
+    let enroll = || {
+        let mut child = std::process::Command::new(guestkey_tests::stack::bin("guestkeyd"))
+            .args([
+                "enroll",
+                "--server",
+                s.server_url(),
+                "--token-file",
+                "-",
+                "--ca-file",
+            ])
+            .arg(s.dir.join("ca.pem"))
+            .arg("--state-dir")
+            .arg(&state)
+            .args(tpm_args(&other, "authority2.pk8"))
+            .env("TSS2_LOG", "all+none")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), token.as_bytes()).unwrap();
+        let o = child.wait_with_output().unwrap();
+        let _ = std::fs::remove_dir_all(&state);
+        o
+    };
+    let o = enroll();
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success());
+    assert!(
+        e.contains("has no EK certificate") && e.contains("attestation.ek_ca_file"),
+        "{e}"
+    );
+    let (_, stranger) = manufacturer("Test TPM Manufacturer EK CA");
+    give_ek_certificate(&other, &stranger);
+    let o = enroll();
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success());
+    assert!(e.contains("not signed by a CA of the EK CA file"), "{e}");
+    assert_eq!(
+        s.json(&["host", "show", &name])["state"],
+        "pending-enrollment"
+    );
+}

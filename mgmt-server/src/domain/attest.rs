@@ -55,8 +55,14 @@ pub struct Credential {
 }
 
 /// Checks what the host presented and makes its challenge: the identity
-/// to store (unpinned) and the credential to send.
-pub(crate) fn bind(tpm: &TpmIdentity) -> Result<(HostIdentity, Credential), String> {
+/// to store (unpinned), the credential to send, and, when the server has
+/// EK CAs (`attestation.ek_ca_file`), the CA that signed the EK's
+/// certificate: then a TPM without a certificate of its own EK from one of
+/// them is refused.
+pub(crate) fn bind(
+    tpm: &TpmIdentity,
+    ek_anchors: &[Vec<u8>],
+) -> Result<(HostIdentity, Credential, Option<String>), String> {
     let ek = EndorsementKey::read(&tpm.ek_public).map_err(|e| e.to_string())?;
     let ak = AttestationKeyPublic::read(&tpm.ak_public).map_err(|e| e.to_string())?;
     if let Some(cert) = &tpm.ek_certificate {
@@ -64,6 +70,17 @@ pub(crate) fn bind(tpm: &TpmIdentity) -> Result<(HostIdentity, Credential), Stri
             return Err("the EK certificate is longer than 8 KiB".into());
         }
     }
+    let signer = if ek_anchors.is_empty() {
+        None
+    } else {
+        let cert = tpm.ek_certificate.as_deref().ok_or(
+            "it has no EK certificate (NV index 0x01c0000a), and this server accepts only TPMs whose EK certificate one of its EK CAs signed (attestation.ek_ca_file)",
+        )?;
+        Some(
+            ek.check_certificate(cert, ek_anchors, now_unix())
+                .map_err(|e| format!("{e} (attestation.ek_ca_file)"))?,
+        )
+    };
     let mut credential = zeroize::Zeroizing::new([0u8; 32]);
     getrandom::fill(&mut credential[..]).map_err(|e| format!("no random bytes: {e}"))?;
     let (blob, secret) = ek
@@ -76,7 +93,7 @@ pub(crate) fn bind(tpm: &TpmIdentity) -> Result<(HostIdentity, Credential), Stri
         challenge_hash: Some(Sha256::digest(&credential[..]).to_vec()),
         pinned: false,
     };
-    Ok((identity, Credential { blob, secret }))
+    Ok((identity, Credential { blob, secret }, signer))
 }
 
 fn fingerprint(public: &[u8]) -> String {

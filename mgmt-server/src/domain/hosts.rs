@@ -255,7 +255,7 @@ impl Core {
         self.refuse_server_names(&parsed, &holder.address)
             .map_err(|e| refuse(format!("enrollment refused: {e}")))?;
         let bound = tpm
-            .map(attest::bind)
+            .map(|t| attest::bind(t, &self.ek_anchors))
             .transpose()
             .map_err(|e| refuse(format!("enrollment refused: host {name}'s TPM: {e}")))?;
         let host_part = crate::tls::tls_name(&holder.address).unwrap_or_default();
@@ -273,15 +273,17 @@ impl Core {
             })?;
             if done {
                 let mut detail = format!("certificate sha256 {}", issued.sha256);
-                if let Some((identity, _)) = &bound {
+                if let Some((identity, _, signer)) = &bound {
                     tx.set_host_identity(&name, identity)?;
                     detail.push_str(&format!(
                         "; TPM endorsement key sha256 {}{}, attestation key to be proven",
                         hex::encode(sha2::Sha256::digest(&identity.ek_public)),
-                        if identity.ek_certificate.is_some() {
-                            " (with its EK certificate)"
-                        } else {
-                            ""
+                        match (signer, identity.ek_certificate.is_some()) {
+                            (Some(ca), _) => format!(" (its EK certificate signed by {ca})"),
+                            (None, true) =>
+                                " (with its EK certificate, not checked: no attestation.ek_ca_file)"
+                                    .into(),
+                            (None, false) => String::new(),
                         }
                     ));
                 }
@@ -294,7 +296,7 @@ impl Core {
                 "enrollment refused: the token was used concurrently".into(),
             ));
         }
-        Ok((name, issued.cert, bound.map(|(_, c)| c)))
+        Ok((name, issued.cert, bound.map(|(_, c, _)| c)))
     }
 
     /// What a host needs to trust this server again (`guestkeyd

@@ -111,6 +111,8 @@ pub struct Core {
     entropy: guestkey_protect::tpm::Entropy,
     /// Runs as a verifier (`--role verifier`): never calls hosts.
     verifier: bool,
+    /// CAs whose EK certificates a TPM must have (DER; none: not checked).
+    ek_anchors: Vec<Vec<u8>>,
 }
 
 impl Core {
@@ -137,6 +139,7 @@ impl Core {
             wake: tokio::sync::Notify::new(),
             entropy: parts.entropy,
             verifier: false,
+            ek_anchors: vec![],
         };
         core.check_newest_checkpoint()?;
         Ok(core)
@@ -146,6 +149,13 @@ impl Core {
     /// never calls hosts (what needs a call says so).
     pub fn as_verifier(mut self) -> Self {
         self.verifier = true;
+        self
+    }
+
+    /// This domain with EK CAs: TPMs enroll only with an EK certificate one
+    /// of them signed.
+    pub fn with_ek_anchors(mut self, anchors: Vec<Vec<u8>>) -> Self {
+        self.ek_anchors = anchors;
         self
     }
 

@@ -65,6 +65,7 @@ pub fn open(config: &Config) -> Result<(Arc<Core>, Arc<ServerIdentity>), CoreErr
         checkpoints: Some(dir.audit_checkpoints()),
         entropy: entropy(&dir),
     })?;
+    let core = core.with_ek_anchors(config.ek_anchors.clone());
     let core = match config.role {
         crate::config::ServerRole::Verifier => core.as_verifier(),
         crate::config::ServerRole::Management => core,

@@ -60,6 +60,10 @@ pub enum VerifyError {
     /// The values the host sent are not those the quote signed.
     #[error("{0}")]
     DigestMismatch(String),
+    /// The EK certificate is missing, or is not the manufacturer's for
+    /// this EK.
+    #[error("{0}")]
+    Certificate(String),
 }
 
 fn require(
@@ -102,6 +106,80 @@ impl EndorsementKey {
             ));
         }
         Ok(Self { key })
+    }
+
+    /// Checks that `cert` (DER) is a certificate of this EK signed by one of
+    /// `anchors` (DER certificates: the CAs that sign TPM manufacturers' EK
+    /// certificates, intermediates included), both valid at `now_unix`, the
+    /// signer a CA, and the certificate's key this EK. Returns the
+    /// signer's subject.
+    pub fn check_certificate(
+        &self,
+        cert: &[u8],
+        anchors: &[Vec<u8>],
+        now_unix: i64,
+    ) -> Result<String, VerifyError> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let bad = |m: String| VerifyError::Certificate(m);
+        let (rest, leaf) = X509Certificate::from_der(cert)
+            .map_err(|e| bad(format!("the EK certificate does not parse: {e}")))?;
+        if !rest.is_empty() {
+            return Err(bad("the EK certificate has bytes after its end".into()));
+        }
+        let key = p256::PublicKey::from_sec1_bytes(&leaf.public_key().subject_public_key.data)
+            .map_err(|_| {
+                bad("the EK certificate's key is not an ECC P-256 key (guestkey uses the TCG ECC P-256 EK)".into())
+            })?;
+        if key != self.key.point {
+            return Err(bad(
+                "the EK certificate is for another key than this TPM's endorsement key".into(),
+            ));
+        }
+        let pool: Vec<X509Certificate<'_>> = anchors
+            .iter()
+            .filter_map(|a| X509Certificate::from_der(a).ok().map(|(_, c)| c))
+            .collect();
+        let when = x509_parser::time::ASN1Time::from_timestamp(now_unix)
+            .map_err(|e| bad(format!("the time: {e}")))?;
+        if !leaf.validity().is_valid_at(when) {
+            return Err(bad(format!(
+                "the EK certificate is not valid now (from {} to {})",
+                leaf.validity().not_before,
+                leaf.validity().not_after
+            )));
+        }
+        let issuer = pool.iter().find(|c| {
+            c.subject() == leaf.issuer() && leaf.verify_signature(Some(c.public_key())).is_ok()
+        });
+        let Some(issuer) = issuer else {
+            return Err(bad(format!(
+                "the EK certificate (issuer {}) is not signed by a CA of the EK CA file",
+                leaf.issuer()
+            )));
+        };
+        if !issuer.is_ca() {
+            return Err(bad(format!(
+                "{} signed the EK certificate but is not a CA",
+                issuer.subject()
+            )));
+        }
+        if !issuer.validity().is_valid_at(when) {
+            return Err(bad(format!(
+                "the EK CA {} is not valid now",
+                issuer.subject()
+            )));
+        }
+        Ok(issuer.subject().to_string())
+    }
+
+    /// The EK as a DER `SubjectPublicKeyInfo`: what its certificate holds.
+    pub fn public_key_der(&self) -> Vec<u8> {
+        use p256::pkcs8::EncodePublicKey;
+        self.key
+            .point
+            .to_public_key_der()
+            .map(|d| d.as_bytes().to_vec())
+            .unwrap_or_default()
     }
 
     /// SHA-256 of its public area, hex: how the admin sees it.
