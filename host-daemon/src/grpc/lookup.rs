@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use guestkey_proto::host::{
-    DescribeDiskRequest, ReleaseKeysRequest, host_api_client::HostApiClient,
+    DescribeDiskRequest, ReleaseKeysRequest, ReleasedKeys, host_api_client::HostApiClient,
 };
 use tonic::transport::Channel;
 use virt_plugin::protocol::Source;
@@ -112,19 +112,25 @@ impl DiskLookup for ServerLookup {
                 .await
                 .map_err(|_| format!("it did not answer within {} s", RELEASE.as_secs()))?
         })?;
-        r.keys
-            .into_iter()
-            .map(|k| {
-                Ok(SealedKey {
-                    volume: uuid::Uuid::parse_str(&k.volume_id)
-                        .map(VolumeId)
-                        .map_err(|_| {
-                            format!("it sent a key of volume {:?}, not a UUID", k.volume_id)
-                        })?,
-                    generation: k.generation,
-                    sealed: k.sealed_packet,
-                })
-            })
-            .collect()
+        sealed_keys(r)
     }
+}
+
+/// What a server released (keys, or a verifier's halves), as the daemon
+/// takes them; a volume id that is not a UUID is refused by name.
+pub(super) fn sealed_keys(r: ReleasedKeys) -> Result<Vec<SealedKey>, String> {
+    r.keys
+        .into_iter()
+        .map(|k| {
+            Ok(SealedKey {
+                volume: uuid::Uuid::parse_str(&k.volume_id)
+                    .map(VolumeId)
+                    .map_err(|_| {
+                        format!("it sent a key of volume {:?}, not a UUID", k.volume_id)
+                    })?,
+                generation: k.generation,
+                sealed: k.sealed_packet,
+            })
+        })
+        .collect()
 }

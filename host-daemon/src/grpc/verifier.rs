@@ -274,18 +274,7 @@ impl HalfSource for VerifierHalves {
                 .await
                 .map_err(|_| format!("it did not answer within {} s", ANSWER.as_secs()))?
         })?;
-        r.keys
-            .into_iter()
-            .map(|k| {
-                Ok(SealedKey {
-                    volume: uuid::Uuid::parse_str(&k.volume_id)
-                        .map(VolumeId)
-                        .map_err(|_| format!("it sent a half of {:?}, not a UUID", k.volume_id))?,
-                    generation: k.generation,
-                    sealed: k.sealed_packet,
-                })
-            })
-            .collect()
+        super::lookup::sealed_keys(r)
     }
 
     fn forget(&self, volume: VolumeId, below: u64) -> Result<u32, String> {

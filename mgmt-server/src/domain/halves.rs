@@ -150,32 +150,33 @@ impl Core {
         host: &str,
         wanted: &[Wanted],
     ) -> Result<Vec<SealedKey>, CoreError> {
-        let mut halves = vec![];
-        let sealed = self.write(|tx| {
+        self.write(|tx| {
             let enrolled = enrolled_in(tx, host)?;
             self.require_attested(tx, host)?;
             self.take_releases(host, wanted.len() as u32)?;
             let mut out = Vec::with_capacity(wanted.len());
             for w in wanted {
                 let name = wrap_name(&w.volume_id);
-                let master = self.keys.current(tx)?;
-                let half = match tx.key_half(&w.volume_id, w.generation)? {
-                    Some((bound, _)) if bound != host => {
+                let existing = tx.key_half(&w.volume_id, w.generation)?;
+                if let Some((bound, _)) = &existing {
+                    if bound != host {
                         return Err(CoreError::Denied(format!(
                             "the half of volume {} generation {} is bound to host {bound}: this verifier releases it to that host only",
                             w.volume_id, w.generation
                         )));
                     }
-                    Some((_, wrapped)) => master
-                        .unwrap_key(&name, w.generation, &wrapped.master_key_id, &wrapped.wrapped)
-                        .map_err(|e| CoreError::Internal(e.to_string()))?,
+                }
+                let (made, kept) = match existing {
+                    Some((_, wrapped)) => (None, Some(wrapped)),
                     None => {
                         let half = self.new_half()?;
-                        let wrapped = WrappedKey {
-                            master_key_id: master.id().to_owned(),
-                            wrapped: master.wrap(&name, w.generation, &half),
+                        let wrapped = {
+                            let master = self.keys.current(tx)?;
+                            WrappedKey {
+                                master_key_id: master.id().to_owned(),
+                                wrapped: master.wrap(&name, w.generation, &half),
+                            }
                         };
-                        drop(master);
                         tx.insert_key_half(&w.volume_id, w.generation, host, &wrapped, now_unix())?;
                         self.log(
                             tx,
@@ -184,9 +185,10 @@ impl Core {
                             &w.volume_id,
                             &format!("generation {} bound to host {host}", w.generation),
                         )?;
-                        half
+                        (Some(half), None)
                     }
                 };
+                // The record first, then the clear half (as for any key).
                 self.log(
                     tx,
                     "server",
@@ -194,6 +196,20 @@ impl Core {
                     &w.volume_id,
                     &format!("generation {} sealed to host {host}", w.generation),
                 )?;
+                let half = match (made, kept) {
+                    (Some(h), _) => h,
+                    (None, Some(wrapped)) => self
+                        .keys
+                        .current(tx)?
+                        .unwrap_key(&name, w.generation, &wrapped.master_key_id, &wrapped.wrapped)
+                        .map_err(|e| CoreError::Internal(e.to_string()))?,
+                    (None, None) => {
+                        return Err(CoreError::Internal(format!(
+                            "volume {}: neither a new nor a kept half",
+                            w.volume_id
+                        )));
+                    }
+                };
                 let uuid = volume_uuid(&w.volume_id)?;
                 let mut packet = KeyPacket::passphrase(
                     VolumeId(uuid),
@@ -204,14 +220,11 @@ impl Core {
                     half,
                 );
                 packet.mechanism = Mechanism::QemuLuksPassphraseHalf;
+                // The clear half is wiped when `packet` drops, right here.
                 out.push(seal_for(&packet, &enrolled).map_err(CoreError::Internal)?);
-                halves.push(packet);
             }
             Ok(out)
-        });
-        // The clear halves go before the answer does, whatever happened.
-        drop(halves);
-        sealed
+        })
     }
 
     /// `host` removed `volume_id` or rekeyed it: its halves below
@@ -237,10 +250,5 @@ impl Core {
             }
             Ok(n)
         })
-    }
-
-    /// How many halves are bound to `host` (for `host show` on a verifier).
-    pub fn host_halves(&self, host: &str) -> Result<u32, CoreError> {
-        self.read(|tx| Ok(tx.host_half_count(host)?))
     }
 }

@@ -574,6 +574,4 @@ pub trait HalfStore {
     fn all_key_halves(&mut self) -> Result<Vec<(String, u64, WrappedKey)>>;
     /// Replaces a half's wrapping (a master key rotation).
     fn rewrap_key_half(&mut self, volume: &str, generation: u64, key: &WrappedKey) -> Result<()>;
-    /// Halves bound to `host`.
-    fn host_half_count(&mut self, host: &str) -> Result<u32>;
 }

@@ -32,6 +32,20 @@ fn host_name(c: Caller, what: &str) -> Result<String, crate::model::CoreError> {
     }
 }
 
+/// Sealed keys (or halves) as the host API answers them.
+fn released(keys: Vec<crate::domain::agent::SealedKey>) -> hpb::ReleasedKeys {
+    hpb::ReleasedKeys {
+        keys: keys
+            .into_iter()
+            .map(|k| hpb::ReleasedKey {
+                volume_id: k.volume_id,
+                generation: k.generation,
+                sealed_packet: k.sealed,
+            })
+            .collect(),
+    }
+}
+
 #[tonic::async_trait]
 impl HostApi for HostService {
     async fn enroll(&self, req: Request<hpb::EnrollRequest>) -> R<hpb::EnrollResponse> {
@@ -79,16 +93,7 @@ impl HostApi for HostService {
             .release_on_demand(&host, &r.guest_uuid)
             .await
             .map_err(status)?;
-        Ok(Response::new(hpb::ReleasedKeys {
-            keys: keys
-                .into_iter()
-                .map(|k| hpb::ReleasedKey {
-                    volume_id: k.volume_id,
-                    generation: k.generation,
-                    sealed_packet: k.sealed,
-                })
-                .collect(),
-        }))
+        Ok(Response::new(released(keys)))
     }
 
     async fn prove_attestation_key(
@@ -280,16 +285,7 @@ impl HostApi for HostService {
             .release_halves(&host, &r.nonce, answer, wanted)
             .await
             .map_err(status)?;
-        Ok(Response::new(hpb::ReleasedKeys {
-            keys: keys
-                .into_iter()
-                .map(|k| hpb::ReleasedKey {
-                    volume_id: k.volume_id,
-                    generation: k.generation,
-                    sealed_packet: k.sealed,
-                })
-                .collect(),
-        }))
+        Ok(Response::new(released(keys)))
     }
 
     async fn forget_halves(

@@ -109,11 +109,4 @@ impl HalfStore for SqliteTx<'_> {
             params![key.master_key_id, key.wrapped, volume, signed(generation)],
         )
     }
-
-    fn host_half_count(&mut self, host: &str) -> Result<u32> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT COUNT(*) FROM key_halves WHERE host = ?1")?
-            .query_row([host], |r| r.get(0))?)
-    }
 }
