@@ -45,11 +45,38 @@ impl Swtpm {
             port,
             ctrl: port + 1,
         };
-        s.run();
+        s.run(true);
         s
     }
 
-    fn run(&mut self) {
+    /// Starts swtpm; on `new` ports a taken port means other ports. A
+    /// restart is said on stderr, shown with the test's output if it fails.
+    #[allow(clippy::print_stderr)]
+    fn run(&mut self, new: bool) {
+        // A port found free may be taken before swtpm binds it (another
+        // test's process, or a test thread's spawn that still holds the
+        // probe socket until its exec): swtpm then exits, and is started
+        // again on other ports. A reboot keeps its ports, so it only waits.
+        for attempt in 0.. {
+            match self.spawn_and_wait() {
+                Ok(()) => return,
+                Err(why) if attempt < 5 => {
+                    eprintln!("swtpm on {}: {why}; starting it again", self.port);
+                    if new {
+                        self.port = free_ports(2);
+                        self.ctrl = self.port + 1;
+                    }
+                }
+                Err(why) => panic!("swtpm on {} did not start: {why}", self.port),
+            }
+        }
+    }
+
+    /// Starts swtpm and waits until its TPM answers a command. A connection
+    /// alone proves nothing: the port may briefly be held by someone else's
+    /// socket while swtpm has not bound it yet.
+    fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let log = self.state.with_extension("log");
         let child = Command::new("swtpm")
             .args(["socket", "--tpm2", "--server"])
             .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", self.port))
@@ -59,18 +86,32 @@ impl Swtpm {
             .arg(format!("dir={}", self.state.display()))
             .args(["--flags", "not-need-init,startup-clear"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?)
             .spawn()
             .expect("swtpm runs (Debian package swtpm; scripts/setup installs it)");
         let guard = Made::process(child.id(), "swtpm");
         self.child = Some((child, guard));
+        let said = || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let _ = std::fs::remove_file(&log);
+            text.trim().to_owned()
+        };
         let end = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < end,
-                "swtpm did not listen on {}",
-                self.port
-            );
+        loop {
+            if answers(self.port) {
+                let _ = std::fs::remove_file(&log);
+                return Ok(());
+            }
+            if let Some((c, _)) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    self.child = None;
+                    return Err(format!("swtpm exited ({status}): {}", said()));
+                }
+            }
+            if Instant::now() >= end {
+                self.stop();
+                return Err(format!("its TPM did not answer within 20 s: {}", said()));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -97,7 +138,7 @@ impl Swtpm {
     /// A reboot: stopped and started on the same state, so PCRs are reset.
     pub fn reboot(&mut self) {
         self.stop();
-        self.run();
+        self.run(false);
     }
 
     /// Runs a tpm2-tools command against it (`tpm2_pcrextend`, `tpm2_clear`,
@@ -150,6 +191,28 @@ impl Swtpm {
         let _ = write!(arg, "{pcr}:sha256={digest}");
         self.tool("tpm2_pcrextend", &[&arg]);
     }
+}
+
+/// Whether a TPM on `port` answers TPM2_GetRandom (8 bytes): a response
+/// header with a TPM tag (0x8001 or 0x8002).
+fn answers(port: u16) -> bool {
+    use std::io::{Read, Write};
+    const GET_RANDOM_8: [u8; 12] = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 8];
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut header = [0u8; 10];
+    if s.write_all(&GET_RANDOM_8).is_err()
+        || s.read_exact(&mut header).is_err()
+        || !matches!(header[..2], [0x80, 0x01] | [0x80, 0x02])
+    {
+        return false;
+    }
+    // The rest of the response, so that closing resets nothing.
+    let size = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
+    let rest = u64::from(size.saturating_sub(10).min(4096));
+    std::io::copy(&mut s.take(rest), &mut std::io::sink()).is_ok()
 }
 
 fn sha256_hex(data: &[u8]) -> String {
