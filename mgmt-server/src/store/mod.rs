@@ -23,6 +23,7 @@
 //! implementation's folder). Imported by `domain`, `init` and the programs;
 //! `transport` and `scheduler` reach it only through `domain`.
 
+pub mod sql;
 pub mod sqlite;
 
 use crate::model::{

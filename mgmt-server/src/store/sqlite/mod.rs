@@ -3,27 +3,20 @@
 //! commit or rollback. Write transactions are `BEGIN IMMEDIATE`, so the
 //! master key id and the audit head read inside one cannot change before
 //! it commits. Statements are prepared once per connection
-//! (`prepare_cached`).
+//! (`prepare_cached`). The queries themselves are the engine-neutral ones
+//! of [`crate::store::sql`].
 //!
 //! The only files of the server that import `rusqlite` are in this folder.
 
-mod approvals;
-mod attest;
-mod guests;
-mod halves;
-mod hosts;
-mod meta;
-mod policies;
-pub mod schema;
-mod volumes;
-
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::Connection;
+use rusqlite::types::ValueRef;
 
 use crate::model::StoreError;
+use crate::store::sql::schema::{Engine, MIGRATIONS, pending};
+use crate::store::sql::{Conn, Row, SqlTx, Value};
 use crate::store::{Access, Store, Tx};
 
 /// The SQLite database of a data directory (or one in memory, for tests).
@@ -50,7 +43,7 @@ impl SqliteStore {
     fn with(mut conn: Connection) -> Result<Self, StoreError> {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.set_prepared_statement_cache_capacity(128);
-        schema::migrate(&mut conn)?;
+        migrate(&mut conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -64,6 +57,18 @@ impl SqliteStore {
     }
 }
 
+/// Applies the migrations this database has not had yet.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for i in pending(version)? {
+        let tx = conn.transaction()?;
+        tx.execute_batch(&MIGRATIONS[i].sql(Engine::Sqlite))?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
 impl Store for SqliteStore {
     fn begin(&self, access: Access) -> Result<Box<dyn Tx + '_>, StoreError> {
         let conn = self.lock();
@@ -71,25 +76,75 @@ impl Store for SqliteStore {
             Access::Read => "BEGIN DEFERRED",
             Access::Write => "BEGIN IMMEDIATE",
         })?;
-        Ok(Box::new(SqliteTx { conn, open: true }))
+        Ok(Box::new(SqlTx::new(Box::new(SqliteConn { conn, open: true }))))
     }
 }
 
 /// A transaction on the connection; rolled back on drop unless committed.
-pub(crate) struct SqliteTx<'a> {
+struct SqliteConn<'a> {
     conn: MutexGuard<'a, Connection>,
     open: bool,
 }
 
-impl Tx for SqliteTx<'_> {
-    fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+impl SqliteConn<'_> {
+    fn prepare<'s>(
+        conn: &'s Connection,
+        sql: &str,
+        params: &[Value],
+    ) -> Result<rusqlite::CachedStatement<'s>, StoreError> {
+        let mut stmt = conn.prepare_cached(sql)?;
+        // `$N` are named parameters to SQLite: bind each by its name.
+        for (i, v) in params.iter().enumerate() {
+            let name = format!("${}", i + 1);
+            let idx = stmt.parameter_index(&name)?.ok_or_else(|| {
+                StoreError::Backend(format!("{name} is not in the statement").into())
+            })?;
+            match v {
+                Value::Null => stmt.raw_bind_parameter(idx, rusqlite::types::Null)?,
+                Value::Int(n) => stmt.raw_bind_parameter(idx, n)?,
+                Value::Text(t) => stmt.raw_bind_parameter(idx, t)?,
+                Value::Blob(b) => stmt.raw_bind_parameter(idx, b)?,
+            }
+        }
+        Ok(stmt)
+    }
+}
+
+impl Conn for SqliteConn<'_> {
+    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
+        let mut stmt = Self::prepare(&self.conn, sql, params)?;
+        Ok(stmt.raw_execute()? as u64)
+    }
+
+    fn rows(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
+        let mut stmt = Self::prepare(&self.conn, sql, params)?;
+        let n = stmt.column_count();
+        let mut rows = stmt.raw_query();
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let mut cols = Vec::with_capacity(n);
+            for i in 0..n {
+                cols.push(match r.get_ref(i)? {
+                    ValueRef::Null => Value::Null,
+                    ValueRef::Integer(v) => Value::Int(v),
+                    ValueRef::Real(v) => Value::Int(v as i64),
+                    ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+                    ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+                });
+            }
+            out.push(Row(cols));
+        }
+        Ok(out)
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
         self.conn.execute_batch("COMMIT")?;
         self.open = false;
         Ok(())
     }
 }
 
-impl Drop for SqliteTx<'_> {
+impl Drop for SqliteConn<'_> {
     fn drop(&mut self) {
         if self.open {
             if let Err(e) = self.conn.execute_batch("ROLLBACK") {
@@ -101,50 +156,8 @@ impl Drop for SqliteTx<'_> {
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        // A value our row parsers refused comes back as itself.
-        if let rusqlite::Error::FromSqlConversionFailure(_, _, inner) = &e {
-            if let Some(Corrupt(what)) = inner.downcast_ref::<Corrupt>() {
-                return StoreError::Corrupt(what.clone());
-            }
-        }
         StoreError::Backend(Box::new(e))
     }
-}
-
-/// A column value this server does not know.
-#[derive(Debug)]
-struct Corrupt(String);
-
-impl std::fmt::Display for Corrupt {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Corrupt {}
-
-/// Column `idx` of `row` parsed as a typed value; `what` names the column
-/// in the error (`volumes.state`).
-fn typed<T: FromStr>(row: &rusqlite::Row<'_>, idx: usize, what: &str) -> rusqlite::Result<T> {
-    let text: String = row.get(idx)?;
-    text.parse().map_err(|_| {
-        rusqlite::Error::FromSqlConversionFailure(
-            idx,
-            rusqlite::types::Type::Text,
-            Box::new(Corrupt(format!("{what} {text:?}"))),
-        )
-    })
-}
-
-/// A stored integer that is never negative, as u64.
-fn unsigned(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<u64> {
-    Ok(row.get::<_, i64>(idx)?.max(0) as u64)
-}
-
-/// A u64 as SQLite's i64 (values above i64::MAX do not occur: sizes,
-/// generations and durations are bounded far below it).
-fn signed(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -159,6 +172,7 @@ impl SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::sql;
     use crate::store::{Access, Store};
 
     #[test]
@@ -184,7 +198,7 @@ mod tests {
         // path: a table scan costs milliseconds at 100,000 volumes.
         let s = SqliteStore::in_memory().unwrap();
         let conn = s.lock();
-        for w in [volumes::FIND, volumes::NAMED, volumes::AT_PATH] {
+        for w in [sql::FIND, sql::NAMED, sql::AT_PATH] {
             let sql = format!("EXPLAIN QUERY PLAN SELECT v.id FROM volumes v {w}");
             let mut stmt = conn.prepare(&sql).unwrap();
             let plan: Vec<String> = stmt

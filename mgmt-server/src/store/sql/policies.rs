@@ -1,15 +1,15 @@
 //! `policies` in SQLite, and the scheduler's queries over them.
 
-use rusqlite::{OptionalExtension, params};
+use crate::params;
 
-use super::{SqliteTx, signed, typed, unsigned};
+use super::{Row, SqlTx, signed, typed, unsigned};
 use crate::model::{Policy, PolicyScope, RekeyKind};
 use crate::store::{PolicyStore, Result};
 
 const POLICY_COLUMNS: &str =
     "scope, target, max_key_age_secs, mode, COALESCE(after_migration_secs, 0)";
 
-fn policy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
+fn policy_row(r: &Row) -> Result<Policy> {
     Ok(Policy {
         scope: typed(r, 0, "policies.scope")?,
         target: r.get(1)?,
@@ -19,16 +19,15 @@ fn policy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
     })
 }
 
-impl PolicyStore for SqliteTx<'_> {
+impl PolicyStore for SqlTx<'_> {
     fn upsert_policy(&mut self, p: &Policy) -> Result<()> {
-        self.conn
-            .prepare_cached(
+        self.db
+            .execute(
                 "INSERT INTO policies (scope, target, max_key_age_secs, mode, after_migration_secs)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (scope, target) DO UPDATE SET max_key_age_secs = excluded.max_key_age_secs,
                      mode = excluded.mode, after_migration_secs = excluded.after_migration_secs",
-            )?
-            .execute(params![
+            params![
                 p.scope.as_str(),
                 p.target,
                 signed(p.max_key_age_secs),
@@ -39,36 +38,32 @@ impl PolicyStore for SqliteTx<'_> {
     }
 
     fn policies(&mut self) -> Result<Vec<Policy>> {
-        let mut stmt = self.conn.prepare_cached(&format!(
+        let stmt = &format!(
             "SELECT {POLICY_COLUMNS} FROM policies ORDER BY scope, target"
-        ))?;
-        let rows = stmt.query_map([], policy_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        );
+        let rows = self.db.query_all(stmt, (), policy_row)?;
+        Ok(rows)
     }
 
     fn delete_policy(&mut self, scope: PolicyScope, target: &str) -> Result<bool> {
         let n = self
-            .conn
-            .prepare_cached("DELETE FROM policies WHERE scope = ?1 AND target = ?2")?
-            .execute(params![scope.as_str(), target])?;
+            .db
+            .execute("DELETE FROM policies WHERE scope = $1 AND target = $2", params![scope.as_str(), target])?;
         Ok(n > 0)
     }
 
     fn policy_for(&mut self, volume_id: &str, pool: &str) -> Result<Option<Policy>> {
         Ok(self
-            .conn
-            .prepare_cached(&format!(
+            .db
+            .query_opt(&format!(
                 "SELECT {POLICY_COLUMNS} FROM policies
-                 WHERE (scope = 'volume' AND target = ?1) OR (scope = 'pool' AND target = ?2)
+                 WHERE (scope = 'volume' AND target = $1) OR (scope = 'pool' AND target = $2)
                  ORDER BY scope = 'volume' DESC LIMIT 1"
-            ))?
-            .query_row(params![volume_id, pool], policy_row)
-            .optional()?)
+            ), params![volume_id, pool], policy_row)?)
     }
 
     fn due_for_rotation(&mut self, now: i64) -> Result<Vec<(String, RekeyKind)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT v.id, COALESCE(pv.mode, pp.mode)
+        let stmt = "SELECT v.id, COALESCE(pv.mode, pp.mode)
              FROM volumes v
              JOIN volume_keys k ON k.volume_id = v.id AND k.generation = v.generation
              JOIN hosts h ON h.name = v.host AND h.state = 'enrolled'
@@ -76,18 +71,15 @@ impl PolicyStore for SqliteTx<'_> {
              LEFT JOIN policies pp ON pp.scope = 'pool' AND pp.target = v.pool
              WHERE v.state = 'ready'
                AND COALESCE(pv.max_key_age_secs, pp.max_key_age_secs) IS NOT NULL
-               AND k.created + COALESCE(pv.max_key_age_secs, pp.max_key_age_secs) <= ?1",
-        )?;
-        let rows = stmt.query_map([now], |r| Ok((r.get(0)?, typed(r, 1, "policies.mode")?)))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+               AND k.created + COALESCE(pv.max_key_age_secs, pp.max_key_age_secs) <= $1";
+        let rows = self.db.query_all(stmt, [now], |r| Ok((r.get(0)?, typed(r, 1, "policies.mode")?)))?;
+        Ok(rows)
     }
 
     fn due_after_migration(&mut self, now: i64) -> Result<Vec<String>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT v.id FROM volumes v JOIN hosts h ON h.name = v.host AND h.state = 'enrolled'
-             WHERE v.state = 'ready' AND v.rekey_due > 0 AND v.rekey_due <= ?1",
-        )?;
-        let rows = stmt.query_map([now], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let stmt = "SELECT v.id FROM volumes v JOIN hosts h ON h.name = v.host AND h.state = 'enrolled'
+             WHERE v.state = 'ready' AND v.rekey_due > 0 AND v.rekey_due <= $1";
+        let rows = self.db.query_all(stmt, [now], |r| r.get(0))?;
+        Ok(rows)
     }
 }

@@ -1,8 +1,8 @@
-//! `volumes` and `volume_keys` in SQLite.
+//! `volumes` and `volume_keys`.
 
-use rusqlite::{OptionalExtension, params};
+use crate::params;
 
-use super::{SqliteTx, signed, typed, unsigned};
+use super::{Params, Row, SqlTx, signed, typed, unsigned};
 use crate::model::{
     RekeyKind, RekeyOrder, RekeyPlacement, ReleasePolicy, VolumeInfo, VolumeOp, VolumeState,
 };
@@ -13,7 +13,7 @@ pub(super) const VOLUME_COLUMNS: &str = "v.id, v.name, v.host, v.pool, v.format,
     v.path, v.rekey_kind, v.rekey_placement, v.rekey_bandwidth, v.failures, v.failed_op,
     v.release_policy, v.split";
 
-pub(super) fn volume_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeInfo> {
+pub(super) fn volume_row(r: &Row) -> Result<VolumeInfo> {
     let state: VolumeState = typed(r, 7, "volumes.state")?;
     let failed_op = if state == VolumeState::Failed {
         Some(typed::<VolumeOp>(r, 18, "volumes.failed_op")?)
@@ -60,69 +60,65 @@ pub(super) fn volume_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeInfo> 
 }
 
 /// By UUID, or by name (not deleted), the live one first.
-pub(super) const FIND: &str = "WHERE v.id = ?1 OR (v.name = ?1 AND v.state != 'deleted')
+pub(crate) const FIND: &str = "WHERE v.id = $1 OR (v.name = $1 AND v.state != 'deleted')
     ORDER BY v.state IN ('deleted', 'decrypted') LIMIT 1";
 /// By name, not deleted.
-pub(super) const NAMED: &str = "WHERE v.name = ?1 AND v.state != 'deleted' LIMIT 1";
+pub(crate) const NAMED: &str = "WHERE v.name = $1 AND v.state != 'deleted' LIMIT 1";
 /// By the path the host reported, not deleted.
-pub(super) const AT_PATH: &str =
-    "WHERE v.path = ?1 AND v.path != '' AND v.state != 'deleted' LIMIT 1";
+pub(crate) const AT_PATH: &str =
+    "WHERE v.path = $1 AND v.path != '' AND v.state != 'deleted' LIMIT 1";
 
-impl SqliteTx<'_> {
+impl SqlTx<'_> {
     fn volumes_where(
         &mut self,
         sql_where: &str,
-        p: impl rusqlite::Params,
+        p: impl Params,
     ) -> Result<Vec<VolumeInfo>> {
-        let mut stmt = self.conn.prepare_cached(&format!(
+        let stmt = &format!(
             "SELECT {VOLUME_COLUMNS} FROM volumes v {sql_where}"
-        ))?;
-        let rows = stmt.query_map(p, volume_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        );
+        let rows = self.db.query_all(stmt, p, volume_row)?;
+        Ok(rows)
     }
 
     fn volume_where(
         &mut self,
         sql_where: &str,
-        p: impl rusqlite::Params,
+        p: impl Params,
     ) -> Result<Option<VolumeInfo>> {
         Ok(self
-            .conn
-            .prepare_cached(&format!(
+            .db
+            .query_opt(&format!(
                 "SELECT {VOLUME_COLUMNS} FROM volumes v {sql_where}"
-            ))?
-            .query_row(p, volume_row)
-            .optional()?)
+            ), p, volume_row)?)
     }
 
-    pub(super) fn exec(&mut self, sql: &str, p: impl rusqlite::Params) -> Result<()> {
-        self.conn.prepare_cached(sql)?.execute(p)?;
+    pub(super) fn exec(&mut self, sql: &str, p: impl Params) -> Result<()> {
+        self.db.execute(sql, p)?;
         Ok(())
     }
 }
 
-impl VolumeStore for SqliteTx<'_> {
+impl VolumeStore for SqlTx<'_> {
     fn volume_name_taken(&mut self, name: &str) -> Result<bool> {
         let n: i64 = self
-            .conn
-            .prepare_cached(
-                "SELECT COUNT(*) FROM volumes WHERE name = ?1 AND state NOT IN ('deleted', 'decrypted')",
-            )?
-            .query_row([name], |r| r.get(0))?;
+            .db
+            .query_one(
+                "SELECT COUNT(*) FROM volumes WHERE name = $1 AND state NOT IN ('deleted', 'decrypted')",
+            [name], |r| r.get(0))?;
         Ok(n > 0)
     }
 
     fn host_volume_count(&mut self, host: &str) -> Result<u32> {
         Ok(self
-            .conn
-            .prepare_cached("SELECT COUNT(*) FROM volumes WHERE host = ?1 AND state != 'deleted'")?
-            .query_row([host], |r| r.get(0))?)
+            .db
+            .query_one("SELECT COUNT(*) FROM volumes WHERE host = $1 AND state != 'deleted'", [host], |r| r.get(0))?)
     }
 
     fn insert_volume(&mut self, v: &NewVolume) -> Result<()> {
         self.exec(
             "INSERT INTO volumes (id, name, host, pool, format, capacity, secret_uuid, generation, state, created, release_policy, split)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?9, ?10, ?11)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9, $10, $11)",
             params![
                 v.id,
                 v.name,
@@ -141,10 +137,8 @@ impl VolumeStore for SqliteTx<'_> {
 
     fn release_policy(&mut self, id: &str) -> Result<Option<(ReleasePolicy, bool)>> {
         let row: Option<(String, bool)> = self
-            .conn
-            .prepare_cached("SELECT release_policy, split FROM volumes WHERE id = ?1")?
-            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
+            .db
+            .query_opt("SELECT release_policy, split FROM volumes WHERE id = $1", [id], |r| Ok((r.get(0)?, r.get(1)?)))?;
         row.map(|(t, split)| {
             t.parse().map(|p| (p, split)).map_err(|_| {
                 crate::model::StoreError::Corrupt(format!("volumes.release_policy {t:?}"))
@@ -155,14 +149,14 @@ impl VolumeStore for SqliteTx<'_> {
 
     fn set_release_policy(&mut self, id: &str, release: ReleasePolicy) -> Result<()> {
         self.exec(
-            "UPDATE volumes SET release_policy = ?2 WHERE id = ?1",
+            "UPDATE volumes SET release_policy = $2 WHERE id = $1",
             params![id, release.as_str()],
         )
     }
 
     fn volumes(&mut self, host: Option<&str>) -> Result<Vec<VolumeInfo>> {
         self.volumes_where(
-            "WHERE v.state != 'deleted' AND (?1 IS NULL OR v.host = ?1) ORDER BY v.name",
+            "WHERE v.state != 'deleted' AND ($1 IS NULL OR v.host = $1) ORDER BY v.name",
             [host],
         )
     }
@@ -175,15 +169,14 @@ impl VolumeStore for SqliteTx<'_> {
         host: &str,
     ) -> Result<bool> {
         Ok(self
-            .conn
-            .prepare_cached(
-                "SELECT 1 FROM volumes WHERE id = ?1 AND state = ?2 AND generation = ?3 AND host = ?4",
-            )?
-            .exists(params![id, state.as_str(), signed(generation), host])?)
+            .db
+            .exists(
+                "SELECT 1 FROM volumes WHERE id = $1 AND state = $2 AND generation = $3 AND host = $4",
+            params![id, state.as_str(), signed(generation), host])?)
     }
 
     fn volume(&mut self, id: &str) -> Result<Option<VolumeInfo>> {
-        self.volume_where("WHERE v.id = ?1", [id])
+        self.volume_where("WHERE v.id = $1", [id])
     }
 
     fn find_volume(&mut self, name_or_id: &str) -> Result<Option<VolumeInfo>> {
@@ -201,19 +194,17 @@ impl VolumeStore for SqliteTx<'_> {
     fn due_volumes(&mut self, now_ms: i64, limit: u32) -> Result<Vec<VolumeInfo>> {
         self.volumes_where(
             "WHERE v.state IN ('pending-create', 'pending-encrypt', 'pending-decrypt', 'pending-delete', 'rekeying')
-               AND v.next_attempt <= ?1
-             ORDER BY v.next_attempt LIMIT ?2",
+               AND v.next_attempt <= $1
+             ORDER BY v.next_attempt LIMIT $2",
             params![now_ms, limit],
         )
     }
 
     fn volume_users(&mut self, id: &str) -> Result<Vec<String>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT g.name FROM guest_disks d JOIN guests g ON g.uuid = d.guest_uuid
-             WHERE d.volume_id = ?1 AND g.state != 'undefined' ORDER BY g.name",
-        )?;
-        let rows = stmt.query_map([id], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let stmt = "SELECT g.name FROM guest_disks d JOIN guests g ON g.uuid = d.guest_uuid
+             WHERE d.volume_id = $1 AND g.state != 'undefined' ORDER BY g.name";
+        let rows = self.db.query_all(stmt, [id], |r| r.get(0))?;
+        Ok(rows)
     }
 
     fn insert_volume_key(
@@ -225,7 +216,7 @@ impl VolumeStore for SqliteTx<'_> {
     ) -> Result<()> {
         self.exec(
             "INSERT INTO volume_keys (volume_id, generation, master_key_id, wrapped, created)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+             VALUES ($1, $2, $3, $4, $5)",
             params![
                 id,
                 signed(generation),
@@ -238,24 +229,20 @@ impl VolumeStore for SqliteTx<'_> {
 
     fn volume_key(&mut self, id: &str, generation: u64) -> Result<Option<WrappedKey>> {
         Ok(self
-            .conn
-            .prepare_cached(
-                "SELECT master_key_id, wrapped FROM volume_keys WHERE volume_id = ?1 AND generation = ?2",
-            )?
-            .query_row(params![id, signed(generation)], |r| {
+            .db
+            .query_opt(
+                "SELECT master_key_id, wrapped FROM volume_keys WHERE volume_id = $1 AND generation = $2",
+            params![id, signed(generation)], |r| {
                 Ok(WrappedKey {
                     master_key_id: r.get(0)?,
                     wrapped: r.get(1)?,
                 })
-            })
-            .optional()?)
+            })?)
     }
 
     fn all_volume_keys(&mut self) -> Result<Vec<(String, u64, WrappedKey)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT volume_id, generation, master_key_id, wrapped FROM volume_keys",
-        )?;
-        let rows = stmt.query_map([], |r| {
+        let stmt = "SELECT volume_id, generation, master_key_id, wrapped FROM volume_keys";
+        let rows = self.db.query_all(stmt, (), |r| {
             Ok((
                 r.get(0)?,
                 unsigned(r, 1)?,
@@ -265,54 +252,54 @@ impl VolumeStore for SqliteTx<'_> {
                 },
             ))
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows)
     }
 
     fn rewrap_volume_key(&mut self, id: &str, generation: u64, key: &WrappedKey) -> Result<()> {
         self.exec(
-            "UPDATE volume_keys SET master_key_id = ?1, wrapped = ?2 WHERE volume_id = ?3 AND generation = ?4",
+            "UPDATE volume_keys SET master_key_id = $1, wrapped = $2 WHERE volume_id = $3 AND generation = $4",
             params![key.master_key_id, key.wrapped, id, signed(generation)],
         )
     }
 
     fn delete_volume_key(&mut self, id: &str, generation: u64) -> Result<()> {
         self.exec(
-            "DELETE FROM volume_keys WHERE volume_id = ?1 AND generation = ?2",
+            "DELETE FROM volume_keys WHERE volume_id = $1 AND generation = $2",
             params![id, signed(generation)],
         )
     }
 
     fn delete_volume_keys(&mut self, id: &str) -> Result<()> {
-        self.exec("DELETE FROM volume_keys WHERE volume_id = ?1", [id])
+        self.exec("DELETE FROM volume_keys WHERE volume_id = $1", [id])
     }
 
     fn set_volume_state(&mut self, id: &str, state: VolumeState) -> Result<()> {
         self.exec(
-            "UPDATE volumes SET state = ?1 WHERE id = ?2",
+            "UPDATE volumes SET state = $1 WHERE id = $2",
             params![state.as_str(), id],
         )
     }
 
     fn set_volume_state_error(&mut self, id: &str, state: VolumeState, error: &str) -> Result<()> {
         self.exec(
-            "UPDATE volumes SET state = ?1, last_error = ?2 WHERE id = ?3",
+            "UPDATE volumes SET state = $1, last_error = $2 WHERE id = $3",
             params![state.as_str(), error, id],
         )
     }
 
     fn queue_volume_op(&mut self, id: &str, state: VolumeState) -> Result<()> {
         self.exec(
-            "UPDATE volumes SET state = ?1, attempts = 0, failures = 0, next_attempt = 0, last_error = '',
-                 failed_op = '' WHERE id = ?2",
+            "UPDATE volumes SET state = $1, attempts = 0, failures = 0, next_attempt = 0, last_error = '',
+                 failed_op = '' WHERE id = $2",
             params![state.as_str(), id],
         )
     }
 
     fn queue_rekey(&mut self, id: &str, order: &RekeyOrder) -> Result<()> {
         self.exec(
-            "UPDATE volumes SET state = 'rekeying', rekey_kind = ?1, rekey_placement = ?2,
-                 rekey_bandwidth = ?3, attempts = 0, failures = 0, next_attempt = 0, last_error = '',
-                 failed_op = '' WHERE id = ?4",
+            "UPDATE volumes SET state = 'rekeying', rekey_kind = $1, rekey_placement = $2,
+                 rekey_bandwidth = $3, attempts = 0, failures = 0, next_attempt = 0, last_error = '',
+                 failed_op = '' WHERE id = $4",
             params![
                 order.kind.as_str(),
                 order.placement.as_str(),
@@ -330,23 +317,23 @@ impl VolumeStore for SqliteTx<'_> {
         counts: bool,
     ) -> Result<()> {
         self.exec(
-            "UPDATE volumes SET attempts = attempts + 1, failures = failures + ?1, last_error = ?2,
-                 next_attempt = ?3 WHERE id = ?4",
+            "UPDATE volumes SET attempts = attempts + 1, failures = failures + $1, last_error = $2,
+                 next_attempt = $3 WHERE id = $4",
             params![i64::from(counts), error, next_attempt_ms, id],
         )
     }
 
     fn fail_volume(&mut self, id: &str, op: VolumeOp, error: &str) -> Result<()> {
         self.exec(
-            "UPDATE volumes SET state = 'failed', failed_op = ?1, last_error = ?2 WHERE id = ?3",
+            "UPDATE volumes SET state = 'failed', failed_op = $1, last_error = $2 WHERE id = $3",
             params![op.as_str(), error, id],
         )
     }
 
     fn encrypt_later(&mut self, id: &str, error: &str, next_attempt_ms: i64) -> Result<()> {
         self.exec(
-            "UPDATE volumes SET state = 'pending-encrypt', last_error = ?1, attempts = 1, failures = 0,
-                 next_attempt = ?2 WHERE id = ?3",
+            "UPDATE volumes SET state = 'pending-encrypt', last_error = $1, attempts = 1, failures = 0,
+                 next_attempt = $2 WHERE id = $3",
             params![error, next_attempt_ms, id],
         )
     }
@@ -354,11 +341,11 @@ impl VolumeStore for SqliteTx<'_> {
     fn volume_made(&mut self, id: &str, path: &str, capacity: Option<u64>) -> Result<()> {
         match capacity {
             Some(c) => self.exec(
-                "UPDATE volumes SET state = 'ready', last_error = '', path = ?1, capacity = ?2 WHERE id = ?3",
+                "UPDATE volumes SET state = 'ready', last_error = '', path = $1, capacity = $2 WHERE id = $3",
                 params![path, signed(c.max(1)), id],
             ),
             None => self.exec(
-                "UPDATE volumes SET state = 'ready', last_error = '', path = ?1 WHERE id = ?2",
+                "UPDATE volumes SET state = 'ready', last_error = '', path = $1 WHERE id = $2",
                 params![path, id],
             ),
         }
@@ -366,24 +353,24 @@ impl VolumeStore for SqliteTx<'_> {
 
     fn volume_rekeyed(&mut self, id: &str, generation: u64, deep: bool) -> Result<()> {
         self.exec(
-            "UPDATE volumes SET state = 'ready', last_error = '', generation = ?1,
-                 rekey_due = CASE WHEN ?2 THEN 0 ELSE rekey_due END
-             WHERE id = ?3",
+            "UPDATE volumes SET state = 'ready', last_error = '', generation = $1,
+                 rekey_due = CASE WHEN $2 THEN 0 ELSE rekey_due END
+             WHERE id = $3",
             params![signed(generation), deep, id],
         )
     }
 
     fn rekey_dropped(&mut self, id: &str, error: &str) -> Result<()> {
         self.exec(
-            "UPDATE volumes SET state = 'ready', last_error = ?1, rekey_kind = '', rekey_placement = ''
-             WHERE id = ?2",
+            "UPDATE volumes SET state = 'ready', last_error = $1, rekey_kind = '', rekey_placement = ''
+             WHERE id = $2",
             params![error, id],
         )
     }
 
     fn move_volume(&mut self, id: &str, host: &str, rekey_due: i64) -> Result<()> {
         self.exec(
-            "UPDATE volumes SET host = ?1, state = 'ready', rekey_due = ?2 WHERE id = ?3",
+            "UPDATE volumes SET host = $1, state = 'ready', rekey_due = $2 WHERE id = $3",
             params![host, rekey_due, id],
         )
     }

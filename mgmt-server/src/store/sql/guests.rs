@@ -1,22 +1,22 @@
-//! `guests`, `guest_disks` and `guest_migrations` in SQLite.
+//! `guests`, `guest_disks` and `guest_migrations`.
 
-use rusqlite::{OptionalExtension, params};
+use crate::params;
 
 use super::volumes::{VOLUME_COLUMNS, volume_row};
-use super::{SqliteTx, typed, unsigned};
+use super::{Params, Row, SqlTx, typed, unsigned};
 use crate::model::{GuestInfo, GuestOp, GuestState, VolumeInfo};
 use crate::store::{
     GuestKey, GuestStore, MigrationRecord, MigrationStore, NewGuest, Result, WrappedKey,
 };
 
 const GUEST_SELECT: &str = "SELECT g.uuid, g.name, g.host, g.state, g.pending, g.last_error, g.attempts, g.xml,
-    COALESCE((SELECT group_concat(v.name, ',') FROM guest_disks d JOIN volumes v ON v.id = d.volume_id
+    COALESCE((SELECT string_agg(v.name, ',') FROM guest_disks d JOIN volumes v ON v.id = d.volume_id
               WHERE d.guest_uuid = g.uuid), ''),
     COALESCE((SELECT m.to_host FROM guest_migrations m WHERE m.guest_uuid = g.uuid), ''),
     g.failures
     FROM guests g";
 
-fn guest_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GuestInfo> {
+fn guest_row(r: &Row) -> Result<GuestInfo> {
     let pending: String = r.get(4)?;
     let vols: String = r.get(8)?;
     let migrating_to: String = r.get(9)?;
@@ -43,59 +43,53 @@ fn guest_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GuestInfo> {
     })
 }
 
-impl SqliteTx<'_> {
+impl SqlTx<'_> {
     fn guests_where(
         &mut self,
         sql_where: &str,
-        p: impl rusqlite::Params,
+        p: impl Params,
     ) -> Result<Vec<GuestInfo>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!("{GUEST_SELECT} {sql_where}"))?;
-        let rows = stmt.query_map(p, guest_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.db
+            .query_all(&format!("{GUEST_SELECT} {sql_where}"), p, guest_row)
     }
 
-    fn run(&mut self, sql: &str, p: impl rusqlite::Params) -> Result<()> {
-        self.conn.prepare_cached(sql)?.execute(p)?;
+    fn run(&mut self, sql: &str, p: impl Params) -> Result<()> {
+        self.db.execute(sql, p)?;
         Ok(())
     }
 }
 
-impl GuestStore for SqliteTx<'_> {
+impl GuestStore for SqlTx<'_> {
     fn guests(&mut self, host: Option<&str>) -> Result<Vec<GuestInfo>> {
         self.guests_where(
-            "WHERE g.state != 'undefined' AND (?1 IS NULL OR g.host = ?1) ORDER BY g.host, g.name",
+            "WHERE g.state != 'undefined' AND ($1 IS NULL OR g.host = $1) ORDER BY g.host, g.name",
             [host],
         )
     }
 
     fn guest(&mut self, uuid: &str) -> Result<Option<GuestInfo>> {
         Ok(self
-            .conn
-            .prepare_cached(&format!("{GUEST_SELECT} WHERE g.uuid = ?1"))?
-            .query_row([uuid], guest_row)
-            .optional()?)
+            .db
+            .query_opt(&format!("{GUEST_SELECT} WHERE g.uuid = $1"), [uuid], guest_row)?)
     }
 
     fn live_guests_named(&mut self, name: &str) -> Result<Vec<GuestInfo>> {
-        self.guests_where("WHERE g.name = ?1 AND g.state != 'undefined'", [name])
+        self.guests_where("WHERE g.name = $1 AND g.state != 'undefined'", [name])
     }
 
     fn live_guest_conflicts(&mut self, uuid: &str, host: &str, name: &str) -> Result<bool> {
         let n: i64 = self
-            .conn
-            .prepare_cached(
+            .db
+            .query_one(
                 "SELECT COUNT(*) FROM guests
-                 WHERE (uuid = ?1 OR (host = ?2 AND name = ?3)) AND state NOT IN ('undefined', 'failed')",
-            )?
-            .query_row(params![uuid, host, name], |r| r.get(0))?;
+                 WHERE (uuid = $1 OR (host = $2 AND name = $3)) AND state NOT IN ('undefined', 'failed')",
+            params![uuid, host, name], |r| r.get(0))?;
         Ok(n > 0)
     }
 
     fn forget_gone_guests(&mut self, uuid: &str, host: &str, name: &str) -> Result<()> {
         const GONE: &str =
-            "(uuid = ?1 OR (host = ?2 AND name = ?3)) AND state IN ('undefined', 'failed')";
+            "(uuid = $1 OR (host = $2 AND name = $3)) AND state IN ('undefined', 'failed')";
         self.run(
             &format!(
                 "DELETE FROM guest_disks WHERE guest_uuid IN (SELECT uuid FROM guests WHERE {GONE})"
@@ -111,7 +105,7 @@ impl GuestStore for SqliteTx<'_> {
     fn insert_guest(&mut self, g: &NewGuest) -> Result<()> {
         self.run(
             "INSERT INTO guests (uuid, name, host, xml, state, pending, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
             params![
                 g.uuid,
                 g.name,
@@ -126,49 +120,47 @@ impl GuestStore for SqliteTx<'_> {
 
     fn insert_guest_disk(&mut self, uuid: &str, volume_id: &str, target: &str) -> Result<()> {
         self.run(
-            "INSERT INTO guest_disks (guest_uuid, volume_id, target) VALUES (?1, ?2, ?3)",
+            "INSERT INTO guest_disks (guest_uuid, volume_id, target) VALUES ($1, $2, $3)",
             params![uuid, volume_id, target],
         )
     }
 
     fn add_guest_disk(&mut self, uuid: &str, volume_id: &str, target: &str) -> Result<()> {
         self.run(
-            "INSERT OR IGNORE INTO guest_disks (guest_uuid, volume_id, target) VALUES (?1, ?2, ?3)",
+            "INSERT INTO guest_disks (guest_uuid, volume_id, target) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
             params![uuid, volume_id, target],
         )
     }
 
     fn queue_guest_op(&mut self, uuid: &str, op: GuestOp) -> Result<()> {
         self.run(
-            "UPDATE guests SET pending = ?1, attempts = 0, failures = 0, next_attempt = 0, last_error = ''
-             WHERE uuid = ?2",
+            "UPDATE guests SET pending = $1, attempts = 0, failures = 0, next_attempt = 0, last_error = ''
+             WHERE uuid = $2",
             params![op.as_str(), uuid],
         )
     }
 
     fn redefine_guest(&mut self, uuid: &str, xml: &str) -> Result<()> {
         self.run(
-            "UPDATE guests SET xml = ?1, pending = 'define', attempts = 0, failures = 0, next_attempt = 0,
-                 last_error = '' WHERE uuid = ?2",
+            "UPDATE guests SET xml = $1, pending = 'define', attempts = 0, failures = 0, next_attempt = 0,
+                 last_error = '' WHERE uuid = $2",
             params![xml, uuid],
         )
     }
 
     fn due_guests(&mut self, now_ms: i64, limit: u32) -> Result<Vec<GuestInfo>> {
         self.guests_where(
-            "WHERE g.pending != '' AND g.next_attempt <= ?1 ORDER BY g.next_attempt LIMIT ?2",
+            "WHERE g.pending != '' AND g.next_attempt <= $1 ORDER BY g.next_attempt LIMIT $2",
             params![now_ms, limit],
         )
     }
 
     fn guest_keys(&mut self, uuid: &str, host: &str) -> Result<Vec<GuestKey>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT v.id, v.generation, v.format, k.master_key_id, k.wrapped, v.release_policy
+        let stmt = "SELECT v.id, v.generation, v.format, k.master_key_id, k.wrapped, v.release_policy
              FROM guest_disks d JOIN volumes v ON v.id = d.volume_id
              JOIN volume_keys k ON k.volume_id = v.id AND k.generation = v.generation
-             WHERE d.guest_uuid = ?1 AND v.host = ?2",
-        )?;
-        let rows = stmt.query_map(params![uuid, host], |r| {
+             WHERE d.guest_uuid = $1 AND v.host = $2";
+        let rows = self.db.query_all(stmt, params![uuid, host], |r| {
             Ok(GuestKey {
                 volume_id: r.get(0)?,
                 generation: unsigned(r, 1)?,
@@ -180,22 +172,22 @@ impl GuestStore for SqliteTx<'_> {
                 release: typed(r, 5, "volumes.release_policy")?,
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows)
     }
 
     fn guest_volumes(&mut self, uuid: &str) -> Result<Vec<VolumeInfo>> {
-        let mut stmt = self.conn.prepare_cached(&format!(
+        let stmt = &format!(
             "SELECT {VOLUME_COLUMNS} FROM guest_disks d JOIN volumes v ON v.id = d.volume_id
-             WHERE d.guest_uuid = ?1 ORDER BY v.name"
-        ))?;
-        let rows = stmt.query_map([uuid], volume_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+             WHERE d.guest_uuid = $1 ORDER BY v.name"
+        );
+        let rows = self.db.query_all(stmt, [uuid], volume_row)?;
+        Ok(rows)
     }
 
     fn guest_op_done(&mut self, uuid: &str, op: GuestOp, state: GuestState) -> Result<()> {
         self.run(
-            "UPDATE guests SET state = ?1, pending = '', last_error = '', attempts = 0
-             WHERE uuid = ?2 AND pending = ?3",
+            "UPDATE guests SET state = $1, pending = '', last_error = '', attempts = 0
+             WHERE uuid = $2 AND pending = $3",
             params![state.as_str(), uuid, op.as_str()],
         )
     }
@@ -208,48 +200,46 @@ impl GuestStore for SqliteTx<'_> {
         counts: bool,
     ) -> Result<()> {
         self.run(
-            "UPDATE guests SET attempts = attempts + 1, failures = failures + ?1, last_error = ?2,
-                 next_attempt = ?3 WHERE uuid = ?4",
+            "UPDATE guests SET attempts = attempts + 1, failures = failures + $1, last_error = $2,
+                 next_attempt = $3 WHERE uuid = $4",
             params![i64::from(counts), error, next_attempt_ms, uuid],
         )
     }
 
     fn settle_guest(&mut self, uuid: &str, state: Option<GuestState>, error: &str) -> Result<()> {
         self.run(
-            "UPDATE guests SET pending = '', last_error = ?1, state = COALESCE(?2, state) WHERE uuid = ?3",
+            "UPDATE guests SET pending = '', last_error = $1, state = COALESCE($2, state) WHERE uuid = $3",
             params![error, state.map(GuestState::as_str), uuid],
         )
     }
 
     fn guests_to_adopt(&mut self, host: &str) -> Result<Vec<(String, String)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT uuid, xml FROM guests
-             WHERE host = ?1 AND state != 'undefined' AND pending IN ('', 'define')",
-        )?;
-        let rows = stmt.query_map([host], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let stmt = "SELECT uuid, xml FROM guests
+             WHERE host = $1 AND state != 'undefined' AND pending IN ('', 'define')";
+        let rows = self.db.query_all(stmt, [host], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows)
     }
 
     fn move_guest(&mut self, uuid: &str, host: &str, state: GuestState) -> Result<()> {
         self.run(
-            "UPDATE guests SET host = ?1, state = ?2, last_error = '' WHERE uuid = ?3",
+            "UPDATE guests SET host = $1, state = $2, last_error = '' WHERE uuid = $3",
             params![host, state.as_str(), uuid],
         )
     }
 
     fn set_guest_error(&mut self, uuid: &str, error: &str) -> Result<()> {
         self.run(
-            "UPDATE guests SET last_error = ?1 WHERE uuid = ?2",
+            "UPDATE guests SET last_error = $1 WHERE uuid = $2",
             params![error, uuid],
         )
     }
 }
 
-impl MigrationStore for SqliteTx<'_> {
+impl MigrationStore for SqlTx<'_> {
     fn insert_migration(&mut self, m: &MigrationRecord) -> Result<()> {
         self.run(
             "INSERT INTO guest_migrations (guest_uuid, from_host, to_host, started, live, unsafe)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+             VALUES ($1, $2, $3, $4, $5, $6)",
             params![
                 m.guest_uuid,
                 m.from_host,
@@ -263,32 +253,28 @@ impl MigrationStore for SqliteTx<'_> {
 
     fn migration(&mut self, guest_uuid: &str) -> Result<Option<MigrationRecord>> {
         Ok(self
-            .conn
-            .prepare_cached(
+            .db
+            .query_opt(
                 "SELECT guest_uuid, from_host, to_host, started, live, unsafe
-                 FROM guest_migrations WHERE guest_uuid = ?1",
-            )?
-            .query_row([guest_uuid], migration_row)
-            .optional()?)
+                 FROM guest_migrations WHERE guest_uuid = $1",
+            [guest_uuid], migration_row)?)
     }
 
     fn migrations(&mut self) -> Result<Vec<MigrationRecord>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT guest_uuid, from_host, to_host, started, live, unsafe FROM guest_migrations",
-        )?;
-        let rows = stmt.query_map([], migration_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let stmt = "SELECT guest_uuid, from_host, to_host, started, live, unsafe FROM guest_migrations";
+        let rows = self.db.query_all(stmt, (), migration_row)?;
+        Ok(rows)
     }
 
     fn delete_migration(&mut self, guest_uuid: &str) -> Result<()> {
         self.run(
-            "DELETE FROM guest_migrations WHERE guest_uuid = ?1",
+            "DELETE FROM guest_migrations WHERE guest_uuid = $1",
             [guest_uuid],
         )
     }
 }
 
-fn migration_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MigrationRecord> {
+fn migration_row(r: &Row) -> Result<MigrationRecord> {
     Ok(MigrationRecord {
         guest_uuid: r.get(0)?,
         from_host: r.get(1)?,

@@ -1,8 +1,8 @@
-//! `hosts` and `host_inventory` in SQLite.
+//! `hosts` and `host_inventory`.
 
-use rusqlite::{OptionalExtension, params};
+use crate::params;
 
-use super::{SqliteTx, signed, typed};
+use super::{Row, SqlTx, signed, typed};
 use crate::model::{HostInfo, HostState, HostTpm};
 use crate::store::{Enrollment, HeldKey, HostRecord, HostStore, NewHost, Result, TokenHolder};
 
@@ -13,7 +13,7 @@ const HOST_SELECT: &str = "SELECT h.name, h.address, h.state, h.created, COALESC
         h.libvirt_uri, h.migration_uri, h.tpm, h.host_group
     FROM hosts h";
 
-fn host_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostInfo> {
+fn host_row(r: &Row) -> Result<HostInfo> {
     Ok(HostInfo {
         name: r.get(0)?,
         address: r.get(1)?,
@@ -38,30 +38,27 @@ fn host_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostInfo> {
     })
 }
 
-impl HostStore for SqliteTx<'_> {
+impl HostStore for SqlTx<'_> {
     fn set_host_tpm(&mut self, name: &str, tpm: &HostTpm) -> Result<()> {
         let text = serde_json::to_string(tpm).expect("HostTpm serializes");
-        self.conn
-            .prepare_cached("UPDATE hosts SET tpm = ?2 WHERE name = ?1")?
-            .execute(params![name, text])?;
+        self.db
+            .execute("UPDATE hosts SET tpm = $2 WHERE name = $1", params![name, text])?;
         Ok(())
     }
 
     fn host_exists(&mut self, name: &str) -> Result<bool> {
         let n: i64 = self
-            .conn
-            .prepare_cached("SELECT COUNT(*) FROM hosts WHERE name = ?1")?
-            .query_row([name], |r| r.get(0))?;
+            .db
+            .query_one("SELECT COUNT(*) FROM hosts WHERE name = $1", [name], |r| r.get(0))?;
         Ok(n > 0)
     }
 
     fn insert_host(&mut self, h: &NewHost) -> Result<()> {
-        self.conn
-            .prepare_cached(
+        self.db
+            .execute(
                 "INSERT INTO hosts (name, address, state, token_hash, token_expires, created)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            params![
                 h.name,
                 h.address,
                 HostState::PendingEnrollment.as_str(),
@@ -73,30 +70,24 @@ impl HostStore for SqliteTx<'_> {
     }
 
     fn hosts(&mut self) -> Result<Vec<HostInfo>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!("{HOST_SELECT} ORDER BY h.name"))?;
-        let rows = stmt.query_map([], host_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.db
+            .query_all(&format!("{HOST_SELECT} ORDER BY h.name"), (), host_row)
     }
 
     fn host(&mut self, name: &str) -> Result<Option<HostInfo>> {
         Ok(self
-            .conn
-            .prepare_cached(&format!("{HOST_SELECT} WHERE h.name = ?1"))?
-            .query_row([name], host_row)
-            .optional()?)
+            .db
+            .query_opt(&format!("{HOST_SELECT} WHERE h.name = $1"), [name], host_row)?)
     }
 
     fn host_record(&mut self, name: &str) -> Result<Option<HostRecord>> {
         Ok(self
-            .conn
-            .prepare_cached(
+            .db
+            .query_opt(
                 "SELECT name, address, state, sealing_public_key, libvirt_uri, migration_uri,
                         cert_sha256
-                 FROM hosts WHERE name = ?1",
-            )?
-            .query_row([name], |r| {
+                 FROM hosts WHERE name = $1",
+            [name], |r| {
                 Ok(HostRecord {
                     name: r.get(0)?,
                     address: r.get(1)?,
@@ -106,59 +97,52 @@ impl HostStore for SqliteTx<'_> {
                     migration_uri: r.get(5)?,
                     cert_sha256: r.get(6)?,
                 })
-            })
-            .optional()?)
+            })?)
     }
 
     fn enrolled_host_by_cert(&mut self, cert_sha256: &str) -> Result<Option<String>> {
         Ok(self
-            .conn
-            .prepare_cached("SELECT name FROM hosts WHERE cert_sha256 = ?1 AND state = ?2")?
-            .query_row(params![cert_sha256, HostState::Enrolled.as_str()], |r| {
+            .db
+            .query_opt("SELECT name FROM hosts WHERE cert_sha256 = $1 AND state = $2", params![cert_sha256, HostState::Enrolled.as_str()], |r| {
                 r.get(0)
-            })
-            .optional()?)
+            })?)
     }
 
     fn revoke_host(&mut self, name: &str) -> Result<bool> {
         let revoked = HostState::Revoked.as_str();
         let n = self
-            .conn
-            .prepare_cached(
-                "UPDATE hosts SET state = ?1, token_hash = NULL WHERE name = ?2 AND state != ?1",
-            )?
-            .execute(params![revoked, name])?;
+            .db
+            .execute(
+                "UPDATE hosts SET state = $1, token_hash = NULL WHERE name = $2 AND state != $1",
+            params![revoked, name])?;
         Ok(n > 0)
     }
 
     fn host_by_token(&mut self, token_hash: &[u8]) -> Result<Option<TokenHolder>> {
         Ok(self
-            .conn
-            .prepare_cached(
-                "SELECT name, address, state, token_expires FROM hosts WHERE token_hash = ?1",
-            )?
-            .query_row([token_hash], |r| {
+            .db
+            .query_opt(
+                "SELECT name, address, state, token_expires FROM hosts WHERE token_hash = $1",
+            [token_hash], |r| {
                 Ok(TokenHolder {
                     name: r.get(0)?,
                     address: r.get(1)?,
                     state: typed(r, 2, "hosts.state")?,
                     expires: r.get(3)?,
                 })
-            })
-            .optional()?)
+            })?)
     }
 
     fn complete_enrollment(&mut self, e: &Enrollment) -> Result<bool> {
         // The token and state are checked again here, so two concurrent
         // enrollments with one token cannot both succeed.
         let n = self
-            .conn
-            .prepare_cached(
-                "UPDATE hosts SET state = ?1, token_hash = NULL, token_expires = NULL,
-                     enrolled = ?2, cert_sha256 = ?3, sealing_public_key = ?4
-                 WHERE name = ?5 AND token_hash = ?6 AND state = ?7",
-            )?
-            .execute(params![
+            .db
+            .execute(
+                "UPDATE hosts SET state = $1, token_hash = NULL, token_expires = NULL,
+                     enrolled = $2, cert_sha256 = $3, sealing_public_key = $4
+                 WHERE name = $5 AND token_hash = $6 AND state = $7",
+            params![
                 HostState::Enrolled.as_str(),
                 e.enrolled,
                 e.cert_sha256,
@@ -171,16 +155,13 @@ impl HostStore for SqliteTx<'_> {
     }
 
     fn replace_inventory(&mut self, host: &str, held: &[HeldKey], now: i64) -> Result<()> {
-        self.conn
-            .prepare_cached("DELETE FROM host_inventory WHERE host = ?1")?
-            .execute([host])?;
+        self.db
+            .execute("DELETE FROM host_inventory WHERE host = $1", [host])?;
         {
-            let mut insert = self.conn.prepare_cached(
-                "INSERT OR IGNORE INTO host_inventory (host, volume_id, generation, guest_uuid)
-                 VALUES (?1, ?2, ?3, ?4)",
-            )?;
+            let insert = "INSERT INTO host_inventory (host, volume_id, generation, guest_uuid)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
             for k in held {
-                insert.execute(params![
+                self.db.execute(insert, params![
                     host,
                     k.volume_id,
                     signed(k.generation),
@@ -188,9 +169,8 @@ impl HostStore for SqliteTx<'_> {
                 ])?;
             }
         }
-        self.conn
-            .prepare_cached("UPDATE hosts SET inventory_reported = ?1 WHERE name = ?2")?
-            .execute(params![now, host])?;
+        self.db
+            .execute("UPDATE hosts SET inventory_reported = $1 WHERE name = $2", params![now, host])?;
         Ok(())
     }
 
@@ -200,11 +180,10 @@ impl HostStore for SqliteTx<'_> {
         libvirt_uri: &str,
         migration_uri: &str,
     ) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "UPDATE hosts SET libvirt_uri = ?1, migration_uri = ?2 WHERE name = ?3",
-            )?
-            .execute(params![libvirt_uri, migration_uri, name])?;
+        self.db
+            .execute(
+                "UPDATE hosts SET libvirt_uri = $1, migration_uri = $2 WHERE name = $3",
+            params![libvirt_uri, migration_uri, name])?;
         Ok(())
     }
 }

@@ -1,19 +1,111 @@
-//! The schema: migrations applied in order, `PRAGMA user_version`
-//! recording how many ran. Never edit a released migration: append one.
+//! The schema of both engines, from one list: migrations applied in order,
+//! each engine recording how many ran (SQLite: `PRAGMA user_version`;
+//! PostgreSQL: the `schema_version` table). Never edit a released
+//! migration: append one.
+//!
+//! A migration's `all` part is written once, in SQL both engines read,
+//! with SQLite's type names; on PostgreSQL `INTEGER` becomes `BIGINT` (the
+//! store reads and binds every integer as 64 bits) and `BLOB` becomes
+//! `BYTEA`. What the engines cannot share (triggers, SQLite's rowid) is in
+//! the `sqlite` and `postgres` parts, run after `all`.
 //!
 //! Volume keys are stored only wrapped (see `crate::masterkey`). The audit
-//! table is append-only: triggers refuse UPDATE and DELETE, and its rows
-//! form a hash chain (see `crate::domain::audit`).
-
-use rusqlite::Connection;
+//! table is append-only: triggers refuse UPDATE and DELETE (and on
+//! PostgreSQL TRUNCATE), and its rows form a hash chain (see
+//! `crate::domain::audit`).
 
 use crate::model::StoreError;
 
-/// Schema migrations, applied in order; `PRAGMA user_version` records how
-/// many ran. Never edit a released migration: append a new one.
-pub(crate) const MIGRATIONS: &[&str] = &[
+/// A database engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// SQLite (the embedded default).
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+/// One schema migration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Migration {
+    /// For both engines (SQLite's type names).
+    pub all: &'static str,
+    /// Then, on SQLite only.
+    pub sqlite: &'static str,
+    /// Then, on PostgreSQL only.
+    pub postgres: &'static str,
+}
+
+const NONE: Migration = Migration {
+    all: "",
+    sqlite: "",
+    postgres: "",
+};
+
+impl Migration {
+    /// The statements to run on `engine`.
+    pub(crate) fn sql(&self, engine: Engine) -> String {
+        match engine {
+            Engine::Sqlite => format!("{}\n{}", self.all, self.sqlite),
+            Engine::Postgres => {
+                let mut out = String::with_capacity(self.all.len() + self.postgres.len());
+                out.push_str(&postgres_types(self.all));
+                out.push('\n');
+                out.push_str(self.postgres);
+                out
+            }
+        }
+    }
+}
+
+fn is_word(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_'
+}
+
+/// `all` with SQLite's type names replaced by PostgreSQL's (whole words
+/// only).
+fn postgres_types(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 64);
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        out.push_str(match word.as_str() {
+            "INTEGER" => "BIGINT",
+            "BLOB" => "BYTEA",
+            w => w,
+        });
+        word.clear();
+    };
+    for c in sql.chars() {
+        if is_word(c) {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
+/// How many migrations a database at `version` still needs, or why it
+/// cannot be opened.
+pub(crate) fn pending(version: i64) -> Result<std::ops::Range<usize>, StoreError> {
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    if version > MIGRATIONS.len() {
+        return Err(StoreError::TooNew {
+            found: version,
+            known: MIGRATIONS.len(),
+        });
+    }
+    Ok(version..MIGRATIONS.len())
+}
+
+/// Schema migrations, applied in order. Never edit a released migration:
+/// append a new one.
+pub(crate) const MIGRATIONS: &[Migration] = &[
     // 1: initial schema
-    "
+    Migration {
+        all: "
     CREATE TABLE meta (
         key   TEXT PRIMARY KEY,
         value TEXT NOT NULL
@@ -71,13 +163,26 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         prev_hash TEXT NOT NULL,
         hash      TEXT NOT NULL
     );
+    ",
+        sqlite: "
     CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     ",
+        postgres: "
+    CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql
+        AS $$ BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+    CREATE TRIGGER audit_no_update BEFORE UPDATE OR DELETE ON audit
+        FOR EACH ROW EXECUTE FUNCTION audit_append_only();
+    CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
+        FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
+    ",
+        ..NONE
+    },
     // 2: guests, and where each volume lives on its host
-    "
+    Migration {
+        all: "
     ALTER TABLE volumes ADD COLUMN path TEXT NOT NULL DEFAULT '';
     CREATE TABLE guests (
         uuid         TEXT PRIMARY KEY,
@@ -100,8 +205,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (guest_uuid, volume_id)
     );
     ",
+        ..NONE
+    },
     // 3: what each host last reported holding (ids only, never keys)
-    "
+    Migration {
+        all: "
     CREATE TABLE host_inventory (
         host       TEXT NOT NULL REFERENCES hosts(name),
         volume_id  TEXT NOT NULL,
@@ -111,12 +219,18 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE hosts ADD COLUMN inventory_reported INTEGER NOT NULL DEFAULT 0;
     ",
+        ..NONE
+    },
     // 4: the kind of a pending rekey
-    "
+    Migration {
+        all: "
     ALTER TABLE volumes ADD COLUMN rekey_kind TEXT NOT NULL DEFAULT '' CHECK (rekey_kind IN ('', 'shallow', 'deep'));
     ",
+        ..NONE
+    },
     // 5: key rotation policies, per pool name or per volume
-    "
+    Migration {
+        all: "
     CREATE TABLE policies (
         scope                TEXT NOT NULL CHECK (scope IN ('pool', 'volume')),
         target               TEXT NOT NULL,
@@ -126,7 +240,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (scope, target)
     );
     ",
-    "
+        ..NONE
+    },
+    Migration {
+        all: "
     ALTER TABLE hosts ADD COLUMN libvirt_uri TEXT NOT NULL DEFAULT '';
     ALTER TABLE hosts ADD COLUMN migration_uri TEXT NOT NULL DEFAULT '';
     ALTER TABLE volumes ADD COLUMN rekey_due INTEGER NOT NULL DEFAULT 0;
@@ -143,9 +260,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         unsafe     INTEGER NOT NULL DEFAULT 0
     );
     ",
+        ..NONE
+    },
     // 7: audit records MACed under a key kept wrapped under the master key;
     // bounded retries (a pending operation that keeps failing ends in 'failed')
-    "
+    Migration {
+        all: "
     ALTER TABLE audit ADD COLUMN mac TEXT NOT NULL DEFAULT '';
     CREATE TABLE audit_keys (
         id            INTEGER PRIMARY KEY CHECK (id = 1),
@@ -158,23 +278,32 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         CHECK (failed_op IN ('', 'create', 'encrypt', 'rekey', 'decrypt', 'delete'));
     ALTER TABLE guests ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
     ",
+        ..NONE
+    },
     // 8: look-ups by name and by path use an index again (migration 6 made
     // the partial unique index on live names cover fewer states than the
     // queries ask for, so SQLite scanned the table)
-    "
+    Migration {
+        all: "
     CREATE INDEX volumes_name ON volumes(name);
     CREATE INDEX volumes_path ON volumes(path) WHERE path != '';
     ",
+        ..NONE
+    },
     // 9: what a host reports of its keys sealed to its TPM (JSON of
     // model::HostTpm; '' when it reported nothing)
-    "
+    Migration {
+        all: "
     ALTER TABLE hosts ADD COLUMN tpm TEXT NOT NULL DEFAULT '';
     ",
+        ..NONE
+    },
     // 10: release gates. A host's TPM identity (EK, AK; the AK is used
     // only once pinned, after its proof of residence) and its last
     // attestation; its allowlist of PCR values; what each volume's key
     // release needs.
-    "
+    Migration {
+        all: "
     CREATE TABLE host_attestation (
         host           TEXT PRIMARY KEY REFERENCES hosts(name),
         ek_public      BLOB NOT NULL,
@@ -224,11 +353,14 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX release_requests_open ON release_requests(host, guest_uuid)
         WHERE state IN ('pending', 'approved');
     ",
+        ..NONE
+    },
     // 11: split keys. On the management server a volume's key may be one
     // half of its passphrase; a verifier server keeps the other halves,
     // each bound to the host it first released it to, and the nonces it
     // issued for the attestations that precede those releases.
-    "
+    Migration {
+        all: "
     ALTER TABLE volumes ADD COLUMN split INTEGER NOT NULL DEFAULT 0 CHECK (split IN (0, 1));
     CREATE TABLE key_halves (
         volume_id     TEXT NOT NULL,
@@ -246,50 +378,33 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         issued INTEGER NOT NULL
     );
     ",
+        ..NONE
+    },
+    // 12: release requests keep the order they were made in (SQLite's
+    // rowid did that; PostgreSQL has none)
+    Migration {
+        all: "
+    ALTER TABLE release_requests ADD COLUMN n INTEGER NOT NULL DEFAULT 0;
+    ",
+        sqlite: "UPDATE release_requests SET n = rowid;",
+        ..NONE
+    },
 ];
-
-/// Applies the migrations this database has not had yet.
-pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    let version = usize::try_from(version).unwrap_or(usize::MAX);
-    if version > MIGRATIONS.len() {
-        return Err(StoreError::TooNew {
-            found: version,
-            known: MIGRATIONS.len(),
-        });
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-        tx.commit()?;
-    }
-    Ok(())
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn migrations_apply_once_and_refuse_newer() {
-        let dir = std::env::temp_dir().join(format!("gk-db-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("t.db");
-        let _ = std::fs::remove_file(&path);
-        drop(crate::store::sqlite::SqliteStore::open(&path).unwrap());
-        drop(crate::store::sqlite::SqliteStore::open(&path).unwrap());
-        let conn = Connection::open(&path).unwrap();
-        let v: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
-        assert_eq!(v as usize, MIGRATIONS.len());
-        conn.pragma_update(None, "user_version", 99).unwrap();
-        drop(conn);
-        let err = crate::store::sqlite::SqliteStore::open(&path)
-            .err()
-            .unwrap();
-        assert!(err.to_string().contains("upgrade guestkey-server"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
+    fn postgres_gets_its_type_names_and_only_whole_words_change() {
+        let sql = postgres_types("a INTEGER NOT NULL, b BLOB, c_INTEGER TEXT, INTEGERS");
+        assert_eq!(sql, "a BIGINT NOT NULL, b BYTEA, c_INTEGER TEXT, INTEGERS");
+    }
+
+    #[test]
+    fn a_newer_database_is_refused() {
+        assert_eq!(pending(0).unwrap(), 0..MIGRATIONS.len());
+        let e = pending(MIGRATIONS.len() as i64 + 1).unwrap_err();
+        assert!(e.to_string().contains("upgrade guestkey-server"), "{e}");
     }
 }

@@ -1,14 +1,14 @@
-//! `meta`, `admins` and `audit` in SQLite.
+//! `meta`, `admins` and `audit`.
 
-use rusqlite::{OptionalExtension, params};
+use crate::params;
 
-use super::{SqliteTx, signed, unsigned};
+use super::{Row, SqlTx, signed, unsigned};
 use crate::model::AuditRecord;
 use crate::store::{AuditStore, MetaStore, Result, WrappedKey};
 
 const AUDIT_COLUMNS: &str = "seq, time_ms, actor, action, subject, detail, prev_hash, hash, mac";
 
-fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
+fn audit_row(r: &Row) -> Result<AuditRecord> {
     Ok(AuditRecord {
         seq: unsigned(r, 0)?,
         time_ms: r.get(1)?,
@@ -22,27 +22,24 @@ fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
     })
 }
 
-impl SqliteTx<'_> {
+impl SqlTx<'_> {
     fn meta_get(&mut self, key: &str) -> Result<Option<String>> {
         Ok(self
-            .conn
-            .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
-            .query_row([key], |r| r.get(0))
-            .optional()?)
+            .db
+            .query_opt("SELECT value FROM meta WHERE key = $1", [key], |r| r.get(0))?)
     }
 
     fn meta_set(&mut self, key: &str, value: &str) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+        self.db
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ($1, $2)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )?
-            .execute([key, value])?;
+            [key, value])?;
         Ok(())
     }
 }
 
-impl MetaStore for SqliteTx<'_> {
+impl MetaStore for SqlTx<'_> {
     fn master_key_id(&mut self) -> Result<Option<String>> {
         self.meta_get("master_key_id")
     }
@@ -53,34 +50,29 @@ impl MetaStore for SqliteTx<'_> {
 
     fn admin_by_cert(&mut self, cert_sha256: &str) -> Result<Option<String>> {
         Ok(self
-            .conn
-            .prepare_cached("SELECT name FROM admins WHERE cert_sha256 = ?1")?
-            .query_row([cert_sha256], |r| r.get(0))
-            .optional()?)
+            .db
+            .query_opt("SELECT name FROM admins WHERE cert_sha256 = $1", [cert_sha256], |r| r.get(0))?)
     }
 
     fn insert_admin(&mut self, cert_sha256: &str, name: &str, created: i64) -> Result<()> {
-        self.conn
-            .prepare_cached("INSERT INTO admins (cert_sha256, name, created) VALUES (?1, ?2, ?3)")?
-            .execute(params![cert_sha256, name, created])?;
+        self.db
+            .execute("INSERT INTO admins (cert_sha256, name, created) VALUES ($1, $2, $3)", params![cert_sha256, name, created])?;
         Ok(())
     }
 
     fn replace_admins(&mut self, cert_sha256: &str, name: &str, created: i64) -> Result<usize> {
         let removed = self
-            .conn
-            .prepare_cached("DELETE FROM admins WHERE cert_sha256 <> ?1")?
-            .execute([cert_sha256])?;
-        self.conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO admins (cert_sha256, name, created) VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![cert_sha256, name, created])?;
+            .db
+            .execute("DELETE FROM admins WHERE cert_sha256 <> $1", [cert_sha256])?;
+        self.db
+            .execute(
+                "INSERT INTO admins (cert_sha256, name, created) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            params![cert_sha256, name, created])?;
         Ok(removed)
     }
 }
 
-impl AuditStore for SqliteTx<'_> {
+impl AuditStore for SqlTx<'_> {
     fn audit_head(&mut self) -> Result<Option<(u64, String)>> {
         Ok(self.meta_get("audit_head")?.and_then(|h| {
             let (seq, hash) = h.split_once(':')?;
@@ -89,12 +81,11 @@ impl AuditStore for SqliteTx<'_> {
     }
 
     fn append_audit(&mut self, r: &AuditRecord) -> Result<()> {
-        self.conn
-            .prepare_cached(
+        self.db
+            .execute(
                 "INSERT INTO audit (seq, time_ms, actor, action, subject, detail, prev_hash, hash, mac)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?
-            .execute(params![
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            params![
                 signed(r.seq),
                 r.time_ms,
                 r.actor,
@@ -109,42 +100,37 @@ impl AuditStore for SqliteTx<'_> {
     }
 
     fn list_audit(&mut self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2"
-        ))?;
-        let rows = stmt.query_map(params![signed(after_seq), limit], audit_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let stmt = &format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2"
+        );
+        let rows = self.db.query_all(stmt, params![signed(after_seq), limit], audit_row)?;
+        Ok(rows)
     }
 
     fn audit_record(&mut self, seq: u64) -> Result<Option<AuditRecord>> {
         Ok(self
-            .conn
-            .prepare_cached(&format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq = ?1"))?
-            .query_row([signed(seq)], audit_row)
-            .optional()?)
+            .db
+            .query_opt(&format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq = $1"), [signed(seq)], audit_row)?)
     }
 
     fn audit_key(&mut self) -> Result<Option<WrappedKey>> {
         Ok(self
-            .conn
-            .prepare_cached("SELECT master_key_id, wrapped FROM audit_keys WHERE id = 1")?
-            .query_row([], |r| {
+            .db
+            .query_opt("SELECT master_key_id, wrapped FROM audit_keys WHERE id = 1", (), |r| {
                 Ok(WrappedKey {
                     master_key_id: r.get(0)?,
                     wrapped: r.get(1)?,
                 })
-            })
-            .optional()?)
+            })?)
     }
 
     fn put_audit_key(&mut self, key: &WrappedKey, created: i64) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO audit_keys (id, master_key_id, wrapped, created) VALUES (1, ?1, ?2, ?3)
+        self.db
+            .execute(
+                "INSERT INTO audit_keys (id, master_key_id, wrapped, created) VALUES (1, $1, $2, $3)
                  ON CONFLICT (id) DO UPDATE SET master_key_id = excluded.master_key_id,
                      wrapped = excluded.wrapped",
-            )?
-            .execute(params![key.master_key_id, key.wrapped, created])?;
+            params![key.master_key_id, key.wrapped, created])?;
         Ok(())
     }
 }

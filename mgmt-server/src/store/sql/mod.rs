@@ -1,0 +1,64 @@
+//! The store's queries, written once for every engine: each file holds the
+//! statements of one group of tables, in SQL that SQLite and PostgreSQL
+//! both read (`$1` parameters, `ON CONFLICT`, 64-bit integers, booleans as
+//! 0/1). They run through [`Conn`], which each engine's folder implements
+//! with its own driver ([`super::sqlite`], [`super::postgres`]); the schema
+//! and its migrations for both engines are in [`schema`].
+
+mod approvals;
+mod attest;
+mod conn;
+mod guests;
+mod halves;
+mod hosts;
+mod meta;
+mod policies;
+pub mod schema;
+mod volumes;
+
+use std::str::FromStr;
+
+pub use conn::{Conn, Db, FromValue, Params, Row, ToValue, Value};
+
+use crate::model::StoreError;
+use crate::store::{Result, Tx};
+
+#[cfg(test)]
+pub(crate) use volumes::{AT_PATH, FIND, NAMED};
+
+/// A transaction of any engine: the store's traits, implemented once.
+pub struct SqlTx<'a> {
+    db: Db<'a>,
+}
+
+impl<'a> SqlTx<'a> {
+    /// A transaction begun on `conn`.
+    pub fn new(conn: Box<dyn Conn + 'a>) -> Self {
+        Self { db: Db(conn) }
+    }
+}
+
+impl Tx for SqlTx<'_> {
+    fn commit(mut self: Box<Self>) -> Result<()> {
+        self.db.0.commit()
+    }
+}
+
+/// Column `idx` of `row` parsed as a typed value; `what` names the column
+/// in the error (`volumes.state`).
+fn typed<T: FromStr>(row: &Row, idx: usize, what: &str) -> Result<T> {
+    let text: String = row.get(idx)?;
+    text.parse()
+        .map_err(|_| StoreError::Corrupt(format!("{what} {text:?}")))
+}
+
+/// A stored integer that is never negative, as u64.
+fn unsigned(row: &Row, idx: usize) -> Result<u64> {
+    Ok(row.get::<i64>(idx)?.max(0) as u64)
+}
+
+/// A u64 as the engines' i64 (values above i64::MAX do not occur: sizes,
+/// generations and durations are bounded far below it).
+fn signed(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
