@@ -20,14 +20,17 @@
 //! target directory ([`Bins::from_target_dir`]). It imports no guestkey
 //! crate.
 
-#![forbid(unsafe_code)]
+// One `unsafe` block: `atexit`, which stops the shared PostgreSQL cluster.
+#![deny(unsafe_code)]
 #![allow(clippy::print_stdout, clippy::unwrap_used)] // a failed unwrap is a failed test
 
 pub mod cleanup;
+mod postgres;
 mod proc;
 mod server;
 mod swtpm;
 
+pub use postgres::{Postgres, TestDatabase};
 pub use proc::Proc;
 pub use server::{Bins, TestServer, enroll_guestkeyd, enroll_guestkeyd_with, target_bin};
 pub use swtpm::Swtpm;

@@ -23,6 +23,7 @@
 //! implementation's folder). Imported by `domain`, `init` and the programs;
 //! `transport` and `scheduler` reach it only through `domain`.
 
+pub mod postgres;
 pub mod sql;
 pub mod sqlite;
 
@@ -576,3 +577,6 @@ pub trait HalfStore {
     /// Replaces a half's wrapping (a master key rotation).
     fn rewrap_key_half(&mut self, volume: &str, generation: u64, key: &WrappedKey) -> Result<()>;
 }
+
+#[cfg(test)]
+pub(crate) mod testing;

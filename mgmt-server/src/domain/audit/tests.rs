@@ -3,12 +3,13 @@
 
 use super::*;
 use crate::store::sqlite::SqliteStore;
+use crate::store::testing::TestStore;
 use crate::store::{Access, Store};
 
 /// An attacker with the database file drops the triggers first.
 const UNTRIGGER: &str = "DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;";
 
-fn fill(s: &SqliteStore, key: &AuditKey, from: usize, n: usize) {
+fn fill(s: &dyn Store, key: &AuditKey, from: usize, n: usize) {
     let mut tx = s.begin(Access::Write).unwrap();
     for i in from..from + n {
         append(
@@ -24,15 +25,15 @@ fn fill(s: &SqliteStore, key: &AuditKey, from: usize, n: usize) {
     tx.commit().unwrap();
 }
 
-fn filled() -> (SqliteStore, AuditKey) {
-    let s = SqliteStore::in_memory().unwrap();
+fn filled() -> (TestStore, AuditKey) {
+    let s = TestStore::new();
     let key = AuditKey::generate().unwrap();
     fill(&s, &key, 0, 5);
     assert!(check(&s, &key, &[]).ok);
     (s, key)
 }
 
-fn check(s: &SqliteStore, key: &AuditKey, heads: &[String]) -> Verification {
+fn check(s: &dyn Store, key: &AuditKey, heads: &[String]) -> Verification {
     let kept: Vec<KeptHead<'_>> = heads
         .iter()
         .enumerate()
@@ -44,7 +45,7 @@ fn check(s: &SqliteStore, key: &AuditKey, heads: &[String]) -> Verification {
     verify(&mut *s.begin(Access::Read).unwrap(), key, &kept).unwrap()
 }
 
-fn signed_head(s: &SqliteStore, key: &AuditKey) -> String {
+fn signed_head(s: &dyn Store, key: &AuditKey) -> String {
     let (seq, hash) = head(&mut *s.begin(Access::Read).unwrap()).unwrap();
     SignedHead::sign(key, seq, &hash).to_string()
 }
@@ -52,7 +53,7 @@ fn signed_head(s: &SqliteStore, key: &AuditKey) -> String {
 /// What an attacker without the audit key can do: rebuild the whole
 /// chain from the records it keeps, with correct hashes and the head
 /// moved, and MACs copied from the old rows or left out.
-fn rebuild_without(s: &SqliteStore, drop_seq: u64, keep_macs: bool) {
+fn rebuild_without(s: &TestStore, drop_seq: u64, keep_macs: bool) {
     let old = s.begin(Access::Read).unwrap().list_audit(0, 1000).unwrap();
     let mut sql = format!("{UNTRIGGER} DELETE FROM audit;");
     let mut prev = GENESIS.to_owned();
@@ -184,7 +185,7 @@ fn a_chain_rebuilt_without_the_audit_key_is_detected() {
 
 #[test]
 fn records_from_before_macs_are_accepted_only_before_the_first_maced_one() {
-    let s = SqliteStore::in_memory().unwrap();
+    let s = TestStore::new();
     let key = AuditKey::generate().unwrap();
     fill(&s, &key, 0, 3);
     s.tamper(&format!("{UNTRIGGER} UPDATE audit SET mac = ''"))

@@ -1,4 +1,5 @@
-//! Unit tests of the domain's state machines on the in-memory store, with
+//! Unit tests of the domain's state machines on the in-memory store (or on
+//! PostgreSQL: see `store::testing`), with
 //! [`FakeAgents`] standing in for the hosts (see its header: the real host
 //! flows are in `mgmt-server/tests/` and `tests/`).
 
@@ -22,14 +23,14 @@ use crate::domain::fake_agent::FakeAgents;
 use crate::domain::{Core, KeyRing, Parts};
 use crate::masterkey::MasterKey;
 use crate::model::{Caller, GuestInfo, VolumeFormat, VolumeInfo, VolumeState};
-use crate::store::sqlite::SqliteStore;
+use crate::store::testing::TestStore;
 use crate::store::{Access, Store};
 
 /// A domain over an in-memory store and fake hosts.
 pub(super) struct Bed {
     pub(super) core: Arc<Core>,
     pub(super) agents: Arc<FakeAgents>,
-    pub(super) store: Arc<SqliteStore>,
+    pub(super) store: Arc<TestStore>,
     pub(super) admin: Caller,
 }
 
@@ -48,7 +49,7 @@ impl Bed {
     }
 
     fn build(limits: Limits, checkpoints: Option<std::path::PathBuf>) -> Self {
-        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        let store = Arc::new(TestStore::new());
         let mk = MasterKey::generate().unwrap();
         {
             let mut tx = store.begin(Access::Write).unwrap();

@@ -51,29 +51,33 @@ impl ApprovalStore for SqlTx<'_> {
     }
 
     fn open_request(&mut self, host: &str, guest_uuid: &str) -> Result<Option<ReleaseRequest>> {
-        Ok(self
-            .db
-            .query_opt(&format!(
+        self.db.query_opt(
+            &format!(
                 "SELECT {COLUMNS} FROM release_requests
                  WHERE host = $1 AND guest_uuid = $2 AND state IN ('pending', 'approved')
                  ORDER BY created DESC, n DESC LIMIT 1"
-            ), params![host, guest_uuid], row)?)
+            ),
+            params![host, guest_uuid],
+            row,
+        )
     }
 
     fn request(&mut self, id: &str) -> Result<Option<ReleaseRequest>> {
-        Ok(self
-            .db
-            .query_opt(&format!(
-                "SELECT {COLUMNS} FROM release_requests WHERE id = $1"
-            ), [id], row)?)
+        self.db.query_opt(
+            &format!("SELECT {COLUMNS} FROM release_requests WHERE id = $1"),
+            [id],
+            row,
+        )
     }
 
     fn requests(&mut self, state: Option<RequestState>) -> Result<Vec<ReleaseRequest>> {
         let stmt = &format!(
-            "SELECT {COLUMNS} FROM release_requests WHERE $1 IS NULL OR state = $1
+            "SELECT {COLUMNS} FROM release_requests WHERE CAST($1 AS TEXT) IS NULL OR state = $1
              ORDER BY created DESC, n DESC LIMIT 1000"
         );
-        let rows = self.db.query_all(stmt, [state.map(RequestState::as_str)], row)?;
+        let rows = self
+            .db
+            .query_all(stmt, [state.map(RequestState::as_str)], row)?;
         Ok(rows)
     }
 
@@ -101,14 +105,14 @@ impl ApprovalStore for SqlTx<'_> {
         let ids: Vec<String> = {
             let stmt = "SELECT id FROM release_requests
                  WHERE state IN ('pending', 'approved') AND created < $1";
-            let rows = self.db.query_all(stmt, [before], |r| r.get(0))?;
-            rows
+
+            self.db.query_all(stmt, [before], |r| r.get(0))?
         };
-        self.db
-            .execute(
-                "UPDATE release_requests SET state = 'expired'
+        self.db.execute(
+            "UPDATE release_requests SET state = 'expired'
                  WHERE state IN ('pending', 'approved') AND created < $1",
-            [before])?;
+            [before],
+        )?;
         Ok(ids)
     }
 }

@@ -20,9 +20,8 @@ fn differing_list(text: &str) -> Vec<u8> {
 
 impl AttestStore for SqlTx<'_> {
     fn set_host_identity(&mut self, host: &str, id: &HostIdentity) -> Result<()> {
-        self.db
-            .execute(
-                "INSERT INTO host_attestation
+        self.db.execute(
+            "INSERT INTO host_attestation
                      (host, ek_public, ek_certificate, ak_public, challenge_hash, pinned)
                  VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (host) DO UPDATE SET ek_public = excluded.ek_public,
@@ -37,17 +36,17 @@ impl AttestStore for SqlTx<'_> {
                 id.ak_public,
                 id.challenge_hash,
                 id.pinned
-            ])?;
+            ],
+        )?;
         Ok(())
     }
 
     fn host_identity(&mut self, host: &str) -> Result<Option<HostIdentity>> {
-        Ok(self
-            .db
-            .query_opt(
-                "SELECT ek_public, ek_certificate, ak_public, challenge_hash, pinned
+        self.db.query_opt(
+            "SELECT ek_public, ek_certificate, ak_public, challenge_hash, pinned
                  FROM host_attestation WHERE host = $1",
-            [host], |r| {
+            [host],
+            |r| {
                 Ok(HostIdentity {
                     ek_public: r.get(0)?,
                     ek_certificate: r.get(1)?,
@@ -55,14 +54,15 @@ impl AttestStore for SqlTx<'_> {
                     challenge_hash: r.get(3)?,
                     pinned: r.get(4)?,
                 })
-            })?)
+            },
+        )
     }
 
     fn pin_attestation_key(&mut self, host: &str) -> Result<()> {
-        self.db
-            .execute(
-                "UPDATE host_attestation SET pinned = 1, challenge_hash = NULL WHERE host = $1",
-            [host])?;
+        self.db.execute(
+            "UPDATE host_attestation SET pinned = 1, challenge_hash = NULL WHERE host = $1",
+            [host],
+        )?;
         Ok(())
     }
 
@@ -72,9 +72,8 @@ impl AttestStore for SqlTx<'_> {
         o: &AttestationOutcome,
         clock: Option<TpmClock>,
     ) -> Result<()> {
-        self.db
-            .execute(
-                "UPDATE host_attestation SET last_at = $2, last_ok = $3, last_detail = $4,
+        self.db.execute(
+            "UPDATE host_attestation SET last_at = $2, last_ok = $3, last_detail = $4,
                      last_differing = $5 WHERE host = $1 AND last_at <= $2",
             params![
                 host,
@@ -82,27 +81,27 @@ impl AttestStore for SqlTx<'_> {
                 o.ok,
                 o.detail,
                 differing_text(&o.differing)
-            ])?;
+            ],
+        )?;
         // An outcome issued before the one recorded is older: it changes
         // nothing (it is audited all the same).
         let current: i64 = self
             .db
-            .query_opt("SELECT last_at FROM host_attestation WHERE host = $1", [host], |r| r.get(0))?
+            .query_opt(
+                "SELECT last_at FROM host_attestation WHERE host = $1",
+                [host],
+                |r| r.get(0),
+            )?
             .unwrap_or(0);
         if current != o.at_unix {
             return Ok(());
         }
         if let Some(c) = clock {
-            self.db
-                .execute(
-                    "UPDATE host_attestation SET clock = $2, reset_count = $3, restart_count = $4
+            self.db.execute(
+                "UPDATE host_attestation SET clock = $2, reset_count = $3, restart_count = $4
                      WHERE host = $1",
-                params![
-                    host,
-                    signed(c.clock),
-                    c.reset_count,
-                    c.restart_count
-                ])?;
+                params![host, signed(c.clock), c.reset_count, c.restart_count],
+            )?;
         }
         Ok(())
     }
@@ -111,13 +110,12 @@ impl AttestStore for SqlTx<'_> {
         &mut self,
         host: &str,
     ) -> Result<(Option<AttestationOutcome>, Option<TpmClock>)> {
-        let row = self
-            .db
-            .query_opt(
-                "SELECT last_at, last_ok, last_detail, last_differing, clock, reset_count,
+        let row = self.db.query_opt(
+            "SELECT last_at, last_ok, last_detail, last_differing, clock, reset_count,
                         restart_count
                  FROM host_attestation WHERE host = $1",
-            [host], |r| {
+            [host],
+            |r| {
                 let at: i64 = r.get(0)?;
                 let outcome = (at > 0)
                     .then(|| -> Result<AttestationOutcome> {
@@ -138,7 +136,8 @@ impl AttestStore for SqlTx<'_> {
                     None => None,
                 };
                 Ok((outcome, clock))
-            })?;
+            },
+        )?;
         Ok(row.unwrap_or((None, None)))
     }
 
@@ -151,41 +150,44 @@ impl AttestStore for SqlTx<'_> {
         now: i64,
     ) -> Result<u64> {
         let scope = scope.as_str();
-        let version: i64 = self
-            .db
-            .query_one(
-                "SELECT COALESCE(MAX(version), 0) FROM attestation_versions
+        let version: i64 = self.db.query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM attestation_versions
                  WHERE scope = $1 AND target = $2",
-            params![scope, target], |r| r.get(0))?;
+            params![scope, target],
+            |r| r.get(0),
+        )?;
         let version = version + 1;
         if replace {
-            let delete = "DELETE FROM attestation_allow WHERE scope = $1 AND target = $2 AND pcr = $3";
+            let delete =
+                "DELETE FROM attestation_allow WHERE scope = $1 AND target = $2 AND pcr = $3";
             for (pcr, _) in values {
                 self.db.execute(delete, params![scope, target, pcr])?;
             }
         }
         {
-            let insert = "INSERT INTO attestation_allow (scope, target, pcr, sha256, version, added)
+            let insert =
+                "INSERT INTO attestation_allow (scope, target, pcr, sha256, version, added)
                  VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING";
             for (pcr, value) in values {
-                self.db.execute(insert, params![scope, target, pcr, value, version, now])?;
+                self.db
+                    .execute(insert, params![scope, target, pcr, value, version, now])?;
             }
         }
-        self.db
-            .execute(
-                "INSERT INTO attestation_versions (scope, target, version) VALUES ($1, $2, $3)
+        self.db.execute(
+            "INSERT INTO attestation_versions (scope, target, version) VALUES ($1, $2, $3)
                  ON CONFLICT (scope, target) DO UPDATE SET version = excluded.version",
-            params![scope, target, version])?;
+            params![scope, target, version],
+        )?;
         Ok(version as u64)
     }
 
     fn allowlist(&mut self, scope: AllowScope, target: &str) -> Result<(u64, Vec<(u8, String)>)> {
         let scope = scope.as_str();
-        let version: Option<i64> = self
-            .db
-            .query_opt(
-                "SELECT version FROM attestation_versions WHERE scope = $1 AND target = $2",
-            params![scope, target], |r| r.get(0))?;
+        let version: Option<i64> = self.db.query_opt(
+            "SELECT version FROM attestation_versions WHERE scope = $1 AND target = $2",
+            params![scope, target],
+            |r| r.get(0),
+        )?;
         let stmt = "SELECT pcr, sha256 FROM attestation_allow WHERE scope = $1 AND target = $2
              ORDER BY pcr, sha256";
         let rows = self.db.query_all(stmt, params![scope, target], |r| {
@@ -198,13 +200,19 @@ impl AttestStore for SqlTx<'_> {
     fn host_group(&mut self, host: &str) -> Result<String> {
         Ok(self
             .db
-            .query_opt("SELECT host_group FROM hosts WHERE name = $1", [host], |r| r.get(0))?
+            .query_opt(
+                "SELECT host_group FROM hosts WHERE name = $1",
+                [host],
+                |r| r.get(0),
+            )?
             .unwrap_or_default())
     }
 
     fn set_host_group(&mut self, host: &str, group: &str) -> Result<()> {
-        self.db
-            .execute("UPDATE hosts SET host_group = $2 WHERE name = $1", params![host, group])?;
+        self.db.execute(
+            "UPDATE hosts SET host_group = $2 WHERE name = $1",
+            params![host, group],
+        )?;
         Ok(())
     }
 }

@@ -9,7 +9,8 @@ use crate::store::{
     GuestKey, GuestStore, MigrationRecord, MigrationStore, NewGuest, Result, WrappedKey,
 };
 
-const GUEST_SELECT: &str = "SELECT g.uuid, g.name, g.host, g.state, g.pending, g.last_error, g.attempts, g.xml,
+const GUEST_SELECT: &str =
+    "SELECT g.uuid, g.name, g.host, g.state, g.pending, g.last_error, g.attempts, g.xml,
     COALESCE((SELECT string_agg(v.name, ',') FROM guest_disks d JOIN volumes v ON v.id = d.volume_id
               WHERE d.guest_uuid = g.uuid), ''),
     COALESCE((SELECT m.to_host FROM guest_migrations m WHERE m.guest_uuid = g.uuid), ''),
@@ -44,11 +45,7 @@ fn guest_row(r: &Row) -> Result<GuestInfo> {
 }
 
 impl SqlTx<'_> {
-    fn guests_where(
-        &mut self,
-        sql_where: &str,
-        p: impl Params,
-    ) -> Result<Vec<GuestInfo>> {
+    fn guests_where(&mut self, sql_where: &str, p: impl Params) -> Result<Vec<GuestInfo>> {
         self.db
             .query_all(&format!("{GUEST_SELECT} {sql_where}"), p, guest_row)
     }
@@ -62,15 +59,17 @@ impl SqlTx<'_> {
 impl GuestStore for SqlTx<'_> {
     fn guests(&mut self, host: Option<&str>) -> Result<Vec<GuestInfo>> {
         self.guests_where(
-            "WHERE g.state != 'undefined' AND ($1 IS NULL OR g.host = $1) ORDER BY g.host, g.name",
+            "WHERE g.state != 'undefined' AND (CAST($1 AS TEXT) IS NULL OR g.host = $1) ORDER BY g.host, g.name",
             [host],
         )
     }
 
     fn guest(&mut self, uuid: &str) -> Result<Option<GuestInfo>> {
-        Ok(self
-            .db
-            .query_opt(&format!("{GUEST_SELECT} WHERE g.uuid = $1"), [uuid], guest_row)?)
+        self.db.query_opt(
+            &format!("{GUEST_SELECT} WHERE g.uuid = $1"),
+            [uuid],
+            guest_row,
+        )
     }
 
     fn live_guests_named(&mut self, name: &str) -> Result<Vec<GuestInfo>> {
@@ -156,7 +155,8 @@ impl GuestStore for SqlTx<'_> {
     }
 
     fn guest_keys(&mut self, uuid: &str, host: &str) -> Result<Vec<GuestKey>> {
-        let stmt = "SELECT v.id, v.generation, v.format, k.master_key_id, k.wrapped, v.release_policy
+        let stmt =
+            "SELECT v.id, v.generation, v.format, k.master_key_id, k.wrapped, v.release_policy
              FROM guest_disks d JOIN volumes v ON v.id = d.volume_id
              JOIN volume_keys k ON k.volume_id = v.id AND k.generation = v.generation
              WHERE d.guest_uuid = $1 AND v.host = $2";
@@ -216,7 +216,9 @@ impl GuestStore for SqlTx<'_> {
     fn guests_to_adopt(&mut self, host: &str) -> Result<Vec<(String, String)>> {
         let stmt = "SELECT uuid, xml FROM guests
              WHERE host = $1 AND state != 'undefined' AND pending IN ('', 'define')";
-        let rows = self.db.query_all(stmt, [host], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let rows = self
+            .db
+            .query_all(stmt, [host], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows)
     }
 
@@ -252,16 +254,17 @@ impl MigrationStore for SqlTx<'_> {
     }
 
     fn migration(&mut self, guest_uuid: &str) -> Result<Option<MigrationRecord>> {
-        Ok(self
-            .db
-            .query_opt(
-                "SELECT guest_uuid, from_host, to_host, started, live, unsafe
+        self.db.query_opt(
+            "SELECT guest_uuid, from_host, to_host, started, live, unsafe
                  FROM guest_migrations WHERE guest_uuid = $1",
-            [guest_uuid], migration_row)?)
+            [guest_uuid],
+            migration_row,
+        )
     }
 
     fn migrations(&mut self) -> Result<Vec<MigrationRecord>> {
-        let stmt = "SELECT guest_uuid, from_host, to_host, started, live, unsafe FROM guest_migrations";
+        let stmt =
+            "SELECT guest_uuid, from_host, to_host, started, live, unsafe FROM guest_migrations";
         let rows = self.db.query_all(stmt, (), migration_row)?;
         Ok(rows)
     }

@@ -14,9 +14,11 @@ impl HalfStore for SqlTx<'_> {
     }
 
     fn take_half_challenge(&mut self, nonce: &str, host: &str) -> Result<Option<i64>> {
-        let issued: Option<i64> = self
-            .db
-            .query_opt("SELECT issued FROM half_challenges WHERE nonce = $1 AND host = $2", params![nonce, host], |r| r.get(0))?;
+        let issued: Option<i64> = self.db.query_opt(
+            "SELECT issued FROM half_challenges WHERE nonce = $1 AND host = $2",
+            params![nonce, host],
+            |r| r.get(0),
+        )?;
         if issued.is_some() {
             self.exec(
                 "DELETE FROM half_challenges WHERE nonce = $1",
@@ -35,7 +37,7 @@ impl HalfStore for SqlTx<'_> {
     }
 
     fn key_half(&mut self, volume: &str, generation: u64) -> Result<Option<(String, WrappedKey)>> {
-        Ok(self
+        self
             .db
             .query_opt(
                 "SELECT host, master_key_id, wrapped FROM key_halves WHERE volume_id = $1 AND generation = $2",
@@ -47,7 +49,7 @@ impl HalfStore for SqlTx<'_> {
                         wrapped: r.get(2)?,
                     },
                 ))
-            })?)
+            })
     }
 
     fn insert_key_half(

@@ -41,22 +41,25 @@ fn host_row(r: &Row) -> Result<HostInfo> {
 impl HostStore for SqlTx<'_> {
     fn set_host_tpm(&mut self, name: &str, tpm: &HostTpm) -> Result<()> {
         let text = serde_json::to_string(tpm).expect("HostTpm serializes");
-        self.db
-            .execute("UPDATE hosts SET tpm = $2 WHERE name = $1", params![name, text])?;
+        self.db.execute(
+            "UPDATE hosts SET tpm = $2 WHERE name = $1",
+            params![name, text],
+        )?;
         Ok(())
     }
 
     fn host_exists(&mut self, name: &str) -> Result<bool> {
-        let n: i64 = self
-            .db
-            .query_one("SELECT COUNT(*) FROM hosts WHERE name = $1", [name], |r| r.get(0))?;
+        let n: i64 =
+            self.db
+                .query_one("SELECT COUNT(*) FROM hosts WHERE name = $1", [name], |r| {
+                    r.get(0)
+                })?;
         Ok(n > 0)
     }
 
     fn insert_host(&mut self, h: &NewHost) -> Result<()> {
-        self.db
-            .execute(
-                "INSERT INTO hosts (name, address, state, token_hash, token_expires, created)
+        self.db.execute(
+            "INSERT INTO hosts (name, address, state, token_hash, token_expires, created)
                  VALUES ($1, $2, $3, $4, $5, $6)",
             params![
                 h.name,
@@ -65,7 +68,8 @@ impl HostStore for SqlTx<'_> {
                 h.token_hash,
                 h.token_expires,
                 h.created
-            ])?;
+            ],
+        )?;
         Ok(())
     }
 
@@ -75,19 +79,20 @@ impl HostStore for SqlTx<'_> {
     }
 
     fn host(&mut self, name: &str) -> Result<Option<HostInfo>> {
-        Ok(self
-            .db
-            .query_opt(&format!("{HOST_SELECT} WHERE h.name = $1"), [name], host_row)?)
+        self.db.query_opt(
+            &format!("{HOST_SELECT} WHERE h.name = $1"),
+            [name],
+            host_row,
+        )
     }
 
     fn host_record(&mut self, name: &str) -> Result<Option<HostRecord>> {
-        Ok(self
-            .db
-            .query_opt(
-                "SELECT name, address, state, sealing_public_key, libvirt_uri, migration_uri,
+        self.db.query_opt(
+            "SELECT name, address, state, sealing_public_key, libvirt_uri, migration_uri,
                         cert_sha256
                  FROM hosts WHERE name = $1",
-            [name], |r| {
+            [name],
+            |r| {
                 Ok(HostRecord {
                     name: r.get(0)?,
                     address: r.get(1)?,
@@ -97,49 +102,47 @@ impl HostStore for SqlTx<'_> {
                     migration_uri: r.get(5)?,
                     cert_sha256: r.get(6)?,
                 })
-            })?)
+            },
+        )
     }
 
     fn enrolled_host_by_cert(&mut self, cert_sha256: &str) -> Result<Option<String>> {
-        Ok(self
-            .db
-            .query_opt("SELECT name FROM hosts WHERE cert_sha256 = $1 AND state = $2", params![cert_sha256, HostState::Enrolled.as_str()], |r| {
-                r.get(0)
-            })?)
+        self.db.query_opt(
+            "SELECT name FROM hosts WHERE cert_sha256 = $1 AND state = $2",
+            params![cert_sha256, HostState::Enrolled.as_str()],
+            |r| r.get(0),
+        )
     }
 
     fn revoke_host(&mut self, name: &str) -> Result<bool> {
         let revoked = HostState::Revoked.as_str();
-        let n = self
-            .db
-            .execute(
-                "UPDATE hosts SET state = $1, token_hash = NULL WHERE name = $2 AND state != $1",
-            params![revoked, name])?;
+        let n = self.db.execute(
+            "UPDATE hosts SET state = $1, token_hash = NULL WHERE name = $2 AND state != $1",
+            params![revoked, name],
+        )?;
         Ok(n > 0)
     }
 
     fn host_by_token(&mut self, token_hash: &[u8]) -> Result<Option<TokenHolder>> {
-        Ok(self
-            .db
-            .query_opt(
-                "SELECT name, address, state, token_expires FROM hosts WHERE token_hash = $1",
-            [token_hash], |r| {
+        self.db.query_opt(
+            "SELECT name, address, state, token_expires FROM hosts WHERE token_hash = $1",
+            [token_hash],
+            |r| {
                 Ok(TokenHolder {
                     name: r.get(0)?,
                     address: r.get(1)?,
                     state: typed(r, 2, "hosts.state")?,
                     expires: r.get(3)?,
                 })
-            })?)
+            },
+        )
     }
 
     fn complete_enrollment(&mut self, e: &Enrollment) -> Result<bool> {
         // The token and state are checked again here, so two concurrent
         // enrollments with one token cannot both succeed.
-        let n = self
-            .db
-            .execute(
-                "UPDATE hosts SET state = $1, token_hash = NULL, token_expires = NULL,
+        let n = self.db.execute(
+            "UPDATE hosts SET state = $1, token_hash = NULL, token_expires = NULL,
                      enrolled = $2, cert_sha256 = $3, sealing_public_key = $4
                  WHERE name = $5 AND token_hash = $6 AND state = $7",
             params![
@@ -150,7 +153,8 @@ impl HostStore for SqlTx<'_> {
                 e.name,
                 e.token_hash,
                 HostState::PendingEnrollment.as_str()
-            ])?;
+            ],
+        )?;
         Ok(n == 1)
     }
 
@@ -161,16 +165,16 @@ impl HostStore for SqlTx<'_> {
             let insert = "INSERT INTO host_inventory (host, volume_id, generation, guest_uuid)
                  VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
             for k in held {
-                self.db.execute(insert, params![
-                    host,
-                    k.volume_id,
-                    signed(k.generation),
-                    k.guest_uuid
-                ])?;
+                self.db.execute(
+                    insert,
+                    params![host, k.volume_id, signed(k.generation), k.guest_uuid],
+                )?;
             }
         }
-        self.db
-            .execute("UPDATE hosts SET inventory_reported = $1 WHERE name = $2", params![now, host])?;
+        self.db.execute(
+            "UPDATE hosts SET inventory_reported = $1 WHERE name = $2",
+            params![now, host],
+        )?;
         Ok(())
     }
 
@@ -180,10 +184,10 @@ impl HostStore for SqlTx<'_> {
         libvirt_uri: &str,
         migration_uri: &str,
     ) -> Result<()> {
-        self.db
-            .execute(
-                "UPDATE hosts SET libvirt_uri = $1, migration_uri = $2 WHERE name = $3",
-            params![libvirt_uri, migration_uri, name])?;
+        self.db.execute(
+            "UPDATE hosts SET libvirt_uri = $1, migration_uri = $2 WHERE name = $3",
+            params![libvirt_uri, migration_uri, name],
+        )?;
         Ok(())
     }
 }

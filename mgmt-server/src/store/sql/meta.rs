@@ -24,17 +24,16 @@ fn audit_row(r: &Row) -> Result<AuditRecord> {
 
 impl SqlTx<'_> {
     fn meta_get(&mut self, key: &str) -> Result<Option<String>> {
-        Ok(self
-            .db
-            .query_opt("SELECT value FROM meta WHERE key = $1", [key], |r| r.get(0))?)
+        self.db
+            .query_opt("SELECT value FROM meta WHERE key = $1", [key], |r| r.get(0))
     }
 
     fn meta_set(&mut self, key: &str, value: &str) -> Result<()> {
-        self.db
-            .execute(
-                "INSERT INTO meta (key, value) VALUES ($1, $2)
+        self.db.execute(
+            "INSERT INTO meta (key, value) VALUES ($1, $2)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            [key, value])?;
+            [key, value],
+        )?;
         Ok(())
     }
 }
@@ -49,14 +48,18 @@ impl MetaStore for SqlTx<'_> {
     }
 
     fn admin_by_cert(&mut self, cert_sha256: &str) -> Result<Option<String>> {
-        Ok(self
-            .db
-            .query_opt("SELECT name FROM admins WHERE cert_sha256 = $1", [cert_sha256], |r| r.get(0))?)
+        self.db.query_opt(
+            "SELECT name FROM admins WHERE cert_sha256 = $1",
+            [cert_sha256],
+            |r| r.get(0),
+        )
     }
 
     fn insert_admin(&mut self, cert_sha256: &str, name: &str, created: i64) -> Result<()> {
-        self.db
-            .execute("INSERT INTO admins (cert_sha256, name, created) VALUES ($1, $2, $3)", params![cert_sha256, name, created])?;
+        self.db.execute(
+            "INSERT INTO admins (cert_sha256, name, created) VALUES ($1, $2, $3)",
+            params![cert_sha256, name, created],
+        )?;
         Ok(())
     }
 
@@ -81,9 +84,8 @@ impl AuditStore for SqlTx<'_> {
     }
 
     fn append_audit(&mut self, r: &AuditRecord) -> Result<()> {
-        self.db
-            .execute(
-                "INSERT INTO audit (seq, time_ms, actor, action, subject, detail, prev_hash, hash, mac)
+        self.db.execute(
+            "INSERT INTO audit (seq, time_ms, actor, action, subject, detail, prev_hash, hash, mac)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             params![
                 signed(r.seq),
@@ -95,42 +97,48 @@ impl AuditStore for SqlTx<'_> {
                 r.prev_hash,
                 r.hash,
                 r.mac
-            ])?;
+            ],
+        )?;
         self.meta_set("audit_head", &format!("{}:{}", r.seq, r.hash))
     }
 
     fn list_audit(&mut self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>> {
-        let stmt = &format!(
-            "SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2"
-        );
-        let rows = self.db.query_all(stmt, params![signed(after_seq), limit], audit_row)?;
+        let stmt =
+            &format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2");
+        let rows = self
+            .db
+            .query_all(stmt, params![signed(after_seq), limit], audit_row)?;
         Ok(rows)
     }
 
     fn audit_record(&mut self, seq: u64) -> Result<Option<AuditRecord>> {
-        Ok(self
-            .db
-            .query_opt(&format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq = $1"), [signed(seq)], audit_row)?)
+        self.db.query_opt(
+            &format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq = $1"),
+            [signed(seq)],
+            audit_row,
+        )
     }
 
     fn audit_key(&mut self) -> Result<Option<WrappedKey>> {
-        Ok(self
-            .db
-            .query_opt("SELECT master_key_id, wrapped FROM audit_keys WHERE id = 1", (), |r| {
+        self.db.query_opt(
+            "SELECT master_key_id, wrapped FROM audit_keys WHERE id = 1",
+            (),
+            |r| {
                 Ok(WrappedKey {
                     master_key_id: r.get(0)?,
                     wrapped: r.get(1)?,
                 })
-            })?)
+            },
+        )
     }
 
     fn put_audit_key(&mut self, key: &WrappedKey, created: i64) -> Result<()> {
-        self.db
-            .execute(
-                "INSERT INTO audit_keys (id, master_key_id, wrapped, created) VALUES (1, $1, $2, $3)
+        self.db.execute(
+            "INSERT INTO audit_keys (id, master_key_id, wrapped, created) VALUES (1, $1, $2, $3)
                  ON CONFLICT (id) DO UPDATE SET master_key_id = excluded.master_key_id,
                      wrapped = excluded.wrapped",
-            params![key.master_key_id, key.wrapped, created])?;
+            params![key.master_key_id, key.wrapped, created],
+        )?;
         Ok(())
     }
 }

@@ -38,28 +38,29 @@ impl PolicyStore for SqlTx<'_> {
     }
 
     fn policies(&mut self) -> Result<Vec<Policy>> {
-        let stmt = &format!(
-            "SELECT {POLICY_COLUMNS} FROM policies ORDER BY scope, target"
-        );
+        let stmt = &format!("SELECT {POLICY_COLUMNS} FROM policies ORDER BY scope, target");
         let rows = self.db.query_all(stmt, (), policy_row)?;
         Ok(rows)
     }
 
     fn delete_policy(&mut self, scope: PolicyScope, target: &str) -> Result<bool> {
-        let n = self
-            .db
-            .execute("DELETE FROM policies WHERE scope = $1 AND target = $2", params![scope.as_str(), target])?;
+        let n = self.db.execute(
+            "DELETE FROM policies WHERE scope = $1 AND target = $2",
+            params![scope.as_str(), target],
+        )?;
         Ok(n > 0)
     }
 
     fn policy_for(&mut self, volume_id: &str, pool: &str) -> Result<Option<Policy>> {
-        Ok(self
-            .db
-            .query_opt(&format!(
+        self.db.query_opt(
+            &format!(
                 "SELECT {POLICY_COLUMNS} FROM policies
                  WHERE (scope = 'volume' AND target = $1) OR (scope = 'pool' AND target = $2)
                  ORDER BY scope = 'volume' DESC LIMIT 1"
-            ), params![volume_id, pool], policy_row)?)
+            ),
+            params![volume_id, pool],
+            policy_row,
+        )
     }
 
     fn due_for_rotation(&mut self, now: i64) -> Result<Vec<(String, RekeyKind)>> {
@@ -72,12 +73,15 @@ impl PolicyStore for SqlTx<'_> {
              WHERE v.state = 'ready'
                AND COALESCE(pv.max_key_age_secs, pp.max_key_age_secs) IS NOT NULL
                AND k.created + COALESCE(pv.max_key_age_secs, pp.max_key_age_secs) <= $1";
-        let rows = self.db.query_all(stmt, [now], |r| Ok((r.get(0)?, typed(r, 1, "policies.mode")?)))?;
+        let rows = self.db.query_all(stmt, [now], |r| {
+            Ok((r.get(0)?, typed(r, 1, "policies.mode")?))
+        })?;
         Ok(rows)
     }
 
     fn due_after_migration(&mut self, now: i64) -> Result<Vec<String>> {
-        let stmt = "SELECT v.id FROM volumes v JOIN hosts h ON h.name = v.host AND h.state = 'enrolled'
+        let stmt =
+            "SELECT v.id FROM volumes v JOIN hosts h ON h.name = v.host AND h.state = 'enrolled'
              WHERE v.state = 'ready' AND v.rekey_due > 0 AND v.rekey_due <= $1";
         let rows = self.db.query_all(stmt, [now], |r| r.get(0))?;
         Ok(rows)

@@ -178,7 +178,6 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
         FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
     ",
-        ..NONE
     },
     // 2: guests, and where each volume lives on its host
     Migration {

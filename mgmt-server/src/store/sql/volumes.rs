@@ -69,28 +69,18 @@ pub(crate) const AT_PATH: &str =
     "WHERE v.path = $1 AND v.path != '' AND v.state != 'deleted' LIMIT 1";
 
 impl SqlTx<'_> {
-    fn volumes_where(
-        &mut self,
-        sql_where: &str,
-        p: impl Params,
-    ) -> Result<Vec<VolumeInfo>> {
-        let stmt = &format!(
-            "SELECT {VOLUME_COLUMNS} FROM volumes v {sql_where}"
-        );
+    fn volumes_where(&mut self, sql_where: &str, p: impl Params) -> Result<Vec<VolumeInfo>> {
+        let stmt = &format!("SELECT {VOLUME_COLUMNS} FROM volumes v {sql_where}");
         let rows = self.db.query_all(stmt, p, volume_row)?;
         Ok(rows)
     }
 
-    fn volume_where(
-        &mut self,
-        sql_where: &str,
-        p: impl Params,
-    ) -> Result<Option<VolumeInfo>> {
-        Ok(self
-            .db
-            .query_opt(&format!(
-                "SELECT {VOLUME_COLUMNS} FROM volumes v {sql_where}"
-            ), p, volume_row)?)
+    fn volume_where(&mut self, sql_where: &str, p: impl Params) -> Result<Option<VolumeInfo>> {
+        self.db.query_opt(
+            &format!("SELECT {VOLUME_COLUMNS} FROM volumes v {sql_where}"),
+            p,
+            volume_row,
+        )
     }
 
     pub(super) fn exec(&mut self, sql: &str, p: impl Params) -> Result<()> {
@@ -110,9 +100,11 @@ impl VolumeStore for SqlTx<'_> {
     }
 
     fn host_volume_count(&mut self, host: &str) -> Result<u32> {
-        Ok(self
-            .db
-            .query_one("SELECT COUNT(*) FROM volumes WHERE host = $1 AND state != 'deleted'", [host], |r| r.get(0))?)
+        self.db.query_one(
+            "SELECT COUNT(*) FROM volumes WHERE host = $1 AND state != 'deleted'",
+            [host],
+            |r| r.get(0),
+        )
     }
 
     fn insert_volume(&mut self, v: &NewVolume) -> Result<()> {
@@ -136,9 +128,11 @@ impl VolumeStore for SqlTx<'_> {
     }
 
     fn release_policy(&mut self, id: &str) -> Result<Option<(ReleasePolicy, bool)>> {
-        let row: Option<(String, bool)> = self
-            .db
-            .query_opt("SELECT release_policy, split FROM volumes WHERE id = $1", [id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let row: Option<(String, bool)> = self.db.query_opt(
+            "SELECT release_policy, split FROM volumes WHERE id = $1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         row.map(|(t, split)| {
             t.parse().map(|p| (p, split)).map_err(|_| {
                 crate::model::StoreError::Corrupt(format!("volumes.release_policy {t:?}"))
@@ -156,7 +150,7 @@ impl VolumeStore for SqlTx<'_> {
 
     fn volumes(&mut self, host: Option<&str>) -> Result<Vec<VolumeInfo>> {
         self.volumes_where(
-            "WHERE v.state != 'deleted' AND ($1 IS NULL OR v.host = $1) ORDER BY v.name",
+            "WHERE v.state != 'deleted' AND (CAST($1 AS TEXT) IS NULL OR v.host = $1) ORDER BY v.name",
             [host],
         )
     }
@@ -168,11 +162,10 @@ impl VolumeStore for SqlTx<'_> {
         generation: u64,
         host: &str,
     ) -> Result<bool> {
-        Ok(self
-            .db
-            .exists(
-                "SELECT 1 FROM volumes WHERE id = $1 AND state = $2 AND generation = $3 AND host = $4",
-            params![id, state.as_str(), signed(generation), host])?)
+        self.db.exists(
+            "SELECT 1 FROM volumes WHERE id = $1 AND state = $2 AND generation = $3 AND host = $4",
+            params![id, state.as_str(), signed(generation), host],
+        )
     }
 
     fn volume(&mut self, id: &str) -> Result<Option<VolumeInfo>> {
@@ -228,7 +221,7 @@ impl VolumeStore for SqlTx<'_> {
     }
 
     fn volume_key(&mut self, id: &str, generation: u64) -> Result<Option<WrappedKey>> {
-        Ok(self
+        self
             .db
             .query_opt(
                 "SELECT master_key_id, wrapped FROM volume_keys WHERE volume_id = $1 AND generation = $2",
@@ -237,7 +230,7 @@ impl VolumeStore for SqlTx<'_> {
                     master_key_id: r.get(0)?,
                     wrapped: r.get(1)?,
                 })
-            })?)
+            })
     }
 
     fn all_volume_keys(&mut self) -> Result<Vec<(String, u64, WrappedKey)>> {

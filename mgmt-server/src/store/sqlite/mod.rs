@@ -76,7 +76,10 @@ impl Store for SqliteStore {
             Access::Read => "BEGIN DEFERRED",
             Access::Write => "BEGIN IMMEDIATE",
         })?;
-        Ok(Box::new(SqlTx::new(Box::new(SqliteConn { conn, open: true }))))
+        Ok(Box::new(SqlTx::new(Box::new(SqliteConn {
+            conn,
+            open: true,
+        }))))
     }
 }
 

@@ -1,0 +1,534 @@
+//! The PostgreSQL store: the engine-neutral queries of
+//! [`crate::store::sql`] over a small pool of `tokio-postgres` clients, so
+//! that several server replicas can share one database.
+//!
+//! The store's traits are synchronous and domain code calls them from any
+//! thread, runtime workers included, so the clients live on a runtime of
+//! the store's own (one thread, `guestkey-db`): a call hands its statement
+//! to that runtime and waits for the answer, as a call into SQLite waits
+//! for its mutex. Every call has a deadline ([`CALL_DEADLINE`]): a
+//! database that stops answering fails the request with a message rather
+//! than hanging it.
+//!
+//! Write transactions take a transaction-scoped advisory lock at begin
+//! (`pg_advisory_xact_lock`): writers of every replica run one after the
+//! other, as on SQLite with `BEGIN IMMEDIATE`, so domain code never sees a
+//! serialisation failure and needs no retry loop. The lock ends with its
+//! transaction, so a connection that is recycled or lost cannot keep it.
+//! Read transactions are `REPEATABLE READ, READ ONLY`: one snapshot, no
+//! lock. The schema migrations run at open in one transaction under the
+//! same lock, so replicas that start together migrate once.
+//!
+//! The only files of the server that import `tokio-postgres` are in this
+//! folder.
+
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use tokio_postgres::{Client, Config, NoTls, Statement};
+
+use crate::model::StoreError;
+use crate::store::sql::schema::{Engine, MIGRATIONS, pending};
+use crate::store::sql::{Conn, Row, SqlTx, Value};
+use crate::store::{Access, Store, Tx};
+
+/// The advisory lock every write transaction holds ("guestkey").
+const WRITE_LOCK: i64 = 0x6775_6573_746b_6579;
+
+/// How long `begin` waits for a free connection of the pool.
+const POOL_WAIT: Duration = Duration::from_secs(10);
+
+/// How long one call (connect, statement, commit) may take.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A PostgreSQL database given by its URL.
+pub struct PostgresStore {
+    config: Config,
+    shown: String,
+    max: usize,
+    pool: Mutex<Pool>,
+    freed: Condvar,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+struct Pool {
+    idle: Vec<Pooled>,
+    open: usize,
+}
+
+/// A client and the statements prepared on it.
+struct Pooled {
+    client: Arc<Client>,
+    statements: HashMap<String, Statement>,
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user[:password]@host[:port]/db`),
+    /// checks the schema and applies pending migrations. At most
+    /// `max_connections` are open at once.
+    pub fn open(url: &str, max_connections: usize) -> Result<Self, StoreError> {
+        let config = Config::from_str(url).map_err(|e| {
+            StoreError::Backend(
+                format!(
+                    "the database URL {} is not one PostgreSQL reads ({e}): write it as postgres://USER@HOST:PORT/DATABASE",
+                    shown_url(url)
+                )
+                .into(),
+            )
+        })?;
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err(StoreError::Backend(
+                format!(
+                    "the database URL {} asks for TLS (sslmode=require), which this guestkey-server does not speak to PostgreSQL yet: reach the database over a local socket or a private network, with sslmode=disable or prefer",
+                    shown_url(url)
+                )
+                .into(),
+            ));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("guestkey-db")
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                StoreError::Backend(format!("cannot start the database thread: {e}").into())
+            })?;
+        let store = Self {
+            config,
+            shown: shown_url(url),
+            max: max_connections.max(1),
+            pool: Mutex::new(Pool {
+                idle: Vec::new(),
+                open: 0,
+            }),
+            freed: Condvar::new(),
+            runtime: Some(runtime),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// The URL without its password (for messages and `status`).
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    /// Runs `fut` on the store's runtime and waits for it, at most
+    /// [`CALL_DEADLINE`].
+    fn call<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let Some(rt) = self.runtime.as_ref() else {
+            return Err(StoreError::Backend("the database store is closed".into()));
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let r = match tokio::time::timeout(CALL_DEADLINE, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::Backend(
+                    format!(
+                        "the database did not answer within {} s ({what})",
+                        CALL_DEADLINE.as_secs()
+                    )
+                    .into(),
+                )),
+            };
+            let _ = tx.send(r);
+        });
+        rx.recv()
+            .unwrap_or_else(|_| Err(StoreError::Backend("the database thread ended".into())))
+    }
+
+    fn connect(&self) -> Result<Pooled, StoreError> {
+        let config = self.config.clone();
+        let shown = self.shown.clone();
+        let client = self.call("connect", async move {
+            let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+                StoreError::Backend(
+                    format!("cannot reach the database at {shown}: {}", error_text(&e)).into(),
+                )
+            })?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!(error = %error_text(&e), "lost a connection to the database");
+                }
+            });
+            Ok(client)
+        })?;
+        Ok(Pooled {
+            client: Arc::new(client),
+            statements: HashMap::new(),
+        })
+    }
+
+    /// A connection of the pool (a new one while fewer than `max` are
+    /// open), waiting at most [`POOL_WAIT`] for one to be freed.
+    fn take(&self) -> Result<Pooled, StoreError> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = std::time::Instant::now() + POOL_WAIT;
+        loop {
+            while let Some(c) = pool.idle.pop() {
+                if !c.client.is_closed() {
+                    return Ok(c);
+                }
+                pool.open -= 1;
+            }
+            if pool.open < self.max {
+                pool.open += 1;
+                drop(pool);
+                return self.connect().inspect_err(|_| {
+                    let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+                    pool.open -= 1;
+                    self.freed.notify_one();
+                });
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(StoreError::Backend(
+                    format!(
+                        "all {} connections to the database at {} stayed busy for {} s",
+                        self.max,
+                        self.shown,
+                        POOL_WAIT.as_secs()
+                    )
+                    .into(),
+                ));
+            }
+            pool = self
+                .freed
+                .wait_timeout(pool, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Gives a connection back (dropped instead when it failed).
+    fn give_back(&self, c: Option<Pooled>) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        match c {
+            Some(c) if !c.client.is_closed() => pool.idle.push(c),
+            _ => pool.open -= 1,
+        }
+        self.freed.notify_one();
+    }
+
+    /// Runs statements without parameters on `c`.
+    fn batch(&self, c: &Pooled, sql: String) -> Result<(), StoreError> {
+        let client = c.client.clone();
+        self.call("statements", async move {
+            client.batch_execute(&sql).await.map_err(backend)
+        })
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let c = self.take()?;
+        let client = c.client.clone();
+        let r = self.call("schema migration", async move {
+            client
+                .batch_execute(&format!(
+                    "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK});
+                     CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);
+                     INSERT INTO schema_version (version)
+                         SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM schema_version);"
+                ))
+                .await
+                .map_err(backend)?;
+            let run = async {
+                let version: i64 = client
+                    .query_one("SELECT version FROM schema_version", &[])
+                    .await
+                    .map_err(backend)?
+                    .get(0);
+                let todo = pending(version)?;
+                let last = todo.end;
+                for i in todo {
+                    client
+                        .batch_execute(&MIGRATIONS[i].sql(Engine::Postgres))
+                        .await
+                        .map_err(|e| {
+                            StoreError::Backend(
+                                format!("schema migration {} failed: {}", i + 1, error_text(&e))
+                                    .into(),
+                            )
+                        })?;
+                }
+                client
+                    .execute(
+                        "UPDATE schema_version SET version = $1",
+                        &[&i64::try_from(last).unwrap_or(i64::MAX)],
+                    )
+                    .await
+                    .map_err(backend)?;
+                client.batch_execute("COMMIT").await.map_err(backend)
+            };
+            match run.await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    Err(e)
+                }
+            }
+        });
+        self.give_back(Some(c));
+        r
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // Not `drop`: that blocks, which a runtime worker may not.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Store for PostgresStore {
+    fn begin(&self, access: Access) -> Result<Box<dyn Tx + '_>, StoreError> {
+        let c = self.take()?;
+        let begun = self.batch(
+            &c,
+            match access {
+                Access::Read => "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY".to_owned(),
+                Access::Write => format!("BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"),
+            },
+        );
+        if let Err(e) = begun {
+            // Not given back: a connection that failed here is suspect.
+            self.give_back(None);
+            return Err(e);
+        }
+        Ok(Box::new(SqlTx::new(Box::new(PgConn {
+            store: self,
+            conn: Some(c),
+            open: true,
+        }))))
+    }
+}
+
+/// A transaction on a pooled connection; rolled back when dropped unless
+/// committed, then the connection goes back to the pool.
+struct PgConn<'a> {
+    store: &'a PostgresStore,
+    conn: Option<Pooled>,
+    open: bool,
+}
+
+impl PgConn<'_> {
+    fn pooled(&mut self) -> Result<&mut Pooled, StoreError> {
+        self.conn
+            .as_mut()
+            .ok_or_else(|| StoreError::Backend("the transaction has ended".into()))
+    }
+
+    /// The prepared statement of `sql`, and the client.
+    fn statement(&mut self, sql: &str) -> Result<(Arc<Client>, Statement), StoreError> {
+        let store = self.store;
+        let c = self.pooled()?;
+        let client = c.client.clone();
+        if let Some(s) = c.statements.get(sql) {
+            return Ok((client, s.clone()));
+        }
+        let text = sql.to_owned();
+        let cl = client.clone();
+        let s = store.call("prepare", async move {
+            cl.prepare(&text).await.map_err(backend)
+        })?;
+        if c.statements.len() >= 256 {
+            c.statements.clear();
+        }
+        c.statements.insert(sql.to_owned(), s.clone());
+        Ok((client, s))
+    }
+}
+
+impl Conn for PgConn<'_> {
+    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
+        let (client, stmt) = self.statement(sql)?;
+        let params = params.to_vec();
+        self.store.call("statement", async move {
+            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
+            client.execute(&stmt, &refs).await.map_err(backend)
+        })
+    }
+
+    fn rows(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
+        let (client, stmt) = self.statement(sql)?;
+        let params = params.to_vec();
+        self.store.call("query", async move {
+            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
+            let rows = client.query(&stmt, &refs).await.map_err(backend)?;
+            rows.iter().map(row).collect()
+        })
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        let r = match self.conn.as_ref() {
+            Some(c) => self.store.batch(c, "COMMIT".to_owned()),
+            None => Err(StoreError::Backend("the transaction has ended".into())),
+        };
+        self.open = false;
+        if r.is_err() {
+            // Whether it committed is unknown: the connection is dropped.
+            self.conn = None;
+        }
+        r
+    }
+}
+
+impl Drop for PgConn<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            if let Some(c) = self.conn.as_ref() {
+                if let Err(e) = self.store.batch(c, "ROLLBACK".to_owned()) {
+                    tracing::error!(error = %e, "cannot roll back a transaction");
+                    self.conn = None;
+                }
+            }
+        }
+        self.store.give_back(self.conn.take());
+    }
+}
+
+fn row(r: &tokio_postgres::Row) -> Result<Row, StoreError> {
+    let mut cols = Vec::with_capacity(r.len());
+    for (i, c) in r.columns().iter().enumerate() {
+        let ty = c.type_();
+        let v = if *ty == Type::INT8 {
+            r.try_get::<_, Option<i64>>(i).map(|v| v.map(Value::Int))
+        } else if *ty == Type::INT4 {
+            r.try_get::<_, Option<i32>>(i)
+                .map(|v| v.map(|n| Value::Int(n.into())))
+        } else if *ty == Type::INT2 {
+            r.try_get::<_, Option<i16>>(i)
+                .map(|v| v.map(|n| Value::Int(n.into())))
+        } else if *ty == Type::BOOL {
+            r.try_get::<_, Option<bool>>(i)
+                .map(|v| v.map(|b| Value::Int(b.into())))
+        } else if *ty == Type::BYTEA {
+            r.try_get::<_, Option<Vec<u8>>>(i)
+                .map(|v| v.map(Value::Blob))
+        } else if [Type::TEXT, Type::VARCHAR, Type::BPCHAR, Type::NAME].contains(ty) {
+            r.try_get::<_, Option<String>>(i)
+                .map(|v| v.map(Value::Text))
+        } else {
+            return Err(StoreError::Corrupt(format!(
+                "column {} of type {ty}, which the store does not read",
+                c.name()
+            )));
+        };
+        cols.push(v.map_err(backend)?.unwrap_or(Value::Null));
+    }
+    Ok(Row(cols))
+}
+
+impl ToSql for Value {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        match self {
+            Value::Null => Ok(IsNull::Yes),
+            Value::Int(n) => {
+                if *ty == Type::INT8 {
+                    n.to_sql(ty, out)
+                } else if *ty == Type::INT4 {
+                    i32::try_from(*n)?.to_sql(ty, out)
+                } else if *ty == Type::INT2 {
+                    i16::try_from(*n)?.to_sql(ty, out)
+                } else if *ty == Type::BOOL {
+                    (*n != 0).to_sql(ty, out)
+                } else {
+                    Err(format!("an integer for a parameter of type {ty}").into())
+                }
+            }
+            Value::Text(t) => t.as_str().to_sql(ty, out),
+            Value::Blob(b) => b.as_slice().to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+fn backend(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Backend(error_text(&e).into())
+}
+
+/// The server's own message where there is one ("duplicate key value ..."),
+/// else the client's.
+fn error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(d) => format!("{} ({d})", db.message()),
+            None => db.message().to_owned(),
+        },
+        None => e.to_string(),
+    }
+}
+
+/// `url` with any password replaced by `***`.
+pub fn shown_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (auth, host) = match rest.split_once('@') {
+        Some((a, h)) => (a, h),
+        None => return url.to_owned(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+impl PostgresStore {
+    /// Runs raw SQL outside any transaction of the store (tests of tamper
+    /// detection); PostgreSQL's error text.
+    pub(crate) fn tamper(&self, sql: &str) -> Result<(), String> {
+        let c = self.take().map_err(|e| e.to_string())?;
+        let r = self.batch(&c, sql.to_owned()).map_err(|e| e.to_string());
+        self.give_back(Some(c));
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_is_never_shown() {
+        assert_eq!(
+            shown_url("postgres://gk:s3cret@db:5432/gk"),
+            "postgres://gk:***@db:5432/gk"
+        );
+        assert_eq!(shown_url("postgres://gk@db/gk"), "postgres://gk@db/gk");
+        let e = PostgresStore::open("postgres://gk:s3cret@db:5432/gk?sslmode=require", 1)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(!e.contains("s3cret") && e.contains("sslmode"), "{e}");
+        let e = PostgresStore::open("postgres://gk:s3cret@db:notaport/gk", 1)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            !e.contains("s3cret") && e.contains("postgres://USER@HOST"),
+            "{e}"
+        );
+    }
+}
