@@ -43,12 +43,14 @@ fn main() {
         master_key_source: None,
         server_url: "https://127.0.0.1:7443".into(),
         tpm: None,
+        database: None,
     })
     .unwrap();
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data.clone(),
         master_key_source: MasterKeySource::File(data.join("master.key")),
+        database: None,
         limits: Limits {
             max_volumes_per_host: 1_000_000,
             key_releases_per_minute: 1_000_000,

@@ -4,6 +4,7 @@
 //! listen = "127.0.0.1:7443"          # where the admin and host APIs listen
 //! data_dir = "/var/lib/guestkey"     # the data directory made by `init`
 //! master_key_source = "file:/var/lib/guestkey/master.key"  # or env:VAR, prompt
+//! database = "postgres://guestkey@db.example:5432/guestkey"  # else what init recorded
 //! role = "management"                # or "verifier": keeps the other halves of split keys
 //!
 //! [limits]
@@ -95,6 +96,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     master_key_source: Option<String>,
     role: Option<String>,
+    database: Option<String>,
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
@@ -125,6 +127,8 @@ pub struct Config {
     pub retry: Retry,
     /// What this server is.
     pub role: ServerRole,
+    /// The database when not the data directory's (`database`, `--database`).
+    pub database: Option<String>,
     /// The CAs (DER) whose EK certificates enrolling TPMs must have
     /// (`attestation.ek_ca_file`; empty: not checked).
     pub ek_anchors: Vec<Vec<u8>>,
@@ -196,6 +200,8 @@ pub struct Overrides {
     pub master_key_source: Option<MasterKeySource>,
     /// `--role`
     pub role: Option<ServerRole>,
+    /// `--database`
+    pub database: Option<String>,
 }
 
 impl Config {
@@ -288,6 +294,7 @@ impl Config {
             limits: fc.limits,
             retry: fc.retry,
             role,
+            database: flags.database.or(fc.database),
             ek_anchors,
         })
     }

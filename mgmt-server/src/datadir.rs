@@ -3,6 +3,8 @@
 //! ```text
 //! DATA_DIR/
 //!   guestkey.db          SQLite database (keys only as ciphertext)
+//!   database             or: the PostgreSQL URL the server uses, 0600
+//!                        (init --database; no guestkey.db then)
 //!   audit-checkpoints    signed heads of the audit log, appended to only
 //!   master.key           master key, base64, 0600 (unless another source is chosen)
 //!   guestkey-server.lock held by the running server (its PID inside)
@@ -56,6 +58,10 @@ impl DataDir {
     /// SQLite database.
     pub fn db(&self) -> PathBuf {
         self.root.join("guestkey.db")
+    }
+    /// The database URL `init --database` recorded (absent: SQLite, `db`).
+    pub fn database_file(&self) -> PathBuf {
+        self.root.join("database")
     }
     /// Default master key file.
     pub fn master_key(&self) -> PathBuf {

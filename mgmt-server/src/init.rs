@@ -14,12 +14,12 @@
 use std::path::{Path, PathBuf};
 
 use crate::ca::{Ca, Role};
+use crate::database::Database;
 use crate::datadir::{DataDir, create_private_dir, write_private_file, write_public_file};
 use crate::domain::{audit, now_unix};
 use crate::masterkey::{MasterKey, MasterKeySource};
 use crate::model::CoreError;
-use crate::store::sqlite::SqliteStore;
-use crate::store::{Access, Store};
+use crate::store::Access;
 
 /// What `init` needs.
 pub struct InitOptions {
@@ -35,6 +35,9 @@ pub struct InitOptions {
     /// With `master_key_source` `tpm`: the TPM, PCRs and PCR authority to
     /// seal the master key and the CA keys to.
     pub tpm: Option<crate::tpm::TpmTarget>,
+    /// A PostgreSQL URL (an empty database), recorded in `DATA_DIR/database`;
+    /// `None`: SQLite in the data directory.
+    pub database: Option<String>,
 }
 
 /// What `init` made.
@@ -180,9 +183,25 @@ fn build(tmp: &Path, opts: &InitOptions) -> Result<InitReport, CoreError> {
     )
     .map_err(io("write", &admin_dir))?;
 
-    write_private_file(&dir.db(), b"").map_err(io("create", &dir.db()))?;
-    let store = SqliteStore::open(&dir.db())?;
+    let database = match opts.database.as_deref() {
+        Some(text) => Database::parse(text, &dir)?,
+        None => Database::Sqlite(dir.db()),
+    };
+    match &database {
+        Database::Sqlite(db) => write_private_file(db, b"").map_err(io("create", db))?,
+        Database::Postgres(url) => {
+            let file = dir.database_file();
+            write_private_file(&file, format!("{url}\n").as_bytes()).map_err(io("write", &file))?;
+        }
+    }
+    let store = database.open()?;
     let mut tx = store.begin(Access::Write)?;
+    if let Some(id) = tx.master_key_id()? {
+        return Err(CoreError::AlreadyExists(format!(
+            "{} already holds a guestkey installation (master key {id}): init needs an empty database; give another one, or drop and create this one again if that installation is gone",
+            database.shown()
+        )));
+    }
     tx.set_master_key_id(master.id())?;
     tx.insert_admin(&roles.admin_sha256, "admin", now_unix())?;
     let audit_key = audit::ensure_key(&mut *tx, &master)?;

@@ -32,6 +32,7 @@
 
 pub mod ca;
 pub mod config;
+pub mod database;
 pub mod datadir;
 pub mod domain;
 #[cfg(any(fuzzing, test))]

@@ -28,8 +28,7 @@ use crate::datadir::{DataDir, create_private_dir, write_private_file, write_publ
 use crate::domain::{KeyRing, audit, now_unix};
 use crate::masterkey::MasterKeySource;
 use crate::model::CoreError;
-use crate::store::sqlite::SqliteStore;
-use crate::store::{Access, Store};
+use crate::store::Access;
 
 /// The server's names when `init` is given none.
 pub const DEFAULT_SANS: [&str; 2] = ["localhost", "127.0.0.1"];
@@ -144,9 +143,9 @@ const INSTALL: [&str; 10] = [
 /// running server holds.
 pub fn migrate_roles(opts: &MigrateOptions) -> Result<MigrateReport, CoreError> {
     let dir = DataDir::new(&opts.data_dir);
-    if !dir.db().exists() {
+    if !dir.db().exists() && !dir.database_file().exists() {
         return Err(CoreError::FailedPrecondition(format!(
-            "{} is not a guestkey data directory (no guestkey.db)",
+            "{} is not a guestkey data directory (no guestkey.db or database file)",
             dir.root().display()
         )));
     }
@@ -213,13 +212,13 @@ pub fn migrate_roles(opts: &MigrateOptions) -> Result<MigrateReport, CoreError> 
     let admin_sha256 = staged_or_installed("admin/admin.pem")?;
 
     // 2. The database: the new admin certificate is the only one, audited.
-    let store = SqliteStore::open(&dir.db())?;
+    let store = crate::database::Database::of(&dir, None)?.open()?;
     let source = opts
         .master_key_source
         .clone()
         .unwrap_or_else(|| dir.default_master_key_source());
-    let keys = KeyRing::load(source, &store)?;
-    keys.ensure_audit_key(&store)?;
+    let keys = KeyRing::load(source, store.as_ref())?;
+    keys.ensure_audit_key(store.as_ref())?;
     let mut removed_admins = 0;
     {
         let mut tx = store.begin(Access::Write)?;

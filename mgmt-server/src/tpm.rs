@@ -23,8 +23,7 @@ use guestkey_protect::{Encoding, ProtectedKey};
 use crate::datadir::DataDir;
 use crate::domain::{KeyRing, audit};
 use crate::model::CoreError;
-use crate::store::sqlite::SqliteStore;
-use crate::store::{Access, Store};
+use crate::store::Access;
 
 /// The keys of a data directory.
 pub const KEYS: &[KeyEntry] = &[
@@ -97,9 +96,9 @@ pub fn status(data_dir: &Path) -> Result<SealedStatus, CoreError> {
 /// the server must be stopped. Nothing is lost at any instant.
 pub fn reseal(data_dir: &Path, to: &ResealTo) -> Result<ResealReport, CoreError> {
     let dir = DataDir::new(data_dir);
-    if !dir.db().exists() {
+    if !dir.db().exists() && !dir.database_file().exists() {
         return Err(CoreError::FailedPrecondition(format!(
-            "{} is not a guestkey data directory (no guestkey.db)",
+            "{} is not a guestkey data directory (no guestkey.db or database file)",
             data_dir.display()
         )));
     }
@@ -118,9 +117,9 @@ pub fn reseal(data_dir: &Path, to: &ResealTo) -> Result<ResealReport, CoreError>
         )));
     }
     let r = set.reseal(to).map_err(tpm_err)?;
-    let store = SqliteStore::open(&dir.db())?;
-    let ring = KeyRing::load(dir.default_master_key_source(), &store)?;
-    ring.ensure_audit_key(&store)?;
+    let store = crate::database::Database::of(&dir, None)?.open()?;
+    let ring = KeyRing::load(dir.default_master_key_source(), store.as_ref())?;
+    ring.ensure_audit_key(store.as_ref())?;
     let mut tx = store.begin(Access::Write)?;
     let key = ring.audit_key(&mut *tx)?;
     audit::append(

@@ -45,6 +45,11 @@ enum Command {
         /// admin credential.
         #[arg(long, value_name = "IP:PORT", default_value = DEFAULT_LISTEN)]
         listen: String,
+        /// The database: a PostgreSQL URL (postgres://USER@HOST:PORT/DB, an
+        /// empty database that several replicas can share), recorded in
+        /// DATA_DIR/database. Default: SQLite in DATA_DIR/guestkey.db.
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
         #[command(flatten)]
         tpm: TpmFlags,
     },
@@ -90,6 +95,11 @@ enum Command {
         /// server, `guestkeyd enroll-verifier` on each host).
         #[arg(long, value_name = "ROLE")]
         role: Option<mgmt_server::config::ServerRole>,
+        /// The database, when not the one the data directory records
+        /// (postgres://... or sqlite) [default: DATA_DIR/database, else
+        /// DATA_DIR/guestkey.db; or database in --config].
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
     },
     /// Re-wrap every volume key under a new master key. Safe while the
     /// server runs: it reloads the key from its file at its next key
@@ -173,6 +183,7 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             sans,
             master_key_source,
             listen,
+            database,
             tpm,
         } => {
             let tpm = tpm.target(None)?;
@@ -195,6 +206,7 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 master_key_source,
                 server_url: url.clone(),
                 tpm,
+                database,
             })?;
             println!("initialised {}", data_dir.display());
             println!(
@@ -218,6 +230,7 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             config,
             master_key_source,
             role,
+            database,
         } => {
             let config = Config::load(
                 config.as_deref(),
@@ -226,6 +239,7 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     data_dir,
                     master_key_source,
                     role,
+                    database,
                 },
             )?;
             let rt = tokio::runtime::Runtime::new()?;
@@ -239,9 +253,9 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         } => {
             let dir = mgmt_server::datadir::DataDir::new(&data_dir);
             let source = master_key_source.unwrap_or_else(|| dir.default_master_key_source());
-            let store = mgmt_server::store::sqlite::SqliteStore::open(&dir.db())?;
+            let store = mgmt_server::database::Database::of(&dir, None)?.open()?;
             let r = mgmt_server::domain::rotate::rotate(
-                &store,
+                store.as_ref(),
                 &source,
                 new_master_key_source.as_ref(),
             )?;

@@ -13,7 +13,6 @@ use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::domain::{Core, KeyRing, Parts};
 use crate::model::CoreError;
-use crate::store::sqlite::SqliteStore;
 use crate::transport::admin::AdminService;
 use crate::transport::agents::GrpcAgents;
 use crate::transport::host_api::HostService;
@@ -24,7 +23,7 @@ use crate::transport::tls::ServerIdentity;
 pub fn open(config: &Config) -> Result<(Arc<Core>, Arc<ServerIdentity>), CoreError> {
     let dir = DataDir::new(&config.data_dir);
     check_data_dir(&dir)?;
-    let store = Arc::new(SqliteStore::open(&dir.db())?);
+    let store = crate::database::Database::of(&dir, config.database.as_deref())?.open()?;
     let keys = KeyRing::load(config.master_key_source.clone(), store.as_ref())?;
     let read = |p: std::path::PathBuf| {
         std::fs::read_to_string(&p)
@@ -93,9 +92,9 @@ fn entropy(dir: &DataDir) -> guestkey_protect::tpm::Entropy {
 /// Refuses what is not a data directory of this version: no database, or
 /// made before certificates had roles.
 fn check_data_dir(dir: &DataDir) -> Result<(), CoreError> {
-    if !dir.db().exists() {
+    if !dir.db().exists() && !dir.database_file().exists() {
         return Err(CoreError::FailedPrecondition(format!(
-            "{} is not a guestkey data directory (no guestkey.db): run `guestkey-server init --data-dir {}` first",
+            "{} is not a guestkey data directory (no guestkey.db or database file): run `guestkey-server init --data-dir {}` first",
             dir.root().display(),
             dir.root().display()
         )));

@@ -475,7 +475,10 @@ fn error_text(e: &tokio_postgres::Error) -> String {
             Some(d) => format!("{} ({d})", db.message()),
             None => db.message().to_owned(),
         },
-        None => e.to_string(),
+        None => match e.source() {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
     }
 }
 

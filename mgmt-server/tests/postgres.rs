@@ -1,0 +1,205 @@
+//! The server on PostgreSQL (Debian's PostgreSQL 15, a throw-away cluster
+//! on 127.0.0.1 per test process: `guestkey_testkit::Postgres`), through
+//! the real `guestkey-server` and `guestkeyctl` binaries. The host is the
+//! protocol-level test agent of these API tests (real guestkeyd hosts are
+//! in `tests/`).
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+
+use common::{TestAgent, TestServer, bins, temp_dir};
+use guestkey_testkit::Postgres;
+use guestkey_testkit::cleanup::Made;
+
+const FAST: &str = "[retry]\ninitial_delay_ms = 50\nmax_delay_ms = 200\nmax_attempts = 50\n";
+
+fn server_on(url: &str) -> (TestServer, Made) {
+    let scratch = temp_dir("pg-server");
+    let gone = Made::dir(&scratch);
+    let s = TestServer::start_in_with(
+        scratch.join("data"),
+        bins(),
+        Some(FAST),
+        &["--database", url],
+    );
+    (s, gone)
+}
+
+#[test]
+fn a_server_on_postgres_keeps_its_state_there_across_restarts_and_its_audit_verifies() {
+    let pg = Postgres::shared();
+    let db = pg.database();
+    let (mut s, _gone) = server_on(&db.url);
+    // The data directory records the database (0600) and has no SQLite file.
+    let file = s.dir.join("database");
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), db.url);
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(!s.dir.join("guestkey.db").exists());
+
+    let mut a = TestAgent::enroll(&s, "kvm-a");
+    a.serve();
+    s.ok(&[
+        "volume", "create", "--host", "kvm-a", "--pool", "default", "--name", "root", "--size",
+        "1M",
+    ]);
+    s.wait_for(20, "ready", || {
+        s.json(&["volume", "show", "root"])["state"] == "ready"
+    });
+    // The rows are in PostgreSQL; the key only as ciphertext.
+    assert_eq!(
+        pg.psql(&db.name, "SELECT count(*) FROM volumes WHERE name = 'root'"),
+        Ok("1".into())
+    );
+    assert_eq!(
+        pg.psql(&db.name, "SELECT count(*) FROM volume_keys"),
+        Ok("1".into())
+    );
+    // The audit log refuses changes on this engine too.
+    let e = pg
+        .psql(&db.name, "DELETE FROM audit WHERE seq = 1")
+        .unwrap_err();
+    assert!(e.contains("append-only"), "{e}");
+
+    s.restart();
+    assert_eq!(s.json(&["volume", "show", "root"])["state"], "ready");
+    s.ok(&[
+        "volume", "create", "--host", "kvm-a", "--pool", "default", "--name", "data", "--size",
+        "1M",
+    ]);
+    s.wait_for(20, "ready", || {
+        s.json(&["volume", "show", "data"])["state"] == "ready"
+    });
+    let id = s.json(&["volume", "show", "root"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    s.ok(&["volume", "delete", "root"]);
+    s.wait_for(20, "deleted", || {
+        s.json(&["volume", "show", &id])["state"] == "deleted"
+    });
+    assert!(s.ok(&["audit", "--verify"]).contains("verified"));
+}
+
+#[test]
+fn init_refuses_a_database_that_holds_an_installation_and_a_url_that_is_not_one() {
+    let pg = Postgres::shared();
+    let db = pg.database();
+    let (_s, _gone) = server_on(&db.url);
+    let before = pg.psql(&db.name, "SELECT count(*) FROM audit").unwrap();
+
+    let scratch = temp_dir("pg-init");
+    let _made = Made::dir(&scratch);
+    let init = |dir: &std::path::Path, url: &str| {
+        std::process::Command::new(&bins().server)
+            .args(["init", "--data-dir"])
+            .arg(dir)
+            .args(["--database", url])
+            .output()
+            .unwrap()
+    };
+    let second = scratch.join("second");
+    let out = init(&second, &db.url);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("already holds a guestkey installation")
+            && e.contains("init needs an empty database"),
+        "{e}"
+    );
+    assert!(!second.exists(), "no data directory is left");
+    assert_eq!(
+        pg.psql(&db.name, "SELECT count(*) FROM audit").unwrap(),
+        before
+    );
+
+    for (url, says) in [
+        (
+            "mysql://gk@127.0.0.1/gk",
+            "give postgres://USER@HOST:PORT/DATABASE",
+        ),
+        (
+            "postgres://gk:s3cret@127.0.0.1:notaport/gk",
+            "postgres://USER@HOST:PORT/DATABASE",
+        ),
+        (
+            "postgres://gk:s3cret@127.0.0.1:1/gk",
+            "cannot reach the database at postgres://gk:***@127.0.0.1:1/gk",
+        ),
+    ] {
+        let out = init(&second, url);
+        assert!(!out.status.success(), "{url}");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains(says) && !e.contains("s3cret"), "{url}: {e}");
+        assert!(!second.exists(), "{url}: no data directory is left");
+    }
+}
+
+#[test]
+fn while_the_database_is_down_requests_fail_by_name_and_service_resumes_when_it_is_back() {
+    // A cluster of this test's own: it is stopped and started again.
+    let pg = Postgres::start();
+    let db = pg.database();
+    let (mut s, _gone) = server_on(&db.url);
+    let mut a = TestAgent::enroll(&s, "kvm-a");
+    a.serve();
+    s.ok(&[
+        "volume", "create", "--host", "kvm-a", "--pool", "default", "--name", "root", "--size",
+        "1M",
+    ]);
+    s.wait_for(20, "ready", || {
+        s.json(&["volume", "show", "root"])["state"] == "ready"
+    });
+
+    pg.stop();
+    let e = s.fails(&["volume", "show", "root"]);
+    assert!(
+        e.contains("cannot reach the database at postgres://") && e.contains("refused"),
+        "{e}"
+    );
+    assert!(s.is_running(), "the server keeps running: {}", s.log());
+    // A server that starts meanwhile says what it cannot reach.
+    s.stop();
+    let out = std::process::Command::new(&bins().server)
+        .args(["run", "--data-dir"])
+        .arg(&s.dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("cannot reach the database at postgres://"),
+        "{e}"
+    );
+
+    pg.restart();
+    s.restart();
+    assert_eq!(s.json(&["volume", "show", "root"])["state"], "ready");
+    // And a running server whose database comes back serves again.
+    pg.restart();
+    s.wait_for(20, "served again", || {
+        s.ctl(&["volume", "show", "root"]).status.success()
+    });
+    s.ok(&[
+        "volume", "create", "--host", "kvm-a", "--pool", "default", "--name", "data", "--size",
+        "1M",
+    ]);
+    s.wait_for(20, "ready", || {
+        s.json(&["volume", "show", "data"])["state"] == "ready"
+    });
+    let id = s.json(&["volume", "show", "root"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    s.ok(&["volume", "delete", "root"]);
+    s.wait_for(20, "deleted", || {
+        s.json(&["volume", "show", &id])["state"] == "deleted"
+    });
+    assert!(s.ok(&["audit", "--verify"]).contains("verified"));
+}
