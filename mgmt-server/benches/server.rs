@@ -51,6 +51,7 @@ fn main() {
         data_dir: data.clone(),
         master_key_source: MasterKeySource::File(data.join("master.key")),
         database: None,
+        leader: Default::default(),
         limits: Limits {
             max_volumes_per_host: 1_000_000,
             key_releases_per_minute: 1_000_000,
@@ -128,8 +129,31 @@ fn main() {
     }
     let push_time = rt.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // The scheduler leads, as in a server (its writes check the fence).
+        let me = mgmt_server::store::Replica {
+            id: "bench".into(),
+            address: "127.0.0.1:0".into(),
+            host: "bench".into(),
+            pid: std::process::id(),
+            version: "bench".into(),
+            started_ms: 0,
+            seen_ms: 0,
+        };
+        let (leading_tx, leading_rx) = tokio::sync::watch::channel(None);
+        let lease = tokio::spawn(mgmt_server::domain::leader::keep_lease(
+            core.clone(),
+            me,
+            Default::default(),
+            true,
+            leading_tx,
+            stop_rx.clone(),
+        ));
         let start = Instant::now();
-        let pusher = tokio::spawn(mgmt_server::scheduler::run(core.clone(), stop_rx));
+        let pusher = tokio::spawn(mgmt_server::scheduler::run(
+            core.clone(),
+            stop_rx,
+            leading_rx,
+        ));
         let deadline = start + Duration::from_secs(600);
         loop {
             let pending =
@@ -142,6 +166,7 @@ fn main() {
         let t = start.elapsed();
         let _ = stop_tx.send(true);
         let _ = pusher.await;
+        let _ = lease.await;
         t
     });
     assert_eq!(agent.creates().len(), pushes, "every push arrived");

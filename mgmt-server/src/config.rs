@@ -63,6 +63,27 @@ impl Default for Limits {
     }
 }
 
+/// `[leader]`: the lease of the replica that leads (several replicas on
+/// PostgreSQL; see `domain::leader`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Leader {
+    /// Lifetime of the lease from its last renewal: how long the replicas
+    /// wait for a leader that stopped answering before another takes over.
+    pub lease_ms: u64,
+    /// Time between renewals (at most a third of `lease_ms`).
+    pub renew_ms: u64,
+}
+
+impl Default for Leader {
+    fn default() -> Self {
+        Self {
+            lease_ms: 10_000,
+            renew_ms: 2_000,
+        }
+    }
+}
+
 /// Retry policy for pushes to host daemons.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -102,6 +123,8 @@ struct FileConfig {
     #[serde(default)]
     retry: Retry,
     #[serde(default)]
+    leader: Leader,
+    #[serde(default)]
     attestation: AttestationFile,
 }
 
@@ -125,6 +148,8 @@ pub struct Config {
     pub limits: Limits,
     /// Push retry policy.
     pub retry: Retry,
+    /// The leader's lease.
+    pub leader: Leader,
     /// What this server is.
     pub role: ServerRole,
     /// The database when not the data directory's (`database`, `--database`).
@@ -263,6 +288,15 @@ impl Config {
                 message: "limits must be at least 1".into(),
             });
         }
+        if fc.leader.renew_ms < 100 || fc.leader.lease_ms < fc.leader.renew_ms.saturating_mul(3) {
+            return Err(ConfigError::Invalid {
+                setting: "leader",
+                message: format!(
+                    "renew_ms ({}) must be at least 100 and lease_ms ({}) at least three times renew_ms, so that a lease is renewed well before it lapses",
+                    fc.leader.renew_ms, fc.leader.lease_ms
+                ),
+            });
+        }
         if fc.retry.initial_delay_ms == 0 || fc.retry.max_delay_ms < fc.retry.initial_delay_ms {
             return Err(ConfigError::Invalid {
                 setting: "retry",
@@ -293,6 +327,7 @@ impl Config {
             master_key_source,
             limits: fc.limits,
             retry: fc.retry,
+            leader: fc.leader,
             role,
             database: flags.database.or(fc.database),
             ek_anchors,

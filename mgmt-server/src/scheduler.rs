@@ -5,7 +5,9 @@
 //! checkpoints while the log grows, and records the refusals it only
 //! counted ([`crate::domain::refusals`]); when it stops, a last checkpoint
 //! and the refusals counted so far. With several server replicas
-//! (PostgreSQL), only the leader will run it.
+//! (PostgreSQL) only the leader does this work, each write of it checking
+//! the leader's fence (see `domain::leader`); the others keep only their
+//! own audit housekeeping.
 //!
 //! May import: `domain` and `model`. Started by `transport::server`.
 
@@ -13,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::domain::Core;
+use crate::domain::leader::{Fence, as_leader};
 use crate::model::Caller;
 
 /// How long the loop sleeps when nothing is due (an operation queued
@@ -23,9 +26,15 @@ const POLICY_ROUND: Duration = Duration::from_secs(1);
 /// How often unfinished migrations (left by a stopped server) are resumed.
 const MIGRATION_ROUND: Duration = Duration::from_secs(5);
 
-/// Runs until `shutdown` fires.
-pub async fn run(core: Arc<Core>, shutdown: tokio::sync::watch::Receiver<bool>) {
-    rounds(&core, shutdown).await;
+/// Runs until `shutdown` fires; does the leader's work while `leading`
+/// holds this replica's fence, and only its own audit housekeeping while
+/// another replica leads.
+pub async fn run(
+    core: Arc<Core>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    leading: tokio::sync::watch::Receiver<Option<Fence>>,
+) {
+    rounds(&core, shutdown, leading).await;
     let last = core
         .blocking(|c| {
             c.flush_refusals(true)?;
@@ -51,58 +60,114 @@ async fn audit_round(core: &Arc<Core>) {
     }
 }
 
-async fn rounds(core: &Arc<Core>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-    let mut last_policy_round: Option<Instant> = None;
-    let mut last_migration_round: Option<Instant> = None;
-    let due = |last: Option<Instant>, every: Duration| last.is_none_or(|t| t.elapsed() >= every);
+/// What a leader's round leaves to do.
+enum Step {
+    /// Shut down.
+    Stop,
+    /// More may be due right away: no idle wait between full batches.
+    Again,
+    /// Nothing more now: wait for work, a round's time, or a change.
+    Idle,
+}
+
+/// When the leader's periodic work last ran (reset when leadership is lost,
+/// so a new leader does it at once).
+#[derive(Default)]
+struct Rounds {
+    policy: Option<Instant>,
+    migration: Option<Instant>,
+}
+
+async fn rounds(
+    core: &Arc<Core>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut leading: tokio::sync::watch::Receiver<Option<Fence>>,
+) {
+    let mut last = Rounds::default();
     loop {
-        if due(last_migration_round, MIGRATION_ROUND) {
-            last_migration_round = Some(Instant::now());
-            resume_migrations(core).await;
-        }
-        if due(last_policy_round, POLICY_ROUND) {
-            last_policy_round = Some(Instant::now());
+        let fence = leading.borrow().clone();
+        let Some(fence) = fence else {
+            // Another replica leads: only this one's audit housekeeping.
+            last = Rounds::default();
             audit_round(core).await;
-            match core.blocking(|c| c.apply_policies()).await {
-                Ok(v) if !v.is_empty() => {
-                    tracing::info!(volumes = v.len(), "scheduled rekeys started")
+            tokio::select! {
+                r = leading.changed() => {
+                    if r.is_err() {
+                        tokio::time::sleep(POLICY_ROUND).await;
+                    }
                 }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "rotation policies not applied"),
+                _ = tokio::time::sleep(POLICY_ROUND) => {}
+                _ = shutdown.changed() => return,
             }
-        }
-        let busy = match core.push_volumes().await {
-            Ok(n) => n > 0,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot process pending volume operations");
-                false
-            }
-        };
-        if *shutdown.borrow() {
-            return;
-        }
-        let stop = shutdown.clone();
-        if let Err(e) = core.push_guests(move || *stop.borrow()).await {
-            tracing::error!(error = %e, "cannot process pending guest operations");
-        }
-        if *shutdown.borrow() {
-            return;
-        }
-        if busy {
-            // More may be due right away: no idle wait between full batches.
             continue;
-        }
-        tokio::select! {
-            _ = core.queued().notified() => {}
-            _ = tokio::time::sleep(IDLE_POLL) => {}
-            _ = shutdown.changed() => return,
+        };
+        let step = as_leader(
+            fence.clone(),
+            leader_round(core, &shutdown, &mut last, fence),
+        )
+        .await;
+        match step {
+            Step::Stop => return,
+            Step::Again => {}
+            Step::Idle => {
+                tokio::select! {
+                    _ = core.queued().notified() => {}
+                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                    _ = leading.changed() => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
         }
     }
 }
 
+/// One round of the leader's work (run as leader: its writes check the
+/// fence).
+async fn leader_round(
+    core: &Arc<Core>,
+    shutdown: &tokio::sync::watch::Receiver<bool>,
+    last: &mut Rounds,
+    fence: Fence,
+) -> Step {
+    let due = |last: Option<Instant>, every: Duration| last.is_none_or(|t| t.elapsed() >= every);
+    if due(last.migration, MIGRATION_ROUND) {
+        last.migration = Some(Instant::now());
+        resume_migrations(core, fence).await;
+    }
+    if due(last.policy, POLICY_ROUND) {
+        last.policy = Some(Instant::now());
+        audit_round(core).await;
+        match core.blocking(|c| c.apply_policies()).await {
+            Ok(v) if !v.is_empty() => {
+                tracing::info!(volumes = v.len(), "scheduled rekeys started")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "rotation policies not applied"),
+        }
+    }
+    let busy = match core.push_volumes().await {
+        Ok(n) => n > 0,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot process pending volume operations");
+            false
+        }
+    };
+    if *shutdown.borrow() {
+        return Step::Stop;
+    }
+    let stop = shutdown.clone();
+    if let Err(e) = core.push_guests(move || *stop.borrow()).await {
+        tracing::error!(error = %e, "cannot process pending guest operations");
+    }
+    if *shutdown.borrow() {
+        return Step::Stop;
+    }
+    if busy { Step::Again } else { Step::Idle }
+}
+
 /// Resumes the migrations a stopped server left unfinished, each in its
 /// own task (a migration may take hours).
-async fn resume_migrations(core: &Arc<Core>) {
+async fn resume_migrations(core: &Arc<Core>, fence: Fence) {
     let left = match core.blocking(|c| c.unfinished_migrations()).await {
         Ok(left) => left,
         Err(e) => {
@@ -113,13 +178,13 @@ async fn resume_migrations(core: &Arc<Core>) {
     for (guest, to) in left {
         tracing::info!(%guest, %to, "resuming an unfinished migration");
         let c = core.clone();
-        tokio::spawn(async move {
+        tokio::spawn(as_leader(fence.clone(), async move {
             let r = c
                 .migrate_guest(Caller::Scheduler, guest.clone(), to, false, false)
                 .await;
             if let Err(e) = r {
                 tracing::warn!(%guest, error = %e, "resumed migration not finished; will retry");
             }
-        });
+        }));
     }
 }

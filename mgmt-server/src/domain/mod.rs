@@ -36,6 +36,7 @@ pub mod guests;
 pub mod halves;
 pub mod hosts;
 pub mod keyring;
+pub mod leader;
 pub mod migrate;
 pub mod on_demand;
 pub mod push;
@@ -125,7 +126,8 @@ impl Core {
             releases: release::ReleaseLimiter::new(parts.limits.key_releases_per_minute),
             refusals: refusals::Refusals::new(),
             checkpoints: checkpoints::Checkpoints::new(parts.checkpoints),
-            store: parts.store,
+            // Writes made as leader check its fence (see `leader`).
+            store: Arc::new(leader::FencedStore(parts.store)),
             agents: parts.agents,
             keys: parts.keys,
             ca: parts.ca,
@@ -242,7 +244,9 @@ impl Core {
         F: FnOnce(&Core) -> Result<T, CoreError> + Send + 'static,
     {
         let core = self.clone();
-        tokio::task::spawn_blocking(move || f(&core))
+        // Leader work stays leader work on the blocking thread.
+        let fence = leader::current();
+        tokio::task::spawn_blocking(move || leader::on_thread(fence, || f(&core)))
             .await
             .map_err(|e| CoreError::Internal(format!("a blocking task failed: {e}")))?
     }

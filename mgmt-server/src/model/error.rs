@@ -67,6 +67,12 @@ pub enum StoreError {
         /// Newest this build knows.
         known: usize,
     },
+    /// A write made as leader by a replica that no longer holds the lease
+    /// (it stalled, or lost the database): refused, nothing written.
+    #[error(
+        "this replica no longer leads ({0}): the write was not made; the leader replica does this work"
+    )]
+    Fenced(String),
     /// A row holds a value this server does not know.
     #[error("the database holds {0}: it was altered, or written by a newer guestkey-server")]
     Corrupt(String),

@@ -60,6 +60,7 @@ pub trait Tx:
     + AttestStore
     + ApprovalStore
     + HalfStore
+    + LeaseStore
 {
     /// Makes the transaction's changes durable. Without it they are rolled
     /// back when the transaction is dropped.
@@ -576,6 +577,58 @@ pub trait HalfStore {
     fn all_key_halves(&mut self) -> Result<Vec<(String, u64, WrappedKey)>>;
     /// Replaces a half's wrapping (a master key rotation).
     fn rewrap_key_half(&mut self, volume: &str, generation: u64, key: &WrappedKey) -> Result<()>;
+}
+
+/// The lease of the replica that leads, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The replica that holds it.
+    pub holder: String,
+    /// Its fence number (grows with every new holder).
+    pub fence: u64,
+    /// Held by this holder since (database clock, ms).
+    pub since_ms: i64,
+    /// Lapses at (database clock, ms).
+    pub expires_ms: i64,
+}
+
+/// A server replica as it reports itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    /// Its id (new at every start).
+    pub id: String,
+    /// The address it serves on.
+    pub address: String,
+    /// Its machine's name.
+    pub host: String,
+    /// Its process id.
+    pub pid: u32,
+    /// Its version.
+    pub version: String,
+    /// Started at (database clock, ms).
+    pub started_ms: i64,
+    /// Last heard of (database clock, ms).
+    pub seen_ms: i64,
+}
+
+/// Leadership among replicas, and the replicas themselves.
+pub trait LeaseStore {
+    /// The database's clock (ms since the Unix epoch): every replica reads
+    /// the same one.
+    fn db_now_ms(&mut self) -> Result<i64>;
+    /// The lease, if one was ever taken.
+    fn lease(&mut self) -> Result<Option<Lease>>;
+    /// Writes the lease (take-over or renewal).
+    fn put_lease(&mut self, lease: &Lease) -> Result<()>;
+    /// Whether `holder` holds the lease with `fence` and it has not lapsed
+    /// by the database's clock.
+    fn holds_lease(&mut self, holder: &str, fence: u64) -> Result<bool>;
+    /// Records (or refreshes) a replica.
+    fn put_replica(&mut self, r: &Replica) -> Result<()>;
+    /// Forgets a replica (it stopped).
+    fn remove_replica(&mut self, id: &str) -> Result<()>;
+    /// Every replica, by start.
+    fn replicas(&mut self) -> Result<Vec<Replica>>;
 }
 
 #[cfg(test)]

@@ -10,9 +10,12 @@ use tonic::transport::Server;
 
 use crate::ca::{Ca, Role, cert_sha256, subject_alt_names};
 use crate::config::Config;
+use crate::database::Database;
 use crate::datadir::DataDir;
+use crate::domain::leader::LeaseTimes;
 use crate::domain::{Core, KeyRing, Parts};
 use crate::model::CoreError;
+use crate::store::Replica;
 use crate::transport::admin::AdminService;
 use crate::transport::agents::GrpcAgents;
 use crate::transport::host_api::HostService;
@@ -147,7 +150,40 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
         .map_err(|e| CoreError::Internal(e.to_string()))?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let scheduler = tokio::spawn(crate::scheduler::run(core.clone(), stop_rx.clone()));
+    // Leadership among replicas; on SQLite this process owns the database.
+    let exclusive = matches!(
+        Database::of(&dir, config.database.as_deref())?,
+        Database::Sqlite(_)
+    );
+    let me = Replica {
+        id: uuid::Uuid::new_v4().to_string(),
+        address: local.to_string(),
+        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default(),
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_ms: 0,
+        seen_ms: 0,
+    };
+    let times = LeaseTimes {
+        lease: std::time::Duration::from_millis(config.leader.lease_ms),
+        renew: std::time::Duration::from_millis(config.leader.renew_ms),
+    };
+    let (leading_tx, leading_rx) = tokio::sync::watch::channel(None);
+    let lease = tokio::spawn(crate::domain::leader::keep_lease(
+        core.clone(),
+        me,
+        times,
+        exclusive,
+        leading_tx,
+        stop_rx.clone(),
+    ));
+    let scheduler = tokio::spawn(crate::scheduler::run(
+        core.clone(),
+        stop_rx.clone(),
+        leading_rx,
+    ));
     let mut stop_server = stop_rx.clone();
     let role = config.role;
     let serve = Server::builder()
@@ -180,5 +216,6 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
     }
     let _ = stop_tx.send(true);
     let _ = scheduler.await;
+    let _ = lease.await;
     Ok(())
 }

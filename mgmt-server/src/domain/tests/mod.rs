@@ -9,6 +9,7 @@ mod bounds;
 mod checkpoints;
 mod gates;
 mod hosts;
+mod leader;
 mod migrate;
 mod rekey;
 mod volumes;

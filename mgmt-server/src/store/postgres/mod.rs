@@ -44,6 +44,13 @@ const WRITE_LOCK: i64 = 0x6775_6573_746b_6579;
 /// How long `begin` waits for a free connection of the pool.
 const POOL_WAIT: Duration = Duration::from_secs(10);
 
+/// A session idle inside a transaction this long is ended by the database
+/// (its locks freed).
+pub const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
+
+/// How long a writer waits for the write lock.
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
+
 /// How long one call (connect, statement, commit) may take.
 pub const CALL_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -161,6 +168,17 @@ impl PostgresStore {
                     tracing::warn!(error = %error_text(&e), "lost a connection to the database");
                 }
             });
+            // A replica that stalls inside a transaction (SIGSTOP, a hung
+            // thread) would hold the write lock: the database ends such a
+            // session, and a writer waits for the lock only so long.
+            client
+                .batch_execute(&format!(
+                    "SET idle_in_transaction_session_timeout = '{}ms'; SET lock_timeout = '{}ms'",
+                    IDLE_IN_TRANSACTION.as_millis(),
+                    LOCK_WAIT.as_millis()
+                ))
+                .await
+                .map_err(backend)?;
             Ok(client)
         })?;
         Ok(Pooled {
@@ -381,6 +399,10 @@ impl Conn for PgConn<'_> {
             self.conn = None;
         }
         r
+    }
+
+    fn engine(&self) -> Engine {
+        Engine::Postgres
     }
 }
 

@@ -29,6 +29,8 @@ pub trait Conn {
     fn rows(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>>;
     /// Commits. Without it, the transaction is rolled back when dropped.
     fn commit(&mut self) -> Result<()>;
+    /// Which engine this is (for what the engines spell differently).
+    fn engine(&self) -> crate::store::sql::schema::Engine;
 }
 
 /// One result row.

@@ -11,6 +11,7 @@ mod conn;
 mod guests;
 mod halves;
 mod hosts;
+mod lease;
 mod meta;
 mod policies;
 pub mod schema;

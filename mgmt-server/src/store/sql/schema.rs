@@ -388,6 +388,31 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         sqlite: "UPDATE release_requests SET n = rowid;",
         ..NONE
     },
+    // 13: server replicas on one database, and the lease of the one that
+    // leads (its fence number grows with every new holder; writes made as
+    // leader check it in their transaction). Times are the database's
+    // clock, in milliseconds.
+    Migration {
+        all: "
+    CREATE TABLE leader_lease (
+        id         INTEGER PRIMARY KEY CHECK (id = 1),
+        holder     TEXT NOT NULL,
+        fence      INTEGER NOT NULL,
+        since_ms   INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL
+    );
+    CREATE TABLE replicas (
+        id         TEXT PRIMARY KEY,
+        address    TEXT NOT NULL,
+        host       TEXT NOT NULL,
+        pid        INTEGER NOT NULL,
+        version    TEXT NOT NULL,
+        started_ms INTEGER NOT NULL,
+        seen_ms    INTEGER NOT NULL
+    );
+    ",
+        ..NONE
+    },
 ];
 
 #[cfg(test)]

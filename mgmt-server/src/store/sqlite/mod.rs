@@ -145,6 +145,10 @@ impl Conn for SqliteConn<'_> {
         self.open = false;
         Ok(())
     }
+
+    fn engine(&self) -> Engine {
+        Engine::Sqlite
+    }
 }
 
 impl Drop for SqliteConn<'_> {
