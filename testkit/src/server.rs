@@ -118,6 +118,28 @@ impl TestServer {
         s
     }
 
+    /// `run` on a data directory made before (a replica's copy of one),
+    /// with `config` (TOML) if given, on a free port.
+    pub fn run_in(dir: PathBuf, bins: Bins, config: Option<&str>) -> Self {
+        let config = config.map(|c| {
+            let p = dir.with_extension("toml");
+            std::fs::write(&p, c).unwrap();
+            p
+        });
+        let mut s = Self {
+            dir,
+            url: String::new(),
+            addr: "127.0.0.1:0".parse().unwrap(),
+            bins,
+            config,
+            proc: None,
+            scratch: None,
+            history: String::new(),
+        };
+        s.run();
+        s
+    }
+
     fn run(&mut self) {
         let mut cmd = Command::new(&self.bins.server);
         cmd.args(["run", "--data-dir"])

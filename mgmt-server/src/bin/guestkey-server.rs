@@ -101,6 +101,31 @@ enum Command {
         #[arg(long, value_name = "URL")]
         database: Option<String>,
     },
+    /// The database in use, the server replicas on it, and which one leads
+    /// (since when, its fence number, until when its lease holds).
+    Status {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The database, when not the one the data directory records.
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the data directory of another server replica (a server on
+    /// PostgreSQL only): the same CAs, server certificate, admin credential,
+    /// master key and database. Move it to the new machine and `run` it
+    /// there; every replica serves the APIs, one leads the scheduler.
+    AddReplica {
+        /// The data directory of a running (or stopped) replica.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The new replica's data directory (absent or empty).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+    },
     /// Re-wrap every volume key under a new master key. Safe while the
     /// server runs: it reloads the key from its file at its next key
     /// operation (with env: or prompt sources, restart it with the new key).
@@ -290,6 +315,42 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let to = tpm.reseal_to(to_files, current.as_ref())?;
             let r = mgmt_server::tpm::reseal(&data_dir, &to)?;
             print!("{}", resealed_text(&r));
+            Ok(())
+        }
+        Command::Status {
+            data_dir,
+            database,
+            json,
+        } => {
+            let dir = mgmt_server::datadir::DataDir::new(&data_dir);
+            let s = mgmt_server::database::Status::read(&dir, database.as_deref())?;
+            if json {
+                println!("{}", s.json());
+            } else {
+                print!("{}", s.text());
+            }
+            Ok(())
+        }
+        Command::AddReplica { data_dir, to } => {
+            let dir = mgmt_server::datadir::DataDir::new(&data_dir);
+            let r = mgmt_server::database::add_replica(&dir, &to)?;
+            println!(
+                "made {} ({} files) for a new replica on {}",
+                to.display(),
+                r.files,
+                r.database
+            );
+            println!(
+                "it holds the master key and CA keys: move it to the new machine as you would {} (e.g. tar over ssh, mode 0700 kept), then there:",
+                data_dir.display()
+            );
+            println!(
+                "  guestkey-server run --data-dir {} --listen IP:PORT",
+                to.display()
+            );
+            println!(
+                "hosts reach every replica with the same server certificate; give each replica's address a DNS name or IP in the certificate (init --san)"
+            );
             Ok(())
         }
         Command::MigrateRoles {

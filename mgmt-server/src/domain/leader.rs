@@ -34,6 +34,10 @@ use crate::domain::Core;
 use crate::model::{CoreError, StoreError};
 use crate::store::{Access, Lease, Replica, Store, Tx};
 
+/// A replica not heard of for this many lease lifetimes is forgotten (it
+/// was killed, or its machine is gone); `status` shows it until then.
+const FORGET_AFTER_LEASES: i64 = 6;
+
 /// The lease a leader holds: who and its fence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
@@ -155,6 +159,10 @@ impl Core {
             let lease_ms = i64::try_from(times.lease.as_millis()).unwrap_or(i64::MAX);
             let round = match tx.lease()? {
                 Some(l) if l.holder == me.id && l.expires_ms > now => {
+                    // The leader forgets replicas silent for many leases.
+                    tx.prune_replicas(
+                        now.saturating_sub(lease_ms.saturating_mul(FORGET_AFTER_LEASES)),
+                    )?;
                     tx.put_lease(&Lease {
                         expires_ms: now.saturating_add(lease_ms),
                         ..l.clone()

@@ -627,6 +627,9 @@ pub trait LeaseStore {
     fn put_replica(&mut self, r: &Replica) -> Result<()>;
     /// Forgets a replica (it stopped).
     fn remove_replica(&mut self, id: &str) -> Result<()>;
+    /// Forgets the replicas not heard of since `before_ms` (killed, or
+    /// their machine lost); how many.
+    fn prune_replicas(&mut self, before_ms: i64) -> Result<usize>;
     /// Every replica, by start.
     fn replicas(&mut self) -> Result<Vec<Replica>>;
 }

@@ -75,6 +75,11 @@ impl LeaseStore for SqlTx<'_> {
         Ok(())
     }
 
+    fn prune_replicas(&mut self, before_ms: i64) -> Result<usize> {
+        self.db
+            .execute("DELETE FROM replicas WHERE seen_ms < $1", [before_ms])
+    }
+
     fn replicas(&mut self) -> Result<Vec<Replica>> {
         self.db.query_all(
             "SELECT id, address, host, pid, version, started_ms, seen_ms FROM replicas
