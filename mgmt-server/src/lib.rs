@@ -41,6 +41,7 @@ pub use guestkey_domxml as domxml;
 pub mod init;
 pub mod masterkey;
 pub mod model;
+pub mod move_db;
 pub mod roles;
 pub mod scheduler;
 pub mod store;

@@ -203,3 +203,130 @@ fn while_the_database_is_down_requests_fail_by_name_and_service_resumes_when_it_
     });
     assert!(s.ok(&["audit", "--verify"]).contains("verified"));
 }
+
+#[test]
+fn an_installation_moves_from_sqlite_to_postgres_verified_and_runs_there() {
+    let pg = Postgres::shared();
+    let db = pg.database();
+    let mut s = common::start_server(Some(FAST));
+    let mut a = TestAgent::enroll(&s, "kvm-a");
+    a.serve();
+    for name in ["root", "data"] {
+        s.ok(&[
+            "volume", "create", "--host", "kvm-a", "--pool", "default", "--name", name, "--size",
+            "1M",
+        ]);
+        s.wait_for(20, "ready", || {
+            s.json(&["volume", "show", name])["state"] == "ready"
+        });
+    }
+    let volumes = s.json(&["volume", "list"]);
+    let audit = s.json(&["audit"]).as_array().unwrap().len();
+    let mv = |dir: &std::path::Path, url: &str| {
+        std::process::Command::new(&bins().server)
+            .args(["move-to-postgres", "--data-dir"])
+            .arg(dir)
+            .args(["--database", url])
+            .output()
+            .unwrap()
+    };
+    // Not while the server runs.
+    let out = mv(&s.dir, &db.url);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("stop the server first"), "{e}");
+    assert_eq!(
+        pg.psql(
+            &db.name,
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ),
+        Ok("0".into()),
+        "nothing was written"
+    );
+
+    s.stop();
+    let out = mv(&s.dir, &db.url);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("now uses postgresql postgres://")
+            && said.contains(&format!("the audit chain ({audit} records)"))
+            && said.contains("2 keys unwrap"),
+        "{said}"
+    );
+    assert!(!s.dir.join("guestkey.db").exists());
+    assert!(s.dir.join("guestkey.db.before-postgres").exists());
+    assert_eq!(
+        pg.psql(&db.name, "SELECT count(*) FROM volumes"),
+        Ok("2".into())
+    );
+
+    s.restart();
+    assert_eq!(s.json(&["volume", "list"]), volumes);
+    assert!(s.ok(&["audit", "--verify"]).contains("verified"));
+    let id = s.json(&["volume", "show", "root"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    s.ok(&["volume", "delete", "root"]);
+    s.wait_for(20, "deleted", || {
+        s.json(&["volume", "show", &id])["state"] == "deleted"
+    });
+    s.stop();
+
+    // Again: it uses PostgreSQL already. Another installation into the
+    // same database: refused, and that one keeps its SQLite.
+    let out = mv(&s.dir, &db.url);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already uses postgresql"));
+    let mut other = common::start_server(None);
+    other.stop();
+    let out = mv(&other.dir, &db.url);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("is not empty") && e.contains("never writes over a database"),
+        "{e}"
+    );
+    assert!(other.dir.join("guestkey.db").exists());
+    assert!(!other.dir.join("database").exists());
+}
+
+#[test]
+fn a_copy_that_does_not_verify_is_rolled_back_and_the_installation_keeps_sqlite() {
+    let pg = Postgres::shared();
+    let db = pg.database();
+    let mut s = common::start_server(None);
+    s.ok(&["host", "add", "kvm-a", "--address", "127.0.0.1:1"]);
+    s.stop();
+    // An altered audit record: the chain no longer verifies.
+    let conn = rusqlite::Connection::open(s.dir.join("guestkey.db")).unwrap();
+    conn.execute_batch(
+        "DROP TRIGGER audit_no_update; UPDATE audit SET detail = 'altered' WHERE seq = 2;",
+    )
+    .unwrap();
+    drop(conn);
+    let out = std::process::Command::new(&bins().server)
+        .args(["move-to-postgres", "--data-dir"])
+        .arg(&s.dir)
+        .args(["--database", &db.url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("does not verify") && e.contains("nothing was moved"),
+        "{e}"
+    );
+    assert_eq!(
+        pg.psql(&db.name, "SELECT count(*) FROM audit"),
+        Ok("0".into()),
+        "the copy was rolled back"
+    );
+    assert!(s.dir.join("guestkey.db").exists());
+    assert!(!s.dir.join("database").exists());
+}

@@ -159,7 +159,7 @@ fn two_replicas_serve_one_database_and_the_second_leads_within_the_lease_when_th
 fn a_leader_stopped_past_its_lease_steps_down_and_writes_nothing_after_the_take_over() {
     let pg = Postgres::shared();
     let db = pg.database();
-    let mut p = pair(&db.url);
+    let p = pair(&db.url);
     let st = status(&p.b);
     let (ida, idb) = (replica_of(&st, p.a.pid()), replica_of(&st, p.b.pid()));
     assert_eq!(leader(&st).map(|l| l.0), Some(ida.clone()));

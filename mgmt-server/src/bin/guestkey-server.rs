@@ -126,6 +126,22 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         to: PathBuf,
     },
+    /// Move this installation from SQLite to an empty PostgreSQL database:
+    /// copies every table in one transaction, verifies the copy (row
+    /// counts, the audit chain, every key unwraps) before it commits, then
+    /// records the URL in DATA_DIR/database and keeps the SQLite file as
+    /// guestkey.db.before-postgres. Not while the server runs.
+    MoveToPostgres {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The empty PostgreSQL database: postgres://USER@HOST:PORT/DB.
+        #[arg(long, value_name = "URL")]
+        database: String,
+        /// Where the master key is [default: file:DATA_DIR/master.key].
+        #[arg(long, value_name = "SOURCE")]
+        master_key_source: Option<MasterKeySource>,
+    },
     /// Re-wrap every volume key under a new master key. Safe while the
     /// server runs: it reloads the key from its file at its next key
     /// operation (with env: or prompt sources, restart it with the new key).
@@ -329,6 +345,33 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             } else {
                 print!("{}", s.text());
             }
+            Ok(())
+        }
+        Command::MoveToPostgres {
+            data_dir,
+            database,
+            master_key_source,
+        } => {
+            let dir = mgmt_server::datadir::DataDir::new(&data_dir);
+            let r = mgmt_server::move_db::move_to_postgres(&dir, &database, master_key_source)?;
+            println!("{} now uses {}", data_dir.display(), r.database);
+            for (t, n) in &r.tables {
+                if *n > 0 {
+                    println!("  {t}: {n} rows");
+                }
+            }
+            println!(
+                "  verified: row counts, the audit chain ({} records), {} keys unwrap",
+                r.audit_records, r.keys
+            );
+            println!(
+                "  the SQLite database is kept as {} (delete it once you no longer need it: it holds the wrapped keys)",
+                r.kept.display()
+            );
+            println!(
+                "next: guestkey-server run --data-dir {}",
+                data_dir.display()
+            );
             Ok(())
         }
         Command::AddReplica { data_dir, to } => {

@@ -311,6 +311,13 @@ impl Drop for PostgresStore {
 
 impl Store for PostgresStore {
     fn begin(&self, access: Access) -> Result<Box<dyn Tx + '_>, StoreError> {
+        Ok(Box::new(SqlTx::new(self.begin_conn(access)?)))
+    }
+}
+
+impl PostgresStore {
+    /// A transaction as a plain connection (tools that copy tables).
+    pub fn begin_conn(&self, access: Access) -> Result<Box<dyn Conn + '_>, StoreError> {
         let c = self.take()?;
         let begun = self.batch(
             &c,
@@ -324,11 +331,11 @@ impl Store for PostgresStore {
             self.give_back(None);
             return Err(e);
         }
-        Ok(Box::new(SqlTx::new(Box::new(PgConn {
+        Ok(Box::new(PgConn {
             store: self,
             conn: Some(c),
             open: true,
-        }))))
+        }))
     }
 }
 

@@ -69,17 +69,41 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-impl Store for SqliteStore {
-    fn begin(&self, access: Access) -> Result<Box<dyn Tx + '_>, StoreError> {
+impl SqliteStore {
+    /// A transaction as a plain connection (tools that copy tables).
+    pub fn begin_conn(&self, access: Access) -> Result<Box<dyn Conn + '_>, StoreError> {
         let conn = self.lock();
         conn.execute_batch(match access {
             Access::Read => "BEGIN DEFERRED",
             Access::Write => "BEGIN IMMEDIATE",
         })?;
-        Ok(Box::new(SqlTx::new(Box::new(SqliteConn {
-            conn,
-            open: true,
-        }))))
+        Ok(Box::new(SqliteConn { conn, open: true }))
+    }
+
+    /// The tables of the schema and their columns, in creation order.
+    pub fn tables(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        let conn = self.lock();
+        let names: Vec<String> = conn
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY rowid",
+            )?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut out = Vec::new();
+        for name in names {
+            let cols: Vec<String> = conn
+                .prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid")?
+                .query_map([&name], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            out.push((name, cols));
+        }
+        Ok(out)
+    }
+}
+
+impl Store for SqliteStore {
+    fn begin(&self, access: Access) -> Result<Box<dyn Tx + '_>, StoreError> {
+        Ok(Box::new(SqlTx::new(self.begin_conn(access)?)))
     }
 }
 
