@@ -27,6 +27,12 @@ use mgmt_server::model::{Caller, VolumeFormat};
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--postgres`: the store on PostgreSQL (a throw-away cluster on
+    // 127.0.0.1, started here), else SQLite in the data directory.
+    let postgres = std::env::args()
+        .any(|a| a == "--postgres")
+        .then(guestkey_testkit::Postgres::start);
+    let pg_db = postgres.as_ref().map(|pg| pg.database());
     let (pushes, lookups_n, volumes_n) = if quick {
         (50, 200, 5_000)
     } else {
@@ -43,7 +49,7 @@ fn main() {
         master_key_source: None,
         server_url: "https://127.0.0.1:7443".into(),
         tpm: None,
-        database: None,
+        database: pg_db.as_ref().map(|d| d.url.clone()),
     })
     .unwrap();
     let config = Config {
@@ -183,33 +189,28 @@ fn main() {
     );
 
     // Admin look-ups with many volumes: rows inserted directly, in one transaction.
-    {
-        let mut db = rusqlite::Connection::open(data.join("guestkey.db")).unwrap();
-        let tx = db.transaction().unwrap();
-        {
-            let mut stmt = tx
-                .prepare("INSERT INTO volumes (id, name, host, pool, format, capacity, secret_uuid, generation, state, created) VALUES (?1, ?2, 'kvm-bench', 'default', 'qcow2', 1048576, ?3, 1, 'ready', 0)")
-                .unwrap();
-            for i in 0..volumes_n {
-                stmt.execute(rusqlite::params![
-                    uuid::Uuid::new_v4().to_string(),
-                    format!("vol-{i}"),
-                    uuid::Uuid::new_v4().to_string()
-                ])
-                .unwrap();
-            }
-        }
-        tx.commit().unwrap();
-    }
-    let ids: Vec<String> = {
-        let db = rusqlite::Connection::open(data.join("guestkey.db")).unwrap();
-        let mut stmt = db
-            .prepare("SELECT id FROM volumes ORDER BY random() LIMIT ?1")
-            .unwrap();
-        stmt.query_map([lookups_n as i64], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect()
+    let ids: Vec<String> = if let (Some(pg), Some(db)) = (&postgres, &pg_db) {
+        pg.psql(
+            &db.name,
+            &format!(
+                "INSERT INTO volumes (id, name, host, pool, format, capacity, secret_uuid, generation, state, created)
+                 SELECT gen_random_uuid()::text, 'vol-' || g, 'kvm-bench', 'default', 'qcow2', 1048576,
+                        gen_random_uuid()::text, 1, 'ready', 0
+                 FROM generate_series(0, {}) g; ANALYZE volumes;",
+                volumes_n - 1
+            ),
+        )
+        .unwrap();
+        pg.psql(
+            &db.name,
+            &format!("SELECT id FROM volumes ORDER BY random() LIMIT {lookups_n}"),
+        )
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+    } else {
+        sqlite_volumes(&data, volumes_n, lookups_n)
     };
     let mut by_name = Vec::with_capacity(lookups_n);
     let mut by_id = Vec::with_capacity(lookups_n);
@@ -243,4 +244,37 @@ fn main() {
         pct(&mut by_id, 0.99)
     );
     drop(agent);
+}
+
+/// Inserts `n` ready volumes into the SQLite database in one transaction;
+/// `lookups` random ids of them.
+fn sqlite_volumes(data: &std::path::Path, volumes_n: usize, lookups_n: usize) -> Vec<String> {
+    {
+        let mut db = rusqlite::Connection::open(data.join("guestkey.db")).unwrap();
+        let tx = db.transaction().unwrap();
+        {
+            let mut stmt = tx
+                .prepare("INSERT INTO volumes (id, name, host, pool, format, capacity, secret_uuid, generation, state, created) VALUES (?1, ?2, 'kvm-bench', 'default', 'qcow2', 1048576, ?3, 1, 'ready', 0)")
+                .unwrap();
+            for i in 0..volumes_n {
+                stmt.execute(rusqlite::params![
+                    uuid::Uuid::new_v4().to_string(),
+                    format!("vol-{i}"),
+                    uuid::Uuid::new_v4().to_string()
+                ])
+                .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    {
+        let db = rusqlite::Connection::open(data.join("guestkey.db")).unwrap();
+        let mut stmt = db
+            .prepare("SELECT id FROM volumes ORDER BY random() LIMIT ?1")
+            .unwrap();
+        stmt.query_map([lookups_n as i64], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
 }
