@@ -246,12 +246,33 @@ fn users() -> BTreeSet<String> {
 }
 
 /// The entries of `dir` (recursively if `deep`), by path.
+/// What a host keeps by design once guestkey ran on it, which the first
+/// run on a fresh machine makes: the installed hook binary, and guestkeyd's
+/// lock files and lists of the secrets it manages (kept across restarts on
+/// purpose; the secrets themselves are checked in libvirt).
+pub fn installed_state(p: &Path) -> bool {
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match p.parent().and_then(Path::to_str) {
+        Some("/usr/local/lib/guestkey") => name == "guestkey-hook",
+        Some("/run/guestkey") => {
+            name.ends_with(".sock.lock") || name.starts_with("managed-secrets")
+        }
+        _ => false,
+    }
+}
+
 fn entries(dir: &Path, deep: bool, out: &mut BTreeSet<String>) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
     for e in rd.flatten() {
         let p: PathBuf = e.path();
+        if installed_state(&p) {
+            continue;
+        }
         out.insert(p.display().to_string());
         if deep && e.file_type().is_ok_and(|t| t.is_dir()) {
             entries(&p, true, out);

@@ -55,6 +55,28 @@ fn nothing_is_left_after_the_run() {
 /// The comparison itself: what is new is named by kind; what went away
 /// or stayed is not.
 #[test]
+fn the_installed_hook_and_guestkeyds_lock_files_are_not_leftovers_but_their_neighbours_are() {
+    use guestkey_tests::leftovers::installed_state;
+    use std::path::Path;
+    for p in [
+        "/usr/local/lib/guestkey/guestkey-hook",
+        "/run/guestkey/hook.sock.lock",
+        "/run/guestkey/hook-1001.sock.lock",
+        "/run/guestkey/managed-secrets-1001",
+    ] {
+        assert!(installed_state(Path::new(p)), "{p}");
+    }
+    for p in [
+        "/run/guestkey/hook.sock",
+        "/usr/local/lib/guestkey/guestkey-hook.new",
+        "/tmp/hook.sock.lock",
+        "/run/guestkey/other",
+    ] {
+        assert!(!installed_state(Path::new(p)), "{p}");
+    }
+}
+
+#[test]
 fn a_leftover_is_named_by_kind() {
     let mut before = Snapshot::default();
     before.files.insert("/tmp/a".into());

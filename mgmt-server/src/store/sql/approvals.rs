@@ -1,7 +1,5 @@
 //! `release_requests`.
 
-use crate::params;
-
 use super::{Row, SqlTx, typed};
 use crate::model::{ReleaseRequest, RequestState};
 use crate::store::{ApprovalStore, Result};

@@ -1,8 +1,6 @@
 //! `host_attestation`, `attestation_allow` and `attestation_versions` in
 //! SQLite.
 
-use crate::params;
-
 use super::{SqlTx, signed, unsigned};
 use crate::model::{AllowScope, AttestationOutcome, TpmClock};
 use crate::store::{AttestStore, HostIdentity, Result};

@@ -185,7 +185,7 @@ impl<T: ToValue> ToValue for Option<T> {
 }
 
 /// Parameters of a statement: `()`, an array of one type, or
-/// [`params!`](crate::params) of mixed types.
+/// `params!` (in `store/sql/mod.rs`) of mixed types.
 pub trait Params {
     /// As values, `$1` first.
     fn values(self) -> Vec<Value>;
@@ -207,14 +207,6 @@ impl Params for &[&dyn ToValue] {
     fn values(self) -> Vec<Value> {
         self.iter().map(|v| v.to_value()).collect()
     }
-}
-
-/// Parameters of mixed types, `$1` first.
-#[macro_export]
-macro_rules! params {
-    ($($x:expr),* $(,)?) => {
-        &[$(&$x as &dyn $crate::store::sql::ToValue),*] as &[&dyn $crate::store::sql::ToValue]
-    };
 }
 
 /// The calls the store's queries make, over any [`Conn`].

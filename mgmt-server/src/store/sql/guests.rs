@@ -1,7 +1,5 @@
 //! `guests`, `guest_disks` and `guest_migrations`.
 
-use crate::params;
-
 use super::volumes::{VOLUME_COLUMNS, volume_row};
 use super::{Params, Row, SqlTx, typed, unsigned};
 use crate::model::{GuestInfo, GuestOp, GuestState, VolumeInfo};

@@ -1,7 +1,5 @@
 //! `key_halves` and `half_challenges` in SQLite (a verifier's tables).
 
-use crate::params;
-
 use super::{SqlTx, signed, unsigned};
 use crate::store::{HalfStore, Result, WrappedKey};
 

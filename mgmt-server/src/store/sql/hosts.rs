@@ -1,7 +1,5 @@
 //! `hosts` and `host_inventory`.
 
-use crate::params;
-
 use super::{Row, SqlTx, signed, typed};
 use crate::model::{HostInfo, HostState, HostTpm};
 use crate::store::{Enrollment, HeldKey, HostRecord, HostStore, NewHost, Result, TokenHolder};

@@ -2,7 +2,6 @@
 
 use super::schema::Engine;
 use super::{SqlTx, signed, unsigned};
-use crate::params;
 use crate::store::{Lease, LeaseStore, Replica, Result};
 
 impl LeaseStore for SqlTx<'_> {

@@ -1,7 +1,5 @@
 //! `meta`, `admins` and `audit`.
 
-use crate::params;
-
 use super::{Row, SqlTx, signed, unsigned};
 use crate::model::AuditRecord;
 use crate::store::{AuditStore, MetaStore, Result, WrappedKey};

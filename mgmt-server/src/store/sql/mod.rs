@@ -5,6 +5,13 @@
 //! with its own driver ([`super::sqlite`], [`super::postgres`]); the schema
 //! and its migrations for both engines are in [`schema`].
 
+/// Parameters of mixed types, `$1` first (for the query files below).
+macro_rules! params {
+    ($($x:expr),* $(,)?) => {
+        &[$(&$x as &dyn $crate::store::sql::ToValue),*] as &[&dyn $crate::store::sql::ToValue]
+    };
+}
+
 mod approvals;
 mod attest;
 mod conn;

@@ -1,7 +1,5 @@
 //! `policies` in SQLite, and the scheduler's queries over them.
 
-use crate::params;
-
 use super::{Row, SqlTx, signed, typed, unsigned};
 use crate::model::{Policy, PolicyScope, RekeyKind};
 use crate::store::{PolicyStore, Result};

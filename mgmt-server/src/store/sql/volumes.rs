@@ -1,7 +1,5 @@
 //! `volumes` and `volume_keys`.
 
-use crate::params;
-
 use super::{Params, Row, SqlTx, signed, typed, unsigned};
 use crate::model::{
     RekeyKind, RekeyOrder, RekeyPlacement, ReleasePolicy, VolumeInfo, VolumeOp, VolumeState,
