@@ -22,7 +22,7 @@ fn free_address() -> String {
 }
 
 /// The workspace's root.
-fn workspace() -> PathBuf {
+pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
@@ -65,6 +65,16 @@ impl Stack {
 
     /// As [`Stack::start_with`], the server run with `config` (TOML).
     pub fn start_configured(enroll_args: &[String], config: Option<&str>) -> Self {
+        Self::start_full(enroll_args, config, &[])
+    }
+
+    /// Starts everything with the server on the PostgreSQL database `url`
+    /// (`init --database`), run with `config` (TOML).
+    pub fn start_on_database(url: &str, config: Option<&str>) -> Self {
+        Self::start_full(&[], config, &["--database", url])
+    }
+
+    fn start_full(enroll_args: &[String], config: Option<&str>, init_args: &[&str]) -> Self {
         let lock = ONE_STACK.lock().unwrap_or_else(|p| p.into_inner());
         crate::require_libvirt();
         let mut cleanup = Cleanup::default();
@@ -81,10 +91,11 @@ impl Stack {
             "the libvirt hook wrapper is missing: run scripts/setup"
         );
 
-        let server = TestServer::start_in(
+        let server = TestServer::start_in_with(
             dir.join("server"),
             Bins::from_target_dir(&workspace()),
             config,
+            init_args,
         );
         let mut s = Self {
             _lock: lock,

@@ -1,0 +1,193 @@
+//! Two `guestkey-server` replicas on one PostgreSQL database (Debian's
+//! PostgreSQL 15, a throw-away cluster of this test process) with a real
+//! guestkeyd, libvirt pool and qcow2+LUKS volume: the leader is killed with
+//! -9 at random instants of scheduled key rotations, the other replica
+//! takes over, and every rotation finishes exactly once: the volume always
+//! opens with the key the server holds, and the audit chain verifies.
+//!
+//! `GUESTKEY_FAILOVER_TRIALS=N` for more kills than the test command's 3.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::time::{Duration, Instant};
+
+use guestkey_testkit::{Postgres, TestServer};
+use guestkey_tests::image::{opens_with, pattern_intact, qemu_io};
+use guestkey_tests::stack::{Stack, bin};
+
+/// A short lease, so that take-overs are quick; fast retries.
+const CONFIG: &str = "[retry]\ninitial_delay_ms = 100\nmax_delay_ms = 500\nmax_attempts = 100\n\
+                      [leader]\nlease_ms = 1500\nrenew_ms = 300\n";
+
+fn status(dir: &std::path::Path) -> serde_json::Value {
+    let out = std::process::Command::new(bin("guestkey-server"))
+        .args(["status", "--json", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The pid of the replica that leads now, if one does.
+fn leader_pid(dir: &std::path::Path) -> Option<u64> {
+    let st = status(dir);
+    let id = st["leader"]["replica"].as_str()?.to_owned();
+    st["replicas"]
+        .as_array()?
+        .iter()
+        .find(|r| r["id"] == id.as_str())?["pid"]
+        .as_u64()
+}
+
+/// The key of `volume` at `generation` as the server holds it (unwrapped
+/// here with the master key file: the test owns the data directory).
+fn server_key(
+    pg: &Postgres,
+    db: &str,
+    data: &std::path::Path,
+    volume: &str,
+    generation: u64,
+) -> Option<xdr_wipe::packet::PacketSecret> {
+    let row = pg
+        .psql(
+            db,
+            &format!(
+                "SELECT master_key_id || ' ' || encode(wrapped, 'hex') FROM volume_keys
+                 WHERE volume_id = '{volume}' AND generation = {generation}"
+            ),
+        )
+        .unwrap();
+    let (mk_id, hex_wrapped) = row.split_once(' ')?;
+    let wrapped = hex::decode(hex_wrapped).unwrap();
+    let source = mgmt_server::masterkey::MasterKeySource::File(data.join("master.key"));
+    let mk = mgmt_server::masterkey::MasterKey::load(&source).unwrap();
+    Some(mk.unwrap_key(volume, generation, mk_id, &wrapped).unwrap())
+}
+
+/// A small random number from the clock (no RNG crate needed for this).
+fn jitter_ms(max: u64) -> u64 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    (n ^ (n >> 7)) % max.max(1)
+}
+
+#[test]
+fn the_leader_killed_during_scheduled_rotations_loses_no_volume_and_each_rotation_finishes_once() {
+    let trials: usize = std::env::var("GUESTKEY_FAILOVER_TRIALS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(3);
+    let pg = Postgres::shared();
+    let db = pg.database();
+    let mut s = Stack::start_on_database(&db.url, Some(CONFIG));
+    // Replica b: a copy of a's data directory, on the same database.
+    let b_dir = s.dir.join("server-b");
+    let out = std::process::Command::new(bin("guestkey-server"))
+        .args(["add-replica", "--data-dir"])
+        .arg(&s.server.dir)
+        .arg("--to")
+        .arg(&b_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut b = TestServer::run_in(
+        b_dir.clone(),
+        guestkey_testkit::Bins::from_target_dir(&guestkey_tests::stack::workspace()),
+        Some(CONFIG),
+    );
+
+    let v = s.volume("failover-disk", "16M");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let path = s.dir.join("pool/failover-disk");
+    let data = s.server.dir.clone();
+    let k1 = server_key(&pg, &db.name, &data, &id, 1).unwrap();
+    qemu_io(&s.dir, &path, k1.expose_secret(), "write -P 0x5a 0 2M").unwrap();
+    drop(k1);
+
+    // Rotations every 2 s, by whichever replica leads.
+    s.json(&[
+        "policy",
+        "set",
+        "--volume",
+        "failover-disk",
+        "--max-key-age",
+        "2s",
+        "--mode",
+        "shallow",
+    ]);
+    let mut kills = Vec::new();
+    for trial in 0..trials {
+        std::thread::sleep(Duration::from_millis(500 + jitter_ms(2500)));
+        let Some(pid) = leader_pid(&data) else {
+            continue;
+        };
+        let killed = Instant::now();
+        let victim = if pid == u64::from(s.server.pid()) {
+            &mut s.server
+        } else {
+            assert_eq!(pid, u64::from(b.pid()), "the leader is one of the two");
+            &mut b
+        };
+        let was = victim.json(&["volume", "show", "failover-disk"]);
+        victim.kill9();
+        // The other replica leads within the lease (1.5 s) and a renewal.
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(p) = leader_pid(&data) {
+                if p != pid {
+                    break;
+                }
+            }
+            assert!(Instant::now() < end, "trial {trial}: no new leader");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        kills.push((was["state"].as_str().unwrap().to_owned(), killed.elapsed()));
+        victim.restart();
+    }
+
+    // Rotations stop; whatever was under way finishes.
+    s.json(&["policy", "remove", "--volume", "failover-disk"]);
+    s.wait_for(90, "the volume settles", || {
+        let v = s.json(&["volume", "show", "failover-disk"]);
+        v["state"] == "ready"
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let v = s.json(&["volume", "show", "failover-disk"]);
+    assert_eq!(v["state"], "ready", "{v}");
+    let generation = v["key_generation"].as_u64().unwrap();
+    assert!(generation >= 2, "rotations ran: {v}");
+    // The server holds the current generation only, and it opens the
+    // volume with the data intact.
+    let key = server_key(&pg, &db.name, &data, &id, generation).unwrap();
+    assert!(opens_with(&s.dir, &path, "qcow2", key.expose_secret()));
+    pattern_intact(&s.dir, &path, key.expose_secret(), 0x5a, "2M").unwrap();
+    assert!(server_key(&pg, &db.name, &data, &id, generation - 1).is_none());
+    // Each rotation recorded exactly once, in order.
+    let rotated: Vec<String> = s
+        .audit("key.rotated")
+        .iter()
+        .filter(|r| r["subject"] == id.as_str())
+        .map(|r| r["detail"].as_str().unwrap().to_owned())
+        .collect();
+    let want: Vec<String> = (1..generation)
+        .map(|g| format!("volume failover-disk generation {g} -> {}", g + 1))
+        .collect();
+    assert_eq!(rotated, want, "kills: {kills:?}");
+    assert!(s.ctl(&["audit", "--verify"]).status.success());
+    assert!(
+        s.audit("replica.leads").len() > kills.len(),
+        "each take-over audited: {kills:?}"
+    );
+    eprintln!("kills (state when killed, time to a new leader): {kills:?}");
+}
