@@ -111,7 +111,7 @@ fn the_leader_killed_during_scheduled_rotations_loses_no_volume_and_each_rotatio
     let id = v["id"].as_str().unwrap().to_owned();
     let path = s.dir.join("pool/failover-disk");
     let data = s.server.dir.clone();
-    let k1 = server_key(&pg, &db.name, &data, &id, 1).unwrap();
+    let k1 = server_key(pg, &db.name, &data, &id, 1).unwrap();
     qemu_io(&s.dir, &path, k1.expose_secret(), "write -P 0x5a 0 2M").unwrap();
     drop(k1);
 
@@ -169,10 +169,10 @@ fn the_leader_killed_during_scheduled_rotations_loses_no_volume_and_each_rotatio
     assert!(generation >= 2, "rotations ran: {v}");
     // The server holds the current generation only, and it opens the
     // volume with the data intact.
-    let key = server_key(&pg, &db.name, &data, &id, generation).unwrap();
+    let key = server_key(pg, &db.name, &data, &id, generation).unwrap();
     assert!(opens_with(&s.dir, &path, "qcow2", key.expose_secret()));
     pattern_intact(&s.dir, &path, key.expose_secret(), 0x5a, "2M").unwrap();
-    assert!(server_key(&pg, &db.name, &data, &id, generation - 1).is_none());
+    assert!(server_key(pg, &db.name, &data, &id, generation - 1).is_none());
     // Each rotation recorded exactly once, in order.
     let rotated: Vec<String> = s
         .audit("key.rotated")
