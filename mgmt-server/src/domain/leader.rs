@@ -130,6 +130,18 @@ impl LeaseTimes {
     }
 }
 
+/// This process as a replica, set by the server at start
+/// ([`Core::set_replica`]).
+#[derive(Debug, Clone)]
+pub struct Me {
+    /// Its replica id.
+    pub id: String,
+    /// A replica not seen for this long is dead (the lease's lifetime).
+    pub alive_within: Duration,
+    /// The only process of its database (SQLite): any other is dead.
+    pub exclusive: bool,
+}
+
 /// What a lease round found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Round {
@@ -145,6 +157,37 @@ pub enum Round {
 }
 
 impl Core {
+    /// Names this process as a replica (once, at start).
+    pub fn set_replica(&self, me: Me) {
+        let _ = self.me.set(me);
+    }
+
+    /// This replica's id ("" when none was set: tests, tools).
+    pub(crate) fn replica_id(&self) -> &str {
+        self.me.get().map_or("", |m| m.id.as_str())
+    }
+
+    /// The live replica other than this one that drives migration `m`, if
+    /// one does: the others leave that migration alone.
+    pub(crate) fn other_driver(
+        &self,
+        tx: &mut dyn Tx,
+        m: &crate::store::MigrationRecord,
+    ) -> Result<Option<Replica>, CoreError> {
+        let Some(me) = self.me.get() else {
+            return Ok(None);
+        };
+        if m.driver.is_empty() || m.driver == me.id || me.exclusive {
+            return Ok(None);
+        }
+        let now = tx.db_now_ms()?;
+        let alive = i64::try_from(me.alive_within.as_millis()).unwrap_or(i64::MAX);
+        Ok(tx
+            .replicas()?
+            .into_iter()
+            .find(|r| r.id == m.driver && r.seen_ms > now.saturating_sub(alive)))
+    }
+
     /// One lease round of replica `me`: takes the lease if it lapsed (or
     /// `exclusive`), renews it if this replica holds it, and records the
     /// replica as alive. A take-over is audited (unless `exclusive`).

@@ -127,6 +127,13 @@ impl Core {
                 let m = tx.migration(&g.uuid)?.ok_or_else(|| {
                     CoreError::Internal(format!("the migration of guest {} has no record", g.uuid))
                 })?;
+                if let Some(r) = self.other_driver(tx, &m)? {
+                    return Err(CoreError::FailedPrecondition(format!(
+                        "the migration of guest {} to host {} is driven by server replica {} ({} on {}, pid {}), which runs: it finishes it",
+                        g.name, to, r.id, r.address, r.host, r.pid
+                    )));
+                }
+                tx.set_migration_driver(&g.uuid, self.replica_id())?;
                 (m.live, m.unsafe_)
             } else {
                 (live, unsafe_)
@@ -184,6 +191,7 @@ impl Core {
                     started: now_unix(),
                     live,
                     unsafe_,
+                    driver: self.replica_id().to_owned(),
                 })?;
                 self.log(tx,
                     &caller.actor(),
@@ -302,7 +310,16 @@ impl Core {
     /// Migrations left unfinished (the server stopped while driving them),
     /// as (guest UUID, destination): the scheduler resumes them.
     pub fn unfinished_migrations(&self) -> Result<Vec<(String, String)>, CoreError> {
-        let rows = self.read(|tx| Ok(tx.migrations()?))?;
+        // Not those another live replica drives.
+        let rows = self.read(|tx| {
+            let mut mine = Vec::new();
+            for m in tx.migrations()? {
+                if self.other_driver(tx, &m)?.is_none() {
+                    mine.push(m);
+                }
+            }
+            Ok(mine)
+        })?;
         let now = self.migrating_now.lock().unwrap_or_else(|p| p.into_inner());
         Ok(rows
             .into_iter()

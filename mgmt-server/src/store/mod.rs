@@ -453,6 +453,9 @@ pub struct MigrationRecord {
     pub live: bool,
     /// As `virsh migrate --unsafe`.
     pub unsafe_: bool,
+    /// The replica that drives it ("" for none named: a single server, or
+    /// a record from before replicas).
+    pub driver: String,
 }
 
 /// Migrations under way.
@@ -463,6 +466,8 @@ pub trait MigrationStore {
     fn migration(&mut self, guest_uuid: &str) -> Result<Option<MigrationRecord>>;
     /// Every migration under way.
     fn migrations(&mut self) -> Result<Vec<MigrationRecord>>;
+    /// Names the replica that drives a migration now.
+    fn set_migration_driver(&mut self, guest_uuid: &str, driver: &str) -> Result<()>;
     /// Ends the record of a migration.
     fn delete_migration(&mut self, guest_uuid: &str) -> Result<()>;
 }

@@ -170,6 +170,11 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
         lease: std::time::Duration::from_millis(config.leader.lease_ms),
         renew: std::time::Duration::from_millis(config.leader.renew_ms),
     };
+    core.set_replica(crate::domain::leader::Me {
+        id: me.id.clone(),
+        alive_within: times.lease,
+        exclusive,
+    });
     let (leading_tx, leading_rx) = tokio::sync::watch::channel(None);
     let lease = tokio::spawn(crate::domain::leader::keep_lease(
         core.clone(),

@@ -129,3 +129,76 @@ fn the_only_process_of_a_data_directory_takes_the_lease_at_once() {
         }
     );
 }
+
+#[tokio::test]
+async fn a_migration_another_live_replica_drives_is_left_to_it_and_taken_over_once_it_is_gone() {
+    use crate::domain::AgentErrorKind;
+    use crate::domain::leader::Me;
+    use crate::model::Caller;
+    use crate::store::{Access, Store};
+
+    let b = Bed::new();
+    b.core.set_replica(Me {
+        id: "a".into(),
+        alive_within: TIMES.lease,
+        exclusive: false,
+    });
+    b.host("kvm-a");
+    b.host("kvm-b");
+    b.volume("kvm-a", "disk").await;
+    let uuid = b.guest("kvm-a", "g1", &["disk"]).await.uuid;
+    // The outcome is lost: the migration stays in the journal, driven by a.
+    b.agents
+        .fail_next("kvm-a", "migrate_guest", AgentErrorKind::Failed);
+    b.agents
+        .place_guest("kvm-b", &uuid, crate::model::GuestState::Running);
+    b.core
+        .migrate_guest(b.admin.clone(), "g1".into(), "kvm-b".into(), true, false)
+        .await
+        .unwrap_err();
+    let driver = |b: &Bed| {
+        let mut tx = b.store.begin(Access::Read).unwrap();
+        tx.migration(&uuid).unwrap().unwrap().driver
+    };
+    assert_eq!(driver(&b), "a");
+
+    // Replica c, alive, drives it now: a leaves it alone.
+    {
+        let mut tx = b.store.begin(Access::Write).unwrap();
+        tx.set_migration_driver(&uuid, "c").unwrap();
+        tx.commit().unwrap();
+    }
+    b.core.lease_round(&replica("c"), TIMES, false).unwrap();
+    assert!(b.core.unfinished_migrations().unwrap().is_empty());
+    let e = b
+        .core
+        .migrate_guest(b.admin.clone(), "g1".into(), "kvm-b".into(), true, false)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("is driven by server replica c")
+            && e.to_string().contains("which runs"),
+        "{e}"
+    );
+    assert_eq!(driver(&b), "c");
+
+    // c stops renewing (killed): after a lease a resumes and finishes it.
+    std::thread::sleep(TIMES.lease + Duration::from_millis(100));
+    assert_eq!(
+        b.core.unfinished_migrations().unwrap(),
+        [(uuid.clone(), "kvm-b".to_owned())]
+    );
+    let g = b
+        .core
+        .migrate_guest(
+            Caller::Scheduler,
+            uuid.clone(),
+            "kvm-b".into(),
+            false,
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(g.host, "kvm-b");
+    assert!(b.core.unfinished_migrations().unwrap().is_empty());
+}

@@ -238,22 +238,23 @@ impl GuestStore for SqlTx<'_> {
 impl MigrationStore for SqlTx<'_> {
     fn insert_migration(&mut self, m: &MigrationRecord) -> Result<()> {
         self.run(
-            "INSERT INTO guest_migrations (guest_uuid, from_host, to_host, started, live, unsafe)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO guest_migrations (guest_uuid, from_host, to_host, started, live, unsafe, driver)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
             params![
                 m.guest_uuid,
                 m.from_host,
                 m.to_host,
                 m.started,
                 m.live,
-                m.unsafe_
+                m.unsafe_,
+                m.driver
             ],
         )
     }
 
     fn migration(&mut self, guest_uuid: &str) -> Result<Option<MigrationRecord>> {
         self.db.query_opt(
-            "SELECT guest_uuid, from_host, to_host, started, live, unsafe
+            "SELECT guest_uuid, from_host, to_host, started, live, unsafe, driver
                  FROM guest_migrations WHERE guest_uuid = $1",
             [guest_uuid],
             migration_row,
@@ -261,10 +262,16 @@ impl MigrationStore for SqlTx<'_> {
     }
 
     fn migrations(&mut self) -> Result<Vec<MigrationRecord>> {
-        let stmt =
-            "SELECT guest_uuid, from_host, to_host, started, live, unsafe FROM guest_migrations";
+        let stmt = "SELECT guest_uuid, from_host, to_host, started, live, unsafe, driver FROM guest_migrations";
         let rows = self.db.query_all(stmt, (), migration_row)?;
         Ok(rows)
+    }
+
+    fn set_migration_driver(&mut self, guest_uuid: &str, driver: &str) -> Result<()> {
+        self.run(
+            "UPDATE guest_migrations SET driver = $2 WHERE guest_uuid = $1",
+            params![guest_uuid, driver],
+        )
     }
 
     fn delete_migration(&mut self, guest_uuid: &str) -> Result<()> {
@@ -283,5 +290,6 @@ fn migration_row(r: &Row) -> Result<MigrationRecord> {
         started: r.get(3)?,
         live: r.get(4)?,
         unsafe_: r.get(5)?,
+        driver: r.get(6)?,
     })
 }

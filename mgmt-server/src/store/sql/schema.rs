@@ -413,6 +413,14 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     ",
         ..NONE
     },
+    // 14: which replica drives a migration (the others leave it alone
+    // while that replica is alive)
+    Migration {
+        all: "
+    ALTER TABLE guest_migrations ADD COLUMN driver TEXT NOT NULL DEFAULT '';
+    ",
+        ..NONE
+    },
 ];
 
 #[cfg(test)]
