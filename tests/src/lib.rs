@@ -16,6 +16,7 @@ pub mod leftovers;
 #[path = "../../mgmt-server/tests/common/legacy.rs"]
 pub mod legacy;
 pub mod memscan;
+pub mod migration;
 pub mod stack;
 
 use std::path::{Path, PathBuf};

@@ -7,105 +7,10 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 
 use guestkey_tests::image::{opens_with, pattern_intact, qemu_io};
-use guestkey_tests::stack::{SessionHost, Stack};
-use guestkey_tests::{Cleanup, run, unique_name, volume_domain_xml};
-
-/// A directory both session users can use (group kvm), as a transient dir
-/// pool named `pool` on `hosts`.
-fn shared_pool(cleanup: &mut Cleanup, pool: &str) -> PathBuf {
-    let dir = PathBuf::from("/srv/guestkey-shared").join(pool);
-    std::fs::create_dir_all(&dir).unwrap();
-    run("chgrp", &["kvm", dir.to_str().unwrap()]).unwrap();
-    run("chmod", &["2770", dir.to_str().unwrap()]).unwrap();
-    let d = dir.clone();
-    cleanup.push(move || {
-        let _ = std::fs::remove_dir_all(d);
-    });
-    dir
-}
-
-fn create_pool(cleanup: &mut Cleanup, host: &SessionHost, pool: &str, dir: &std::path::Path) {
-    host.virsh(&[
-        "pool-create-as",
-        pool,
-        "dir",
-        "--target",
-        dir.to_str().unwrap(),
-    ])
-    .unwrap();
-    let uri = host.uri.clone();
-    let pool = pool.to_owned();
-    cleanup.push(move || {
-        let _ = run("virsh", &["-c", &uri, "pool-destroy", &pool]);
-    });
-}
-
-fn state_of(host: &SessionHost, guest: &str) -> Option<String> {
-    host.virsh(&["domstate", guest])
-        .ok()
-        .map(|s| s.trim().to_owned())
-}
-
-/// The server, the two session hosts, and a shared pool known to host 1.
-struct Bed {
-    s: Stack,
-    h1: SessionHost,
-    h2: SessionHost,
-    pool: String,
-    dir: PathBuf,
-    cleanup: Cleanup,
-}
-
-fn two_hosts() -> Bed {
-    let s = Stack::start();
-    let h1 = s.session_host("gkh1");
-    let h2 = s.session_host("gkh2");
-    let mut cleanup = Cleanup::default();
-    let pool = unique_name("mig-pool");
-    let dir = shared_pool(&mut cleanup, &pool);
-    create_pool(&mut cleanup, &h1, &pool, &dir);
-    Bed {
-        s,
-        h1,
-        h2,
-        pool,
-        dir,
-        cleanup,
-    }
-}
-
-/// A 16 MiB volume made by host 1's guestkeyd in the shared pool, and a
-/// guest on it defined through guestkey on host 1 (removed from both hosts
-/// by the bed's cleanup). Returns the volume id and the guest's name and
-/// UUID.
-fn shared_guest(b: &mut Bed, volume: &str) -> (String, String, String) {
-    let s = &b.s;
-    s.json(&[
-        "volume", "create", "--host", &b.h1.name, "--pool", &b.pool, "--name", volume, "--size",
-        "16M",
-    ]);
-    s.wait_for(60, "volume ready", || {
-        s.json(&["volume", "show", volume])["state"] == "ready"
-    });
-    let id = s.json(&["volume", "show", volume])["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let guest = unique_name(volume);
-    let xml = volume_domain_xml(&guest, &b.pool, volume, "qcow2");
-    let uuid = s.define_guest_on(&b.h1.name, &guest, &xml);
-    for h in [&b.h1, &b.h2] {
-        let (uri, g) = (h.uri.clone(), guest.clone());
-        b.cleanup.push(move || {
-            let _ = run("virsh", &["-c", &uri, "destroy", &g]);
-            let _ = run("virsh", &["-c", &uri, "undefine", &g]);
-        });
-    }
-    (id, guest, uuid)
-}
+use guestkey_tests::migration::{Bed, create_pool, shared_guest, state_of, two_hosts};
+use guestkey_tests::run;
 
 /// The pid of the QEMU process running `guest` (on whichever host).
 fn qemu_pid(guest: &str) -> String {

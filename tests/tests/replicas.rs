@@ -5,6 +5,10 @@
 //! takes over, and every rotation finishes exactly once: the volume always
 //! opens with the key the server holds, and the audit chain verifies.
 //!
+//! And the replica that drives a live migration killed in the middle: the
+//! other one resumes it from the journal once the first stopped renewing,
+//! and the guest runs on exactly the host the server records.
+//!
 //! `GUESTKEY_FAILOVER_TRIALS=N` for more kills than the test command's 3.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
@@ -88,24 +92,7 @@ fn the_leader_killed_during_scheduled_rotations_loses_no_volume_and_each_rotatio
     let db = pg.database();
     let mut s = Stack::start_on_database(&db.url, Some(CONFIG));
     // Replica b: a copy of a's data directory, on the same database.
-    let b_dir = s.dir.join("server-b");
-    let out = std::process::Command::new(bin("guestkey-server"))
-        .args(["add-replica", "--data-dir"])
-        .arg(&s.server.dir)
-        .arg("--to")
-        .arg(&b_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut b = TestServer::run_in(
-        b_dir.clone(),
-        guestkey_testkit::Bins::from_target_dir(&guestkey_tests::stack::workspace()),
-        Some(CONFIG),
-    );
+    let mut b = second_replica(&s);
 
     let v = s.volume("failover-disk", "16M");
     let id = v["id"].as_str().unwrap().to_owned();
@@ -190,4 +177,115 @@ fn the_leader_killed_during_scheduled_rotations_loses_no_volume_and_each_rotatio
         "each take-over audited: {kills:?}"
     );
     eprintln!("kills (state when killed, time to a new leader): {kills:?}");
+}
+
+/// Replica b of `s`'s server (its data directory copied by `add-replica`).
+fn second_replica(s: &Stack) -> TestServer {
+    let b_dir = s.dir.join("server-b");
+    let out = std::process::Command::new(bin("guestkey-server"))
+        .args(["add-replica", "--data-dir"])
+        .arg(&s.server.dir)
+        .arg("--to")
+        .arg(&b_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    TestServer::run_in(
+        b_dir,
+        guestkey_testkit::Bins::from_target_dir(&guestkey_tests::stack::workspace()),
+        Some(CONFIG),
+    )
+}
+
+#[test]
+fn a_replica_killed_while_it_drives_a_migration_is_relieved_by_the_other_which_finishes_it() {
+    use guestkey_tests::migration::{create_pool, shared_guest, state_of, two_hosts_on};
+    let pg = Postgres::shared();
+    let db = pg.database();
+    let mut bed = two_hosts_on(Stack::start_on_database(&db.url, Some(CONFIG)));
+    let (id, guest, uuid) = shared_guest(&mut bed, "replica-mig-disk");
+    let guestkey_tests::migration::Bed {
+        mut s,
+        h1,
+        h2,
+        pool,
+        dir,
+        mut cleanup,
+    } = bed;
+    create_pool(&mut cleanup, &h2, &pool, &dir);
+    // No re-encryption after the moves: tested elsewhere.
+    s.json(&[
+        "policy",
+        "set",
+        "--volume",
+        "replica-mig-disk",
+        "--max-key-age",
+        "3650d",
+        "--mode",
+        "deep",
+        "--after-migration",
+        "365d",
+    ]);
+    let data = s.server.dir.clone();
+    let path = dir.join("replica-mig-disk");
+    let key = server_key(pg, &db.name, &data, &id, 1).unwrap();
+    qemu_io(&s.dir, &path, key.expose_secret(), "write -P 0x6b 0 1M").unwrap();
+    h1.virsh(&["start", &guest]).unwrap();
+    let b = second_replica(&s);
+
+    let mut left_pending = 0;
+    for trial in 0..2u64 {
+        let to = if trial % 2 == 0 { &h2 } else { &h1 };
+        // Replica a drives the migration (the admin asked it).
+        let child = s
+            .ctl_command(&[
+                "guest", "migrate", &guest, "--to", &to.name, "--live", "--unsafe",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let delay = 150 + jitter_ms(300);
+        std::thread::sleep(Duration::from_millis(delay));
+        s.server.kill9();
+        let _ = child.wait_with_output();
+        let pending = b.json(&["guest", "show", &guest])["migrating_to"] != "";
+        left_pending += u32::from(pending);
+        eprintln!("trial {trial}: a killed after {delay} ms, migration left pending: {pending}");
+        // b (leading once a's lease lapsed) resumes it: a stays down.
+        b.wait_for(120, "the migration settled", || {
+            b.json(&["guest", "show", &guest])["migrating_to"] == ""
+        });
+        let g = b.json(&["guest", "show", &guest]);
+        let (here, there) = if g["host"] == h1.name.as_str() {
+            (&h1, &h2)
+        } else {
+            (&h2, &h1)
+        };
+        assert_eq!(
+            state_of(here, &guest).as_deref(),
+            Some("running"),
+            "trial {trial}: {g}"
+        );
+        assert_eq!(state_of(there, &guest), None, "trial {trial}");
+        assert!(here.state.join(format!("guests/{uuid}.sealed")).exists());
+        assert!(!there.state.join(format!("guests/{uuid}.sealed")).exists());
+        let v = b.json(&["volume", "show", "replica-mig-disk"]);
+        assert_eq!(v["state"], "ready", "trial {trial}: {v}");
+        assert_eq!(v["host"], g["host"]);
+        let generation = v["key_generation"].as_u64().unwrap();
+        let key = server_key(pg, &db.name, &data, &id, generation).unwrap();
+        pattern_intact(&s.dir, &path, key.expose_secret(), 0x6b, "1M").unwrap();
+        s.run_server();
+    }
+    assert!(
+        left_pending >= 1,
+        "no kill landed while a migration was under way: the trials tested nothing"
+    );
+    assert!(b.ok(&["audit", "--verify"]).contains("verified"));
+    drop(cleanup);
 }
