@@ -345,3 +345,68 @@ fn a_copy_that_does_not_verify_is_rolled_back_and_the_installation_keeps_sqlite(
     assert!(s.dir.join("guestkey.db").exists());
     assert!(!s.dir.join("database").exists());
 }
+
+#[test]
+fn tls_to_postgres_is_used_and_the_database_servers_certificate_is_checked() {
+    // A cluster of this test's own that serves TLS, with a CA of its own.
+    let pg = Postgres::start_tls();
+    let db = pg.database();
+    let ca = pg.tls_ca().unwrap().display().to_string();
+    let url = format!("{}?sslmode=require&sslrootcert={ca}", db.url);
+    let (s, _gone) = server_on(&url);
+    s.ok(&["host", "add", "kvm-a", "--address", "127.0.0.1:1"]);
+    // The server's sessions are encrypted.
+    let ssl = pg
+        .psql(
+            &db.name,
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid)
+             WHERE datname = current_database() AND ssl AND pid <> pg_backend_pid()",
+        )
+        .unwrap();
+    assert!(ssl.parse::<u32>().unwrap() >= 1, "TLS sessions: {ssl}");
+
+    let init = |url: &str| {
+        let scratch = temp_dir("pg-tls");
+        let _made = Made::dir(&scratch);
+        let out = std::process::Command::new(&bins().server)
+            .args(["init", "--data-dir"])
+            .arg(scratch.join("data"))
+            .args(["--database", url])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{url}");
+        assert!(!scratch.join("data").exists());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // Another CA than the one that signed the database's certificate.
+    let other = Postgres::start_tls();
+    let other_ca = other.tls_ca().unwrap().display().to_string();
+    let db2 = pg.database();
+    let e = init(&format!(
+        "{}?sslmode=require&sslrootcert={other_ca}",
+        db2.url
+    ));
+    assert!(
+        e.contains("cannot reach the database") && e.to_lowercase().contains("certificate"),
+        "{e}"
+    );
+    // TLS asked for without a CA to check against; a CA file that is not one.
+    let e = init(&format!("{}?sslmode=require", db2.url));
+    assert!(e.contains("add sslrootcert=/PATH/ca.pem"), "{e}");
+    let e = init(&format!(
+        "{}?sslmode=require&sslrootcert=/etc/hostname",
+        db2.url
+    ));
+    assert!(
+        e.contains("sslrootcert /etc/hostname") && e.contains("no certificate"),
+        "{e}"
+    );
+    assert_eq!(
+        pg.psql(
+            &db2.name,
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ),
+        Ok("0".into()),
+        "nothing was written"
+    );
+}

@@ -24,6 +24,8 @@ const BIN: &str = "/usr/lib/postgresql/15/bin";
 pub struct Postgres {
     root: PathBuf,
     port: u16,
+    /// With TLS: the CA that signed the server's certificate (PEM file).
+    tls_ca: Option<PathBuf>,
     child: Mutex<Option<(Child, ProcessGuard)>>,
     _gone: Made,
 }
@@ -74,6 +76,16 @@ impl Postgres {
 
     /// A cluster of the caller's own (stopped and removed when dropped).
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// As [`Postgres::start`], serving TLS too, with a certificate for
+    /// 127.0.0.1 and localhost from a CA of its own ([`Postgres::tls_ca`]).
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Self {
         let root = temp_dir("postgres");
         let gone = Made::dir(&root);
         chown_postgres(&root);
@@ -89,9 +101,11 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let tls_ca = tls.then(|| make_certificates(&root));
         let pg = Self {
             root,
             port: free_port(),
+            tls_ca,
             child: Mutex::new(None),
             _gone: gone,
         };
@@ -118,6 +132,16 @@ impl Postgres {
             ])
             .arg("-c")
             .arg(format!("log_directory={}", self.root.display()))
+            .args(self.tls_ca.iter().flat_map(|_| {
+                [
+                    "-c".to_owned(),
+                    "ssl=on".to_owned(),
+                    "-c".to_owned(),
+                    format!("ssl_cert_file={}", self.root.join("server.crt").display()),
+                    "-c".to_owned(),
+                    format!("ssl_key_file={}", self.root.join("server.key").display()),
+                ]
+            }))
             .stdout(Stdio::null())
             .stderr(Stdio::from(
                 std::fs::File::create(self.root.join("server.log")).expect("server.log"),
@@ -149,6 +173,11 @@ impl Postgres {
     /// What the server logged.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.root.join("server.log")).unwrap_or_default()
+    }
+
+    /// With [`Postgres::start_tls`]: the CA certificate (PEM) to trust.
+    pub fn tls_ca(&self) -> Option<&Path> {
+        self.tls_ca.as_deref()
     }
 
     /// Its port on 127.0.0.1.
@@ -278,6 +307,36 @@ fn as_postgres(program: &str) -> Command {
         program,
     ]);
     c
+}
+
+/// A CA and a server certificate for 127.0.0.1 and localhost in `root`
+/// (`server.crt`, `server.key` 0600 for the postgres user); the CA's path.
+fn make_certificates(root: &Path) -> PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("a key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "guestkey test PostgreSQL CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().expect("a key");
+    let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("server parameters");
+    leaf.distinguished_name
+        .push(DnType::CommonName, "127.0.0.1");
+    let cert = leaf.signed_by(&key, &issuer).expect("server certificate");
+    let ca_path = root.join("ca.pem");
+    std::fs::write(&ca_path, ca_cert.pem()).expect("ca.pem");
+    std::fs::write(root.join("server.crt"), cert.pem()).expect("server.crt");
+    let key_path = root.join("server.key");
+    std::fs::write(&key_path, key.serialize_pem()).expect("server.key");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    for f in ["server.crt", "server.key"] {
+        chown_postgres(&root.join(f));
+    }
+    ca_path
 }
 
 fn chown_postgres(dir: &Path) {

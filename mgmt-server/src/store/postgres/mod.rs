@@ -62,6 +62,8 @@ pub struct PostgresStore {
     pool: Mutex<Pool>,
     freed: Condvar,
     runtime: Option<tokio::runtime::Runtime>,
+    /// TLS to the database (`sslrootcert=` in the URL), else plain TCP.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
 }
 
 struct Pool {
@@ -80,7 +82,8 @@ impl PostgresStore {
     /// checks the schema and applies pending migrations. At most
     /// `max_connections` are open at once.
     pub fn open(url: &str, max_connections: usize) -> Result<Self, StoreError> {
-        let config = Config::from_str(url).map_err(|e| {
+        let (rest, root_file) = take_sslrootcert(url);
+        let config = Config::from_str(&rest).map_err(|e| {
             StoreError::Backend(
                 format!(
                     "the database URL {} is not one PostgreSQL reads ({e}): write it as postgres://USER@HOST:PORT/DATABASE",
@@ -89,15 +92,19 @@ impl PostgresStore {
                 .into(),
             )
         })?;
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(StoreError::Backend(
-                format!(
-                    "the database URL {} asks for TLS (sslmode=require), which this guestkey-server does not speak to PostgreSQL yet: reach the database over a local socket or a private network, with sslmode=disable or prefer",
-                    shown_url(url)
-                )
-                .into(),
-            ));
-        }
+        let tls = match (&root_file, config.get_ssl_mode()) {
+            (Some(path), _) => Some(tls_to(path, url)?),
+            (None, tokio_postgres::config::SslMode::Require) => {
+                return Err(StoreError::Backend(
+                    format!(
+                        "the database URL {} asks for TLS (sslmode=require) but names no CA to check the database server's certificate against: add sslrootcert=/PATH/ca.pem",
+                        shown_url(url)
+                    )
+                    .into(),
+                ));
+            }
+            (None, _) => None,
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("guestkey-db")
@@ -116,6 +123,7 @@ impl PostgresStore {
             }),
             freed: Condvar::new(),
             runtime: Some(runtime),
+            tls,
         };
         store.migrate()?;
         Ok(store)
@@ -157,17 +165,33 @@ impl PostgresStore {
     fn connect(&self) -> Result<Pooled, StoreError> {
         let config = self.config.clone();
         let shown = self.shown.clone();
+        let tls = self.tls.clone();
         let client = self.call("connect", async move {
-            let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+            let unreachable = |e: tokio_postgres::Error| {
                 StoreError::Backend(
                     format!("cannot reach the database at {shown}: {}", error_text(&e)).into(),
                 )
-            })?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::warn!(error = %error_text(&e), "lost a connection to the database");
+            };
+            let client = match tls {
+                Some(tls) => {
+                    let (client, connection) = config.connect(tls).await.map_err(unreachable)?;
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::warn!(error = %error_text(&e), "lost a connection to the database");
+                        }
+                    });
+                    client
                 }
-            });
+                None => {
+                    let (client, connection) = config.connect(NoTls).await.map_err(unreachable)?;
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::warn!(error = %error_text(&e), "lost a connection to the database");
+                        }
+                    });
+                    client
+                }
+            };
             // A replica that stalls inside a transaction (SIGSTOP, a hung
             // thread) would hold the write lock: the database ends such a
             // session, and a writer waits for the lock only so long.
@@ -509,6 +533,69 @@ fn error_text(e: &tokio_postgres::Error) -> String {
             None => e.to_string(),
         },
     }
+}
+
+/// `url` without `sslrootcert=PATH` (tokio-postgres does not read it), and
+/// that path.
+fn take_sslrootcert(url: &str) -> (String, Option<std::path::PathBuf>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut root = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|kv| match kv.strip_prefix("sslrootcert=") {
+            Some(path) => {
+                root = Some(std::path::PathBuf::from(path));
+                false
+            }
+            None => true,
+        })
+        .collect();
+    let rest = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    (rest, root)
+}
+
+/// TLS that trusts only the CA certificates in `path` and checks the
+/// database server's name (the URL's host) against its certificate.
+fn tls_to(
+    path: &std::path::Path,
+    url: &str,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let bad = |why: String| {
+        StoreError::Backend(
+            format!(
+                "sslrootcert {} of the database URL {}: {why}",
+                path.display(),
+                shown_url(url)
+            )
+            .into(),
+        )
+    };
+    let pem = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pem) {
+        let c = c.map_err(|e| bad(format!("not PEM certificates: {e}")))?;
+        roots
+            .add(c)
+            .map_err(|e| bad(format!("not a CA certificate rustls accepts: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("it holds no certificate".into()));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 /// `url` with any password replaced by `***`.
