@@ -289,3 +289,44 @@ fn a_replica_killed_while_it_drives_a_migration_is_relieved_by_the_other_which_f
     assert!(b.ok(&["audit", "--verify"]).contains("verified"));
     drop(cleanup);
 }
+
+#[test]
+fn a_host_that_lists_both_replicas_reports_to_the_other_when_the_first_is_down() {
+    let pg = Postgres::shared();
+    let db = pg.database();
+    let mut s = Stack::start_on_database(&db.url, Some(CONFIG));
+    let b = second_replica(&s);
+    let host = s.host.clone();
+    let reported = |srv: &TestServer| {
+        srv.json(&["host", "show", &host])["inventory_reported_unix"]
+            .as_u64()
+            .unwrap()
+    };
+    // The host lists both replicas, a first (STATE_DIR/server.url, one URL
+    // a line).
+    let file = s.state_dir().join("server.url");
+    std::fs::write(&file, format!("{}\n# replica b\n{}\n", s.server.url, b.url)).unwrap();
+    s.server.kill9();
+    let before = reported(&b);
+    // guestkeyd reports what it holds when it starts: a does not answer, b
+    // does.
+    std::thread::sleep(Duration::from_millis(1100));
+    s.run_daemon();
+    let end = Instant::now() + Duration::from_secs(30);
+    while reported(&b) <= before {
+        assert!(
+            Instant::now() < end,
+            "no report through b\nguestkeyd: {}",
+            s.daemon.as_ref().map(|d| d.log_text()).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // And b, leading once a's lease lapsed, makes a volume on the host.
+    s.server.restart();
+    b.ok(&[
+        "volume", "create", "--host", &host, "--pool", &s.pool, "--name", "listed", "--size", "16M",
+    ]);
+    b.wait_for(60, "ready", || {
+        b.json(&["volume", "show", "listed"])["state"] == "ready"
+    });
+}

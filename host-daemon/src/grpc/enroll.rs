@@ -300,8 +300,9 @@ pub(super) async fn retry_proof_at(link_dir: StateDir, ak_dir: StateDir) {
             return;
         }
     };
-    let server = std::fs::read_to_string(dir.file("server.url")).unwrap_or_default();
-    match prove(server.trim(), &dir, &ak, &blob, &secret).await {
+    let urls = std::fs::read_to_string(dir.file("server.url")).unwrap_or_default();
+    let server = super::link::server_urls(&urls).join(", ");
+    match prove(&server, &dir, &ak, &blob, &secret).await {
         Ok(()) => {
             forget_challenge(&dir);
             tracing::info!("the attestation key was proven to the server and pinned");

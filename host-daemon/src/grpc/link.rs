@@ -1,5 +1,7 @@
 //! This host's connection to the management server, as the reports and
-//! `DescribeDisk` use it: the URL from `server.url`, only the server CA of
+//! `DescribeDisk` use it: the URLs from `server.url` (one per line: the
+//! server's replicas, tried in turn from the last one that answered), only
+//! the server CA of
 //! `ca.pem`, only the server certificate `server.sha256` names (both from
 //! the enrollment, or from `guestkeyd trust-server`), and this host's own
 //! certificate. Made through [`guestkey_pinned_tls::Connector`]: tonic's
@@ -13,12 +15,14 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::state::StateDir;
 
-/// The server as this host reaches it.
+/// The server as this host reaches it: one or more replicas.
 #[derive(Clone)]
 pub(super) struct ServerLink {
-    /// `http://HOST:PORT` for tonic (the connector does the TLS).
-    endpoint: String,
-    connector: Connector,
+    /// Per replica: `http://HOST:PORT` for tonic (the connector does the
+    /// TLS), and its connector.
+    replicas: Vec<(String, Connector)>,
+    /// The replica that answered last (tried first).
+    last: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Why the link could not be made or used; says what to do.
@@ -51,25 +55,35 @@ impl ServerLink {
             return Ok(None);
         };
         let key = zeroize::Zeroizing::new(read("tls.key").unwrap_or_default());
-        let url = url.trim().to_owned();
         let bad = |e: String| LinkError::State(format!("{}: {e}", dir.root().display()));
-        let endpoint = guestkey_pinned_tls::endpoint_uri(&url)
-            .ok_or_else(|| bad(format!("server.url {url:?} is not an https URL")))?;
-        let connector = Connector::new(
-            Peer {
-                who: format!("the server at {url}"),
-                roots_pem: ca,
-                roots_from: format!("the server CA in {}", dir.file("ca.pem").display()),
-                name: guestkey_pinned_tls::tls_name(&url).unwrap_or_default(),
-                pin: Some(pin),
-                hint: RETRUST.into(),
-            },
-            Some((&cert, &key)),
-        )
-        .map_err(|e| bad(e.to_string()))?;
+        let urls = server_urls(&url);
+        if urls.is_empty() {
+            return Err(bad("server.url names no server".into()));
+        }
+        let mut replicas = Vec::with_capacity(urls.len());
+        for url in urls {
+            let endpoint = guestkey_pinned_tls::endpoint_uri(url).ok_or_else(|| {
+                bad(format!(
+                    "server.url: {url:?} is not an https URL (one URL a line)"
+                ))
+            })?;
+            let connector = Connector::new(
+                Peer {
+                    who: format!("the server at {url}"),
+                    roots_pem: ca.clone(),
+                    roots_from: format!("the server CA in {}", dir.file("ca.pem").display()),
+                    name: guestkey_pinned_tls::tls_name(url).unwrap_or_default(),
+                    pin: Some(pin.clone()),
+                    hint: RETRUST.into(),
+                },
+                Some((&cert, &key)),
+            )
+            .map_err(|e| bad(e.to_string()))?;
+            replicas.push((endpoint, connector));
+        }
         Ok(Some(Self {
-            endpoint,
-            connector,
+            replicas,
+            last: Default::default(),
         }))
     }
 
@@ -85,23 +99,48 @@ impl ServerLink {
         let connector =
             Connector::new(peer, identity).map_err(|e| LinkError::State(e.to_string()))?;
         Ok(Self {
-            endpoint,
-            connector,
+            replicas: vec![(endpoint, connector)],
+            last: Default::default(),
         })
     }
 
     /// SHA-256 of the server certificate the last connection verified.
     pub(super) fn verified_sha256(&self) -> Option<String> {
-        self.connector.verified_sha256()
+        let i = self.last.load(std::sync::atomic::Ordering::Relaxed);
+        self.replicas.get(i)?.1.verified_sha256()
     }
 
-    /// A new channel; each call may take up to `timeout`.
+    /// A new channel to the first replica that answers, from the one that
+    /// answered last; each call may take up to `timeout`. When none does,
+    /// a refused certificate is reported before a replica that is down.
     pub(super) async fn connect(&self, timeout: Duration) -> Result<Channel, LinkError> {
-        Endpoint::from_shared(self.endpoint.clone())
+        let n = self.replicas.len();
+        let first = self.last.load(std::sync::atomic::Ordering::Relaxed) % n.max(1);
+        let mut refused = None;
+        let mut down = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            match self.connect_to(i, timeout).await {
+                Ok(c) => {
+                    self.last.store(i, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(c);
+                }
+                Err(e @ LinkError::Refused(_)) => refused = refused.or(Some(e)),
+                Err(e) => down = Some(e),
+            }
+        }
+        Err(refused
+            .or(down)
+            .unwrap_or_else(|| LinkError::State("no server URL".into())))
+    }
+
+    async fn connect_to(&self, i: usize, timeout: Duration) -> Result<Channel, LinkError> {
+        let (endpoint, connector) = &self.replicas[i];
+        Endpoint::from_shared(endpoint.clone())
             .map_err(|e| LinkError::State(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(timeout)
-            .connect_with_connector(self.connector.clone())
+            .connect_with_connector(connector.clone())
             .await
             .map_err(|e| match guestkey_pinned_tls::find_connect_error(&e) {
                 Some(
@@ -113,6 +152,15 @@ impl ServerLink {
                 None => LinkError::Connect(error_chain(&e)),
             })
     }
+}
+
+/// The URLs of `server.url`: one a line; blank lines and `#` comments
+/// left out.
+pub(super) fn server_urls(text: &str) -> Vec<&str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
 }
 
 /// An error and its sources, joined with ": ".

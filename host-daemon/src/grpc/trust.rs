@@ -40,7 +40,11 @@ pub async fn trust_server(dir: &StateDir, ca_file: &Path) -> Result<Trusted, Enr
             ))
         })
     };
-    let server = read("server.url")?.trim().to_owned();
+    // With several replicas, the first one listed is asked.
+    let server = super::link::server_urls(&read("server.url")?)
+        .first()
+        .map(|u| (*u).to_owned())
+        .unwrap_or_default();
     let cert = read("tls.pem")?;
     let key = zeroize::Zeroizing::new(read("tls.key")?);
     let ca = std::fs::read_to_string(ca_file).map_err(|e| {

@@ -187,10 +187,10 @@ impl VerifierHalves {
                 dir.root().display()
             )
         })?;
-        let url = std::fs::read_to_string(vdir.file("server.url"))
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
+        let url = super::link::server_urls(
+            &std::fs::read_to_string(vdir.file("server.url")).unwrap_or_default(),
+        )
+        .join(", ");
         Ok(Some(Self {
             rt,
             link,
