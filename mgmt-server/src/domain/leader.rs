@@ -83,6 +83,18 @@ pub async fn as_leader<F: Future>(fence: Fence, f: F) -> F::Output {
     AS_LEADER.scope(fence, f).await
 }
 
+/// `f`, run with the leader context it is created in: for tasks spawned
+/// from leader work (a spawned task does not inherit a task-local).
+pub(crate) fn inherit<F: Future>(f: F) -> impl Future<Output = F::Output> {
+    let fence = current();
+    async move {
+        match fence {
+            Some(fence) => AS_LEADER.scope(fence, f).await,
+            None => f.await,
+        }
+    }
+}
+
 /// A store whose write transactions begun as leader check the fence first.
 pub struct FencedStore(pub Arc<dyn Store>);
 

@@ -323,10 +323,10 @@ impl Core {
             if let (Some(Ok(h)), Some(Ok(()))) = (hosts.get(&v.host), reachable.get(&v.host)) {
                 if asked.insert(v.host.clone()) {
                     let (core, h) = (self.clone(), h.clone());
-                    attesting.spawn(async move {
+                    attesting.spawn(crate::domain::leader::inherit(async move {
                         let r = core.attest(&h).await.map_err(|e| held(&e));
                         (h.name, r)
-                    });
+                    }));
                 }
             }
         }
@@ -358,13 +358,13 @@ impl Core {
             match op {
                 Ok(op) => {
                     let core = self.clone();
-                    running.spawn(async move {
+                    running.spawn(crate::domain::leader::inherit(async move {
                         let r = core
                             .deliver(&v, op, false)
                             .await
                             .map_err(PushFailure::after_connect);
                         (v, r)
-                    });
+                    }));
                 }
                 Err(e) => outcomes.push((v, Err(held(&e)))),
             }

@@ -202,3 +202,31 @@ async fn a_migration_another_live_replica_drives_is_left_to_it_and_taken_over_on
     assert_eq!(g.host, "kvm-b");
     assert!(b.core.unfinished_migrations().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn tasks_spawned_from_leader_work_stay_leader_work_and_their_writes_are_fenced() {
+    let b = Bed::new();
+    let f = fence("a", 1).unwrap();
+    let (inherited, bare) = leader::as_leader(f.clone(), async {
+        let inherited = tokio::spawn(leader::inherit(async { leader::current() }));
+        let bare = tokio::spawn(async { leader::current() });
+        (inherited.await.unwrap(), bare.await.unwrap())
+    })
+    .await;
+    assert_eq!(inherited, Some(f.clone()));
+    assert_eq!(bare, None, "a plain spawn loses the context");
+    // Such a task's store writes check the fence: a holds no lease here.
+    let core = b.core.clone();
+    let admin = b.admin.clone();
+    let e = leader::as_leader(f, async move {
+        tokio::spawn(leader::inherit(async move {
+            core.blocking(move |c| c.add_host(&admin, "kvm-9", "kvm-9:7444").map(|_| ()))
+                .await
+        }))
+        .await
+        .unwrap()
+    })
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("no longer leads"), "{e}");
+}
