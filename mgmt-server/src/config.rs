@@ -63,6 +63,24 @@ impl Default for Limits {
     }
 }
 
+/// A database URL as given (`--database`, `database =`). It may carry a
+/// password, so its `Debug` shows none of it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(pub String);
+
+impl DatabaseUrl {
+    /// The URL.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatabaseUrl(..)")
+    }
+}
+
 /// `[leader]`: the lease of the replica that leads (several replicas on
 /// PostgreSQL; see `domain::leader`).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -153,7 +171,7 @@ pub struct Config {
     /// What this server is.
     pub role: ServerRole,
     /// The database when not the data directory's (`database`, `--database`).
-    pub database: Option<String>,
+    pub database: Option<DatabaseUrl>,
     /// The CAs (DER) whose EK certificates enrolling TPMs must have
     /// (`attestation.ek_ca_file`; empty: not checked).
     pub ek_anchors: Vec<Vec<u8>>,
@@ -226,7 +244,7 @@ pub struct Overrides {
     /// `--role`
     pub role: Option<ServerRole>,
     /// `--database`
-    pub database: Option<String>,
+    pub database: Option<DatabaseUrl>,
 }
 
 impl Config {
@@ -329,7 +347,7 @@ impl Config {
             retry: fc.retry,
             leader: fc.leader,
             role,
-            database: flags.database.or(fc.database),
+            database: flags.database.or(fc.database.map(DatabaseUrl)),
             ek_anchors,
         })
     }

@@ -18,13 +18,19 @@ use crate::store::sqlite::SqliteStore;
 /// Connections one server process keeps to PostgreSQL at most.
 pub const MAX_CONNECTIONS: usize = 16;
 
-/// A database of the server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A database of the server (`Debug` as [`Database::shown`]: no password).
+#[derive(Clone, PartialEq, Eq)]
 pub enum Database {
     /// The data directory's SQLite file.
     Sqlite(std::path::PathBuf),
     /// A PostgreSQL database, by URL.
     Postgres(String),
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown())
+    }
 }
 
 impl Database {
@@ -327,4 +333,19 @@ fn copy_tree(
         // Links and special files are not part of a data directory.
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_url_shows_no_password_in_debug_output() {
+        let url = "postgres://gk:s3cret@db:5432/gk";
+        let d = Database::Postgres(url.into());
+        let u = crate::config::DatabaseUrl(url.into());
+        for shown in [format!("{d:?}"), format!("{u:?}"), d.shown()] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+        }
+    }
 }

@@ -99,23 +99,7 @@ impl TestServer {
             "init: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let config = config.map(|c| {
-            let p = dir.with_extension("toml");
-            std::fs::write(&p, c).unwrap();
-            p
-        });
-        let mut s = Self {
-            dir,
-            url: String::new(),
-            addr: "127.0.0.1:0".parse().unwrap(),
-            bins,
-            config,
-            proc: None,
-            scratch: None,
-            history: String::new(),
-        };
-        s.run();
-        s
+        Self::run_in(dir, bins, config)
     }
 
     /// `run` on a data directory made before (a replica's copy of one),

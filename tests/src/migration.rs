@@ -116,3 +116,39 @@ pub fn shared_guest(b: &mut Bed, volume: &str) -> (String, String, String) {
     }
     (id, guest, uuid)
 }
+
+/// After a migration settled (`g`: the guest as the server shows it, `v`:
+/// its volume): the guest runs on exactly the host the server records, only
+/// that host keeps its keys, and the volume is ready there. `what` names
+/// the trial in the messages.
+pub fn assert_settled(
+    h1: &SessionHost,
+    h2: &SessionHost,
+    guest: &str,
+    uuid: &str,
+    g: &serde_json::Value,
+    v: &serde_json::Value,
+    what: &str,
+) {
+    let (here, there) = if g["host"] == h1.name.as_str() {
+        (h1, h2)
+    } else {
+        (h2, h1)
+    };
+    assert_eq!(
+        state_of(here, guest).as_deref(),
+        Some("running"),
+        "{what}: {g}"
+    );
+    assert_eq!(state_of(there, guest), None, "{what}");
+    assert!(
+        here.state.join(format!("guests/{uuid}.sealed")).exists(),
+        "{what}"
+    );
+    assert!(
+        !there.state.join(format!("guests/{uuid}.sealed")).exists(),
+        "{what}"
+    );
+    assert_eq!(v["state"], "ready", "{what}: {v}");
+    assert_eq!(v["host"], g["host"], "{what}");
+}

@@ -280,7 +280,7 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     data_dir,
                     master_key_source,
                     role,
-                    database,
+                    database: database.map(mgmt_server::config::DatabaseUrl),
                 },
             )?;
             let rt = tokio::runtime::Runtime::new()?;

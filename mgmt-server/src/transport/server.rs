@@ -26,7 +26,14 @@ use crate::transport::tls::ServerIdentity;
 pub fn open(config: &Config) -> Result<(Arc<Core>, Arc<ServerIdentity>), CoreError> {
     let dir = DataDir::new(&config.data_dir);
     check_data_dir(&dir)?;
-    let store = crate::database::Database::of(&dir, config.database.as_deref())?.open()?;
+    let store = crate::database::Database::of(
+        &dir,
+        config
+            .database
+            .as_ref()
+            .map(crate::config::DatabaseUrl::as_str),
+    )?
+    .open()?;
     let keys = KeyRing::load(config.master_key_source.clone(), store.as_ref())?;
     let read = |p: std::path::PathBuf| {
         std::fs::read_to_string(&p)
@@ -152,7 +159,13 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Leadership among replicas; on SQLite this process owns the database.
     let exclusive = matches!(
-        Database::of(&dir, config.database.as_deref())?,
+        Database::of(
+            &dir,
+            config
+                .database
+                .as_ref()
+                .map(crate::config::DatabaseUrl::as_str)
+        )?,
         Database::Sqlite(_)
     );
     let me = Replica {
