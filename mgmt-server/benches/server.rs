@@ -86,6 +86,7 @@ fn main() {
             max_attempts: 10,
         },
         role: Default::default(),
+        url: None,
         ek_anchors: vec![],
     };
     let (core, identity) = mgmt_server::transport::server::open(&config).unwrap();
@@ -156,6 +157,7 @@ fn main() {
         let me = mgmt_server::store::Replica {
             id: "bench".into(),
             address: "127.0.0.1:0".into(),
+            url: String::new(),
             host: "bench".into(),
             pid: std::process::id(),
             version: "bench".into(),

@@ -5,6 +5,7 @@
 //! data_dir = "/var/lib/guestkey"     # the data directory made by `init`
 //! master_key_source = "file:/var/lib/guestkey/master.key"  # or env:VAR, prompt
 //! database = "postgres://guestkey@db.example:5432/guestkey"  # else what init recorded
+//! url = "https://kms2.example:7443"  # where hosts reach this replica (PostgreSQL)
 //! role = "management"                # or "verifier": keeps the other halves of split keys
 //!
 //! [limits]
@@ -136,6 +137,7 @@ struct FileConfig {
     master_key_source: Option<String>,
     role: Option<String>,
     database: Option<String>,
+    url: Option<String>,
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
@@ -172,6 +174,9 @@ pub struct Config {
     pub role: ServerRole,
     /// The database when not the data directory's (`database`, `--database`).
     pub database: Option<DatabaseUrl>,
+    /// The URL hosts reach this replica at (`url`, `--url`), checked to be
+    /// `https://NAME:PORT`.
+    pub url: Option<String>,
     /// The CAs (DER) whose EK certificates enrolling TPMs must have
     /// (`attestation.ek_ca_file`; empty: not checked).
     pub ek_anchors: Vec<Vec<u8>>,
@@ -245,6 +250,8 @@ pub struct Overrides {
     pub role: Option<ServerRole>,
     /// `--database`
     pub database: Option<DatabaseUrl>,
+    /// `--url`
+    pub url: Option<String>,
 }
 
 impl Config {
@@ -335,6 +342,13 @@ impl Config {
             })?,
             (None, None) => ServerRole::Management,
         };
+        let url = match flags.url.or(fc.url) {
+            None => None,
+            Some(text) => Some(host_url(&text).map_err(|message| ConfigError::Invalid {
+                setting: "url",
+                message,
+            })?),
+        };
         let ek_anchors = match &fc.attestation.ek_ca_file {
             None => vec![],
             Some(path) => ek_anchors(path)?,
@@ -348,9 +362,57 @@ impl Config {
             leader: fc.leader,
             role,
             database: flags.database.or(fc.database.map(DatabaseUrl)),
+            url,
             ek_anchors,
         })
     }
+}
+
+/// A URL hosts can reach a server at: `https://NAME:PORT` (a DNS name, an
+/// IPv4 address or a bracketed IPv6 one; a trailing `/` is dropped), the
+/// name part returned by [`url_name`].
+pub fn host_url(text: &str) -> Result<String, String> {
+    let url = text.trim().trim_end_matches('/');
+    let bad = |why: &str| {
+        Err(format!(
+            "`{text}` {why}: give https://NAME:PORT, a name the server certificate holds"
+        ))
+    };
+    let Some(rest) = url.strip_prefix("https://") else {
+        return bad("is not an https URL");
+    };
+    let Some((name, port)) = rest.rsplit_once(':') else {
+        return bad("has no port");
+    };
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return bad("has no valid port");
+    }
+    let name = name
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(name);
+    let ok_name = !name.is_empty()
+        && name.len() <= 253
+        && (name.parse::<std::net::IpAddr>().is_ok()
+            || name.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            }));
+    if !ok_name {
+        return bad("does not name a host");
+    }
+    Ok(url.to_owned())
+}
+
+/// The name (DNS name or IP address, without brackets) of a URL that
+/// [`host_url`] accepted.
+pub fn url_name(url: &str) -> &str {
+    let rest = url.strip_prefix("https://").unwrap_or(url);
+    let name = rest.rsplit_once(':').map_or(rest, |(n, _)| n);
+    name.strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(name)
 }
 
 /// The CA certificates in the PEM file `path`: at least one, each a CA.
@@ -477,5 +539,48 @@ mod tests {
         assert!(e.contains("--data-dir"), "{e}");
         let (p, _gone) = file("data_dir = \"/d\"\n[retry]\ninitial_delay_ms = 0\n");
         assert!(Config::load(Some(&p), Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn the_url_hosts_reach_a_replica_at_is_checked() {
+        for (good, name) in [
+            ("https://kms2.example:7443", "kms2.example"),
+            ("https://10.0.0.6:7443/", "10.0.0.6"),
+            ("https://[fd00::6]:7443", "fd00::6"),
+        ] {
+            let url = host_url(good).unwrap();
+            assert!(!url.ends_with('/'), "{url}");
+            assert_eq!(url_name(&url), name);
+        }
+        for (bad, why) in [
+            ("http://kms2.example:7443", "not an https URL"),
+            ("https://kms2.example", "no port"),
+            ("https://kms2.example:0", "no valid port"),
+            ("https://kms2.example:99999", "no valid port"),
+            ("https://:7443", "does not name a host"),
+            ("https://kms 2:7443", "does not name a host"),
+            ("https://kms2.example/path:7443", "does not name a host"),
+        ] {
+            let e = host_url(bad).unwrap_err();
+            assert!(
+                e.contains(why) && e.contains("https://NAME:PORT"),
+                "{bad}: {e}"
+            );
+        }
+        // From the file and from the flag, which wins.
+        let (p, _gone) = file("data_dir = \"/d\"\nurl = \"https://a.example:7443\"\n");
+        let c = Config::load(Some(&p), Overrides::default()).unwrap();
+        assert_eq!(c.url.as_deref(), Some("https://a.example:7443"));
+        let flags = Overrides {
+            url: Some("https://b.example:7443".into()),
+            ..Default::default()
+        };
+        let c = Config::load(Some(&p), flags).unwrap();
+        assert_eq!(c.url.as_deref(), Some("https://b.example:7443"));
+        let (p, _gone) = file("data_dir = \"/d\"\nurl = \"kms2:7443\"\n");
+        let e = Config::load(Some(&p), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("url: `kms2:7443` is not an https URL"), "{e}");
     }
 }

@@ -141,6 +141,7 @@ impl Status {
             "replicas": self.replicas.iter().map(|r| serde_json::json!({
                 "id": r.id,
                 "address": r.address,
+                "url": r.url,
                 "host": r.host,
                 "pid": r.pid,
                 "version": r.version,
@@ -193,6 +194,7 @@ impl Status {
             .set_header([
                 "REPLICA",
                 "ADDRESS",
+                "URL FOR HOSTS",
                 "HOST",
                 "PID",
                 "VERSION",
@@ -205,6 +207,11 @@ impl Status {
             t.add_row([
                 r.id.clone(),
                 r.address.clone(),
+                if r.url.is_empty() {
+                    "-".into()
+                } else {
+                    r.url.clone()
+                },
                 r.host.clone(),
                 r.pid.to_string(),
                 r.version.clone(),

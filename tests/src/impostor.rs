@@ -41,18 +41,18 @@ impl HostApi for Service {
         _: Request<hpb::Inventory>,
     ) -> R<hpb::ReportInventoryResponse> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        Ok(Response::new(hpb::ReportInventoryResponse {}))
+        Ok(Response::new(hpb::ReportInventoryResponse::default()))
     }
     async fn report_progress(
         &self,
         _: Request<hpb::ProgressReport>,
     ) -> R<hpb::ReportInventoryResponse> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        Ok(Response::new(hpb::ReportInventoryResponse {}))
+        Ok(Response::new(hpb::ReportInventoryResponse::default()))
     }
     async fn report_tpm(&self, _: Request<hpb::TpmReport>) -> R<hpb::ReportInventoryResponse> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        Ok(Response::new(hpb::ReportInventoryResponse {}))
+        Ok(Response::new(hpb::ReportInventoryResponse::default()))
     }
     async fn describe_disk(&self, _: Request<hpb::DescribeDiskRequest>) -> R<hpb::DiskDescription> {
         self.calls.fetch_add(1, Ordering::SeqCst);

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use guestkey_testkit::{Postgres, TestServer};
 use guestkey_tests::image::{opens_with, pattern_intact, qemu_io};
 use guestkey_tests::stack::{Stack, bin};
+use guestkey_tests::volume_domain_xml;
 
 /// A short lease, so that take-overs are quick; fast retries.
 const CONFIG: &str = "[retry]\ninitial_delay_ms = 100\nmax_delay_ms = 500\nmax_attempts = 100\n\
@@ -277,7 +278,7 @@ fn a_replica_killed_while_it_drives_a_migration_is_relieved_by_the_other_which_f
 }
 
 #[test]
-fn a_host_that_lists_both_replicas_reports_to_the_other_when_the_first_is_down() {
+fn a_host_learns_the_replicas_from_the_server_and_reports_to_another_when_one_is_down() {
     let pg = Postgres::shared();
     let db = pg.database();
     let mut s = Stack::start_on_database(&db.url, Some(CONFIG));
@@ -288,17 +289,77 @@ fn a_host_that_lists_both_replicas_reports_to_the_other_when_the_first_is_down()
             .as_u64()
             .unwrap()
     };
-    // The host lists both replicas, a first (STATE_DIR/server.url, one URL
-    // a line).
-    let file = s.state_dir().join("server.url");
-    std::fs::write(&file, format!("{}\n# replica b\n{}\n", s.server.url, b.url)).unwrap();
-    s.server.kill9();
+    // Each replica names the URL hosts reach it at (here its listen
+    // address, which the server certificate names).
+    let st = status(&s.server.dir);
+    let mut urls: Vec<&str> = st["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["url"].as_str().unwrap())
+        .collect();
+    urls.sort();
+    let mut want = vec![s.server.url.as_str(), b.url.as_str()];
+    want.sort();
+    assert_eq!(urls, want, "{st}");
+
+    // Enrollment wrote one URL, a's. The host's next inventory (a new
+    // guest: its keys are what an inventory lists) is answered with both
+    // replicas, which it keeps.
+    let server_url = s.state_dir().join("server.url");
+    let enrolled = std::fs::read_to_string(&server_url).unwrap();
+    let learned = s.state_dir().join("replicas.url");
+    let mut cleanup = guestkey_tests::Cleanup::default();
+    let pid = std::process::id();
+    s.volume("first", "16M");
+    let g1 = format!("gk-test-{pid}-learn1");
+    s.define_guest(
+        &mut cleanup,
+        &g1,
+        &volume_domain_xml(&g1, &s.pool, "first", "qcow2"),
+    );
+    s.wait_for(60, "the host keeps both replicas", || {
+        let text = std::fs::read_to_string(&learned).unwrap_or_default();
+        text.lines().any(|l| l == b.url) && text.lines().any(|l| l == s.server.url)
+    });
+    assert_eq!(
+        std::fs::read_to_string(&server_url).unwrap(),
+        enrolled,
+        "server.url is the operator's: left as it was"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&learned).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // A guest defined through b (leading once a's lease lapsed) on the
+    // host, whose new inventory must reach b.
+    let define_on_b = |cleanup: &mut guestkey_tests::Cleanup, volume: &str, guest: &str| {
+        b.ok(&[
+            "volume", "create", "--host", &host, "--pool", &s.pool, "--name", volume, "--size",
+            "16M",
+        ]);
+        b.wait_for(60, "ready", || {
+            b.json(&["volume", "show", volume])["state"] == "ready"
+        });
+        let file = s.dir.join(format!("{guest}.xml"));
+        std::fs::write(&file, volume_domain_xml(guest, &s.pool, volume, "qcow2")).unwrap();
+        cleanup.virsh(&["undefine", guest]);
+        b.json(&[
+            "guest",
+            "define",
+            "--host",
+            &host,
+            "--xml",
+            file.to_str().unwrap(),
+        ]);
+    };
+    // a is killed: the running guestkeyd switches to the replica it learned
+    // of, with no restart and no file edited.
     let before = reported(&b);
-    // guestkeyd reports what it holds when it starts: a does not answer, b
-    // does.
     std::thread::sleep(Duration::from_millis(1100));
-    s.run_daemon();
-    let end = Instant::now() + Duration::from_secs(30);
+    s.server.kill9();
+    define_on_b(&mut cleanup, "listed", &format!("gk-test-{pid}-learn2"));
+    let end = Instant::now() + Duration::from_secs(60);
     while reported(&b) <= before {
         assert!(
             Instant::now() < end,
@@ -307,12 +368,16 @@ fn a_host_that_lists_both_replicas_reports_to_the_other_when_the_first_is_down()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    // And b, leading once a's lease lapsed, makes a volume on the host.
-    s.server.restart();
-    b.ok(&[
-        "volume", "create", "--host", &host, "--pool", &s.pool, "--name", "listed", "--size", "16M",
-    ]);
-    b.wait_for(60, "ready", || {
-        b.json(&["volume", "show", "listed"])["state"] == "ready"
+    // And the list shrinks with the replicas: a, gone, is forgotten once
+    // silent for six leases, and b's answers name b alone.
+    s.wait_for(60, "a forgotten", || {
+        status(&b.dir)["replicas"].as_array().unwrap().len() == 1
     });
+    define_on_b(&mut cleanup, "third", &format!("gk-test-{pid}-learn3"));
+    s.wait_for(60, "the host keeps b alone", || {
+        let text = std::fs::read_to_string(&learned).unwrap_or_default();
+        text.lines().any(|l| l == b.url) && !text.lines().any(|l| l == s.server.url)
+    });
+    s.server.restart();
+    drop(cleanup);
 }

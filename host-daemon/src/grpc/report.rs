@@ -27,7 +27,7 @@ const REFRESH: Duration = Duration::from_secs(60);
 
 /// Runs forever (until the process ends).
 pub async fn run(dir: StateDir, daemon: Arc<Daemon>) {
-    let link = match ServerLink::from_state(&dir) {
+    let mut link = match ServerLink::from_state(&dir) {
         Ok(Some(l)) => l,
         Ok(None) => {
             tracing::warn!(
@@ -114,7 +114,15 @@ pub async fn run(dir: StateDir, daemon: Arc<Daemon>) {
                 };
                 match connected(&mut client, &link).await {
                     Ok(c) => match c.report_inventory(Inventory { held }).await {
-                        Ok(_) => last = Some((seen, Instant::now())),
+                        Ok(answer) => {
+                            last = Some((seen, Instant::now()));
+                            // The server's replicas (PostgreSQL): kept, and
+                            // tried when this one stops answering.
+                            let urls = answer.into_inner().replica_urls;
+                            if let Some(l) = link.learn(&dir, urls) {
+                                link = l;
+                            }
+                        }
                         Err(e) => {
                             tracing::debug!(error = %e, "inventory report failed; will retry");
                             client = None;

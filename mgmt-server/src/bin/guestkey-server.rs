@@ -100,6 +100,12 @@ enum Command {
         /// DATA_DIR/guestkey.db; or database in --config].
         #[arg(long, value_name = "URL")]
         database: Option<String>,
+        /// The URL hosts reach this replica at (https://NAME:PORT, a name
+        /// the server certificate holds), given to every host's list of
+        /// replicas on PostgreSQL [default: https://LISTEN when it listens
+        /// on an address the certificate names; or url in --config].
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
     },
     /// The database in use, the server replicas on it, and which one leads
     /// (since when, its fence number, until when its lease holds).
@@ -272,6 +278,7 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             master_key_source,
             role,
             database,
+            url,
         } => {
             let config = Config::load(
                 config.as_deref(),
@@ -281,6 +288,7 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     master_key_source,
                     role,
                     database: database.map(mgmt_server::config::DatabaseUrl),
+                    url,
                 },
             )?;
             let rt = tokio::runtime::Runtime::new()?;

@@ -290,6 +290,23 @@ impl Core {
         })
     }
 
+    /// The URLs hosts reach the replicas at (`url` of each replica's
+    /// config), oldest replica first, for the hosts' lists of replicas:
+    /// none on SQLite, where one server process serves at the URL each host
+    /// enrolled with.
+    pub fn replica_urls(&self) -> Result<Vec<String>, CoreError> {
+        if self.me.get().is_none_or(|m| m.exclusive) {
+            return Ok(vec![]);
+        }
+        let mut urls: Vec<String> = Vec::new();
+        for r in self.read(|tx| Ok(tx.replicas()?))? {
+            if !r.url.is_empty() && !urls.contains(&r.url) {
+                urls.push(r.url);
+            }
+        }
+        Ok(urls)
+    }
+
     /// The lease and the replicas (for `status`).
     pub fn replicas(&self) -> Result<(Option<Lease>, Vec<Replica>, i64), CoreError> {
         self.read(|tx| Ok((tx.lease()?, tx.replicas()?, tx.db_now_ms()?)))

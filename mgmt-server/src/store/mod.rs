@@ -604,6 +604,8 @@ pub struct Replica {
     pub id: String,
     /// The address it serves on.
     pub address: String,
+    /// The URL hosts reach it at (empty: not given to hosts).
+    pub url: String,
     /// Its machine's name.
     pub host: String,
     /// Its process id.

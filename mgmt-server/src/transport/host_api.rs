@@ -129,7 +129,7 @@ impl HostApi for HostService {
             c.record_progress(&host_name(who, "progress")?, running)
         })
         .await?;
-        Ok(Response::new(hpb::ReportInventoryResponse {}))
+        Ok(Response::new(hpb::ReportInventoryResponse::default()))
     }
 
     async fn report_tpm(&self, req: Request<hpb::TpmReport>) -> R<hpb::ReportInventoryResponse> {
@@ -156,7 +156,7 @@ impl HostApi for HostService {
         })
         .await?;
         tracing::info!(%host, unseals, "TPM status reported");
-        Ok(Response::new(hpb::ReportInventoryResponse {}))
+        Ok(Response::new(hpb::ReportInventoryResponse::default()))
     }
 
     async fn report_inventory(
@@ -174,14 +174,14 @@ impl HostApi for HostService {
             })
             .collect();
         let n = held.len();
-        let host = blocking(&self.0, &req, Want::Host, move |c, who| {
+        let (host, replica_urls) = blocking(&self.0, &req, Want::Host, move |c, who| {
             let host = host_name(who, "inventories")?;
             c.record_inventory(&host, &held)?;
-            Ok(host)
+            Ok((host, c.replica_urls()?))
         })
         .await?;
         tracing::info!(%host, held = n, "inventory reported");
-        Ok(Response::new(hpb::ReportInventoryResponse {}))
+        Ok(Response::new(hpb::ReportInventoryResponse { replica_urls }))
     }
 
     async fn get_server_trust(&self, req: Request<hpb::ServerTrustRequest>) -> R<hpb::ServerTrust> {

@@ -168,9 +168,19 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
         )?,
         Database::Sqlite(_)
     );
+    let url = advertised_url(config.url.as_deref(), local, &identity.cert_pem)?;
+    match (&url, exclusive) {
+        (_, true) => {}
+        (Some(u), false) => tracing::info!(url = %u, "hosts are given this replica's URL"),
+        (None, false) => tracing::warn!(
+            %local,
+            "hosts are not given this replica's URL: set url (--url https://NAME:PORT) to a name the server certificate holds"
+        ),
+    }
     let me = Replica {
         id: uuid::Uuid::new_v4().to_string(),
         address: local.to_string(),
+        url: url.unwrap_or_default(),
         host: std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_default(),
@@ -236,4 +246,93 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
     let _ = scheduler.await;
     let _ = lease.await;
     Ok(())
+}
+
+/// The URL hosts are given for this replica: `url` of the config, which
+/// must name a name of the server certificate, or else `https://LISTEN`
+/// when the listen address is one the certificate names (none otherwise:
+/// an unspecified address like 0.0.0.0, or a name hosts could not check).
+fn advertised_url(
+    configured: Option<&str>,
+    local: std::net::SocketAddr,
+    cert_pem: &str,
+) -> Result<Option<String>, CoreError> {
+    let names = crate::ca::subject_alt_names(cert_pem).map_err(|e| {
+        CoreError::Internal(format!("cannot read the server certificate's names: {e}"))
+    })?;
+    let named = |name: &str| {
+        names.iter().any(|n| {
+            n.eq_ignore_ascii_case(name)
+                || n.strip_prefix("*.").is_some_and(|zone| {
+                    name.split_once('.')
+                        .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(zone))
+                })
+        })
+    };
+    match configured {
+        Some(url) => {
+            let name = crate::config::url_name(url);
+            if named(name) {
+                Ok(Some(url.to_owned()))
+            } else {
+                Err(CoreError::FailedPrecondition(format!(
+                    "url: {url} names {name}, which the server certificate does not (it names {}): hosts would refuse it; give one of those names, or add the name with a new certificate",
+                    names.join(", ")
+                )))
+            }
+        }
+        None if local.ip().is_unspecified() => Ok(None),
+        None => {
+            let ip = local.ip().to_string();
+            Ok(named(&ip).then(|| match local {
+                std::net::SocketAddr::V4(_) => format!("https://{local}"),
+                std::net::SocketAddr::V6(a) => format!("https://[{}]:{}", a.ip(), a.port()),
+            }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised_url;
+
+    #[test]
+    fn hosts_are_given_a_url_the_server_certificate_names_and_no_other() {
+        let ca = crate::ca::Ca::generate(crate::ca::Role::Server, "test")
+            .unwrap()
+            .0;
+        let sans = ["kms1.example", "*.kms.example", "127.0.0.1"];
+        let cert = ca
+            .issue("test", sans.map(String::from).to_vec(), 30)
+            .unwrap()
+            .cert;
+        let at = |a: &str| a.parse().unwrap();
+        let url = |c: Option<&str>, l: &str| advertised_url(c, at(l), &cert);
+        assert_eq!(
+            url(Some("https://kms1.example:7443"), "0.0.0.0:7443")
+                .unwrap()
+                .as_deref(),
+            Some("https://kms1.example:7443")
+        );
+        assert_eq!(
+            url(Some("https://b.kms.example:7443"), "0.0.0.0:7443")
+                .unwrap()
+                .as_deref(),
+            Some("https://b.kms.example:7443")
+        );
+        let e = url(Some("https://kms9.example:7443"), "0.0.0.0:7443")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("kms9.example") && e.contains("kms1.example"),
+            "{e}"
+        );
+        // Without url: the listen address, if the certificate names it.
+        assert_eq!(
+            url(None, "127.0.0.1:7443").unwrap().as_deref(),
+            Some("https://127.0.0.1:7443")
+        );
+        assert_eq!(url(None, "0.0.0.0:7443").unwrap(), None);
+        assert_eq!(url(None, "10.0.0.6:7443").unwrap(), None);
+    }
 }

@@ -14,6 +14,7 @@ fn replica(id: &str) -> Replica {
     Replica {
         id: id.into(),
         address: format!("{id}:7443"),
+        url: format!("https://{id}.example:7443"),
         host: "test".into(),
         pid: 1,
         version: "test".into(),
@@ -229,4 +230,42 @@ async fn tasks_spawned_from_leader_work_stay_leader_work_and_their_writes_are_fe
     .await
     .unwrap_err();
     assert!(e.to_string().contains("no longer leads"), "{e}");
+}
+
+#[test]
+fn hosts_are_given_the_urls_of_the_replicas_that_name_one_and_none_on_sqlite() {
+    use crate::domain::leader::Me;
+    let b = Bed::new();
+    // Before the server named itself (tools, tests): nothing to give.
+    assert!(b.core.replica_urls().unwrap().is_empty());
+    b.core.set_replica(Me {
+        id: "a".into(),
+        alive_within: TIMES.lease,
+        exclusive: false,
+    });
+    let unnamed = Replica {
+        url: String::new(),
+        ..replica("c")
+    };
+    for r in [replica("a"), replica("b"), unnamed, replica("a")] {
+        b.core.lease_round(&r, TIMES, false).unwrap();
+    }
+    assert_eq!(
+        b.core.replica_urls().unwrap(),
+        ["https://a.example:7443", "https://b.example:7443"],
+        "oldest first, once each, only replicas that name a URL"
+    );
+    // A replica that stopped is left out.
+    b.core.leave(&replica("b"), None).unwrap();
+    assert_eq!(b.core.replica_urls().unwrap(), ["https://a.example:7443"]);
+
+    // The only process of its database (SQLite) gives no list.
+    let one = Bed::new();
+    one.core.set_replica(Me {
+        id: "a".into(),
+        alive_within: TIMES.lease,
+        exclusive: true,
+    });
+    one.core.lease_round(&replica("a"), TIMES, true).unwrap();
+    assert!(one.core.replica_urls().unwrap().is_empty());
 }

@@ -52,9 +52,10 @@ impl LeaseStore for SqlTx<'_> {
 
     fn put_replica(&mut self, r: &Replica) -> Result<()> {
         self.db.execute(
-            "INSERT INTO replicas (id, address, host, pid, version, started_ms, seen_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (id) DO UPDATE SET address = excluded.address, seen_ms = excluded.seen_ms",
+            "INSERT INTO replicas (id, address, url, host, pid, version, started_ms, seen_ms)
+             VALUES ($1, $2, $8, $3, $4, $5, $6, $7)
+             ON CONFLICT (id) DO UPDATE SET address = excluded.address, url = excluded.url,
+                                            seen_ms = excluded.seen_ms",
             params![
                 r.id,
                 r.address,
@@ -62,7 +63,8 @@ impl LeaseStore for SqlTx<'_> {
                 r.pid,
                 r.version,
                 r.started_ms,
-                r.seen_ms
+                r.seen_ms,
+                r.url
             ],
         )?;
         Ok(())
@@ -81,7 +83,7 @@ impl LeaseStore for SqlTx<'_> {
 
     fn replicas(&mut self) -> Result<Vec<Replica>> {
         self.db.query_all(
-            "SELECT id, address, host, pid, version, started_ms, seen_ms FROM replicas
+            "SELECT id, address, host, pid, version, started_ms, seen_ms, url FROM replicas
              ORDER BY started_ms, id",
             (),
             |r| {
@@ -93,6 +95,7 @@ impl LeaseStore for SqlTx<'_> {
                     version: r.get(4)?,
                     started_ms: r.get(5)?,
                     seen_ms: r.get(6)?,
+                    url: r.get(7)?,
                 })
             },
         )

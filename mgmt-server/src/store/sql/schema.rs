@@ -421,6 +421,14 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     ",
         ..NONE
     },
+    // 15: the URL hosts reach each replica at (`url` of its config; empty:
+    // not given to hosts)
+    Migration {
+        all: "
+    ALTER TABLE replicas ADD COLUMN url TEXT NOT NULL DEFAULT '';
+    ",
+        ..NONE
+    },
 ];
 
 #[cfg(test)]
