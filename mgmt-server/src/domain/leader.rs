@@ -113,6 +113,10 @@ impl Store for FencedStore {
         }
         Ok(tx)
     }
+
+    fn stats(&self) -> crate::store::StoreStats {
+        self.0.stats()
+    }
 }
 
 /// How long a lease lasts and how often it is renewed.

@@ -202,6 +202,12 @@ impl Core {
         self.ca.cert_pem()
     }
 
+    /// The database's round trips so far, and the time waited for them
+    /// (benchmarks show the database's share of a push with it).
+    pub fn store_stats(&self) -> crate::store::StoreStats {
+        self.store.stats()
+    }
+
     /// The server CA certificate (PEM): what `guestkeyd enroll --ca-file`
     /// needs, and what hosts trust the server with.
     pub fn server_ca_pem(&self) -> &str {

@@ -157,11 +157,30 @@ impl Core {
         &self,
         volumes: &[VolumeInfo],
     ) -> Result<Vec<Result<PushOp, CoreError>>, CoreError> {
-        self.write(|tx| Ok(volumes.iter().map(|v| self.prepare_one(tx, v)).collect()))
+        self.write(|tx| {
+            // Each host is read once a batch.
+            let mut hosts = HashMap::new();
+            Ok(volumes
+                .iter()
+                .map(|v| self.prepare_one(tx, &mut hosts, v))
+                .collect())
+        })
     }
 
-    fn prepare_one(&self, tx: &mut dyn Tx, v: &VolumeInfo) -> Result<PushOp, CoreError> {
-        let host = enrolled_in(tx, &v.host)?;
+    fn prepare_one(
+        &self,
+        tx: &mut dyn Tx,
+        hosts: &mut HashMap<String, EnrolledHost>,
+        v: &VolumeInfo,
+    ) -> Result<PushOp, CoreError> {
+        let host = match hosts.get(&v.host) {
+            Some(h) => h.clone(),
+            None => {
+                let h = enrolled_in(tx, &v.host)?;
+                hosts.insert(v.host.clone(), h.clone());
+                h
+            }
+        };
         match v.state {
             VolumeState::PendingDelete => Ok(PushOp::Delete { host }),
             VolumeState::Rekeying => {

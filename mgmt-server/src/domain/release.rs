@@ -73,13 +73,13 @@ impl Core {
         // The gate first, with the volume's policy as it is now (not as a
         // caller read it before its round trips): nothing is read or
         // logged as released for a host that fails it.
-        let (policy, split) = tx
-            .release_policy(volume_id)?
+        let (policy, split, wrapped) = tx
+            .release_material(volume_id, generation)?
             .ok_or_else(|| CoreError::Internal(format!("volume {volume_id} vanished")))?;
         if policy.needs_attestation() {
             self.require_attested(tx, &host.name)?;
         }
-        let wrapped = tx.volume_key(volume_id, generation)?.ok_or_else(|| {
+        let wrapped = wrapped.ok_or_else(|| {
             CoreError::Internal(format!(
                 "volume {volume_id} has no key of generation {generation}"
             ))

@@ -46,6 +46,55 @@ pub enum Access {
 pub trait Store: Send + Sync {
     /// Begins a transaction.
     fn begin(&self, access: Access) -> Result<Box<dyn Tx + '_>>;
+    /// The round trips to the database so far, and the time callers
+    /// waited for them.
+    fn stats(&self) -> StoreStats;
+}
+
+/// What the database cost its callers so far ([`Store::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Round trips: on PostgreSQL every call to the server (begin, each
+    /// statement, commit, prepare, connect); on SQLite every call into the
+    /// engine (begin, each statement, commit).
+    pub round_trips: u64,
+    /// Time callers spent in them (summed over threads), in nanoseconds.
+    pub waited_ns: u64,
+}
+
+impl StoreStats {
+    /// What happened between `before` and `self`.
+    pub fn since(self, before: StoreStats) -> StoreStats {
+        StoreStats {
+            round_trips: self.round_trips.saturating_sub(before.round_trips),
+            waited_ns: self.waited_ns.saturating_sub(before.waited_ns),
+        }
+    }
+}
+
+/// The counters behind [`StoreStats`], kept by each engine.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    round_trips: std::sync::atomic::AtomicU64,
+    waited_ns: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    /// Counts one round trip that began at `started`.
+    pub(crate) fn count(&self, started: std::time::Instant) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.round_trips.fetch_add(1, Relaxed);
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.waited_ns.fetch_add(ns, Relaxed);
+    }
+
+    pub(crate) fn stats(&self) -> StoreStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        StoreStats {
+            round_trips: self.round_trips.load(Relaxed),
+            waited_ns: self.waited_ns.load(Relaxed),
+        }
+    }
 }
 
 /// One transaction: everything the domain may read or change.
@@ -257,6 +306,13 @@ pub trait VolumeStore {
     /// What a release of the volume's key needs, and whether the key is
     /// split, read now (None: no such volume).
     fn release_policy(&mut self, id: &str) -> Result<Option<(ReleasePolicy, bool)>>;
+    /// [`VolumeStore::release_policy`] and the wrapped key of `generation`
+    /// (None when it has none), in one query: what a release reads.
+    fn release_material(
+        &mut self,
+        id: &str,
+        generation: u64,
+    ) -> Result<Option<(ReleasePolicy, bool, Option<WrappedKey>)>>;
     /// Volumes not deleted, optionally of one host, by name.
     fn volumes(&mut self, host: Option<&str>) -> Result<Vec<VolumeInfo>>;
     /// A volume by UUID.

@@ -69,4 +69,11 @@ impl Store for TestStore {
             TestStore::Postgres { store: s, .. } => s.begin(access),
         }
     }
+
+    fn stats(&self) -> crate::store::StoreStats {
+        match self {
+            TestStore::Sqlite(s) => s.stats(),
+            TestStore::Postgres { store: s, .. } => s.stats(),
+        }
+    }
 }

@@ -12,6 +12,7 @@ mod hosts;
 mod leader;
 mod migrate;
 mod rekey;
+mod trips;
 mod volumes;
 
 use std::sync::Arc;

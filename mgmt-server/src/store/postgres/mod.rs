@@ -36,7 +36,7 @@ use tokio_postgres::{Client, Config, NoTls, Statement};
 use crate::model::StoreError;
 use crate::store::sql::schema::{Engine, MIGRATIONS, pending};
 use crate::store::sql::{Conn, Row, SqlTx, Value};
-use crate::store::{Access, Store, Tx};
+use crate::store::{Access, Counters, Store, StoreStats, Tx};
 
 /// The advisory lock every write transaction holds ("guestkey").
 const WRITE_LOCK: i64 = 0x6775_6573_746b_6579;
@@ -64,6 +64,8 @@ pub struct PostgresStore {
     runtime: Option<tokio::runtime::Runtime>,
     /// TLS to the database (`sslrootcert=` in the URL), else plain TCP.
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    /// Round trips and the time waited for them.
+    counters: Counters,
 }
 
 struct Pool {
@@ -124,6 +126,7 @@ impl PostgresStore {
             freed: Condvar::new(),
             runtime: Some(runtime),
             tls,
+            counters: Counters::default(),
         };
         store.migrate()?;
         Ok(store)
@@ -144,6 +147,7 @@ impl PostgresStore {
         let Some(rt) = self.runtime.as_ref() else {
             return Err(StoreError::Backend("the database store is closed".into()));
         };
+        let started = std::time::Instant::now();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         rt.spawn(async move {
             let r = match tokio::time::timeout(CALL_DEADLINE, fut).await {
@@ -158,8 +162,11 @@ impl PostgresStore {
             };
             let _ = tx.send(r);
         });
-        rx.recv()
-            .unwrap_or_else(|_| Err(StoreError::Backend("the database thread ended".into())))
+        let r = rx
+            .recv()
+            .unwrap_or_else(|_| Err(StoreError::Backend("the database thread ended".into())));
+        self.counters.count(started);
+        r
     }
 
     fn connect(&self) -> Result<Pooled, StoreError> {
@@ -336,6 +343,10 @@ impl Drop for PostgresStore {
 impl Store for PostgresStore {
     fn begin(&self, access: Access) -> Result<Box<dyn Tx + '_>, StoreError> {
         Ok(Box::new(SqlTx::new(self.begin_conn(access)?)))
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.counters.stats()
     }
 }
 

@@ -22,11 +22,27 @@ fn audit_row(r: &Row) -> Result<AuditRecord> {
 
 impl SqlTx<'_> {
     fn meta_get(&mut self, key: &str) -> Result<Option<String>> {
-        self.db
-            .query_opt("SELECT value FROM meta WHERE key = $1", [key], |r| r.get(0))
+        if let Some(v) = self.meta.get(key) {
+            return Ok(v.clone());
+        }
+        let v: Option<String> =
+            self.db
+                .query_opt("SELECT value FROM meta WHERE key = $1", [key], |r| r.get(0))?;
+        self.meta.insert(key.to_owned(), v.clone());
+        Ok(v)
     }
 
+    /// Sets `key`; the audit head only at commit ([`SqlTx`]).
     fn meta_set(&mut self, key: &str, value: &str) -> Result<()> {
+        self.meta.insert(key.to_owned(), Some(value.to_owned()));
+        if key == AUDIT_HEAD {
+            self.head = Some(value.to_owned());
+            return Ok(());
+        }
+        self.meta_write(key, value)
+    }
+
+    pub(super) fn meta_write(&mut self, key: &str, value: &str) -> Result<()> {
         self.db.execute(
             "INSERT INTO meta (key, value) VALUES ($1, $2)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -35,6 +51,9 @@ impl SqlTx<'_> {
         Ok(())
     }
 }
+
+/// The `meta` key of the audit log's head (`SEQ:HASH`).
+pub(super) const AUDIT_HEAD: &str = "audit_head";
 
 impl MetaStore for SqlTx<'_> {
     fn master_key_id(&mut self) -> Result<Option<String>> {
@@ -75,7 +94,7 @@ impl MetaStore for SqlTx<'_> {
 
 impl AuditStore for SqlTx<'_> {
     fn audit_head(&mut self) -> Result<Option<(u64, String)>> {
-        Ok(self.meta_get("audit_head")?.and_then(|h| {
+        Ok(self.meta_get(AUDIT_HEAD)?.and_then(|h| {
             let (seq, hash) = h.split_once(':')?;
             Some((seq.parse().ok()?, hash.to_owned()))
         }))
@@ -97,7 +116,7 @@ impl AuditStore for SqlTx<'_> {
                 r.mac
             ],
         )?;
-        self.meta_set("audit_head", &format!("{}:{}", r.seq, r.hash))
+        self.meta_set(AUDIT_HEAD, &format!("{}:{}", r.seq, r.hash))
     }
 
     fn list_audit(&mut self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>> {

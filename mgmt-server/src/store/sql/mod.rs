@@ -35,19 +35,35 @@ use crate::store::{Result, Tx};
 pub(crate) use volumes::{AT_PATH, FIND, NAMED};
 
 /// A transaction of any engine: the store's traits, implemented once.
+///
+/// `meta` values read in a transaction are kept for its life (nothing but
+/// the transaction itself can change them meanwhile: writers hold the
+/// write lock, readers see one snapshot), and the audit head, which every
+/// audit record moves, is written once, at commit: a transaction that
+/// releases many keys reads the master key id and the head once.
 pub struct SqlTx<'a> {
     db: Db<'a>,
+    meta: std::collections::HashMap<String, Option<String>>,
+    /// The audit head to write at commit.
+    head: Option<String>,
 }
 
 impl<'a> SqlTx<'a> {
     /// A transaction begun on `conn`.
     pub fn new(conn: Box<dyn Conn + 'a>) -> Self {
-        Self { db: Db(conn) }
+        Self {
+            db: Db(conn),
+            meta: std::collections::HashMap::new(),
+            head: None,
+        }
     }
 }
 
 impl Tx for SqlTx<'_> {
     fn commit(mut self: Box<Self>) -> Result<()> {
+        if let Some(head) = self.head.take() {
+            self.meta_write(meta::AUDIT_HEAD, &head)?;
+        }
         self.db.0.commit()
     }
 }

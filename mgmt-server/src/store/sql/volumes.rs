@@ -139,6 +139,35 @@ impl VolumeStore for SqlTx<'_> {
         .transpose()
     }
 
+    fn release_material(
+        &mut self,
+        id: &str,
+        generation: u64,
+    ) -> Result<Option<(ReleasePolicy, bool, Option<WrappedKey>)>> {
+        type Found = (String, bool, Option<String>, Option<Vec<u8>>);
+        let row: Option<Found> = self.db.query_opt(
+            "SELECT v.release_policy, v.split, k.master_key_id, k.wrapped FROM volumes v
+             LEFT JOIN volume_keys k ON k.volume_id = v.id AND k.generation = $2
+             WHERE v.id = $1",
+            params![id, signed(generation)],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?;
+        let Some((t, split, master_key_id, wrapped)) = row else {
+            return Ok(None);
+        };
+        let policy = t.parse().map_err(|_| {
+            crate::model::StoreError::Corrupt(format!("volumes.release_policy {t:?}"))
+        })?;
+        let key = match (master_key_id, wrapped) {
+            (Some(master_key_id), Some(wrapped)) => Some(WrappedKey {
+                master_key_id,
+                wrapped,
+            }),
+            _ => None,
+        };
+        Ok(Some((policy, split, key)))
+    }
+
     fn set_release_policy(&mut self, id: &str, release: ReleasePolicy) -> Result<()> {
         self.exec(
             "UPDATE volumes SET release_policy = $2 WHERE id = $1",

@@ -17,11 +17,12 @@ use rusqlite::types::ValueRef;
 use crate::model::StoreError;
 use crate::store::sql::schema::{Engine, MIGRATIONS, pending};
 use crate::store::sql::{Conn, Row, SqlTx, Value};
-use crate::store::{Access, Store, Tx};
+use crate::store::{Access, Counters, Store, StoreStats, Tx};
 
 /// The SQLite database of a data directory (or one in memory, for tests).
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    counters: Counters,
 }
 
 impl SqliteStore {
@@ -46,6 +47,7 @@ impl SqliteStore {
         migrate(&mut conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
+            counters: Counters::default(),
         })
     }
 
@@ -72,12 +74,19 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 impl SqliteStore {
     /// A transaction as a plain connection (tools that copy tables).
     pub fn begin_conn(&self, access: Access) -> Result<Box<dyn Conn + '_>, StoreError> {
+        let started = std::time::Instant::now();
         let conn = self.lock();
-        conn.execute_batch(match access {
+        let begun = conn.execute_batch(match access {
             Access::Read => "BEGIN DEFERRED",
             Access::Write => "BEGIN IMMEDIATE",
-        })?;
-        Ok(Box::new(SqliteConn { conn, open: true }))
+        });
+        self.counters.count(started);
+        begun?;
+        Ok(Box::new(SqliteConn {
+            conn,
+            open: true,
+            counters: &self.counters,
+        }))
     }
 
     /// The tables of the schema and their columns, in creation order.
@@ -105,12 +114,17 @@ impl Store for SqliteStore {
     fn begin(&self, access: Access) -> Result<Box<dyn Tx + '_>, StoreError> {
         Ok(Box::new(SqlTx::new(self.begin_conn(access)?)))
     }
+
+    fn stats(&self) -> StoreStats {
+        self.counters.stats()
+    }
 }
 
 /// A transaction on the connection; rolled back on drop unless committed.
 struct SqliteConn<'a> {
     conn: MutexGuard<'a, Connection>,
     open: bool,
+    counters: &'a Counters,
 }
 
 impl SqliteConn<'_> {
@@ -135,15 +149,8 @@ impl SqliteConn<'_> {
         }
         Ok(stmt)
     }
-}
 
-impl Conn for SqliteConn<'_> {
-    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
-        let mut stmt = Self::prepare(&self.conn, sql, params)?;
-        Ok(stmt.raw_execute()? as u64)
-    }
-
-    fn rows(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
+    fn rows_now(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
         let mut stmt = Self::prepare(&self.conn, sql, params)?;
         let n = stmt.column_count();
         let mut rows = stmt.raw_query();
@@ -163,9 +170,29 @@ impl Conn for SqliteConn<'_> {
         }
         Ok(out)
     }
+}
+
+impl Conn for SqliteConn<'_> {
+    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
+        let started = std::time::Instant::now();
+        let r = Self::prepare(&self.conn, sql, params)
+            .and_then(|mut stmt| Ok(stmt.raw_execute()? as u64));
+        self.counters.count(started);
+        r
+    }
+
+    fn rows(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
+        let started = std::time::Instant::now();
+        let r = self.rows_now(sql, params);
+        self.counters.count(started);
+        r
+    }
 
     fn commit(&mut self) -> Result<(), StoreError> {
-        self.conn.execute_batch("COMMIT")?;
+        let started = std::time::Instant::now();
+        let r = self.conn.execute_batch("COMMIT");
+        self.counters.count(started);
+        r?;
         self.open = false;
         Ok(())
     }
