@@ -4,14 +4,20 @@
 //!    unwrap + seal + mutual-TLS gRPC + record), divided by a bare unary
 //!    gRPC call over the same mutual-TLS channel (goal >= 0.5);
 //! 2. admin look-ups (`volume show` by name and by UUID) with 100,000
-//!    volumes in the database: p50 and p99.
+//!    volumes in the database: p50 and p99;
+//! 3. key releases at that size: one volume queued, then its push round
+//!    timed (p50, p99);
+//! 4. the database's share: its round trips per push and the share of the
+//!    push time spent waiting for it.
 //!
 //! The host-agent peer is the test implementation from tests/common (it
 //! opens every sealed packet, as a host would). All traffic is on
 //! 127.0.0.1; every loop is bounded.
 //!
 //! `cargo bench -p mgmt-server --bench server` (`-- --quick` for a smoke run;
-//! `-- --postgres` on PostgreSQL; `-- --volumes N --hosts N` at that size).
+//! `-- --postgres` on PostgreSQL; `-- --volumes N --hosts N` at that size;
+//! `-- --postgres --replicas 2` with a second replica on the database that
+//! renews its membership and serves look-ups while the leader pushes).
 
 #![allow(clippy::unwrap_used, clippy::print_stderr, missing_docs)]
 
@@ -55,6 +61,14 @@ fn main() {
         volumes_n = n.max(lookups_n);
     }
     let hosts_n = arg("--hosts").unwrap_or(0);
+    // `--replicas 2` (PostgreSQL): a second replica on the same database
+    // renews its membership and serves look-ups while the leader pushes.
+    let replicas = arg("--replicas").unwrap_or(1);
+    assert!(
+        replicas == 1 || (replicas == 2 && postgres.is_some()),
+        "--replicas 2 needs --postgres (replicas share a PostgreSQL database)"
+    );
+    let releases_n = if quick { 20 } else { 200 };
 
     let dir = common::temp_dir("bench");
     // Removed at the end, on a panic, and on Ctrl-C (SIGINT/SIGTERM/SIGHUP).
@@ -76,7 +90,7 @@ fn main() {
         database: None,
         leader: Default::default(),
         limits: Limits {
-            max_volumes_per_host: 1_000_000,
+            max_volumes_per_host: 100_000_000,
             key_releases_per_minute: 1_000_000,
             ..Default::default()
         },
@@ -151,8 +165,45 @@ fn main() {
         )
         .unwrap();
     }
-    let push_time = rt.block_on(async {
+    // The second replica: its own store and pool on the same database.
+    let other = (replicas == 2).then(|| mgmt_server::transport::server::open(&config).unwrap().0);
+    let db_before = core.store_stats();
+    let other_lookups = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (push_time, db_pushes) = rt.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut other_tasks = vec![];
+        if let Some(b) = &other {
+            let me = mgmt_server::store::Replica {
+                id: "bench-b".into(),
+                address: "127.0.0.1:0".into(),
+                url: String::new(),
+                host: "bench".into(),
+                pid: std::process::id(),
+                version: "bench".into(),
+                started_ms: 0,
+                seen_ms: 0,
+            };
+            let (tx, _rx) = tokio::sync::watch::channel(None);
+            other_tasks.push(tokio::spawn(mgmt_server::domain::leader::keep_lease(
+                b.clone(),
+                me,
+                Default::default(),
+                false,
+                tx,
+                stop_rx.clone(),
+            )));
+            // Admin look-ups on b meanwhile, one at a time (bounded).
+            let (b, n, stop) = (b.clone(), other_lookups.clone(), stop_rx.clone());
+            other_tasks.push(tokio::task::spawn_blocking(move || {
+                for i in 0..1_000_000u64 {
+                    if *stop.borrow() {
+                        break;
+                    }
+                    let _ = b.get_volume(&format!("bench-{}", i % pushes as u64));
+                    n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }));
+        }
         // The scheduler leads, as in a server (its writes check the fence).
         let me = mgmt_server::store::Replica {
             id: "bench".into(),
@@ -189,10 +240,14 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let t = start.elapsed();
+        let db = core.store_stats().since(db_before);
         let _ = stop_tx.send(true);
         let _ = pusher.await;
         let _ = lease.await;
-        t
+        for task in other_tasks {
+            let _ = task.await;
+        }
+        (t, db)
     });
     assert_eq!(agent.creates().len(), pushes, "every push arrived");
 
@@ -205,6 +260,24 @@ fn main() {
     println!(
         "ratio pushes/echo: {:.2} (goal >= 0.5)",
         push_rate / echo_rate
+    );
+    println!(
+        "database in the pushes: {:.1} round trips a push, {:.0} % of the push time waited for it ({}, {})",
+        db_pushes.round_trips as f64 / pushes as f64,
+        100.0 * db_pushes.waited_ns as f64 / push_time.as_nanos() as f64,
+        if postgres.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        },
+        if replicas == 2 {
+            format!(
+                "two replicas: the other served {} look-ups meanwhile",
+                other_lookups.load(std::sync::atomic::Ordering::Relaxed)
+            )
+        } else {
+            "one replica".to_owned()
+        }
     );
 
     // Admin look-ups with many volumes: rows inserted directly, in one transaction.
@@ -258,8 +331,35 @@ fn main() {
         core.get_volume(id).unwrap();
         by_id.push(t.elapsed());
     }
+    // Key releases at this size: one volume queued (not timed), then one
+    // push round for it timed (due volumes, host, release + audit record,
+    // seal, mutual-TLS delivery, outcome recorded).
+    let mut releases = Vec::with_capacity(releases_n);
+    let db_before = core.store_stats();
+    rt.block_on(async {
+        for i in 0..releases_n {
+            core.create_volume(
+                &admin,
+                "kvm-bench",
+                "default",
+                &format!("release-{i}"),
+                1 << 20,
+                VolumeFormat::Qcow2,
+            )
+            .unwrap();
+            let t = Instant::now();
+            assert_eq!(core.push_volumes().await.unwrap(), 1);
+            releases.push(t.elapsed());
+        }
+    });
+    let db_releases = core.store_stats().since(db_before);
+    assert_eq!(
+        agent.creates().len(),
+        pushes + releases_n,
+        "every release arrived"
+    );
     // Not `list_volumes`: holding every row would be the bench's memory.
-    let total = volumes_n + pushes;
+    let total = volumes_n + pushes + releases_n;
     let pct = |v: &mut Vec<Duration>, p: f64| {
         v.sort();
         v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
@@ -274,6 +374,12 @@ fn main() {
         "  by UUID: p50 {:?}  p99 {:?}",
         pct(&mut by_id, 0.50),
         pct(&mut by_id, 0.99)
+    );
+    println!(
+        "key releases with {total} volumes ({releases_n}, each a push round of one key): p50 {:?}  p99 {:?}  ({:.1} round trips each, create included)",
+        pct(&mut releases, 0.50),
+        pct(&mut releases, 0.99),
+        db_releases.round_trips as f64 / releases_n as f64
     );
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let kb = |key: &str| {

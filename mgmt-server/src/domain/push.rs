@@ -307,24 +307,29 @@ impl Core {
     /// Delivers the due volume operations (one batch); returns how many
     /// were tried.
     pub async fn push_volumes(self: &Arc<Self>) -> Result<usize, CoreError> {
-        let due = self.blocking(|c| c.due_volumes(BATCH)).await?;
+        // The due volumes and their hosts, read together; then which hosts
+        // answer: nothing is released for a host that is revoked or cannot
+        // be reached.
+        type Hosts = HashMap<String, Result<EnrolledHost, PushFailure>>;
+        let (due, hosts): (Vec<VolumeInfo>, Hosts) = self
+            .blocking(|c| {
+                c.read(|tx| {
+                    let due = tx.due_volumes(now_unix_ms(), BATCH)?;
+                    let names: BTreeSet<String> = due.iter().map(|v| v.host.clone()).collect();
+                    let hosts = names
+                        .into_iter()
+                        .map(|n| {
+                            let h = enrolled_in(tx, &n).map_err(|e| held(&e));
+                            (n, h)
+                        })
+                        .collect();
+                    Ok((due, hosts))
+                })
+            })
+            .await?;
         if due.is_empty() {
             return Ok(0);
         }
-        // Their hosts, and which of them answer: nothing is released for a
-        // host that is revoked or cannot be reached.
-        let names: BTreeSet<String> = due.iter().map(|v| v.host.clone()).collect();
-        let hosts: HashMap<String, Result<EnrolledHost, PushFailure>> = self
-            .blocking(move |c| {
-                Ok(names
-                    .into_iter()
-                    .map(|n| {
-                        let h = c.enrolled_host(&n).map_err(|e| held(&e));
-                        (n, h)
-                    })
-                    .collect())
-            })
-            .await?;
         let mut reachable: HashMap<String, Result<(), PushFailure>> = HashMap::new();
         for (name, host) in &hosts {
             let r = match host {

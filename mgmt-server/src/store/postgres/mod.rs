@@ -352,24 +352,22 @@ impl Store for PostgresStore {
 
 impl PostgresStore {
     /// A transaction as a plain connection (tools that copy tables).
+    ///
+    /// The `BEGIN` (and a writer's lock) goes to the database with the
+    /// transaction's first statement, in one round trip (pipelined: the
+    /// server runs them in order, and a statement after a failed `BEGIN` or
+    /// lock fails too, so nothing runs outside the transaction). A
+    /// transaction that runs no statement costs no round trip.
     pub fn begin_conn(&self, access: Access) -> Result<Box<dyn Conn + '_>, StoreError> {
         let c = self.take()?;
-        let begun = self.batch(
-            &c,
-            match access {
-                Access::Read => "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY".to_owned(),
-                Access::Write => format!("BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"),
-            },
-        );
-        if let Err(e) = begun {
-            // Not given back: a connection that failed here is suspect.
-            self.give_back(None);
-            return Err(e);
-        }
         Ok(Box::new(PgConn {
             store: self,
             conn: Some(c),
-            open: true,
+            open: false,
+            begin: Some(match access {
+                Access::Read => "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY".to_owned(),
+                Access::Write => format!("BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"),
+            }),
         }))
     }
 }
@@ -379,7 +377,10 @@ impl PostgresStore {
 struct PgConn<'a> {
     store: &'a PostgresStore,
     conn: Option<Pooled>,
+    /// A `BEGIN` reached the database and no `COMMIT` yet.
     open: bool,
+    /// The `BEGIN` still to send, with the first statement.
+    begin: Option<String>,
 }
 
 impl PgConn<'_> {
@@ -410,27 +411,61 @@ impl PgConn<'_> {
     }
 }
 
-impl Conn for PgConn<'_> {
-    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
+impl PgConn<'_> {
+    /// Runs `stmt` (with the pending `BEGIN` first, pipelined).
+    fn run(&mut self, sql: &str, params: &[Value], query: bool) -> Result<Vec<Row>, StoreError> {
         let (client, stmt) = self.statement(sql)?;
         let params = params.to_vec();
-        self.store.call("statement", async move {
+        let begin = self.begin.take();
+        let r = self.store.call("statement", async move {
             let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-            client.execute(&stmt, &refs).await.map_err(backend)
-        })
+            let work = async {
+                if query {
+                    let rows = client.query(&stmt, &refs).await.map_err(backend)?;
+                    rows.iter().map(row).collect()
+                } else {
+                    let n = client.execute(&stmt, &refs).await.map_err(backend)?;
+                    Ok(vec![Row(vec![Value::Int(
+                        i64::try_from(n).unwrap_or(i64::MAX),
+                    )])])
+                }
+            };
+            match begin {
+                None => work.await,
+                Some(b) => {
+                    // Sent in this order on the connection, answered in it.
+                    let (begun, r) = tokio::join!(client.batch_execute(&b), work);
+                    begun.map_err(backend)?;
+                    r
+                }
+            }
+        });
+        // Whatever happened, a BEGIN may have reached the database: it is
+        // ended (rolled back when dropped uncommitted).
+        self.open = true;
+        r
+    }
+}
+
+impl Conn for PgConn<'_> {
+    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
+        let rows = self.run(sql, params, false)?;
+        rows.first()
+            .map(|r| r.get::<i64>(0))
+            .transpose()?
+            .map_or(Ok(0), |n| Ok(u64::try_from(n).unwrap_or(0)))
     }
 
     fn rows(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
-        let (client, stmt) = self.statement(sql)?;
-        let params = params.to_vec();
-        self.store.call("query", async move {
-            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-            let rows = client.query(&stmt, &refs).await.map_err(backend)?;
-            rows.iter().map(row).collect()
-        })
+        self.run(sql, params, true)
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
+        if !self.open && self.begin.is_some() {
+            // Nothing ran: nothing to commit.
+            self.begin = None;
+            return Ok(());
+        }
         let r = match self.conn.as_ref() {
             Some(c) => self.store.batch(c, "COMMIT".to_owned()),
             None => Err(StoreError::Backend("the transaction has ended".into())),
