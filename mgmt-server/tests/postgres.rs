@@ -410,3 +410,86 @@ fn tls_to_postgres_is_used_and_the_database_servers_certificate_is_checked() {
         "nothing was written"
     );
 }
+
+#[test]
+fn a_client_certificate_is_presented_to_a_database_that_asks_for_one() {
+    // A cluster whose role guestkey logs in only with a client certificate
+    // (`hostssl ... cert`, CN=guestkey, of the cluster's CA).
+    let pg = Postgres::start_client_certs();
+    let db = pg.database();
+    let ca = pg.tls_ca().unwrap().display().to_string();
+    let (cert, key) = pg.client_identity();
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let base = pg.url_as("guestkey", &db.name);
+    let url = format!("{base}?sslmode=require&sslrootcert={ca}&sslcert={cert}&sslkey={key}");
+    let (s, _gone) = server_on(&url);
+    s.ok(&["host", "add", "kvm-a", "--address", "127.0.0.1:1"]);
+    // The server's sessions are the certificate's role, over TLS.
+    let dn = pg
+        .psql(
+            &db.name,
+            "SELECT string_agg(DISTINCT client_dn, ',') FROM pg_stat_ssl JOIN pg_stat_activity USING (pid)
+             WHERE datname = current_database() AND usename = 'guestkey'",
+        )
+        .unwrap();
+    assert_eq!(dn, "/CN=guestkey");
+
+    let init = |url: &str| {
+        let scratch = temp_dir("pg-cert");
+        let _made = Made::dir(&scratch);
+        let out = std::process::Command::new(&bins().server)
+            .args(["init", "--data-dir"])
+            .arg(scratch.join("data"))
+            .args(["--database", url])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{url}");
+        assert!(!scratch.join("data").exists());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let db2 = pg.database();
+    let base2 = pg.url_as("guestkey", &db2.name);
+    // No certificate: the database refuses, and says why.
+    let e = init(&format!("{base2}?sslmode=require&sslrootcert={ca}"));
+    assert!(
+        e.contains("cannot reach the database") && e.contains("certificate"),
+        "{e}"
+    );
+    // Half of an identity; an identity without a CA to check the server.
+    let e = init(&format!(
+        "{base2}?sslmode=require&sslrootcert={ca}&sslcert={cert}"
+    ));
+    assert!(e.contains("needs both"), "{e}");
+    let e = init(&format!(
+        "{base2}?sslmode=require&sslcert={cert}&sslkey={key}"
+    ));
+    assert!(e.contains("add sslrootcert"), "{e}");
+    // A key that others may read.
+    let loose = pg.root().join("loose.key");
+    std::fs::copy(&key, &loose).unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = init(&format!(
+        "{base2}?sslmode=require&sslrootcert={ca}&sslcert={cert}&sslkey={}",
+        loose.display()
+    ));
+    assert!(
+        e.contains("others may read it (mode 644): chmod 600 it"),
+        "{e}"
+    );
+    // A certificate file that holds none.
+    let e = init(&format!(
+        "{base2}?sslmode=require&sslrootcert={ca}&sslcert=/etc/hostname&sslkey={key}"
+    ));
+    assert!(
+        e.contains("sslcert /etc/hostname") && e.contains("no certificate"),
+        "{e}"
+    );
+    assert_eq!(
+        pg.psql(
+            &db2.name,
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ),
+        Ok("0".into()),
+        "nothing was written"
+    );
+}

@@ -85,6 +85,39 @@ impl Postgres {
         Self::start_with(true)
     }
 
+    /// As [`Postgres::start_tls`], and the role `guestkey` (a superuser)
+    /// may log in over TCP only with TLS and a client certificate of that
+    /// CA for `CN=guestkey` (`hostssl ... cert`); the test kit's own
+    /// `postgres` role still logs in as before. The certificate and its
+    /// key: [`Postgres::client_identity`].
+    pub fn start_client_certs() -> Self {
+        let pg = Self::start_with(true);
+        let root = &pg.root;
+        std::fs::write(
+            root.join("data/pg_hba.conf"),
+            "local all all trust\n\
+             host all postgres 127.0.0.1/32 trust\n\
+             hostssl all guestkey 127.0.0.1/32 cert\n\
+             host all all 127.0.0.1/32 reject\n",
+        )
+        .expect("pg_hba.conf");
+        pg.psql("postgres", "CREATE ROLE guestkey LOGIN SUPERUSER")
+            .expect("role guestkey");
+        pg.restart();
+        pg
+    }
+
+    /// With [`Postgres::start_client_certs`]: the client certificate and
+    /// key (mode 0600) of role `guestkey`.
+    pub fn client_identity(&self) -> (PathBuf, PathBuf) {
+        (self.root.join("client.crt"), self.root.join("client.key"))
+    }
+
+    /// The URL of database `db` as role `user`.
+    pub fn url_as(&self, user: &str, db: &str) -> String {
+        format!("postgres://{user}@127.0.0.1:{}/{db}", self.port)
+    }
+
     fn start_with(tls: bool) -> Self {
         let root = temp_dir("postgres");
         let gone = Made::dir(&root);
@@ -140,6 +173,8 @@ impl Postgres {
                     format!("ssl_cert_file={}", self.root.join("server.crt").display()),
                     "-c".to_owned(),
                     format!("ssl_key_file={}", self.root.join("server.key").display()),
+                    "-c".to_owned(),
+                    format!("ssl_ca_file={}", self.root.join("ca.pem").display()),
                 ]
             }))
             .stdout(Stdio::null())
@@ -326,6 +361,19 @@ fn make_certificates(root: &Path) -> PathBuf {
     leaf.distinguished_name
         .push(DnType::CommonName, "127.0.0.1");
     let cert = leaf.signed_by(&key, &issuer).expect("server certificate");
+    // A client certificate for role guestkey (used where the cluster asks
+    // for one: Postgres::start_client_certs).
+    let client_key = KeyPair::generate().expect("a key");
+    let mut client = CertificateParams::new(Vec::<String>::new()).expect("client parameters");
+    client
+        .distinguished_name
+        .push(DnType::CommonName, "guestkey");
+    let client_cert = client
+        .signed_by(&client_key, &issuer)
+        .expect("client certificate");
+    std::fs::write(root.join("client.crt"), client_cert.pem()).expect("client.crt");
+    let client_key_path = root.join("client.key");
+    std::fs::write(&client_key_path, client_key.serialize_pem()).expect("client.key");
     let ca_path = root.join("ca.pem");
     std::fs::write(&ca_path, ca_cert.pem()).expect("ca.pem");
     std::fs::write(root.join("server.crt"), cert.pem()).expect("server.crt");
@@ -333,6 +381,8 @@ fn make_certificates(root: &Path) -> PathBuf {
     std::fs::write(&key_path, key.serialize_pem()).expect("server.key");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::set_permissions(&client_key_path, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod");
     for f in ["server.crt", "server.key"] {
         chown_postgres(&root.join(f));
     }

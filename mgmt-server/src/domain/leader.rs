@@ -156,6 +156,8 @@ pub struct Me {
     pub alive_within: Duration,
     /// The only process of its database (SQLite): any other is dead.
     pub exclusive: bool,
+    /// Its database as shown to people (no password).
+    pub database: String,
 }
 
 /// What a lease round found.
@@ -309,6 +311,20 @@ impl Core {
             }
         }
         Ok(urls)
+    }
+
+    /// What `status` shows: the database, the lease, the replicas.
+    pub fn server_status(&self) -> Result<crate::database::Status, CoreError> {
+        let (lease, replicas, now_ms) = self.replicas()?;
+        Ok(crate::database::Status {
+            database: self
+                .me
+                .get()
+                .map_or_else(|| "(not named)".to_owned(), |m| m.database.clone()),
+            now_ms,
+            lease,
+            replicas,
+        })
     }
 
     /// The lease and the replicas (for `status`).

@@ -509,6 +509,37 @@ impl Admin for AdminService {
         Ok(Response::new(verification(v)))
     }
 
+    async fn get_server_status(
+        &self,
+        req: Request<pb::GetServerStatusRequest>,
+    ) -> R<pb::ServerStatus> {
+        let s = self.admin(&req, |c, _| c.server_status()).await?;
+        Ok(Response::new(pb::ServerStatus {
+            database: s.database,
+            now_unix_ms: s.now_ms,
+            lease: s.lease.map(|l| pb::LeaderLease {
+                replica: l.holder,
+                fence: l.fence,
+                since_unix_ms: l.since_ms,
+                until_unix_ms: l.expires_ms,
+            }),
+            replicas: s
+                .replicas
+                .into_iter()
+                .map(|r| pb::ServerReplica {
+                    id: r.id,
+                    address: r.address,
+                    url: r.url,
+                    host: r.host,
+                    pid: r.pid,
+                    version: r.version,
+                    started_unix_ms: r.started_ms,
+                    seen_unix_ms: r.seen_ms,
+                })
+                .collect(),
+        }))
+    }
+
     async fn get_audit_head(&self, req: Request<pb::GetAuditHeadRequest>) -> R<pb::AuditHead> {
         let h = self.admin(&req, |c, _| c.audit_head()).await?;
         Ok(Response::new(pb::AuditHead {

@@ -158,16 +158,14 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Leadership among replicas; on SQLite this process owns the database.
-    let exclusive = matches!(
-        Database::of(
-            &dir,
-            config
-                .database
-                .as_ref()
-                .map(crate::config::DatabaseUrl::as_str)
-        )?,
-        Database::Sqlite(_)
-    );
+    let database = Database::of(
+        &dir,
+        config
+            .database
+            .as_ref()
+            .map(crate::config::DatabaseUrl::as_str),
+    )?;
+    let exclusive = matches!(database, Database::Sqlite(_));
     let url = advertised_url(config.url.as_deref(), local, &identity.cert_pem)?;
     match (&url, exclusive) {
         (_, true) => {}
@@ -197,6 +195,7 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
         id: me.id.clone(),
         alive_within: times.lease,
         exclusive,
+        database: database.shown(),
     });
     let (leading_tx, leading_rx) = tokio::sync::watch::channel(None);
     let lease = tokio::spawn(crate::domain::leader::keep_lease(

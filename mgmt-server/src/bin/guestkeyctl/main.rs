@@ -80,10 +80,23 @@ enum Command {
     /// Show the audit log; --verify checks it (hash chain, MACs, signed
     /// heads); --head prints a signed head to keep outside the server.
     Audit(audit::AuditArgs),
+    /// The server: the database it uses, its replicas and which one
+    /// leads.
+    #[command(subcommand)]
+    Server(ServerCmd),
     /// Print the server CA certificate (PEM), which signs only the
     /// server's certificate: what `guestkeyd enroll --ca-file` and
     /// `guestkeyd trust-server --ca-file` need.
     CaCert,
+}
+
+/// `guestkeyctl server ...`
+#[derive(clap::Subcommand)]
+enum ServerCmd {
+    /// The database in use, the server replicas on it, and which one leads
+    /// (since when, its fence number, until when its lease holds): what
+    /// `guestkey-server status` shows on a server machine.
+    Status,
 }
 
 /// An error for the user: one line saying what to do.
@@ -126,6 +139,41 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Attestation(cmd) => attestation::run(cmd, &ctx).await,
         Command::Pending(cmd) => pending::run(cmd, &ctx).await,
         Command::Audit(args) => audit::run(args, &ctx).await,
+        Command::Server(ServerCmd::Status) => {
+            let s = ctx
+                .connect()
+                .await?
+                .get_server_status(pb::GetServerStatusRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let status = mgmt_server::database::Status {
+                database: s.database,
+                now_ms: s.now_unix_ms,
+                lease: s.lease.map(|l| mgmt_server::store::Lease {
+                    holder: l.replica,
+                    fence: l.fence,
+                    since_ms: l.since_unix_ms,
+                    expires_ms: l.until_unix_ms,
+                }),
+                replicas: s
+                    .replicas
+                    .into_iter()
+                    .map(|r| mgmt_server::store::Replica {
+                        id: r.id,
+                        address: r.address,
+                        url: r.url,
+                        host: r.host,
+                        pid: r.pid,
+                        version: r.version,
+                        started_ms: r.started_unix_ms,
+                        seen_ms: r.seen_unix_ms,
+                    })
+                    .collect(),
+            };
+            output::emit(ctx.json, status.json(), status.text());
+            Ok(())
+        }
         Command::CaCert => {
             let pem = ctx
                 .connect()

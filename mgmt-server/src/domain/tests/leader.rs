@@ -143,6 +143,7 @@ async fn a_migration_another_live_replica_drives_is_left_to_it_and_taken_over_on
         id: "a".into(),
         alive_within: TIMES.lease,
         exclusive: false,
+        database: "test".into(),
     });
     b.host("kvm-a");
     b.host("kvm-b");
@@ -242,6 +243,7 @@ fn hosts_are_given_the_urls_of_the_replicas_that_name_one_and_none_on_sqlite() {
         id: "a".into(),
         alive_within: TIMES.lease,
         exclusive: false,
+        database: "test".into(),
     });
     let unnamed = Replica {
         url: String::new(),
@@ -265,6 +267,7 @@ fn hosts_are_given_the_urls_of_the_replicas_that_name_one_and_none_on_sqlite() {
         id: "a".into(),
         alive_within: TIMES.lease,
         exclusive: true,
+        database: "test".into(),
     });
     one.core.lease_round(&replica("a"), TIMES, true).unwrap();
     assert!(one.core.replica_urls().unwrap().is_empty());

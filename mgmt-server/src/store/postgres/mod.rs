@@ -84,7 +84,7 @@ impl PostgresStore {
     /// checks the schema and applies pending migrations. At most
     /// `max_connections` are open at once.
     pub fn open(url: &str, max_connections: usize) -> Result<Self, StoreError> {
-        let (rest, root_file) = take_sslrootcert(url);
+        let (rest, files) = take_tls_files(url);
         let config = Config::from_str(&rest).map_err(|e| {
             StoreError::Backend(
                 format!(
@@ -94,8 +94,17 @@ impl PostgresStore {
                 .into(),
             )
         })?;
-        let tls = match (&root_file, config.get_ssl_mode()) {
-            (Some(path), _) => Some(tls_to(path, url)?),
+        if files.root.is_none() && (files.cert.is_some() || files.key.is_some()) {
+            return Err(StoreError::Backend(
+                format!(
+                    "the database URL {} names a client certificate (sslcert, sslkey) but no CA to check the database server's certificate against: add sslrootcert=/PATH/ca.pem",
+                    shown_url(url)
+                )
+                .into(),
+            ));
+        }
+        let tls = match (&files.root, config.get_ssl_mode()) {
+            (Some(path), _) => Some(tls_to(path, files.identity(url)?, url)?),
             (None, tokio_postgres::config::SslMode::Require) => {
                 return Err(StoreError::Backend(
                     format!(
@@ -581,21 +590,104 @@ fn error_text(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// `url` without `sslrootcert=PATH` (tokio-postgres does not read it), and
-/// that path.
-fn take_sslrootcert(url: &str) -> (String, Option<std::path::PathBuf>) {
+/// The certificate files of a database URL, which PostgreSQL's own URL
+/// syntax names but tokio-postgres does not read: `sslrootcert` (the CAs
+/// to check the database server's certificate against), `sslcert` and
+/// `sslkey` (a client certificate and its key, for a database that asks
+/// for one: `hostssl ... cert` in pg_hba.conf).
+#[derive(Default)]
+struct TlsFiles {
+    root: Option<std::path::PathBuf>,
+    cert: Option<std::path::PathBuf>,
+    key: Option<std::path::PathBuf>,
+}
+
+impl TlsFiles {
+    /// The client certificate chain and key, if the URL names them.
+    fn identity(
+        &self,
+        url: &str,
+    ) -> Result<
+        Option<(
+            Vec<rustls::pki_types::CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        )>,
+        StoreError,
+    > {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |what: &str, path: &std::path::Path, why: String| {
+            StoreError::Backend(
+                format!(
+                    "{what} {} of the database URL {}: {why}",
+                    path.display(),
+                    shown_url(url)
+                )
+                .into(),
+            )
+        };
+        let (cert, key) = match (&self.cert, &self.key) {
+            (None, None) => return Ok(None),
+            (Some(c), Some(k)) => (c, k),
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(StoreError::Backend(
+                    format!(
+                        "the database URL {} names one of sslcert and sslkey: a client certificate needs both (sslcert=/PATH/client.pem&sslkey=/PATH/client.key)",
+                        shown_url(url)
+                    )
+                    .into(),
+                ));
+            }
+        };
+        let pem = std::fs::read(cert)
+            .map_err(|e| bad("sslcert", cert, format!("cannot read it: {e}")))?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad("sslcert", cert, format!("not PEM certificates: {e}")))?;
+        if chain.is_empty() {
+            return Err(bad("sslcert", cert, "it holds no certificate".into()));
+        }
+        // As libpq: a key that others may read is refused.
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(key)
+            .map_err(|e| bad("sslkey", key, format!("cannot read it: {e}")))?;
+        if meta.mode() & 0o077 != 0 {
+            return Err(bad(
+                "sslkey",
+                key,
+                format!(
+                    "others may read it (mode {:o}): chmod 600 it",
+                    meta.mode() & 0o777
+                ),
+            ));
+        }
+        let key_pem = zeroize::Zeroizing::new(
+            std::fs::read(key).map_err(|e| bad("sslkey", key, format!("cannot read it: {e}")))?,
+        );
+        let private = PrivateKeyDer::from_pem_slice(&key_pem)
+            .map_err(|e| bad("sslkey", key, format!("not a PEM private key: {e}")))?;
+        Ok(Some((chain, private)))
+    }
+}
+
+/// `url` without the parameters of [`TlsFiles`], and those.
+fn take_tls_files(url: &str) -> (String, TlsFiles) {
+    let mut files = TlsFiles::default();
     let Some((base, query)) = url.split_once('?') else {
-        return (url.to_owned(), None);
+        return (url.to_owned(), files);
     };
-    let mut root = None;
     let kept: Vec<&str> = query
         .split('&')
-        .filter(|kv| match kv.strip_prefix("sslrootcert=") {
-            Some(path) => {
-                root = Some(std::path::PathBuf::from(path));
-                false
-            }
-            None => true,
+        .filter(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            let slot = match k {
+                "sslrootcert" => &mut files.root,
+                "sslcert" => &mut files.cert,
+                "sslkey" => &mut files.key,
+                _ => return true,
+            };
+            *slot = Some(std::path::PathBuf::from(v));
+            false
         })
         .collect();
     let rest = if kept.is_empty() {
@@ -603,13 +695,17 @@ fn take_sslrootcert(url: &str) -> (String, Option<std::path::PathBuf>) {
     } else {
         format!("{base}?{}", kept.join("&"))
     };
-    (rest, root)
+    (rest, files)
 }
 
 /// TLS that trusts only the CA certificates in `path` and checks the
 /// database server's name (the URL's host) against its certificate.
 fn tls_to(
     path: &std::path::Path,
+    identity: Option<(
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
     url: &str,
 ) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
     use rustls::pki_types::CertificateDer;
@@ -639,8 +735,19 @@ fn tls_to(
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| bad(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => config.with_no_client_auth(),
+        Some((chain, key)) => config.with_client_auth_cert(chain, key).map_err(|e| {
+            StoreError::Backend(
+                format!(
+                    "the client certificate (sslcert, sslkey) of the database URL {}: {e}",
+                    shown_url(url)
+                )
+                .into(),
+            )
+        })?,
+    };
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
