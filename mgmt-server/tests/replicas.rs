@@ -117,6 +117,29 @@ fn two_replicas_serve_one_database_and_the_second_leads_within_the_lease_when_th
             && text.contains(&format!("leader:   {ida}")),
         "{text}"
     );
+    // The same through the admin API, from either replica, on any admin's
+    // machine (`guestkeyctl server status`).
+    for s in [&p.a, &p.b] {
+        let api = s.json(&["server", "status"]);
+        assert_eq!(api["database"], st["database"], "{api}");
+        assert_eq!(api["leader"]["replica"], ida.as_str(), "{api}");
+        assert_eq!(api["leader"]["fence"], 1, "{api}");
+        let mut ids: Vec<String> = api["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        let mut want = vec![ida.clone(), idb.clone()];
+        want.sort();
+        assert_eq!(ids, want, "{api}");
+        let text = s.ok(&["server", "status"]);
+        assert!(
+            text.contains(&format!("leader:   {ida}")) && text.contains(&idb),
+            "{text}"
+        );
+    }
 
     let mut agent = TestAgent::enroll(&p.a, "kvm-a");
     agent.serve();
