@@ -38,13 +38,13 @@ async fn a_push_round_costs_a_fixed_number_of_round_trips_plus_a_few_per_key() {
     eprintln!("one key: {one} round trips; 21 keys: {many}");
     assert!(b.core.due_volumes(100).unwrap().is_empty(), "all pushed");
     // A round: the due volumes and their hosts (one read), one transaction that
-    // releases every key (the host read once, the master key id and the
-    // audit head read once and the head written once), one that records
+    // releases every key (the host read once, `meta` read once and the
+    // audit head written once, with the commit), one that records
     // every outcome. Each key more: its policy and wrapped key (one
     // query), its `key.released` record, its state check and update, its
     // `volume.ready` record. (PostgreSQL adds the first preparation of a
     // statement on a connection.)
-    assert!(one <= 25, "one key cost {one} round trips (25 at most)");
+    assert!(one <= 20, "one key cost {one} round trips (20 at most)");
     assert!(
         many - one <= 20 * 5,
         "20 keys more cost {} round trips (5 a key at most)",

@@ -487,6 +487,39 @@ impl Conn for PgConn<'_> {
         r
     }
 
+    /// The statement and `COMMIT` in one round trip (pipelined, with a
+    /// `BEGIN` still to send before them): a `COMMIT` after a failed
+    /// statement rolls the transaction back.
+    fn execute_and_commit(&mut self, sql: &str, params: &[Value]) -> Result<(), StoreError> {
+        let (client, stmt) = self.statement(sql)?;
+        let params = params.to_vec();
+        let begin = self.begin.take();
+        let r = self.store.call("statement and commit", async move {
+            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
+            let begun = async {
+                match &begin {
+                    Some(b) => client.batch_execute(b).await,
+                    None => Ok(()),
+                }
+            };
+            // Sent in this order on the connection, answered in it.
+            let (begun, done, committed) = tokio::join!(
+                begun,
+                client.execute(&stmt, &refs),
+                client.batch_execute("COMMIT")
+            );
+            begun.map_err(backend)?;
+            done.map_err(backend)?;
+            committed.map_err(backend)
+        });
+        self.open = false;
+        if r.is_err() {
+            // Rolled back, or unknown: the connection is not used again.
+            self.conn = None;
+        }
+        r
+    }
+
     fn engine(&self) -> Engine {
         Engine::Postgres
     }

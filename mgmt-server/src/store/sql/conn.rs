@@ -29,6 +29,12 @@ pub trait Conn {
     fn rows(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>>;
     /// Commits. Without it, the transaction is rolled back when dropped.
     fn commit(&mut self) -> Result<()>;
+    /// Runs a last statement that returns no rows, then commits (an engine
+    /// may send both at once); nothing is committed if the statement fails.
+    fn execute_and_commit(&mut self, sql: &str, params: &[Value]) -> Result<()> {
+        self.execute(sql, params)?;
+        self.commit()
+    }
     /// Which engine this is (for what the engines spell differently).
     fn engine(&self) -> crate::store::sql::schema::Engine;
 }

@@ -21,36 +21,37 @@ fn audit_row(r: &Row) -> Result<AuditRecord> {
 }
 
 impl SqlTx<'_> {
+    /// `meta`'s row `key`: the whole table (a few rows) is read at the
+    /// first look and kept for the transaction ([`SqlTx`]).
     fn meta_get(&mut self, key: &str) -> Result<Option<String>> {
-        if let Some(v) = self.meta.get(key) {
-            return Ok(v.clone());
+        if self.meta.is_none() {
+            let rows: Vec<(String, String)> =
+                self.db.query_all("SELECT key, value FROM meta", (), |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+            self.meta = Some(rows.into_iter().collect());
         }
-        let v: Option<String> =
-            self.db
-                .query_opt("SELECT value FROM meta WHERE key = $1", [key], |r| r.get(0))?;
-        self.meta.insert(key.to_owned(), v.clone());
-        Ok(v)
+        Ok(self.meta.as_ref().and_then(|m| m.get(key).cloned()))
     }
 
     /// Sets `key`; the audit head only at commit ([`SqlTx`]).
     fn meta_set(&mut self, key: &str, value: &str) -> Result<()> {
-        self.meta.insert(key.to_owned(), Some(value.to_owned()));
+        self.meta_get(key)?;
+        if let Some(m) = self.meta.as_mut() {
+            m.insert(key.to_owned(), value.to_owned());
+        }
         if key == AUDIT_HEAD {
             self.head = Some(value.to_owned());
             return Ok(());
         }
-        self.meta_write(key, value)
-    }
-
-    pub(super) fn meta_write(&mut self, key: &str, value: &str) -> Result<()> {
-        self.db.execute(
-            "INSERT INTO meta (key, value) VALUES ($1, $2)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            [key, value],
-        )?;
+        self.db.execute(META_SET, [key, value])?;
         Ok(())
     }
 }
+
+/// Sets one `meta` row: `$1` key, `$2` value.
+pub(super) const META_SET: &str = "INSERT INTO meta (key, value) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 
 /// The `meta` key of the audit log's head (`SEQ:HASH`).
 pub(super) const AUDIT_HEAD: &str = "audit_head";

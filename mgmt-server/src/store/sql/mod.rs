@@ -43,7 +43,8 @@ pub(crate) use volumes::{AT_PATH, FIND, NAMED};
 /// releases many keys reads the master key id and the head once.
 pub struct SqlTx<'a> {
     db: Db<'a>,
-    meta: std::collections::HashMap<String, Option<String>>,
+    /// `meta`, read at the first look at it.
+    meta: Option<std::collections::HashMap<String, String>>,
     /// The audit head to write at commit.
     head: Option<String>,
 }
@@ -53,7 +54,7 @@ impl<'a> SqlTx<'a> {
     pub fn new(conn: Box<dyn Conn + 'a>) -> Self {
         Self {
             db: Db(conn),
-            meta: std::collections::HashMap::new(),
+            meta: None,
             head: None,
         }
     }
@@ -61,10 +62,13 @@ impl<'a> SqlTx<'a> {
 
 impl Tx for SqlTx<'_> {
     fn commit(mut self: Box<Self>) -> Result<()> {
-        if let Some(head) = self.head.take() {
-            self.meta_write(meta::AUDIT_HEAD, &head)?;
+        match self.head.take() {
+            Some(head) => self.db.0.execute_and_commit(
+                meta::META_SET,
+                &[Value::Text(meta::AUDIT_HEAD.to_owned()), Value::Text(head)],
+            ),
+            None => self.db.0.commit(),
         }
-        self.db.0.commit()
     }
 }
 
