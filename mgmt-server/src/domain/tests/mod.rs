@@ -11,6 +11,7 @@ mod gates;
 mod hosts;
 mod leader;
 mod migrate;
+mod plans;
 mod rekey;
 mod trips;
 mod volumes;
@@ -50,8 +51,21 @@ impl Bed {
         Self::build(Limits::default(), Some(path))
     }
 
+    /// A bed on SQLite in memory, whatever `GUESTKEY_TEST_DATABASE` says.
+    pub(super) fn on_sqlite() -> Self {
+        Self::build_on(
+            TestStore::Sqlite(crate::store::sqlite::SqliteStore::in_memory().unwrap()),
+            Limits::default(),
+            None,
+        )
+    }
+
     fn build(limits: Limits, checkpoints: Option<std::path::PathBuf>) -> Self {
-        let store = Arc::new(TestStore::new());
+        Self::build_on(TestStore::new(), limits, checkpoints)
+    }
+
+    fn build_on(store: TestStore, limits: Limits, checkpoints: Option<std::path::PathBuf>) -> Self {
+        let store = Arc::new(store);
         let mk = MasterKey::generate().unwrap();
         {
             let mut tx = store.begin(Access::Write).unwrap();

@@ -377,6 +377,7 @@ impl PostgresStore {
                 Access::Read => "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY".to_owned(),
                 Access::Write => format!("BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"),
             }),
+            queued: Vec::new(),
         }))
     }
 }
@@ -390,6 +391,8 @@ struct PgConn<'a> {
     open: bool,
     /// The `BEGIN` still to send, with the first statement.
     begin: Option<String>,
+    /// Statements sent with the next one ([`Conn::execute_later`]).
+    queued: Vec<(Statement, Vec<Value>)>,
 }
 
 impl PgConn<'_> {
@@ -420,104 +423,164 @@ impl PgConn<'_> {
     }
 }
 
+/// One request of a pipeline ([`PgConn::send`]).
+enum Op {
+    /// Statements without parameters (`BEGIN ...`, `COMMIT`).
+    Batch(String),
+    /// A statement whose rows are not wanted; answers its row count.
+    Execute(Statement, Vec<Value>),
+    /// A query; answers its rows.
+    Query(Statement, Vec<Value>),
+}
+
 impl PgConn<'_> {
-    /// Runs `stmt` (with the pending `BEGIN` first, pipelined).
-    fn run(&mut self, sql: &str, params: &[Value], query: bool) -> Result<Vec<Row>, StoreError> {
-        let (client, stmt) = self.statement(sql)?;
-        let params = params.to_vec();
-        let begin = self.begin.take();
-        let r = self.store.call("statement", async move {
-            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-            let work = async {
-                if query {
-                    let rows = client.query(&stmt, &refs).await.map_err(backend)?;
-                    rows.iter().map(row).collect()
-                } else {
-                    let n = client.execute(&stmt, &refs).await.map_err(backend)?;
-                    Ok(vec![Row(vec![Value::Int(
-                        i64::try_from(n).unwrap_or(i64::MAX),
-                    )])])
-                }
-            };
-            match begin {
-                None => work.await,
-                Some(b) => {
-                    // Sent in this order on the connection, answered in it.
-                    let (begun, r) = tokio::join!(client.batch_execute(&b), work);
-                    begun.map_err(backend)?;
-                    r
+    /// Sends `ops` on the connection in this order, in one round trip
+    /// (pipelined: the server runs them in order, and after a failed one
+    /// the rest fail or, a `COMMIT`, roll the transaction back), with the
+    /// pending `BEGIN` and the statements queued by
+    /// [`Conn::execute_later`] first. The answer of the last op, or the
+    /// first error in order.
+    fn send(&mut self, what: &'static str, last: Vec<Op>) -> Result<Vec<Row>, StoreError> {
+        let client = self.pooled()?.client.clone();
+        let mut ops: Vec<Op> = Vec::with_capacity(last.len() + self.queued.len() + 1);
+        ops.extend(self.begin.take().map(Op::Batch));
+        ops.extend(self.queued.drain(..).map(|(s, p)| Op::Execute(s, p)));
+        ops.extend(last);
+        let r = self.store.call(what, async move {
+            let futures: Vec<_> = ops
+                .iter()
+                .map(|op| {
+                    let client = &client;
+                    Box::pin(async move {
+                        match op {
+                            Op::Batch(sql) => {
+                                client.batch_execute(sql).await.map_err(backend)?;
+                                Ok(vec![])
+                            }
+                            Op::Execute(stmt, params) => {
+                                let refs: Vec<&(dyn ToSql + Sync)> =
+                                    params.iter().map(|p| p as _).collect();
+                                let n = client.execute(stmt, &refs).await.map_err(backend)?;
+                                Ok(vec![Row(vec![Value::Int(
+                                    i64::try_from(n).unwrap_or(i64::MAX),
+                                )])])
+                            }
+                            Op::Query(stmt, params) => {
+                                let refs: Vec<&(dyn ToSql + Sync)> =
+                                    params.iter().map(|p| p as _).collect();
+                                let rows = client.query(stmt, &refs).await.map_err(backend)?;
+                                rows.iter().map(row).collect()
+                            }
+                        }
+                    })
+                        as std::pin::Pin<
+                            Box<dyn Future<Output = Result<Vec<Row>, StoreError>> + Send + '_>,
+                        >
+                })
+                .collect();
+            let mut out = Ok(vec![]);
+            for r in in_order(futures).await {
+                match (r, &out) {
+                    (Err(e), Ok(_)) => out = Err(e),
+                    (Ok(rows), Ok(_)) => out = Ok(rows),
+                    (_, Err(_)) => {}
                 }
             }
+            out
         });
         // Whatever happened, a BEGIN may have reached the database: it is
         // ended (rolled back when dropped uncommitted).
         self.open = true;
         r
     }
-}
 
-impl Conn for PgConn<'_> {
-    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
-        let rows = self.run(sql, params, false)?;
-        rows.first()
-            .map(|r| r.get::<i64>(0))
-            .transpose()?
-            .map_or(Ok(0), |n| Ok(u64::try_from(n).unwrap_or(0)))
-    }
-
-    fn rows(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
-        self.run(sql, params, true)
-    }
-
-    fn commit(&mut self) -> Result<(), StoreError> {
-        if !self.open && self.begin.is_some() {
-            // Nothing ran: nothing to commit.
-            self.begin = None;
-            return Ok(());
-        }
-        let r = match self.conn.as_ref() {
-            Some(c) => self.store.batch(c, "COMMIT".to_owned()),
-            None => Err(StoreError::Backend("the transaction has ended".into())),
-        };
-        self.open = false;
-        if r.is_err() {
-            // Whether it committed is unknown: the connection is dropped.
-            self.conn = None;
-        }
-        r
-    }
-
-    /// The statement and `COMMIT` in one round trip (pipelined, with a
-    /// `BEGIN` still to send before them): a `COMMIT` after a failed
-    /// statement rolls the transaction back.
-    fn execute_and_commit(&mut self, sql: &str, params: &[Value]) -> Result<(), StoreError> {
-        let (client, stmt) = self.statement(sql)?;
+    /// The statement `sql` with `params` as an op of [`PgConn::send`].
+    fn op(&mut self, sql: &str, params: &[Value], query: bool) -> Result<Op, StoreError> {
+        let (_, stmt) = self.statement(sql)?;
         let params = params.to_vec();
-        let begin = self.begin.take();
-        let r = self.store.call("statement and commit", async move {
-            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-            let begun = async {
-                match &begin {
-                    Some(b) => client.batch_execute(b).await,
-                    None => Ok(()),
-                }
-            };
-            // Sent in this order on the connection, answered in it.
-            let (begun, done, committed) = tokio::join!(
-                begun,
-                client.execute(&stmt, &refs),
-                client.batch_execute("COMMIT")
-            );
-            begun.map_err(backend)?;
-            done.map_err(backend)?;
-            committed.map_err(backend)
-        });
+        Ok(if query {
+            Op::Query(stmt, params)
+        } else {
+            Op::Execute(stmt, params)
+        })
+    }
+
+    /// Ends the transaction with `last` then `COMMIT`, in one round trip.
+    fn finish(&mut self, last: Vec<Op>) -> Result<(), StoreError> {
+        let mut ops = last;
+        ops.push(Op::Batch("COMMIT".to_owned()));
+        let r = self.send("commit", ops).map(drop);
         self.open = false;
         if r.is_err() {
             // Rolled back, or unknown: the connection is not used again.
             self.conn = None;
         }
         r
+    }
+}
+
+/// Polls `futures` together, each first in the order given, so that their
+/// requests reach the connection in that order; their outputs in order.
+async fn in_order<T>(
+    mut futures: Vec<std::pin::Pin<Box<dyn Future<Output = T> + Send + '_>>>,
+) -> Vec<T> {
+    let mut out: Vec<Option<T>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in futures.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}
+
+impl Conn for PgConn<'_> {
+    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
+        let op = self.op(sql, params, false)?;
+        let rows = self.send("statement", vec![op])?;
+        rows.first()
+            .map(|r| r.get::<i64>(0))
+            .transpose()?
+            .map_or(Ok(0), |n| Ok(u64::try_from(n).unwrap_or(0)))
+    }
+
+    /// Queued, and sent with the transaction's next statement or its
+    /// `COMMIT` (no round trip of its own); an error in it fails that one.
+    fn execute_later(&mut self, sql: &str, params: &[Value]) -> Result<(), StoreError> {
+        let (_, stmt) = self.statement(sql)?;
+        self.queued.push((stmt, params.to_vec()));
+        Ok(())
+    }
+
+    fn rows(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
+        let op = self.op(sql, params, true)?;
+        self.send("query", vec![op])
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        if !self.open && self.queued.is_empty() && self.begin.is_some() {
+            // Nothing ran: nothing to commit.
+            self.begin = None;
+            return Ok(());
+        }
+        self.finish(vec![])
+    }
+
+    /// The statement and `COMMIT` in one round trip.
+    fn execute_and_commit(&mut self, sql: &str, params: &[Value]) -> Result<(), StoreError> {
+        let op = self.op(sql, params, false)?;
+        self.finish(vec![op])
     }
 
     fn engine(&self) -> Engine {

@@ -29,6 +29,12 @@ pub trait Conn {
     fn rows(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>>;
     /// Commits. Without it, the transaction is rolled back when dropped.
     fn commit(&mut self) -> Result<()>;
+    /// Runs a statement whose row count nobody needs, now or (an engine
+    /// that pipelines) with the transaction's next statement or commit,
+    /// which then fails if it failed.
+    fn execute_later(&mut self, sql: &str, params: &[Value]) -> Result<()> {
+        self.execute(sql, params).map(drop)
+    }
     /// Runs a last statement that returns no rows, then commits (an engine
     /// may send both at once); nothing is committed if the statement fails.
     fn execute_and_commit(&mut self, sql: &str, params: &[Value]) -> Result<()> {
@@ -223,6 +229,12 @@ impl Db<'_> {
     pub fn execute(&mut self, sql: &str, p: impl Params) -> Result<usize> {
         let n = self.0.execute(sql, &p.values())?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    /// Runs a statement whose row count is not needed; see
+    /// [`Conn::execute_later`].
+    pub fn execute_later(&mut self, sql: &str, p: impl Params) -> Result<()> {
+        self.0.execute_later(sql, &p.values())
     }
 
     /// Every row, each through `f`.

@@ -102,7 +102,8 @@ impl AuditStore for SqlTx<'_> {
     }
 
     fn append_audit(&mut self, r: &AuditRecord) -> Result<()> {
-        self.db.execute(
+        // With the next statement or the commit (which fails with it).
+        self.db.execute_later(
             "INSERT INTO audit (seq, time_ms, actor, action, subject, detail, prev_hash, hash, mac)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             params![

@@ -429,6 +429,19 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     ",
         ..NONE
     },
+    // 16: indexes for look-ups that read whole tables (found by
+    // domain/tests/plans.rs): a guest by name, a guest by UUID or host and
+    // name in any state (define, undefine), the guests whose pushes are
+    // due (the scheduler's poll), a host by its enrollment token
+    Migration {
+        all: "
+    CREATE INDEX guests_name ON guests(name);
+    CREATE INDEX guests_host_name ON guests(host, name);
+    CREATE INDEX guests_due ON guests(next_attempt) WHERE pending != '';
+    CREATE INDEX hosts_token ON hosts(token_hash);
+    ",
+        ..NONE
+    },
 ];
 
 #[cfg(test)]

@@ -81,9 +81,10 @@ impl SqlTx<'_> {
         )
     }
 
+    /// A write whose row count is not needed: on PostgreSQL sent with the
+    /// transaction's next statement or commit.
     pub(super) fn exec(&mut self, sql: &str, p: impl Params) -> Result<()> {
-        self.db.execute(sql, p)?;
-        Ok(())
+        self.db.execute_later(sql, p)
     }
 }
 

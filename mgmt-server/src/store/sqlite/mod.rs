@@ -23,6 +23,9 @@ use crate::store::{Access, Counters, Store, StoreStats, Tx};
 pub struct SqliteStore {
     conn: Mutex<Connection>,
     counters: Counters,
+    /// Every statement prepared on it (tests check their query plans).
+    #[cfg(test)]
+    pub(crate) seen: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl SqliteStore {
@@ -48,6 +51,8 @@ impl SqliteStore {
         Ok(Self {
             conn: Mutex::new(conn),
             counters: Counters::default(),
+            #[cfg(test)]
+            seen: Mutex::default(),
         })
     }
 
@@ -86,6 +91,8 @@ impl SqliteStore {
             conn,
             open: true,
             counters: &self.counters,
+            #[cfg(test)]
+            seen: &self.seen,
         }))
     }
 
@@ -125,9 +132,19 @@ struct SqliteConn<'a> {
     conn: MutexGuard<'a, Connection>,
     open: bool,
     counters: &'a Counters,
+    #[cfg(test)]
+    seen: &'a Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl SqliteConn<'_> {
+    #[cfg(test)]
+    fn saw(&self, sql: &str) {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sql.to_owned());
+    }
+
     fn prepare<'s>(
         conn: &'s Connection,
         sql: &str,
@@ -151,6 +168,8 @@ impl SqliteConn<'_> {
     }
 
     fn rows_now(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
+        #[cfg(test)]
+        self.saw(sql);
         let mut stmt = Self::prepare(&self.conn, sql, params)?;
         let n = stmt.column_count();
         let mut rows = stmt.raw_query();
@@ -174,6 +193,8 @@ impl SqliteConn<'_> {
 
 impl Conn for SqliteConn<'_> {
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
+        #[cfg(test)]
+        self.saw(sql);
         let started = std::time::Instant::now();
         let r = Self::prepare(&self.conn, sql, params)
             .and_then(|mut stmt| Ok(stmt.raw_execute()? as u64));
@@ -224,6 +245,20 @@ impl SqliteStore {
     /// (tests of tamper detection); returns SQLite's error text.
     pub(crate) fn tamper(&self, sql: &str) -> Result<(), String> {
         self.lock().execute_batch(sql).map_err(|e| e.to_string())
+    }
+
+    /// The lines of `EXPLAIN QUERY PLAN sql` (parameters unbound).
+    pub(crate) fn query_plan(&self, sql: &str) -> Result<Vec<String>, String> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .map_err(|e| e.to_string())?;
+        let mut rows = stmt.raw_query();
+        let mut out = vec![];
+        while let Some(r) = rows.next().map_err(|e| e.to_string())? {
+            out.push(r.get::<_, String>(3).map_err(|e| e.to_string())?);
+        }
+        Ok(out)
     }
 }
 

@@ -1,0 +1,112 @@
+//! Every statement the domain runs is answered from an index, not by
+//! reading a whole large table: the query plan (SQLite's `EXPLAIN QUERY
+//! PLAN`) of each statement a workload of the API's operations prepared
+//! is checked, so that a new query without its index fails here instead
+//! of slowing `volume show` at a million volumes (issue 16). Statements
+//! whose job is to read a whole table (listings, the master key's
+//! rotation, the audit chain's verification) are named below with why.
+
+use super::Bed;
+use crate::model::{RekeyKind, RekeyPlacement};
+use crate::store::testing::TestStore;
+
+/// Tables that hold one row or a handful (a scan of them is a look-up):
+/// settings, the lease, the replicas, the admins, and the journal of the
+/// migrations under way (a row leaves it when its migration ends).
+const SMALL: [&str; 6] = [
+    "meta",
+    "leader_lease",
+    "replicas",
+    "admins",
+    "schema_version",
+    "guest_migrations",
+];
+
+/// Statements that read every row on purpose: a piece of each, and why.
+const WHOLE: [(&str, &str); 3] = [
+    (
+        "(CAST($1 AS TEXT) IS NULL OR v.host = $1) ORDER BY v.name",
+        "`volume list`: every volume, by name",
+    ),
+    (
+        "(CAST($1 AS TEXT) IS NULL OR g.host = $1) ORDER BY g.host, g.name",
+        "`guest list`: every guest, by host and name",
+    ),
+    (
+        "FROM hosts h ORDER BY h.name",
+        "`host list`: every host, by name",
+    ),
+];
+
+#[tokio::test]
+async fn every_statement_of_the_api_operations_uses_an_index() {
+    let b = Bed::on_sqlite();
+    b.host("kvm-a");
+    b.host("kvm-b");
+    let v = b.volume("kvm-a", "disk").await;
+    b.volume("kvm-a", "data").await;
+    let g = b.guest("kvm-a", "g1", &["disk", "data"]).await;
+    // Look-ups, listings, the audit log.
+    b.core.get_volume("disk").unwrap();
+    b.core.get_volume(&v.id).unwrap();
+    b.core.get_guest("g1").unwrap();
+    b.core.get_guest(&g.uuid).unwrap();
+    b.core.get_host("kvm-a").unwrap();
+    b.core.list_volumes(None).unwrap();
+    b.core.list_volumes(Some("kvm-a")).unwrap();
+    b.core.list_hosts().unwrap();
+    b.core.list_guests(None).unwrap();
+    assert!(b.core.verify_audit(None).unwrap().ok);
+    // A rekey, a migration, a deletion.
+    b.core
+        .request_rekey(&b.admin, "data", RekeyKind::Shallow, RekeyPlacement::Any, 0)
+        .unwrap();
+    b.push().await;
+    b.core
+        .migrate_guest(b.admin.clone(), "g1".into(), "kvm-b".into(), false, false)
+        .await
+        .unwrap();
+    b.push().await;
+    b.core.apply_policies().unwrap();
+    b.core.unfinished_migrations().unwrap();
+    b.volume("kvm-b", "spare").await;
+    b.core.delete_volume(&b.admin, "spare").unwrap();
+    b.push().await;
+
+    let TestStore::Sqlite(store) = b.store.as_ref() else {
+        unreachable!("Bed::on_sqlite")
+    };
+    let seen: Vec<String> = store.seen.lock().unwrap().iter().cloned().collect();
+    assert!(
+        seen.len() > 40,
+        "the workload ran {} statements",
+        seen.len()
+    );
+    let mut bad = vec![];
+    for sql in &seen {
+        let plan = store.query_plan(sql).unwrap();
+        let scans: Vec<&String> = plan
+            .iter()
+            .filter(|line| {
+                let Some(rest) = line.strip_prefix("SCAN ") else {
+                    return false;
+                };
+                let table = rest.split_whitespace().next().unwrap_or("");
+                !SMALL.contains(&table) && !rest.starts_with("CONSTANT ROW")
+            })
+            .collect();
+        let whole = WHOLE.iter().any(|(piece, _)| sql.contains(piece));
+        if !scans.is_empty() && !whole {
+            bad.push(format!("{}\n    {scans:?}", one_line(sql)));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "statements that read a whole table (give them an index, or name them in WHOLE with why):\n{}",
+        bad.join("\n")
+    );
+}
+
+fn one_line(sql: &str) -> String {
+    sql.split_whitespace().collect::<Vec<_>>().join(" ")
+}
