@@ -143,6 +143,25 @@ fn sealed(packet: &KeyPacket, host: &EnrolledHost) -> Result<SealedKey, AgentErr
     })
 }
 
+/// One push round ([`Core::push_round`]): how many volumes it tried and
+/// how long its steps took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PushRound {
+    /// Volumes tried.
+    pub tried: usize,
+    /// Reading the due volumes and their hosts.
+    pub read: std::time::Duration,
+    /// The release transaction: gates, `key.released` records, unwrapping,
+    /// committed (no key leaves before).
+    pub release: std::time::Duration,
+    /// Sealing and delivering to the hosts.
+    pub deliver: std::time::Duration,
+    /// Recording the outcomes.
+    pub record: std::time::Duration,
+    /// The whole round (with connecting and attesting the hosts).
+    pub total: std::time::Duration,
+}
+
 impl Core {
     /// Volumes whose pending operation is due.
     pub fn due_volumes(&self, limit: u32) -> Result<Vec<VolumeInfo>, CoreError> {
@@ -307,6 +326,13 @@ impl Core {
     /// Delivers the due volume operations (one batch); returns how many
     /// were tried.
     pub async fn push_volumes(self: &Arc<Self>) -> Result<usize, CoreError> {
+        Ok(self.push_round().await?.tried)
+    }
+
+    /// [`Core::push_volumes`], and how long each step of the round took.
+    pub async fn push_round(self: &Arc<Self>) -> Result<PushRound, CoreError> {
+        let started = std::time::Instant::now();
+        let mut round = PushRound::default();
         // The due volumes and their hosts, read together; then which hosts
         // answer: nothing is released for a host that is revoked or cannot
         // be reached.
@@ -327,8 +353,9 @@ impl Core {
                 })
             })
             .await?;
+        round.read = started.elapsed();
         if due.is_empty() {
-            return Ok(0);
+            return Ok(round);
         }
         let mut reachable: HashMap<String, Result<(), PushFailure>> = HashMap::new();
         for (name, host) in &hosts {
@@ -376,7 +403,10 @@ impl Core {
             }
         }
         let batch = ready.clone();
+        let at = std::time::Instant::now();
         let prepared = self.blocking(move |c| c.prepare_pushes(&batch)).await?;
+        round.release = at.elapsed();
+        let at = std::time::Instant::now();
         let mut running = tokio::task::JoinSet::new();
         for (v, op) in ready.into_iter().zip(prepared) {
             match op {
@@ -404,9 +434,13 @@ impl Core {
                 tracing::warn!(volume = %v.id, host = %v.host, error = %e.message, kind = ?e.kind, "push failed");
             }
         }
-        let n = outcomes.len();
+        round.deliver = at.elapsed();
+        round.tried = outcomes.len();
+        let at = std::time::Instant::now();
         self.blocking(move |c| c.record_pushes(&outcomes)).await?;
-        Ok(n)
+        round.record = at.elapsed();
+        round.total = started.elapsed();
+        Ok(round)
     }
 
     /// Records the outcomes of pushes, in one transaction: on success what

@@ -53,7 +53,10 @@ async fn a_push_round_costs_a_fixed_number_of_round_trips_plus_a_few_per_key() {
     // On PostgreSQL the writes whose row counts nobody reads (the audit
     // records, the state updates) go with the next statement or the
     // commit: a key costs its release query and its state check.
-    if matches!(b.store.as_ref(), crate::store::testing::TestStore::Postgres { .. }) {
+    if matches!(
+        b.store.as_ref(),
+        crate::store::testing::TestStore::Postgres { .. }
+    ) {
         assert!(
             many - one <= 20 * 2,
             "on PostgreSQL 20 keys more cost {} round trips (2 a key at most)",
