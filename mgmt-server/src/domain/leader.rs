@@ -313,18 +313,11 @@ impl Core {
         Ok(urls)
     }
 
-    /// What `status` shows: the database, the lease, the replicas.
-    pub fn server_status(&self) -> Result<crate::database::Status, CoreError> {
-        let (lease, replicas, now_ms) = self.replicas()?;
-        Ok(crate::database::Status {
-            database: self
-                .me
-                .get()
-                .map_or_else(|| "(not named)".to_owned(), |m| m.database.clone()),
-            now_ms,
-            lease,
-            replicas,
-        })
+    /// This replica's database as shown to people (no password).
+    pub fn database_shown(&self) -> String {
+        self.me
+            .get()
+            .map_or_else(|| "(not named)".to_owned(), |m| m.database.clone())
     }
 
     /// The lease and the replicas (for `status`).

@@ -513,18 +513,19 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::GetServerStatusRequest>,
     ) -> R<pb::ServerStatus> {
-        let s = self.admin(&req, |c, _| c.server_status()).await?;
+        let (database, (lease, replicas, now_ms)) = self
+            .admin(&req, |c, _| Ok((c.database_shown(), c.replicas()?)))
+            .await?;
         Ok(Response::new(pb::ServerStatus {
-            database: s.database,
-            now_unix_ms: s.now_ms,
-            lease: s.lease.map(|l| pb::LeaderLease {
+            database,
+            now_unix_ms: now_ms,
+            lease: lease.map(|l| pb::LeaderLease {
                 replica: l.holder,
                 fence: l.fence,
                 since_unix_ms: l.since_ms,
                 until_unix_ms: l.expires_ms,
             }),
-            replicas: s
-                .replicas
+            replicas: replicas
                 .into_iter()
                 .map(|r| pb::ServerReplica {
                     id: r.id,
