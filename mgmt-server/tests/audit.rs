@@ -28,7 +28,7 @@ fn tamper_and_verify(s: &mut TestServer, sql: &str) -> String {
 const UNTRIGGER: &str = "DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;";
 
 fn with_records() -> TestServer {
-    let s = start_server(None);
+    let s = start_sqlite_server(None);
     for i in 1..=4 {
         s.ok(&[
             "host",
@@ -230,7 +230,7 @@ fn a_restored_older_copy_of_the_database_is_detected_and_a_kept_head_tells_too()
 
 #[test]
 fn two_hundred_refused_calls_add_a_bounded_number_of_records_that_count_them() {
-    let mut s = start_server(None);
+    let mut s = start_sqlite_server(None);
     let before = s.audit_count("refused");
     block_on(async {
         let ch = common::channel(s.url.clone(), &s.ca_pem(), "localhost", None)

@@ -223,7 +223,7 @@ fn while_the_database_is_down_requests_fail_by_name_and_service_resumes_when_it_
 fn an_installation_moves_from_sqlite_to_postgres_verified_and_runs_there() {
     let pg = Postgres::shared();
     let db = pg.database();
-    let mut s = common::start_server(Some(FAST));
+    let mut s = common::start_sqlite_server(Some(FAST));
     let mut a = TestAgent::enroll(&s, "kvm-a");
     a.serve();
     for name in ["root", "data"] {
@@ -298,7 +298,7 @@ fn an_installation_moves_from_sqlite_to_postgres_verified_and_runs_there() {
     let out = mv(&s.dir, &db.url);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already uses postgresql"));
-    let mut other = common::start_server(None);
+    let mut other = common::start_sqlite_server(None);
     other.stop();
     let out = mv(&other.dir, &db.url);
     assert!(!out.status.success());
@@ -315,7 +315,7 @@ fn an_installation_moves_from_sqlite_to_postgres_verified_and_runs_there() {
 fn a_copy_that_does_not_verify_is_rolled_back_and_the_installation_keeps_sqlite() {
     let pg = Postgres::shared();
     let db = pg.database();
-    let mut s = common::start_server(None);
+    let mut s = common::start_sqlite_server(None);
     s.ok(&["host", "add", "kvm-a", "--address", "127.0.0.1:1"]);
     s.stop();
     // An altered audit record: the chain no longer verifies.

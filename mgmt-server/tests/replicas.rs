@@ -222,7 +222,7 @@ fn a_leader_stopped_past_its_lease_steps_down_and_writes_nothing_after_the_take_
 
 #[test]
 fn add_replica_refuses_a_sqlite_data_directory_and_a_used_target() {
-    let s = common::start_server(None);
+    let s = common::start_sqlite_server(None);
     let scratch = temp_dir("add-replica");
     let _gone = Made::dir(&scratch);
     let run = |to: &std::path::Path| {

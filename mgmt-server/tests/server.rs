@@ -13,7 +13,7 @@ use common::*;
 
 #[test]
 fn init_makes_a_private_data_directory_and_never_touches_an_existing_one() {
-    let s = start_server(None);
+    let s = start_sqlite_server(None);
     use std::os::unix::fs::PermissionsExt;
     for f in [
         "master.key",
@@ -165,14 +165,7 @@ fn enrollment_tokens_work_once_and_bad_tokens_change_nothing() {
 
     // An expired token is refused by name (expiry moved into the past).
     let token2 = add_host(&s, "kvm-02", 7445);
-    {
-        let db = rusqlite::Connection::open(s.dir.join("guestkey.db")).unwrap();
-        db.execute(
-            "UPDATE hosts SET token_expires = 1 WHERE name = 'kvm-02'",
-            [],
-        )
-        .unwrap();
-    }
+    s.alter("UPDATE hosts SET token_expires = 1 WHERE name = 'kvm-02'");
     let before = s.state_snapshot();
     let e = enroll(&s, &token2, csr().0, pk).unwrap_err();
     assert!(e.message().contains("expired"), "{e:?}");
@@ -192,7 +185,7 @@ fn enrollment_tokens_work_once_and_bad_tokens_change_nothing() {
 
 #[test]
 fn a_volume_key_goes_sealed_to_its_host_only_and_never_into_logs() {
-    let s = start_server(None);
+    let s = start_sqlite_server(None);
     let mut a = TestAgent::enroll(&s, "kvm-a");
     let mut b = TestAgent::enroll(&s, "kvm-b");
     a.serve();
@@ -273,15 +266,10 @@ fn a_volume_key_goes_sealed_to_its_host_only_and_never_into_logs() {
             .iter()
             .any(|r| matches!(r, common::Received::Delete { volume_id: id } if id == volume_id))
     );
-    let keys: i64 = s
-        .db()
-        .query_row(
-            "SELECT COUNT(*) FROM volume_keys WHERE volume_id = ?1",
-            [volume_id],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(keys, 0);
+    let keys = s.scalar(&format!(
+        "SELECT COUNT(*) FROM volume_keys WHERE volume_id = '{volume_id}'"
+    ));
+    assert_eq!(keys, "0");
     // The name is free again.
     s.ok(&[
         "volume", "create", "--host", "kvm-a", "--pool", "default", "--name", "vm1-disk", "--size",
@@ -538,7 +526,7 @@ fn a_revoked_host_loses_the_host_api_and_gets_no_keys() {
 
 #[test]
 fn a_tampered_audit_log_is_detected() {
-    let mut s = start_server(None);
+    let mut s = start_sqlite_server(None);
     s.ok(&["host", "add", "h1", "--address", "127.0.0.1:1"]);
     s.ok(&["host", "add", "h2", "--address", "127.0.0.1:2"]);
     assert!(s.ok(&["audit", "--verify"]).contains("3 records"));
@@ -589,10 +577,7 @@ fn the_master_key_rotates_while_the_server_runs() {
         s.json(&["volume", "show", "before"])["state"] == "ready"
     });
     let old_file = std::fs::read_to_string(s.dir.join("master.key")).unwrap();
-    let wrapped_before: Vec<u8> = s
-        .db()
-        .query_row("SELECT wrapped FROM volume_keys", [], |r| r.get(0))
-        .unwrap();
+    let wrapped_before = s.scalar("SELECT wrapped FROM volume_keys");
 
     let out = Command::new(SERVER)
         .args(["rotate-master-key", "--data-dir"])
@@ -610,10 +595,7 @@ fn the_master_key_rotates_while_the_server_runs() {
         old_file
     );
     assert!(!s.dir.join("master.key.next").exists());
-    let wrapped_after: Vec<u8> = s
-        .db()
-        .query_row("SELECT wrapped FROM volume_keys", [], |r| r.get(0))
-        .unwrap();
+    let wrapped_after = s.scalar("SELECT wrapped FROM volume_keys");
     assert_ne!(wrapped_before, wrapped_after);
 
     // The running server picks the new key up by itself.

@@ -60,6 +60,9 @@ pub struct TestServer {
     scratch: Option<crate::cleanup::Made>,
     /// What the processes that ended wrote on stderr.
     history: String,
+    /// With `GUESTKEY_TEST_DATABASE=postgres`: its database (dropped after
+    /// the server stopped: fields drop in order).
+    database: Option<crate::TestDatabase<'static>>,
 }
 
 impl TestServer {
@@ -87,10 +90,20 @@ impl TestServer {
         config: Option<&str>,
         init_args: &[&str],
     ) -> Self {
+        // `GUESTKEY_TEST_DATABASE=postgres`: the store in a fresh database
+        // of this test process's PostgreSQL cluster, unless the test names
+        // one (`--database sqlite` for a test of the SQLite file itself).
+        let database = (std::env::var("GUESTKEY_TEST_DATABASE").as_deref() == Ok("postgres")
+            && !init_args.contains(&"--database"))
+        .then(|| crate::Postgres::shared().database());
+        let mut args: Vec<String> = init_args.iter().map(|a| (*a).to_owned()).collect();
+        if let Some(db) = &database {
+            args.extend(["--database".to_owned(), db.url.clone()]);
+        }
         let out = Command::new(&bins.server)
             .args(["init", "--data-dir"])
             .arg(&dir)
-            .args(init_args)
+            .args(&args)
             .env("TSS2_LOG", "all+none")
             .output()
             .unwrap();
@@ -99,7 +112,31 @@ impl TestServer {
             "init: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Self::run_in(dir, bins, config)
+        let mut s = Self::run_in(dir, bins, config);
+        s.database = database;
+        s
+    }
+
+    /// As [`TestServer::start`], with `init_args` added to `init`.
+    pub fn start_with_init(bins: Bins, config: Option<&str>, init_args: &[&str]) -> Self {
+        let scratch = crate::temp_dir("server");
+        let gone = crate::cleanup::Made::dir(&scratch);
+        let mut s = Self::start_in_with(scratch.join("data"), bins, config, init_args);
+        s.scratch = Some(gone);
+        s
+    }
+
+    /// With `GUESTKEY_TEST_DATABASE=postgres`: the name of its database in
+    /// the test process's PostgreSQL cluster ([`crate::Postgres::shared`]).
+    pub fn database_name(&self) -> Option<&str> {
+        self.database.as_ref().map(|d| d.name.as_str())
+    }
+
+    /// Whether its store is on PostgreSQL.
+    pub fn on_postgres(&self) -> bool {
+        self.database.is_some()
+            || std::fs::read_to_string(self.dir.join("database"))
+                .is_ok_and(|t| t.starts_with("postgres"))
     }
 
     /// `run` on a data directory made before (a replica's copy of one),
@@ -119,6 +156,7 @@ impl TestServer {
             proc: None,
             scratch: None,
             history: String::new(),
+            database: None,
         };
         s.run();
         s

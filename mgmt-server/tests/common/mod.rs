@@ -54,12 +54,26 @@ pub fn start_server(config: Option<&str>) -> TestServer {
     TestServer::start(bins(), config)
 }
 
+/// [`start_server`] on SQLite whatever `GUESTKEY_TEST_DATABASE` says: for
+/// tests of the SQLite file itself (tampering with it, restoring a copy,
+/// reading its bytes), whose PostgreSQL counterparts are in the domain's
+/// unit tests and `tests/postgres.rs`.
+pub fn start_sqlite_server(config: Option<&str>) -> TestServer {
+    TestServer::start_with_init(bins(), config, &["--database", "sqlite"])
+}
+
 /// What the server's tests look at beyond the shared harness.
 pub trait ServerExt {
     /// A read-only look at the database (WAL lets it read while the server runs).
     fn db(&self) -> rusqlite::Connection;
     /// Every row of the tables that hold state (not the audit log), as text.
     fn state_snapshot(&self) -> String;
+    /// The first column of the first row of `sql`, as text, on either
+    /// engine.
+    fn scalar(&self, sql: &str) -> String;
+    /// Runs `sql` on the database behind the server's back, on either
+    /// engine (a test moving a token's expiry into the past).
+    fn alter(&self, sql: &str);
     /// An admin API client with the admin credential.
     fn admin_client(
         &self,
@@ -86,11 +100,51 @@ impl ServerExt for TestServer {
         .unwrap()
     }
 
+    fn alter(&self, sql: &str) {
+        match self.database_name() {
+            Some(name) => {
+                guestkey_testkit::Postgres::shared()
+                    .psql(name, sql)
+                    .unwrap();
+            }
+            None => {
+                rusqlite::Connection::open(self.dir.join("guestkey.db"))
+                    .unwrap()
+                    .execute_batch(sql)
+                    .unwrap();
+            }
+        }
+    }
+
+    fn scalar(&self, sql: &str) -> String {
+        if let Some(name) = self.database_name() {
+            let out = guestkey_testkit::Postgres::shared()
+                .psql(name, sql)
+                .unwrap();
+            return out
+                .lines()
+                .next()
+                .unwrap_or("")
+                .split('|')
+                .next()
+                .unwrap_or("")
+                .to_owned();
+        }
+        self.db()
+            .query_row(sql, [], |r| {
+                Ok(match r.get_ref(0)? {
+                    rusqlite::types::ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                    rusqlite::types::ValueRef::Integer(n) => n.to_string(),
+                    rusqlite::types::ValueRef::Blob(b) => hex::encode(b),
+                    other => format!("{other:?}"),
+                })
+            })
+            .unwrap()
+    }
+
     /// Every row of the tables that hold state (not the audit log), as text.
     fn state_snapshot(&self) -> String {
-        let db = self.db();
-        let mut out = String::new();
-        for (table, order) in [
+        const TABLES: [(&str, &str); 8] = [
             ("hosts", "name"),
             ("volumes", "id"),
             ("volume_keys", "volume_id, generation"),
@@ -99,7 +153,25 @@ impl ServerExt for TestServer {
             ("guest_disks", "guest_uuid, volume_id"),
             ("policies", "scope, target"),
             ("guest_migrations", "guest_uuid"),
-        ] {
+        ];
+        if let Some(name) = self.database_name() {
+            let pg = guestkey_testkit::Postgres::shared();
+            let mut out = String::new();
+            for (table, order) in TABLES {
+                let rows = pg
+                    .psql(name, &format!("SELECT * FROM {table} ORDER BY {order}"))
+                    .unwrap();
+                for row in rows.lines() {
+                    out.push_str(&format!("{table}: {row}\n"));
+                }
+            }
+            // Never empty: a comparison of two empty snapshots tests nothing.
+            assert!(out.contains("admins: "), "no admin row read: {out}");
+            return out;
+        }
+        let db = self.db();
+        let mut out = String::new();
+        for (table, order) in TABLES {
             let mut stmt = db
                 .prepare(&format!("SELECT * FROM {table} ORDER BY {order}"))
                 .unwrap();
