@@ -174,20 +174,10 @@ fn main() {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut other_tasks = vec![];
         if let Some(b) = &other {
-            let me = mgmt_server::store::Replica {
-                id: "bench-b".into(),
-                address: "127.0.0.1:0".into(),
-                url: String::new(),
-                host: "bench".into(),
-                pid: std::process::id(),
-                version: "bench".into(),
-                started_ms: 0,
-                seen_ms: 0,
-            };
             let (tx, _rx) = tokio::sync::watch::channel(None);
             other_tasks.push(tokio::spawn(mgmt_server::domain::leader::keep_lease(
                 b.clone(),
-                me,
+                replica("bench-b"),
                 Default::default(),
                 false,
                 tx,
@@ -206,16 +196,7 @@ fn main() {
             }));
         }
         // The scheduler leads, as in a server (its writes check the fence).
-        let me = mgmt_server::store::Replica {
-            id: "bench".into(),
-            address: "127.0.0.1:0".into(),
-            url: String::new(),
-            host: "bench".into(),
-            pid: std::process::id(),
-            version: "bench".into(),
-            started_ms: 0,
-            seen_ms: 0,
-        };
+        let me = replica("bench");
         let (leading_tx, leading_rx) = tokio::sync::watch::channel(None);
         let lease = tokio::spawn(mgmt_server::domain::leader::keep_lease(
             core.clone(),
@@ -402,6 +383,20 @@ fn main() {
         kb("VmHWM:") / 1024
     );
     drop(agent);
+}
+
+/// This process as replica `id` (no URL for hosts).
+fn replica(id: &str) -> mgmt_server::store::Replica {
+    mgmt_server::store::Replica {
+        id: id.into(),
+        address: "127.0.0.1:0".into(),
+        url: String::new(),
+        host: "bench".into(),
+        pid: std::process::id(),
+        version: "bench".into(),
+        started_ms: 0,
+        seen_ms: 0,
+    }
 }
 
 /// Inserts `n` enrolled hosts into the SQLite database.

@@ -29,6 +29,22 @@ fn server_on(url: &str) -> (TestServer, Made) {
     (s, gone)
 }
 
+/// `guestkey-server init --database URL`, which must fail and leave no
+/// data directory; what it said.
+fn refused_init(url: &str) -> String {
+    let scratch = temp_dir("pg-init");
+    let _made = Made::dir(&scratch);
+    let out = std::process::Command::new(&bins().server)
+        .args(["init", "--data-dir"])
+        .arg(scratch.join("data"))
+        .args(["--database", url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{url}");
+    assert!(!scratch.join("data").exists());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn a_server_on_postgres_keeps_its_state_there_across_restarts_and_its_audit_verifies() {
     let pg = Postgres::shared();
@@ -365,24 +381,11 @@ fn tls_to_postgres_is_used_and_the_database_servers_certificate_is_checked() {
         .unwrap();
     assert!(ssl.parse::<u32>().unwrap() >= 1, "TLS sessions: {ssl}");
 
-    let init = |url: &str| {
-        let scratch = temp_dir("pg-tls");
-        let _made = Made::dir(&scratch);
-        let out = std::process::Command::new(&bins().server)
-            .args(["init", "--data-dir"])
-            .arg(scratch.join("data"))
-            .args(["--database", url])
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{url}");
-        assert!(!scratch.join("data").exists());
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
     // Another CA than the one that signed the database's certificate.
     let other = Postgres::start_tls();
     let other_ca = other.tls_ca().unwrap().display().to_string();
     let db2 = pg.database();
-    let e = init(&format!(
+    let e = refused_init(&format!(
         "{}?sslmode=require&sslrootcert={other_ca}",
         db2.url
     ));
@@ -391,9 +394,9 @@ fn tls_to_postgres_is_used_and_the_database_servers_certificate_is_checked() {
         "{e}"
     );
     // TLS asked for without a CA to check against; a CA file that is not one.
-    let e = init(&format!("{}?sslmode=require", db2.url));
+    let e = refused_init(&format!("{}?sslmode=require", db2.url));
     assert!(e.contains("add sslrootcert=/PATH/ca.pem"), "{e}");
-    let e = init(&format!(
+    let e = refused_init(&format!(
         "{}?sslmode=require&sslrootcert=/etc/hostname",
         db2.url
     ));
@@ -434,33 +437,20 @@ fn a_client_certificate_is_presented_to_a_database_that_asks_for_one() {
         .unwrap();
     assert_eq!(dn, "/CN=guestkey");
 
-    let init = |url: &str| {
-        let scratch = temp_dir("pg-cert");
-        let _made = Made::dir(&scratch);
-        let out = std::process::Command::new(&bins().server)
-            .args(["init", "--data-dir"])
-            .arg(scratch.join("data"))
-            .args(["--database", url])
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{url}");
-        assert!(!scratch.join("data").exists());
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
     let db2 = pg.database();
     let base2 = pg.url_as("guestkey", &db2.name);
     // No certificate: the database refuses, and says why.
-    let e = init(&format!("{base2}?sslmode=require&sslrootcert={ca}"));
+    let e = refused_init(&format!("{base2}?sslmode=require&sslrootcert={ca}"));
     assert!(
         e.contains("cannot reach the database") && e.contains("certificate"),
         "{e}"
     );
     // Half of an identity; an identity without a CA to check the server.
-    let e = init(&format!(
+    let e = refused_init(&format!(
         "{base2}?sslmode=require&sslrootcert={ca}&sslcert={cert}"
     ));
     assert!(e.contains("needs both"), "{e}");
-    let e = init(&format!(
+    let e = refused_init(&format!(
         "{base2}?sslmode=require&sslcert={cert}&sslkey={key}"
     ));
     assert!(e.contains("add sslrootcert"), "{e}");
@@ -468,7 +458,7 @@ fn a_client_certificate_is_presented_to_a_database_that_asks_for_one() {
     let loose = pg.root().join("loose.key");
     std::fs::copy(&key, &loose).unwrap();
     std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let e = init(&format!(
+    let e = refused_init(&format!(
         "{base2}?sslmode=require&sslrootcert={ca}&sslcert={cert}&sslkey={}",
         loose.display()
     ));
@@ -477,7 +467,7 @@ fn a_client_certificate_is_presented_to_a_database_that_asks_for_one() {
         "{e}"
     );
     // A certificate file that holds none.
-    let e = init(&format!(
+    let e = refused_init(&format!(
         "{base2}?sslmode=require&sslrootcert={ca}&sslcert=/etc/hostname&sslkey={key}"
     ));
     assert!(

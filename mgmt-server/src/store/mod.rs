@@ -303,11 +303,9 @@ pub trait VolumeStore {
     fn insert_volume(&mut self, v: &NewVolume) -> Result<()>;
     /// Sets what a release of the volume's key needs.
     fn set_release_policy(&mut self, id: &str, release: ReleasePolicy) -> Result<()>;
-    /// What a release of the volume's key needs, and whether the key is
-    /// split, read now (None: no such volume).
-    fn release_policy(&mut self, id: &str) -> Result<Option<(ReleasePolicy, bool)>>;
-    /// [`VolumeStore::release_policy`] and the wrapped key of `generation`
-    /// (None when it has none), in one query: what a release reads.
+    /// What a release of the volume's key needs, whether the key is split,
+    /// and the wrapped key of `generation` (None when it has none), read now
+    /// in one query (None: no such volume).
     fn release_material(
         &mut self,
         id: &str,

@@ -126,20 +126,6 @@ impl VolumeStore for SqlTx<'_> {
         )
     }
 
-    fn release_policy(&mut self, id: &str) -> Result<Option<(ReleasePolicy, bool)>> {
-        let row: Option<(String, bool)> = self.db.query_opt(
-            "SELECT release_policy, split FROM volumes WHERE id = $1",
-            [id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        row.map(|(t, split)| {
-            t.parse().map(|p| (p, split)).map_err(|_| {
-                crate::model::StoreError::Corrupt(format!("volumes.release_policy {t:?}"))
-            })
-        })
-        .transpose()
-    }
-
     fn release_material(
         &mut self,
         id: &str,
