@@ -1,5 +1,6 @@
 //! guestkeyd's own re-encryption (`host_daemon::image::luks1`) against
-//! QEMU: images made by qemu-img, data written and read back by qemu-io with
+//! QEMU: images made by guestkeyd and by qemu-img (volumes made before
+//! guestkeyd wrote its own headers), data written and read back by qemu-io with
 //! the old and the new passphrase; and the whole deep rekey of the image
 //! layer (engine or qemu-img fallback, checks, swap, wipe). Needs
 //! qemu-utils (scripts/setup).
@@ -53,12 +54,51 @@ fn keys() -> (Vec<u8>, Vec<u8>) {
     (k(), k())
 }
 
-fn roundtrip(format: Format, tag: &str) {
+/// An empty LUKS image made by `qemu-img create` (with its calibrated key
+/// stretching), as guestkeyd made them before it wrote its own headers.
+fn qemu_img_create(d: &Path, path: &str, format: Format, size: u64, key: &[u8]) {
+    let kf = d.join("k");
+    std::fs::write(&kf, key).unwrap();
+    let (fmt, o) = match format {
+        Format::Qcow2 => (
+            "qcow2",
+            "encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=1",
+        ),
+        Format::Raw => ("luks", "key-secret=k,iter-time=1"),
+    };
+    let object = format!("secret,id=k,file={}", kf.display());
+    let size = size.to_string();
+    let args = [
+        "create", "-q", "-f", fmt, "--object", &object, "-o", o, path, &size,
+    ];
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let out = Command::new("qemu-img").args(args).output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            tries < host_daemon::image::CALIBRATION_TRIES
+                && said.contains(host_daemon::image::CALIBRATION_FAILED),
+            "{said}"
+        );
+        let _ = std::fs::remove_file(path);
+    }
+    std::fs::remove_file(kf).unwrap();
+}
+
+fn roundtrip(format: Format, tag: &str, by_qemu_img: bool) {
     let d = dir(tag);
     let path = d.join("vol");
     let path = path.to_str().unwrap();
     let (a, b) = keys();
-    QemuImages.create(path, format, 8 << 20, &a).unwrap();
+    if by_qemu_img {
+        qemu_img_create(&d, path, format, 8 << 20, &a);
+    } else {
+        QemuImages.create(path, format, 8 << 20, &a).unwrap();
+    }
     // Some data, a hole, and (qcow2) an allocated cluster that reads as zeros.
     let writes = [
         "write -P 0x11 0 1M",
@@ -125,12 +165,99 @@ fn roundtrip(format: Format, tag: &str) {
 
 #[test]
 fn a_qcow2_luks_image_is_re_encrypted_and_qemu_reads_it_with_the_new_key_only() {
-    roundtrip(Format::Qcow2, "qcow2");
+    roundtrip(Format::Qcow2, "qcow2", false);
+    roundtrip(Format::Qcow2, "qcow2-qemu-img", true);
 }
 
 #[test]
 fn a_raw_luks_image_is_re_encrypted_and_qemu_reads_it_with_the_new_key_only() {
-    roundtrip(Format::Raw, "raw");
+    roundtrip(Format::Raw, "raw", false);
+    roundtrip(Format::Raw, "raw-qemu-img", true);
+}
+
+/// A shallow rekey of an image whose header qemu-img wrote (guestkeyd's
+/// own keyslot writes apply: the same LUKS1 layout) and of one of its own.
+#[test]
+fn a_shallow_rekey_replaces_the_keyslot_of_either_kind_of_image() {
+    for (format, by_qemu_img) in [
+        (Format::Qcow2, true),
+        (Format::Raw, true),
+        (Format::Qcow2, false),
+    ] {
+        let d = dir(&format!("shallow-{}-{by_qemu_img}", format.as_str()));
+        let path = d.join("vol");
+        let path = path.to_str().unwrap();
+        let (a, b) = keys();
+        if by_qemu_img {
+            qemu_img_create(&d, path, format, 4 << 20, &a);
+        } else {
+            QemuImages.create(path, format, 4 << 20, &a).unwrap();
+        }
+        assert!(qemu_io(&d, path, format, &a, &["write -P 0x44 1M 64k"]).0);
+        QemuImages.replace_passphrase(path, format, &a, &b).unwrap();
+        assert!(!QemuImages.opens_with(path, format, &a).unwrap());
+        let (ok, out) = qemu_io(&d, path, format, &b, &["read -P 0x44 1M 64k"]);
+        assert!(ok, "{out}");
+        // A wrong current key: refused, the image as it was.
+        let before = std::fs::read(path).unwrap();
+        let e = QemuImages
+            .replace_passphrase(path, format, &a, b"another-passphrase")
+            .unwrap_err();
+        assert!(e.to_string().contains("does not open"), "{e}");
+        assert!(std::fs::read(path).unwrap() == before);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
+
+/// What a deep rekey leaves of the image it replaced (read through a
+/// descriptor opened before): by default its LUKS header and keyslots are
+/// zeros and the rest still ciphertext (crypto-shredding); with
+/// `overwrite_old_images(true)` every byte is zero. The only test that sets
+/// it, and it sets it back.
+#[test]
+fn replaced_images_are_shredded_or_overwritten() {
+    use std::os::unix::fs::FileExt;
+    for format in [Format::Raw, Format::Qcow2] {
+        for overwrite in [false, true] {
+            let d = dir(&format!("shred-{}-{overwrite}", format.as_str()));
+            let path = d.join("vol");
+            let path = path.to_str().unwrap();
+            let (a, b) = keys();
+            QemuImages.create(path, format, 4 << 20, &a).unwrap();
+            assert!(qemu_io(&d, path, format, &a, &["write -P 0x55 0 4M"]).0);
+            let old = File::open(path).unwrap();
+            let len = old.metadata().unwrap().len();
+            let mut before = vec![0u8; len as usize];
+            old.read_exact_at(&mut before, 0).unwrap();
+            let lay = host_daemon::image::luks1::layout::luks_region(&old, len, format, path)
+                .unwrap()
+                .unwrap_or_else(|u| panic!("{}", u.0));
+            host_daemon::image::overwrite_old_images(overwrite);
+            QemuImages.deep_rekey(path, format, &a, &b, 0).unwrap();
+            host_daemon::image::overwrite_old_images(false);
+            let mut after = vec![0u8; len as usize];
+            old.read_exact_at(&mut after, 0).unwrap();
+            let (at, n) = (lay.0 as usize, lay.1 as usize);
+            assert!(before[at..at + n].iter().any(|&x| x != 0));
+            assert!(
+                after[at..at + n].iter().all(|&x| x == 0),
+                "keyslots shredded"
+            );
+            let rest_zero = after[..at].iter().chain(&after[at + n..]).all(|&x| x == 0);
+            if overwrite {
+                assert!(rest_zero, "{format:?}: every byte overwritten");
+            } else {
+                assert!(!rest_zero, "{format:?}: only the keys shredded");
+                assert!(
+                    !after.windows(512).any(|w| w.iter().all(|&x| x == 0x55)),
+                    "no plaintext in the old file"
+                );
+            }
+            let (ok, out) = qemu_io(&d, path, format, &b, &["read -P 0x55 0 4M"]);
+            assert!(ok, "{out}");
+            std::fs::remove_dir_all(&d).unwrap();
+        }
+    }
 }
 
 #[test]

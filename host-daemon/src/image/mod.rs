@@ -46,6 +46,7 @@ pub(crate) fn new_data_key(len: usize) -> Result<zeroize::Zeroizing<Vec<u8>>, Im
     Ok(key)
 }
 pub use run::{CALIBRATION_FAILED, CALIBRATION_TRIES};
+pub use swap::overwrite_old_images;
 
 use crate::model::Format;
 
@@ -133,7 +134,9 @@ pub trait Images: Send + Sync {
         new: &[u8],
     ) -> Result<(), ImageError>;
     /// Deep rekey, offline: the data copied under a new data key and the
-    /// passphrase `new`, checked, swapped in, the old image wiped. At most
+    /// passphrase `new`, checked, swapped in, the old image wiped (its LUKS
+    /// header and keyslots, or every byte with `--overwrite-old-images`:
+    /// see [`overwrite_old_images`]). At most
     /// `bandwidth` bytes/s written (0: no limit).
     fn deep_rekey(
         &self,
@@ -178,21 +181,5 @@ fn image_opts(format: Format, file: &str, key_id: Option<&str>) -> String {
         (Format::Raw, Some(k)) => format!("driver=luks,file.filename={file},key-secret={k}"),
         (Format::Qcow2, None) => format!("driver=qcow2,file.filename={file}"),
         (Format::Raw, None) => format!("driver=raw,file.filename={file}"),
-    }
-}
-
-/// `-f`/`-O` and `-o` to create `format` encrypted with secret `key_id`
-/// (1 ms of key stretching: the key is random), or in clear.
-fn create_opts(format: Format, key_id: Option<&str>) -> (&'static str, Option<String>) {
-    match (format, key_id) {
-        (Format::Qcow2, Some(k)) => (
-            "qcow2",
-            Some(format!(
-                "encrypt.format=luks,encrypt.key-secret={k},encrypt.iter-time=1"
-            )),
-        ),
-        (Format::Raw, Some(k)) => ("luks", Some(format!("key-secret={k},iter-time=1"))),
-        (Format::Qcow2, None) => ("qcow2", None),
-        (Format::Raw, None) => ("raw", None),
     }
 }

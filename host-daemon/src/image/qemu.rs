@@ -5,7 +5,7 @@ use std::os::unix::fs::FileExt;
 
 use super::fs::{SafeDir, file_id, set_owner};
 use super::run::{Fds, args, qemu_img, run, said};
-use super::{ImageError, ImageInfo, Images, create_opts, image_opts};
+use super::{ImageError, ImageInfo, Images, image_opts};
 use crate::model::Format;
 
 /// The real images: qemu-img and qemu-io, and guestkeyd's own LUKS1
@@ -140,7 +140,9 @@ fn info_json(
     })
 }
 
-/// Creates an empty LUKS image in the open, empty file `f`.
+/// Creates an empty LUKS image in the open, empty file `f`: the header
+/// written by guestkeyd ([`super::luks1::create`], no key stretching to
+/// calibrate), then opened by QEMU with `key` as proof.
 pub(super) fn create_in(
     f: &File,
     format: Format,
@@ -148,26 +150,13 @@ pub(super) fn create_in(
     key: &[u8],
     shown: &str,
 ) -> Result<(), ImageError> {
-    let mut fds = Fds::new();
-    let secret = fds.secret("k0", key);
-    let file = fds.file(f);
-    let (fmt, opts) = create_opts(format, Some("k0"));
-    let mut a = args(&["create", "-q", "-f", fmt, "--object"]);
-    a.push(secret);
-    if let Some(o) = opts {
-        a.extend(["-o".to_owned(), o]);
-    }
-    a.extend([file, size.to_string()]);
-    let out = qemu_img(&a, &fds)?;
-    if out.status.success() {
+    super::luks1::create::write_new(f, format, size, key, shown)?;
+    if opens_fd(f, format, key, shown)? {
         Ok(())
     } else {
-        Err(ImageError::Tool {
-            tool: "qemu-img",
-            action: "create",
-            path: shown.to_owned(),
-            said: said(&out),
-        })
+        Err(ImageError::Check(format!(
+            "QEMU does not open the new image {shown} with its key"
+        )))
     }
 }
 
@@ -256,6 +245,13 @@ impl Images for QemuImages {
     ) -> Result<(), ImageError> {
         let (dir, name) = SafeDir::of_file(path)?;
         let f = dir.open_file(&name, true)?;
+        // guestkeyd's own keyslot writes where it knows the header (no key
+        // stretching to calibrate), qemu-img amend otherwise. QEMU proves
+        // each step either way.
+        let native = super::luks1::keyslots::add_passphrase(&f, format, old, new, path)?;
+        if let Err(why) = &native {
+            tracing::info!(%path, reason = %why.0, "shallow rekey through qemu-img amend");
+        }
         let amend = |unlock: &str, options: &str| -> Result<(), ImageError> {
             let mut fds = Fds::new();
             let k0 = fds.secret("k0", old);
@@ -292,13 +288,25 @@ impl Images for QemuImages {
                 })
             }
         };
-        amend("k0", "state=active,new-secret=k1,iter-time=1")?;
+        if native.is_err() {
+            amend("k0", "state=active,new-secret=k1,iter-time=1")?;
+        }
         if !opens_fd(&f, format, new, path)? {
             return Err(ImageError::Check(format!(
                 "the new keyslot of {path} does not open it"
             )));
         }
-        amend("k1", "state=inactive,old-secret=k0")?;
+        match native {
+            Ok(()) => {
+                if let Err(why) = super::luks1::keyslots::keep_only(&f, format, new, path)? {
+                    return Err(ImageError::Check(format!(
+                        "the old keyslots of {path} could not be erased: {}",
+                        why.0
+                    )));
+                }
+            }
+            Err(_) => amend("k1", "state=inactive,old-secret=k0")?,
+        }
         if opens_fd(&f, format, old, path)? {
             return Err(ImageError::Check(format!(
                 "the old key still opens {path} after its keyslot was erased"

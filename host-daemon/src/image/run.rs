@@ -26,6 +26,12 @@ pub const CALIBRATION_FAILED: &str = "Unable to get accurate CPU usage";
 /// (mean 2.1 tries, at most 11 in 60 creations). Tries are independent and
 /// a failed one costs a few milliseconds and changes nothing on disk;
 /// 30 tries leave about 1 failure in 10^8 even under load.
+///
+/// guestkeyd itself no longer asks qemu-img to write keyslots for the
+/// images it makes (it writes their LUKS headers and keyslots itself, see
+/// [`super::luks1`]); this is for the headers it does not know (a shallow
+/// rekey of an image whose LUKS header another tool wrote) and for the
+/// tests, which make images with qemu-img and libvirt.
 pub const CALIBRATION_TRIES: u32 = 30;
 
 enum Item<'a> {

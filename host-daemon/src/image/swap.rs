@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use super::fs::{SafeDir, file_id, owner_of, set_owner};
 use super::qemu::{create_in, opens_fd, samples_agree};
 use super::run::{Fds, qemu_img, run, said};
-use super::{ImageError, create_opts, image_opts, luks1};
+use super::{ImageError, image_opts, luks1};
 use crate::model::{Format, copy_path, legacy_copy_path};
 use crate::progress::Tracker;
 
@@ -71,7 +71,8 @@ enum Swap {
 }
 
 /// Moves the copy `name` of `staging` over `name` of `pool` and wipes the
-/// image it replaces.
+/// image it replaces (`encrypted`: it is a LUKS image, whose keys alone may
+/// be destroyed, see [`wipe`]).
 fn swap(
     pool: &SafeDir,
     staging: &SafeDir,
@@ -79,6 +80,7 @@ fn swap(
     copy: &File,
     path: &str,
     how: Swap,
+    encrypted: bool,
 ) -> Result<(), ImageError> {
     let old = pool.open_file(name, true)?;
     let len = old.metadata().map_err(io("inspect", path))?.len();
@@ -107,27 +109,69 @@ fn swap(
         }
     }
     let t = std::time::Instant::now();
-    wipe(&old, len, path)?;
+    let how_wiped = wipe(&old, len, encrypted, path)?;
     if matches!(how, Swap::Exchange(_)) {
         staging.remove(copy_name)?;
     }
-    tracing::debug!(%path, wipe_ms = t.elapsed().as_millis() as u64, "swapped in, old image wiped");
+    tracing::debug!(
+        %path,
+        wipe_ms = t.elapsed().as_millis() as u64,
+        wiped = how_wiped,
+        "swapped in, old image wiped"
+    );
     Ok(())
 }
 
-/// Overwrites `len` bytes of the (replaced) image `f` with zeros and syncs.
-fn wipe(f: &File, len: u64, path: &str) -> Result<(), ImageError> {
-    let shown = Tracker::start(path, "wiping the old image", len);
+/// Whether replaced encrypted images are overwritten completely rather
+/// than crypto-shredded (guestkeyd's `--overwrite-old-images`).
+static OVERWRITE_OLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// From now on, replaced encrypted images are overwritten in full (every
+/// byte), not only their LUKS headers (set once, at start-up).
+pub fn overwrite_old_images(yes: bool) {
+    OVERWRITE_OLD.store(yes, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Wipes the replaced image `f` of `len` bytes and syncs; returns how.
+///
+/// A LUKS image (`encrypted`, raw or qcow2, with a LUKS1 header guestkeyd
+/// can find) is crypto-shredded: its LUKS header and all keyslot material,
+/// the only place its data key is stored, are overwritten with zeros; the
+/// rest is ciphertext under a key that no longer exists anywhere (see
+/// docs/threat-model.md, "Replaced images"). Anything else, a cleartext
+/// image, or any image with `--overwrite-old-images`, is overwritten with
+/// zeros from the first byte to the last.
+fn wipe(f: &File, len: u64, encrypted: bool, path: &str) -> Result<&'static str, ImageError> {
+    let region = if encrypted && !OVERWRITE_OLD.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut magic = [0u8; 6];
+        let format = match f.read_exact_at(&mut magic, 0) {
+            Ok(()) if magic[..4] == *b"QFI\xfb" => Some(Format::Qcow2),
+            Ok(()) if magic == *b"LUKS\xba\xbe" => Some(Format::Raw),
+            _ => None,
+        };
+        match format {
+            Some(format) => luks1::layout::luks_region(f, len, format, path)?.ok(),
+            None => None,
+        }
+    } else {
+        None
+    };
+    let (at, end, how) = match region {
+        Some((at, n)) => (at, at + n, "LUKS header and keyslots"),
+        None => (0, len, "every byte"),
+    };
+    let shown = Tracker::start(path, "wiping the old image", end - at);
     let zeros = vec![0u8; 1 << 20];
-    let mut at = 0;
-    while at < len {
-        let n = zeros.len().min((len - at) as usize);
-        f.write_all_at(&zeros[..n], at)
+    let mut pos = at;
+    while pos < end {
+        let n = zeros.len().min((end - pos) as usize);
+        f.write_all_at(&zeros[..n], pos)
             .map_err(io("wipe of the old image of", path))?;
-        at += n as u64;
-        shown.set(at, len);
+        pos += n as u64;
+        shown.set(pos - at, end - at);
     }
-    f.sync_all().map_err(io("wipe of the old image of", path))
+    f.sync_all().map_err(io("wipe of the old image of", path))?;
+    Ok(how)
 }
 
 /// How an image is read or written: container, and whether encrypted.
@@ -201,12 +245,25 @@ fn convert_verify(
     } else {
         None
     };
-    let (fmt, opts) = create_opts(to.format, copy_key);
-    a.extend(["-O".into(), fmt.into()]);
-    if let Some(o) = opts {
-        a.extend(["-o".into(), o]);
+    match copy_key.and(keys.last()) {
+        Some(key) => {
+            // An encrypted copy gets guestkeyd's own header (no key
+            // stretching to calibrate) and qemu-img writes into it.
+            let size = super::qemu::virtual_size_fd(src, path)?;
+            let shown = format!("the copy of {path}");
+            luks1::create::write_new(copy, to.format, size, key, &shown)?;
+            a.push("-n".into());
+            if to.format == Format::Qcow2 {
+                // No cluster is allocated yet: every one reads as zeros.
+                a.push("--target-is-zero".into());
+            }
+            a.extend(["--target-image-opts".into(), p.copy_opts.clone()]);
+        }
+        None => {
+            a.extend(["-O".into(), to.format.as_str().into()]);
+            a.push(p.copy_file.clone());
+        }
     }
-    a.push(p.copy_file.clone());
     let out = qemu_img(&a, &p.fds)?;
     if !out.status.success() {
         return Err(ImageError::Tool {
@@ -235,9 +292,11 @@ fn convert_verify(
 }
 
 /// Runs `work` on a fresh copy of `path`; swaps it in when `work` succeeds,
-/// removes it when it fails.
+/// removes it when it fails. `encrypted`: the image replaced is a LUKS
+/// image (see [`wipe`]).
 fn with_copy(
     path: &str,
+    encrypted: bool,
     work: impl FnOnce(&File, &File) -> Result<(), ImageError>,
 ) -> Result<(), ImageError> {
     let (pool, staging, name) = stage(path)?;
@@ -246,7 +305,15 @@ fn with_copy(
     let copy = fresh_copy(&staging, &copy_name)?;
     let done = work(&src, &copy).and_then(|()| {
         let how = Swap::Exchange(file_id(&src)?);
-        swap(&pool, &staging, (&copy_name, &name), &copy, path, how)
+        swap(
+            &pool,
+            &staging,
+            (&copy_name, &name),
+            &copy,
+            path,
+            how,
+            encrypted,
+        )
     });
     if done.is_err() {
         let _ = staging.remove(&copy_name);
@@ -261,7 +328,7 @@ pub(super) fn deep_rekey(
     new: &[u8],
     bandwidth: u64,
 ) -> Result<(), ImageError> {
-    with_copy(path, |src, copy| {
+    with_copy(path, true, |src, copy| {
         // guestkeyd's own re-encryption when it knows the image's layout,
         // qemu-img otherwise.
         match luks1::reencrypt(src, copy, format, old, new, bandwidth, path)? {
@@ -310,7 +377,7 @@ pub(super) fn deep_rekey(
 }
 
 pub(super) fn encrypt(path: &str, format: Format, key: &[u8]) -> Result<(), ImageError> {
-    with_copy(path, |src, copy| {
+    with_copy(path, false, |src, copy| {
         let (clear, keyed) = (
             Codec {
                 format,
@@ -332,7 +399,7 @@ pub(super) fn encrypt(path: &str, format: Format, key: &[u8]) -> Result<(), Imag
 }
 
 pub(super) fn decrypt(path: &str, format: Format, key: &[u8]) -> Result<(), ImageError> {
-    with_copy(path, |src, copy| {
+    with_copy(path, true, |src, copy| {
         let (keyed, clear) = (
             Codec {
                 format,
@@ -409,6 +476,7 @@ pub(super) fn swap_in_copy(path: &str, generation: u64) -> Result<bool, ImageErr
         &copy,
         path,
         Swap::Rename,
+        true,
     )?;
     Ok(true)
 }

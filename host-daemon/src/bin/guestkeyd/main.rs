@@ -147,6 +147,14 @@ enum Command {
         /// (the hook looks for /run/guestkey/hook-UID.sock).
         #[arg(long, value_name = "UID", default_value_t = 0)]
         hook_uid: u32,
+        /// Overwrite every byte of an encrypted image a deep rekey or an
+        /// online copy replaced. Without it only its LUKS header and
+        /// keyslots are overwritten (crypto-shredding: the rest is
+        /// ciphertext under a data key that no longer exists; see
+        /// docs/threat-model.md). Cleartext images a conversion replaced are
+        /// always overwritten in full.
+        #[arg(long)]
+        overwrite_old_images: bool,
     },
 }
 
@@ -296,7 +304,9 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
             hook_socket,
             managed_list,
             hook_uid,
+            overwrite_old_images,
         } => {
+            host_daemon::image::overwrite_old_images(overwrite_old_images);
             // Before anything else: one guestkeyd per state directory and
             // per hook socket (a second must not take the first's socket).
             let _state_lock = host_daemon::instance::state_lock(&state_dir)?;

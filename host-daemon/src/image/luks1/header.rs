@@ -40,6 +40,8 @@ fn cstr(b: &[u8]) -> &[u8] {
 
 /// One active keyslot.
 struct Slot {
+    /// Its number (0-7).
+    index: usize,
     iterations: u32,
     salt: [u8; 32],
     /// Key material offset, in sectors.
@@ -107,6 +109,7 @@ impl Luks1 {
                 return Err(bad("odd keyslot"));
             }
             l.slots.push(Slot {
+                index: i,
                 iterations: be32(h, s + 4),
                 salt,
                 offset: u64::from(be32(h, s + 40)),
@@ -119,6 +122,15 @@ impl Luks1 {
     /// The data key, if `passphrase` opens a keyslot of the LUKS region
     /// `region` (header and keyslot material).
     pub fn unlock(&self, region: &[u8], passphrase: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        self.unlock_slot(region, passphrase).map(|(_, mk)| mk)
+    }
+
+    /// The number of the keyslot `passphrase` opens, and the data key.
+    pub fn unlock_slot(
+        &self,
+        region: &[u8],
+        passphrase: &[u8],
+    ) -> Option<(usize, Zeroizing<Vec<u8>>)> {
         for slot in &self.slots {
             let start = usize::try_from(slot.offset).ok()?.checked_mul(SECTOR)?;
             let len = (self.key_bytes * slot.stripes).div_ceil(SECTOR) * SECTOR;
@@ -132,11 +144,111 @@ impl Luks1 {
             let mut digest = Zeroizing::new([0u8; 20]);
             pbkdf2::pbkdf2_hmac::<Sha256>(&mk, &self.mk_salt, self.mk_iter, digest.as_mut());
             if bool::from(digest.as_slice().ct_eq(&self.mk_digest[..])) {
-                return Some(mk);
+                return Some((slot.index, mk));
             }
         }
         None
     }
+
+    /// The numbers of the active keyslots.
+    pub fn active(&self) -> Vec<usize> {
+        self.slots.iter().map(|s| s.index).collect()
+    }
+}
+
+/// A LUKS region (header and keyslot material) in wiped memory.
+pub type Region = Zeroizing<Vec<u8>>;
+
+/// Bytes of a region: (offset, length).
+pub type Extent = (usize, usize);
+
+/// Where keyslot `i`'s material is in the region: (offset, length) in
+/// bytes, checked against the region's length.
+pub fn slot_material(
+    region: &[u8],
+    key_bytes: usize,
+    i: usize,
+) -> Result<(usize, usize), Unsupported> {
+    let s = 208 + i * 48;
+    let offset = u64::from(be32(region, s + 40)) as usize * SECTOR;
+    let stripes = be32(region, s + 44) as usize;
+    let len = (key_bytes * stripes).div_ceil(SECTOR) * SECTOR;
+    if stripes == 0 || offset < HEADER_LEN || offset + len > region.len() {
+        return Err(bad("keyslot material outside the header"));
+    }
+    Ok((offset, len))
+}
+
+/// `region` with the data key `mk` put in its first inactive keyslot under
+/// `passphrase` ([`NEW_ITERATIONS`]); returns the keyslot's number too.
+/// The other keyslots are left as they are.
+pub fn add_keyslot(
+    region: &[u8],
+    luks: &Luks1,
+    mk: &[u8],
+    passphrase: &[u8],
+) -> Result<Result<(Region, usize), Unsupported>, ImageError> {
+    let active = luks.active();
+    let Some(i) = (0..8).find(|i| !active.contains(i)) else {
+        return Ok(Err(bad("no free keyslot")));
+    };
+    let mut h = Zeroizing::new(region.to_vec());
+    let (offset, len) = match slot_material(&h, luks.key_bytes, i) {
+        Ok(m) => m,
+        Err(u) => return Ok(Err(u)),
+    };
+    let stripes = be32(&h, 208 + i * 48 + 44) as usize;
+    put_slot(&mut h, i, (offset, len), stripes, mk, passphrase)?;
+    Ok(Ok((h, i)))
+}
+
+/// Writes keyslot `i` (material at `(offset, len)`, `stripes` stripes) for
+/// `mk` under `passphrase` into the region `h`.
+fn put_slot(
+    h: &mut [u8],
+    i: usize,
+    (offset, len): (usize, usize),
+    stripes: usize,
+    mk: &[u8],
+    passphrase: &[u8],
+) -> Result<(), ImageError> {
+    let s = 208 + i * 48;
+    let mut salt = [0u8; 32];
+    random(&mut salt)?;
+    h[s..s + 4].copy_from_slice(&SLOT_ACTIVE.to_be_bytes());
+    h[s + 4..s + 8].copy_from_slice(&NEW_ITERATIONS.to_be_bytes());
+    h[s + 8..s + 40].copy_from_slice(&salt);
+    let mut material = af_split(mk, stripes, len)?;
+    let mut slot_key = Zeroizing::new(vec![0u8; mk.len()]);
+    pbkdf2::pbkdf2_hmac::<Sha256>(passphrase, &salt, NEW_ITERATIONS, &mut slot_key);
+    XtsKey::new(&slot_key)
+        .map_err(|l| ImageError::Check(format!("a {}-byte keyslot key", l.0)))?
+        .apply(&mut material, 0, true);
+    h[offset..offset + len].copy_from_slice(&material);
+    Ok(())
+}
+
+/// `region` with every keyslot but `keep` disabled and their material
+/// replaced by random bytes; also the ranges of the material replaced.
+pub fn drop_keyslots_but(
+    region: &[u8],
+    luks: &Luks1,
+    keep: usize,
+) -> Result<Result<(Region, Vec<Extent>), Unsupported>, ImageError> {
+    let mut h = Zeroizing::new(region.to_vec());
+    let mut wiped = vec![];
+    for i in luks.active().into_iter().filter(|&i| i != keep) {
+        let (offset, len) = match slot_material(&h, luks.key_bytes, i) {
+            Ok(m) => m,
+            Err(u) => return Ok(Err(u)),
+        };
+        let s = 208 + i * 48;
+        h[s..s + 4].copy_from_slice(&SLOT_INACTIVE.to_be_bytes());
+        h[s + 4..s + 40].fill(0);
+        random(&mut h[offset..offset + len])?;
+        wiped.push((offset, len));
+    }
+    Ok(Ok((h, wiped)))
 }
 
 fn random(buf: &mut [u8]) -> Result<(), ImageError> {
@@ -172,30 +284,18 @@ pub fn new_header(
     h[132..164].copy_from_slice(&salt);
     h[164..168].copy_from_slice(&NEW_ITERATIONS.to_be_bytes());
     for i in 0..8 {
-        let s = 208 + i * 48;
-        let offset = u64::from(be32(&h, s + 40)) as usize * SECTOR;
-        let stripes = be32(&h, s + 44) as usize;
-        let len = (kb * stripes).div_ceil(SECTOR) * SECTOR;
-        if stripes == 0 || offset < HEADER_LEN || offset + len > h.len() {
-            return Ok(Err(bad("keyslot material outside the header")));
-        }
+        let (offset, len) = match slot_material(&h, kb, i) {
+            Ok(m) => m,
+            Err(u) => return Ok(Err(u)),
+        };
         if i > 0 {
+            let s = 208 + i * 48;
             h[s..s + 4].copy_from_slice(&SLOT_INACTIVE.to_be_bytes());
             random(&mut h[offset..offset + len])?;
             continue;
         }
-        let mut salt = [0u8; 32];
-        random(&mut salt)?;
-        h[s..s + 4].copy_from_slice(&SLOT_ACTIVE.to_be_bytes());
-        h[s + 4..s + 8].copy_from_slice(&NEW_ITERATIONS.to_be_bytes());
-        h[s + 8..s + 40].copy_from_slice(&salt);
-        let mut material = af_split(mk, stripes, len)?;
-        let mut slot_key = Zeroizing::new(vec![0u8; kb]);
-        pbkdf2::pbkdf2_hmac::<Sha256>(passphrase, &salt, NEW_ITERATIONS, &mut slot_key);
-        XtsKey::new(&slot_key)
-            .map_err(|l| ImageError::Check(format!("a {}-byte keyslot key", l.0)))?
-            .apply(&mut material, 0, true);
-        h[offset..offset + len].copy_from_slice(&material);
+        let stripes = be32(&h, 208 + 44) as usize;
+        put_slot(&mut h, 0, (offset, len), stripes, mk, passphrase)?;
     }
     // It must parse like any LUKS1 header.
     if let Err(u) = Luks1::parse(&h) {
@@ -205,6 +305,59 @@ pub fn new_header(
         )));
     }
     Ok(Ok(h))
+}
+
+/// Anti-forensic stripes of a new keyslot (LUKS1's and QEMU's choice).
+const NEW_STRIPES: u32 = 4000;
+/// Keyslot material starts at 4096-byte boundaries, as QEMU lays it out.
+const ALIGN_SECTORS: u32 = 8;
+
+/// Length in bytes of the LUKS region [`fresh_header`] writes (header and
+/// the material of eight keyslots, 2,068,480 bytes: QEMU's layout, so the
+/// payload starts at sector 4040).
+pub fn fresh_len() -> usize {
+    fresh_payload_sectors() as usize * SECTOR
+}
+
+fn slot_sectors() -> u32 {
+    (64 * NEW_STRIPES)
+        .div_ceil(SECTOR as u32)
+        .div_ceil(ALIGN_SECTORS)
+        * ALIGN_SECTORS
+}
+
+fn fresh_payload_sectors() -> u32 {
+    ALIGN_SECTORS + 8 * slot_sectors()
+}
+
+/// A new LUKS1 region for aes-xts-plain64, sha256 and a 512-bit data key
+/// `mk` in keyslot 0 under `passphrase`, with [`NEW_ITERATIONS`] (the
+/// passphrase is a random key: no calibration), in QEMU's layout (the
+/// keyslots at sector 8 and then every 504 sectors, the payload at sector
+/// 4040). The other keyslots are disabled, their material random bytes.
+pub fn fresh_header(mk: &[u8], passphrase: &[u8]) -> Result<Zeroizing<Vec<u8>>, ImageError> {
+    if mk.len() != 64 {
+        return Err(ImageError::Check(format!("a {}-byte data key", mk.len())));
+    }
+    let mut h = Zeroizing::new(vec![0u8; fresh_len()]);
+    h[..6].copy_from_slice(LUKS_MAGIC);
+    h[6..8].copy_from_slice(&1u16.to_be_bytes());
+    h[8..11].copy_from_slice(b"aes");
+    h[40..51].copy_from_slice(b"xts-plain64");
+    h[72..78].copy_from_slice(b"sha256");
+    h[104..108].copy_from_slice(&fresh_payload_sectors().to_be_bytes());
+    h[108..112].copy_from_slice(&64u32.to_be_bytes());
+    for i in 0..8u32 {
+        let s = 208 + i as usize * 48;
+        h[s..s + 4].copy_from_slice(&SLOT_INACTIVE.to_be_bytes());
+        let offset = ALIGN_SECTORS + i * slot_sectors();
+        h[s + 40..s + 44].copy_from_slice(&offset.to_be_bytes());
+        h[s + 44..s + 48].copy_from_slice(&NEW_STRIPES.to_be_bytes());
+    }
+    let template = Luks1::parse(&h)
+        .map_err(|u| ImageError::Check(format!("the fresh LUKS header: {}", u.0)))?;
+    new_header(&h, &template, mk, passphrase)?
+        .map_err(|u| ImageError::Check(format!("the fresh LUKS header: {}", u.0)))
 }
 
 /// LUKS1 anti-forensic split of `mk` into `stripes` stripes, in a
@@ -378,6 +531,29 @@ mod tests {
         // And our own reader agrees.
         let back = Luks1::parse(&new).unwrap_or_else(|u| panic!("{}", u.0));
         assert_eq!(&*back.unlock(&new, b"new passphrase").unwrap(), &mk[..]);
+        std::fs::remove_file(f).unwrap();
+    }
+
+    #[test]
+    fn fresh_headers_hold_the_key_cryptsetup_dumps() {
+        let mut mk = [0u8; 64];
+        getrandom::fill(&mut mk).unwrap();
+        let h = fresh_header(&mk, b"fresh passphrase").unwrap();
+        assert_eq!(h.len(), 4040 * SECTOR, "QEMU's layout");
+        let f = tmp("fresh");
+        let mut all = h.to_vec();
+        all.resize(all.len() + (1 << 20), 0);
+        std::fs::write(&f, &all).unwrap();
+        let (ok, dump) = cryptsetup(&["luksDump"], &f, b"");
+        assert!(ok, "{dump}");
+        assert!(dump.contains("MK iterations: \t1000"), "{dump}");
+        assert_eq!(dump.matches("ENABLED").count(), 1, "{dump}");
+        assert_eq!(dumped_key(&f, b"fresh passphrase"), hex::encode(mk));
+        let (ok, _) = cryptsetup(&["open", "--test-passphrase"], &f, b"other passphrase");
+        assert!(!ok);
+        let l = Luks1::parse(&h).unwrap_or_else(|u| panic!("{}", u.0));
+        assert_eq!(&*l.unlock(&h, b"fresh passphrase").unwrap(), &mk[..]);
+        assert!(fresh_header(&mk[..32], b"x").is_err(), "only 512-bit keys");
         std::fs::remove_file(f).unwrap();
     }
 

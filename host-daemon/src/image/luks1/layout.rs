@@ -74,7 +74,33 @@ pub fn layout(
     }
 }
 
-fn qcow2(f: &File, len: u64, shown: &str) -> Result<Result<Layout, Unsupported>, ImageError> {
+/// Only where the LUKS header is (offset, length), without walking a
+/// qcow2 file's cluster tables.
+pub fn luks_region(
+    f: &File,
+    len: u64,
+    format: Format,
+    shown: &str,
+) -> Result<Result<(u64, u64), Unsupported>, ImageError> {
+    match format {
+        Format::Raw => Ok(layout(f, len, format, shown)?.map(|l| l.luks)),
+        Format::Qcow2 => Ok(qcow2_header(f, len, shown)?.map(|h| h.luks)),
+    }
+}
+
+/// What a qcow2 header says: cluster size, L1 table, LUKS header.
+struct Qcow2Header {
+    cluster: u64,
+    l1_size: u64,
+    l1_offset: u64,
+    luks: (u64, u64),
+}
+
+fn qcow2_header(
+    f: &File,
+    len: u64,
+    shown: &str,
+) -> Result<Result<Qcow2Header, Unsupported>, ImageError> {
     macro_rules! no {
         ($why:expr) => {
             return Ok(Err(Unsupported($why.into())))
@@ -144,6 +170,29 @@ fn qcow2(f: &File, len: u64, shown: &str) -> Result<Result<Layout, Unsupported>,
     {
         no!("LUKS header outside the file");
     }
+    Ok(Ok(Qcow2Header {
+        cluster,
+        l1_size,
+        l1_offset,
+        luks,
+    }))
+}
+
+fn qcow2(f: &File, len: u64, shown: &str) -> Result<Result<Layout, Unsupported>, ImageError> {
+    macro_rules! no {
+        ($why:expr) => {
+            return Ok(Err(Unsupported($why.into())))
+        };
+    }
+    let Qcow2Header {
+        cluster,
+        l1_size,
+        l1_offset,
+        luks,
+    } = match qcow2_header(f, len, shown)? {
+        Ok(h) => h,
+        Err(u) => return Ok(Err(u)),
+    };
     if l1_size > (64 << 20) / 8
         || l1_offset
             .checked_add(l1_size * 8)

@@ -15,8 +15,9 @@
 //!    and encrypted with the new one ([`xts`], aes-xts-plain64: the IV is
 //!    the sector number, of the payload for raw LUKS and of the host file
 //!    for qcow2 with LUKS inside);
-//! 4. the copy is read back and decrypted with the new key and must hash
-//!    to the plaintext seen in step 3.
+//! 4. each chunk of the copy is read back as soon as it is written (the
+//!    same pass, overlapping it) and decrypted with the new key; all of it
+//!    must hash to the plaintext seen in step 3.
 //!
 //! The caller ([`crate::image`]) then has QEMU open the copy with the new
 //! passphrase only and compare sample reads of both images, swaps it in
@@ -27,7 +28,9 @@
 //!
 //! Imports only [`crate::model`], [`crate::progress`] and the image error.
 
+pub mod create;
 pub mod header;
+pub mod keyslots;
 pub mod layout;
 pub mod xts;
 
@@ -35,7 +38,6 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use sha2::{Digest, Sha256};
-use zeroize::Zeroizing;
 
 use self::header::{Luks1, new_header};
 use self::layout::{layout, read_at};
@@ -108,7 +110,7 @@ pub fn reencrypt(
     let t_keys = t0.elapsed();
 
     let shown = crate::progress::Tracker::start(path, "re-encrypting", len);
-    let expected = pass(
+    let (expected, read_back) = pass(
         src,
         dst,
         len,
@@ -121,21 +123,7 @@ pub fn reencrypt(
         path,
     )?;
     let t_pass = t0.elapsed();
-
-    // The copy decrypts, with the new data key, to the same data.
-    shown.phase("checking the copy", len);
-    let mut check = Sha256::new();
-    let mut buf = Zeroizing::new(vec![0u8; CHUNK]);
-    let mut pos = 0u64;
-    while pos < len {
-        let n = (len - pos).min(CHUNK as u64) as usize;
-        dst.read_exact_at(&mut buf[..n], pos)
-            .map_err(io("read back of the copy of", path))?;
-        transform(&mut buf[..n], pos, &lay.data, &new_key, None, &mut check);
-        pos += n as u64;
-        shown.set(pos, len);
-    }
-    if check.finalize() != expected {
+    if read_back != expected {
         return Err(ImageError::Check(format!(
             "the re-encrypted copy of {path} does not read back the same"
         )));
@@ -144,16 +132,17 @@ pub fn reencrypt(
         %path,
         keys_ms = t_keys.as_millis() as u64,
         pass_ms = (t_pass - t_keys).as_millis() as u64,
-        readback_ms = (t0.elapsed() - t_pass).as_millis() as u64,
         "re-encrypted copy written and read back"
     );
     Ok(Ok(()))
 }
 
 /// One pass: copy `src` into `dst`, the LUKS header replaced and the data
-/// extents re-encrypted. Reading, the crypto (on every core) and writing
-/// overlap: three stages with two chunks in flight between them. Returns
-/// the hash of the plaintext.
+/// extents re-encrypted, and every chunk read back from `dst` as soon as
+/// it is written and decrypted with the new key. Reading, the crypto (on
+/// every core), writing and the read-back overlap: four stages with two
+/// chunks in flight between them. Returns the hashes of the plaintext
+/// before and after (the caller compares them).
 #[allow(clippy::too_many_arguments)] // the pass's inputs, each named once
 fn pass(
     src: &File,
@@ -166,12 +155,15 @@ fn pass(
     bandwidth: u64,
     shown: &crate::progress::Tracker,
     path: &str,
-) -> Result<sha2::digest::Output<Sha256>, ImageError> {
+) -> Result<(Digest32, Digest32), ImageError> {
+    // Its whole length first: pieces left as holes read back as zeros.
+    dst.set_len(len).map_err(io("write of the copy of", path))?;
     let mut plain_hash = Sha256::new();
     let (to_work, work_in) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(2);
     let (to_write, write_in) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(2);
+    let (to_check, check_in) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(2);
     let (recycle, spare) = std::sync::mpsc::channel::<Vec<u8>>();
-    let (read_result, write_result) = std::thread::scope(|sc| {
+    let (read_result, write_result, check_result) = std::thread::scope(|sc| {
         let reader = sc.spawn(move || {
             let mut pos = 0u64;
             while pos < len {
@@ -191,7 +183,7 @@ fn pass(
         let started = std::time::Instant::now();
         let writer = sc.spawn(move || {
             let mut written = 0u64;
-            for (pos, mut buf) in write_in {
+            for (pos, buf) in write_in {
                 // All-zero pieces stay holes: a thin image stays thin.
                 let mut at = 0usize;
                 for piece in buf.chunks(ZERO_RUN) {
@@ -210,13 +202,27 @@ fn pass(
                         std::thread::sleep(wait);
                     }
                 }
+                if to_check.send((pos, buf)).is_err() {
+                    break;
+                }
+            }
+            drop(to_check);
+            dst.sync_all().map_err(io("write of the copy of", path))?;
+            Ok::<u64, ImageError>(written)
+        });
+        let checker = sc.spawn(move || {
+            // What the copy holds, decrypted with the new data key.
+            let mut check = Sha256::new();
+            let mut checked = 0u64;
+            for (pos, mut buf) in check_in {
+                dst.read_exact_at(&mut buf, pos)
+                    .map_err(io("read back of the copy of", path))?;
+                transform(&mut buf, pos, &lay.data, new_key, None, &mut check);
+                checked += buf.len() as u64;
                 buf.fill(0);
                 let _ = recycle.send(buf);
             }
-            dst.set_len(len)
-                .and_then(|()| dst.sync_all())
-                .map_err(io("write of the copy of", path))?;
-            Ok::<u64, ImageError>(written)
+            Ok::<(u64, Digest32), ImageError>((checked, check.finalize()))
         });
         for (pos, mut buf) in work_in {
             overlay(&mut buf, pos, lay.luks.0, new_header);
@@ -236,19 +242,22 @@ fn pass(
             }
         }
         drop(to_write);
-        (reader.join(), writer.join())
+        (reader.join(), writer.join(), checker.join())
     });
-    let joined = |r: std::thread::Result<Result<u64, ImageError>>| {
-        r.map_err(|_| ImageError::Check("a re-encryption thread panicked".into()))?
-    };
-    let (read, written) = (joined(read_result)?, joined(write_result)?);
-    if read != len || written != len {
+    let panicked = || ImageError::Check("a re-encryption thread panicked".into());
+    let read = read_result.map_err(|_| panicked())??;
+    let written = write_result.map_err(|_| panicked())??;
+    let (checked, read_back) = check_result.map_err(|_| panicked())??;
+    if read != len || written != len || checked != len {
         return Err(ImageError::Check(format!(
-            "the re-encrypted copy of {path} is incomplete ({written} of {len} bytes)"
+            "the re-encrypted copy of {path} is incomplete ({written} of {len} bytes written, {checked} read back)"
         )));
     }
-    Ok(plain_hash.finalize())
+    Ok((plain_hash.finalize(), read_back))
 }
+
+/// A SHA-256 digest.
+type Digest32 = sha2::digest::Output<Sha256>;
 
 /// Copies `header` over the part of `chunk` (at file offset `pos`) that
 /// overlaps `[at, at + header.len())`.
