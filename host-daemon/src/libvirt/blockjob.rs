@@ -126,6 +126,7 @@ pub fn copy_and_pivot(
     bandwidth: u64,
     shown: &dyn Fn(u64, u64),
 ) -> Result<(), HvError> {
+    let t0 = Instant::now();
     start_copy(dom, disk, dest_xml, bandwidth)?;
     let deadline = Instant::now() + limit;
     loop {
@@ -154,6 +155,7 @@ pub fn copy_and_pivot(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let ready = t0.elapsed();
     if let Err(e) = pivot(dom, disk) {
         cancel(dom, disk);
         return Err(e);
@@ -161,6 +163,12 @@ pub fn copy_and_pivot(
     // The job disappears once the pivot completed.
     for _ in 0..600 {
         if matches!(progress(dom, disk), Ok(None)) {
+            tracing::debug!(
+                %disk,
+                ready_ms = ready.as_millis() as u64,
+                pivoted_ms = (t0.elapsed() - ready).as_millis() as u64,
+                "block copy ready and pivoted"
+            );
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -271,7 +271,9 @@ pub fn copy_online(
     remove: &dyn Fn(&str) -> bool,
 ) -> Result<(), OpsError> {
     let v = o.volume;
+    let t0 = std::time::Instant::now();
     let copy = images.new_copy(&v.path, o.generation, o.format, o.size, key)?;
+    let made = t0.elapsed();
     // The copy is opened through the volume's own libvirt secret (not in
     // use: QEMU opened the running disk long ago), so the definition
     // libvirt records at the pivot already names the right secret.
@@ -297,10 +299,18 @@ pub fn copy_online(
         }
         return Err(e.into());
     }
+    let t_copied = t0.elapsed();
     if !images.swap_in_copy(&v.path, o.generation)? {
         return Err(OpsError::Internal(format!(
             "the copy {copy} vanished before it was moved into place"
         )));
     }
+    tracing::debug!(
+        path = %v.path,
+        new_copy_ms = made.as_millis() as u64,
+        copy_ms = (t_copied - made).as_millis() as u64,
+        swap_ms = (t0.elapsed() - t_copied).as_millis() as u64,
+        "online copy swapped in"
+    );
     Ok(())
 }

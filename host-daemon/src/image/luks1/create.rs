@@ -58,7 +58,7 @@ pub fn write_new(
     drop(mk);
     match format {
         Format::Raw => {
-            f.write_all_at(&region, 0).map_err(io("write of", shown))?;
+            write_sparse(f, 0, &region, shown)?;
             let len = (region.len() as u64)
                 .checked_add(size)
                 .ok_or_else(|| ImageError::Unsuitable(format!("{shown}: size too large")))?;
@@ -70,11 +70,22 @@ pub fn write_new(
             for (at, bytes) in q.metadata() {
                 f.write_all_at(&bytes, at).map_err(io("write of", shown))?;
             }
-            f.write_all_at(&region, q.luks_offset)
-                .map_err(io("write of", shown))?;
+            write_sparse(f, q.luks_offset, &region, shown)?;
             f.set_len(q.file_len).map_err(io("write of", shown))
         }
     }
+}
+
+/// Writes `bytes` at `at`, leaving all-zero 4 KiB pieces as holes (the
+/// unused keyslots of a new header).
+fn write_sparse(f: &File, at: u64, bytes: &[u8], shown: &str) -> Result<(), ImageError> {
+    for (i, piece) in bytes.chunks(4096).enumerate() {
+        if piece.iter().any(|&b| b != 0) {
+            f.write_all_at(piece, at + (i * 4096) as u64)
+                .map_err(io("write of", shown))?;
+        }
+    }
+    Ok(())
 }
 
 /// Where each part of a new qcow2 file goes: cluster 0 the header, 1 the

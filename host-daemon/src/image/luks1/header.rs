@@ -255,17 +255,9 @@ fn random(buf: &mut [u8]) -> Result<(), ImageError> {
     getrandom::fill(buf).map_err(|e| ImageError::Random(e.to_string()))
 }
 
-/// The LUKS region `old` (header and keyslot material) with the data key
-/// `mk` in keyslot 0 under `passphrase`, a new UUID and digest, the other
-/// keyslots disabled and their material replaced by random bytes.
-pub fn new_header(
-    old: &[u8],
-    luks: &Luks1,
-    mk: &[u8],
-    passphrase: &[u8],
-) -> Result<Result<Zeroizing<Vec<u8>>, Unsupported>, ImageError> {
-    let mut h = Zeroizing::new(old.to_vec());
-    let kb = luks.key_bytes;
+/// Gives the header `h` a new UUID and the digest of the data key `mk`
+/// (with a new salt, [`NEW_ITERATIONS`]).
+fn identity(h: &mut [u8], mk: &[u8]) -> Result<(), ImageError> {
     // UUID (40 bytes, NUL-padded text).
     let mut u = [0u8; 16];
     random(&mut u)?;
@@ -275,7 +267,6 @@ pub fn new_header(
         .to_string();
     h[168..208].fill(0);
     h[168..168 + text.len()].copy_from_slice(text.as_bytes());
-    // Master key digest.
     let mut salt = [0u8; 32];
     random(&mut salt)?;
     let mut digest = [0u8; 20];
@@ -283,6 +274,21 @@ pub fn new_header(
     h[112..132].copy_from_slice(&digest);
     h[132..164].copy_from_slice(&salt);
     h[164..168].copy_from_slice(&NEW_ITERATIONS.to_be_bytes());
+    Ok(())
+}
+
+/// The LUKS region `old` (header and keyslot material) with the data key
+/// `mk` in keyslot 0 under `passphrase`, a new UUID and digest, the other
+/// keyslots disabled and their material replaced by zeros.
+pub fn new_header(
+    old: &[u8],
+    luks: &Luks1,
+    mk: &[u8],
+    passphrase: &[u8],
+) -> Result<Result<Zeroizing<Vec<u8>>, Unsupported>, ImageError> {
+    let mut h = Zeroizing::new(old.to_vec());
+    let kb = luks.key_bytes;
+    identity(&mut h, mk)?;
     for i in 0..8 {
         let (offset, len) = match slot_material(&h, kb, i) {
             Ok(m) => m,
@@ -291,7 +297,9 @@ pub fn new_header(
         if i > 0 {
             let s = 208 + i * 48;
             h[s..s + 4].copy_from_slice(&SLOT_INACTIVE.to_be_bytes());
-            random(&mut h[offset..offset + len])?;
+            // Whatever it held (the old data key under another passphrase)
+            // is gone; zeros keep the copy thin.
+            h[offset..offset + len].fill(0);
             continue;
         }
         let stripes = be32(&h, 208 + 44) as usize;
@@ -334,7 +342,7 @@ fn fresh_payload_sectors() -> u32 {
 /// `mk` in keyslot 0 under `passphrase`, with [`NEW_ITERATIONS`] (the
 /// passphrase is a random key: no calibration), in QEMU's layout (the
 /// keyslots at sector 8 and then every 504 sectors, the payload at sector
-/// 4040). The other keyslots are disabled, their material random bytes.
+/// 4040). The other keyslots are disabled, their material zeros.
 pub fn fresh_header(mk: &[u8], passphrase: &[u8]) -> Result<Zeroizing<Vec<u8>>, ImageError> {
     if mk.len() != 64 {
         return Err(ImageError::Check(format!("a {}-byte data key", mk.len())));
@@ -354,10 +362,21 @@ pub fn fresh_header(mk: &[u8], passphrase: &[u8]) -> Result<Zeroizing<Vec<u8>>, 
         h[s + 40..s + 44].copy_from_slice(&offset.to_be_bytes());
         h[s + 44..s + 48].copy_from_slice(&NEW_STRIPES.to_be_bytes());
     }
-    let template = Luks1::parse(&h)
-        .map_err(|u| ImageError::Check(format!("the fresh LUKS header: {}", u.0)))?;
-    new_header(&h, &template, mk, passphrase)?
-        .map_err(|u| ImageError::Check(format!("the fresh LUKS header: {}", u.0)))
+    identity(&mut h, mk)?;
+    let (offset, len) = slot_material(&h, 64, 0).map_err(|u| ImageError::Check(u.0))?;
+    put_slot(
+        &mut h,
+        0,
+        (offset, len),
+        NEW_STRIPES as usize,
+        mk,
+        passphrase,
+    )?;
+    // The other keyslots never held anything: their material stays zeros
+    // (holes in the file).
+    Luks1::parse(&h)
+        .map_err(|u| ImageError::Check(format!("the fresh LUKS header does not parse: {}", u.0)))?;
+    Ok(h)
 }
 
 /// LUKS1 anti-forensic split of `mk` into `stripes` stripes, in a

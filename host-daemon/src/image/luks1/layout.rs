@@ -74,6 +74,30 @@ pub fn layout(
     }
 }
 
+/// The guest-visible size of the LUKS image open as `f`, from its own
+/// header (raw: the payload; qcow2: the size field), for sample reads.
+pub fn virtual_size(f: &File, format: Format, shown: &str) -> Result<u64, ImageError> {
+    let len = f
+        .metadata()
+        .map_err(|source| ImageError::Io {
+            what: "inspect",
+            path: shown.to_owned(),
+            source,
+        })?
+        .len();
+    let unknown = |u: Unsupported| ImageError::Check(format!("{shown}: {}", u.0));
+    match format {
+        Format::Raw => {
+            let (_, payload) = luks_region(f, len, format, shown)?.map_err(unknown)?;
+            Ok(len - payload)
+        }
+        Format::Qcow2 => {
+            qcow2_header(f, len, shown)?.map_err(unknown)?;
+            Ok(be64(&read_at(f, 24, 8, shown)?, 0))
+        }
+    }
+}
+
 /// Only where the LUKS header is (offset, length), without walking a
 /// qcow2 file's cluster tables.
 pub fn luks_region(

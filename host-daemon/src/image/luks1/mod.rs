@@ -9,15 +9,15 @@
 //!    old data key ([`header`]);
 //! 2. a new header in the same layout gets a new random data key in
 //!    keyslot 0 under the new passphrase, the other keyslots disabled and
-//!    their material overwritten with random bytes;
+//!    their material overwritten with zeros;
 //! 3. the copy is the old file byte for byte, except the LUKS header and
 //!    the data sectors ([`layout`]), each decrypted with the old data key
 //!    and encrypted with the new one ([`xts`], aes-xts-plain64: the IV is
 //!    the sector number, of the payload for raw LUKS and of the host file
 //!    for qcow2 with LUKS inside);
 //! 4. each chunk of the copy is read back as soon as it is written (the
-//!    same pass, overlapping it) and decrypted with the new key; all of it
-//!    must hash to the plaintext seen in step 3.
+//!    same pass, overlapping it), decrypted with the new key, and must be
+//!    the plaintext seen in step 3, byte for byte.
 //!
 //! The caller ([`crate::image`]) then has QEMU open the copy with the new
 //! passphrase only and compare sample reads of both images, swaps it in
@@ -36,8 +36,7 @@ pub mod xts;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-
-use sha2::{Digest, Sha256};
+use std::time::{Duration, Instant};
 
 use self::header::{Luks1, new_header};
 use self::layout::{layout, read_at};
@@ -46,7 +45,7 @@ use crate::image::ImageError;
 use crate::model::Format;
 
 /// Bytes read, transformed and written at a time.
-const CHUNK: usize = 8 << 20;
+const CHUNK: usize = 4 << 20;
 /// Zero runs of this size are not written (they stay holes).
 const ZERO_RUN: usize = 64 << 10;
 
@@ -110,7 +109,7 @@ pub fn reencrypt(
     let t_keys = t0.elapsed();
 
     let shown = crate::progress::Tracker::start(path, "re-encrypting", len);
-    let (expected, read_back) = pass(
+    let same = pass(
         src,
         dst,
         len,
@@ -123,7 +122,7 @@ pub fn reencrypt(
         path,
     )?;
     let t_pass = t0.elapsed();
-    if read_back != expected {
+    if !same {
         return Err(ImageError::Check(format!(
             "the re-encrypted copy of {path} does not read back the same"
         )));
@@ -139,10 +138,10 @@ pub fn reencrypt(
 
 /// One pass: copy `src` into `dst`, the LUKS header replaced and the data
 /// extents re-encrypted, and every chunk read back from `dst` as soon as
-/// it is written and decrypted with the new key. Reading, the crypto (on
-/// every core), writing and the read-back overlap: four stages with two
-/// chunks in flight between them. Returns the hashes of the plaintext
-/// before and after (the caller compares them).
+/// it is written, decrypted with the new key and compared with the
+/// plaintext it was made from. Reading, the crypto (on every core),
+/// writing and the read-back overlap: four stages with two chunks in flight
+/// between each two. `Ok(false)`: a chunk did not read back the same.
 #[allow(clippy::too_many_arguments)] // the pass's inputs, each named once
 fn pass(
     src: &File,
@@ -155,24 +154,29 @@ fn pass(
     bandwidth: u64,
     shown: &crate::progress::Tracker,
     path: &str,
-) -> Result<(Digest32, Digest32), ImageError> {
+) -> Result<bool, ImageError> {
     // Its whole length first: pieces left as holes read back as zeros.
     dst.set_len(len).map_err(io("write of the copy of", path))?;
-    let mut plain_hash = Sha256::new();
-    let (to_work, work_in) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(2);
-    let (to_write, write_in) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(2);
-    let (to_check, check_in) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(2);
-    let (recycle, spare) = std::sync::mpsc::channel::<Vec<u8>>();
+    // Read once from start to end: the kernel may read far ahead.
+    let _ = rustix::fs::fadvise(src, 0, None, rustix::fs::Advice::Sequential);
+    // A chunk, and (after the crypto stage) the plaintext it holds.
+    type Chunk = (u64, Vec<u8>, Vec<u8>);
+    let (to_work, work_in) = std::sync::mpsc::sync_channel::<Chunk>(2);
+    let (to_write, write_in) = std::sync::mpsc::sync_channel::<Chunk>(2);
+    let (to_check, check_in) = std::sync::mpsc::sync_channel::<Chunk>(2);
+    let (recycle, spare) = std::sync::mpsc::channel::<(Vec<u8>, Vec<u8>)>();
     let (read_result, write_result, check_result) = std::thread::scope(|sc| {
         let reader = sc.spawn(move || {
             let mut pos = 0u64;
             while pos < len {
                 let n = (len - pos).min(CHUNK as u64) as usize;
-                let mut buf = spare.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
+                let (mut buf, plain) = spare
+                    .try_recv()
+                    .unwrap_or_else(|_| (vec![0u8; CHUNK], vec![0u8; CHUNK]));
                 buf.resize(n, 0);
                 src.read_exact_at(&mut buf, pos)
                     .map_err(io("read of", path))?;
-                if to_work.send((pos, buf)).is_err() {
+                if to_work.send((pos, buf, plain)).is_err() {
                     break;
                 }
                 pos += n as u64;
@@ -183,7 +187,9 @@ fn pass(
         let started = std::time::Instant::now();
         let writer = sc.spawn(move || {
             let mut written = 0u64;
-            for (pos, buf) in write_in {
+            let (mut writing, mut handing) = (Duration::ZERO, Duration::ZERO);
+            for (pos, buf, plain) in write_in {
+                let t = Instant::now();
                 // All-zero pieces stay holes: a thin image stays thin.
                 let mut at = 0usize;
                 for piece in buf.chunks(ZERO_RUN) {
@@ -202,62 +208,102 @@ fn pass(
                         std::thread::sleep(wait);
                     }
                 }
-                if to_check.send((pos, buf)).is_err() {
+                writing += t.elapsed();
+                let t = Instant::now();
+                if to_check.send((pos, buf, plain)).is_err() {
                     break;
                 }
+                handing += t.elapsed();
             }
             drop(to_check);
+            let t = Instant::now();
             dst.sync_all().map_err(io("write of the copy of", path))?;
+            tracing::debug!(
+                %path,
+                write_ms = writing.as_millis() as u64,
+                waiting_for_read_back_ms = handing.as_millis() as u64,
+                sync_ms = t.elapsed().as_millis() as u64,
+                "writing stage"
+            );
             Ok::<u64, ImageError>(written)
         });
         let checker = sc.spawn(move || {
-            // What the copy holds, decrypted with the new data key.
-            let mut check = Sha256::new();
+            // What the copy holds, decrypted with the new data key, must be
+            // the plaintext the chunk was made from.
             let mut checked = 0u64;
-            for (pos, mut buf) in check_in {
+            let mut same = true;
+            let (mut reading, mut checking) = (Duration::ZERO, Duration::ZERO);
+            for (pos, mut buf, mut plain) in check_in {
+                let t = Instant::now();
                 dst.read_exact_at(&mut buf, pos)
                     .map_err(io("read back of the copy of", path))?;
-                transform(&mut buf, pos, &lay.data, new_key, None, &mut check);
+                reading += t.elapsed();
+                let t = Instant::now();
+                crypt(&mut buf, pos, &lay.data, new_key, false);
+                same &= buf == plain;
+                checking += t.elapsed();
                 checked += buf.len() as u64;
                 buf.fill(0);
-                let _ = recycle.send(buf);
+                plain.fill(0);
+                let _ = recycle.send((buf, plain));
+                if !same {
+                    break;
+                }
             }
-            Ok::<(u64, Digest32), ImageError>((checked, check.finalize()))
+            tracing::debug!(
+                %path,
+                read_back_ms = reading.as_millis() as u64,
+                check_ms = checking.as_millis() as u64,
+                "read-back stage"
+            );
+            Ok::<(u64, bool), ImageError>((checked, same))
         });
-        for (pos, mut buf) in work_in {
+        let (mut starved, mut crypto, mut blocked) =
+            (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        let mut t = Instant::now();
+        for (pos, mut buf, mut plain) in work_in.iter() {
+            starved += t.elapsed();
+            t = Instant::now();
             overlay(&mut buf, pos, lay.luks.0, new_header);
             for &(at, l) in &lay.zeroed {
                 zero(&mut buf, pos, at, l);
             }
-            transform(
-                &mut buf,
-                pos,
-                &lay.data,
-                old_key,
-                Some(new_key),
-                &mut plain_hash,
-            );
-            if to_write.send((pos, buf)).is_err() {
+            crypt(&mut buf, pos, &lay.data, old_key, false);
+            plain.clear();
+            plain.extend_from_slice(&buf);
+            crypt(&mut buf, pos, &lay.data, new_key, true);
+            crypto += t.elapsed();
+            t = Instant::now();
+            if to_write.send((pos, buf, plain)).is_err() {
                 break;
             }
+            blocked += t.elapsed();
+            t = Instant::now();
         }
         drop(to_write);
+        tracing::debug!(
+            %path,
+            waiting_for_reads_ms = starved.as_millis() as u64,
+            crypto_ms = crypto.as_millis() as u64,
+            waiting_for_writes_ms = blocked.as_millis() as u64,
+            "re-encrypting stage"
+        );
         (reader.join(), writer.join(), checker.join())
     });
     let panicked = || ImageError::Check("a re-encryption thread panicked".into());
     let read = read_result.map_err(|_| panicked())??;
     let written = write_result.map_err(|_| panicked())??;
-    let (checked, read_back) = check_result.map_err(|_| panicked())??;
+    let (checked, same) = check_result.map_err(|_| panicked())??;
+    if !same {
+        return Ok(false);
+    }
     if read != len || written != len || checked != len {
         return Err(ImageError::Check(format!(
             "the re-encrypted copy of {path} is incomplete ({written} of {len} bytes written, {checked} read back)"
         )));
     }
-    Ok((plain_hash.finalize(), read_back))
+    Ok(true)
 }
-
-/// A SHA-256 digest.
-type Digest32 = sha2::digest::Output<Sha256>;
 
 /// Copies `header` over the part of `chunk` (at file offset `pos`) that
 /// overlaps `[at, at + header.len())`.
@@ -279,17 +325,9 @@ fn zero(chunk: &mut [u8], pos: u64, at: u64, len: u64) {
     }
 }
 
-/// Decrypts the data sectors of `chunk` (at file offset `pos`) with `dec`,
-/// hashes the plaintext in file order into `plain`, and encrypts them again
-/// with `enc` if given; on all cores.
-fn transform(
-    chunk: &mut [u8],
-    pos: u64,
-    data: &[(u64, u64, u64)],
-    dec: &XtsKey,
-    enc: Option<&XtsKey>,
-    plain: &mut Sha256,
-) {
+/// Encrypts (`encrypt`) or decrypts the data sectors of `chunk` (at file
+/// offset `pos`) with `key`, on all cores.
+fn crypt(chunk: &mut [u8], pos: u64, data: &[(u64, u64, u64)], key: &XtsKey, encrypt: bool) {
     let end = pos + chunk.len() as u64;
     // The data extents overlapping this chunk, as (range in chunk, IV).
     let first = data.partition_point(|&(at, l, _)| at + l <= pos);
@@ -340,11 +378,5 @@ fn transform(
             work(parts);
         }
     };
-    parallel(&mut parts, dec, false);
-    for (p, _) in &parts {
-        plain.update(&**p);
-    }
-    if let Some(enc) = enc {
-        parallel(&mut parts, enc, true);
-    }
+    parallel(&mut parts, key, encrypt);
 }
