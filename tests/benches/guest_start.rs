@@ -56,19 +56,31 @@ fn define(s: &Stack, cleanup: &mut Cleanup, name: &str, xml: String, via_guestke
     cleanup.virsh(&["destroy", name]);
 }
 
-/// Median time of `rounds` `virsh start` (each followed by destroy).
-fn start_time(name: &str, rounds: usize) -> Duration {
-    let mut t: Vec<Duration> = (0..rounds)
-        .map(|_| {
-            let s = Instant::now();
-            virsh(&["start", name]).unwrap();
-            let e = s.elapsed();
-            virsh(&["destroy", name]).unwrap();
-            e
+/// One `virsh start` of `name`, timed, then destroy.
+fn start_once(name: &str) -> Duration {
+    let s = Instant::now();
+    virsh(&["start", name]).unwrap();
+    let e = s.elapsed();
+    virsh(&["destroy", name]).unwrap();
+    e
+}
+
+/// The median of `rounds` starts of each guest of `names`, the guests
+/// taken in turn in every round (so that a slow minute of this shared
+/// machine falls on all of them alike, not on one guest's rounds).
+fn start_times(names: &[String], rounds: usize) -> Vec<Duration> {
+    let mut t: Vec<Vec<Duration>> = vec![vec![]; names.len()];
+    for _ in 0..rounds {
+        for (i, n) in names.iter().enumerate() {
+            t[i].push(start_once(n));
+        }
+    }
+    t.into_iter()
+        .map(|mut v| {
+            v.sort();
+            v[rounds / 2]
         })
-        .collect();
-    t.sort();
-    t[rounds / 2]
+        .collect()
 }
 
 fn main() {
@@ -227,9 +239,9 @@ fn main() {
         false,
     );
 
-    let times: Vec<Duration> = names.iter().map(|n| start_time(n, rounds)).collect();
+    let times = start_times(&names, rounds);
     let r = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
-    println!("guest start, median of {rounds} (virsh start, 64 MiB KVM guest, hook included):");
+    println!("guest start, median of {rounds} rounds, the guests in turn (virsh start, 64 MiB KVM guest, hook included):");
     println!(
         "  plain, 1 disk:                 {:>7.3} s",
         times[0].as_secs_f64()
