@@ -17,6 +17,7 @@
 //!
 //! `cargo bench -p mgmt-server --bench server` (`-- --quick` for a smoke run;
 //! `-- --postgres` on PostgreSQL; `-- --volumes N --hosts N` at that size;
+//! `-- --pushes N` that many pushes;
 //! `-- --postgres --replicas 2` with a second replica on the database that
 //! renews its membership and serves look-ups while the leader pushes).
 
@@ -41,7 +42,7 @@ fn main() {
         .any(|a| a == "--postgres")
         .then(guestkey_testkit::Postgres::start);
     let pg_db = postgres.as_ref().map(|pg| pg.database());
-    let (pushes, lookups_n, mut volumes_n) = if quick {
+    let (mut pushes, lookups_n, mut volumes_n) = if quick {
         (50, 200, 5_000)
     } else {
         (1000, 2000, 100_000)
@@ -58,6 +59,10 @@ fn main() {
                 .unwrap_or_else(|_| panic!("{name} {v}: give a number")),
         )
     };
+    // `--pushes N`: that many key pushes (default 1,000; 50 with --quick).
+    if let Some(n) = arg("--pushes") {
+        pushes = n;
+    }
     if let Some(n) = arg("--volumes") {
         volumes_n = n.max(lookups_n);
     }

@@ -241,7 +241,9 @@ fn main() {
 
     let times = start_times(&names, rounds);
     let r = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
-    println!("guest start, median of {rounds} rounds, the guests in turn (virsh start, 64 MiB KVM guest, hook included):");
+    println!(
+        "guest start, median of {rounds} rounds, the guests in turn (virsh start, 64 MiB KVM guest, hook included):"
+    );
     println!(
         "  plain, 1 disk:                 {:>7.3} s",
         times[0].as_secs_f64()

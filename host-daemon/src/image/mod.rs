@@ -4,9 +4,11 @@
 //! them: create a LUKS image, tell whether a key opens it, replace its
 //! passphrase, re-encrypt it (offline), convert it from or to cleartext,
 //! and the copies an online rekey pivots to. [`QemuImages`] is the one real
-//! implementation: qemu-img and qemu-io with keys on inherited pipes
-//! ([`run`]), and guestkeyd's own LUKS1 re-encryption engine ([`luks1`])
-//! for offline deep rekeys, checked by QEMU afterwards.
+//! implementation: guestkeyd's own LUKS1 code ([`luks1`]) writes new
+//! images, replaces keyslots and re-encrypts offline; QEMU (qemu-io and
+//! qemu-img, keys on inherited pipes: [`run`]) checks every result, and
+//! does the work itself where guestkeyd does not know the image's layout,
+//! and for conversions.
 //!
 //! Every file is reached through [`fs::SafeDir`]: no symbolic link that
 //! someone other than root could plant is followed, names are opened with

@@ -1,4 +1,6 @@
-//! guestkeyd's own offline deep rekey of LUKS1 images.
+//! guestkeyd's own LUKS1 code: new images ([`create`]), keyslot
+//! replacement in place for shallow rekeys ([`keyslots`]), and the offline
+//! deep rekey below.
 //!
 //! `qemu-img convert` re-encrypts at a fraction of the disk's speed (QEMU's
 //! AES-XTS runs in one thread), so guestkeyd re-encrypts the images it
