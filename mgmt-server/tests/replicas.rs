@@ -35,6 +35,14 @@ fn pair(url: &str) -> Pair {
         Some(CONFIG),
         &["--database", url],
     );
+    // a leads before b starts (on a loaded machine a's first lease can come
+    // after b's start, and then b would lead).
+    a.wait_for(30, "a leading", || {
+        let st = status(&a);
+        st["replicas"]
+            .as_array()
+            .is_some_and(|rs| rs.iter().any(|r| r["pid"] == a.pid() && r["leads"] == true))
+    });
     let out = std::process::Command::new(&bins().server)
         .args(["add-replica", "--data-dir"])
         .arg(scratch.join("a"))

@@ -21,6 +21,7 @@ pub mod fs;
 pub mod luks1;
 mod qemu;
 mod run;
+mod shred;
 mod swap;
 
 pub use qemu::QemuImages;
@@ -48,7 +49,7 @@ pub(crate) fn new_data_key(len: usize) -> Result<zeroize::Zeroizing<Vec<u8>>, Im
     Ok(key)
 }
 pub use run::{CALIBRATION_FAILED, CALIBRATION_TRIES};
-pub use swap::overwrite_old_images;
+pub use shred::overwrite_old_images;
 
 use crate::model::Format;
 
