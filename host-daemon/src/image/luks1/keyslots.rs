@@ -121,14 +121,19 @@ mod tests {
         std::env::temp_dir().join(format!("gk-keyslots-{tag}-{}", hex::encode(b)))
     }
 
+    /// QEMU's options to open `p` with secret `k0`.
+    fn opts(format: Format, p: &std::path::Path) -> String {
+        let file = p.display();
+        match format {
+            Format::Qcow2 => format!("driver=qcow2,file.filename={file},encrypt.key-secret=k0"),
+            Format::Raw => format!("driver=luks,file.filename={file},key-secret=k0"),
+        }
+    }
+
     /// Whether QEMU opens `p` with `key` (and reads the pattern written
     /// with the first key).
     fn qemu_reads(format: Format, p: &std::path::Path, key: &str) -> bool {
-        let file = p.display();
-        let opts = match format {
-            Format::Qcow2 => format!("driver=qcow2,file.filename={file},encrypt.key-secret=k0"),
-            Format::Raw => format!("driver=luks,file.filename={file},key-secret=k0"),
-        };
+        let opts = opts(format, p);
         let out = Command::new("qemu-io")
             .args(["--object", &format!("secret,id=k0,data={key},format=raw")])
             .args(["-r", "--image-opts", &opts, "-c", "read -P 0x3c 64k 4k"])
@@ -155,11 +160,7 @@ mod tests {
             .open(&p)
             .unwrap();
         super::super::create::write_new(&f, format, 4 << 20, key.as_bytes(), "test").unwrap();
-        let file = p.display();
-        let opts = match format {
-            Format::Qcow2 => format!("driver=qcow2,file.filename={file},encrypt.key-secret=k0"),
-            Format::Raw => format!("driver=luks,file.filename={file},key-secret=k0"),
-        };
+        let opts = opts(format, &p);
         let out = Command::new("qemu-io")
             .args(["--object", &format!("secret,id=k0,data={key},format=raw")])
             .args(["--image-opts", &opts, "-c", "write -P 0x3c 64k 4k"])
