@@ -422,14 +422,25 @@ impl TestAgent {
             calls: Default::default(),
             client_auth: true,
             port,
+            // One worker a core, as guestkeyd's runtime.
             rt: tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
                 .enable_all()
                 .build()
                 .unwrap(),
             stop: None,
             serving: None,
         }
+    }
+
+    /// The agent served by a runtime of `n` workers (before `serve`).
+    #[allow(dead_code)]
+    pub fn with_workers(mut self, n: usize) -> Self {
+        self.rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()
+            .unwrap();
+        self
     }
 
     /// Starts serving the host-agent API on 127.0.0.1:port.
@@ -498,6 +509,17 @@ impl TestAgent {
         if let Some(t) = self.serving.take() {
             self.rt.block_on(t).unwrap();
         }
+    }
+
+    /// How many creations it received (without copying them).
+    #[allow(dead_code)]
+    pub fn creates_count(&self) -> usize {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| matches!(r, Received::Create { .. }))
+            .count()
     }
 
     pub fn creates(&self) -> Vec<Received> {
