@@ -107,6 +107,8 @@ pub struct Core {
     progress: Mutex<HashMap<String, Progress>>,
     /// Guests whose migration this process is driving now.
     migrating_now: Mutex<HashSet<String>>,
+    /// Volumes a push round delivers now (see `push`).
+    pushing: Mutex<HashSet<String>>,
     /// This process as a replica (see `leader`).
     me: std::sync::OnceLock<leader::Me>,
     /// Woken when an operation is queued for a host.
@@ -140,6 +142,7 @@ impl Core {
             retry: parts.retry,
             progress: Mutex::new(HashMap::new()),
             migrating_now: Mutex::new(HashSet::new()),
+            pushing: Mutex::new(HashSet::new()),
             me: std::sync::OnceLock::new(),
             wake: tokio::sync::Notify::new(),
             entropy: parts.entropy,

@@ -17,7 +17,7 @@
 //! the guest `failed`), with the reason, and nothing more is released for
 //! it until the admin asks again.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use xdr_wipe::packet::KeyPacket;
@@ -35,7 +35,43 @@ use crate::model::{
 use crate::store::Tx;
 
 /// Volume operations released and pushed together.
-const BATCH: u32 = 256;
+pub(super) const BATCH: u32 = 256;
+/// Push rounds that run at once (on disjoint volumes).
+const DEPTH: usize = 2;
+/// Push rounds a call of [`Core::push_volumes`] starts at most.
+const ROUNDS: usize = 8;
+
+/// The volumes a push round took, left out of the other rounds' batches
+/// until it ends (its outcomes recorded, or it failed).
+struct Claim {
+    core: Arc<Core>,
+    ids: Vec<String>,
+}
+
+impl Claim {
+    /// Claims `due` for a round; `held` is the locked set of claims.
+    fn new(
+        core: &Arc<Core>,
+        held: &mut std::sync::MutexGuard<'_, HashSet<String>>,
+        due: &[VolumeInfo],
+    ) -> Self {
+        let ids: Vec<String> = due.iter().map(|v| v.id.clone()).collect();
+        held.extend(ids.iter().cloned());
+        Self {
+            core: core.clone(),
+            ids,
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut held = self.core.pushing.lock().unwrap_or_else(|p| p.into_inner());
+        for id in &self.ids {
+            held.remove(id);
+        }
+    }
+}
 
 /// What the pusher must deliver for one pending volume, its keys released
 /// (and audited) for the host. Packets are wiped on drop.
@@ -323,34 +359,101 @@ impl Core {
         }
     }
 
-    /// Delivers the due volume operations (one batch); returns how many
-    /// were tried.
+    /// Delivers the due volume operations; returns how many were tried.
+    ///
+    /// Rounds overlap: once a round's keys are released and it delivers, the
+    /// next one (if the first took a full batch) reads and releases the
+    /// following batch, so that the database's transactions and the
+    /// deliveries use the cores at the same time. At most [`DEPTH`] rounds
+    /// run at once, on disjoint volumes (a volume in a round is not due to
+    /// another until its outcome is recorded), and at most [`ROUNDS`] a
+    /// call, so that the scheduler's other work comes in between.
     pub async fn push_volumes(self: &Arc<Self>) -> Result<usize, CoreError> {
-        Ok(self.push_round().await?.tried)
+        let (released_tx, mut released) = tokio::sync::mpsc::unbounded_channel();
+        let mut running = tokio::task::JoinSet::new();
+        let spawn = |running: &mut tokio::task::JoinSet<_>| {
+            let (core, tx) = (self.clone(), released_tx.clone());
+            running.spawn(crate::domain::leader::inherit(async move {
+                core.push_round_signalling(Some(tx)).await
+            }));
+        };
+        spawn(&mut running);
+        let (mut started, mut tried, mut failed) = (1, 0, None);
+        loop {
+            tokio::select! {
+                Some(n) = released.recv() => {
+                    if n == BATCH as usize && running.len() < DEPTH && started < ROUNDS {
+                        spawn(&mut running);
+                        started += 1;
+                    }
+                }
+                done = running.join_next() => match done {
+                    None => break,
+                    Some(Ok(Ok(round))) => tried += round.tried,
+                    Some(Ok(Err(e))) => {
+                        tracing::error!(error = %e, "a push round failed");
+                        failed.get_or_insert(e);
+                    }
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "a push round's task failed");
+                        failed.get_or_insert(CoreError::Internal(format!("a push round's task failed: {e}")));
+                    }
+                },
+            }
+        }
+        match failed {
+            Some(e) if tried == 0 => Err(e),
+            _ => Ok(tried),
+        }
     }
 
-    /// [`Core::push_volumes`], and how long each step of the round took.
+    /// One push round: the due volumes (a batch of them) delivered and
+    /// recorded, and how long each step took.
     pub async fn push_round(self: &Arc<Self>) -> Result<PushRound, CoreError> {
+        self.push_round_signalling(None).await
+    }
+
+    /// [`Core::push_round`], telling `released` how many volumes it took
+    /// once their keys are released (the next round may start then).
+    async fn push_round_signalling(
+        self: &Arc<Self>,
+        released: Option<tokio::sync::mpsc::UnboundedSender<usize>>,
+    ) -> Result<PushRound, CoreError> {
         let started = std::time::Instant::now();
         let mut round = PushRound::default();
         // The due volumes and their hosts, read together; then which hosts
         // answer: nothing is released for a host that is revoked or cannot
-        // be reached.
+        // be reached. Volumes another round delivers now are left to it
+        // (claimed here until this round's outcomes are recorded).
         type Hosts = HashMap<String, Result<EnrolledHost, PushFailure>>;
-        let (due, hosts): (Vec<VolumeInfo>, Hosts) = self
-            .blocking(|c| {
-                c.read(|tx| {
-                    let due = tx.due_volumes(now_unix_ms(), BATCH)?;
+        let me = self.clone();
+        let (due, hosts, claim): (Vec<VolumeInfo>, Hosts, Claim) = self
+            .blocking(move |c| {
+                // The claims stay locked while the due volumes are read: a
+                // round that records its outcomes meanwhile keeps its claim
+                // until this read is done, so that its volumes are not taken
+                // again from a read that still saw them pending.
+                let mut held = c.pushing.lock().unwrap_or_else(|p| p.into_inner());
+                let (due, hosts) = c.read(|tx| {
+                    let due: Vec<VolumeInfo> = tx
+                        .due_volumes(now_unix_ms(), BATCH * DEPTH as u32)?
+                        .into_iter()
+                        .filter(|v| !held.contains(&v.id))
+                        .take(BATCH as usize)
+                        .collect();
                     let names: BTreeSet<String> = due.iter().map(|v| v.host.clone()).collect();
                     let hosts = names
                         .into_iter()
                         .map(|n| {
-                            let h = enrolled_in(tx, &n).map_err(|e| held(&e));
+                            let h = enrolled_in(tx, &n).map_err(|e| crate::domain::push::held(&e));
                             (n, h)
                         })
                         .collect();
                     Ok((due, hosts))
-                })
+                })?;
+                let claim = Claim::new(&me, &mut held, &due);
+                drop(held);
+                Ok((due, hosts, claim))
             })
             .await?;
         round.read = started.elapsed();
@@ -406,6 +509,9 @@ impl Core {
         let at = std::time::Instant::now();
         let prepared = self.blocking(move |c| c.prepare_pushes(&batch)).await?;
         round.release = at.elapsed();
+        if let Some(tx) = released {
+            let _ = tx.send(ready.len() + outcomes.len());
+        }
         let at = std::time::Instant::now();
         let mut running = tokio::task::JoinSet::new();
         for (v, op) in ready.into_iter().zip(prepared) {
@@ -437,7 +543,14 @@ impl Core {
         round.deliver = at.elapsed();
         round.tried = outcomes.len();
         let at = std::time::Instant::now();
-        self.blocking(move |c| c.record_pushes(&outcomes)).await?;
+        // The claim ends with the recording transaction, on its thread (its
+        // lock may wait for another round's read).
+        self.blocking(move |c| {
+            let recorded = c.record_pushes(&outcomes);
+            drop(claim);
+            recorded
+        })
+        .await?;
         round.record = at.elapsed();
         round.total = started.elapsed();
         Ok(round)

@@ -293,3 +293,54 @@ async fn a_push_outcome_of_a_volume_that_changed_meanwhile_is_dropped() {
     assert_eq!(d.state, VolumeState::Deleted);
     assert!(d.last_error.contains("its image was left there"), "{d:?}");
 }
+
+#[tokio::test]
+async fn overlapping_push_rounds_deliver_each_volume_once_and_leave_no_claim() {
+    // More than two batches due: one call runs rounds that overlap (the
+    // next one reads and releases while the one before delivers). Each
+    // volume reaches its host exactly once, all become ready, and no
+    // round's claim is left behind.
+    let b = Bed::new();
+    b.host("kvm-a");
+    let n = 2 * super::super::push::BATCH as usize + 7;
+    for i in 0..n {
+        b.core
+            .create_volume(
+                &b.admin,
+                "kvm-a",
+                "default",
+                &format!("d{i}"),
+                1 << 20,
+                VolumeFormat::Qcow2,
+            )
+            .unwrap();
+    }
+    let tried = b.core.push_volumes().await.unwrap();
+    assert_eq!(tried, n, "one call delivers all {n} due volumes");
+    let mut created: Vec<String> = b
+        .agents
+        .calls("kvm-a")
+        .into_iter()
+        .map(|c| match c {
+            Call::Create { volume, .. } => volume,
+            other => panic!("only creations were due, the host got {other:?}"),
+        })
+        .collect();
+    assert_eq!(created.len(), n, "one delivery a volume");
+    created.sort();
+    created.dedup();
+    assert_eq!(created.len(), n, "no volume was delivered twice");
+    assert!(b.core.due_volumes(10).unwrap().is_empty(), "all recorded");
+    assert!(
+        b.core.pushing.lock().unwrap().is_empty(),
+        "the rounds' claims ended with them"
+    );
+    let ready = b
+        .core
+        .list_volumes(None)
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.state == VolumeState::Ready)
+        .count();
+    assert_eq!(ready, n);
+}
