@@ -16,16 +16,27 @@ pub struct Bins {
     pub daemon: Option<PathBuf>,
 }
 
-/// The debug binary `name` of the workspace at `workspace` (its target
-/// directory, or `CARGO_TARGET_DIR`); it must be built.
+/// The binary `name` of the workspace at `workspace` (its target
+/// directory, or `CARGO_TARGET_DIR`); it must be built. The debug build,
+/// or the one `GUESTKEY_PROFILE` names (`release`, for benchmarks).
 pub fn target_bin(workspace: &Path, name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"));
-    let p = target.join("debug").join(name);
+    let profile = std::env::var("GUESTKEY_PROFILE").unwrap_or_else(|_| "debug".into());
+    assert!(
+        matches!(profile.as_str(), "debug" | "release"),
+        "GUESTKEY_PROFILE is {profile:?}: debug or release"
+    );
+    let p = target.join(&profile).join(name);
+    let build = if profile == "release" {
+        "cargo build --workspace --bins --release"
+    } else {
+        "cargo build --workspace --bins"
+    };
     assert!(
         p.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
+        "{} is missing: run `{build}` first (scripts/test builds the debug ones)",
         p.display()
     );
     p

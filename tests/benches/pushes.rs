@@ -1,0 +1,121 @@
+//! Benchmark: key pushes end to end, with the real guestkeyd as the peer.
+//! N encrypted volumes are asked for at once (`guestkeyctl volume create
+//! --no-wait`, from a few threads); the server releases and pushes their
+//! keys in its rounds, and guestkeyd makes each volume (LUKS header,
+//! QEMU's open with the key, pool refresh, its store). The figure is the
+//! time from the first request to the last volume `ready`.
+//!
+//! Baseline in the same run: what a libvirt user does without guestkey,
+//! `virsh vol-create-as` of a plain qcow2 volume of the same size, one
+//! after the other (no key, no encryption).
+//!
+//! `cargo build --workspace --bins --release && GUESTKEY_PROFILE=release
+//! cargo bench -p guestkey-tests --bench pushes` (`-- --volumes N`,
+//! default 200). Needs root and scripts/setup. Prints guestkeyd's own
+//! account of where its time went (`GUESTKEY_LOG=debug` stage lines).
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use guestkey_tests::stack::Stack;
+use guestkey_tests::virsh;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} takes a number"))
+        })
+        .unwrap_or(default)
+}
+
+/// The volumes of the stack's host in state `ready`.
+fn ready(s: &Stack) -> usize {
+    let v = s.json(&["volume", "list", "--host", &s.host]);
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["state"] == "ready")
+        .count()
+}
+
+fn main() {
+    let n = arg("--volumes", 200);
+    assert!(n > 0, "--volumes takes a number above 0");
+    let threads = 4;
+    let s = Stack::start();
+
+    // Baseline: plain qcow2 volumes through libvirt, one after the other.
+    let base_n = n.min(100);
+    let t = Instant::now();
+    for i in 0..base_n {
+        virsh(&[
+            "vol-create-as",
+            &s.pool,
+            &format!("plain-{i}"),
+            "16M",
+            "--format",
+            "qcow2",
+        ])
+        .unwrap();
+    }
+    let base = t.elapsed();
+    let base_rate = base_n as f64 / base.as_secs_f64();
+
+    // guestkey: all asked for at once, from `threads` threads.
+    let t = Instant::now();
+    std::thread::scope(|scope| {
+        for k in 0..threads {
+            let s = &s;
+            scope.spawn(move || {
+                for i in (k..n).step_by(threads) {
+                    s.json(&[
+                        "volume",
+                        "create",
+                        "--host",
+                        &s.host,
+                        "--pool",
+                        &s.pool,
+                        "--name",
+                        &format!("bench-{i}"),
+                        "--size",
+                        "16M",
+                        "--format",
+                        "qcow2",
+                        "--no-wait",
+                    ]);
+                }
+            });
+        }
+    });
+    let asked = t.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut done = ready(&s);
+    while done < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {done} of {n} volumes ready after 600 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        done = ready(&s);
+    }
+    let all = t.elapsed();
+    let rate = n as f64 / all.as_secs_f64();
+
+    println!(
+        "libvirt vol-create-as, plain qcow2, {base_n} one after the other: {:.2} s, {base_rate:.1} volumes/s ({:.1} ms each)",
+        base.as_secs_f64(),
+        1e3 / base_rate
+    );
+    println!(
+        "guestkey, {n} encrypted qcow2 volumes asked for at once ({threads} threads, {:.2} s to ask): all ready after {:.2} s, {rate:.1} keys/s ({:.1} ms each), {:.2}x the baseline",
+        asked.as_secs_f64(),
+        all.as_secs_f64(),
+        1e3 / rate,
+        rate / base_rate
+    );
+}
