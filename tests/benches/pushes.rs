@@ -73,21 +73,7 @@ fn main() {
             let s = &s;
             scope.spawn(move || {
                 for i in (k..n).step_by(threads) {
-                    s.json(&[
-                        "volume",
-                        "create",
-                        "--host",
-                        &s.host,
-                        "--pool",
-                        &s.pool,
-                        "--name",
-                        &format!("bench-{i}"),
-                        "--size",
-                        "16M",
-                        "--format",
-                        "qcow2",
-                        "--no-wait",
-                    ]);
+                    s.ask_volume(&format!("bench-{i}"), "16M", "qcow2");
                 }
             });
         }

@@ -344,14 +344,36 @@ impl Stack {
     /// Creates a volume of `format` (qcow2 or raw) and waits until the host
     /// made it; returns its JSON.
     pub fn volume_fmt(&self, name: &str, size: &str, format: &str) -> serde_json::Value {
-        self.json(&[
-            "volume", "create", "--host", &self.host, "--pool", &self.pool, "--name", name,
-            "--size", size, "--format", format,
-        ]);
+        self.create_volume(name, size, format, &[]);
         self.wait_for(60, "volume ready", || {
             self.json(&["volume", "show", name])["state"] == "ready"
         });
         self.json(&["volume", "show", name])
+    }
+}
+
+impl Stack {
+    /// Asks for a volume of `format` on this stack's host and pool
+    /// (`--no-wait`: the request is queued, the host makes it later).
+    pub fn ask_volume(&self, name: &str, size: &str, format: &str) -> serde_json::Value {
+        self.create_volume(name, size, format, &["--no-wait"])
+    }
+
+    /// `guestkeyctl volume create` on this stack's host and pool, with
+    /// `extra` arguments.
+    fn create_volume(
+        &self,
+        name: &str,
+        size: &str,
+        format: &str,
+        extra: &[&str],
+    ) -> serde_json::Value {
+        let mut args = vec![
+            "volume", "create", "--host", &self.host, "--pool", &self.pool, "--name", name,
+            "--size", size, "--format", format,
+        ];
+        args.extend_from_slice(extra);
+        self.json(&args)
     }
 }
 
