@@ -183,6 +183,15 @@ impl Stack {
 
     /// (Re)starts guestkeyd.
     pub fn run_daemon(&mut self) {
+        self.daemon_with(None);
+    }
+
+    /// (Re)starts guestkeyd with `filter` as its log filter (`RUST_LOG`).
+    pub fn run_daemon_logging(&mut self, filter: &str) {
+        self.daemon_with(Some(filter));
+    }
+
+    fn daemon_with(&mut self, filter: Option<&str>) {
         if let Some(d) = self.daemon.take() {
             d.stop();
         }
@@ -190,6 +199,9 @@ impl Stack {
         cmd.args(["run", "--state-dir"])
             .arg(self.state_dir())
             .args(["--listen", &self.daemon_addr]);
+        if let Some(f) = filter {
+            cmd.env("RUST_LOG", f);
+        }
         self.daemon = Some(Proc::start(cmd, "listening on https://"));
     }
 
@@ -261,6 +273,11 @@ impl Stack {
             state,
             daemon,
         }
+    }
+
+    /// What guestkeyd logged so far.
+    pub fn daemon_log(&self) -> String {
+        self.daemon.as_ref().map(Proc::log_text).unwrap_or_default()
     }
 
     /// Polls `f` for at most `secs` seconds.

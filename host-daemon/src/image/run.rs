@@ -2,13 +2,14 @@
 //! inherited descriptors (`/dev/fd/N`), never in argv, the environment or a
 //! file, and never by a path someone could swap.
 
-#![allow(unsafe_code)] // pre_exec with dup2, with a SAFETY comment
+#![allow(unsafe_code)] // posix_spawnp and waitpid, each with a SAFETY comment
 
+use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Output, Stdio};
+use std::os::unix::ffi::OsStringExt;
+use std::process::Output;
 
 use super::ImageError;
 
@@ -70,58 +71,228 @@ impl<'a> Fds<'a> {
     }
 }
 
-/// Runs `program args` with `fds`.
+/// Runs `program args` with `fds` (stdin `/dev/null`, stdout and stderr
+/// captured).
+///
+/// Started by `posix_spawnp`, which glibc does with `CLONE_VM |
+/// CLONE_VFORK`: no copy of this process's page tables. guestkeyd locks
+/// all its memory (every thread's whole stack included), so a `fork` (as
+/// `Command` with `pre_exec` does) copied hundreds of megabytes of page
+/// tables and made every page copy-on-write, for each qemu-io of a batch
+/// of new volumes: measured, a fifth of the host's CPU went to it.
 pub(super) fn run(program: &str, args: &[String], fds: &Fds<'_>) -> Result<Output, ImageError> {
-    let pipe_err = |e: std::io::Error| ImageError::Spawn {
+    let spawn_err = |e: std::io::Error| ImageError::Spawn {
         program: program.to_owned(),
         source: e,
     };
-    // Every descriptor first copied to 10 or above (close-on-exec), so that
-    // dup2 below always makes a new descriptor (dup2 of a descriptor onto
-    // itself would keep its close-on-exec flag) and no target overwrites a
-    // source not yet copied.
-    let mut high: Vec<OwnedFd> = Vec::with_capacity(fds.items.len());
-    for item in &fds.items {
+    let (out_r, out_w) = std::io::pipe().map_err(spawn_err)?;
+    let (err_r, err_w) = std::io::pipe().map_err(spawn_err)?;
+    // Every descriptor the child gets is first copied above every target
+    // number (close-on-exec), so that no dup2 of the child's overwrites a
+    // source not yet copied and each target is a new descriptor (dup2 of a
+    // descriptor onto itself would keep its close-on-exec flag).
+    let base = 10.max(3 + fds.items.len() as u32);
+    let high = |fd: std::os::fd::BorrowedFd<'_>| {
+        rustix::io::fcntl_dupfd_cloexec(fd, base as i32).map_err(|e| spawn_err(e.into()))
+    };
+    let mut mapped: Vec<(OwnedFd, i32)> = Vec::with_capacity(fds.items.len() + 2);
+    mapped.push((high(out_w.as_fd())?, 1));
+    mapped.push((high(err_w.as_fd())?, 2));
+    drop((out_w, err_w));
+    for (i, item) in fds.items.iter().enumerate() {
         let fd = match item {
             Item::Secret(s) => {
-                let (r, mut w) = std::io::pipe().map_err(pipe_err)?;
+                let (r, mut w) = std::io::pipe().map_err(spawn_err)?;
                 // A key is far below the pipe buffer (64 KiB): never blocks.
-                w.write_all(s).map_err(pipe_err)?;
+                w.write_all(s).map_err(spawn_err)?;
                 drop(w);
-                rustix::io::fcntl_dupfd_cloexec(r.as_fd(), 10)
+                high(r.as_fd())?
             }
-            Item::File(f) => rustix::io::fcntl_dupfd_cloexec(f.as_fd(), 10),
-        }
-        .map_err(|e| pipe_err(e.into()))?;
-        high.push(fd);
+            Item::File(f) => high(f.as_fd())?,
+        };
+        mapped.push((fd, 3 + i as i32));
     }
-    let raw: Vec<i32> = high.iter().map(|f| f.as_raw_fd()).collect();
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: between fork and exec only dup2 runs, which is
-    // async-signal-safe, on descriptors open in the parent (kept open by
-    // `high` until the child has exec'd). dup2 clears FD_CLOEXEC on the new
-    // descriptor, so the child inherits exactly fds 3.. and nothing else of
-    // ours.
+    let cstr = |s: &[u8]| {
+        CString::new(s).map_err(|_| {
+            spawn_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "an argument holds a NUL byte",
+            ))
+        })
+    };
+    let prog = cstr(program.as_bytes())?;
+    let argv: Vec<CString> = std::iter::once(Ok(prog.clone()))
+        .chain(args.iter().map(|a| cstr(a.as_bytes())))
+        .collect::<Result<_, _>>()?;
+    let envp: Vec<CString> = std::env::vars_os()
+        .map(|(k, v)| {
+            let mut kv = k.into_vec();
+            kv.push(b'=');
+            kv.extend(v.into_vec());
+            cstr(&kv)
+        })
+        .collect::<Result<_, _>>()?;
+    let mut argv_p: Vec<*mut libc::c_char> = argv.iter().map(|a| a.as_ptr().cast_mut()).collect();
+    argv_p.push(std::ptr::null_mut());
+    let mut envp_p: Vec<*mut libc::c_char> = envp.iter().map(|a| a.as_ptr().cast_mut()).collect();
+    envp_p.push(std::ptr::null_mut());
+    let pairs: Vec<(i32, i32)> = mapped
+        .iter()
+        .map(|(fd, to)| (fd.as_raw_fd(), *to))
+        .collect();
+    let pid = spawn(&prog, &argv_p, &envp_p, &pairs).map_err(spawn_err)?;
+    // The child has exec'd (vfork semantics): our copies can go.
+    drop(mapped);
+    let (stdout, stderr) = read_both(out_r.as_fd(), err_r.as_fd());
+    let status = wait(pid).map_err(spawn_err)?;
+    let (stdout, stderr) = (stdout.map_err(spawn_err)?, stderr.map_err(spawn_err)?);
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
+/// `posix_spawnp` of `prog` with stdin `/dev/null`, `pairs` (descriptor,
+/// number in the child) dup'ed into place, signals unblocked and SIGPIPE
+/// back to its default (Rust ignores it in this process).
+fn spawn(
+    prog: &CString,
+    argv: &[*mut libc::c_char],
+    envp: &[*mut libc::c_char],
+    pairs: &[(i32, i32)],
+) -> std::io::Result<libc::pid_t> {
+    let check = |rc: libc::c_int| match rc {
+        0 => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    };
+    let null = c"/dev/null";
+    // SAFETY: the file actions and attributes are initialised before use
+    // and destroyed once, after the spawn; every pointer passed (program,
+    // argv, envp, "/dev/null") points to a NUL-terminated string or
+    // NULL-terminated array alive for the whole call; the descriptors are
+    // open in this process until it returns.
     unsafe {
-        cmd.pre_exec(move || {
-            for (i, fd) in raw.iter().enumerate() {
-                if libc::dup2(*fd, 3 + i as i32) < 0 {
-                    return Err(std::io::Error::last_os_error());
+        let mut fa: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        check(libc::posix_spawn_file_actions_init(&mut fa))?;
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        if let Err(e) = check(libc::posix_spawnattr_init(&mut attr)) {
+            libc::posix_spawn_file_actions_destroy(&mut fa);
+            return Err(e);
+        }
+        let mut r = check(libc::posix_spawn_file_actions_addopen(
+            &mut fa,
+            0,
+            null.as_ptr(),
+            libc::O_RDONLY,
+            0,
+        ));
+        for (fd, to) in pairs {
+            if r.is_ok() {
+                r = check(libc::posix_spawn_file_actions_adddup2(&mut fa, *fd, *to));
+            }
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        let mut pipe: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigemptyset(&mut pipe);
+        libc::sigaddset(&mut pipe, libc::SIGPIPE);
+        if r.is_ok() {
+            r = check(libc::posix_spawnattr_setsigmask(&mut attr, &none))
+                .and_then(|()| check(libc::posix_spawnattr_setsigdefault(&mut attr, &pipe)))
+                .and_then(|()| {
+                    check(libc::posix_spawnattr_setflags(
+                        &mut attr,
+                        (libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF)
+                            as libc::c_short,
+                    ))
+                });
+        }
+        let mut pid: libc::pid_t = 0;
+        if r.is_ok() {
+            r = check(libc::posix_spawnp(
+                &mut pid,
+                prog.as_ptr(),
+                &fa,
+                &attr,
+                argv.as_ptr(),
+                envp.as_ptr(),
+            ));
+        }
+        libc::posix_spawnattr_destroy(&mut attr);
+        libc::posix_spawn_file_actions_destroy(&mut fa);
+        r.map(|()| pid)
+    }
+}
+
+/// Waits for child `pid` to end.
+fn wait(pid: libc::pid_t) -> std::io::Result<std::process::ExitStatus> {
+    use std::os::unix::process::ExitStatusExt;
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: waitpid writes one int, ours, for a child we spawned.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if rc == pid {
+            return Ok(std::process::ExitStatus::from_raw(status));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Reads two pipes to their ends at once (a child writing much to one
+/// while we wait on the other would block).
+fn read_both(
+    a: std::os::fd::BorrowedFd<'_>,
+    b: std::os::fd::BorrowedFd<'_>,
+) -> (std::io::Result<Vec<u8>>, std::io::Result<Vec<u8>>) {
+    use rustix::event::{PollFd, PollFlags, poll};
+    let (mut out, mut open) = ([Vec::new(), Vec::new()], [true, true]);
+    let mut failed: [Option<std::io::Error>; 2] = [None, None];
+    let mut buf = vec![0u8; 16 * 1024];
+    while open[0] || open[1] {
+        let fds = [a, b];
+        let live: Vec<usize> = (0..2).filter(|&i| open[i]).collect();
+        let mut polls: Vec<PollFd<'_>> = live
+            .iter()
+            .map(|&i| PollFd::new(&fds[i], PollFlags::IN))
+            .collect();
+        match poll(&mut polls, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                for &i in &live {
+                    failed[i] = Some(e.into());
+                    open[i] = false;
+                }
+                break;
+            }
+        }
+        let ready: Vec<(usize, bool)> = live
+            .iter()
+            .zip(&polls)
+            .map(|(&i, p)| (i, !p.revents().is_empty()))
+            .collect();
+        for (i, is_ready) in ready {
+            if !is_ready {
+                continue;
+            }
+            match rustix::io::read(fds[i], &mut buf[..]) {
+                Ok(0) => open[i] = false,
+                Ok(n) => out[i].extend_from_slice(&buf[..n]),
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
+                Err(e) => {
+                    failed[i] = Some(e.into());
+                    open[i] = false;
                 }
             }
-            Ok(())
-        });
+        }
     }
-    let out = cmd.output().map_err(|source| ImageError::Spawn {
-        program: program.to_owned(),
-        source,
-    })?;
-    drop(high);
-    Ok(out)
+    let [oa, ob] = out;
+    let [fa, fb] = failed;
+    (fa.map_or(Ok(oa), Err), fb.map_or(Ok(ob), Err))
 }
 
 /// qemu-img with `fds`, tried again (up to [`CALIBRATION_TRIES`]) when its
@@ -154,4 +325,65 @@ pub(super) fn said(out: &Output) -> String {
 /// Arguments as owned strings.
 pub(super) fn args(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child sees stdin `/dev/null`, its own output pipes and exactly the
+    /// descriptors it was given (here a key pipe as 3): nothing else of
+    /// ours, even while other threads spawn children with other keys.
+    #[test]
+    fn children_get_exactly_their_own_descriptors_while_others_spawn() {
+        let script = "ls /proc/self/fd | tr '\\n' ' '; echo; readlink /proc/self/fd/0; \
+                      cat /dev/fd/3; echo said >&2; exit 3";
+        // 0-2, the key as 3, ls's own listing (4), and whatever this test
+        // process itself was given to pass on (cargo's jobserver).
+        let mut want: std::collections::BTreeSet<i32> = (0..=4).collect();
+        for e in std::fs::read_dir("/proc/self/fd").unwrap() {
+            let n: i32 = e.unwrap().file_name().to_str().unwrap().parse().unwrap();
+            // SAFETY of the test: only asks for the flags of a number.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(n) };
+            if n > 2 && rustix::io::fcntl_getfd(fd).is_ok_and(|f| f.is_empty()) {
+                want.insert(n);
+            }
+        }
+        let want = &want;
+        std::thread::scope(|scope| {
+            for t in 0..8 {
+                scope.spawn(move || {
+                    for i in 0..10 {
+                        let key = format!("key-{t}-{i}");
+                        let mut fds = Fds::new();
+                        fds.secret("k0", key.as_bytes());
+                        let out = run("sh", &args(&["-c", script]), &fds).unwrap();
+                        let text = String::from_utf8(out.stdout).unwrap();
+                        let lines: Vec<&str> = text.lines().collect();
+                        let got: std::collections::BTreeSet<i32> = lines[0]
+                            .split_whitespace()
+                            .map(|n| n.parse().unwrap())
+                            .collect();
+                        assert_eq!(&got, want, "{text}");
+                        assert_eq!(lines[1], "/dev/null");
+                        assert_eq!(lines[2], key, "each child reads its own key");
+                        assert_eq!(String::from_utf8_lossy(&out.stderr), "said\n");
+                        assert_eq!(out.status.code(), Some(3));
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn a_missing_program_is_a_spawn_error_naming_it_and_big_output_is_read() {
+        let e = run("no-such-tool-here", &[], &Fds::new()).unwrap_err();
+        assert!(e.to_string().contains("no-such-tool-here"), "{e}");
+        // Both pipes far beyond their buffers, stderr first: a reader of
+        // stdout alone until its end would wait forever.
+        let script = "head -c 300000 /dev/zero >&2; head -c 300000 /dev/zero";
+        let out = run("sh", &args(&["-c", script]), &Fds::new()).unwrap();
+        assert_eq!((out.stdout.len(), out.stderr.len()), (300_000, 300_000));
+        assert!(out.status.success());
+    }
 }

@@ -6,7 +6,8 @@
 //! [`Daemon`] holds them; each operation takes a request of
 //! [`requests`] (made by [`crate::grpc`] from the wire) and returns domain
 //! values or an [`OpsError`]. Every operation that changes the store or the
-//! volume registry runs under one lock and is repeatable: the server
+//! volume registry runs under one lock (new volumes' images are made
+//! before it, in parallel: [`commit`]) and is repeatable: the server
 //! retries after any failure or crash, so a step already done is
 //! recognised and not done twice.
 //!
@@ -15,6 +16,7 @@
 //! [`crate::progress`]. Imported by: [`crate::grpc`], [`crate::hook`], the
 //! binary.
 
+mod commit;
 mod guests;
 mod hook;
 mod migrate;
@@ -139,6 +141,8 @@ pub struct Daemon {
     done: Mutex<HashMap<String, String>>,
     /// Serialises changes to the store and the registry.
     changes: Mutex<()>,
+    /// Volume creations running in parallel, and their group commits.
+    creations: commit::Creations,
     /// Where the list of managed secret UUIDs goes (for the hook).
     managed_list: PathBuf,
     /// The user libvirtd and so the hook run as (0 for the system daemon).
@@ -171,6 +175,7 @@ impl Daemon {
             keys,
             done: Mutex::new(HashMap::new()),
             changes: Mutex::new(()),
+            creations: commit::Creations::new(),
             managed_list,
             hook_uid,
             stale_secrets: Mutex::new(BTreeSet::new()),

@@ -15,53 +15,111 @@ impl Daemon {
             let size = self.images.virtual_size(&path).unwrap_or(r.capacity);
             return Ok((path, size));
         }
-        let _guard = self.lock();
         let id = r.volume.to_string();
-        let mut vols = self.store.volumes()?;
-        if let Some(v) = vols.get(&id) {
-            if self.hv.volume_path(&v.pool, &v.name)?.is_some() {
-                let size = self.images.virtual_size(&v.path).unwrap_or(r.capacity);
-                return Ok((v.path.clone(), size));
+        let t0 = std::time::Instant::now();
+        let _claimed = self.creations.claim(&id);
+        {
+            let _guard = self.lock();
+            if let Some(v) = self.store.volumes()?.get(&id) {
+                if self.hv.volume_path(&v.pool, &v.name)?.is_some() {
+                    let size = self.images.virtual_size(&v.path).unwrap_or(r.capacity);
+                    return Ok((v.path.clone(), size));
+                }
             }
         }
         let packet = self.open_key(&r.key.sealed, r.volume, r.key.generation)?;
         let key = packet.secret.expose_secret();
+        let t_key = t0.elapsed();
         let (path, size) = if r.encrypt_existing {
+            // Rare and long: alone, under the lock, as every other change.
+            let _guard = self.lock();
             self.encrypt_existing(&r, key)?
         } else {
-            let (pool, name) = (r.pool.as_str(), r.name.as_str());
-            if let Some(path) = self.hv.volume_path(pool, name)? {
+            let _slot = self.creations.slot();
+            self.make_image(&r, key)?
+        };
+        drop(packet);
+        let t_image = t0.elapsed();
+        let entry = VolumeEntry {
+            volume_id: id.clone(),
+            name: r.name.to_string(),
+            pool: r.pool.to_string(),
+            path: path.clone(),
+            secret_uuid: r.secret.hyphenated().to_string(),
+        };
+        self.creations
+            .commit(entry, &|group| {
+                self.register(group).map_err(|e| e.to_string())
+            })
+            .map_err(|e| {
+                OpsError::Internal(format!("volume {id} was made but not registered: {e}"))
+            })?;
+        self.remember(&r.op_id, &path);
+        tracing::debug!(
+            volume = %id,
+            key_ms = t_key.as_secs_f64() * 1e3,
+            image_ms = (t_image - t_key).as_secs_f64() * 1e3,
+            commit_ms = (t0.elapsed() - t_image).as_secs_f64() * 1e3,
+            "creation stages"
+        );
+        tracing::info!(volume = %id, %path, encrypted_existing = r.encrypt_existing, "volume created");
+        Ok((path, size))
+    }
+
+    /// Makes the image of the new volume `r` under `key`, outside the lock
+    /// (the file's exclusive creation keeps two makers apart). A file of
+    /// that name that `key` opens was made by an earlier try of this
+    /// request that stopped before the registry (the key is random and
+    /// came only here): it is taken as made.
+    fn make_image(&self, r: &CreateVolume, key: &[u8]) -> Result<(String, u64), OpsError> {
+        let (pool, name) = (r.pool.as_str(), r.name.as_str());
+        let dir = self.hv.pool_dir(pool)?;
+        let path = dir.join(name).to_string_lossy().into_owned();
+        match self.images.opens_with(&path, r.format, key) {
+            Ok(true) => {
+                tracing::info!(%path, "an image an earlier try made is taken as made");
+                return Ok((path, r.capacity));
+            }
+            Ok(false) => {
                 return Err(OpsError::Precondition(format!(
                     "volume {name} already exists in pool {pool} ({path})"
                 )));
             }
-            let dir = self.hv.pool_dir(pool)?;
-            let path = dir.join(name).to_string_lossy().into_owned();
-            // qemu-img, not libvirt's vol-create: it lets us choose the
-            // LUKS iteration count (the key is random; stretching only
-            // slows every guest start) and pass the key on a pipe.
-            self.images.create(&path, r.format, r.capacity, key)?;
+            // No such file (or none QEMU reads): made now, exclusively.
+            Err(_) => {}
+        }
+        // Our own LUKS header, not libvirt's vol-create: it lets us choose
+        // the iteration count (the key is random; stretching only slows
+        // every guest start) and keeps the key in this process.
+        self.images.create(&path, r.format, r.capacity, key)?;
+        Ok((path, r.capacity))
+    }
+
+    /// Puts made volumes in the registry and the hook's managed list, and
+    /// lets libvirt see them (one refresh a pool): with the lock, once for
+    /// a group of creations.
+    fn register(&self, group: &[VolumeEntry]) -> Result<(), OpsError> {
+        let t0 = std::time::Instant::now();
+        let _guard = self.lock();
+        let mut vols = self.store.volumes()?;
+        for v in group {
+            vols.insert(v.volume_id.clone(), v.clone());
+        }
+        self.store.save_volumes(&vols)?;
+        self.write_managed_list()?;
+        let pools: std::collections::BTreeSet<&str> =
+            group.iter().map(|v| v.pool.as_str()).collect();
+        for pool in pools {
             if let Err(e) = self.hv.refresh_pool(pool) {
                 tracing::warn!(%pool, error = %e, "pool refresh failed; libvirt sees the volume at its next refresh");
             }
-            (path, r.capacity)
-        };
-        drop(packet);
-        vols.insert(
-            id.clone(),
-            VolumeEntry {
-                volume_id: id.clone(),
-                name: r.name.to_string(),
-                pool: r.pool.to_string(),
-                path: path.clone(),
-                secret_uuid: r.secret.hyphenated().to_string(),
-            },
+        }
+        tracing::debug!(
+            volumes = group.len(),
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "creations registered together"
         );
-        self.store.save_volumes(&vols)?;
-        self.write_managed_list()?;
-        self.remember(&r.op_id, &path);
-        tracing::info!(volume = %id, %path, encrypted_existing = r.encrypt_existing, "volume created");
-        Ok((path, size))
+        Ok(())
     }
 
     /// Encrypts the existing cleartext volume of `r` under `key`: offline,
@@ -134,8 +192,9 @@ impl Daemon {
     pub fn decrypt_volume(&self, r: DecryptVolume) -> Result<(String, u64), OpsError> {
         let (packet, split) = self.open_key_split(&r.key.sealed, r.volume, r.key.generation)?;
         let format = Format::of_packet(packet.params.format);
-        let _guard = self.lock();
         let id = r.volume.to_string();
+        let _claimed = self.creations.claim(&id);
+        let _guard = self.lock();
         let mut vols = self.store.volumes()?;
         let Some(v) = vols.get(&id).cloned() else {
             return Err(OpsError::Precondition(format!(
@@ -168,6 +227,8 @@ impl Daemon {
 
     /// Deletes a volume (a missing one is done already).
     pub fn delete_volume(&self, r: DeleteVolume) -> Result<(), OpsError> {
+        // After a creation of it that still runs.
+        let claimed = self.creations.claim(&r.volume.to_string());
         let guard = self.lock();
         self.hv.delete_volume(r.pool.as_str(), r.name.as_str())?;
         let mut vols = self.store.volumes()?;
@@ -180,6 +241,7 @@ impl Daemon {
         self.store.save_volumes(&vols)?;
         self.write_managed_list()?;
         drop(guard);
+        drop(claimed);
         // A split key's other half, if the verifier keeps one.
         self.forget_halves(r.volume, 0);
         Ok(())

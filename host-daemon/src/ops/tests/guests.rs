@@ -38,6 +38,59 @@ fn a_volume_is_created_once_and_a_repeat_returns_the_first_outcome() {
 }
 
 #[test]
+fn a_creation_stopped_before_the_registry_is_finished_by_its_repeat() {
+    let bed = bed();
+    let v = vid();
+    let (key, pass) = packet(&bed, v, 1, "kvm-test");
+    // The image was made, then guestkeyd stopped before its registry.
+    bed.d
+        .images
+        .create("/pools/p/disk", Format::Qcow2, 1 << 20, &pass)
+        .unwrap();
+    let secret = uuid::Uuid::new_v4();
+    let (path, _) = bed
+        .d
+        .create_volume(CreateVolume {
+            op_id: format!("{v}:create:1"),
+            volume: v,
+            pool: Name::parse("pool", "pool").unwrap(),
+            name: Name::parse("volume", "disk").unwrap(),
+            capacity: 1 << 20,
+            format: Format::Qcow2,
+            secret,
+            key,
+            encrypt_existing: false,
+        })
+        .unwrap();
+    assert_eq!(path, "/pools/p/disk");
+    assert_eq!(bed.w.lock().unwrap().count("create "), 1, "made once");
+    assert!(registry(&bed).contains(&v.to_string()));
+    let list = std::fs::read_to_string(bed.dir.join("managed-secrets")).unwrap();
+    assert_eq!(list, format!("{secret}\n"));
+}
+
+#[test]
+fn creations_at_once_are_each_made_and_registered() {
+    let bed = bed();
+    let made: Vec<(VolumeId, uuid::Uuid, Vec<u8>, String)> = std::thread::scope(|scope| {
+        let b = &bed;
+        let threads: Vec<_> = (0..24)
+            .map(|i| scope.spawn(move || create(b, &format!("disk-{i}"))))
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let vols = bed.d.store.volumes().unwrap();
+    let list = std::fs::read_to_string(bed.dir.join("managed-secrets")).unwrap();
+    assert_eq!(vols.len(), 24);
+    assert_eq!(list.lines().count(), 24);
+    for (v, secret, pass, path) in &made {
+        assert_eq!(vols[&v.to_string()].path, *path);
+        assert!(list.contains(&secret.to_string()));
+        assert_eq!(bed.w.lock().unwrap().images[path].keys, vec![pass.clone()]);
+    }
+}
+
+#[test]
 fn bad_packets_and_taken_names_change_nothing() {
     let bed = bed();
     let (_, _, _, path) = create(&bed, "taken");
