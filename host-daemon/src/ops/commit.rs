@@ -19,7 +19,7 @@ use crate::model::VolumeEntry;
 /// one waits for a sync, few enough that a batch of hundreds does not
 /// start hundreds of qemu-img processes.
 fn image_slots() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get() * 2)
+    std::thread::available_parallelism().map_or(2, |n| n.get() * 4)
 }
 
 /// The coordination of parallel creations (see the module's text).

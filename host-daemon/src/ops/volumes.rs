@@ -18,13 +18,13 @@ impl Daemon {
         let id = r.volume.to_string();
         let t0 = std::time::Instant::now();
         let _claimed = self.creations.claim(&id);
-        {
-            let _guard = self.lock();
-            if let Some(v) = self.store.volumes()?.get(&id) {
-                if self.hv.volume_path(&v.pool, &v.name)?.is_some() {
-                    let size = self.images.virtual_size(&v.path).unwrap_or(r.capacity);
-                    return Ok((v.path.clone(), size));
-                }
+        // Without the lock (the registry is replaced whole, atomically; the
+        // claim keeps other operations on this volume out): a group's write
+        // holds the lock for a pool refresh.
+        if let Some(v) = self.store.volumes()?.get(&id) {
+            if self.hv.volume_path(&v.pool, &v.name)?.is_some() {
+                let size = self.images.virtual_size(&v.path).unwrap_or(r.capacity);
+                return Ok((v.path.clone(), size));
             }
         }
         let packet = self.open_key(&r.key.sealed, r.volume, r.key.generation)?;
