@@ -20,6 +20,7 @@ mod audit;
 mod connect;
 mod guest;
 mod host;
+mod manual;
 mod output;
 mod pending;
 mod policy;
@@ -36,7 +37,7 @@ use connect::{Ctx, rpc_error};
 /// guestkeyctl: administer a guestkey management server (hosts, volumes,
 /// audit log) over mutual TLS with the admin credential.
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "guestkeyctl", version)]
 struct Cli {
     /// Server URL, e.g. https://localhost:7443 [default: the `server` file
     /// in the admin directory].
@@ -88,6 +89,20 @@ enum Command {
     /// server's certificate: what `guestkeyd enroll --ca-file` and
     /// `guestkeyd trust-server --ca-file` need.
     CaCert,
+    /// Print the shell completion script, e.g. `guestkeyctl completions
+    /// bash > /usr/share/bash-completion/completions/guestkeyctl`.
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (guestkeyctl.1 and one a subcommand, such as
+    /// guestkeyctl-volume-create.1) into DIR.
+    Man {
+        /// Where to write them, e.g. /usr/local/share/man/man1.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 /// `guestkeyctl server ...`
@@ -130,6 +145,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    match &cli.command {
+        Command::Completions { shell } => {
+            manual::completions(*shell);
+            return Ok(());
+        }
+        Command::Man { dir } => return manual::man(dir),
+        _ => {}
+    }
     let ctx = Ctx::new(cli.server, cli.admin_dir, cli.json);
     match cli.command {
         Command::Host(cmd) => host::run(cmd, &ctx).await,
@@ -174,6 +197,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             output::emit(ctx.json, status.json(), status.text());
             Ok(())
         }
+        Command::Completions { .. } | Command::Man { .. } => Ok(()),
         Command::CaCert => {
             let pem = ctx
                 .connect()
