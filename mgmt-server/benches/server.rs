@@ -109,6 +109,7 @@ fn main() {
         role: Default::default(),
         url: None,
         ek_anchors: vec![],
+        metrics_listen: None,
     };
     let (core, identity) = mgmt_server::transport::server::open(&config).unwrap();
     let admin = Caller::Admin("bench".into());

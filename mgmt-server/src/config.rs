@@ -146,6 +146,15 @@ struct FileConfig {
     leader: Leader,
     #[serde(default)]
     attestation: AttestationFile,
+    #[serde(default)]
+    metrics: MetricsFile,
+}
+
+/// `[metrics]` of the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsFile {
+    listen: Option<String>,
 }
 
 /// `[attestation]` of the config file.
@@ -180,6 +189,9 @@ pub struct Config {
     /// The CAs (DER) whose EK certificates enrolling TPMs must have
     /// (`attestation.ek_ca_file`; empty: not checked).
     pub ek_anchors: Vec<Vec<u8>>,
+    /// Where `/metrics` is served, plain HTTP (`metrics.listen`; None:
+    /// not served).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// What a guestkey server is for.
@@ -353,6 +365,15 @@ impl Config {
             None => vec![],
             Some(path) => ek_anchors(path)?,
         };
+        let metrics_listen = match &fc.metrics.listen {
+            None => None,
+            Some(text) => Some(text.parse().map_err(|_| ConfigError::Invalid {
+                setting: "metrics.listen",
+                message: format!(
+                    "`{text}` is not an IP:PORT address, e.g. 127.0.0.1:9464 (metrics are plain HTTP: keep them on a local or monitoring-only address)"
+                ),
+            })?),
+        };
         Ok(Self {
             listen,
             data_dir,
@@ -364,6 +385,7 @@ impl Config {
             database: flags.database.or(fc.database.map(DatabaseUrl)),
             url,
             ek_anchors,
+            metrics_listen,
         })
     }
 }

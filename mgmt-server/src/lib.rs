@@ -40,6 +40,7 @@ pub mod fuzzing;
 pub use guestkey_domxml as domxml;
 pub mod init;
 pub mod masterkey;
+pub mod metrics;
 pub mod model;
 pub mod move_db;
 pub mod roles;

@@ -118,6 +118,8 @@ pub struct Core {
     verifier: bool,
     /// CAs whose EK certificates a TPM must have (DER; none: not checked).
     ek_anchors: Vec<Vec<u8>>,
+    /// What the metrics count (releases, pushes).
+    counters: crate::metrics::Counters,
 }
 
 impl Core {
@@ -148,9 +150,15 @@ impl Core {
             entropy: parts.entropy,
             verifier: false,
             ek_anchors: vec![],
+            counters: crate::metrics::Counters::default(),
         };
         core.check_newest_checkpoint()?;
         Ok(core)
+    }
+
+    /// What this domain counts for the metrics.
+    pub fn counters(&self) -> &crate::metrics::Counters {
+        &self.counters
     }
 
     /// This domain as a verifier's: it keeps halves of split keys and

@@ -564,6 +564,9 @@ impl Core {
         outcomes: &[(VolumeInfo, PushOutcome)],
     ) -> Result<(), CoreError> {
         self.write(|tx| {
+            for (_, outcome) in outcomes {
+                self.counters.push(outcome.is_ok());
+            }
             for (v, outcome) in outcomes {
                 // The volume may have changed while its push was under way
                 // (deleted, or shredded with its revoked host): the outcome

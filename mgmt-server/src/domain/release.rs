@@ -113,6 +113,7 @@ impl Core {
             // Our half: the host combines it with the verifier's.
             packet.mechanism = Mechanism::QemuLuksPassphraseHalf;
         }
+        self.counters.release(&host.name);
         Ok(packet)
     }
 

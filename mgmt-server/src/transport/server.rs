@@ -209,11 +209,32 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
     let scheduler = tokio::spawn(crate::scheduler::run(
         core.clone(),
         stop_rx.clone(),
-        leading_rx,
+        leading_rx.clone(),
     ));
+    let metrics = match config.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let m = Arc::new(crate::metrics::Metrics::new(
+                core.counters(),
+                cert_expiry(&identity.cert_pem),
+                source_kind(&config.master_key_source),
+            ));
+            let (at, _task) = crate::metrics::serve(
+                addr,
+                m.clone(),
+                core.clone(),
+                leading_rx.clone(),
+                stop_rx.clone(),
+            )
+            .await?;
+            tracing::info!("metrics served at http://{at}/metrics");
+            Some(m)
+        }
+    };
     let mut stop_server = stop_rx.clone();
     let role = config.role;
     let serve = Server::builder()
+        .layer(crate::metrics::RpcLayer(metrics))
         .layer(crate::transport::role::RoleLayer(role))
         .add_service(AdminServer::new(AdminService(core.clone())))
         .add_service(HostApiServer::new(HostService(core.clone())))
@@ -245,6 +266,30 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
     let _ = scheduler.await;
     let _ = lease.await;
     Ok(())
+}
+
+/// When the certificate in `pem` expires (Unix seconds; 0 if it does not
+/// parse, which `open` has ruled out).
+fn cert_expiry(pem: &str) -> i64 {
+    x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .ok()
+        .and_then(|(_, p)| {
+            p.parse_x509()
+                .ok()
+                .map(|c| c.validity().not_after.timestamp())
+        })
+        .unwrap_or(0)
+}
+
+/// The kind of master key source, for the metrics (no path).
+fn source_kind(s: &crate::masterkey::MasterKeySource) -> &'static str {
+    use guestkey_protect::ProtectorSpec as P;
+    match s {
+        P::File(_) => "file",
+        P::Env(_) => "env",
+        P::Prompt => "prompt",
+        P::Tpm(_) => "tpm",
+    }
 }
 
 /// The URL hosts are given for this replica: `url` of the config, which
