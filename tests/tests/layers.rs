@@ -151,6 +151,7 @@ const SERVER_LAYERS: &[(&str, u8)] = &[
     ("config", 1),
     ("model", 1),
     ("store", 2),
+    ("metrics", 2),
     ("domain", 3),
     ("database", 3),
     ("scheduler", 4),

@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod agents;
 pub mod host_api;
+pub mod metrics;
 pub(crate) mod pb;
 pub(crate) mod role;
 pub mod server;

@@ -214,12 +214,12 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
     let metrics = match config.metrics_listen {
         None => None,
         Some(addr) => {
-            let m = Arc::new(crate::metrics::Metrics::new(
+            let m = Arc::new(crate::transport::metrics::Metrics::new(
                 core.counters(),
                 cert_expiry(&identity.cert_pem),
                 source_kind(&config.master_key_source),
             ));
-            let (at, _task) = crate::metrics::serve(
+            let (at, _task) = crate::transport::metrics::serve(
                 addr,
                 m.clone(),
                 core.clone(),
@@ -234,7 +234,7 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
     let mut stop_server = stop_rx.clone();
     let role = config.role;
     let serve = Server::builder()
-        .layer(crate::metrics::RpcLayer(metrics))
+        .layer(crate::transport::metrics::RpcLayer(metrics))
         .layer(crate::transport::role::RoleLayer(role))
         .add_service(AdminServer::new(AdminService(core.clone())))
         .add_service(HostApiServer::new(HostService(core.clone())))

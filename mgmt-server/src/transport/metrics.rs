@@ -1,0 +1,403 @@
+//! The server's metrics: `GET /metrics` in the Prometheus (OpenMetrics)
+//! text format, on a plain-HTTP listener of its own, off unless
+//! `[metrics] listen` is set (the example puts it on 127.0.0.1).
+//!
+//! What it shows, none of it per volume and nothing secret in a label (host
+//! names are the only names, as the admin gave them):
+//! every gRPC call by service, method and result code, and its latency;
+//! key releases by host; pushes to hosts by result; hosts by state, how
+//! many passed their last attestation, when each enrolled host last
+//! reported; whether this replica leads; when the
+//! server certificate expires; where the master key is kept. Method labels
+//! come from the call's path only when the server knows the method (an
+//! unknown one is answered UNIMPLEMENTED and counted as `unknown`), so a
+//! client cannot grow the label set.
+//!
+//! [`Counters`] (`crate::metrics`) are what the domain counts as it works;
+//! [`Metrics`] adds what a scrape reads (hosts, leadership) and the RPC
+//! layer ([`RpcLayer`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+use std::task::{Context, Poll};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::domain::Core;
+use crate::metrics::{Counters, HostLabel};
+use crate::model::CoreError;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    service: &'static str,
+    method: String,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    service: &'static str,
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: String,
+}
+
+/// The server's registry.
+pub struct Metrics {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    latency: Family<MethodLabels, Histogram>,
+    hosts: Family<StateLabel, Gauge<i64, AtomicI64>>,
+    attested: Gauge<i64, AtomicI64>,
+    leader: Gauge<i64, AtomicI64>,
+    reported: Family<HostLabel, Gauge<i64, AtomicI64>>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.25 ms to about 8 s.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+impl Metrics {
+    /// The registry over the domain's `counters`, with the server
+    /// certificate's expiry (Unix seconds) and the master key's source.
+    pub fn new(counters: &Counters, cert_expiry_unix: i64, master_key_source: &str) -> Self {
+        let mut registry = Registry::with_prefix("guestkey");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "rpc_requests",
+            "gRPC calls served, by service, method and result code",
+            calls.clone(),
+        );
+        let latency = Family::<MethodLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "Time to answer a gRPC call, by service and method",
+            latency.clone(),
+        );
+        registry.register(
+            "key_releases",
+            "Key packets released, by host (each audited first)",
+            counters.releases.clone(),
+        );
+        registry.register(
+            "pushes",
+            "Operations pushed to hosts whose outcome was recorded, by result",
+            counters.pushes.clone(),
+        );
+        let hosts = Family::<StateLabel, Gauge<i64, AtomicI64>>::default();
+        registry.register("hosts", "Hosts by state", hosts.clone());
+        let attested = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "hosts_attested",
+            "Hosts whose last attestation passed and still counts",
+            attested.clone(),
+        );
+        let reported = Family::<HostLabel, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "host_last_report_timestamp_seconds",
+            "When each enrolled host last reported its inventory (Unix time; 0: never)",
+            reported.clone(),
+        );
+        let leader = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader's lease (pushes, rotations), else 0",
+            leader.clone(),
+        );
+        let expiry = Gauge::<i64, AtomicI64>::default();
+        expiry.set(cert_expiry_unix);
+        registry.register(
+            "server_certificate_expiry_timestamp_seconds",
+            "When the server's TLS certificate expires (Unix time)",
+            expiry,
+        );
+        let source = Family::<SourceLabel, Gauge<i64, AtomicI64>>::default();
+        source
+            .get_or_create(&SourceLabel {
+                source: master_key_source.to_owned(),
+            })
+            .set(1);
+        registry.register(
+            "master_key_source",
+            "Where the master key is kept (file, tpm, env, prompt): 1 for the one in use",
+            source,
+        );
+        Self {
+            registry,
+            calls,
+            latency,
+            hosts,
+            attested,
+            leader,
+            reported,
+        }
+    }
+
+    /// Counts one answered call.
+    fn call(&self, path: &str, code: i32, seconds: f64) {
+        let (service, method) = split_path(path);
+        // tonic answers a method it does not know UNIMPLEMENTED: not a name.
+        let method = if code == 12 || service == "other" {
+            "unknown".to_owned()
+        } else {
+            method.to_owned()
+        };
+        self.calls
+            .get_or_create(&CallLabels {
+                service,
+                method: method.clone(),
+                code: code_name(code),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&MethodLabels { service, method })
+            .observe(seconds);
+    }
+
+    /// Reads what a scrape shows now (hosts), then encodes everything.
+    fn scrape(&self, core: &Core, leading: bool) -> Result<String, CoreError> {
+        let hosts = core.list_hosts()?;
+        let now = crate::domain::now_unix();
+        for &state in crate::model::HostState::ALL {
+            let n = hosts.iter().filter(|h| h.state == state).count();
+            self.hosts
+                .get_or_create(&StateLabel {
+                    state: state.as_str(),
+                })
+                .set(n as i64);
+        }
+        let attested = hosts
+            .iter()
+            .filter(|h| {
+                h.attestation.as_ref().is_some_and(|a| {
+                    a.fresh_until_unix > now && a.last.as_ref().is_some_and(|l| l.ok)
+                })
+            })
+            .count();
+        self.attested.set(attested as i64);
+        // Revoked or removed hosts drop out.
+        self.reported.clear();
+        for h in hosts
+            .iter()
+            .filter(|h| h.state == crate::model::HostState::Enrolled)
+        {
+            self.reported
+                .get_or_create(&HostLabel {
+                    host: h.name.clone(),
+                })
+                .set(h.inventory_reported_unix);
+        }
+        self.leader.set(i64::from(leading));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .map_err(|e| CoreError::Internal(format!("metrics: {e}")))?;
+        Ok(out)
+    }
+}
+
+/// (service, method) of a gRPC path.
+fn split_path(path: &str) -> (&'static str, &str) {
+    let service = match path.split('/').nth(1) {
+        Some("guestkey.admin.v1.Admin") => "admin",
+        Some("guestkey.host.v1.HostApi") => "host",
+        _ => "other",
+    };
+    (service, path.rsplit('/').next().unwrap_or(""))
+}
+
+fn code_name(code: i32) -> &'static str {
+    match code {
+        0 => "OK",
+        1 => "CANCELLED",
+        2 => "UNKNOWN",
+        3 => "INVALID_ARGUMENT",
+        4 => "DEADLINE_EXCEEDED",
+        5 => "NOT_FOUND",
+        6 => "ALREADY_EXISTS",
+        7 => "PERMISSION_DENIED",
+        8 => "RESOURCE_EXHAUSTED",
+        9 => "FAILED_PRECONDITION",
+        10 => "ABORTED",
+        11 => "OUT_OF_RANGE",
+        12 => "UNIMPLEMENTED",
+        13 => "INTERNAL",
+        14 => "UNAVAILABLE",
+        15 => "DATA_LOSS",
+        16 => "UNAUTHENTICATED",
+        _ => "OTHER",
+    }
+}
+
+/// Serves `/metrics` on `listen` until `stop` fires; returns the address
+/// it listens on.
+pub async fn serve(
+    listen: SocketAddr,
+    metrics: Arc<Metrics>,
+    core: Arc<Core>,
+    leading: tokio::sync::watch::Receiver<Option<crate::domain::leader::Fence>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), CoreError> {
+    use axum::http::{StatusCode, header};
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        CoreError::Internal(format!(
+            "metrics.listen: cannot listen on {listen}: {e} (pick another address)"
+        ))
+    })?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| CoreError::Internal(e.to_string()))?;
+    let handler = move || {
+        let (metrics, core, leading) = (metrics.clone(), core.clone(), leading.clone());
+        async move {
+            let is_leading = leading.borrow().is_some();
+            let text = tokio::task::spawn_blocking(move || metrics.scrape(&core, is_leading)).await;
+            match text {
+                Ok(Ok(t)) => (
+                    StatusCode::OK,
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    t,
+                ),
+                Ok(Err(e)) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                    format!("metrics unavailable: {e}\n"),
+                ),
+                Err(e) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                    format!("metrics failed: {e}\n"),
+                ),
+            }
+        }
+    };
+    let app = axum::Router::new().route("/metrics", axum::routing::get(handler));
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.changed().await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "the metrics listener failed");
+        }
+    });
+    Ok((local, task))
+}
+
+/// The layer that counts every gRPC call in [`Metrics`].
+#[derive(Clone)]
+pub(crate) struct RpcLayer(pub(crate) Option<Arc<Metrics>>);
+
+impl<S> tower_layer::Layer<S> for RpcLayer {
+    type Service = RpcCount<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcCount {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+/// [`RpcLayer`]'s service.
+#[derive(Clone)]
+pub(crate) struct RpcCount<S> {
+    inner: S,
+    metrics: Option<Arc<Metrics>>,
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B> tower_service::Service<http::Request<B>> for RpcCount<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let Some(metrics) = self.metrics.clone() else {
+            return Box::pin(self.inner.call(req));
+        };
+        let path = req.uri().path().to_owned();
+        let started = std::time::Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let res = fut.await;
+            // An error answered at once carries its code in the headers
+            // (trailers-only); an answer that has a body ends with OK.
+            let code = match &res {
+                Ok(r) => r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+                Err(_) => 2,
+            };
+            metrics.call(&path, code, started.elapsed().as_secs_f64());
+            res
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_counted_by_known_method_and_unknown_ones_under_one_label() {
+        let m = Metrics::new(&Counters::default(), 1_900_000_000, "file");
+        m.call("/guestkey.admin.v1.Admin/ListHosts", 0, 0.001);
+        m.call("/guestkey.admin.v1.Admin/ListHosts", 0, 0.002);
+        m.call("/guestkey.host.v1.HostApi/Enroll", 16, 0.001);
+        for i in 0..50 {
+            m.call(&format!("/guestkey.admin.v1.Admin/Made{i}"), 12, 0.0);
+            m.call(&format!("/x{i}/y"), 12, 0.0);
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
+        assert!(
+            out.contains(
+                r#"guestkey_rpc_requests_total{service="admin",method="ListHosts",code="OK"} 2"#
+            ),
+            "{out}"
+        );
+        assert!(out.contains(
+            r#"guestkey_rpc_requests_total{service="host",method="Enroll",code="UNAUTHENTICATED"} 1"#
+        ));
+        assert!(out.contains(
+            r#"guestkey_rpc_requests_total{service="admin",method="unknown",code="UNIMPLEMENTED"} 50"#
+        ));
+        assert!(!out.contains("Made"), "no label from an unknown name");
+        assert!(out.contains("guestkey_server_certificate_expiry_timestamp_seconds 1900000000"));
+        assert!(out.contains(r#"guestkey_master_key_source{source="file"} 1"#));
+        assert!(out.ends_with("# EOF\n"));
+    }
+}
