@@ -183,22 +183,28 @@ impl Stack {
 
     /// (Re)starts guestkeyd.
     pub fn run_daemon(&mut self) {
-        self.daemon_with(None);
+        self.daemon_with(None, &[]);
+    }
+
+    /// (Re)starts guestkeyd with `args` added to `guestkeyd run`.
+    pub fn run_daemon_with(&mut self, args: &[&str]) {
+        self.daemon_with(None, args);
     }
 
     /// (Re)starts guestkeyd with `filter` as its log filter (`RUST_LOG`).
     pub fn run_daemon_logging(&mut self, filter: &str) {
-        self.daemon_with(Some(filter));
+        self.daemon_with(Some(filter), &[]);
     }
 
-    fn daemon_with(&mut self, filter: Option<&str>) {
+    fn daemon_with(&mut self, filter: Option<&str>, args: &[&str]) {
         if let Some(d) = self.daemon.take() {
             d.stop();
         }
         let mut cmd = Command::new(bin("guestkeyd"));
         cmd.args(["run", "--state-dir"])
             .arg(self.state_dir())
-            .args(["--listen", &self.daemon_addr]);
+            .args(["--listen", &self.daemon_addr])
+            .args(args);
         if let Some(f) = filter {
             cmd.env("RUST_LOG", f);
         }

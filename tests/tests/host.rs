@@ -104,6 +104,96 @@ fn virsh_start_of_a_managed_guest_needs_no_secret_step_and_refuses_without_a_key
     assert!(Path::new(&sealed).exists());
 }
 
+/// GET `/metrics` of `addr`: the body of a 200 answer.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        c,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+    body.to_owned()
+}
+
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn guestkeyd_metrics_count_calls_volumes_and_secrets_and_name_nothing() {
+    let mut s = Stack::start();
+    let addr = format!("127.0.0.1:{}", guestkey_testkit::free_port());
+    s.run_daemon_with(&["--metrics-listen", &addr]);
+    let v = s.volume("metered-disk", "16M");
+    let guest = format!("gk-test-{}-metered", std::process::id());
+    let uuid = s.define_guest_on(
+        &s.host,
+        &guest,
+        &domain_xml(&guest, &s.pool, "metered-disk"),
+    );
+    s.cleanup.virsh(&["undefine", &guest]);
+    s.cleanup.virsh(&["destroy", &guest]);
+    virsh(&["start", &guest]).unwrap();
+    virsh(&["destroy", &guest]).unwrap();
+
+    let body = scrape(&addr);
+    let is = |name: &str, want: f64| {
+        assert_eq!(sample(&body, name), Some(want), "{name}\n{body}");
+    };
+    is(
+        r#"guestkeyd_rpc_requests_total{method="CreateVolume",code="OK"}"#,
+        1.0,
+    );
+    is(
+        r#"guestkeyd_rpc_requests_total{method="DefineGuest",code="OK"}"#,
+        1.0,
+    );
+    assert!(
+        sample(
+            &body,
+            r#"guestkeyd_rpc_duration_seconds_count{method="CreateVolume"}"#
+        ) == Some(1.0),
+        "{body}"
+    );
+    is("guestkeyd_volumes", 1.0);
+    is("guestkeyd_guests", 1.0);
+    is("guestkeyd_libvirt_secrets", 0.0);
+    is("guestkeyd_stale_secrets", 0.0);
+    is("guestkeyd_secrets_prepared_total", 1.0);
+    is("guestkeyd_keys_sealed_to_tpm", 0.0);
+    assert!(
+        sample(&body, "guestkeyd_certificate_expiry_timestamp_seconds").is_some_and(|t| t > 1.7e9),
+        "{body}"
+    );
+    // Counts only: no volume, guest, secret, path or host name.
+    let id = v["id"].as_str().unwrap();
+    let secret = v["secret_uuid"].as_str().unwrap();
+    for word in [
+        id,
+        secret,
+        uuid.as_str(),
+        "metered",
+        s.host.as_str(),
+        s.pool.as_str(),
+    ] {
+        assert!(
+            !body.contains(word),
+            "{word} in guestkeyd's metrics:\n{body}"
+        );
+    }
+    // Without the flag, nothing listens.
+    s.run_daemon();
+    assert!(std::net::TcpStream::connect(&addr).is_err());
+}
+
 #[test]
 fn several_guests_start_at_once_and_undefine_erases_their_keys() {
     let s = Stack::start();

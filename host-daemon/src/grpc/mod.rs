@@ -12,6 +12,7 @@
 pub mod enroll;
 mod link;
 pub mod lookup;
+pub mod metrics;
 mod pb;
 pub mod report;
 pub mod tpm_report;
@@ -53,6 +54,8 @@ pub struct Listen {
     pub server_sha256: String,
     /// This host's attestation key (None: enrolled without a TPM).
     pub attestation: Option<crate::protect::HostAttestation>,
+    /// Told of every call, for `/metrics` (None: not served).
+    pub metrics: Option<Arc<dyn guestkey_rpc_metrics::Observer>>,
 }
 
 /// Serves the host-agent API over mutual TLS until `shutdown` completes.
@@ -74,6 +77,7 @@ pub async fn serve(
          `guestkey-server migrate-roles`, run `guestkeyd trust-server --ca-file SERVER-CA.pem` here",
     )?;
     Server::builder()
+        .layer(guestkey_rpc_metrics::RpcLayer(l.metrics))
         .add_service(HostAgentServer::new(AgentService {
             daemon,
             server_sha256: l.server_sha256,

@@ -73,6 +73,8 @@ impl Daemon {
             }
             set.push(k.secret_uuid.as_str());
         }
+        self.prepared
+            .fetch_add(set.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

@@ -156,6 +156,23 @@ pub struct Daemon {
     /// Secrets a prepare of this process defined and its release has not
     /// removed yet: the only guestkey secrets libvirt should have.
     preparing: Mutex<BTreeSet<String>>,
+    /// Secrets handed to libvirt by prepares, in all (for the metrics).
+    prepared: std::sync::atomic::AtomicU64,
+}
+
+/// What guestkeyd's metrics show of the daemon (counts only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Volumes in the registry.
+    pub volumes: usize,
+    /// Guests in the sealed store.
+    pub guests: usize,
+    /// libvirt secrets defined now for starting guests.
+    pub secrets_now: usize,
+    /// Secrets whose removal failed, retried until gone.
+    pub stale_secrets: usize,
+    /// Secrets handed to libvirt by prepares since start.
+    pub secrets_prepared: u64,
 }
 
 impl Daemon {
@@ -182,7 +199,20 @@ impl Daemon {
             lookup: std::sync::OnceLock::new(),
             verifier: std::sync::OnceLock::new(),
             preparing: Mutex::new(BTreeSet::new()),
+            prepared: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// What the metrics show (no names, no keys).
+    pub fn counts(&self) -> Result<Counts, OpsError> {
+        let len = |m: &Mutex<BTreeSet<String>>| m.lock().unwrap_or_else(|p| p.into_inner()).len();
+        Ok(Counts {
+            volumes: self.store.volumes()?.len(),
+            guests: self.store.guests()?.len(),
+            secrets_now: len(&self.preparing),
+            stale_secrets: len(&self.stale_secrets),
+            secrets_prepared: self.prepared.load(std::sync::atomic::Ordering::Relaxed),
+        })
     }
 
     /// At start-up: removes every secret of a volume under this host's care

@@ -15,12 +15,11 @@
 //!
 //! [`Counters`] (`crate::metrics`) are what the domain counts as it works;
 //! [`Metrics`] adds what a scrape reads (hosts, leadership) and the RPC
-//! layer ([`RpcLayer`]).
+//! layer (`guestkey_rpc_metrics::RpcLayer`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
-use std::task::{Context, Poll};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -163,7 +162,7 @@ impl Metrics {
             .get_or_create(&CallLabels {
                 service,
                 method: method.clone(),
-                code: code_name(code),
+                code: guestkey_rpc_metrics::code_name(code),
             })
             .inc();
         self.latency
@@ -220,29 +219,6 @@ fn split_path(path: &str) -> (&'static str, &str) {
         _ => "other",
     };
     (service, path.rsplit('/').next().unwrap_or(""))
-}
-
-fn code_name(code: i32) -> &'static str {
-    match code {
-        0 => "OK",
-        1 => "CANCELLED",
-        2 => "UNKNOWN",
-        3 => "INVALID_ARGUMENT",
-        4 => "DEADLINE_EXCEEDED",
-        5 => "NOT_FOUND",
-        6 => "ALREADY_EXISTS",
-        7 => "PERMISSION_DENIED",
-        8 => "RESOURCE_EXHAUSTED",
-        9 => "FAILED_PRECONDITION",
-        10 => "ABORTED",
-        11 => "OUT_OF_RANGE",
-        12 => "UNIMPLEMENTED",
-        13 => "INTERNAL",
-        14 => "UNAVAILABLE",
-        15 => "DATA_LOSS",
-        16 => "UNAUTHENTICATED",
-        _ => "OTHER",
-    }
 }
 
 /// Serves `/metrics` on `listen` until `stop` fires; returns the address
@@ -305,65 +281,9 @@ pub async fn serve(
     Ok((local, task))
 }
 
-/// The layer that counts every gRPC call in [`Metrics`].
-#[derive(Clone)]
-pub(crate) struct RpcLayer(pub(crate) Option<Arc<Metrics>>);
-
-impl<S> tower_layer::Layer<S> for RpcLayer {
-    type Service = RpcCount<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        RpcCount {
-            inner,
-            metrics: self.0.clone(),
-        }
-    }
-}
-
-/// [`RpcLayer`]'s service.
-#[derive(Clone)]
-pub(crate) struct RpcCount<S> {
-    inner: S,
-    metrics: Option<Arc<Metrics>>,
-}
-
-type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
-impl<S, B> tower_service::Service<http::Request<B>> for RpcCount<S>
-where
-    S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let Some(metrics) = self.metrics.clone() else {
-            return Box::pin(self.inner.call(req));
-        };
-        let path = req.uri().path().to_owned();
-        let started = std::time::Instant::now();
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let res = fut.await;
-            // An error answered at once carries its code in the headers
-            // (trailers-only); an answer that has a body ends with OK.
-            let code = match &res {
-                Ok(r) => r
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0),
-                Err(_) => 2,
-            };
-            metrics.call(&path, code, started.elapsed().as_secs_f64());
-            res
-        })
+impl guestkey_rpc_metrics::Observer for Metrics {
+    fn call(&self, path: &str, code: i32, seconds: f64) {
+        Metrics::call(self, path, code, seconds);
     }
 }
 

@@ -228,13 +228,13 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
             )
             .await?;
             tracing::info!("metrics served at http://{at}/metrics");
-            Some(m)
+            Some(m as Arc<dyn guestkey_rpc_metrics::Observer>)
         }
     };
     let mut stop_server = stop_rx.clone();
     let role = config.role;
     let serve = Server::builder()
-        .layer(crate::transport::metrics::RpcLayer(metrics))
+        .layer(guestkey_rpc_metrics::RpcLayer(metrics))
         .layer(crate::transport::role::RoleLayer(role))
         .add_service(AdminServer::new(AdminService(core.clone())))
         .add_service(HostApiServer::new(HostService(core.clone())))

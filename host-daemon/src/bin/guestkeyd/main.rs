@@ -155,6 +155,10 @@ enum Command {
         /// always overwritten in full.
         #[arg(long)]
         overwrite_old_images: bool,
+        /// Serve GET /metrics (Prometheus text format, plain HTTP: counts
+        /// only, no names or keys) on this address, e.g. 127.0.0.1:9465.
+        #[arg(long, value_name = "IP:PORT")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
 }
 
@@ -305,6 +309,7 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
             managed_list,
             hook_uid,
             overwrite_old_images,
+            metrics_listen,
         } => {
             host_daemon::image::overwrite_old_images(overwrite_old_images);
             // Before anything else: one guestkeyd per state directory and
@@ -379,6 +384,17 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
             if !hook_served {
                 spawn_hook(&gate, &hook_socket, hook_uid);
             }
+            let metrics = match metrics_listen {
+                None => None,
+                Some(addr) => {
+                    use host_daemon::grpc::metrics::{Metrics, cert_expiry, serve};
+                    let sealed = host_daemon::protect::keyset(dir.root()).is_sealed();
+                    let m = Arc::new(Metrics::new(cert_expiry(&cert), sealed));
+                    let at = serve(addr, m.clone(), daemon.clone()).await?;
+                    tracing::info!("metrics served at http://{at}/metrics");
+                    Some(m as Arc<dyn guestkey_rpc_metrics::Observer>)
+                }
+            };
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -399,6 +415,7 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
                 ca,
                 server_sha256,
                 attestation,
+                metrics,
             };
             host_daemon::grpc::serve(daemon, listen, shutdown).await?;
             // Still under the socket's lock: the socket is ours to remove.
