@@ -96,6 +96,19 @@ fn metrics_count_calls_releases_pushes_and_hosts_and_name_no_volume() {
         Some(1.0)
     );
     assert_eq!(sample(&body, "guestkey_hosts_attested"), Some(0.0));
+    assert_eq!(
+        sample(&body, r#"guestkey_volumes{state="ready"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&body, r#"guestkey_volumes{state="rekeying"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&body, r#"guestkey_volumes{state="failed"}"#),
+        Some(0.0)
+    );
+    assert!(!body.contains(r#"state="deleted""#), "{body}");
     at_least(
         "guestkey_server_certificate_expiry_timestamp_seconds",
         1.7e9,

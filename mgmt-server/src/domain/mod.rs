@@ -156,6 +156,11 @@ impl Core {
         Ok(core)
     }
 
+    /// How many volumes are in each state, for the metrics.
+    pub fn volume_state_counts(&self) -> Result<Vec<(String, u64)>, CoreError> {
+        self.read(|tx| Ok(tx.volume_state_counts()?))
+    }
+
     /// What this domain counts for the metrics.
     pub fn counters(&self) -> &crate::metrics::Counters {
         &self.counters

@@ -299,6 +299,9 @@ pub trait VolumeStore {
     fn volume_name_taken(&mut self, name: &str) -> Result<bool>;
     /// Volumes assigned to a host that are not deleted.
     fn host_volume_count(&mut self, host: &str) -> Result<u32>;
+    /// How many volumes are in each state (deleted ones included), for the
+    /// metrics: one scan of the state index.
+    fn volume_state_counts(&mut self) -> Result<Vec<(String, u64)>>;
     /// Inserts a volume record.
     fn insert_volume(&mut self, v: &NewVolume) -> Result<()>;
     /// Sets what a release of the volume's key needs.

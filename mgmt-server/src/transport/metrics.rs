@@ -5,7 +5,8 @@
 //! What it shows, none of it per volume and nothing secret in a label (host
 //! names are the only names, as the admin gave them):
 //! every gRPC call by service, method and result code, and its latency;
-//! key releases by host; pushes to hosts by result; hosts by state, how
+//! key releases by host; pushes to hosts by result; volumes by state
+//! (rekeys running, volumes failed); hosts by state, how
 //! many passed their last attestation, when each enrolled host last
 //! reported; whether this replica leads; when the
 //! server certificate expires; where the master key is kept. Method labels
@@ -61,6 +62,7 @@ pub struct Metrics {
     calls: Family<CallLabels, Counter>,
     latency: Family<MethodLabels, Histogram>,
     hosts: Family<StateLabel, Gauge<i64, AtomicI64>>,
+    volumes: Family<StateLabel, Gauge<i64, AtomicI64>>,
     attested: Gauge<i64, AtomicI64>,
     leader: Gauge<i64, AtomicI64>,
     reported: Family<HostLabel, Gauge<i64, AtomicI64>>,
@@ -102,6 +104,12 @@ impl Metrics {
         );
         let hosts = Family::<StateLabel, Gauge<i64, AtomicI64>>::default();
         registry.register("hosts", "Hosts by state", hosts.clone());
+        let volumes = Family::<StateLabel, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "volumes",
+            "Volumes by state (not deleted ones): rekeying ones are rekeys running, failed ones gave up",
+            volumes.clone(),
+        );
         let attested = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "hosts_attested",
@@ -143,6 +151,7 @@ impl Metrics {
             calls,
             latency,
             hosts,
+            volumes,
             attested,
             leader,
             reported,
@@ -181,6 +190,21 @@ impl Metrics {
                     state: state.as_str(),
                 })
                 .set(n as i64);
+        }
+        let counts = core.volume_state_counts()?;
+        for &state in crate::model::VolumeState::ALL {
+            if state == crate::model::VolumeState::Deleted {
+                continue;
+            }
+            let n = counts
+                .iter()
+                .find(|(s, _)| s == state.as_str())
+                .map_or(0, |(_, n)| *n);
+            self.volumes
+                .get_or_create(&StateLabel {
+                    state: state.as_str(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         let attested = hosts
             .iter()

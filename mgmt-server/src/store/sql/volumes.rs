@@ -106,6 +106,14 @@ impl VolumeStore for SqlTx<'_> {
         )
     }
 
+    fn volume_state_counts(&mut self) -> Result<Vec<(String, u64)>> {
+        self.db.query_all(
+            "SELECT state, COUNT(*) FROM volumes GROUP BY state",
+            (),
+            |r| Ok((r.get(0)?, unsigned(r, 1)?)),
+        )
+    }
+
     fn insert_volume(&mut self, v: &NewVolume) -> Result<()> {
         self.exec(
             "INSERT INTO volumes (id, name, host, pool, format, capacity, secret_uuid, generation, state, created, release_policy, split)
