@@ -9,24 +9,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-
 use common::*;
 
-/// GET `path` of `addr`: (status line, body).
 fn get(addr: &str, path: &str) -> (String, String) {
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(std::time::Duration::from_secs(20)))
-        .unwrap();
-    write!(
-        c,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    c.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_owned(), body.to_owned())
+    guestkey_testkit::http_get(addr, path)
 }
 
 /// The value of the sample `name` (labels included) in `text`.

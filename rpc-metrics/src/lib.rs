@@ -47,6 +47,19 @@ pub fn code_name(code: i32) -> &'static str {
         .unwrap_or("OTHER")
 }
 
+/// When the certificate in `pem` expires (Unix seconds; 0 if it does not
+/// parse): the `certificate_expiry_timestamp_seconds` of both `/metrics`.
+pub fn cert_expiry_unix(pem: &str) -> i64 {
+    x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .ok()
+        .and_then(|(_, p)| {
+            p.parse_x509()
+                .ok()
+                .map(|c| c.validity().not_after.timestamp())
+        })
+        .unwrap_or(0)
+}
+
 /// The layer (none: calls pass untouched).
 #[derive(Clone)]
 pub struct RpcLayer(pub Option<Arc<dyn Observer>>);
@@ -169,6 +182,7 @@ mod tests {
         assert_eq!(code_name(5), "NOT_FOUND");
         assert_eq!(code_name(16), "UNAUTHENTICATED");
         assert_eq!((code_name(17), code_name(-1)), ("OTHER", "OTHER"));
+        assert_eq!(cert_expiry_unix("not a certificate"), 0);
         // No observer: the call passes, nothing is told.
         let mut plain = RpcLayer(None).layer(Echo);
         let r = plain

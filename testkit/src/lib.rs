@@ -53,6 +53,28 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
+/// `GET path` of the plain-HTTP server at `addr` (a `/metrics`), one
+/// request on its own connection: (status line, body).
+pub fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr)
+        .unwrap_or_else(|e| panic!("nothing answers at {addr}: {e}"));
+    c.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .expect("read timeout");
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request written");
+    let mut text = String::new();
+    c.read_to_string(&mut text).expect("answer read");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
 /// A TCP port on 127.0.0.1 free right now, and never handed out twice by
 /// one test process: tests of one binary run in parallel, and a port the
 /// kernel gives for `bind(0)` may be given again (or taken by an outgoing

@@ -106,20 +106,9 @@ fn virsh_start_of_a_managed_guest_needs_no_secret_step_and_refuses_without_a_key
 
 /// GET `/metrics` of `addr`: the body of a 200 answer.
 fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(std::time::Duration::from_secs(20)))
-        .unwrap();
-    write!(
-        c,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    c.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
-    body.to_owned()
+    let (status, body) = guestkey_testkit::http_get(addr, "/metrics");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}\n{body}");
+    body
 }
 
 fn sample(text: &str, name: &str) -> Option<f64> {

@@ -168,18 +168,6 @@ impl guestkey_rpc_metrics::Observer for Metrics {
     }
 }
 
-/// When the certificate in `pem` expires (Unix seconds; 0 if unreadable).
-pub fn cert_expiry(pem: &str) -> i64 {
-    x509_parser::pem::parse_x509_pem(pem.as_bytes())
-        .ok()
-        .and_then(|(_, p)| {
-            p.parse_x509()
-                .ok()
-                .map(|c| c.validity().not_after.timestamp())
-        })
-        .unwrap_or(0)
-}
-
 /// Serves `/metrics` on `listen` (in a task of its own, for the process's
 /// life); returns the address it listens on.
 pub async fn serve(

@@ -216,7 +216,7 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
         Some(addr) => {
             let m = Arc::new(crate::transport::metrics::Metrics::new(
                 core.counters(),
-                cert_expiry(&identity.cert_pem),
+                guestkey_rpc_metrics::cert_expiry_unix(&identity.cert_pem),
                 source_kind(&config.master_key_source),
             ));
             let (at, _task) = crate::transport::metrics::serve(
@@ -266,19 +266,6 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
     let _ = scheduler.await;
     let _ = lease.await;
     Ok(())
-}
-
-/// When the certificate in `pem` expires (Unix seconds; 0 if it does not
-/// parse, which `open` has ruled out).
-fn cert_expiry(pem: &str) -> i64 {
-    x509_parser::pem::parse_x509_pem(pem.as_bytes())
-        .ok()
-        .and_then(|(_, p)| {
-            p.parse_x509()
-                .ok()
-                .map(|c| c.validity().not_after.timestamp())
-        })
-        .unwrap_or(0)
 }
 
 /// The kind of master key source, for the metrics (no path).

@@ -387,9 +387,12 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
             let metrics = match metrics_listen {
                 None => None,
                 Some(addr) => {
-                    use host_daemon::grpc::metrics::{Metrics, cert_expiry, serve};
+                    use host_daemon::grpc::metrics::{Metrics, serve};
                     let sealed = host_daemon::protect::keyset(dir.root()).is_sealed();
-                    let m = Arc::new(Metrics::new(cert_expiry(&cert), sealed));
+                    let m = Arc::new(Metrics::new(
+                        guestkey_rpc_metrics::cert_expiry_unix(&cert),
+                        sealed,
+                    ));
                     let at = serve(addr, m.clone(), daemon.clone()).await?;
                     tracing::info!("metrics served at http://{at}/metrics");
                     Some(m as Arc<dyn guestkey_rpc_metrics::Observer>)

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use super::*;
-use crate::model::{Format, Name};
+use crate::model::Format;
 use crate::ops::OpsError;
 use crate::ops::{DiskLookup, KnownDisk};
 use virt_plugin::protocol::{Disk, Source};
@@ -21,17 +21,7 @@ fn a_volume_is_created_once_and_a_repeat_returns_the_first_outcome() {
     let (key, _) = packet(&bed, v, 1, "kvm-test");
     let again = bed
         .d
-        .create_volume(CreateVolume {
-            op_id: format!("{v}:create:1"),
-            volume: v,
-            pool: Name::parse("pool", "pool").unwrap(),
-            name: Name::parse("volume", "disk").unwrap(),
-            capacity: 1 << 20,
-            format: Format::Qcow2,
-            secret,
-            key,
-            encrypt_existing: false,
-        })
+        .create_volume(request(v, "disk", secret, key))
         .unwrap();
     assert_eq!(again.0, path);
     assert_eq!(bed.w.lock().unwrap().count("create "), creates);
@@ -50,17 +40,7 @@ fn a_creation_stopped_before_the_registry_is_finished_by_its_repeat() {
     let secret = uuid::Uuid::new_v4();
     let (path, _) = bed
         .d
-        .create_volume(CreateVolume {
-            op_id: format!("{v}:create:1"),
-            volume: v,
-            pool: Name::parse("pool", "pool").unwrap(),
-            name: Name::parse("volume", "disk").unwrap(),
-            capacity: 1 << 20,
-            format: Format::Qcow2,
-            secret,
-            key,
-            encrypt_existing: false,
-        })
+        .create_volume(request(v, "disk", secret, key))
         .unwrap();
     assert_eq!(path, "/pools/p/disk");
     assert_eq!(bed.w.lock().unwrap().count("create "), 1, "made once");
@@ -98,20 +78,12 @@ fn bad_packets_and_taken_names_change_nothing() {
     let try_create = |name: &str, to: &str, generation: u64| {
         let v = vid();
         let (key, _) = packet(&bed, v, generation, to);
-        bed.d.create_volume(CreateVolume {
-            op_id: format!("{v}:create:1"),
-            volume: v,
-            pool: Name::parse("pool", "pool").unwrap(),
-            name: Name::parse("volume", name).unwrap(),
-            capacity: 1 << 20,
-            format: Format::Qcow2,
-            secret: uuid::Uuid::new_v4(),
-            key: SealedKey {
-                generation: 1,
-                ..key
-            },
-            encrypt_existing: false,
-        })
+        let key = SealedKey {
+            generation: 1,
+            ..key
+        };
+        bed.d
+            .create_volume(request(v, name, uuid::Uuid::new_v4(), key))
     };
     // Sealed for another host, and for another generation: refused.
     for (to, generation) in [("kvm-other", 1), ("kvm-test", 2)] {

@@ -86,24 +86,26 @@ pub(super) fn vid() -> VolumeId {
     VolumeId(uuid::Uuid::new_v4())
 }
 
+/// A request for a new qcow2 volume `name` of 1 MiB with `key`.
+pub(super) fn request(v: VolumeId, name: &str, secret: uuid::Uuid, key: SealedKey) -> CreateVolume {
+    CreateVolume {
+        op_id: format!("{v}:create:1"),
+        volume: v,
+        pool: Name::parse("pool", "pool").unwrap(),
+        name: Name::parse("volume", name).unwrap(),
+        capacity: 1 << 20,
+        format: Format::Qcow2,
+        secret,
+        key,
+        encrypt_existing: false,
+    }
+}
+
 pub(super) fn create(bed: &Bed, name: &str) -> (VolumeId, uuid::Uuid, Vec<u8>, String) {
     let v = vid();
     let (key, pass) = packet(bed, v, 1, "kvm-test");
     let secret = uuid::Uuid::new_v4();
-    let (path, size) = bed
-        .d
-        .create_volume(CreateVolume {
-            op_id: format!("{v}:create:1"),
-            volume: v,
-            pool: Name::parse("pool", "pool").unwrap(),
-            name: Name::parse("volume", name).unwrap(),
-            capacity: 1 << 20,
-            format: Format::Qcow2,
-            secret,
-            key,
-            encrypt_existing: false,
-        })
-        .unwrap();
+    let (path, size) = bed.d.create_volume(request(v, name, secret, key)).unwrap();
     assert_eq!(size, 1 << 20);
     (v, secret, pass, path)
 }
