@@ -5,6 +5,11 @@
 //! QEMU's open with the key, pool refresh, its store). The figure is the
 //! time from the first request to the last volume `ready`.
 //!
+//! Then the push path alone, without the asking in front of it: N more
+//! volumes are asked for while guestkeyd is stopped (the server keeps
+//! them pending, retrying every 50-200 ms), and the time is taken from
+//! guestkeyd's start to the last of them `ready`.
+//!
 //! Baseline in the same run: what a libvirt user does without guestkey,
 //! `virsh vol-create-as` of a plain qcow2 volume of the same size, one
 //! after the other (no key, no encryption).
@@ -49,8 +54,9 @@ fn main() {
     let n = arg("--volumes", 200);
     assert!(n > 0, "--volumes takes a number above 0");
     let threads = 4;
-    let mut s = Stack::start();
-    s.run_daemon_logging("info,host_daemon::ops=debug");
+    let retry = "[retry]\ninitial_delay_ms = 50\nmax_delay_ms = 200\nmax_attempts = 10\n";
+    let mut s = Stack::start_configured(&[], Some(retry));
+    s.run_daemon_logging("info,host_daemon::ops=debug,host_daemon::image=debug");
 
     // Baseline: plain qcow2 volumes through libvirt, one after the other.
     let base_n = n.min(100);
@@ -71,30 +77,21 @@ fn main() {
 
     // guestkey: all asked for at once, from `threads` threads.
     let t = Instant::now();
-    std::thread::scope(|scope| {
-        for k in 0..threads {
-            let s = &s;
-            scope.spawn(move || {
-                for i in (k..n).step_by(threads) {
-                    s.ask_volume(&format!("bench-{i}"), "16M", "qcow2");
-                }
-            });
-        }
-    });
+    ask(&s, "bench", n, threads);
     let asked = t.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let mut done = ready(&s);
-    while done < n {
-        assert!(
-            Instant::now() < deadline,
-            "only {done} of {n} volumes ready after 600 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-        done = ready(&s);
-    }
+    wait_ready(&s, n);
     let all = t.elapsed();
     let rate = n as f64 / all.as_secs_f64();
+    let first_log = s.daemon_log();
 
+    // The push path alone: asked for while guestkeyd is stopped.
+    s.daemon.take().unwrap().stop();
+    ask(&s, "drain", n, threads);
+    let t = Instant::now();
+    s.run_daemon_logging("info,host_daemon::ops=debug,host_daemon::image=debug");
+    wait_ready(&s, 2 * n);
+    let drain = t.elapsed();
+    let drain_rate = n as f64 / drain.as_secs_f64();
     println!(
         "libvirt vol-create-as, plain qcow2, {base_n} one after the other: {:.2} s, {base_rate:.1} volumes/s ({:.1} ms each)",
         base.as_secs_f64(),
@@ -107,7 +104,41 @@ fn main() {
         1e3 / rate,
         rate / base_rate
     );
+    stages(&first_log);
+    println!(
+        "push path alone: {n} more asked for while guestkeyd was stopped, all ready {:.2} s after its start: {drain_rate:.1} keys/s ({:.1} ms each), {:.2}x the baseline",
+        drain.as_secs_f64(),
+        1e3 / drain_rate,
+        drain_rate / base_rate
+    );
     stages(&s.daemon_log());
+}
+
+/// Asks for `n` volumes `PREFIX-i` from `threads` threads, not waiting.
+fn ask(s: &Stack, prefix: &str, n: usize, threads: usize) {
+    std::thread::scope(|scope| {
+        for k in 0..threads {
+            scope.spawn(move || {
+                for i in (k..n).step_by(threads) {
+                    s.ask_volume(&format!("{prefix}-{i}"), "16M", "qcow2");
+                }
+            });
+        }
+    });
+}
+
+/// Waits (600 s at most) until `n` volumes of the stack's host are ready.
+fn wait_ready(s: &Stack, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut done = ready(s);
+    while done < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {done} of {n} volumes ready after 600 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        done = ready(s);
+    }
 }
 
 /// The value of `field=` in a log line.
@@ -130,6 +161,14 @@ fn stages(log: &str) {
         .lines()
         .filter(|l| l.contains("creations registered together"))
         .collect();
+    let lines = |what: &str| -> Vec<&str> { log.lines().filter(|l| l.contains(what)).collect() };
+    let (made_img, synced) = (lines("image made"), lines("image synced"));
+    println!(
+        "  an image on average (in its slot): header {:.2} ms, QEMU's check {:.2} ms, sync {:.2} ms",
+        mean(&made_img, "header_ms"),
+        mean(&made_img, "check_ms"),
+        mean(&synced, "sync_ms"),
+    );
     println!(
         "guestkeyd, a volume on average: key {:.2} ms, image {:.2} ms, registry {:.2} ms (of {} volumes); {} registry writes of {:.1} volumes, {:.2} ms each",
         mean(&made, "key_ms"),

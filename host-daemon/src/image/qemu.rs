@@ -157,8 +157,16 @@ pub(super) fn create_in(
     key: &[u8],
     shown: &str,
 ) -> Result<(), ImageError> {
+    let t0 = std::time::Instant::now();
     super::luks1::create::write_new(f, format, size, key, shown)?;
-    if opens_fd(f, format, key, shown)? {
+    let t_header = t0.elapsed();
+    let opens = opens_fd(f, format, key, shown)?;
+    tracing::debug!(
+        header_ms = t_header.as_secs_f64() * 1e3,
+        check_ms = (t0.elapsed() - t_header).as_secs_f64() * 1e3,
+        "image made"
+    );
+    if opens {
         Ok(())
     } else {
         Err(ImageError::Check(format!(
@@ -195,6 +203,7 @@ impl Images for QemuImages {
             let (uid, gid) = dir.owner();
             let mode = if dir.group_writable() { 0o660 } else { 0o600 };
             set_owner(&f, uid, gid, mode, path)?;
+            let t0 = std::time::Instant::now();
             f.sync_all().map_err(|source| ImageError::Io {
                 what: "sync",
                 path: path.to_owned(),
@@ -204,6 +213,7 @@ impl Images for QemuImages {
                 return Err(super::fs::FsError::Replaced(path.to_owned()).into());
             }
             dir.sync()?;
+            tracing::debug!(sync_ms = t0.elapsed().as_secs_f64() * 1e3, "image synced");
             Ok(())
         });
         if made.is_err() && dir.is(&name, id).unwrap_or(false) {
