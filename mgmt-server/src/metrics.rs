@@ -1,5 +1,5 @@
 //! What the domain counts for the metrics (key releases by host, push
-//! outcomes): cheap atomics that `transport::metrics` registers and serves
+//! outcomes, database failures): cheap atomics that `transport::metrics` registers and serves
 //! at `/metrics` with what a scrape reads. No label names a volume or
 //! holds anything secret; host names are the only names.
 
@@ -15,6 +15,9 @@ pub struct Counters {
     pub releases: Family<HostLabel, Counter>,
     /// Pushes to hosts whose outcome was recorded, by result.
     pub pushes: Family<ResultLabel, Counter>,
+    /// Transactions that failed in the database (either engine), audit
+    /// writes included: what they record was rolled back with them.
+    pub store_failures: Counter,
 }
 
 /// `host="NAME"`: hosts are few and named by the admin; volumes never

@@ -82,6 +82,7 @@ fn metrics_count_calls_releases_pushes_and_hosts_and_name_no_volume() {
         Some(1.0)
     );
     assert_eq!(sample(&body, "guestkey_hosts_attested"), Some(0.0));
+    assert_eq!(sample(&body, "guestkey_store_failures_total"), Some(0.0));
     assert_eq!(
         sample(&body, r#"guestkey_volumes{state="ready"}"#),
         Some(1.0)

@@ -245,8 +245,20 @@ impl Core {
         &self,
         f: impl FnOnce(&mut dyn Tx) -> Result<T, CoreError>,
     ) -> Result<T, CoreError> {
-        let mut tx = self.store.begin(Access::Read)?;
-        f(&mut *tx)
+        let out = self
+            .store
+            .begin(Access::Read)
+            .map_err(CoreError::from)
+            .and_then(|mut tx| f(&mut *tx));
+        self.count_store_failure(out)
+    }
+
+    /// Counts a database failure for the metrics; passes `out` on.
+    fn count_store_failure<T>(&self, out: Result<T, CoreError>) -> Result<T, CoreError> {
+        if let Err(CoreError::Store(_)) = &out {
+            self.counters.store_failures.inc();
+        }
+        out
     }
 
     /// Runs `f` in a write transaction and commits it if `f` succeeds (a
@@ -255,10 +267,13 @@ impl Core {
         &self,
         f: impl FnOnce(&mut dyn Tx) -> Result<T, CoreError>,
     ) -> Result<T, CoreError> {
-        let mut tx = self.store.begin(Access::Write)?;
-        let out = f(&mut *tx)?;
-        tx.commit()?;
-        Ok(out)
+        let out = (|| {
+            let mut tx = self.store.begin(Access::Write)?;
+            let out = f(&mut *tx)?;
+            tx.commit()?;
+            Ok(out)
+        })();
+        self.count_store_failure(out)
     }
 
     /// Runs blocking domain code (the store) on a thread meant for it, off

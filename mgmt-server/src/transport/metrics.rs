@@ -102,6 +102,11 @@ impl Metrics {
             "Operations pushed to hosts whose outcome was recorded, by result",
             counters.pushes.clone(),
         );
+        registry.register(
+            "store_failures",
+            "Database transactions that failed (either engine), audit writes included",
+            counters.store_failures.clone(),
+        );
         let hosts = Family::<StateLabel, Gauge<i64, AtomicI64>>::default();
         registry.register("hosts", "Hosts by state", hosts.clone());
         let volumes = Family::<StateLabel, Gauge<i64, AtomicI64>>::default();

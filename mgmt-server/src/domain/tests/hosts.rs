@@ -252,3 +252,30 @@ fn a_hosts_tpm_report_is_kept_when_plausible_and_refused_otherwise() {
     assert!(kept.unseals);
     assert!(kept.reported_unix > 0);
 }
+
+#[test]
+fn database_failures_are_counted_for_the_metrics() {
+    let b = Bed::new();
+    let c = b.core.counters();
+    b.core.add_host(&b.admin, "kvm-01", "kvm-01:7444").unwrap();
+    b.core.list_hosts().unwrap();
+    assert_eq!(c.store_failures.get(), 0);
+    // The audit table gone: an action that must be audited fails (at its
+    // audit write, or at the commit where the store pipelines writes).
+    b.store
+        .tamper("ALTER TABLE audit RENAME TO audit_gone")
+        .unwrap();
+    let e = b
+        .core
+        .add_host(&b.admin, "kvm-02", "kvm-02:7444")
+        .unwrap_err();
+    assert!(matches!(e, CoreError::Store(_)), "{e}");
+    assert_eq!(c.store_failures.get(), 1);
+    // A refusal of bad input is not a failure of the database.
+    b.store
+        .tamper("ALTER TABLE audit_gone RENAME TO audit")
+        .unwrap();
+    assert!(b.core.add_host(&b.admin, "bad name!", "x:1").is_err());
+    assert!(b.core.get_host("no-such-host").is_err());
+    assert_eq!(c.store_failures.get(), 1);
+}
