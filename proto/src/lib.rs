@@ -22,3 +22,35 @@ pub mod agent {
 
 /// The encoded `FileDescriptorSet` of all three APIs.
 pub const DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptor");
+
+/// Every call path of the three APIs (`/package.Service/Method`), read
+/// from [`DESCRIPTOR_SET`]: what a metrics label may name (anything else a
+/// client sends is not a method of ours).
+pub fn method_paths() -> std::collections::BTreeSet<String> {
+    use prost::Message;
+    let Ok(set) = prost_types::FileDescriptorSet::decode(DESCRIPTOR_SET) else {
+        return Default::default();
+    };
+    let mut out = std::collections::BTreeSet::new();
+    for file in &set.file {
+        let package = file.package();
+        for service in &file.service {
+            for method in &service.method {
+                out.insert(format!("/{package}.{}/{}", service.name(), method.name()));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn method_paths_are_those_of_the_services() {
+        let paths = super::method_paths();
+        assert!(paths.contains("/guestkey.admin.v1.Admin/CreateVolume"));
+        assert!(paths.contains("/guestkey.host.v1.HostApi/Enroll"));
+        assert!(paths.contains("/guestkey.agent.v1.HostAgent/CreateVolume"));
+        assert!(paths.len() > 40, "{}", paths.len());
+    }
+}

@@ -46,8 +46,11 @@ pub struct Metrics {
     secrets_now: IntGauge,
     stale: IntGauge,
     prepared: Counter,
-    /// What `prepared` was brought up to at the last scrape.
+    /// What `prepared` was brought up to at the last scrape (held for the
+    /// whole scrape: one at a time).
     prepared_seen: Mutex<u64>,
+    /// The host-agent API's call paths: the only method names a label holds.
+    methods: std::collections::BTreeSet<String>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -124,23 +127,22 @@ impl Metrics {
             stale,
             prepared,
             prepared_seen: Mutex::new(0),
+            methods: guestkey_proto::method_paths(),
         }
     }
 
     /// Reads the daemon's counts, then encodes everything.
     fn scrape(&self, daemon: &Daemon) -> Result<String, String> {
+        let mut seen = self.prepared_seen.lock().unwrap_or_else(|p| p.into_inner());
         let c = daemon.counts().map_err(|e| e.to_string())?;
         let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
         self.volumes.set(n(c.volumes));
         self.guests.set(n(c.guests));
         self.secrets_now.set(n(c.secrets_now));
         self.stale.set(n(c.stale_secrets));
-        {
-            let mut seen = self.prepared_seen.lock().unwrap_or_else(|p| p.into_inner());
-            self.prepared
-                .inc_by(c.secrets_prepared.saturating_sub(*seen));
-            *seen = (*seen).max(c.secrets_prepared);
-        }
+        self.prepared
+            .inc_by(c.secrets_prepared.saturating_sub(*seen));
+        *seen = (*seen).max(c.secrets_prepared);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .map_err(|e| e.to_string())?;
@@ -150,10 +152,10 @@ impl Metrics {
 
 impl guestkey_rpc_metrics::Observer for Metrics {
     fn call(&self, path: &str, code: i32, seconds: f64) {
-        // Only methods of the host-agent API that the server knows are
-        // names; anything else (answered UNIMPLEMENTED) is `unknown`.
+        // Only methods of the host-agent API (read from the schema) are
+        // names; any other path is `unknown`.
         let method = match path.strip_prefix("/guestkey.agent.v1.HostAgent/") {
-            Some(m) if code != 12 => m.to_owned(),
+            Some(m) if self.methods.contains(path) => m.to_owned(),
             _ => "unknown".to_owned(),
         };
         self.calls

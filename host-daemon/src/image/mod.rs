@@ -123,6 +123,10 @@ pub trait Images: Send + Sync {
     fn create(&self, path: &str, format: Format, size: u64, key: &[u8]) -> Result<(), ImageError>;
     /// Whether `key` unlocks the image (a real read, not `qemu-img info`).
     fn opens_with(&self, path: &str, format: Format, key: &[u8]) -> Result<bool, ImageError>;
+    /// Gives an image that an earlier try of a creation made, and that
+    /// stopped before its end, what `create` gives a new image last: the
+    /// pool's owner and mode, and its data and its name on disk (synced).
+    fn settle(&self, path: &str) -> Result<(), ImageError>;
     /// Reads `path` as `format` (no probing): size, encryption, backing file.
     fn info(&self, path: &str, format: Format) -> Result<ImageInfo, ImageError>;
     /// The guest-visible size (no key needed).

@@ -187,6 +187,33 @@ pub(super) fn virtual_size_fd(f: &File, shown: &str) -> Result<u64, ImageError> 
         })
 }
 
+/// The last steps of a new image `name` (open as `f`, file `id`) in
+/// `dir`: QEMU (whichever user it runs as) opens it like the pool's other
+/// volumes, and its data and its name are on disk.
+fn settle_in(
+    dir: &SafeDir,
+    name: &str,
+    f: &File,
+    id: super::fs::FileId,
+    path: &str,
+) -> Result<(), ImageError> {
+    let (uid, gid) = dir.owner();
+    let mode = if dir.group_writable() { 0o660 } else { 0o600 };
+    set_owner(f, uid, gid, mode, path)?;
+    let t0 = std::time::Instant::now();
+    f.sync_all().map_err(|source| ImageError::Io {
+        what: "sync",
+        path: path.to_owned(),
+        source,
+    })?;
+    if !dir.is(name, id)? {
+        return Err(super::fs::FsError::Replaced(path.to_owned()).into());
+    }
+    dir.sync()?;
+    tracing::debug!(sync_ms = t0.elapsed().as_secs_f64() * 1e3, "image synced");
+    Ok(())
+}
+
 impl Images for QemuImages {
     fn create(&self, path: &str, format: Format, size: u64, key: &[u8]) -> Result<(), ImageError> {
         let (dir, name) = SafeDir::of_file(path)?;
@@ -197,29 +224,19 @@ impl Images for QemuImages {
         }
         let f = dir.create_new(&name, 0o600)?;
         let id = file_id(&f)?;
-        let made = create_in(&f, format, size, key, path).and_then(|()| {
-            // QEMU (whichever user it runs as) opens it like the pool's
-            // other volumes.
-            let (uid, gid) = dir.owner();
-            let mode = if dir.group_writable() { 0o660 } else { 0o600 };
-            set_owner(&f, uid, gid, mode, path)?;
-            let t0 = std::time::Instant::now();
-            f.sync_all().map_err(|source| ImageError::Io {
-                what: "sync",
-                path: path.to_owned(),
-                source,
-            })?;
-            if !dir.is(&name, id)? {
-                return Err(super::fs::FsError::Replaced(path.to_owned()).into());
-            }
-            dir.sync()?;
-            tracing::debug!(sync_ms = t0.elapsed().as_secs_f64() * 1e3, "image synced");
-            Ok(())
-        });
+        let made = create_in(&f, format, size, key, path)
+            .and_then(|()| settle_in(&dir, &name, &f, id, path));
         if made.is_err() && dir.is(&name, id).unwrap_or(false) {
             let _ = dir.remove(&name);
         }
         made
+    }
+
+    fn settle(&self, path: &str) -> Result<(), ImageError> {
+        let (dir, name) = SafeDir::of_file(path)?;
+        let f = dir.open_file(&name, false)?;
+        let id = file_id(&f)?;
+        settle_in(&dir, &name, &f, id, path)
     }
 
     fn opens_with(&self, path: &str, format: Format, key: &[u8]) -> Result<bool, ImageError> {

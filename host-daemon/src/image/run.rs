@@ -143,7 +143,7 @@ pub(super) fn run(program: &str, args: &[String], fds: &Fds<'_>) -> Result<Outpu
     let pid = spawn(&prog, &argv_p, &envp_p, &pairs).map_err(spawn_err)?;
     // The child has exec'd (vfork semantics): our copies can go.
     drop(mapped);
-    let (stdout, stderr) = read_both(out_r.as_fd(), err_r.as_fd());
+    let (stdout, stderr) = read_both(out_r.into(), err_r.into());
     let status = wait(pid).map_err(spawn_err)?;
     let (stdout, stderr) = (stdout.map_err(spawn_err)?, stderr.map_err(spawn_err)?);
     Ok(Output {
@@ -191,6 +191,19 @@ fn spawn(
             if r.is_ok() {
                 r = check(libc::posix_spawn_file_actions_adddup2(&mut fa, *fd, *to));
             }
+        }
+        // Whatever else is open (a descriptor some library opened without
+        // close-on-exec): not the child's.
+        let first_free = pairs
+            .iter()
+            .map(|(_, to)| *to + 1)
+            .max()
+            .unwrap_or(3)
+            .max(3);
+        if r.is_ok() {
+            r = check(libc::posix_spawn_file_actions_addclosefrom_np(
+                &mut fa, first_free,
+            ));
         }
         let mut none: libc::sigset_t = std::mem::zeroed();
         let mut pipe: libc::sigset_t = std::mem::zeroed();
@@ -243,49 +256,52 @@ fn wait(pid: libc::pid_t) -> std::io::Result<std::process::ExitStatus> {
 }
 
 /// Reads two pipes to their ends at once (a child writing much to one
-/// while we wait on the other would block).
-fn read_both(
-    a: std::os::fd::BorrowedFd<'_>,
-    b: std::os::fd::BorrowedFd<'_>,
-) -> (std::io::Result<Vec<u8>>, std::io::Result<Vec<u8>>) {
+/// while we wait on the other would block). A pipe that fails is closed
+/// at once, so that a child still writing to it gets EPIPE instead of
+/// blocking forever (and so the other pipe, and the wait for the child,
+/// come to an end).
+fn read_both(a: OwnedFd, b: OwnedFd) -> (std::io::Result<Vec<u8>>, std::io::Result<Vec<u8>>) {
     use rustix::event::{PollFd, PollFlags, poll};
-    let (mut out, mut open) = ([Vec::new(), Vec::new()], [true, true]);
+    let mut pipes: [Option<OwnedFd>; 2] = [Some(a), Some(b)];
+    let mut out = [Vec::new(), Vec::new()];
     let mut failed: [Option<std::io::Error>; 2] = [None, None];
     let mut buf = vec![0u8; 16 * 1024];
-    while open[0] || open[1] {
-        let fds = [a, b];
-        let live: Vec<usize> = (0..2).filter(|&i| open[i]).collect();
-        let mut polls: Vec<PollFd<'_>> = live
-            .iter()
-            .map(|&i| PollFd::new(&fds[i], PollFlags::IN))
-            .collect();
-        match poll(&mut polls, None) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => {
-                for &i in &live {
-                    failed[i] = Some(e.into());
-                    open[i] = false;
+    while pipes.iter().any(Option::is_some) {
+        let live: Vec<usize> = (0..2).filter(|&i| pipes[i].is_some()).collect();
+        let ready: Vec<usize> = {
+            let mut polls: Vec<PollFd<'_>> = live
+                .iter()
+                .filter_map(|&i| pipes[i].as_ref())
+                .map(|fd| PollFd::new(fd, PollFlags::IN))
+                .collect();
+            match poll(&mut polls, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    for &i in &live {
+                        failed[i] = Some(e.into());
+                        pipes[i] = None;
+                    }
+                    break;
                 }
-                break;
             }
-        }
-        let ready: Vec<(usize, bool)> = live
-            .iter()
-            .zip(&polls)
-            .map(|(&i, p)| (i, !p.revents().is_empty()))
-            .collect();
-        for (i, is_ready) in ready {
-            if !is_ready {
+            live.iter()
+                .zip(&polls)
+                .filter(|(_, p)| !p.revents().is_empty())
+                .map(|(&i, _)| i)
+                .collect()
+        };
+        for i in ready {
+            let Some(fd) = pipes[i].as_ref() else {
                 continue;
-            }
-            match rustix::io::read(fds[i], &mut buf[..]) {
-                Ok(0) => open[i] = false,
+            };
+            match rustix::io::read(fd, &mut buf[..]) {
+                Ok(0) => pipes[i] = None,
                 Ok(n) => out[i].extend_from_slice(&buf[..n]),
                 Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
                 Err(e) => {
                     failed[i] = Some(e.into());
-                    open[i] = false;
+                    pipes[i] = None;
                 }
             }
         }
@@ -333,23 +349,20 @@ mod tests {
 
     /// A child sees stdin `/dev/null`, its own output pipes and exactly the
     /// descriptors it was given (here a key pipe as 3): nothing else of
-    /// ours, even while other threads spawn children with other keys.
+    /// ours, even while other threads spawn children with other keys, and
+    /// not a descriptor left without close-on-exec.
     #[test]
     fn children_get_exactly_their_own_descriptors_while_others_spawn() {
         let script = "ls /proc/self/fd | tr '\\n' ' '; echo; readlink /proc/self/fd/0; \
                       cat /dev/fd/3; echo said >&2; exit 3";
-        // 0-2, the key as 3, ls's own listing (4), and whatever this test
-        // process itself was given to pass on (cargo's jobserver).
-        let mut want: std::collections::BTreeSet<i32> = (0..=4).collect();
-        for e in std::fs::read_dir("/proc/self/fd").unwrap() {
-            let n: i32 = e.unwrap().file_name().to_str().unwrap().parse().unwrap();
-            // SAFETY of the test: only asks for the flags of a number.
-            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(n) };
-            if n > 2 && rustix::io::fcntl_getfd(fd).is_ok_and(|f| f.is_empty()) {
-                want.insert(n);
-            }
-        }
+        // 0-2, the key as 3 and ls's own listing (4): nothing else, not
+        // even a descriptor of ours left open across exec (as a C library
+        // might leave one) nor what cargo gave this test process.
+        let leaked = rustix::io::dup(std::io::stdout().as_fd()).unwrap();
+        assert!(rustix::io::fcntl_getfd(&leaked).unwrap().is_empty());
+        let want: std::collections::BTreeSet<i32> = (0..=4).collect();
         let want = &want;
+        let _keep = &leaked;
         std::thread::scope(|scope| {
             for t in 0..8 {
                 scope.spawn(move || {

@@ -319,6 +319,11 @@ impl Images for FakeImages {
         );
         Ok(())
     }
+    fn settle(&self, path: &str) -> Result<(), ImageError> {
+        lock(&self.0)
+            .fails("settle", format!("settle {path}"))
+            .map_err(img_err)
+    }
     fn opens_with(&self, path: &str, _format: Format, key: &[u8]) -> Result<bool, ImageError> {
         let w = lock(&self.0);
         let i = w

@@ -77,6 +77,8 @@ impl Daemon {
         let path = dir.join(name).to_string_lossy().into_owned();
         match self.images.opens_with(&path, r.format, key) {
             Ok(true) => {
+                // It may have stopped before its owner, mode and syncs.
+                self.images.settle(&path)?;
                 tracing::info!(%path, "an image an earlier try made is taken as made");
                 return Ok((path, r.capacity));
             }

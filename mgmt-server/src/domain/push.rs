@@ -378,13 +378,15 @@ impl Core {
             }));
         };
         spawn(&mut running);
-        let (mut started, mut tried, mut failed) = (1, 0, None);
+        // `wanted`: rounds that took a full batch (so more may be due) and
+        // whose follower has not started yet, because DEPTH rounds ran
+        // when they said so: it starts as soon as one of them ends.
+        let (mut started, mut tried, mut failed, mut wanted) = (1, 0, None, 0usize);
         loop {
             tokio::select! {
                 Some(n) = released.recv() => {
-                    if n == BATCH as usize && running.len() < DEPTH && started < ROUNDS {
-                        spawn(&mut running);
-                        started += 1;
+                    if n == BATCH as usize {
+                        wanted += 1;
                     }
                 }
                 done = running.join_next() => match done {
@@ -399,6 +401,11 @@ impl Core {
                         failed.get_or_insert(CoreError::Internal(format!("a push round's task failed: {e}")));
                     }
                 },
+            }
+            while wanted > 0 && running.len() < DEPTH && started < ROUNDS {
+                spawn(&mut running);
+                started += 1;
+                wanted -= 1;
             }
         }
         match failed {
@@ -563,10 +570,7 @@ impl Core {
         &self,
         outcomes: &[(VolumeInfo, PushOutcome)],
     ) -> Result<(), CoreError> {
-        self.write(|tx| {
-            for (_, outcome) in outcomes {
-                self.counters.push(outcome.is_ok());
-            }
+        let recorded = self.write(|tx| {
             for (v, outcome) in outcomes {
                 // The volume may have changed while its push was under way
                 // (deleted, or shredded with its revoked host): the outcome
@@ -614,7 +618,14 @@ impl Core {
                 }
             }
             Ok(())
-        })
+        });
+        // Counted once recorded (a transaction that failed records nothing).
+        if recorded.is_ok() {
+            for (_, outcome) in outcomes {
+                self.counters.push(outcome.is_ok());
+            }
+        }
+        recorded
     }
 
     /// Queues again the operation a `failed` volume gave up.

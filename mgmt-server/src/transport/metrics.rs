@@ -10,9 +10,9 @@
 //! many passed their last attestation, when each enrolled host last
 //! reported; whether this replica leads; when the
 //! server certificate expires; where the master key is kept. Method labels
-//! come from the call's path only when the server knows the method (an
-//! unknown one is answered UNIMPLEMENTED and counted as `unknown`), so a
-//! client cannot grow the label set.
+//! come from the call's path only when it is a method of our APIs (the
+//! list read from the schema's descriptor set); any other path is
+//! `unknown`, so a client cannot grow the label set.
 //!
 //! [`Counters`] (`crate::metrics`) are what the domain counts as it works;
 //! [`Metrics`] adds what a scrape reads (hosts, leadership) and the RPC
@@ -66,6 +66,10 @@ pub struct Metrics {
     attested: Gauge<i64, AtomicI64>,
     leader: Gauge<i64, AtomicI64>,
     reported: Family<HostLabel, Gauge<i64, AtomicI64>>,
+    /// The call paths of our APIs: the only method names a label holds.
+    methods: std::collections::BTreeSet<String>,
+    /// One scrape at a time (a scrape clears and refills the host series).
+    scraping: std::sync::Mutex<()>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -94,7 +98,7 @@ impl Metrics {
         );
         registry.register(
             "key_releases",
-            "Key packets released, by host (each audited first)",
+            "Key packets released, by host (each audited first; counted when released, before its transaction commits)",
             counters.releases.clone(),
         );
         registry.register(
@@ -160,17 +164,21 @@ impl Metrics {
             attested,
             leader,
             reported,
+            methods: guestkey_proto::method_paths(),
+            scraping: std::sync::Mutex::new(()),
         }
     }
 
     /// Counts one answered call.
     fn call(&self, path: &str, code: i32, seconds: f64) {
         let (service, method) = split_path(path);
-        // tonic answers a method it does not know UNIMPLEMENTED: not a name.
-        let method = if code == 12 || service == "other" {
-            "unknown".to_owned()
-        } else {
+        // Only a method of our APIs is a name: any other path a client
+        // sends (answered UNIMPLEMENTED, or refused by the role before
+        // tonic sees it) is `unknown`, so no client can grow the labels.
+        let method = if self.methods.contains(path) {
             method.to_owned()
+        } else {
+            "unknown".to_owned()
         };
         self.calls
             .get_or_create(&CallLabels {
@@ -186,6 +194,7 @@ impl Metrics {
 
     /// Reads what a scrape shows now (hosts), then encodes everything.
     fn scrape(&self, core: &Core, leading: bool) -> Result<String, CoreError> {
+        let _one = self.scraping.lock().unwrap_or_else(|p| p.into_inner());
         let hosts = core.list_hosts()?;
         let now = crate::domain::now_unix();
         for &state in crate::model::HostState::ALL {
@@ -329,6 +338,8 @@ mod tests {
         for i in 0..50 {
             m.call(&format!("/guestkey.admin.v1.Admin/Made{i}"), 12, 0.0);
             m.call(&format!("/x{i}/y"), 12, 0.0);
+            // A verifier's role layer refuses before tonic: not 12.
+            m.call(&format!("/guestkey.admin.v1.Admin/Other{i}"), 9, 0.0);
         }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
@@ -344,7 +355,13 @@ mod tests {
         assert!(out.contains(
             r#"guestkey_rpc_requests_total{service="admin",method="unknown",code="UNIMPLEMENTED"} 50"#
         ));
-        assert!(!out.contains("Made"), "no label from an unknown name");
+        assert!(out.contains(
+            r#"guestkey_rpc_requests_total{service="admin",method="unknown",code="FAILED_PRECONDITION"} 50"#
+        ));
+        assert!(
+            !out.contains("Made") && !out.contains("Other"),
+            "no label from an unknown name"
+        );
         assert!(out.contains("guestkey_server_certificate_expiry_timestamp_seconds 1900000000"));
         assert!(out.contains(r#"guestkey_master_key_source{source="file"} 1"#));
         assert!(out.ends_with("# EOF\n"));

@@ -44,6 +44,11 @@ fn a_creation_stopped_before_the_registry_is_finished_by_its_repeat() {
         .unwrap();
     assert_eq!(path, "/pools/p/disk");
     assert_eq!(bed.w.lock().unwrap().count("create "), 1, "made once");
+    assert_eq!(
+        bed.w.lock().unwrap().count("settle /pools/p/disk"),
+        1,
+        "given its owner and synced"
+    );
     assert!(registry(&bed).contains(&v.to_string()));
     let list = std::fs::read_to_string(bed.dir.join("managed-secrets")).unwrap();
     assert_eq!(list, format!("{secret}\n"));
