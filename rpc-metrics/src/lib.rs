@@ -60,6 +60,49 @@ pub fn cert_expiry_unix(pem: &str) -> i64 {
         .unwrap_or(0)
 }
 
+/// A scrape: the text of `/metrics` (OpenMetrics), or why there is none.
+/// Run on a blocking thread (it may read a database or a store).
+pub type Scrape = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes: the
+/// text of `scrape`, or a 503 that says why there is none; any other path
+/// is a 404.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    scrape: Scrape,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::{StatusCode, header};
+    let handler = move || {
+        let scrape = scrape.clone();
+        async move {
+            let text = tokio::task::spawn_blocking(move || scrape())
+                .await
+                .map_err(|e| format!("the scrape failed: {e}"))
+                .and_then(|r| r);
+            match text {
+                Ok(t) => (
+                    StatusCode::OK,
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    t,
+                ),
+                Err(e) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                    format!("metrics unavailable: {e}\n"),
+                ),
+            }
+        }
+    };
+    let app = axum::Router::new().route("/metrics", axum::routing::get(handler));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 /// The layer (none: calls pass untouched).
 #[derive(Clone)]
 pub struct RpcLayer(pub Option<Arc<dyn Observer>>);

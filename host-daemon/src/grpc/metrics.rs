@@ -177,38 +177,14 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     daemon: Arc<Daemon>,
 ) -> Result<SocketAddr, String> {
-    use axum::http::{StatusCode, header};
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         format!("--metrics-listen: cannot listen on {listen}: {e} (pick another address)")
     })?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let handler = move || {
-        let (metrics, daemon) = (metrics.clone(), daemon.clone());
-        async move {
-            let text = tokio::task::spawn_blocking(move || metrics.scrape(&daemon))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r);
-            match text {
-                Ok(t) => (
-                    StatusCode::OK,
-                    [(
-                        header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    t,
-                ),
-                Err(e) => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-                    format!("metrics unavailable: {e}\n"),
-                ),
-            }
-        }
-    };
-    let app = axum::Router::new().route("/metrics", axum::routing::get(handler));
+    let scrape: guestkey_rpc_metrics::Scrape = Arc::new(move || metrics.scrape(&daemon));
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let forever = std::future::pending::<()>();
+        if let Err(e) = guestkey_rpc_metrics::serve_metrics(listener, scrape, forever).await {
             tracing::error!(error = %e, "the metrics listener failed");
         }
     });

@@ -131,17 +131,17 @@ impl Creations {
                 continue;
             }
             g.committing = true;
-            let group = std::mem::take(&mut g.queue);
+            let (tickets, entries): (Vec<u64>, Vec<VolumeEntry>) =
+                std::mem::take(&mut g.queue).into_iter().unzip();
             drop(g);
-            let entries: Vec<VolumeEntry> = group.iter().map(|(_, e)| e.clone()).collect();
             // A panic in `write` must not leave the others waiting forever.
             let outcome =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(&entries)))
                     .unwrap_or_else(|_| Err("the registry write panicked".to_owned()));
             g = self.state();
             g.committing = false;
-            for (t, _) in &group {
-                g.outcomes.insert(*t, outcome.clone());
+            for t in tickets {
+                g.outcomes.insert(t, outcome.clone());
             }
             self.changed.notify_all();
         }

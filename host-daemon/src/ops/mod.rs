@@ -338,7 +338,14 @@ impl Daemon {
     /// Rewrites the list of secret UUIDs of volumes under this host's care,
     /// which the hook reads when guestkeyd does not answer (no keys in it).
     pub fn write_managed_list(&self) -> Result<(), OpsError> {
-        let vols = self.store.volumes()?;
+        self.write_managed_list_of(&self.store.volumes()?)
+    }
+
+    /// [`Daemon::write_managed_list`] from the registry `vols` just written.
+    fn write_managed_list_of(
+        &self,
+        vols: &std::collections::BTreeMap<String, crate::model::VolumeEntry>,
+    ) -> Result<(), OpsError> {
         let text: String = vols
             .values()
             .map(|v| format!("{}\n", v.secret_uuid))

@@ -27,6 +27,9 @@ impl Daemon {
                 return Ok((v.path.clone(), size));
             }
         }
+        // A new image's key is opened only once its slot is free: a batch
+        // of hundreds waiting keeps no key in clear.
+        let slot = (!r.encrypt_existing).then(|| self.creations.slot());
         let packet = self.open_key(&r.key.sealed, r.volume, r.key.generation)?;
         let key = packet.secret.expose_secret();
         let t_key = t0.elapsed();
@@ -35,9 +38,9 @@ impl Daemon {
             let _guard = self.lock();
             self.encrypt_existing(&r, key)?
         } else {
-            let _slot = self.creations.slot();
             self.make_image(&r, key)?
         };
+        drop(slot);
         drop(packet);
         let t_image = t0.elapsed();
         let entry = VolumeEntry {
@@ -108,7 +111,7 @@ impl Daemon {
             vols.insert(v.volume_id.clone(), v.clone());
         }
         self.store.save_volumes(&vols)?;
-        self.write_managed_list()?;
+        self.write_managed_list_of(&vols)?;
         let pools: std::collections::BTreeSet<&str> =
             group.iter().map(|v| v.pool.as_str()).collect();
         for pool in pools {

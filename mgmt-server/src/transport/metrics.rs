@@ -268,7 +268,6 @@ pub async fn serve(
     leading: tokio::sync::watch::Receiver<Option<crate::domain::leader::Fence>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), CoreError> {
-    use axum::http::{StatusCode, header};
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         CoreError::Internal(format!(
             "metrics.listen: cannot listen on {listen}: {e} (pick another address)"
@@ -277,42 +276,15 @@ pub async fn serve(
     let local = listener
         .local_addr()
         .map_err(|e| CoreError::Internal(e.to_string()))?;
-    let handler = move || {
-        let (metrics, core, leading) = (metrics.clone(), core.clone(), leading.clone());
-        async move {
-            let is_leading = leading.borrow().is_some();
-            let text = tokio::task::spawn_blocking(move || metrics.scrape(&core, is_leading)).await;
-            match text {
-                Ok(Ok(t)) => (
-                    StatusCode::OK,
-                    [(
-                        header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    t,
-                ),
-                Ok(Err(e)) => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-                    format!("metrics unavailable: {e}\n"),
-                ),
-                Err(e) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-                    format!("metrics failed: {e}\n"),
-                ),
-            }
-        }
-    };
-    let app = axum::Router::new().route("/metrics", axum::routing::get(handler));
+    let scrape: guestkey_rpc_metrics::Scrape = Arc::new(move || {
+        let is_leading = leading.borrow().is_some();
+        metrics.scrape(&core, is_leading).map_err(|e| e.to_string())
+    });
     let task = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.changed().await;
         };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
+        if let Err(e) = guestkey_rpc_metrics::serve_metrics(listener, scrape, shutdown).await {
             tracing::error!(error = %e, "the metrics listener failed");
         }
     });
