@@ -325,7 +325,9 @@ pub(crate) fn read(xml: &str, el: &Element) -> Result<Disk, XmlError> {
     let within = "one <disk>";
     let src = single(el, "source", within)?;
     let target = single(el, "target", within)?;
-    single(el, "driver", within)?;
+    let driver = single(el, "driver", within)?;
+    let format = driver.and_then(|d| d.attr("type")).map(str::to_owned);
+    let readonly = single(el, "readonly", within)?.is_some();
     let own_enc = single(el, "encryption", within)?;
     let mirror_el = single(el, "mirror", within)?;
     let mut spans = Vec::new();
@@ -383,6 +385,8 @@ pub(crate) fn read(xml: &str, el: &Element) -> Result<Disk, XmlError> {
         kind: kind.to_owned(),
         target: dev.to_owned(),
         source,
+        format,
+        readonly,
         encryption: enc,
         layers,
         line,

@@ -113,6 +113,10 @@ pub struct Disk {
     pub target: String,
     /// Source.
     pub source: DiskSource,
+    /// `<driver type>` (`qcow2`, `raw`...), if given.
+    pub format: Option<String>,
+    /// Whether it has `<readonly/>`.
+    pub readonly: bool,
     /// The disk's `<encryption>`, written in `<disk>` or in its `<source>`.
     pub encryption: Option<Encryption>,
     /// Its backing chain, top first, then its `<mirror>` if it has one.

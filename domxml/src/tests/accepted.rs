@@ -161,3 +161,16 @@ const RICH: &[&str] = &[
     "sda cdrom file no source",
     "fda floppy file no source",
 ];
+
+#[test]
+fn a_disks_driver_type_and_readonly_flag_are_read() {
+    let xml = "<domain type='kvm'><name>t</name><devices>
+      <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/p/a'/><target dev='vda'/></disk>
+      <disk type='file' device='disk'><source file='/p/b'/><target dev='vdb'/><readonly/></disk>
+    </devices></domain>";
+    let d = parse(xml).unwrap();
+    assert_eq!(d.disks[0].format.as_deref(), Some("qcow2"));
+    assert!(!d.disks[0].readonly);
+    assert_eq!(d.disks[1].format, None);
+    assert!(d.disks[1].readonly);
+}

@@ -293,6 +293,16 @@ impl HostAgent for AgentService {
         }))
     }
 
+    async fn describe_domain(
+        &self,
+        req: Request<apb::DescribeDomainRequest>,
+    ) -> R<apb::DomainDescription> {
+        self.check(&req)?;
+        let name = req.into_inner().domain;
+        let d = self.blocking(move |d| d.describe_domain(&name)).await?;
+        Ok(Response::new(pb::domain_description(d)))
+    }
+
     async fn get_inventory(&self, req: Request<apb::InventoryRequest>) -> R<apb::InventoryResult> {
         self.check(&req)?;
         let held = self.blocking(|d| d.inventory()).await?;

@@ -214,6 +214,44 @@ pub(super) fn held(k: HeldKey) -> pb::HeldKeyInfo {
     }
 }
 
+/// A described domain, as the host-agent API sends it (no key in it: see
+/// `DomainDescription` in agent.proto).
+pub(super) fn domain_description(d: crate::ops::DomainDescription) -> pb::DomainDescription {
+    use crate::ops::ImagePlace;
+    pb::DomainDescription {
+        guest_uuid: d.uuid,
+        state: d.state.as_str().to_owned(),
+        domain_xml: d.xml,
+        security_info_withheld: d.security_info_withheld,
+        disks: d
+            .disks
+            .into_iter()
+            .map(|p| {
+                let (lookup, pool, volume) = match p.place {
+                    ImagePlace::InPool { pool, volume } => (pb::DiskLookup::InPool, pool, volume),
+                    ImagePlace::NotInPool => {
+                        (pb::DiskLookup::NotInPool, String::new(), String::new())
+                    }
+                    ImagePlace::Missing => (pb::DiskLookup::Missing, String::new(), String::new()),
+                    ImagePlace::OtherFormat => {
+                        (pb::DiskLookup::OtherFormat, String::new(), String::new())
+                    }
+                };
+                pb::DiskPlace {
+                    target: p.target,
+                    lookup: lookup as i32,
+                    path: p.path,
+                    pool,
+                    volume,
+                    encrypted: p.info.is_some_and(|i| i.encrypted),
+                    backing: p.info.is_some_and(|i| i.backing),
+                    capacity_bytes: p.info.map_or(0, |i| i.virtual_size),
+                }
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -93,6 +93,23 @@ pub struct DiskSource<'a> {
     pub volume: &'a str,
 }
 
+/// A domain's persistent definition, as `guest adopt` reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Definition {
+    /// Its UUID.
+    pub uuid: String,
+    /// Its state now.
+    pub state: DomainState,
+    /// Whether it has a persistent definition (false: transient).
+    pub persistent: bool,
+    /// The persistent definition without security information (the live
+    /// one for a transient domain).
+    pub xml: String,
+    /// libvirt's definition with security information differs (a graphics
+    /// or console password, which `xml` lacks).
+    pub security_info_withheld: bool,
+}
+
 /// What the daemon needs from the hypervisor.
 pub trait Hypervisor: Send + Sync {
     /// The target directory of a directory pool (dir, fs, netfs).
@@ -116,6 +133,12 @@ pub trait Hypervisor: Send + Sync {
     fn domain_state(&self, uuid: &str) -> Result<Option<DomainState>, HvError>;
     /// Whether libvirt marks the domain to start at boot (None: not defined).
     fn domain_autostart(&self, uuid: &str) -> Result<Option<bool>, HvError>;
+    /// The definition of the domain named `name_or_uuid` (None: not
+    /// defined).
+    fn definition(&self, name_or_uuid: &str) -> Result<Option<Definition>, HvError>;
+    /// The pool and volume name of the image at `path`, if an active pool
+    /// holds it.
+    fn volume_of_path(&self, path: &str) -> Result<Option<(String, String)>, HvError>;
     /// Whether libvirt answers at all.
     fn ping(&self) -> bool;
     /// Replaces `from` by `to` in the persistent definition of `uuid` if it

@@ -7,7 +7,7 @@ use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 
 use super::xml::{copy_disk_xml, escape, target_of};
-use super::{CopyTarget, DiskSource, HvError, Hypervisor};
+use super::{CopyTarget, Definition, DiskSource, HvError, Hypervisor};
 use crate::model::{DomainState, is_copy_of};
 
 /// The real libvirt.
@@ -238,6 +238,75 @@ impl Hypervisor for Libvirt {
 
     fn ping(&self) -> bool {
         self.conn().is_ok()
+    }
+
+    fn definition(&self, name_or_uuid: &str) -> Result<Option<Definition>, HvError> {
+        let conn = self.conn()?;
+        let found = if uuid::Uuid::try_parse(name_or_uuid).is_ok() {
+            self.domain(&conn, name_or_uuid)?
+        } else {
+            match conn.lookup_domain_by_name(name_or_uuid) {
+                Ok(d) => Some(d),
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain)
+                    ) =>
+                {
+                    None
+                }
+                Err(e) => return Err(call(format!("domain {name_or_uuid}"))(e)),
+            }
+        };
+        let Some(d) = found else { return Ok(None) };
+        let what = format!("domain {name_or_uuid}");
+        let uuid = d.uuid_string().map_err(call(&what))?;
+        let persistent = d.is_persistent().map_err(call(&what))?;
+        let inactive = if persistent {
+            virt::sys::VIR_DOMAIN_XML_INACTIVE
+        } else {
+            0
+        };
+        // Never sent anywhere: only compared, to tell whether `xml` lacks
+        // something libvirt keeps secret.
+        let secure = zeroize::Zeroizing::new(
+            d.xml_desc(inactive | virt::sys::VIR_DOMAIN_XML_SECURE)
+                .map_err(call(format!("definition of {what}")))?,
+        );
+        let xml = d
+            .xml_desc(inactive)
+            .map_err(call(format!("definition of {what}")))?;
+        let (state, _) = d.state().map_err(call(format!("state of {what}")))?;
+        Ok(Some(Definition {
+            uuid,
+            state: state_of(state),
+            persistent,
+            security_info_withheld: *secure != xml,
+            xml,
+        }))
+    }
+
+    fn volume_of_path(&self, path: &str) -> Result<Option<(String, String)>, HvError> {
+        let conn = self.conn()?;
+        let look = || -> Option<(String, String)> {
+            let v = conn.lookup_storage_vol_by_path(path).ok()?;
+            let pool = v.lookup_storage_pool().ok()?;
+            Some((pool.name().ok()?, v.name().ok()?))
+        };
+        if let Some(found) = look() {
+            return Ok(Some(found));
+        }
+        // A file made by another program since libvirt last looked: refresh
+        // the active pools once and look again.
+        let pools = conn
+            .list_all_storage_pools(virt::sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+            .map_err(call("list of storage pools"))?;
+        for p in pools {
+            if let Err(e) = p.refresh(0) {
+                tracing::debug!(error = %e.message(), "pool refresh failed; using libvirt's last view");
+            }
+        }
+        Ok(look())
     }
 
     fn copy_running_disk(

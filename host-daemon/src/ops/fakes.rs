@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::image::{ImageError, ImageInfo, Images};
-use crate::libvirt::{CopyTarget, DiskSource, HvError, Hypervisor};
+use crate::libvirt::{CopyTarget, Definition, DiskSource, HvError, Hypervisor};
 use crate::model::{DomainState, Format, copy_path};
 
 /// An image: which passphrases open it, and a token for its data key.
@@ -177,6 +177,34 @@ impl Hypervisor for FakeHv {
     }
     fn ping(&self) -> bool {
         true
+    }
+    fn definition(&self, name_or_uuid: &str) -> Result<Option<Definition>, HvError> {
+        let w = lock(&self.0);
+        let found = w.domains.iter().find(|(u, d)| {
+            u.as_str() == name_or_uuid
+                || guestkey_domxml::identity(&d.xml).is_ok_and(|i| i.name == name_or_uuid)
+        });
+        Ok(found.map(|(u, d)| Definition {
+            uuid: u.clone(),
+            state: d.state,
+            persistent: true,
+            xml: d.xml.clone(),
+            security_info_withheld: d.xml.contains("passwd="),
+        }))
+    }
+    fn volume_of_path(&self, path: &str) -> Result<Option<(String, String)>, HvError> {
+        let w = lock(&self.0);
+        if !w.images.contains_key(path) {
+            return Ok(None);
+        }
+        let p = std::path::Path::new(path);
+        Ok(w.pools
+            .iter()
+            .find(|(_, dir)| p.parent() == Some(dir.as_path()))
+            .and_then(|(pool, _)| {
+                let name = p.file_name()?.to_str()?;
+                Some((pool.clone(), name.to_owned()))
+            }))
     }
     fn fix_definition(&self, uuid: &str, from: &str, to: &str) -> Result<(), HvError> {
         let mut w = lock(&self.0);

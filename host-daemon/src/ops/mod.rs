@@ -16,6 +16,7 @@
 //! [`crate::progress`]. Imported by: [`crate::grpc`], [`crate::hook`], the
 //! binary.
 
+mod adopt;
 mod commit;
 mod guests;
 mod hook;
@@ -24,6 +25,7 @@ mod rekey;
 pub mod requests;
 mod volumes;
 
+pub use adopt::{DiskPlace, DomainDescription, ImagePlace};
 pub use volumes::{Online, copy_online};
 
 #[cfg(test)]

@@ -213,6 +213,54 @@ pub struct Inventory {
     pub host_uuid: String,
 }
 
+/// Where a disk's image is on its host, as `guest adopt` reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImagePlace {
+    /// Volume `volume` of the host's active libvirt pool `pool`.
+    InPool {
+        /// The pool.
+        pool: String,
+        /// The volume's name.
+        volume: String,
+    },
+    /// The image exists; no active libvirt pool holds it.
+    NotInPool,
+    /// Nothing at the disk's source.
+    Missing,
+    /// The disk's `<driver type>` is neither qcow2 nor raw.
+    OtherFormat,
+}
+
+/// One disk of a domain a host described.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskPlace {
+    /// `<target dev>`.
+    pub target: String,
+    /// The image's path on the host.
+    pub path: String,
+    /// Where it is.
+    pub place: ImagePlace,
+    /// The image says it is encrypted.
+    pub encrypted: bool,
+    /// The image has a backing file.
+    pub backing: bool,
+}
+
+/// A domain a host's libvirt has (`guest adopt`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainDescription {
+    /// Its UUID.
+    pub uuid: String,
+    /// Its state, as libvirt names it.
+    pub state: String,
+    /// Its persistent definition, without security information.
+    pub xml: String,
+    /// libvirt keeps a graphics or console password in it that `xml` lacks.
+    pub security_info_withheld: bool,
+    /// Its disks with an image source.
+    pub disks: Vec<DiskPlace>,
+}
+
 /// How a call to a host went wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentErrorKind {
@@ -325,6 +373,13 @@ pub trait AgentClient: Send + Sync {
         host: &'a EnrolledHost,
         req: MigrateGuest,
     ) -> BoxFuture<'a, AgentResult<Option<GuestState>>>;
+    /// The domain `name_or_uuid` of the host's libvirt and where its
+    /// disks' images are (changes nothing).
+    fn describe_domain<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        name_or_uuid: &'a str,
+    ) -> BoxFuture<'a, AgentResult<DomainDescription>>;
     /// What the host holds.
     fn inventory<'a>(&'a self, host: &'a EnrolledHost) -> BoxFuture<'a, AgentResult<Inventory>>;
     /// A TPM quote for an attestation challenge (changes nothing).

@@ -16,8 +16,8 @@ use xdr_wipe::seal::HostSealingKey;
 
 use crate::domain::agent::{
     AgentClient, AgentError, AgentErrorKind, AgentResult, BoxFuture, CreateVolume, DecryptVolume,
-    DefineGuest, DeleteVolume, GuestCall, Inventory, MigrateGuest, PrepareMigration, Rekey,
-    SealedKey, VolumeOnHost,
+    DefineGuest, DeleteVolume, DomainDescription, GuestCall, Inventory, MigrateGuest,
+    PrepareMigration, Rekey, SealedKey, VolumeOnHost,
 };
 use crate::model::{EnrolledHost, GuestState};
 
@@ -78,6 +78,8 @@ struct FakeHost {
     /// Keys held (volume, generation), of guests and prepared migrations.
     keys: BTreeSet<(String, u64)>,
     calls: Vec<Call>,
+    /// Domains its libvirt has, as `describe_domain` answers.
+    domains: Vec<DomainDescription>,
 }
 
 /// Fake hosts by name.
@@ -98,6 +100,14 @@ impl FakeAgents {
     /// A host that opens packets with `sealing`.
     pub(crate) fn add_host(&self, name: &str, sealing: HostSealingKey) {
         self.lock().entry(name.to_owned()).or_default().sealing = Some(sealing);
+    }
+
+    /// A domain in the host's libvirt, for `describe_domain`.
+    pub(crate) fn set_domain(&self, host: &str, d: DomainDescription) {
+        let mut hosts = self.lock();
+        let h = hosts.entry(host.to_owned()).or_default();
+        h.domains.retain(|o| o.uuid != d.uuid);
+        h.domains.push(d);
     }
 
     /// Takes a host off the network, or back.
@@ -431,6 +441,28 @@ impl AgentClient for FakeAgents {
             dest.guests.insert(r.guest_uuid.clone(), state);
             h.keys.clear();
             Ok(Some(state))
+        }))
+    }
+
+    fn describe_domain<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        name_or_uuid: &'a str,
+    ) -> BoxFuture<'a, AgentResult<DomainDescription>> {
+        ready(self.on(host, "describe_domain", |h, _| {
+            h.domains
+                .iter()
+                .find(|d| {
+                    d.uuid == name_or_uuid
+                        || crate::domxml::parse(&d.xml).is_ok_and(|x| x.name == name_or_uuid)
+                })
+                .cloned()
+                .ok_or_else(|| {
+                    AgentError::new(
+                        AgentErrorKind::Refused,
+                        format!("no domain named or with UUID {name_or_uuid:?} is defined in this host's libvirt"),
+                    )
+                })
         }))
     }
 

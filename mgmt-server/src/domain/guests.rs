@@ -76,7 +76,7 @@ fn refuse_shared_volumes(
 }
 
 /// The managed volume a disk names, checked for use on `host`.
-fn managed_volume(
+pub(crate) fn managed_volume(
     tx: &mut dyn Tx,
     disk: &domxml::Disk,
     host: &Name,

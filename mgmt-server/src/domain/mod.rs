@@ -22,6 +22,7 @@
 //! tonic, prost or rusqlite. Imported by `transport`, `scheduler`, `init`
 //! and the programs.
 
+pub mod adopt;
 pub mod agent;
 pub mod allowlist;
 pub mod approvals;

@@ -445,6 +445,26 @@ impl Admin for AdminService {
         Ok(Response::new(guest(g)))
     }
 
+    async fn adopt_guest(&self, req: Request<pb::AdoptGuestRequest>) -> R<pb::Adoption> {
+        let who = self.admin(&req, |_, who| Ok(who)).await?;
+        let r = req.into_inner();
+        let a = self
+            .0
+            .adopt_guest(who, r.host, r.domain, r.skip)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::Adoption {
+            guest: Some(guest(a.guest)),
+            encrypted: a.encrypted,
+            already_managed: a.already_managed,
+            left: a
+                .left
+                .into_iter()
+                .map(|(target, reason)| pb::LeftDisk { target, reason })
+                .collect(),
+        }))
+    }
+
     async fn list_guests(&self, req: Request<pb::ListGuestsRequest>) -> R<pb::ListGuestsResponse> {
         let host = req.get_ref().host.clone();
         let guests = self

@@ -24,8 +24,8 @@ use guestkey_protect::tpm::PcrValue;
 
 use crate::domain::agent::{
     AgentClient, AgentError, AgentErrorKind, AgentResult, AttestChallenge, BoxFuture, CreateVolume,
-    DecryptVolume, DefineGuest, DeleteVolume, GuestCall, HeldKeyInfo, Inventory, MigrateGuest,
-    PrepareMigration, QuoteAnswer, Rekey, VolumeOnHost,
+    DecryptVolume, DefineGuest, DeleteVolume, DiskPlace, DomainDescription, GuestCall, HeldKeyInfo,
+    ImagePlace, Inventory, MigrateGuest, PrepareMigration, QuoteAnswer, Rekey, VolumeOnHost,
 };
 use crate::model::{EnrolledHost, GuestState};
 use crate::transport::pb::{agent_error, format, rekey_kind, sealed_key};
@@ -238,6 +238,39 @@ fn state(r: agent::GuestResult) -> Option<GuestState> {
         tracing::warn!(state = %r.state, guest = %r.guest_uuid, "a host reported a guest state this server does not know");
     }
     s
+}
+
+fn domain_description(r: agent::DomainDescription) -> DomainDescription {
+    DomainDescription {
+        uuid: r.guest_uuid,
+        state: r.state,
+        xml: r.domain_xml,
+        security_info_withheld: r.security_info_withheld,
+        disks: r
+            .disks
+            .into_iter()
+            .map(|d| {
+                let place = match agent::DiskLookup::try_from(d.lookup) {
+                    Ok(agent::DiskLookup::InPool) => ImagePlace::InPool {
+                        pool: d.pool,
+                        volume: d.volume,
+                    },
+                    Ok(agent::DiskLookup::NotInPool) => ImagePlace::NotInPool,
+                    Ok(agent::DiskLookup::OtherFormat) => ImagePlace::OtherFormat,
+                    // A lookup this server does not know: nothing to
+                    // encrypt there.
+                    _ => ImagePlace::Missing,
+                };
+                DiskPlace {
+                    target: d.target,
+                    path: d.path,
+                    place,
+                    encrypted: d.encrypted,
+                    backing: d.backing,
+                }
+            })
+            .collect(),
+    }
 }
 
 impl AgentClient for GrpcAgents {
@@ -476,6 +509,23 @@ impl AgentClient for GrpcAgents {
             )
             .await
             .map(state)
+        })
+    }
+
+    fn describe_domain<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        name_or_uuid: &'a str,
+    ) -> BoxFuture<'a, AgentResult<DomainDescription>> {
+        Box::pin(async move {
+            let domain = name_or_uuid.to_owned();
+            let r = self
+                .call(host, false, |mut c| async move {
+                    c.describe_domain(agent::DescribeDomainRequest { domain })
+                        .await
+                })
+                .await?;
+            Ok(domain_description(r))
         })
     }
 

@@ -1,4 +1,5 @@
-//! `guestkeyctl guest ...`: define guests from libvirt domain XML, list,
+//! `guestkeyctl guest ...`: define guests from libvirt domain XML, adopt
+//! the ones a host's libvirt has already, list,
 //! show, start, stop, migrate and undefine them. Imports `connect` and
 //! `output`.
 
@@ -25,6 +26,24 @@ pub(crate) enum GuestCmd {
         /// The domain XML file (at most 1 MiB).
         #[arg(long, value_name = "FILE")]
         xml: PathBuf,
+    },
+    /// Bring a guest that already exists in a host's libvirt (made by
+    /// virt-manager, virt-install or `virsh define`) under guestkey. Every
+    /// disk is checked first: a refusal names the disk and what to do, and
+    /// changes nothing. Then its cleartext disks are encrypted (online if
+    /// it runs) and it is defined through guestkey from the host's own
+    /// definition, with the <encryption> elements, so that it starts from
+    /// virsh and virt-manager like any managed guest. Read-only disks and
+    /// CD-ROMs stay as they are.
+    Adopt {
+        /// Host whose libvirt has the guest.
+        #[arg(long)]
+        host: String,
+        /// The domain's name or UUID, as `virsh list --all` shows it.
+        domain: String,
+        /// Leave this disk (its target dev, e.g. vdb) cleartext; repeatable.
+        #[arg(long, value_name = "TARGET")]
+        skip: Vec<String>,
     },
     /// List guests.
     List {
@@ -87,6 +106,48 @@ pub(crate) async fn run(cmd: GuestCmd, ctx: &Ctx) -> Result<(), Failure> {
                 .await?
                 .define_guest(pb::DefineGuestRequest { host, domain_xml })
                 .await
+        }
+        GuestCmd::Adopt { host, domain, skip } => {
+            // Encrypting a disk online takes as long as copying it.
+            let mut c = ctx
+                .connect_with_timeout(Duration::from_secs(6 * 3600))
+                .await?;
+            if !ctx.json {
+                eprintln!("adopting {domain} on host {host}...");
+            }
+            let a = c
+                .adopt_guest(pb::AdoptGuestRequest { host, domain, skip })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let g = a.guest.clone().unwrap_or_default();
+            let left: Vec<String> = a
+                .left
+                .iter()
+                .map(|l| format!("{} ({})", l.target, l.reason))
+                .collect();
+            let list = |v: &[String]| {
+                if v.is_empty() {
+                    "none".to_owned()
+                } else {
+                    v.join(", ")
+                }
+            };
+            let text = format!(
+                "{}\nencrypted now:   {}\nalready managed: {}\nleft cleartext:  {}",
+                output::guest_text(&g),
+                list(&a.encrypted),
+                list(&a.already_managed),
+                list(&left)
+            );
+            let json = serde_json::json!({
+                "guest": output::guest_json(&g),
+                "encrypted": a.encrypted,
+                "already_managed": a.already_managed,
+                "left": a.left.iter().map(|l| serde_json::json!({"target": l.target, "reason": l.reason})).collect::<Vec<_>>(),
+            });
+            output::emit(ctx.json, json, text);
+            return Ok(());
         }
         GuestCmd::List { host } => {
             let guests = ctx

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod adopt;
 mod bounds;
 mod checkpoints;
 mod gates;
