@@ -23,6 +23,14 @@ fn call(what: impl std::fmt::Display) -> impl FnOnce(virt::error::Error) -> HvEr
     }
 }
 
+/// libvirt's "no such domain".
+fn no_domain(e: &virt::error::Error) -> bool {
+    matches!(
+        e.code(),
+        virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain)
+    )
+}
+
 fn state_of(s: virt::enumutil::Enum<virt::domain::DomainState, u32>) -> DomainState {
     use virt::domain::DomainState as S;
     let virt::enumutil::Enum::Known(s) = s else {
@@ -109,14 +117,7 @@ impl Libvirt {
     fn domain(&self, conn: &Connect, uuid: &str) -> Result<Option<Domain>, HvError> {
         match conn.lookup_domain_by_uuid_string(uuid) {
             Ok(d) => Ok(Some(d)),
-            Err(e)
-                if matches!(
-                    e.code(),
-                    virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain)
-                ) =>
-            {
-                Ok(None)
-            }
+            Err(e) if no_domain(&e) => Ok(None),
             Err(e) => Err(call(format!("domain {uuid}"))(e)),
         }
     }
@@ -247,14 +248,7 @@ impl Hypervisor for Libvirt {
         } else {
             match conn.lookup_domain_by_name(name_or_uuid) {
                 Ok(d) => Some(d),
-                Err(e)
-                    if matches!(
-                        e.code(),
-                        virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain)
-                    ) =>
-                {
-                    None
-                }
+                Err(e) if no_domain(&e) => None,
                 Err(e) => return Err(call(format!("domain {name_or_uuid}"))(e)),
             }
         };

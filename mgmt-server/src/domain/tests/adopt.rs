@@ -69,7 +69,12 @@ async fn refused(b: &Bed, xml: String, places: Vec<DiskPlace>, skip: &[&str]) ->
 
 /// Disks of the definition, what the host says of them, --skip, and what
 /// the refusal must say.
-type Case = (Vec<String>, Vec<DiskPlace>, &'static [&'static str], &'static str);
+type Case = (
+    Vec<String>,
+    Vec<DiskPlace>,
+    &'static [&'static str],
+    &'static str,
+);
 
 #[tokio::test]
 async fn disks_adoption_cannot_take_are_refused_and_nothing_changes() {
