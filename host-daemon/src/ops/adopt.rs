@@ -36,7 +36,7 @@ pub struct DiskPlace {
     pub path: String,
     /// Where it is.
     pub place: ImagePlace,
-    /// What the image says of itself, when it was looked into.
+    /// What the image says of itself (images in a pool only).
     pub info: Option<ImageInfo>,
 }
 
@@ -123,8 +123,11 @@ impl Daemon {
                     None => ImagePlace::NotInPool,
                 }
             };
+            // Only images of pools are looked into: a path outside them is
+            // refused by the server anyway, and may be in a directory that
+            // someone other than root can write.
             let info = match (&place, format) {
-                (ImagePlace::InPool { .. } | ImagePlace::NotInPool, Some(f)) => {
+                (ImagePlace::InPool { .. }, Some(f)) => {
                     Some(self.images.info(&path, f).map_err(|e| {
                         OpsError::Precondition(format!("disk {} ({path}): {e}", d.target))
                     })?)
