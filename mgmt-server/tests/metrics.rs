@@ -138,6 +138,40 @@ fn metrics_count_calls_releases_pushes_and_hosts_and_name_no_volume() {
     // Any other path: not found, nothing else served.
     assert!(get(&addr, "/").0.contains("404"));
     assert!(get(&addr, "/metrics/x").0.contains("404"));
+
+    // Rekeys overdue: none so far; then a policy the scheduler cannot
+    // honour (the volume's host is revoked) makes the volume overdue.
+    assert_eq!(sample(&body, "guestkey_rekeys_overdue"), Some(0.0));
+    assert_eq!(
+        sample(&body, "guestkey_rekey_overdue_since_timestamp_seconds"),
+        Some(0.0)
+    );
+    s.ok(&["host", "revoke", "kvm-m"]);
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    s.ok(&[
+        "policy",
+        "set",
+        "--volume",
+        "metered",
+        "--max-key-age",
+        "2s",
+        "--mode",
+        "shallow",
+    ]);
+    s.wait_for(20, "the volume's rekey overdue", || {
+        body = get(&addr, "/metrics").1;
+        sample(&body, "guestkey_rekeys_overdue") == Some(1.0)
+    });
+    let since = sample(&body, "guestkey_rekey_overdue_since_timestamp_seconds").unwrap();
+    assert!(since > 1.7e9 && since <= before + 3.0, "{since} {before}");
+    assert_eq!(
+        sample(&body, r#"guestkey_volumes{state="rekeying"}"#),
+        Some(0.0),
+        "{body}"
+    );
 }
 
 #[test]

@@ -26,12 +26,20 @@ const ALLOWED_STRINGS: &[&str] = &[
 /// String fields of one message that a response may have, each for its
 /// reason: a domain's persistent definition read without libvirt's
 /// security information (secrets appear in it by UUID only), and the
-/// libvirt names of a disk and its storage.
+/// libvirt names of a disk and its storage; a storage pool's type and its
+/// volumes' libvirt names and formats, why qemu-img could not read one (its
+/// own words on the image's header: it never sees a key), and the names of
+/// the domains using each.
 const ALLOWED_MESSAGE_STRINGS: &[(&str, &str)] = &[
     (".guestkey.agent.v1.DomainDescription", "domain_xml"),
     (".guestkey.agent.v1.DiskPlace", "target"),
     (".guestkey.agent.v1.DiskPlace", "pool"),
     (".guestkey.agent.v1.DiskPlace", "volume"),
+    (".guestkey.agent.v1.PoolDescription", "kind"),
+    (".guestkey.agent.v1.PoolVolume", "name"),
+    (".guestkey.agent.v1.PoolVolume", "format"),
+    (".guestkey.agent.v1.PoolVolume", "unreadable"),
+    (".guestkey.agent.v1.VolumeUser", "domain"),
 ];
 
 /// Bytes fields a response may have, each for its reason: what a TPM

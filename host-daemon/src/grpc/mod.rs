@@ -303,6 +303,16 @@ impl HostAgent for AgentService {
         Ok(Response::new(pb::domain_description(d)))
     }
 
+    async fn describe_pool(
+        &self,
+        req: Request<apb::DescribePoolRequest>,
+    ) -> R<apb::PoolDescription> {
+        self.check(&req)?;
+        let pool = req.into_inner().pool;
+        let d = self.blocking(move |d| d.describe_pool(&pool)).await?;
+        Ok(Response::new(pb::pool_description(d)))
+    }
+
     async fn get_inventory(&self, req: Request<apb::InventoryRequest>) -> R<apb::InventoryResult> {
         self.check(&req)?;
         let held = self.blocking(|d| d.inventory()).await?;

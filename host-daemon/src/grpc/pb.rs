@@ -252,6 +252,42 @@ pub(super) fn domain_description(d: crate::ops::DomainDescription) -> pb::Domain
     }
 }
 
+pub(super) fn pool_description(d: crate::ops::PoolDescription) -> pb::PoolDescription {
+    pb::PoolDescription {
+        kind: d.kind,
+        path: d.path,
+        volumes: d
+            .volumes
+            .into_iter()
+            .map(|v| {
+                let (info, unreadable) = match v.info {
+                    Some(Ok(i)) => (Some(i), String::new()),
+                    Some(Err(why)) => (None, why),
+                    None => (None, String::new()),
+                };
+                pb::PoolVolume {
+                    name: v.name,
+                    path: v.path,
+                    format: v.format,
+                    inspected: info.is_some(),
+                    encrypted: info.is_some_and(|i| i.encrypted),
+                    backing: info.is_some_and(|i| i.backing),
+                    capacity_bytes: info.map_or(0, |i| i.virtual_size),
+                    unreadable,
+                    used_by: v
+                        .used_by
+                        .into_iter()
+                        .map(|u| pb::VolumeUser {
+                            domain: u.domain,
+                            running: u.running,
+                        })
+                        .collect(),
+                }
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@
 
 pub mod blockjob;
 pub mod events;
+mod pools;
 mod real;
 mod xml;
 
@@ -110,6 +111,31 @@ pub struct Definition {
     pub security_info_withheld: bool,
 }
 
+/// A volume of a storage pool, as libvirt lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolVolume {
+    /// Its name in the pool.
+    pub name: String,
+    /// Its path.
+    pub path: String,
+    /// The format libvirt found (`<target><format type>`: "qcow2", "raw",
+    /// "iso"...; empty when it names none).
+    pub format: String,
+}
+
+/// A storage pool and its volumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolListing {
+    /// The pool's type ("dir", "fs", "logical"...).
+    pub kind: String,
+    /// Its target path (empty when it has none).
+    pub path: String,
+    /// Whether it is active (an inactive pool lists no volumes).
+    pub active: bool,
+    /// Its volumes, by name.
+    pub volumes: Vec<PoolVolume>,
+}
+
 /// What the daemon needs from the hypervisor.
 pub trait Hypervisor: Send + Sync {
     /// The target directory of a directory pool (dir, fs, netfs).
@@ -139,6 +165,12 @@ pub trait Hypervisor: Send + Sync {
     /// The pool and volume name of the image at `path`, if an active pool
     /// holds it.
     fn volume_of_path(&self, path: &str) -> Result<Option<(String, String)>, HvError>;
+    /// Pool `pool` and its volumes, after a refresh (None: no such pool).
+    fn pool_volumes(&self, pool: &str) -> Result<Option<PoolListing>, HvError>;
+    /// Every defined or running domain: its name, whether it runs, and its
+    /// definition without security information (the live one while it
+    /// runs).
+    fn domain_definitions(&self) -> Result<Vec<(String, bool, String)>, HvError>;
     /// Whether libvirt answers at all.
     fn ping(&self) -> bool;
     /// Replaces `from` by `to` in the persistent definition of `uuid` if it

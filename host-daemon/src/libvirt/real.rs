@@ -6,8 +6,9 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 
+use super::pools::{pool_path, pool_type};
 use super::xml::{copy_disk_xml, escape, target_of};
-use super::{CopyTarget, Definition, DiskSource, HvError, Hypervisor};
+use super::{CopyTarget, Definition, DiskSource, HvError, Hypervisor, PoolListing};
 use crate::model::{DomainState, is_copy_of};
 
 /// The real libvirt.
@@ -45,50 +46,6 @@ fn state_of(s: virt::enumutil::Enum<virt::domain::DomainState, u32>) -> DomainSt
         S::Crashed => DomainState::Crashed,
         S::PMSuspended => DomainState::PmSuspended,
         _ => DomainState::NoState,
-    }
-}
-
-/// The text of the first `<path>` element of a pool's XML.
-fn pool_path(xml: &str) -> Option<String> {
-    use quick_xml::events::Event;
-    let mut r = quick_xml::Reader::from_str(xml);
-    let mut stack: Vec<String> = vec![];
-    loop {
-        match r.read_event().ok()? {
-            Event::Start(e) => stack.push(e.name().0.to_owned()),
-            Event::End(_) => {
-                stack.pop();
-            }
-            Event::Text(t)
-                if stack
-                    .iter()
-                    .map(String::as_str)
-                    .eq(["pool", "target", "path"]) =>
-            {
-                return Some(t.xml10_content().trim().to_owned());
-            }
-            Event::Eof => return None,
-            _ => {}
-        }
-    }
-}
-
-/// The pool's `type` attribute.
-fn pool_type(xml: &str) -> Option<String> {
-    use quick_xml::events::Event;
-    let mut r = quick_xml::Reader::from_str(xml);
-    loop {
-        match r.read_event().ok()? {
-            Event::Start(e) | Event::Empty(e) if e.name().0 == "pool" => {
-                return e
-                    .attributes()
-                    .flatten()
-                    .find(|a| a.key.0 == "type")
-                    .map(|a| a.value.into_owned());
-            }
-            Event::Eof => return None,
-            _ => {}
-        }
     }
 }
 
@@ -303,6 +260,14 @@ impl Hypervisor for Libvirt {
         Ok(look())
     }
 
+    fn pool_volumes(&self, pool: &str) -> Result<Option<PoolListing>, HvError> {
+        super::pools::list(&self.conn()?, pool)
+    }
+
+    fn domain_definitions(&self) -> Result<Vec<(String, bool, String)>, HvError> {
+        super::pools::domains(&self.conn()?)
+    }
+
     fn copy_running_disk(
         &self,
         uuid: &str,
@@ -480,19 +445,5 @@ impl Hypervisor for Libvirt {
             }
             Err(e) => Err(call(format!("look-up of libvirt secret {uuid}"))(e)),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn pool_xml_is_read_by_element() {
-        let xml = "<pool type='dir'><name>p</name><source><dir path='/not/this'/></source><target><path>/var/lib/p</path><permissions><mode>0711</mode></permissions></target></pool>";
-        assert_eq!(super::pool_path(xml).as_deref(), Some("/var/lib/p"));
-        assert_eq!(super::pool_type(xml).as_deref(), Some("dir"));
-        assert_eq!(
-            super::pool_type("<pool type=\"logical\"/>").as_deref(),
-            Some("logical")
-        );
     }
 }

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::image::{ImageError, ImageInfo, Images};
-use crate::libvirt::{CopyTarget, Definition, DiskSource, HvError, Hypervisor};
+use crate::libvirt::{
+    CopyTarget, Definition, DiskSource, HvError, Hypervisor, PoolListing, PoolVolume,
+};
 use crate::model::{DomainState, Format, copy_path};
 
 /// An image: which passphrases open it, and a token for its data key.
@@ -205,6 +207,40 @@ impl Hypervisor for FakeHv {
                 let name = p.file_name()?.to_str()?;
                 Some((pool.clone(), name.to_owned()))
             }))
+    }
+    fn pool_volumes(&self, pool: &str) -> Result<Option<PoolListing>, HvError> {
+        let w = lock(&self.0);
+        let Some(dir) = w.pools.get(pool) else {
+            return Ok(None);
+        };
+        let volumes = w
+            .images
+            .iter()
+            .filter(|(p, _)| std::path::Path::new(p).parent() == Some(dir.as_path()))
+            .map(|(p, i)| PoolVolume {
+                name: p.rsplit('/').next().unwrap_or_default().to_owned(),
+                path: p.clone(),
+                format: i.format.as_str().to_owned(),
+            })
+            .collect();
+        Ok(Some(PoolListing {
+            kind: "dir".into(),
+            path: dir.to_string_lossy().into_owned(),
+            active: true,
+            volumes,
+        }))
+    }
+    fn domain_definitions(&self) -> Result<Vec<(String, bool, String)>, HvError> {
+        let w = lock(&self.0);
+        Ok(w.domains
+            .values()
+            .map(|d| {
+                let name = guestkey_domxml::identity(&d.xml)
+                    .map(|i| i.name)
+                    .unwrap_or_default();
+                (name, d.state == DomainState::Running, d.xml.clone())
+            })
+            .collect())
     }
     fn fix_definition(&self, uuid: &str, from: &str, to: &str) -> Result<(), HvError> {
         let mut w = lock(&self.0);

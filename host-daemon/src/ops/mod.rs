@@ -21,11 +21,13 @@ mod commit;
 mod guests;
 mod hook;
 mod migrate;
+mod pools;
 mod rekey;
 pub mod requests;
 mod volumes;
 
 pub use adopt::{DiskPlace, DomainDescription, ImagePlace};
+pub use pools::{MAX_POOL_VOLUMES, PoolDescription, PoolEntry, VolumeUser};
 pub use volumes::{Online, copy_online};
 
 #[cfg(test)]

@@ -261,6 +261,53 @@ pub struct DomainDescription {
     pub disks: Vec<DiskPlace>,
 }
 
+/// A domain of a host's libvirt with a disk on a pool's volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeUser {
+    /// The domain's name.
+    pub domain: String,
+    /// It runs.
+    pub running: bool,
+}
+
+/// A volume of a storage pool, as its host sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolVolume {
+    /// Its name in the pool.
+    pub name: String,
+    /// Its path.
+    pub path: String,
+    /// The format libvirt found ("qcow2", "raw", "iso"...; may be empty).
+    pub format: String,
+    /// What qemu-img says of a qcow2 or raw image: (encrypted, backing
+    /// file, virtual size); None for other formats.
+    pub image: Option<Result<PoolImage, String>>,
+    /// Domains with a disk on it.
+    pub used_by: Vec<VolumeUser>,
+}
+
+/// What an image says of itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolImage {
+    /// Encrypted (qcow2 encryption or a LUKS header).
+    pub encrypted: bool,
+    /// It has a backing file.
+    pub backing: bool,
+    /// Guest-visible size.
+    pub capacity_bytes: u64,
+}
+
+/// A storage pool of a host's libvirt and its volumes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PoolDescription {
+    /// The pool's type ("dir", "logical"...).
+    pub kind: String,
+    /// Its target path.
+    pub path: String,
+    /// Its volumes, by name.
+    pub volumes: Vec<PoolVolume>,
+}
+
 /// How a call to a host went wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentErrorKind {
@@ -380,6 +427,13 @@ pub trait AgentClient: Send + Sync {
         host: &'a EnrolledHost,
         name_or_uuid: &'a str,
     ) -> BoxFuture<'a, AgentResult<DomainDescription>>;
+    /// The active storage pool `pool` of the host's libvirt and its
+    /// volumes (changes nothing).
+    fn describe_pool<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        pool: &'a str,
+    ) -> BoxFuture<'a, AgentResult<PoolDescription>>;
     /// What the host holds.
     fn inventory<'a>(&'a self, host: &'a EnrolledHost) -> BoxFuture<'a, AgentResult<Inventory>>;
     /// A TPM quote for an attestation challenge (changes nothing).

@@ -17,7 +17,7 @@ use xdr_wipe::seal::HostSealingKey;
 use crate::domain::agent::{
     AgentClient, AgentError, AgentErrorKind, AgentResult, BoxFuture, CreateVolume, DecryptVolume,
     DefineGuest, DeleteVolume, DomainDescription, GuestCall, Inventory, MigrateGuest,
-    PrepareMigration, Rekey, SealedKey, VolumeOnHost,
+    PoolDescription, PrepareMigration, Rekey, SealedKey, VolumeOnHost,
 };
 use crate::model::{EnrolledHost, GuestState};
 
@@ -80,6 +80,8 @@ struct FakeHost {
     calls: Vec<Call>,
     /// Domains its libvirt has, as `describe_domain` answers.
     domains: Vec<DomainDescription>,
+    /// Storage pools its libvirt has, as `describe_pool` answers.
+    pools: HashMap<String, PoolDescription>,
 }
 
 /// Fake hosts by name.
@@ -108,6 +110,13 @@ impl FakeAgents {
         let h = hosts.entry(host.to_owned()).or_default();
         h.domains.retain(|o| o.uuid != d.uuid);
         h.domains.push(d);
+    }
+
+    /// A storage pool in the host's libvirt, for `describe_pool`.
+    pub(crate) fn set_pool(&self, host: &str, pool: &str, d: PoolDescription) {
+        let mut hosts = self.lock();
+        let h = hosts.entry(host.to_owned()).or_default();
+        h.pools.insert(pool.to_owned(), d);
     }
 
     /// Takes a host off the network, or back.
@@ -441,6 +450,21 @@ impl AgentClient for FakeAgents {
             dest.guests.insert(r.guest_uuid.clone(), state);
             h.keys.clear();
             Ok(Some(state))
+        }))
+    }
+
+    fn describe_pool<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        pool: &'a str,
+    ) -> BoxFuture<'a, AgentResult<PoolDescription>> {
+        ready(self.on(host, "describe_pool", |h, _| {
+            h.pools.get(pool).cloned().ok_or_else(|| {
+                AgentError::new(
+                    AgentErrorKind::Refused,
+                    format!("no storage pool named {pool} on this host"),
+                )
+            })
         }))
     }
 

@@ -40,6 +40,7 @@ pub mod keyring;
 pub mod leader;
 pub mod migrate;
 pub mod on_demand;
+pub mod pools;
 pub mod push;
 pub mod refusals;
 pub mod rekey;

@@ -183,6 +183,12 @@ impl Core {
         Ok(done)
     }
 
+    /// Volumes whose rekey is overdue now (for the metrics).
+    pub fn rekeys_overdue(&self) -> Result<crate::model::Overdue, CoreError> {
+        let now = now_unix();
+        self.read(|tx| Ok(tx.rekeys_overdue(now)?))
+    }
+
     /// The policy that applies to a volume, if any.
     pub fn policy_of(&self, volume_id: &str, pool: &str) -> Result<Option<Policy>, CoreError> {
         self.read(|tx| Ok(tx.policy_for(volume_id, pool)?))

@@ -248,6 +248,30 @@ pub struct GuestInfo {
     pub migrating_to: Option<String>,
 }
 
+/// A storage pool of a host marked managed: `pool offers` and the console
+/// offer every cleartext volume in it for encryption.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedPool {
+    /// The host.
+    pub host: String,
+    /// The libvirt pool's name.
+    pub pool: String,
+    /// Marked at (Unix seconds).
+    pub since: i64,
+    /// Marked by (the admin's name).
+    pub by: String,
+}
+
+/// Volumes whose rekey is overdue, as the metrics show them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Overdue {
+    /// Volumes (not deleted, not rekeying) whose key is older than their
+    /// policy allows, or whose after-migration rekey is past due.
+    pub volumes: u64,
+    /// When the most overdue one became due (Unix seconds; 0: none).
+    pub oldest_due: i64,
+}
+
 /// A rotation policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {

@@ -16,7 +16,8 @@ pub mod states;
 pub use error::{CoreError, StoreError};
 pub use info::{
     AttestationOutcome, AuditRecord, Caller, EnrolledHost, GuestInfo, HostAttestation, HostInfo,
-    HostTpm, Policy, Progress, RekeyOrder, ReleaseRequest, TpmClock, Verification, VolumeInfo,
+    HostTpm, ManagedPool, Overdue, Policy, Progress, RekeyOrder, ReleaseRequest, TpmClock,
+    Verification, VolumeInfo,
 };
 pub use names::{InvalidInput, Name};
 pub use states::{

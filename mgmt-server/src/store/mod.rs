@@ -29,8 +29,9 @@ pub mod sqlite;
 
 use crate::model::{
     AllowScope, AttestationOutcome, AuditRecord, GuestInfo, GuestOp, GuestState, HostInfo,
-    HostState, Policy, PolicyScope, RekeyKind, RekeyOrder, ReleasePolicy, ReleaseRequest,
-    RequestState, StoreError, TpmClock, VolumeFormat, VolumeInfo, VolumeOp, VolumeState,
+    HostState, ManagedPool, Overdue, Policy, PolicyScope, RekeyKind, RekeyOrder, ReleasePolicy,
+    ReleaseRequest, RequestState, StoreError, TpmClock, VolumeFormat, VolumeInfo, VolumeOp,
+    VolumeState,
 };
 
 /// What a transaction is for.
@@ -493,6 +494,18 @@ pub trait PolicyStore {
     fn due_for_rotation(&mut self, now: i64) -> Result<Vec<(String, RekeyKind)>>;
     /// Ready volumes of enrolled hosts whose after-migration rekey is due.
     fn due_after_migration(&mut self, now: i64) -> Result<Vec<String>>;
+    /// Volumes not deleted and not rekeying whose key is older than their
+    /// policy allows at `now`, or whose after-migration rekey is past due
+    /// (a host that does not answer, a failed volume, a retry waiting).
+    fn rekeys_overdue(&mut self, now: i64) -> Result<Overdue>;
+    /// Marks a pool managed; false if it was already.
+    fn manage_pool(&mut self, p: &ManagedPool) -> Result<bool>;
+    /// Unmarks a pool; false if it was not marked.
+    fn unmanage_pool(&mut self, host: &str, pool: &str) -> Result<bool>;
+    /// Managed pools, optionally of one host, by host and pool.
+    fn managed_pools(&mut self, host: Option<&str>) -> Result<Vec<ManagedPool>>;
+    /// The managed pool `pool` of `host`, if marked.
+    fn managed_pool(&mut self, host: &str, pool: &str) -> Result<Option<ManagedPool>>;
 }
 
 /// A migration under way: the journal the server resumes from.

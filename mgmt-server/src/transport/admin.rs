@@ -14,8 +14,8 @@ use crate::model::{
     ReleasePolicy, VolumeFormat,
 };
 use crate::transport::pb::{
-    allowlist, audit_record, guest, host, invalid, pending, policy, policy_from, status,
-    verification, volume,
+    allowlist, audit_record, guest, host, invalid, managed_pool, pending, policy, policy_from,
+    pool_view, status, verification, volume,
 };
 use crate::transport::tls::peer_fingerprint;
 
@@ -433,6 +433,47 @@ impl Admin for AdminService {
             })
             .await?;
         Ok(Response::new(policy(p)))
+    }
+
+    async fn manage_pool(&self, req: Request<pb::PoolRef>) -> R<pb::ManagedPool> {
+        let who = self.admin(&req, |_, who| Ok(who)).await?;
+        let r = req.into_inner();
+        let m = self
+            .0
+            .manage_pool(who, r.host, r.pool)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(managed_pool(m)))
+    }
+
+    async fn unmanage_pool(&self, req: Request<pb::PoolRef>) -> R<pb::ManagedPool> {
+        let r = req.get_ref().clone();
+        let m = self
+            .admin(&req, move |c, who| c.unmanage_pool(&who, &r.host, &r.pool))
+            .await?;
+        Ok(Response::new(managed_pool(m)))
+    }
+
+    async fn list_managed_pools(
+        &self,
+        req: Request<pb::ListManagedPoolsRequest>,
+    ) -> R<pb::ListManagedPoolsResponse> {
+        let host = req.get_ref().host.clone();
+        let pools = self
+            .admin(&req, move |c, _| {
+                c.list_managed_pools((!host.is_empty()).then_some(host.as_str()))
+            })
+            .await?;
+        Ok(Response::new(pb::ListManagedPoolsResponse {
+            pools: pools.into_iter().map(managed_pool).collect(),
+        }))
+    }
+
+    async fn describe_pool(&self, req: Request<pb::PoolRef>) -> R<pb::PoolView> {
+        self.admin(&req, |_, _| Ok(())).await?;
+        let r = req.into_inner();
+        let v = self.0.describe_pool(r.host, r.pool).await.map_err(status)?;
+        Ok(Response::new(pool_view(v)))
     }
 
     async fn define_guest(&self, req: Request<pb::DefineGuestRequest>) -> R<pb::Guest> {

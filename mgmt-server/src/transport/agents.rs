@@ -25,7 +25,8 @@ use guestkey_protect::tpm::PcrValue;
 use crate::domain::agent::{
     AgentClient, AgentError, AgentErrorKind, AgentResult, AttestChallenge, BoxFuture, CreateVolume,
     DecryptVolume, DefineGuest, DeleteVolume, DiskPlace, DomainDescription, GuestCall, HeldKeyInfo,
-    ImagePlace, Inventory, MigrateGuest, PrepareMigration, QuoteAnswer, Rekey, VolumeOnHost,
+    ImagePlace, Inventory, MigrateGuest, PoolDescription, PoolImage, PoolVolume, PrepareMigration,
+    QuoteAnswer, Rekey, VolumeOnHost, VolumeUser,
 };
 use crate::model::{EnrolledHost, GuestState};
 use crate::transport::pb::{agent_error, format, rekey_kind, sealed_key};
@@ -268,6 +269,41 @@ fn domain_description(r: agent::DomainDescription) -> DomainDescription {
                     encrypted: d.encrypted,
                     backing: d.backing,
                 }
+            })
+            .collect(),
+    }
+}
+
+fn pool_description(r: agent::PoolDescription) -> PoolDescription {
+    PoolDescription {
+        kind: r.kind,
+        path: r.path,
+        volumes: r
+            .volumes
+            .into_iter()
+            .map(|v| PoolVolume {
+                image: if v.inspected {
+                    Some(Ok(PoolImage {
+                        encrypted: v.encrypted,
+                        backing: v.backing,
+                        capacity_bytes: v.capacity_bytes,
+                    }))
+                } else if !v.unreadable.is_empty() {
+                    Some(Err(v.unreadable))
+                } else {
+                    None
+                },
+                name: v.name,
+                path: v.path,
+                format: v.format,
+                used_by: v
+                    .used_by
+                    .into_iter()
+                    .map(|u| VolumeUser {
+                        domain: u.domain,
+                        running: u.running,
+                    })
+                    .collect(),
             })
             .collect(),
     }
@@ -526,6 +562,22 @@ impl AgentClient for GrpcAgents {
                 })
                 .await?;
             Ok(domain_description(r))
+        })
+    }
+
+    fn describe_pool<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        pool: &'a str,
+    ) -> BoxFuture<'a, AgentResult<PoolDescription>> {
+        Box::pin(async move {
+            let pool = pool.to_owned();
+            let r = self
+                .call(host, false, |mut c| async move {
+                    c.describe_pool(agent::DescribePoolRequest { pool }).await
+                })
+                .await?;
+            Ok(pool_description(r))
         })
     }
 

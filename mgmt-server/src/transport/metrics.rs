@@ -6,7 +6,8 @@
 //! names are the only names, as the admin gave them):
 //! every gRPC call by service, method and result code, and its latency;
 //! key releases by host; pushes to hosts by result; volumes by state
-//! (rekeys running, volumes failed); hosts by state, how
+//! (rekeys running, volumes failed); rekeys overdue (how many, since
+//! when); hosts by state, how
 //! many passed their last attestation, when each enrolled host last
 //! reported; whether this replica leads; when the
 //! server certificate expires; where the master key is kept. Method labels
@@ -65,6 +66,8 @@ pub struct Metrics {
     volumes: Family<StateLabel, Gauge<i64, AtomicI64>>,
     attested: Gauge<i64, AtomicI64>,
     leader: Gauge<i64, AtomicI64>,
+    overdue: Gauge<i64, AtomicI64>,
+    overdue_since: Gauge<i64, AtomicI64>,
     reported: Family<HostLabel, Gauge<i64, AtomicI64>>,
     /// The call paths of our APIs: the only method names a label holds.
     methods: std::collections::BTreeSet<String>,
@@ -119,6 +122,18 @@ impl Metrics {
             "Volumes by state (not deleted ones): rekeying ones are rekeys running, failed ones gave up",
             volumes.clone(),
         );
+        let overdue = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "rekeys_overdue",
+            "Volumes whose key is older than their rotation policy allows, or whose after-migration rekey is past due, and no rekey runs (host unreachable, volume failed, retry waiting)",
+            overdue.clone(),
+        );
+        let overdue_since = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "rekey_overdue_since_timestamp_seconds",
+            "When the most overdue of those became due (Unix time; 0: none overdue)",
+            overdue_since.clone(),
+        );
         let attested = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "hosts_attested",
@@ -163,6 +178,8 @@ impl Metrics {
             volumes,
             attested,
             leader,
+            overdue,
+            overdue_since,
             reported,
             methods: guestkey_proto::method_paths(),
             scraping: std::sync::Mutex::new(()),
@@ -220,6 +237,10 @@ impl Metrics {
                 })
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
+        let overdue = core.rekeys_overdue()?;
+        self.overdue
+            .set(i64::try_from(overdue.volumes).unwrap_or(i64::MAX));
+        self.overdue_since.set(overdue.oldest_due);
         let attested = hosts
             .iter()
             .filter(|h| {

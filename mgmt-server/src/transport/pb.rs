@@ -141,6 +141,71 @@ pub(crate) fn guest(g: GuestInfo) -> pb::Guest {
     }
 }
 
+pub(crate) fn managed_pool(m: crate::model::ManagedPool) -> pb::ManagedPool {
+    pb::ManagedPool {
+        host: m.host,
+        pool: m.pool,
+        since_unix: m.since,
+        by: m.by,
+    }
+}
+
+pub(crate) fn pool_view(v: crate::domain::pools::PoolView) -> pb::PoolView {
+    use crate::domain::pools::Offer;
+    pb::PoolView {
+        host: v.host,
+        pool: v.pool,
+        managed: v.managed.map(managed_pool),
+        kind: v.kind,
+        path: v.path,
+        volumes: v
+            .volumes
+            .into_iter()
+            .map(|e| {
+                let mut out = pb::PoolVolumeView {
+                    name: e.name,
+                    path: e.path,
+                    format: e.format,
+                    capacity_bytes: e.capacity_bytes,
+                    used_by: e
+                        .used_by
+                        .into_iter()
+                        .map(|u| {
+                            if u.running {
+                                format!("{} (running)", u.domain)
+                            } else {
+                                u.domain
+                            }
+                        })
+                        .collect(),
+                    ..Default::default()
+                };
+                match e.offer {
+                    Offer::Managed { id, state } => {
+                        out.state = "managed".into();
+                        out.volume_id = id;
+                        out.volume_state = state.as_str().to_owned();
+                    }
+                    Offer::Cleartext {
+                        offered,
+                        command,
+                        adopt,
+                    } => {
+                        out.state = if offered { "offered" } else { "cleartext" }.into();
+                        out.command = command;
+                        out.adopt_domain = adopt.unwrap_or_default();
+                    }
+                    Offer::NotOffered { why } => {
+                        out.state = "not-offered".into();
+                        out.detail = why;
+                    }
+                }
+                out
+            })
+            .collect(),
+    }
+}
+
 pub(crate) fn policy(p: Policy) -> pb::Policy {
     pb::Policy {
         scope: p.scope.to_string(),

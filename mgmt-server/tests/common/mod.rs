@@ -757,6 +757,15 @@ impl HostAgent for AgentImpl {
         // (tests/tests/adoption.rs); this peer has no libvirt.
         Err(Status::failed_precondition("this test host has no libvirt"))
     }
+    async fn describe_pool(
+        &self,
+        req: Request<agent::DescribePoolRequest>,
+    ) -> R<agent::PoolDescription> {
+        self.check(&req)?;
+        // Managed pools run against the real guestkeyd and libvirtd
+        // (tests/tests/adoption.rs); this peer has no libvirt.
+        Err(Status::failed_precondition("this test host has no libvirt"))
+    }
 }
 
 pub fn path_str(p: &Path) -> &str {

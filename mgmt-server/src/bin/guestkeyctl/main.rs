@@ -1,7 +1,7 @@
 //! `guestkeyctl`: the admin command line of guestkey.
 //!
 //! This file holds the clap `Cli`, the dispatch to one module per
-//! subcommand group (`host`, `volume`, `guest`, `policy`, `audit`) and the
+//! subcommand group (`host`, `volume`, `pool`, `guest`, `policy`, `audit`) and the
 //! error printing (`guestkeyctl: MESSAGE` on stderr, exit code 1; clap's
 //! own errors exit 2). Each group parses and checks its local input first,
 //! then connects through `connect` (admin credential, TLS, transport
@@ -24,6 +24,7 @@ mod manual;
 mod output;
 mod pending;
 mod policy;
+mod pool;
 mod volume;
 
 use std::path::PathBuf;
@@ -63,6 +64,10 @@ enum Command {
     /// delete (crypto-shredding).
     #[command(subcommand)]
     Volume(volume::VolumeCmd),
+    /// libvirt storage pools: manage (offer every cleartext volume in it
+    /// for encryption), unmanage, list, show, offers, encrypt.
+    #[command(subcommand)]
+    Pool(pool::PoolCmd),
     /// Guests: define from libvirt domain XML, list, show, start, stop,
     /// migrate, undefine.
     #[command(subcommand)]
@@ -157,6 +162,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Host(cmd) => host::run(cmd, &ctx).await,
         Command::Volume(cmd) => volume::run(cmd, &ctx).await,
+        Command::Pool(cmd) => pool::run(cmd, &ctx).await,
         Command::Guest(cmd) => guest::run(cmd, &ctx).await,
         Command::Policy(cmd) => policy::run(cmd, &ctx).await,
         Command::Attestation(cmd) => attestation::run(cmd, &ctx).await,

@@ -13,6 +13,7 @@ mod hosts;
 mod leader;
 mod migrate;
 mod plans;
+mod pools;
 mod rekey;
 mod trips;
 mod volumes;
@@ -184,12 +185,13 @@ impl Bed {
     pub(super) fn snapshot(&self) -> String {
         let mut tx = self.store.begin(Access::Read).unwrap();
         format!(
-            "{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+            "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
             tx.hosts().unwrap(),
             tx.volumes(None).unwrap(),
             tx.guests(None).unwrap(),
             tx.policies().unwrap(),
-            tx.migrations().unwrap()
+            tx.migrations().unwrap(),
+            tx.managed_pools(None).unwrap()
         )
     }
 }

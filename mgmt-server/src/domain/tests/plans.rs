@@ -68,6 +68,32 @@ async fn every_statement_of_the_api_operations_uses_an_index() {
         .unwrap();
     b.push().await;
     b.core.apply_policies().unwrap();
+    b.core.rekeys_overdue().unwrap();
+    // Managed pools.
+    b.agents.set_pool(
+        "kvm-a",
+        "default",
+        crate::domain::agent::PoolDescription {
+            kind: "dir".into(),
+            path: "/p".into(),
+            volumes: vec![crate::domain::agent::PoolVolume {
+                name: "disk".into(),
+                path: "/p/disk".into(),
+                format: "qcow2".into(),
+                image: None,
+                used_by: vec![],
+            }],
+        },
+    );
+    b.core
+        .manage_pool(b.admin.clone(), "kvm-a".into(), "default".into())
+        .await
+        .unwrap();
+    b.core
+        .describe_pool("kvm-a".into(), "default".into())
+        .await
+        .unwrap();
+    b.core.list_managed_pools(Some("kvm-a")).unwrap();
     b.core.unfinished_migrations().unwrap();
     b.volume("kvm-b", "spare").await;
     b.core.delete_volume(&b.admin, "spare").unwrap();

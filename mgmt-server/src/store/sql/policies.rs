@@ -1,11 +1,24 @@
 //! `policies` in SQLite, and the scheduler's queries over them.
 
 use super::{Row, SqlTx, signed, typed, unsigned};
-use crate::model::{Policy, PolicyScope, RekeyKind};
+use crate::model::{ManagedPool, Overdue, Policy, PolicyScope, RekeyKind};
 use crate::store::{PolicyStore, Result};
 
 const POLICY_COLUMNS: &str =
     "scope, target, max_key_age_secs, mode, COALESCE(after_migration_secs, 0)";
+
+/// States in which a volume's key can be overdue: it is used, and no rekey
+/// or removal is under way.
+const KEYED: &str = "v.state IN ('ready', 'migrating', 'failed', 'pending-encrypt')";
+
+fn managed_pool_row(r: &Row) -> Result<ManagedPool> {
+    Ok(ManagedPool {
+        host: r.get(0)?,
+        pool: r.get(1)?,
+        since: r.get(2)?,
+        by: r.get(3)?,
+    })
+}
 
 fn policy_row(r: &Row) -> Result<Policy> {
     Ok(Policy {
@@ -75,6 +88,79 @@ impl PolicyStore for SqlTx<'_> {
             Ok((r.get(0)?, typed(r, 1, "policies.mode")?))
         })?;
         Ok(rows)
+    }
+
+    fn rekeys_overdue(&mut self, now: i64) -> Result<Overdue> {
+        // Two look-ups, each answered from an index (policies first, then
+        // the volumes of each); a volume both name counts once, from the
+        // earlier of its two due times.
+        let by_policy = format!(
+            "SELECT v.id, k.created + COALESCE(pv.max_key_age_secs, pp.max_key_age_secs)
+             FROM volumes v
+             JOIN volume_keys k ON k.volume_id = v.id AND k.generation = v.generation
+             LEFT JOIN policies pv ON pv.scope = 'volume' AND pv.target = v.id
+             LEFT JOIN policies pp ON pp.scope = 'pool' AND pp.target = v.pool
+             WHERE {KEYED}
+               AND COALESCE(pv.max_key_age_secs, pp.max_key_age_secs) IS NOT NULL
+               AND k.created + COALESCE(pv.max_key_age_secs, pp.max_key_age_secs) <= $1"
+        );
+        let after_migration = format!(
+            "SELECT v.id, v.rekey_due FROM volumes v
+             WHERE {KEYED} AND v.rekey_due > 0 AND v.rekey_due <= $1"
+        );
+        let mut due = std::collections::HashMap::<String, i64>::new();
+        for stmt in [by_policy, after_migration] {
+            let rows: Vec<(String, i64)> = self
+                .db
+                .query_all(&stmt, [now], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            for (id, at) in rows {
+                let e = due.entry(id).or_insert(at);
+                *e = (*e).min(at);
+            }
+        }
+        Ok(Overdue {
+            volumes: due.len() as u64,
+            oldest_due: due.values().copied().min().unwrap_or(0),
+        })
+    }
+
+    fn manage_pool(&mut self, p: &ManagedPool) -> Result<bool> {
+        let n = self.db.execute(
+            "INSERT INTO managed_pools (host, pool, since, by_admin) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (host, pool) DO NOTHING",
+            params![p.host, p.pool, p.since, p.by],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn unmanage_pool(&mut self, host: &str, pool: &str) -> Result<bool> {
+        let n = self.db.execute(
+            "DELETE FROM managed_pools WHERE host = $1 AND pool = $2",
+            params![host, pool],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn managed_pools(&mut self, host: Option<&str>) -> Result<Vec<ManagedPool>> {
+        let cols = "SELECT host, pool, since, by_admin FROM managed_pools";
+        match host {
+            Some(h) => self.db.query_all(
+                &format!("{cols} WHERE host = $1 ORDER BY host, pool"),
+                [h],
+                managed_pool_row,
+            ),
+            None => self
+                .db
+                .query_all(&format!("{cols} ORDER BY host, pool"), (), managed_pool_row),
+        }
+    }
+
+    fn managed_pool(&mut self, host: &str, pool: &str) -> Result<Option<ManagedPool>> {
+        self.db.query_opt(
+            "SELECT host, pool, since, by_admin FROM managed_pools WHERE host = $1 AND pool = $2",
+            params![host, pool],
+            managed_pool_row,
+        )
     }
 
     fn due_after_migration(&mut self, now: i64) -> Result<Vec<String>> {

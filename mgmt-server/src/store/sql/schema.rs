@@ -442,6 +442,20 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     ",
         ..NONE
     },
+    // 17: storage pools marked managed (their cleartext volumes are offered
+    // for encryption)
+    Migration {
+        all: "
+    CREATE TABLE managed_pools (
+        host     TEXT NOT NULL,
+        pool     TEXT NOT NULL,
+        since    INTEGER NOT NULL,
+        by_admin TEXT NOT NULL,
+        PRIMARY KEY (host, pool)
+    );
+    ",
+        ..NONE
+    },
 ];
 
 #[cfg(test)]
