@@ -324,3 +324,181 @@ fn a_stopped_guest_is_adopted_offline_and_disks_it_cannot_take_are_refused_first
     assert_eq!(virsh(&["domstate", &guest]).unwrap().trim(), "running");
     drop(cleanup);
 }
+
+/// `qemu-img create` of `name` in the test pool with extra arguments.
+fn pool_image(s: &Stack, name: &str, args: &[&str]) -> PathBuf {
+    let path = s.dir.join("pool").join(name);
+    let mut all = vec!["create", "-q"];
+    all.extend_from_slice(args);
+    all.push(path.to_str().unwrap());
+    all.push("16M");
+    run("qemu-img", &all).unwrap();
+    path
+}
+
+/// The entry of volume `name` in `pool show --json`.
+fn shown(view: &serde_json::Value, name: &str) -> serde_json::Value {
+    view["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not shown: {view}"))
+        .clone()
+}
+
+#[test]
+fn a_managed_pool_offers_its_cleartext_volumes_and_encrypts_them() {
+    let s = Stack::start();
+    let clear = plain_volume(&s, "mp-clear.qcow2", "qcow2", 0x31);
+    let under = plain_volume(&s, "mp-under.raw", "raw", 0x32);
+    pool_image(
+        &s,
+        "mp-foreign.qcow2",
+        &[
+            "--object",
+            "secret,id=s0,data=not-ours",
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        ],
+    );
+    pool_image(
+        &s,
+        "mp-child.qcow2",
+        &["-f", "qcow2", "-F", "qcow2", "-b", clear.to_str().unwrap()],
+    );
+    let made = s.json(&[
+        "volume",
+        "create",
+        "--host",
+        &s.host,
+        "--pool",
+        &s.pool,
+        "--name",
+        "mp-managed",
+        "--size",
+        "16M",
+    ]);
+    assert_eq!(made["state"], "ready", "{made}");
+    // A guest of the operator's own on mp-under.raw.
+    let guest = format!("gk-test-{}-pool", std::process::id());
+    let mut cleanup = Cleanup::default();
+    define_plain(&s, &mut cleanup, &guest, &[(&under, "raw")], "");
+
+    // Any pool can be shown; cleartext volumes are offered only once the
+    // pool is managed.
+    let view = s.json(&["pool", "show", "--host", &s.host, &s.pool]);
+    assert!(view["managed"].is_null(), "{view}");
+    assert_eq!(shown(&view, "mp-managed")["state"], "managed");
+    assert_eq!(shown(&view, "mp-managed")["volume_id"], made["id"]);
+    let c = shown(&view, "mp-clear.qcow2");
+    assert_eq!(
+        (c["state"].as_str(), c["format"].as_str()),
+        (Some("cleartext"), Some("qcow2")),
+        "{c}"
+    );
+    assert_eq!(c["capacity_bytes"], 16 << 20, "{c}");
+    let u = shown(&view, "mp-under.raw");
+    assert_eq!(u["used_by"][0], guest, "{u}");
+    assert_eq!(u["adopt_domain"], guest, "{u}");
+    let why = |name: &str| shown(&view, name)["detail"].as_str().unwrap().to_owned();
+    assert!(why("mp-foreign.qcow2").contains("encrypted by something other"));
+    assert!(why("mp-child.qcow2").contains("backing file"));
+    let text =
+        String::from_utf8_lossy(&s.ctl(&["pool", "show", "--host", &s.host, &s.pool]).stdout)
+            .into_owned();
+    assert!(
+        text.contains("not managed")
+            && text.contains(&format!(
+                "guestkeyctl guest adopt --host {} {guest}",
+                s.host
+            )),
+        "{text}"
+    );
+
+    // Bad requests: an error naming what to fix, nothing changed.
+    let fails = |args: &[&str]| {
+        let o = s.ctl(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        stderr(&o)
+    };
+    let e = fails(&["pool", "encrypt", "--host", &s.host, &s.pool, "--all"]);
+    assert!(
+        e.contains("is not managed") && e.contains("pool manage"),
+        "{e}"
+    );
+    let e = fails(&["pool", "manage", "--host", &s.host, "no-such-pool"]);
+    assert!(e.contains("no storage pool named no-such-pool"), "{e}");
+    let e = fails(&["pool", "manage", "--host", "no-such-host", &s.pool]);
+    assert!(e.contains("no-such-host"), "{e}");
+    let e = fails(&["pool", "show", "--host", &s.host, "a/b"]);
+    assert!(e.contains("pool name"), "{e}");
+    let e = fails(&["pool", "encrypt", "--host", &s.host, &s.pool]);
+    assert!(e.contains("--all"), "{e}");
+    assert!(s.json(&["pool", "list"]).as_array().unwrap().is_empty());
+    let o = s.ctl(&["pool", "offers"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("No managed pools"),
+        "{o:?}"
+    );
+
+    let m = s.json(&["pool", "manage", "--host", &s.host, &s.pool]);
+    assert_eq!(m[0]["pool"], s.pool.as_str(), "{m}");
+    assert_eq!(s.json(&["pool", "list"]), m);
+    let offers = s.json(&["pool", "offers"]);
+    let mut offered: Vec<&str> = offers["offered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    offered.sort_unstable();
+    assert_eq!(offered, ["mp-clear.qcow2", "mp-under.raw"], "{offers}");
+
+    // Only offered volumes, each checked before the first encryption.
+    let e = fails(&[
+        "pool",
+        "encrypt",
+        "--host",
+        &s.host,
+        &s.pool,
+        "mp-clear.qcow2",
+        "mp-foreign.qcow2",
+    ]);
+    assert!(
+        e.contains("mp-foreign.qcow2 is not offered") && e.contains("nothing was encrypted"),
+        "{e}"
+    );
+    assert!(cleartext_intact(&clear, "qcow2", 0x31), "mp-clear changed");
+
+    // --all: the free volume is encrypted, the guest's one left for
+    // `guest adopt`.
+    let done = s.json(&["pool", "encrypt", "--host", &s.host, &s.pool, "--all"]);
+    let result = |name: &str| {
+        done.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("{name}: {done}"))["result"]
+            .clone()
+    };
+    assert_eq!(result("mp-clear.qcow2"), "encrypted", "{done}");
+    assert_eq!(result("mp-under.raw"), "left", "{done}");
+    let v = s.json(&["volume", "show", "mp-clear.qcow2"]);
+    assert_eq!(v["state"], "ready", "{v}");
+    assert!(encrypted(&clear));
+    let key = s.server_key(v["id"].as_str().unwrap());
+    pattern_intact_fmt(&s.dir, &clear, "qcow2", key.expose_secret(), 0x31, "1M").unwrap();
+    assert!(cleartext_intact(&under, "raw", 0x32), "mp-under changed");
+    let view = s.json(&["pool", "show", "--host", &s.host, &s.pool]);
+    assert_eq!(shown(&view, "mp-clear.qcow2")["state"], "managed", "{view}");
+    assert_eq!(shown(&view, "mp-under.raw")["state"], "offered", "{view}");
+
+    assert_eq!(s.audit("pool.managed").len(), 1);
+    s.json(&["pool", "unmanage", "--host", &s.host, &s.pool]);
+    assert_eq!(s.audit("pool.unmanaged").len(), 1);
+    assert!(s.json(&["pool", "list"]).as_array().unwrap().is_empty());
+    drop(cleanup);
+}

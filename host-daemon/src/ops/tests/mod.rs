@@ -156,4 +156,5 @@ pub(super) fn registry(bed: &Bed) -> String {
 }
 
 mod guests;
+mod pools;
 mod rekey;

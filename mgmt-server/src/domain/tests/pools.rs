@@ -204,7 +204,10 @@ async fn each_volume_of_a_pool_is_shown_for_what_it_is() {
         .collect();
     assert_eq!(managed, ["pool.managed"]);
     assert_eq!(b.core.list_managed_pools(None).unwrap(), vec![m.clone()]);
-    assert_eq!(b.core.list_managed_pools(Some("h1")).unwrap(), vec![m.clone()]);
+    assert_eq!(
+        b.core.list_managed_pools(Some("h1")).unwrap(),
+        vec![m.clone()]
+    );
     assert!(b.core.list_managed_pools(Some("h2")).unwrap().is_empty());
 
     let gone = b.core.unmanage_pool(&b.admin, "h1", "default").unwrap();
