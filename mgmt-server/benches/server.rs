@@ -110,6 +110,7 @@ fn main() {
         url: None,
         ek_anchors: vec![],
         metrics_listen: None,
+        console: None,
     };
     let (core, identity) = mgmt_server::transport::server::open(&config).unwrap();
     let admin = Caller::Admin("bench".into());

@@ -148,6 +148,25 @@ struct FileConfig {
     attestation: AttestationFile,
     #[serde(default)]
     metrics: MetricsFile,
+    #[serde(default)]
+    console: ConsoleFile,
+}
+
+/// `[console]` of the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsoleFile {
+    listen: Option<String>,
+    session_idle_secs: Option<u64>,
+}
+
+/// The web console's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Console {
+    /// Where it is served, over HTTPS with the server's certificate.
+    pub listen: SocketAddr,
+    /// A login session ends after this long without a request.
+    pub session_idle_secs: u64,
 }
 
 /// `[metrics]` of the config file.
@@ -192,6 +211,8 @@ pub struct Config {
     /// Where `/metrics` is served, plain HTTP (`metrics.listen`; None:
     /// not served).
     pub metrics_listen: Option<SocketAddr>,
+    /// The web console (`[console] listen`; None: not served).
+    pub console: Option<Console>,
 }
 
 /// What a guestkey server is for.
@@ -374,6 +395,34 @@ impl Config {
                 ),
             })?),
         };
+        let console = match &fc.console.listen {
+            None if fc.console.session_idle_secs.is_some() => {
+                return Err(ConfigError::Invalid {
+                    setting: "console.session_idle_secs",
+                    message: "set console.listen too (the console is off without it)".into(),
+                });
+            }
+            None => None,
+            Some(text) => {
+                let listen = text.parse().map_err(|_| ConfigError::Invalid {
+                    setting: "console.listen",
+                    message: format!("`{text}` is not an IP:PORT address, e.g. 127.0.0.1:7445"),
+                })?;
+                let session_idle_secs = fc.console.session_idle_secs.unwrap_or(1800);
+                if !(60..=86_400).contains(&session_idle_secs) {
+                    return Err(ConfigError::Invalid {
+                        setting: "console.session_idle_secs",
+                        message: format!(
+                            "{session_idle_secs} is outside 60..=86400 (one minute to one day)"
+                        ),
+                    });
+                }
+                Some(Console {
+                    listen,
+                    session_idle_secs,
+                })
+            }
+        };
         Ok(Self {
             listen,
             data_dir,
@@ -386,6 +435,7 @@ impl Config {
             url,
             ek_anchors,
             metrics_listen,
+            console,
         })
     }
 }

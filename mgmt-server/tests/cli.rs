@@ -73,6 +73,8 @@ fn help_texts() {
         &["volume", "delete"],
         &["volume", "set-release"],
         &["volume", "rekey"],
+        &["console-user"],
+        &["console-user", "add"],
         &["pool"],
         &["pool", "manage"],
         &["pool", "show"],

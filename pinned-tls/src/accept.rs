@@ -75,6 +75,46 @@ impl Acceptor {
         client_auth: ClientAuth,
         hint: &str,
     ) -> Result<Self, SetupError> {
+        Self::build(
+            cert_pem,
+            key_pem,
+            client_roots_pem,
+            client_roots_from,
+            client_auth,
+            hint,
+            vec![b"h2".to_vec()],
+        )
+    }
+
+    /// As [`Acceptor::new`], for browsers: HTTP/2 or HTTP/1.1.
+    pub fn for_browsers(
+        cert_pem: &str,
+        key_pem: &str,
+        client_roots_pem: &str,
+        client_roots_from: &str,
+        client_auth: ClientAuth,
+        hint: &str,
+    ) -> Result<Self, SetupError> {
+        Self::build(
+            cert_pem,
+            key_pem,
+            client_roots_pem,
+            client_roots_from,
+            client_auth,
+            hint,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        )
+    }
+
+    fn build(
+        cert_pem: &str,
+        key_pem: &str,
+        client_roots_pem: &str,
+        client_roots_from: &str,
+        client_auth: ClientAuth,
+        hint: &str,
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<Self, SetupError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let roots = load_roots(client_roots_pem, client_roots_from)?;
         let verifier =
@@ -92,8 +132,8 @@ impl Acceptor {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .map_err(|e| SetupError::BadIdentity(e.to_string()))?;
-        // gRPC is HTTP/2.
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        // gRPC is HTTP/2; a browser may speak HTTP/1.1.
+        config.alpn_protocols = alpn;
         Ok(Self {
             tls: TlsAcceptor::from(Arc::new(config)),
             hint: hint.into(),

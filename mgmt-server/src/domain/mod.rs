@@ -29,6 +29,7 @@ pub mod approvals;
 pub mod attest;
 pub mod audit;
 pub mod checkpoints;
+pub mod console;
 pub mod convert;
 #[cfg(test)]
 pub(crate) mod fake_agent;

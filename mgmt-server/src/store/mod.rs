@@ -154,6 +154,8 @@ pub trait AuditStore {
     fn list_audit(&mut self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>>;
     /// One record.
     fn audit_record(&mut self, seq: u64) -> Result<Option<AuditRecord>>;
+    /// The newest `limit` records about `subject`, oldest first.
+    fn audit_of(&mut self, subject: &str, limit: u32) -> Result<Vec<AuditRecord>>;
     /// The audit key, wrapped under the master key.
     fn audit_key(&mut self) -> Result<Option<WrappedKey>>;
     /// Stores (or, re-wrapped, replaces) the audit key.
@@ -502,6 +504,16 @@ pub trait PolicyStore {
     fn manage_pool(&mut self, p: &ManagedPool) -> Result<bool>;
     /// Unmarks a pool; false if it was not marked.
     fn unmanage_pool(&mut self, host: &str, pool: &str) -> Result<bool>;
+    /// A console login's password hash (PHC string).
+    fn console_user(&mut self, name: &str) -> Result<Option<String>>;
+    /// Sets (or replaces) a console login.
+    fn put_console_user(&mut self, name: &str, hash: &str, now: i64, by: &str) -> Result<()>;
+    /// Removes a console login; false if there was none.
+    fn delete_console_user(&mut self, name: &str) -> Result<bool>;
+    /// Console logins: (name, created, by), by name.
+    fn console_users(&mut self) -> Result<Vec<(String, i64, String)>>;
+    /// When a volume's key of `generation` was made (None: no such key).
+    fn key_created(&mut self, volume_id: &str, generation: u64) -> Result<Option<i64>>;
     /// Managed pools, optionally of one host, by host and pool.
     fn managed_pools(&mut self, host: Option<&str>) -> Result<Vec<ManagedPool>>;
     /// The managed pool `pool` of `host`, if marked.

@@ -151,6 +151,23 @@ impl AdminService {
     }
 }
 
+/// The console login `name` as the API shows it.
+fn console_user(c: &Core, name: &str) -> Result<pb::ConsoleUser, CoreError> {
+    c.console_users()?
+        .into_iter()
+        .find(|(n, _, _)| n == name)
+        .map(|(name, created_unix, by)| pb::ConsoleUser {
+            name,
+            created_unix,
+            by,
+        })
+        .ok_or_else(|| {
+            CoreError::NotFound(format!(
+                "no console login named {name} (see `guestkeyctl console-user list`)"
+            ))
+        })
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn add_host(&self, req: Request<pb::AddHostRequest>) -> R<pb::AddHostResponse> {
@@ -474,6 +491,50 @@ impl Admin for AdminService {
         let r = req.into_inner();
         let v = self.0.describe_pool(r.host, r.pool).await.map_err(status)?;
         Ok(Response::new(pool_view(v)))
+    }
+
+    async fn set_console_user(
+        &self,
+        req: Request<pb::SetConsoleUserRequest>,
+    ) -> R<pb::ConsoleUser> {
+        let r = req.get_ref();
+        let (name, password) = (r.name.clone(), zeroize::Zeroizing::new(r.password.clone()));
+        let u = self
+            .admin(&req, move |c, who| {
+                c.set_console_user(&who, &name, &password)?;
+                console_user(c, &name)
+            })
+            .await?;
+        Ok(Response::new(u))
+    }
+
+    async fn remove_console_user(&self, req: Request<pb::ConsoleUserRef>) -> R<pb::ConsoleUser> {
+        let name = req.get_ref().name.clone();
+        let u = self
+            .admin(&req, move |c, who| {
+                let u = console_user(c, &name)?;
+                c.remove_console_user(&who, &name)?;
+                Ok(u)
+            })
+            .await?;
+        Ok(Response::new(u))
+    }
+
+    async fn list_console_users(
+        &self,
+        req: Request<pb::ListConsoleUsersRequest>,
+    ) -> R<pb::ListConsoleUsersResponse> {
+        let users = self.admin(&req, |c, _| c.console_users()).await?;
+        Ok(Response::new(pb::ListConsoleUsersResponse {
+            users: users
+                .into_iter()
+                .map(|(name, created_unix, by)| pb::ConsoleUser {
+                    name,
+                    created_unix,
+                    by,
+                })
+                .collect(),
+        }))
     }
 
     async fn define_guest(&self, req: Request<pb::DefineGuestRequest>) -> R<pb::Guest> {

@@ -5,8 +5,9 @@
 //! blocking thread and convert with [`pb`]; [`agents`] is the one real
 //! [`crate::domain::AgentClient`] (a tonic client per host, mutual TLS);
 //! [`tls`] holds the TLS helpers; [`role`] refuses what the server's role
-//! does not serve; [`server`] builds the domain from a data directory and
-//! serves it.
+//! does not serve; [`console`] is the web console (HTML over HTTPS, the
+//! same domain calls); [`server`] builds the domain from a data directory
+//! and serves it.
 //!
 //! May import: `model`, `domain`, `store` (only [`server`], to open the
 //! database), `scheduler` (only [`server`]), the leaf modules, and tonic,
@@ -16,6 +17,7 @@
 
 pub mod admin;
 pub mod agents;
+pub mod console;
 pub mod host_api;
 pub mod metrics;
 pub(crate) mod pb;

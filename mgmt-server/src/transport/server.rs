@@ -231,6 +231,22 @@ pub async fn run(config: Config) -> Result<(), CoreError> {
             Some(m as Arc<dyn guestkey_rpc_metrics::Observer>)
         }
     };
+    if let Some(console) = config.console {
+        if config.role == crate::config::ServerRole::Verifier {
+            return Err(CoreError::FailedPrecondition(
+                "console.listen: a verifier has no console (it keeps no volumes or guests); remove [console] from its config".into(),
+            ));
+        }
+        let (at, _task) = crate::transport::console::serve(
+            console.listen,
+            console.session_idle_secs,
+            &identity,
+            core.clone(),
+            stop_rx.clone(),
+        )
+        .await?;
+        tracing::info!("web console served at https://{at}/");
+    }
     let mut stop_server = stop_rx.clone();
     let role = config.role;
     let serve = Server::builder()

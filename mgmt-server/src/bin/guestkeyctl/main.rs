@@ -18,6 +18,7 @@
 mod attestation;
 mod audit;
 mod connect;
+mod console_user;
 mod guest;
 mod host;
 mod manual;
@@ -83,6 +84,10 @@ enum Command {
     /// Key rotation policies: set, list, remove.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
+    /// Logins of the web console (`[console] listen` of the server): add,
+    /// remove, list.
+    #[command(subcommand)]
+    ConsoleUser(console_user::ConsoleUserCmd),
     /// Show the audit log; --verify checks it (hash chain, MACs, signed
     /// heads); --head prints a signed head to keep outside the server.
     Audit(audit::AuditArgs),
@@ -168,6 +173,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Attestation(cmd) => attestation::run(cmd, &ctx).await,
         Command::Pending(cmd) => pending::run(cmd, &ctx).await,
         Command::Audit(args) => audit::run(args, &ctx).await,
+        Command::ConsoleUser(cmd) => console_user::run(cmd, &ctx).await,
         Command::Server(ServerCmd::Status) => {
             let s = ctx
                 .connect()

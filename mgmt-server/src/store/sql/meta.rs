@@ -130,6 +130,17 @@ impl AuditStore for SqlTx<'_> {
         Ok(rows)
     }
 
+    fn audit_of(&mut self, subject: &str, limit: u32) -> Result<Vec<AuditRecord>> {
+        let stmt = &format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit WHERE subject = $1 ORDER BY seq DESC LIMIT $2"
+        );
+        let mut rows = self
+            .db
+            .query_all(stmt, params![subject, limit], audit_row)?;
+        rows.reverse();
+        Ok(rows)
+    }
+
     fn audit_record(&mut self, seq: u64) -> Result<Option<AuditRecord>> {
         self.db.query_opt(
             &format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq = $1"),

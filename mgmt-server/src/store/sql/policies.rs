@@ -124,6 +124,47 @@ impl PolicyStore for SqlTx<'_> {
         })
     }
 
+    fn console_user(&mut self, name: &str) -> Result<Option<String>> {
+        self.db.query_opt(
+            "SELECT password_hash FROM console_users WHERE name = $1",
+            [name],
+            |r| r.get(0),
+        )
+    }
+
+    fn put_console_user(&mut self, name: &str, hash: &str, now: i64, by: &str) -> Result<()> {
+        self.db.execute(
+            "INSERT INTO console_users (name, password_hash, created, by_admin) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash,
+                 created = excluded.created, by_admin = excluded.by_admin",
+            params![name, hash, now, by],
+        )?;
+        Ok(())
+    }
+
+    fn delete_console_user(&mut self, name: &str) -> Result<bool> {
+        let n = self
+            .db
+            .execute("DELETE FROM console_users WHERE name = $1", [name])?;
+        Ok(n > 0)
+    }
+
+    fn console_users(&mut self) -> Result<Vec<(String, i64, String)>> {
+        self.db.query_all(
+            "SELECT name, created, by_admin FROM console_users ORDER BY name",
+            (),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+    }
+
+    fn key_created(&mut self, volume_id: &str, generation: u64) -> Result<Option<i64>> {
+        self.db.query_opt(
+            "SELECT created FROM volume_keys WHERE volume_id = $1 AND generation = $2",
+            params![volume_id, signed(generation)],
+            |r| r.get(0),
+        )
+    }
+
     fn manage_pool(&mut self, p: &ManagedPool) -> Result<bool> {
         let n = self.db.execute(
             "INSERT INTO managed_pools (host, pool, since, by_admin) VALUES ($1, $2, $3, $4)

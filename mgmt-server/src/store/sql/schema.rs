@@ -456,6 +456,20 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     ",
         ..NONE
     },
+    // 18: the web console's logins (argon2id hashes in PHC form), and the
+    // audit records of one subject (a volume's history in the console)
+    Migration {
+        all: "
+    CREATE TABLE console_users (
+        name          TEXT PRIMARY KEY,
+        password_hash TEXT NOT NULL,
+        created       INTEGER NOT NULL,
+        by_admin      TEXT NOT NULL
+    );
+    CREATE INDEX audit_subject ON audit(subject, seq);
+    ",
+        ..NONE
+    },
 ];
 
 #[cfg(test)]
