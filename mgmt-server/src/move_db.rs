@@ -37,6 +37,8 @@ pub const COPIED: &[&str] = &[
     "volumes",
     "volume_keys",
     "policies",
+    "managed_pools",
+    "console_users",
     "guests",
     "guest_disks",
     "guest_migrations",

@@ -5,6 +5,8 @@
 //! that ever held a key of it). The console's actions themselves are the
 //! admin API's domain calls, with the logged-in admin as the caller.
 
+use std::collections::HashMap;
+
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 
@@ -216,6 +218,24 @@ impl Core {
             .map(|h| hasher().verify_password(password.as_bytes(), &h).is_ok())
             .unwrap_or(false);
         Ok((ok && known.is_some()).then(|| Caller::Admin(name.to_owned())))
+    }
+
+    /// What each host last reported holding: (volume id, generation),
+    /// ids only, by host.
+    pub fn held_keys(&self) -> Result<HashMap<String, Vec<(String, u64)>>, CoreError> {
+        self.read(|tx| {
+            let mut out = HashMap::new();
+            for h in tx.hosts()? {
+                let mut held: Vec<(String, u64)> = tx
+                    .inventory(&h.name)?
+                    .into_iter()
+                    .map(|k| (k.volume_id, k.generation))
+                    .collect();
+                held.dedup();
+                out.insert(h.name, held);
+            }
+            Ok(out)
+        })
     }
 
     /// The newest `limit` audit records about `subject`, oldest first.

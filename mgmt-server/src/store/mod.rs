@@ -260,6 +260,8 @@ pub trait HostStore {
     fn complete_enrollment(&mut self, e: &Enrollment) -> Result<bool>;
     /// Replaces what a host reported holding.
     fn replace_inventory(&mut self, host: &str, held: &[HeldKey], now: i64) -> Result<()>;
+    /// What the host last reported holding (ids only), by volume.
+    fn inventory(&mut self, host: &str) -> Result<Vec<HeldKey>>;
     /// Sets where migrations to a host go.
     fn set_host_migration(
         &mut self,

@@ -8,6 +8,7 @@
 mod adopt;
 mod bounds;
 mod checkpoints;
+mod console;
 mod gates;
 mod hosts;
 mod leader;

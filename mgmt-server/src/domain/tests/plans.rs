@@ -94,6 +94,16 @@ async fn every_statement_of_the_api_operations_uses_an_index() {
         .await
         .unwrap();
     b.core.list_managed_pools(Some("kvm-a")).unwrap();
+    // The console's own reads.
+    b.core.volume_history("disk").unwrap();
+    b.core.held_keys().unwrap();
+    b.core
+        .set_console_user(&b.admin, "alice", "a long password")
+        .unwrap();
+    b.core
+        .check_console_login("alice", "a long password")
+        .unwrap();
+    b.core.console_user_exists("alice").unwrap();
     b.core.unfinished_migrations().unwrap();
     b.volume("kvm-b", "spare").await;
     b.core.delete_volume(&b.admin, "spare").unwrap();

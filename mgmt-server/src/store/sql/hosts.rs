@@ -1,6 +1,6 @@
 //! `hosts` and `host_inventory`.
 
-use super::{Row, SqlTx, signed, typed};
+use super::{Row, SqlTx, signed, typed, unsigned};
 use crate::model::{HostInfo, HostState, HostTpm};
 use crate::store::{Enrollment, HeldKey, HostRecord, HostStore, NewHost, Result, TokenHolder};
 
@@ -154,6 +154,21 @@ impl HostStore for SqlTx<'_> {
             ],
         )?;
         Ok(n == 1)
+    }
+
+    fn inventory(&mut self, host: &str) -> Result<Vec<HeldKey>> {
+        self.db.query_all(
+            "SELECT volume_id, generation, guest_uuid FROM host_inventory WHERE host = $1
+             ORDER BY volume_id, generation, guest_uuid",
+            [host],
+            |r| {
+                Ok(HeldKey {
+                    volume_id: r.get(0)?,
+                    generation: unsigned(r, 1)?,
+                    guest_uuid: r.get(2)?,
+                })
+            },
+        )
     }
 
     fn replace_inventory(&mut self, host: &str, held: &[HeldKey], now: i64) -> Result<()> {

@@ -86,30 +86,38 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
         })
 }
 
-/// A POST must come from a page of this console: its Origin (which
-/// browsers send with every POST) names this host, and Sec-Fetch-Site, if
-/// sent, says same-origin.
-fn same_origin(parts: &Parts) -> bool {
-    if parts.method == Method::GET || parts.method == Method::HEAD {
-        return true;
-    }
-    let h = &parts.headers;
-    if let Some(site) = h.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
-        if site != "same-origin" {
-            return false;
-        }
-    }
-    let host = h
+/// The host a request was sent to: HTTP/1.1's Host header, or HTTP/2's
+/// :authority (the URI's).
+fn request_host(headers: &HeaderMap, uri: &axum::http::Uri) -> Option<String> {
+    headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()));
-    match (h.get(header::ORIGIN).and_then(|v| v.to_str().ok()), host) {
-        (Some(origin), Some(host)) => origin == format!("https://{host}"),
-        // Not a browser (curl with a certificate): the CSRF token decides.
-        (None, _) => true,
-        (Some(_), None) => false,
+        .or_else(|| uri.authority().map(|a| a.to_string()))
+}
+
+/// Whether a POST comes from a page of this console: its Origin (which
+/// browsers send with every POST) names this host, and Sec-Fetch-Site, if
+/// sent, says same-origin. Without an Origin (not a browser: curl with a
+/// certificate) the CSRF token alone decides.
+fn from_here(headers: &HeaderMap, uri: &axum::http::Uri) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        if site != "same-origin" && site != "none" {
+            return false;
+        }
     }
+    match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        None => true,
+        Some(origin) => {
+            request_host(headers, uri).is_some_and(|h| origin == format!("https://{h}"))
+        }
+    }
+}
+
+fn same_origin(parts: &Parts) -> bool {
+    parts.method == Method::GET
+        || parts.method == Method::HEAD
+        || from_here(&parts.headers, &parts.uri)
 }
 
 /// Why a request is not let in.
@@ -224,6 +232,7 @@ fn login_form(error: Option<&str>) -> maud::Markup {
 /// Signs in: a session for a login whose password matches.
 pub(crate) async fn login(
     State(c): State<Arc<Console>>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     axum::Form(form): axum::Form<HashMap<String, String>>,
 ) -> Response {
@@ -231,14 +240,11 @@ pub(crate) async fn login(
         Page::new("Sign in", None, login_form(Some(msg))).status(status)
     };
     // A sign-in form posted from elsewhere (login CSRF).
-    if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
-        if host.is_none_or(|h| origin != format!("https://{h}")) {
-            return refused(
-                StatusCode::FORBIDDEN,
-                "This sign-in did not come from this console's page.",
-            );
-        }
+    if !from_here(&headers, &uri) {
+        return refused(
+            StatusCode::FORBIDDEN,
+            "This sign-in did not come from this console's page.",
+        );
     }
     let name = form.get("name").map(String::as_str).unwrap_or("").trim();
     let password = form.get("password").map(String::as_str).unwrap_or("");

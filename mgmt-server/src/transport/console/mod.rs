@@ -89,7 +89,9 @@ async fn headers(req: Request, next: Next) -> Response {
     );
     set(h, header::X_FRAME_OPTIONS, "DENY");
     set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
-    set(h, header::REFERRER_POLICY, "no-referrer");
+    // same-origin, not no-referrer: under no-referrer a browser sends
+    // `Origin: null` with its form posts, and the origin check needs it.
+    set(h, header::REFERRER_POLICY, "same-origin");
     set(h, header::STRICT_TRANSPORT_SECURITY, "max-age=31536000");
     if !h.contains_key(header::CACHE_CONTROL) {
         set(h, header::CACHE_CONTROL, "no-store");

@@ -64,7 +64,7 @@ pub(crate) async fn not_found(who: Who) -> Response {
 
 /// Hosts: state, attestation and TPM, keys held, last inventory; revoke.
 pub(crate) async fn hosts(State(c): State<Arc<Console>>, who: Who) -> Response {
-    let hosts = match call(&c, |core| core.list_hosts()).await {
+    let (hosts, held) = match call(&c, |core| Ok((core.list_hosts()?, core.held_keys()?))).await {
         Ok(h) => h,
         Err(e) => return layout::refused(&who, "Hosts", &e),
     };
@@ -98,7 +98,17 @@ pub(crate) async fn hosts(State(c): State<Arc<Console>>, who: Who) -> Response {
                             }
                         }
                         td.num { (h.volume_count) }
-                        td.num { (h.held_keys) }
+                        td.num {
+                            @match held.get(&h.name) {
+                                Some(keys) if !keys.is_empty() => {
+                                    details {
+                                        summary { (h.held_keys) }
+                                        @for (v, g) in keys { span.mono { (v) " gen " (g) } br; }
+                                    }
+                                }
+                                _ => { (h.held_keys) }
+                            }
+                        }
                         td { (time(h.inventory_reported_unix)) }
                         td {
                             @if h.state != HostState::Revoked {
@@ -115,7 +125,7 @@ pub(crate) async fn hosts(State(c): State<Arc<Console>>, who: Who) -> Response {
             }
         }
         @if hosts.is_empty() { p.hint { "No hosts yet: " code { "guestkeyctl host add NAME --address HOST:PORT" } } }
-        p.hint { "Keys held: the key ids the host last reported (their number; no key ever reaches this page). Revoking a host stops every key release to it and refuses its certificate." }
+        p.hint { "Keys held: the volume ids and key generations the host last reported holding (ids only: no key ever reaches this page). Revoking a host stops every key release to it and refuses its certificate." }
     };
     Page::new("Hosts", Some(&who), body).at(StatusCode::OK, "/hosts")
 }

@@ -1,0 +1,80 @@
+//! The console's logins: hashed, checked, replaced, removed, audited; bad
+//! names and passwords refused with nothing changed.
+
+use super::Bed;
+use crate::model::{Caller, CoreError};
+
+#[test]
+fn console_logins_are_checked_against_their_hash_only() {
+    let b = Bed::new();
+    b.core
+        .set_console_user(&b.admin, "alice", "first password!")
+        .unwrap();
+    let ok = b
+        .core
+        .check_console_login("alice", "first password!")
+        .unwrap();
+    assert_eq!(ok, Some(Caller::Admin("alice".into())));
+    for (name, pw) in [
+        ("alice", "first password"),
+        ("bob", "first password!"),
+        ("bad name", "first password!"),
+        ("", ""),
+    ] {
+        assert_eq!(
+            b.core.check_console_login(name, pw).unwrap(),
+            None,
+            "{name}"
+        );
+    }
+    // The store keeps an argon2id hash, not the password.
+    let users = b.core.console_users().unwrap();
+    assert_eq!(users.len(), 1);
+    assert_eq!(users[0].2, "admin:admin");
+    let snapshot = format!("{:?}", b.core.audit_of("alice", 100).unwrap());
+    assert!(!snapshot.contains("first password"), "{snapshot}");
+
+    // A new password replaces the old one.
+    b.core
+        .set_console_user(&b.admin, "alice", "second password")
+        .unwrap();
+    assert_eq!(
+        b.core
+            .check_console_login("alice", "first password!")
+            .unwrap(),
+        None
+    );
+    assert!(
+        b.core
+            .check_console_login("alice", "second password")
+            .unwrap()
+            .is_some()
+    );
+
+    // Bad requests change nothing.
+    let before = b.core.console_users().unwrap();
+    for (name, pw, says) in [
+        ("alice", "short", "12 to 1024 characters"),
+        ("alice", "with a bell \u{7} in it", "no control characters"),
+        ("-alice", "long enough password", "login name"),
+    ] {
+        let e = b.core.set_console_user(&b.admin, name, pw).unwrap_err();
+        assert!(e.to_string().contains(says), "{e}");
+        assert!(!e.to_string().contains(pw) || pw.len() < 6, "{e}");
+    }
+    assert_eq!(b.core.console_users().unwrap(), before);
+
+    b.core.remove_console_user(&b.admin, "alice").unwrap();
+    assert!(!b.core.console_user_exists("alice").unwrap());
+    let e = b.core.remove_console_user(&b.admin, "alice").unwrap_err();
+    assert!(matches!(e, CoreError::NotFound(_)), "{e}");
+    let actions = b.actions();
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| a.starts_with("console-user."))
+            .count(),
+        3,
+        "{actions:?}"
+    );
+}
