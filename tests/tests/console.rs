@@ -401,5 +401,140 @@ async fn an_operator_works_in_the_console_in_a_real_browser() {
         &url,
     ]);
     assert_eq!(code, 0, "a host certificate was accepted");
+
+    // Bad input of every form: a message naming what to fix, and nothing
+    // changed.
+    let mut a = cert_args.to_vec();
+    a.push(&url);
+    let page = curl(&a).1;
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|t| t.split('"').next())
+        .unwrap()
+        .to_owned();
+    let snapshot = || {
+        (
+            s.json(&["volume", "list"]),
+            s.json(&["policy", "list"]),
+            s.json(&["host", "list"]),
+            s.json(&["pool", "list"]),
+        )
+    };
+    let before = snapshot();
+    let id = s.json(&["volume", "show", "web-disk"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (h, p) = (&s.host, &s.pool);
+    let cases: Vec<(String, String, &str)> = vec![
+        (
+            "/encrypt/create".into(),
+            format!("host={h}&pool={p}&name=bad%20name&size=1M&format=qcow2"),
+            "volume name",
+        ),
+        (
+            "/encrypt/create".into(),
+            format!("host={h}&pool={p}&name=ok-name&size=1M&format=vmdk"),
+            "vmdk",
+        ),
+        (
+            "/encrypt/create".into(),
+            format!("host=no-such-host&pool={p}&name=ok-name&size=1M&format=qcow2"),
+            "no-such-host",
+        ),
+        (
+            "/encrypt/create".into(),
+            format!("host={h}&pool={p}&name=ok-name&size=0&format=qcow2"),
+            "size",
+        ),
+        (
+            "/encrypt/create".into(),
+            format!("host={h}&pool={p}&name=web-disk&size=1M&format=qcow2"),
+            "already exists",
+        ),
+        (
+            "/encrypt/convert".into(),
+            format!("host={h}&pool={p}&name=missing.qcow2&format=qcow2"),
+            "missing.qcow2",
+        ),
+        (
+            format!("/volumes/{id}/rekey"),
+            "kind=sideways&confirm=yes".into(),
+            "sideways",
+        ),
+        (
+            format!("/volumes/{id}/rekey"),
+            "kind=deep&confirm=yes&mib_per_sec=0".into(),
+            "MiB/s",
+        ),
+        (
+            "/volumes/no-such-volume/rekey".into(),
+            "kind=deep&confirm=yes".into(),
+            "no-such-volume",
+        ),
+        (
+            "/policies/set".into(),
+            "scope=galaxy&target=x&max_key_age=1d&mode=deep".into(),
+            "galaxy",
+        ),
+        (
+            "/policies/set".into(),
+            "scope=volume&target=no-such-volume&max_key_age=1d&mode=deep".into(),
+            "no-such-volume",
+        ),
+        (
+            "/policies/set".into(),
+            "scope=pool&target=x&max_key_age=1d&mode=medium".into(),
+            "medium",
+        ),
+        (
+            "/policies/remove".into(),
+            "scope=pool&target=never-set".into(),
+            "never-set",
+        ),
+        (
+            "/hosts/no-such-host/revoke".into(),
+            "confirm=yes".into(),
+            "no-such-host",
+        ),
+        (format!("/hosts/{h}/revoke"), String::new(), "I am sure"),
+        (
+            "/pending/rq-000000000000".into(),
+            "decision=approve".into(),
+            "rq-000000000000",
+        ),
+        (
+            "/pending/rq-000000000000".into(),
+            "decision=maybe".into(),
+            "Approve or Deny",
+        ),
+    ];
+    for (path, form, says) in &cases {
+        let body = format!("csrf={csrf}&{form}");
+        let target = format!("{base}{path}");
+        let mut a = cert_args.to_vec();
+        a.extend(["-d", body.as_str(), target.as_str()]);
+        let (code, page) = curl(&a);
+        assert!((400..500).contains(&code), "{path} {form}: {code}\n{page}");
+        assert!(page.contains(says), "{path} {form}: no {says:?} in\n{page}");
+        assert!(
+            page.contains("Nothing was changed"),
+            "{path} {form}:\n{page}"
+        );
+    }
+    for (path, says) in [
+        ("/volumes/no-such-volume".to_owned(), "no-such-volume"),
+        (format!("/audit?action={}", "x".repeat(300)), "at most 256"),
+        ("/no/such/page".to_owned(), "no such page"),
+    ] {
+        let target = format!("{base}{path}");
+        let mut a = cert_args.to_vec();
+        a.push(&target);
+        let (code, page) = curl(&a);
+        assert!((400..500).contains(&code), "{path}: {code}\n{page}");
+        assert!(page.contains(says), "{path}: no {says:?} in\n{page}");
+    }
+    assert_eq!(snapshot(), before, "a refused form changed something");
     drop(driver);
 }
