@@ -132,6 +132,27 @@ fn curl(args: &[&str]) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
+/// `guestkeyctl console-user add NAME`, the password on stdin.
+fn set_password(s: &Stack, name: &str, password: &str) {
+    let mut add = s
+        .ctl_command(&["console-user", "add", name])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        writeln!(add.stdin.take().unwrap(), "{password}").unwrap();
+    }
+    let out = add.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_works_in_the_console_in_a_real_browser() {
     let port = guestkey_testkit::free_port();
@@ -144,23 +165,7 @@ async fn an_operator_works_in_the_console_in_a_real_browser() {
     std::fs::create_dir_all(&shots).unwrap();
 
     // A login, made by an admin with guestkeyctl (the password on stdin).
-    let mut add = s
-        .ctl_command(&["console-user", "add", "alice"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        writeln!(add.stdin.take().unwrap(), "{PASSWORD}").unwrap();
-    }
-    let out = add.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    set_password(&s, "alice", PASSWORD);
     assert_eq!(s.audit("console-user.set").len(), 1);
 
     let driver = chromedriver();
@@ -292,7 +297,7 @@ async fn an_operator_works_in_the_console_in_a_real_browser() {
     let audit = wait_for_text(&c, "audit-verified", 10).await;
     assert!(audit.contains("Verified:"), "{audit}");
     assert!(
-        audit.contains("admin:alice") && audit.contains("volume.rekey-requested"),
+        audit.contains("admin:alice@console") && audit.contains("volume.rekey-requested"),
         "{audit}"
     );
     assert!(
@@ -331,10 +336,19 @@ async fn an_operator_works_in_the_console_in_a_real_browser() {
     ] {
         let recs = s.audit(action);
         assert!(
-            recs.iter().any(|r| r["actor"] == "admin:alice"),
+            recs.iter().any(|r| r["actor"] == "admin:alice@console"),
             "{action}: {recs:?}"
         );
     }
+
+    // A new password ends the sessions made under the old one.
+    set_password(&s, "alice", "the second password");
+    c.goto(&format!("{base}/volumes")).await.unwrap();
+    wait_for_text(&c, "action=\"/login\"", 10).await;
+    fill(&c, "input[name=name]", "alice").await;
+    fill(&c, "input[name=password]", "the second password").await;
+    click(&c, "form[action='/login'] button").await;
+    wait_for_text(&c, "Signed in as", 10).await;
 
     // Sign out: the session ends.
     click(&c, "header form button").await;
@@ -536,5 +550,24 @@ async fn an_operator_works_in_the_console_in_a_real_browser() {
         assert!(page.contains(says), "{path}: no {says:?} in\n{page}");
     }
     assert_eq!(snapshot(), before, "a refused form changed something");
+
+    // Ten wrong passwords of one login: its sign-ins are refused for a
+    // while, even with the right one; the refusals name no password.
+    set_password(&s, "bob", "bob's own password");
+    let login = format!("{base}/login");
+    for _ in 0..10 {
+        let (code, _) = curl(&["-d", "name=bob&password=guess+guess+guess", &login]);
+        assert_eq!(code, 401);
+    }
+    let (code, page) = curl(&["-d", "name=bob&password=bob%27s+own+password", &login]);
+    assert_eq!(code, 429, "{page}");
+    assert!(page.contains("Too many failed sign-ins"), "{page}");
+    let (code, _) = curl(&["-d", "name=hunter2hunter2&password=x", &login]);
+    assert_eq!(code, 401);
+    let text = serde_json::to_string(&s.audit("refused")).unwrap();
+    assert!(
+        !text.contains("guess") && !text.contains("hunter2"),
+        "{text}"
+    );
     drop(driver);
 }

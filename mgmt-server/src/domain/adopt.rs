@@ -288,7 +288,8 @@ fn cleartext_disk(
     })
 }
 
-fn described(host: &str, e: AgentError) -> CoreError {
+/// A host's answer to a describe call that failed, as the admin sees it.
+pub(crate) fn described(host: &str, e: AgentError) -> CoreError {
     match e.kind {
         AgentErrorKind::Unreachable => CoreError::FailedPrecondition(format!(
             "host {host} does not answer ({}): nothing was changed; try again when it does",

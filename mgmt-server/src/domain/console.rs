@@ -58,6 +58,18 @@ fn check_password(password: &str) -> Result<(), CoreError> {
     Ok(())
 }
 
+/// The caller a console login acts as: `NAME@console`, so that the audit
+/// log tells it from an admin credential of the same name.
+pub fn console_caller(name: &str) -> Caller {
+    Caller::Admin(format!("{name}@console"))
+}
+
+/// A password hash's tag: SHA-256 of its PHC string.
+fn tag(hash: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(hash.as_bytes()).into()
+}
+
 /// A volume's history, from the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct VolumeHistory {
@@ -202,13 +214,15 @@ impl Core {
         self.read(|tx| Ok(tx.console_users()?))
     }
 
-    /// Whether `password` is the console login `name`'s; the caller it
-    /// acts as if so. A name that is no login takes as long to refuse.
+    /// Whether `password` is the console login `name`'s: if so, the caller
+    /// it acts as (`NAME@console`, never the name of an admin credential)
+    /// and the tag of its password (see [`Core::console_login_tag`]). A
+    /// name that is no login takes as long to refuse.
     pub fn check_console_login(
         &self,
         name: &str,
         password: &str,
-    ) -> Result<Option<Caller>, CoreError> {
+    ) -> Result<Option<(Caller, [u8; 32])>, CoreError> {
         let known = match Name::parse("login name", name) {
             Ok(n) => self.read(|tx| Ok(tx.console_user(n.as_str())?))?,
             Err(_) => None,
@@ -217,7 +231,17 @@ impl Core {
         let ok = PasswordHash::new(stored)
             .map(|h| hasher().verify_password(password.as_bytes(), &h).is_ok())
             .unwrap_or(false);
-        Ok((ok && known.is_some()).then(|| Caller::Admin(name.to_owned())))
+        Ok(match known {
+            Some(hash) if ok => Some((console_caller(name), tag(&hash))),
+            _ => None,
+        })
+    }
+
+    /// The tag of the console login `name`'s current password (None: no
+    /// such login): a session made under another password, or before the
+    /// login was removed and made again, no longer matches.
+    pub fn console_login_tag(&self, name: &str) -> Result<Option<[u8; 32]>, CoreError> {
+        self.read(|tx| Ok(tx.console_user(name)?.map(|h| tag(&h))))
     }
 
     /// What each host last reported holding: (volume id, generation),
@@ -246,14 +270,20 @@ impl Core {
     /// Records a sign-in to the console.
     pub fn audit_console_login(&self, name: &str) -> Result<(), CoreError> {
         self.write(|tx| {
-            self.log(tx, &format!("admin:{name}"), "console.signed-in", name, "")?;
+            self.log(
+                tx,
+                &console_caller(name).actor(),
+                "console.signed-in",
+                name,
+                "",
+            )?;
             Ok(())
         })
     }
 
-    /// Whether the console login `name` still exists.
+    /// Whether the console login `name` exists.
     pub fn console_user_exists(&self, name: &str) -> Result<bool, CoreError> {
-        self.read(|tx| Ok(tx.console_user(name)?.is_some()))
+        Ok(self.console_login_tag(name)?.is_some())
     }
 
     /// A volume and its history from the audit log.

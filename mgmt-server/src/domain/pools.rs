@@ -15,7 +15,8 @@
 use std::sync::Arc;
 
 use crate::domain::Core;
-use crate::domain::agent::{AgentError, AgentErrorKind, PoolDescription, VolumeUser};
+use crate::domain::adopt::described;
+use crate::domain::agent::{PoolDescription, VolumeUser};
 use crate::model::{Caller, CoreError, ManagedPool, Name, VolumeState};
 use crate::store::Tx;
 
@@ -98,16 +99,6 @@ fn names(host: &str, pool: &str) -> Result<(Name, Name), CoreError> {
         Name::parse("host name", host)?,
         Name::parse("pool name", pool)?,
     ))
-}
-
-fn described(host: &str, e: AgentError) -> CoreError {
-    match e.kind {
-        AgentErrorKind::Unreachable => CoreError::FailedPrecondition(format!(
-            "host {host} does not answer ({}): nothing was changed; try again when it does",
-            e.message
-        )),
-        _ => CoreError::FailedPrecondition(e.message),
-    }
 }
 
 /// What guestkey makes of each volume of `desc`, pool `pool` of `host`.
@@ -234,6 +225,23 @@ fn encrypt_offer(
 }
 
 impl Core {
+    /// Pool `pool` of `host` as the host describes it, the names checked.
+    async fn described_pool(
+        self: &Arc<Self>,
+        host: &str,
+        pool: &str,
+    ) -> Result<(Name, Name, PoolDescription), CoreError> {
+        let (host_name, pool_name) = names(host, pool)?;
+        let h = host_name.to_string();
+        let enrolled = self.blocking(move |c| c.enrolled_host(&h)).await?;
+        let desc = self
+            .agents
+            .describe_pool(&enrolled, pool_name.as_str())
+            .await
+            .map_err(|e| described(host, e))?;
+        Ok((host_name, pool_name, desc))
+    }
+
     /// Marks pool `pool` of `host` managed once the host shows it active.
     /// Marking a managed pool again returns its mark.
     pub async fn manage_pool(
@@ -242,14 +250,7 @@ impl Core {
         host: String,
         pool: String,
     ) -> Result<ManagedPool, CoreError> {
-        let (host_name, pool_name) = names(&host, &pool)?;
-        let h = host.clone();
-        let enrolled = self.blocking(move |c| c.enrolled_host(&h)).await?;
-        let desc = self
-            .agents
-            .describe_pool(&enrolled, pool_name.as_str())
-            .await
-            .map_err(|e| described(&host, e))?;
+        let (host_name, pool_name, desc) = self.described_pool(&host, &pool).await?;
         self.blocking(move |c| {
             c.write(|tx| {
                 if let Some(m) = tx.managed_pool(host_name.as_str(), pool_name.as_str())? {
@@ -325,14 +326,7 @@ impl Core {
         host: String,
         pool: String,
     ) -> Result<PoolView, CoreError> {
-        let (host_name, pool_name) = names(&host, &pool)?;
-        let h = host.clone();
-        let enrolled = self.blocking(move |c| c.enrolled_host(&h)).await?;
-        let desc = self
-            .agents
-            .describe_pool(&enrolled, pool_name.as_str())
-            .await
-            .map_err(|e| described(&host, e))?;
+        let (host_name, pool_name, desc) = self.described_pool(&host, &pool).await?;
         self.blocking(move |c| {
             c.read(|tx| {
                 let managed = tx.managed_pool(host_name.as_str(), pool_name.as_str())?;

@@ -64,6 +64,20 @@ impl fmt::Display for Name {
 /// Largest volume guestkey creates: 1 PiB.
 pub const MAX_CAPACITY: u64 = 1 << 50;
 
+/// Unix seconds as UTC, `2026-12-01 09:30:00Z` (None: out of range).
+pub fn format_utc(unix: i64) -> Option<String> {
+    let t = time::OffsetDateTime::from_unix_timestamp(unix).ok()?;
+    Some(format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
+        t.year(),
+        t.month() as u8,
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    ))
+}
+
 /// Parses a size: a whole number of bytes, optionally with a binary suffix
 /// K, M, G, T or P (also KiB, MiB...). `10G` is 10 GiB.
 pub fn parse_size(value: &str) -> Result<u64, InvalidInput> {

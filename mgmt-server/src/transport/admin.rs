@@ -497,14 +497,19 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::SetConsoleUserRequest>,
     ) -> R<pb::ConsoleUser> {
-        let r = req.get_ref();
-        let (name, password) = (r.name.clone(), zeroize::Zeroizing::new(r.password.clone()));
+        let who = self.admin(&req, |_, who| Ok(who)).await?;
+        let mut r = req.into_inner();
+        // The password moves out of the request, to be wiped after hashing.
+        let password = zeroize::Zeroizing::new(std::mem::take(&mut r.password));
+        let name = r.name;
         let u = self
-            .admin(&req, move |c, who| {
+            .0
+            .blocking(move |c| {
                 c.set_console_user(&who, &name, &password)?;
                 console_user(c, &name)
             })
-            .await?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(u))
     }
 

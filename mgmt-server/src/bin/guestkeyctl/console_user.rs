@@ -74,13 +74,13 @@ pub(crate) async fn run(cmd: ConsoleUserCmd, ctx: &Ctx) -> Result<(), Failure> {
             name,
             password_file,
         } => {
-            let pw = password(password_file)?;
+            let mut pw = password(password_file)?;
             let u = ctx
                 .connect()
                 .await?
                 .set_console_user(pb::SetConsoleUserRequest {
                     name,
-                    password: pw.to_string(),
+                    password: std::mem::take(&mut *pw),
                 })
                 .await
                 .map_err(rpc_error)?

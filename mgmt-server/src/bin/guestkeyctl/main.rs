@@ -9,7 +9,7 @@
 //! key/value blocks, JSON, sizes, times, progress). The groups import
 //! `connect` and `output`, never each other; `output` and `connect`
 //! import no group. The library paths used are
-//! `mgmt_server::names::parse_size`, `mgmt_server::policy::parse_duration`
+//! `mgmt_server::names::{parse_size, format_utc}`, `mgmt_server::policy::parse_duration`
 //! and `mgmt_server::tls::{tls_name, error_chain}`; connections go through
 //! `guestkey_pinned_tls` (the server CA and the pinned server certificate).
 

@@ -221,18 +221,7 @@ fn bad(records: u64, seq: u64, problem: String, checkpoints: u64) -> Verificatio
 
 /// `2026-12-01 08:30:00Z`, for messages.
 fn fmt_time(ms: i64) -> String {
-    match time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
-            t.year(),
-            t.month() as u8,
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        ),
-        Err(_) => format!("{ms} ms"),
-    }
+    crate::model::names::format_utc(ms.div_euclid(1000)).unwrap_or_else(|| format!("{ms} ms"))
 }
 
 /// Checks one signed head against a log of `records` records: None if the

@@ -14,7 +14,9 @@ fn console_logins_are_checked_against_their_hash_only() {
         .core
         .check_console_login("alice", "first password!")
         .unwrap();
-    assert_eq!(ok, Some(Caller::Admin("alice".into())));
+    let (caller, tag) = ok.unwrap();
+    assert_eq!(caller, Caller::Admin("alice@console".into()));
+    assert_eq!(b.core.console_login_tag("alice").unwrap(), Some(tag));
     for (name, pw) in [
         ("alice", "first password"),
         ("bob", "first password!"),
@@ -44,11 +46,14 @@ fn console_logins_are_checked_against_their_hash_only() {
             .unwrap(),
         None
     );
-    assert!(
-        b.core
-            .check_console_login("alice", "second password")
-            .unwrap()
-            .is_some()
+    let (_, new_tag) = b
+        .core
+        .check_console_login("alice", "second password")
+        .unwrap()
+        .unwrap();
+    assert_ne!(
+        new_tag, tag,
+        "a session of the old password no longer matches"
     );
 
     // Bad requests change nothing.

@@ -21,15 +21,67 @@ use crate::model::Caller;
 const COOKIE: &str = "__Host-guestkey-session";
 /// Sessions kept at most; the oldest go first.
 const MAX_SESSIONS: usize = 1000;
+/// Failed sign-ins of one login name within [`FAILURE_WINDOW`] after which
+/// its sign-ins are refused until the window ends (an admin certificate
+/// still works).
+const MAX_FAILURES: u32 = 10;
+const FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+/// Login names whose failures are counted at most (the oldest go first).
+const FAILURE_NAMES: usize = 10_000;
+/// How long a sign-in waits for one of the password checks.
+const LOGIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A login's session.
 pub(crate) struct Session {
     /// The login.
-    pub(crate) user: String,
+    pub(crate) login: String,
+    /// The tag of its password at sign-in: a new password, or the login
+    /// removed, ends the session.
+    pub(crate) tag: [u8; 32],
     /// Its CSRF token.
     pub(crate) csrf: String,
+    /// Its sign-in.
+    pub(crate) started: Instant,
     /// Its last request.
     pub(crate) last: Instant,
+}
+
+/// Failed sign-ins by login name: (count, first in the window).
+#[derive(Default)]
+pub(crate) struct Failures(HashMap<String, (u32, Instant)>);
+
+impl Failures {
+    fn prune(&mut self) {
+        self.0.retain(|_, (_, at)| at.elapsed() < FAILURE_WINDOW);
+    }
+
+    /// Whether sign-ins of `name` are refused now.
+    fn locked(&mut self, name: &str) -> bool {
+        self.prune();
+        self.0.get(name).is_some_and(|(n, _)| *n >= MAX_FAILURES)
+    }
+
+    fn failed(&mut self, name: &str) {
+        self.prune();
+        if self.0.len() >= FAILURE_NAMES && !self.0.contains_key(name) {
+            if let Some(oldest) = self
+                .0
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| k.clone())
+            {
+                self.0.remove(&oldest);
+            }
+        }
+        self.0
+            .entry(name.to_owned())
+            .or_insert((0, Instant::now()))
+            .0 += 1;
+    }
+
+    fn succeeded(&mut self, name: &str) {
+        self.0.remove(name);
+    }
 }
 
 /// How the admin proved who they are.
@@ -114,10 +166,23 @@ fn from_here(headers: &HeaderMap, uri: &axum::http::Uri) -> bool {
     }
 }
 
+/// Whether a request may be served: a POST from a page of this console
+/// ([`from_here`]); a GET from anywhere only as a top-level navigation (a
+/// link followed), so that another site cannot embed the console's pages
+/// (an admin certificate goes with every request, whatever SameSite says).
 fn same_origin(parts: &Parts) -> bool {
-    parts.method == Method::GET
-        || parts.method == Method::HEAD
-        || from_here(&parts.headers, &parts.uri)
+    let h = &parts.headers;
+    let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+    if parts.method == Method::GET || parts.method == Method::HEAD {
+        return match get("sec-fetch-site") {
+            Some("cross-site" | "same-site") => {
+                get("sec-fetch-mode") == Some("navigate")
+                    && get("sec-fetch-dest") == Some("document")
+            }
+            _ => true,
+        };
+    }
+    from_here(h, &parts.uri)
 }
 
 /// Why a request is not let in.
@@ -144,7 +209,7 @@ impl IntoResponse for Refused {
                 None,
                 StatusCode::FORBIDDEN,
                 "Refused",
-                "This request did not come from a page of this console (its Origin differs), so nothing was done.",
+                "This request did not come from a page of this console (another site sent it), so nothing was done.",
             ),
         }
     }
@@ -186,26 +251,31 @@ impl FromRequestParts<Arc<Console>> for Who {
             sweep(&mut sessions, c.idle);
             sessions.get_mut(&hash).map(|s| {
                 s.last = Instant::now();
-                (s.user.clone(), s.csrf.clone())
+                (s.login.clone(), s.tag, s.csrf.clone())
             })
         };
-        let (user, csrf) = found.ok_or(Refused::SignIn(parts.method.clone()))?;
-        // A removed login's sessions end.
-        let u = user.clone();
-        let exists = c
+        let (login, tag, csrf) = found.ok_or(Refused::SignIn(parts.method.clone()))?;
+        // A removed login's sessions end, and so do those made under its
+        // old password.
+        let l = login.clone();
+        let now = c
             .core
-            .blocking(move |core| core.console_user_exists(&u))
+            .blocking(move |core| core.console_login_tag(&l))
             .await
-            .unwrap_or(false);
-        if !exists {
+            .ok()
+            .flatten();
+        if now != Some(tag) {
             c.sessions
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&hash);
             return Err(Refused::SignIn(parts.method.clone()));
         }
+        let Caller::Admin(name) = crate::domain::console::console_caller(&login) else {
+            return Err(Refused::SignIn(parts.method.clone()));
+        };
         Ok(Who {
-            name: user,
+            name,
             csrf,
             via: Via::Login(hash),
         })
@@ -234,7 +304,7 @@ pub(crate) async fn login(
     State(c): State<Arc<Console>>,
     uri: axum::http::Uri,
     headers: HeaderMap,
-    axum::Form(form): axum::Form<HashMap<String, String>>,
+    axum::Form(mut form): axum::Form<HashMap<String, String>>,
 ) -> Response {
     let refused = |status: StatusCode, msg: &str| {
         Page::new("Sign in", None, login_form(Some(msg))).status(status)
@@ -246,37 +316,62 @@ pub(crate) async fn login(
             "This sign-in did not come from this console's page.",
         );
     }
-    let name = form.get("name").map(String::as_str).unwrap_or("").trim();
-    let password = form.get("password").map(String::as_str).unwrap_or("");
+    let name = form.get("name").map_or("", |n| n.trim()).to_owned();
+    // The password moves out of the form, to be wiped after its check.
+    let password = zeroize::Zeroizing::new(form.remove("password").unwrap_or_default());
     if name.is_empty() || password.is_empty() {
         return refused(
             StatusCode::BAD_REQUEST,
             "Give your login name and password.",
         );
     }
-    if name.len() > 64 || password.len() > crate::domain::console::MAX_PASSWORD * 4 {
+    // Only a well-formed name is counted and written down: a password
+    // typed into the name field stays out of the logs.
+    let counted = crate::model::Name::parse("login name", &name)
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "(not a login name)".to_owned());
+    if password.len() > crate::domain::console::MAX_PASSWORD * 4 {
         return refused(StatusCode::BAD_REQUEST, "Wrong login name or password.");
     }
-    let Ok(_permit) = c.logins.acquire().await else {
+    let locked = c
+        .failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .locked(&counted);
+    if locked {
         return refused(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "The console is shutting down.",
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many failed sign-ins of this login in the last 15 minutes: wait, or use an admin certificate.",
         );
+    }
+    let permit = match tokio::time::timeout(LOGIN_WAIT, c.logins.clone().acquire_owned()).await {
+        Ok(Ok(p)) => p,
+        _ => {
+            return refused(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Too many sign-ins at once: try again in a moment.",
+            );
+        }
     };
-    let (n, p) = (
-        name.to_owned(),
-        zeroize::Zeroizing::new(password.to_owned()),
-    );
+    let n = name.clone();
     let checked = c
         .core
-        .blocking(move |core| core.check_console_login(&n, &p))
+        .blocking(move |core| {
+            // Held until the check ends, even if the client hangs up.
+            let _permit = permit;
+            core.check_console_login(&n, &password)
+        })
         .await;
     match checked {
-        Ok(Some(Caller::Admin(user))) => {
+        Ok(Some((Caller::Admin(_), tag))) => {
+            c.failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .succeeded(&counted);
             let (Some(token), Some(csrf)) = (random_token(), random_token()) else {
                 return refused(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    "The OS random number generator failed.",
+                    "The server could not make a session; see its log.",
                 );
             };
             {
@@ -289,24 +384,26 @@ pub(crate) async fn login(
                         sessions.remove(&oldest);
                     }
                 }
+                let now = Instant::now();
                 sessions.insert(
                     token_hash(&token),
                     Session {
-                        user: user.clone(),
+                        login: name.clone(),
+                        tag,
                         csrf,
-                        last: Instant::now(),
+                        started: now,
+                        last: now,
                     },
                 );
             }
-            let u = user.clone();
+            let u = name.clone();
             let _ = c
                 .core
                 .blocking(move |core| core.audit_console_login(&u))
                 .await;
-            let cookie = format!(
-                "{COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={}",
-                c.idle.as_secs()
-            );
+            // A browser-session cookie: the server ends the session when it
+            // is idle too long.
+            let cookie = format!("{COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Strict");
             let mut r = Redirect::to("/").into_response();
             if let Ok(v) = header::HeaderValue::from_str(&cookie) {
                 r.headers_mut().insert(header::SET_COOKIE, v);
@@ -314,20 +411,39 @@ pub(crate) async fn login(
             r
         }
         Ok(_) => {
-            let n = name.to_owned();
+            c.failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .failed(&counted);
             let core = c.core.clone();
-            let _ = tokio::task::spawn_blocking(move || {
+            let who = counted.clone();
+            // Named only when it is a login: whatever else was typed in the
+            // name field (a password, by mistake) is not written down.
+            let shown = tokio::task::spawn_blocking(move || {
+                let shown = if core.console_user_exists(&who).unwrap_or(false) {
+                    who
+                } else {
+                    "(not a login)".to_owned()
+                };
                 core.audit_refusal(
                     "unauthenticated",
-                    &format!("console:{n}"),
-                    "console sign-in with a wrong login name or password",
+                    "console",
+                    &format!("console sign-in of {shown} with a wrong password"),
                 );
+                shown
             })
-            .await;
-            tracing::warn!(login = %name, "console sign-in refused: wrong login name or password");
+            .await
+            .unwrap_or_default();
+            tracing::warn!(login = %shown, "console sign-in refused: wrong login name or password");
             refused(StatusCode::UNAUTHORIZED, "Wrong login name or password.")
         }
-        Err(e) => refused(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(e) => {
+            tracing::error!(error = %e, "console sign-in failed");
+            refused(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "The server could not check the sign-in; see its log.",
+            )
+        }
     }
 }
 

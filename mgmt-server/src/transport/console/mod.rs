@@ -42,6 +42,22 @@ use crate::transport::tls::ServerIdentity;
 
 pub(crate) use auth::Who;
 
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 256;
+/// An HTTP/1.1 client has this long to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 pings an idle connection this often, and drops it when a ping
+/// goes unanswered this long.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// Requests at once on one HTTP/2 connection.
+const STREAMS: u32 = 32;
+/// A connection is closed (gracefully) after this long.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(3600);
+/// Largest request body (forms are small).
+const BODY_LIMIT: usize = 16 * 1024;
+/// A session ends this long after its sign-in, however busy.
+pub(crate) const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+
 /// What the console keeps while it runs.
 pub(crate) struct Console {
     core: Arc<Core>,
@@ -51,8 +67,12 @@ pub(crate) struct Console {
     csrf_key: zeroize::Zeroizing<[u8; 32]>,
     /// A session ends after this long without a request.
     idle: Duration,
-    /// Password checks at once (each takes 19 MiB and tens of ms).
-    logins: tokio::sync::Semaphore,
+    /// Password checks at once (each takes 19 MiB and tens of ms); the
+    /// permit goes with the check itself, so a client that hangs up does
+    /// not free it early.
+    logins: Arc<tokio::sync::Semaphore>,
+    /// Failed sign-ins by login name.
+    failures: Mutex<auth::Failures>,
 }
 
 /// The fingerprint of the client certificate of a connection, if any.
@@ -69,7 +89,8 @@ impl Console {
             sessions: Mutex::new(HashMap::new()),
             csrf_key: key,
             idle,
-            logins: tokio::sync::Semaphore::new(4),
+            logins: Arc::new(tokio::sync::Semaphore::new(4)),
+            failures: Mutex::new(auth::Failures::default()),
         })
     }
 }
@@ -124,6 +145,7 @@ fn router(console: Arc<Console>) -> Router {
         .route("/pending/{id}", post(pages::decide))
         .route("/audit", get(pages::audit))
         .fallback(pages::not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn(headers))
         .with_state(console)
 }
@@ -158,9 +180,19 @@ pub async fn serve(
         core,
         Duration::from_secs(idle_secs),
     )?));
+    let conns = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let task = tokio::spawn(async move {
         let mut incoming = acceptor.incoming(listener);
         loop {
+            // At most MAX_CONNECTIONS at once: further clients wait in the
+            // listener's backlog.
+            let permit = tokio::select! {
+                p = conns.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = stop.changed() => break,
+            };
             let tls = tokio::select! {
                 next = incoming.next() => match next {
                     Some(Ok(tls)) => tls,
@@ -180,14 +212,41 @@ pub async fn serve(
                     .map(|c| crate::ca::cert_sha256(c.as_ref())),
             );
             let app = app.clone();
+            let mut stop = stop.clone();
             tokio::spawn(async move {
-                let svc = tower_service_fn(app, peer);
-                let io = hyper_util::rt::TokioIo::new(tls);
-                let r = hyper_util::server::conn::auto::Builder::new(
+                let _permit = permit;
+                let mut b = hyper_util::server::conn::auto::Builder::new(
                     hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(io, svc)
-                .await;
+                );
+                b.http1()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT);
+                b.http2()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .keep_alive_interval(KEEP_ALIVE)
+                    .keep_alive_timeout(KEEP_ALIVE)
+                    .max_concurrent_streams(STREAMS);
+                let conn = b.serve_connection(
+                    hyper_util::rt::TokioIo::new(tls),
+                    tower_service_fn(app, peer),
+                );
+                tokio::pin!(conn);
+                let ended = tokio::select! {
+                    r = conn.as_mut() => Some(r),
+                    _ = tokio::time::sleep(CONNECTION_LIFETIME) => None,
+                    _ = stop.changed() => None,
+                };
+                let r = match ended {
+                    Some(r) => r,
+                    None => {
+                        // Shutdown, or a connection held too long: what is
+                        // under way may finish, briefly.
+                        conn.as_mut().graceful_shutdown();
+                        tokio::time::timeout(Duration::from_secs(5), conn)
+                            .await
+                            .unwrap_or(Ok(()))
+                    }
+                };
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "console connection ended");
                 }
@@ -234,8 +293,10 @@ impl tower_service::Service<http::Request<hyper::body::Incoming>> for WithPeer {
     }
 }
 
-/// When sessions were last swept of idle ones.
+/// Drops the sessions idle too long or signed in too long ago.
 pub(crate) fn sweep(sessions: &mut HashMap<[u8; 32], auth::Session>, idle: Duration) {
     let now = Instant::now();
-    sessions.retain(|_, s| now.duration_since(s.last) < idle);
+    sessions.retain(|_, s| {
+        now.duration_since(s.last) < idle && now.duration_since(s.started) < SESSION_LIFETIME
+    });
 }

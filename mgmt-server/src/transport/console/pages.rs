@@ -160,7 +160,7 @@ fn progress_of(v: &crate::model::VolumeInfo) -> Markup {
         @if let Some(p) = &v.progress {
             @if p.total_bytes > 0 {
                 progress max=(p.total_bytes) value=(p.done_bytes) {}
-                " " (p.phase) " " (p.done_bytes * 100 / p.total_bytes) " %"
+                " " (p.phase) " " (u128::from(p.done_bytes) * 100 / u128::from(p.total_bytes)) " %"
             } @else {
                 progress {} " " (p.phase)
             }

@@ -92,19 +92,7 @@ pub(crate) fn time(unix: i64) -> String {
     if unix <= 0 {
         return "-".into();
     }
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .map(|t| {
-            format!(
-                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
-                t.year(),
-                t.month() as u8,
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second()
-            )
-        })
-        .unwrap_or_else(|_| unix.to_string())
+    mgmt_server::names::format_utc(unix).unwrap_or_else(|| unix.to_string())
 }
 
 /// Now, Unix seconds.
