@@ -42,6 +42,28 @@ fn csrf_refusal(who: &Who, f: &HashMap<String, String>) -> Option<Response> {
     (!who.csrf_ok(field(f, "csrf"))).then(|| layout::csrf_refused(who))
 }
 
+/// A form's field parsed as a domain value (its error names the field).
+fn parsed<T>(f: &HashMap<String, String>, name: &str) -> Result<T, CoreError>
+where
+    T: std::str::FromStr<Err = InvalidInput>,
+{
+    field(f, name).parse().map_err(CoreError::Invalid)
+}
+
+/// An action's answer: on to the page `to` names when it went through,
+/// else its refusal.
+fn answer<T>(
+    who: &Who,
+    what: &str,
+    r: Result<T, CoreError>,
+    to: impl FnOnce(T) -> String,
+) -> Response {
+    match r {
+        Ok(v) => Redirect::to(&to(v)).into_response(),
+        Err(e) => layout::refused(who, what, &e),
+    }
+}
+
 fn csrf(who: &Who) -> Markup {
     html! { input type="hidden" name="csrf" value=(who.csrf); }
 }
@@ -149,10 +171,8 @@ pub(crate) async fn revoke_host(
         );
     }
     let caller = who.caller();
-    match call(&c, move |core| core.revoke_host(&caller, &name)).await {
-        Ok(_) => Redirect::to("/hosts").into_response(),
-        Err(e) => layout::refused(&who, "Revoke host", &e),
-    }
+    let r = call(&c, move |core| core.revoke_host(&caller, &name)).await;
+    answer(&who, "Revoke host", r, |_| "/hosts".into())
 }
 
 fn progress_of(v: &crate::model::VolumeInfo) -> Markup {
@@ -339,10 +359,7 @@ pub(crate) async fn rekey(
         core.request_rekey(&caller, &target, kind, RekeyPlacement::Any, bandwidth)
     })
     .await;
-    match r {
-        Ok(v) => Redirect::to(&format!("/volumes/{}", v.id)).into_response(),
-        Err(e) => layout::refused(&who, "Re-encrypt", &e),
-    }
+    answer(&who, "Re-encrypt", r, |v| format!("/volumes/{}", v.id))
 }
 
 /// "Encrypt this volume": a new encrypted volume, or a cleartext one of a
@@ -422,13 +439,12 @@ pub(crate) async fn create(
     if let Some(r) = csrf_refusal(&who, &f) {
         return r;
     }
-    let size = match crate::model::names::parse_size(field(&f, "size")) {
-        Ok(s) => s,
-        Err(e) => return layout::refused(&who, "Create volume", &CoreError::Invalid(e)),
-    };
-    let format: VolumeFormat = match field(&f, "format").parse() {
+    let checked = crate::model::names::parse_size(field(&f, "size"))
+        .map_err(CoreError::Invalid)
+        .and_then(|size| Ok((size, parsed::<VolumeFormat>(&f, "format")?)));
+    let (size, format) = match checked {
         Ok(x) => x,
-        Err(e) => return layout::refused(&who, "Create volume", &CoreError::Invalid(e)),
+        Err(e) => return layout::refused(&who, "Create volume", &e),
     };
     let (host, pool, name) = (
         field(&f, "host").to_owned(),
@@ -440,10 +456,7 @@ pub(crate) async fn create(
         core.create_volume(&caller, &host, &pool, &name, size, format)
     })
     .await;
-    match r {
-        Ok(v) => Redirect::to(&format!("/volumes/{}", v.id)).into_response(),
-        Err(e) => layout::refused(&who, "Create volume", &e),
-    }
+    answer(&who, "Create volume", r, |v| format!("/volumes/{}", v.id))
 }
 
 /// Encrypts a cleartext volume (`volume encrypt`): waits a moment for the
@@ -456,9 +469,9 @@ pub(crate) async fn convert(
     if let Some(r) = csrf_refusal(&who, &f) {
         return r;
     }
-    let format: VolumeFormat = match field(&f, "format").parse() {
+    let format: VolumeFormat = match parsed(&f, "format") {
         Ok(x) => x,
-        Err(e) => return layout::refused(&who, "Encrypt volume", &CoreError::Invalid(e)),
+        Err(e) => return layout::refused(&who, "Encrypt volume", &e),
     };
     let name = field(&f, "name").to_owned();
     let core = c.core.clone();
@@ -543,10 +556,10 @@ pub(crate) async fn set_policy(
     }
     let parsed = (|| -> Result<Policy, CoreError> {
         Ok(Policy {
-            scope: field(&f, "scope").parse::<PolicyScope>()?,
+            scope: parsed(&f, "scope")?,
             target: field(&f, "target").to_owned(),
             max_key_age_secs: duration("max key age", field(&f, "max_key_age"))?,
-            mode: field(&f, "mode").parse::<RekeyKind>()?,
+            mode: parsed(&f, "mode")?,
             after_migration_secs: match field(&f, "after_migration") {
                 "" => 0,
                 t => duration("after migration", t)?,
@@ -558,10 +571,8 @@ pub(crate) async fn set_policy(
         Err(e) => return layout::refused(&who, "Set policy", &e),
     };
     let caller = who.caller();
-    match call(&c, move |core| core.set_policy(&caller, &p)).await {
-        Ok(_) => Redirect::to("/policies").into_response(),
-        Err(e) => layout::refused(&who, "Set policy", &e),
-    }
+    let r = call(&c, move |core| core.set_policy(&caller, &p)).await;
+    answer(&who, "Set policy", r, |_| "/policies".into())
 }
 
 /// Removes a policy (`policy remove`).
@@ -573,16 +584,14 @@ pub(crate) async fn remove_policy(
     if let Some(r) = csrf_refusal(&who, &f) {
         return r;
     }
-    let scope: PolicyScope = match field(&f, "scope").parse() {
+    let scope: PolicyScope = match parsed(&f, "scope") {
         Ok(s) => s,
-        Err(e) => return layout::refused(&who, "Remove policy", &CoreError::Invalid(e)),
+        Err(e) => return layout::refused(&who, "Remove policy", &e),
     };
     let target = field(&f, "target").to_owned();
     let caller = who.caller();
-    match call(&c, move |core| core.remove_policy(&caller, scope, &target)).await {
-        Ok(_) => Redirect::to("/policies").into_response(),
-        Err(e) => layout::refused(&who, "Remove policy", &e),
-    }
+    let r = call(&c, move |core| core.remove_policy(&caller, scope, &target)).await;
+    answer(&who, "Remove policy", r, |_| "/policies".into())
 }
 
 /// Guests, and the migrations in flight.
@@ -675,14 +684,11 @@ pub(crate) async fn decide(
     };
     let note = field(&f, "note").to_owned();
     let caller = who.caller();
-    match call(&c, move |core| {
+    let r = call(&c, move |core| {
         core.decide_request(&caller, &id, approve, &note)
     })
-    .await
-    {
-        Ok(_) => Redirect::to("/pending").into_response(),
-        Err(e) => layout::refused(&who, "Approvals", &e),
-    }
+    .await;
+    answer(&who, "Approvals", r, |_| "/pending".into())
 }
 
 /// Records the audit page searches (the newest ones).
