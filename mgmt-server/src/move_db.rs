@@ -48,8 +48,8 @@ pub const COPIED: &[&str] = &[
 ];
 
 /// What is not copied: who leads and which replicas run is about running
-/// processes, not the installation.
-pub const NOT_COPIED: &[&str] = &["leader_lease", "replicas"];
+/// processes, not the installation; console sessions end with the move.
+pub const NOT_COPIED: &[&str] = &["leader_lease", "replicas", "console_sessions"];
 
 /// Rows read from SQLite at a time.
 const BATCH: i64 = 2000;

@@ -159,7 +159,7 @@ async fn an_operator_works_in_the_console_in_a_real_browser() {
     let config = format!(
         "[console]\nlisten = \"127.0.0.1:{port}\"\n[retry]\ninitial_delay_ms = 100\nmax_delay_ms = 500\n"
     );
-    let s = Stack::start_configured(&[], Some(&config));
+    let mut s = Stack::start_configured(&[], Some(&config));
     let base = format!("https://127.0.0.1:{port}");
     let shots = s.dir.join("screenshots");
     std::fs::create_dir_all(&shots).unwrap();
@@ -349,6 +349,12 @@ async fn an_operator_works_in_the_console_in_a_real_browser() {
     fill(&c, "input[name=password]", "the second password").await;
     click(&c, "form[action='/login'] button").await;
     wait_for_text(&c, "Signed in as", 10).await;
+
+    // Sessions are in the database: a restarted server (or another
+    // replica) knows them.
+    s.run_server();
+    c.goto(&format!("{base}/volumes")).await.unwrap();
+    wait_for_text(&c, "Signed in as <strong>alice@console</strong>", 30).await;
 
     // Sign out: the session ends.
     click(&c, "header form button").await;

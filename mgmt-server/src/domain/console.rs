@@ -10,8 +10,9 @@ use std::collections::HashMap;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 
-use crate::domain::{Core, now_unix};
+use crate::domain::{Core, now_unix, now_unix_ms};
 use crate::model::{AuditRecord, Caller, CoreError, InvalidInput, Name, Policy, VolumeInfo};
+use crate::store::ConsoleSession;
 
 /// Passwords of console logins: at least this long.
 pub const MIN_PASSWORD: usize = 12;
@@ -260,6 +261,63 @@ impl Core {
             }
             Ok(out)
         })
+    }
+
+    /// Records a new session (the expired ones and the oldest beyond
+    /// `keep` go first).
+    pub fn open_console_session(
+        &self,
+        s: &ConsoleSession,
+        idle_ms: i64,
+        lifetime_ms: i64,
+        keep: u32,
+    ) -> Result<(), CoreError> {
+        let now = now_unix_ms();
+        self.write(|tx| {
+            tx.prune_console_sessions(now - idle_ms, now - lifetime_ms, keep.saturating_sub(1))?;
+            tx.insert_console_session(s)?;
+            Ok(())
+        })
+    }
+
+    /// The session of this token hash, if it still counts: (login, CSRF
+    /// token). One idle for `idle_ms`, signed in `lifetime_ms` ago, or
+    /// made under another password of its login (or before the login was
+    /// removed) ends here.
+    pub fn console_session_check(
+        &self,
+        token_hash: &[u8],
+        idle_ms: i64,
+        lifetime_ms: i64,
+    ) -> Result<Option<(String, String)>, CoreError> {
+        let now = now_unix_ms();
+        let (session, current) = self.read(|tx| {
+            let Some(s) = tx.console_session(token_hash)? else {
+                return Ok((None, None));
+            };
+            let current = tx.console_user(&s.login)?.map(|h| tag(&h));
+            Ok((Some(s), current))
+        })?;
+        let Some(s) = session else { return Ok(None) };
+        let counts = now - s.last_ms < idle_ms
+            && now - s.started_ms < lifetime_ms
+            && current.is_some_and(|t| t.as_slice() == s.tag.as_slice());
+        if !counts {
+            self.write(|tx| Ok(tx.delete_console_session(token_hash)?))?;
+            return Ok(None);
+        }
+        // Written at most every half minute: a page's reloads every two
+        // seconds need no write each.
+        if now - s.last_ms > 30_000 {
+            self.write(|tx| Ok(tx.touch_console_session(token_hash, now)?))?;
+        }
+        Ok(Some((s.login, s.csrf)))
+    }
+
+    /// Ends a session.
+    pub fn close_console_session(&self, token_hash: &[u8]) -> Result<(), CoreError> {
+        self.write(|tx| Ok(tx.delete_console_session(token_hash)?))?;
+        Ok(())
     }
 
     /// The newest `limit` audit records about `subject`, oldest first.

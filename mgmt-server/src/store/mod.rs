@@ -162,6 +162,23 @@ pub trait AuditStore {
     fn put_audit_key(&mut self, key: &WrappedKey, created: i64) -> Result<()>;
 }
 
+/// A signed-in console login (the token itself is never stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleSession {
+    /// SHA-256 of its token.
+    pub token_hash: Vec<u8>,
+    /// The login.
+    pub login: String,
+    /// The tag of the login's password at sign-in.
+    pub tag: Vec<u8>,
+    /// Its CSRF token.
+    pub csrf: String,
+    /// Signed in at (Unix ms).
+    pub started_ms: i64,
+    /// Last used at (Unix ms; updated at most every half minute).
+    pub last_ms: i64,
+}
+
 /// A host registered for enrollment.
 #[derive(Debug, Clone)]
 pub struct NewHost {
@@ -514,6 +531,22 @@ pub trait PolicyStore {
     fn delete_console_user(&mut self, name: &str) -> Result<bool>;
     /// Console logins: (name, created, by), by name.
     fn console_users(&mut self) -> Result<Vec<(String, i64, String)>>;
+    /// Adds a console session.
+    fn insert_console_session(&mut self, s: &ConsoleSession) -> Result<()>;
+    /// A console session by its token's hash.
+    fn console_session(&mut self, token_hash: &[u8]) -> Result<Option<ConsoleSession>>;
+    /// Marks a session used at `now_ms`.
+    fn touch_console_session(&mut self, token_hash: &[u8], now_ms: i64) -> Result<()>;
+    /// Ends a session; false if there was none.
+    fn delete_console_session(&mut self, token_hash: &[u8]) -> Result<bool>;
+    /// Ends the sessions idle since before `idle_before_ms` or started
+    /// before `started_before_ms`, then the oldest beyond `keep`.
+    fn prune_console_sessions(
+        &mut self,
+        idle_before_ms: i64,
+        started_before_ms: i64,
+        keep: u32,
+    ) -> Result<()>;
     /// When a volume's key of `generation` was made (None: no such key).
     fn key_created(&mut self, volume_id: &str, generation: u64) -> Result<Option<i64>>;
     /// Managed pools, optionally of one host, by host and pool.

@@ -83,3 +83,90 @@ fn console_logins_are_checked_against_their_hash_only() {
         "{actions:?}"
     );
 }
+
+#[test]
+fn console_sessions_end_when_idle_old_or_their_password_changes() {
+    let b = Bed::new();
+    b.core
+        .set_console_user(&b.admin, "alice", "first password!")
+        .unwrap();
+    let (_, tag) = b
+        .core
+        .check_console_login("alice", "first password!")
+        .unwrap()
+        .unwrap();
+    let now = crate::domain::now_unix_ms();
+    let session = |hash: u8, started_ms: i64| crate::store::ConsoleSession {
+        token_hash: vec![hash; 32],
+        login: "alice".into(),
+        tag: tag.to_vec(),
+        csrf: format!("csrf-{hash}"),
+        started_ms,
+        last_ms: started_ms,
+    };
+    let hour = 3_600_000;
+    b.core
+        .open_console_session(&session(1, now), hour, 12 * hour, 1000)
+        .unwrap();
+    let got = b
+        .core
+        .console_session_check(&[1; 32], hour, 12 * hour)
+        .unwrap();
+    assert_eq!(got, Some(("alice".into(), "csrf-1".into())));
+    assert_eq!(
+        b.core
+            .console_session_check(&[9; 32], hour, 12 * hour)
+            .unwrap(),
+        None
+    );
+    // Idle too long, or signed in too long ago: ended (and gone).
+    b.core
+        .open_console_session(&session(2, now - 2 * hour), 3 * hour, 12 * hour, 1000)
+        .unwrap();
+    assert_eq!(
+        b.core
+            .console_session_check(&[2; 32], hour, 12 * hour)
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        b.core
+            .console_session_check(&[2; 32], 3 * hour, 12 * hour)
+            .unwrap(),
+        None,
+        "an ended session stays ended"
+    );
+    assert_eq!(
+        b.core.console_session_check(&[1; 32], hour, 0).unwrap(),
+        None
+    );
+    // Kept at most `keep`: the least recently used goes.
+    for h in 3..=5 {
+        b.core
+            .open_console_session(&session(h, now + i64::from(h)), hour, 12 * hour, 2)
+            .unwrap();
+    }
+    assert_eq!(
+        b.core
+            .console_session_check(&[3; 32], hour, 12 * hour)
+            .unwrap(),
+        None
+    );
+    assert!(
+        b.core
+            .console_session_check(&[5; 32], hour, 12 * hour)
+            .unwrap()
+            .is_some()
+    );
+    // A new password ends the sessions of the old one.
+    b.core
+        .set_console_user(&b.admin, "alice", "second password")
+        .unwrap();
+    assert_eq!(
+        b.core
+            .console_session_check(&[5; 32], hour, 12 * hour)
+            .unwrap(),
+        None
+    );
+    b.core.close_console_session(&[4; 32]).unwrap();
+}

@@ -23,7 +23,11 @@ const SMALL: [&str; 6] = [
 ];
 
 /// Statements that read every row on purpose: a piece of each, and why.
-const WHOLE: [(&str, &str); 3] = [
+const WHOLE: [(&str, &str); 4] = [
+    (
+        "FROM console_sessions ORDER BY last_ms DESC LIMIT 1 OFFSET",
+        "the console session the cap keeps last: the last_ms index read newest first, at most 1,001 entries",
+    ),
     (
         "(CAST($1 AS TEXT) IS NULL OR v.host = $1) ORDER BY v.name",
         "`volume list`: every volume, by name",
@@ -104,6 +108,31 @@ async fn every_statement_of_the_api_operations_uses_an_index() {
         .check_console_login("alice", "a long password")
         .unwrap();
     b.core.console_user_exists("alice").unwrap();
+    let (_, tag) = b
+        .core
+        .check_console_login("alice", "a long password")
+        .unwrap()
+        .unwrap();
+    let now = crate::domain::now_unix_ms();
+    b.core
+        .open_console_session(
+            &crate::store::ConsoleSession {
+                token_hash: vec![7; 32],
+                login: "alice".into(),
+                tag: tag.to_vec(),
+                csrf: "c".into(),
+                started_ms: now - 60_000,
+                last_ms: now - 60_000,
+            },
+            3_600_000,
+            3_600_000,
+            1000,
+        )
+        .unwrap();
+    b.core
+        .console_session_check(&[7; 32], 3_600_000, 3_600_000)
+        .unwrap();
+    b.core.close_console_session(&[7; 32]).unwrap();
     b.core.unfinished_migrations().unwrap();
     b.volume("kvm-b", "spare").await;
     b.core.delete_volume(&b.admin, "spare").unwrap();

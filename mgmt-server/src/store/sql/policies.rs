@@ -2,7 +2,7 @@
 
 use super::{Row, SqlTx, signed, typed, unsigned};
 use crate::model::{ManagedPool, Overdue, Policy, PolicyScope, RekeyKind};
-use crate::store::{PolicyStore, Result};
+use crate::store::{ConsoleSession, PolicyStore, Result};
 
 const POLICY_COLUMNS: &str =
     "scope, target, max_key_age_secs, mode, COALESCE(after_migration_secs, 0)";
@@ -155,6 +155,82 @@ impl PolicyStore for SqlTx<'_> {
             (),
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
+    }
+
+    fn insert_console_session(&mut self, s: &ConsoleSession) -> Result<()> {
+        self.db.execute(
+            "INSERT INTO console_sessions (token_hash, login, tag, csrf, started_ms, last_ms)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            params![
+                s.token_hash,
+                s.login,
+                s.tag,
+                s.csrf,
+                s.started_ms,
+                s.last_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn console_session(&mut self, token_hash: &[u8]) -> Result<Option<ConsoleSession>> {
+        self.db.query_opt(
+            "SELECT token_hash, login, tag, csrf, started_ms, last_ms FROM console_sessions
+             WHERE token_hash = $1",
+            params![token_hash],
+            |r| {
+                Ok(ConsoleSession {
+                    token_hash: r.get(0)?,
+                    login: r.get(1)?,
+                    tag: r.get(2)?,
+                    csrf: r.get(3)?,
+                    started_ms: r.get(4)?,
+                    last_ms: r.get(5)?,
+                })
+            },
+        )
+    }
+
+    fn touch_console_session(&mut self, token_hash: &[u8], now_ms: i64) -> Result<()> {
+        self.db.execute(
+            "UPDATE console_sessions SET last_ms = $1 WHERE token_hash = $2",
+            params![now_ms, token_hash],
+        )?;
+        Ok(())
+    }
+
+    fn delete_console_session(&mut self, token_hash: &[u8]) -> Result<bool> {
+        let n = self.db.execute(
+            "DELETE FROM console_sessions WHERE token_hash = $1",
+            params![token_hash],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn prune_console_sessions(
+        &mut self,
+        idle_before_ms: i64,
+        started_before_ms: i64,
+        keep: u32,
+    ) -> Result<()> {
+        self.db.execute(
+            "DELETE FROM console_sessions WHERE last_ms < $1",
+            [idle_before_ms],
+        )?;
+        self.db.execute(
+            "DELETE FROM console_sessions WHERE started_ms < $1",
+            [started_before_ms],
+        )?;
+        let oldest_kept: Option<i64> = self.db.query_opt(
+            "SELECT last_ms FROM console_sessions ORDER BY last_ms DESC LIMIT 1 OFFSET $1",
+            [i64::from(keep)],
+            |r| r.get(0),
+        )?;
+        if let Some(t) = oldest_kept {
+            self.db
+                .execute("DELETE FROM console_sessions WHERE last_ms <= $1", [t])?;
+        }
+        Ok(())
     }
 
     fn key_created(&mut self, volume_id: &str, generation: u64) -> Result<Option<i64>> {

@@ -456,8 +456,9 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     ",
         ..NONE
     },
-    // 18: the web console's logins (argon2id hashes in PHC form), and the
-    // audit records of one subject (a volume's history in the console)
+    // 18: the web console's logins (argon2id hashes in PHC form), their
+    // sessions (by the SHA-256 of their token; shared by the replicas), and
+    // the audit records of one subject (a volume's history in the console)
     Migration {
         all: "
     CREATE TABLE console_users (
@@ -466,6 +467,16 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         created       INTEGER NOT NULL,
         by_admin      TEXT NOT NULL
     );
+    CREATE TABLE console_sessions (
+        token_hash BLOB PRIMARY KEY,
+        login      TEXT NOT NULL,
+        tag        BLOB NOT NULL,
+        csrf       TEXT NOT NULL,
+        started_ms INTEGER NOT NULL,
+        last_ms    INTEGER NOT NULL
+    );
+    CREATE INDEX console_sessions_last ON console_sessions(last_ms);
+    CREATE INDEX console_sessions_started ON console_sessions(started_ms);
     CREATE INDEX audit_subject ON audit(subject, seq);
     ",
         ..NONE

@@ -15,12 +15,12 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::layout::{self, Page};
-use super::{Console, PeerCert, sweep};
+use super::{Console, PeerCert};
 use crate::model::Caller;
 
 const COOKIE: &str = "__Host-guestkey-session";
 /// Sessions kept at most; the oldest go first.
-const MAX_SESSIONS: usize = 1000;
+const MAX_SESSIONS: u32 = 1000;
 /// Failed sign-ins of one login name within [`FAILURE_WINDOW`] after which
 /// its sign-ins are refused until the window ends (an admin certificate
 /// still works).
@@ -30,21 +30,6 @@ const FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(15 * 
 const FAILURE_NAMES: usize = 10_000;
 /// How long a sign-in waits for one of the password checks.
 const LOGIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// A login's session.
-pub(crate) struct Session {
-    /// The login.
-    pub(crate) login: String,
-    /// The tag of its password at sign-in: a new password, or the login
-    /// removed, ends the session.
-    pub(crate) tag: [u8; 32],
-    /// Its CSRF token.
-    pub(crate) csrf: String,
-    /// Its sign-in.
-    pub(crate) started: Instant,
-    /// Its last request.
-    pub(crate) last: Instant,
-}
 
 /// Failed sign-ins by login name: (count, first in the window).
 #[derive(Default)]
@@ -246,31 +231,17 @@ impl FromRequestParts<Arc<Console>> for Who {
         }
         let token = cookie_token(&parts.headers).ok_or(Refused::SignIn(parts.method.clone()))?;
         let hash = token_hash(&token);
-        let found = {
-            let mut sessions = c.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            sweep(&mut sessions, c.idle);
-            sessions.get_mut(&hash).map(|s| {
-                s.last = Instant::now();
-                (s.login.clone(), s.tag, s.csrf.clone())
-            })
-        };
-        let (login, tag, csrf) = found.ok_or(Refused::SignIn(parts.method.clone()))?;
-        // A removed login's sessions end, and so do those made under its
-        // old password.
-        let l = login.clone();
-        let now = c
+        // The session as the database keeps it (shared by the replicas):
+        // one idle too long, too old, or made under another password of
+        // its login (or before the login was removed) ends here.
+        let (idle, life) = c.session_times();
+        let found = c
             .core
-            .blocking(move |core| core.console_login_tag(&l))
+            .blocking(move |core| core.console_session_check(&hash, idle, life))
             .await
             .ok()
             .flatten();
-        if now != Some(tag) {
-            c.sessions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&hash);
-            return Err(Refused::SignIn(parts.method.clone()));
-        }
+        let (login, csrf) = found.ok_or(Refused::SignIn(parts.method.clone()))?;
         let Caller::Admin(name) = crate::domain::console::console_caller(&login) else {
             return Err(Refused::SignIn(parts.method.clone()));
         };
@@ -374,26 +345,24 @@ pub(crate) async fn login(
                     "The server could not make a session; see its log.",
                 );
             };
-            {
-                let mut sessions = c.sessions.lock().unwrap_or_else(|p| p.into_inner());
-                sweep(&mut sessions, c.idle);
-                if sessions.len() >= MAX_SESSIONS {
-                    if let Some(oldest) =
-                        sessions.iter().min_by_key(|(_, s)| s.last).map(|(k, _)| *k)
-                    {
-                        sessions.remove(&oldest);
-                    }
-                }
-                let now = Instant::now();
-                sessions.insert(
-                    token_hash(&token),
-                    Session {
-                        login: name.clone(),
-                        tag,
-                        csrf,
-                        started: now,
-                        last: now,
-                    },
+            let session = crate::store::ConsoleSession {
+                token_hash: token_hash(&token).to_vec(),
+                login: name.clone(),
+                tag: tag.to_vec(),
+                csrf,
+                started_ms: crate::domain::now_unix_ms(),
+                last_ms: crate::domain::now_unix_ms(),
+            };
+            let (idle, life) = c.session_times();
+            let opened = c
+                .core
+                .blocking(move |core| core.open_console_session(&session, idle, life, MAX_SESSIONS))
+                .await;
+            if let Err(e) = opened {
+                tracing::error!(error = %e, "console session not recorded");
+                return refused(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "The server could not make a session; see its log.",
                 );
             }
             let u = name.clone();
@@ -457,10 +426,13 @@ pub(crate) async fn logout(
         return layout::csrf_refused(&who);
     }
     if let Via::Login(hash) = who.via {
-        c.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&hash);
+        let closed = c
+            .core
+            .blocking(move |core| core.close_console_session(&hash))
+            .await;
+        if let Err(e) = closed {
+            tracing::error!(error = %e, "console session not ended");
+        }
     }
     let mut r = Redirect::to("/login").into_response();
     r.headers_mut().insert(

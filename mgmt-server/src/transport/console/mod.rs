@@ -9,12 +9,13 @@
 //! one `guestkeyctl` uses; no other CA is trusted on this listener), or a
 //! login (`guestkeyctl console-user add`) whose argon2id hash the database
 //! keeps. A login gets a session: a random token in a `__Host-` cookie
-//! (Secure, HttpOnly, SameSite=Strict), kept in this process's memory only
-//! by its SHA-256, ending after `session_idle_secs` without a request, at
-//! sign-out, when its login is removed, or when the server restarts. Every
-//! form carries a CSRF token (the session's, or for a certificate an HMAC
-//! of its fingerprint under a key of this process), and a POST whose Origin
-//! is not this console is refused. No page holds key material: the domain
+//! (Secure, HttpOnly, SameSite=Strict), kept in the database only by its
+//! SHA-256 (so every replica knows it), ending after `session_idle_secs`
+//! without a request, 12 hours after its sign-in, at sign-out, or when its
+//! login is removed or given a new password. Every form carries a CSRF
+//! token (the session's, or for a certificate an HMAC of its fingerprint
+//! under a key of this process), and a POST whose Origin is not this
+//! console is refused. No page holds key material: the domain
 //! calls the console makes return none.
 //!
 //! May import: `domain`, `model`, `config`. Started by `transport::server`.
@@ -23,10 +24,9 @@ mod auth;
 mod layout;
 mod pages;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Request;
@@ -61,8 +61,6 @@ pub(crate) const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 /// What the console keeps while it runs.
 pub(crate) struct Console {
     core: Arc<Core>,
-    /// Sessions by the SHA-256 of their token.
-    sessions: Mutex<HashMap<[u8; 32], auth::Session>>,
     /// Key of the CSRF tokens of certificate users.
     csrf_key: zeroize::Zeroizing<[u8; 32]>,
     /// A session ends after this long without a request.
@@ -80,13 +78,18 @@ pub(crate) struct Console {
 pub(crate) struct PeerCert(pub(crate) Option<String>);
 
 impl Console {
+    /// (idle limit, lifetime) of a session, in ms.
+    fn session_times(&self) -> (i64, i64) {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        (ms(self.idle), ms(SESSION_LIFETIME))
+    }
+
     fn new(core: Arc<Core>, idle: Duration) -> Result<Self, CoreError> {
         let mut key = zeroize::Zeroizing::new([0u8; 32]);
         getrandom::fill(key.as_mut())
             .map_err(|_| CoreError::Internal("the OS random number generator failed".into()))?;
         Ok(Self {
             core,
-            sessions: Mutex::new(HashMap::new()),
             csrf_key: key,
             idle,
             logins: Arc::new(tokio::sync::Semaphore::new(4)),
@@ -291,12 +294,4 @@ impl tower_service::Service<http::Request<hyper::body::Incoming>> for WithPeer {
         r.extensions_mut().insert(self.peer.clone());
         self.app.call(r)
     }
-}
-
-/// Drops the sessions idle too long or signed in too long ago.
-pub(crate) fn sweep(sessions: &mut HashMap<[u8; 32], auth::Session>, idle: Duration) {
-    let now = Instant::now();
-    sessions.retain(|_, s| {
-        now.duration_since(s.last) < idle && now.duration_since(s.started) < SESSION_LIFETIME
-    });
 }
