@@ -16,6 +16,7 @@
 //! Beside them, leaf modules that import nothing of this crate:
 //! [`config`], [`datadir`], [`ca`], [`masterkey`], [`domxml`] and [`tls`]
 //! (names and error chains). [`init`] composes a new data directory,
+//! [`admins`] its further named admin credentials,
 //! [`roles`] its one CA per role (and migrates data directories made
 //! before roles), [`tpm`] seals its keys to the TPM (and reseals them).
 //! Only `transport/` imports tonic or prost; only `store/sqlite/` imports
@@ -30,6 +31,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admins;
 pub mod ca;
 pub mod config;
 pub mod database;

@@ -148,6 +148,12 @@ enum Command {
         #[arg(long, value_name = "SOURCE")]
         master_key_source: Option<MasterKeySource>,
     },
+    /// Named admin credentials (each call audited with its name): add,
+    /// list, remove. Safe while the server runs.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
     /// Re-wrap every volume key under a new master key. Safe while the
     /// server runs: it reloads the key from its file at its next key
     /// operation (with env: or prompt sources, restart it with the new key).
@@ -176,6 +182,46 @@ enum Command {
         data_dir: PathBuf,
         /// Where the master key is, for the audit record
         /// [default: file:DATA_DIR/master.key].
+        #[arg(long, value_name = "SOURCE")]
+        master_key_source: Option<MasterKeySource>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Make the admin credential NAME in the new directory --out (the
+    /// server CA, the server's pin and URL, the certificate, its key):
+    /// `guestkeyctl --admin-dir DIR` then acts as NAME.
+    Add {
+        /// The credential's name, as the audit log shows it (admin:NAME).
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The credential directory to make (must not exist).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Where the master key is [default: what the data directory uses].
+        #[arg(long, value_name = "SOURCE")]
+        master_key_source: Option<MasterKeySource>,
+    },
+    /// List the admin credentials.
+    List {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+    },
+    /// Remove the admin credential NAME: its certificate is refused at
+    /// once. The last one is kept.
+    Remove {
+        /// The credential's name.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Where the master key is [default: what the data directory uses].
         #[arg(long, value_name = "SOURCE")]
         master_key_source: Option<MasterKeySource>,
     },
@@ -295,6 +341,7 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             rt.block_on(mgmt_server::transport::server::run(config))?;
             Ok(())
         }
+        Command::Admin { command } => admin(command),
         Command::RotateMasterKey {
             data_dir,
             master_key_source,
@@ -437,4 +484,51 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
     }
+}
+
+fn admin(command: AdminCommand) -> Result<(), Box<dyn std::error::Error>> {
+    use mgmt_server::datadir::DataDir;
+    let open = |data_dir: &std::path::Path| -> Result<_, Box<dyn std::error::Error>> {
+        let dir = DataDir::new(data_dir);
+        let store = mgmt_server::database::Database::of(&dir, None)?.open()?;
+        Ok((dir, store))
+    };
+    match command {
+        AdminCommand::Add {
+            name,
+            data_dir,
+            out,
+            master_key_source,
+        } => {
+            let (dir, store) = open(&data_dir)?;
+            let source = master_key_source.unwrap_or_else(|| dir.default_master_key_source());
+            let a = mgmt_server::admins::add(&dir, &source, store.as_ref(), &name, &out)?;
+            println!(
+                "admin credential {} made in {} (certificate sha256 {}): guestkeyctl --admin-dir {} ...",
+                a.name,
+                a.dir.display(),
+                a.sha256,
+                a.dir.display()
+            );
+        }
+        AdminCommand::List { data_dir } => {
+            let (_, store) = open(&data_dir)?;
+            println!("{:<20}  {:<20}  CERTIFICATE SHA-256", "NAME", "MADE");
+            for (name, sha, created) in mgmt_server::admins::list(store.as_ref())? {
+                let when = mgmt_server::names::format_utc(created).unwrap_or_default();
+                println!("{name:<20}  {when:<20}  {sha}");
+            }
+        }
+        AdminCommand::Remove {
+            name,
+            data_dir,
+            master_key_source,
+        } => {
+            let (dir, store) = open(&data_dir)?;
+            let source = master_key_source.unwrap_or_else(|| dir.default_master_key_source());
+            mgmt_server::admins::remove(store.as_ref(), &source, &name)?;
+            println!("admin credential {name} removed: its certificate is refused from now on");
+        }
+    }
+    Ok(())
 }

@@ -139,6 +139,10 @@ pub trait MetaStore {
     fn admin_by_cert(&mut self, cert_sha256: &str) -> Result<Option<String>>;
     /// Records the admin credential.
     fn insert_admin(&mut self, cert_sha256: &str, name: &str, created: i64) -> Result<()>;
+    /// The admin credentials: (name, certificate SHA-256, created), by name.
+    fn admins(&mut self) -> Result<Vec<(String, String, i64)>>;
+    /// Removes the credentials named `name`; how many there were.
+    fn delete_admin(&mut self, name: &str) -> Result<usize>;
     /// Makes this the only admin certificate (`migrate-roles`: the admin
     /// CA's); returns how many others no longer authenticate.
     fn replace_admins(&mut self, cert_sha256: &str, name: &str, created: i64) -> Result<usize>;

@@ -81,6 +81,19 @@ impl MetaStore for SqlTx<'_> {
         Ok(())
     }
 
+    fn admins(&mut self) -> Result<Vec<(String, String, i64)>> {
+        self.db.query_all(
+            "SELECT name, cert_sha256, created FROM admins ORDER BY name, created",
+            (),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+    }
+
+    fn delete_admin(&mut self, name: &str) -> Result<usize> {
+        self.db
+            .execute("DELETE FROM admins WHERE name = $1", [name])
+    }
+
     fn replace_admins(&mut self, cert_sha256: &str, name: &str, created: i64) -> Result<usize> {
         let removed = self
             .db
