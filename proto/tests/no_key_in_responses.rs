@@ -40,6 +40,8 @@ const ALLOWED_MESSAGE_STRINGS: &[(&str, &str)] = &[
     (".guestkey.agent.v1.PoolVolume", "format"),
     (".guestkey.agent.v1.PoolVolume", "unreadable"),
     (".guestkey.agent.v1.VolumeUser", "domain"),
+    (".guestkey.agent.v1.PoolVolume", "base_of"),
+    (".guestkey.agent.v1.PoolDescription", "unreadable_domains"),
 ];
 
 /// Bytes fields a response may have, each for its reason: what a TPM

@@ -364,10 +364,24 @@ fn a_managed_pool_offers_its_cleartext_volumes_and_encrypts_them() {
             "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
         ],
     );
+    // mp-child.qcow2 is built on mp-base.qcow2; mp-datafile.qcow2 keeps its
+    // data in a file outside the pool.
+    let base = pool_image(&s, "mp-base.qcow2", &["-f", "qcow2"]);
     pool_image(
         &s,
         "mp-child.qcow2",
-        &["-f", "qcow2", "-F", "qcow2", "-b", clear.to_str().unwrap()],
+        &["-f", "qcow2", "-F", "qcow2", "-b", base.to_str().unwrap()],
+    );
+    let outside = s.dir.join("outside-data.raw");
+    pool_image(
+        &s,
+        "mp-datafile.qcow2",
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={}", outside.display()),
+        ],
     );
     let made = s.json(&[
         "volume",
@@ -406,6 +420,11 @@ fn a_managed_pool_offers_its_cleartext_volumes_and_encrypts_them() {
     let why = |name: &str| shown(&view, name)["detail"].as_str().unwrap().to_owned();
     assert!(why("mp-foreign.qcow2").contains("encrypted by something other"));
     assert!(why("mp-child.qcow2").contains("backing file"));
+    assert!(why("mp-datafile.qcow2").contains("external data file"));
+    assert!(
+        why("mp-base.qcow2").contains("backing file of mp-child.qcow2"),
+        "{view}"
+    );
     let text =
         String::from_utf8_lossy(&s.ctl(&["pool", "show", "--host", &s.host, &s.pool]).stdout)
             .into_owned();

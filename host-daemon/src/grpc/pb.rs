@@ -282,9 +282,11 @@ pub(super) fn pool_description(d: crate::ops::PoolDescription) -> pb::PoolDescri
                             running: u.running,
                         })
                         .collect(),
+                    base_of: v.base_of,
                 }
             })
             .collect(),
+        unreadable_domains: d.unreadable_domains,
     }
 }
 

@@ -110,7 +110,8 @@ pub struct ImageInfo {
     pub virtual_size: u64,
     /// Already encrypted (qcow2 encryption, or a LUKS header in a raw file).
     pub encrypted: bool,
-    /// It has a backing file (guestkey works on self-contained images only).
+    /// It has a backing file or an external data file (guestkey works on
+    /// self-contained images only).
     pub backing: bool,
 }
 
@@ -127,8 +128,12 @@ pub trait Images: Send + Sync {
     /// stopped before its end, what `create` gives a new image last: the
     /// pool's owner and mode, and its data and its name on disk (synced).
     fn settle(&self, path: &str) -> Result<(), ImageError>;
-    /// Reads `path` as `format` (no probing): size, encryption, backing file.
+    /// Reads `path` as `format` (no probing): size, encryption, backing file
+    /// (or an external data file, which counts as one).
     fn info(&self, path: &str, format: Format) -> Result<ImageInfo, ImageError>;
+    /// The backing file `path` (read as `format`) names, if any, as a path
+    /// (a relative name taken from the image's directory).
+    fn backing_path(&self, path: &str, format: Format) -> Result<Option<String>, ImageError>;
     /// The guest-visible size (no key needed).
     fn virtual_size(&self, path: &str) -> Result<u64, ImageError>;
     /// Shallow rekey: a keyslot for `new` (unlocked with `old`), proven to

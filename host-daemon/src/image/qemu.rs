@@ -257,11 +257,35 @@ impl Images for QemuImages {
             )));
         }
         let raw_luks = format == Format::Raw && read && magic == *b"LUKS\xba\xbe";
+        // An external data file is another file the image's data lives
+        // in, like a backing file: reading the image reads it.
+        let data_file = v["format-specific"]["data"].get("data-file").is_some();
         Ok(ImageInfo {
             virtual_size: v["virtual-size"].as_u64().unwrap_or(0),
             encrypted: v["encrypted"].as_bool().unwrap_or(false) || raw_luks,
-            backing: v.get("backing-filename").is_some(),
+            backing: v.get("backing-filename").is_some() || data_file,
         })
+    }
+
+    fn backing_path(&self, path: &str, format: Format) -> Result<Option<String>, ImageError> {
+        let (dir, name) = SafeDir::of_file(path)?;
+        let f = dir.open_file(&name, false)?;
+        let v = info_json(&f, Some(format), path)?;
+        let named = v
+            .get("full-backing-filename")
+            .or_else(|| v.get("backing-filename"))
+            .and_then(|b| b.as_str());
+        Ok(named.map(|b| {
+            if b.starts_with('/') {
+                b.to_owned()
+            } else {
+                // Relative to the image's directory.
+                std::path::Path::new(path).parent().map_or_else(
+                    || b.to_owned(),
+                    |d| d.join(b).to_string_lossy().into_owned(),
+                )
+            }
+        }))
     }
 
     fn virtual_size(&self, path: &str) -> Result<u64, ImageError> {

@@ -123,6 +123,18 @@ pub struct PoolVolume {
     pub format: String,
 }
 
+/// A domain's definitions, as `pool show` reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainXml {
+    /// Its name.
+    pub name: String,
+    /// It runs.
+    pub running: bool,
+    /// Its definitions: the live one while it runs, and the persistent
+    /// one (if any), without security information.
+    pub xmls: Vec<String>,
+}
+
 /// A storage pool and its volumes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolListing {
@@ -132,6 +144,8 @@ pub struct PoolListing {
     pub path: String,
     /// Whether it is active (an inactive pool lists no volumes).
     pub active: bool,
+    /// How many volumes it holds.
+    pub count: usize,
     /// Its volumes, by name.
     pub volumes: Vec<PoolVolume>,
 }
@@ -165,12 +179,13 @@ pub trait Hypervisor: Send + Sync {
     /// The pool and volume name of the image at `path`, if an active pool
     /// holds it.
     fn volume_of_path(&self, path: &str) -> Result<Option<(String, String)>, HvError>;
-    /// Pool `pool` and its volumes, after a refresh (None: no such pool).
-    fn pool_volumes(&self, pool: &str) -> Result<Option<PoolListing>, HvError>;
-    /// Every defined or running domain: its name, whether it runs, and its
-    /// definition without security information (the live one while it
-    /// runs).
-    fn domain_definitions(&self) -> Result<Vec<(String, bool, String)>, HvError>;
+    /// Pool `pool` and its volumes, after a refresh (None: no such pool);
+    /// none are read when it holds more than `max`.
+    fn pool_volumes(&self, pool: &str, max: usize) -> Result<Option<PoolListing>, HvError>;
+    /// Every defined or running domain and its definitions without
+    /// security information (a running domain's live one and its
+    /// persistent one).
+    fn domain_definitions(&self) -> Result<Vec<DomainXml>, HvError>;
     /// Whether libvirt answers at all.
     fn ping(&self) -> bool;
     /// Replaces `from` by `to` in the persistent definition of `uuid` if it

@@ -4,7 +4,7 @@
 
 use virt::connect::Connect;
 
-use super::{HvError, PoolListing, PoolVolume};
+use super::{DomainXml, HvError, PoolListing, PoolVolume};
 
 fn call(what: impl std::fmt::Display) -> impl FnOnce(virt::error::Error) -> HvError {
     let what = what.to_string();
@@ -14,19 +14,38 @@ fn call(what: impl std::fmt::Display) -> impl FnOnce(virt::error::Error) -> HvEr
     }
 }
 
-/// The text of the element at `path` (names from the root), first one.
+/// The text of the element at `path` (names from the root), first one,
+/// its entity and character references resolved.
 fn text_at(xml: &str, path: &[&str]) -> Option<String> {
     use quick_xml::events::Event;
     let mut r = quick_xml::Reader::from_str(xml);
     let mut stack: Vec<String> = vec![];
+    let mut text: Option<String> = None;
     loop {
+        let at = stack.iter().map(String::as_str).eq(path.iter().copied());
         match r.read_event().ok()? {
             Event::Start(e) => stack.push(e.name().0.to_owned()),
             Event::End(_) => {
+                if at {
+                    return text.map(|t| t.trim().to_owned());
+                }
                 stack.pop();
             }
-            Event::Text(t) if stack.iter().map(String::as_str).eq(path.iter().copied()) => {
-                return Some(t.xml10_content().trim().to_owned());
+            Event::Text(t) if at => text.get_or_insert_default().push_str(&t.xml10_content()),
+            Event::GeneralRef(e) if at => {
+                let resolved = match e.resolve_char_ref().ok()? {
+                    Some(c) => c.to_string(),
+                    None => match &*e.xml10_content() {
+                        "amp" => "&".into(),
+                        "lt" => "<".into(),
+                        "gt" => ">".into(),
+                        "apos" => "'".into(),
+                        "quot" => "\"".into(),
+                        // An entity libvirt never writes: no path.
+                        _ => return None,
+                    },
+                };
+                text.get_or_insert_default().push_str(&resolved);
             }
             Event::Eof => return None,
             _ => {}
@@ -87,8 +106,8 @@ fn no_pool(e: &virt::error::Error) -> bool {
 }
 
 /// The volumes of pool `pool` as libvirt sees them after a refresh (None:
-/// no such pool).
-pub(super) fn list(conn: &Connect, pool: &str) -> Result<Option<PoolListing>, HvError> {
+/// no such pool); none are read when it holds more than `max`.
+pub(super) fn list(conn: &Connect, pool: &str, max: usize) -> Result<Option<PoolListing>, HvError> {
     let p = match conn.lookup_storage_pool_by_name(pool) {
         Ok(p) => p,
         Err(e) if no_pool(&e) => return Ok(None),
@@ -104,6 +123,7 @@ pub(super) fn list(conn: &Connect, pool: &str) -> Result<Option<PoolListing>, Hv
         kind: pool_type(&xml).unwrap_or_default(),
         path: pool_path(&xml).unwrap_or_default(),
         active,
+        count: 0,
         volumes: vec![],
     };
     if !active {
@@ -116,6 +136,10 @@ pub(super) fn list(conn: &Connect, pool: &str) -> Result<Option<PoolListing>, Hv
     let vols = p
         .list_all_volumes(0)
         .map_err(call(format!("volumes of storage pool {pool}")))?;
+    listing.count = vols.len();
+    if vols.len() > max {
+        return Ok(Some(listing));
+    }
     for v in vols {
         // A volume deleted between the list and these calls drops out.
         let (Ok(name), Ok(path)) = (v.name(), v.path()) else {
@@ -132,17 +156,30 @@ pub(super) fn list(conn: &Connect, pool: &str) -> Result<Option<PoolListing>, Hv
     Ok(Some(listing))
 }
 
-/// Every domain of this libvirt: name, whether it runs, and its definition
-/// without security information (the live one while it runs).
-pub(super) fn domains(conn: &Connect) -> Result<Vec<(String, bool, String)>, HvError> {
+/// Every domain of this libvirt: its name, whether it runs, and its
+/// definitions without security information (a running one's live
+/// definition and its persistent one: a disk may be in either).
+pub(super) fn domains(conn: &Connect) -> Result<Vec<DomainXml>, HvError> {
     let all = conn.list_all_domains(0).map_err(call("list of domains"))?;
     let mut out = vec![];
     for d in all {
         // A domain undefined meanwhile drops out.
-        let (Ok(name), Ok(xml)) = (d.name(), d.xml_desc(0)) else {
-            continue;
-        };
-        out.push((name, d.is_active().unwrap_or(false), xml));
+        let Ok(name) = d.name() else { continue };
+        let running = d.is_active().unwrap_or(false);
+        let mut xmls = vec![];
+        if let Ok(x) = d.xml_desc(0) {
+            xmls.push(x);
+        }
+        if running && d.is_persistent().unwrap_or(false) {
+            if let Ok(x) = d.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE) {
+                xmls.push(x);
+            }
+        }
+        out.push(DomainXml {
+            name,
+            running,
+            xmls,
+        });
     }
     Ok(out)
 }
@@ -160,6 +197,13 @@ mod tests {
             pool_type("<pool type=\"logical\"/>").as_deref(),
             Some("logical")
         );
+    }
+
+    #[test]
+    fn a_pool_path_keeps_its_entities() {
+        let xml =
+            "<pool type='dir'><target><path>/srv/vm&apos;s &amp; &#x41;</path></target></pool>";
+        assert_eq!(pool_path(xml).as_deref(), Some("/srv/vm's & A"));
     }
 
     #[test]

@@ -260,11 +260,11 @@ impl Hypervisor for Libvirt {
         Ok(look())
     }
 
-    fn pool_volumes(&self, pool: &str) -> Result<Option<PoolListing>, HvError> {
-        super::pools::list(&self.conn()?, pool)
+    fn pool_volumes(&self, pool: &str, max: usize) -> Result<Option<PoolListing>, HvError> {
+        super::pools::list(&self.conn()?, pool, max)
     }
 
-    fn domain_definitions(&self) -> Result<Vec<(String, bool, String)>, HvError> {
+    fn domain_definitions(&self) -> Result<Vec<super::DomainXml>, HvError> {
         super::pools::domains(&self.conn()?)
     }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::image::{ImageError, ImageInfo, Images};
 use crate::libvirt::{
-    CopyTarget, Definition, DiskSource, HvError, Hypervisor, PoolListing, PoolVolume,
+    CopyTarget, Definition, DiskSource, DomainXml, HvError, Hypervisor, PoolListing, PoolVolume,
 };
 use crate::model::{DomainState, Format, copy_path};
 
@@ -53,6 +53,8 @@ pub(super) struct World {
     pub failing: BTreeSet<&'static str>,
     /// The destination libvirt's domains (migrations).
     pub remote: BTreeMap<String, DomainState>,
+    /// The backing file each image with one names.
+    pub backing_of: BTreeMap<String, String>,
     next_key: u64,
 }
 
@@ -208,12 +210,12 @@ impl Hypervisor for FakeHv {
                 Some((pool.clone(), name.to_owned()))
             }))
     }
-    fn pool_volumes(&self, pool: &str) -> Result<Option<PoolListing>, HvError> {
+    fn pool_volumes(&self, pool: &str, _max: usize) -> Result<Option<PoolListing>, HvError> {
         let w = lock(&self.0);
         let Some(dir) = w.pools.get(pool) else {
             return Ok(None);
         };
-        let volumes = w
+        let volumes: Vec<PoolVolume> = w
             .images
             .iter()
             .filter(|(p, _)| std::path::Path::new(p).parent() == Some(dir.as_path()))
@@ -227,18 +229,20 @@ impl Hypervisor for FakeHv {
             kind: "dir".into(),
             path: dir.to_string_lossy().into_owned(),
             active: true,
+            count: volumes.len(),
             volumes,
         }))
     }
-    fn domain_definitions(&self) -> Result<Vec<(String, bool, String)>, HvError> {
+    fn domain_definitions(&self) -> Result<Vec<DomainXml>, HvError> {
         let w = lock(&self.0);
         Ok(w.domains
             .values()
-            .map(|d| {
-                let name = guestkey_domxml::identity(&d.xml)
+            .map(|d| DomainXml {
+                name: guestkey_domxml::identity(&d.xml)
                     .map(|i| i.name)
-                    .unwrap_or_default();
-                (name, d.state == DomainState::Running, d.xml.clone())
+                    .unwrap_or_default(),
+                running: d.state == DomainState::Running,
+                xmls: vec![d.xml.clone()],
             })
             .collect())
     }
@@ -407,6 +411,10 @@ impl Images for FakeImages {
             encrypted: !i.keys.is_empty(),
             backing: i.backing,
         })
+    }
+    fn backing_path(&self, path: &str, _format: Format) -> Result<Option<String>, ImageError> {
+        let w = lock(&self.0);
+        Ok(w.backing_of.get(path).cloned())
     }
     fn virtual_size(&self, path: &str) -> Result<u64, ImageError> {
         let w = lock(&self.0);

@@ -33,6 +33,8 @@ pub struct PoolEntry {
     pub info: Option<Result<ImageInfo, String>>,
     /// Domains with a disk on it.
     pub used_by: Vec<VolumeUser>,
+    /// Names of the pool's images whose backing file it is.
+    pub base_of: Vec<String>,
 }
 
 /// A pool and its volumes.
@@ -44,6 +46,9 @@ pub struct PoolDescription {
     pub path: String,
     /// Its volumes, by name.
     pub volumes: Vec<PoolEntry>,
+    /// Domains whose definition could not be read: whether they use a
+    /// volume is not known.
+    pub unreadable_domains: Vec<String>,
 }
 
 /// Most volumes a description lists (each costs a `qemu-img info`).
@@ -67,50 +72,75 @@ fn checked_pool(pool: &str) -> Result<&str, OpsError> {
     Ok(pool)
 }
 
+/// A path as the file system resolves it (symbolic links and `..`), to
+/// compare two names of one file; the name itself when it does not resolve.
+fn resolved(path: &str) -> String {
+    std::fs::canonicalize(path)
+        .map_or_else(|_| path.to_owned(), |p| p.to_string_lossy().into_owned())
+}
+
 impl Daemon {
     /// Pool `pool` of this host's libvirt and its volumes.
     pub fn describe_pool(&self, pool: &str) -> Result<PoolDescription, OpsError> {
         let pool = checked_pool(pool)?;
-        let listing = self.hv.pool_volumes(pool)?.ok_or_else(|| {
-            OpsError::Precondition(format!(
-                "no storage pool named {pool} on this host (see `virsh pool-list --all`)"
-            ))
-        })?;
+        let listing = self
+            .hv
+            .pool_volumes(pool, MAX_POOL_VOLUMES)?
+            .ok_or_else(|| {
+                OpsError::Precondition(format!(
+                    "no storage pool named {pool} on this host (see `virsh pool-list --all`)"
+                ))
+            })?;
         if !listing.active {
             return Err(OpsError::Precondition(format!(
                 "storage pool {pool} is not active: start it with `virsh pool-start {pool}`"
             )));
         }
-        if listing.volumes.len() > MAX_POOL_VOLUMES {
+        if listing.count > MAX_POOL_VOLUMES {
             return Err(OpsError::Precondition(format!(
                 "storage pool {pool} holds {} volumes, over the {MAX_POOL_VOLUMES} a description lists: split it into several pools",
-                listing.volumes.len()
+                listing.count
             )));
         }
-        let domains: Vec<(String, bool, guestkey_domxml::Domain)> = self
-            .hv
-            .domain_definitions()?
-            .into_iter()
-            .filter_map(|(name, running, xml)| match guestkey_domxml::parse(&xml) {
-                Ok(d) => Some((name, running, d)),
-                Err(e) => {
-                    tracing::debug!(domain = %name, error = %e, "definition not read");
-                    None
+        // Every definition of every domain: a disk may be in the live one
+        // or the persistent one. One that cannot be read is named, so that
+        // nothing is offered as unused on a guess.
+        let mut unreadable_domains = vec![];
+        let mut domains: Vec<(String, bool, Vec<guestkey_domxml::Domain>)> = vec![];
+        for d in self.hv.domain_definitions()? {
+            let mut parsed = vec![];
+            for xml in &d.xmls {
+                match guestkey_domxml::parse(xml) {
+                    Ok(x) => parsed.push(x),
+                    Err(e) => {
+                        tracing::warn!(domain = %d.name, error = %e, "a domain definition was not read");
+                        unreadable_domains.push(d.name.clone());
+                        break;
+                    }
                 }
-            })
-            .collect();
-        let volumes = listing
+            }
+            domains.push((d.name, d.running, parsed));
+        }
+        unreadable_domains.dedup();
+        let mut volumes: Vec<PoolEntry> = listing
             .volumes
             .into_iter()
             .map(|v| {
+                let here = resolved(&v.path);
                 let used_by = domains
                     .iter()
-                    .filter(|(_, _, d)| {
-                        d.disks.iter().any(|disk| match &disk.source {
-                            Source::File(p) | Source::Block(p) => *p == v.path,
-                            Source::Volume { pool: p, volume } => p == pool && *volume == v.name,
-                            Source::Network { .. } | Source::Other => false,
-                        })
+                    .filter(|(_, _, defs)| {
+                        defs.iter()
+                            .flat_map(|d| &d.disks)
+                            .any(|disk| match &disk.source {
+                                Source::File(p) | Source::Block(p) => {
+                                    *p == v.path || resolved(p) == here
+                                }
+                                Source::Volume { pool: p, volume } => {
+                                    p == pool && *volume == v.name
+                                }
+                                Source::Network { .. } | Source::Other => false,
+                            })
                     })
                     .map(|(name, running, _)| VolumeUser {
                         domain: name.clone(),
@@ -129,13 +159,39 @@ impl Daemon {
                     format: v.format,
                     info,
                     used_by,
+                    base_of: vec![],
                 }
             })
             .collect();
+        // The images other images of the pool are built on: encrypting one
+        // would break those.
+        let mut bases: Vec<(String, String)> = vec![];
+        for e in &volumes {
+            let built_on = matches!(&e.info, Some(Ok(i)) if i.backing);
+            let format = if e.format == "qcow2" {
+                Format::Qcow2
+            } else {
+                Format::Raw
+            };
+            if built_on {
+                if let Ok(Some(base)) = self.images.backing_path(&e.path, format) {
+                    bases.push((resolved(&base), e.name.clone()));
+                }
+            }
+        }
+        for e in &mut volumes {
+            let here = resolved(&e.path);
+            e.base_of = bases
+                .iter()
+                .filter(|(base, _)| *base == here)
+                .map(|(_, child)| child.clone())
+                .collect();
+        }
         Ok(PoolDescription {
             kind: listing.kind,
             path: listing.path,
             volumes,
+            unreadable_domains,
         })
     }
 }

@@ -153,7 +153,7 @@ impl Daemon {
         }
         if info.backing {
             return Err(OpsError::Precondition(format!(
-                "volume {name} ({path}) has a backing file: flatten it first (qemu-img convert or virsh blockpull)"
+                "volume {name} ({path}) has a backing file or an external data file: make it self-contained first (qemu-img convert, or virsh blockpull while a guest runs)"
             )));
         }
         let source = DiskSource {

@@ -284,6 +284,8 @@ pub struct PoolVolume {
     pub image: Option<Result<PoolImage, String>>,
     /// Domains with a disk on it.
     pub used_by: Vec<VolumeUser>,
+    /// Names of the pool's images whose backing file it is.
+    pub base_of: Vec<String>,
 }
 
 /// What an image says of itself.
@@ -306,6 +308,8 @@ pub struct PoolDescription {
     pub path: String,
     /// Its volumes, by name.
     pub volumes: Vec<PoolVolume>,
+    /// Domains whose definition the host could not read.
+    pub unreadable_domains: Vec<String>,
 }
 
 /// How a call to a host went wrong.

@@ -111,8 +111,12 @@ fn view(
 ) -> Result<PoolView, CoreError> {
     let guests: Vec<String> = tx.guests(Some(host))?.into_iter().map(|g| g.name).collect();
     let mut volumes = Vec::with_capacity(desc.volumes.len());
+    let unreadable = desc.unreadable_domains.clone();
     for v in desc.volumes {
-        let known = tx.volume_named(&v.name)?;
+        // A decrypted volume is cleartext again, its name free.
+        let known = tx
+            .volume_named(&v.name)?
+            .filter(|k| k.state != VolumeState::Decrypted);
         let capacity_bytes = match &v.image {
             Some(Ok(i)) => i.capacity_bytes,
             _ => 0,
@@ -136,8 +140,18 @@ fn view(
                 "encrypted by something other than guestkey (its key is not on this server): decrypt it with the tool that made it first".into(),
             ),
             (None, Some(Ok(i))) if i.backing => not(
-                "it has a backing file: make it self-contained first (`qemu-img convert`, or `virsh blockpull` while a guest runs)".into(),
+                "it has a backing file or an external data file: make it self-contained first (`qemu-img convert`, or `virsh blockpull` while a guest runs)".into(),
             ),
+            (None, Some(Ok(_))) if !v.base_of.is_empty() => not(format!(
+                "it is the backing file of {}: encrypting it would break {}; make {} self-contained first (`qemu-img convert`)",
+                v.base_of.join(", "),
+                if v.base_of.len() == 1 { "that image" } else { "those images" },
+                if v.base_of.len() == 1 { "it" } else { "them" },
+            )),
+            (None, Some(Ok(_))) if !unreadable.is_empty() => not(format!(
+                "the host could not read the definition of domain {}, so whether it uses this volume is not known: fix or undefine it (`virsh dumpxml`)",
+                unreadable.join(", ")
+            )),
             (None, Some(Ok(_))) => encrypt_offer(host, pool, &v.name, &v.format, &v.used_by, &guests, managed.is_some()),
         };
         volumes.push(PoolEntry {
@@ -198,8 +212,14 @@ fn encrypt_offer(
         ),
         [one] => (
             format!(
-                "guestkeyctl guest adopt --host {} {}",
+                "guestkeyctl guest adopt --host {} {}{}",
                 shell_word(host),
+                // A name that starts like an option.
+                if one.domain.starts_with('-') {
+                    "-- "
+                } else {
+                    ""
+                },
                 shell_word(&one.domain)
             ),
             Some(one.domain.clone()),

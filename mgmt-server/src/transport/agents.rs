@@ -304,8 +304,10 @@ fn pool_description(r: agent::PoolDescription) -> PoolDescription {
                         running: u.running,
                     })
                     .collect(),
+                base_of: v.base_of,
             })
             .collect(),
+        unreadable_domains: r.unreadable_domains,
     }
 }
 

@@ -37,6 +37,9 @@ fn a_pool_is_described_with_each_volume_and_its_users() {
         );
         w.images
             .insert("/elsewhere/d.raw".into(), image(Format::Raw, vec![], false));
+        // c.qcow2 is built on a.qcow2.
+        w.backing_of
+            .insert("/pools/p/c.qcow2".into(), "/pools/p/a.qcow2".into());
         w.domains.insert(
             "u1".into(),
             Domain {
@@ -76,6 +79,22 @@ fn a_pool_is_described_with_each_volume_and_its_users() {
         "b.raw of another pool is not this one's"
     );
     assert!(info(2).backing);
+    assert_eq!(d.volumes[0].base_of, ["c.qcow2"]);
+    assert!(d.volumes[1].base_of.is_empty());
+    assert!(d.unreadable_domains.is_empty());
+
+    // A definition that cannot be read is named, not skipped.
+    b.w.lock().unwrap().domains.insert(
+        "u3".into(),
+        Domain {
+            xml: "<domain type='kvm'><name>broken</name><devices><disk type='file'><source file='/pools/p/b.raw'/></disk></devices>".into(),
+            state: DomainState::ShutOff,
+            autostart: false,
+            disks: vec![],
+        },
+    );
+    let d = b.d.describe_pool("pool").unwrap();
+    assert_eq!(d.unreadable_domains.len(), 1, "{d:?}");
 }
 
 #[test]

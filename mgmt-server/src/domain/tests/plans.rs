@@ -86,7 +86,9 @@ async fn every_statement_of_the_api_operations_uses_an_index() {
                 format: "qcow2".into(),
                 image: None,
                 used_by: vec![],
+                base_of: vec![],
             }],
+            unreadable_domains: vec![],
         },
     );
     b.core

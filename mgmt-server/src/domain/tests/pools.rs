@@ -35,6 +35,7 @@ fn vol(
                 running: *running,
             })
             .collect(),
+        base_of: vec![],
     }
 }
 
@@ -105,7 +106,18 @@ async fn each_volume_of_a_pool_is_shown_for_what_it_is() {
                 ),
                 vol("-odd", "raw", image(false, false), &[]),
                 vol("taken", "raw", image(false, false), &[]),
+                PoolVolume {
+                    base_of: vec!["child.qcow2".into()],
+                    ..vol("base.qcow2", "qcow2", image(false, false), &[])
+                },
+                vol(
+                    "odd-vm.img",
+                    "raw",
+                    image(false, false),
+                    &[("-odd-vm", false)],
+                ),
             ],
+            unreadable_domains: vec![],
         },
     );
 
@@ -184,11 +196,38 @@ async fn each_volume_of_a_pool_is_shown_for_what_it_is() {
             "taken",
             "taken by the guestkey volume in pool default of host h2",
         ),
+        ("base.qcow2", "it is the backing file of child.qcow2"),
     ];
     for (name, says) in cases {
         let w = why(offer(&v, name));
         assert!(w.contains(says), "{name}: {w}");
     }
+    // A domain name that starts like an option comes after `--`.
+    assert!(
+        matches!(offer(&v, "odd-vm.img"), Offer::Cleartext { command, .. } if command.ends_with("adopt --host h1 -- -odd-vm")),
+        "{v:?}"
+    );
+
+    // A domain the host could not read: nothing is offered on a guess.
+    b.agents.set_pool(
+        "h1",
+        "other",
+        PoolDescription {
+            kind: "dir".into(),
+            path: "/pools/other".into(),
+            volumes: vec![vol("free.img", "raw", image(false, false), &[])],
+            unreadable_domains: vec!["broken-vm".into()],
+        },
+    );
+    let o = b
+        .core
+        .describe_pool("h1".into(), "other".into())
+        .await
+        .unwrap();
+    assert!(
+        why(offer(&o, "free.img")).contains("definition of domain broken-vm"),
+        "{o:?}"
+    );
 
     // Marking again returns the mark and records nothing more.
     let again = b

@@ -170,3 +170,42 @@ async fn policies_are_set_resolved_and_removed() {
         RekeyKind::Shallow
     );
 }
+
+#[tokio::test]
+async fn a_volume_due_by_its_policy_and_after_a_migration_is_overdue_once() {
+    use crate::model::{Policy, PolicyScope, RekeyKind};
+    use crate::store::{Access, Store};
+    let b = Bed::new();
+    b.host("h1");
+    let a = b.volume("h1", "a").await;
+    let both = b.volume("h1", "both").await;
+    b.core
+        .set_policy(
+            &b.admin,
+            &Policy {
+                scope: PolicyScope::Pool,
+                target: "default".into(),
+                max_key_age_secs: 10,
+                mode: RekeyKind::Shallow,
+                after_migration_secs: 0,
+            },
+        )
+        .unwrap();
+    let created = {
+        let mut tx = b.store.begin(Access::Read).unwrap();
+        tx.key_created(&a.id, 1).unwrap().unwrap()
+    };
+    // `both` also has an after-migration rekey due, earlier.
+    {
+        let mut tx = b.store.begin(Access::Write).unwrap();
+        tx.move_volume(&both.id, "h1", created + 5).unwrap();
+        tx.commit().unwrap();
+    }
+    let mut tx = b.store.begin(Access::Read).unwrap();
+    let none = tx.rekeys_overdue(created + 4).unwrap();
+    assert_eq!(none.volumes, 0, "{none:?}");
+    let one = tx.rekeys_overdue(created + 6).unwrap();
+    assert_eq!((one.volumes, one.oldest_due), (1, created + 5), "{one:?}");
+    let two = tx.rekeys_overdue(created + 100).unwrap();
+    assert_eq!((two.volumes, two.oldest_due), (2, created + 5), "{two:?}");
+}

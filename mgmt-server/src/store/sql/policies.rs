@@ -7,9 +7,10 @@ use crate::store::{ConsoleSession, PolicyStore, Result};
 const POLICY_COLUMNS: &str =
     "scope, target, max_key_age_secs, mode, COALESCE(after_migration_secs, 0)";
 
-/// States in which a volume's key can be overdue: it is used, and no rekey
-/// or removal is under way.
-const KEYED: &str = "v.state IN ('ready', 'migrating', 'failed', 'pending-encrypt')";
+/// States in which a volume's key can be overdue: it is in use and no rekey
+/// or removal is under way, or a rekey was given up.
+const KEYED: &str =
+    "(v.state IN ('ready', 'migrating') OR (v.state = 'failed' AND v.failed_op = 'rekey'))";
 
 fn managed_pool_row(r: &Row) -> Result<ManagedPool> {
     Ok(ManagedPool {
