@@ -14,7 +14,7 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,17 +25,23 @@ use guestkey_tests::{run, virsh};
 
 const PASSWORD: &str = "a long console password";
 
-/// chromedriver on a free port, killed at the end.
-struct Driver(Child, u16);
+/// chromedriver on a free port, with the browser profile it runs
+/// Chromium on; killed at the end with every Chromium process of that
+/// profile (a test that fails leaves none running, writing into it).
+struct Driver(Child, u16, PathBuf);
 
 impl Drop for Driver {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        let profile = format!("--user-data-dir={}", self.2.display());
+        let _ = Command::new("pkill")
+            .args(["-9", "-f", "--", &profile])
+            .status();
     }
 }
 
-fn chromedriver() -> Driver {
+fn chromedriver(profile: &Path) -> Driver {
     let port = guestkey_testkit::free_port();
     let child = Command::new("/usr/bin/chromedriver")
         .arg(format!("--port={port}"))
@@ -48,7 +54,7 @@ fn chromedriver() -> Driver {
         assert!(Instant::now() < end, "chromedriver did not listen");
         std::thread::sleep(Duration::from_millis(100));
     }
-    Driver(child, port)
+    Driver(child, port, profile.to_owned())
 }
 
 async fn browser(driver: &Driver, profile: &Path) -> Client {
@@ -63,6 +69,7 @@ async fn browser(driver: &Driver, profile: &Path) -> Client {
             "args": [
                 "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--window-size=1280,900", "--ignore-certificate-errors",
+                "--disable-crash-reporter", "--disable-breakpad",
                 format!("--user-data-dir={}", profile.display()),
             ],
         }),
@@ -168,8 +175,9 @@ async fn an_operator_works_in_the_console_in_a_real_browser() {
     set_password(&s, "alice", PASSWORD);
     assert_eq!(s.audit("console-user.set").len(), 1);
 
-    let driver = chromedriver();
-    let c = browser(&driver, &s.dir.join("chromium-profile")).await;
+    let profile = s.dir.join("chromium-profile");
+    let driver = chromedriver(&profile);
+    let c = browser(&driver, &profile).await;
 
     // Not signed in: to the sign-in page; a wrong password is refused.
     c.goto(&format!("{base}/volumes")).await.unwrap();
