@@ -110,6 +110,9 @@ pub(super) fn samples_agree(
     Ok(!x.is_empty() && x == y)
 }
 
+/// How long a `qemu-img info` may take.
+const INFO_TIMEOUT: &str = "60s";
+
 /// `qemu-img info` of the image open as `f`, read as `format` if given.
 fn info_json(
     f: &File,
@@ -118,12 +121,30 @@ fn info_json(
 ) -> Result<serde_json::Value, ImageError> {
     let mut fds = Fds::new();
     let file = fds.file(f);
-    let mut a = args(&["info", "-U", "--output=json"]);
+    // `qemu-img info` reads headers only: under coreutils' timeout, so that
+    // an image that makes it hang (a stuck NFS file, a crafted header)
+    // cannot hold this host's work.
+    let mut a = args(&[
+        "--kill-after=5",
+        INFO_TIMEOUT,
+        "qemu-img",
+        "info",
+        "-U",
+        "--output=json",
+    ]);
     if let Some(fmt) = format {
         a.extend(["-f".to_owned(), fmt.as_str().to_owned()]);
     }
     a.push(file);
-    let out = run("qemu-img", &a, &fds)?;
+    let out = run("timeout", &a, &fds)?;
+    if out.status.code() == Some(124) || out.status.code() == Some(137) {
+        return Err(ImageError::Tool {
+            tool: "qemu-img",
+            action: "info",
+            path: shown.to_owned(),
+            said: format!("gave no answer within {INFO_TIMEOUT}"),
+        });
+    }
     if !out.status.success() {
         return Err(match format {
             Some(fmt) => ImageError::Unsuitable(format!(

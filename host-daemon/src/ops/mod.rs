@@ -145,6 +145,8 @@ pub struct Daemon {
     done: Mutex<HashMap<String, String>>,
     /// Serialises changes to the store and the registry.
     changes: Mutex<()>,
+    /// Held while a storage pool is described (one at a time).
+    describing: Mutex<()>,
     /// Volume creations running in parallel, and their group commits.
     creations: commit::Creations,
     /// Where the list of managed secret UUIDs goes (for the hook).
@@ -196,6 +198,7 @@ impl Daemon {
             keys,
             done: Mutex::new(HashMap::new()),
             changes: Mutex::new(()),
+            describing: Mutex::new(()),
             creations: commit::Creations::new(),
             managed_list,
             hook_uid,

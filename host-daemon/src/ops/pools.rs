@@ -83,6 +83,18 @@ impl Daemon {
     /// Pool `pool` of this host's libvirt and its volumes.
     pub fn describe_pool(&self, pool: &str) -> Result<PoolDescription, OpsError> {
         let pool = checked_pool(pool)?;
+        // One description at a time (each runs `qemu-img info` per
+        // volume): a second caller is told to come back.
+        let _one = match self.describing.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(OpsError::Precondition(
+                    "another storage pool is being described on this host: try again in a moment"
+                        .into(),
+                ));
+            }
+        };
         let listing = self
             .hv
             .pool_volumes(pool, MAX_POOL_VOLUMES)?

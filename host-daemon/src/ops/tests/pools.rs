@@ -110,3 +110,13 @@ fn bad_pool_names_and_missing_pools_are_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn one_pool_is_described_at_a_time() {
+    let b = bed();
+    let held = b.d.describing.lock().unwrap();
+    let e = b.d.describe_pool("pool").unwrap_err();
+    assert!(e.to_string().contains("try again in a moment"), "{e}");
+    drop(held);
+    b.d.describe_pool("pool").unwrap();
+}
