@@ -792,14 +792,20 @@ fn a_crash_at_any_instant_of_a_rekey_loses_no_volume() {
             virsh(&["destroy", &guest]).unwrap();
         }
         let running = t % 2 == 1;
-        let mode = if rand(2) == 0 { "--shallow" } else { "--deep" };
+        // The first two trials rekey deep (the longer rotation) and kill
+        // early, so that a kill surely lands mid-rotation; the others pick.
+        let mode = if t < 2 || rand(2) == 1 {
+            "--deep"
+        } else {
+            "--shallow"
+        };
         let gen_before = s.json(&["volume", "show", "fault-disk"])["key_generation"]
             .as_u64()
             .unwrap();
         s.json(&["volume", "rekey", "fault-disk", mode]);
         // The first two trials kill early (the rotation surely runs), the
         // others at any instant of the first 2.5 s.
-        let delay = if t < 2 { rand(300) } else { rand(2500) };
+        let delay = if t < 2 { rand(100) } else { rand(2500) };
         std::thread::sleep(std::time::Duration::from_millis(delay));
         let victim = rand(if running { 3 } else { 2 });
         let under_way =
