@@ -20,6 +20,30 @@ pub mod agent {
     tonic::include_proto!("guestkey.agent.v1");
 }
 
+/// A console login's new password never shows in Debug output.
+impl std::fmt::Debug for admin::SetConsoleUserRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetConsoleUserRequest")
+            .field("name", &self.name)
+            .field("password", &"(not shown)")
+            .finish()
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn a_console_password_does_not_show_in_debug() {
+    let r = admin::SetConsoleUserRequest {
+        name: "alice".into(),
+        password: "not to be seen".into(),
+    };
+    let shown = format!("{r:?}");
+    assert!(
+        shown.contains("alice") && !shown.contains("not to be seen"),
+        "{shown}"
+    );
+}
+
 /// The encoded `FileDescriptorSet` of all three APIs.
 pub const DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptor");
 

@@ -101,17 +101,21 @@ impl Who {
     }
 }
 
-fn random_token() -> Option<String> {
+/// 256 random bits, base64url; wiped when dropped (a session token is a
+/// credential until it ends).
+fn random_token() -> Option<zeroize::Zeroizing<String>> {
     let mut raw = zeroize::Zeroizing::new([0u8; 32]);
     getrandom::fill(raw.as_mut()).ok()?;
-    Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw.as_ref()))
+    Some(zeroize::Zeroizing::new(
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw.as_ref()),
+    ))
 }
 
 fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-fn cookie_token(headers: &HeaderMap) -> Option<String> {
+fn cookie_token(headers: &HeaderMap) -> Option<zeroize::Zeroizing<String>> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -119,7 +123,7 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
         .flat_map(|v| v.split(';'))
         .find_map(|kv| {
             let (k, v) = kv.trim().split_once('=')?;
-            (k == COOKIE).then(|| v.to_owned())
+            (k == COOKIE).then(|| zeroize::Zeroizing::new(v.to_owned()))
         })
 }
 
@@ -339,17 +343,17 @@ pub(crate) async fn login(
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .succeeded(&counted);
-            let (Some(token), Some(csrf)) = (random_token(), random_token()) else {
+            let (Some(token), Some(mut csrf)) = (random_token(), random_token()) else {
                 return refused(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "The server could not make a session; see its log.",
                 );
             };
             let session = crate::store::ConsoleSession {
-                token_hash: token_hash(&token).to_vec(),
+                token_hash: token_hash(token.as_str()).to_vec(),
                 login: name.clone(),
                 tag: tag.to_vec(),
-                csrf,
+                csrf: std::mem::take(&mut *csrf),
                 started_ms: crate::domain::now_unix_ms(),
                 last_ms: crate::domain::now_unix_ms(),
             };
@@ -372,7 +376,10 @@ pub(crate) async fn login(
                 .await;
             // A browser-session cookie: the server ends the session when it
             // is idle too long.
-            let cookie = format!("{COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Strict");
+            let cookie = zeroize::Zeroizing::new(format!(
+                "{COOKIE}={}; Path=/; Secure; HttpOnly; SameSite=Strict",
+                token.as_str()
+            ));
             let mut r = Redirect::to("/").into_response();
             if let Ok(v) = header::HeaderValue::from_str(&cookie) {
                 r.headers_mut().insert(header::SET_COOKIE, v);
