@@ -67,7 +67,18 @@ mod tests {
         );
         assert!(e.contains("stop it first"), "{e}");
         drop(first);
-        let again = state_lock(&dir).unwrap();
+        // Another test of this process may spawn a child (qemu-img) while
+        // the first lock's descriptor is open: the child holds a copy of it
+        // (and so the lock) until its exec closes it. Wait that out, boundedly.
+        let mut again = state_lock(&dir);
+        for _ in 0..100 {
+            if again.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            again = state_lock(&dir);
+        }
+        let again = again.unwrap();
         assert_eq!(again.path(), dir.join("guestkeyd.lock"));
         std::fs::remove_dir_all(dir).unwrap();
     }
