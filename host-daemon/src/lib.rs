@@ -4,7 +4,7 @@
 //!
 //! | module | what |
 //! | --- | --- |
-//! | [`model`] | names, UUIDs, formats, states, volume entries |
+//! | [`model`], [`escrow`] | names, UUIDs, formats, states, volume entries; the escrow packet format |
 //! | [`state`], [`progress`], [`hardening`], [`instance`] | state directory, progress of long operations, process hardening, one instance per host |
 //! | [`protect`] | the host's keys at rest, through key protectors |
 //! | [`store`] | the sealed guest store and the volume registry |
@@ -16,6 +16,7 @@
 //! Keys become ephemeral, private libvirt secrets only while QEMU opens the
 //! disks; no RPC returns a key.
 
+pub mod escrow;
 pub mod grpc;
 pub mod hardening;
 pub mod hook;

@@ -42,6 +42,7 @@ const ALLOWED_MESSAGE_STRINGS: &[(&str, &str)] = &[
     (".guestkey.agent.v1.VolumeUser", "domain"),
     (".guestkey.agent.v1.PoolVolume", "base_of"),
     (".guestkey.agent.v1.PoolDescription", "unreadable_domains"),
+    (".guestkey.agent.v1.EscrowPacketResult", "luks_uuid"),
 ];
 
 /// Bytes fields a response may have, each for its reason: what a TPM
@@ -52,6 +53,10 @@ const ALLOWED_BYTES: &[(&str, &str)] = &[
     (".guestkey.agent.v1.AttestResult", "quote"),
     (".guestkey.agent.v1.AttestResult", "signature"),
     (".guestkey.agent.v1.QuotedPcr", "sha256"),
+    // An escrow packet: age ciphertext to custodian recipients that the
+    // host's own --escrow-recipients file names (the server cannot add
+    // one); no online party holds an identity that opens it.
+    (".guestkey.agent.v1.EscrowPacketResult", "packet"),
 ];
 
 fn messages() -> HashMap<String, DescriptorProto> {

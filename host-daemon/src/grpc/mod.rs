@@ -313,6 +313,21 @@ impl HostAgent for AgentService {
         Ok(Response::new(pb::pool_description(d)))
     }
 
+    async fn make_escrow_packet(
+        &self,
+        req: Request<apb::EscrowPacketRequest>,
+    ) -> R<apb::EscrowPacketResult> {
+        self.check(&req)?;
+        let r = pb::escrow_packet(req.into_inner())?;
+        let volume_id = r.volume.to_string();
+        let e = self.blocking(move |d| d.make_escrow_packet(r)).await?;
+        Ok(Response::new(apb::EscrowPacketResult {
+            volume_id,
+            packet: e.packet,
+            luks_uuid: e.luks_uuid,
+        }))
+    }
+
     async fn get_inventory(&self, req: Request<apb::InventoryRequest>) -> R<apb::InventoryResult> {
         self.check(&req)?;
         let held = self.blocking(|d| d.inventory()).await?;

@@ -11,8 +11,8 @@ use crate::model::{
 };
 use crate::ops::OpsError;
 use crate::ops::requests::{
-    CreateVolume, DecryptVolume, DefineGuest, DeleteVolume, HeldKey, MigrateGuest, MigratingVolume,
-    PrepareMigration, Rekey, SealedKey,
+    CreateVolume, DecryptVolume, DefineGuest, DeleteVolume, EscrowPacket, HeldKey, MigrateGuest,
+    MigratingVolume, PrepareMigration, Rekey, SealedKey,
 };
 
 /// The longest status message sent: tonic carries it in an HTTP/2 header,
@@ -288,6 +288,48 @@ pub(super) fn pool_description(d: crate::ops::PoolDescription) -> pb::PoolDescri
             .collect(),
         unreadable_domains: d.unreadable_domains,
     }
+}
+
+/// A text the server writes into an escrow packet: one line, bounded.
+fn packet_text(what: &str, v: String) -> Result<String, Status> {
+    if v.is_empty() || v.len() > 255 || v.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "{what} must be 1 to 255 bytes of text without control characters"
+        )));
+    }
+    Ok(v)
+}
+
+/// `MakeEscrowPacket`.
+pub(super) fn escrow_packet(r: pb::EscrowPacketRequest) -> Result<EscrowPacket, Status> {
+    let volume = volume_id(&r.volume_id).map_err(edge)?;
+    let max = crate::escrow::MAX_RECIPIENTS;
+    if r.recipients.is_empty() || r.recipients.len() > max {
+        return Err(invalid(format!(
+            "an escrow packet needs 1 to {max} recipients"
+        )));
+    }
+    let mut recipients: Vec<String> = vec![];
+    for text in r.recipients {
+        crate::escrow::parse_recipient(&text).map_err(|e| invalid(e.0))?;
+        if recipients.contains(&text) {
+            return Err(invalid(format!(
+                "recipient {} is given twice",
+                crate::escrow::recipient_label(&text)
+            )));
+        }
+        recipients.push(text);
+    }
+    Ok(EscrowPacket {
+        volume,
+        key: sealed_key(r.key, "key packet", volume)?,
+        recipients,
+        packet_id: packet_text("packet_id", r.packet_id)?,
+        host_name: packet_text("host_name", r.host_name)?,
+        volume_name: packet_text("volume_name", r.volume_name)?,
+        requested_by: packet_text("requested_by", r.requested_by)?,
+        approved_by: packet_text("approved_by", r.approved_by)?,
+    })
 }
 
 #[cfg(test)]

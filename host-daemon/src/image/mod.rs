@@ -24,6 +24,8 @@ mod run;
 mod shred;
 mod swap;
 
+pub use swap::copy_cleartext;
+
 pub use qemu::QemuImages;
 
 /// Where the data keys guestkeyd makes (its own re-encryption) get their
@@ -136,6 +138,15 @@ pub trait Images: Send + Sync {
     fn backing_path(&self, path: &str, format: Format) -> Result<Option<String>, ImageError>;
     /// The guest-visible size (no key needed).
     fn virtual_size(&self, path: &str) -> Result<u64, ImageError>;
+    /// What the LUKS header of the image holds behind `key`: its data key
+    /// and the facts a recovery checks it against (for an escrow packet).
+    /// Reads only.
+    fn header_key(
+        &self,
+        path: &str,
+        format: Format,
+        key: &[u8],
+    ) -> Result<luks1::recovery::HeaderKey, ImageError>;
     /// Shallow rekey: a keyslot for `new` (unlocked with `old`), proven to
     /// open the image, then the keyslots of `old` erased and proven gone.
     fn replace_passphrase(

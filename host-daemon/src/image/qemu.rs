@@ -315,6 +315,17 @@ impl Images for QemuImages {
         virtual_size_fd(&f, path)
     }
 
+    fn header_key(
+        &self,
+        path: &str,
+        format: Format,
+        key: &[u8],
+    ) -> Result<super::luks1::recovery::HeaderKey, ImageError> {
+        let (dir, name) = SafeDir::of_file(path)?;
+        let f = dir.open_file(&name, false)?;
+        super::luks1::recovery::header_key(&f, format, key, path)
+    }
+
     fn replace_passphrase(
         &self,
         path: &str,

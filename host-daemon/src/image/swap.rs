@@ -453,3 +453,25 @@ pub(super) fn swap_in_copy(path: &str, generation: u64) -> Result<bool, ImageErr
     close_later(vec![old]);
     Ok(true)
 }
+
+/// Copies the encrypted image `src` (`format`, opened with `key`) into the
+/// empty file `dst` as a cleartext `to` image and checks the copy against
+/// it (qemu-img compare); `src` is only read. For `guestkey-recover copy`.
+pub fn copy_cleartext(
+    src: &File,
+    format: Format,
+    key: &[u8],
+    dst: &File,
+    to: Format,
+    shown: &str,
+) -> Result<(), ImageError> {
+    let from = Codec {
+        format,
+        keyed: true,
+    };
+    let to = Codec {
+        format: to,
+        keyed: false,
+    };
+    convert_verify(src, from, dst, to, &[key], 0, "copying", shown)
+}

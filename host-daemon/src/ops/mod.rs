@@ -18,6 +18,7 @@
 
 mod adopt;
 mod commit;
+mod escrow;
 mod guests;
 mod hook;
 mod migrate;
@@ -27,6 +28,7 @@ pub mod requests;
 mod volumes;
 
 pub use adopt::{DiskPlace, DomainDescription, ImagePlace};
+pub use escrow::Escrowed;
 pub use pools::{MAX_POOL_VOLUMES, PoolDescription, PoolEntry, VolumeUser};
 pub use volumes::{Online, copy_online};
 
@@ -159,6 +161,9 @@ pub struct Daemon {
     lookup: std::sync::OnceLock<Box<dyn DiskLookup>>,
     /// The verifier, asked for the other halves of split keys.
     verifier: std::sync::OnceLock<Box<dyn HalfSource>>,
+    /// The age recipients escrow packets may be sealed to (from
+    /// `--escrow-recipients`); unset: no packets.
+    escrow_recipients: std::sync::OnceLock<Vec<String>>,
     /// Secrets a prepare of this process defined and its release has not
     /// removed yet: the only guestkey secrets libvirt should have.
     preparing: Mutex<BTreeSet<String>>,
@@ -205,6 +210,7 @@ impl Daemon {
             stale_secrets: Mutex::new(BTreeSet::new()),
             lookup: std::sync::OnceLock::new(),
             verifier: std::sync::OnceLock::new(),
+            escrow_recipients: std::sync::OnceLock::new(),
             preparing: Mutex::new(BTreeSet::new()),
             prepared: std::sync::atomic::AtomicU64::new(0),
         }

@@ -129,3 +129,23 @@ pub struct HeldKey {
     /// The guest that holds it.
     pub guest: String,
 }
+
+/// Make an escrow packet of a volume.
+pub struct EscrowPacket {
+    /// The volume.
+    pub volume: VolumeId,
+    /// Its current key.
+    pub key: SealedKey,
+    /// age X25519 recipients, checked and without repeats.
+    pub recipients: Vec<String>,
+    /// The request's id on the server.
+    pub packet_id: String,
+    /// This host's name on the server.
+    pub host_name: String,
+    /// The volume's name on the server.
+    pub volume_name: String,
+    /// The admin who asked.
+    pub requested_by: String,
+    /// The admin who approved.
+    pub approved_by: String,
+}

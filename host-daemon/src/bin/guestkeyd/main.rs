@@ -159,6 +159,12 @@ enum Command {
         /// only, no names or keys) on this address, e.g. 127.0.0.1:9465.
         #[arg(long, value_name = "IP:PORT")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// The age X25519 recipients (one per line, `#` comments) of the
+        /// custodians this host may seal escrow packets to; without it the
+        /// host makes none. Root's file, writable by no one else: the
+        /// server cannot add a recipient.
+        #[arg(long, value_name = "FILE")]
+        escrow_recipients: Option<PathBuf>,
     },
 }
 
@@ -310,8 +316,13 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
             hook_uid,
             overwrite_old_images,
             metrics_listen,
+            escrow_recipients,
         } => {
             host_daemon::image::overwrite_old_images(overwrite_old_images);
+            // A bad file stops the start, before anything is served.
+            let escrow_recipients = escrow_recipients
+                .map(|p| host_daemon::escrow::load_recipients_file(&p))
+                .transpose()?;
             // Before anything else: one guestkeyd per state directory and
             // per hook socket (a second must not take the first's socket).
             let _state_lock = host_daemon::instance::state_lock(&state_dir)?;
@@ -353,6 +364,13 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
                 hook_uid,
             ));
             daemon.write_managed_list()?;
+            if let Some(list) = escrow_recipients {
+                tracing::info!(
+                    recipients = list.len(),
+                    "escrow packets sealed only to the recipients of --escrow-recipients"
+                );
+                daemon.set_escrow_recipients(list);
+            }
             match host_daemon::grpc::lookup::ServerLookup::new(
                 &dir,
                 tokio::runtime::Handle::current(),

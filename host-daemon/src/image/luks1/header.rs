@@ -150,6 +150,16 @@ impl Luks1 {
         None
     }
 
+    /// Whether `mk` is this header's data key (its digest matches).
+    pub fn is_data_key(&self, mk: &[u8]) -> bool {
+        if mk.len() != self.key_bytes {
+            return false;
+        }
+        let mut digest = Zeroizing::new([0u8; 20]);
+        pbkdf2::pbkdf2_hmac::<Sha256>(mk, &self.mk_salt, self.mk_iter, digest.as_mut());
+        bool::from(digest.as_slice().ct_eq(&self.mk_digest[..]))
+    }
+
     /// The numbers of the active keyslots.
     pub fn active(&self) -> Vec<usize> {
         self.slots.iter().map(|s| s.index).collect()
@@ -313,6 +323,25 @@ pub fn new_header(
         )));
     }
     Ok(Ok(h))
+}
+
+/// The UUID written in the header `h` (text, as `cryptsetup luksUUID`
+/// prints it; empty when none).
+pub fn uuid_of(h: &[u8]) -> String {
+    String::from_utf8_lossy(cstr(&h[168..208])).into_owned()
+}
+
+/// Writes `uuid` (a canonical UUID) into the header `h`.
+pub fn set_uuid(h: &mut [u8], uuid: &uuid::Uuid) {
+    let text = uuid.hyphenated().to_string();
+    h[168..208].fill(0);
+    h[168..168 + text.len()].copy_from_slice(text.as_bytes());
+}
+
+/// Payload offset, in sectors, of the headers [`fresh_header`] writes
+/// (QEMU's layout: 4040).
+pub fn fresh_payload() -> u64 {
+    u64::from(fresh_payload_sectors())
 }
 
 /// Anti-forensic stripes of a new keyslot (LUKS1's and QEMU's choice).

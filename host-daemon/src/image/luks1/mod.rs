@@ -34,6 +34,7 @@ pub mod create;
 pub mod header;
 pub mod keyslots;
 pub mod layout;
+pub mod recovery;
 pub mod xts;
 
 use std::fs::File;

@@ -2,6 +2,7 @@
 //! module).
 
 use super::{FakeImages, Image, lock};
+use crate::image::luks1::recovery::HeaderKey;
 use crate::image::{ImageError, ImageInfo, Images};
 use crate::model::{Format, copy_path};
 
@@ -66,6 +67,26 @@ impl Images for FakeImages {
             .get(path)
             .map(|i| i.size)
             .ok_or_else(|| img_err(format!("no image {path}")))
+    }
+    fn header_key(&self, path: &str, _format: Format, key: &[u8]) -> Result<HeaderKey, ImageError> {
+        let w = lock(&self.0);
+        let i = w
+            .images
+            .get(path)
+            .ok_or_else(|| img_err(format!("no image {path}")))?;
+        if !i.keys.iter().any(|k| k == key) {
+            return Err(img_err(format!("the volume's key does not open {path}")));
+        }
+        // The fake's data key stands for the real one: 64 bytes made of it.
+        let mut data_key = zeroize::Zeroizing::new(vec![0u8; 64]);
+        data_key[..8].copy_from_slice(&i.data_key.to_be_bytes());
+        Ok(HeaderKey {
+            data_key,
+            uuid: format!("00000000-0000-4000-8000-{:012x}", i.data_key),
+            payload_sectors: 4040,
+            region: (0, 2_068_480),
+            virtual_size: i.size,
+        })
     }
     fn replace_passphrase(
         &self,

@@ -155,6 +155,7 @@ pub(super) fn registry(bed: &Bed) -> String {
     format!("{:?}", bed.d.store.volumes().unwrap())
 }
 
+mod escrow;
 mod guests;
 mod pools;
 mod rekey;
