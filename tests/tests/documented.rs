@@ -111,7 +111,8 @@ fn simple_commands(text: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-const OURS: [&str; 4] = [
+const OURS: [&str; 5] = [
+    "guestkey-recover",
     "guestkeyctl",
     "guestkeyd",
     "guestkey-server",
