@@ -26,7 +26,9 @@ pub const FIRST_LINE: &str = "guestkey escrow packet 1";
 /// Most recipients a packet is encrypted to.
 pub const MAX_RECIPIENTS: usize = 16;
 /// Largest packet (ciphertext or plaintext) read.
-pub const MAX_PACKET: usize = 64 << 10;
+pub const MAX_PACKET: usize = 256 << 10;
+/// age's payload chunk (a constant of its format).
+const AGE_CHUNK: usize = 64 << 10;
 /// Largest recipients file read.
 const MAX_RECIPIENTS_FILE: u64 = 64 << 10;
 
@@ -252,6 +254,9 @@ impl Packet {
             ));
         }
         let text = self.to_text()?;
+        if text.len() >= AGE_CHUNK {
+            return err("the packet's text is too long");
+        }
         let e =
             age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
                 .map_err(|e| EscrowError(format!("age: {e}")))?;
@@ -259,7 +264,14 @@ impl Packet {
         let mut w = e
             .wrap_output(&mut out)
             .map_err(|e| EscrowError(format!("age: {e}")))?;
+        // age's writer keeps the plaintext of a chunk in a buffer that it
+        // frees without wiping. Zeros up to two whole chunks make the
+        // second chunk overwrite every byte of the text in that buffer
+        // (the first chunk is encrypted in place, in a copy), so it is
+        // freed holding only zeros. The reader drops them.
+        let padding = vec![0u8; 2 * AGE_CHUNK - text.len()];
         w.write_all(text.as_bytes())
+            .and_then(|()| w.write_all(&padding))
             .and_then(|()| w.finish().map(drop))
             .map_err(|e| EscrowError(format!("age: {e}")))?;
         Ok(out)
@@ -305,7 +317,8 @@ impl Packet {
             return err("the packet's plaintext is too long: not a guestkey escrow packet");
         }
         let text = std::str::from_utf8(&plain)
-            .map_err(|_| EscrowError("the packet's plaintext is not text".into()))?;
+            .map_err(|_| EscrowError("the packet's plaintext is not text".into()))?
+            .trim_end_matches('\0');
         Self::from_text(text)
     }
 }

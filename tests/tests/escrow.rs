@@ -197,6 +197,33 @@ fn a_packet_made_by_two_admins_restores_a_destroyed_header_and_the_guest_starts_
     ]);
     assert!(stdout(&o).contains(&secret));
 
+    // guestkeyd kept neither secret of the packets it made, nor the text
+    // they were sealed from (the scanner's control is in host.rs).
+    let o = recover(&[
+        "show",
+        d(&packet),
+        "--identity",
+        d(&carol_id),
+        "--reveal",
+        "data-key",
+    ]);
+    let data_key_hex = stdout(&o)
+        .lines()
+        .find_map(|l| l.strip_prefix("data key"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let data_key = hex::decode(&data_key_hex).unwrap();
+    let pid = s.daemon.as_ref().unwrap().pid();
+    for (what, needle) in [
+        ("passphrase", key.expose_secret().to_vec()),
+        ("data key", data_key),
+        ("data key in hex", data_key_hex.into_bytes()),
+    ] {
+        let hits = guestkey_tests::memscan::Needles::of(&needle).find_in(pid);
+        assert!(hits.is_empty(), "guestkeyd kept the {what}: {hits:?}");
+    }
+
     // The guest starts on its disk.
     let guest = format!("gk-test-{}-escrow", std::process::id());
     s.define_guest(

@@ -66,6 +66,8 @@ impl Daemon {
         let vid = r.volume;
         let key = self.open_key(&r.key.sealed, vid, r.key.generation)?;
         let format = Format::of_packet(key.params.format);
+        // Not while a change (a rekey, a delete) is under way on the host.
+        let _guard = self.lock();
         let vols = self.store.volumes()?;
         let v = vols.get(&vid.to_string()).ok_or_else(|| {
             OpsError::Precondition(format!("volume {vid} is not registered on host {host}"))
