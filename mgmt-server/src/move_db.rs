@@ -43,6 +43,7 @@ pub const COPIED: &[&str] = &[
     "guest_disks",
     "guest_migrations",
     "release_requests",
+    "escrow_packets",
     "key_halves",
     "half_challenges",
 ];

@@ -73,6 +73,7 @@ fn help_texts() {
         &["volume", "delete"],
         &["volume", "set-release"],
         &["volume", "rekey"],
+        &["volume", "escrow"],
         &["console-user"],
         &["console-user", "add"],
         &["pool"],
@@ -100,6 +101,11 @@ fn help_texts() {
         &["pending", "list"],
         &["pending", "approve"],
         &["pending", "deny"],
+        &["escrow"],
+        &["escrow", "list"],
+        &["escrow", "approve"],
+        &["escrow", "deny"],
+        &["escrow", "fetch"],
         &["ca-cert"],
     ];
     for cmd in commands {
@@ -169,6 +175,11 @@ fn bad_arguments() {
             ],
         ),
         ("guest_migrate_without_to", &["guest", "migrate", "g"]),
+        ("volume_escrow_without_to", &["volume", "escrow", "v"]),
+        (
+            "escrow_fetch_without_out",
+            &["escrow", "fetch", "es-0a1b2c3d4e5f"],
+        ),
     ];
     for (name, args) in cases {
         insta::assert_snapshot!(format!("bad_{name}"), run(args, None));

@@ -251,6 +251,29 @@ fn an_installation_moves_from_sqlite_to_postgres_verified_and_runs_there() {
             s.json(&["volume", "show", name])["state"] == "ready"
         });
     }
+    // An escrow packet (its bytes column is copied too): asked by the
+    // first admin, approved by a second.
+    let bob = s.dir.join("bob-credential");
+    let out = std::process::Command::new(&bins().server)
+        .args(["admin", "add", "bob", "--out", bob.to_str().unwrap()])
+        .args(["--data-dir", s.dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let to = age::x25519::Identity::generate().to_public().to_string();
+    let escrow = s.json(&["volume", "escrow", "data", "--to", &to]);
+    let escrow_id = escrow["id"].as_str().unwrap().to_owned();
+    let o = s
+        .ctl_command(&["escrow", "approve", &escrow_id])
+        .env("GUESTKEY_ADMIN_DIR", &bob)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let escrows = s.json(&["escrow", "list", "--all"]);
     let volumes = s.json(&["volume", "list"]);
     let audit = s.json(&["audit"]).as_array().unwrap().len();
     let mv = |dir: &std::path::Path, url: &str| {
@@ -298,6 +321,19 @@ fn an_installation_moves_from_sqlite_to_postgres_verified_and_runs_there() {
 
     s.restart();
     assert_eq!(s.json(&["volume", "list"]), volumes);
+    assert_eq!(s.json(&["escrow", "list", "--all"]), escrows);
+    let packet = s.dir.join("data.escrow");
+    s.ok(&[
+        "escrow",
+        "fetch",
+        &escrow_id,
+        "--out",
+        packet.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read(&packet).unwrap(),
+        format!("test escrow packet {escrow_id}").into_bytes()
+    );
     assert!(s.ok(&["audit", "--verify"]).contains("verified"));
     let id = s.json(&["volume", "show", "root"])["id"]
         .as_str()

@@ -193,6 +193,37 @@ pub struct QuoteAnswer {
     pub values: Vec<(u8, guestkey_protect::tpm::PcrValue)>,
 }
 
+/// Make an escrow packet of a volume: its passphrase and data key,
+/// age-encrypted by the host to recipients its own configuration names.
+#[derive(Debug, Clone)]
+pub struct EscrowPacketCall {
+    /// Volume id.
+    pub volume_id: String,
+    /// Its current key, sealed to the host.
+    pub key: SealedKey,
+    /// age X25519 recipients (`age1...`).
+    pub recipients: Vec<String>,
+    /// The request's id, written into the packet.
+    pub packet_id: String,
+    /// The host's name, as the server knows it.
+    pub host_name: String,
+    /// The volume's name.
+    pub volume_name: String,
+    /// Who asked (`admin:NAME`).
+    pub requested_by: String,
+    /// Who approved (`admin:NAME`).
+    pub approved_by: String,
+}
+
+/// A packet a host made: ciphertext only the recipients open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EscrowPacketMade {
+    /// The age-encrypted packet (binary age format).
+    pub packet: Vec<u8>,
+    /// The LUKS header's UUID.
+    pub luks_uuid: String,
+}
+
 /// A key a host holds (ids only).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldKeyInfo {
@@ -446,4 +477,10 @@ pub trait AgentClient: Send + Sync {
         host: &'a EnrolledHost,
         req: AttestChallenge,
     ) -> BoxFuture<'a, AgentResult<QuoteAnswer>>;
+    /// An escrow packet of a volume (changes nothing).
+    fn make_escrow_packet<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        req: EscrowPacketCall,
+    ) -> BoxFuture<'a, AgentResult<EscrowPacketMade>>;
 }

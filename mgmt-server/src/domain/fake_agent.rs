@@ -16,8 +16,8 @@ use xdr_wipe::seal::HostSealingKey;
 
 use crate::domain::agent::{
     AgentClient, AgentError, AgentErrorKind, AgentResult, BoxFuture, CreateVolume, DecryptVolume,
-    DefineGuest, DeleteVolume, DomainDescription, GuestCall, Inventory, MigrateGuest,
-    PoolDescription, PrepareMigration, Rekey, SealedKey, VolumeOnHost,
+    DefineGuest, DeleteVolume, DomainDescription, EscrowPacketCall, EscrowPacketMade, GuestCall,
+    Inventory, MigrateGuest, PoolDescription, PrepareMigration, Rekey, SealedKey, VolumeOnHost,
 };
 use crate::model::{EnrolledHost, GuestState};
 
@@ -62,6 +62,11 @@ pub(crate) enum Call {
     },
     Migrate {
         uuid: String,
+    },
+    Escrow {
+        volume: String,
+        generation: u64,
+        recipients: Vec<String>,
     },
 }
 
@@ -492,6 +497,28 @@ impl AgentClient for FakeAgents {
 
     fn inventory<'a>(&'a self, host: &'a EnrolledHost) -> BoxFuture<'a, AgentResult<Inventory>> {
         ready(self.on(host, "inventory", |_, _| Ok(Inventory::default())))
+    }
+
+    fn make_escrow_packet<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        r: EscrowPacketCall,
+    ) -> BoxFuture<'a, AgentResult<EscrowPacketMade>> {
+        // Fixed, non-secret bytes: the packet's making (age, the LUKS
+        // header) is guestkeyd's, tested there.
+        ready(self.on(host, "make_escrow_packet", |h, _| {
+            let (volume, generation) = open(h, &host.name, &r.key)?;
+            let packet = format!("fake escrow packet {} of {volume}", r.packet_id).into_bytes();
+            h.calls.push(Call::Escrow {
+                volume,
+                generation,
+                recipients: r.recipients,
+            });
+            Ok(EscrowPacketMade {
+                packet,
+                luks_uuid: "0d6f1a3e-7c2b-4e59-9a41-3b8c5d2e1f00".into(),
+            })
+        }))
     }
 
     fn attest<'a>(

@@ -137,7 +137,7 @@ impl Core {
             .map_err(|_| CoreError::Internal("the OS random number generator failed".into()))?;
         let token = format!(
             "gkt_{}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw.as_ref())
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw.as_slice())
         );
         let now = now_unix();
         let expires = now + TOKEN_TTL_SECS;

@@ -9,7 +9,8 @@
 //! [`release`] (key release: audited first, fail closed; rate limits), [`hosts`]
 //! (enrollment, authorisation, inventory), [`volumes`], [`guests`],
 //! [`rekey`] (rotation and policies), [`push`] and [`guest_push`]
-//! (delivering pending operations), [`convert`] (`volume encrypt`), [`migrate`] and
+//! (delivering pending operations), [`convert`] (`volume encrypt`), [`migrate`],
+//! [`escrow`] (escrow packets under a two-person rule) and
 //! [`rotate`] (the master key).
 //!
 //! Domain methods are synchronous and may block on the store; async
@@ -31,6 +32,7 @@ pub mod audit;
 pub mod checkpoints;
 pub mod console;
 pub mod convert;
+pub mod escrow;
 #[cfg(test)]
 pub(crate) mod fake_agent;
 pub mod guest_push;

@@ -4,8 +4,8 @@
 use xdr_wipe::seal::HostPublicKey;
 
 use crate::model::states::{
-    GuestOp, GuestState, HostState, PolicyScope, RekeyKind, RekeyPlacement, ReleasePolicy,
-    RequestState, VolumeFormat, VolumeOp, VolumeState,
+    EscrowState, GuestOp, GuestState, HostState, PolicyScope, RekeyKind, RekeyPlacement,
+    ReleasePolicy, RequestState, VolumeFormat, VolumeOp, VolumeState,
 };
 
 /// A host as the admin sees it.
@@ -100,6 +100,47 @@ pub struct ReleaseRequest {
     pub decided_by: String,
     /// The operator's note.
     pub note: String,
+}
+
+/// A request for an escrow packet of a volume (`guestkeyctl volume
+/// escrow`), and once a second admin approved it, the packet the host
+/// made (its ciphertext is read apart: [`EscrowEntry::packet_bytes`] only
+/// says how big it is).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EscrowEntry {
+    /// Its id (`es-` and 12 hex digits).
+    pub id: String,
+    /// The volume's UUID.
+    pub volume_id: String,
+    /// Its name when asked.
+    pub volume_name: String,
+    /// Its host when asked.
+    pub host: String,
+    /// The key generation the packet holds (the volume's when asked).
+    pub generation: u64,
+    /// age X25519 recipients (`age1...`), as given.
+    pub recipients: Vec<String>,
+    /// Why, as the requester said.
+    pub reason: String,
+    /// Who asked (`admin:NAME`).
+    pub requested_by: String,
+    /// Asked at (Unix seconds).
+    pub requested_unix: i64,
+    /// Where it is.
+    pub state: EscrowState,
+    /// Who decided (`admin:NAME`; "" while pending).
+    pub decided_by: String,
+    /// Decided at (0: not yet).
+    pub decided_unix: i64,
+    /// The decider's note.
+    pub note: String,
+    /// The LUKS header's UUID the host read ("" until made).
+    pub luks_uuid: String,
+    /// Bytes of the packet (0 until made).
+    pub packet_bytes: u64,
+    /// Made, and its generation is no longer the volume's (rekeyed,
+    /// deleted or decrypted since): what it holds opens nothing now.
+    pub obsolete: bool,
 }
 
 /// A TPM's clock and boot counters, as its last passed quote said.

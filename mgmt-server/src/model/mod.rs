@@ -15,12 +15,12 @@ pub mod states;
 
 pub use error::{CoreError, StoreError};
 pub use info::{
-    AttestationOutcome, AuditRecord, Caller, EnrolledHost, GuestInfo, HostAttestation, HostInfo,
-    HostTpm, ManagedPool, Overdue, Policy, Progress, RekeyOrder, ReleaseRequest, TpmClock,
-    Verification, VolumeInfo,
+    AttestationOutcome, AuditRecord, Caller, EnrolledHost, EscrowEntry, GuestInfo, HostAttestation,
+    HostInfo, HostTpm, ManagedPool, Overdue, Policy, Progress, RekeyOrder, ReleaseRequest,
+    TpmClock, Verification, VolumeInfo,
 };
 pub use names::{InvalidInput, Name};
 pub use states::{
-    AllowScope, GuestOp, GuestState, HostState, PolicyScope, RekeyKind, RekeyPlacement,
-    ReleasePolicy, RequestState, VolumeFormat, VolumeOp, VolumeState,
+    AllowScope, EscrowState, GuestOp, GuestState, HostState, PolicyScope, RekeyKind,
+    RekeyPlacement, ReleasePolicy, RequestState, VolumeFormat, VolumeOp, VolumeState,
 };

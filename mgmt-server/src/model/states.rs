@@ -198,6 +198,21 @@ text_enum! {
     }
 }
 
+text_enum! {
+    /// Where a request for an escrow packet is in its life.
+    pub enum EscrowState as "escrow state", "use pending, made, denied or expired" {
+        /// Waiting for a second admin's approval.
+        Pending = "pending",
+        /// Approved, and the host made the packet: the server keeps its
+        /// ciphertext.
+        Made = "made",
+        /// Denied by an admin.
+        Denied = "denied",
+        /// Not decided in time.
+        Expired = "expired",
+    }
+}
+
 impl ReleasePolicy {
     /// Whether a release needs the host attested.
     pub fn needs_attestation(self) -> bool {

@@ -28,10 +28,10 @@ pub mod sql;
 pub mod sqlite;
 
 use crate::model::{
-    AllowScope, AttestationOutcome, AuditRecord, GuestInfo, GuestOp, GuestState, HostInfo,
-    HostState, ManagedPool, Overdue, Policy, PolicyScope, RekeyKind, RekeyOrder, ReleasePolicy,
-    ReleaseRequest, RequestState, StoreError, TpmClock, VolumeFormat, VolumeInfo, VolumeOp,
-    VolumeState,
+    AllowScope, AttestationOutcome, AuditRecord, EscrowEntry, EscrowState, GuestInfo, GuestOp,
+    GuestState, HostInfo, HostState, ManagedPool, Overdue, Policy, PolicyScope, RekeyKind,
+    RekeyOrder, ReleasePolicy, ReleaseRequest, RequestState, StoreError, TpmClock, VolumeFormat,
+    VolumeInfo, VolumeOp, VolumeState,
 };
 
 /// What a transaction is for.
@@ -111,6 +111,7 @@ pub trait Tx:
     + ApprovalStore
     + HalfStore
     + LeaseStore
+    + EscrowStore
 {
     /// Makes the transaction's changes durable. Without it they are rolled
     /// back when the transaction is dropped.
@@ -672,6 +673,42 @@ pub trait ApprovalStore {
     /// Pending and approved requests made before `before` expire; returns
     /// their ids.
     fn expire_requests(&mut self, before: i64) -> Result<Vec<String>>;
+}
+
+/// Escrow packets: requests, decisions, and the packets' ciphertext.
+pub trait EscrowStore {
+    /// Records a new request (its packet empty).
+    fn insert_escrow(&mut self, e: &EscrowEntry) -> Result<()>;
+    /// A request by id, `obsolete` computed against its volume now.
+    fn escrow(&mut self, id: &str) -> Result<Option<EscrowEntry>>;
+    /// Requests, newest first: of one volume (by UUID) or all; with
+    /// `open_only`, only the pending ones and the made ones not obsolete.
+    fn escrow_entries(
+        &mut self,
+        volume_id: Option<&str>,
+        open_only: bool,
+    ) -> Result<Vec<EscrowEntry>>;
+    /// How many requests of the volume are pending or made at
+    /// `generation`.
+    fn escrow_open_count(&mut self, volume_id: &str, generation: u64) -> Result<u32>;
+    /// How many requests `requested_by` has pending.
+    fn escrow_pending_count(&mut self, requested_by: &str) -> Result<u32>;
+    /// Moves a pending request to `to` (decided at `now` by `by`, with
+    /// `note`); with `made`, the LUKS UUID and the packet are stored too.
+    /// False if it was not pending.
+    fn decide_escrow(
+        &mut self,
+        id: &str,
+        to: EscrowState,
+        now: i64,
+        by: &str,
+        note: &str,
+        made: Option<(&str, &[u8])>,
+    ) -> Result<bool>;
+    /// The packet of a request (empty until made).
+    fn escrow_packet(&mut self, id: &str) -> Result<Option<Vec<u8>>>;
+    /// Pending requests made before `before` expire; returns their ids.
+    fn expire_escrow(&mut self, before: i64) -> Result<Vec<String>>;
 }
 
 /// A verifier's halves of split keys, and the nonces it issued for the

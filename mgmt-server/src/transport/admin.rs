@@ -14,8 +14,8 @@ use crate::model::{
     ReleasePolicy, VolumeFormat,
 };
 use crate::transport::pb::{
-    allowlist, audit_record, guest, host, invalid, managed_pool, pending, policy, policy_from,
-    pool_view, status, verification, volume,
+    allowlist, audit_record, escrow, guest, host, invalid, managed_pool, pending, policy,
+    policy_from, pool_view, status, verification, volume,
 };
 use crate::transport::tls::peer_fingerprint;
 
@@ -315,6 +315,48 @@ impl Admin for AdminService {
             })
             .await?;
         Ok(Response::new(p))
+    }
+
+    async fn request_escrow(&self, req: Request<pb::RequestEscrowRequest>) -> R<pb::EscrowEntry> {
+        let r = req.get_ref().clone();
+        let e = self
+            .admin(&req, move |c, who| {
+                c.request_escrow(&who, &r.volume, &r.recipients, &r.reason)
+            })
+            .await?;
+        Ok(Response::new(escrow(e)))
+    }
+
+    async fn decide_escrow(&self, req: Request<pb::DecideEscrowRequest>) -> R<pb::EscrowEntry> {
+        let who = self.admin(&req, |_, who| Ok(who)).await?;
+        let r = req.into_inner();
+        let e = self
+            .0
+            .decide_escrow(who, r.id, r.approve, r.note)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(escrow(e)))
+    }
+
+    async fn list_escrow(&self, req: Request<pb::ListEscrowRequest>) -> R<pb::ListEscrowResponse> {
+        let r = req.get_ref().clone();
+        let entries = self
+            .admin(&req, move |c, _| {
+                let volume = (!r.volume.is_empty()).then_some(r.volume.as_str());
+                c.list_escrow(volume, r.all)
+            })
+            .await?;
+        Ok(Response::new(pb::ListEscrowResponse {
+            entries: entries.into_iter().map(escrow).collect(),
+        }))
+    }
+
+    async fn get_escrow_packet(&self, req: Request<pb::EscrowRef>) -> R<pb::EscrowPacket> {
+        let id = req.get_ref().id.clone();
+        let (e, packet) = self
+            .admin(&req, move |c, who| c.get_escrow_packet(&who, &id))
+            .await?;
+        Ok(Response::new(pb::EscrowPacket { id: e.id, packet }))
     }
 
     async fn get_allowlist(&self, req: Request<pb::AllowlistRef>) -> R<pb::Allowlist> {

@@ -24,9 +24,9 @@ use guestkey_protect::tpm::PcrValue;
 
 use crate::domain::agent::{
     AgentClient, AgentError, AgentErrorKind, AgentResult, AttestChallenge, BoxFuture, CreateVolume,
-    DecryptVolume, DefineGuest, DeleteVolume, DiskPlace, DomainDescription, GuestCall, HeldKeyInfo,
-    ImagePlace, Inventory, MigrateGuest, PoolDescription, PoolImage, PoolVolume, PrepareMigration,
-    QuoteAnswer, Rekey, VolumeOnHost, VolumeUser,
+    DecryptVolume, DefineGuest, DeleteVolume, DiskPlace, DomainDescription, EscrowPacketCall,
+    EscrowPacketMade, GuestCall, HeldKeyInfo, ImagePlace, Inventory, MigrateGuest, PoolDescription,
+    PoolImage, PoolVolume, PrepareMigration, QuoteAnswer, Rekey, VolumeOnHost, VolumeUser,
 };
 use crate::model::{EnrolledHost, GuestState};
 use crate::transport::pb::{agent_error, format, rekey_kind, sealed_key};
@@ -601,6 +601,50 @@ impl AgentClient for GrpcAgents {
                     })
                     .collect(),
                 host_uuid: r.host_uuid,
+            })
+        })
+    }
+
+    fn make_escrow_packet<'a>(
+        &'a self,
+        host: &'a EnrolledHost,
+        r: EscrowPacketCall,
+    ) -> BoxFuture<'a, AgentResult<EscrowPacketMade>> {
+        Box::pin(async move {
+            let req = agent::EscrowPacketRequest {
+                volume_id: r.volume_id,
+                key: Some(sealed_key(r.key)),
+                recipients: r.recipients,
+                packet_id: r.packet_id,
+                host_name: r.host_name,
+                volume_name: r.volume_name,
+                requested_by: r.requested_by,
+                approved_by: r.approved_by,
+            };
+            // A guestkeyd from before escrow packets: say what to do.
+            let r = self
+                .call(host, false, |mut c| async move {
+                    c.make_escrow_packet(req).await.map_err(|s| {
+                        if s.code() == tonic::Code::Unimplemented {
+                            tonic::Status::failed_precondition(format!(
+                                "its guestkeyd makes no escrow packets ({}): upgrade guestkeyd on it",
+                                s.message()
+                            ))
+                        } else {
+                            s
+                        }
+                    })
+                })
+                .await?;
+            if r.packet.is_empty() {
+                return Err(AgentError::new(
+                    AgentErrorKind::Failed,
+                    format!("host {} answered with an empty escrow packet", host.name),
+                ));
+            }
+            Ok(EscrowPacketMade {
+                packet: r.packet,
+                luks_uuid: r.luks_uuid,
             })
         })
     }

@@ -83,6 +83,27 @@ pub(crate) fn pending(r: crate::model::ReleaseRequest, attestation: String) -> p
     }
 }
 
+pub(crate) fn escrow(e: crate::model::EscrowEntry) -> pb::EscrowEntry {
+    pb::EscrowEntry {
+        id: e.id,
+        volume_id: e.volume_id,
+        volume_name: e.volume_name,
+        host: e.host,
+        generation: e.generation,
+        recipients: e.recipients,
+        reason: e.reason,
+        requested_by: e.requested_by,
+        requested_unix: e.requested_unix,
+        state: e.state.to_string(),
+        decided_by: e.decided_by,
+        decided_unix: e.decided_unix,
+        note: e.note,
+        obsolete: e.obsolete,
+        luks_uuid: e.luks_uuid,
+        packet_bytes: e.packet_bytes,
+    }
+}
+
 pub(crate) fn allowlist(a: crate::domain::allowlist::Allowlist) -> pb::Allowlist {
     pb::Allowlist {
         scope: a.scope.to_string(),

@@ -757,6 +757,38 @@ impl HostAgent for AgentImpl {
         // (tests/tests/adoption.rs); this peer has no libvirt.
         Err(Status::failed_precondition("this test host has no libvirt"))
     }
+    async fn make_escrow_packet(
+        &self,
+        req: Request<agent::EscrowPacketRequest>,
+    ) -> R<agent::EscrowPacketResult> {
+        self.check(&req)?;
+        // Opens the key as guestkeyd would (sealed to this host); the
+        // packet itself (age, the LUKS header) is guestkeyd's, tested
+        // there: this peer answers fixed, non-secret bytes.
+        let r = req.into_inner();
+        let key = r.key.ok_or_else(|| Status::invalid_argument("no key"))?;
+        let vid = VolumeId(
+            uuid::Uuid::parse_str(&r.volume_id)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+        );
+        let host = xdr_wipe::XdrString::new(self.name.clone()).unwrap();
+        xdr_wipe::seal::open(
+            &key.sealed_packet,
+            &self.sealing,
+            &host,
+            vid,
+            key.generation,
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if r.recipients.is_empty() {
+            return Err(Status::invalid_argument("no recipient"));
+        }
+        Ok(Response::new(agent::EscrowPacketResult {
+            volume_id: r.volume_id,
+            packet: format!("test escrow packet {}", r.packet_id).into_bytes(),
+            luks_uuid: "0d6f1a3e-7c2b-4e59-9a41-3b8c5d2e1f00".into(),
+        }))
+    }
     async fn describe_pool(
         &self,
         req: Request<agent::DescribePoolRequest>,

@@ -1,7 +1,7 @@
 //! `guestkeyctl`: the admin command line of guestkey.
 //!
 //! This file holds the clap `Cli`, the dispatch to one module per
-//! subcommand group (`host`, `volume`, `pool`, `guest`, `policy`, `audit`) and the
+//! subcommand group (`host`, `volume`, `pool`, `guest`, `policy`, `escrow`, `audit`) and the
 //! error printing (`guestkeyctl: MESSAGE` on stderr, exit code 1; clap's
 //! own errors exit 2). Each group parses and checks its local input first,
 //! then connects through `connect` (admin credential, TLS, transport
@@ -19,6 +19,7 @@ mod attestation;
 mod audit;
 mod connect;
 mod console_user;
+mod escrow;
 mod guest;
 mod host;
 mod manual;
@@ -62,7 +63,7 @@ enum Command {
     #[command(subcommand)]
     Host(host::HostCmd),
     /// Encrypted volumes: create, encrypt, decrypt, list, show, rekey,
-    /// delete (crypto-shredding).
+    /// delete (crypto-shredding), escrow.
     #[command(subcommand)]
     Volume(volume::VolumeCmd),
     /// libvirt storage pools: manage (offer every cleartext volume in it
@@ -81,6 +82,11 @@ enum Command {
     /// deny.
     #[command(subcommand)]
     Pending(pending::PendingCmd),
+    /// Escrow packets of volumes, under a two-person rule: list the
+    /// requests (`volume escrow` makes one), approve or deny one (another
+    /// admin than the requester approves), fetch a made packet.
+    #[command(subcommand)]
+    Escrow(escrow::EscrowCmd),
     /// Key rotation policies: set, list, remove.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
@@ -172,6 +178,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Policy(cmd) => policy::run(cmd, &ctx).await,
         Command::Attestation(cmd) => attestation::run(cmd, &ctx).await,
         Command::Pending(cmd) => pending::run(cmd, &ctx).await,
+        Command::Escrow(cmd) => escrow::run(cmd, &ctx).await,
         Command::Audit(args) => audit::run(args, &ctx).await,
         Command::ConsoleUser(cmd) => console_user::run(cmd, &ctx).await,
         Command::Server(ServerCmd::Status) => {

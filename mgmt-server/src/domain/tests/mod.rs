@@ -9,6 +9,7 @@ mod adopt;
 mod bounds;
 mod checkpoints;
 mod console;
+mod escrow;
 mod gates;
 mod hosts;
 mod leader;

@@ -23,7 +23,7 @@ const SMALL: [&str; 6] = [
 ];
 
 /// Statements that read every row on purpose: a piece of each, and why.
-const WHOLE: [(&str, &str); 4] = [
+const WHOLE: [(&str, &str); 5] = [
     (
         "FROM console_sessions ORDER BY last_ms DESC LIMIT 1 OFFSET",
         "the console session the cap keeps last: the last_ms index read newest first, at most 1,001 entries",
@@ -39,6 +39,10 @@ const WHOLE: [(&str, &str); 4] = [
     (
         "FROM hosts h ORDER BY h.name",
         "`host list`: every host, by name",
+    ),
+    (
+        "LEFT JOIN volumes v ON v.id = e.volume_id ORDER BY e.n DESC LIMIT 1000",
+        "`escrow list --all`: every escrow request, newest first, at most 1,000",
     ),
 ];
 
@@ -61,6 +65,28 @@ async fn every_statement_of_the_api_operations_uses_an_index() {
     b.core.list_hosts().unwrap();
     b.core.list_guests(None).unwrap();
     assert!(b.core.verify_audit(None).unwrap().ok);
+    // Escrow packets: asked, approved, fetched, denied, listed.
+    let bob = crate::model::Caller::Admin("bob".into());
+    let to = || vec![age::x25519::Identity::generate().to_public().to_string()];
+    let e = b.core.request_escrow(&b.admin, "disk", &to(), "").unwrap();
+    b.core
+        .decide_escrow(bob.clone(), e.id.clone(), true, String::new())
+        .await
+        .unwrap();
+    b.core.get_escrow_packet(&bob, &e.id).unwrap();
+    let d = b.core.request_escrow(&b.admin, "disk", &to(), "").unwrap();
+    b.core
+        .decide_escrow(bob.clone(), d.id, false, String::new())
+        .await
+        .unwrap();
+    for (volume, all) in [
+        (None, false),
+        (None, true),
+        (Some("disk"), false),
+        (Some("disk"), true),
+    ] {
+        b.core.list_escrow(volume, all).unwrap();
+    }
     // A rekey, a migration, a deletion.
     b.core
         .request_rekey(&b.admin, "data", RekeyKind::Shallow, RekeyPlacement::Any, 0)

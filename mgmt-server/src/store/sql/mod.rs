@@ -15,6 +15,7 @@ macro_rules! params {
 mod approvals;
 mod attest;
 mod conn;
+mod escrow;
 mod guests;
 mod halves;
 mod hosts;

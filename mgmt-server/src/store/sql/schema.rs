@@ -481,6 +481,38 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     ",
         ..NONE
     },
+    // 19: escrow packets (issue 13): one admin asks, another approves, the
+    // volume's host makes the packet; the server keeps only its ciphertext
+    // (age, to the recipients asked for). `n` keeps the order they were
+    // asked in; recipients are newline-joined.
+    Migration {
+        all: "
+    CREATE TABLE escrow_packets (
+        id             TEXT PRIMARY KEY,
+        n              INTEGER NOT NULL,
+        volume_id      TEXT NOT NULL,
+        volume_name    TEXT NOT NULL,
+        host           TEXT NOT NULL,
+        generation     INTEGER NOT NULL,
+        recipients     TEXT NOT NULL,
+        reason         TEXT NOT NULL,
+        requested_by   TEXT NOT NULL,
+        requested_unix INTEGER NOT NULL,
+        state          TEXT NOT NULL
+            CHECK (state IN ('pending', 'made', 'denied', 'expired')),
+        decided_by     TEXT NOT NULL DEFAULT '',
+        decided_unix   INTEGER NOT NULL DEFAULT 0,
+        note           TEXT NOT NULL DEFAULT '',
+        luks_uuid      TEXT NOT NULL DEFAULT '',
+        packet         BLOB NOT NULL
+    );
+    CREATE UNIQUE INDEX escrow_packets_n ON escrow_packets(n);
+    CREATE INDEX escrow_packets_volume ON escrow_packets(volume_id, state, generation);
+    CREATE INDEX escrow_packets_state ON escrow_packets(state, requested_unix);
+    CREATE INDEX escrow_packets_requester ON escrow_packets(requested_by, state);
+    ",
+        ..NONE
+    },
 ];
 
 #[cfg(test)]

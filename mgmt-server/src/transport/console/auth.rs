@@ -107,7 +107,7 @@ fn random_token() -> Option<zeroize::Zeroizing<String>> {
     let mut raw = zeroize::Zeroizing::new([0u8; 32]);
     getrandom::fill(raw.as_mut()).ok()?;
     Some(zeroize::Zeroizing::new(
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw.as_ref()),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw.as_slice()),
     ))
 }
 

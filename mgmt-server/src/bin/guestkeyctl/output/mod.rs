@@ -1,16 +1,18 @@
 //! What guestkeyctl prints: the primitives here (tables, key/value
 //! blocks, JSON, sizes, times), the renderings of each kind of server
-//! answer in `views`, the progress line and terminal progress bar in
+//! answer in `views` (escrow requests in `escrow`), the progress line and terminal progress bar in
 //! `progress`. Everything returns text and is snapshot-tested from fixed
 //! protobuf values (`tests`); only `emit` and `print_json` print. Imports
 //! the protobuf types and nothing of the subcommand groups; every group
 //! imports it.
 
+mod escrow;
 mod progress;
 #[cfg(test)]
 mod tests;
 mod views;
 
+pub(crate) use escrow::*;
 pub(crate) use progress::{Bar, progress_line};
 pub(crate) use views::*;
 

@@ -1,6 +1,6 @@
 //! `guestkeyctl volume ...`: create, encrypt, decrypt, list, show, delete
-//! and rekey volumes, and `follow` a volume until its host is done (`create`
-//! by default, `rekey --wait`). Imports `connect` and `output` and the
+//! and rekey volumes, ask for their escrow packets, and `follow` a volume
+//! until its host is done (`create` by default, `rekey --wait`). Imports `connect` and `output` and the
 //! library's `parse_size` and `parse_duration`.
 
 mod follow;
@@ -122,6 +122,23 @@ pub(crate) enum VolumeCmd {
         /// Name or UUID.
         volume: String,
     },
+    /// Ask for an escrow packet of the volume for offline custody: its
+    /// passphrase and LUKS data key, encrypted by its host with age to the
+    /// recipients given (each must be in the host's --escrow-recipients
+    /// file). Another admin must approve it (`guestkeyctl escrow approve
+    /// ID`); then `guestkeyctl escrow fetch ID --out FILE` gets it.
+    Escrow {
+        /// Name or UUID.
+        volume: String,
+        /// An age X25519 recipient (age1..., as `age-keygen -y` prints it);
+        /// repeat for more, at most 16.
+        #[arg(long = "to", value_name = "RECIPIENT", required = true)]
+        to: Vec<String>,
+        /// Why (shown to the approver and audited; one line, up to 200
+        /// characters).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Rotate a volume's key. --shallow: a new passphrase in a new keyslot,
     /// the old keyslot erased. --deep: a new data key, all data rewritten.
     /// A volume whose guest runs is re-encrypted online (a deep rekey by
@@ -230,6 +247,25 @@ pub(crate) async fn run(cmd: VolumeCmd, ctx: &Ctx) -> Result<(), Failure> {
                 ctx.json,
                 serde_json::json!(vols.iter().map(output::volume_json).collect::<Vec<_>>()),
                 output::volumes_table(&vols),
+            );
+            return Ok(());
+        }
+        VolumeCmd::Escrow { volume, to, reason } => {
+            let e = ctx
+                .connect()
+                .await?
+                .request_escrow(pb::RequestEscrowRequest {
+                    volume,
+                    recipients: to,
+                    reason,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            output::emit(
+                ctx.json,
+                output::escrow_json(&e),
+                output::escrow_requested_text(&e),
             );
             return Ok(());
         }
