@@ -1,7 +1,7 @@
 //! Escrow packets (after `volume_key`'s): for one volume, name-value
 //! metadata, the volume's passphrase (its libvirt secret) and the data key
 //! of its LUKS header, the whole encrypted with age to offline custodians'
-//! X25519 recipients. guestkeyd makes them ([`crate::ops`]) only for
+//! X25519 recipients. guestkeyd makes them (in `ops`) only for
 //! recipients named in its own `--escrow-recipients` file; `guestkey-recover`
 //! opens them with a custodian's identity, with no server.
 //!
@@ -10,7 +10,7 @@
 //! last. Parsing is strict: anything else is refused with the line's
 //! number.
 //!
-//! May import: [`crate::model`]. Imported by: [`crate::ops`], the
+//! Imports nothing of this crate. Imported by: [`crate::ops`], the
 //! `guestkey-recover` binary.
 
 use std::io::{Read, Write};

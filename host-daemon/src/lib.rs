@@ -4,8 +4,8 @@
 //!
 //! | module | what |
 //! | --- | --- |
-//! | [`model`], [`escrow`] | names, UUIDs, formats, states, volume entries; the escrow packet format |
-//! | [`state`], [`progress`], [`hardening`], [`instance`] | state directory, progress of long operations, process hardening, one instance per host |
+//! | [`model`] | names, UUIDs, formats, states, volume entries |
+//! | [`state`], [`progress`], [`hardening`], [`instance`], [`escrow`] | state directory, progress of long operations, process hardening, one instance per host, the escrow packet format |
 //! | [`protect`] | the host's keys at rest, through key protectors |
 //! | [`store`] | the sealed guest store and the volume registry |
 //! | [`image`] | volume images behind the [`image::Images`] trait: qemu-img, guestkeyd's LUKS1 engine, link-safe file access |

@@ -132,6 +132,7 @@ const HOST_LAYERS: &[(&str, u8)] = &[
     ("progress", 1),
     ("hardening", 1),
     ("instance", 1),
+    ("escrow", 1),
     ("protect", 2),
     ("store", 3),
     ("image", 4),
