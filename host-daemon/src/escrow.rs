@@ -140,7 +140,11 @@ impl Packet {
             ("virtual-size", m.virtual_size.to_string()),
             ("secret", HOLDS.to_owned()),
         ];
-        let mut out = Zeroizing::new(String::with_capacity(2048));
+        // One buffer, never grown: a grown String would free the old one
+        // (holding the secrets) unwiped. Every field is bounded, so the
+        // whole text is shorter than this.
+        let mut out = Zeroizing::new(String::with_capacity(AGE_CHUNK));
+        let capacity = out.capacity();
         out.push_str(FIRST_LINE);
         out.push('\n');
         for (name, v) in &fields {
@@ -160,6 +164,9 @@ impl Packet {
         let hex = Zeroizing::new(hex::encode(self.data_key.as_slice()));
         out.push_str(&hex);
         out.push('\n');
+        if out.capacity() != capacity || out.len() >= AGE_CHUNK {
+            return err("the packet's text is too long");
+        }
         Ok(out)
     }
 
@@ -304,7 +311,8 @@ impl Packet {
                     "the packet does not open ({other}): it was altered or damaged"
                 )),
             })?;
-        let mut plain = Zeroizing::new(Vec::with_capacity(4096));
+        // One buffer, never grown (a grown one would be freed unwiped).
+        let mut plain = Zeroizing::new(Vec::with_capacity(MAX_PACKET + 1));
         (&mut r)
             .take(MAX_PACKET as u64 + 1)
             .read_to_end(&mut plain)
@@ -383,7 +391,12 @@ pub fn load_recipients_file(path: &Path) -> Result<Vec<String>, EscrowError> {
             "--escrow-recipients {shown} must be owned by root and writable by no one else (chown root {shown}; chmod go-w {shown})"
         ));
     }
-    if let Some(parent) = path.parent() {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => Some(p),
+        Some(_) => Some(Path::new(".")),
+        None => None,
+    };
+    if let Some(parent) = parent {
         let pm = std::fs::metadata(parent)
             .map_err(|e| EscrowError(format!("cannot inspect {}: {e}", parent.display())))?;
         if pm.uid() != 0 || pm.mode() & 0o022 != 0 {
@@ -421,10 +434,13 @@ pub fn passphrase_line(raw: &[u8]) -> Result<Zeroizing<Vec<u8>>, EscrowError> {
 /// A short, non-secret name of a recipient for lists: its first and last
 /// characters.
 pub fn recipient_label(r: &str) -> String {
-    if r.len() <= 20 {
-        return r.to_owned();
+    let chars: Vec<char> = r.chars().filter(|c| !c.is_control()).collect();
+    if chars.len() <= 20 {
+        return chars.into_iter().collect();
     }
-    format!("{}...{}", &r[..12], &r[r.len() - 6..])
+    let head: String = chars[..12].iter().collect();
+    let tail: String = chars[chars.len() - 6..].iter().collect();
+    format!("{head}...{tail}")
 }
 
 /// Base64 of bytes, for messages that show a packet's size or digest.

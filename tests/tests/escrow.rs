@@ -285,14 +285,24 @@ fn a_packet_made_by_two_admins_restores_a_destroyed_header_and_the_guest_starts_
         d(&q_path),
     ]);
     assert!(stderr(&o).contains("altered or damaged"), "{}", stderr(&o));
-    let o = recover(&[
-        "restore-header",
-        d(&r_packet),
-        "--identity",
-        d(&carol_id),
-        "--image",
-        d(&q_path),
-    ]);
+    // Another volume's packet: refused by the image's name, and with
+    // --renamed by what is left of the image (a qcow2 file, a raw packet).
+    let other = |extra: &[&str]| {
+        let mut a = vec![
+            "restore-header",
+            d(&r_packet),
+            "--identity",
+            d(&carol_id),
+            "--image",
+            d(&q_path),
+        ];
+        a.extend_from_slice(extra);
+        recover(&a)
+    };
+    let o = other(&[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("add --renamed"), "{}", stderr(&o));
+    let o = other(&["--renamed"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("another volume"), "{}", stderr(&o));
     assert!(

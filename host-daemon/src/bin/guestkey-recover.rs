@@ -75,6 +75,11 @@ enum Command {
         /// image's path with `.damaged-header` appended).
         #[arg(long, value_name = "FILE")]
         save_old: Option<String>,
+        /// The image is the packet's volume under another file name (the
+        /// name is all that tells two volumes of one size apart once their
+        /// headers are gone).
+        #[arg(long)]
+        renamed: bool,
     },
     /// Copy the volume's data, read-only, into a new cleartext image
     /// (qemu-img convert, checked with qemu-img compare).
@@ -184,22 +189,25 @@ fn new_file(path: &str) -> Result<(std::fs::File, SafeDir, String), String> {
     Ok((f, dir, name))
 }
 
-fn checked_identity(p: &Packet, image: &str) -> Result<(), String> {
-    let name = Path::new(image)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("");
-    let packet_name = Path::new(&p.meta.path)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("");
-    if name != packet_name {
+/// Whether `image` has the file name of the packet's volume.
+fn same_name(p: &Packet, image: &str) -> bool {
+    let name = |path: &str| {
+        Path::new(path)
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default()
+    };
+    name(image) == name(&p.meta.path)
+}
+
+/// A note when `image` is not named like the packet's volume.
+fn note_name(p: &Packet, image: &str) {
+    if !same_name(p, image) {
         eprintln!(
             "note: the packet was made for {} on host {}; {image} has another name",
             p.meta.path, p.meta.host
         );
     }
-    Ok(())
 }
 
 fn run(cli: Cli) -> Result<(), String> {
@@ -256,7 +264,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 zeroize::Zeroizing::new(read_small(&new_passphrase_file, "passphrase file", 4096)?)
             };
             let new = passphrase_line(&raw).map_err(|e| e.0)?;
-            checked_identity(&p, &image)?;
+            note_name(&p, &image);
             let f = open_for_write(&image)?;
             recovery::add_passphrase_with_key(&f, format_of(&p), &p.data_key, &new, &image)
                 .map_err(image_err)?;
@@ -267,9 +275,15 @@ fn run(cli: Cli) -> Result<(), String> {
             opened,
             image,
             save_old,
+            renamed,
         } => {
             let p = open_packet(&opened)?;
-            checked_identity(&p, &image)?;
+            if !same_name(&p, &image) && !renamed {
+                return Err(format!(
+                    "the packet was made for {} on host {}, and {image} has another name: if it is that volume renamed, add --renamed",
+                    p.meta.path, p.meta.host
+                ));
+            }
             let f = open_for_write(&image)?;
             let save_to = save_old.unwrap_or_else(|| format!("{image}.damaged-header"));
             let expected = Expected {
@@ -288,14 +302,20 @@ fn run(cli: Cli) -> Result<(), String> {
                 &image,
                 |old| {
                     use std::io::Write;
-                    let (mut out, _, _) = new_file(&save_to).map_err(ImageError::Unsuitable)?;
+                    let (mut out, dir, _) = new_file(&save_to).map_err(ImageError::Unsuitable)?;
                     out.write_all(old)
                         .and_then(|()| out.sync_all())
                         .map_err(|e| {
                             ImageError::Unsuitable(format!(
                                 "cannot save the damaged header to {save_to}: {e}"
                             ))
-                        })
+                        })?;
+                    // Its name too, before the header is rewritten.
+                    dir.sync().map_err(|e| {
+                        ImageError::Unsuitable(format!(
+                            "cannot save the damaged header to {save_to}: {e}"
+                        ))
+                    })
                 },
             )
             .map_err(image_err)?;
@@ -311,7 +331,7 @@ fn run(cli: Cli) -> Result<(), String> {
             out_format,
         } => {
             let p = open_packet(&opened)?;
-            checked_identity(&p, &image)?;
+            note_name(&p, &image);
             let (dir, name) = SafeDir::of_file(&image).map_err(|e| e.to_string())?;
             let src = dir.open_file(&name, false).map_err(|e| e.to_string())?;
             let (dst, out_dir, out_name) = new_file(&out)?;

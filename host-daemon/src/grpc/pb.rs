@@ -312,6 +312,12 @@ pub(super) fn escrow_packet(r: pb::EscrowPacketRequest) -> Result<EscrowPacket, 
     let mut recipients: Vec<String> = vec![];
     for text in r.recipients {
         crate::escrow::parse_recipient(&text).map_err(|e| invalid(e.0))?;
+        if text != text.trim() {
+            return Err(invalid(format!(
+                "recipient {} has spaces around it",
+                crate::escrow::recipient_label(text.trim())
+            )));
+        }
         if recipients.contains(&text) {
             return Err(invalid(format!(
                 "recipient {} is given twice",

@@ -64,14 +64,19 @@ impl Daemon {
                 .push(parse_recipient(text).map_err(|e| OpsError::Invalid(InvalidInput(e.0)))?);
         }
         let vid = r.volume;
+        let registered = || -> Result<crate::model::VolumeEntry, OpsError> {
+            let vols = self.store.volumes()?;
+            vols.get(&vid.to_string()).cloned().ok_or_else(|| {
+                OpsError::Precondition(format!("volume {vid} is not registered on host {host}"))
+            })
+        };
+        // Before the key is opened (a split key asks the verifier).
+        registered()?;
         let key = self.open_key(&r.key.sealed, vid, r.key.generation)?;
         let format = Format::of_packet(key.params.format);
         // Not while a change (a rekey, a delete) is under way on the host.
         let _guard = self.lock();
-        let vols = self.store.volumes()?;
-        let v = vols.get(&vid.to_string()).ok_or_else(|| {
-            OpsError::Precondition(format!("volume {vid} is not registered on host {host}"))
-        })?;
+        let v = registered()?;
         let passphrase = std::str::from_utf8(key.secret.expose_secret())
             .map_err(|_| OpsError::Internal("the volume's key is not text".into()))?;
         let facts = self

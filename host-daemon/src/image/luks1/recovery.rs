@@ -202,6 +202,20 @@ pub fn restore_header(
         };
         return refuse(why);
     }
+    if format == Format::Raw && old.starts_with(b"QFI\xfb") {
+        return refuse(
+            "it is a qcow2 image, the packet's volume a raw LUKS one: a packet of another volume"
+                .into(),
+        );
+    }
+    // What is left of the damaged header may still name its UUID.
+    let left = uuid_of(&old);
+    if uuid::Uuid::parse_str(&left).is_ok() && left != expected.uuid {
+        return refuse(format!(
+            "its damaged header still names LUKS UUID {left}, the packet's is {}: a packet of another volume",
+            expected.uuid
+        ));
+    }
     let size = match format {
         Format::Raw => len.checked_sub(room),
         Format::Qcow2 => Some(virtual_size(f, format, shown)?),
@@ -416,7 +430,7 @@ mod tests {
             .to_string();
             assert!(e.contains("another data key"), "{e}");
             // Another volume's packet on a damaged header of another size.
-            f.write_all_at(&[0u8; 1024], k.region.0).unwrap();
+            f.write_all_at(&[0u8; 100], k.region.0).unwrap();
             let damaged = std::fs::read(&p).unwrap();
             let mut big = expected(&other);
             big.virtual_size += 1 << 20;
@@ -432,6 +446,20 @@ mod tests {
             .unwrap_err()
             .to_string();
             assert!(e.contains("a packet of another volume"), "{e}");
+            // Another volume's packet of the same size, on a header whose
+            // UUID survived the damage.
+            let e = restore_header(
+                &f,
+                format,
+                &expected(&other),
+                &other.data_key,
+                b"other-key",
+                "test",
+                no_save,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("still names LUKS UUID"), "{e}");
             // A layout that is not QEMU's.
             let mut odd = expected(&k);
             odd.payload_sectors = 4096;
