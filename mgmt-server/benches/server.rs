@@ -88,6 +88,7 @@ fn main() {
         server_url: "https://127.0.0.1:7443".into(),
         tpm: None,
         database: pg_db.as_ref().map(|d| d.url.clone()),
+        recovery: None,
     })
     .unwrap();
     let config = Config {

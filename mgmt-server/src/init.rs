@@ -38,6 +38,9 @@ pub struct InitOptions {
     /// A PostgreSQL URL (an empty database), recorded in `DATA_DIR/database`;
     /// `None`: SQLite in the data directory.
     pub database: Option<String>,
+    /// `--recovery-shares M-of-N --to R...`: split a recovery key among
+    /// custodians at once; `out` `None` means `DATA_DIR/recovery-shares`.
+    pub recovery: Option<crate::recovery::SplitOptions>,
 }
 
 /// What `init` made.
@@ -48,6 +51,8 @@ pub struct InitReport {
     pub master_key_id: String,
     /// Where the master key is.
     pub master_key_source: MasterKeySource,
+    /// The recovery shares made, if asked for.
+    pub recovery: Option<crate::recovery::SplitReport>,
 }
 
 fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> CoreError {
@@ -105,6 +110,16 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, CoreError> {
                     MasterKeySource::Tpm(target.join(p.strip_prefix(&tmp).unwrap_or(p)));
             }
             _ => {}
+        }
+        if let Some(split) = &mut r.recovery {
+            let moved = |p: &Path| {
+                p.strip_prefix(&tmp)
+                    .map_or_else(|_| p.to_owned(), |rest| target.join(rest))
+            };
+            split.out = moved(&split.out);
+            for (f, _) in &mut split.files {
+                *f = moved(f);
+            }
         }
         r
     })
@@ -214,9 +229,25 @@ fn build(tmp: &Path, opts: &InitOptions) -> Result<InitReport, CoreError> {
         &format!("master key {}", master.id()),
     )?;
     tx.commit()?;
+    let recovery = match &opts.recovery {
+        Some(split) => {
+            let mut split = split.clone();
+            if split.out.as_os_str().is_empty() {
+                split.out = tmp.join("recovery-shares");
+            }
+            Some(crate::recovery::split(
+                &dir,
+                store.as_ref(),
+                &master,
+                &split,
+            )?)
+        }
+        None => None,
+    };
     Ok(InitReport {
         admin_dir,
         master_key_id: master.id().to_owned(),
         master_key_source: source,
+        recovery,
     })
 }

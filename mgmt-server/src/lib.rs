@@ -14,8 +14,10 @@
 //! ```
 //!
 //! Beside them, leaf modules that import nothing of this crate:
-//! [`config`], [`datadir`], [`ca`], [`masterkey`], [`domxml`] and [`tls`]
-//! (names and error chains). [`init`] composes a new data directory,
+//! [`config`], [`datadir`], [`ca`], [`masterkey`], [`shares`] (the
+//! recovery key's Shamir shares), [`domxml`] and [`tls`] (names and error
+//! chains). [`init`] composes a new data directory, [`recovery`] splits its
+//! recovery key and rebuilds it from a backup and M shares,
 //! [`admins`] its further named admin credentials,
 //! [`roles`] its one CA per role (and migrates data directories made
 //! before roles), [`tpm`] seals its keys to the TPM (and reseals them).
@@ -45,8 +47,10 @@ pub mod masterkey;
 pub mod metrics;
 pub mod model;
 pub mod move_db;
+pub mod recovery;
 pub mod roles;
 pub mod scheduler;
+pub mod shares;
 pub mod store;
 pub mod tls;
 pub mod tpm;

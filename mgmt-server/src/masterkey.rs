@@ -70,6 +70,9 @@ pub enum UnwrapError {
         /// Id of the key held.
         held: String,
     },
+    /// The stored recovery bundle does not unwrap.
+    #[error("the stored recovery bundle fails authentication: the database was altered")]
+    Bundle,
     /// The stored audit key does not unwrap.
     #[error("the stored audit key fails authentication: the database was altered")]
     AuditKey,
@@ -260,6 +263,80 @@ impl MasterKey {
             // The box is wiped when dropped here.
             .map_err(|_| UnwrapError::AuditKey)?;
         Ok(AuditKey(key))
+    }
+}
+
+impl MasterKey {
+    /// The key as the base64 text of its file, for sealing it to the
+    /// server's recovery key only (`guestkey-server recovery`).
+    pub fn export_base64(&self) -> zeroize::Zeroizing<String> {
+        use base64::Engine;
+        let mut out = zeroize::Zeroizing::new(String::with_capacity(48));
+        base64::engine::general_purpose::STANDARD.encode_string(self.key.expose_secret(), &mut out);
+        out
+    }
+
+    /// The key from the text [`Self::export_base64`] made; `origin` names
+    /// it in the error.
+    pub fn from_base64(text: &str, origin: &str) -> Result<Self, MasterKeyError> {
+        use base64::Engine;
+        let mut secret = SecretBox::new(Box::new([0u8; 32]));
+        let buf = secrecy::ExposeSecretMut::expose_secret_mut(&mut secret);
+        match base64::engine::general_purpose::STANDARD.decode_slice(text.trim(), &mut buf[..]) {
+            Ok(32) => Ok(Self::from_secret(secret)),
+            _ => Err(MasterKeyError::Format(origin.to_owned())),
+        }
+    }
+
+    fn bundle_aad(&self) -> Vec<u8> {
+        let mut aad = b"guestkey recovery bundle v1\0".to_vec();
+        aad.extend_from_slice(self.id.as_bytes());
+        aad
+    }
+
+    /// Wraps the recovery bundle (the data directory's certificates and
+    /// keys): nonce || ciphertext || tag, bound to this key's id.
+    pub fn wrap_bundle(&self, plain: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; NONCE_LEN + plain.len() + TAG_LEN];
+        getrandom::fill(&mut out[..NONCE_LEN]).expect("OS RNG for a nonce");
+        let (nonce, rest) = out.split_at_mut(NONCE_LEN);
+        let (body, tag_out) = rest.split_at_mut(plain.len());
+        body.copy_from_slice(plain);
+        let tag = self
+            .cipher()
+            .encrypt_inout_detached(&nonce_of(nonce), &self.bundle_aad(), body.into())
+            .expect("XChaCha20-Poly1305 takes a bundle-sized message");
+        tag_out.copy_from_slice(&tag);
+        out
+    }
+
+    /// Unwraps the recovery bundle into wiped memory.
+    pub fn unwrap_bundle(
+        &self,
+        master_key_id: &str,
+        wrapped: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, UnwrapError> {
+        if master_key_id != self.id {
+            return Err(UnwrapError::OtherMasterKey {
+                found: master_key_id.to_owned(),
+                held: self.id.clone(),
+            });
+        }
+        if wrapped.len() < NONCE_LEN + TAG_LEN {
+            return Err(UnwrapError::Bundle);
+        }
+        let (nonce, rest) = wrapped.split_at(NONCE_LEN);
+        let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let mut buf = zeroize::Zeroizing::new(body.to_vec());
+        self.cipher()
+            .decrypt_inout_detached(
+                &nonce_of(nonce),
+                &self.bundle_aad(),
+                buf.as_mut_slice().into(),
+                &Tag::try_from(tag).expect("split_at leaves exactly 16 tag bytes"),
+            )
+            .map_err(|_| UnwrapError::Bundle)?;
+        Ok(buf)
     }
 }
 

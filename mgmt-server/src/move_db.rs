@@ -44,6 +44,7 @@ pub const COPIED: &[&str] = &[
     "guest_migrations",
     "release_requests",
     "escrow_packets",
+    "recovery",
     "key_halves",
     "half_challenges",
 ];

@@ -50,8 +50,50 @@ enum Command {
         /// DATA_DIR/database. Default: SQLite in DATA_DIR/guestkey.db.
         #[arg(long, value_name = "URL")]
         database: Option<String>,
+        /// Split a recovery key of the master key and the CA keys into N
+        /// shares, any M of which rebuild this server from a database
+        /// backup (`guestkey-server recover`); one per --to custodian.
+        #[arg(long, value_name = "M-of-N", requires = "to")]
+        recovery_shares: Option<String>,
+        /// A custodian's age recipient (age1..., `age-keygen -y` prints
+        /// it): one share is encrypted to each (repeat N times).
+        #[arg(long, value_name = "RECIPIENT", requires = "recovery_shares")]
+        to: Vec<String>,
+        /// Where the share files go [default: DATA_DIR/recovery-shares].
+        #[arg(long, value_name = "DIR", requires = "recovery_shares")]
+        shares_out: Option<PathBuf>,
         #[command(flatten)]
         tpm: TpmFlags,
+    },
+    /// Recovery shares of this server: split a new recovery key among
+    /// custodians, show the split, refresh its copy of the certificates.
+    Recovery {
+        #[command(subcommand)]
+        command: RecoveryCommand,
+    },
+    /// Rebuild a lost server's data directory on this machine from a
+    /// database backup and any M of its N recovery shares. The new
+    /// directory serves as the lost one did (same CAs, certificate, admin
+    /// credential, master key); nothing is made if a check fails.
+    Recover {
+        /// The new data directory (absent or empty).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// A copy of the lost server's guestkey.db (copied in, never
+        /// written).
+        #[arg(long, value_name = "FILE", conflicts_with = "database")]
+        from_sqlite: Option<PathBuf>,
+        /// Or the PostgreSQL database the lost server used.
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
+        /// A share file (repeat, M at least): as `recovery split` wrote it
+        /// (with --identity), or the text its custodian decrypted with
+        /// `age -d -i KEY FILE`.
+        #[arg(long = "share", value_name = "FILE", required = true)]
+        shares: Vec<PathBuf>,
+        /// A custodian's age identity file that opens share files (repeat).
+        #[arg(long = "identity", value_name = "FILE")]
+        identities: Vec<PathBuf>,
     },
     /// PCR approvals and status of the keys sealed to the TPM.
     Tpm {
@@ -228,6 +270,48 @@ enum AdminCommand {
 }
 
 #[derive(Subcommand)]
+enum RecoveryCommand {
+    /// Make a new recovery key and split it: one share file per custodian
+    /// in --out, the master key and the data directory's certificates and
+    /// keys sealed to it in the database. Replaces an earlier split (its
+    /// shares then open nothing). Safe while the server runs.
+    Split {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// M-of-N: N shares, any M of which recover the server.
+        #[arg(long, value_name = "M-of-N")]
+        shares: String,
+        /// A custodian's age recipient (repeat N times).
+        #[arg(long, value_name = "RECIPIENT", required = true)]
+        to: Vec<String>,
+        /// The directory for the share files (absent or empty).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Where the master key is [default: what the data directory uses].
+        #[arg(long, value_name = "SOURCE")]
+        master_key_source: Option<MasterKeySource>,
+    },
+    /// The split in force: M-of-N, custodians, and whether the copy of the
+    /// certificates it holds is the data directory's now.
+    Status {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+    },
+    /// Take the certificates and keys into the recovery record again (after
+    /// they changed: `recovery status` tells); the shares stay valid.
+    Refresh {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Where the master key is [default: what the data directory uses].
+        #[arg(long, value_name = "SOURCE")]
+        master_key_source: Option<MasterKeySource>,
+    },
+}
+
+#[derive(Subcommand)]
 enum TpmCommand {
     /// Sign PCR values with the PCR authority key, so that the sealed keys
     /// unseal when the PCRs have them: --current for the values now (after
@@ -277,9 +361,24 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             master_key_source,
             listen,
             database,
+            recovery_shares,
+            to,
+            shares_out,
             tpm,
         } => {
             let tpm = tpm.target(None)?;
+            let recovery = match recovery_shares {
+                Some(text) => {
+                    let (m, n) = mgmt_server::shares::parse_m_of_n(&text)?;
+                    Some(mgmt_server::recovery::SplitOptions {
+                        threshold: m,
+                        shares: Some(n),
+                        custodians: to,
+                        out: shares_out.unwrap_or_default(),
+                    })
+                }
+                None => None,
+            };
             let sans = if sans.is_empty() {
                 mgmt_server::roles::DEFAULT_SANS
                     .iter()
@@ -300,6 +399,7 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 server_url: url.clone(),
                 tpm,
                 database,
+                recovery,
             })?;
             println!("initialised {}", data_dir.display());
             println!(
@@ -311,6 +411,9 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 report.admin_dir.display()
             );
             println!("  server URL: {url}");
+            if let Some(split) = &report.recovery {
+                print_split(split);
+            }
             println!(
                 "next: guestkey-server run --data-dir {}",
                 data_dir.display()
@@ -342,6 +445,44 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Command::Admin { command } => admin(command),
+        Command::Recovery { command } => recovery(command),
+        Command::Recover {
+            data_dir,
+            from_sqlite,
+            database,
+            shares,
+            identities,
+        } => {
+            let r = mgmt_server::recovery::recover(&mgmt_server::recovery::RecoverOptions {
+                data_dir: data_dir.clone(),
+                from_sqlite,
+                database,
+                shares,
+                identities,
+            })?;
+            let indexes: Vec<String> = r.indexes.iter().map(ToString::to_string).collect();
+            println!(
+                "recovered {} with shares {} of split {}",
+                data_dir.display(),
+                indexes.join(", "),
+                r.split_id
+            );
+            println!(
+                "  master key {} in {}/master.key (mode 0600); {} volume keys unwrap",
+                r.master_key_id,
+                data_dir.display(),
+                r.keys
+            );
+            println!("  database: {}", r.database);
+            println!(
+                "  the CAs, the server certificate and the admin credential are the lost server's: hosts and guestkeyctl trust it as before"
+            );
+            println!(
+                "next: guestkey-server run --data-dir {} (at the lost server's address), then `guestkey-server recovery split` to new custodians' shares if these were exposed; `reseal --to-tpm` to seal the keys to this machine's TPM",
+                data_dir.display()
+            );
+            Ok(())
+        }
         Command::RotateMasterKey {
             data_dir,
             master_key_source,
@@ -461,6 +602,7 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             })?;
             let d = data_dir.display();
             println!("{d} now has one CA per role; every key is kept");
+
             println!("  hosts CA:  {d}/ca/ca.pem (unchanged: host certificates stay valid)");
             println!(
                 "  server CA: {} (signs only the server certificate, sha256 {})",
@@ -484,6 +626,110 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
     }
+}
+
+fn print_split(s: &mgmt_server::recovery::SplitReport) {
+    println!(
+        "  recovery: split {}, {}-of-{} shares in {}:",
+        s.split_id,
+        s.threshold,
+        s.files.len(),
+        s.out.display()
+    );
+    for (f, custodian) in &s.files {
+        println!("    {} for {custodian}", f.display());
+    }
+    println!(
+        "  hand each file to its custodian and delete it here; any {} of them and a database backup rebuild this server (guestkey-server recover)",
+        s.threshold
+    );
+    if let Some(old) = &s.replaced {
+        println!("  split {old} is replaced: its shares open nothing now");
+    }
+}
+
+fn recovery(command: RecoveryCommand) -> Result<(), Box<dyn std::error::Error>> {
+    use mgmt_server::datadir::DataDir;
+    match command {
+        RecoveryCommand::Split {
+            data_dir,
+            shares,
+            to,
+            out,
+            master_key_source,
+        } => {
+            let (m, n) = mgmt_server::shares::parse_m_of_n(&shares)?;
+            let dir = DataDir::new(&data_dir);
+            let store = mgmt_server::database::Database::of(&dir, None)?.open()?;
+            let source = master_key_source.unwrap_or_else(|| dir.default_master_key_source());
+            let expected = store
+                .begin(mgmt_server::store::Access::Read)?
+                .master_key_id()?
+                .unwrap_or_default();
+            let master = mgmt_server::domain::keyring::load_matching(&source, &expected)?;
+            let split = mgmt_server::recovery::split(
+                &dir,
+                store.as_ref(),
+                &master,
+                &mgmt_server::recovery::SplitOptions {
+                    threshold: m,
+                    shares: Some(n),
+                    custodians: to,
+                    out,
+                },
+            )?;
+            print_split(&split);
+        }
+        RecoveryCommand::Status { data_dir } => {
+            let dir = DataDir::new(&data_dir);
+            let store = mgmt_server::database::Database::of(&dir, None)?.open()?;
+            let Some(s) = mgmt_server::recovery::status(&dir, store.as_ref())? else {
+                println!("no recovery shares: `guestkey-server recovery split` makes them");
+                return Ok(());
+            };
+            let r = &s.record;
+            let when = mgmt_server::names::format_utc(r.created).unwrap_or_default();
+            println!("split:      {} ({when})", r.split_id);
+            println!("shares:     {}-of-{}", r.threshold, r.shares);
+            println!("recovery key: {}", r.recipient);
+            for (i, c) in r.custodians.iter().enumerate() {
+                println!("  share {}: {c}", i + 1);
+            }
+            println!(
+                "master key: {} ({})",
+                r.master_key_id,
+                if s.master_current {
+                    "the one in use"
+                } else {
+                    "NOT the one in use: run `guestkey-server recovery refresh`"
+                }
+            );
+            println!(
+                "certificates: {}",
+                if s.bundle_current {
+                    "as in the data directory"
+                } else {
+                    "CHANGED since the split: run `guestkey-server recovery refresh`"
+                }
+            );
+        }
+        RecoveryCommand::Refresh {
+            data_dir,
+            master_key_source,
+        } => {
+            let dir = DataDir::new(&data_dir);
+            let store = mgmt_server::database::Database::of(&dir, None)?.open()?;
+            let source = master_key_source.unwrap_or_else(|| dir.default_master_key_source());
+            if mgmt_server::recovery::refresh(&dir, store.as_ref(), &source)? {
+                println!(
+                    "the recovery record holds the data directory's certificates and keys as they are now; the shares stay valid"
+                );
+            } else {
+                println!("no recovery shares: `guestkey-server recovery split` makes them");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn admin(command: AdminCommand) -> Result<(), Box<dyn std::error::Error>> {

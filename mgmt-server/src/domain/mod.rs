@@ -45,6 +45,7 @@ pub mod migrate;
 pub mod on_demand;
 pub mod pools;
 pub mod push;
+pub mod recovery;
 pub mod refusals;
 pub mod rekey;
 pub mod release;

@@ -110,6 +110,12 @@ pub fn rotate(
         wrapped: new.wrap_audit_key(&audit_key),
     };
     tx.put_audit_key(&rewrapped, crate::domain::now_unix())?;
+    // The recovery record follows the key: the custodians' shares keep
+    // recovering it.
+    let recovery = tx.recovery()?;
+    if let Some(rec) = &recovery {
+        tx.put_recovery(&crate::domain::recovery::rotated(rec, &old, &new)?)?;
+    }
     tx.set_master_key_id(new.id())?;
     audit::append(
         &mut *tx,
@@ -118,10 +124,15 @@ pub fn rotate(
         "master-key.rotated",
         "",
         &format!(
-            "{} -> {}, {} keys re-wrapped",
+            "{} -> {}, {} keys re-wrapped{}",
             old.id(),
             new.id(),
-            rows.len() + halves.len()
+            rows.len() + halves.len(),
+            if recovery.is_some() {
+                ", the recovery record re-sealed"
+            } else {
+                ""
+            }
         ),
     )?;
     tx.commit()?;

@@ -112,6 +112,7 @@ pub trait Tx:
     + HalfStore
     + LeaseStore
     + EscrowStore
+    + RecoveryStore
 {
     /// Makes the transaction's changes durable. Without it they are rolled
     /// back when the transaction is dropped.
@@ -709,6 +710,43 @@ pub trait EscrowStore {
     fn escrow_packet(&mut self, id: &str) -> Result<Option<Vec<u8>>>;
     /// Pending requests made before `before` expire; returns their ids.
     fn expire_escrow(&mut self, before: i64) -> Result<Vec<String>>;
+}
+
+/// The server's recovery record (one at most): what `recovery split`
+/// sealed to the recovery key whose private half the custodians' shares
+/// hold. Nothing in it opens without M shares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryRecord {
+    /// The split's id, in every share.
+    pub split_id: String,
+    /// Shares needed (M).
+    pub threshold: u8,
+    /// Shares made (N).
+    pub shares: u8,
+    /// When the split was made (Unix seconds).
+    pub created: i64,
+    /// The recovery key's public age recipient.
+    pub recipient: String,
+    /// The custodians' age recipients, in share order.
+    pub custodians: Vec<String>,
+    /// The id of the master key in `sealed_master`.
+    pub master_key_id: String,
+    /// The master key, age-encrypted to `recipient`.
+    pub sealed_master: Vec<u8>,
+    /// The data directory's certificates and keys, age-encrypted to
+    /// `recipient`.
+    pub bundle: Vec<u8>,
+    /// SHA-256 (hex) of the bundle's public files, to tell whether the
+    /// data directory changed since.
+    pub bundle_sha256: String,
+}
+
+/// The server's recovery record.
+pub trait RecoveryStore {
+    /// The record, if a split was made.
+    fn recovery(&mut self) -> Result<Option<RecoveryRecord>>;
+    /// Replaces the record.
+    fn put_recovery(&mut self, r: &RecoveryRecord) -> Result<()>;
 }
 
 /// A verifier's halves of split keys, and the nonces it issued for the

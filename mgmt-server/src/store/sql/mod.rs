@@ -22,6 +22,7 @@ mod hosts;
 mod lease;
 mod meta;
 mod policies;
+mod recovery;
 pub mod schema;
 mod volumes;
 

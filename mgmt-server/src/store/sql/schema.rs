@@ -513,6 +513,27 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     ",
         ..NONE
     },
+    // 20: the server's recovery (issue 13): one row, the master key and
+    // the data directory's CA and TLS keys sealed to the recovery key whose
+    // private half is split among custodians.
+    Migration {
+        all: "
+    CREATE TABLE recovery (
+        id            INTEGER PRIMARY KEY CHECK (id = 1),
+        split_id      TEXT NOT NULL,
+        threshold     INTEGER NOT NULL,
+        shares        INTEGER NOT NULL,
+        created       INTEGER NOT NULL,
+        recipient     TEXT NOT NULL,
+        custodians    TEXT NOT NULL,
+        master_key_id TEXT NOT NULL,
+        sealed_master BLOB NOT NULL,
+        bundle        BLOB NOT NULL,
+        bundle_sha256 TEXT NOT NULL
+    );
+    ",
+        ..NONE
+    },
 ];
 
 #[cfg(test)]
