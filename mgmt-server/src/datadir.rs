@@ -28,6 +28,8 @@
 //!   tpm/master.key.tpm     the master key, sealed (no master.key then)
 //!   tpm/ca.key.tpm, tpm/server-ca.key.tpm, tpm/admin-ca.key.tpm
 //!                          the CA keys, sealed (no ca/*.key then)
+//!   recovery-shares/     only after init --recovery-shares without --shares-out:
+//!                        share-I-of-N.age, one a custodian (move them away)
 //! ```
 //!
 //! A data directory made before certificates had roles has only `ca/ca.pem`
