@@ -17,7 +17,8 @@
 //! [`config`], [`datadir`], [`ca`], [`masterkey`], [`shares`] (the
 //! recovery key's Shamir shares), [`domxml`] and [`tls`] (names and error
 //! chains). [`init`] composes a new data directory, [`recovery`] splits its
-//! recovery key and rebuilds it from a backup and M shares,
+//! recovery key and rebuilds it from a backup and M shares, [`backup`]
+//! makes that backup (SQLite),
 //! [`admins`] its further named admin credentials,
 //! [`roles`] its one CA per role (and migrates data directories made
 //! before roles), [`tpm`] seals its keys to the TPM (and reseals them).
@@ -34,6 +35,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admins;
+pub mod backup;
 pub mod ca;
 pub mod config;
 pub mod database;

@@ -162,6 +162,7 @@ const SERVER_LAYERS: &[(&str, u8)] = &[
     ("tpm", 4),
     ("fuzzing", 4),
     ("recovery", 4),
+    ("backup", 4),
     ("init", 5),
     ("admins", 5),
     ("transport", 6),

@@ -2,7 +2,7 @@
 //! guestkeyd, hook and libvirtd/KVM guest: `recovery split` makes 2-of-3
 //! shares of a recovery key for custodians while the server runs; the
 //! master key is rotated (the shares keep working); the database is backed
-//! up online (SQLite's `VACUUM INTO`); the data directory is wiped. Then
+//! up online (`guestkey-server backup`); the data directory is wiped. Then
 //! one share recovers nothing, shares of an older split, a forged share and
 //! a wrong identity are refused, each with nothing made; two shares rebuild
 //! the data directory, the server runs on it at its address, the host's
@@ -184,13 +184,29 @@ fn two_of_three_shares_and_a_backup_rebuild_a_wiped_server_and_the_guest_starts(
     let status = ok(&server(&["recovery", "status", "--data-dir", d(&data)]));
     assert!(status.contains("the one in use"), "{status}");
 
-    // An online backup, as an operator takes one.
+    // An online backup, as an operator takes one, while the server runs.
     let backup = s.dir.join("backup.db");
-    rusqlite::Connection::open(data.join("guestkey.db"))
-        .unwrap()
-        .execute_batch(&format!("VACUUM INTO '{}'", d(&backup)))
-        .unwrap();
+    let text = ok(&server(&[
+        "backup",
+        "--data-dir",
+        d(&data),
+        "--out",
+        d(&backup),
+    ]));
+    assert!(
+        text.contains("checked") && text.contains("2-of-3") && text.contains("1 volume keys"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::metadata(&backup).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let before = std::fs::read(&backup).unwrap();
+    refused(
+        &server(&["backup", "--data-dir", d(&data), "--out", d(&backup)]),
+        "exists",
+    );
+    assert_eq!(std::fs::read(&backup).unwrap(), before);
 
     // The machine is lost: the server stops and its directory is gone.
     s.server.stop();

@@ -95,6 +95,19 @@ enum Command {
         #[arg(long = "identity", value_name = "FILE")]
         identities: Vec<PathBuf>,
     },
+    /// Back up the database (SQLite) into a new file of mode 0600, safe
+    /// while the server runs: one consistent instant, checked before it is
+    /// named. With the recovery shares it rebuilds the server
+    /// (`guestkey-server recover`). On PostgreSQL, use PostgreSQL's tools.
+    Backup {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The backup file (must not exist; its directory writable only by
+        /// this user).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// PCR approvals and status of the keys sealed to the TPM.
     Tpm {
         #[command(subcommand)]
@@ -446,6 +459,29 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Admin { command } => admin(command),
         Command::Recovery { command } => recovery(command),
+        Command::Backup { data_dir, out } => {
+            let r =
+                mgmt_server::backup::backup(&mgmt_server::datadir::DataDir::new(&data_dir), &out)?;
+            println!(
+                "backed up {} into {} ({} bytes, mode 0600, checked)",
+                data_dir.display(),
+                r.path.display(),
+                r.bytes
+            );
+            println!(
+                "  {} volume keys, wrapped under master key {}",
+                r.keys, r.master_key_id
+            );
+            match &r.split {
+                Some((id, m, n)) => println!(
+                    "  recovery split {id} ({m}-of-{n}): any {m} of its shares and this file rebuild the server (`guestkey-server recover --from-sqlite FILE --share ...`)"
+                ),
+                None => println!(
+                    "  no recovery shares were split: without the master key this backup opens nothing; `guestkey-server recovery split` makes shares"
+                ),
+            }
+            Ok(())
+        }
         Command::Recover {
             data_dir,
             from_sqlite,
@@ -478,7 +514,8 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 "  the CAs, the server certificate and the admin credential are the lost server's: hosts and guestkeyctl trust it as before"
             );
             println!(
-                "next: guestkey-server run --data-dir {} (at the lost server's address), then `guestkey-server recovery split` to new custodians' shares if these were exposed; `reseal --to-tpm` to seal the keys to this machine's TPM",
+                "next: guestkey-server run --data-dir {} (at the lost server's address), then `guestkey-server recovery split` to new custodians' shares if these were exposed; `guestkey-server reseal --data-dir {}` to seal the keys to this machine's TPM",
+                data_dir.display(),
                 data_dir.display()
             );
             Ok(())

@@ -733,8 +733,8 @@ pub struct RecoveryRecord {
     pub master_key_id: String,
     /// The master key, age-encrypted to `recipient`.
     pub sealed_master: Vec<u8>,
-    /// The data directory's certificates and keys, age-encrypted to
-    /// `recipient`.
+    /// The data directory's certificates and keys, encrypted under the
+    /// master key ([`crate::masterkey::MasterKey::wrap_bundle`]).
     pub bundle: Vec<u8>,
     /// SHA-256 (hex) of the bundle's public files, to tell whether the
     /// data directory changed since.

@@ -96,6 +96,51 @@ impl SqliteStore {
         }))
     }
 
+    /// Opens a copy of a database (a backup) read-only: nothing is written
+    /// to it, not even a migration; its schema must be this build's.
+    pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if usize::try_from(version).ok() != Some(MIGRATIONS.len()) {
+            return Err(StoreError::Corrupt(format!(
+                "schema version {version}, not this build's {}",
+                MIGRATIONS.len()
+            )));
+        }
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            counters: Counters::default(),
+            #[cfg(test)]
+            seen: Mutex::default(),
+        })
+    }
+
+    /// Writes a consistent copy of the database, as of one instant, into
+    /// `dest` (`VACUUM INTO`: safe while the server writes; `dest` must be
+    /// absent or an empty file, which keeps its mode).
+    pub fn backup_into(&self, dest: &Path) -> Result<(), StoreError> {
+        let dest = dest.to_str().ok_or_else(|| {
+            StoreError::Backend(format!("{} is not UTF-8", dest.display()).into())
+        })?;
+        self.lock().execute("VACUUM INTO ?1", [dest])?;
+        Ok(())
+    }
+
+    /// SQLite's own check of every page and index (`PRAGMA
+    /// integrity_check`): the problems it found, none if sound.
+    pub fn integrity_problems(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare("PRAGMA integrity_check")?;
+        let lines: Vec<String> = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(lines.into_iter().filter(|l| l != "ok").collect())
+    }
+
     /// The tables of the schema and their columns, in creation order.
     pub fn tables(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
         let conn = self.lock();
