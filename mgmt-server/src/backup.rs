@@ -14,11 +14,11 @@
 //!
 //! Imports: [`crate::database`], [`crate::datadir`], [`crate::store`].
 
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::database::Database;
-use crate::datadir::DataDir;
+use crate::datadir::{DataDir, check_owned_dir, parent_of, sync_dir};
 use crate::model::CoreError;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Access, Store};
@@ -48,34 +48,12 @@ fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> CoreError {
     move |e| CoreError::Internal(format!("{msg}: {e}"))
 }
 
-/// The directory the backup goes in: it must exist, be a real directory
-/// of ours, and be writable by no one else (SQLite reopens the new file by
-/// its name, so no one else may swap it in between).
+/// The directory the backup goes in: it must be a real directory of ours,
+/// writable by no one else (SQLite reopens the new file by its name, so no
+/// one else may swap it in between).
 fn check_parent(out: &Path) -> Result<PathBuf, CoreError> {
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let meta = std::fs::symlink_metadata(&parent).map_err(|e| {
-        failed(format!(
-            "cannot use {} for the backup ({e}): give --out FILE in an existing directory",
-            parent.display()
-        ))
-    })?;
-    if !meta.is_dir() {
-        return Err(failed(format!(
-            "{} is not a directory (or is a symbolic link): give --out FILE in a real directory",
-            parent.display()
-        )));
-    }
-    let me = rustix::process::geteuid().as_raw();
-    if meta.uid() != me || meta.mode() & 0o022 != 0 {
-        return Err(failed(format!(
-            "{} is writable by others than its owner, or not owned by this user (uid {me}): give --out FILE in a directory only this user can write",
-            parent.display()
-        )));
-    }
+    let parent = parent_of(out).to_path_buf();
+    check_owned_dir(&parent).map_err(|e| failed(format!("{e} (--out {})", out.display())))?;
     Ok(parent)
 }
 
@@ -131,9 +109,7 @@ pub fn backup(dir: &DataDir, out: &Path) -> Result<BackupReport, CoreError> {
                 io("name the backup", out)(e)
             }
         })?;
-        std::fs::File::open(&parent)
-            .and_then(|d| d.sync_all())
-            .map_err(io("sync", &parent))?;
+        sync_dir(&parent).map_err(io("sync", &parent))?;
         report.path = out.to_path_buf();
         Ok(report)
     });

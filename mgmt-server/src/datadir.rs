@@ -212,3 +212,39 @@ pub fn write_public_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     f.write_all(data)?;
     f.sync_all()
 }
+
+/// Checks that `dir` is a real directory (not a symbolic link) owned by
+/// this user and writable by no one else, so that a file made in it
+/// cannot be swapped or redirected by another user before it is used.
+/// The error names the directory and what to change.
+pub fn check_owned_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|e| format!("cannot use {} ({e})", dir.display()))?;
+    if !meta.is_dir() {
+        return Err(format!(
+            "{} is not a directory (or is a symbolic link): give a path in a real directory",
+            dir.display()
+        ));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} is writable by others than its owner, or not owned by this user (uid {me}): give a path in a directory only this user can write (chmod go-w, or another one)",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The directory `path` is in (`.` for a bare name).
+pub fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Syncs a directory (after a file in it was created or renamed).
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}

@@ -75,6 +75,9 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, CoreError> {
             )));
         }
     }
+    if let Some(split) = &opts.recovery {
+        crate::recovery::check_split(split)?;
+    }
     let parent = target
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

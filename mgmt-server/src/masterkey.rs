@@ -288,15 +288,18 @@ impl MasterKey {
         }
     }
 
-    fn bundle_aad(&self) -> Vec<u8> {
+    fn bundle_aad(&self, context: &[u8]) -> Vec<u8> {
         let mut aad = b"guestkey recovery bundle v1\0".to_vec();
         aad.extend_from_slice(self.id.as_bytes());
+        aad.push(0);
+        aad.extend_from_slice(context);
         aad
     }
 
     /// Wraps the recovery bundle (the data directory's certificates and
-    /// keys): nonce || ciphertext || tag, bound to this key's id.
-    pub fn wrap_bundle(&self, plain: &[u8]) -> Vec<u8> {
+    /// keys): nonce || ciphertext || tag, bound to this key's id and to
+    /// `context` (what the record that holds it says).
+    pub fn wrap_bundle(&self, plain: &[u8], context: &[u8]) -> Vec<u8> {
         let mut out = vec![0u8; NONCE_LEN + plain.len() + TAG_LEN];
         getrandom::fill(&mut out[..NONCE_LEN]).expect("OS RNG for a nonce");
         let (nonce, rest) = out.split_at_mut(NONCE_LEN);
@@ -304,17 +307,19 @@ impl MasterKey {
         body.copy_from_slice(plain);
         let tag = self
             .cipher()
-            .encrypt_inout_detached(&nonce_of(nonce), &self.bundle_aad(), body.into())
+            .encrypt_inout_detached(&nonce_of(nonce), &self.bundle_aad(context), body.into())
             .expect("XChaCha20-Poly1305 takes a bundle-sized message");
         tag_out.copy_from_slice(&tag);
         out
     }
 
-    /// Unwraps the recovery bundle into wiped memory.
+    /// Unwraps the recovery bundle into wiped memory; `context` must be
+    /// the one it was wrapped with.
     pub fn unwrap_bundle(
         &self,
         master_key_id: &str,
         wrapped: &[u8],
+        context: &[u8],
     ) -> Result<zeroize::Zeroizing<Vec<u8>>, UnwrapError> {
         if master_key_id != self.id {
             return Err(UnwrapError::OtherMasterKey {
@@ -331,7 +336,7 @@ impl MasterKey {
         self.cipher()
             .decrypt_inout_detached(
                 &nonce_of(nonce),
-                &self.bundle_aad(),
+                &self.bundle_aad(context),
                 buf.as_mut_slice().into(),
                 &Tag::try_from(tag).expect("split_at leaves exactly 16 tag bytes"),
             )

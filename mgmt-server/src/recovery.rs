@@ -20,7 +20,7 @@
 //! domain's record and audit chain, and [`crate::database`].
 
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -30,8 +30,10 @@ use zeroize::Zeroizing;
 
 use crate::ca::Ca;
 use crate::database::Database;
-use crate::datadir::{DataDir, create_private_dir, write_private_file};
-use crate::domain::recovery::{open_master, seal_master};
+use crate::datadir::{
+    DataDir, check_owned_dir, create_private_dir, parent_of, sync_dir, write_private_file,
+};
+use crate::domain::recovery::{open_bundle, open_master, seal_master, wrap_bundle};
 use crate::domain::{audit, now_unix};
 use crate::masterkey::{MasterKey, MasterKeySource};
 use crate::model::CoreError;
@@ -218,6 +220,69 @@ fn check_custodians(opts: &SplitOptions) -> Result<Vec<age::x25519::Recipient>, 
     Ok(parsed)
 }
 
+/// Checks a split's input without making anything: the custodians, M-of-N
+/// and the directory for the share files (`init` checks it before it
+/// builds, so that a typo in `--to` leaves no installation behind).
+pub fn check_split(opts: &SplitOptions) -> Result<(), CoreError> {
+    check_custodians(opts)?;
+    let out = &opts.out;
+    if out.as_os_str().is_empty() {
+        return Ok(());
+    }
+    match std::fs::symlink_metadata(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => check_owned_dir(parent_of(out))
+            .map_err(|e| failed(format!("{e} (--shares-out {})", out.display()))),
+        Err(e) => Err(io("look at", out)(e)),
+        Ok(_) => {
+            check_owned_dir(out).map_err(|e| failed(format!("--shares-out: {e}")))?;
+            if std::fs::read_dir(out)
+                .map_err(io("read", out))?
+                .next()
+                .is_some()
+            {
+                return Err(CoreError::AlreadyExists(format!(
+                    "{} exists and is not empty: give a new or empty directory for the share files",
+                    out.display()
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Makes `out` ready for share files: created (0700) if absent, else an
+/// empty real directory; either way writable by no one else. True when it
+/// was created here.
+fn prepare_out(out: &Path) -> Result<bool, CoreError> {
+    let parent = parent_of(out);
+    match std::fs::symlink_metadata(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            check_owned_dir(parent)
+                .map_err(|e| failed(format!("{e} (--out {})", out.display())))?;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(out)
+                .map_err(io("create", out))?;
+            Ok(true)
+        }
+        Err(e) => Err(io("look at", out)(e)),
+        Ok(_) => {
+            check_owned_dir(out).map_err(|e| failed(format!("--out: {e}")))?;
+            if std::fs::read_dir(out)
+                .map_err(io("read", out))?
+                .next()
+                .is_some()
+            {
+                return Err(CoreError::AlreadyExists(format!(
+                    "{} exists and is not empty: give a new or empty directory for the share files",
+                    out.display()
+                )));
+            }
+            Ok(false)
+        }
+    }
+}
+
 /// Makes a new split: the recovery key, its shares in `opts.out` (one age
 /// file per custodian), the record in the database (replacing an earlier
 /// one). `master` is the data directory's master key.
@@ -229,17 +294,6 @@ pub fn split(
 ) -> Result<SplitReport, CoreError> {
     let recipients = check_custodians(opts)?;
     let out = &opts.out;
-    if out.exists()
-        && std::fs::read_dir(out)
-            .map_err(io("read", out))?
-            .next()
-            .is_some()
-    {
-        return Err(CoreError::AlreadyExists(format!(
-            "{} exists and is not empty: give a new directory for the share files",
-            out.display()
-        )));
-    }
     let bundle = bundle_of(dir)?;
     let key = RecoveryKey::generate();
     let info = SplitInfo {
@@ -251,7 +305,7 @@ pub fn split(
     };
     let texts = key.split(&info).map_err(|e| failed(e.0))?;
     drop(key);
-    let rec = RecoveryRecord {
+    let mut rec = RecoveryRecord {
         split_id: info.split_id.clone(),
         threshold: info.threshold,
         shares: u8::try_from(texts.len()).unwrap_or(u8::MAX),
@@ -260,33 +314,34 @@ pub fn split(
         custodians: info.custodians.clone(),
         master_key_id: master.id().to_owned(),
         sealed_master: seal_master(master, &info.recipient)?,
-        bundle: master.wrap_bundle(bundle.as_bytes()),
+        bundle: vec![],
         bundle_sha256: public_sha256(dir)?,
     };
+    wrap_bundle(master, &mut rec, bundle.as_bytes());
 
-    // The share files first, beside their place: a failure leaves the old
-    // split in force and no files.
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let staged = parent.join(format!(
-        ".{}.split-{}",
-        out.file_name()
-            .map_or("recovery-shares".into(), |n| n.to_string_lossy()),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&staged);
+    // The share files first, in their place, synced; then the record. A
+    // failure before the commit removes them and leaves the old split in
+    // force; after it they are never removed (they are the only shares of
+    // the split in force). A crash in between leaves files of a split the
+    // database does not record: `recover` says so, and the split is made
+    // again into an empty directory.
+    let made_out = prepare_out(out)?;
     let n = texts.len();
+    let mut written: Vec<PathBuf> = vec![];
     let result = (|| {
-        create_private_dir(&staged).map_err(io("create", &staged))?;
         let mut files = vec![];
         for (i, (text, r)) in texts.iter().zip(&recipients).enumerate() {
             let sealed = crate::shares::seal(text, std::slice::from_ref(r))
                 .map_err(|e| CoreError::Internal(e.0))?;
             let name = format!("share-{}-of-{n}.age", i + 1);
-            write_private_file(&staged.join(&name), &sealed).map_err(io("write", &staged))?;
-            files.push((out.join(name), r.to_string()));
+            let path = out.join(&name);
+            write_private_file(&path, &sealed).map_err(io("write", &path))?;
+            written.push(path.clone());
+            files.push((path, r.to_string()));
+        }
+        sync_dir(out).map_err(io("sync", out))?;
+        if made_out {
+            sync_dir(parent_of(out)).map_err(io("sync", parent_of(out)))?;
         }
         let mut tx = store.begin(Access::Write)?;
         if tx.master_key_id()?.as_deref() != Some(master.id()) {
@@ -314,14 +369,15 @@ pub fn split(
             ),
         )?;
         tx.commit()?;
-        if out.exists() {
-            std::fs::remove_dir(out).map_err(io("replace the empty directory", out))?;
-        }
-        std::fs::rename(&staged, out).map_err(io("move the share files to", out))?;
         Ok((files, replaced))
     })();
     if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staged);
+        for f in &written {
+            let _ = std::fs::remove_file(f);
+        }
+        if made_out {
+            let _ = std::fs::remove_dir(out);
+        }
     }
     let (files, replaced) = result?;
     Ok(SplitReport {
@@ -347,14 +403,18 @@ pub fn refresh(
     };
     let expected = tx.master_key_id()?.unwrap_or_default();
     let master = crate::domain::keyring::load_matching(source, &expected)?;
+    // The record must be the one written with this master key before
+    // anything is sealed to the recovery key it names.
+    drop(open_bundle(&master, &rec)?);
     let bundle = bundle_of(dir)?;
-    let rec = RecoveryRecord {
+    let mut rec = RecoveryRecord {
         master_key_id: master.id().to_owned(),
         sealed_master: seal_master(&master, &rec.recipient)?,
-        bundle: master.wrap_bundle(bundle.as_bytes()),
+        bundle: vec![],
         bundle_sha256: public_sha256(dir)?,
         ..rec
     };
+    wrap_bundle(&master, &mut rec, bundle.as_bytes());
     tx.put_recovery(&rec)?;
     let audit_key = audit::ensure_key(&mut *tx, &master)?;
     audit::append(
@@ -483,15 +543,16 @@ fn read_shares(opts: &RecoverOptions) -> Result<Vec<Share>, CoreError> {
 /// refusal leaves nothing, and the backup is never written.
 pub fn recover(opts: &RecoverOptions) -> Result<Recovered, CoreError> {
     let target = &opts.data_dir;
-    if target.exists()
-        && (!target.is_dir()
-            || std::fs::read_dir(target)
+    let present = std::fs::symlink_metadata(target).ok();
+    if present.as_ref().is_some_and(|m| !m.is_dir())
+        || (present.is_some()
+            && std::fs::read_dir(target)
                 .map_err(io("read", target))?
                 .next()
                 .is_some())
     {
         return Err(CoreError::AlreadyExists(format!(
-            "{} exists and is not empty: recover into a new directory",
+            "{} exists and is not an empty directory (or is a link): recover into a new directory",
             target.display()
         )));
     }
@@ -509,17 +570,18 @@ pub fn recover(opts: &RecoverOptions) -> Result<Recovered, CoreError> {
     let split_id = shares[0].info.split_id.clone();
     let indexes: Vec<u8> = shares.iter().map(|s| s.index).collect();
 
-    let parent = target
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    // Built beside the target, in a directory only this user can write (no
+    // one may swap a file in it); a staging directory a crashed run left is
+    // removed first (it may hold keys).
+    let parent = parent_of(target);
     create_private_dir(parent).map_err(io("create", parent))?;
+    check_owned_dir(parent)
+        .map_err(|e| failed(format!("{e} (--data-dir {})", target.display())))?;
     let tmp = parent.join(format!(
-        ".{}.recover-{}",
+        ".{}.recovering",
         target
             .file_name()
-            .map_or("guestkey".into(), |n| n.to_string_lossy()),
-        std::process::id()
+            .map_or("guestkey".into(), |n| n.to_string_lossy())
     ));
     let _ = std::fs::remove_dir_all(&tmp);
     let result = build(&tmp, opts, &key, &split_id, &indexes).and_then(|r| {
@@ -527,6 +589,7 @@ pub fn recover(opts: &RecoverOptions) -> Result<Recovered, CoreError> {
             std::fs::remove_dir(target).map_err(io("replace the empty directory", target))?;
         }
         std::fs::rename(&tmp, target).map_err(io("move the new data directory to", target))?;
+        sync_dir(parent).map_err(io("sync", parent))?;
         Ok(Recovered {
             database: Database::of(&DataDir::new(target), None)?.shown(),
             ..r
@@ -546,19 +609,38 @@ fn build(
     indexes: &[u8],
 ) -> Result<Recovered, CoreError> {
     let dir = DataDir::new(tmp);
-    create_private_dir(tmp).map_err(io("create", tmp))?;
+    // Not recursive: fails if anything is there.
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(tmp)
+        .map_err(io("create", tmp))?;
     let database = match (&opts.from_sqlite, &opts.database) {
         (Some(backup), _) => {
-            let meta = std::fs::symlink_metadata(backup).map_err(io("read", backup))?;
-            if !meta.is_file() {
+            // Opened without following a link, checked by what was opened.
+            let mut src = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                .open(backup)
+                .map_err(|e| {
+                    failed(format!(
+                        "cannot open {} ({e}): give a copy of guestkey.db (a regular file, not a link)",
+                        backup.display()
+                    ))
+                })?;
+            if !src.metadata().map_err(io("read", backup))?.is_file() {
                 return Err(failed(format!(
                     "{} is not a regular file: give a copy of guestkey.db",
                     backup.display()
                 )));
             }
-            std::fs::copy(backup, dir.db()).map_err(io("copy", backup))?;
-            std::fs::set_permissions(dir.db(), std::fs::Permissions::from_mode(0o600))
-                .map_err(io("set the mode of", &dir.db()))?;
+            let mut dst = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(dir.db())
+                .map_err(io("create", &dir.db()))?;
+            std::io::copy(&mut src, &mut dst).map_err(io("copy", backup))?;
+            dst.sync_all().map_err(io("sync", &dir.db()))?;
             Database::Sqlite(dir.db())
         }
         (None, Some(url)) => Database::parse(url, &dir)?,
@@ -596,9 +678,14 @@ fn build(
             .unwrap_key(volume, *generation, &w.master_key_id, &w.wrapped)
             .map_err(|e| CoreError::FailedPrecondition(e.to_string()))?;
     }
-    let bundle = master
-        .unwrap_bundle(&rec.master_key_id, &rec.bundle)
-        .map_err(|e| CoreError::FailedPrecondition(e.to_string()))?;
+    // And the verifiers' halves of split keys.
+    for (volume, generation, w) in &tx.all_key_halves()? {
+        let name = crate::domain::halves::wrap_name(volume);
+        master
+            .unwrap_key(&name, *generation, &w.master_key_id, &w.wrapped)
+            .map_err(|e| CoreError::FailedPrecondition(e.to_string()))?;
+    }
+    let bundle = open_bundle(&master, &rec)?;
     let text = std::str::from_utf8(&bundle)
         .map_err(|_| CoreError::FailedPrecondition("the recovery bundle is not text".into()))?;
     for (rel, mode, data) in parse_bundle(text)? {

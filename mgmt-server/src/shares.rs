@@ -153,6 +153,16 @@ pub fn parse_m_of_n(text: &str) -> Result<(u8, u8), ShareError> {
 
 /// One age X25519 recipient (`age1...`), canonical.
 pub fn parse_recipient(text: &str) -> Result<age::x25519::Recipient, ShareError> {
+    if text
+        .trim()
+        .to_ascii_uppercase()
+        .starts_with("AGE-SECRET-KEY-")
+    {
+        // Never echoed: it is someone's private key.
+        return err(
+            "an age identity (AGE-SECRET-KEY-...) was given where a recipient belongs: give its public key, which `age-keygen -y IDENTITY_FILE` prints (age1...), and keep the identity secret",
+        );
+    }
     age::x25519::Recipient::from_str(text).map_err(|e| {
         ShareError(format!(
             "{:?} is not an age X25519 recipient ({e}): give the public key `age-keygen -y IDENTITY_FILE` prints (age1...)",
@@ -176,7 +186,8 @@ impl Share {
     /// Reads a share's text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ShareError> {
         let bad = |what: &str| ShareError(format!("{origin}: {what}"));
-        let mut lines = text.lines();
+        // `age -d` prints the zeros a sealed share is padded with.
+        let mut lines = text.trim_end_matches('\0').lines();
         if lines.next().map(str::trim) != Some(SHARE_MAGIC) {
             return Err(bad(&format!(
                 "not a guestkey recovery share (it does not begin with {SHARE_MAGIC:?})"
@@ -354,7 +365,8 @@ pub fn open(
     identities: &[&dyn age::Identity],
     what: &str,
 ) -> Result<Zeroizing<String>, ShareError> {
-    let d = age::Decryptor::new_buffered(data)
+    // Binary or ASCII-armored (`age -a`): the reader tells them apart.
+    let d = age::Decryptor::new_buffered(age::armor::ArmoredReader::new(data))
         .map_err(|e| ShareError(format!("{what} is not age-encrypted ({e})")))?;
     if d.is_scrypt() {
         return err(format!(

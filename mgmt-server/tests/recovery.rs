@@ -19,7 +19,7 @@ use mgmt_server::datadir::DataDir;
 use mgmt_server::init::{InitOptions, init};
 use mgmt_server::masterkey::MasterKey;
 use mgmt_server::recovery::{
-    KEY_FILES, PUBLIC, RecoverOptions, SplitOptions, recover, split, status,
+    KEY_FILES, PUBLIC, RecoverOptions, SplitOptions, recover, refresh, split, status,
 };
 use mgmt_server::store::sqlite::SqliteStore;
 use mgmt_server::store::{Access, Store};
@@ -27,6 +27,7 @@ use mgmt_server::store::{Access, Store};
 struct Custodian {
     file: PathBuf,
     recipient: String,
+    id: age::x25519::Identity,
 }
 
 fn custodians(dir: &Path, n: usize) -> Vec<Custodian> {
@@ -39,6 +40,7 @@ fn custodians(dir: &Path, n: usize) -> Vec<Custodian> {
             Custodian {
                 file,
                 recipient: id.to_public().to_string(),
+                id,
             }
         })
         .collect()
@@ -198,7 +200,7 @@ fn m_shares_rebuild_the_data_directory_and_fewer_build_nothing() {
     let e = recover(&opts(&root, "new", &backup, &shares[..2], &[&c[0], &c[1]]))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("not empty"), "{e}");
+    assert!(e.contains("not an empty directory"), "{e}");
 }
 
 #[test]
@@ -329,7 +331,7 @@ fn shares_of_another_split_or_a_forged_record_are_refused() {
     ))
     .unwrap_err()
     .to_string();
-    assert!(e.contains("bundle fails authentication"), "{e}");
+    assert!(e.contains("was altered in the database"), "{e}");
     assert!(!root.join("new").exists());
     std::fs::copy(dir.db(), &backup).unwrap();
     recover(&opts(
@@ -340,6 +342,215 @@ fn shares_of_another_split_or_a_forged_record_are_refused() {
         &ids[..1],
     ))
     .unwrap();
+}
+
+/// What `age -d` prints for a share file: its text and the zeros it is
+/// padded with.
+fn raw_plaintext(file: &Path, c: &Custodian) -> Vec<u8> {
+    let data = std::fs::read(file).unwrap();
+    let d = age::Decryptor::new_buffered(&data[..]).unwrap();
+    let mut r = d
+        .decrypt(std::iter::once(&c.id as &dyn age::Identity))
+        .unwrap();
+    let mut out = vec![];
+    std::io::Read::read_to_end(&mut r, &mut out).unwrap();
+    out
+}
+
+fn sql(db: &Path, statement: &str, param: &str) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.execute(statement, [param]).unwrap();
+}
+
+fn record(db: &Path) -> (String, Vec<u8>, Vec<u8>) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.query_row(
+        "SELECT master_key_id, sealed_master, bundle FROM recovery",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_record_pointed_at_another_recovery_key_gets_nothing_sealed_to_it() {
+    let root = guestkey_testkit::temp_dir("recovery3");
+    let _gone = guestkey_testkit::cleanup::Made::dir(&root);
+    let c = custodians(&root, 2);
+    let (data, _) = make(&root, 2, &c);
+    let dir = DataDir::new(&data);
+    let source = dir.default_master_key_source();
+    let attacker = age::x25519::Identity::generate().to_public().to_string();
+    let (original, _, _) = (
+        rusqlite::Connection::open(dir.db())
+            .unwrap()
+            .query_row("SELECT recipient FROM recovery", [], |r| {
+                r.get::<_, String>(0)
+            })
+            .unwrap(),
+        0,
+        0,
+    );
+    let before = record(&dir.db());
+
+    // Someone who can write the database (not read the data directory)
+    // names their own recovery key, and makes `status` ask for a refresh.
+    sql(&dir.db(), "UPDATE recovery SET recipient = ?1", &attacker);
+    sql(&dir.db(), "UPDATE recovery SET bundle_sha256 = ?1", "00");
+    let store = Database::of(&dir, None).unwrap().open().unwrap();
+    let st = status(&dir, store.as_ref()).unwrap().unwrap();
+    assert!(!st.bundle_current);
+    let e = refresh(&dir, store.as_ref(), &source)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("was altered in the database"), "{e}");
+    let e = mgmt_server::domain::rotate::rotate(store.as_ref(), &source, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("was altered in the database"), "{e}");
+    // Nothing was sealed anew: the record and the master key are as before.
+    assert_eq!(record(&dir.db()), before);
+    assert_eq!(
+        MasterKey::load(&source).unwrap().id(),
+        before.0,
+        "the master key was not rotated"
+    );
+    drop(store);
+
+    // Put back, both work again.
+    sql(&dir.db(), "UPDATE recovery SET recipient = ?1", &original);
+    let store = Database::of(&dir, None).unwrap().open().unwrap();
+    let e = refresh(&dir, store.as_ref(), &source)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("was altered"), "the digest is bound too: {e}");
+    drop(store);
+    let sha = mgmt_server::recovery::public_sha256(&dir).unwrap();
+    sql(&dir.db(), "UPDATE recovery SET bundle_sha256 = ?1", &sha);
+    let store = Database::of(&dir, None).unwrap().open().unwrap();
+    assert!(refresh(&dir, store.as_ref(), &source).unwrap());
+    mgmt_server::domain::rotate::rotate(store.as_ref(), &source, None).unwrap();
+}
+
+#[test]
+fn shares_as_custodians_hold_them_and_paths_others_can_write() {
+    let root = guestkey_testkit::temp_dir("recovery4");
+    let _gone = guestkey_testkit::cleanup::Made::dir(&root);
+    let c = custodians(&root, 2);
+
+    // init checks its custodians before it builds anything: an identity
+    // given as a recipient is refused without being echoed.
+    let secret = c[0].id.to_string();
+    let secret = secrecy::ExposeSecret::expose_secret(&secret).to_owned();
+    let bad = InitOptions {
+        data_dir: root.join("data"),
+        sans: vec!["localhost".into()],
+        master_key_source: None,
+        server_url: "https://localhost:7443".into(),
+        tpm: None,
+        database: None,
+        recovery: Some(SplitOptions {
+            threshold: 2,
+            shares: Some(2),
+            custodians: vec![secret.clone(), c[1].recipient.clone()],
+            out: PathBuf::new(),
+        }),
+    };
+    let e = init(&bad).err().unwrap().to_string();
+    assert!(
+        e.contains("age identity") && !e.contains(&secret[15..]),
+        "{e}"
+    );
+    assert!(!root.join("data").exists());
+    // Share files into a directory others can write: refused, nothing made.
+    let shared = root.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut bad = bad;
+    bad.recovery.as_mut().unwrap().custodians[0] = c[0].recipient.clone();
+    bad.recovery.as_mut().unwrap().out = shared.join("shares");
+    let e = init(&bad).err().unwrap().to_string();
+    assert!(e.contains("writable by others"), "{e}");
+    assert!(!root.join("data").exists() && !shared.join("shares").exists());
+
+    let (data, _) = make(&root, 2, &c);
+    let dir = DataDir::new(&data);
+    // A split into an empty directory that exists (a mounted stick): the
+    // files go into it.
+    let stick = root.join("stick");
+    std::fs::create_dir(&stick).unwrap();
+    std::fs::set_permissions(&stick, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let store = Database::of(&dir, None).unwrap().open().unwrap();
+    let master = MasterKey::load(&dir.default_master_key_source()).unwrap();
+    let opts = |out: PathBuf| SplitOptions {
+        threshold: 2,
+        shares: None,
+        custodians: c.iter().map(|c| c.recipient.clone()).collect(),
+        out,
+    };
+    let e = split(&dir, store.as_ref(), &master, &opts(shared.join("s")))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("writable by others"), "{e}");
+    assert!(!shared.join("s").exists());
+    let e = split(&dir, store.as_ref(), &master, &opts(shared.clone()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("writable by others"), "{e}");
+    let made = split(&dir, store.as_ref(), &master, &opts(stick.clone())).unwrap();
+    let files: Vec<PathBuf> = made.files.iter().map(|(f, _)| f.clone()).collect();
+    assert!(files.iter().all(|f| f.parent() == Some(stick.as_path())));
+    drop(store);
+    let backup = root.join("backup.db");
+    std::fs::copy(dir.db(), &backup).unwrap();
+
+    // One share as `age -d` printed it (zeros and all), one re-armored
+    // by its custodian (`age -a`).
+    let raw = root.join("raw.txt");
+    let plain = raw_plaintext(&files[0], &c[0]);
+    assert!(plain.ends_with(&[0]));
+    std::fs::write(&raw, &plain).unwrap();
+    let armored = root.join("armored.age");
+    {
+        let plain = raw_plaintext(&files[1], &c[1]);
+        let f = std::fs::File::create(&armored).unwrap();
+        let w = age::armor::ArmoredWriter::wrap_output(f, age::armor::Format::AsciiArmor).unwrap();
+        let e = age::Encryptor::with_recipients(std::iter::once(
+            &c[1].id.to_public() as &dyn age::Recipient
+        ))
+        .unwrap();
+        let mut w2 = e.wrap_output(w).unwrap();
+        std::io::Write::write_all(&mut w2, &plain).unwrap();
+        w2.finish().unwrap().finish().unwrap();
+    }
+    assert!(
+        std::fs::read(&armored)
+            .unwrap()
+            .starts_with(b"-----BEGIN AGE")
+    );
+
+    // Recovery into a directory others can write, or from a link: refused.
+    let o = |to: PathBuf, from: &Path| RecoverOptions {
+        data_dir: to,
+        from_sqlite: Some(from.to_owned()),
+        database: None,
+        shares: vec![raw.clone(), armored.clone()],
+        identities: vec![c[1].file.clone()],
+    };
+    let e = recover(&o(shared.join("new"), &backup))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("writable by others"), "{e}");
+    assert!(std::fs::read_dir(&shared).unwrap().next().is_none());
+    let link = root.join("backup-link.db");
+    std::os::unix::fs::symlink(&backup, &link).unwrap();
+    let e = recover(&o(root.join("new"), &link))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a link"), "{e}");
+    assert!(!root.join("new").exists());
+    let got = recover(&o(root.join("new"), &backup)).unwrap();
+    assert_eq!(got.indexes, vec![1, 2]);
 }
 
 // `guestkey-server backup`.

@@ -15,7 +15,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use age::secrecy::ExposeSecret;
 use guestkey_tests::image::{pattern_intact, qemu_io};
 use guestkey_tests::stack::{Stack, bin};
 use guestkey_tests::{Cleanup, virsh, volume_domain_xml};
@@ -47,34 +46,39 @@ fn d(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// A custodian's age identity file (as `age-keygen` writes it) and its
-/// recipient.
-fn custodian(dir: &Path, name: &str) -> (PathBuf, String, age::x25519::Identity) {
-    let id = age::x25519::Identity::generate();
+/// A custodian's identity file, made by `age-keygen` (Debian's `age`), and
+/// its recipient as `age-keygen -y` prints it.
+fn custodian(dir: &Path, name: &str) -> (PathBuf, String) {
     let path = dir.join(format!("{name}.key"));
-    std::fs::write(
-        &path,
-        format!("# custodian {name}\n{}\n", id.to_string().expose_secret()),
-    )
-    .unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let recipient = id.to_public().to_string();
-    (path, recipient, id)
+    let o = Command::new("age-keygen")
+        .arg("-o")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("age-keygen")
+        .arg("-y")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let recipient = String::from_utf8(o.stdout).unwrap().trim().to_owned();
+    (path, recipient)
 }
 
-/// What `age -d -i KEY FILE` prints: the share's text.
-fn decrypt(file: &Path, id: &age::x25519::Identity) -> String {
-    let data = std::fs::read(file).unwrap();
-    let d = age::Decryptor::new_buffered(&data[..]).unwrap();
-    let mut r = d
-        .decrypt(std::iter::once(id as &dyn age::Identity))
+/// What a custodian gets from `age -d -i KEY FILE`, byte for byte (the
+/// zeros the share is padded with included).
+fn decrypt(file: &Path, key: &Path) -> String {
+    let o = Command::new("age")
+        .arg("-d")
+        .arg("-i")
+        .arg(key)
+        .arg(file)
+        .output()
         .unwrap();
-    let mut out = vec![];
-    std::io::Read::read_to_end(&mut r, &mut out).unwrap();
-    String::from_utf8(out)
-        .unwrap()
-        .trim_end_matches('\0')
-        .to_owned()
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.stdout.ends_with(&[0]), "age -d prints the padding");
+    String::from_utf8(o.stdout).unwrap()
 }
 
 fn share_files(out: &Path) -> Vec<PathBuf> {
@@ -90,10 +94,10 @@ fn two_of_three_shares_and_a_backup_rebuild_a_wiped_server_and_the_guest_starts(
     let data = s.dir.join("server");
     let custody = s.dir.join("custody");
     std::fs::create_dir_all(&custody).unwrap();
-    let (alice_id, alice, alice_key) = custodian(&custody, "alice");
-    let (bob_id, bob, _) = custodian(&custody, "bob");
-    let (_carol_id, carol, carol_key) = custodian(&custody, "carol");
-    let (mallory_id, _, _) = custodian(&custody, "mallory");
+    let (alice_id, alice) = custodian(&custody, "alice");
+    let (bob_id, bob) = custodian(&custody, "bob");
+    let (carol_id, carol) = custodian(&custody, "carol");
+    let (mallory_id, _) = custodian(&custody, "mallory");
 
     // A guest with data on an encrypted disk.
     let v = s.volume("rec-disk", "16M");
@@ -255,7 +259,7 @@ fn two_of_three_shares_and_a_backup_rebuild_a_wiped_server_and_the_guest_starts(
         "none of the identities",
     );
     // A forged share: carol's text with another point.
-    let carol_text = decrypt(&shares[2], &carol_key);
+    let carol_text = decrypt(&shares[2], &carol_id);
     let forged_text = carol_text
         .lines()
         .map(|l| match l.strip_prefix("share: ") {
@@ -291,7 +295,6 @@ fn two_of_three_shares_and_a_backup_rebuild_a_wiped_server_and_the_guest_starts(
             .trim(),
         mk_after.trim()
     );
-    let _ = alice_key;
 
     // The server runs on it, at the same address; the host trusts it as
     // before: a rekey goes through, and the guest starts on its disk.

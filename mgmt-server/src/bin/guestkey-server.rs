@@ -514,7 +514,7 @@ fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 "  the CAs, the server certificate and the admin credential are the lost server's: hosts and guestkeyctl trust it as before"
             );
             println!(
-                "next: guestkey-server run --data-dir {} (at the lost server's address), then `guestkey-server recovery split` to new custodians' shares if these were exposed; `guestkey-server reseal --data-dir {}` to seal the keys to this machine's TPM",
+                "next: guestkey-server run --data-dir {} (at the lost server's address), then `guestkey-server recovery split` to new custodians' shares if these were exposed; `guestkey-server reseal --data-dir {} --tpm-authority-key FILE` to seal the keys to this machine's TPM",
                 data_dir.display(),
                 data_dir.display()
             );
