@@ -109,9 +109,25 @@ fn err<T>(msg: impl Into<String>) -> Result<T, EscrowError> {
     Err(EscrowError(msg.into()))
 }
 
+/// A character a terminal would not show as itself: a control character,
+/// or one that reorders or hides text (bidirectional overrides and
+/// isolates, zero-width characters, the byte-order mark), with which a
+/// packet or a label could show one volume's name and mean another.
+pub fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+}
+
 fn checked_value(name: &str, v: &str) -> Result<(), EscrowError> {
     if v.chars().any(char::is_control) {
         return err(format!("packet field {name}: holds a control character"));
+    }
+    if v.chars().any(hidden) {
+        return err(format!(
+            "packet field {name}: holds a character that reorders or hides text"
+        ));
     }
     if v.len() > 4096 {
         return err(format!("packet field {name}: over 4096 bytes"));
@@ -342,7 +358,7 @@ pub fn parse_recipient(s: &str) -> Result<age::x25519::Recipient, EscrowError> {
 }
 
 fn short(s: &str) -> String {
-    let s: String = s.chars().filter(|c| !c.is_control()).take(70).collect();
+    let s: String = s.chars().filter(|&c| !hidden(c)).take(70).collect();
     s
 }
 
@@ -434,7 +450,7 @@ pub fn passphrase_line(raw: &[u8]) -> Result<Zeroizing<Vec<u8>>, EscrowError> {
 /// A short, non-secret name of a recipient for lists: its first and last
 /// characters.
 pub fn recipient_label(r: &str) -> String {
-    let chars: Vec<char> = r.chars().filter(|c| !c.is_control()).collect();
+    let chars: Vec<char> = r.chars().filter(|&c| !hidden(c)).collect();
     if chars.len() <= 20 {
         return chars.into_iter().collect();
     }
@@ -590,6 +606,18 @@ mod tests {
         let mut p = packet();
         p.meta.volume_name = "a\nb".into();
         assert!(p.to_text().err().unwrap().0.contains("control character"));
+        for c in ['\u{202E}', '\u{2067}', '\u{200B}', '\u{FEFF}', '\u{061C}'] {
+            let mut p = packet();
+            p.meta.volume_name = format!("db{c}gpj.2mocq");
+            let e = p.to_text().err().unwrap().0;
+            assert!(e.contains("reorders or hides"), "{c:?}: {e}");
+            let e = Packet::from_text(&text.replace("volume-name: ", &format!("volume-name: {c}")))
+                .err()
+                .unwrap()
+                .0;
+            assert!(e.contains("reorders or hides"), "{c:?}: {e}");
+            assert_eq!(recipient_label(&format!("age1{c}x")), "age1x");
+        }
     }
 
     #[test]

@@ -27,6 +27,12 @@ pub const HEADER_LEN: usize = 592;
 /// at every guest start.
 const NEW_ITERATIONS: u32 = 1000;
 
+/// The most PBKDF2 iterations a header read here may ask for, in a keyslot
+/// or for the data key digest: about 20 times what cryptsetup or QEMU
+/// calibrate to on a fast machine. A header asking more (up to 2^32) would
+/// make whoever opens it (guestkeyd, guestkey-recover) compute for an hour.
+pub const MAX_ITERATIONS: u32 = 1 << 26;
+
 pub(super) fn be32(b: &[u8], at: usize) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[at..at + 4]);
@@ -65,6 +71,15 @@ fn bad(why: &str) -> Unsupported {
     Unsupported(why.to_owned())
 }
 
+fn check_iterations(n: u32, of: &str) -> Result<(), Unsupported> {
+    if n == 0 || n > MAX_ITERATIONS {
+        return Err(Unsupported(format!(
+            "{of} asks for {n} PBKDF2 iterations (1 to {MAX_ITERATIONS} are read)"
+        )));
+    }
+    Ok(())
+}
+
 impl Luks1 {
     /// Parses the header at the start of `h`; anything but LUKS1 with
     /// aes-xts-plain64, sha256 and a 512-bit key is declined.
@@ -93,6 +108,7 @@ impl Luks1 {
             mk_iter: be32(h, 164),
             slots: vec![],
         };
+        check_iterations(l.mk_iter, "the data key digest")?;
         l.mk_digest.copy_from_slice(&h[112..132]);
         l.mk_salt.copy_from_slice(&h[132..164]);
         for i in 0..8 {
@@ -108,9 +124,11 @@ impl Luks1 {
             if stripes == 0 || stripes > 64_000 {
                 return Err(bad("odd keyslot"));
             }
+            let iterations = be32(h, s + 4);
+            check_iterations(iterations, &format!("keyslot {i}"))?;
             l.slots.push(Slot {
                 index: i,
-                iterations: be32(h, s + 4),
+                iterations,
                 salt,
                 offset: u64::from(be32(h, s + 40)),
                 stripes,
@@ -613,6 +631,29 @@ mod tests {
         h[7] = 2;
         assert!(Luks1::parse(&h).err().unwrap().0.contains("version 1"));
         assert!(Luks1::parse(&h[..100]).is_err());
+    }
+
+    #[test]
+    fn headers_that_ask_for_endless_iterations_are_declined() {
+        let mut mk = [0u8; 64];
+        getrandom::fill(&mut mk).unwrap();
+        let h = fresh_header(&mk, b"p").unwrap();
+        assert!(Luks1::parse(&h).is_ok());
+        let slot = (0..8)
+            .map(|i| 208 + i * 48)
+            .find(|&s| be32(&h, s) == SLOT_ACTIVE)
+            .unwrap();
+        for (at, of) in [(164, "the data key digest"), (slot + 4, "keyslot")] {
+            for n in [0, MAX_ITERATIONS + 1, u32::MAX] {
+                let mut bad = h.to_vec();
+                bad[at..at + 4].copy_from_slice(&n.to_be_bytes());
+                let e = Luks1::parse(&bad).err().unwrap().0;
+                assert!(e.contains(of) && e.contains(&n.to_string()), "{e}");
+            }
+            let mut most = h.to_vec();
+            most[at..at + 4].copy_from_slice(&MAX_ITERATIONS.to_be_bytes());
+            assert!(Luks1::parse(&most).is_ok());
+        }
     }
 
     proptest! {
