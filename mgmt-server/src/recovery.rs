@@ -225,16 +225,23 @@ fn check_custodians(opts: &SplitOptions) -> Result<Vec<age::x25519::Recipient>, 
 /// builds, so that a typo in `--to` leaves no installation behind).
 pub fn check_split(opts: &SplitOptions) -> Result<(), CoreError> {
     check_custodians(opts)?;
-    let out = &opts.out;
-    if out.as_os_str().is_empty() {
+    if opts.out.as_os_str().is_empty() {
         return Ok(());
     }
+    check_out(&opts.out, "--shares-out").map(|_| ())
+}
+
+/// Whether `out` can take share files: absent under a directory only this
+/// user can write, or an empty real directory writable by no one else.
+/// True when it exists. `flag` names the option in errors.
+fn check_out(out: &Path, flag: &str) -> Result<bool, CoreError> {
     match std::fs::symlink_metadata(out) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => check_owned_dir(parent_of(out))
-            .map_err(|e| failed(format!("{e} (--shares-out {})", out.display()))),
+            .map(|_| false)
+            .map_err(|e| failed(format!("{e} ({flag} {})", out.display()))),
         Err(e) => Err(io("look at", out)(e)),
         Ok(_) => {
-            check_owned_dir(out).map_err(|e| failed(format!("--shares-out: {e}")))?;
+            check_owned_dir(out).map_err(|e| failed(format!("{flag}: {e}")))?;
             if std::fs::read_dir(out)
                 .map_err(io("read", out))?
                 .next()
@@ -245,7 +252,7 @@ pub fn check_split(opts: &SplitOptions) -> Result<(), CoreError> {
                     out.display()
                 )));
             }
-            Ok(())
+            Ok(true)
         }
     }
 }
@@ -254,33 +261,14 @@ pub fn check_split(opts: &SplitOptions) -> Result<(), CoreError> {
 /// empty real directory; either way writable by no one else. True when it
 /// was created here.
 fn prepare_out(out: &Path) -> Result<bool, CoreError> {
-    let parent = parent_of(out);
-    match std::fs::symlink_metadata(out) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            check_owned_dir(parent)
-                .map_err(|e| failed(format!("{e} (--out {})", out.display())))?;
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(out)
-                .map_err(io("create", out))?;
-            Ok(true)
-        }
-        Err(e) => Err(io("look at", out)(e)),
-        Ok(_) => {
-            check_owned_dir(out).map_err(|e| failed(format!("--out: {e}")))?;
-            if std::fs::read_dir(out)
-                .map_err(io("read", out))?
-                .next()
-                .is_some()
-            {
-                return Err(CoreError::AlreadyExists(format!(
-                    "{} exists and is not empty: give a new or empty directory for the share files",
-                    out.display()
-                )));
-            }
-            Ok(false)
-        }
+    if check_out(out, "--out")? {
+        return Ok(false);
     }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(out)
+        .map_err(io("create", out))?;
+    Ok(true)
 }
 
 /// Makes a new split: the recovery key, its shares in `opts.out` (one age
