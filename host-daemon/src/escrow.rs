@@ -120,6 +120,14 @@ pub fn hidden(c: char) -> bool {
             | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
 }
 
+/// The header UUID of a packet: a restored header takes it, so it must be
+/// one (a header guestkeyd or QEMU writes always has one).
+fn uuid_field(v: &str) -> Result<String, EscrowError> {
+    uuid::Uuid::parse_str(v)
+        .map(|_| v.to_owned())
+        .map_err(|_| EscrowError("packet field luks-uuid: not a UUID".into()))
+}
+
 fn checked_value(name: &str, v: &str) -> Result<(), EscrowError> {
     if v.chars().any(char::is_control) {
         return err(format!("packet field {name}: holds a control character"));
@@ -253,7 +261,7 @@ impl Packet {
             created: get("created")?.to_owned(),
             requested_by: get("requested-by")?.to_owned(),
             approved_by: get("approved-by")?.to_owned(),
-            luks_uuid: get("luks-uuid")?.to_owned(),
+            luks_uuid: uuid_field(get("luks-uuid")?)?,
             payload_sectors: num("payload-sectors")?,
             luks_offset: num("luks-offset")?,
             virtual_size: num("virtual-size")?,
@@ -570,6 +578,10 @@ mod tests {
                 "generation: not a number",
             ),
             (text.replace("host: kvm1\n", ""), "no host field"),
+            (
+                text.replace("luks-uuid: 0f0e0d0c-", "luks-uuid: zz"),
+                "luks-uuid: not a UUID",
+            ),
             (
                 text.replace("host: kvm1\n", "host: kvm1\nhost: kvm2\n"),
                 "given twice",

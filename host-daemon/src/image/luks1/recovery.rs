@@ -228,9 +228,13 @@ pub fn restore_header(
         ));
     }
     let mut fresh = fresh_header(mk, passphrase)?;
-    if let Ok(u) = uuid::Uuid::parse_str(expected.uuid) {
-        set_uuid(&mut fresh, &u);
-    }
+    let Ok(u) = uuid::Uuid::parse_str(expected.uuid) else {
+        return refuse(format!(
+            "the packet's LUKS UUID {:?} is not a UUID",
+            expected.uuid
+        ));
+    };
+    set_uuid(&mut fresh, &u);
     let check = Luks1::parse(&fresh).map_err(|u| ImageError::Check(u.0))?;
     if !check.is_data_key(mk) || check.unlock(&fresh, passphrase).is_none() {
         return Err(ImageError::Check(
