@@ -113,7 +113,7 @@ fn err<T>(msg: impl Into<String>) -> Result<T, EscrowError> {
 /// or one that reorders or hides text (bidirectional overrides and
 /// isolates, zero-width characters, the byte-order mark), with which a
 /// packet or a label could show one volume's name and mean another.
-pub fn hidden(c: char) -> bool {
+fn hidden(c: char) -> bool {
     c.is_control()
         || matches!(c,
             '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
