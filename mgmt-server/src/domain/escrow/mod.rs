@@ -86,6 +86,12 @@ impl Core {
                     v.name, v.state
                 )));
             }
+            if v.split {
+                return Err(CoreError::FailedPrecondition(format!(
+                    "volume {} has a split key: this server holds one half only, and the verifier releases the other to an attested host {} alone, so no packet made here could open it; for an offline copy, copy its data to a volume created without --split and escrow that one",
+                    v.name, v.host
+                )));
+            }
             let open = tx.escrow_open_count(&v.id, v.key_generation)?;
             if open >= MAX_OPEN_PER_VOLUME {
                 return Err(CoreError::Exhausted(format!(

@@ -393,6 +393,22 @@ async fn a_split_key_is_a_half_released_only_as_one() {
     b.core
         .set_release_policy(&b.admin, "sp", ReleasePolicy::AttestedApproved)
         .unwrap();
+    // No escrow packet of a half: refused at the request, nothing stored
+    // or audited.
+    let audited = b.core.list_audit(0, 100_000).unwrap().len();
+    let recipient = age::x25519::Identity::generate().to_public().to_string();
+    let e = b
+        .core
+        .request_escrow(&b.admin, "sp", &[recipient], "offline copy")
+        .unwrap_err();
+    assert!(
+        matches!(e, CoreError::FailedPrecondition(_))
+            && e.to_string().contains("volume sp has a split key")
+            && e.to_string().contains("created without --split"),
+        "{e}"
+    );
+    assert!(b.core.list_escrow(None, true).unwrap().is_empty());
+    assert_eq!(b.core.list_audit(0, 100_000).unwrap().len(), audited);
 }
 
 /// A verifier's halves: made at the first request and bound to the host
