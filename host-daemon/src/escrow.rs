@@ -14,7 +14,6 @@
 //! `guestkey-recover` binary.
 
 use std::io::{Read, Write};
-use std::path::Path;
 use std::str::FromStr;
 
 use base64::Engine;
@@ -30,7 +29,7 @@ pub const MAX_PACKET: usize = 256 << 10;
 /// age's payload chunk (a constant of its format).
 const AGE_CHUNK: usize = 64 << 10;
 /// Largest recipients file read.
-const MAX_RECIPIENTS_FILE: u64 = 64 << 10;
+pub const MAX_RECIPIENTS_FILE: u64 = 64 << 10;
 
 /// What a packet says of its volume (nothing secret).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -389,60 +388,6 @@ pub fn parse_recipients_file(text: &str, shown: &str) -> Result<Vec<String>, Esc
     Ok(out)
 }
 
-/// Reads an `--escrow-recipients` file. It must be a regular file (not a
-/// link) that only root can write: whoever can write it chooses who can
-/// read the keys of this host's volumes.
-pub fn load_recipients_file(path: &Path) -> Result<Vec<String>, EscrowError> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let shown = path.display();
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| {
-            EscrowError(format!(
-                "cannot open --escrow-recipients {shown}: {e} (not a symbolic link, please)"
-            ))
-        })?;
-    let m = f
-        .metadata()
-        .map_err(|e| EscrowError(format!("cannot inspect {shown}: {e}")))?;
-    if !m.is_file() {
-        return err(format!("--escrow-recipients {shown} is not a regular file"));
-    }
-    if m.uid() != 0 || m.mode() & 0o022 != 0 {
-        return err(format!(
-            "--escrow-recipients {shown} must be owned by root and writable by no one else (chown root {shown}; chmod go-w {shown})"
-        ));
-    }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => Some(p),
-        Some(_) => Some(Path::new(".")),
-        None => None,
-    };
-    if let Some(parent) = parent {
-        let pm = std::fs::metadata(parent)
-            .map_err(|e| EscrowError(format!("cannot inspect {}: {e}", parent.display())))?;
-        if pm.uid() != 0 || pm.mode() & 0o022 != 0 {
-            return err(format!(
-                "the directory of --escrow-recipients {shown} must be owned by root and writable by no one else"
-            ));
-        }
-    }
-    if m.len() > MAX_RECIPIENTS_FILE {
-        return err(format!("--escrow-recipients {shown} is over 64 KiB"));
-    }
-    let mut text = String::new();
-    (&f).take(MAX_RECIPIENTS_FILE)
-        .read_to_string(&mut text)
-        .map_err(|e| EscrowError(format!("cannot read {shown}: {e}")))?;
-    let list = parse_recipients_file(&text, &shown.to_string())?;
-    if list.is_empty() {
-        return err(format!("--escrow-recipients {shown} names no recipient"));
-    }
-    Ok(list)
-}
-
 /// A passphrase read from a file for `guestkey-recover add-passphrase`:
 /// its first line. Kept in wiped memory.
 pub fn passphrase_line(raw: &[u8]) -> Result<Zeroizing<Vec<u8>>, EscrowError> {
@@ -653,30 +598,5 @@ mod tests {
             passphrase_line(b"pass word\r\nrest").unwrap().as_slice(),
             b"pass word"
         );
-    }
-
-    #[test]
-    fn a_recipients_file_others_can_write_or_a_link_is_refused() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("gk-escrow-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let f = dir.join("recipients");
-        let a = age::x25519::Identity::generate().to_public().to_string();
-        std::fs::write(&f, format!("{a}\n")).unwrap();
-        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert_eq!(load_recipients_file(&f).unwrap(), vec![a]);
-        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let e = load_recipients_file(&f).err().unwrap().0;
-        assert!(e.contains("writable by no one else"), "{e}");
-        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let l = dir.join("link");
-        std::os::unix::fs::symlink(&f, &l).unwrap();
-        let e = load_recipients_file(&l).err().unwrap().0;
-        assert!(e.contains("not a symbolic link"), "{e}");
-        std::fs::write(&f, "# nobody\n").unwrap();
-        let e = load_recipients_file(&f).err().unwrap().0;
-        assert!(e.contains("names no recipient"), "{e}");
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

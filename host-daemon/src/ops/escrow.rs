@@ -9,7 +9,11 @@ use secrecy::SecretString;
 
 use super::requests::EscrowPacket;
 use super::{Daemon, OpsError};
-use crate::escrow::{Metadata, Packet, parse_recipient};
+use std::path::Path;
+
+use crate::escrow::{
+    EscrowError, MAX_RECIPIENTS_FILE, Metadata, Packet, parse_recipient, parse_recipients_file,
+};
 use crate::model::{Format, InvalidInput};
 
 /// What an escrow packet call returns: the age ciphertext and the LUKS
@@ -110,5 +114,133 @@ impl Daemon {
             packet: sealed,
             luks_uuid: facts.uuid,
         })
+    }
+}
+
+/// Reads an `--escrow-recipients` file. It must be a regular file (not a
+/// link) that only root can write: whoever can write it chooses who can
+/// read the keys of this host's volumes.
+pub fn load_recipients_file(path: &Path) -> Result<Vec<String>, EscrowError> {
+    use crate::image::fs::SafeDir;
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display();
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| EscrowError(format!("cannot resolve --escrow-recipients {shown}: {e}")))?
+            .join(path)
+    };
+    // The directory is opened by descriptor, without following a link
+    // someone other than root planted, and the file in it by that
+    // descriptor: no path is walked twice.
+    let (dir, name) = SafeDir::of_file(&absolute.to_string_lossy())
+        .map_err(|e| EscrowError(format!("cannot open --escrow-recipients {shown}: {e}")))?;
+    match dir
+        .first_untrusted_ancestor()
+        .map_err(|e| EscrowError(format!("cannot check --escrow-recipients {shown}: {e}")))?
+    {
+        Some(d) if d == dir.path() => {
+            return refuse(format!(
+                "the directory of --escrow-recipients {shown} must be owned by root and writable by no one else"
+            ));
+        }
+        Some(d) => {
+            return refuse(format!(
+                "--escrow-recipients {shown} is below {}, which a user other than root can change (not root's, or writable by others and not sticky): keep the file in a directory chain only root can write",
+                d.display()
+            ));
+        }
+        None => {}
+    }
+    let f = dir
+        .open_file(&name, false)
+        .map_err(|e| EscrowError(format!("cannot open --escrow-recipients {shown}: {e}")))?;
+    let m = f
+        .metadata()
+        .map_err(|e| EscrowError(format!("cannot inspect {shown}: {e}")))?;
+    if !m.is_file() {
+        return refuse(format!("--escrow-recipients {shown} is not a regular file"));
+    }
+    if m.uid() != 0 || m.mode() & 0o022 != 0 {
+        return refuse(format!(
+            "--escrow-recipients {shown} must be owned by root and writable by no one else (chown root {shown}; chmod go-w {shown})"
+        ));
+    }
+    if m.len() > MAX_RECIPIENTS_FILE {
+        return refuse(format!("--escrow-recipients {shown} is over 64 KiB"));
+    }
+    let mut text = String::new();
+    (&f).take(MAX_RECIPIENTS_FILE)
+        .read_to_string(&mut text)
+        .map_err(|e| EscrowError(format!("cannot read {shown}: {e}")))?;
+    let list = parse_recipients_file(&text, &shown.to_string())?;
+    if list.is_empty() {
+        return refuse(format!("--escrow-recipients {shown} names no recipient"));
+    }
+    Ok(list)
+}
+
+fn refuse<T>(msg: String) -> Result<T, EscrowError> {
+    Err(EscrowError(msg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recipients_file_others_can_write_or_a_link_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("gk-escrow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let f = dir.join("recipients");
+        let a = age::x25519::Identity::generate().to_public().to_string();
+        std::fs::write(&f, format!("{a}\n")).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(load_recipients_file(&f).unwrap(), vec![a.clone()]);
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = load_recipients_file(&f).err().unwrap().0;
+        assert!(e.contains("writable by no one else"), "{e}");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let l = dir.join("link");
+        std::os::unix::fs::symlink(&f, &l).unwrap();
+        let e = load_recipients_file(&l).err().unwrap().0;
+        assert!(e.contains("is a symbolic link, not a regular file"), "{e}");
+        // A second name of the file elsewhere: refused.
+        let h = dir.join("hard");
+        std::fs::hard_link(&f, &h).unwrap();
+        let e = load_recipients_file(&f).err().unwrap().0;
+        assert!(e.contains("other hard links"), "{e}");
+        std::fs::remove_file(&h).unwrap();
+        // A directory group or others can write, the file's own or one
+        // above it (unless sticky, as /tmp itself is): refused, naming it.
+        let mode = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+        mode(&dir, 0o775).unwrap();
+        let e = load_recipients_file(&f).err().unwrap().0;
+        assert!(e.contains("the directory of --escrow-recipients"), "{e}");
+        let inner = dir.join("inner");
+        std::fs::create_dir(&inner).unwrap();
+        mode(&inner, 0o755).unwrap();
+        let g = inner.join("recipients");
+        std::fs::write(&g, format!("{a}\n")).unwrap();
+        mode(&g, 0o644).unwrap();
+        let e = load_recipients_file(&g).err().unwrap().0;
+        assert!(
+            e.contains(&format!(
+                "is below {}, which a user other than root",
+                dir.display()
+            )),
+            "{e}"
+        );
+        mode(&dir, 0o1777).unwrap();
+        assert_eq!(load_recipients_file(&g).unwrap(), vec![a.clone()]);
+        mode(&dir, 0o755).unwrap();
+        std::fs::write(&f, "# nobody\n").unwrap();
+        let e = load_recipients_file(&f).err().unwrap().0;
+        assert!(e.contains("names no recipient"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

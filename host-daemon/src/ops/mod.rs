@@ -28,7 +28,7 @@ pub mod requests;
 mod volumes;
 
 pub use adopt::{DiskPlace, DomainDescription, ImagePlace};
-pub use escrow::Escrowed;
+pub use escrow::{Escrowed, load_recipients_file};
 pub use pools::{MAX_POOL_VOLUMES, PoolDescription, PoolEntry, VolumeUser};
 pub use volumes::{Online, copy_online};
 

@@ -323,7 +323,7 @@ async fn real_main(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sy
             host_daemon::image::overwrite_old_images(overwrite_old_images);
             // A bad file stops the start, before anything is served.
             let escrow_recipients = escrow_recipients
-                .map(|p| host_daemon::escrow::load_recipients_file(&p))
+                .map(|p| host_daemon::ops::load_recipients_file(&p))
                 .transpose()?;
             // Before anything else: one guestkeyd per state directory and
             // per hook socket (a second must not take the first's socket).

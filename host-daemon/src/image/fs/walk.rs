@@ -98,6 +98,51 @@ impl SafeDir {
     }
 }
 
+impl SafeDir {
+    /// The first directory, from this one up to `/`, through which a user
+    /// other than root could put another file at a name below it: one not
+    /// root's, or one that group or others can write, unless it is sticky
+    /// (`/tmp`: nobody can then move root's entry in it). This directory
+    /// itself may not be sticky: it must be root's and writable by root
+    /// only. None when the whole chain is root's.
+    pub fn first_untrusted_ancestor(&self) -> Result<Option<PathBuf>, FsError> {
+        let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let sys = |path: &Path| {
+            let path = path.display().to_string();
+            move |errno| FsError::Sys {
+                what: "inspect",
+                path,
+                errno,
+            }
+        };
+        let mut at = self.path.clone();
+        let mut st = rustix::fs::fstat(&self.fd).map_err(sys(&at))?;
+        if st.st_uid != 0 || st.st_mode & 0o022 != 0 {
+            return Ok(Some(at));
+        }
+        let mut fd =
+            rustix::fs::openat(&self.fd, "..", dir_flags, Mode::empty()).map_err(sys(&at))?;
+        // Bounded: a path has at most PATH_MAX / 2 components.
+        for _ in 0..4096 {
+            let parent = rustix::fs::fstat(&fd).map_err(sys(&at))?;
+            if (parent.st_dev, parent.st_ino) == (st.st_dev, st.st_ino) {
+                // `/` is its own parent.
+                return Ok(None);
+            }
+            if !at.pop() {
+                at = PathBuf::from("/");
+            }
+            let sticky = parent.st_mode & 0o1000 != 0;
+            if parent.st_uid != 0 || (parent.st_mode & 0o022 != 0 && !sticky) {
+                return Ok(Some(at));
+            }
+            st = parent;
+            fd = rustix::fs::openat(&fd, "..", dir_flags, Mode::empty()).map_err(sys(&at))?;
+        }
+        Ok(Some(at))
+    }
+}
+
 /// The normal components of `p` as bytes (`.` dropped, `..` kept).
 fn components(p: &Path) -> Vec<Vec<u8>> {
     p.components()
